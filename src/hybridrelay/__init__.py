@@ -1,0 +1,39 @@
+"""hybridrelay: a self-hostable relay wire-compatible with Azure Relay Hybrid Connections.
+
+The public SDK is re-exported here; see the README for usage.
+"""
+
+from __future__ import annotations
+
+from hybridrelay.exceptions import (
+    AuthorizationError,
+    ConfigurationError,
+    ConnectionRejectedError,
+    EndpointNotFoundError,
+    ProtocolError,
+    QuotaExceededError,
+    RelayConnectionError,
+    RelayError,
+    RelayHttpError,
+    RelayTimeoutError,
+    StreamClosedError,
+    TokenError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthorizationError",
+    "ConfigurationError",
+    "ConnectionRejectedError",
+    "EndpointNotFoundError",
+    "ProtocolError",
+    "QuotaExceededError",
+    "RelayConnectionError",
+    "RelayError",
+    "RelayHttpError",
+    "RelayTimeoutError",
+    "StreamClosedError",
+    "TokenError",
+    "__version__",
+]

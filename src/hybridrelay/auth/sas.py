@@ -1,0 +1,258 @@
+"""Shared Access Signature tokens: create, parse, verify (PROTOCOL.md section 3).
+
+Pure functions: no I/O and no clock. Callers pass ``now`` (seconds since the epoch) so that
+expiry checks are deterministic in tests.
+
+The subtle part (PROTOCOL.md 3.2): the string to sign is the ``sr`` field *exactly as it appears
+in the token*, still URL-encoded, a newline, and ``se`` as it appears. Signers differ in how they
+encode (upper- or lower-case hex), so a verifier must never decode and re-encode ``sr``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import hmac
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import quote, unquote, urlsplit
+
+from hybridrelay.exceptions import TokenError
+
+__all__ = [
+    "TOKEN_PREFIX",
+    "AuthDecision",
+    "AuthorizationRule",
+    "Rights",
+    "SasToken",
+    "authorize",
+    "create_token",
+    "parse_token",
+    "token_audience",
+]
+
+TOKEN_PREFIX = "SharedAccessSignature "
+
+
+class Rights(enum.Flag):
+    """The rights an authorization rule grants."""
+
+    NONE = 0
+    LISTEN = enum.auto()
+    SEND = enum.auto()
+    MANAGE = enum.auto()
+
+    @classmethod
+    def parse(cls, names: Iterable[str]) -> Rights:
+        """Parse ``["Listen", "Send", "Manage"]`` (case-insensitive); unknown names are errors."""
+        rights = cls.NONE
+        for name in names:
+            member = _RIGHT_NAMES.get(str(name).strip().lower())
+            if member is None:
+                raise ValueError(f"unknown right {name!r} (expected Listen, Send or Manage)")
+            rights |= member
+        return rights
+
+    def effective(self) -> Rights:
+        """Manage implies Listen and Send (Azure refuses a Manage rule without them)."""
+        if Rights.MANAGE in self:
+            return self | Rights.LISTEN | Rights.SEND
+        return self
+
+    def names(self) -> list[str]:
+        return [name.capitalize() for name, member in _RIGHT_NAMES.items() if member in self]
+
+
+_RIGHT_NAMES = {"listen": Rights.LISTEN, "send": Rights.SEND, "manage": Rights.MANAGE}
+
+
+@dataclass(frozen=True)
+class AuthorizationRule:
+    """A named SAS rule: a key pair and the rights that tokens signed with it carry.
+
+    The keys are used as the UTF-8 bytes of their text (not base64-decoded), as every Microsoft
+    client does. They never appear in ``repr``.
+    """
+
+    name: str
+    primary_key: str = field(repr=False)
+    secondary_key: str | None = field(default=None, repr=False)
+    rights: Rights = Rights.NONE
+
+    def keys(self) -> list[str]:
+        return [k for k in (self.primary_key, self.secondary_key) if k]
+
+
+@dataclass(frozen=True)
+class SasToken:
+    """A parsed token. ``raw_sr``/``raw_se`` are kept exactly as they were signed."""
+
+    raw_sr: str
+    raw_se: str
+    signature: bytes = field(repr=False)
+    key_name: str
+    expiry: int
+
+    @property
+    def audience(self) -> str:
+        """The decoded resource URI the token is scoped to."""
+        return unquote(self.raw_sr)
+
+
+def _sign(key: str, string_to_sign: str) -> bytes:
+    return hmac.new(key.encode("utf-8"), string_to_sign.encode("utf-8"), hashlib.sha256).digest()
+
+
+def create_token(resource_uri: str, key_name: str, key: str, *, expiry: int) -> str:
+    """Create a token for ``resource_uri`` that expires at ``expiry`` (epoch seconds).
+
+    The URI is URL-encoded once with upper-case hex (like Node's ``encodeURIComponent``) and that
+    text is what gets signed.
+    """
+    if not key_name:
+        raise TokenError("a key name is required to create a SAS token")
+    if not key:
+        raise TokenError("a key is required to create a SAS token")
+    sr = quote(resource_uri, safe="")
+    se = str(int(expiry))
+    sig = base64.b64encode(_sign(key, f"{sr}\n{se}")).decode("ascii")
+    return f"{TOKEN_PREFIX}sr={sr}&sig={quote(sig, safe='')}&se={se}&skn={quote(key_name, safe='')}"
+
+
+def token_audience(host: str, entity_path: str = "") -> str:
+    """The resource URI our SDK signs, the form .NET uses: ``http://{host}/{entity}/``.
+
+    The port is dropped (every form of section 3.2 is accepted by Azure and by our relay).
+    """
+    hostname = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    path = entity_path.strip("/")
+    return f"http://{hostname}/{path}/" if path else f"http://{hostname}/"
+
+
+def parse_token(token: str) -> SasToken:
+    """Parse a token string; raise :class:`TokenError` if it is not well formed."""
+    if len(token) > 4096:
+        raise TokenError("SAS token is too long")
+    if token[: len(TOKEN_PREFIX)].lower() != TOKEN_PREFIX.lower():
+        raise TokenError("SAS token must start with 'SharedAccessSignature '")
+    fields: dict[str, str] = {}
+    for item in token[len(TOKEN_PREFIX) :].split("&"):
+        name, sep, value = item.partition("=")
+        if not sep:
+            continue
+        fields.setdefault(name.strip().lower(), value.strip())
+    missing = [name for name in ("sr", "sig", "se", "skn") if not fields.get(name)]
+    if missing:
+        raise TokenError(f"SAS token lacks field(s) {', '.join(missing)}")
+    raw_se = fields["se"]
+    try:
+        expiry = int(raw_se)
+    except ValueError:
+        raise TokenError("SAS token expiry 'se' is not an integer") from None
+    if not -(2**63) <= expiry < 2**63:
+        raise TokenError("SAS token expiry 'se' is out of range")
+    try:
+        signature = base64.b64decode(unquote(fields["sig"]), validate=True)
+    except (binascii.Error, ValueError):
+        raise TokenError("SAS token signature 'sig' is not base64") from None
+    return SasToken(
+        raw_sr=fields["sr"],
+        raw_se=raw_se,
+        signature=signature,
+        key_name=unquote(fields["skn"]),
+        expiry=expiry,
+    )
+
+
+@dataclass(frozen=True)
+class AuthDecision:
+    """The outcome of :func:`authorize`: ``status`` 200 means allowed, else 401 or 403."""
+
+    status: int
+    reason: str
+    rule_name: str | None = None
+    expiry: int | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.status == 200
+
+
+def _audience_path(audience: str) -> tuple[str, str]:
+    parts = urlsplit(audience)
+    host = (parts.hostname or "").lower()
+    path = unquote(parts.path).strip("/")
+    if path.lower().startswith("$hc/") or path.lower() == "$hc":
+        path = path[4:]
+    return host, path
+
+
+def _path_covers(token_path: str, entity_path: str) -> bool:
+    token_path, entity_path = token_path.lower(), entity_path.strip("/").lower()
+    if not token_path or token_path == entity_path:
+        return True
+    # A namespace- or parent-scoped token covers the entity; a token for a URL with a suffix
+    # below the entity (Node signs the full listen URL) is accepted too: its signer holds a key
+    # valid for the entity, so nothing is escalated (PROTOCOL.md 3.2).
+    return entity_path.startswith(token_path + "/") or token_path.startswith(entity_path + "/")
+
+
+def authorize(
+    token: str | None,
+    *,
+    rules: Sequence[AuthorizationRule],
+    entity_path: str,
+    required: Rights,
+    now: float,
+    namespace_host: str | None = None,
+    grace_seconds: float = 0.0,
+) -> AuthDecision:
+    """Decide whether ``token`` grants ``required`` on ``entity_path``.
+
+    Args:
+        token: the token text after transport decoding, or None when the request had none.
+        rules: the rules that apply to the entity: its own and the namespace-wide ones.
+        entity_path: the hybrid connection's path.
+        required: the right needed (``Rights.LISTEN`` or ``Rights.SEND``; ``NONE`` for any).
+        now: current time in epoch seconds.
+        namespace_host: when given, the token's audience host must match it.
+        grace_seconds: accept tokens that expired at most this long ago (renewal races).
+
+    Returns:
+        An :class:`AuthDecision` with status 200, 401 or 403 and a reason that never contains
+        the token or a key.
+    """
+    if not token:
+        return AuthDecision(401, "Unauthorized: no SAS token was provided")
+    try:
+        parsed = parse_token(token)
+    except TokenError as exc:
+        return AuthDecision(401, f"Unauthorized: {exc}")
+    candidates = [rule for rule in rules if rule.name == parsed.key_name]
+    if not candidates:
+        return AuthDecision(401, "Unauthorized: unknown SAS key name")
+    string_to_sign = f"{parsed.raw_sr}\n{parsed.raw_se}"
+    matched: AuthorizationRule | None = None
+    for rule in candidates:
+        # Compare against every key without short-circuit so timing does not reveal which key.
+        ok = False
+        for key in rule.keys():
+            ok |= hmac.compare_digest(_sign(key, string_to_sign), parsed.signature)
+        if ok and matched is None:
+            matched = rule
+    if matched is None:
+        return AuthDecision(401, "Unauthorized: invalid SAS signature")
+    if parsed.expiry + grace_seconds < now:
+        return AuthDecision(401, "Unauthorized: SAS token has expired")
+    host, path = _audience_path(parsed.audience)
+    if namespace_host is not None and host and host != namespace_host.lower():
+        return AuthDecision(403, "Forbidden: token audience is another namespace")
+    if not _path_covers(path, entity_path):
+        return AuthDecision(403, "Forbidden: token is not valid for this hybrid connection")
+    if required and required not in matched.rights.effective():
+        return AuthDecision(
+            403, f"Forbidden: rule lacks the {'/'.join(required.names())} right"
+        )
+    return AuthDecision(200, "OK", rule_name=matched.name, expiry=parsed.expiry)

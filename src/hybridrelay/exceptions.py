@@ -1,0 +1,105 @@
+"""The one exception tree of hybridrelay.
+
+Every error raised through the public API is a :class:`RelayError`; no exception type of a
+library we use (aiohttp, OSError, ssl, yaml) leaks out without one of ours wrapped around it
+(``raise ... from exc`` keeps the cause)::
+
+    RelayError
+    ├── ConfigurationError          bad connection string, config file, CLI argument
+    ├── TokenError                  a SAS token that cannot be parsed or created
+    ├── ProtocolError               a message or URL that breaks the Hybrid Connections protocol
+    ├── RelayConnectionError        the relay could not be reached or the connection broke
+    │   └── RelayTimeoutError       an operation did not finish in time
+    ├── RelayHttpError              the relay or the listener answered with an HTTP error status
+    │   ├── AuthorizationError      401 / 403
+    │   └── EndpointNotFoundError   404 (unknown hybrid connection)
+    ├── ConnectionRejectedError     the listener rejected the connection (status + description)
+    ├── StreamClosedError           *you* closed the stream (or the listener) and then used it
+    └── QuotaExceededError          a limit of the relay was hit (too many listeners, ...)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthorizationError",
+    "ConfigurationError",
+    "ConnectionRejectedError",
+    "EndpointNotFoundError",
+    "ProtocolError",
+    "QuotaExceededError",
+    "RelayConnectionError",
+    "RelayError",
+    "RelayHttpError",
+    "RelayTimeoutError",
+    "StreamClosedError",
+    "TokenError",
+]
+
+
+class RelayError(Exception):
+    """Root of every exception raised by hybridrelay."""
+
+
+class ConfigurationError(RelayError):
+    """A connection string, configuration file or argument is invalid."""
+
+
+class TokenError(RelayError):
+    """A Shared Access Signature token is malformed or cannot be created."""
+
+
+class ProtocolError(RelayError):
+    """A peer broke the Hybrid Connections protocol (bad JSON message, bad URL, ...)."""
+
+
+class RelayConnectionError(RelayError):
+    """The relay could not be reached, or an established connection broke."""
+
+
+class RelayTimeoutError(RelayConnectionError):
+    """An operation against the relay did not complete in time."""
+
+
+class RelayHttpError(RelayError):
+    """The relay (or the listener, through it) answered with an HTTP error status.
+
+    Attributes:
+        status: the HTTP status code.
+        description: the reason phrase, which for relay errors carries a ``TrackingId``.
+    """
+
+    def __init__(self, status: int, description: str) -> None:
+        super().__init__(f"{status} {description}")
+        self.status = status
+        self.description = description
+
+
+class AuthorizationError(RelayHttpError):
+    """401 (missing or invalid token) or 403 (token lacks the right for this entity)."""
+
+
+class EndpointNotFoundError(RelayHttpError):
+    """404: the hybrid connection does not exist on the relay."""
+
+
+class QuotaExceededError(RelayHttpError):
+    """A limit of the relay was reached (for example the 25 listeners of an entity)."""
+
+
+class ConnectionRejectedError(RelayHttpError):
+    """The listener rejected the sender's connection with a status and a description."""
+
+
+class StreamClosedError(RelayError):
+    """The stream or listener was closed by this side and then used again."""
+
+
+def http_error(status: int, description: str) -> RelayHttpError:
+    """Map an HTTP error status from the relay to the most specific exception class."""
+    if status in (401, 403):
+        return AuthorizationError(status, description)
+    if status == 404:
+        return EndpointNotFoundError(status, description)
+    if status == 429:
+        return QuotaExceededError(status, description)
+    return RelayHttpError(status, description)

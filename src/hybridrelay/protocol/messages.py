@@ -1,0 +1,253 @@
+"""The JSON control messages of Hybrid Connections (PROTOCOL.md 4.2, 5.2, 6.2, 6.4, 4.6).
+
+Each message is one WebSocket text message holding a JSON object with exactly one top-level
+member: ``accept`` and ``request`` (relay -> listener), ``response`` and ``renewToken``
+(listener -> relay). Parsing is strict about types and lenient where Microsoft's clients are
+sloppy (``statusCode`` as a number or a string; unknown members are ignored).
+
+Pure: no I/O. Parse errors raise :class:`~hybridrelay.exceptions.ProtocolError`, never anything
+else, whatever the input.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from hybridrelay.exceptions import ProtocolError
+
+__all__ = [
+    "MAX_CONTROL_MESSAGE",
+    "Accept",
+    "ControlMessage",
+    "RemoteEndpoint",
+    "RenewToken",
+    "Request",
+    "Response",
+    "encode_message",
+    "parse_message",
+]
+
+#: A .NET listener reads control commands into a 64 KiB buffer (PROTOCOL.md 4.2).
+MAX_CONTROL_MESSAGE = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteEndpoint:
+    address: str
+    port: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"address": self.address, "port": self.port}
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """Relay -> listener: a sender is waiting; open a rendezvous to ``address``."""
+
+    address: str
+    id: str
+    connect_headers: dict[str, str] = field(default_factory=dict)
+    remote_endpoint: RemoteEndpoint | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """Relay -> listener: an HTTP request.
+
+    The *address-only* form (``method is None``) asks the listener to open the rendezvous at
+    ``address``, where the full request follows.
+    """
+
+    address: str
+    id: str
+    request_target: str | None = None
+    method: str | None = None
+    request_headers: dict[str, str] | None = None
+    remote_endpoint: RemoteEndpoint | None = None
+    body: bool | None = None
+
+    @property
+    def address_only(self) -> bool:
+        return self.method is None
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """Listener -> relay: the response to request ``request_id``; a binary body follows iff ``body``."""
+
+    request_id: str
+    status_code: int
+    status_description: str | None = None
+    response_headers: dict[str, str] = field(default_factory=dict)
+    body: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RenewToken:
+    """Listener -> relay: a fresh token for the control channel."""
+
+    token: str = field(repr=False)
+
+
+ControlMessage = Accept | Request | Response | RenewToken
+
+
+def _str(obj: dict[str, Any], key: str, *, required: bool = True) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise ProtocolError(f"missing string field {key!r}")
+        return None
+    if not isinstance(value, str):
+        raise ProtocolError(f"field {key!r} must be a string")
+    return value
+
+
+def _headers(obj: dict[str, Any], key: str) -> dict[str, str] | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"field {key!r} must be an object")
+    headers: dict[str, str] = {}
+    for name, item in value.items():
+        if isinstance(item, list):  # tolerate array values; HTTP joins repeats with ", "
+            item = ", ".join(str(v) for v in item)
+        if not isinstance(item, str | int | float):
+            raise ProtocolError(f"header {name!r} in {key!r} must be a string")
+        headers[str(name)] = str(item)
+    return headers
+
+
+def _endpoint(obj: dict[str, Any]) -> RemoteEndpoint | None:
+    value = obj.get("remoteEndpoint")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError("field 'remoteEndpoint' must be an object")
+    address, port = value.get("address"), value.get("port")
+    if not isinstance(address, str) or not isinstance(port, int) or isinstance(port, bool):
+        raise ProtocolError("field 'remoteEndpoint' needs a string address and an integer port")
+    return RemoteEndpoint(address, port)
+
+
+def _bool(obj: dict[str, Any], key: str) -> bool | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise ProtocolError(f"field {key!r} must be a boolean")
+    return value
+
+
+def _status(value: Any) -> int:
+    # Node and .NET send a number, the doc example a string (PROTOCOL.md 6.4): accept both.
+    if isinstance(value, bool):
+        raise ProtocolError("field 'statusCode' must be a number")
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if not isinstance(value, int) or not 100 <= value <= 999:
+        raise ProtocolError("field 'statusCode' must be an HTTP status code")
+    return value
+
+
+def parse_message(text: str | bytes) -> ControlMessage | None:
+    """Parse one control message.
+
+    Returns None for a well-formed JSON object whose member is unknown (listeners and relays
+    ignore those, PROTOCOL.md 4.2). Raises :class:`ProtocolError` for anything malformed.
+    """
+    if len(text) > 4 * MAX_CONTROL_MESSAGE:
+        raise ProtocolError("control message is too large")
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError("control message is not valid JSON") from exc
+    if not isinstance(document, dict) or not document:
+        raise ProtocolError("control message must be a JSON object with one member")
+    for kind, body in document.items():
+        parser = _PARSERS.get(kind)
+        if parser is None:
+            continue
+        if not isinstance(body, dict):
+            raise ProtocolError(f"member {kind!r} must be an object")
+        return parser(body)
+    return None
+
+
+def _parse_accept(body: dict[str, Any]) -> Accept:
+    return Accept(
+        address=_str(body, "address") or "",
+        id=_str(body, "id") or "",
+        connect_headers=_headers(body, "connectHeaders") or {},
+        remote_endpoint=_endpoint(body),
+    )
+
+
+def _parse_request(body: dict[str, Any]) -> Request:
+    return Request(
+        address=_str(body, "address") or "",
+        id=_str(body, "id") or "",
+        request_target=_str(body, "requestTarget", required=False),
+        method=_str(body, "method", required=False),
+        request_headers=_headers(body, "requestHeaders"),
+        remote_endpoint=_endpoint(body),
+        body=_bool(body, "body"),
+    )
+
+
+def _parse_response(body: dict[str, Any]) -> Response:
+    return Response(
+        request_id=_str(body, "requestId") or "",
+        status_code=_status(body.get("statusCode")),
+        status_description=_str(body, "statusDescription", required=False),
+        response_headers=_headers(body, "responseHeaders") or {},
+        body=bool(_bool(body, "body")),
+    )
+
+
+def _parse_renew(body: dict[str, Any]) -> RenewToken:
+    return RenewToken(token=_str(body, "token") or "")
+
+
+_PARSERS: dict[str, Any] = {
+    "accept": _parse_accept,
+    "request": _parse_request,
+    "response": _parse_response,
+    "renewToken": _parse_renew,
+}
+
+
+def encode_message(message: ControlMessage) -> str:
+    """Serialise a message to the exact JSON the protocol uses (compact, one member)."""
+    body: dict[str, Any]
+    if isinstance(message, Accept):
+        body = {
+            "address": message.address,
+            "id": message.id,
+            "connectHeaders": message.connect_headers,
+        }
+        if message.remote_endpoint is not None:
+            body["remoteEndpoint"] = message.remote_endpoint.to_json()
+        return json.dumps({"accept": body}, separators=(",", ":"))
+    if isinstance(message, Request):
+        body = {"address": message.address, "id": message.id}
+        # The address-only form MUST omit method and body (PROTOCOL.md 6.2).
+        if message.method is not None:
+            body["requestTarget"] = message.request_target or "/"
+            body["method"] = message.method
+            if message.remote_endpoint is not None:
+                body["remoteEndpoint"] = message.remote_endpoint.to_json()
+            body["requestHeaders"] = message.request_headers or {}
+            body["body"] = bool(message.body)
+        return json.dumps({"request": body}, separators=(",", ":"))
+    if isinstance(message, Response):
+        body = {"requestId": message.request_id, "statusCode": message.status_code}
+        if message.status_description is not None:
+            body["statusDescription"] = message.status_description
+        body["responseHeaders"] = message.response_headers
+        body["body"] = message.body
+        return json.dumps({"response": body}, separators=(",", ":"))
+    return json.dumps({"renewToken": {"token": message.token}}, separators=(",", ":"))

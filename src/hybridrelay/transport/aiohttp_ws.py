@@ -1,0 +1,145 @@
+"""The :class:`~hybridrelay.transport.base.MessageSocket` implementation on aiohttp.
+
+aiohttp is used with ``autoclose=False`` so that a close frame from the peer is *reported*, not
+answered at once: the relay forwards it to the other leg and keeps carrying data the other way
+until that side closes too (a half-closed TCP stream crossing the relay). Our own close frame is
+sent with ``send_frame(CLOSE)`` rather than ``close()``, because ``close()`` would wait for the
+peer's close and throw away the data that arrives meanwhile.
+
+Two private attributes of aiohttp are touched, both in :meth:`AiohttpMessageSocket._drop`, to
+stop aiohttp from sending a second close frame when the connection is dropped after the close
+handshake; ``tests/test_transport.py`` pins that behaviour so an aiohttp upgrade cannot silently
+change it (the dependency is pinned to one minor version).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp import web
+
+from hybridrelay.exceptions import RelayConnectionError
+from hybridrelay.transport.base import MessageKind, WsMessage
+
+__all__ = ["AiohttpMessageSocket"]
+
+_CLOSE_TIMEOUT = 10.0
+
+AiohttpWebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+class AiohttpMessageSocket:
+    """Adapts an aiohttp server or client WebSocket to :class:`MessageSocket`.
+
+    Args:
+        ws: a prepared ``web.WebSocketResponse`` or a connected ``ClientWebSocketResponse``,
+            created with ``autoclose=False``.
+        close_transport: drops the underlying connection (server: ``request.transport.close``;
+            client: the response's ``close``).
+    """
+
+    __slots__ = ("_close_received", "_close_sent", "_close_transport", "_ws")
+
+    def __init__(self, ws: AiohttpWebSocket, close_transport: Callable[[], None]) -> None:
+        self._ws = ws
+        self._close_transport = close_transport
+        self._close_sent = False
+        self._close_received = False
+
+    @classmethod
+    def server(cls, ws: web.WebSocketResponse, request: web.BaseRequest) -> AiohttpMessageSocket:
+        transport = request.transport
+
+        def close() -> None:
+            if transport is not None:
+                transport.close()
+
+        return cls(ws, close)
+
+    @classmethod
+    def client(cls, ws: aiohttp.ClientWebSocketResponse) -> AiohttpMessageSocket:
+        return cls(ws, ws._response.close)
+
+    @property
+    def subprotocol(self) -> str | None:
+        if isinstance(self._ws, web.WebSocketResponse):
+            return self._ws.ws_protocol
+        return self._ws.protocol
+
+    @property
+    def close_sent(self) -> bool:
+        return self._close_sent
+
+    @property
+    def close_received(self) -> bool:
+        return self._close_received
+
+    async def receive(self) -> WsMessage:
+        if self._close_received:
+            return WsMessage(MessageKind.CLOSE, code=self._ws.close_code or 1006)
+        while True:
+            try:
+                msg = await self._ws.receive()
+            except RuntimeError:  # aiohttp: "WebSocket connection is closed."
+                msg = aiohttp.WSMessage(aiohttp.WSMsgType.CLOSED, None, None)
+            kind = msg.type
+            if kind is aiohttp.WSMsgType.BINARY:
+                return WsMessage(MessageKind.BINARY, msg.data)
+            if kind is aiohttp.WSMsgType.TEXT:
+                return WsMessage(MessageKind.TEXT, msg.data)
+            if kind in (aiohttp.WSMsgType.PING, aiohttp.WSMsgType.PONG):
+                continue
+            self._close_received = True
+            if kind is aiohttp.WSMsgType.CLOSE:
+                code = int(msg.data) if msg.data is not None else 1005
+                message = WsMessage(MessageKind.CLOSE, code=code, reason=msg.extra or "")
+            else:  # CLOSING, CLOSED, ERROR: the connection went away without a close frame
+                code = 1009 if self._ws.close_code == 1009 else 1006
+                message = WsMessage(MessageKind.CLOSE, code=code)
+                self._close_sent = True  # nothing more can be sent
+            if self._close_sent:
+                self._drop()
+            return message
+
+    async def send(self, data: bytes | str) -> None:
+        if self._close_sent:
+            raise RelayConnectionError("cannot send after the close frame")
+        try:
+            if isinstance(data, str):
+                await self._ws.send_str(data)
+            else:
+                await self._ws.send_bytes(data)
+        except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
+            raise RelayConnectionError(f"WebSocket send failed: {exc}") from exc
+
+    async def send_close(self, code: int = 1000, reason: str = "") -> None:
+        if self._close_sent:
+            return
+        self._close_sent = True
+        payload = code.to_bytes(2, "big") + reason.encode("utf-8")[:123]
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await self._ws.send_frame(payload, aiohttp.WSMsgType.CLOSE)
+        except (ConnectionError, RuntimeError, aiohttp.ClientError, TimeoutError):
+            self._close_received = True
+        if self._close_received:
+            self._drop()
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        try:
+            await self.send_close(code, reason)
+        finally:
+            self._close_received = True
+            self._drop()
+
+    def abort(self) -> None:
+        self._close_sent = self._close_received = True
+        self._drop()
+
+    def _drop(self) -> None:
+        # Both close frames have been exchanged (or the connection is gone): tell aiohttp the
+        # socket is closed so that it sends no second close frame, then drop the connection.
+        self._ws._set_closed()
+        self._close_transport()

@@ -1,0 +1,100 @@
+"""Our own small WebSocket interface, so the library underneath can change.
+
+Everything above this layer (relay server, SDK, bridge) talks to a :class:`MessageSocket`:
+whole messages in and out, a close frame that can be sent while still receiving (the
+WebSocket way to half-close a stream, which is how a TCP ``shutdown(SHUT_WR)`` crosses the
+relay), and an abortive close. The only implementation today is
+:mod:`hybridrelay.transport.aiohttp_ws` (see ``docs/DECISIONS.md`` for why).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["CloseCode", "MessageKind", "MessageSocket", "WsMessage"]
+
+
+class CloseCode(enum.IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    NO_STATUS = 1005
+    ABNORMAL = 1006
+    INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    TRY_AGAIN_LATER = 1013
+
+
+# Codes that may appear in a close frame on the wire (RFC 6455 7.4.1); others are local only.
+_SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+
+
+def sendable_close_code(code: int | None) -> int:
+    """A close code that may be forwarded on the other leg (PROTOCOL.md 5.5)."""
+    if code is None or code in (1005, 1006):
+        return 1000 if code in (None, 1005) else 1011
+    if code in _SENDABLE or 3000 <= code <= 4999:
+        return code
+    return 1011
+
+
+class MessageKind(enum.Enum):
+    TEXT = "text"
+    BINARY = "binary"
+    CLOSE = "close"
+
+
+@dataclass(frozen=True, slots=True)
+class WsMessage:
+    """One WebSocket message, or the peer's close (``kind is CLOSE``; ``code``/``reason`` set).
+
+    A connection lost without a close frame is reported as CLOSE with code 1006.
+    """
+
+    kind: MessageKind
+    data: bytes | str = b""
+    code: int | None = None
+    reason: str = ""
+
+
+class MessageSocket(Protocol):
+    """A WebSocket carrying whole messages, with half-close."""
+
+    @property
+    def subprotocol(self) -> str | None: ...
+
+    @property
+    def close_sent(self) -> bool:
+        """True once this side has sent its close frame (it may still receive)."""
+        ...
+
+    @property
+    def close_received(self) -> bool:
+        """True once the peer's close frame (or the loss of the connection) was seen."""
+        ...
+
+    async def receive(self) -> WsMessage:
+        """The next message; after the peer's close, CLOSE again every time."""
+        ...
+
+    async def send(self, data: bytes | str) -> None:
+        """Send one message (``str`` as text, bytes as binary); waits while the peer is slow."""
+        ...
+
+    async def send_close(self, code: int = 1000, reason: str = "") -> None:
+        """Send our close frame once; receiving continues until the peer closes too."""
+        ...
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        """Close now: send our close frame if not sent yet, then drop the connection."""
+        ...
+
+    def abort(self) -> None:
+        """Drop the connection at once, without a close frame."""
+        ...
