@@ -252,7 +252,5 @@ def authorize(
     if not _path_covers(path, entity_path):
         return AuthDecision(403, "Forbidden: token is not valid for this hybrid connection")
     if required and required not in matched.rights.effective():
-        return AuthDecision(
-            403, f"Forbidden: rule lacks the {'/'.join(required.names())} right"
-        )
+        return AuthDecision(403, f"Forbidden: rule lacks the {'/'.join(required.names())} right")
     return AuthDecision(200, "OK", rule_name=matched.name, expiry=parsed.expiry)

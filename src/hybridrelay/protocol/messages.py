@@ -12,6 +12,7 @@ else, whatever the input.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +76,7 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Response:
-    """Listener -> relay: the response to request ``request_id``; a binary body follows iff ``body``."""
+    """Listener -> relay: the response to ``request_id``; a binary body follows iff ``body``."""
 
     request_id: str
     status_code: int
@@ -212,7 +213,7 @@ def _parse_renew(body: dict[str, Any]) -> RenewToken:
     return RenewToken(token=_str(body, "token") or "")
 
 
-_PARSERS: dict[str, Any] = {
+_PARSERS: dict[str, Callable[[dict[str, Any]], ControlMessage]] = {
     "accept": _parse_accept,
     "request": _parse_request,
     "response": _parse_response,
