@@ -1,0 +1,7 @@
+"""``python -m hybridrelay``."""
+
+import sys
+
+from hybridrelay.cli.main import main
+
+sys.exit(main())

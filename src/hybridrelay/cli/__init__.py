@@ -1,0 +1,1 @@
+"""The ``hybridrelay`` command line."""

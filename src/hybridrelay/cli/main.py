@@ -1,0 +1,234 @@
+"""The ``hybridrelay`` command: ``serve``, ``token``, ``connection-string`` and friends.
+
+``main(argv)`` is importable and returns an exit code, so tests can call it in-process; CLI tests
+also run it as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from hybridrelay import __version__
+from hybridrelay.auth.sas import AuthorizationRule, Rights, create_token, token_audience
+from hybridrelay.exceptions import ConfigurationError, RelayError
+from hybridrelay.protocol.connection_string import ConnectionString
+
+__all__ = ["main"]
+
+ROOT_RULE = "RootManageSharedAccessKey"
+DEFAULT_PORT = 9400
+
+
+def default_data_dir() -> Path:
+    explicit = os.environ.get("HYBRIDRELAY_DATA_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "hybridrelay"
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "serve",
+        help="run a relay",
+        description="Run a relay. With no --config: an embedded default on loopback (plain ws, "
+        "generated root key kept in the data directory, hybrid connections created on first "
+        "listen).",
+    )
+    parser.add_argument("--config", "-c", metavar="FILE", help="YAML configuration file")
+    parser.add_argument("--host", help="override server.host")
+    parser.add_argument("--port", type=int, help="override server.port (0 = any free port)")
+    parser.add_argument("--data-dir", type=Path, help="embedded default's data directory")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.set_defaults(func=_cmd_serve)
+
+
+def _add_token(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("token", help="print a SAS token for a hybrid connection")
+    parser.add_argument("--connection-string", "-x", required=True, metavar="CS")
+    parser.add_argument("--entity", "-e", help="hybrid connection (default: EntityPath)")
+    parser.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    parser.set_defaults(func=_cmd_token)
+
+
+def _add_connection_string(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "connection-string", help="print the embedded default relay's root connection string"
+    )
+    parser.add_argument("--data-dir", type=Path)
+    parser.add_argument("--entity", "-e", help="add EntityPath=NAME")
+    parser.set_defaults(func=_cmd_connection_string)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hybridrelay",
+        description="Self-hostable hybrid relay (Azure Relay Hybrid Connections compatible).",
+    )
+    parser.add_argument("--version", action="version", version=f"hybridrelay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_token(sub)
+    _add_connection_string(sub)
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from hybridrelay.cli.extra import add_extra_commands
+
+    add_extra_commands(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigurationError as exc:
+        print(f"hybridrelay: {exc}", file=sys.stderr)
+        return 2
+    except RelayError as exc:
+        print(f"hybridrelay: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- serve -------------------------------------------------------------------------------------
+
+
+def _embedded_store(data_dir: Path) -> tuple[object, AuthorizationRule]:
+    from hybridrelay.server.store import FileEntityStore
+
+    store = FileEntityStore(data_dir / "namespace.json")
+    rules = list(store.namespace_rules())
+    root = next((r for r in rules if r.name == ROOT_RULE), None)
+    if root is None:
+        root = AuthorizationRule(
+            ROOT_RULE,
+            base64.b64encode(secrets.token_bytes(32)).decode(),
+            base64.b64encode(secrets.token_bytes(32)).decode(),
+            Rights.LISTEN | Rights.SEND | Rights.MANAGE,
+        )
+        store.set_namespace_rules([*rules, root])
+    return store, root
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from hybridrelay.server import RelayConfig, RelayServer
+    from hybridrelay.server.config import ServerSettings
+    from hybridrelay.server.store import EntityStore
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    store: EntityStore | None = None
+    data_dir: Path | None = None
+    if args.config:
+        config = RelayConfig.load(args.config)
+    else:
+        data_dir = args.data_dir or default_data_dir()
+        file_store, _ = _embedded_store(data_dir)
+        store = file_store  # type: ignore[assignment]
+        config = RelayConfig(
+            server=ServerSettings(host="127.0.0.1", port=DEFAULT_PORT, plaintext=True),
+            auto_create_hybrid_connections=True,
+        )
+    overrides: dict[str, object] = {}
+    if args.host is not None:
+        overrides["host"] = args.host
+    if args.port is not None:
+        if not 0 <= args.port <= 65535:
+            raise ConfigurationError("--port must be from 0 to 65535")
+        overrides["port"] = args.port
+    if overrides:
+        config = replace(config, server=replace(config.server, **overrides))  # type: ignore[arg-type]
+
+    async def run() -> int:
+        server = RelayServer(config, store=store)
+        try:
+            await server.start()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}"
+            ) from exc
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"hybridrelay {__version__}: relay listening on {server.base_url}", flush=True)
+        if data_dir is not None:
+            endpoint_file = data_dir / "endpoint"
+            endpoint_file.write_text(server.base_url + "\n", encoding="utf-8")
+            print(
+                "Embedded default: plain ws:// on loopback; hybrid connections are created on "
+                "first listen.\nRoot connection string: run `hybridrelay connection-string`"
+                f" (the key is kept in {data_dir / 'namespace.json'}).",
+                flush=True,
+            )
+        try:
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await server.aclose()
+        print("hybridrelay: relay stopped", flush=True)
+        return 0
+
+    return asyncio.run(run())
+
+
+# -- token / connection-string -----------------------------------------------------------------
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    cs = ConnectionString.parse(args.connection_string)
+    entity = args.entity or cs.entity_path or ""
+    if cs.token:
+        print(cs.token)
+        return 0
+    if not cs.key_name or not cs.key:
+        raise ConfigurationError("the connection string has no SharedAccessKeyName/Key")
+    if args.ttl <= 0:
+        raise ConfigurationError("--ttl must be positive")
+    audience = token_audience(cs.host, entity)
+    print(create_token(audience, cs.key_name, cs.key, expiry=int(time.time()) + args.ttl))
+    return 0
+
+
+def _cmd_connection_string(args: argparse.Namespace) -> int:
+    data_dir = args.data_dir or default_data_dir()
+    if not (data_dir / "namespace.json").exists():
+        raise ConfigurationError(
+            f"no embedded relay data in {data_dir}: start it once with `hybridrelay serve`"
+        )
+    _, root = _embedded_store(data_dir)
+    endpoint_file = data_dir / "endpoint"
+    base = (
+        endpoint_file.read_text(encoding="utf-8").strip()
+        if endpoint_file.exists()
+        else f"ws://127.0.0.1:{DEFAULT_PORT}"
+    )
+    cs = ConnectionString(
+        endpoint=base + "/", key_name=root.name, key=root.primary_key, entity_path=args.entity
+    )
+    print(str(cs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

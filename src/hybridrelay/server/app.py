@@ -1,0 +1,487 @@
+"""The relay server: HTTP(S) and WebSocket endpoints of Hybrid Connections on one port.
+
+Endpoints (PROTOCOL.md section 2):
+
+* ``GET /$hc/{path}?sb-hc-action=listen``  — listener control channel (E1)
+* ``GET /$hc/{path}[/suffix]?...sb-hc-action=connect`` — sender WebSocket (E2)
+* ``GET {accept address}``                 — listener's rendezvous (E3) or reject (E4)
+* ``{METHOD} /{path}[/suffix]``            — HTTP request relaying (E6), see ``http_relay.py``
+
+Nothing here logs a token, a key or a rendezvous address; aiohttp's access log is off because
+request targets carry ``sb-hc-token``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote, unquote
+
+from aiohttp import web
+
+from hybridrelay.auth.sas import AuthDecision, Rights, authorize
+from hybridrelay.exceptions import ProtocolError, RelayConnectionError
+from hybridrelay.protocol.addressing import (
+    HC_PREFIX,
+    build_relay_url,
+    filter_query,
+    protocol_params,
+    resolve_entity,
+)
+from hybridrelay.protocol.messages import (
+    Accept,
+    RemoteEndpoint,
+    RenewToken,
+    encode_message,
+    parse_message,
+)
+from hybridrelay.server.config import HybridConnectionConfig, RelayConfig
+from hybridrelay.server.registry import ControlChannel, InMemoryListenerRegistry, ListenerRegistry
+from hybridrelay.server.rendezvous import (
+    Accepted,
+    PendingRendezvous,
+    Rejection,
+    RendezvousTable,
+    splice,
+)
+from hybridrelay.server.store import EntityStore, InMemoryEntityStore
+from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
+from hybridrelay.transport.base import CloseCode, MessageKind
+
+__all__ = ["RelayServer"]
+
+logger = logging.getLogger("hybridrelay.server")
+
+_AUTH_HEADER = "ServiceBusAuthorization"
+# Request headers that are the relay's business and never reach the listener in connectHeaders.
+_PRIVATE_HEADERS = frozenset({"servicebusauthorization"})
+
+
+def tracking_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _reason(text: str) -> str:
+    """A reason phrase that is safe on a status line (no CR/LF, printable, bounded)."""
+    cleaned = "".join(ch if ch.isprintable() else " " for ch in text)
+    return cleaned[:512] or "Error"
+
+
+def error_response(status: int, description: str, track: str | None = None) -> web.Response:
+    """An error answer whose reason phrase carries a TrackingId, as Azure's do."""
+    track = track or tracking_id()
+    text = f"{description} TrackingId:{track}"
+    return web.Response(status=status, reason=_reason(text), text=text + "\n")
+
+
+def _request_token(request: web.BaseRequest, params: dict[str, str]) -> str | None:
+    # Query first, then the header (PROTOCOL.md 3.4).
+    return params.get("sb-hc-token") or request.headers.get(_AUTH_HEADER)
+
+
+class RelayServer:
+    """A Hybrid Connections relay.
+
+    Usage::
+
+        async with RelayServer(RelayConfig.load("relay.yaml")) as server:
+            print(server.base_url)
+            await server.wait_closed()
+    """
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        *,
+        store: EntityStore | None = None,
+        registry: ListenerRegistry | None = None,
+    ) -> None:
+        self.config = config
+        self.store: EntityStore = store or InMemoryEntityStore.from_config(config)
+        self.registry: ListenerRegistry = registry or InMemoryListenerRegistry()
+        self._rendezvous = RendezvousTable(config.limits.max_pending_rendezvous)
+        self._runner: web.AppRunner | None = None
+        self._sockets: list[socket.socket] = []
+        self._closing = False
+        self._closed = asyncio.Event()
+        self._ssl = self._ssl_context() if config.server.tls else None
+        # Imported here: the HTTP relaying module depends on the pieces above.
+        from hybridrelay.server.http_relay import HttpRelay
+
+        self.http = HttpRelay(self)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        tls = self.config.server.tls
+        assert tls is not None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(tls.cert, tls.key)
+        except (OSError, ssl.SSLError) as exc:
+            from hybridrelay.exceptions import ConfigurationError
+
+            raise ConfigurationError(f"cannot load TLS certificate/key: {exc}") from exc
+        return context
+
+    async def start(self) -> None:
+        """Bind and start serving; returns once the socket is listening."""
+        app = web.Application(client_max_size=1024**2, handler_args={"max_field_size": 32768})
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=5.0
+        )
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner,
+            self.config.server.host,
+            self.config.server.port,
+            ssl_context=self._ssl,
+            backlog=1024,
+            reuse_address=True,
+        )
+        await site.start()
+        server = site._server
+        assert server is not None
+        self._sockets = list(getattr(server, "sockets", ()))
+        logger.info("relay listening on %s", self.base_url)
+
+    async def aclose(self) -> None:
+        """Stop accepting, close control channels (1001), end spliced connections, stop."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        for channel in list(self.registry.all()):
+            self.registry.remove(channel)
+            try:
+                await channel.socket.aclose(CloseCode.GOING_AWAY, "relay shutting down")
+            except RelayConnectionError:
+                channel.socket.abort()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def __aenter__(self) -> RelayServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def port(self) -> int:
+        return int(self._sockets[0].getsockname()[1])
+
+    @property
+    def base_url(self) -> str:
+        """``ws(s)://host:port`` of the first listening socket."""
+        host = self.config.server.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{'wss' if self._ssl else 'ws'}://{host}:{self.port}"
+
+    def public_base(self, request: web.BaseRequest) -> str:
+        """Base of rendezvous URLs: configured, else the scheme and Host the client used."""
+        if self.config.server.public_base_url:
+            return self.config.server.public_base_url.rstrip("/")
+        host = request.host or f"{self.config.server.host}:{self.port}"
+        return f"{'wss' if self._ssl else 'ws'}://{host}"
+
+    # -- routing ---------------------------------------------------------------------------
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        raw_path, _, raw_query = request.raw_path.partition("?")
+        if not raw_path.startswith(HC_PREFIX):
+            return await self.http.handle_sender_request(request, raw_path, raw_query)
+        params = protocol_params(raw_query)
+        action = params.get("sb-hc-action")
+        try:
+            path = unquote(raw_path[len(HC_PREFIX) :], errors="strict")
+        except UnicodeDecodeError:
+            return error_response(404, "Malformed path.")
+        if self._closing:
+            return error_response(503, "The relay is shutting down.")
+        is_upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        if action in ("accept", "request") or "sb-hc-statusCode" in params:
+            if not is_upgrade:
+                return error_response(400, "A WebSocket upgrade is required.")
+            if action == "request":
+                return await self.http.handle_request_rendezvous(request, params)
+            return await self._handle_accept(request, params)
+        if action not in ("listen", "connect"):
+            return error_response(400, f"Unknown sb-hc-action {action!r}.")
+        if not is_upgrade:
+            return error_response(400, "A WebSocket upgrade is required.")
+        resolved = resolve_entity(path, self.store.paths())
+        if action == "listen":
+            return await self._handle_listen(request, path, resolved, params)
+        if resolved is None:
+            return error_response(404, "The hybrid connection does not exist.")
+        entity = self.store.get(resolved[0])
+        assert entity is not None
+        return await self._handle_connect(request, entity, resolved[1], raw_query, params)
+
+    def rules_for(self, entity: HybridConnectionConfig) -> Sequence[Any]:
+        return (*entity.authorization_rules, *self.store.namespace_rules())
+
+    def authorize(
+        self, token: str | None, entity: HybridConnectionConfig, required: Rights, grace: float = 0
+    ) -> AuthDecision:
+        return authorize(
+            token,
+            rules=self.rules_for(entity),
+            entity_path=entity.name,
+            required=required,
+            now=time.time(),
+            namespace_host=self.config.namespace_host,
+            grace_seconds=grace,
+        )
+
+    # -- E1: listener control channel ---------------------------------------------------------
+
+    async def _handle_listen(
+        self,
+        request: web.Request,
+        path: str,
+        resolved: tuple[str, str] | None,
+        params: dict[str, str],
+    ) -> web.StreamResponse:
+        entity = self.store.get(resolved[0]) if resolved and not resolved[1] else None
+        if entity is None and self.config.auto_create_hybrid_connections and path.strip("/"):
+            candidate = HybridConnectionConfig(name=path.strip("/"))
+            decision = self.authorize(_request_token(request, params), candidate, Rights.LISTEN)
+            if not decision.allowed:
+                return error_response(decision.status, decision.reason)
+            self.store.create(candidate)
+            logger.info("created hybrid connection %r on first listen", candidate.name)
+            entity = candidate
+        if entity is None:
+            return error_response(404, "The hybrid connection does not exist.")
+        decision = self.authorize(_request_token(request, params), entity, Rights.LISTEN)
+        if not decision.allowed:
+            logger.info("listen on %r refused: %s", entity.name, decision.reason)
+            return error_response(decision.status, decision.reason)
+        limit = self.config.limits.max_listeners_per_connection
+        if self.registry.count(entity.name) >= limit:
+            return error_response(429, f"QuotaExceeded: at most {limit} listeners are allowed.")
+
+        keep_alive = self.config.limits.keep_alive_interval
+        ws = web.WebSocketResponse(
+            autoclose=False,
+            autoping=True,
+            compress=False,
+            heartbeat=keep_alive,
+            max_msg_size=65536 * 4,
+        )
+        await ws.prepare(request)
+        socket_ = AiohttpMessageSocket.server(ws, request)
+        listener_id = params.get("sb-hc-id") or tracking_id()
+        channel = ControlChannel(
+            entity.name, listener_id, socket_, float(decision.expiry or 0), request.remote or ""
+        )
+        if not self.registry.add(channel, limit):  # raced with another listener
+            await socket_.aclose(CloseCode.TRY_AGAIN_LATER, "listener limit reached")
+            return ws
+        logger.info("listener %s online on %r", listener_id, entity.name)
+        try:
+            await self._serve_control_channel(channel, entity)
+        finally:
+            self.registry.remove(channel)
+            self.http.forget_channel(channel)
+            socket_.abort()
+            logger.info("listener %s offline on %r", listener_id, entity.name)
+        return ws
+
+    async def _serve_control_channel(
+        self, channel: ControlChannel, entity: HybridConnectionConfig
+    ) -> None:
+        grace = self.config.limits.token_grace_period
+        loop = asyncio.get_running_loop()
+        while True:
+            # The token's expiry (plus grace) is the read deadline: a channel whose token ran
+            # out without a renewal is closed with 1008 (PROTOCOL.md 4.4, 4.6).
+            deadline = loop.time() + max(0.0, channel.token_expiry + grace - time.time())
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await channel.socket.receive()
+            except TimeoutError:
+                channel.usable = False
+                await channel.socket.aclose(CloseCode.POLICY_VIOLATION, "token expired")
+                return
+            if message.kind is MessageKind.CLOSE:
+                return
+            if message.kind is MessageKind.BINARY:
+                await self.http.on_control_binary(channel, message.data)
+                continue
+            try:
+                parsed = parse_message(message.data)
+            except ProtocolError as exc:
+                channel.usable = False
+                await channel.socket.aclose(CloseCode.PROTOCOL_ERROR, str(exc)[:100])
+                return
+            if isinstance(parsed, RenewToken):
+                decision = self.authorize(parsed.token, entity, Rights.LISTEN, grace)
+                if not decision.allowed:
+                    channel.usable = False
+                    await channel.socket.aclose(CloseCode.POLICY_VIOLATION, "token renewal failed")
+                    return
+                channel.token_expiry = float(decision.expiry or 0)
+            elif parsed is not None:
+                if not await self.http.on_control_message(channel, parsed):
+                    channel.usable = False
+                    await channel.socket.aclose(CloseCode.PROTOCOL_ERROR, "unexpected message")
+                    return
+
+    # -- E2: sender ----------------------------------------------------------------------
+
+    async def _handle_connect(
+        self,
+        request: web.Request,
+        entity: HybridConnectionConfig,
+        suffix: str,
+        raw_query: str,
+        params: dict[str, str],
+    ) -> web.StreamResponse:
+        if entity.requires_client_authorization:
+            decision = self.authorize(_request_token(request, params), entity, Rights.SEND)
+            if not decision.allowed:
+                return error_response(decision.status, decision.reason)
+        connection_id = params.get("sb-hc-id") or tracking_id()
+        candidates = self.registry.candidates(entity.name)
+        if not candidates:
+            return error_response(404, "There are no listeners connected for the endpoint.")
+        pending = self._rendezvous.create(connection_id, entity.name)
+        if pending is None:
+            return error_response(503, "Too many pending connections; try again later.")
+        try:
+            return await self._rendezvous_sender(
+                request, entity, suffix, raw_query, connection_id, pending, candidates
+            )
+        finally:
+            self._rendezvous.discard(pending)
+            if not pending.outcome.done():
+                pending.outcome.cancel()
+            pending.finished.set()
+
+    async def _rendezvous_sender(
+        self,
+        request: web.Request,
+        entity: HybridConnectionConfig,
+        suffix: str,
+        raw_query: str,
+        connection_id: str,
+        pending: PendingRendezvous,
+        candidates: Sequence[ControlChannel],
+    ) -> web.StreamResponse:
+        address = build_relay_url(
+            self.public_base(request),
+            entity.name,
+            action="accept",
+            suffix=quote(suffix, safe="/"),
+            app_query=filter_query(raw_query),
+            params={"sb-hc-id": connection_id, "sb-hc-rendezvous": pending.secret},
+        )
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _PRIVATE_HEADERS}
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        accept = Accept(
+            address=address,
+            id=connection_id,
+            connect_headers=headers,
+            remote_endpoint=RemoteEndpoint(str(peer[0]), int(peer[1])) if peer else None,
+        )
+        text = encode_message(accept)
+        delivered = False
+        for channel in candidates:  # never hand a sender to a dead listener: try the next one
+            try:
+                await channel.send(text)
+            except RelayConnectionError:
+                self.registry.remove(channel)
+                continue
+            delivered = True
+            break
+        if not delivered:
+            return error_response(404, "There are no listeners connected for the endpoint.")
+        try:
+            async with asyncio.timeout(self.config.limits.rendezvous_timeout):
+                outcome = await pending.outcome
+        except TimeoutError:
+            return error_response(504, "The listener did not accept the connection in time.")
+        if isinstance(outcome, Rejection):
+            return web.Response(status=outcome.status, reason=_reason(outcome.description))
+        listener = outcome.socket
+        subprotocol = listener.subprotocol
+        ws = web.WebSocketResponse(
+            protocols=(subprotocol,) if subprotocol else (),
+            autoclose=False,
+            autoping=True,
+            compress=False,
+            max_msg_size=self.config.limits.max_message_size,
+        )
+        try:
+            await ws.prepare(request)
+        except (ConnectionError, RuntimeError):
+            await listener.aclose(CloseCode.GOING_AWAY, "sender went away")
+            return ws
+        sender = AiohttpMessageSocket.server(ws, request)
+        stats = await splice(sender, listener)
+        logger.info(
+            "connection %s on %r closed: %d bytes to listener, %d bytes to sender",
+            connection_id,
+            entity.name,
+            stats.sender_to_listener,
+            stats.listener_to_sender,
+        )
+        return ws
+
+    # -- E3 / E4: listener accepts or rejects ---------------------------------------------------
+
+    async def _handle_accept(
+        self, request: web.Request, params: dict[str, str]
+    ) -> web.StreamResponse:
+        pending = self._rendezvous.claim(
+            params.get("sb-hc-rendezvous", ""), params.get("sb-hc-id", "")
+        )
+        if pending is None:
+            return error_response(403, "The rendezvous address is not valid or has expired.")
+        status = params.get("sb-hc-statusCode")
+        if status is not None:
+            try:
+                code = int(status)
+                if not 100 <= code <= 999:
+                    raise ValueError
+            except ValueError:
+                if not pending.outcome.done():
+                    pending.outcome.set_result(Rejection(400, "Rejected by listener"))
+                return error_response(400, "sb-hc-statusCode must be an HTTP status code.")
+            description = params.get("sb-hc-statusDescription") or "Rejected by listener"
+            if not pending.outcome.done():
+                pending.outcome.set_result(Rejection(code, description))
+            return web.Response(status=410, reason="Gone")
+        offered = request.headers.get("Sec-WebSocket-Protocol", "")
+        subprotocol = offered.split(",")[0].strip() or None
+        ws = web.WebSocketResponse(
+            protocols=(subprotocol,) if subprotocol else (),
+            autoclose=False,
+            autoping=True,
+            compress=False,
+            max_msg_size=self.config.limits.max_message_size,
+        )
+        await ws.prepare(request)
+        listener = AiohttpMessageSocket.server(ws, request)
+        if pending.outcome.done():  # the sender gave up meanwhile
+            await listener.aclose(CloseCode.GOING_AWAY, "sender went away")
+            return ws
+        pending.outcome.set_result(Accepted(listener))
+        await pending.finished.wait()
+        return ws

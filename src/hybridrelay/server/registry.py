@@ -1,0 +1,119 @@
+"""The listener registry: which control channels are connected for which hybrid connection.
+
+The relay asks the registry for the live listeners of an entity and tries them in random order
+(PROTOCOL.md 1: "spread across the listeners at random"). Behind :class:`ListenerRegistry` so a
+cluster-wide registry can replace the in-memory one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from hybridrelay.exceptions import RelayConnectionError
+from hybridrelay.transport.base import MessageSocket
+
+#: A control channel that cannot take a small message in this time is treated as dead.
+_SEND_TIMEOUT = 10.0
+
+__all__ = ["ControlChannel", "InMemoryListenerRegistry", "ListenerRegistry"]
+
+
+class ControlChannel:
+    """A connected listener's control channel, as the relay sees it."""
+
+    __slots__ = (
+        "_send_lock",
+        "connected_at",
+        "entity",
+        "listener_id",
+        "remote",
+        "socket",
+        "token_expiry",
+        "usable",
+    )
+
+    def __init__(
+        self,
+        entity: str,
+        listener_id: str,
+        socket: MessageSocket,
+        token_expiry: float,
+        remote: str,
+    ) -> None:
+        self.entity = entity
+        self.listener_id = listener_id
+        self.socket = socket
+        self.token_expiry = token_expiry
+        self.remote = remote
+        self.connected_at = time.time()
+        #: False once the channel failed or is closing: never hand it a sender again.
+        self.usable = True
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, text: str, body: bytes | None = None) -> None:
+        """Send a control message (and its binary body right after it, nothing in between)."""
+        if not self.usable:
+            raise RelayConnectionError("control channel is closed")
+        try:
+            async with asyncio.timeout(_SEND_TIMEOUT), self._send_lock:
+                await self.socket.send(text)
+                if body is not None:
+                    await self.socket.send(body)
+        except (RelayConnectionError, TimeoutError) as exc:
+            self.usable = False
+            raise RelayConnectionError("control channel send failed") from exc
+
+    def __repr__(self) -> str:
+        return f"<ControlChannel {self.entity!r} listener={self.listener_id}>"
+
+
+class ListenerRegistry(Protocol):
+    def add(self, channel: ControlChannel, limit: int) -> bool:
+        """Register ``channel``; False if the entity already has ``limit`` listeners."""
+        ...
+
+    def remove(self, channel: ControlChannel) -> None: ...
+
+    def candidates(self, entity: str) -> Sequence[ControlChannel]:
+        """Usable listeners of ``entity`` in the order to try them."""
+        ...
+
+    def count(self, entity: str) -> int: ...
+
+    def all(self) -> Sequence[ControlChannel]: ...
+
+
+class InMemoryListenerRegistry:
+    def __init__(self) -> None:
+        self._by_entity: dict[str, list[ControlChannel]] = {}
+
+    def add(self, channel: ControlChannel, limit: int) -> bool:
+        channels = self._by_entity.setdefault(channel.entity.lower(), [])
+        if len(channels) >= limit:
+            return False
+        channels.append(channel)
+        return True
+
+    def remove(self, channel: ControlChannel) -> None:
+        channel.usable = False
+        key = channel.entity.lower()
+        channels = self._by_entity.get(key)
+        if channels and channel in channels:
+            channels.remove(channel)
+            if not channels:
+                del self._by_entity[key]
+
+    def candidates(self, entity: str) -> Sequence[ControlChannel]:
+        channels = [c for c in self._by_entity.get(entity.lower(), ()) if c.usable]
+        random.shuffle(channels)
+        return channels
+
+    def count(self, entity: str) -> int:
+        return len(self._by_entity.get(entity.lower(), ()))
+
+    def all(self) -> Sequence[ControlChannel]:
+        return [c for channels in self._by_entity.values() for c in channels]
