@@ -1,0 +1,174 @@
+"""Shared fixtures: TLS material from a throw-away CA, and relays on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from hybridrelay.auth.sas import create_token
+from hybridrelay.server import RelayConfig, RelayServer
+
+ROOT_KEY_NAME = "RootManageSharedAccessKey"
+ROOT_KEY = "root-primary-key-0123456789abcdefghij"
+ROOT_SECONDARY = "root-secondary-key-0123456789abcdefgh"
+LISTEN_KEY_NAME = "listen-only"
+LISTEN_KEY = "listen-only-key-0123456789abcdefghij"
+SEND_KEY_NAME = "send-only"
+SEND_KEY = "send-only-key-0123456789abcdefghijklm"
+
+
+async def eventually(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds, for state that has no event to wait on."""
+    for _ in range(int(seconds / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsFiles]:
+    """A CA and a server certificate for 127.0.0.1, ::1 and localhost, as PEM files."""
+    directory = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "::1", "localhost")
+    ca_file = directory / "ca.pem"
+    cert_file = directory / "cert.pem"
+    key_file = directory / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    with cert_file.open("wb") as handle:
+        for blob in cert.cert_chain_pems:
+            handle.write(blob.bytes())
+    yield TlsFiles(str(ca_file), str(cert_file), str(key_file))
+
+
+@dataclass
+class Relay:
+    """A running relay and what tests need to talk to it."""
+
+    server: RelayServer
+    ca_file: str | None
+
+    @property
+    def base_url(self) -> str:
+        return self.server.base_url
+
+    @property
+    def http_url(self) -> str:
+        return self.base_url.replace("ws", "http", 1)
+
+    def connection_string(
+        self, entity: str | None = None, key_name: str = ROOT_KEY_NAME, key: str = ROOT_KEY
+    ) -> str:
+        scheme = "sb" if self.server.config.server.secure else "ws"
+        text = (
+            f"Endpoint={scheme}://127.0.0.1:{self.server.port}/;"
+            f"SharedAccessKeyName={key_name};SharedAccessKey={key}"
+        )
+        return text + (f";EntityPath={entity}" if entity else "")
+
+    def token(
+        self, entity: str, key_name: str = ROOT_KEY_NAME, key: str = ROOT_KEY, ttl: int = 3600
+    ) -> str:
+        return create_token(
+            f"http://127.0.0.1:{self.server.port}/{entity}",
+            key_name,
+            key,
+            expiry=int(time.time()) + ttl,
+        )
+
+
+def relay_config(
+    *,
+    tls: TlsFiles | None = None,
+    port: int = 0,
+    entities: list[dict[str, Any]] | None = None,
+    limits: dict[str, Any] | None = None,
+) -> RelayConfig:
+    server: dict[str, Any] = {"host": "127.0.0.1", "port": port}
+    if tls is not None:
+        server["tls"] = {"cert": tls.cert_file, "key": tls.key_file}
+    else:
+        server["plaintext"] = True
+    return RelayConfig.from_dict(
+        {
+            "server": server,
+            "limits": limits or {},
+            "namespace": {
+                "authorization_rules": [
+                    {
+                        "name": ROOT_KEY_NAME,
+                        "primary_key": ROOT_KEY,
+                        "secondary_key": ROOT_SECONDARY,
+                        "rights": ["Listen", "Send", "Manage"],
+                    },
+                    {"name": LISTEN_KEY_NAME, "primary_key": LISTEN_KEY, "rights": ["Listen"]},
+                    {"name": SEND_KEY_NAME, "primary_key": SEND_KEY, "rights": ["Send"]},
+                ],
+                "hybrid_connections": entities
+                if entities is not None
+                else [
+                    {"name": "hc"},
+                    {"name": "anon", "requires_client_authorization": False},
+                    {"name": "a/b"},
+                ],
+            },
+        }
+    )
+
+
+RelayFactory = Callable[..., AbstractAsyncContextManager[Relay]]
+
+
+@pytest.fixture
+def make_relay(tls_files: TlsFiles) -> RelayFactory:
+    """``async with make_relay(tls=True, limits={...}) as relay:`` starts a relay on port 0."""
+
+    @asynccontextmanager
+    async def factory(
+        *,
+        tls: bool = False,
+        port: int = 0,
+        entities: list[dict[str, Any]] | None = None,
+        limits: dict[str, Any] | None = None,
+    ) -> AsyncIterator[Relay]:
+        files = tls_files if tls else None
+        config = relay_config(tls=files, port=port, entities=entities, limits=limits)
+        async with RelayServer(config) as server:
+            yield Relay(server, files.ca_file if files else None)
+
+    return factory
+
+
+@pytest.fixture
+async def relay(make_relay: RelayFactory) -> AsyncIterator[Relay]:
+    """A plain-text relay with entities ``hc``, ``anon`` (no client auth) and ``a/b``."""
+    async with make_relay() as running:
+        yield running
+
+
+@pytest.fixture
+async def tls_relay(make_relay: RelayFactory) -> AsyncIterator[Relay]:
+    async with make_relay(tls=True) as running:
+        yield running
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

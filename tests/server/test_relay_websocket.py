@@ -1,0 +1,432 @@
+"""The relay's WebSocket endpoints (E1-E4), driven by raw aiohttp peers that speak the protocol
+byte for byte as PROTOCOL.md describes, independently of our SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl as ssl_module
+import time
+import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import quote
+
+import aiohttp
+import pytest
+
+from hybridrelay.auth.sas import create_token
+from tests.conftest import (
+    LISTEN_KEY,
+    LISTEN_KEY_NAME,
+    ROOT_KEY,
+    ROOT_KEY_NAME,
+    ROOT_SECONDARY,
+    SEND_KEY,
+    SEND_KEY_NAME,
+    Relay,
+    RelayFactory,
+    eventually,
+)
+
+AUTH = "ServiceBusAuthorization"
+
+
+@asynccontextmanager
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
+        yield s
+
+
+async def handshake_status(
+    relay: Relay, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """Attempt a WebSocket upgrade; return the HTTP status and reason phrase of a refusal."""
+    reasons: list[str] = []
+
+    async def on_request_end(
+        _s: aiohttp.ClientSession, _c: object, params: aiohttp.TraceRequestEndParams
+    ) -> None:
+        reasons.append(params.response.reason or "")
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(on_request_end)
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=20), trace_configs=[trace]
+    ) as s:
+        try:
+            ws = await s.ws_connect(relay.base_url + path, headers=headers or {})
+        except aiohttp.WSServerHandshakeError as exc:
+            return exc.status, reasons[-1] if reasons else ""
+        await ws.close()
+        return 101, "Switching Protocols"
+
+
+async def open_listener(
+    s: aiohttp.ClientSession,
+    relay: Relay,
+    entity: str = "hc",
+    token: str | None = None,
+    *,
+    autoping: bool = True,
+    ssl: ssl_module.SSLContext | bool = True,
+) -> aiohttp.ClientWebSocketResponse:
+    return await s.ws_connect(
+        f"{relay.base_url}/$hc/{entity}?sb-hc-action=listen",
+        headers={AUTH: token or relay.token(entity)},
+        autoclose=False,
+        autoping=autoping,
+        ssl=ssl,
+    )
+
+
+async def next_accept(control: aiohttp.ClientWebSocketResponse) -> dict[str, object]:
+    async with asyncio.timeout(10):
+        message = await control.receive()
+    assert message.type is aiohttp.WSMsgType.TEXT, message
+    document = json.loads(message.data)
+    accept = document["accept"]
+    assert isinstance(accept, dict)
+    return accept
+
+
+# -- authorization and addressing ------------------------------------------------------------
+
+
+async def test_listen_requires_a_valid_token(relay: Relay) -> None:
+    path = "/$hc/hc?sb-hc-action=listen"
+    assert (await handshake_status(relay, path))[0] == 401
+    assert (await handshake_status(relay, path, {AUTH: "SharedAccessSignature sr=x"}))[0] == 401
+    wrong_key = relay.token("hc", key="not-the-key-0123456789abcdef")
+    assert (await handshake_status(relay, path, {AUTH: wrong_key}))[0] == 401
+    expired = relay.token("hc", ttl=-10)
+    assert (await handshake_status(relay, path, {AUTH: expired}))[0] == 401
+    unknown_rule = relay.token("hc", key_name="nobody")
+    assert (await handshake_status(relay, path, {AUTH: unknown_rule}))[0] == 401
+    send_only = relay.token("hc", SEND_KEY_NAME, SEND_KEY)
+    status, reason = await handshake_status(relay, path, {AUTH: send_only})
+    assert status == 403 and "Listen" in reason and "TrackingId:" in reason
+    other_entity = relay.token("anon")
+    assert (await handshake_status(relay, path, {AUTH: other_entity}))[0] == 403
+    assert (await handshake_status(relay, path, {AUTH: relay.token("hc")}))[0] == 101
+    secondary = relay.token("hc", key=ROOT_SECONDARY)
+    assert (await handshake_status(relay, path, {AUTH: secondary}))[0] == 101
+
+
+async def test_token_in_query_and_every_audience_form(relay: Relay) -> None:
+    port = relay.server.port
+    expiry = int(time.time()) + 600
+    audiences = [
+        f"http://127.0.0.1:{port}/hc",  # Node createRelayListenUri form, port kept
+        "http://127.0.0.1/hc/",  # .NET form
+        "http://contoso.servicebus.windows.net/",  # namespace-wide (host not checked)
+        f"sb://127.0.0.1:{port}/hc/suffix",  # longer than the entity path
+        "https://127.0.0.1/$hc/hc",
+    ]
+    for audience in audiences:
+        token = create_token(audience, ROOT_KEY_NAME, ROOT_KEY, expiry=expiry)
+        path = f"/$hc/hc?sb-hc-action=listen&sb-hc-token={quote(token, safe='')}"
+        assert (await handshake_status(relay, path))[0] == 101, audience
+    # Lower-case hex in sr (older docs): the raw text is signed, so it must still verify.
+    sr = "http%3a%2f%2f127.0.0.1%2fhc"
+    import base64
+    import hashlib
+    import hmac
+
+    sig = base64.b64encode(
+        hmac.new(ROOT_KEY.encode(), f"{sr}\n{expiry}".encode(), hashlib.sha256).digest()
+    ).decode()
+    token = (
+        f"SharedAccessSignature sr={sr}&sig={quote(sig, safe='')}&se={expiry}&skn={ROOT_KEY_NAME}"
+    )
+    assert (await handshake_status(relay, "/$hc/hc?sb-hc-action=listen", {AUTH: token}))[0] == 101
+
+
+async def test_unknown_entity_and_bad_requests(relay: Relay) -> None:
+    assert (
+        await handshake_status(relay, "/$hc/nope?sb-hc-action=listen", {AUTH: relay.token("nope")})
+    )[0] == 404
+    assert (await handshake_status(relay, "/$hc/nope?sb-hc-action=connect"))[0] == 404
+    assert (await handshake_status(relay, "/$hc/hc?sb-hc-action=dance"))[0] == 400
+    async with session() as s:
+        response = await s.get(relay.http_url + "/$hc/hc?sb-hc-action=listen")
+        assert response.status == 400  # not an upgrade
+
+
+async def test_connect_without_listener_fails_promptly(relay: Relay) -> None:
+    started = time.monotonic()
+    status, reason = await handshake_status(relay, "/$hc/anon?sb-hc-action=connect")
+    assert status == 404 and "no listeners" in reason
+    assert time.monotonic() - started < 2
+
+
+async def test_sender_needs_send_right_unless_anonymous(relay: Relay) -> None:
+    async with session() as s:
+        control = await open_listener(s, relay, "hc")
+        listen_only = relay.token("hc", LISTEN_KEY_NAME, LISTEN_KEY)
+        assert (await handshake_status(relay, "/$hc/hc?sb-hc-action=connect", {AUTH: listen_only}))[
+            0
+        ] == 403
+        assert (await handshake_status(relay, "/$hc/hc?sb-hc-action=connect"))[0] == 401
+        await control.close()
+
+
+async def test_listener_limit(make_relay: RelayFactory) -> None:
+    async with make_relay(limits={"max_listeners_per_connection": 2}) as relay, session() as s:
+        first = await open_listener(s, relay)
+        second = await open_listener(s, relay)
+        status, reason = await handshake_status(
+            relay, "/$hc/hc?sb-hc-action=listen", {AUTH: relay.token("hc")}
+        )
+        assert status == 429 and "QuotaExceeded" in reason
+        await first.close()
+        await asyncio.sleep(0)  # let the relay see the close
+        await eventually(lambda: relay.server.registry.count("hc") < 2)
+        third = await open_listener(s, relay)
+        await second.close()
+        await third.close()
+
+
+# -- the rendezvous ----------------------------------------------------------------------------
+
+
+async def test_accept_message_and_splice(relay: Relay) -> None:
+    async with session() as s:
+        control = await open_listener(s, relay, "a/b")
+        sender_task = asyncio.create_task(
+            s.ws_connect(
+                f"{relay.base_url}/$hc/a/b/x/y?app=1&sb-hc-action=connect&sb-hc-id=my-id",
+                headers={AUTH: relay.token("a/b"), "X-App": "hello"},
+                protocols=("kit.v2", "kit.v1"),
+                autoclose=False,
+            )
+        )
+        accept = await next_accept(control)
+        assert accept["id"] == "my-id"
+        address = str(accept["address"])
+        assert address.startswith(f"{relay.base_url}/$hc/a/b/x/y?app=1&sb-hc-action=accept")
+        assert "sb-hc-rendezvous=" in address
+        headers = accept["connectHeaders"]
+        assert isinstance(headers, dict)
+        assert headers["X-App"] == "hello" and "Sec-WebSocket-Key" in headers
+        assert headers["Sec-WebSocket-Protocol"] == "kit.v2,kit.v1"
+        assert AUTH not in headers
+        assert isinstance(accept["remoteEndpoint"], dict)
+        rendezvous = await s.ws_connect(address, protocols=("kit.v2",), autoclose=False)
+        sender = await sender_task
+        assert sender.protocol == "kit.v2" and rendezvous.protocol == "kit.v2"
+        # No extension is ever negotiated.
+        assert "Sec-WebSocket-Extensions" not in rendezvous._response.headers
+        # Types and boundaries are preserved both ways.
+        await sender.send_str("text ✓")
+        await sender.send_bytes(b"\x00" * 100_000)
+        await sender.send_bytes(b"")
+        assert (await rendezvous.receive()).data == "text ✓"
+        assert (await rendezvous.receive()).data == b"\x00" * 100_000
+        assert (await rendezvous.receive()).data == b""
+        await rendezvous.send_bytes(b"reply")
+        assert (await sender.receive()).data == b"reply"
+        # Close codes and reasons are forwarded.
+        await sender.send_frame((4001).to_bytes(2, "big") + b"app reason", aiohttp.WSMsgType.CLOSE)
+        closing = await rendezvous.receive()
+        assert closing.type is aiohttp.WSMsgType.CLOSE
+        assert (closing.data, closing.extra) == (4001, "app reason")
+        # Half-close: the listener can still send after the sender's close frame.
+        await rendezvous.send_bytes(b"late data")
+        assert (await sender.receive()).data == b"late data"
+        await rendezvous.close(code=1000)
+        final = await sender.receive()
+        assert final.type is aiohttp.WSMsgType.CLOSE and final.data == 1000
+        await control.close()
+
+
+async def test_rendezvous_address_is_single_use_and_secret(relay: Relay) -> None:
+    async with session() as s:
+        control = await open_listener(s, relay)
+        sender_task = asyncio.create_task(
+            s.ws_connect(
+                f"{relay.base_url}/$hc/hc?sb-hc-action=connect", headers={AUTH: relay.token("hc")}
+            )
+        )
+        address = str((await next_accept(control))["address"])
+        forged = address.split("&sb-hc-rendezvous=")[0] + "&sb-hc-rendezvous=guess"
+        assert (await handshake_status(relay, forged[len(relay.base_url) :]))[0] == 403
+        rendezvous = await s.ws_connect(address)
+        sender = await sender_task
+        assert (await handshake_status(relay, address[len(relay.base_url) :]))[0] == 403
+        await asyncio.gather(sender.close(), rendezvous.close())
+        await control.close()
+
+
+async def test_reject_reaches_the_sender(relay: Relay) -> None:
+    async with session() as s:
+        control = await open_listener(s, relay)
+        sender_task = asyncio.create_task(
+            handshake_status(relay, "/$hc/hc?sb-hc-action=connect", {AUTH: relay.token("hc")})
+        )
+        address = str((await next_accept(control))["address"])
+        reject = (
+            address
+            + "&sb-hc-statusCode=401&sb-hc-statusDescription="
+            + quote("Status Description from test")
+        )
+        assert (await handshake_status(relay, reject[len(relay.base_url) :]))[0] == 410
+        assert await sender_task == (401, "Status Description from test")
+        await control.close()
+
+
+async def test_listener_that_never_answers(make_relay: RelayFactory) -> None:
+    async with make_relay(limits={"rendezvous_timeout": 0.5}) as relay, session() as s:
+        control = await open_listener(s, relay)
+        started = time.monotonic()
+        status, _ = await handshake_status(
+            relay, "/$hc/hc?sb-hc-action=connect", {AUTH: relay.token("hc")}
+        )
+        assert status == 504
+        assert 0.4 < time.monotonic() - started < 3
+        await next_accept(control)  # it was told, and ignored it
+        await control.close()
+
+
+async def test_failover_between_listeners(relay: Relay) -> None:
+    async with session() as s:
+        first = await open_listener(s, relay)
+        second = await open_listener(s, relay)
+        await first.close()  # this one is gone; senders must always reach the other
+        for _ in range(6):
+            sender_task = asyncio.create_task(
+                s.ws_connect(
+                    f"{relay.base_url}/$hc/hc?sb-hc-action=connect",
+                    headers={AUTH: relay.token("hc")},
+                )
+            )
+            address = str((await next_accept(second))["address"])
+            rendezvous = await s.ws_connect(address)
+            sender = await sender_task
+            await sender.send_bytes(b"x")
+            assert (await rendezvous.receive()).data == b"x"
+            await asyncio.gather(sender.close(), rendezvous.close())
+        await second.close()
+
+
+async def test_dead_listener_is_skipped(relay: Relay) -> None:
+    """A listener whose TCP connection vanished without a close frame is never handed a sender."""
+    async with session() as s:
+        alive = await open_listener(s, relay)
+        dead = await open_listener(s, relay)
+        dead._response.connection.transport.abort()  # type: ignore[union-attr]
+        for _ in range(4):
+            sender_task = asyncio.create_task(
+                s.ws_connect(
+                    f"{relay.base_url}/$hc/hc?sb-hc-action=connect",
+                    headers={AUTH: relay.token("hc")},
+                )
+            )
+            address = str((await next_accept(alive))["address"])
+            rendezvous = await s.ws_connect(address)
+            sender = await sender_task
+            await asyncio.gather(sender.close(), rendezvous.close())
+        await alive.close()
+
+
+# -- control-channel life ----------------------------------------------------------------------
+
+
+async def test_expired_token_closes_the_control_channel(make_relay: RelayFactory) -> None:
+    async with make_relay(limits={"token_grace_period": 0}) as relay, session() as s:
+        control = await open_listener(s, relay, token=relay.token("hc", ttl=2))
+        async with asyncio.timeout(10):
+            message = await control.receive()
+        assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 1008
+
+
+async def test_renew_token_keeps_the_channel(make_relay: RelayFactory) -> None:
+    async with make_relay(limits={"token_grace_period": 0}) as relay, session() as s:
+        control = await open_listener(s, relay, token=relay.token("hc", ttl=2))
+        await control.send_str(json.dumps({"renewToken": {"token": relay.token("hc", ttl=60)}}))
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(3):
+                await control.receive()
+        # A bad renewal closes with 1008.
+        await control.send_str(
+            json.dumps({"renewToken": {"token": relay.token("hc", key="bad-key-0123456789abcdef")}})
+        )
+        async with asyncio.timeout(5):
+            message = await control.receive()
+        assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 1008
+
+
+async def test_garbage_on_the_control_channel_closes_it(relay: Relay) -> None:
+    async with session() as s:
+        control = await open_listener(s, relay)
+        await control.send_str("{not json")
+        async with asyncio.timeout(5):
+            message = await control.receive()
+        assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 1002
+        # ... and the relay keeps serving.
+        again = await open_listener(s, relay)
+        await again.send_str(json.dumps({"someFutureMessage": {}}))  # unknown: ignored
+        await again.send_bytes(b"")  # stray empty binary: ignored
+        sender_task = asyncio.create_task(handshake_status(relay, "/$hc/anon?sb-hc-action=connect"))
+        await again.close()
+        await sender_task
+
+
+async def test_half_open_listener_is_detected(make_relay: RelayFactory) -> None:
+    """A listener that stops answering pings is dropped from the registry."""
+    async with make_relay(limits={"keep_alive_interval": 0.4}) as relay, session() as s:
+        await open_listener(s, relay, autoping=False)
+        assert relay.server.registry.count("hc") == 1
+        await eventually(lambda: relay.server.registry.count("hc") == 0)
+
+
+async def test_tls_relay(tls_relay: Relay) -> None:
+    import ssl
+
+    context = ssl.create_default_context(cafile=tls_relay.ca_file)
+    assert tls_relay.base_url.startswith("wss://")
+    async with session() as s:
+        control = await open_listener(s, tls_relay, ssl=context)
+        sender_task = asyncio.create_task(
+            s.ws_connect(
+                f"{tls_relay.base_url}/$hc/hc?sb-hc-action=connect",
+                headers={AUTH: tls_relay.token("hc")},
+                ssl=context,
+            )
+        )
+        address = str((await next_accept(control))["address"])
+        assert address.startswith("wss://")
+        rendezvous = await s.ws_connect(address, ssl=context)
+        sender = await sender_task
+        await sender.send_bytes(b"secure")
+        assert (await rendezvous.receive()).data == b"secure"
+        await asyncio.gather(sender.close(), rendezvous.close())
+        await control.close()
+        # TLS 1.1 and older are refused.
+        with warnings.catch_warnings():  # setting TLS 1.1 is deprecated, which is the point
+            warnings.simplefilter("ignore", DeprecationWarning)
+            old = ssl.create_default_context(cafile=tls_relay.ca_file)
+            old.maximum_version = ssl.TLSVersion.TLSv1_1
+            old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        with pytest.raises(aiohttp.ClientError):
+            await s.ws_connect(f"{tls_relay.base_url}/$hc/hc?sb-hc-action=listen", ssl=old)
+
+
+async def test_public_base_url() -> None:
+    from dataclasses import replace
+
+    from hybridrelay.server import RelayServer
+    from tests.conftest import relay_config
+
+    config = relay_config(limits={"rendezvous_timeout": 0.5})
+    config = replace(
+        config, server=replace(config.server, public_base_url="wss://relay.example.com")
+    )
+    async with RelayServer(config) as server, session() as s:
+        relay = Relay(server, None)
+        control = await open_listener(s, relay, "anon")
+        sender_task = asyncio.create_task(handshake_status(relay, "/$hc/anon?sb-hc-action=connect"))
+        address = str((await next_accept(control))["address"])
+        assert address.startswith("wss://relay.example.com/$hc/anon?")
+        await control.close()
+        assert (await sender_task)[0] == 504
