@@ -1,0 +1,195 @@
+"""Control messages (PROTOCOL.md 4.2, 5.2, 6.2, 6.4, 4.6) and addressing (section 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hybridrelay.exceptions import ConfigurationError, ProtocolError
+from hybridrelay.protocol.addressing import (
+    build_relay_url,
+    filter_query,
+    protocol_params,
+    resolve_entity,
+)
+from hybridrelay.protocol.connection_string import ConnectionString
+from hybridrelay.protocol.messages import (
+    Accept,
+    RemoteEndpoint,
+    RenewToken,
+    Request,
+    Response,
+    encode_message,
+    parse_message,
+)
+
+
+def test_round_trips() -> None:
+    messages: list[Accept | Request | Response | RenewToken] = [
+        Accept(
+            "wss://r/$hc/x?sb-hc-action=accept",
+            "id1",
+            {"Sec-WebSocket-Key": "k"},
+            RemoteEndpoint("10.0.0.1", 1234),
+        ),
+        Request(
+            "wss://r/a", "id2", "/hc/x?y=1", "POST", {"A": "b"}, RemoteEndpoint("::1", 1), True
+        ),
+        Request("wss://r/a", "id3"),
+        Response("id2", 201, "Created", {"x": "y"}, True),
+        RenewToken("SharedAccessSignature sr=..."),
+    ]
+    for message in messages:
+        assert parse_message(encode_message(message)) == message
+
+
+def test_address_only_request_omits_method_and_body() -> None:
+    text = encode_message(Request("wss://r/a", "id3"))
+    assert json.loads(text) == {"request": {"address": "wss://r/a", "id": "id3"}}
+    parsed = parse_message(text)
+    assert isinstance(parsed, Request) and parsed.address_only
+
+
+def test_lenient_parsing_of_microsoft_clients() -> None:
+    # statusCode as a string (doc example) and as a number (Node/.NET).
+    for code in ('"200"', "200"):
+        text = '{"response":{"requestId":"r","statusCode":' + code + ',"body":false}}'
+        parsed = parse_message(text)
+        assert isinstance(parsed, Response) and parsed.status_code == 200
+    # hyco-https sends lower-case header names, no description.
+    parsed = parse_message(
+        '{"response":{"requestId":"r","statusCode":204,"responseHeaders":{"x-a":"1"},"body":false}}'
+    )
+    assert isinstance(parsed, Response) and parsed.response_headers == {"x-a": "1"}
+    assert parse_message('{"unknownFuture":{"a":1}}') is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "null",
+        "[]",
+        "{}",
+        "{bad",
+        '{"accept":1}',
+        '{"accept":{"address":1,"id":"x"}}',
+        '{"response":{"requestId":"r","statusCode":true}}',
+        '{"response":{"requestId":"r","statusCode":"abc"}}',
+        '{"response":{"requestId":"r","statusCode":42}}',
+        '{"accept":{"address":"a","id":"i","remoteEndpoint":{"address":1}}}',
+        '{"request":{"address":"a","id":"i","body":"yes"}}',
+        "[" * 100000,
+    ],
+)
+def test_malformed_messages_are_protocol_errors(text: str) -> None:
+    with pytest.raises(ProtocolError):
+        parse_message(text)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(st.sampled_from(["accept", "request", "response", "renewToken", "other"]), json_values)
+def test_parse_message_fuzz_structured(kind: str, body: object) -> None:
+    try:
+        parse_message(json.dumps({kind: body}))
+    except ProtocolError:
+        pass
+
+
+@given(st.text(max_size=500) | st.binary(max_size=500))
+def test_parse_message_fuzz_raw(text: str | bytes) -> None:
+    try:
+        parse_message(text)
+    except ProtocolError:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [  # The [dotnet] test table of PROTOCOL.md 6.2.
+        ("a=1&a=2", "a=1&a=2"),
+        ("a=1&a=2&", "a=1&a=2&"),
+        ("&&&", "&&&"),
+        ("sb-hc-id=1", ""),
+        ("sb-hc-id=1&custom=value", "custom=value"),
+        ("custom=value&sb-hc-id=1", "custom=value"),
+        ("sb-hc-undefined", "sb-hc-undefined"),
+        ("sb-hc-whatever=&foo=bar", "foo=bar"),
+        ("+", "+"),
+        ("%2B", "%2B"),
+        ("%2f%3a%3d%26", "%2f%3a%3d%26"),
+        ("key='value'", "key='value'"),
+    ],
+)
+def test_filter_query(raw: str, expected: str) -> None:
+    assert filter_query(raw) == expected
+
+
+def test_protocol_params_and_urls() -> None:
+    assert protocol_params("a=1&sb-hc-action=listen&sb-hc-token=Shared%20x%2By&sb-hc-id=") == {
+        "sb-hc-action": "listen",
+        "sb-hc-token": "Shared x+y",
+        "sb-hc-id": "",
+    }
+    assert protocol_params("sb-hc-token=a+b") == {"sb-hc-token": "a b"}
+    url = build_relay_url(
+        "wss://h:1/",
+        "a/b c",
+        action="connect",
+        suffix="/s",
+        app_query="q=1",
+        params={"sb-hc-id": "x y"},
+    )
+    assert url == "wss://h:1/$hc/a/b%20c/s?q=1&sb-hc-action=connect&sb-hc-id=x%20y"
+    assert resolve_entity("a/b/c", ["a", "a/b"]) == ("a/b", "/c")
+    assert resolve_entity("A/B", ["a/b"]) == ("a/b", "")
+    assert resolve_entity("ab", ["a"]) is None
+    assert resolve_entity("x", []) is None
+
+
+def test_connection_strings() -> None:
+    cs = ConnectionString.parse(
+        "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey=abc=;EntityPath=hc"
+    )
+    assert (cs.host, cs.key_name, cs.key, cs.entity_path) == (
+        "ns.servicebus.windows.net",
+        "k",
+        "abc=",
+        "hc",
+    )
+    assert cs.base_url() == "wss://ns.servicebus.windows.net"
+    assert "abc=" not in repr(cs)
+    assert ConnectionString.parse(str(cs)) == cs
+    plain = ConnectionString.parse(
+        "endpoint=ws://127.0.0.1:9400/;sharedaccesssignature=SharedAccessSignature sr=x"
+    )
+    assert plain.base_url() == "ws://127.0.0.1:9400" and plain.token
+    for bad in (
+        "",
+        "Endpoint=ftp://x/",
+        "Endpoint=sb://x/;Bogus=1",
+        "Endpoint=sb://x/;SharedAccessKeyName=k",
+        "Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=v;SharedAccessSignature=t",
+        "Endpoint",
+    ):
+        with pytest.raises(ConfigurationError):
+            ConnectionString.parse(bad)
+
+
+@given(st.text(max_size=200))
+def test_connection_string_fuzz(text: str) -> None:
+    try:
+        ConnectionString.parse(text)
+    except ConfigurationError:
+        pass
