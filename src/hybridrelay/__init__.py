@@ -5,6 +5,15 @@ The public SDK is re-exported here; see the README for usage.
 
 from __future__ import annotations
 
+from hybridrelay.client import (
+    AcceptContext,
+    HybridConnectionClient,
+    HybridConnectionListener,
+    HybridConnectionStream,
+    SharedAccessKeyTokenProvider,
+    SharedAccessSignatureTokenProvider,
+    TokenProvider,
+)
 from hybridrelay.exceptions import (
     AuthorizationError,
     ConfigurationError,
@@ -23,17 +32,24 @@ from hybridrelay.exceptions import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AcceptContext",
     "AuthorizationError",
     "ConfigurationError",
     "ConnectionRejectedError",
     "EndpointNotFoundError",
+    "HybridConnectionClient",
+    "HybridConnectionListener",
+    "HybridConnectionStream",
     "ProtocolError",
     "QuotaExceededError",
     "RelayConnectionError",
     "RelayError",
     "RelayHttpError",
     "RelayTimeoutError",
+    "SharedAccessKeyTokenProvider",
+    "SharedAccessSignatureTokenProvider",
     "StreamClosedError",
     "TokenError",
+    "TokenProvider",
     "__version__",
 ]

@@ -1,0 +1,31 @@
+"""The asyncio SDK: listen on and connect to hybrid connections (see ``docs/SDK.md``)."""
+
+from __future__ import annotations
+
+from hybridrelay.client.listener import (
+    AcceptContext,
+    AcceptHandler,
+    HybridConnectionListener,
+    ListenerStatus,
+)
+from hybridrelay.client.sender import HybridConnectionClient
+from hybridrelay.client.stream import HybridConnectionStream
+from hybridrelay.client.tls import build_ssl_context
+from hybridrelay.client.tokens import (
+    SharedAccessKeyTokenProvider,
+    SharedAccessSignatureTokenProvider,
+    TokenProvider,
+)
+
+__all__ = [
+    "AcceptContext",
+    "AcceptHandler",
+    "HybridConnectionClient",
+    "HybridConnectionListener",
+    "HybridConnectionStream",
+    "ListenerStatus",
+    "SharedAccessKeyTokenProvider",
+    "SharedAccessSignatureTokenProvider",
+    "TokenProvider",
+    "build_ssl_context",
+]

@@ -1,0 +1,308 @@
+"""The one place where the SDK opens a WebSocket (aiohttp), and the endpoint/proxy helpers.
+
+Everything aiohttp raises is turned into our exception tree here, so no foreign exception
+leaves the public API:
+
+* an HTTP status instead of ``101`` -> :func:`hybridrelay.exceptions.http_error` with the
+  status and the *reason phrase* (which carries the relay's or the listener's description);
+* refused / unreachable / reset / TLS failure -> :class:`RelayConnectionError`;
+* no answer in time -> :class:`RelayTimeoutError`.
+
+The reason phrase is captured with the session's ``raise_for_status`` hook: aiohttp's own
+``WSServerHandshakeError`` only carries a fixed message, and the phrase is all a rejected
+sender learns about why (PROTOCOL.md 5.4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+import aiohttp
+
+from hybridrelay.client.tokens import (
+    SharedAccessKeyTokenProvider,
+    SharedAccessSignatureTokenProvider,
+    TokenProvider,
+)
+from hybridrelay.exceptions import (
+    ConfigurationError,
+    RelayConnectionError,
+    RelayError,
+    RelayTimeoutError,
+    http_error,
+)
+from hybridrelay.protocol.connection_string import ConnectionString
+from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
+from hybridrelay.transport.base import MessageSocket
+
+__all__ = [
+    "CONTROL_MAX_MESSAGE",
+    "STREAM_MAX_MESSAGE",
+    "Endpoint",
+    "WebSocketConnector",
+    "env_proxy_for",
+    "parse_endpoint",
+    "resolve_connection_string",
+]
+
+logger = logging.getLogger("hybridrelay.client")
+
+#: Control messages to a .NET listener stay below 64 KiB (PROTOCOL.md 4.2); a request message
+#: with headers can be larger than that on the wire, so allow some room.
+CONTROL_MAX_MESSAGE = 4 * 64 * 1024
+#: Largest single message accepted on a rendezvous stream. We send at most 64 KiB per message;
+#: Node senders may send more (ws@6 allows 100 MiB), this bounds what one message can cost us.
+STREAM_MAX_MESSAGE = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A relay endpoint: ``base_url`` is ``ws[s]://host[:port]``; ``host`` is ``host[:port]``."""
+
+    base_url: str
+    host: str
+    secure: bool
+
+
+def parse_endpoint(endpoint: str) -> Endpoint:
+    """Parse ``sb://host[:port]``, ``wss://...`` or ``ws://...`` (``sb`` means ``wss``).
+
+    Raises:
+        ConfigurationError: any other scheme, or no host.
+    """
+    try:
+        parts = urlsplit(endpoint.strip())
+        hostname = parts.hostname
+        _ = parts.port  # raises ValueError for a bad port
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid endpoint {endpoint!r}: {exc}") from exc
+    scheme = parts.scheme.lower()
+    if scheme not in ("sb", "wss", "ws", "https", "http") or not hostname:
+        raise ConfigurationError(
+            f"endpoint must look like sb://host[:port], wss://host[:port] or ws://host[:port], "
+            f"not {endpoint!r}"
+        )
+    secure = scheme not in ("ws", "http")
+    host = parts.netloc.rpartition("@")[2]
+    return Endpoint(base_url=f"{'wss' if secure else 'ws'}://{host}", host=host, secure=secure)
+
+
+def env_proxy_for(url: str, proxies: Mapping[str, str]) -> str | None:
+    """The proxy the environment asks for ``url``, or None.
+
+    ``proxies`` is :func:`urllib.request.getproxies_environment` (``{"https": ..., "no": ...}``).
+    aiohttp's own ``trust_env`` looks up ``wss_proxy`` for a ``wss://`` URL and ignores
+    ``HTTPS_PROXY``; a WebSocket over TLS is an HTTPS connection to every proxy admin, so we
+    map ``wss`` to ``https`` (and ``ws`` to ``http``), with ``NO_PROXY`` honoured.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if _bypassed(host, proxies.get("no", "")):
+        return None
+    scheme = parts.scheme.lower()
+    fallback = {"wss": "https", "ws": "http"}.get(scheme, scheme)
+    return proxies.get(scheme) or proxies.get(fallback) or None
+
+
+def _bypassed(host: str, no_proxy: str) -> bool:
+    """``NO_PROXY`` semantics as curl and urllib apply them: ``*``, or a comma-separated list
+    of host names / domain suffixes (``example.com`` and ``.example.com`` both cover
+    ``a.example.com``), ports ignored."""
+    host = host.lower().rstrip(".")
+    for entry in no_proxy.split(","):
+        entry = entry.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        name = entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry
+        name = name.lstrip(".").rstrip(".")
+        if name and (host == name or host.endswith("." + name)):
+            return True
+    return False
+
+
+async def _check_handshake(response: aiohttp.ClientResponse) -> None:
+    # Runs for every response of the session, before aiohttp checks the upgrade.
+    if response.status != 101:
+        status, reason = response.status, response.reason or ""
+        response.release()
+        raise http_error(status, reason)
+
+
+def _split_proxy(proxy: str) -> tuple[str, dict[str, str]]:
+    """Strip ``user:pass@`` from a proxy URL; return it and the Proxy-Authorization header."""
+    try:
+        parts = urlsplit(proxy)
+        _ = parts.port
+    except ValueError as exc:
+        raise ConfigurationError("invalid proxy URL") from exc
+    if parts.scheme.lower() != "http" or not parts.hostname:
+        raise ConfigurationError("proxy must look like http://[user:pass@]host:port")
+    if parts.username is None:
+        return proxy, {}
+    bare = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    auth = aiohttp.encode_basic_auth(unquote(parts.username), unquote(parts.password or ""))
+    return bare, {"Proxy-Authorization": auth}
+
+
+class WebSocketConnector:
+    """Owns one ``aiohttp.ClientSession`` (one per listener or client) and opens WebSockets.
+
+    Args:
+        ssl_context: verifies the relay's certificate on ``wss://``.
+        proxy: ``http://[user:pass@]host:port``; None means "as the environment says".
+    """
+
+    def __init__(self, *, ssl_context: ssl.SSLContext, proxy: str | None) -> None:
+        self._ssl = ssl_context
+        if proxy is not None:
+            self._proxy: str | None
+            self._proxy, self._proxy_headers = _split_proxy(proxy)
+        else:
+            self._proxy, self._proxy_headers = None, {}
+        self._explicit_proxy = proxy is not None
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+        # Sockets handed out and not finished yet: closing the session would cut them, so
+        # aclose() leaves it open until the last one is released (streams outlive their
+        # listener or client, like accepted sockets outlive a listening socket).
+        self._live: set[MessageSocket] = set()
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise RelayConnectionError("the connection factory is closed")
+        if self._session is None:
+            # Created lazily, inside the running loop. limit=0: a listener may hold many
+            # rendezvous sockets at once. No aiohttp timeouts: each connect is bounded below,
+            # and established WebSockets must not be cut by a "total" request timeout.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=None, sock_read=None),
+                raise_for_status=_check_handshake,
+                # The environment's proxy settings are applied by env_proxy_for (see there).
+                trust_env=False,
+            )
+        return self._session
+
+    def _proxy_for(self, url: str) -> tuple[str | None, dict[str, str]]:
+        if self._explicit_proxy:
+            return self._proxy, self._proxy_headers
+        found = env_proxy_for(url, urllib.request.getproxies_environment())
+        return _split_proxy(found) if found else (None, {})
+
+    async def connect(
+        self,
+        url: str,
+        *,
+        connect_timeout: float,
+        headers: Mapping[str, str] | None = None,
+        protocols: Sequence[str] = (),
+        heartbeat: float | None = None,
+        max_msg_size: int = STREAM_MAX_MESSAGE,
+    ) -> AiohttpMessageSocket:
+        """Open a WebSocket to ``url`` within ``connect_timeout`` seconds.
+
+        ``url`` may hold a secret (a rendezvous address): it never goes into an exception
+        message or a log line from here.
+
+        Raises:
+            RelayHttpError: (or a subclass) the server answered with an HTTP status.
+            RelayTimeoutError: no WebSocket within ``connect_timeout``.
+            RelayConnectionError: the connection failed.
+        """
+        session = self._get_session()
+        proxy, proxy_headers = self._proxy_for(url)
+        secure = url[:4].lower() == "wss:"
+        try:
+            async with asyncio.timeout(connect_timeout):
+                ws = await session.ws_connect(
+                    url,
+                    headers=dict(headers or {}),
+                    protocols=tuple(protocols),
+                    autoclose=False,
+                    autoping=True,
+                    heartbeat=heartbeat,
+                    compress=0,  # never negotiate permessage-deflate (PROTOCOL.md 5.6)
+                    max_msg_size=max_msg_size,
+                    proxy=proxy,
+                    proxy_headers=proxy_headers or None,
+                    ssl=self._ssl if secure else True,
+                )
+        except RelayError:
+            raise
+        except TimeoutError as exc:
+            raise RelayTimeoutError(f"no WebSocket within {connect_timeout:g} s") from exc
+        except aiohttp.ClientHttpProxyError as exc:
+            raise RelayConnectionError(f"proxy refused the tunnel: {exc.status}") from exc
+        except aiohttp.ClientSSLError as exc:
+            raise RelayConnectionError(f"TLS handshake failed: {type(exc).__name__}") from exc
+        except aiohttp.WSServerHandshakeError as exc:
+            # 101 but a bad upgrade (wrong accept key, unrequested sub-protocol, ...).
+            raise RelayConnectionError(f"WebSocket handshake failed: {exc.message}") from exc
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            # ValueError: aiohttp rejects a malformed URL (InvalidURL is both).
+            raise RelayConnectionError(f"cannot connect: {type(exc).__name__}") from exc
+        socket = AiohttpMessageSocket.client(ws)
+        self._live.add(socket)
+        return socket
+
+    def _prune(self) -> None:
+        self._live = {s for s in self._live if not (s.close_sent and s.close_received)}
+
+    async def release(self, socket: MessageSocket) -> None:
+        """A socket from :meth:`connect` is finished; closes the session if it was the last
+        one after :meth:`aclose`."""
+        self._live.discard(socket)
+        if self._closed:
+            await self._close_if_idle()
+
+    async def _close_if_idle(self) -> None:
+        self._prune()
+        if self._live:
+            return
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def aclose(self) -> None:
+        """No new connections; close the session once no socket from it is in use.
+
+        Sockets already handed out keep working until they are closed. Idempotent.
+        """
+        self._closed = True
+        await self._close_if_idle()
+
+
+def resolve_connection_string(
+    connection_string: str, entity_path: str | None
+) -> tuple[str, str, TokenProvider | None]:
+    """``(endpoint, entity_path, token_provider)`` from an Azure-style connection string.
+
+    Raises:
+        ConfigurationError: malformed, no entity path, or two different entity paths.
+    """
+    parsed = ConnectionString.parse(connection_string)
+    if (
+        entity_path
+        and parsed.entity_path
+        and entity_path.strip("/") != parsed.entity_path.strip("/")
+    ):
+        raise ConfigurationError(
+            "the entity path given differs from the connection string's EntityPath"
+        )
+    entity = entity_path or parsed.entity_path
+    if not entity:
+        raise ConfigurationError("no entity path: give one or put EntityPath= in the string")
+    provider: TokenProvider | None = None
+    if parsed.token:
+        provider = SharedAccessSignatureTokenProvider(parsed.token)
+    elif parsed.key_name and parsed.key:
+        provider = SharedAccessKeyTokenProvider(parsed.key_name, parsed.key)
+    return parsed.endpoint, entity, provider

@@ -1,0 +1,98 @@
+"""Reconnect policy of the listener: the delay schedule and which errors are worth a retry.
+
+Pure: no I/O and no clock; randomness comes from an injectable :class:`random.Random`.
+The schedule is the one of .NET and hyco-https (PROTOCOL.md 4.5): 0, 1, 2, 5, 10, 30 s, then
+30 s forever, each delay jittered by ±20 % so that many listeners cut off by one relay restart
+do not come back in lock-step.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Iterator, Sequence
+
+from hybridrelay.exceptions import (
+    AuthorizationError,
+    ConfigurationError,
+    EndpointNotFoundError,
+    QuotaExceededError,
+    RelayError,
+    StreamClosedError,
+    TokenError,
+)
+
+__all__ = [
+    "JITTER",
+    "RECONNECT_DELAYS",
+    "RetryKind",
+    "capped_delay",
+    "classify_error",
+    "reconnect_delays",
+]
+
+RECONNECT_DELAYS: tuple[float, ...] = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
+JITTER = 0.2
+
+
+def _jittered(delay: float, rng: random.Random, jitter: float) -> float:
+    return delay * rng.uniform(1.0 - jitter, 1.0 + jitter)
+
+
+def reconnect_delays(
+    rng: random.Random | None = None,
+    *,
+    schedule: Sequence[float] = RECONNECT_DELAYS,
+    jitter: float = JITTER,
+) -> Iterator[float]:
+    """Yield the delays before reconnect attempts 1, 2, 3, ... forever.
+
+    After the schedule is used up its last entry repeats (the cap). Start a new generator
+    after a successful connect to reset the schedule.
+    """
+    if not schedule:
+        raise ValueError("schedule must not be empty")
+    if not 0.0 <= jitter < 1.0:
+        raise ValueError("jitter must be in [0, 1)")
+    rng = rng if rng is not None else random.Random()
+    for delay in schedule:
+        yield _jittered(delay, rng, jitter)
+    while True:
+        yield _jittered(schedule[-1], rng, jitter)
+
+
+def capped_delay(
+    rng: random.Random | None = None,
+    *,
+    schedule: Sequence[float] = RECONNECT_DELAYS,
+    jitter: float = JITTER,
+) -> float:
+    """The capped (longest) delay, jittered: used after errors a quick retry cannot fix."""
+    return _jittered(schedule[-1], rng if rng is not None else random.Random(), jitter)
+
+
+class RetryKind(enum.Enum):
+    """What a reconnect loop should do after an error."""
+
+    #: transient (network, timeout, 5xx): follow the schedule
+    BACKOFF = "backoff"
+    #: needs a change elsewhere (401/403/404, quota, token source): retry at the capped interval
+    CAPPED = "capped"
+    #: retrying cannot help (bad configuration, closed by us): stop
+    FATAL = "fatal"
+
+
+def classify_error(exc: BaseException) -> RetryKind:
+    """Classify an error raised by a connect attempt or a broken connection."""
+    if isinstance(exc, ConfigurationError | StreamClosedError):
+        return RetryKind.FATAL
+    if isinstance(exc, AuthorizationError | EndpointNotFoundError | QuotaExceededError):
+        return RetryKind.CAPPED
+    if isinstance(exc, TokenError):
+        return RetryKind.CAPPED
+    if isinstance(exc, RelayError):
+        return RetryKind.BACKOFF
+    if isinstance(exc, Exception):
+        # Something unexpected (a bug in a user's token provider, say): never a tight loop.
+        return RetryKind.CAPPED
+    return RetryKind.FATAL  # CancelledError, KeyboardInterrupt, SystemExit

@@ -1,0 +1,701 @@
+"""HybridConnectionListener: listens on a hybrid connection (PROTOCOL.md 4 and 5).
+
+One task owned by the listener runs the control channel: it reads the relay's messages,
+reconnects with backoff when the channel drops, and owns the token-renewal task of each
+channel. Each ``accept`` is handled in its own task (the accept handler and the rendezvous
+upgrade must not stall the reader), bounded by ``max_pending``: accepted streams waiting for
+:meth:`HybridConnectionListener.accept_connection` plus accepts in progress never exceed it,
+and a connection beyond that is rejected with 503. Every task is tracked and cancelled and
+awaited (bounded) by :meth:`HybridConnectionListener.aclose`.
+
+HTTP request relaying (``request`` messages, PROTOCOL.md 6) is not implemented yet: those
+messages (and a binary body following one) are ignored like unknown messages; the dispatch in
+``_dispatch`` is where a request handler will plug in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import ssl as ssl_module
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal
+from urllib.parse import quote, urlsplit
+
+from hybridrelay.auth.sas import token_audience
+from hybridrelay.client._connect import (
+    CONTROL_MAX_MESSAGE,
+    STREAM_MAX_MESSAGE,
+    WebSocketConnector,
+    parse_endpoint,
+    resolve_connection_string,
+)
+from hybridrelay.client.backoff import RetryKind, capped_delay, classify_error, reconnect_delays
+from hybridrelay.client.stream import HybridConnectionStream
+from hybridrelay.client.tls import build_ssl_context
+from hybridrelay.client.tokens import TokenProvider, token_expiry
+from hybridrelay.exceptions import (
+    ConfigurationError,
+    ProtocolError,
+    RelayConnectionError,
+    RelayError,
+    RelayHttpError,
+    RelayTimeoutError,
+    StreamClosedError,
+    TokenError,
+)
+from hybridrelay.protocol.addressing import build_relay_url, filter_query
+from hybridrelay.protocol.messages import Accept, RenewToken, encode_message, parse_message
+from hybridrelay.transport.base import MessageKind, MessageSocket
+
+__all__ = [
+    "AcceptContext",
+    "AcceptHandler",
+    "HybridConnectionListener",
+    "ListenerStatus",
+    "StatusCallback",
+]
+
+logger = logging.getLogger("hybridrelay.client")
+
+ListenerStatus = Literal["offline", "connecting", "online"]
+StatusCallback = Callable[[str, BaseException | None], None]
+
+#: Opening the control channel (the .NET operation timeout is 60 s).
+CONNECT_TIMEOUT = 60.0
+#: Accept handler plus rendezvous upgrade; the relay keeps the sender waiting at most ~30 s
+#: and .NET listeners give up on a rendezvous after 20 s (PROTOCOL.md 5.1).
+ACCEPT_TIMEOUT = 20.0
+#: A token provider that takes longer than this is treated as failed.
+TOKEN_TIMEOUT = 30.0
+#: Sending one control message (renewToken) and closing a WebSocket.
+SEND_TIMEOUT = 30.0
+CLOSE_TIMEOUT = 10.0
+#: How long a queued (never accepted) stream waits for the sender's close answer at shutdown.
+QUEUED_CLOSE_WAIT = 1.0
+#: Renew at 80 % of the token's remaining life, but never more often than this.
+RENEW_FRACTION = 0.8
+MIN_RENEW_DELAY = 1.0
+RENEW_RETRY_DELAY = 10.0
+#: Rejections (503 when full) in flight at once; beyond that an accept is dropped and the
+#: relay times the sender out.
+MAX_REJECTS_IN_FLIGHT = 32
+
+DEFAULT_REJECT_STATUS = 400
+DEFAULT_REJECT_DESCRIPTION = "Rejected by user code"
+HANDLER_FAILED_STATUS = 502
+HANDLER_FAILED_DESCRIPTION = (
+    "The Listener's custom AcceptHandler threw an exception. See Listener logs for details."
+)
+BUSY_STATUS = 503
+BUSY_DESCRIPTION = "The listener has too many pending connections"
+
+
+@dataclass
+class AcceptContext:
+    """What the accept handler learns about a sender, and how it rejects it.
+
+    Attributes:
+        id: the connection id (``sb-hc-id``).
+        address: the rendezvous URL; a secret (never logged, not in ``repr``).
+        connect_headers: the sender's upgrade headers as the relay passed them.
+        remote_endpoint: the sender's (address, port) as the relay saw it, if known.
+        path: the sender's path suffix after the entity path (``""`` or ``"/..."``), raw.
+        query: the sender's own query string (``sb-hc-*`` parameters removed), raw.
+        subprotocol: the sub-protocol the listener will accept: by default the first one the
+            sender offered; the handler may set another offered one, or None for none.
+    """
+
+    id: str
+    address: str = field(repr=False)
+    connect_headers: dict[str, str]
+    remote_endpoint: tuple[str, int] | None
+    path: str
+    query: str
+    subprotocol: str | None = None
+    _rejection: tuple[int, str] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def offered_subprotocols(self) -> list[str]:
+        """The sender's ``Sec-WebSocket-Protocol`` offers, in order."""
+        for name, value in self.connect_headers.items():
+            if name.lower() == "sec-websocket-protocol":
+                return [item.strip() for item in value.split(",") if item.strip()]
+        return []
+
+    def reject(
+        self, status: int = DEFAULT_REJECT_STATUS, description: str = DEFAULT_REJECT_DESCRIPTION
+    ) -> None:
+        """Reject the connection: the sender gets ``status`` with ``description``.
+
+        Raises:
+            ValueError: ``status`` is not a 4xx/5xx status, or the description has control
+                characters (it becomes an HTTP reason phrase).
+        """
+        if not 400 <= status <= 599:
+            raise ValueError("a rejection status must be 4xx or 5xx")
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in description):
+            raise ValueError("the description must not contain control characters")
+        self._rejection = (status, description)
+
+    @property
+    def rejection(self) -> tuple[int, str] | None:
+        """(status, description) once :meth:`reject` was called, else None."""
+        return self._rejection
+
+
+AcceptHandler = Callable[[AcceptContext], "bool | None | Awaitable[bool | None]"]
+
+
+def _split_address(address: str, entity_path: str) -> tuple[str, str]:
+    """(path suffix, app query) of a rendezvous address ``.../$hc/{entity}{suffix}?{query}``."""
+    parts = urlsplit(address)
+    segments = parts.path.split("/")  # ["", "$hc", *entity segments, *suffix segments]
+    entity_segments = len(entity_path.strip("/").split("/"))
+    suffix_segments = segments[2 + entity_segments :]
+    suffix = "/" + "/".join(suffix_segments) if suffix_segments else ""
+    return suffix, filter_query(parts.query)
+
+
+class HybridConnectionListener:
+    """Listens on a hybrid connection and hands out the streams of accepted senders.
+
+    Args:
+        endpoint: ``sb://host[:port]`` (= ``wss``), ``wss://...`` or ``ws://...`` (plain,
+            only for a relay configured without TLS).
+        entity_path: the hybrid connection's name (may contain ``/``).
+        token_provider: source of the Listen token; None sends no token.
+        ssl: verify the relay with this context (else ``ca_file``, else the system store).
+        ca_file: PEM file of the CAs to trust instead of the system store.
+        proxy: ``http://[user:pass@]host:port``; None honours ``HTTPS_PROXY``/``NO_PROXY``.
+        accept_handler: decides per sender; see :class:`AcceptContext`.
+        keep_alive_interval: ping the control channel after this many idle seconds; a channel
+            that does not answer in half that time is treated as dead.
+        token_ttl: lifetime asked of the token provider, seconds.
+        listener_id: the listener's ``sb-hc-id`` (default: a random UUID).
+        max_pending: accepted connections not yet taken by :meth:`accept_connection` (plus
+            accepts in progress); beyond that senders are rejected with 503.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        entity_path: str,
+        token_provider: TokenProvider | None,
+        *,
+        ssl: ssl_module.SSLContext | None = None,
+        ca_file: str | None = None,
+        proxy: str | None = None,
+        accept_handler: AcceptHandler | None = None,
+        keep_alive_interval: float = 30.0,
+        token_ttl: float = 3600.0,
+        listener_id: str | None = None,
+        max_pending: int = 64,
+    ) -> None:
+        if not entity_path.strip("/"):
+            raise ConfigurationError("an entity path is required")
+        if keep_alive_interval <= 0:
+            raise ConfigurationError("keep_alive_interval must be positive")
+        if token_ttl <= 0:
+            raise ConfigurationError("token_ttl must be positive")
+        if max_pending < 1:
+            raise ConfigurationError("max_pending must be at least 1")
+        self._endpoint = parse_endpoint(endpoint)
+        self._entity_path = entity_path.strip("/")
+        self._token_provider = token_provider
+        self._connector = WebSocketConnector(
+            ssl_context=build_ssl_context(ssl_context=ssl, ca_file=ca_file), proxy=proxy
+        )
+        self._accept_handler = accept_handler
+        self._keep_alive_interval = keep_alive_interval
+        self._token_ttl = token_ttl
+        self._id = listener_id or str(uuid.uuid4())
+        self._max_pending = max_pending
+        self._rng = random.Random()
+
+        self.status: ListenerStatus = "offline"
+        self._status_callbacks: list[StatusCallback] = []
+        self._state: Literal["new", "opening", "open", "closed"] = "new"
+        self._closing = False
+        self._closing_event = asyncio.Event()
+        self._control: MessageSocket | None = None
+        self._token_expiry: int | None = None
+        self._run_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: deque[HybridConnectionStream] = deque()
+        self._reserved = 0  # queued streams + accepts in progress, <= max_pending
+        self._rejects_in_flight = 0
+        self._available = asyncio.Event()
+        self._stopped = False  # no more streams will come
+
+    @classmethod
+    def from_connection_string(
+        cls, connection_string: str, entity_path: str | None = None, **kwargs: Any
+    ) -> HybridConnectionListener:
+        """Build a listener from ``Endpoint=sb://...;SharedAccessKeyName=..;...``.
+
+        The entity path comes from the argument or from ``EntityPath=``; the token provider
+        from the key pair or ``SharedAccessSignature=``. Other arguments as for ``__init__``.
+        """
+        endpoint, entity, provider = resolve_connection_string(connection_string, entity_path)
+        return cls(endpoint, entity, provider, **kwargs)
+
+    def __repr__(self) -> str:
+        return (
+            f"<HybridConnectionListener {self._endpoint.host}/{self._entity_path} "
+            f"id={self._id} {self.status}>"
+        )
+
+    @property
+    def listener_id(self) -> str:
+        """This listener's ``sb-hc-id``."""
+        return self._id
+
+    @property
+    def entity_path(self) -> str:
+        return self._entity_path
+
+    def on_status(self, callback: Callable[[str, BaseException | None], None]) -> None:
+        """Call ``callback(status, error)`` on every status change.
+
+        ``status`` is ``"connecting"``, ``"online"`` or ``"offline"``; ``error`` is why the
+        listener went offline (None for a deliberate close). Called in the event loop; must
+        not block. An exception from the callback is logged and ignored.
+        """
+        self._status_callbacks.append(callback)
+
+    def _set_status(self, status: ListenerStatus, error: BaseException | None = None) -> None:
+        self.status = status
+        for callback in list(self._status_callbacks):
+            try:
+                callback(status, error)
+            except Exception:
+                logger.exception("listener %s: status callback failed", self._id)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect the control channel; return once online.
+
+        On failure the listener is closed and the error raised.
+
+        Raises:
+            AuthorizationError: 401/403.
+            EndpointNotFoundError: 404 (no such hybrid connection).
+            RelayConnectionError: (or RelayTimeoutError) the relay could not be reached.
+            StreamClosedError: the listener was already closed.
+        """
+        if self._state == "closed":
+            raise StreamClosedError("the listener is closed")
+        if self._state != "new":
+            raise RuntimeError("open() was already called")
+        self._state = "opening"
+        self._set_status("connecting")
+        try:
+            socket = await self._connect_control()
+        except BaseException as exc:
+            await self._shutdown(exc if isinstance(exc, Exception) else None)
+            raise
+        if self._closing:  # aclose() ran while we were connecting
+            socket.abort()
+            raise StreamClosedError("the listener was closed while opening")
+        self._state = "open"
+        self._set_status("online")
+        self._run_task = self._spawn(self._run(socket), "control")
+
+    async def aclose(self) -> None:
+        """Stop listening: close the control channel (1000), close the streams nobody took
+        yet, and cancel and await the listener's tasks (bounded). Idempotent."""
+        if self._state == "closed" or self._closing:
+            return
+        self._closing = True
+        self._closing_event.set()
+        control = self._control
+        if control is not None and not control.close_sent:
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await control.send_close(1000)
+            except (TimeoutError, RelayError):
+                control.abort()
+        # The control task sees the relay's close answer and ends; give it a moment.
+        if self._run_task is not None:
+            await asyncio.wait([self._run_task], timeout=CLOSE_TIMEOUT)
+        await self._shutdown(None)
+
+    async def _shutdown(self, error: Exception | None) -> None:
+        self._closing = True
+        self._closing_event.set()
+        self._stop_streams()
+        tasks = [task for task in self._tasks if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            _, still_running = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
+            if still_running:
+                logger.warning(
+                    "listener %s: %d task(s) did not stop in time", self._id, len(still_running)
+                )
+        streams = list(self._pending)
+        self._pending.clear()
+        if streams:
+            await asyncio.gather(
+                # Never handed out, so nobody reads them: send the close, do not wait long.
+                *(stream._close(1001, "listener closed", QUEUED_CLOSE_WAIT) for stream in streams),
+                return_exceptions=True,
+            )
+        await self._connector.aclose()
+        self._state = "closed"
+        if self.status != "offline" or error is not None:
+            self._set_status("offline", error)
+
+    def _stop_streams(self) -> None:
+        self._stopped = True
+        self._available.set()
+
+    async def __aenter__(self) -> HybridConnectionListener:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- streams -----------------------------------------------------------------------------
+
+    async def accept_connection(self) -> HybridConnectionStream | None:
+        """The next accepted stream; None once the listener is closed (or gave up for good)."""
+        while True:
+            if self._pending:
+                stream = self._pending.popleft()
+                self._reserved -= 1
+                return stream
+            if self._stopped:
+                return None
+            self._available.clear()
+            await self._available.wait()
+
+    def __aiter__(self) -> AsyncIterator[HybridConnectionStream]:
+        return self
+
+    async def __anext__(self) -> HybridConnectionStream:
+        stream = await self.accept_connection()
+        if stream is None:
+            raise StopAsyncIteration
+        return stream
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=f"hybridrelay-listener-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Our tasks catch what they expect; anything else is a bug worth a traceback.
+            logger.error(
+                "listener %s: task %s failed",
+                self._id,
+                task.get_name(),
+                exc_info=task.exception(),
+            )
+
+    # -- control channel ---------------------------------------------------------------------
+
+    async def _get_token(self) -> str | None:
+        if self._token_provider is None:
+            return None
+        audience = token_audience(self._endpoint.host, self._entity_path)
+        try:
+            async with asyncio.timeout(TOKEN_TIMEOUT):
+                return await self._token_provider.get_token(audience, self._token_ttl)
+        except RelayError:
+            raise
+        except TimeoutError as exc:
+            raise RelayTimeoutError("the token provider did not answer in time") from exc
+        except Exception as exc:
+            raise TokenError(f"the token provider failed: {type(exc).__name__}") from exc
+
+    async def _connect_control(self) -> MessageSocket:
+        token = await self._get_token()
+        url = build_relay_url(
+            self._endpoint.base_url,
+            self._entity_path,
+            action="listen",
+            params={"sb-hc-id": self._id},
+        )
+        # The token travels in the header, never in the URL (URLs end up in proxy logs).
+        headers = {"ServiceBusAuthorization": token} if token else {}
+        socket = await self._connector.connect(
+            url,
+            connect_timeout=CONNECT_TIMEOUT,
+            headers=headers,
+            heartbeat=self._keep_alive_interval,
+            max_msg_size=CONTROL_MAX_MESSAGE,
+        )
+        self._token_expiry = token_expiry(token) if token else None
+        return socket
+
+    async def _run(self, socket: MessageSocket | None) -> None:
+        """Serve the control channel; reconnect whenever it drops, until closed."""
+        try:
+            while socket is not None:
+                error = await self._serve(socket)
+                socket = None
+                if self._closing:
+                    return
+                logger.info("listener %s: control channel lost: %s", self._id, error)
+                self._set_status("offline", error)
+                socket = await self._reconnect()
+                if socket is not None:
+                    self._set_status("online")
+        finally:
+            if socket is not None:
+                socket.abort()
+
+    async def _reconnect(self) -> MessageSocket | None:
+        """Reconnect with backoff; None when closing or when retrying cannot help."""
+        delays = reconnect_delays(self._rng)
+        kind = RetryKind.BACKOFF
+        while not self._closing:
+            delay = next(delays) if kind is RetryKind.BACKOFF else capped_delay(self._rng)
+            if await self._wait_closing(delay):
+                return None
+            self._set_status("connecting")
+            try:
+                socket = await self._connect_control()
+            except Exception as exc:
+                kind = classify_error(exc)
+                logger.info("listener %s: reconnect failed: %s", self._id, exc)
+                self._set_status("offline", exc)
+                if kind is RetryKind.FATAL:
+                    self._stop_streams()
+                    return None
+                continue
+            if self._closing:
+                socket.abort()
+                return None
+            return socket
+        return None
+
+    async def _wait_closing(self, delay: float) -> bool:
+        """Sleep ``delay`` seconds; True (early) if the listener is being closed."""
+        try:
+            async with asyncio.timeout(delay):
+                await self._closing_event.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _serve(self, socket: MessageSocket) -> RelayConnectionError:
+        """Read the control channel until it ends; return why it ended."""
+        self._control = socket
+        renewer = self._spawn(self._renew_tokens(socket), "renew")
+        try:
+            while True:
+                message = await socket.receive()
+                if message.kind is MessageKind.CLOSE:
+                    return RelayConnectionError(
+                        f"control channel closed: {message.code} {message.reason}".rstrip()
+                    )
+                if message.kind is MessageKind.TEXT:
+                    self._dispatch(message.data)
+                # A binary message only ever follows a ``request`` (its body); requests are
+                # not served yet, so the body is dropped with it.
+        finally:
+            self._control = None
+            renewer.cancel()
+            await asyncio.wait([renewer])
+            # Answer the relay's close (or drop a dead channel); bounded inside aclose().
+            await socket.aclose()
+
+    def _dispatch(self, text: bytes | str) -> None:
+        try:
+            message = parse_message(text)
+        except ProtocolError as exc:
+            logger.warning("listener %s: ignoring a malformed control message: %s", self._id, exc)
+            return
+        if isinstance(message, Accept):
+            self._on_accept(message)
+        # ``request`` (HTTP relaying, PROTOCOL.md 6) is not dispatched yet; it and unknown
+        # messages are ignored (PROTOCOL.md 4.2).
+
+    async def _renew_tokens(self, socket: MessageSocket) -> None:
+        """Send ``renewToken`` at 80 % of the current token's remaining life."""
+        retry = False
+        while True:
+            if retry:
+                delay = RENEW_RETRY_DELAY
+            elif self._token_expiry is None:
+                delay = self._token_ttl * RENEW_FRACTION
+            else:
+                delay = (self._token_expiry - time.time()) * RENEW_FRACTION
+            await asyncio.sleep(max(MIN_RENEW_DELAY, delay))
+            try:
+                token = await self._get_token()
+            except RelayError as exc:
+                logger.warning("listener %s: token renewal failed: %s", self._id, exc)
+                retry = True
+                continue
+            retry = False
+            if token is None:
+                return  # no token provider: nothing to renew
+            expiry = token_expiry(token)
+            if expiry is not None and self._token_expiry is not None:
+                if expiry <= self._token_expiry:
+                    # A fixed token (SharedAccessSignatureTokenProvider) cannot be renewed;
+                    # the relay will drop the channel when it expires.
+                    logger.info("listener %s: no newer token to renew with", self._id)
+                    return
+            try:
+                async with asyncio.timeout(SEND_TIMEOUT):
+                    await socket.send(encode_message(RenewToken(token)))
+            except (TimeoutError, RelayError) as exc:
+                logger.info("listener %s: could not send renewToken: %s", self._id, exc)
+                return  # the channel is going away; the reader reconnects
+            self._token_expiry = expiry
+            logger.debug("listener %s: token renewed", self._id)
+
+    # -- accepting ---------------------------------------------------------------------------
+
+    def _on_accept(self, accept: Accept) -> None:
+        if self._closing:
+            return  # the relay fails the sender after its timeout
+        if self._reserved >= self._max_pending:
+            self._start_reject(accept, BUSY_STATUS, BUSY_DESCRIPTION)
+            return
+        self._reserved += 1
+        try:
+            self._spawn(self._accept(accept), "accept")
+        except BaseException:
+            self._reserved -= 1
+            raise
+
+    def _start_reject(self, accept: Accept, status: int, description: str) -> None:
+        if self._rejects_in_flight >= MAX_REJECTS_IN_FLIGHT:
+            logger.warning("listener %s: overloaded, dropping connection %s", self._id, accept.id)
+            return
+        self._rejects_in_flight += 1
+        self._spawn(self._reject_task(accept, status, description), "reject")
+
+    async def _reject_task(self, accept: Accept, status: int, description: str) -> None:
+        try:
+            await self._reject(accept, status, description)
+        finally:
+            self._rejects_in_flight -= 1
+
+    def _context(self, accept: Accept) -> AcceptContext:
+        path, query = _split_address(accept.address, self._entity_path)
+        endpoint = accept.remote_endpoint
+        ctx = AcceptContext(
+            id=accept.id,
+            address=accept.address,
+            connect_headers=dict(accept.connect_headers),
+            remote_endpoint=(endpoint.address, endpoint.port) if endpoint else None,
+            path=path,
+            query=query,
+        )
+        offered = ctx.offered_subprotocols
+        ctx.subprotocol = offered[0] if offered else None
+        return ctx
+
+    async def _decide(self, ctx: AcceptContext) -> tuple[int, str] | None:
+        """Run the accept handler: None to accept, else (status, description) to reject."""
+        if self._accept_handler is None:
+            return None
+        try:
+            async with asyncio.timeout(ACCEPT_TIMEOUT):
+                result = self._accept_handler(ctx)
+                if inspect.isawaitable(result):
+                    result = await result
+        except Exception:
+            logger.warning(
+                "listener %s: accept handler failed for connection %s",
+                self._id,
+                ctx.id,
+                exc_info=True,
+            )
+            return HANDLER_FAILED_STATUS, HANDLER_FAILED_DESCRIPTION
+        if ctx.rejection is not None:
+            return ctx.rejection
+        if result is False:
+            return DEFAULT_REJECT_STATUS, DEFAULT_REJECT_DESCRIPTION
+        return None
+
+    async def _accept(self, accept: Accept) -> None:
+        queued = False
+        try:
+            ctx = self._context(accept)
+            rejection = await self._decide(ctx)
+            if rejection is not None:
+                await self._reject(accept, *rejection)
+                return
+            protocols = (ctx.subprotocol,) if ctx.subprotocol else ()
+            try:
+                socket = await self._connector.connect(
+                    accept.address,  # verbatim, no token: the URL is the credential
+                    connect_timeout=ACCEPT_TIMEOUT,
+                    protocols=protocols,
+                    max_msg_size=STREAM_MAX_MESSAGE,
+                )
+            except RelayError as exc:
+                logger.warning(
+                    "listener %s: rendezvous for connection %s failed: %s", self._id, ctx.id, exc
+                )
+                return
+            stream = HybridConnectionStream(
+                socket,
+                id=ctx.id,
+                connect_headers=ctx.connect_headers,
+                remote_endpoint=ctx.remote_endpoint,
+                on_closed=self._connector.release,
+            )
+            if self._closing:
+                socket.abort()
+                return
+            self._pending.append(stream)
+            queued = True
+            self._available.set()
+        finally:
+            if not queued:
+                self._reserved -= 1
+
+    async def _reject(self, accept: Accept, status: int, description: str) -> None:
+        url = (
+            f"{accept.address}&sb-hc-statusCode={status}"
+            f"&sb-hc-statusDescription={quote(description, safe='')}"
+        )
+        try:
+            socket = await self._connector.connect(url, connect_timeout=ACCEPT_TIMEOUT)
+        except RelayHttpError as exc:
+            if exc.status != 410:  # 410 Gone is the relay's "rejection delivered"
+                logger.warning(
+                    "listener %s: rejecting connection %s: relay answered %s",
+                    self._id,
+                    accept.id,
+                    exc.status,
+                )
+            return
+        except RelayError as exc:
+            logger.warning(
+                "listener %s: rejecting connection %s failed: %s", self._id, accept.id, exc
+            )
+            return
+        # A 101 here means the relay took the rejection for an accept: do not leave it open.
+        logger.warning(
+            "listener %s: relay accepted connection %s that was rejected", self._id, accept.id
+        )
+        await socket.aclose(1008, "rejected")

@@ -1,0 +1,203 @@
+"""HybridConnectionClient: connects to a listener through the relay (PROTOCOL.md 5, E2)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as ssl_module
+import uuid
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from hybridrelay.auth.sas import token_audience
+from hybridrelay.client._connect import (
+    STREAM_MAX_MESSAGE,
+    WebSocketConnector,
+    parse_endpoint,
+    resolve_connection_string,
+)
+from hybridrelay.client.stream import HybridConnectionStream
+from hybridrelay.client.tls import build_ssl_context
+from hybridrelay.client.tokens import TokenProvider
+from hybridrelay.exceptions import (
+    AuthorizationError,
+    ConfigurationError,
+    ConnectionRejectedError,
+    EndpointNotFoundError,
+    QuotaExceededError,
+    RelayError,
+    RelayHttpError,
+    RelayTimeoutError,
+    TokenError,
+)
+from hybridrelay.protocol.addressing import build_relay_url
+
+__all__ = ["HybridConnectionClient"]
+
+#: Lifetime of the tokens a client asks for (the .NET default).
+TOKEN_TTL = 3600.0
+TOKEN_TIMEOUT = 30.0
+
+# Headers the WebSocket handshake owns; an application header of that name would break it.
+_RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "upgrade",
+        "connection",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-protocol",
+        "sec-websocket-extensions",
+        "serviceBusAuthorization".lower(),
+    }
+)
+
+
+def _as_rejection(exc: RelayHttpError) -> RelayHttpError:
+    """Map a refused connect to the exception the SDK promises.
+
+    401/403/404/429 keep their relay meaning. Any other status is what the listener rejected
+    with (or the relay's own verdict on a sender no listener took: 502/504); it cannot be told
+    apart on the wire, so it is a :class:`ConnectionRejectedError` (a :class:`RelayHttpError`).
+    """
+    if isinstance(exc, AuthorizationError | EndpointNotFoundError | QuotaExceededError):
+        return exc
+    return ConnectionRejectedError(exc.status, exc.description)
+
+
+class HybridConnectionClient:
+    """Opens relayed connections to the listeners of a hybrid connection.
+
+    Args:
+        endpoint: ``sb://host[:port]`` (= ``wss``), ``wss://...`` or ``ws://...``.
+        entity_path: the hybrid connection's name.
+        token_provider: source of the Send token; None connects anonymously (for a hybrid
+            connection that does not require client authorization).
+        ssl: verify the relay with this context (else ``ca_file``, else the system store).
+        ca_file: PEM file of the CAs to trust instead of the system store.
+        proxy: ``http://[user:pass@]host:port``; None honours ``HTTPS_PROXY``/``NO_PROXY``.
+        connect_timeout: for the whole connect: relay, listener's decision and rendezvous.
+
+    Holds one HTTP session; close it with :meth:`aclose` (or ``async with``). Streams already
+    created keep working: the session is released when the last of them is closed.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        entity_path: str,
+        token_provider: TokenProvider | None,
+        *,
+        ssl: ssl_module.SSLContext | None = None,
+        ca_file: str | None = None,
+        proxy: str | None = None,
+        connect_timeout: float = 70.0,
+    ) -> None:
+        if not entity_path.strip("/"):
+            raise ConfigurationError("an entity path is required")
+        if connect_timeout <= 0:
+            raise ConfigurationError("connect_timeout must be positive")
+        self._endpoint = parse_endpoint(endpoint)
+        self._entity_path = entity_path.strip("/")
+        self._token_provider = token_provider
+        self._connect_timeout = connect_timeout
+        self._connector = WebSocketConnector(
+            ssl_context=build_ssl_context(ssl_context=ssl, ca_file=ca_file), proxy=proxy
+        )
+
+    @classmethod
+    def from_connection_string(
+        cls, connection_string: str, entity_path: str | None = None, **kwargs: Any
+    ) -> HybridConnectionClient:
+        """Build a client from ``Endpoint=sb://...;SharedAccessKeyName=..;...``."""
+        endpoint, entity, provider = resolve_connection_string(connection_string, entity_path)
+        return cls(endpoint, entity, provider, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<HybridConnectionClient {self._endpoint.host}/{self._entity_path}>"
+
+    async def _get_token(self) -> str | None:
+        if self._token_provider is None:
+            return None
+        audience = token_audience(self._endpoint.host, self._entity_path)
+        try:
+            async with asyncio.timeout(TOKEN_TIMEOUT):
+                return await self._token_provider.get_token(audience, TOKEN_TTL)
+        except RelayError:
+            raise
+        except TimeoutError as exc:
+            raise RelayTimeoutError("the token provider did not answer in time") from exc
+        except Exception as exc:
+            raise TokenError(f"the token provider failed: {type(exc).__name__}") from exc
+
+    async def create_connection(
+        self,
+        *,
+        headers: Mapping[str, str] | None = None,
+        subprotocols: Sequence[str] = (),
+        path: str = "",
+        query: str = "",
+    ) -> HybridConnectionStream:
+        """Connect to a listener and return the stream.
+
+        Args:
+            headers: application headers for the upgrade request; the listener sees them in
+                ``AcceptContext.connect_headers``.
+            subprotocols: WebSocket sub-protocols to offer, in order of preference.
+            path: a suffix after the entity path (``"/a/b"``), raw (already URL-encoded).
+            query: the application's own query string (without ``?``), raw.
+
+        Raises:
+            ConnectionRejectedError: the listener rejected (status and description as sent).
+            AuthorizationError: 401/403.  EndpointNotFoundError: 404.
+            RelayHttpError: another refusal of the relay.  RelayTimeoutError: not connected
+            within ``connect_timeout``.  RelayConnectionError: the relay was not reachable.
+        """
+        if path and not path.startswith("/"):
+            path = "/" + path
+        if "?" in path or "#" in path:
+            raise ValueError("path must not contain '?' or '#'; give the query separately")
+        query = query.removeprefix("?")
+        request_headers: dict[str, str] = {}
+        for name, value in (headers or {}).items():
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by the SDK")
+            request_headers[name] = value
+        token = await self._get_token()
+        if token:
+            request_headers["ServiceBusAuthorization"] = token
+        connection_id = str(uuid.uuid4())
+        url = build_relay_url(
+            self._endpoint.base_url,
+            self._entity_path,
+            action="connect",
+            suffix=path,
+            app_query=query,
+            params={"sb-hc-id": connection_id},
+        )
+        try:
+            socket = await self._connector.connect(
+                url,
+                connect_timeout=self._connect_timeout,
+                headers=request_headers,
+                protocols=subprotocols,
+                max_msg_size=STREAM_MAX_MESSAGE,
+            )
+        except RelayHttpError as exc:
+            raise _as_rejection(exc) from exc
+        return HybridConnectionStream(socket, id=connection_id, on_closed=self._connector.release)
+
+    async def aclose(self) -> None:
+        """No new connections; the HTTP session goes once its streams are closed. Idempotent."""
+        await self._connector.aclose()
+
+    async def __aenter__(self) -> HybridConnectionClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
