@@ -1,0 +1,111 @@
+"""Relay configuration: every example parses, mistakes are named precisely."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hybridrelay.auth.sas import Rights
+from hybridrelay.exceptions import ConfigurationError
+from hybridrelay.server import RelayConfig
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("relay*.yaml"))
+KEY = "0123456789abcdef0123"
+
+
+def test_examples_exist() -> None:
+    assert len(EXAMPLES) >= 2
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_relay_example_parses(path: Path) -> None:
+    config = RelayConfig.load(path)
+    assert config.hybrid_connections
+    assert all(rule.rights for rule in config.authorization_rules)
+
+
+def test_full_example_values() -> None:
+    config = RelayConfig.load(next(p for p in EXAMPLES if p.name == "relay.yaml"))
+    assert config.server.tls is not None and config.server.port == 9400
+    assert config.server.public_base_url == "wss://relay.example.com"
+    orders = config.hybrid_connections[0]
+    assert [r.name for r in orders.authorization_rules] == ["orders-edge", "orders-devices"]
+    assert orders.authorization_rules[0].rights == Rights.LISTEN
+    webhooks = config.hybrid_connections[2]
+    assert not webhooks.requires_client_authorization and webhooks.http_response_timeout == 120
+    assert "REPLACE-ME" not in repr(config)
+
+
+def rule(**changes: Any) -> dict[str, Any]:
+    return {"name": "r", "primary_key": KEY, "rights": ["Send"], **changes}
+
+
+def base(**changes: Any) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "server": {"plaintext": True},
+        "namespace": {
+            "authorization_rules": [{"name": "r", "primary_key": KEY, "rights": ["Listen"]}],
+            "hybrid_connections": [{"name": "hc"}],
+        },
+    }
+    document.update(changes)
+    return document
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        (base(extra=1), "unknown key(s) extra"),
+        (base(server={"plaintext": True, "prot": 1}), "server.prot"),
+        (base(server={}), "no 'tls' section"),
+        (base(server={"plaintext": True, "port": 70000}), "server.port"),
+        (base(server={"plaintext": True, "port": "80"}), "server.port"),
+        (base(server={"tls": {"cert": "c.pem"}}), "server.tls.key: required"),
+        (base(limits={"rendezvous_timeout": "soon"}), "limits.rendezvous_timeout"),
+        (
+            base(namespace={"hybrid_connections": [{"name": "hc"}, {"name": "HC"}]}),
+            "duplicate name",
+        ),
+        (base(namespace={"hybrid_connections": [{"name": "a//b"}]}), "invalid entity path"),
+        (base(namespace={"hybrid_connections": [{"nam": "x"}]}), "hybrid_connections[0].name"),
+        (
+            base(
+                namespace={
+                    "authorization_rules": [{"name": "r", "primary_key": KEY, "rights": ["Read"]}]
+                }
+            ),
+            "unknown right",
+        ),
+        (
+            base(
+                namespace={
+                    "authorization_rules": [
+                        {"name": "r", "primary_key": "short", "rights": ["Send"]}
+                    ]
+                }
+            ),
+            "at least 16",
+        ),
+        (base(namespace={"authorization_rules": {"name": "r"}}), "expected a list"),
+        ({"server": []}, "expected a mapping"),
+    ],
+)
+def test_mistakes_are_named(document: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        RelayConfig.from_dict(document)
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="cannot read"):
+        RelayConfig.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: [unclosed", encoding="utf-8")
+    with pytest.raises(ConfigurationError, match="invalid YAML"):
+        RelayConfig.load(bad)
+    relative = tmp_path / "rel.yaml"
+    relative.write_text("server: {tls: {cert: c.pem, key: k.pem}}\n", encoding="utf-8")
+    config = RelayConfig.load(relative)
+    assert config.server.tls is not None and config.server.tls.cert == str(tmp_path / "c.pem")
