@@ -193,3 +193,18 @@ def test_connection_string_fuzz(text: str) -> None:
         ConnectionString.parse(text)
     except ConfigurationError:
         pass
+
+
+def test_failure_limiter() -> None:
+    from hybridrelay.server.ratelimit import FailureLimiter
+
+    limiter = FailureLimiter(limit=3, window=10.0, max_sources=2)
+    for t in range(3):
+        assert not limiter.blocked("a", float(t))
+        limiter.record_failure("a", float(t))
+    assert limiter.blocked("a", 5.0)
+    assert not limiter.blocked("a", 10.5)  # the window passed
+    limiter.record_failure("b", 0.0)
+    limiter.record_failure("c", 0.0)
+    limiter.record_failure("d", 0.0)  # bounded: the oldest source is forgotten
+    assert len(limiter._failures) == 2

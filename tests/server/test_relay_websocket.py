@@ -430,3 +430,12 @@ async def test_public_base_url() -> None:
         assert address.startswith("wss://relay.example.com/$hc/anon?")
         await control.close()
         assert (await sender_task)[0] == 504
+
+
+async def test_failed_listen_storm_is_throttled_and_others_still_served(relay: Relay) -> None:
+    statuses = [
+        (await handshake_status(relay, "/$hc/hc?sb-hc-action=listen"))[0] for _ in range(25)
+    ]
+    assert statuses[:20] == [401] * 20 and set(statuses[20:]) == {429}
+    # The relay keeps serving: a sender from the same source still gets a real answer.
+    assert (await handshake_status(relay, "/$hc/anon?sb-hc-action=connect"))[0] == 404

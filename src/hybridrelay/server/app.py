@@ -42,6 +42,7 @@ from hybridrelay.protocol.messages import (
     parse_message,
 )
 from hybridrelay.server.config import HybridConnectionConfig, RelayConfig
+from hybridrelay.server.ratelimit import FailureLimiter
 from hybridrelay.server.registry import ControlChannel, InMemoryListenerRegistry, ListenerRegistry
 from hybridrelay.server.rendezvous import (
     Accepted,
@@ -106,6 +107,7 @@ class RelayServer:
         self.store: EntityStore = store or InMemoryEntityStore.from_config(config)
         self.registry: ListenerRegistry = registry or InMemoryListenerRegistry()
         self._rendezvous = RendezvousTable(config.limits.max_pending_rendezvous)
+        self._listen_failures = FailureLimiter()
         self._runner: web.AppRunner | None = None
         self._sockets: list[socket.socket] = []
         self._closing = False
@@ -251,6 +253,22 @@ class RelayServer:
     # -- E1: listener control channel ---------------------------------------------------------
 
     async def _handle_listen(
+        self,
+        request: web.Request,
+        path: str,
+        resolved: tuple[str, str] | None,
+        params: dict[str, str],
+    ) -> web.StreamResponse:
+        # Keyed by source and entity: a storm against one entity does not block others.
+        source = f"{request.remote or ''} {path.strip('/').lower()}"
+        if self._listen_failures.blocked(source, time.monotonic()):
+            return error_response(429, "Too many failed listen attempts; back off and retry.")
+        response = await self._listen(request, path, resolved, params)
+        if response.status in (401, 403, 404):
+            self._listen_failures.record_failure(source, time.monotonic())
+        return response
+
+    async def _listen(
         self,
         request: web.Request,
         path: str,
