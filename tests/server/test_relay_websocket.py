@@ -439,3 +439,26 @@ async def test_failed_listen_storm_is_throttled_and_others_still_served(relay: R
     assert statuses[:20] == [401] * 20 and set(statuses[20:]) == {429}
     # The relay keeps serving: a sender from the same source still gets a real answer.
     assert (await handshake_status(relay, "/$hc/anon?sb-hc-action=connect"))[0] == 404
+
+
+async def test_no_secret_reaches_the_logs(relay: Relay, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    token = relay.token("hc")
+    signature = token.split("sig=")[1].split("&")[0]
+    async with session() as s:
+        control = await open_listener(s, relay, token=token)
+        query_token = quote(relay.token("hc", ttl=99), safe="")
+        sender_task = asyncio.create_task(
+            s.ws_connect(f"{relay.base_url}/$hc/hc?sb-hc-action=connect&sb-hc-token={query_token}")
+        )
+        address = str((await next_accept(control))["address"])
+        secret = address.split("sb-hc-rendezvous=")[1].split("&")[0]
+        rendezvous = await s.ws_connect(address)
+        sender = await sender_task
+        await asyncio.gather(sender.close(), rendezvous.close())
+        await handshake_status(relay, "/$hc/hc?sb-hc-action=listen", {AUTH: token + "x"})
+        await control.close()
+    text = caplog.text
+    assert "listener" in text  # the relay did log the flow ...
+    for needle in (signature, secret, query_token, "sig=", ROOT_KEY):
+        assert needle not in text  # ... and none of its secrets
