@@ -7,9 +7,22 @@ is the one place that wires them into the ``hybridrelay`` command.
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 __all__ = ["add_extra_commands"]
 
 
+def _run_bridge(args: argparse.Namespace) -> int:
+    from hybridrelay.bridge.cli import run_bridge
+
+    return asyncio.run(run_bridge(args))
+
+
 def add_extra_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register the bridge and serve-app subcommands (wired once those parts exist)."""
+    from hybridrelay.bridge.cli import add_bridge_arguments
+
+    bridge = sub.add_parser(
+        "bridge", help="forward ports through the relay (-L ingress, -R edge), like azbridge"
+    )
+    add_bridge_arguments(bridge)
+    bridge.set_defaults(func=_run_bridge)

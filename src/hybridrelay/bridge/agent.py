@@ -1,0 +1,233 @@
+"""The bridge agent: runs every forward of a configuration in one task group.
+
+Shutdown (:meth:`BridgeAgent.shutdown`, wired to SIGINT/SIGTERM by the CLI) is ordered:
+stop accepting (close the listening sockets and the relay listeners) -> let open connections
+finish for ``shutdown_grace_period`` seconds -> cancel what is left (each connection closes its
+socket and stream, bounded) -> close the SDK clients -> return.
+
+Only the public SDK is used: :class:`HybridConnectionClient` per hybrid connection the
+ingress sends to, :class:`HybridConnectionListener` per hybrid connection the edge serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any
+
+from hybridrelay.bridge.config import BridgeConfig, ConnectionSettings
+from hybridrelay.bridge.edge import Edge, EdgeListener, ListenerFactory
+from hybridrelay.bridge.ingress import Connect, StreamIngress
+from hybridrelay.bridge.pipe import RelayStream
+from hybridrelay.bridge.specs import Protocol
+from hybridrelay.bridge.udp import UdpIngress
+from hybridrelay.client import (
+    HybridConnectionClient,
+    HybridConnectionListener,
+    SharedAccessKeyTokenProvider,
+    SharedAccessSignatureTokenProvider,
+    TokenProvider,
+)
+from hybridrelay.client.backoff import RECONNECT_DELAYS
+from hybridrelay.exceptions import ConfigurationError, RelayError
+
+__all__ = ["BridgeAgent", "token_provider_for"]
+
+logger = logging.getLogger("hybridrelay.bridge")
+
+#: How long closing the SDK clients may take at the end.
+CLIENT_CLOSE_TIMEOUT = 10.0
+
+
+def token_provider_for(connection: ConnectionSettings) -> TokenProvider | None:
+    """The SDK token provider for the configured credentials (None: anonymous)."""
+    if connection.token:
+        return SharedAccessSignatureTokenProvider(connection.token)
+    if connection.key_name and connection.key:
+        return SharedAccessKeyTokenProvider(connection.key_name, connection.key)
+    return None
+
+
+class BridgeAgent:
+    """Runs a :class:`BridgeConfig`.
+
+    Use :meth:`run` (returns after :meth:`shutdown` and the drain), or ``async with agent:``,
+    which starts it, waits until every forward listens (ingress sockets bound, edge listeners
+    online once), and shuts it down on exit.
+
+    Args:
+        config: a validated configuration with a relay endpoint.
+        retry_schedule: delays between attempts to open an edge listener (tests shorten it).
+
+    Raises:
+        ConfigurationError: there is no endpoint.
+    """
+
+    def __init__(
+        self, config: BridgeConfig, *, retry_schedule: Sequence[float] = RECONNECT_DELAYS
+    ) -> None:
+        if not config.connection.endpoint:
+            raise ConfigurationError(
+                "no relay endpoint: give -x CONNECTION_STRING, -e ENDPOINT, or 'connection:' in "
+                "the config file"
+            )
+        self.config = config
+        self._retry_schedule = retry_schedule
+        self._stop = asyncio.Event()
+        self.started = asyncio.Event()
+        self._pending_starts = 0
+        self._task: asyncio.Task[None] | None = None
+        #: Per local forward (same order as ``config.local_forwards``): the bound addresses.
+        self.ingress: list[StreamIngress | UdpIngress] = []
+        self.edges: list[Edge] = []
+
+    def shutdown(self) -> None:
+        """Begin the graceful shutdown (idempotent; safe from a signal handler)."""
+        if not self._stop.is_set():
+            logger.info("bridge: shutting down")
+            self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def ingress_address(self, index: int) -> Any:
+        """The first bound address of local forward ``index`` (for port 0)."""
+        return self.ingress[index].addresses[0]
+
+    def _one_started(self) -> None:
+        self._pending_starts -= 1
+        if self._pending_starts == 0:
+            logger.info("bridge: all forwards are up")
+            self.started.set()
+
+    async def run(self) -> None:
+        """Run all forwards until :meth:`shutdown`; then drain and return.
+
+        Raises:
+            ConfigurationError: a local address cannot be bound, or the relay refused a
+                listener for good.
+        """
+        config = self.config
+        connection = config.connection
+        assert connection.endpoint is not None
+        provider = token_provider_for(connection)
+        clients: dict[str, HybridConnectionClient] = {}
+        self.ingress = []
+        self.edges = []
+        for forward in config.local_forwards:
+            hc = forward.spec.hybrid_connection
+            if hc not in clients:
+                clients[hc] = HybridConnectionClient(
+                    connection.endpoint,
+                    hc,
+                    provider,
+                    ca_file=connection.ca_file,
+                    proxy=connection.proxy,
+                    connect_timeout=config.connect_timeout,
+                )
+            connect = _connector(clients[hc])
+            if forward.spec.protocol is Protocol.UDP:
+                self.ingress.append(UdpIngress(forward, config, connect))
+            else:
+                self.ingress.append(StreamIngress(forward, config, connect))
+        for hc, routes in config.edge_routes().items():
+            self.edges.append(
+                Edge(
+                    hc,
+                    routes,
+                    config,
+                    _listener_factory(config, hc, provider),
+                    retry_schedule=self._retry_schedule,
+                )
+            )
+        self._pending_starts = len(self.ingress) + len(self.edges)
+        if self._pending_starts == 0:
+            self.started.set()
+        error: BaseException | None = None
+        try:
+            async with asyncio.TaskGroup() as group:
+                for ingress in self.ingress:
+                    group.create_task(ingress.serve(self._one_started, self._stop))
+                for edge in self.edges:
+                    group.create_task(edge.serve(self._one_started, self._stop))
+                if not self.ingress and not self.edges:
+                    await self._stop.wait()
+        except* (ConfigurationError, RelayError) as errors:
+            error = _first_leaf(errors)
+        finally:
+            self._stop.set()
+            for client in clients.values():
+                try:
+                    async with asyncio.timeout(CLIENT_CLOSE_TIMEOUT):
+                        await client.aclose()
+                except (TimeoutError, RelayError):
+                    logger.debug("bridge: closing a relay client did not finish cleanly")
+        if error is not None:
+            raise error
+        logger.info("bridge: stopped")
+
+    async def __aenter__(self) -> BridgeAgent:
+        task = asyncio.create_task(self.run(), name="hybridrelay-bridge")
+        self._task = task
+        started = asyncio.create_task(self.started.wait())
+        try:
+            await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            self.shutdown()
+            await asyncio.wait([task])
+            raise
+        finally:
+            started.cancel()
+            await asyncio.wait([started])
+        if task.done():
+            await task  # raises the startup error
+            raise ConfigurationError("the bridge stopped while starting")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+        if self._task is not None:
+            await self._task
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
+
+
+def _connector(client: HybridConnectionClient) -> Connect:
+    async def connect() -> RelayStream:
+        return await client.create_connection()
+
+    return connect
+
+
+def _listener_factory(
+    config: BridgeConfig, hc: str, provider: TokenProvider | None
+) -> ListenerFactory:
+    connection = config.connection
+    assert connection.endpoint is not None
+    endpoint = connection.endpoint
+
+    def make(admit: Callable[[Any], bool | None]) -> EdgeListener:
+        return HybridConnectionListener(
+            endpoint,
+            hc,
+            provider,
+            ca_file=connection.ca_file,
+            proxy=connection.proxy,
+            accept_handler=admit,
+            keep_alive_interval=config.keep_alive_interval,
+        )
+
+    return make

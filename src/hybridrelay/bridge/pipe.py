@@ -1,0 +1,375 @@
+"""The forwarding pump: a TCP or Unix socket on one side, a relayed stream on the other.
+
+The socket side is an :class:`asyncio.Protocol` (:class:`SocketLeg`) rather than streams, for
+throughput. Flow control runs end to end:
+
+* socket -> relay: received data waits in a buffer of at most ``high_water`` bytes (plus one
+  ``recv``); above it the transport stops reading, and it resumes once the pump has handed the
+  buffer to ``await stream.write(...)``, which itself waits while the relay or the peer is slow.
+* relay -> socket: the pump reads the stream only while the socket's write buffer is below its
+  high-water mark (``pause_writing``/``resume_writing``).
+
+Half-close is kept both ways (STYLE.md §3.10): EOF from the socket becomes
+``stream.write_eof()``; EOF from the stream (``read() == b""``) becomes ``transport.write_eof()``;
+the socket is closed only when both directions are done. A stream closed by the peer with a
+code other than 1000 (the other bridge could not reach its destination, or its socket was
+reset) resets our socket instead, so the client sees the failure promptly.
+
+Only the connect and close steps are timed; data may be idle for as long as the ends like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Protocol
+
+from hybridrelay.exceptions import RelayError
+
+__all__ = [
+    "HIGH_WATER",
+    "LOW_WATER",
+    "READ_CHUNK",
+    "ConnectionGroup",
+    "PeerAbortedError",
+    "PipeStats",
+    "RelayStream",
+    "SocketLeg",
+    "close_stream",
+    "pipe",
+]
+
+logger = logging.getLogger("hybridrelay.bridge")
+
+#: Bytes buffered from a socket before it stops reading (azbridge uses 64 KiB socket buffers).
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+#: Largest read from the relayed stream at a time.
+READ_CHUNK = 64 * 1024
+#: How long closing a socket or a stream may take before it is aborted.
+CLOSE_TIMEOUT = 10.0
+
+
+class RelayStream(Protocol):
+    """What the bridge uses of :class:`hybridrelay.client.HybridConnectionStream`."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def close_code(self) -> int | None: ...
+
+    async def read(self, max_bytes: int = ...) -> bytes: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def write_eof(self) -> None: ...
+
+    async def aclose(self, code: int = ..., reason: str = ...) -> None: ...
+
+
+class PeerAbortedError(Exception):
+    """The relayed stream ended with a close code other than 1000."""
+
+    def __init__(self, code: int | None) -> None:
+        super().__init__(f"the other side closed with code {code}")
+        self.code = code
+
+
+class SocketLeg(asyncio.Protocol):
+    """A TCP or Unix stream socket with bounded buffering and half-close.
+
+    Args:
+        on_connected: called from ``connection_made`` (the ingress uses it to start the
+            connection's task).
+    """
+
+    def __init__(
+        self,
+        *,
+        high_water: int = HIGH_WATER,
+        low_water: int = LOW_WATER,
+        on_connected: Callable[[SocketLeg], None] | None = None,
+    ) -> None:
+        self._high = high_water
+        self._low = low_water
+        self._on_connected = on_connected
+        self.transport: asyncio.Transport | None = None
+        self.peername: Any = None
+        self._buffer: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._eof = False
+        self._lost = False
+        self._lost_exc: BaseException | None = None
+        self._reading_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -- asyncio.Protocol callbacks ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peername = transport.get_extra_info("peername")
+        transport.set_write_buffer_limits(high=self._high, low=self._low)
+        if self._on_connected is not None:
+            self._on_connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._buffered >= self._high and not self._reading_paused and self.transport:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return True  # keep the transport open: we may still send (half-close)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._lost = True
+        self._lost_exc = exc
+        self._writable.set()
+        self._wake()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -- used by the pump --------------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        return self._buffered
+
+    async def read(self) -> bytes:
+        """Everything buffered (at most ``high_water`` plus one recv); ``b""`` at EOF.
+
+        Raises:
+            ConnectionError: the socket was reset or lost before its EOF.
+        """
+        while not self._buffer and not self._eof and not self._lost:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self._buffer:
+            data = self._buffer.popleft() if len(self._buffer) == 1 else b"".join(self._buffer)
+            self._buffer.clear()
+            self._buffered = 0
+            if self._reading_paused and self.transport is not None and not self._lost:
+                self._reading_paused = False
+                self.transport.resume_reading()
+            return data
+        if self._lost and not self._eof:
+            raise ConnectionResetError(f"the socket was lost: {self._lost_exc or 'closed'}")
+        return b""
+
+    async def write(self, data: bytes) -> None:
+        """Queue ``data`` on the socket; wait while its write buffer is above high water.
+
+        Raises:
+            ConnectionError: the socket is gone.
+        """
+        if self._lost or self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the socket is closed")
+        self.transport.write(data)
+        await self._writable.wait()
+        if self._lost:
+            raise ConnectionResetError(f"the socket was lost: {self._lost_exc or 'closed'}")
+
+    def write_eof(self) -> None:
+        """Half-close our sending side (``shutdown(SHUT_WR)``)."""
+        if self.transport is not None and not self._lost and not self.transport.is_closing():
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+
+    async def aclose(self, grace: float = CLOSE_TIMEOUT) -> None:
+        """Close after flushing what is buffered; abort if that takes longer than ``grace``."""
+        if self.transport is None:
+            return
+        self.transport.close()
+        try:
+            async with asyncio.timeout(grace):
+                await asyncio.shield(self.closed)
+        except TimeoutError:
+            self.transport.abort()
+
+    def abort(self) -> None:
+        """Reset the socket at once (buffered data is dropped)."""
+        if self.transport is not None:
+            self.transport.abort()
+
+
+@dataclass
+class PipeStats:
+    """What one forwarded connection carried."""
+
+    bytes_up: int = 0  # socket -> relay
+    bytes_down: int = 0  # relay -> socket
+    started: float = field(default_factory=time.monotonic)
+    error: str | None = None
+
+    @property
+    def duration(self) -> float:
+        return time.monotonic() - self.started
+
+
+async def close_stream(
+    stream: RelayStream, code: int = 1000, reason: str = "", grace: float = CLOSE_TIMEOUT
+) -> None:
+    """``stream.aclose`` bounded by ``grace`` seconds; never raises a relay error."""
+    try:
+        async with asyncio.timeout(grace):
+            await stream.aclose(code, reason)
+    except (TimeoutError, RelayError):
+        logger.debug("stream %s: close did not complete cleanly", stream.id)
+
+
+async def _upstream(leg: SocketLeg, stream: RelayStream, stats: PipeStats) -> None:
+    while data := await leg.read():
+        await stream.write(data)
+        stats.bytes_up += len(data)
+    await stream.write_eof()
+
+
+async def _downstream(
+    leg: SocketLeg, stream: RelayStream, stats: PipeStats, initial: bytes
+) -> None:
+    if initial:
+        await leg.write(initial)
+        stats.bytes_down += len(initial)
+    while data := await stream.read(READ_CHUNK):
+        await leg.write(data)
+        stats.bytes_down += len(data)
+    if stream.close_code not in (None, 1000):
+        raise PeerAbortedError(stream.close_code)
+    leg.write_eof()
+
+
+async def pipe(
+    leg: SocketLeg,
+    stream: RelayStream,
+    *,
+    initial: bytes = b"",
+    close_timeout: float = CLOSE_TIMEOUT,
+) -> PipeStats:
+    """Pump both directions until both are done, then close both ends.
+
+    Owns ``leg`` and ``stream`` from here on: both are closed when this returns, whatever
+    happens (cancellation included; closing is bounded by ``close_timeout``).
+
+    Args:
+        initial: bytes already read from the stream (after a preamble) to send first.
+
+    Returns:
+        The byte counts; ``error`` says why the connection ended early, if it did.
+    """
+    stats = PipeStats()
+    clean = False
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(_upstream(leg, stream, stats))
+            group.create_task(_downstream(leg, stream, stats, initial))
+        clean = True
+    except* PeerAbortedError as errors:
+        stats.error = str(errors.exceptions[0])
+    except* (RelayError, OSError) as errors:
+        first = errors.exceptions[0]
+        stats.error = f"{type(first).__name__}: {first}"
+    finally:
+        if clean:
+            await leg.aclose(close_timeout)
+            await close_stream(stream, 1000, "", close_timeout)
+        else:
+            leg.abort()
+            await close_stream(stream, 1011, "forwarded socket failed", close_timeout)
+    return stats
+
+
+class ConnectionGroup:
+    """Owns the tasks of one forward's connections, and drains them at shutdown.
+
+    A task that raises is logged, not propagated: one broken connection never takes the
+    forward down.
+    """
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self.limit = limit
+        self._group = asyncio.TaskGroup()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> ConnectionGroup:
+        await self._group.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self._group.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            # The tasks are guarded, so the only error is the body's own: raise it as it was.
+            if exc is not None and list(group.exceptions) == [exc]:
+                raise exc from exc.__cause__
+            raise
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def full(self) -> bool:
+        return len(self._tasks) >= self.limit
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = self._group.create_task(self._guard(coro, name), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _guard(self, coro: Awaitable[None], name: str) -> None:
+        try:
+            await coro
+        except Exception:
+            logger.exception("%s: connection task %s failed", self.name, name)
+
+    async def drain(self, grace: float) -> int:
+        """Wait up to ``grace`` seconds for the tasks, then cancel the rest; returns how many
+        had to be cancelled."""
+        if not self._tasks:
+            return 0
+        pending = set(self._tasks)
+        if grace > 0:
+            _, pending = await asyncio.wait(pending, timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            logger.warning(
+                "%s: %d connection(s) still open after %.1f s; closing them",
+                self.name,
+                len(pending),
+                grace,
+            )
+        return len(pending)
