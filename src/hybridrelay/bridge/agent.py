@@ -228,6 +228,9 @@ def _listener_factory(
             proxy=connection.proxy,
             accept_handler=admit,
             keep_alive_interval=config.keep_alive_interval,
+            # A burst of new connections is opened concurrently; the edge's own admission
+            # (max_connections) is the limit that matters, not the SDK's queue default.
+            max_pending=config.max_connections,
         )
 
     return make

@@ -220,11 +220,17 @@ class WebSocketConnector:
         session = self._get_session()
         proxy, proxy_headers = self._proxy_for(url)
         secure = url[:4].lower() == "wss:"
+        request_headers = dict(headers or {})
+        if proxy is not None and not secure:
+            # Plain ws:// goes through the proxy as an absolute-form GET, not CONNECT, and
+            # aiohttp only sends proxy_headers on CONNECT: the proxy's credentials must ride on
+            # the request itself then.
+            request_headers.update(proxy_headers)
         try:
             async with asyncio.timeout(connect_timeout):
                 ws = await session.ws_connect(
                     url,
-                    headers=dict(headers or {}),
+                    headers=request_headers,
                     protocols=tuple(protocols),
                     autoclose=False,
                     autoping=True,

@@ -8,9 +8,9 @@ upgrade must not stall the reader), bounded by ``max_pending``: accepted streams
 and a connection beyond that is rejected with 503. Every task is tracked and cancelled and
 awaited (bounded) by :meth:`HybridConnectionListener.aclose`.
 
-HTTP request relaying (``request`` messages, PROTOCOL.md 6) is not implemented yet: those
-messages (and a binary body following one) are ignored like unknown messages; the dispatch in
-``_dispatch`` is where a request handler will plug in.
+HTTP request relaying (``request`` messages, PROTOCOL.md 6) is handed to
+:class:`hybridrelay.client.http.HttpRequestDispatcher`, which runs ``request_handler`` (see
+``client/http.py``); without a handler requests are answered 501, as .NET listeners do.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from hybridrelay.client._connect import (
     resolve_connection_string,
 )
 from hybridrelay.client.backoff import RetryKind, capped_delay, classify_error, reconnect_delays
+from hybridrelay.client.http import HttpRequestDispatcher, RequestHandler
 from hybridrelay.client.stream import HybridConnectionStream
 from hybridrelay.client.tls import build_ssl_context
 from hybridrelay.client.tokens import TokenProvider, token_expiry
@@ -52,7 +53,13 @@ from hybridrelay.exceptions import (
     TokenError,
 )
 from hybridrelay.protocol.addressing import build_relay_url, filter_query
-from hybridrelay.protocol.messages import Accept, RenewToken, encode_message, parse_message
+from hybridrelay.protocol.messages import (
+    Accept,
+    RenewToken,
+    Request,
+    encode_message,
+    parse_message,
+)
 from hybridrelay.transport.base import MessageKind, MessageSocket
 
 __all__ = [
@@ -182,6 +189,8 @@ class HybridConnectionListener:
         listener_id: the listener's ``sb-hc-id`` (default: a random UUID).
         max_pending: accepted connections not yet taken by :meth:`accept_connection` (plus
             accepts in progress); beyond that senders are rejected with 503.
+        request_handler: runs relayed HTTP requests (also settable as the attribute
+            ``request_handler``); see :class:`hybridrelay.client.http.RelayedHttpContext`.
     """
 
     def __init__(
@@ -197,7 +206,8 @@ class HybridConnectionListener:
         keep_alive_interval: float = 30.0,
         token_ttl: float = 3600.0,
         listener_id: str | None = None,
-        max_pending: int = 64,
+        max_pending: int = 256,
+        request_handler: RequestHandler | None = None,
     ) -> None:
         if not entity_path.strip("/"):
             raise ConfigurationError("an entity path is required")
@@ -234,6 +244,19 @@ class HybridConnectionListener:
         self._rejects_in_flight = 0
         self._available = asyncio.Event()
         self._stopped = False  # no more streams will come
+        #: Runs each relayed HTTP request (PROTOCOL.md 6); see ``client/http.py``.
+        self.request_handler: RequestHandler | None = request_handler
+        # Messages on the control channel are sent under this lock, so that a response and
+        # its binary body are never split by another message (PROTOCOL.md 4.2).
+        self._send_lock = asyncio.Lock()
+        self._http = HttpRequestDispatcher(
+            connector=self._connector,
+            spawn=self._spawn,
+            get_handler=lambda: self.request_handler,
+            get_control=lambda: self._control,
+            send_lock=self._send_lock,
+            listener_id=self._id,
+        )
 
     @classmethod
     def from_connection_string(
@@ -503,6 +526,7 @@ class HybridConnectionListener:
     async def _serve(self, socket: MessageSocket) -> RelayConnectionError:
         """Read the control channel until it ends; return why it ended."""
         self._control = socket
+        self._http.channel_changed()
         renewer = self._spawn(self._renew_tokens(socket), "renew")
         try:
             while True:
@@ -513,8 +537,8 @@ class HybridConnectionListener:
                     )
                 if message.kind is MessageKind.TEXT:
                     self._dispatch(message.data)
-                # A binary message only ever follows a ``request`` (its body); requests are
-                # not served yet, so the body is dropped with it.
+                else:  # a binary message only ever follows a ``request`` (its body)
+                    self._http.on_binary(message.data)
         finally:
             self._control = None
             renewer.cancel()
@@ -530,8 +554,9 @@ class HybridConnectionListener:
             return
         if isinstance(message, Accept):
             self._on_accept(message)
-        # ``request`` (HTTP relaying, PROTOCOL.md 6) is not dispatched yet; it and unknown
-        # messages are ignored (PROTOCOL.md 4.2).
+        elif isinstance(message, Request) and not self._closing:
+            self._http.on_request(message)
+        # Unknown messages are ignored (PROTOCOL.md 4.2).
 
     async def _renew_tokens(self, socket: MessageSocket) -> None:
         """Send ``renewToken`` at 80 % of the current token's remaining life."""
@@ -561,7 +586,7 @@ class HybridConnectionListener:
                     logger.info("listener %s: no newer token to renew with", self._id)
                     return
             try:
-                async with asyncio.timeout(SEND_TIMEOUT):
+                async with asyncio.timeout(SEND_TIMEOUT), self._send_lock:
                     await socket.send(encode_message(RenewToken(token)))
             except (TimeoutError, RelayError) as exc:
                 logger.info("listener %s: could not send renewToken: %s", self._id, exc)

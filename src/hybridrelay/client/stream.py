@@ -87,8 +87,12 @@ class HybridConnectionStream:
         if self._closed:
             raise StreamClosedError("the stream was closed")
 
-    async def _next_message(self) -> bytes | str | None:
-        """The next non-empty data message, or None at EOF. Caller holds the read lock."""
+    async def _next_message(self, *, skip_empty: bool) -> bytes | str | None:
+        """The next data message, or None at EOF. Caller holds the read lock.
+
+        ``skip_empty``: for :meth:`read`, where ``b""`` must keep meaning EOF, an empty message
+        carries nothing and is skipped; :meth:`receive_message` returns it (None is its EOF).
+        """
         while True:
             message = await self._socket.receive()
             self._check_open()  # aclose() from another task while we waited
@@ -100,9 +104,8 @@ class HybridConnectionStream:
                 if message.code in _BROKEN:
                     raise RelayConnectionError("the connection was lost without a close frame")
                 return None
-            if message.data:
+            if message.data or not skip_empty:
                 return message.data
-            # An empty data message carries nothing, and b"" must keep meaning EOF.
 
     async def read(self, max_bytes: int = 65536) -> bytes:
         """Up to ``max_bytes`` bytes; ``b""`` at EOF (the peer's close frame).
@@ -120,7 +123,7 @@ class HybridConnectionStream:
             if not self._leftover:
                 if self._eof:
                     return b""
-                data = await self._next_message()
+                data = await self._next_message(skip_empty=True)
                 if data is None:
                     return b""
                 self._leftover = memoryview(data.encode() if isinstance(data, str) else data)
@@ -143,7 +146,7 @@ class HybridConnectionStream:
                 return rest
             if self._eof:
                 return None
-            return await self._next_message()
+            return await self._next_message(skip_empty=False)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` as binary messages of at most 64 KiB; waits while the peer is slow.

@@ -1,0 +1,3 @@
+'use strict';
+// Never loaded by Node: require('https') resolves to the core module first.
+module.exports = require('node:https');

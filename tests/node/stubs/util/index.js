@@ -1,0 +1,3 @@
+'use strict';
+// Never loaded by Node: require('util') resolves to the core module first.
+module.exports = require('node:util');
