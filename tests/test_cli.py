@@ -63,8 +63,7 @@ async def test_embedded_default_quick_start(tmp_path: Path) -> None:
             assert accepted is not None
             await stream.write(b"hi")
             assert await accepted.read() == b"hi"
-            await stream.aclose()
-            await accepted.aclose()
+            await asyncio.gather(stream.aclose(), accepted.aclose())
             await client.aclose()
         code, out, _ = await run("token", "-x", connection_string, "--ttl", "60", env=env)
         assert code == 0 and out.startswith("SharedAccessSignature sr=")
