@@ -81,6 +81,29 @@ def error_response(status: int, description: str, track: str | None = None) -> w
     return web.Response(status=status, reason=_reason(text), text=text + "\n")
 
 
+def upgrade(
+    request: web.Request,
+    subprotocol: str | None,
+    *,
+    max_message_size: int,
+    heartbeat: float | None = None,
+) -> web.WebSocketResponse:
+    """The server side of one of our WebSockets, before ``prepare``.
+
+    ``autoclose=False``: a close frame is reported, not answered, so half-close crosses the
+    relay (docs/DECISIONS.md D2); ``compress=False``: no extension is ever negotiated
+    (PROTOCOL.md 5.6); pings only where ``heartbeat`` is given (control channels).
+    """
+    return web.WebSocketResponse(
+        protocols=(subprotocol,) if subprotocol else (),
+        autoclose=False,
+        autoping=True,
+        compress=False,
+        heartbeat=heartbeat,
+        max_msg_size=max_message_size,
+    )
+
+
 def _request_token(request: web.BaseRequest, params: dict[str, str]) -> str | None:
     # Query first, then the header (PROTOCOL.md 3.4).
     return params.get("sb-hc-token") or request.headers.get(_AUTH_HEADER)
@@ -295,13 +318,7 @@ class RelayServer:
             return error_response(429, f"QuotaExceeded: at most {limit} listeners are allowed.")
 
         keep_alive = self.config.limits.keep_alive_interval
-        ws = web.WebSocketResponse(
-            autoclose=False,
-            autoping=True,
-            compress=False,
-            heartbeat=keep_alive,
-            max_msg_size=65536 * 4,
-        )
+        ws = upgrade(request, None, max_message_size=65536 * 4, heartbeat=keep_alive)
         await ws.prepare(request)
         socket_ = AiohttpMessageSocket.server(ws, request)
         listener_id = params.get("sb-hc-id") or tracking_id()
@@ -439,13 +456,7 @@ class RelayServer:
             return web.Response(status=outcome.status, reason=_reason(outcome.description))
         listener = outcome.socket
         subprotocol = listener.subprotocol
-        ws = web.WebSocketResponse(
-            protocols=(subprotocol,) if subprotocol else (),
-            autoclose=False,
-            autoping=True,
-            compress=False,
-            max_msg_size=self.config.limits.max_message_size,
-        )
+        ws = upgrade(request, subprotocol, max_message_size=self.config.limits.max_message_size)
         try:
             await ws.prepare(request)
         except (ConnectionError, RuntimeError):
@@ -488,13 +499,7 @@ class RelayServer:
             return web.Response(status=410, reason="Gone")
         offered = request.headers.get("Sec-WebSocket-Protocol", "")
         subprotocol = offered.split(",")[0].strip() or None
-        ws = web.WebSocketResponse(
-            protocols=(subprotocol,) if subprotocol else (),
-            autoclose=False,
-            autoping=True,
-            compress=False,
-            max_msg_size=self.config.limits.max_message_size,
-        )
+        ws = upgrade(request, subprotocol, max_message_size=self.config.limits.max_message_size)
         await ws.prepare(request)
         listener = AiohttpMessageSocket.server(ws, request)
         if pending.outcome.done():  # the sender gave up meanwhile
