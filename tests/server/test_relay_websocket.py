@@ -462,3 +462,28 @@ async def test_no_secret_reaches_the_logs(relay: Relay, caplog: pytest.LogCaptur
     assert "listener" in text  # the relay did log the flow ...
     for needle in (signature, secret, query_token, "sig=", ROOT_KEY):
         assert needle not in text  # ... and none of its secrets
+
+
+async def test_shutdown_closes_everything_with_1001(make_relay: RelayFactory) -> None:
+    async with make_relay() as relay, session() as s:
+        control = await open_listener(s, relay)
+        sender_task = asyncio.create_task(
+            s.ws_connect(
+                f"{relay.base_url}/$hc/hc?sb-hc-action=connect",
+                headers={AUTH: relay.token("hc")},
+            )
+        )
+        rendezvous = await s.ws_connect(str((await next_accept(control))["address"]))
+        sender = await sender_task
+        started = time.monotonic()
+        closing = asyncio.create_task(relay.server.aclose())
+        for ws in (control, sender, rendezvous):
+            async with asyncio.timeout(5):
+                message = await ws.receive()
+            assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 1001, message
+        await closing
+        assert time.monotonic() - started < 3  # ordered, not a timeout
+        await control.close()
+        # New requests are refused while closed.
+        with pytest.raises(aiohttp.ClientError):
+            await s.ws_connect(f"{relay.base_url}/$hc/hc?sb-hc-action=listen")

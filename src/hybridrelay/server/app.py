@@ -14,8 +14,8 @@ request targets carry ``sb-hc-token``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import socket
 import ssl
 import time
 import uuid
@@ -53,13 +53,15 @@ from hybridrelay.server.rendezvous import (
 )
 from hybridrelay.server.store import EntityStore, InMemoryEntityStore
 from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
-from hybridrelay.transport.base import CloseCode, MessageKind
+from hybridrelay.transport.base import CloseCode, MessageKind, MessageSocket
 
 __all__ = ["RelayServer"]
 
 logger = logging.getLogger("hybridrelay.server")
 
 _AUTH_HEADER = "ServiceBusAuthorization"
+#: How long a shutdown waits for spliced connections to finish their close handshakes.
+_SHUTDOWN_GRACE = 5.0
 # Request headers that are the relay's business and never reach the listener in connectHeaders.
 _PRIVATE_HEADERS = frozenset({"servicebusauthorization"})
 
@@ -131,8 +133,11 @@ class RelayServer:
         self.registry: ListenerRegistry = registry or InMemoryListenerRegistry()
         self._rendezvous = RendezvousTable(config.limits.max_pending_rendezvous)
         self._listen_failures = FailureLimiter()
+        #: Sender/listener socket pairs being spliced, for the ordered shutdown.
+        self._spliced: set[tuple[MessageSocket, MessageSocket]] = set()
+        self._splices_done = asyncio.Event()
         self._runner: web.AppRunner | None = None
-        self._sockets: list[socket.socket] = []
+        self._port = 0
         self._closing = False
         self._closed = asyncio.Event()
         self._ssl = self._ssl_context() if config.server.tls else None
@@ -175,7 +180,8 @@ class RelayServer:
         await site.start()
         server = site._server
         assert server is not None
-        self._sockets = list(getattr(server, "sockets", ()))
+        sockets = list(getattr(server, "sockets", ()))
+        self._port = int(sockets[0].getsockname()[1])
         logger.info("relay listening on %s", self.base_url)
 
     async def aclose(self) -> None:
@@ -183,13 +189,29 @@ class RelayServer:
         if self._closing:
             await self._closed.wait()
             return
+        # 1. New requests are answered 503 from here on (see _dispatch).
         self._closing = True
-        for channel in list(self.registry.all()):
+        # 2. Listeners learn at once (1001) and stop being offered senders.
+        channels = list(self.registry.all())
+        for channel in channels:
             self.registry.remove(channel)
-            try:
-                await channel.socket.aclose(CloseCode.GOING_AWAY, "relay shutting down")
-            except RelayConnectionError:
-                channel.socket.abort()
+        await asyncio.gather(
+            *(c.socket.aclose(CloseCode.GOING_AWAY, "relay shutting down") for c in channels),
+            return_exceptions=True,
+        )
+        # 3. Spliced connections get a close frame (1001) on both legs; their peers answer and
+        #    the splices end by themselves, within a bounded time.
+        for sender, listener in list(self._spliced):
+            for socket_ in (sender, listener):
+                try:
+                    await socket_.send_close(CloseCode.GOING_AWAY, "relay shutting down")
+                except RelayConnectionError:
+                    socket_.abort()
+        if self._spliced:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_SHUTDOWN_GRACE):
+                    await self._splices_done.wait()
+        # 4. Stop the HTTP server (closes what is left).
         if self._runner is not None:
             await self._runner.cleanup()
         self._closed.set()
@@ -206,7 +228,7 @@ class RelayServer:
 
     @property
     def port(self) -> int:
-        return int(self._sockets[0].getsockname()[1])
+        return self._port
 
     @property
     def base_url(self) -> str:
@@ -463,7 +485,15 @@ class RelayServer:
             await listener.aclose(CloseCode.GOING_AWAY, "sender went away")
             return ws
         sender = AiohttpMessageSocket.server(ws, request)
-        stats = await splice(sender, listener)
+        pair = (sender, listener)
+        self._spliced.add(pair)
+        self._splices_done.clear()
+        try:
+            stats = await splice(sender, listener)
+        finally:
+            self._spliced.discard(pair)
+            if not self._spliced:
+                self._splices_done.set()
         logger.info(
             "connection %s on %r closed: %d bytes to listener, %d bytes to sender",
             connection_id,
