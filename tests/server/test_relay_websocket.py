@@ -487,3 +487,34 @@ async def test_shutdown_closes_everything_with_1001(make_relay: RelayFactory) ->
         # New requests are refused while closed.
         with pytest.raises(aiohttp.ClientError):
             await s.ws_connect(f"{relay.base_url}/$hc/hc?sb-hc-action=listen")
+
+
+async def test_new_connections_are_spread_across_listeners(relay: Relay) -> None:
+    async with session() as s:
+        listeners = [await open_listener(s, relay) for _ in range(3)]
+        counts = [0, 0, 0]
+
+        async def serve(index: int) -> None:
+            while True:
+                accept = await next_accept(listeners[index])
+                counts[index] += 1
+                rendezvous = await s.ws_connect(str(accept["address"]))
+                await rendezvous.close()
+
+        servers = [asyncio.create_task(serve(i)) for i in range(3)]
+        try:
+            for _ in range(45):
+                sender = await s.ws_connect(
+                    f"{relay.base_url}/$hc/hc?sb-hc-action=connect",
+                    headers={AUTH: relay.token("hc")},
+                )
+                await sender.receive()  # the listener's close
+                await sender.close()
+        finally:
+            for task in servers:
+                task.cancel()
+            await asyncio.gather(*servers, return_exceptions=True)
+        assert sum(counts) == 45
+        assert min(counts) >= 3, counts  # random choice: P(any listener < 3 of 45) ~ 1e-5
+        for control in listeners:
+            await control.close()
