@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import secrets
@@ -92,9 +93,25 @@ def _add_optional_commands(sub: argparse._SubParsersAction[argparse.ArgumentPars
     add_extra_commands(sub)
 
 
+def raise_open_file_limit() -> None:
+    """Raise the soft limit on open files to the hard limit: every relayed connection costs
+    the relay two sockets and the bridge two, and distributions default the soft limit to 1024.
+    """
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("serve", "bridge"):
+        raise_open_file_limit()
     try:
         result: int = args.func(args)
         return result
