@@ -15,9 +15,10 @@ How a response travels (as the .NET listener and hyco-https do it):
 * up to 64 KiB, finished before more is written: one ``response`` message plus one binary
   message, inline on the control channel (or on the request's rendezvous if the request came
   over one);
-* beyond 64 KiB: the listener opens the request's rendezvous (if the request did not already
-  come over one) and streams the body there as ONE binary message in fragments, as the handler
-  writes it. :meth:`RelayedHttpContext.flush` switches to streaming early (server-sent events).
+* beyond 64 KiB, or when still being written 2 s after the first bytes: the listener opens
+  the request's rendezvous (if the request did not already come over one) and streams the body
+  there as ONE binary message in fragments, as the handler writes it.
+  :meth:`RelayedHttpContext.flush` switches to streaming at once (server-sent events).
 
 Request bodies arrive whole (the relay sends each body as one WebSocket message, which aiohttp
 reassembles): at most ``STREAM_MAX_MESSAGE`` (16 MiB) per request.
@@ -52,6 +53,9 @@ BODY_TIMEOUT = 300.0
 #: One send to the relay (a message, or one fragment of a streamed body).
 SEND_TIMEOUT = 60.0
 CLOSE_TIMEOUT = 10.0
+#: A response still being written this long after its first bytes streams from then on, so
+#: that a slow producer's data reaches the sender (the .NET listener does the same).
+STREAM_AFTER = 2.0
 #: Requests handled at once per listener; beyond that they are answered 503 (bounded too).
 MAX_CONCURRENT_REQUESTS = 256
 MAX_REJECTS_IN_FLIGHT = 32
@@ -118,6 +122,7 @@ class RelayedHttpContext:
         self._streaming = False
         self._first_fragment = True
         self._finished = False
+        self._first_write: float | None = None
 
     def __repr__(self) -> str:
         return f"<RelayedHttpContext {self.id} {self.method} {self.path}>"
@@ -205,8 +210,14 @@ class RelayedHttpContext:
         if self._streaming:
             await self._send_fragment(bytes(data), last=False)
             return
+        loop = asyncio.get_running_loop()
+        if self._first_write is None:
+            self._first_write = loop.time()
         self._buffer += data
-        if len(self._buffer) > INLINE_RESPONSE_LIMIT:
+        if (
+            len(self._buffer) > INLINE_RESPONSE_LIMIT
+            or loop.time() - self._first_write >= STREAM_AFTER
+        ):
             await self._start_streaming()
 
     async def flush(self) -> None:

@@ -10,11 +10,21 @@ Two private attributes of aiohttp are touched, both in :meth:`AiohttpMessageSock
 stop aiohttp from sending a second close frame when the connection is dropped after the close
 handshake; ``tests/test_transport.py`` pins that behaviour so an aiohttp upgrade cannot silently
 change it (the dependency is pinned to one minor version).
+
+:meth:`AiohttpMessageSocket.send_fragment` sends one binary message in several frames (HTTP
+bodies must be exactly one message, PROTOCOL.md 6.2, and may be too large to hold in memory).
+aiohttp can only send whole messages (FIN always set), so it writes the frame itself to the
+writer's transport; it reads ``ws._writer`` and waits on the writer's protocol
+``_drain_helper()`` for backpressure, exactly as aiohttp's own ``send_frame`` does.
+``tests/server/test_http_relay.py`` (server side, uploads) and ``http_peer.py`` (client side,
+masked response fragments) exercise it on every large body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import struct
 from collections.abc import Callable
 
 import aiohttp
@@ -28,6 +38,10 @@ __all__ = ["AiohttpMessageSocket"]
 _CLOSE_TIMEOUT = 10.0
 
 AiohttpWebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+_FIN = 0x80
+_OP_CONTINUATION = 0x0
+_OP_BINARY = 0x2
 
 
 class AiohttpMessageSocket:
@@ -96,7 +110,12 @@ class AiohttpMessageSocket:
                 code = int(msg.data) if msg.data is not None else 1005
                 message = WsMessage(MessageKind.CLOSE, code=code, reason=msg.extra or "")
             else:  # CLOSING, CLOSED, ERROR: the connection went away without a close frame
-                code = 1009 if self._ws.close_code == 1009 else 1006
+                # aiohttp reports "message too big" as an ERROR carrying a WebSocketError
+                # (its close_code is then whatever the peer's close frame said).
+                too_big = self._ws.close_code == 1009 or (
+                    isinstance(msg.data, aiohttp.WebSocketError) and msg.data.code == 1009
+                )
+                code = 1009 if too_big else 1006
                 message = WsMessage(MessageKind.CLOSE, code=code)
                 self._close_sent = True  # nothing more can be sent
             if self._close_sent:
@@ -113,6 +132,60 @@ class AiohttpMessageSocket:
                 await self._ws.send_bytes(data)
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
             raise RelayConnectionError(f"WebSocket send failed: {exc}") from exc
+
+    async def send_fragment(self, data: bytes, *, first: bool, last: bool) -> None:
+        """Send one frame of a binary message that is sent in pieces (RFC 6455 section 5.4).
+
+        The first frame of the message is a BINARY frame, every later one a CONTINUATION frame;
+        the frame with ``last=True`` (FIN) ends the message. Between ``first`` and ``last`` the
+        caller MUST NOT send any other message on this socket (control frames that aiohttp sends
+        on its own -- pongs, pings -- are allowed between fragments by the RFC). Waits while the
+        peer is slow (the transport's write buffer is above its high-water mark).
+
+        Only for sockets without compression (the relay and the SDK never negotiate it).
+        """
+        if self._close_sent:
+            raise RelayConnectionError("cannot send after the close frame")
+        writer = self._ws._writer
+        if writer is None:
+            raise RelayConnectionError("WebSocket is not connected")
+        if writer.compress:
+            raise RelayConnectionError("fragmented sending is not supported with compression")
+        transport = writer.transport
+        if transport.is_closing():
+            raise RelayConnectionError("WebSocket send failed: the connection is closing")
+        opcode = _OP_BINARY if first else _OP_CONTINUATION
+        first_byte = (_FIN if last else 0) | opcode
+        length = len(data)
+        mask_bit = 0x80 if writer.use_mask else 0
+        if length < 126:
+            header = struct.pack("!BB", first_byte, length | mask_bit)
+        elif length < 65536:
+            header = struct.pack("!BBH", first_byte, 126 | mask_bit, length)
+        else:
+            header = struct.pack("!BBQ", first_byte, 127 | mask_bit, length)
+        if writer.use_mask:  # client side: RFC 6455 5.3, a fresh random mask per frame
+            mask = os.urandom(4)
+            if length:
+                key = (mask * (length // 4 + 1))[:length]
+                payload = (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(
+                    length, "big"
+                )
+            else:
+                payload = b""
+            transport.write(header + mask + payload)
+        elif length > 4096:
+            transport.write(header)
+            transport.write(data)
+        else:
+            transport.write(header + data)
+        # Backpressure, as in aiohttp's WebSocketWriter.send_frame.
+        protocol = writer.protocol
+        if protocol.writing_paused:
+            try:
+                await protocol._drain_helper()
+            except (ConnectionError, RuntimeError) as exc:
+                raise RelayConnectionError(f"WebSocket send failed: {exc}") from exc
 
     async def send_close(self, code: int = 1000, reason: str = "") -> None:
         if self._close_sent:

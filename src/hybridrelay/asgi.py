@@ -1,0 +1,399 @@
+"""Serve an ASGI application through a hybrid connection (``hybridrelay serve-app``).
+
+HTTP requests that senders send to ``http(s)://relay/{entity}/...`` reach the application as
+ASGI ``http`` scopes; no inbound port is opened on the application's machine::
+
+    import asyncio
+    from hybridrelay.asgi import serve
+
+    asyncio.run(serve(app, "Endpoint=sb://relay.example.com/;SharedAccessKeyName=...;"
+                      "SharedAccessKey=...", entity_path="api"))
+
+Scope mapping: ``path`` is the request path *after* the hybrid connection's name (``/`` for
+the bare entity URL), so an app's routes do not depend on the entity it is served on;
+``root_path`` is ``""`` unless given. ``scheme`` follows the relay endpoint (``https`` for
+``sb://``/``wss://``). The relay strips ``Host``; the adapter supplies the relay's host.
+
+Limitations (from the protocol, PROTOCOL.md 6.4): ``responseHeaders`` is a JSON object, so
+repeated response headers are joined with ``", "`` -- except ``Set-Cookie``, where only the
+first is kept (as hyco-https does); request bodies arrive whole (16 MiB at most); a sender's
+disconnect is only reported (``http.disconnect``) once the response is complete.
+WebSocket senders are rejected (501): this listener serves HTTP only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import unquote
+
+from hybridrelay.client._connect import parse_endpoint, resolve_connection_string
+from hybridrelay.client.http import RelayedHttpContext
+from hybridrelay.client.listener import AcceptContext, HybridConnectionListener
+from hybridrelay.exceptions import ConfigurationError, RelayConnectionError
+
+__all__ = [
+    "AsgiRequestHandler",
+    "add_serve_app_arguments",
+    "load_app",
+    "run_serve_app",
+    "serve",
+]
+
+logger = logging.getLogger("hybridrelay.asgi")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Lifespan startup and shutdown must complete within this time.
+LIFESPAN_TIMEOUT = 60.0
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
+
+
+def _strip_entity(path: str, entity: str) -> str:
+    """The part of a raw request path after the entity name (``/`` if nothing follows)."""
+    prefix = "/" + entity.strip("/")
+    if path.lower() == prefix.lower():
+        return "/"
+    if path[: len(prefix) + 1].lower() == prefix.lower() + "/":
+        return path[len(prefix) :]
+    return path or "/"
+
+
+class AsgiRequestHandler:
+    """A ``request_handler`` for :class:`HybridConnectionListener` that runs an ASGI app."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        entity_path: str,
+        host: str,
+        secure: bool,
+        root_path: str = "",
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        self._app = app
+        self._entity = entity_path
+        self._host = host
+        self._scheme = "https" if secure else "http"
+        self._root_path = root_path
+        self._state = state
+
+    def scope_for(self, ctx: RelayedHttpContext) -> Scope:
+        raw_path = _strip_entity(ctx.path, self._entity)
+        headers = [
+            (name.lower().encode("latin-1"), value.encode("latin-1", "replace"))
+            for name, value in ctx.headers.items()
+        ]
+        if ctx.header("host") is None:
+            headers.insert(0, (b"host", self._host.encode("latin-1", "replace")))
+        scope: Scope = {
+            "type": "http",
+            "asgi": dict(_ASGI),
+            "http_version": "1.1",
+            "method": ctx.method.upper(),
+            "scheme": self._scheme,
+            "path": unquote(raw_path),
+            "raw_path": raw_path.encode("latin-1", "replace"),
+            "query_string": ctx.query.encode("latin-1", "replace"),
+            "root_path": self._root_path,
+            "headers": headers,
+            "client": ctx.remote_endpoint,
+            "server": None,
+            "extensions": {},
+        }
+        if self._state is not None:
+            scope["state"] = dict(self._state)
+        return scope
+
+    async def __call__(self, ctx: RelayedHttpContext) -> None:
+        scope = self.scope_for(ctx)
+        body_sent = False
+        response_done = asyncio.Event()
+        started = False
+
+        async def receive() -> Message:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": await ctx.read(), "more_body": False}
+            await response_done.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            nonlocal started
+            kind = message.get("type")
+            if kind == "http.response.start":
+                if started:
+                    raise RuntimeError("http.response.start sent twice")
+                started = True
+                await ctx.respond(
+                    int(message["status"]), None, _response_headers(message.get("headers", ()))
+                )
+            elif kind == "http.response.body":
+                if not started:
+                    raise RuntimeError("http.response.body before http.response.start")
+                if ctx.finished:
+                    return
+                body = bytes(message.get("body", b""))
+                if body:
+                    await ctx.write(body)
+                if not message.get("more_body", False):
+                    await ctx.finish()
+                    response_done.set()
+            # Other messages (trailers, extensions) are not supported and are ignored.
+
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            response_done.set()
+        if not started:
+            raise RuntimeError("the ASGI application returned without sending a response")
+
+
+def _response_headers(raw: Any) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    names: dict[str, str] = {}
+    for name_bytes, value_bytes in raw:
+        name = bytes(name_bytes).decode("latin-1")
+        value = bytes(value_bytes).decode("latin-1")
+        key = name.lower()
+        if key in names:
+            if key == "set-cookie":
+                logger.debug("only the first Set-Cookie header can be relayed")
+                continue
+            headers[names[key]] += ", " + value
+        else:
+            names[key] = name
+            headers[name] = value
+    return headers
+
+
+class _Lifespan:
+    """Runs the app's lifespan protocol (``lifespan="auto"``: skipped if the app has none)."""
+
+    def __init__(self, app: ASGIApp, mode: str) -> None:
+        self._app = app
+        self._mode = mode
+        self.state: dict[str, Any] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._inbox: asyncio.Queue[Message] = asyncio.Queue(maxsize=2)
+        self._startup: asyncio.Future[str | None] | None = None
+        self._shutdown: asyncio.Future[str | None] | None = None
+        self.supported = False
+
+    async def __aenter__(self) -> _Lifespan:
+        if self._mode == "off":
+            return self
+        loop = asyncio.get_running_loop()
+        self._startup = loop.create_future()
+        self._shutdown = loop.create_future()
+        scope: Scope = {"type": "lifespan", "asgi": dict(_ASGI), "state": self.state}
+        self._task = asyncio.create_task(self._run(scope))
+        await self._inbox.put({"type": "lifespan.startup"})
+        waiters: list[asyncio.Future[Any]] = [self._startup, self._task]
+        await asyncio.wait(waiters, timeout=LIFESPAN_TIMEOUT, return_when="FIRST_COMPLETED")
+        if not self._startup.done() and not self._task.done():
+            await self.__aexit__()
+            raise ConfigurationError("ASGI lifespan startup did not complete in time")
+        if not self._startup.done():  # the app returned or failed without answering
+            if self._mode == "on":
+                raise ConfigurationError("the ASGI application does not support lifespan")
+            logger.info("the ASGI application has no lifespan support; continuing without")
+            return self
+        error = self._startup.result()
+        if error is not None:
+            await self.__aexit__()
+            raise ConfigurationError(f"ASGI lifespan startup failed: {error}")
+        self.supported = True
+        return self
+
+    async def _run(self, scope: Scope) -> None:
+        async def receive() -> Message:
+            return await self._inbox.get()
+
+        async def send(message: Message) -> None:
+            kind = message.get("type", "")
+            future = self._startup if kind.startswith("lifespan.startup") else self._shutdown
+            if future is not None and not future.done():
+                ok = kind.endswith(".complete")
+                future.set_result(None if ok else str(message.get("message", "failed")))
+
+        try:
+            await self._app(scope, receive, send)
+        except Exception as exc:
+            if self._startup is not None and self._startup.done():
+                logger.exception("ASGI lifespan failed")
+            else:
+                logger.debug("ASGI lifespan not supported: %r", exc)
+
+    async def __aexit__(self, *exc: object) -> None:
+        task = self._task
+        if task is None:
+            return
+        try:
+            if self.supported and not task.done() and self._shutdown is not None:
+                await self._inbox.put({"type": "lifespan.shutdown"})
+                waiters: list[asyncio.Future[Any]] = [self._shutdown, task]
+                await asyncio.wait(waiters, timeout=LIFESPAN_TIMEOUT, return_when="FIRST_COMPLETED")
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def _http_only(ctx: AcceptContext) -> None:
+    ctx.reject(501, "This listener serves HTTP requests only")
+
+
+async def serve(
+    app: ASGIApp,
+    connection_string: str,
+    entity_path: str | None = None,
+    *,
+    lifespan: str = "auto",
+    root_path: str = "",
+    ready: asyncio.Event | None = None,
+    **listener_kwargs: Any,
+) -> None:
+    """Serve ``app`` on a hybrid connection until cancelled.
+
+    Args:
+        app: an ASGI 3 application.
+        connection_string: ``Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...``
+            (a Listen right is needed); ``EntityPath=`` may name the hybrid connection.
+        entity_path: the hybrid connection (else the connection string's ``EntityPath``).
+        lifespan: ``"auto"`` (run it if the app supports it), ``"on"`` or ``"off"``.
+        root_path: the ASGI ``root_path`` to report.
+        ready: set once the listener is online.
+        listener_kwargs: passed to :class:`HybridConnectionListener` (``ca_file``, ``proxy``,
+            ``keep_alive_interval``, ...).
+
+    Raises:
+        ConfigurationError: bad arguments, or the app's lifespan startup failed.
+        AuthorizationError, EndpointNotFoundError, RelayConnectionError: the first connection
+            to the relay failed (later drops are retried by the listener).
+    """
+    if lifespan not in ("auto", "on", "off"):
+        raise ConfigurationError("lifespan must be 'auto', 'on' or 'off'")
+    listener_kwargs.setdefault("accept_handler", _http_only)
+    endpoint_url, entity, provider = resolve_connection_string(connection_string, entity_path)
+    endpoint = parse_endpoint(endpoint_url)
+    listener = HybridConnectionListener(endpoint_url, entity, provider, **listener_kwargs)
+    async with _Lifespan(app, lifespan) as life:
+        listener.request_handler = AsgiRequestHandler(
+            app,
+            entity_path=listener.entity_path,
+            host=endpoint.host,
+            secure=endpoint.secure,
+            root_path=root_path,
+            state=life.state if life.supported else None,
+        )
+        async with listener:
+            logger.info("serving the ASGI application on %r", listener.entity_path)
+            if ready is not None:
+                ready.set()
+            # WebSocket senders are all rejected, so no stream is ever queued: this returns
+            # only when the listener stops for good (e.g. the hybrid connection was deleted).
+            while (stream := await listener.accept_connection()) is not None:
+                await stream.aclose()
+    raise RelayConnectionError("the listener stopped: the relay refuses it for good")
+
+
+def load_app(spec: str, *, app_dir: str | None = ".", factory: bool = False) -> ASGIApp:
+    """Import ``module:attribute`` (``attribute`` may be dotted) as an ASGI app.
+
+    Raises:
+        ConfigurationError: the module or attribute cannot be found, or is not callable.
+    """
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigurationError(f"the app must be given as module:attribute, not {spec!r}")
+    if app_dir is not None:
+        path = os.path.abspath(app_dir)
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigurationError(f"{module_name!r} has no attribute {attribute!r}") from None
+    if factory:
+        target = target()
+    if not callable(target):
+        raise ConfigurationError(f"{spec!r} is not an ASGI application (not callable)")
+    app: ASGIApp = target
+    return app
+
+
+def add_serve_app_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``hybridrelay serve-app``."""
+    parser.description = (
+        "Serve an ASGI application (FastAPI, Starlette, Quart, ...) through a hybrid "
+        "connection: HTTP requests sent to the relay at /{entity}/... reach the app."
+    )
+    parser.add_argument("app", metavar="MODULE:APP", help="the ASGI application to import")
+    parser.add_argument(
+        "--connection-string",
+        "-x",
+        metavar="CS",
+        default=os.environ.get("HYBRIDRELAY_CONNECTION_STRING"),
+        help="relay connection string with a Listen key (default: $HYBRIDRELAY_CONNECTION_STRING)",
+    )
+    parser.add_argument("--entity", "-e", help="hybrid connection (default: EntityPath)")
+    parser.add_argument(
+        "--app-dir", default=".", help="directory to import the app from (default: .)"
+    )
+    parser.add_argument(
+        "--factory", action="store_true", help="MODULE:APP is a factory returning the app"
+    )
+    parser.add_argument(
+        "--lifespan", choices=("auto", "on", "off"), default="auto", help="default: auto"
+    )
+    parser.add_argument("--root-path", default="", help="ASGI root_path to report")
+    parser.add_argument("--ca-file", help="PEM file of CAs to trust for the relay's TLS")
+    parser.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
+
+
+async def run_serve_app(args: argparse.Namespace) -> int:
+    """Run ``hybridrelay serve-app`` until cancelled (Ctrl-C)."""
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.connection_string:
+        raise ConfigurationError(
+            "a connection string is required (--connection-string or "
+            "$HYBRIDRELAY_CONNECTION_STRING)"
+        )
+    app = load_app(args.app, app_dir=args.app_dir, factory=args.factory)
+    kwargs: dict[str, Any] = {}
+    if args.ca_file:
+        kwargs["ca_file"] = args.ca_file
+    # Runs until cancelled (Ctrl-C) or the listener stops for good (raises RelayError).
+    await serve(
+        app,
+        args.connection_string,
+        args.entity,
+        lifespan=args.lifespan,
+        root_path=args.root_path,
+        **kwargs,
+    )
+    return 1
