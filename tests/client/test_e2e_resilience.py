@@ -66,6 +66,8 @@ async def test_listener_reconnects_after_relay_restart(make_relay: RelayFactory)
                 await log.wait_for("online", mark)
                 assert listener.status == "online"
                 await echo_once(second, listener, b"after restart")
+                # Closed while the relay is up: its own close is the last status change.
+                await listener.aclose()
         finally:
             await listener.aclose()
         assert log.events[-1] == ("offline", None)

@@ -518,3 +518,35 @@ async def test_new_connections_are_spread_across_listeners(relay: Relay) -> None
         assert min(counts) >= 3, counts  # random choice: P(any listener < 3 of 45) ~ 1e-5
         for control in listeners:
             await control.close()
+
+
+async def test_sender_host_header_cannot_redirect_the_rendezvous(relay: Relay) -> None:
+    """The accept address is built from the listener's own connection, not the sender's Host."""
+    async with session() as s:
+        control = await open_listener(s, relay)
+        sender_task = asyncio.create_task(
+            handshake_status(
+                relay,
+                "/$hc/hc?sb-hc-action=connect",
+                {AUTH: relay.token("hc"), "Host": "attacker.example:443"},
+            )
+        )
+        address = str((await next_accept(control))["address"])
+        assert address.startswith(relay.base_url + "/$hc/hc?"), address
+        rendezvous = await s.ws_connect(address)
+        assert await sender_task == (101, "Switching Protocols")
+        await rendezvous.close()
+        await control.close()
+    async with session() as s:  # the same holds for HTTP requests
+        control = await open_listener(s, relay, "anon")
+        request_task = asyncio.create_task(
+            s.get(relay.http_url + "/anon/x", headers={"Host": "attacker.example"})
+        )
+        async with asyncio.timeout(10):
+            message = await control.receive()
+        request = json.loads(message.data)["request"]
+        assert str(request["address"]).startswith(relay.base_url + "/$hc/anon?")
+        await control.close()
+        response = await request_task
+        assert response.status == 502  # the listener left without answering
+        response.release()

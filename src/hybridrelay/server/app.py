@@ -239,7 +239,9 @@ class RelayServer:
         return f"{'wss' if self._ssl else 'ws'}://{host}:{self.port}"
 
     def public_base(self, request: web.BaseRequest) -> str:
-        """Base of rendezvous URLs: configured, else the scheme and Host the client used."""
+        """Base of rendezvous URLs for a *listener's* request: configured, else the scheme and
+        Host the listener used. Never taken from a sender's request: a sender's Host header
+        would otherwise send the listener's rendezvous to a host of the sender's choosing."""
         if self.config.server.public_base_url:
             return self.config.server.public_base_url.rstrip("/")
         host = request.host or f"{self.config.server.host}:{self.port}"
@@ -345,7 +347,12 @@ class RelayServer:
         socket_ = AiohttpMessageSocket.server(ws, request)
         listener_id = params.get("sb-hc-id") or tracking_id()
         channel = ControlChannel(
-            entity.name, listener_id, socket_, float(decision.expiry or 0), request.remote or ""
+            entity.name,
+            listener_id,
+            socket_,
+            float(decision.expiry or 0),
+            request.remote or "",
+            self.public_base(request),
         )
         if not self.registry.add(channel, limit):  # raced with another listener
             await socket_.aclose(CloseCode.TRY_AGAIN_LATER, "listener limit reached")
@@ -441,27 +448,33 @@ class RelayServer:
         pending: PendingRendezvous,
         candidates: Sequence[ControlChannel],
     ) -> web.StreamResponse:
-        address = build_relay_url(
-            self.public_base(request),
-            entity.name,
-            action="accept",
-            suffix=quote(suffix, safe="/"),
-            app_query=filter_query(raw_query),
-            params={"sb-hc-id": connection_id, "sb-hc-rendezvous": pending.secret},
-        )
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _PRIVATE_HEADERS}
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        accept = Accept(
-            address=address,
-            id=connection_id,
-            connect_headers=headers,
-            remote_endpoint=RemoteEndpoint(str(peer[0]), int(peer[1])) if peer else None,
-        )
-        text = encode_message(accept)
+        texts: dict[str, str] = {}
+
+        def accept_text(base_url: str) -> str:
+            if base_url not in texts:
+                address = build_relay_url(
+                    base_url,
+                    entity.name,
+                    action="accept",
+                    suffix=quote(suffix, safe="/"),
+                    app_query=filter_query(raw_query),
+                    params={"sb-hc-id": connection_id, "sb-hc-rendezvous": pending.secret},
+                )
+                accept = Accept(
+                    address=address,
+                    id=connection_id,
+                    connect_headers=headers,
+                    remote_endpoint=RemoteEndpoint(str(peer[0]), int(peer[1])) if peer else None,
+                )
+                texts[base_url] = encode_message(accept)
+            return texts[base_url]
+
         delivered = False
         for channel in candidates:  # never hand a sender to a dead listener: try the next one
             try:
-                await channel.send(text)
+                await channel.send(accept_text(channel.base_url))
             except RelayConnectionError:
                 self.registry.remove(channel)
                 continue

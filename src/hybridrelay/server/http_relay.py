@@ -36,7 +36,7 @@ import json
 import logging
 import secrets
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import unquote
@@ -251,31 +251,44 @@ class HttpRelay:
                 return error_response(400, "The request body could not be read.")
 
         exchange = _Exchange(id=str(uuid.uuid4()), entity=entity.name, inline=inline)
-        address = build_relay_url(
-            server.public_base(request),
-            entity.name,
-            action="request",
-            params={"sb-hc-id": exchange.id, "sb-hc-rendezvous": exchange.secret},
-        )
-        full = Request(
-            address=address,
-            id=exchange.id,
-            request_target=target,
-            method=request.method,
-            request_headers=headers,
-            remote_endpoint=remote,
-            body=bool(body) if inline else has_body,
-        )
+
+        def full_request(base_url: str) -> Request:
+            # The address is built from the listener's own base (ControlChannel.base_url),
+            # never from this sender's Host header.
+            return Request(
+                address=build_relay_url(
+                    base_url,
+                    entity.name,
+                    action="request",
+                    params={"sb-hc-id": exchange.id, "sb-hc-rendezvous": exchange.secret},
+                ),
+                id=exchange.id,
+                request_target=target,
+                method=request.method,
+                request_headers=headers,
+                remote_endpoint=remote,
+                body=bool(body) if inline else has_body,
+            )
+
         self._by_id[exchange.id] = exchange
         self._by_secret[exchange.secret] = exchange
         try:
             if inline:
-                announced = await self._announce(exchange, encode_message(full), body or None)
+                announced = await self._announce(
+                    exchange, lambda base: encode_message(full_request(base)), body or None
+                )
             else:
-                announcement = encode_message(Request(address=address, id=exchange.id))
-                announced = await self._announce(exchange, announcement, None)
+                announced = await self._announce(
+                    exchange,
+                    lambda base: encode_message(
+                        Request(address=full_request(base).address, id=exchange.id)
+                    ),
+                    None,
+                )
             if not announced:
                 return error_response(502, "There are no listeners connected for the endpoint.")
+            assert exchange.channel is not None
+            full = full_request(exchange.channel.base_url)
             try:
                 result = await self._await_response(request, exchange, full, has_body, deadline)
             except _ExchangeFailed as exc:
@@ -294,14 +307,19 @@ class HttpRelay:
         finally:
             await self._finish(exchange)
 
-    async def _announce(self, exchange: _Exchange, text: str, body: bytes | None) -> bool:
-        """Send the request (or its address) to one listener; False if none took it."""
+    async def _announce(
+        self, exchange: _Exchange, text_for: Callable[[str], str], body: bytes | None
+    ) -> bool:
+        """Send the request (or its address) to one listener; False if none took it.
+
+        ``text_for(base_url)`` renders the message for a listener's rendezvous base.
+        """
         for channel in self._server.registry.candidates(exchange.entity):
             # Registered before sending: the answer may be read before send() returns.
             exchange.channel = channel
             self._by_channel.setdefault(channel, set()).add(exchange)
             try:
-                await channel.send(text, body)
+                await channel.send(text_for(channel.base_url), body)
             except RelayConnectionError:
                 self._unlink(exchange)
                 self._server.registry.remove(channel)

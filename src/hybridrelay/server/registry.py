@@ -27,6 +27,7 @@ class ControlChannel:
 
     __slots__ = (
         "_send_lock",
+        "base_url",
         "connected_at",
         "entity",
         "listener_id",
@@ -43,8 +44,12 @@ class ControlChannel:
         socket: MessageSocket,
         token_expiry: float,
         remote: str,
+        base_url: str,
     ) -> None:
         self.entity = entity
+        #: Base of the rendezvous addresses given to this listener: the relay as the listener
+        #: itself reached it (or the configured public base), never what a sender claims.
+        self.base_url = base_url
         self.listener_id = listener_id
         self.socket = socket
         self.token_expiry = token_expiry
