@@ -29,15 +29,16 @@ import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import unquote
 
-from hybridrelay.client._connect import parse_endpoint, resolve_connection_string
-from hybridrelay.client.http import RelayedHttpContext
-from hybridrelay.client.listener import AcceptContext, HybridConnectionListener
+from hybridrelay.client import AcceptContext, HybridConnectionListener, RelayedHttpContext
 from hybridrelay.exceptions import ConfigurationError, RelayConnectionError
+from hybridrelay.http_proxy import relay_origin
+from hybridrelay.protocol.connection_string import ConnectionString
 
 __all__ = [
     "AsgiRequestHandler",
@@ -288,15 +289,16 @@ async def serve(
     if lifespan not in ("auto", "on", "off"):
         raise ConfigurationError("lifespan must be 'auto', 'on' or 'off'")
     listener_kwargs.setdefault("accept_handler", _http_only)
-    endpoint_url, entity, provider = resolve_connection_string(connection_string, entity_path)
-    endpoint = parse_endpoint(endpoint_url)
-    listener = HybridConnectionListener(endpoint_url, entity, provider, **listener_kwargs)
+    relay_host, secure = relay_origin(ConnectionString.parse(connection_string).endpoint)
+    listener = HybridConnectionListener.from_connection_string(
+        connection_string, entity_path, **listener_kwargs
+    )
     async with _Lifespan(app, lifespan) as life:
         listener.request_handler = AsgiRequestHandler(
             app,
             entity_path=listener.entity_path,
-            host=endpoint.host,
-            secure=endpoint.secure,
+            host=relay_host,
+            secure=secure,
             root_path=root_path,
             state=life.state if life.supported else None,
         )
@@ -328,13 +330,24 @@ def load_app(spec: str, *, app_dir: str | None = ".", factory: bool = False) -> 
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+    except Exception as exc:  # the module itself failed (SyntaxError, an error at import)
+        raise ConfigurationError(
+            f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     for part in attribute.split("."):
         try:
             target = getattr(target, part)
         except AttributeError:
             raise ConfigurationError(f"{module_name!r} has no attribute {attribute!r}") from None
     if factory:
-        target = target()
+        if not callable(target):
+            raise ConfigurationError(f"{spec!r} is not a factory (not callable)")
+        try:
+            target = target()
+        except Exception as exc:
+            raise ConfigurationError(
+                f"the app factory {spec!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
     if not callable(target):
         raise ConfigurationError(f"{spec!r} is not an ASGI application (not callable)")
     app: ASGIApp = target
@@ -345,35 +358,75 @@ def add_serve_app_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``hybridrelay serve-app``."""
     parser.description = (
         "Serve an ASGI application (FastAPI, Starlette, Quart, ...) through a hybrid "
-        "connection: HTTP requests sent to the relay at /{entity}/... reach the app."
+        "connection: HTTP requests sent to the relay at /{hybrid connection}/... reach the "
+        "app, and no inbound port is opened on this machine. WebSocket senders are "
+        "rejected (501)."
     )
-    parser.add_argument("app", metavar="MODULE:APP", help="the ASGI application to import")
+    parser.epilog = (
+        'example: hybridrelay serve-app myproject.main:app -x "$CS" -e api  '
+        '(then: curl -H "Authorization: $TOKEN" https://relay.example.com/api/items)'
+    )
+    parser.add_argument(
+        "app", metavar="MODULE:APP", help="the ASGI application, e.g. myproject.main:app"
+    )
     parser.add_argument(
         "--connection-string",
         "-x",
         metavar="CS",
         default=os.environ.get("HYBRIDRELAY_CONNECTION_STRING"),
-        help="relay connection string with a Listen key (default: $HYBRIDRELAY_CONNECTION_STRING)",
-    )
-    parser.add_argument("--entity", "-e", help="hybrid connection (default: EntityPath)")
-    parser.add_argument(
-        "--app-dir", default=".", help="directory to import the app from (default: .)"
+        help="relay connection string with a Listen right (default: "
+        "$HYBRIDRELAY_CONNECTION_STRING)",
     )
     parser.add_argument(
-        "--factory", action="store_true", help="MODULE:APP is a factory returning the app"
+        "--entity",
+        "-e",
+        metavar="NAME",
+        help="hybrid connection to serve on (default: the connection string's EntityPath)",
     )
     parser.add_argument(
-        "--lifespan", choices=("auto", "on", "off"), default="auto", help="default: auto"
+        "--app-dir",
+        metavar="DIR",
+        default=".",
+        help="directory to import MODULE from (default: the current directory)",
     )
-    parser.add_argument("--root-path", default="", help="ASGI root_path to report")
-    parser.add_argument("--ca-file", help="PEM file of CAs to trust for the relay's TLS")
     parser.add_argument(
-        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+        "--factory", action="store_true", help="MODULE:APP is a factory that returns the app"
+    )
+    parser.add_argument(
+        "--lifespan",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="run the app's lifespan startup/shutdown: auto (if the app supports it, the "
+        "default), on (required), off",
+    )
+    parser.add_argument(
+        "--root-path", metavar="PATH", default="", help="ASGI root_path to report (default: '')"
+    )
+    parser.add_argument(
+        "--proxy",
+        metavar="URL",
+        help="HTTP CONNECT proxy http://[user:pass@]host:port to reach the relay "
+        "(default: HTTPS_PROXY/NO_PROXY)",
+    )
+    parser.add_argument(
+        "--ca-file", metavar="PEM", help="CA bundle to verify the relay's certificate with"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="default: info",
     )
 
 
 async def run_serve_app(args: argparse.Namespace) -> int:
-    """Run ``hybridrelay serve-app`` until cancelled (Ctrl-C)."""
+    """Run ``hybridrelay serve-app`` until SIGINT/SIGTERM; returns the exit status (0).
+
+    Raises:
+        ConfigurationError: no connection string, the app cannot be imported, its lifespan
+            startup failed.
+        RelayError: the relay refused the listener (first connection, or for good later).
+    """
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -387,13 +440,43 @@ async def run_serve_app(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {}
     if args.ca_file:
         kwargs["ca_file"] = args.ca_file
-    # Runs until cancelled (Ctrl-C) or the listener stops for good (raises RelayError).
-    await serve(
-        app,
-        args.connection_string,
-        args.entity,
-        lifespan=args.lifespan,
-        root_path=args.root_path,
-        **kwargs,
+    if args.proxy:
+        kwargs["proxy"] = args.proxy
+    serving = asyncio.create_task(
+        serve(
+            app,
+            args.connection_string,
+            args.entity,
+            lifespan=args.lifespan,
+            root_path=args.root_path,
+            **kwargs,
+        ),
+        name="hybridrelay-serve-app",
     )
-    return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            continue  # not the main thread, or a platform without it
+        installed.append(sig)
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if serving.done():
+            # serve() only returns by raising (the relay refuses the listener for good).
+            serving.result()
+            return 1
+        logger.info("serve-app: shutting down")
+        return 0
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        stopping.cancel()
+        # Closes the listener (in-flight requests end) and runs the lifespan shutdown.
+        serving.cancel()
+        await asyncio.wait([stopping, serving])
+        if not serving.cancelled() and (error := serving.exception()) is not None:
+            logger.debug("serve-app: stopped with %s: %s", type(error).__name__, error)

@@ -7,15 +7,17 @@ on the way to the upstream: ``X-Forwarded-For`` (appended), ``X-Forwarded-Proto`
 as they are (no decompression). The upstream's response body is streamed (over a rendezvous
 once it passes 64 KiB).
 
-For the bridge::
+As a listener's request handler (this is what the bridge does for each ``-H``)::
 
+    relay_host, secure = relay_origin("sb://relay.example.com")
     proxy = HttpReverseProxy("http://127.0.0.1:8080/api", entity_path="hc",
-                             relay_host="relay.example.com", secure=True)
-    listener.request_handler = proxy
+                             relay_host=relay_host, secure=secure)
+    listener = HybridConnectionListener(..., request_handler=proxy)
     ...
     await proxy.aclose()
 
-or :func:`serve_http_forward` for a whole ``-H`` forward (listener included).
+or :func:`serve_http_forward` for a whole forward from a connection string (listener
+included). Only the public SDK is used.
 """
 
 from __future__ import annotations
@@ -27,13 +29,21 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from yarl import URL
 
-from hybridrelay.client._connect import parse_endpoint, resolve_connection_string
-from hybridrelay.client.http import RelayedHttpContext
-from hybridrelay.client.listener import AcceptContext, HybridConnectionListener
+from hybridrelay.client import AcceptContext, HybridConnectionListener, RelayedHttpContext
 from hybridrelay.exceptions import ConfigurationError, RelayConnectionError
+from hybridrelay.protocol.connection_string import ConnectionString
 
-__all__ = ["HttpForwardSpec", "HttpReverseProxy", "parse_http_forward", "serve_http_forward"]
+__all__ = [
+    "HttpForwardSpec",
+    "HttpReverseProxy",
+    "parse_http_forward",
+    "reject_websocket",
+    "relay_origin",
+    "serve_http_forward",
+    "validate_http_target",
+]
 
 logger = logging.getLogger("hybridrelay.http_proxy")
 
@@ -91,13 +101,19 @@ def parse_http_forward(spec: str) -> HttpForwardSpec:
         )
     entity = entity.strip("/")
     target = scheme + rest
-    _check_target(target)
+    validate_http_target(target)
     if not entity:
         raise ConfigurationError(f"-H {spec!r}: the hybrid connection name is missing")
     return HttpForwardSpec(entity, target.rstrip("/"))
 
 
-def _check_target(target: str) -> None:
+def validate_http_target(target: str) -> None:
+    """Check an upstream base URL: ``http(s)://host[:port][/base]``.
+
+    Raises:
+        ConfigurationError: another scheme, no host, a bad port, credentials, a query or a
+            fragment.
+    """
     try:
         parts = urlsplit(target)
         _ = parts.port
@@ -105,8 +121,29 @@ def _check_target(target: str) -> None:
         raise ConfigurationError(f"invalid upstream URL {target!r}: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigurationError(f"the upstream must be http(s)://host[:port][/base]: {target!r}")
+    if "@" in parts.netloc:
+        # Credentials in the URL would end up in logs; the sender's Authorization is passed on.
+        raise ConfigurationError("the upstream URL must not contain credentials (user@host)")
     if parts.query or parts.fragment:
         raise ConfigurationError(f"the upstream URL must not have a query: {target!r}")
+
+
+def relay_origin(endpoint: str) -> tuple[str, bool]:
+    """``(host[:port], secure)`` of a relay endpoint (``sb://``, ``wss://``, ``ws://``, ...):
+    what :class:`HttpReverseProxy` reports as ``X-Forwarded-Host`` / ``X-Forwarded-Proto``.
+
+    Raises:
+        ConfigurationError: not a URL with a host.
+    """
+    try:
+        parts = urlsplit(endpoint.strip())
+        _ = parts.port
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid endpoint {endpoint!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("sb", "wss", "ws", "https", "http") or not parts.hostname:
+        raise ConfigurationError(f"endpoint must look like sb://host[:port], not {endpoint!r}")
+    return parts.netloc.rpartition("@")[2], scheme not in ("ws", "http")
 
 
 def _suffix(path: str, entity: str) -> str:
@@ -116,6 +153,15 @@ def _suffix(path: str, entity: str) -> str:
     if path[: len(prefix) + 1].lower() == prefix.lower() + "/":
         return path[len(prefix) :]
     return path
+
+
+def _as_sent(url: str) -> URL:
+    """The URL exactly as the sender encoded it: yarl would otherwise re-normalise the path
+    and query (``%2F`` -> ``/``), which changes what some applications see. A target with
+    characters that cannot go on a request line as they are is normalised instead."""
+    if url.isascii() and not any(ch <= " " or ch == "\x7f" for ch in url):
+        return URL(url, encoded=True)
+    return URL(url)
 
 
 def _dropped(headers: dict[str, str] | Any) -> set[str]:
@@ -137,20 +183,29 @@ class HttpReverseProxy:
         relay_host: str,
         secure: bool,
         ssl: Any = True,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
-        _check_target(target)
+        validate_http_target(target)
+        if connect_timeout <= 0:
+            raise ConfigurationError("connect_timeout must be positive")
         self._target = target.rstrip("/")
         self._entity = entity_path.strip("/")
         self._relay_host = relay_host
         self._proto = "https" if secure else "http"
         self._ssl = ssl
+        self._connect_timeout = connect_timeout
         self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def target(self) -> str:
+        """The upstream base URL."""
+        return self._target
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT
+                    total=None, sock_connect=self._connect_timeout, sock_read=READ_TIMEOUT
                 ),
                 auto_decompress=False,
                 trust_env=False,
@@ -183,7 +238,7 @@ class HttpReverseProxy:
 
     async def __call__(self, ctx: RelayedHttpContext) -> None:
         session = self._get_session()
-        url = self.upstream_url(ctx)
+        url = _as_sent(self.upstream_url(ctx))
         body = await ctx.read()
         try:
             async with session.request(
@@ -238,8 +293,9 @@ class HttpReverseProxy:
             await session.close()
 
 
-def _http_only(ctx: AcceptContext) -> None:
-    ctx.reject(501, "This listener forwards HTTP requests only")
+def reject_websocket(ctx: AcceptContext) -> None:
+    """Accept handler of an HTTP-only listener: WebSocket senders get 501."""
+    ctx.reject(501, "This hybrid connection forwards HTTP requests only")
 
 
 async def serve_http_forward(
@@ -255,15 +311,15 @@ async def serve_http_forward(
         ConfigurationError, AuthorizationError, EndpointNotFoundError, RelayConnectionError:
             the first connection failed, or the listener stopped for good.
     """
-    endpoint_url, entity, provider = resolve_connection_string(connection_string, spec.entity_path)
-    endpoint = parse_endpoint(endpoint_url)
-    proxy = HttpReverseProxy(
-        spec.target, entity_path=entity, relay_host=endpoint.host, secure=endpoint.secure
+    endpoint = ConnectionString.parse(connection_string).endpoint
+    relay_host, secure = relay_origin(endpoint)
+    listener_kwargs.setdefault("accept_handler", reject_websocket)
+    listener = HybridConnectionListener.from_connection_string(
+        connection_string, spec.entity_path, **listener_kwargs
     )
-    listener_kwargs.setdefault("accept_handler", _http_only)
-    listener = HybridConnectionListener(
-        endpoint_url, entity, provider, request_handler=proxy, **listener_kwargs
-    )
+    entity = listener.entity_path
+    proxy = HttpReverseProxy(spec.target, entity_path=entity, relay_host=relay_host, secure=secure)
+    listener.request_handler = proxy
     try:
         async with listener:
             if ready is not None:

@@ -6,7 +6,9 @@ finish for ``shutdown_grace_period`` seconds -> cancel what is left (each connec
 socket and stream, bounded) -> close the SDK clients -> return.
 
 Only the public SDK is used: :class:`HybridConnectionClient` per hybrid connection the
-ingress sends to, :class:`HybridConnectionListener` per hybrid connection the edge serves.
+ingress sends to, :class:`HybridConnectionListener` per hybrid connection the edge serves and
+per HTTP forward (``-H``, with :class:`hybridrelay.http_proxy.HttpReverseProxy` as its request
+handler).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from hybridrelay.bridge.config import BridgeConfig, ConnectionSettings
 from hybridrelay.bridge.edge import Edge, EdgeListener, ListenerFactory
+from hybridrelay.bridge.http_forward import HttpForwarder, HttpListenerFactory
 from hybridrelay.bridge.ingress import Connect, StreamIngress
 from hybridrelay.bridge.pipe import RelayStream
 from hybridrelay.bridge.specs import Protocol
@@ -26,12 +29,14 @@ from hybridrelay.bridge.udp import UdpIngress
 from hybridrelay.client import (
     HybridConnectionClient,
     HybridConnectionListener,
+    RequestHandler,
     SharedAccessKeyTokenProvider,
     SharedAccessSignatureTokenProvider,
     TokenProvider,
 )
 from hybridrelay.client.backoff import RECONNECT_DELAYS
 from hybridrelay.exceptions import ConfigurationError, RelayError
+from hybridrelay.http_proxy import reject_websocket
 
 __all__ = ["BridgeAgent", "token_provider_for"]
 
@@ -54,8 +59,8 @@ class BridgeAgent:
     """Runs a :class:`BridgeConfig`.
 
     Use :meth:`run` (returns after :meth:`shutdown` and the drain), or ``async with agent:``,
-    which starts it, waits until every forward listens (ingress sockets bound, edge listeners
-    online once), and shuts it down on exit.
+    which starts it, waits until every forward listens (ingress sockets bound, edge and HTTP
+    listeners online once), and shuts it down on exit.
 
     Args:
         config: a validated configuration with a relay endpoint.
@@ -82,6 +87,7 @@ class BridgeAgent:
         #: Per local forward (same order as ``config.local_forwards``): the bound addresses.
         self.ingress: list[StreamIngress | UdpIngress] = []
         self.edges: list[Edge] = []
+        self.http_forwarders: list[HttpForwarder] = []
 
     def shutdown(self) -> None:
         """Begin the graceful shutdown (idempotent; safe from a signal handler)."""
@@ -117,6 +123,7 @@ class BridgeAgent:
         clients: dict[str, HybridConnectionClient] = {}
         self.ingress = []
         self.edges = []
+        self.http_forwarders = []
         for forward in config.local_forwards:
             hc = forward.spec.hybrid_connection
             if hc not in clients:
@@ -143,7 +150,16 @@ class BridgeAgent:
                     retry_schedule=self._retry_schedule,
                 )
             )
-        self._pending_starts = len(self.ingress) + len(self.edges)
+        for http_forward in config.http_forwards:
+            self.http_forwarders.append(
+                HttpForwarder(
+                    http_forward,
+                    config,
+                    _http_listener_factory(config, http_forward.hybrid_connection, provider),
+                    retry_schedule=self._retry_schedule,
+                )
+            )
+        self._pending_starts = len(self.ingress) + len(self.edges) + len(self.http_forwarders)
         if self._pending_starts == 0:
             self.started.set()
         error: BaseException | None = None
@@ -153,7 +169,9 @@ class BridgeAgent:
                     group.create_task(ingress.serve(self._one_started, self._stop))
                 for edge in self.edges:
                     group.create_task(edge.serve(self._one_started, self._stop))
-                if not self.ingress and not self.edges:
+                for http in self.http_forwarders:
+                    group.create_task(http.serve(self._one_started, self._stop))
+                if self._pending_starts == 0:
                     await self._stop.wait()
         except* (ConfigurationError, RelayError) as errors:
             error = _first_leaf(errors)
@@ -231,6 +249,29 @@ def _listener_factory(
             # A burst of new connections is opened concurrently; the edge's own admission
             # (max_connections) is the limit that matters, not the SDK's queue default.
             max_pending=config.max_connections,
+        )
+
+    return make
+
+
+def _http_listener_factory(
+    config: BridgeConfig, hc: str, provider: TokenProvider | None
+) -> HttpListenerFactory:
+    """Listeners of an HTTP forward: same connection settings as the edge's."""
+    connection = config.connection
+    assert connection.endpoint is not None
+    endpoint = connection.endpoint
+
+    def make(handler: RequestHandler) -> EdgeListener:
+        return HybridConnectionListener(
+            endpoint,
+            hc,
+            provider,
+            ca_file=connection.ca_file,
+            proxy=connection.proxy,
+            accept_handler=reject_websocket,
+            keep_alive_interval=config.keep_alive_interval,
+            request_handler=handler,
         )
 
     return make

@@ -2,10 +2,10 @@
 
 The lead wires :func:`add_bridge_arguments` and :func:`run_bridge` into ``hybridrelay.cli``.
 Options mirror azbridge where they exist (``-x``, ``-e``/``-E``, ``-K``, ``-k``, ``-s``/``-S``,
-``-L``, ``-R``, ``-f``, ``-a``; azbridge's ``-b`` source address is not supported); the rest
-lives in the YAML file
-(:mod:`hybridrelay.bridge.config`). Command-line options win over the file; ``-L``/``-R`` add
-to the file's forwards. Without ``-x``, ``-e`` or a file connection, the connection string is
+``-L``, ``-R``, ``-H``, ``-f``, ``-a``; azbridge's ``-b`` source address is not supported); the
+rest lives in the YAML file
+(:mod:`hybridrelay.bridge.config`). Command-line options win over the file; ``-L``/``-R``/``-H``
+add to the file's forwards. Without ``-x``, ``-e`` or a file connection, the connection string is
 taken from ``HYBRIDRELAY_CONNECTION_STRING`` or azbridge's ``AZURE_BRIDGE_CONNECTIONSTRING``.
 
 Exit status: 0 after a clean shutdown (SIGINT/SIGTERM), 2 for a configuration error, 1 when
@@ -64,8 +64,9 @@ def _non_negative(text: str) -> float:
 def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the bridge's options to ``parser`` (a sub-command parser)."""
     parser.description = (
-        "Forward local sockets to hybrid connections (-L) and hybrid connections to "
-        "configured destinations (-R), compatible with Azure Relay Bridge (azbridge)."
+        "Forward local sockets to hybrid connections (-L), hybrid connections to "
+        "configured destinations (-R), and HTTP requests relayed on a hybrid connection to a "
+        "local HTTP server (-H); compatible with Azure Relay Bridge (azbridge)."
     )
     conn = parser.add_argument_group("relay connection")
     conn.add_argument(
@@ -105,6 +106,16 @@ def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HC:[PORTNAME/]HOST:PORT[/udp]",
         help="listen on hybrid connection HC and forward each connection to HOST:PORT "
         "(or unix:/path); repeatable",
+    )
+    fwd.add_argument(
+        "-H",
+        dest="http",
+        action="append",
+        default=[],
+        metavar="HC:http://HOST:PORT[/BASE]",
+        help="listen on hybrid connection HC and forward each relayed HTTP request for "
+        "/HC/PATH to http://HOST:PORT/BASE/PATH (reverse proxy, adds Via and X-Forwarded-*); "
+        "repeatable",
     )
     opts = parser.add_argument_group("options")
     opts.add_argument("-f", "--config", metavar="FILE", help="YAML configuration file")
@@ -158,6 +169,7 @@ def build_config(args: argparse.Namespace) -> BridgeConfig:
             ca_file=args.ca_file,
             local_specs=args.local,
             remote_specs=args.remote,
+            http_specs=args.http,
             bind_address=args.bind_address,
             keep_alive_interval=args.keep_alive_interval,
             connect_timeout=args.connect_timeout,
@@ -165,8 +177,8 @@ def build_config(args: argparse.Namespace) -> BridgeConfig:
             log_level=args.log_level,
         ),
     )
-    if not config.local_forwards and not config.remote_forwards:
-        raise ConfigurationError("nothing to do: give at least one -L or -R (or a config file)")
+    if not config.local_forwards and not config.remote_forwards and not config.http_forwards:
+        raise ConfigurationError("nothing to do: give at least one -L, -R or -H (or a config file)")
     if not config.connection.endpoint:
         raise ConfigurationError(
             "no relay endpoint: give -x CONNECTION_STRING, -e ENDPOINT, or 'connection:' in the "

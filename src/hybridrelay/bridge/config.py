@@ -38,14 +38,21 @@ The YAML schema (every key optional; unknown keys are errors that name the key's
         host: 10.0.0.5
         port: 22
         protocol: tcp                # tcp | udp | unix (with path:)
+    http_forwards:                   # -H: relayed HTTP requests to a local HTTP server
+      - "api:http://127.0.0.1:8000/v1"   # a spec string, as on the command line, or a mapping:
+      - hybrid_connection: admin
+        target: http://127.0.0.1:9000
 
 Merging with the command line (:func:`merge_cli`): scalar options given on the command line
-win; ``-L``/``-R`` forwards are added to the file's; ``-x`` replaces the file's connection and
-``-e``/``-K``/``-k``/``-s`` then replace single parts of it (as azbridge's ``-E/-K/-k/-S``).
+win; ``-L``/``-R``/``-H`` forwards are added to the file's; ``-x`` replaces the file's
+connection and ``-e``/``-K``/``-k``/``-s`` then replace single parts of it (as azbridge's
+``-E/-K/-k/-S``).
 
 Routing rule for an edge (checked here, at load time): the routes of one hybrid connection are
 either a single route without a port name (a plain stream, no preamble) or any number of named
 routes (every connection must then open with the azbridge preamble naming one of them).
+A hybrid connection of an HTTP forward serves nothing else in the same agent (no ``-R``, no
+second ``-H``).
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ from hybridrelay.bridge.specs import (
     validate_host,
 )
 from hybridrelay.exceptions import ConfigurationError
+from hybridrelay.http_proxy import parse_http_forward, validate_http_target
 from hybridrelay.protocol.connection_string import ConnectionString
 
 __all__ = [
@@ -85,6 +93,7 @@ __all__ = [
     "BridgeConfig",
     "CliOverrides",
     "ConnectionSettings",
+    "HttpForward",
     "LocalForward",
     "Network",
     "RemoteForward",
@@ -229,12 +238,35 @@ class RemoteForward:
 
 
 @dataclass(frozen=True)
+class HttpForward:
+    """A ``-H hybrid_connection:http://host:port[/base]``: relayed HTTP requests on
+    ``hybrid_connection`` go to the upstream base URL ``target``."""
+
+    hybrid_connection: str
+    target: str
+
+    def __str__(self) -> str:
+        return f"{self.hybrid_connection}:{self.target}"
+
+    @classmethod
+    def parse(cls, spec: str) -> HttpForward:
+        """Parse the command-line form.
+
+        Raises:
+            ConfigurationError: malformed.
+        """
+        parsed = parse_http_forward(spec)
+        return cls(parsed.entity_path, parsed.target)
+
+
+@dataclass(frozen=True)
 class BridgeConfig:
     """The whole bridge configuration."""
 
     connection: ConnectionSettings = field(default_factory=ConnectionSettings)
     local_forwards: tuple[LocalForward, ...] = ()
     remote_forwards: tuple[RemoteForward, ...] = ()
+    http_forwards: tuple[HttpForward, ...] = ()
     bind_address: str = DEFAULT_BIND_ADDRESS
     keep_alive_interval: float = DEFAULT_KEEP_ALIVE_INTERVAL
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
@@ -262,14 +294,33 @@ class BridgeConfig:
             validate_host(self.bind_address, what="bind_address")
         entity = self.connection.entity_path
         if entity is not None:
-            for spec in [f.spec for f in self.local_forwards] + [
-                r.spec for r in self.remote_forwards
-            ]:
-                if spec.hybrid_connection != entity:
+            specs: list[LocalForwardSpec | RemoteForwardSpec | HttpForward] = [
+                f.spec for f in self.local_forwards
+            ]
+            specs += [r.spec for r in self.remote_forwards]
+            specs += self.http_forwards
+            for spec in specs:
+                if spec.hybrid_connection.strip("/") != entity.strip("/"):
                     raise ConfigurationError(
                         f"forward {spec}: the connection string names EntityPath={entity!r}, "
                         f"so every forward must use that hybrid connection"
                     )
+        # Entity names are case-insensitive on the relay (as on Azure).
+        edges = {hc.strip("/").lower() for hc in self.edge_routes()}
+        http_hcs: set[str] = set()
+        for http in self.http_forwards:
+            hc = http.hybrid_connection.strip("/").lower()
+            if hc in edges:
+                raise ConfigurationError(
+                    f"-H {http}: hybrid connection {http.hybrid_connection!r} is also a -R "
+                    "(remote forward) target; an HTTP forward needs a hybrid connection of its own"
+                )
+            if hc in http_hcs:
+                raise ConfigurationError(
+                    f"-H {http}: hybrid connection {http.hybrid_connection!r} has two HTTP "
+                    "forwards; give each upstream a hybrid connection of its own"
+                )
+            http_hcs.add(hc)
         bindings: set[tuple[str, ...]] = set()
         for forward in self.local_forwards:
             spec = forward.spec
@@ -331,6 +382,7 @@ class CliOverrides:
     ca_file: str | None = None
     local_specs: Sequence[str] = ()
     remote_specs: Sequence[str] = ()
+    http_specs: Sequence[str] = ()
     bind_address: str | None = None
     keep_alive_interval: float | None = None
     connect_timeout: float | None = None
@@ -372,6 +424,8 @@ def merge_cli(config: BridgeConfig, cli: CliOverrides) -> BridgeConfig:
         + tuple(LocalForward(parse_local_spec(text)) for text in cli.local_specs),
         "remote_forwards": config.remote_forwards
         + tuple(RemoteForward(parse_remote_spec(text)) for text in cli.remote_specs),
+        "http_forwards": config.http_forwards
+        + tuple(HttpForward.parse(text) for text in cli.http_specs),
     }
     for name in (
         "bind_address",
@@ -436,11 +490,13 @@ def parse_config(document: Any) -> BridgeConfig:
     defaults = BridgeConfig()
     local = [_local_forward(item) for item in root.items("local_forwards")]
     remote = [_remote_forward(item) for item in root.items("remote_forwards")]
+    http = [_http_forward(item) for item in root.items("http_forwards")]
     log_level = root.string("log_level") or defaults.log_level
     config = BridgeConfig(
         connection=connection,
         local_forwards=tuple(local),
         remote_forwards=tuple(remote),
+        http_forwards=tuple(http),
         bind_address=root.string("bind_address") or defaults.bind_address,
         keep_alive_interval=root.number("keep_alive_interval", defaults.keep_alive_interval),
         connect_timeout=root.number("connect_timeout", defaults.connect_timeout),
@@ -541,6 +597,27 @@ def _remote_forward(item: _Section) -> RemoteForward:
         )
         item.done()
         return forward
+    except ConfigurationError as exc:
+        if str(exc).startswith(where):
+            raise
+        raise ConfigurationError(f"{where}: {exc}") from None
+
+
+def _http_forward(item: _Section) -> HttpForward:
+    where = item.path
+    try:
+        if isinstance(item.document, str):
+            return HttpForward.parse(item.document)
+        hc = item.string("hybrid_connection", required=True).strip("/")
+        if not hc:
+            raise ConfigurationError(f"{item.key('hybrid_connection')}: must not be empty")
+        target = item.string("target", required=True)
+        try:
+            validate_http_target(target)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{item.key('target')}: {exc}") from None
+        item.done()
+        return HttpForward(hc, target.rstrip("/"))
     except ConfigurationError as exc:
         if str(exc).startswith(where):
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hybridrelay.client.http import RelayedHttpContext, RequestHandler
 from hybridrelay.client.listener import (
     AcceptContext,
     AcceptHandler,
@@ -24,6 +25,8 @@ __all__ = [
     "HybridConnectionListener",
     "HybridConnectionStream",
     "ListenerStatus",
+    "RelayedHttpContext",
+    "RequestHandler",
     "SharedAccessKeyTokenProvider",
     "SharedAccessSignatureTokenProvider",
     "TokenProvider",
