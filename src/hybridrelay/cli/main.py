@@ -110,7 +110,7 @@ def raise_open_file_limit() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("serve", "bridge"):
+    if args.command in ("serve", "bridge", "serve-app"):
         raise_open_file_limit()
     try:
         result: int = args.func(args)
