@@ -1,0 +1,252 @@
+"""The paths under test: how to start each one, and where the load generator connects.
+
+Every path ends at the same :mod:`bench.dest` process. ``direct`` is the destination itself;
+``hybridrelay`` and ``hybridrelay-tls`` are the full pattern (ingress ``-L`` -> relay -> edge
+agent ``-R`` -> destination) as three processes; the peers are socat (one raw TCP hop),
+websockify (a WebSocket-to-TCP server: the load generator speaks WebSocket to it, so it is one
+hop *fewer* than our pattern) and the npm ``wstunnel`` (a TCP -> WebSocket -> TCP tunnel, two
+processes).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.procs import Proc, ProcGroup, free_port, wait_port
+
+__all__ = ["ALL_TOPOLOGIES", "CpuLayout", "Topology", "available", "start_topology"]
+
+BENCH_DIR = Path(__file__).resolve().parent
+PEERS_DIR = BENCH_DIR / ".peers"
+HC = "bench"
+KEY_NAME = "bench"
+
+ALL_TOPOLOGIES = ["direct", "hybridrelay", "hybridrelay-tls", "socat", "websockify", "wstunnel"]
+#: Load generator modes each path can run (websockify: no half-close over our WS client).
+_ALL_MODES = {"down", "up", "lat", "rr", "connrate", "idle"}
+MODES: dict[str, set[str]] = {
+    "direct": _ALL_MODES,
+    "hybridrelay": _ALL_MODES,
+    "hybridrelay-tls": _ALL_MODES,
+    "socat": _ALL_MODES,
+    # websockify: no half-close through our WS client; "idle" timed out at 100 connections
+    # (it forks a process per connection), see docs/PERFORMANCE.md.
+    "websockify": _ALL_MODES - {"up", "idle"},
+    # Observed: the sink never gets our half-close through it (no answer in 30 s).
+    "wstunnel": _ALL_MODES - {"up"},
+}
+
+
+@dataclass(frozen=True)
+class CpuLayout:
+    """``taskset -c`` lists per role (None: not pinned)."""
+
+    loadgen: str | None = "0"
+    dest: str | None = "0"
+    relay: str | None = "1"
+    ingress: str | None = None
+    agent: str | None = None
+    peer: str | None = "1"
+
+
+@dataclass
+class Topology:
+    name: str
+    port: int
+    ws_path: str | None = None
+    #: Processes of the path itself (not the destination), by role.
+    roles: dict[str, Proc] = field(default_factory=dict)
+    modes: set[str] = field(default_factory=set)
+    note: str = ""
+
+
+def _tool(name: str, *extra: Path) -> str | None:
+    for candidate in extra:
+        if candidate.exists():
+            return str(candidate)
+    return shutil.which(name)
+
+
+def _websockify() -> str | None:
+    return _tool("websockify", PEERS_DIR / "venv" / "bin" / "websockify")
+
+
+def _wstunnel() -> str | None:
+    return _tool("wstunnel", PEERS_DIR / "node" / "node_modules" / ".bin" / "wstunnel")
+
+
+def available(name: str) -> str | None:
+    """None when the path can run here, else why not."""
+    if name == "socat" and not shutil.which("socat"):
+        return "socat not installed (apt-get install socat)"
+    if name == "websockify" and not _websockify():
+        return "websockify not installed (see docs/PERFORMANCE.md)"
+    if name == "wstunnel" and not (_wstunnel() and shutil.which("node")):
+        return "npm wstunnel not installed (see docs/PERFORMANCE.md)"
+    return None
+
+
+def _hybridrelay_exe() -> str:
+    """``$BENCH_HYBRIDRELAY`` (an A/B experiment's wrapper) or the installed command."""
+    return os.environ.get("BENCH_HYBRIDRELAY") or shutil.which("hybridrelay") or "hybridrelay"
+
+
+def _bridge_command() -> list[str]:
+    exe = _hybridrelay_exe()
+    if exe:
+        probe = subprocess.run(
+            [exe, "bridge", "--help"], capture_output=True, timeout=30, check=False
+        )
+        if probe.returncode == 0:
+            return [exe, "bridge"]
+    return [sys.executable, "-m", "bench.bridge_main"]
+
+
+def _tls_files(workdir: Path) -> tuple[Path, Path, Path]:
+    """(cert, key, ca) for 127.0.0.1, made with trustme."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_path, key_path, ca_path = workdir / "cert.pem", workdir / "key.pem", workdir / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    for extra in cert.cert_chain_pems[1:]:
+        with cert_path.open("ab") as f:
+            f.write(extra.bytes())
+    cert.private_key_pem.write_to_path(str(key_path))
+    ca.cert_pem.write_to_path(str(ca_path))
+    return cert_path, key_path, ca_path
+
+
+def _relay_config(workdir: Path, key: str, tls: tuple[Path, Path] | None) -> Path:
+    server = (
+        f"  tls: {{cert: {tls[0]}, key: {tls[1]}}}\n" if tls is not None else "  plaintext: true\n"
+    )
+    text = (
+        "server:\n  host: 127.0.0.1\n  port: 0\n"
+        + server
+        + "limits:\n  max_pending_rendezvous: 20000\n"
+        + "namespace:\n  authorization_rules:\n"
+        + f'    - {{name: {KEY_NAME}, primary_key: "{key}", rights: [Listen, Send, Manage]}}\n'
+        + "  hybrid_connections:\n"
+        + f"    - {{name: {HC}, requires_client_authorization: true}}\n"
+    )
+    path = workdir / ("relay-tls.yaml" if tls else "relay.yaml")
+    path.write_text(text)
+    return path
+
+
+def _bridge_config(workdir: Path, name: str, cs: str, ca: Path | None, forward: str) -> Path:
+    lines = [
+        "connection:",
+        f'  connection_string: "{cs}"',
+        *([f"  ca_file: {ca}"] if ca else []),
+        "max_connections: 20000",
+        "log_level: info",
+        forward,
+    ]
+    path = workdir / f"{name}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_topology(
+    name: str, procs: ProcGroup, dest_port: int, workdir: Path, cpus: CpuLayout
+) -> Topology:
+    """Start the processes of path ``name`` (owned by ``procs``); returns where to connect."""
+    topo = Topology(name, dest_port, modes=set(MODES[name]))
+    if name == "direct":
+        return topo
+    if name.startswith("hybridrelay"):
+        tls = name.endswith("-tls")
+        key = base64.b64encode(os.urandom(32)).decode()
+        ca: Path | None = None
+        tls_pair: tuple[Path, Path] | None = None
+        if tls:
+            cert, pkey, ca = _tls_files(workdir)
+            tls_pair = (cert, pkey)
+        config = _relay_config(workdir, key, tls_pair)
+        exe = _hybridrelay_exe()
+        relay = procs.start("relay", [exe, "serve", "--config", str(config)], cpus=cpus.relay)
+        m = relay.wait_line(r"relay listening on (wss?)://127\.0\.0\.1:(\d+)")
+        scheme = "sb" if m.group(1) == "wss" else "ws"
+        cs = f"Endpoint={scheme}://127.0.0.1:{m.group(2)}/;SharedAccessKeyName={KEY_NAME};SharedAccessKey={key}"
+        bridge = _bridge_command()
+        agent_cfg = _bridge_config(
+            workdir,
+            f"agent-{name}",
+            cs,
+            ca,
+            f'remote_forwards: ["{HC}:127.0.0.1:{dest_port}"]',
+        )
+        agent = procs.start("agent", [*bridge, "-f", str(agent_cfg)], cpus=cpus.agent)
+        agent.wait_line(r"listening for")
+        ingress_cfg = _bridge_config(
+            workdir, f"ingress-{name}", cs, ca, f'local_forwards: ["127.0.0.1:0:{HC}"]'
+        )
+        ingress = procs.start("ingress", [*bridge, "-f", str(ingress_cfg)], cpus=cpus.ingress)
+        m = ingress.wait_line(r"listening on 127\.0\.0\.1:(\d+)")
+        topo.port = int(m.group(1))
+        topo.roles = {"relay": relay, "ingress": ingress, "agent": agent}
+        topo.note = "TLS (wss://) on both relay legs" if tls else "plaintext ws://"
+        return topo
+    if name == "socat":
+        port = free_port()
+        proc = procs.start(
+            "socat",
+            [
+                "socat",
+                "-b",
+                "262144",
+                f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
+                f"TCP:127.0.0.1:{dest_port}",
+            ],
+            cpus=cpus.peer,
+        )
+        wait_port(port)
+        topo.port, topo.roles, topo.note = port, {"socat": proc}, "1 raw TCP hop, fork per conn"
+        return topo
+    if name == "websockify":
+        wsfy = _websockify()
+        assert wsfy is not None
+        port = free_port()
+        proc = procs.start(
+            "websockify", [wsfy, f"127.0.0.1:{port}", f"127.0.0.1:{dest_port}"], cpus=cpus.peer
+        )
+        wait_port(port)
+        topo.port, topo.roles = port, {"websockify": proc}
+        topo.ws_path = "/"
+        topo.note = "client speaks WS to it: 1 hop, not the 3-process pattern"
+        return topo
+    if name == "wstunnel":
+        wst = _wstunnel()
+        assert wst is not None
+        sport, cport = free_port(), free_port()
+        server = procs.start(
+            "wst-server",
+            ["node", wst, "-s", f"127.0.0.1:{sport}"],
+            cpus=cpus.relay,
+        )
+        wait_port(sport)
+        client = procs.start(
+            "wst-client",
+            [
+                "node",
+                wst,
+                "-t",
+                f"127.0.0.1:{cport}:127.0.0.1:{dest_port}",
+                f"ws://127.0.0.1:{sport}",
+            ],
+            cpus=cpus.ingress,
+        )
+        wait_port(cport)
+        topo.port, topo.roles = cport, {"wst-client": client, "wst-server": server}
+        topo.note = "TCP -> WS client -> WS server -> TCP (2 processes)"
+        return topo
+    raise ValueError(f"unknown topology {name!r}")

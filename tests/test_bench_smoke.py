@@ -1,0 +1,53 @@
+"""Smoke test of the benchmark harness (bench/): the smallest scenario, a few seconds.
+
+It proves the harness still starts the real relay and bridge processes, measures through them
+and writes its table; the numbers themselves are not checked (see docs/PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("hybridrelay") is None, reason="hybridrelay is not installed")
+def test_bench_latency_scenario_runs(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--only",
+            "latency",
+            "--topology",
+            "direct",
+            "--topology",
+            "hybridrelay",
+            "--no-plot",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    by_topology = {r["topology"]: r for r in records if r.get("mode") == "lat"}
+    assert set(by_topology) == {"direct", "hybridrelay"}
+    for record in by_topology.values():
+        assert "error" not in record
+        assert record["n"] > 0
+        assert record["p50_ms"] > 0
+    assert "connect-to-first-byte p50" in (tmp_path / "table.md").read_text()
