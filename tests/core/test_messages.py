@@ -208,3 +208,18 @@ def test_failure_limiter() -> None:
     limiter.record_failure("c", 0.0)
     limiter.record_failure("d", 0.0)  # bounded: the oldest source is forgotten
     assert len(limiter._failures) == 2
+
+
+def test_tls_read_buffer_setting_reaches_asyncio() -> None:
+    import asyncio.sslproto
+
+    from hybridrelay.transport.tls import set_tls_read_buffer
+
+    before = asyncio.sslproto.SSLProtocol.max_size
+    try:
+        set_tls_read_buffer(64 * 1024)
+        assert asyncio.sslproto.SSLProtocol.max_size == 64 * 1024
+        with pytest.raises(ValueError, match="16 KiB"):
+            set_tls_read_buffer(4096)
+    finally:
+        asyncio.sslproto.SSLProtocol.max_size = before

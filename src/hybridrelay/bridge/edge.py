@@ -283,12 +283,14 @@ class Edge:
         except BaseException:
             await close_stream(stream, 1001, "bridge shutting down")
             raise
-        logger.info("%s: relay connection %s -> %s", self._name, stream.id, spec.target_text())
+        # One INFO line per connection (at its end) keeps logging off the hot path.
+        logger.debug("%s: relay connection %s -> %s", self._name, stream.id, spec.target_text())
         stats = await pipe(leg, stream, initial=initial)
         logger.info(
-            "%s: relay connection %s closed%s: %d bytes to the destination, %d back, %.1f s",
+            "%s: relay connection %s -> %s closed%s: %d bytes to the destination, %d back, %.1f s",
             self._name,
             stream.id,
+            spec.target_text(),
             f" ({stats.error})" if stats.error else "",
             stats.bytes_down,
             stats.bytes_up,

@@ -149,7 +149,8 @@ class StreamIngress:
         except BaseException:
             leg.abort()
             raise
-        logger.info("%s: [%s] %s -> relay connection %s", self._name, cid, peer, stream.id)
+        # One INFO line per connection (at its end) keeps logging off the hot path.
+        logger.debug("%s: [%s] %s -> relay connection %s", self._name, cid, peer, stream.id)
         initial = b""
         try:
             if spec.port_name is not None:
@@ -173,9 +174,10 @@ class StreamIngress:
             raise
         stats = await pipe(leg, stream, initial=initial)
         logger.info(
-            "%s: [%s] relay connection %s closed%s: %d bytes up, %d bytes down, %.1f s",
+            "%s: [%s] %s, relay connection %s closed%s: %d bytes up, %d bytes down, %.1f s",
             self._name,
             cid,
+            peer,
             stream.id,
             f" ({stats.error})" if stats.error else "",
             stats.bytes_up,

@@ -23,6 +23,7 @@ from hybridrelay import __version__
 from hybridrelay.auth.sas import AuthorizationRule, Rights, create_token, token_audience
 from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.protocol.connection_string import ConnectionString
+from hybridrelay.transport.tls import set_tls_read_buffer
 
 __all__ = ["main"]
 
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("serve", "bridge", "serve-app"):
         raise_open_file_limit()
+        set_tls_read_buffer()
     try:
         result: int = args.func(args)
         return result

@@ -168,6 +168,9 @@ class WebSocketConnector:
         else:
             self._proxy, self._proxy_headers = None, {}
         self._explicit_proxy = proxy is not None
+        # The environment is read once per connector (per listener or client), not for every
+        # connection: getproxies_environment() scans os.environ and showed up in profiles.
+        self._environment_proxies: dict[str, str] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         # Sockets handed out and not finished yet: closing the session would cut them, so
@@ -194,7 +197,9 @@ class WebSocketConnector:
     def _proxy_for(self, url: str) -> tuple[str | None, dict[str, str]]:
         if self._explicit_proxy:
             return self._proxy, self._proxy_headers
-        found = env_proxy_for(url, urllib.request.getproxies_environment())
+        if self._environment_proxies is None:
+            self._environment_proxies = urllib.request.getproxies_environment()
+        found = env_proxy_for(url, self._environment_proxies)
         return _split_proxy(found) if found else (None, {})
 
     async def connect(

@@ -49,7 +49,6 @@ from hybridrelay.server.rendezvous import (
     PendingRendezvous,
     Rejection,
     RendezvousTable,
-    splice,
 )
 from hybridrelay.server.store import EntityStore, InMemoryEntityStore
 from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
@@ -429,16 +428,19 @@ class RelayServer:
         if pending is None:
             return error_response(503, "Too many pending connections; try again later.")
         try:
-            return await self._rendezvous_sender(
+            if not await self._offer(
                 request, entity, suffix, raw_query, connection_id, pending, candidates
-            )
+            ):
+                return error_response(404, "There are no listeners connected for the endpoint.")
+            return await self._rendezvous_sender(request, entity, connection_id, pending)
         finally:
             self._rendezvous.discard(pending)
             if not pending.outcome.done():
                 pending.outcome.cancel()
-            pending.finished.set()
+            if not pending.sender_socket.done():
+                pending.sender_socket.set_result(None)
 
-    async def _rendezvous_sender(
+    async def _offer(
         self,
         request: web.Request,
         entity: HybridConnectionConfig,
@@ -447,7 +449,12 @@ class RelayServer:
         connection_id: str,
         pending: PendingRendezvous,
         candidates: Sequence[ControlChannel],
-    ) -> web.StreamResponse:
+    ) -> bool:
+        """Send the ``accept`` to one usable listener; False if none took it.
+
+        A method of its own so that the accept message and the copied headers are garbage
+        once it returns, not held for the connection's lifetime.
+        """
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _PRIVATE_HEADERS}
         peer = request.transport.get_extra_info("peername") if request.transport else None
         texts: dict[str, str] = {}
@@ -471,17 +478,22 @@ class RelayServer:
                 texts[base_url] = encode_message(accept)
             return texts[base_url]
 
-        delivered = False
         for channel in candidates:  # never hand a sender to a dead listener: try the next one
             try:
                 await channel.send(accept_text(channel.base_url))
             except RelayConnectionError:
                 self.registry.remove(channel)
                 continue
-            delivered = True
-            break
-        if not delivered:
-            return error_response(404, "There are no listeners connected for the endpoint.")
+            return True
+        return False
+
+    async def _rendezvous_sender(
+        self,
+        request: web.Request,
+        entity: HybridConnectionConfig,
+        connection_id: str,
+        pending: PendingRendezvous,
+    ) -> web.StreamResponse:
         try:
             async with asyncio.timeout(self.config.limits.rendezvous_timeout):
                 outcome = await pending.outcome
@@ -498,16 +510,18 @@ class RelayServer:
             await listener.aclose(CloseCode.GOING_AWAY, "sender went away")
             return ws
         sender = AiohttpMessageSocket.server(ws, request)
+        pending.sender_socket.set_result(sender)
         pair = (sender, listener)
         self._spliced.add(pair)
         self._splices_done.clear()
         try:
-            stats = await splice(sender, listener)
+            await pending.splice.run_half(sender, listener, to_listener=True)
         finally:
             self._spliced.discard(pair)
             if not self._spliced:
                 self._splices_done.set()
-        logger.info(
+        stats = pending.splice.stats
+        logger.debug(
             "connection %s on %r closed: %d bytes to listener, %d bytes to sender",
             connection_id,
             entity.name,
@@ -549,5 +563,9 @@ class RelayServer:
             await listener.aclose(CloseCode.GOING_AWAY, "sender went away")
             return ws
         pending.outcome.set_result(Accepted(listener))
-        await pending.finished.wait()
+        sender = await pending.sender_socket
+        if sender is None:  # the sender's upgrade failed; its handler closed this socket
+            listener.abort()
+            return ws
+        await pending.splice.run_half(listener, sender, to_listener=False)
         return ws

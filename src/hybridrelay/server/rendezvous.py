@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from hybridrelay.exceptions import RelayConnectionError
 from hybridrelay.transport.base import MessageKind, MessageSocket, sendable_close_code
 
-__all__ = ["Accepted", "PendingRendezvous", "Rejection", "RendezvousTable", "SpliceStats", "splice"]
+__all__ = ["Accepted", "PendingRendezvous", "Rejection", "RendezvousTable", "Splice", "SpliceStats"]
 
 logger = logging.getLogger("hybridrelay.server")
 
@@ -46,8 +46,8 @@ class PendingRendezvous:
     """A sender waiting for its listener.
 
     ``outcome`` resolves once, to :class:`Accepted` or :class:`Rejection`; if the sender gives up
-    first it is cancelled, and a late listener finds it done. ``finished`` is set when the
-    sender's handler is over, so that the listener's handler can return.
+    first it is cancelled, and a late listener finds it done. Then ``sender_socket`` hands the
+    upgraded sender to the listener's handler, and ``splice`` carries the data both ways.
     """
 
     id: str
@@ -56,7 +56,12 @@ class PendingRendezvous:
     outcome: asyncio.Future[Accepted | Rejection] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
-    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The sender's socket once it is upgraded (None if that failed): the listener's handler
+    #: waits for it to start its half of the splice.
+    sender_socket: asyncio.Future[MessageSocket | None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    splice: Splice = field(default_factory=lambda: Splice())
 
 
 class RendezvousTable:
@@ -119,14 +124,43 @@ async def _pump(
             stats.listener_to_sender += len(message.data)
 
 
-async def splice(sender: MessageSocket, listener: MessageSocket) -> SpliceStats:
-    """Forward both ways until both sides have closed; returns the byte counts."""
-    stats = SpliceStats()
-    try:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(_pump(sender, listener, stats, to_listener=True))
-            group.create_task(_pump(listener, sender, stats, to_listener=False))
-    finally:
+class Splice:
+    """The two directions of one relayed connection.
+
+    Each direction is pumped by the aiohttp handler task that already owns its source socket
+    (the sender's handler pumps sender -> listener, the listener's handler the other way), so a
+    relayed connection costs no tasks beyond the two handlers: this matters at 10,000 idle
+    connections. Whichever half finishes last drops both sockets; a half that fails aborts
+    both, which ends the other half too.
+    """
+
+    __slots__ = ("_halves_done", "finished", "stats")
+
+    def __init__(self) -> None:
+        self.stats = SpliceStats()
+        self.finished = asyncio.Event()
+        self._halves_done = 0
+
+    async def run_half(
+        self, source: MessageSocket, target: MessageSocket, *, to_listener: bool
+    ) -> None:
+        """Pump ``source`` -> ``target``, then wait until the other half is done too."""
+        try:
+            await _pump(source, target, self.stats, to_listener=to_listener)
+        except BaseException:
+            source.abort()
+            target.abort()
+            raise
+        finally:
+            self._halves_done += 1
+            if self._halves_done == 2:
+                source.abort()
+                target.abort()
+                self.finished.set()
+        await self.finished.wait()
+
+    def abort(self, sender: MessageSocket, listener: MessageSocket) -> None:
+        """End a splice whose other half never started."""
         sender.abort()
         listener.abort()
-    return stats
+        self.finished.set()
