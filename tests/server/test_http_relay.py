@@ -538,6 +538,30 @@ async def test_expect_100_continue(relay: Relay) -> None:
     assert "Expect" not in peer.received[0].headers
 
 
+async def test_expect_is_answered_only_after_auth_and_only_for_100_continue(relay: Relay) -> None:
+    async def exchange(head: str) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
+        writer.write(head.encode())
+        await writer.drain()
+        async with asyncio.timeout(10):
+            line = await reader.readline()
+        writer.close()
+        return line
+
+    # No token: the sender is refused before any 100 Continue invites the body.
+    unauthorized = (
+        "POST /hc HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert (await exchange(unauthorized)).startswith(b"HTTP/1.1 401")
+    token = relay.token("hc")
+    odd = (
+        f"POST /hc HTTP/1.1\r\nHost: x\r\n{AUTH}: {token}\r\n"
+        "Content-Length: 5\r\nExpect: magic\r\n\r\n"
+    )
+    async with peer_listener(relay.base_url, "hc", token):
+        assert (await exchange(odd)).startswith(b"HTTP/1.1 417")
+
+
 async def test_streamed_body_not_cut_while_flowing_but_cut_when_stalled(
     make_relay: RelayFactory,
 ) -> None:

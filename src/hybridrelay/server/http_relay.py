@@ -193,7 +193,7 @@ class HttpRelay:
     # -- E6: the sender ------------------------------------------------------------------
 
     async def handle_sender_request(
-        self, request: web.Request, raw_path: str, raw_query: str
+        self, request: web.BaseRequest, raw_path: str, raw_query: str
     ) -> web.StreamResponse:
         from hybridrelay.server.app import error_response
 
@@ -237,6 +237,13 @@ class HttpRelay:
         )
         if len(self._by_secret) >= server.config.limits.max_pending_rendezvous:
             return error_response(503, "Too many pending requests; try again later.")
+        expect = request.headers.get("Expect")
+        if expect is not None:
+            # The relay answers Expect itself, once it knows it will take the body (auth and
+            # routing passed), and never forwards it (PROTOCOL.md 6.1).
+            if expect.lower() != "100-continue" or request.version < (1, 1):
+                return error_response(417, "Only 'Expect: 100-continue' is supported.")
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
         deadline = _response_deadline(server, entity)
         body: bytes | None = None
@@ -330,7 +337,7 @@ class HttpRelay:
 
     async def _await_response(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         exchange: _Exchange,
         full: Request,
         has_body: bool,
@@ -353,7 +360,7 @@ class HttpRelay:
 
     async def _over_rendezvous(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         exchange: _Exchange,
         rendezvous: _Rendezvous,
         full: Request,
@@ -419,7 +426,7 @@ class HttpRelay:
                     await task  # also retrieves an exception nobody needs any more
 
     async def _respond(
-        self, request: web.Request, result: _ListenerResponse, deadline: float
+        self, request: web.BaseRequest, result: _ListenerResponse, deadline: float
     ) -> web.StreamResponse:
         response = result.response
         status = response.status_code
@@ -460,7 +467,7 @@ class HttpRelay:
                 request.transport.close()
         return out
 
-    def _via_name(self, request: web.Request) -> str:
+    def _via_name(self, request: web.BaseRequest) -> str:
         host = self._server.config.namespace_host or request.host or "hybridrelay"
         return "".join(ch for ch in host if ch.isprintable() and ch not in " ,;\r\n")[:255]
 
@@ -496,7 +503,7 @@ class HttpRelay:
     # -- E5: the listener's request rendezvous ----------------------------------------------
 
     async def handle_request_rendezvous(
-        self, request: web.Request, params: dict[str, str]
+        self, request: web.BaseRequest, params: dict[str, str]
     ) -> web.StreamResponse:
         from hybridrelay.server.app import error_response
 
@@ -687,7 +694,7 @@ async def _wait_while_flowing(
             return task.result()
 
 
-async def _upload(request: web.Request, socket: AiohttpMessageSocket, idle: float) -> None:
+async def _upload(request: web.BaseRequest, socket: AiohttpMessageSocket, idle: float) -> None:
     """Stream the sender's body to the listener as ONE binary message, in fragments.
 
     Raises :class:`_SenderGone` if the sender's body breaks off (the rendezvous is then dropped:
