@@ -27,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from hybridrelay.exceptions import RelayError
 
@@ -115,10 +115,10 @@ class SocketLeg(asyncio.Protocol):
     # -- asyncio.Protocol callbacks ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # cast, not isinstance: uvloop's transports do not subclass asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         self.peername = transport.get_extra_info("peername")
-        transport.set_write_buffer_limits(high=self._high, low=self._low)
+        self.transport.set_write_buffer_limits(high=self._high, low=self._low)
         if self._on_connected is not None:
             self._on_connected(self)
 
