@@ -64,10 +64,11 @@ async def listener_main(cs: str, ca_file: str | None, ready_port_file: str) -> N
         writer.close()
 
     server = await asyncio.start_server(tcp, "127.0.0.1", 0)
-    Path(ready_port_file).write_text(str(server.sockets[0].getsockname()[1]))
+    port = str(server.sockets[0].getsockname()[1])
+    await asyncio.to_thread(Path(ready_port_file).write_text, port)
     tasks: set[asyncio.Task[None]] = set()
     async with HybridConnectionListener.from_connection_string(cs, ca_file=ca_file) as listener:
-        Path(ready_port_file + ".ready").write_text("1")
+        await asyncio.to_thread(Path(ready_port_file + ".ready").write_text, "1")
         async for stream in listener:
             task = asyncio.create_task(serve_stream(stream))
             tasks.add(task)
@@ -138,7 +139,9 @@ def main() -> int:
         asyncio.run(listener_main(args.cs, args.ca_file, args.port_file))
         return 0
     if args.role == "sender":
-        asyncio.run(sender_main(args.cs, args.ca_file, args.tcp_port, args.connections, args.megabytes))
+        asyncio.run(
+            sender_main(args.cs, args.ca_file, args.tcp_port, args.connections, args.megabytes)
+        )
         return 0
     return run(args)
 
@@ -168,9 +171,18 @@ def run(args: argparse.Namespace) -> int:
         procs: list[subprocess.Popen[str]] = []
         try:
             relay = subprocess.Popen(
-                [sys.executable, "-m", "hybridrelay", "serve", "--config", str(config),
-                 "--log-level", "warning"],
-                stdout=subprocess.PIPE, text=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "hybridrelay",
+                    "serve",
+                    "--config",
+                    str(config),
+                    "--log-level",
+                    "warning",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
             )
             procs.append(relay)
             assert relay.stdout is not None
@@ -188,9 +200,19 @@ def run(args: argparse.Namespace) -> int:
                 time.sleep(0.05)
             tcp_port = int(Path(port_file).read_text())
             sender = subprocess.run(
-                [*me, "--role", "sender", "--tcp-port", str(tcp_port),
-                 "--connections", str(args.connections), "--megabytes", str(args.megabytes)],
-                timeout=300, check=False,
+                [
+                    *me,
+                    "--role",
+                    "sender",
+                    "--tcp-port",
+                    str(tcp_port),
+                    "--connections",
+                    str(args.connections),
+                    "--megabytes",
+                    str(args.megabytes),
+                ],
+                timeout=300,
+                check=False,
             )
             return sender.returncode
         finally:
