@@ -192,7 +192,9 @@ def run(args: argparse.Namespace) -> int:
             port_file = str(Path(tmp, "port"))
             extra = ["--ca-file", ca_file] if ca_file else []
             me = [sys.executable, "-m", "bench.experiments.sdk_hop", "--cs", cs, *extra]
-            procs.append(subprocess.Popen([*me, "--role", "listener", "--port-file", port_file]))
+            procs.append(
+                subprocess.Popen([*me, "--role", "listener", "--port-file", port_file], text=True)
+            )
             deadline = time.monotonic() + 20
             while not Path(port_file + ".ready").exists():
                 if time.monotonic() > deadline:
