@@ -21,37 +21,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from hybridrelay.bridge.config import BridgeConfig, RemoteForward
 from hybridrelay.bridge.handshake import read_preamble
+from hybridrelay.bridge.listening import EdgeListener, keep_listening
 from hybridrelay.bridge.pipe import ConnectionGroup, RelayStream, SocketLeg, close_stream, pipe
 from hybridrelay.bridge.preamble import Mode, Preamble, Reply, encode_reply
 from hybridrelay.bridge.specs import Protocol as Transport
 from hybridrelay.bridge.udp import serve_udp_destination
 from hybridrelay.client.backoff import (
     RECONNECT_DELAYS,
-    RetryKind,
-    capped_delay,
-    classify_error,
-    reconnect_delays,
 )
 from hybridrelay.exceptions import ProtocolError, RelayError
 
 __all__ = ["Edge", "EdgeListener", "ListenerFactory"]
 
 logger = logging.getLogger("hybridrelay.bridge")
-
-
-class EdgeListener(Protocol):
-    """What the edge uses of :class:`hybridrelay.client.HybridConnectionListener`."""
-
-    async def open(self) -> None: ...
-
-    async def accept_connection(self) -> RelayStream | None: ...
-
-    async def aclose(self) -> None: ...
 
 
 #: Builds a listener; the argument is the accept handler (it rejects when the edge is full).
@@ -89,84 +76,33 @@ class Edge:
         self._stop = stop
         async with ConnectionGroup(self._name, self._limit) as group:
             self._group = group
-            delays: Iterator[float] = reconnect_delays(schedule=self._schedule)
-            announced = False
-            while not stop.is_set():
-                listener = self._factory(self._admit)
-                try:
-                    await listener.open()
-                except RelayError as exc:
-                    kind = classify_error(exc)
-                    if kind is RetryKind.FATAL:
-                        raise
-                    # 401/403/404 need a change elsewhere: retry at the capped interval.
-                    if kind is RetryKind.CAPPED:
-                        delay = capped_delay(schedule=self._schedule)
-                    else:
-                        delay = next(delays)
-                    logger.warning(
-                        "%s: cannot listen (%s: %s); retrying in %.1f s",
-                        self._name,
-                        type(exc).__name__,
-                        exc,
-                        delay,
-                    )
-                    if await _wait(stop, delay):
-                        break
-                    continue
-                delays = reconnect_delays(schedule=self._schedule)
-                logger.info(
-                    "%s: listening for %s",
-                    self._name,
-                    ", ".join(self._describe_route(r) for r in self._routes.values()),
-                )
-                if not announced:
-                    announced = True
-                    started()
-                try:
-                    await self._accept_loop(listener, stop, group)
-                    if stop.is_set():
-                        # Still registered, but rejecting (503) until the drain is done: the
-                        # SDK's aclose() also ends the streams it already handed out.
-                        await group.drain(self.config.shutdown_grace_period)
-                finally:
-                    await listener.aclose()
+
+            def online() -> None:
+                routes = ", ".join(self._describe_route(r) for r in self._routes.values())
+                logger.info("%s: listening for %s", self._name, routes)
+
+            async def on_stream(stream: RelayStream) -> None:
+                group.spawn(self._handle(stream), name=f"edge-{stream.id}")
+
+            async def drain() -> None:
+                # Still registered, but rejecting (503) until the drain is done.
+                await group.drain(self.config.shutdown_grace_period)
+
+            await keep_listening(
+                self._name,
+                lambda: self._factory(self._admit),
+                stop=stop,
+                started=started,
+                online=online,
+                on_stream=on_stream,
+                drain=drain,
+                schedule=self._schedule,
+            )
             await group.drain(self.config.shutdown_grace_period)
 
     def _describe_route(self, route: RemoteForward) -> str:
         name = route.spec.port_name
         return f"{name + ' -> ' if name else ''}{route.spec.target_text()}"
-
-    async def _accept_loop(
-        self, listener: EdgeListener, stop: asyncio.Event, group: ConnectionGroup
-    ) -> None:
-        """Hand accepted streams to their tasks until ``stop`` is set or the listener ends."""
-        stopped = asyncio.create_task(stop.wait(), name=f"edge-stop-{self.hybrid_connection}")
-        try:
-            while not stop.is_set():
-                accept = asyncio.create_task(
-                    listener.accept_connection(), name=f"edge-accept-{self.hybrid_connection}"
-                )
-                try:
-                    await asyncio.wait([accept, stopped], return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    if not accept.done():
-                        accept.cancel()
-                    await asyncio.wait([accept])
-                if accept.cancelled():
-                    break
-                try:
-                    stream = accept.result()
-                except RelayError as exc:
-                    logger.warning("%s: accepting failed: %s; reopening", self._name, exc)
-                    return
-                if stream is None:
-                    logger.warning("%s: the listener closed; opening a new one", self._name)
-                    return
-                group.spawn(self._handle(stream), name=f"edge-{stream.id}")
-        finally:
-            stopped.cancel()
-            await asyncio.wait([stopped])
 
     def _admit(self, ctx: Any) -> bool | None:
         if self._stop.is_set():
@@ -296,13 +232,3 @@ class Edge:
             stats.bytes_up,
             stats.duration,
         )
-
-
-async def _wait(event: asyncio.Event, delay: float) -> bool:
-    """Sleep ``delay`` seconds or until ``event`` is set; True if it was set."""
-    try:
-        async with asyncio.timeout(delay):
-            await event.wait()
-    except TimeoutError:
-        return False
-    return True

@@ -16,20 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from hybridrelay.bridge.config import BridgeConfig, HttpForward
-from hybridrelay.bridge.edge import EdgeListener
-from hybridrelay.bridge.pipe import close_stream
+from hybridrelay.bridge.listening import EdgeListener, keep_listening
+from hybridrelay.bridge.pipe import RelayStream, close_stream
 from hybridrelay.client import RelayedHttpContext, RequestHandler
 from hybridrelay.client.backoff import (
     RECONNECT_DELAYS,
-    RetryKind,
-    capped_delay,
-    classify_error,
-    reconnect_delays,
 )
-from hybridrelay.exceptions import RelayError
 from hybridrelay.http_proxy import HttpReverseProxy, relay_origin
 
 __all__ = ["HttpForwarder", "HttpListenerFactory"]
@@ -85,75 +80,31 @@ class HttpForwarder:
             RelayError: the relay refuses the listener in a way retrying cannot fix.
         """
         self._stop = stop
+
+        def online() -> None:
+            logger.info("%s: forwarding HTTP requests to %s", self._name, self._proxy.target)
+
+        async def on_stream(stream: RelayStream) -> None:
+            # Not expected: the accept handler rejects every WebSocket sender.
+            await close_stream(stream, 1008, "HTTP requests only")
+
+        async def drain() -> None:
+            # Still registered, but answering 503, until the drain is done.
+            await self._drain(self.config.shutdown_grace_period)
+
         try:
-            delays: Iterator[float] = reconnect_delays(schedule=self._schedule)
-            announced = False
-            while not stop.is_set():
-                listener = self._factory(self._handle)
-                try:
-                    await listener.open()
-                except RelayError as exc:
-                    kind = classify_error(exc)
-                    if kind is RetryKind.FATAL:
-                        raise
-                    if kind is RetryKind.CAPPED:  # 401/403/404: needs a change elsewhere
-                        delay = capped_delay(schedule=self._schedule)
-                    else:
-                        delay = next(delays)
-                    logger.warning(
-                        "%s: cannot listen (%s: %s); retrying in %.1f s",
-                        self._name,
-                        type(exc).__name__,
-                        exc,
-                        delay,
-                    )
-                    if await _wait(stop, delay):
-                        break
-                    continue
-                delays = reconnect_delays(schedule=self._schedule)
-                logger.info("%s: forwarding HTTP requests to %s", self._name, self._proxy.target)
-                if not announced:
-                    announced = True
-                    started()
-                try:
-                    await self._until_stopped(listener, stop)
-                    if stop.is_set():
-                        # Still registered, but answering 503, until the drain is done.
-                        await self._drain(self.config.shutdown_grace_period)
-                finally:
-                    await listener.aclose()
+            await keep_listening(
+                self._name,
+                lambda: self._factory(self._handle),
+                stop=stop,
+                started=started,
+                online=online,
+                on_stream=on_stream,
+                drain=drain,
+                schedule=self._schedule,
+            )
         finally:
             await self._proxy.aclose()
-
-    async def _until_stopped(self, listener: EdgeListener, stop: asyncio.Event) -> None:
-        """Return when ``stop`` is set or the listener ends for good."""
-        stopped = asyncio.create_task(stop.wait(), name=f"http-stop-{self._name}")
-        try:
-            while not stop.is_set():
-                accept = asyncio.create_task(
-                    listener.accept_connection(), name=f"http-accept-{self._name}"
-                )
-                try:
-                    await asyncio.wait([accept, stopped], return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    if not accept.done():
-                        accept.cancel()
-                    await asyncio.wait([accept])
-                if accept.cancelled():
-                    return
-                try:
-                    stream = accept.result()
-                except RelayError as exc:
-                    logger.warning("%s: the listener failed: %s; reopening", self._name, exc)
-                    return
-                if stream is None:
-                    logger.warning("%s: the listener closed; opening a new one", self._name)
-                    return
-                # Not expected: the accept handler rejects every WebSocket sender.
-                await close_stream(stream, 1008, "HTTP requests only")
-        finally:
-            stopped.cancel()
-            await asyncio.wait([stopped])
 
     async def _drain(self, grace: float) -> None:
         if self._in_flight:
@@ -195,13 +146,3 @@ async def _refuse(ctx: RelayedHttpContext, text: str) -> None:
     await ctx.respond(503, text, {"content-type": "text/plain; charset=utf-8"})
     await ctx.write(text.encode() + b"\n")
     await ctx.finish()
-
-
-async def _wait(event: asyncio.Event, delay: float) -> bool:
-    """Sleep ``delay`` seconds or until ``event`` is set; True if it was set."""
-    try:
-        async with asyncio.timeout(delay):
-            await event.wait()
-    except TimeoutError:
-        return False
-    return True

@@ -1,0 +1,141 @@
+"""Keeping a listener on a hybrid connection: the loop shared by ``-R`` edges and ``-H`` forwards.
+
+Open a listener; when the relay refuses or is unreachable, retry on the backoff schedule (401,
+403 and 404 need a change elsewhere, so they are retried at the capped interval, never in a
+tight loop); once it is online, hand accepted streams on until ``stop`` is set or the listener
+ends (then open a new one). On ``stop``, the listener stays registered while ``drain`` runs, so
+new senders are refused (by the accept or request handler) rather than cut, then it is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Protocol
+
+from hybridrelay.bridge.pipe import RelayStream
+from hybridrelay.client.backoff import (
+    RECONNECT_DELAYS,
+    RetryKind,
+    capped_delay,
+    classify_error,
+    reconnect_delays,
+)
+from hybridrelay.exceptions import RelayError
+
+__all__ = ["EdgeListener", "keep_listening", "wait_or_stop"]
+
+logger = logging.getLogger("hybridrelay.bridge")
+
+
+class EdgeListener(Protocol):
+    """What the bridge uses of :class:`hybridrelay.client.HybridConnectionListener`."""
+
+    async def open(self) -> None: ...
+
+    async def accept_connection(self) -> RelayStream | None: ...
+
+    async def aclose(self) -> None: ...
+
+
+async def wait_or_stop(event: asyncio.Event, delay: float) -> bool:
+    """Sleep ``delay`` seconds or until ``event`` is set; True if it was set."""
+    try:
+        async with asyncio.timeout(delay):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+async def keep_listening(
+    name: str,
+    open_listener: Callable[[], EdgeListener],
+    *,
+    stop: asyncio.Event,
+    started: Callable[[], None],
+    online: Callable[[], None],
+    on_stream: Callable[[RelayStream], Awaitable[None]],
+    drain: Callable[[], Awaitable[None]],
+    schedule: Sequence[float] = RECONNECT_DELAYS,
+) -> None:
+    """Run one listener until ``stop`` (see the module docstring).
+
+    Args:
+        name: for log lines (``-R hc``, ``-H hc``).
+        open_listener: builds a new, unopened listener.
+        started: called once, the first time a listener is online (readiness).
+        online: called every time a listener is online (a log line).
+        on_stream: takes each accepted stream; must not block for the stream's lifetime.
+        drain: waits (bounded) for the work in flight once ``stop`` is set.
+        schedule: the reconnect delays (tests shorten them).
+
+    Raises:
+        RelayError: a refusal that retrying cannot fix (``RetryKind.FATAL``).
+    """
+    delays: Iterator[float] = reconnect_delays(schedule=schedule)
+    announced = False
+    while not stop.is_set():
+        listener = open_listener()
+        try:
+            await listener.open()
+        except RelayError as exc:
+            kind = classify_error(exc)
+            if kind is RetryKind.FATAL:
+                raise
+            delay = capped_delay(schedule=schedule) if kind is RetryKind.CAPPED else next(delays)
+            logger.warning(
+                "%s: cannot listen (%s: %s); retrying in %.1f s",
+                name,
+                type(exc).__name__,
+                exc,
+                delay,
+            )
+            if await wait_or_stop(stop, delay):
+                break
+            continue
+        delays = reconnect_delays(schedule=schedule)
+        online()
+        if not announced:
+            announced = True
+            started()
+        try:
+            await _accept_until_stopped(name, listener, stop, on_stream)
+            if stop.is_set():
+                await drain()
+        finally:
+            await listener.aclose()
+
+
+async def _accept_until_stopped(
+    name: str,
+    listener: EdgeListener,
+    stop: asyncio.Event,
+    on_stream: Callable[[RelayStream], Awaitable[None]],
+) -> None:
+    """Hand accepted streams on until ``stop`` is set or the listener ends."""
+    stopped = asyncio.create_task(stop.wait(), name=f"stop-{name}")
+    try:
+        while not stop.is_set():
+            accept = asyncio.create_task(listener.accept_connection(), name=f"accept-{name}")
+            try:
+                await asyncio.wait([accept, stopped], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not accept.done():
+                    accept.cancel()
+                await asyncio.wait([accept])
+            if accept.cancelled():
+                return
+            try:
+                stream = accept.result()
+            except RelayError as exc:
+                logger.warning("%s: accepting failed: %s; reopening", name, exc)
+                return
+            if stream is None:
+                logger.warning("%s: the listener closed; opening a new one", name)
+                return
+            await on_stream(stream)
+    finally:
+        stopped.cancel()
+        await asyncio.wait([stopped])
