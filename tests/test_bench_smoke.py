@@ -51,3 +51,41 @@ def test_bench_latency_scenario_runs(tmp_path: Path) -> None:
         assert record["n"] > 0
         assert record["p50_ms"] > 0
     assert "connect-to-first-byte p50" in (tmp_path / "table.md").read_text()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("hybridrelay") is None, reason="hybridrelay is not installed")
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_bench_http_scenario_runs(tmp_path: Path) -> None:
+    """Scenario (6): wrk against the upstream directly and through relay + bridge -H."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--only",
+            "http",
+            "--topology",
+            "direct",
+            "--topology",
+            "hybridrelay",
+            "--no-plot",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    by_topology = {r["topology"]: r for r in records if r.get("mode") == "http"}
+    assert set(by_topology) == {"direct", "hybridrelay"}
+    for record in by_topology.values():
+        assert "error" not in record, record
+        assert record["req_per_s"] > 0
+        assert record["non_2xx"] == 0
+    assert "HTTP GET p50" in (tmp_path / "table.md").read_text()

@@ -550,3 +550,33 @@ async def test_sender_host_header_cannot_redirect_the_rendezvous(relay: Relay) -
         response = await request_task
         assert response.status == 502  # the listener left without answering
         response.release()
+
+
+async def test_sender_moves_on_when_its_listener_dies_before_answering(
+    make_relay: RelayFactory,
+) -> None:
+    async with make_relay(limits={"rendezvous_timeout": 20}) as relay, session() as s:
+        first, second = await open_listener(s, relay), await open_listener(s, relay)
+        started = time.monotonic()
+        sender_task = asyncio.create_task(
+            s.ws_connect(
+                f"{relay.base_url}/$hc/hc?sb-hc-action=connect&sb-hc-id=moving",
+                headers={AUTH: relay.token("hc")},
+            )
+        )
+        told = [asyncio.create_task(next_accept(c)) for c in (first, second)]
+        done, _ = await asyncio.wait(told, return_when=asyncio.FIRST_COMPLETED)
+        loser = first if told[0] in done else second
+        survivor = second if loser is first else first
+        # The listener that was told vanishes without answering (its TCP connection drops).
+        loser._response.connection.transport.abort()  # type: ignore[union-attr]
+        other = told[1] if loser is first else told[0]
+        accept = await other  # offered again, to the survivor, well before the 20 s timeout
+        assert accept["id"] == "moving"
+        rendezvous = await s.ws_connect(str(accept["address"]))
+        sender = await sender_task
+        assert time.monotonic() - started < 5
+        await sender.send_bytes(b"made it")
+        assert (await rendezvous.receive()).data == b"made it"
+        await asyncio.gather(sender.close(), rendezvous.close())
+        await survivor.close()

@@ -230,25 +230,31 @@ def _connector(client: HybridConnectionClient) -> Connect:
     return connect
 
 
+def _listener(
+    config: BridgeConfig, hc: str, provider: TokenProvider | None, **kwargs: Any
+) -> HybridConnectionListener:
+    """A listener on ``hc`` with the bridge's connection settings (edges and HTTP forwards)."""
+    connection = config.connection
+    assert connection.endpoint is not None
+    return HybridConnectionListener(
+        connection.endpoint,
+        hc,
+        provider,
+        ca_file=connection.ca_file,
+        proxy=connection.proxy,
+        keep_alive_interval=config.keep_alive_interval,
+        **kwargs,
+    )
+
+
 def _listener_factory(
     config: BridgeConfig, hc: str, provider: TokenProvider | None
 ) -> ListenerFactory:
-    connection = config.connection
-    assert connection.endpoint is not None
-    endpoint = connection.endpoint
-
     def make(admit: Callable[[Any], bool | None]) -> EdgeListener:
-        return HybridConnectionListener(
-            endpoint,
-            hc,
-            provider,
-            ca_file=connection.ca_file,
-            proxy=connection.proxy,
-            accept_handler=admit,
-            keep_alive_interval=config.keep_alive_interval,
-            # A burst of new connections is opened concurrently; the edge's own admission
-            # (max_connections) is the limit that matters, not the SDK's queue default.
-            max_pending=config.max_connections,
+        # A burst of new connections is opened concurrently; the edge's own admission
+        # (max_connections) is the limit that matters, not the SDK's queue default.
+        return _listener(
+            config, hc, provider, accept_handler=admit, max_pending=config.max_connections
         )
 
     return make
@@ -257,21 +263,9 @@ def _listener_factory(
 def _http_listener_factory(
     config: BridgeConfig, hc: str, provider: TokenProvider | None
 ) -> HttpListenerFactory:
-    """Listeners of an HTTP forward: same connection settings as the edge's."""
-    connection = config.connection
-    assert connection.endpoint is not None
-    endpoint = connection.endpoint
-
     def make(handler: RequestHandler) -> EdgeListener:
-        return HybridConnectionListener(
-            endpoint,
-            hc,
-            provider,
-            ca_file=connection.ca_file,
-            proxy=connection.proxy,
-            accept_handler=reject_websocket,
-            keep_alive_interval=config.keep_alive_interval,
-            request_handler=handler,
+        return _listener(
+            config, hc, provider, accept_handler=reject_websocket, request_handler=handler
         )
 
     return make

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -428,11 +429,16 @@ class RelayServer:
         if pending is None:
             return error_response(503, "Too many pending connections; try again later.")
         try:
-            if not await self._offer(
-                request, entity, suffix, raw_query, connection_id, pending, candidates
-            ):
+            offer = functools.partial(
+                self._offer, request, entity, suffix, raw_query, connection_id, pending
+            )
+            channel = await offer(candidates)
+            if channel is None:
                 return error_response(404, "There are no listeners connected for the endpoint.")
-            return await self._rendezvous_sender(request, entity, connection_id, pending)
+            outcome = await self._await_listener(entity, pending, channel, offer)
+            if outcome is None:
+                return error_response(504, "The listener did not accept the connection in time.")
+            return await self._rendezvous_sender(request, entity, connection_id, pending, outcome)
         finally:
             self._rendezvous.discard(pending)
             if not pending.outcome.done():
@@ -449,8 +455,8 @@ class RelayServer:
         connection_id: str,
         pending: PendingRendezvous,
         candidates: Sequence[ControlChannel],
-    ) -> bool:
-        """Send the ``accept`` to one usable listener; False if none took it.
+    ) -> ControlChannel | None:
+        """Send the ``accept`` to one usable listener; the one that took it, or None.
 
         A method of its own so that the accept message and the copied headers are garbage
         once it returns, not held for the connection's lifetime.
@@ -484,8 +490,47 @@ class RelayServer:
             except RelayConnectionError:
                 self.registry.remove(channel)
                 continue
-            return True
-        return False
+            return channel
+        return None
+
+    async def _await_listener(
+        self,
+        entity: HybridConnectionConfig,
+        pending: PendingRendezvous,
+        channel: ControlChannel,
+        offer: Callable[[Sequence[ControlChannel]], Awaitable[ControlChannel | None]],
+    ) -> Accepted | Rejection | None:
+        """The listener's answer, or None when none came within the rendezvous timeout.
+
+        If the control channel of the listener that was told goes away before it answers, the
+        sender is offered to another listener at once instead of waiting out the timeout (the
+        rendezvous address is single use, so a late answer from the first one is refused).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.limits.rendezvous_timeout
+        tried = {channel}
+        while not pending.outcome.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            await asyncio.wait(
+                (pending.outcome, channel.closed), timeout=remaining, return_when="FIRST_COMPLETED"
+            )
+            if channel.closed.done() and not pending.outcome.done():
+                others = [c for c in self.registry.candidates(entity.name) if c not in tried]
+                next_channel = await offer(others)
+                if next_channel is None:
+                    # Nobody else: the first listener may still answer; wait out the deadline.
+                    remaining = deadline - loop.time()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(max(0.0, remaining)):
+                            await asyncio.shield(pending.outcome)
+                    break
+                channel = next_channel
+                tried.add(channel)
+        if not pending.outcome.done() or pending.outcome.cancelled():
+            return None
+        return pending.outcome.result()
 
     async def _rendezvous_sender(
         self,
@@ -493,12 +538,8 @@ class RelayServer:
         entity: HybridConnectionConfig,
         connection_id: str,
         pending: PendingRendezvous,
+        outcome: Accepted | Rejection,
     ) -> web.StreamResponse:
-        try:
-            async with asyncio.timeout(self.config.limits.rendezvous_timeout):
-                outcome = await pending.outcome
-        except TimeoutError:
-            return error_response(504, "The listener did not accept the connection in time.")
         if isinstance(outcome, Rejection):
             return web.Response(status=outcome.status, reason=_reason(outcome.description))
         listener = outcome.socket

@@ -28,6 +28,7 @@ class ControlChannel:
     __slots__ = (
         "_send_lock",
         "base_url",
+        "closed",
         "connected_at",
         "entity",
         "listener_id",
@@ -57,6 +58,8 @@ class ControlChannel:
         self.connected_at = time.time()
         #: False once the channel failed or is closing: never hand it a sender again.
         self.usable = True
+        #: Resolved when the channel is gone: senders offered to it are offered elsewhere.
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._send_lock = asyncio.Lock()
 
     async def send(self, text: str, body: bytes | None = None) -> None:
@@ -105,6 +108,8 @@ class InMemoryListenerRegistry:
 
     def remove(self, channel: ControlChannel) -> None:
         channel.usable = False
+        if not channel.closed.done():
+            channel.closed.set_result(None)
         key = channel.entity.lower()
         channels = self._by_entity.get(key)
         if channels and channel in channels:
