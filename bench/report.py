@@ -11,7 +11,7 @@ from typing import Any
 
 __all__ = ["medians", "render_plot", "render_table"]
 
-ORDER = ["direct", "hybridrelay", "hybridrelay-tls", "socat", "websockify", "wstunnel", "http"]
+ORDER = ["direct", "hybridrelay", "hybridrelay-tls", "socat", "websockify", "wstunnel"]
 OURS = "hybridrelay"
 PEERS = ("socat", "websockify", "wstunnel")
 #: Roles that make up a path (CPU and memory of "the path" = their sum).
@@ -82,6 +82,14 @@ def _cpu_per_gb(m: dict[str, float], role: str | None) -> float | None:
     return cpu / 100.0 / (mbps / 1000.0)  # CPU-seconds per GB
 
 
+def _cpu_per_krequests(m: dict[str, float], role: str | None) -> float | None:
+    rate = m.get("req_per_s")
+    cpu = _path_cpu(m) if role is None else m.get(f"cpu_{role}")
+    if not rate or not cpu:
+        return None
+    return cpu / 100.0 / rate * 1e6  # CPU-milliseconds per 1,000 requests
+
+
 ROWS = [
     Row("(1) throughput dest→client, MB/s", "down", _key("MBps")),
     Row("(1) throughput client→dest, MB/s", "up", _key("MBps")),
@@ -121,9 +129,26 @@ ROWS = [
         "{:.2f}",
         False,
     ),
-    Row("(6) HTTP GET via relay, req/s (50 conc.)", "http", _key("req_per_s")),
-    Row("(6) HTTP GET via relay p50, ms", "http", _key("p50_ms"), "{:.2f}", False),
+    Row("(6) HTTP GET, 50 keep-alive conns (wrk), req/s", "http", _key("req_per_s")),
+    Row("(6) HTTP GET p50, ms", "http", _key("p50_ms"), "{:.2f}", False),
+    Row("(6) HTTP GET p99, ms", "http", _key("p99_ms"), "{:.2f}", False),
+    Row(
+        "(6) relay CPU-ms per 1,000 HTTP requests",
+        "http",
+        lambda m: _cpu_per_krequests(m, "relay"),
+        "{:.0f}",
+        False,
+    ),
+    Row(
+        "(6) path CPU-ms per 1,000 HTTP requests",
+        "http",
+        lambda m: _cpu_per_krequests(m, None),
+        "{:.0f}",
+        False,
+    ),
 ]
+
+ROWS.sort(key=lambda row: row.label[:3])  # by scenario number, (6) before (7)
 
 
 def _cell(row: Row, med: Medians, topo: str) -> str:
@@ -141,18 +166,9 @@ def _cell(row: Row, med: Medians, topo: str) -> str:
     return text + (f" ({', '.join(refs)})" if refs else "")
 
 
-def _http_cell(row: Row, med: Medians, topo: str) -> str:
-    v = row.value(med, topo)
-    if v is None:
-        return "–"
-    text = row.fmt.format(v)
-    d = row.value(med, "http-direct")
-    return text + (f" ({v / d:.2f}× direct)" if d and topo == "http" else "")
-
-
 def render_table(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     med = medians(records)
-    topos = [t for t in ORDER if any(k[0] == t for k in med) and t != "http"]
+    topos = [t for t in ORDER if any(k[0] == t for k in med)]
     lines = [
         f"Command: `{meta.get('command', '')}`  ",
         f"Machine: {meta.get('machine', {})}  ",
@@ -163,20 +179,16 @@ def render_table(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "|---|" + "---|" * len(topos),
     ]
     for row in ROWS:
-        if row.mode == "http":
-            continue
         cells = [_cell(row, med, t) for t in topos]
         if all(c == "–" for c in cells):
             continue
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
-    http_rows = [r for r in ROWS if r.mode == "http"]
-    if any(("http", "http") in med or ("http-direct", "http") in med for _ in [0]):
-        lines += ["", "| HTTP relaying | direct (aiohttp server) | via relay |", "|---|---|---|"]
-        for row in http_rows:
-            lines.append(
-                f"| {row.label} | {_http_cell(row, med, 'http-direct')} | "
-                f"{_http_cell(row, med, 'http')} |"
-            )
+    if any(k[1] == "http" for k in med):
+        lines += [
+            "",
+            "(6): `direct` = wrk → bench.httpdest; ours = wrk → relay (HTTP relaying, SAS token "
+            "checked per request) → control channel → bridge `-H` → bench.httpdest.",
+        ]
     skipped = meta.get("skipped") or {}
     if skipped:
         lines += ["", "Not run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())]
@@ -187,7 +199,7 @@ def render_table(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     ]
     lines += ["| path | mode | " + "loadgen | dest | path processes |", "|---|---|---|---|---|"]
     for topo in topos:
-        for mode in ("down", "up", "rr", "connrate"):
+        for mode in ("down", "up", "rr", "connrate", "http"):
             m = med.get((topo, mode))
             if not m:
                 continue
@@ -196,10 +208,10 @@ def render_table(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 for k, v in sorted(m.items())
                 if k[4:] in PATH_ROLES and k.startswith("cpu_")
             )
-            lines.append(
-                f"| {topo} | {mode} | {m.get('loadgen_cpu', math.nan):.0f} | "
-                f"{m.get('cpu_dest', math.nan):.0f} | {roles or '–'} |"
-            )
+            # (6): the load generator is wrk (not sampled), the destination bench.httpdest.
+            dest = m.get("cpu_httpdest" if mode == "http" else "cpu_dest", math.nan)
+            load = "wrk" if mode == "http" else f"{m.get('loadgen_cpu', math.nan):.0f}"
+            lines.append(f"| {topo} | {mode} | {load} | {dest:.0f} | {roles or '–'} |")
     lines += ["", *render_targets(med)]
     return "\n".join(lines) + "\n"
 
@@ -253,7 +265,7 @@ def render_targets(med: Medians) -> list[str]:
                 else f"ahead on {compared}/{compared}",
                 not behind,
             )
-    return out
+    return out if len(out) > 2 else []
 
 
 def render_plot(records: list[dict[str, Any]], path: Path) -> str:
@@ -266,7 +278,12 @@ def render_plot(records: list[dict[str, Any]], path: Path) -> str:
     except ImportError:
         return "plot skipped: matplotlib is not installed (pip install matplotlib)"
     med = medians(records)
-    rows = [r for r in ROWS if r.label.split(" ")[0] in {"(1)", "(2)", "(3)", "(4)", "(5)", "(7)"}]
+    rows = [
+        r
+        for r in ROWS
+        if r.label.split(" ")[0] in {"(1)", "(2)", "(3)", "(4)", "(5)", "(6)", "(7)"}
+        and "CPU-ms" not in r.label
+    ]
     rows = [r for r in rows if any(r.value(med, t) is not None for t in ORDER)]
     rows = [r for r in rows if "p99" not in r.label and "held" not in r.label]
     if not rows:

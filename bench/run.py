@@ -24,9 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import raise_nofile
+from bench.httpload import WRK_MISSING, parse_wrk, wrk_argv, wrk_path
 from bench.procs import CpuSample, Proc, ProcGroup
 from bench.report import render_plot, render_table
-from bench.topologies import ALL_TOPOLOGIES, CpuLayout, Topology, available, start_topology
+from bench.topologies import (
+    ALL_TOPOLOGIES,
+    MODES,
+    CpuLayout,
+    Topology,
+    available,
+    start_topology,
+)
 
 __all__ = ["SCENARIOS", "main"]
 
@@ -40,6 +48,7 @@ SCENARIOS: dict[str, list[str]] = {
     "rr": ["rr"],  # (3)
     "idle": ["idle"],  # (4)
     "connrate": ["connrate"],  # (5)
+    "http": ["http"],  # (6) wrk: HTTP GETs, direct vs through relay + bridge -H
 }
 
 #: How many file descriptors a tunneled connection costs the relay (sender + rendezvous WS).
@@ -56,17 +65,40 @@ class Profile:
     peer_idle_count: int
     rr_conns: int = 100
     connrate_workers: int = 50
+    #: Scenario (6): wrk connections, measured seconds (whole seconds: wrk's -d), warm-up.
+    http_conns: int = 50
+    http_seconds: int = 2
+    http_warmup: bool = True  # a 1 s wrk run first (warms the bridge's upstream pool)
 
 
 PROFILES = {
     "quick": Profile(
-        runs=1, duration=0.6, warmup=0.2, lat_count=100, idle_count=300, peer_idle_count=300
+        runs=1,
+        duration=0.6,
+        warmup=0.2,
+        lat_count=100,
+        idle_count=300,
+        peer_idle_count=300,
+        http_seconds=1,
+        http_warmup=False,
     ),
     "default": Profile(
-        runs=3, duration=1.0, warmup=0.3, lat_count=200, idle_count=1000, peer_idle_count=1000
+        runs=3,
+        duration=1.0,
+        warmup=0.3,
+        lat_count=200,
+        idle_count=1000,
+        peer_idle_count=1000,
+        http_warmup=False,  # made no difference (4,422 vs 4,402 req/s); keeps the run < 3 min
     ),
     "full": Profile(
-        runs=5, duration=3.0, warmup=0.5, lat_count=500, idle_count=10000, peer_idle_count=1000
+        runs=5,
+        duration=3.0,
+        warmup=0.5,
+        lat_count=500,
+        idle_count=10000,
+        peer_idle_count=1000,
+        http_seconds=5,
     ),
 }
 
@@ -146,6 +178,46 @@ def run_loadgen(
     return result
 
 
+def run_wrk(
+    procs: ProcGroup,
+    topo: Topology,
+    watched: dict[str, Proc],
+    prof: Profile,
+    cpus: CpuLayout,
+) -> dict[str, Any]:
+    """Scenario (6): an optional 1 s wrk warm-up, then the measured wrk run (CPU sampled)."""
+    assert topo.http_url is not None
+
+    def wrk(seconds: int) -> str:
+        argv = wrk_argv(
+            topo.http_url or "",
+            seconds=seconds,
+            connections=prof.http_conns,
+            headers=topo.http_headers,
+        )
+        proc = procs.start("wrk", argv, cpus=cpus.loadgen)
+        try:
+            proc.wait_line(r"^Transfer/sec", timeout=seconds + 30)  # wrk's last line
+            proc.wait(timeout=10)
+        finally:
+            proc.stop()
+            procs.procs.remove(proc)
+        return "\n".join(proc.output)
+
+    if prof.http_warmup:
+        wrk(1)
+    before = {name: p.cpu() for name, p in watched.items()}
+    text = wrk(prof.http_seconds)
+    after = {name: p.cpu() for name, p in watched.items()}
+    result = parse_wrk(text)
+    for name in watched:
+        result[f"cpu_{name}"] = after[name].percent_since(before[name])
+    result["conns"] = prof.http_conns
+    if result["non_2xx"] or not result.get("requests"):
+        result["error"] = f"{result['non_2xx']} non-2xx answers of {result.get('requests')}"
+    return result
+
+
 def run_idle(
     procs: ProcGroup,
     topo: Topology,
@@ -202,12 +274,25 @@ def run_topology(
             env={"PYTHONPATH": str(REPO)},
         )
         dport = int(dest.wait_line(r"dest listening on 127\.0\.0\.1:(\d+)").group(1))
+        httpdest: Proc | None = None
+        hport: int | None = None
+        if "http" in scenarios and "http" in MODES[name]:
+            httpdest = procs.start(
+                "httpdest",
+                [sys.executable, "-m", "bench.httpdest"],
+                cpus=cpus.dest,
+                env={"PYTHONPATH": str(REPO)},
+            )
+            pattern = r"httpdest listening on 127\.0\.0\.1:(\d+)"
+            hport = int(httpdest.wait_line(pattern).group(1))
         try:
-            topo = start_topology(name, procs, dport, workdir, cpus)
+            topo = start_topology(name, procs, dport, workdir, cpus, http_port=hport)
         except (OSError, TimeoutError, ValueError) as exc:
             _log(f"run {run_index} {name}: could not start: {exc}")
             return [{"topology": name, "mode": "start", "run": run_index, "error": str(exc)}]
         watched = {**topo.roles, "dest": dest}
+        if httpdest is not None:
+            watched["httpdest"] = httpdest
         for scenario in scenarios:
             for mode in SCENARIOS[scenario]:
                 if mode not in topo.modes:
@@ -242,6 +327,8 @@ def _measure(
 ) -> dict[str, Any]:
     if mode == "idle":
         return run_idle(procs, topo, topo.roles or {"dest": dest}, prof, idle_count, cpus)
+    if mode == "http":
+        return run_wrk(procs, topo, watched, prof, cpus)
     extra = {
         "lat": ["--count", str(prof.lat_count)],
         "rr": ["--conns", str(prof.rr_conns), "--size", "1024"],
@@ -256,6 +343,7 @@ def _brief(r: dict[str, Any]) -> str:
         return f"ERROR {r['error']}"
     for key, unit in (
         ("MBps", "MB/s"),
+        ("req_per_s", "req/s"),
         ("rt_per_s", "RT/s"),
         ("conns_per_s", "conn/s"),
         ("p50_ms", "ms p50"),
@@ -332,6 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs:
         prof = Profile(**{**prof.__dict__, "runs": args.runs})
     scenarios = args.only or list(SCENARIOS)
+    skipped: dict[str, str] = {}
+    if "http" in scenarios and wrk_path() is None:
+        scenarios = [s for s in scenarios if s != "http"]
+        skipped["(6) HTTP relaying"] = WRK_MISSING
+        _log(f"skipping scenario http: {WRK_MISSING}")
     topologies = args.topology or ALL_TOPOLOGIES
     cpus = CpuLayout(None, None, None, None, None, None) if args.no_pin else CpuLayout()
     nofile = raise_nofile()
@@ -340,7 +433,6 @@ def main(argv: list[str] | None = None) -> int:
     idle_count = min(args.idle_count or prof.idle_count, cap)
     if idle_count < (args.idle_count or prof.idle_count):
         _log(f"idle connections capped at {idle_count} by the open-files limit ({nofile})")
-    skipped: dict[str, str] = {}
     runnable = []
     for name in topologies:
         why = available(name)

@@ -6,6 +6,11 @@ agent ``-R`` -> destination) as three processes; the peers are socat (one raw TC
 websockify (a WebSocket-to-TCP server: the load generator speaks WebSocket to it, so it is one
 hop *fewer* than our pattern) and the npm ``wstunnel`` (a TCP -> WebSocket -> TCP tunnel, two
 processes).
+
+Scenario (6), HTTP relaying, uses its own upstream (:mod:`bench.httpdest`): ``direct`` is that
+server itself; on ``hybridrelay``/``hybridrelay-tls`` the edge agent also runs
+``-H benchhttp:http://127.0.0.1:PORT`` and the client sends ``GET http(s)://relay/benchhttp/x``
+with a SAS token (Send) in ``ServiceBusAuthorization``; the relay checks it per request.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,15 +31,18 @@ __all__ = ["ALL_TOPOLOGIES", "CpuLayout", "Topology", "available", "start_topolo
 BENCH_DIR = Path(__file__).resolve().parent
 PEERS_DIR = BENCH_DIR / ".peers"
 HC = "bench"
+#: The hybrid connection of scenario (6) (served by the agent's ``-H`` forward).
+HTTP_HC = "benchhttp"
 KEY_NAME = "bench"
 
 ALL_TOPOLOGIES = ["direct", "hybridrelay", "hybridrelay-tls", "socat", "websockify", "wstunnel"]
 #: Load generator modes each path can run (websockify: no half-close over our WS client).
 _ALL_MODES = {"down", "up", "lat", "rr", "connrate", "idle"}
 MODES: dict[str, set[str]] = {
-    "direct": _ALL_MODES,
-    "hybridrelay": _ALL_MODES,
-    "hybridrelay-tls": _ALL_MODES,
+    # "http": scenario (6), wrk against bench.httpdest (direct) or through relay + bridge -H.
+    "direct": _ALL_MODES | {"http"},
+    "hybridrelay": _ALL_MODES | {"http"},
+    "hybridrelay-tls": _ALL_MODES | {"http"},
     "socat": _ALL_MODES,
     # websockify: no half-close through our WS client; "idle" timed out at 100 connections
     # (it forks a process per connection), see docs/PERFORMANCE.md.
@@ -64,6 +73,9 @@ class Topology:
     roles: dict[str, Proc] = field(default_factory=dict)
     modes: set[str] = field(default_factory=set)
     note: str = ""
+    #: Scenario (6): the URL wrk requests and the headers it sends (None: no HTTP server).
+    http_url: str | None = None
+    http_headers: list[str] = field(default_factory=list)
 
 
 def _tool(name: str, *extra: Path) -> str | None:
@@ -136,13 +148,16 @@ def _relay_config(workdir: Path, key: str, tls: tuple[Path, Path] | None) -> Pat
         + f'    - {{name: {KEY_NAME}, primary_key: "{key}", rights: [Listen, Send, Manage]}}\n'
         + "  hybrid_connections:\n"
         + f"    - {{name: {HC}, requires_client_authorization: true}}\n"
+        + f"    - {{name: {HTTP_HC}, requires_client_authorization: true}}\n"
     )
     path = workdir / ("relay-tls.yaml" if tls else "relay.yaml")
     path.write_text(text)
     return path
 
 
-def _bridge_config(workdir: Path, name: str, cs: str, ca: Path | None, forward: str) -> Path:
+def _bridge_config(
+    workdir: Path, name: str, cs: str, ca: Path | None, forward: str, *more: str
+) -> Path:
     lines = [
         "connection:",
         f'  connection_string: "{cs}"',
@@ -150,18 +165,40 @@ def _bridge_config(workdir: Path, name: str, cs: str, ca: Path | None, forward: 
         "max_connections: 20000",
         "log_level: info",
         forward,
+        *more,
     ]
     path = workdir / f"{name}.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
+def _http_token(key: str) -> str:
+    """A Send token for :data:`HTTP_HC` (what ``hybridrelay token -e benchhttp`` prints)."""
+    from hybridrelay.auth.sas import create_token, token_audience
+
+    audience = token_audience("127.0.0.1", HTTP_HC)
+    return create_token(audience, KEY_NAME, key, expiry=int(time.time()) + 24 * 3600)
+
+
 def start_topology(
-    name: str, procs: ProcGroup, dest_port: int, workdir: Path, cpus: CpuLayout
+    name: str,
+    procs: ProcGroup,
+    dest_port: int,
+    workdir: Path,
+    cpus: CpuLayout,
+    http_port: int | None = None,
 ) -> Topology:
-    """Start the processes of path ``name`` (owned by ``procs``); returns where to connect."""
+    """Start the processes of path ``name`` (owned by ``procs``); returns where to connect.
+
+    With ``http_port`` (a :mod:`bench.httpdest` server), the path also carries scenario (6).
+    """
     topo = Topology(name, dest_port, modes=set(MODES[name]))
+    if http_port is None or "http" not in topo.modes:
+        topo.modes.discard("http")
+        http_port = None
     if name == "direct":
+        if http_port is not None:
+            topo.http_url = f"http://127.0.0.1:{http_port}/x"
         return topo
     if name.startswith("hybridrelay"):
         tls = name.endswith("-tls")
@@ -178,15 +215,23 @@ def start_topology(
         scheme = "sb" if m.group(1) == "wss" else "ws"
         cs = f"Endpoint={scheme}://127.0.0.1:{m.group(2)}/;SharedAccessKeyName={KEY_NAME};SharedAccessKey={key}"
         bridge = _bridge_command()
+        http_forward = (
+            [f'http_forwards: ["{HTTP_HC}:http://127.0.0.1:{http_port}"]'] if http_port else []
+        )
         agent_cfg = _bridge_config(
             workdir,
             f"agent-{name}",
             cs,
             ca,
             f'remote_forwards: ["{HC}:127.0.0.1:{dest_port}"]',
+            *http_forward,
         )
         agent = procs.start("agent", [*bridge, "-f", str(agent_cfg)], cpus=cpus.agent)
-        agent.wait_line(r"listening for")
+        agent.wait_line(r"all forwards are up" if http_port else r"listening for")
+        if http_port is not None:
+            http_scheme = "https" if tls else "http"
+            topo.http_url = f"{http_scheme}://127.0.0.1:{m.group(2)}/{HTTP_HC}/x"
+            topo.http_headers = [f"ServiceBusAuthorization: {_http_token(key)}"]
         ingress_cfg = _bridge_config(
             workdir, f"ingress-{name}", cs, ca, f'local_forwards: ["127.0.0.1:0:{HC}"]'
         )

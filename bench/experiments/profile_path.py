@@ -2,7 +2,8 @@
 
 ``python -m bench.experiments.profile_path hybridrelay connrate --conns 50`` writes
 ``bench/results/profile-<path>-<mode>-<role>.txt`` (py-spy raw/collapsed stacks) and prints
-the top self and inclusive frames of each.
+the top self and inclusive frames of each. Mode ``http`` (scenario 6) runs wrk (50 keep-alive
+connections) through relay + bridge ``-H`` instead of the load generator.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.httpload import wrk_argv
 from bench.procs import ProcGroup
 from bench.topologies import CpuLayout, start_topology
 
@@ -48,11 +50,23 @@ def main() -> None:
     with ProcGroup() as procs, tempfile.TemporaryDirectory() as tmp:
         dest = procs.start("dest", [sys.executable, "-m", "bench.dest"], cpus="0", env=env)
         port = int(dest.wait_line(r":(\d+)$").group(1))
-        topo = start_topology(name, procs, port, Path(tmp), CpuLayout())
-        argv = [sys.executable, "-m", "bench.loadgen", mode, "--port", str(topo.port)]
-        load = procs.start(
-            "loadgen", [*argv, "--duration", "8", "--warmup", "1", *extra], cpus="0", env=env
-        )
+        hport = None
+        if mode == "http":
+            hdest = procs.start(
+                "httpdest", [sys.executable, "-m", "bench.httpdest"], cpus="0", env=env
+            )
+            hport = int(hdest.wait_line(r":(\d+)$").group(1))
+        topo = start_topology(name, procs, port, Path(tmp), CpuLayout(), http_port=hport)
+        if mode == "http":
+            assert topo.http_url is not None
+            argv = wrk_argv(topo.http_url, seconds=8, connections=50, headers=topo.http_headers)
+            load = procs.start("wrk", argv, cpus="0")
+            topo.roles.pop("ingress", None)
+        else:
+            argv = [sys.executable, "-m", "bench.loadgen", mode, "--port", str(topo.port)]
+            load = procs.start(
+                "loadgen", [*argv, "--duration", "8", "--warmup", "1", *extra], cpus="0", env=env
+            )
         time.sleep(1.5)
         outs = []
         spies = []
@@ -69,7 +83,11 @@ def main() -> None:
             )
         for spy in spies:
             spy.wait(60)
-        print(load.wait_line(r"^RESULT (.*)$", timeout=60).group(1))
+        if mode == "http":
+            load.wait_line(r"^Transfer/sec", timeout=60)
+            print("\n".join(load.output))
+        else:
+            print(load.wait_line(r"^RESULT (.*)$", timeout=60).group(1))
     for out in outs:
         if out.exists():
             top(out)
