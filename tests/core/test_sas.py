@@ -185,3 +185,40 @@ def test_authorize_fuzz_never_raises(text: str, right: Rights) -> None:
     )
     assert decision.status in (200, 401, 403)
     assert decision.status != 200  # nobody forges a signature by chance
+
+
+def test_auth_cache_is_exact_about_expiry_and_rule_changes() -> None:
+    from hybridrelay.auth.cache import AuthCache
+
+    cache = AuthCache(max_entries=2)
+    sr = "http%3A%2F%2Fns%2Fhyco"
+    token = sign_raw(sr, NOW + 60, "primary-key-text")
+
+    def check(rules: tuple[AuthorizationRule, ...] = RULES, now: float = NOW, **kw: str) -> int:
+        return cache.authorize(
+            token,
+            rules=rules,
+            entity_path=kw.get("entity", "hyco"),
+            required=Rights.LISTEN,
+            now=now,
+        ).status
+
+    assert check() == 200 and len(cache) == 1
+    assert check() == 200 and len(cache) == 1  # served from the cache
+    assert check(now=NOW + 61) == 401  # expiry is checked on every use
+    assert len(cache) == 0
+    assert check() == 200
+    rotated = (AuthorizationRule("root", "new-primary-key", "primary-key-text", ALL),)
+    assert check(rules=rotated) == 200  # still signed by the (now secondary) key
+    revoked = (AuthorizationRule("root", "new-primary-key", None, ALL),)
+    assert check(rules=revoked) == 401  # a changed rule set is never served from the cache
+    listen_less = (AuthorizationRule("root", "primary-key-text", None, Rights.SEND),)
+    assert check(rules=listen_less) == 403
+    assert check(entity="other") == 403
+    assert len(cache) <= 2  # bounded
+    assert (
+        cache.authorize(
+            None, rules=RULES, entity_path="hyco", required=Rights.LISTEN, now=NOW
+        ).status
+        == 401
+    )

@@ -21,12 +21,12 @@ import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 from urllib.parse import quote, unquote
 
 from aiohttp import web
 
-from hybridrelay.auth.sas import AuthDecision, Rights, authorize
+from hybridrelay.auth.cache import AuthCache
+from hybridrelay.auth.sas import AuthDecision, AuthorizationRule, Rights
 from hybridrelay.exceptions import ProtocolError, RelayConnectionError
 from hybridrelay.protocol.addressing import (
     HC_PREFIX,
@@ -133,6 +133,7 @@ class RelayServer:
         self.registry: ListenerRegistry = registry or InMemoryListenerRegistry()
         self._rendezvous = RendezvousTable(config.limits.max_pending_rendezvous)
         self._listen_failures = FailureLimiter()
+        self._auth_cache = AuthCache()
         #: Sender/listener socket pairs being spliced, for the ordered shutdown.
         self._spliced: set[tuple[MessageSocket, MessageSocket]] = set()
         self._splices_done = asyncio.Event()
@@ -281,13 +282,13 @@ class RelayServer:
         assert entity is not None
         return await self._handle_connect(request, entity, resolved[1], raw_query, params)
 
-    def rules_for(self, entity: HybridConnectionConfig) -> Sequence[Any]:
+    def rules_for(self, entity: HybridConnectionConfig) -> Sequence[AuthorizationRule]:
         return (*entity.authorization_rules, *self.store.namespace_rules())
 
     def authorize(
         self, token: str | None, entity: HybridConnectionConfig, required: Rights, grace: float = 0
     ) -> AuthDecision:
-        return authorize(
+        return self._auth_cache.authorize(
             token,
             rules=self.rules_for(entity),
             entity_path=entity.name,
