@@ -447,6 +447,12 @@ class HttpRelay:
         out.headers["Via"] = ", ".join([*existing, via])
         body = result.body
         no_body = request.method == "HEAD" or status in (204, 304)
+        if not no_body and len(body) <= _WRITE_SLICE:
+            # The common small response: aiohttp sends head and body in one write once the
+            # handler returns (profiles showed transport.write as the relay's top cost).
+            small = web.Response(status=status, reason=reason, body=body)
+            small.headers.extend(out.headers)
+            return small
         if not no_body:
             out.content_length = len(body)
         elif request.method == "HEAD" and listener_length and listener_length.isdigit():
