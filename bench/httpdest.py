@@ -10,12 +10,10 @@ says ``Connection: close`` (or is HTTP/1.0 without ``keep-alive``). Request bodi
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import signal
 from typing import cast
 
-from bench.common import install_loop
+from bench.common import serve_until_signalled
 
 __all__ = ["BODY", "HttpDestProtocol", "main"]
 
@@ -79,25 +77,8 @@ class HttpDestProtocol(asyncio.Protocol):
         self.transport = None
 
 
-async def serve(port: int) -> None:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(HttpDestProtocol, "127.0.0.1", port, backlog=4096)
-    bound = server.sockets[0].getsockname()[1]
-    print(f"httpdest listening on 127.0.0.1:{bound}", flush=True)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    server.close()
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.httpdest")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
-    args = parser.parse_args()
-    install_loop(args.loop)
-    asyncio.run(serve(args.port))
+    serve_until_signalled("httpdest", HttpDestProtocol)
 
 
 if __name__ == "__main__":
