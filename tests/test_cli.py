@@ -102,3 +102,7 @@ async def test_serve_with_config_and_clear_errors(tmp_path: Path, repo_root: Pat
     assert code == 2 and "start it once" in err
     code, out, _ = await run("--version", env=env)
     assert code == 0 and out.startswith("hybridrelay ")
+    code, _, err = await run("--loop", "tokio", "serve", env=env)
+    assert code == 2 and "invalid choice" in err
+    code, _, err = await run("serve", env={**env, "HYBRIDRELAY_LOOP": "nope"})
+    assert code == 2 and "unknown event loop 'nope'" in err

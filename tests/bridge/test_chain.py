@@ -416,36 +416,24 @@ async def test_clean_shutdown_exits_zero(chain: Chain) -> None:
     assert await chain.relay.stop(signal.SIGTERM) == 0
 
 
-async def test_bridge_runs_on_uvloop(chain: Chain, tmp_path: Path) -> None:
-    """uvloop's transports are not asyncio.Transport subclasses; the bridge must not care."""
+async def test_bridge_runs_on_uvloop(chain: Chain) -> None:
+    """``--loop uvloop``: uvloop's transports are not asyncio.Transport subclasses, and the
+    bridge must not care."""
     pytest.importorskip("uvloop", reason="uvloop is an optional event loop")
-    wrapper = tmp_path / "on_uvloop.py"
-    wrapper.write_text(
-        "import sys, uvloop\nfrom hybridrelay.cli.main import main\nuvloop.install()\n"
-        "sys.exit(main())\n",
-        encoding="utf-8",
-    )
     async with tcp_server(echo) as dest_port:
+        common = ("-x", chain.connection_string)
         edge = await spawn(
-            sys.executable,
-            str(wrapper),
+            *CLI,
+            "--loop",
+            "uvloop",
             "bridge",
-            "-x",
-            chain.connection_string,
+            *common,
             "-R",
             f"hc:127.0.0.1:{dest_port}",
         )
         chain.procs.append(edge)
         await edge.wait_for("all forwards are up")
-        ingress = await spawn(
-            sys.executable,
-            str(wrapper),
-            "bridge",
-            "-x",
-            chain.connection_string,
-            "-L",
-            "127.0.0.1:0:hc",
-        )
+        ingress = await spawn(*CLI, "--loop", "uvloop", "bridge", *common, "-L", "127.0.0.1:0:hc")
         chain.procs.append(ingress)
         line = await ingress.wait_for(LISTENING)
         port = int(line.strip().rsplit(":", 1)[1])

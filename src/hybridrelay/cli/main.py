@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-hostable hybrid relay (Azure Relay Hybrid Connections compatible).",
     )
     parser.add_argument("--version", action="version", version=f"hybridrelay {__version__}")
+    parser.add_argument(
+        "--loop",
+        choices=["asyncio", "uvloop"],
+        default=os.environ.get("HYBRIDRELAY_LOOP", "asyncio"),
+        help="event loop (default: $HYBRIDRELAY_LOOP or asyncio). uvloop measured +22-38%% "
+        "on small messages and -26-30%% on bulk throughput here (docs/DECISIONS.md D7)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_token(sub)
@@ -108,12 +115,32 @@ def raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def use_event_loop(name: str) -> None:
+    """Make the ``asyncio.run`` calls of this process use ``name``'s event loop."""
+    if name not in ("asyncio", "uvloop"):
+        raise ConfigurationError(f"unknown event loop {name!r} (asyncio or uvloop)")
+    if name == "asyncio":
+        return
+    try:
+        import uvloop
+    except ImportError:
+        raise ConfigurationError(
+            "--loop uvloop: uvloop is not installed (pip install uvloop)"
+        ) from None
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("serve", "bridge", "serve-app"):
         raise_open_file_limit()
         set_tls_read_buffer()
+        try:
+            use_event_loop(args.loop)
+        except ConfigurationError as exc:
+            print(f"hybridrelay: {exc}", file=sys.stderr)
+            return 2
     try:
         result: int = args.func(args)
         return result
