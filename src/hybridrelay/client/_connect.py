@@ -1,4 +1,11 @@
-"""The one place where the SDK opens a WebSocket (aiohttp), and the endpoint/proxy helpers.
+"""The one place where the SDK opens a WebSocket (aiohttp or picows), and the endpoint/proxy
+helpers.
+
+``HYBRIDRELAY_WS_CLIENT=picows`` (read once, at the first connection) opens rendezvous and
+sender sockets with picows (:mod:`hybridrelay.transport.picows_ws`, ``pip install
+hybridrelay[fast]``; docs/DECISIONS.md D8). Control channels (they need a heartbeat) and every
+connection that goes through a proxy stay on aiohttp. Without picows installed, aiohttp is used
+and one warning is logged. The default is ``aiohttp``.
 
 Everything aiohttp raises is turned into our exception tree here, so no foreign exception
 leaves the public API:
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -39,11 +47,12 @@ from hybridrelay.exceptions import (
 )
 from hybridrelay.protocol.connection_string import ConnectionString
 from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
-from hybridrelay.transport.base import MessageSocket
+from hybridrelay.transport.base import FragmentSocket, MessageSocket
 
 __all__ = [
     "CONTROL_MAX_MESSAGE",
     "STREAM_MAX_MESSAGE",
+    "WS_CLIENT_ENV",
     "Endpoint",
     "WebSocketConnector",
     "env_proxy_for",
@@ -59,6 +68,39 @@ CONTROL_MAX_MESSAGE = 4 * 64 * 1024
 #: Largest single message accepted on a rendezvous stream. We send at most 64 KiB per message;
 #: Node senders may send more (ws@6 allows 100 MiB), this bounds what one message can cost us.
 STREAM_MAX_MESSAGE = 16 * 1024 * 1024
+
+
+#: The environment variable that selects the WebSocket client: ``aiohttp`` (default) or
+#: ``picows``.
+WS_CLIENT_ENV = "HYBRIDRELAY_WS_CLIENT"
+_ws_client: str | None = None
+
+
+def ws_client() -> str:
+    """``"picows"`` or ``"aiohttp"``: the client library for rendezvous and sender sockets.
+
+    ``HYBRIDRELAY_WS_CLIENT`` is read once per process; asking for picows without picows
+    installed (or with an unknown value) logs one warning and gives aiohttp.
+    """
+    global _ws_client
+    if _ws_client is None:
+        wanted = os.environ.get(WS_CLIENT_ENV, "aiohttp").strip().lower() or "aiohttp"
+        chosen = "aiohttp"
+        if wanted == "picows":
+            try:
+                import hybridrelay.transport.picows_ws  # noqa: F401
+            except ImportError:
+                logger.warning(
+                    "%s=picows but picows is not installed (pip install hybridrelay[fast]); "
+                    "using aiohttp",
+                    WS_CLIENT_ENV,
+                )
+            else:
+                chosen = "picows"
+        elif wanted != "aiohttp":
+            logger.warning("%s=%r is not aiohttp or picows; using aiohttp", WS_CLIENT_ENV, wanted)
+        _ws_client = chosen
+    return _ws_client
 
 
 @dataclass(frozen=True)
@@ -211,7 +253,7 @@ class WebSocketConnector:
         protocols: Sequence[str] = (),
         heartbeat: float | None = None,
         max_msg_size: int = STREAM_MAX_MESSAGE,
-    ) -> AiohttpMessageSocket:
+    ) -> FragmentSocket:
         """Open a WebSocket to ``url`` within ``connect_timeout`` seconds.
 
         ``url`` may hold a secret (a rendezvous address): it never goes into an exception
@@ -222,8 +264,23 @@ class WebSocketConnector:
             RelayTimeoutError: no WebSocket within ``connect_timeout``.
             RelayConnectionError: the connection failed.
         """
-        session = self._get_session()
+        if self._closed:
+            raise RelayConnectionError("the connection factory is closed")
         proxy, proxy_headers = self._proxy_for(url)
+        if heartbeat is None and proxy is None and ws_client() == "picows":
+            from hybridrelay.transport import picows_ws
+
+            fast = await picows_ws.connect(
+                url,
+                ssl_context=self._ssl,
+                connect_timeout=connect_timeout,
+                headers=headers or {},
+                protocols=protocols,
+                max_message_size=max_msg_size,
+            )
+            self._live.add(fast)
+            return fast
+        session = self._get_session()
         secure = url[:4].lower() == "wss:"
         request_headers = dict(headers or {})
         if proxy is not None and not secure:

@@ -35,8 +35,7 @@ from typing import Any
 from hybridrelay.client._connect import STREAM_MAX_MESSAGE, WebSocketConnector
 from hybridrelay.exceptions import ProtocolError, RelayError, StreamClosedError
 from hybridrelay.protocol.messages import Request, Response, encode_message, parse_message
-from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
-from hybridrelay.transport.base import MessageKind, MessageSocket
+from hybridrelay.transport.base import FragmentSocket, MessageKind, MessageSocket
 
 __all__ = ["HttpRequestDispatcher", "RelayedHttpContext", "RequestHandler"]
 
@@ -286,8 +285,8 @@ class RelayedHttpContext:
     async def _send_fragment(self, data: bytes, *, last: bool) -> None:
         socket = self._rendezvous
         assert socket is not None
-        if not isinstance(socket, AiohttpMessageSocket):
-            raise RelayError("fragmented sending needs an aiohttp socket")
+        if not isinstance(socket, FragmentSocket):
+            raise RelayError("fragmented sending needs a socket with send_fragment")
         try:
             async with asyncio.timeout(SEND_TIMEOUT):
                 await socket.send_fragment(data, first=self._first_fragment, last=last)
@@ -410,7 +409,7 @@ class HttpRequestDispatcher:
 
     # -- rendezvous ----------------------------------------------------------------------
 
-    async def open_rendezvous(self, address: str) -> AiohttpMessageSocket:
+    async def open_rendezvous(self, address: str) -> FragmentSocket:
         # Verbatim, no token: the URL is the credential (and never logged).
         return await self._connector.connect(
             address, connect_timeout=RENDEZVOUS_TIMEOUT, max_msg_size=STREAM_MAX_MESSAGE

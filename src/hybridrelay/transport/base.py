@@ -3,17 +3,18 @@
 Everything above this layer (relay server, SDK, bridge) talks to a :class:`MessageSocket`:
 whole messages in and out, a close frame that can be sent while still receiving (the
 WebSocket way to half-close a stream, which is how a TCP ``shutdown(SHUT_WR)`` crosses the
-relay), and an abortive close. The only implementation today is
-:mod:`hybridrelay.transport.aiohttp_ws` (see ``docs/DECISIONS.md`` for why).
+relay), and an abortive close. The implementations are :mod:`hybridrelay.transport.aiohttp_ws`
+(everywhere; see ``docs/DECISIONS.md`` for why) and, optionally for SDK client sockets,
+:mod:`hybridrelay.transport.picows_ws` (D8).
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-__all__ = ["CloseCode", "MessageKind", "MessageSocket", "WsMessage"]
+__all__ = ["CloseCode", "FragmentSocket", "MessageKind", "MessageSocket", "WsMessage"]
 
 
 class CloseCode(enum.IntEnum):
@@ -97,4 +98,14 @@ class MessageSocket(Protocol):
 
     def abort(self) -> None:
         """Drop the connection at once, without a close frame."""
+        ...
+
+
+@runtime_checkable
+class FragmentSocket(MessageSocket, Protocol):
+    """A :class:`MessageSocket` that can also send one binary message in several frames."""
+
+    async def send_fragment(self, data: bytes, *, first: bool, last: bool) -> None:
+        """One frame of a binary message: BINARY if ``first``, else CONTINUATION; FIN if
+        ``last``. No other message may be sent between the first and the last frame."""
         ...
