@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import logging
 import ssl
@@ -50,6 +51,11 @@ from hybridrelay.server.rendezvous import (
     PendingRendezvous,
     Rejection,
     RendezvousTable,
+)
+from hybridrelay.server.runtime_info import (
+    error_xml,
+    is_runtime_info_request,
+    runtime_info_response,
 )
 from hybridrelay.server.store import EntityStore, InMemoryEntityStore
 from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
@@ -134,6 +140,8 @@ class RelayServer:
         self._rendezvous = RendezvousTable(config.limits.max_pending_rendezvous)
         self._listen_failures = FailureLimiter()
         self._auth_cache = AuthCache()
+        #: Reported as CreatedAt/UpdatedAt of configured entities (E7): the file has no dates.
+        self._loaded_at = datetime.datetime.now(datetime.UTC)
         #: Sender/listener socket pairs being spliced, for the ordered shutdown.
         self._spliced: set[tuple[MessageSocket, MessageSocket]] = set()
         self._splices_done = asyncio.Event()
@@ -253,6 +261,8 @@ class RelayServer:
     async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         raw_path, _, raw_query = request.raw_path.partition("?")
         if not raw_path.startswith(HC_PREFIX):
+            if is_runtime_info_request(request, raw_query):
+                return self._runtime_info(request, raw_path)
             return await self.http.handle_sender_request(request, raw_path, raw_query)
         params = protocol_params(raw_query)
         action = params.get("sb-hc-action")
@@ -296,6 +306,35 @@ class RelayServer:
             now=time.time(),
             namespace_host=self.config.namespace_host,
             grace_seconds=grace,
+        )
+
+    # -- E7: runtime information ---------------------------------------------------------------
+
+    def _runtime_info(self, request: web.BaseRequest, raw_path: str) -> web.Response:
+        try:
+            path = unquote(raw_path.lstrip("/"), errors="strict").strip("/")
+        except UnicodeDecodeError:
+            path = ""
+        resolved = resolve_entity(path, self.store.paths())
+        entity = self.store.get(resolved[0]) if resolved and not resolved[1] else None
+        track = tracking_id()
+        # Any right on the entity will do; for an unknown path the namespace's rules decide,
+        # so that existence is not revealed to a caller without a valid token.
+        subject = entity or HybridConnectionConfig(name=path or "-")
+        token = request.headers.get("Authorization") or request.headers.get(_AUTH_HEADER)
+        decision = self.authorize(token, subject, Rights.NONE)
+        if not decision.allowed:
+            return error_xml(decision.status, f"{decision.reason} TrackingId:{track}")
+        url = f"{'https' if self._ssl else 'http'}://{request.host}/{path}"
+        if entity is None:
+            return runtime_info_response(url=url, path=None, created_at=self._loaded_at)
+        return runtime_info_response(
+            url=url,
+            path=entity.name,
+            requires_client_authorization=entity.requires_client_authorization,
+            user_metadata=entity.user_metadata,
+            listener_count=self.registry.count(entity.name),
+            created_at=self._loaded_at,
         )
 
     # -- E1: listener control channel ---------------------------------------------------------

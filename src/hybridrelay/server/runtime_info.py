@@ -1,0 +1,90 @@
+"""Runtime information of a hybrid connection (PROTOCOL.md 2, E7 and 8.2).
+
+``GET /{path}?api-version=2016-07`` with ``X-PROCESS-AT: ServiceBus`` and a SAS token for the
+entity (any right) is what .NET's ``HybridConnectionClient.GetRuntimeInformationAsync`` and
+``HybridConnectionListener.GetRuntimeInformationAsync`` send. The URL is also a valid HTTP
+relaying target, so it is taken as a management request only when both markers are present.
+
+The answer is an Atom entry holding a ``HybridConnectionDescription`` with the elements in
+DataContract order; an unknown path gets an empty Atom feed, which the .NET client maps to
+"endpoint not found", as Azure does. ``CreatedAt``/``UpdatedAt`` of entities from the
+configuration file are the time the relay loaded it (the file has no such field).
+"""
+
+from __future__ import annotations
+
+import datetime
+from xml.sax.saxutils import escape
+
+from aiohttp import web
+
+__all__ = ["error_xml", "is_runtime_info_request", "runtime_info_response"]
+
+_ATOM = "http://www.w3.org/2005/Atom"
+_SB = "http://schemas.microsoft.com/netservices/2010/10/servicebus/connect"
+
+
+def is_runtime_info_request(request: web.BaseRequest, raw_query: str) -> bool:
+    return (
+        request.method == "GET"
+        and "api-version=" in raw_query
+        and request.headers.get("X-PROCESS-AT", "").lower() == "servicebus"
+    )
+
+
+def _timestamp(when: datetime.datetime) -> str:
+    return when.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def runtime_info_response(
+    *,
+    url: str,
+    path: str | None,
+    requires_client_authorization: bool = True,
+    user_metadata: str = "",
+    listener_count: int = 0,
+    created_at: datetime.datetime,
+) -> web.Response:
+    """The Atom document for ``path``; ``path is None`` means the entity does not exist."""
+    now = _timestamp(datetime.datetime.now(datetime.UTC))
+    if path is None:
+        body = (
+            f'<feed xmlns="{_ATOM}"><title type="text">Publicly Listed Services</title>'
+            f'<subtitle type="text">This is the list of publicly-listed services currently '
+            f"available.</subtitle><id>{escape(url)}</id><updated>{now}</updated></feed>"
+        )
+    else:
+        created = _timestamp(created_at)
+        description = (
+            f'<HybridConnectionDescription xmlns="{_SB}" '
+            'xmlns:i="http://www.w3.org/2001/XMLSchema-instance">'
+            f"<CreatedAt>{created}</CreatedAt><UpdatedAt>{created}</UpdatedAt>"
+            "<RequiresClientAuthorization>"
+            f"{'true' if requires_client_authorization else 'false'}"
+            "</RequiresClientAuthorization>"
+            f"<UserMetadata>{escape(user_metadata)}</UserMetadata>"
+            f"<ListenerCount>{listener_count}</ListenerCount>"
+            "</HybridConnectionDescription>"
+        )
+        body = (
+            f'<entry xmlns="{_ATOM}"><id>{escape(url)}</id>'
+            f'<title type="text">{escape(path)}</title><updated>{now}</updated>'
+            f'<link rel="self" href="{escape(url)}"/>'
+            f'<content type="application/xml">{description}</content></entry>'
+        )
+    return web.Response(
+        status=200, body=body.encode("utf-8"), content_type="application/atom+xml", charset="utf-8"
+    )
+
+
+def error_xml(status: int, detail: str) -> web.Response:
+    """A management error as .NET parses it: ``<Error><Code/><Detail/></Error>``."""
+    body = f"<Error><Code>{status}</Code><Detail>{escape(detail)}</Detail></Error>"
+    reason = "".join(ch if ch.isprintable() else " " for ch in detail)[:200]
+    return web.Response(
+        status=status,
+        reason=reason,
+        body=body.encode("utf-8"),
+        content_type="application/xml",
+        charset="utf-8",
+    )
