@@ -527,6 +527,20 @@ def _protocol(section: _Section) -> Protocol:
         ) from None
 
 
+def _located(where: str, exc: ConfigurationError) -> ConfigurationError:
+    """``exc`` prefixed with the forward's place in the file (once)."""
+    return exc if str(exc).startswith(where) else ConfigurationError(f"{where}: {exc}")
+
+
+def _forward_limits(item: _Section) -> dict[str, Any]:
+    """The per-forward overrides that local and remote forwards share."""
+    return {
+        "max_connections": item.integer("max_connections", None),
+        "udp_idle_timeout": item.number("udp_idle_timeout", None),
+        "max_udp_flows": item.integer("max_udp_flows", None),
+    }
+
+
 def _local_forward(item: _Section) -> LocalForward:
     where = item.path
     try:
@@ -551,19 +565,11 @@ def _local_forward(item: _Section) -> LocalForward:
         allow = tuple(_network(text, f"{item.key('allow')}") for text in item.strings("allow"))
         if allow and spec.protocol is Protocol.UNIX:
             raise ConfigurationError(f"{item.key('allow')}: Unix socket forwards have no CIDRs")
-        forward = LocalForward(
-            spec=spec,
-            allow=allow,
-            max_connections=item.integer("max_connections", None),
-            udp_idle_timeout=item.number("udp_idle_timeout", None),
-            max_udp_flows=item.integer("max_udp_flows", None),
-        )
+        forward = LocalForward(spec=spec, allow=allow, **_forward_limits(item))
         item.done()
         return forward
     except ConfigurationError as exc:
-        if str(exc).startswith(where):
-            raise
-        raise ConfigurationError(f"{where}: {exc}") from None
+        raise _located(where, exc) from None
 
 
 def _remote_forward(item: _Section) -> RemoteForward:
@@ -589,18 +595,11 @@ def _remote_forward(item: _Section) -> RemoteForward:
             if unix:
                 item.absent("host", "a Unix socket target has a path, not a host")
                 item.absent("port", "a Unix socket target has a path, not a port")
-        forward = RemoteForward(
-            spec=spec,
-            max_connections=item.integer("max_connections", None),
-            udp_idle_timeout=item.number("udp_idle_timeout", None),
-            max_udp_flows=item.integer("max_udp_flows", None),
-        )
+        forward = RemoteForward(spec=spec, **_forward_limits(item))
         item.done()
         return forward
     except ConfigurationError as exc:
-        if str(exc).startswith(where):
-            raise
-        raise ConfigurationError(f"{where}: {exc}") from None
+        raise _located(where, exc) from None
 
 
 def _http_forward(item: _Section) -> HttpForward:
@@ -619,9 +618,7 @@ def _http_forward(item: _Section) -> HttpForward:
         item.done()
         return HttpForward(hc, target.rstrip("/"))
     except ConfigurationError as exc:
-        if str(exc).startswith(where):
-            raise
-        raise ConfigurationError(f"{where}: {exc}") from None
+        raise _located(where, exc) from None
 
 
 def _network(text: str, where: str) -> Network:
