@@ -29,7 +29,6 @@ from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
-from hybridrelay.auth.sas import token_audience
 from hybridrelay.client._connect import (
     CONTROL_MAX_MESSAGE,
     STREAM_MAX_MESSAGE,
@@ -41,16 +40,14 @@ from hybridrelay.client.backoff import RetryKind, capped_delay, classify_error, 
 from hybridrelay.client.http import HttpRequestDispatcher, RequestHandler
 from hybridrelay.client.stream import HybridConnectionStream
 from hybridrelay.client.tls import build_ssl_context
-from hybridrelay.client.tokens import TokenProvider, token_expiry
+from hybridrelay.client.tokens import TokenProvider, fetch_token, token_expiry
 from hybridrelay.exceptions import (
     ConfigurationError,
     ProtocolError,
     RelayConnectionError,
     RelayError,
     RelayHttpError,
-    RelayTimeoutError,
     StreamClosedError,
-    TokenError,
 )
 from hybridrelay.protocol.addressing import build_relay_url, filter_query
 from hybridrelay.protocol.messages import (
@@ -81,7 +78,6 @@ CONNECT_TIMEOUT = 60.0
 #: and .NET listeners give up on a rendezvous after 20 s (PROTOCOL.md 5.1).
 ACCEPT_TIMEOUT = 20.0
 #: A token provider that takes longer than this is treated as failed.
-TOKEN_TIMEOUT = 30.0
 #: Sending one control message (renewToken) and closing a WebSocket.
 SEND_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 10.0
@@ -439,18 +435,9 @@ class HybridConnectionListener:
     # -- control channel ---------------------------------------------------------------------
 
     async def _get_token(self) -> str | None:
-        if self._token_provider is None:
-            return None
-        audience = token_audience(self._endpoint.host, self._entity_path)
-        try:
-            async with asyncio.timeout(TOKEN_TIMEOUT):
-                return await self._token_provider.get_token(audience, self._token_ttl)
-        except RelayError:
-            raise
-        except TimeoutError as exc:
-            raise RelayTimeoutError("the token provider did not answer in time") from exc
-        except Exception as exc:
-            raise TokenError(f"the token provider failed: {type(exc).__name__}") from exc
+        return await fetch_token(
+            self._token_provider, self._endpoint.host, self._entity_path, self._token_ttl
+        )
 
     async def _connect_control(self) -> MessageSocket:
         token = await self._get_token()

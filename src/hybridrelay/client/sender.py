@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import ssl as ssl_module
 import uuid
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from hybridrelay.auth.sas import token_audience
 from hybridrelay.client._connect import (
     STREAM_MAX_MESSAGE,
     WebSocketConnector,
@@ -18,17 +16,14 @@ from hybridrelay.client._connect import (
 )
 from hybridrelay.client.stream import HybridConnectionStream
 from hybridrelay.client.tls import build_ssl_context
-from hybridrelay.client.tokens import TokenProvider
+from hybridrelay.client.tokens import TokenProvider, fetch_token
 from hybridrelay.exceptions import (
     AuthorizationError,
     ConfigurationError,
     ConnectionRejectedError,
     EndpointNotFoundError,
     QuotaExceededError,
-    RelayError,
     RelayHttpError,
-    RelayTimeoutError,
-    TokenError,
 )
 from hybridrelay.protocol.addressing import build_relay_url
 
@@ -36,7 +31,6 @@ __all__ = ["HybridConnectionClient"]
 
 #: Lifetime of the tokens a client asks for (the .NET default).
 TOKEN_TTL = 3600.0
-TOKEN_TIMEOUT = 30.0
 
 # Headers the WebSocket handshake owns; an application header of that name would break it.
 _RESERVED_HEADERS = frozenset(
@@ -117,18 +111,9 @@ class HybridConnectionClient:
         return f"<HybridConnectionClient {self._endpoint.host}/{self._entity_path}>"
 
     async def _get_token(self) -> str | None:
-        if self._token_provider is None:
-            return None
-        audience = token_audience(self._endpoint.host, self._entity_path)
-        try:
-            async with asyncio.timeout(TOKEN_TIMEOUT):
-                return await self._token_provider.get_token(audience, TOKEN_TTL)
-        except RelayError:
-            raise
-        except TimeoutError as exc:
-            raise RelayTimeoutError("the token provider did not answer in time") from exc
-        except Exception as exc:
-            raise TokenError(f"the token provider failed: {type(exc).__name__}") from exc
+        return await fetch_token(
+            self._token_provider, self._endpoint.host, self._entity_path, TOKEN_TTL
+        )
 
     async def create_connection(
         self,

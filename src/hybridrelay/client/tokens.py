@@ -7,19 +7,24 @@ Neither ever shows a key or a token in ``repr``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from hybridrelay.auth.sas import create_token, parse_token
-from hybridrelay.exceptions import TokenError
+from hybridrelay.auth.sas import create_token, parse_token, token_audience
+from hybridrelay.exceptions import RelayError, RelayTimeoutError, TokenError
 
 __all__ = [
     "SharedAccessKeyTokenProvider",
     "SharedAccessSignatureTokenProvider",
     "TokenProvider",
+    "fetch_token",
     "token_expiry",
 ]
+
+#: How long a token provider may take (it may call out to a secret store).
+TOKEN_TIMEOUT = 30.0
 
 #: A cached token is reused only while it has at least this long left (capped at half the
 #: requested ttl, so that short-lived tokens, as used in tests, are still cached sensibly).
@@ -108,3 +113,24 @@ def token_expiry(token: str) -> int | None:
         return parse_token(token).expiry
     except TokenError:
         return None
+
+
+async def fetch_token(
+    provider: TokenProvider | None, host: str, entity_path: str, ttl: float
+) -> str | None:
+    """A token for ``entity_path`` on ``host`` from ``provider`` (None without a provider).
+
+    Bounded by ``TOKEN_TIMEOUT``; whatever the provider raises becomes a hybridrelay error.
+    """
+    if provider is None:
+        return None
+    audience = token_audience(host, entity_path)
+    try:
+        async with asyncio.timeout(TOKEN_TIMEOUT):
+            return await provider.get_token(audience, ttl)
+    except RelayError:
+        raise
+    except TimeoutError as exc:
+        raise RelayTimeoutError("the token provider did not answer in time") from exc
+    except Exception as exc:
+        raise TokenError(f"the token provider failed: {type(exc).__name__}") from exc
