@@ -152,10 +152,16 @@ def test_protocol_params_and_urls() -> None:
         params={"sb-hc-id": "x y"},
     )
     assert url == "wss://h:1/$hc/a/b%20c/s?q=1&sb-hc-action=connect&sb-hc-id=x%20y"
-    assert resolve_entity("a/b/c", ["a", "a/b"]) == ("a/b", "/c")
-    assert resolve_entity("A/B", ["a/b"]) == ("a/b", "")
-    assert resolve_entity("ab", ["a"]) is None
-    assert resolve_entity("x", []) is None
+    entities = {"a": "A", "a/b": "AB"}
+    assert resolve_entity("a/b/c", entities.get) == ("AB", "/c")
+    assert resolve_entity("/a/b/", entities.get) == ("AB", "")
+    assert resolve_entity("a/bc", entities.get) == ("A", "/bc")
+    assert resolve_entity("a//b", entities.get) == ("A", "//b")
+    assert resolve_entity("A/B", lambda p: entities.get(p.lower())) == ("AB", "")
+    assert resolve_entity("ab", entities.get) is None
+    assert resolve_entity("", entities.get) is None
+    nothing: dict[str, str] = {}
+    assert resolve_entity("x", nothing.get) is None
 
 
 def test_connection_strings() -> None:

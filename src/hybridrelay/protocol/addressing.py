@@ -6,7 +6,8 @@ Pure: no I/O. Query strings are handled as raw text so that everything that is n
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import parse_qsl, quote
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
 
 HC_PREFIX = "/$hc/"
 _PROTOCOL_PARAM_PREFIX = "sb-hc-"
+
+T = TypeVar("T")
 
 
 def _is_protocol_param(pair: str) -> bool:
@@ -52,31 +55,27 @@ def protocol_params(raw_query: str) -> dict[str, str]:
     return params
 
 
-def resolve_entity(path: str, entities: Iterable[str]) -> tuple[str, str] | None:
+def resolve_entity(path: str, lookup: Callable[[str], T | None]) -> tuple[T, str] | None:
     """Split a decoded request path into (entity, suffix).
 
-    The entity is the longest known entity path that is a prefix of ``path`` at a segment
-    boundary, compared case-insensitively (entity names may contain ``/``). The suffix keeps its
-    leading ``/`` (or is empty). Returns None when no entity matches.
+    The entity is the longest prefix of ``path`` at a segment boundary that ``lookup`` knows
+    (entity names may contain ``/``; ``lookup`` decides about case). Prefixes are tried longest
+    first, one lookup per segment, so the cost does not grow with the number of entities. The
+    suffix keeps its leading ``/`` (or is empty). Returns None when no prefix is known.
 
-    >>> resolve_entity("a/b/c", ["a", "a/b"])
-    ('a/b', '/c')
+    >>> resolve_entity("a/b/c", {"a": "A", "a/b": "AB"}.get)
+    ('AB', '/c')
     """
     stripped = path.strip("/")
-    lowered = stripped.lower()
-    best: str | None = None
-    for entity in entities:
-        key = entity.strip("/").lower()
-        if not key:
-            continue
-        if (lowered == key or lowered.startswith(key + "/")) and (
-            best is None or len(key) > len(best)
-        ):
-            best = entity.strip("/")
-    if best is None:
-        return None
-    suffix = stripped[len(best) :]
-    return best, suffix
+    end = len(stripped)
+    while end > 0:
+        prefix = stripped[:end]
+        if not prefix.endswith("/"):
+            found = lookup(prefix)
+            if found is not None:
+                return found, stripped[end:]
+        end = stripped.rfind("/", 0, end)
+    return None
 
 
 def build_relay_url(

@@ -283,14 +283,13 @@ class RelayServer:
             return error_response(400, f"Unknown sb-hc-action {action!r}.")
         if not is_upgrade:
             return error_response(400, "A WebSocket upgrade is required.")
-        resolved = resolve_entity(path, self.store.paths())
-        if action == "listen":
-            return await self._handle_listen(request, path, resolved, params)
+        if action == "listen":  # a listener names its entity exactly: no suffix
+            return await self._handle_listen(request, path, params)
+        resolved = resolve_entity(path, self.store.get)
         if resolved is None:
             return error_response(404, "The hybrid connection does not exist.")
-        entity = self.store.get(resolved[0])
-        assert entity is not None
-        return await self._handle_connect(request, entity, resolved[1], raw_query, params)
+        entity, suffix = resolved
+        return await self._handle_connect(request, entity, suffix, raw_query, params)
 
     def rules_for(self, entity: HybridConnectionConfig) -> Sequence[AuthorizationRule]:
         return (*entity.authorization_rules, *self.store.namespace_rules())
@@ -315,8 +314,7 @@ class RelayServer:
             path = unquote(raw_path.lstrip("/"), errors="strict").strip("/")
         except UnicodeDecodeError:
             path = ""
-        resolved = resolve_entity(path, self.store.paths())
-        entity = self.store.get(resolved[0]) if resolved and not resolved[1] else None
+        entity = self.store.get(path)
         track = tracking_id()
         # Any right on the entity will do; for an unknown path the namespace's rules decide,
         # so that existence is not revealed to a caller without a valid token.
@@ -343,14 +341,13 @@ class RelayServer:
         self,
         request: web.BaseRequest,
         path: str,
-        resolved: tuple[str, str] | None,
         params: dict[str, str],
     ) -> web.StreamResponse:
         # Keyed by source and entity: a storm against one entity does not block others.
         source = f"{request.remote or ''} {path.strip('/').lower()}"
         if self._listen_failures.blocked(source, time.monotonic()):
             return error_response(429, "Too many failed listen attempts; back off and retry.")
-        response = await self._listen(request, path, resolved, params)
+        response = await self._listen(request, path, params)
         if response.status in (401, 403, 404):
             self._listen_failures.record_failure(source, time.monotonic())
         return response
@@ -359,10 +356,9 @@ class RelayServer:
         self,
         request: web.BaseRequest,
         path: str,
-        resolved: tuple[str, str] | None,
         params: dict[str, str],
     ) -> web.StreamResponse:
-        entity = self.store.get(resolved[0]) if resolved and not resolved[1] else None
+        entity = self.store.get(path) if path.strip("/") else None
         if entity is None and self.config.auto_create_hybrid_connections and path.strip("/"):
             candidate = HybridConnectionConfig(name=path.strip("/"))
             decision = self.authorize(_request_token(request, params), candidate, Rights.LISTEN)

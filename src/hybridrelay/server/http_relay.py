@@ -212,8 +212,8 @@ class HttpRelay:
             path = unquote(raw_path.lstrip("/"), errors="strict")
         except UnicodeDecodeError:
             return error_response(404, "Malformed path.")
-        resolved = resolve_entity(path, server.store.paths())
-        entity = server.store.get(resolved[0]) if resolved else None
+        resolved = resolve_entity(path, server.store.get)
+        entity = resolved[0] if resolved else None
         if entity is None:
             return error_response(404, "The hybrid connection does not exist.")
 
