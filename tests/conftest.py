@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,28 @@ async def eventually(predicate: Callable[[], bool], seconds: float = 5.0) -> Non
             return
         await asyncio.sleep(0.02)
     raise AssertionError("condition not reached in time")
+
+
+@asynccontextmanager
+async def running_until_cancelled(
+    start: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+) -> AsyncIterator[None]:
+    """Run ``start(ready)`` as a task for the block: enter once it sets ``ready`` (or fail with
+    its error), and expect it to stop by cancellation on exit."""
+    ready = asyncio.Event()
+    task = asyncio.create_task(start(ready))
+    waiter = asyncio.create_task(ready.wait())
+    try:
+        await asyncio.wait([task, waiter], timeout=10, return_when="FIRST_COMPLETED")
+        waiter.cancel()
+        if task.done():
+            task.result()
+        assert ready.is_set()
+        yield
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
 
 @dataclass(frozen=True)

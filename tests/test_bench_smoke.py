@@ -11,15 +11,15 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.skipif(shutil.which("hybridrelay") is None, reason="hybridrelay is not installed")
-def test_bench_latency_scenario_runs(tmp_path: Path) -> None:
+def run_bench(tmp_path: Path, scenario: str) -> list[dict[str, Any]]:
+    """The smallest run of one scenario on ``direct`` and ``hybridrelay``; its records."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -27,7 +27,7 @@ def test_bench_latency_scenario_runs(tmp_path: Path) -> None:
             "bench",
             "--quick",
             "--only",
-            "latency",
+            scenario,
             "--topology",
             "direct",
             "--topology",
@@ -43,7 +43,14 @@ def test_bench_latency_scenario_runs(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    records: list[dict[str, Any]] = json.loads((tmp_path / "results.json").read_text())["records"]
+    return records
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("hybridrelay") is None, reason="hybridrelay is not installed")
+def test_bench_latency_scenario_runs(tmp_path: Path) -> None:
+    records = run_bench(tmp_path, "latency")
     by_topology = {r["topology"]: r for r in records if r.get("mode") == "lat"}
     assert set(by_topology) == {"direct", "hybridrelay"}
     for record in by_topology.values():
@@ -58,30 +65,7 @@ def test_bench_latency_scenario_runs(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 def test_bench_http_scenario_runs(tmp_path: Path) -> None:
     """Scenario (6): wrk against the upstream directly and through relay + bridge -H."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--only",
-            "http",
-            "--topology",
-            "direct",
-            "--topology",
-            "hybridrelay",
-            "--no-plot",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=50,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    records = run_bench(tmp_path, "http")
     by_topology = {r["topology"]: r for r in records if r.get("mode") == "http"}
     assert set(by_topology) == {"direct", "hybridrelay"}
     for record in by_topology.values():

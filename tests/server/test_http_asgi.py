@@ -7,8 +7,7 @@ import asyncio
 import hashlib
 import os
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from hybridrelay.asgi import (
     serve,
 )
 from hybridrelay.exceptions import ConfigurationError
-from tests.conftest import Relay
+from tests.conftest import Relay, running_until_cancelled
 from tests.server.test_http_relay import assert_no_exchanges_left
 
 AUTH = "ServiceBusAuthorization"
@@ -98,22 +97,10 @@ class App:
         await send({"type": "http.response.body", "body": body[::-1]})
 
 
-@asynccontextmanager
-async def serving(relay: Relay, app: ASGIApp, **kw: Any) -> AsyncIterator[None]:
-    ready = asyncio.Event()
-    task = asyncio.create_task(serve(app, relay.connection_string("hc"), ready=ready, **kw))
-    waiter = asyncio.create_task(ready.wait())
-    try:
-        await asyncio.wait([task, waiter], timeout=10, return_when="FIRST_COMPLETED")
-        waiter.cancel()
-        if task.done():
-            task.result()
-        assert ready.is_set()
-        yield
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+def serving(relay: Relay, app: ASGIApp, **kw: Any) -> AbstractAsyncContextManager[None]:
+    return running_until_cancelled(
+        lambda ready: serve(app, relay.connection_string("hc"), ready=ready, **kw)
+    )
 
 
 def client(relay: Relay) -> httpx.AsyncClient:

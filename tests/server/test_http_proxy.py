@@ -8,7 +8,7 @@ import gzip
 import hashlib
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import httpx
 import pytest
@@ -16,7 +16,7 @@ from aiohttp import web
 
 from hybridrelay.exceptions import ConfigurationError
 from hybridrelay.http_proxy import HttpForwardSpec, parse_http_forward, serve_http_forward
-from tests.conftest import Relay
+from tests.conftest import Relay, running_until_cancelled
 from tests.server.test_http_relay import assert_no_exchanges_left
 
 AUTH = "ServiceBusAuthorization"
@@ -77,24 +77,12 @@ async def upstream() -> AsyncIterator[tuple[str, list[web.Request]]]:
         await runner.cleanup()
 
 
-@asynccontextmanager
-async def forwarding(relay: Relay, spec: str) -> AsyncIterator[None]:
-    ready = asyncio.Event()
-    task = asyncio.create_task(
-        serve_http_forward(relay.connection_string(), parse_http_forward(spec), ready=ready)
+def forwarding(relay: Relay, spec: str) -> AbstractAsyncContextManager[None]:
+    return running_until_cancelled(
+        lambda ready: serve_http_forward(
+            relay.connection_string(), parse_http_forward(spec), ready=ready
+        )
     )
-    waiter = asyncio.create_task(ready.wait())
-    try:
-        await asyncio.wait([task, waiter], timeout=10, return_when="FIRST_COMPLETED")
-        waiter.cancel()
-        if task.done():
-            task.result()
-        assert ready.is_set()
-        yield
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
 
 
 def client(relay: Relay) -> httpx.AsyncClient:
