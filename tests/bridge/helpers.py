@@ -129,6 +129,15 @@ async def exchange(
     return received.result()
 
 
+async def read_until_closed(reader: asyncio.StreamReader, seconds: float = 10.0) -> bytes:
+    """Everything until the connection closes; a reset counts as a close with nothing more."""
+    async with asyncio.timeout(seconds):
+        try:
+            return await reader.read()
+        except ConnectionResetError:
+            return b""
+
+
 def random_bytes(size: int) -> bytes:
     return os.urandom(size)
 
