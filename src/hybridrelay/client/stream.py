@@ -161,6 +161,9 @@ class HybridConnectionStream:
             return
         async with self._write_lock:
             self._check_send()
+            if isinstance(data, bytes) and len(data) <= MAX_WRITE_MESSAGE:
+                await self._socket.send(data)  # the common case: one message, no copy
+                return
             for start in range(0, len(view), MAX_WRITE_MESSAGE):
                 await self._socket.send(bytes(view[start : start + MAX_WRITE_MESSAGE]))
 
