@@ -28,8 +28,6 @@ class EntityStore(Protocol):
         """The hybrid connection at ``path`` (case-insensitive), or None."""
         ...
 
-    def paths(self) -> Sequence[str]: ...
-
     def create(self, entity: HybridConnectionConfig) -> None: ...
 
     def delete(self, path: str) -> bool: ...
@@ -55,9 +53,6 @@ class InMemoryEntityStore:
 
     def get(self, path: str) -> HybridConnectionConfig | None:
         return self._entities.get(path.strip("/").lower())
-
-    def paths(self) -> Sequence[str]:
-        return [e.name for e in self._entities.values()]
 
     def create(self, entity: HybridConnectionConfig) -> None:
         key = entity.name.strip("/").lower()
