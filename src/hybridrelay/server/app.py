@@ -43,6 +43,7 @@ from hybridrelay.protocol.messages import (
     encode_message,
     parse_message,
 )
+from hybridrelay.protocol.websocket import HandshakeError, handshake_headers
 from hybridrelay.server.config import HybridConnectionConfig, RelayConfig
 from hybridrelay.server.ratelimit import FailureLimiter
 from hybridrelay.server.registry import ControlChannel, InMemoryListenerRegistry, ListenerRegistry
@@ -57,9 +58,10 @@ from hybridrelay.server.runtime_info import (
     is_runtime_info_request,
     runtime_info_response,
 )
+from hybridrelay.server.splice import SpliceLeg, take_over
 from hybridrelay.server.store import EntityStore, InMemoryEntityStore
 from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
-from hybridrelay.transport.base import CloseCode, MessageKind, MessageSocket
+from hybridrelay.transport.base import CloseCode, MessageKind
 
 __all__ = ["RelayServer"]
 
@@ -142,9 +144,10 @@ class RelayServer:
         self._auth_cache = AuthCache()
         #: Reported as CreatedAt/UpdatedAt of configured entities (E7): the file has no dates.
         self._loaded_at = datetime.datetime.now(datetime.UTC)
-        #: Sender/listener socket pairs being spliced, for the ordered shutdown.
-        self._spliced: set[tuple[MessageSocket, MessageSocket]] = set()
-        self._splices_done = asyncio.Event()
+        #: Legs of relayed connections (senders' and listeners' rendezvous sockets), for the
+        #: ordered shutdown.
+        self._legs: set[SpliceLeg] = set()
+        self._legs_gone = asyncio.Event()
         self._runner: web.ServerRunner | None = None
         self._port = 0
         self._closing = False
@@ -210,16 +213,13 @@ class RelayServer:
         )
         # 3. Spliced connections get a close frame (1001) on both legs; their peers answer and
         #    the splices end by themselves, within a bounded time.
-        for sender, listener in list(self._spliced):
-            for socket_ in (sender, listener):
-                try:
-                    await socket_.send_close(CloseCode.GOING_AWAY, "relay shutting down")
-                except RelayConnectionError:
-                    socket_.abort()
-        if self._spliced:
+        for leg in list(self._legs):
+            leg.send_close(CloseCode.GOING_AWAY, "relay shutting down")
+            leg.expect_close_answer()
+        if self._legs:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_SHUTDOWN_GRACE):
-                    await self._splices_done.wait()
+                    await self._legs_gone.wait()
         # 4. Stop the HTTP server (closes what is left).
         if self._runner is not None:
             await self._runner.cleanup()
@@ -457,6 +457,10 @@ class RelayServer:
             decision = self.authorize(_request_token(request, params), entity, Rights.SEND)
             if not decision.allowed:
                 return error_response(decision.status, decision.reason)
+        try:
+            handshake_headers(request.headers, None)
+        except HandshakeError as exc:
+            return error_response(exc.status, str(exc))
         connection_id = params.get("sb-hc-id") or tracking_id()
         candidates = self.registry.candidates(entity.name)
         if not candidates:
@@ -479,8 +483,7 @@ class RelayServer:
             self._rendezvous.discard(pending)
             if not pending.outcome.done():
                 pending.outcome.cancel()
-            if not pending.sender_socket.done():
-                pending.sender_socket.set_result(None)
+            pending.splice.abandon("sender went away")
 
     async def _offer(
         self,
@@ -578,34 +581,37 @@ class RelayServer:
     ) -> web.StreamResponse:
         if isinstance(outcome, Rejection):
             return web.Response(status=outcome.status, reason=_reason(outcome.description))
-        listener = outcome.socket
-        subprotocol = listener.subprotocol
-        ws = upgrade(request, subprotocol, max_message_size=self.config.limits.max_message_size)
-        try:
-            await ws.prepare(request)
-        except (ConnectionError, RuntimeError):
-            await listener.aclose(CloseCode.GOING_AWAY, "sender went away")
-            return ws
-        sender = AiohttpMessageSocket.server(ws, request)
-        pending.sender_socket.set_result(sender)
-        pair = (sender, listener)
-        self._spliced.add(pair)
-        self._splices_done.clear()
-        try:
-            await pending.splice.run_half(sender, listener, to_listener=True)
-        finally:
-            self._spliced.discard(pair)
-            if not self._spliced:
-                self._splices_done.set()
-        stats = pending.splice.stats
+        splice = pending.splice
+        response, sender = await take_over(
+            request, outcome.subprotocol, max_message_size=self.config.limits.max_message_size
+        )
+        if sender is None:
+            return response  # the finally of _handle_connect closes the listener's leg
+        splice.join(sender)
+        await self._hold(sender)
+        to_listener, to_sender = splice.stats
         logger.debug(
             "connection %s on %r closed: %d bytes to listener, %d bytes to sender",
             connection_id,
             entity.name,
-            stats.sender_to_listener,
-            stats.listener_to_sender,
+            to_listener,
+            to_sender,
         )
-        return ws
+        return response
+
+    async def _hold(self, leg: SpliceLeg) -> None:
+        """Keep the aiohttp handler that owns ``leg`` until the leg's connection is gone."""
+        self._legs.add(leg)
+        self._legs_gone.clear()
+        try:
+            await leg.gone
+        except asyncio.CancelledError:
+            leg.abort()
+            raise
+        finally:
+            self._legs.discard(leg)
+            if not self._legs:
+                self._legs_gone.set()
 
     # -- E3 / E4: listener accepts or rejects ---------------------------------------------------
 
@@ -633,16 +639,26 @@ class RelayServer:
             return web.Response(status=410, reason="Gone")
         offered = request.headers.get("Sec-WebSocket-Protocol", "")
         subprotocol = offered.split(",")[0].strip() or None
-        ws = upgrade(request, subprotocol, max_message_size=self.config.limits.max_message_size)
-        await ws.prepare(request)
-        listener = AiohttpMessageSocket.server(ws, request)
+        try:
+            headers = handshake_headers(request.headers, subprotocol)
+        except HandshakeError as exc:
+            if not pending.outcome.done():
+                pending.outcome.set_result(Rejection(502, "The listener's upgrade failed."))
+            return error_response(exc.status, str(exc))
+        response, listener = await take_over(
+            request,
+            subprotocol,
+            max_message_size=self.config.limits.max_message_size,
+            response_headers=headers,
+        )
+        if listener is None:
+            if not pending.outcome.done():
+                pending.outcome.set_result(Rejection(502, "The listener's upgrade failed."))
+            return response
         if pending.outcome.done():  # the sender gave up meanwhile
-            await listener.aclose(CloseCode.GOING_AWAY, "sender went away")
-            return ws
-        pending.outcome.set_result(Accepted(listener))
-        sender = await pending.sender_socket
-        if sender is None:  # the sender's upgrade failed; its handler closed this socket
-            listener.abort()
-            return ws
-        await pending.splice.run_half(listener, sender, to_listener=False)
-        return ws
+            listener.close_now(CloseCode.GOING_AWAY, "sender went away")
+        else:
+            pending.splice.listener = listener
+            pending.outcome.set_result(Accepted(subprotocol))
+        await self._hold(listener)
+        return response

@@ -2,24 +2,20 @@
 
 A sender's connect creates a :class:`PendingRendezvous` keyed by an unguessable secret that goes
 into the ``accept`` address (PROTOCOL.md 5.2: the URL is the rendezvous' only credential). The
-listener's accept (or reject) resolves it exactly once. Then :func:`splice` forwards messages
-both ways until both sides have closed.
+listener's accept (or reject) resolves it exactly once; then its
+:class:`~hybridrelay.server.splice.Splice` joins the two WebSockets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import logging
 import secrets
 from dataclasses import dataclass, field
 
-from hybridrelay.exceptions import RelayConnectionError
-from hybridrelay.transport.base import MessageKind, MessageSocket, sendable_close_code
+from hybridrelay.server.splice import Splice
 
-__all__ = ["Accepted", "PendingRendezvous", "Rejection", "RendezvousTable", "Splice", "SpliceStats"]
-
-logger = logging.getLogger("hybridrelay.server")
+__all__ = ["Accepted", "PendingRendezvous", "Rejection", "RendezvousTable"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,17 +24,12 @@ class Rejection:
     description: str
 
 
-@dataclass(slots=True)
-class SpliceStats:
-    sender_to_listener: int = 0
-    listener_to_sender: int = 0
-
-
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """The listener upgraded its rendezvous socket (with the sub-protocol it chose)."""
+    """The listener upgraded its rendezvous socket (with the sub-protocol it chose); its leg is
+    the splice's :attr:`~hybridrelay.server.splice.Splice.listener`."""
 
-    socket: MessageSocket
+    subprotocol: str | None
 
 
 @dataclass(eq=False)
@@ -46,8 +37,8 @@ class PendingRendezvous:
     """A sender waiting for its listener.
 
     ``outcome`` resolves once, to :class:`Accepted` or :class:`Rejection`; if the sender gives up
-    first it is cancelled, and a late listener finds it done. Then ``sender_socket`` hands the
-    upgraded sender to the listener's handler, and ``splice`` carries the data both ways.
+    first it is cancelled, and a late listener finds it done. Then the sender's handler joins
+    its WebSocket to the listener's in ``splice``.
     """
 
     id: str
@@ -56,12 +47,7 @@ class PendingRendezvous:
     outcome: asyncio.Future[Accepted | Rejection] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
-    #: The sender's socket once it is upgraded (None if that failed): the listener's handler
-    #: waits for it to start its half of the splice.
-    sender_socket: asyncio.Future[MessageSocket | None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-    splice: Splice = field(default_factory=lambda: Splice())
+    splice: Splice = field(default_factory=Splice)
 
 
 class RendezvousTable:
@@ -96,71 +82,3 @@ class RendezvousTable:
         if pending.outcome.done():
             return None
         return pending
-
-
-async def _pump(
-    source: MessageSocket, target: MessageSocket, stats: SpliceStats, *, to_listener: bool
-) -> None:
-    """Forward messages from ``source`` to ``target`` until ``source`` closes.
-
-    The source's close frame is forwarded as a close frame (same code and reason when legal,
-    PROTOCOL.md 5.5) while the other direction keeps flowing: a half-close crosses the relay.
-    """
-    while True:
-        message = await source.receive()
-        if message.kind is MessageKind.CLOSE:
-            if not target.close_sent:
-                await target.send_close(sendable_close_code(message.code), message.reason)
-            return
-        try:
-            await target.send(message.data)
-        except RelayConnectionError:
-            # The target is gone; its own pump reports the close to ``source``.
-            source.abort()
-            return
-        if to_listener:
-            stats.sender_to_listener += len(message.data)
-        else:
-            stats.listener_to_sender += len(message.data)
-
-
-class Splice:
-    """The two directions of one relayed connection.
-
-    Each direction is pumped by the aiohttp handler task that already owns its source socket
-    (the sender's handler pumps sender -> listener, the listener's handler the other way), so a
-    relayed connection costs no tasks beyond the two handlers: this matters at 10,000 idle
-    connections. Whichever half finishes last drops both sockets; a half that fails aborts
-    both, which ends the other half too.
-    """
-
-    __slots__ = ("_halves_done", "finished", "stats")
-
-    def __init__(self) -> None:
-        self.stats = SpliceStats()
-        self.finished = asyncio.Event()
-        self._halves_done = 0
-
-    async def run_half(
-        self, source: MessageSocket, target: MessageSocket, *, to_listener: bool
-    ) -> None:
-        """Pump ``source`` -> ``target``, then wait until the other half is done too."""
-        try:
-            await _pump(source, target, self.stats, to_listener=to_listener)
-        except BaseException:
-            source.abort()
-            target.abort()
-            raise
-        finally:
-            self._halves_done += 1
-            if self._halves_done == 2:
-                source.abort()
-                target.abort()
-                self.finished.set()
-        await self.finished.wait()
-
-    def abort(self, sender: MessageSocket, listener: MessageSocket) -> None:
-        """End a splice whose other half never started."""
-        sender.abort()
-        listener.abort()
-        self.finished.set()

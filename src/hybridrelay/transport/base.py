@@ -14,6 +14,8 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from hybridrelay.protocol.websocket import WIRE_CLOSE_CODES
+
 __all__ = ["CloseCode", "FragmentSocket", "MessageKind", "MessageSocket", "WsMessage"]
 
 
@@ -32,15 +34,11 @@ class CloseCode(enum.IntEnum):
     TRY_AGAIN_LATER = 1013
 
 
-# Codes that may appear in a close frame on the wire (RFC 6455 7.4.1); others are local only.
-_SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
-
-
 def sendable_close_code(code: int | None) -> int:
     """A close code that may be forwarded on the other leg (PROTOCOL.md 5.5)."""
     if code is None or code in (1005, 1006):
         return 1000 if code in (None, 1005) else 1011
-    if code in _SENDABLE or 3000 <= code <= 4999:
+    if code in WIRE_CLOSE_CODES or 3000 <= code <= 4999:
         return code
     return 1011
 

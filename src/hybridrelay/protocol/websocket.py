@@ -1,0 +1,357 @@
+"""WebSocket frames and handshake as the relay forwards them (RFC 6455), without I/O.
+
+After the rendezvous both legs of a relayed connection are WebSockets on which the relay is the
+*server*: frames arrive masked (client to server) and leave unmasked (server to client). The
+relay does not need messages, only frames: :class:`ClientFrameForwarder` turns the masked byte
+stream of one leg into the unmasked byte stream for the other, frame by frame and with the
+payload streamed as it arrives (a 100 MiB message costs no more memory than a 1 KiB one), while
+checking everything RFC 6455 asks of a server: masking, reserved bits and opcodes, fragmentation
+order, control-frame limits, UTF-8 in text messages and close reasons, close codes.
+
+Message boundaries, types and fragmentation are kept exactly (PROTOCOL.md 5.5: "all data frames
+are relayed unmodified"); pings and pongs are hop by hop and reported to the caller, as is the
+close frame. Unmasking is the one hot loop, so it is injected (the relay passes aiohttp's C
+implementation; :func:`unmask_python` is the reference).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+__all__ = [
+    "OP_BINARY",
+    "OP_CLOSE",
+    "OP_CONTINUATION",
+    "OP_PING",
+    "OP_PONG",
+    "OP_TEXT",
+    "ClientFrameForwarder",
+    "ControlFrame",
+    "FrameError",
+    "HandshakeError",
+    "WIRE_CLOSE_CODES",
+    "Unmask",
+    "close_payload",
+    "handshake_headers",
+    "server_frame",
+    "server_frame_header",
+    "unmask_python",
+]
+
+OP_CONTINUATION = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_MAX_CONTROL_PAYLOAD = 125
+#: Close codes that may appear in a close frame (RFC 6455 7.4.1/7.4.2; 1004-1006 and 1015 are
+#: never on the wire), besides the application range 3000-4999.
+WIRE_CLOSE_CODES = frozenset(
+    {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
+)
+
+#: XOR ``data`` in place with ``mask`` (4 bytes) repeated, starting at ``data[0]``.
+Unmask = Callable[[bytes, bytearray], None]
+
+
+def unmask_python(mask: bytes, data: bytearray) -> None:
+    """The reference :data:`Unmask` (slow; tests and a fallback only)."""
+    if not data:
+        return
+    length = len(data)
+    key = (mask * (length // 4 + 1))[:length]
+    data[:] = (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
+        length, "little"
+    )
+
+
+class FrameError(Exception):
+    """The peer broke the framing rules; close its leg with :attr:`code`."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        #: What :meth:`ClientFrameForwarder.feed` had produced from the valid frames before
+        #: the violation, in the same call (to be forwarded before the close).
+        self.pieces: list[bytearray] = []
+
+
+class HandshakeError(Exception):
+    """An upgrade request that cannot be answered with 101."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class ControlFrame:
+    """A ping, pong or close frame (``code``/``reason`` set for close; 1005 when it had none)."""
+
+    opcode: int
+    payload: bytes
+    code: int = 1005
+    reason: str = ""
+
+
+def handshake_headers(headers: Mapping[str, str], subprotocol: str | None) -> dict[str, str]:
+    """The headers of the 101 answer to a client's upgrade request (RFC 6455 4.2.2).
+
+    ``subprotocol`` is echoed only if the client offered it. No extension is ever accepted
+    (PROTOCOL.md 5.6). Raises :class:`HandshakeError` for a request that is not a valid
+    version-13 upgrade.
+    """
+    if headers.get("Upgrade", "").lower() != "websocket":
+        raise HandshakeError(400, "A WebSocket upgrade is required.")
+    if "upgrade" not in [t.strip().lower() for t in headers.get("Connection", "").split(",")]:
+        raise HandshakeError(400, "The Connection header must include 'Upgrade'.")
+    if headers.get("Sec-WebSocket-Version", "").strip() != "13":
+        raise HandshakeError(426, "Only WebSocket version 13 is supported.")
+    key = headers.get("Sec-WebSocket-Key", "").strip()
+    try:
+        valid_key = len(base64.b64decode(key, validate=True)) == 16
+    except binascii.Error:
+        valid_key = False
+    if not valid_key:
+        raise HandshakeError(400, "Sec-WebSocket-Key is not a base64-encoded 16-byte value.")
+    answer = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Accept": base64.b64encode(
+            hashlib.sha1(key.encode("ascii") + _GUID).digest()
+        ).decode("ascii"),
+    }
+    if subprotocol:
+        offered = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        if subprotocol in offered:
+            answer["Sec-WebSocket-Protocol"] = subprotocol
+    return answer
+
+
+def server_frame_header(fin: bool, opcode: int, length: int) -> bytes:
+    """The header of an unmasked (server to client) frame."""
+    first = (0x80 if fin else 0) | opcode
+    if length < 126:
+        return bytes((first, length))
+    if length < 65536:
+        return bytes((first, 126)) + length.to_bytes(2, "big")
+    return bytes((first, 127)) + length.to_bytes(8, "big")
+
+
+def server_frame(opcode: int, payload: bytes = b"", *, fin: bool = True) -> bytes:
+    """One whole unmasked frame."""
+    return server_frame_header(fin, opcode, len(payload)) + payload
+
+
+def close_payload(code: int, reason: str = "") -> bytes:
+    """The payload of a close frame; the reason is cut to fit 125 bytes on a character boundary."""
+    encoded = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+    return code.to_bytes(2, "big") + encoded
+
+
+def _parse_close(payload: bytes) -> ControlFrame:
+    if not payload:
+        return ControlFrame(OP_CLOSE, payload)
+    if len(payload) == 1:
+        raise FrameError(1002, "close frame with a 1-byte payload")
+    code = int.from_bytes(payload[:2], "big")
+    if code not in WIRE_CLOSE_CODES and not 3000 <= code <= 4999:
+        raise FrameError(1002, f"invalid close code {code}")
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise FrameError(1007, "close reason is not valid UTF-8") from None
+    return ControlFrame(OP_CLOSE, payload, code, reason)
+
+
+def _rotate(mask: bytes, shift: int) -> bytes:
+    shift %= 4
+    return mask[shift:] + mask[:shift] if shift else mask
+
+
+class ClientFrameForwarder:
+    """Rewrites the masked frames of one client leg into unmasked frames, streaming payloads.
+
+    :meth:`feed` takes whatever bytes arrived and returns the bytes to write to the other leg
+    (whole frames, or the header and first part of a frame whose payload is still arriving,
+    or further parts of it) and the control frames that arrived. After a close frame the
+    forwarder ignores anything more. A violation raises :class:`FrameError`, after which the
+    forwarder must not be fed again.
+
+    Memory: at most one partial frame header (< 14 bytes) and one control frame's payload
+    (<= 125 bytes) are kept between calls; data payloads are passed on as they come.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_control",
+        "_fin",
+        "_in_message",
+        "_mask",
+        "_max_message_size",
+        "_message_size",
+        "_opcode",
+        "_partial_header",
+        "_phase",
+        "_remaining",
+        "_unmask",
+        "_utf8",
+    )
+
+    def __init__(self, unmask: Unmask, *, max_message_size: int) -> None:
+        self._unmask = unmask
+        self._max_message_size = max_message_size
+        self._partial_header = b""
+        self._remaining = -1  # payload bytes left in the current frame; -1 = expecting a header
+        self._opcode = 0
+        self._fin = False
+        self._mask = b""
+        self._phase = 0  # payload bytes of the current frame already consumed (mod 4 matters)
+        self._control: bytearray | None = None
+        self._in_message = False
+        self._message_size = 0
+        self._utf8: codecs.IncrementalDecoder | None = None
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """True once a close frame was read."""
+        return self._closed
+
+    def feed(
+        self, data: bytes | bytearray | memoryview
+    ) -> tuple[list[bytearray], list[ControlFrame]]:
+        out: list[bytearray] = []
+        controls: list[ControlFrame] = []
+        if self._closed:
+            return out, controls
+        if self._partial_header:
+            data = self._partial_header + bytes(data)
+            self._partial_header = b""
+        try:
+            self._feed(memoryview(data), out, controls)
+        except FrameError as exc:
+            exc.pieces = out
+            raise
+        return out, controls
+
+    def _feed(self, view: memoryview, out: list[bytearray], controls: list[ControlFrame]) -> None:
+        end = len(view)
+        pos = 0
+        while pos < end:
+            header = b""
+            if self._remaining < 0:
+                consumed, header = self._read_header(view, pos, end)
+                if consumed == 0:
+                    self._partial_header = bytes(view[pos:])
+                    break
+                pos += consumed
+            take = min(self._remaining, end - pos)
+            if self._opcode >= OP_CLOSE:
+                control = self._control
+                assert control is not None
+                control += view[pos : pos + take]
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._remaining = -1
+                    self._unmask(self._mask, control)
+                    frame = self._finish_control(bytes(control))
+                    self._control = None
+                    controls.append(frame)
+                    if frame.opcode == OP_CLOSE:
+                        self._closed = True
+                        break
+                continue
+            # A data frame: its header (if it starts here) and the payload that is here, as one
+            # piece unmasked in one pass. The mask is rotated so that it lines up after the header.
+            prefix = len(header)
+            piece = bytearray(prefix)
+            piece += view[pos : pos + take]
+            if take:
+                self._unmask(_rotate(self._mask, self._phase - prefix), piece)
+            if prefix:
+                piece[:prefix] = header
+            pos += take
+            self._phase += take
+            self._remaining -= take
+            frame_done = self._remaining == 0
+            if self._utf8 is not None:
+                try:
+                    self._utf8.decode(memoryview(piece)[prefix:], final=frame_done and self._fin)
+                except UnicodeDecodeError:
+                    raise FrameError(1007, "text message is not valid UTF-8") from None
+            out.append(piece)
+            if frame_done:
+                self._remaining = -1
+                if self._fin:
+                    self._in_message = False
+                    self._utf8 = None
+
+    def _read_header(self, view: memoryview, pos: int, end: int) -> tuple[int, bytes]:
+        """Parse a frame header at ``pos``: (bytes consumed, server header for a data frame).
+
+        (0, b"") when the header is not complete yet.
+        """
+        if end - pos < 2:
+            return 0, b""
+        first, second = view[pos], view[pos + 1]
+        if first & 0x70:
+            raise FrameError(1002, "reserved bits set (no extension was negotiated)")
+        if not second & 0x80:
+            raise FrameError(1002, "client frames must be masked")
+        length = second & 0x7F
+        size = 2 + (2 if length == 126 else 8 if length == 127 else 0) + 4
+        if end - pos < size:
+            return 0, b""
+        fin = bool(first & 0x80)
+        opcode = first & 0x0F
+        if length == 126:
+            length = int.from_bytes(view[pos + 2 : pos + 4], "big")
+        elif length == 127:
+            length = int.from_bytes(view[pos + 2 : pos + 10], "big")
+            if length >> 63:
+                raise FrameError(1002, "frame length has its most significant bit set")
+        self._mask = bytes(view[pos + size - 4 : pos + size])
+        self._phase = 0
+        self._remaining = length
+        self._opcode = opcode
+        self._fin = fin
+        if opcode >= OP_CLOSE:
+            if opcode not in (OP_CLOSE, OP_PING, OP_PONG):
+                raise FrameError(1002, f"reserved control opcode {opcode:#x}")
+            if not fin:
+                raise FrameError(1002, "fragmented control frame")
+            if length > _MAX_CONTROL_PAYLOAD:
+                raise FrameError(1002, "control frame payload longer than 125 bytes")
+            self._control = bytearray()
+            return size, b""
+        if opcode == OP_CONTINUATION:
+            if not self._in_message:
+                raise FrameError(1002, "continuation frame without a message to continue")
+        elif opcode in (OP_TEXT, OP_BINARY):
+            if self._in_message:
+                raise FrameError(1002, "new message before the previous one ended")
+            self._in_message = True
+            self._message_size = 0
+            if opcode == OP_TEXT:
+                self._utf8 = codecs.getincrementaldecoder("utf-8")()
+        else:
+            raise FrameError(1002, f"reserved data opcode {opcode:#x}")
+        self._message_size += length
+        if self._message_size > self._max_message_size:
+            raise FrameError(1009, "message too big")
+        return size, server_frame_header(fin, opcode, length)
+
+    def _finish_control(self, payload: bytes) -> ControlFrame:
+        if self._opcode == OP_CLOSE:
+            return _parse_close(payload)
+        return ControlFrame(self._opcode, payload)

@@ -1,0 +1,369 @@
+"""The splice: a relayed connection's two WebSocket legs joined frame by frame.
+
+Once the sender and the listener have both upgraded (E2 and E3), the relay is the WebSocket
+server of both legs and has nothing to do but pass frames across: unmask what one side sends,
+forward it unmasked to the other, answer pings, carry the close frames. Doing that at the level
+of *messages* (aiohttp's WebSocketResponse, one ``receive()`` and one ``send()`` per message
+in a task per direction) costs a task wake-up and a reassembled copy per message and keeps a
+reader, a queue and a writer per leg. So after the 101 the relay takes the transports over:
+
+* :func:`take_over` answers the upgrade with aiohttp (the 101 goes out through its response
+  writer, so aiohttp's bookkeeping of the request stays right), collects whatever aiohttp had
+  already buffered behind the request, and then makes a :class:`SpliceLeg` the transport's
+  protocol. The aiohttp handler task that owns the request waits on :attr:`Splice.finished`;
+  the leg passes ``connection_lost`` on to aiohttp's protocol so that its connection
+  accounting ends normally.
+* Each :class:`SpliceLeg` is an :class:`asyncio.BufferedProtocol`: the transport reads into one
+  receive buffer shared by every leg of the event loop (the leg keeps nothing of it: a frame's
+  payload is unmasked into the bytes written to the other leg, a partial header is copied), so
+  an idle leg holds no buffer at all. :class:`~hybridrelay.protocol.websocket.ClientFrameForwarder`
+  does the framing; the leg does the I/O in the callback that delivered the bytes: no task, no
+  queue, no reassembly.
+* Backpressure: when the other leg's transport is over its high-water mark it calls
+  ``pause_writing`` on its leg, which pauses *reading* on this one; ``resume_writing`` resumes
+  it. Nothing is buffered in the relay beyond the transports' own write buffers.
+* Close (PROTOCOL.md 5.5): a close frame is forwarded with the same code and reason when legal,
+  and the other direction keeps flowing until that side closes too (a half-closed TCP stream
+  crossing the relay). A leg whose connection is lost, or that breaks the framing rules, gets
+  (or sends) 1006 / 1002 / 1007 / 1009, and the other side a close frame (1011, or 1009).
+  A leg that was sent its close frame and does not answer within ``CLOSE_TIMEOUT`` after its
+  partner has gone is dropped, as is one whose write buffer does not drain after ``close()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, cast
+
+from aiohttp import web
+from aiohttp._websocket.helpers import websocket_mask
+
+from hybridrelay.protocol.websocket import (
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    ClientFrameForwarder,
+    FrameError,
+    close_payload,
+    handshake_headers,
+    server_frame,
+)
+from hybridrelay.transport.base import sendable_close_code
+
+__all__ = ["CLOSE_TIMEOUT", "Splice", "SpliceLeg", "take_over"]
+
+logger = logging.getLogger("hybridrelay.server")
+
+#: How long a leg may take to answer our close frame once its partner has gone, and how long a
+#: closing transport may take to flush.
+CLOSE_TIMEOUT = 10.0
+
+#: Below this many bytes, the frames produced by one read are joined into one write.
+_JOIN_BELOW = 64 * 1024
+_RECEIVE_BUFFER_SIZE = 256 * 1024
+
+
+class _ReceiveBuffer(threading.local):
+    """One receive buffer per thread (per event loop): every leg reads into it in turn.
+
+    The transport calls ``get_buffer`` and then ``buffer_updated`` synchronously, and the leg
+    copies out what it keeps, so the buffer is free again when ``buffer_updated`` returns.
+    A memoryview, because asyncio's TLS transport reads into slices of it.
+    """
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(_RECEIVE_BUFFER_SIZE))
+
+
+_receive_buffer = _ReceiveBuffer()
+
+
+class Splice:
+    """The two legs of one relayed connection.
+
+    The listener's leg is taken over first (its accept arrives while the sender waits) and
+    set as :attr:`listener`; the sender's handler then takes its own leg over and calls
+    :meth:`join`. If that never happens, :meth:`abandon` closes the listener's leg. Each aiohttp
+    handler waits for its own leg's :attr:`SpliceLeg.gone`.
+    """
+
+    __slots__ = ("joined", "listener", "sender")
+
+    def __init__(self) -> None:
+        self.sender: SpliceLeg | None = None
+        self.listener: SpliceLeg | None = None
+        self.joined = False
+
+    @property
+    def stats(self) -> tuple[int, int]:
+        """Frame bytes forwarded (sender -> listener, listener -> sender)."""
+        return (
+            self.sender.bytes_forwarded if self.sender else 0,
+            self.listener.bytes_forwarded if self.listener else 0,
+        )
+
+    def join(self, sender: SpliceLeg) -> None:
+        """Start forwarding between ``sender`` and the (already taken over) listener leg."""
+        listener = self.listener
+        assert listener is not None and not self.joined
+        self.sender = sender
+        sender.peer, listener.peer = listener, sender
+        self.joined = True
+        sender.start()
+        listener.start()
+
+    def abandon(self, reason: str) -> None:
+        """The splice will not be joined: close the listener's leg (1001) if there is one."""
+        if not self.joined and self.listener is not None:
+            self.listener.close_now(1001, reason)
+
+
+class SpliceLeg(asyncio.BufferedProtocol):
+    """One upgraded leg of a splice (the relay is its WebSocket server).
+
+    Created by :func:`take_over` with reading paused; :meth:`start` (via :meth:`Splice.join`)
+    forwards what arrived meanwhile and resumes reading.
+    """
+
+    __slots__ = (
+        "_close_timer",
+        "_early",
+        "_handler_protocol",
+        "_started",
+        "bytes_forwarded",
+        "gone",
+        "close_received",
+        "close_sent",
+        "forwarder",
+        "lost",
+        "peer",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        handler_protocol: asyncio.BaseProtocol,
+        *,
+        max_message_size: int,
+    ) -> None:
+        self.transport = transport
+        self._handler_protocol = handler_protocol
+        self.forwarder = ClientFrameForwarder(websocket_mask, max_message_size=max_message_size)
+        self.peer: SpliceLeg | None = None
+        self.close_sent = False
+        self.close_received = False
+        self.lost = False
+        self.bytes_forwarded = 0
+        self._early: list[bytes] = []
+        self._started = False
+        self._close_timer: asyncio.TimerHandle | None = None
+        #: Resolves when the connection is gone (the owning aiohttp handler waits for it).
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._started = True
+        early, self._early = self._early, []
+        for data in early:
+            self._received(data)
+        if not self.lost and not self.close_received:
+            self.transport.resume_reading()
+        if self.lost:
+            self._tell_partner_gone()
+
+    def send_close(self, code: int, reason: str = "") -> None:
+        """Send our close frame once (this leg may go on sending to us)."""
+        if self.close_sent or self.lost:
+            return
+        self.close_sent = True
+        self.transport.write(server_frame(OP_CLOSE, close_payload(code, reason)))
+        if self.close_received:
+            self._drop()
+
+    def close_now(self, code: int, reason: str = "") -> None:
+        """Send our close frame (if not yet sent) and drop the connection once it is out."""
+        self.send_close(code, reason)
+        self.close_received = True
+        self._drop()
+
+    def expect_close_answer(self) -> None:
+        """Drop this leg if it does not answer our close frame within ``CLOSE_TIMEOUT``."""
+        if self._close_timer is None and not self.lost:
+            loop = asyncio.get_running_loop()
+            self._close_timer = loop.call_later(CLOSE_TIMEOUT, self.abort)
+
+    def abort(self) -> None:
+        """Drop the connection now; the partner is told (1011) unless this leg had closed."""
+        self.close_sent = True  # nothing more is written to it
+        if not self.lost:
+            self.transport.abort()
+
+    def _drop(self) -> None:
+        """Both close frames are through (or the leg is unusable): close the connection.
+
+        ``close()`` flushes what is still buffered first; a peer that never reads does not get
+        to keep the connection open past ``CLOSE_TIMEOUT``.
+        """
+        if self.lost:
+            return
+        self.transport.close()
+        if self._close_timer is None:
+            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.abort)
+
+    # -- asyncio protocol callbacks ----------------------------------------------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _receive_buffer.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data = _receive_buffer.view[:nbytes]
+        if self._started:
+            self._received(data)
+        else:  # only before start(): bytes that came with or right after the upgrade
+            self._early.append(bytes(data))
+
+    def eof_received(self) -> bool | None:
+        return None  # a WebSocket ends with close frames; a bare EOF ends the leg
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        # aiohttp's protocol still counts this connection; let it finish its bookkeeping.
+        with contextlib.suppress(Exception):
+            self._handler_protocol.connection_lost(exc)
+        if self._started:
+            self._tell_partner_gone()
+        if not self.gone.done():
+            self.gone.set_result(None)
+
+    def pause_writing(self) -> None:
+        # Our write buffer is full: stop reading what the partner sends us.
+        if self.peer is not None and not self.peer.lost:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and not self.peer.lost and not self.peer.close_received:
+            self.peer.transport.resume_reading()
+
+    # -- the two aiohttp hooks of take_over() -------------------------------------------------
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        """aiohttp's parser interface: the bytes it buffered behind the upgrade request."""
+        self._early.append(bytes(data))
+        return False, b""
+
+    def feed_eof(self) -> None:
+        """aiohttp's parser interface; the loss is handled in :meth:`connection_lost`."""
+
+    # -- forwarding ----------------------------------------------------------------------------
+
+    def _received(self, data: bytes | memoryview) -> None:
+        if self.close_received:
+            return
+        try:
+            pieces, controls = self.forwarder.feed(data)
+        except FrameError as exc:
+            if exc.pieces:
+                self._forward(exc.pieces)
+            self._fail(exc.code, str(exc))
+            return
+        if pieces:
+            self._forward(pieces)
+        for control in controls:
+            if control.opcode == OP_PING:
+                if not self.close_sent:
+                    self.transport.write(server_frame(OP_PONG, control.payload))
+            elif control.opcode == OP_CLOSE:
+                self.close_received = True
+                self.transport.pause_reading()
+                assert self.peer is not None
+                self.peer.send_close(sendable_close_code(control.code), control.reason)
+                if self.close_sent:
+                    self._drop()
+            # OP_PONG: nothing to do (the relay sends no pings on a splice)
+
+    def _forward(self, pieces: list[bytearray]) -> None:
+        peer = self.peer
+        assert peer is not None
+        if peer.close_sent or peer.lost:
+            return  # the partner is closing: nothing more may be sent to it
+        for piece in pieces:
+            self.bytes_forwarded += len(piece)
+        _write_pieces(peer.transport, pieces)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """This leg broke the framing rules: close it with ``code``, tell the partner."""
+        logger.debug("splice leg closed: %s (%d)", reason, code)
+        self.close_now(code, reason)
+        peer = self.peer
+        if peer is not None:
+            peer.send_close(1009 if code == 1009 else 1011, "peer violated the WebSocket protocol")
+            peer.expect_close_answer()
+
+    def _tell_partner_gone(self) -> None:
+        """This leg's connection is gone: the partner gets a close frame and a deadline."""
+        peer = self.peer
+        if peer is None:
+            return
+        if not self.close_received:  # lost without a close frame (1006 -> 1011 on the wire)
+            peer.send_close(sendable_close_code(1006), "")
+        peer.expect_close_answer()
+
+
+def _write_pieces(transport: asyncio.Transport, pieces: list[bytearray]) -> None:
+    if len(pieces) == 1:
+        transport.write(pieces[0])
+        return
+    total = sum(len(p) for p in pieces)
+    if total < _JOIN_BELOW:
+        transport.write(b"".join(pieces))
+    else:
+        for piece in pieces:
+            transport.write(piece)
+
+
+async def take_over(
+    request: web.BaseRequest,
+    subprotocol: str | None,
+    *,
+    max_message_size: int,
+    response_headers: dict[str, str] | None = None,
+) -> tuple[web.StreamResponse, SpliceLeg | None]:
+    """Answer the upgrade with 101 and make a :class:`SpliceLeg` the connection's protocol.
+
+    Returns the response (for the aiohttp handler to return once :attr:`SpliceLeg.gone`) and
+    the leg, with reading paused until :meth:`Splice.join`; the leg is None when the
+    connection went away during the upgrade. The request must already have been checked with
+    :func:`~hybridrelay.protocol.websocket.handshake_headers` (pass its result as
+    ``response_headers`` to avoid computing it twice).
+    """
+    headers = response_headers or handshake_headers(request.headers, subprotocol)
+    response = web.StreamResponse(status=101, headers=headers)
+    handler_protocol = request.protocol
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await response.prepare(request)
+    except (ConnectionError, RuntimeError, TimeoutError):
+        if request.transport is not None:
+            request.transport.abort()
+        return response, None
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return response, None
+    handler_protocol.keep_alive(False)
+    leg = SpliceLeg(transport, handler_protocol, max_message_size=max_message_size)
+    # Bytes aiohttp read behind the request are handed to the leg by set_parser(); from then
+    # on the leg is the transport's protocol and aiohttp's parser sees nothing more.
+    set_parser = cast(Callable[[Any], None], handler_protocol.set_parser)
+    set_parser(leg)
+    transport.pause_reading()
+    transport.set_protocol(leg)
+    return response, leg

@@ -1,0 +1,265 @@
+"""The relay's frame forwarder and handshake (protocol/websocket.py) against RFC 6455's own
+examples, a reference encoder written here from the RFC, aiohttp's unmasking, and fuzzing."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from aiohttp._websocket.helpers import websocket_mask
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hybridrelay.protocol.websocket import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONTINUATION,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    ClientFrameForwarder,
+    ControlFrame,
+    FrameError,
+    HandshakeError,
+    close_payload,
+    handshake_headers,
+    server_frame,
+    server_frame_header,
+    unmask_python,
+)
+
+
+def client_frame(
+    opcode: int, payload: bytes, *, fin: bool = True, mask: bytes | None = None, rsv: int = 0
+) -> bytes:
+    """A masked client frame, encoded from RFC 6455 5.2 (independently of the module)."""
+    mask = os.urandom(4) if mask is None else mask
+    first = (0x80 if fin else 0) | rsv | opcode
+    n = len(payload)
+    if n < 126:
+        head = bytes((first, 0x80 | n))
+    elif n < 65536:
+        head = bytes((first, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + masked
+
+
+def forwarder(max_message_size: int = 1 << 30) -> ClientFrameForwarder:
+    return ClientFrameForwarder(websocket_mask, max_message_size=max_message_size)
+
+
+def feed_all(
+    fwd: ClientFrameForwarder, data: bytes, cuts: list[int] | None = None
+) -> tuple[bytes, list[ControlFrame]]:
+    points = sorted({c for c in (cuts or []) if 0 < c < len(data)})
+    out = bytearray()
+    controls: list[ControlFrame] = []
+    start = 0
+    for end in [*points, len(data)]:
+        pieces, ctl = fwd.feed(data[start:end])
+        for piece in pieces:
+            out += piece
+        controls += ctl
+        start = end
+    return bytes(out), controls
+
+
+# -- RFC 6455 section 5.7 examples ------------------------------------------------------------
+
+
+def test_rfc_examples() -> None:
+    masked_hello = bytes.fromhex("818537fa213d7f9f4d5158")
+    out, controls = feed_all(forwarder(), masked_hello)
+    assert out == bytes.fromhex("810548656c6c6f") and controls == []
+    assert server_frame(OP_TEXT, b"Hello") == bytes.fromhex("810548656c6c6f")
+    # A fragmented unmasked text message: "Hel" then "lo".
+    assert server_frame(OP_TEXT, b"Hel", fin=False) == bytes.fromhex("010348656c")
+    assert server_frame(OP_CONTINUATION, b"lo") == bytes.fromhex("80026c6f")
+    assert server_frame_header(True, OP_BINARY, 256) == bytes.fromhex("827e0100")
+    assert server_frame_header(True, OP_BINARY, 65536) == bytes.fromhex("827f0000000000010000")
+    ping = client_frame(OP_PING, b"Hello")
+    assert feed_all(forwarder(), ping)[1] == [ControlFrame(OP_PING, b"Hello")]
+
+
+def test_handshake_rfc_example_and_subprotocols() -> None:
+    request = {
+        "Upgrade": "websocket",
+        "Connection": "keep-alive, Upgrade",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Protocol": "chat, superchat",
+        "Sec-WebSocket-Extensions": "permessage-deflate",
+    }
+    answer = handshake_headers(request, "superchat")
+    assert answer["Sec-WebSocket-Accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    assert answer["Sec-WebSocket-Protocol"] == "superchat"
+    assert "Sec-WebSocket-Extensions" not in answer  # never negotiated (PROTOCOL.md 5.6)
+    assert "Sec-WebSocket-Protocol" not in handshake_headers(request, "other")
+    assert "Sec-WebSocket-Protocol" not in handshake_headers(request, None)
+
+
+@pytest.mark.parametrize(
+    ("change", "status"),
+    [
+        ({"Upgrade": "h2c"}, 400),
+        ({"Connection": "keep-alive"}, 400),
+        ({"Sec-WebSocket-Version": "8"}, 426),
+        ({"Sec-WebSocket-Key": "too-short"}, 400),
+        ({"Sec-WebSocket-Key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAA"}, 400),  # 21 bytes
+    ],
+)
+def test_handshake_refusals(change: dict[str, str], status: int) -> None:
+    request = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    } | change
+    with pytest.raises(HandshakeError) as info:
+        handshake_headers(request, None)
+    assert info.value.status == status
+
+
+# -- forwarding --------------------------------------------------------------------------------
+
+frames = st.lists(
+    st.tuples(
+        st.sampled_from(["text", "binary", "ping", "pong"]),
+        st.binary(max_size=300),
+        st.integers(1, 4),  # fragments for data messages
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages=frames, cuts=st.lists(st.integers(0, 4000), max_size=12), seed=st.integers())
+def test_forwarded_bytes_are_the_same_frames_unmasked(
+    messages: list[tuple[str, bytes, int]], cuts: list[int], seed: int
+) -> None:
+    """Whatever the read boundaries, the output is exactly the unmasked server frames of the
+    input (same FIN, opcode, length and payload), and control frames come out in order."""
+    rng = random.Random(seed)
+    wire = bytearray()
+    expected = bytearray()
+    expected_controls: list[ControlFrame] = []
+    for kind, payload, fragments in messages:
+        if kind in ("ping", "pong"):
+            opcode = OP_PING if kind == "ping" else OP_PONG
+            body = payload[:125]
+            wire += client_frame(opcode, body, mask=rng.randbytes(4))
+            expected_controls.append(ControlFrame(opcode, body))
+            continue
+        if kind == "text":
+            payload = payload.decode("latin-1").encode("utf-8")
+        opcode = OP_TEXT if kind == "text" else OP_BINARY
+        # Split on byte boundaries (a UTF-8 sequence may straddle two frames).
+        bounds = sorted(rng.sample(range(len(payload) + 1), min(fragments - 1, len(payload) + 1)))
+        parts = [payload[a:b] for a, b in zip([0, *bounds], [*bounds, len(payload)], strict=True)]
+        for i, part in enumerate(parts):
+            op = opcode if i == 0 else OP_CONTINUATION
+            last = i == len(parts) - 1
+            wire += client_frame(op, part, fin=last, mask=rng.randbytes(4))
+            expected += server_frame(op, part, fin=last)
+    out, controls = feed_all(forwarder(), bytes(wire), cuts)
+    assert out == bytes(expected)
+    assert controls == expected_controls
+
+
+def test_large_frame_is_streamed_across_reads() -> None:
+    payload = os.urandom(300_000)
+    wire = client_frame(OP_BINARY, payload)
+    fwd = forwarder()
+    first_pieces, _ = fwd.feed(wire[:1000])
+    # The header and the first part of the payload are passed on before the rest arrives.
+    assert bytes(first_pieces[0][:10]) == server_frame_header(True, OP_BINARY, len(payload))
+    assert bytes(first_pieces[0][10:]) == payload[: 1000 - 14]
+    rest, _ = feed_all(fwd, wire[1000:], cuts=[1, 2, 3, 70_001, 200_000])
+    assert bytes(first_pieces[0]) + rest == server_frame(OP_BINARY, payload)
+
+
+def test_close_frame_is_parsed_and_ends_reading() -> None:
+    fwd = forwarder()
+    wire = client_frame(OP_CLOSE, close_payload(4001, "bye ✓")) + client_frame(OP_BINARY, b"x")
+    out, controls = feed_all(fwd, wire)
+    assert out == b""
+    assert controls == [ControlFrame(OP_CLOSE, close_payload(4001, "bye ✓"), 4001, "bye ✓")]
+    assert fwd.closed
+    assert fwd.feed(client_frame(OP_BINARY, b"more")) == ([], [])
+    empty = feed_all(forwarder(), client_frame(OP_CLOSE, b""))[1]
+    assert empty == [ControlFrame(OP_CLOSE, b"", 1005, "")]
+
+
+def test_close_reason_is_cut_on_a_character_boundary() -> None:
+    payload = close_payload(1000, "é" * 100)  # 200 bytes of reason, cut to 123 -> 122
+    assert len(payload) == 124
+    assert payload[2:].decode("utf-8") == "é" * 61
+
+
+@pytest.mark.parametrize(
+    ("wire", "code"),
+    [
+        (client_frame(OP_BINARY, b"x")[:1] + bytes([0x01]) + b"x", 1002),  # unmasked
+        (client_frame(OP_BINARY, b"x", rsv=0x40), 1002),  # RSV1 without an extension
+        (client_frame(0x3, b"x"), 1002),  # reserved data opcode
+        (client_frame(0xB, b"x"), 1002),  # reserved control opcode
+        (client_frame(OP_PING, b"x" * 126), 1002),  # control payload > 125
+        (client_frame(OP_PING, b"x", fin=False), 1002),  # fragmented control frame
+        (client_frame(OP_CONTINUATION, b"x"), 1002),  # nothing to continue
+        (client_frame(OP_BINARY, b"a", fin=False) + client_frame(OP_TEXT, b"b"), 1002),
+        (client_frame(OP_TEXT, b"\xff"), 1007),
+        (client_frame(OP_TEXT, b"\xe2\x82", fin=False) + client_frame(OP_CONTINUATION, b""), 1007),
+        (client_frame(OP_CLOSE, b"\x03"), 1002),  # 1-byte close payload
+        (client_frame(OP_CLOSE, (1005).to_bytes(2, "big")), 1002),  # never on the wire
+        (client_frame(OP_CLOSE, (2999).to_bytes(2, "big")), 1002),
+        (client_frame(OP_CLOSE, (1000).to_bytes(2, "big") + b"\xff"), 1007),
+        (bytes([0x82, 0xFF]) + (1 << 63).to_bytes(8, "big") + b"mask", 1002),
+    ],
+)
+def test_violations(wire: bytes, code: int) -> None:
+    with pytest.raises(FrameError) as info:
+        feed_all(forwarder(), wire)
+    assert info.value.code == code
+
+
+def test_message_size_limit_counts_all_fragments() -> None:
+    ok = client_frame(OP_BINARY, b"a" * 600, fin=False) + client_frame(OP_CONTINUATION, b"b" * 424)
+    assert len(feed_all(forwarder(1024), ok)[0]) == 1024 + 8
+    too_big = client_frame(OP_BINARY, b"a" * 600, fin=False) + client_frame(
+        OP_CONTINUATION, b"b" * 425
+    )
+    with pytest.raises(FrameError) as info:
+        feed_all(forwarder(1024), too_big)
+    assert info.value.code == 1009
+
+
+def test_valid_utf8_split_anywhere_is_accepted() -> None:
+    text = "añ€😀".encode()
+    wire = b"".join(
+        client_frame(
+            OP_TEXT if i == 0 else OP_CONTINUATION, text[i : i + 1], fin=i == len(text) - 1
+        )
+        for i in range(len(text))
+    )
+    for cut in range(len(wire)):
+        assert feed_all(forwarder(), wire, [cut])[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=600), cuts=st.lists(st.integers(0, 600), max_size=5))
+def test_arbitrary_bytes_only_raise_frame_errors(data: bytes, cuts: list[int]) -> None:
+    try:
+        feed_all(forwarder(4096), data, cuts)
+    except FrameError as exc:
+        assert exc.code in (1002, 1007, 1009)
+
+
+@given(mask=st.binary(min_size=4, max_size=4), data=st.binary(max_size=200))
+def test_reference_unmask_matches_aiohttp(mask: bytes, data: bytes) -> None:
+    ours, theirs = bytearray(data), bytearray(data)
+    unmask_python(mask, ours)
+    websocket_mask(mask, theirs)
+    assert ours == theirs

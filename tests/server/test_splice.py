@@ -1,0 +1,272 @@
+"""The relay's frame-level splice (server/splice.py), driven frame by frame by raw WebSocket peers
+written here on plain sockets: what crosses, what is answered by the relay, what is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from tests.conftest import Relay, RelayFactory, eventually
+from tests.server.test_relay_websocket import AUTH, next_accept, open_listener, session
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
+
+
+class RawWebSocket:
+    """A WebSocket client on a bare socket that writes exactly the frames it is told to."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, relay: Relay, target: str, headers: dict[str, str]) -> RawWebSocket:
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [
+            f"GET {target} HTTP/1.1",
+            f"Host: 127.0.0.1:{relay.server.port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            "Sec-WebSocket-Version: 13",
+            f"Sec-WebSocket-Key: {key}",
+            *(f"{k}: {v}" for k, v in headers.items()),
+        ]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return cls(reader, writer)
+
+    def send(
+        self, opcode: int, payload: bytes = b"", *, fin: bool = True, mask: bool = True
+    ) -> None:
+        first = (0x80 if fin else 0) | opcode
+        n = len(payload)
+        bit = 0x80 if mask else 0
+        if n < 126:
+            head = bytes((first, bit | n))
+        elif n < 65536:
+            head = bytes((first, bit | 126)) + n.to_bytes(2, "big")
+        else:
+            head = bytes((first, bit | 127)) + n.to_bytes(8, "big")
+        if mask:
+            key = os.urandom(4)
+            head += key
+            payload = (
+                bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+                if n < 4096
+                else (
+                    (
+                        int.from_bytes(payload, "big")
+                        ^ int.from_bytes((key * (n // 4 + 1))[:n], "big")
+                    ).to_bytes(n, "big")
+                )
+            )
+        self.writer.write(head + payload)
+
+    async def frame(self) -> tuple[bool, int, bytes]:
+        """The next frame from the relay (server frames are never masked)."""
+        async with asyncio.timeout(10):
+            first, second = await self.reader.readexactly(2)
+            assert not second & 0x80, "a server frame must not be masked"
+            n = second & 0x7F
+            if n == 126:
+                n = int.from_bytes(await self.reader.readexactly(2), "big")
+            elif n == 127:
+                n = int.from_bytes(await self.reader.readexactly(8), "big")
+            return bool(first & 0x80), first & 0x0F, await self.reader.readexactly(n)
+
+    async def close_frame(self) -> tuple[int, str]:
+        fin, opcode, payload = await self.frame()
+        assert (fin, opcode) == (True, OP_CLOSE), (opcode, payload[:50])
+        return int.from_bytes(payload[:2], "big"), payload[2:].decode()
+
+    async def at_eof(self) -> bool:
+        async with asyncio.timeout(10):
+            return await self.reader.read(1) == b""
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
+
+@asynccontextmanager
+async def raw_pair(
+    relay: Relay, entity: str = "hc"
+) -> AsyncIterator[tuple[RawWebSocket, RawWebSocket]]:
+    """(sender, listener): both legs of one relayed connection, as raw peers."""
+    async with session() as s:
+        control = await open_listener(s, relay, entity)
+        connecting = asyncio.ensure_future(
+            RawWebSocket.open(
+                relay, f"/$hc/{entity}?sb-hc-action=connect", {AUTH: relay.token(entity)}
+            )
+        )
+        accept = await next_accept(control)
+        address = urlsplit(str(accept["address"]))
+        listener = await RawWebSocket.open(relay, f"{address.path}?{address.query}", {})
+        sender = await connecting
+        try:
+            yield sender, listener
+        finally:
+            sender.abort()
+            listener.abort()
+            await control.close()
+
+
+async def test_frames_cross_unchanged_and_pings_are_answered_by_the_relay(relay: Relay) -> None:
+    async with raw_pair(relay) as (sender, listener):
+        sender.send(OP_TEXT, b"Hel", fin=False)
+        sender.send(OP_PING, b"are you there")  # allowed between fragments (RFC 6455 5.4)
+        sender.send(OP_CONT, "lo ✓".encode())
+        sender.send(OP_BINARY, b"\x00" * 70_000)
+        assert await sender.frame() == (True, OP_PONG, b"are you there")
+        assert await listener.frame() == (False, OP_TEXT, b"Hel")
+        assert await listener.frame() == (True, OP_CONT, "lo ✓".encode())
+        assert await listener.frame() == (True, OP_BINARY, b"\x00" * 70_000)
+        listener.send(OP_PING, b"x")
+        listener.send(OP_BINARY, b"")
+        assert await listener.frame() == (True, OP_PONG, b"x")
+        assert await sender.frame() == (True, OP_BINARY, b"")  # the ping stayed on its leg
+
+
+async def test_close_codes_cross_and_the_other_direction_keeps_flowing(relay: Relay) -> None:
+    async with raw_pair(relay) as (sender, listener):
+        sender.send(OP_CLOSE, (4001).to_bytes(2, "big") + b"done sending")
+        assert await listener.close_frame() == (4001, "done sending")
+        listener.send(OP_BINARY, b"still answering")
+        assert await sender.frame() == (True, OP_BINARY, b"still answering")
+        listener.send(OP_CLOSE, (1000).to_bytes(2, "big"))
+        assert await sender.close_frame() == (1000, "")
+        assert await sender.at_eof() and await listener.at_eof()
+
+
+async def test_listener_may_speak_first(relay: Relay) -> None:
+    """Bytes the listener sends right after its 101, before the sender's upgrade is answered,
+    reach the sender (they wait in the relay's socket, not in a buffer of ours)."""
+    async with session() as s:
+        control = await open_listener(s, relay)
+        connecting = asyncio.ensure_future(
+            RawWebSocket.open(relay, "/$hc/hc?sb-hc-action=connect", {AUTH: relay.token("hc")})
+        )
+        address = urlsplit(str((await next_accept(control))["address"]))
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
+        listener = RawWebSocket(reader, writer)
+        upgrade = (
+            f"GET {address.path}?{address.query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        writer.write(upgrade.encode())
+        listener.send(OP_TEXT, b"banner")  # in the same write burst as the upgrade request
+        sender = await connecting
+        assert await sender.frame() == (True, OP_TEXT, b"banner")
+        sender.abort()
+        listener.abort()
+        await control.close()
+
+
+async def test_protocol_violation_closes_both_legs(relay: Relay) -> None:
+    async with raw_pair(relay) as (sender, listener):
+        sender.send(OP_BINARY, b"not masked", mask=False)
+        assert (await sender.close_frame())[0] == 1002
+        assert (await listener.close_frame())[0] == 1011
+        assert await sender.at_eof()
+        listener.send(OP_CLOSE, (1000).to_bytes(2, "big"))
+        assert await listener.at_eof()
+
+
+async def test_message_too_big(make_relay: RelayFactory) -> None:
+    async with make_relay(limits={"max_message_size": 1024}) as relay:
+        async with raw_pair(relay) as (sender, listener):
+            sender.send(OP_BINARY, b"a" * 1024)
+            assert await listener.frame() == (True, OP_BINARY, b"a" * 1024)
+            sender.send(OP_BINARY, b"b" * 600, fin=False)
+            sender.send(OP_CONT, b"b" * 600)
+            assert await listener.frame() == (False, OP_BINARY, b"b" * 600)
+            assert (await sender.close_frame())[0] == 1009
+            assert (await listener.close_frame())[0] == 1009
+
+
+async def test_lost_sender_closes_the_listener_with_1011(relay: Relay) -> None:
+    async with raw_pair(relay) as (sender, listener):
+        sender.send(OP_BINARY, b"last words")
+        assert await listener.frame() == (True, OP_BINARY, b"last words")
+        sender.abort()
+        assert (await listener.close_frame())[0] == 1011
+
+
+async def test_a_listener_that_stops_reading_pauses_the_sender(relay: Relay) -> None:
+    """Backpressure crosses the relay: the sender's leg stops being read while the listener's
+    leg cannot take more, and nothing is lost or reordered when it reads again."""
+    chunk = os.urandom(65536)
+    count = 400  # 25 MiB: far more than the kernel buffers of both legs
+    async with raw_pair(relay) as (sender, listener):
+
+        async def send_all() -> None:
+            for i in range(count):
+                sender.send(OP_BINARY, i.to_bytes(4, "big") + chunk)
+                await sender.writer.drain()
+
+        sending = asyncio.ensure_future(send_all())
+        legs = relay.server._legs
+
+        def sender_leg_paused() -> bool:
+            return any(not leg.transport.is_reading() for leg in legs)
+
+        await eventually(sender_leg_paused, seconds=20)
+        assert not sending.done()
+        for i in range(count):
+            fin, opcode, payload = await listener.frame()
+            assert (fin, opcode, payload[:4]) == (True, OP_BINARY, i.to_bytes(4, "big"))
+            assert payload[4:] == chunk
+        async with asyncio.timeout(10):
+            await sending
+
+
+async def test_relay_shutdown_sends_1001_on_both_legs(make_relay: RelayFactory) -> None:
+    async with make_relay() as relay, raw_pair(relay) as (sender, listener):
+        closing = asyncio.ensure_future(relay.server.aclose())
+        assert (await sender.close_frame())[0] == 1001
+        assert (await listener.close_frame())[0] == 1001
+        sender.send(OP_CLOSE, (1001).to_bytes(2, "big"))
+        listener.send(OP_CLOSE, (1001).to_bytes(2, "big"))
+        assert await sender.at_eof() and await listener.at_eof()
+        async with asyncio.timeout(10):
+            await closing
+
+
+async def test_aiohttp_client_sees_the_same_messages(relay: Relay) -> None:
+    """A library client (aiohttp) on the sender side: messages and the close code arrive."""
+    async with session() as s:
+        control = await open_listener(s, relay)
+        connecting = asyncio.ensure_future(
+            s.ws_connect(
+                f"{relay.base_url}/$hc/hc?sb-hc-action=connect",
+                headers={AUTH: relay.token("hc")},
+                autoclose=False,
+            )
+        )
+        address = urlsplit(str((await next_accept(control))["address"]))
+        listener = await RawWebSocket.open(relay, f"{address.path}?{address.query}", {})
+        sender = await connecting
+        await sender.send_bytes(b"x" * 200_000)
+        assert await listener.frame() == (True, OP_BINARY, b"x" * 200_000)
+        listener.send(OP_TEXT, "héllo".encode())
+        message = await sender.receive(timeout=10)
+        assert (message.type, message.data) == (aiohttp.WSMsgType.TEXT, "héllo")
+        listener.send(OP_CLOSE, (4000).to_bytes(2, "big") + b"app close")
+        message = await sender.receive(timeout=10)
+        assert (message.type, message.data, message.extra) == (
+            aiohttp.WSMsgType.CLOSE,
+            4000,
+            "app close",
+        )
+        await sender.close()
+        listener.abort()
+        await control.close()
