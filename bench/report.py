@@ -11,11 +11,38 @@ from typing import Any
 
 __all__ = ["medians", "render_plot", "render_table"]
 
-ORDER = ["direct", "hybridrelay", "hybridrelay-tls", "socat", "websockify", "wstunnel"]
+ORDER = [
+    "direct",
+    "hybridrelay",
+    "hybridrelay-tls",
+    "socat",
+    "socat-chain",
+    "socat-chain-tls",
+    "websockify",
+    "wstunnel",
+]
 OURS = "hybridrelay"
-PEERS = ("socat", "websockify", "wstunnel")
+PEERS = ("socat", "socat-chain", "socat-chain-tls", "websockify", "wstunnel")
+#: The path a peer's "× ours" is against (default :data:`OURS`): the TLS ceiling vs our TLS path.
+OURS_FOR = {"socat-chain-tls": "hybridrelay-tls"}
+#: The same chain as ours in C: the best any 3-process relay chain could do on this machine.
+CEILINGS = ("socat-chain", "socat-chain-tls")
+CEILING_MARK = "(ceiling)"
 #: Roles that make up a path (CPU and memory of "the path" = their sum).
-PATH_ROLES = ("relay", "ingress", "agent", "socat", "websockify", "wst-client", "wst-server")
+PATH_ROLES = (
+    "relay",
+    "ingress",
+    "agent",
+    "socat",
+    "chain-ingress",
+    "chain-relay",
+    "chain-agent",
+    "websockify",
+    "wst-client",
+    "wst-server",
+)
+#: The middle process of a 3-process chain ("(7) relay CPU-s per GB").
+RELAY_ROLES = ("relay", "chain-relay")
 
 Medians = dict[tuple[str, str], dict[str, float]]
 
@@ -76,7 +103,12 @@ def _cpu_per_gb(m: dict[str, float], role: str | None) -> float | None:
     mbps = m.get("MBps")
     if not mbps:
         return None
-    cpu = _path_cpu(m) if role is None else m.get(f"cpu_{role}")
+    if role is None:
+        cpu: float | None = _path_cpu(m)
+    elif role == "relay":
+        cpu = next((m[f"cpu_{r}"] for r in RELAY_ROLES if f"cpu_{r}" in m), None)
+    else:
+        cpu = m.get(f"cpu_{role}")
     if not cpu:
         return None
     return cpu / 100.0 / (mbps / 1000.0)  # CPU-seconds per GB
@@ -160,9 +192,10 @@ def _cell(row: Row, med: Medians, topo: str) -> str:
     d = row.value(med, "direct")
     if topo != "direct" and d:
         refs.append(f"{v / d:.2f}× direct")
-    o = row.value(med, OURS)
+    ours = OURS_FOR.get(topo, OURS)
+    o = row.value(med, ours)
     if topo in PEERS and o:
-        refs.append(f"{v / o:.2f}× ours")
+        refs.append(f"{v / o:.2f}× ours" + (" TLS" if ours.endswith("-tls") else ""))
     return text + (f" ({', '.join(refs)})" if refs else "")
 
 
@@ -175,7 +208,9 @@ def render_table(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Profile: {meta.get('profile', {})}; medians of {meta.get('profile', {}).get('runs')} "
         f"run(s); elapsed {meta.get('elapsed_s', 0):.0f} s; CPU layout {meta.get('cpu_layout')}",
         "",
-        "| scenario | " + " | ".join(topos) + " |",
+        "| scenario | "
+        + " | ".join(f"{t} {CEILING_MARK}" if t in CEILINGS else t for t in topos)
+        + " |",
         "|---|" + "---|" * len(topos),
     ]
     for row in ROWS:
@@ -188,6 +223,14 @@ def render_table(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             "",
             "(6): `direct` = wrk → bench.httpdest; ours = wrk → relay (HTTP relaying, SAS token "
             "checked per request) → control channel → bridge `-H` → bench.httpdest.",
+        ]
+    if any(t in CEILINGS for t in topos):
+        lines += [
+            "",
+            f"{CEILING_MARK}: the same chain as ours in C, no WebSocket framing, no auth: "
+            "client → socat A → socat B → socat C → destination (3 processes, 4 TCP hops; "
+            '`socat-chain-tls`: A → B and B → C TLS). `socat-chain-tls` "× ours TLS" is '
+            'against `hybridrelay-tls`; "(7) relay" of a chain is socat B.',
         ]
     skipped = meta.get("skipped") or {}
     if skipped:
@@ -296,6 +339,8 @@ def render_plot(records: list[dict[str, Any]], path: Path) -> str:
         "hybridrelay": "#1f77b4",
         "hybridrelay-tls": "#0b3d6b",
         "socat": "#2ca02c",
+        "socat-chain": "#74c476",
+        "socat-chain-tls": "#006d2c",
         "websockify": "#ff7f0e",
         "wstunnel": "#d62728",
     }

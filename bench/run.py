@@ -29,6 +29,7 @@ from bench.procs import CpuSample, Proc, ProcGroup
 from bench.report import render_plot, render_table
 from bench.topologies import (
     ALL_TOPOLOGIES,
+    DEFAULT_TOPOLOGIES,
     MODES,
     CpuLayout,
     Topology,
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         scenarios = [s for s in scenarios if s != "http"]
         skipped["(6) HTTP relaying"] = WRK_MISSING
         _log(f"skipping scenario http: {WRK_MISSING}")
-    topologies = args.topology or ALL_TOPOLOGIES
+    topologies = args.topology or DEFAULT_TOPOLOGIES
     cpus = CpuLayout(None, None, None, None, None, None) if args.no_pin else CpuLayout()
     nofile = raise_nofile()
     # The relay holds two sockets per tunneled connection: the open-files limit caps the count.

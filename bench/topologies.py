@@ -3,6 +3,8 @@
 Every path ends at the same :mod:`bench.dest` process. ``direct`` is the destination itself;
 ``hybridrelay`` and ``hybridrelay-tls`` are the full pattern (ingress ``-L`` -> relay -> edge
 agent ``-R`` -> destination) as three processes; the peers are socat (one raw TCP hop),
+``socat-chain`` / ``socat-chain-tls`` (the ceiling: three socat processes with the same hops as
+ours, client -> A -> B -> C -> destination, the two middle legs TLS in the ``-tls`` variant),
 websockify (a WebSocket-to-TCP server: the load generator speaks WebSocket to it, so it is one
 hop *fewer* than our pattern) and the npm ``wstunnel`` (a TCP -> WebSocket -> TCP tunnel, two
 processes).
@@ -26,7 +28,14 @@ from pathlib import Path
 
 from bench.procs import Proc, ProcGroup, free_port, wait_port
 
-__all__ = ["ALL_TOPOLOGIES", "CpuLayout", "Topology", "available", "start_topology"]
+__all__ = [
+    "ALL_TOPOLOGIES",
+    "DEFAULT_TOPOLOGIES",
+    "CpuLayout",
+    "Topology",
+    "available",
+    "start_topology",
+]
 
 BENCH_DIR = Path(__file__).resolve().parent
 PEERS_DIR = BENCH_DIR / ".peers"
@@ -35,7 +44,19 @@ HC = "bench"
 HTTP_HC = "benchhttp"
 KEY_NAME = "bench"
 
-ALL_TOPOLOGIES = ["direct", "hybridrelay", "hybridrelay-tls", "socat", "websockify", "wstunnel"]
+ALL_TOPOLOGIES = [
+    "direct",
+    "hybridrelay",
+    "hybridrelay-tls",
+    "socat",
+    "socat-chain",
+    "socat-chain-tls",
+    "websockify",
+    "wstunnel",
+]
+#: What ``python -m bench`` runs without ``--topology``: the socat chains (the ceiling of a
+#: 3-process chain, ~1 min more) are asked for by name, to keep the default under 3 minutes.
+DEFAULT_TOPOLOGIES = [t for t in ALL_TOPOLOGIES if not t.startswith("socat-chain")]
 #: Load generator modes each path can run (websockify: no half-close over our WS client).
 _ALL_MODES = {"down", "up", "lat", "rr", "connrate", "idle"}
 MODES: dict[str, set[str]] = {
@@ -44,6 +65,8 @@ MODES: dict[str, set[str]] = {
     "hybridrelay": _ALL_MODES | {"http"},
     "hybridrelay-tls": _ALL_MODES | {"http"},
     "socat": _ALL_MODES,
+    "socat-chain": _ALL_MODES,
+    "socat-chain-tls": _ALL_MODES,
     # websockify: no half-close through our WS client; "idle" timed out at 100 connections
     # (it forks a process per connection), see docs/PERFORMANCE.md.
     "websockify": _ALL_MODES - {"up", "idle"},
@@ -95,7 +118,7 @@ def _wstunnel() -> str | None:
 
 def available(name: str) -> str | None:
     """None when the path can run here, else why not."""
-    if name == "socat" and not shutil.which("socat"):
+    if name.startswith("socat") and not shutil.which("socat"):
         return "socat not installed (apt-get install socat)"
     if name == "websockify" and not _websockify():
         return "websockify not installed (see docs/PERFORMANCE.md)"
@@ -180,6 +203,66 @@ def _http_token(key: str) -> str:
     return create_token(audience, KEY_NAME, key, expiry=int(time.time()) + 24 * 3600)
 
 
+#: socat options shared by every socat path: the same 256 KiB transfer buffer.
+_SOCAT = ["socat", "-b", "262144"]
+_SOCAT_LISTEN = "bind=127.0.0.1,reuseaddr,fork,backlog=4096"
+#: The chains set TCP_NODELAY on every leg, as asyncio does on all our sockets: without it the
+#: TLS chain's connect-to-first-byte p50 was 49.7 ms (Nagle against delayed ACKs), 6.7 ms with.
+_SOCAT_NODELAY = "nodelay"
+#: TLS 1.2 or newer; ciphers are OpenSSL's defaults (TLS 1.3 negotiates TLS_AES_256_GCM_SHA384).
+_SOCAT_TLS_MIN = "openssl-min-proto-version=TLS1.2"
+
+
+def _start_socat_chain(
+    topo: Topology, procs: ProcGroup, dest_port: int, workdir: Path, cpus: CpuLayout
+) -> Topology:
+    """client -> A -> B -> C -> destination: three socat processes, the same hops as ours.
+
+    A (``chain-ingress``) and C (``chain-agent``) are unpinned like our ingress and agent; B
+    (``chain-relay``) is on the relay's CPU. With ``-tls``, A -> B and B -> C are TLS: A and B
+    connect with ``OPENSSL:`` and verify the server certificate (``verify=1``, against the
+    trustme CA made as for ``hybridrelay-tls``), B and C listen with ``OPENSSL-LISTEN:`` (no
+    client certificate). Started from the destination end, each one's port found by
+    bind-probe-release and its readiness by a connect poll (socat cannot report a port-0 bind).
+    """
+    tls = topo.name.endswith("-tls")
+    server = client = ""  # OPENSSL-LISTEN / OPENSSL options of the TLS legs
+    if tls:
+        cert, key, ca = _tls_files(workdir)
+        server = f"cert={cert},key={key},verify=0,{_SOCAT_TLS_MIN},"
+        client = f"cafile={ca},verify=1,{_SOCAT_TLS_MIN},"
+
+    def listen(port: int, secure: bool) -> str:
+        kind = f"OPENSSL-LISTEN:{port},{server}" if secure else f"TCP-LISTEN:{port},"
+        return f"{kind}{_SOCAT_LISTEN},{_SOCAT_NODELAY}"
+
+    def connect(port: int, secure: bool) -> str:
+        kind = f"OPENSSL:127.0.0.1:{port},{client}" if secure else f"TCP:127.0.0.1:{port},"
+        return f"{kind}{_SOCAT_NODELAY}"
+
+    # (role, CPUs, TLS on the leg into it, TLS on the leg out of it), destination end first.
+    hops = [
+        ("chain-agent", cpus.agent, tls, False),
+        ("chain-relay", cpus.relay, tls, tls),
+        ("chain-ingress", cpus.ingress, False, tls),
+    ]
+    next_port = dest_port
+    roles: dict[str, Proc] = {}
+    for role, role_cpus, tls_in, tls_out in hops:
+        port = free_port()
+        roles[role] = procs.start(
+            role, [*_SOCAT, listen(port, tls_in), connect(next_port, tls_out)], cpus=role_cpus
+        )
+        wait_port(port)
+        next_port = port
+    topo.port = next_port
+    topo.roles = {r: roles[r] for r in ("chain-ingress", "chain-relay", "chain-agent")}
+    topo.note = "3 socat processes, 4 TCP hops, fork per conn" + (
+        "; A -> B and B -> C TLS (>= 1.2, verify on)" if tls else ""
+    )
+    return topo
+
+
 def start_topology(
     name: str,
     procs: ProcGroup,
@@ -245,18 +328,14 @@ def start_topology(
         port = free_port()
         proc = procs.start(
             "socat",
-            [
-                "socat",
-                "-b",
-                "262144",
-                f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
-                f"TCP:127.0.0.1:{dest_port}",
-            ],
+            [*_SOCAT, f"TCP-LISTEN:{port},{_SOCAT_LISTEN}", f"TCP:127.0.0.1:{dest_port}"],
             cpus=cpus.peer,
         )
         wait_port(port)
         topo.port, topo.roles, topo.note = port, {"socat": proc}, "1 raw TCP hop, fork per conn"
         return topo
+    if name.startswith("socat-chain"):
+        return _start_socat_chain(topo, procs, dest_port, workdir, cpus)
     if name == "websockify":
         wsfy = _websockify()
         assert wsfy is not None

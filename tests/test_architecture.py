@@ -5,6 +5,8 @@
 * The bridge is built on the public SDK: it may not reach into SDK internals, the relay
   server or the transport.
 * The relay server and the SDK do not depend on each other.
+* Only ``transport/`` reaches into aiohttp's private modules (``aiohttp._...``): what it relies
+  on is listed in docs/DECISIONS.md D1 and pinned by the ``aiohttp`` version range.
 """
 
 from __future__ import annotations
@@ -76,3 +78,13 @@ def test_relay_and_sdk_are_independent(folder: str, forbidden: tuple[str, ...]) 
     for path in modules_of(folder):
         for name in imported_modules(path):
             assert not name.startswith(forbidden), f"{folder}/{path.name} imports {name}"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in sorted(PACKAGE.rglob("*.py")) if p.parent.name != "transport"],
+    ids=lambda p: str(p.relative_to(PACKAGE)),
+)
+def test_only_the_transport_touches_aiohttp_internals(path: Path) -> None:
+    private = {name for name in imported_modules(path) if name.startswith("aiohttp._")}
+    assert not private, f"{path.relative_to(PACKAGE)} imports {private}: keep it in transport/"

@@ -1,5 +1,6 @@
-"""The relay's frame-level splice (server/splice.py), driven frame by frame by raw WebSocket peers
-written here on plain sockets: what crosses, what is answered by the relay, what is refused."""
+"""The relay's frame-level splice (transport/splice.py), driven frame by frame by raw WebSocket
+peers written here on plain sockets: what crosses, what is answered by the relay, what is
+refused."""
 
 from __future__ import annotations
 

@@ -58,10 +58,10 @@ from hybridrelay.server.runtime_info import (
     is_runtime_info_request,
     runtime_info_response,
 )
-from hybridrelay.server.splice import SpliceLeg, take_over
 from hybridrelay.server.store import EntityStore, InMemoryEntityStore
 from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
 from hybridrelay.transport.base import CloseCode, MessageKind
+from hybridrelay.transport.splice import SpliceLeg, take_over
 
 __all__ = ["RelayServer"]
 

@@ -3,7 +3,7 @@
 A sender's connect creates a :class:`PendingRendezvous` keyed by an unguessable secret that goes
 into the ``accept`` address (PROTOCOL.md 5.2: the URL is the rendezvous' only credential). The
 listener's accept (or reject) resolves it exactly once; then its
-:class:`~hybridrelay.server.splice.Splice` joins the two WebSockets.
+:class:`~hybridrelay.transport.splice.Splice` joins the two WebSockets.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import hmac
 import secrets
 from dataclasses import dataclass, field
 
-from hybridrelay.server.splice import Splice
+from hybridrelay.transport.splice import Splice
 
 __all__ = ["Accepted", "PendingRendezvous", "Rejection", "RendezvousTable"]
 
@@ -27,7 +27,7 @@ class Rejection:
 @dataclass(frozen=True, slots=True)
 class Accepted:
     """The listener upgraded its rendezvous socket (with the sub-protocol it chose); its leg is
-    the splice's :attr:`~hybridrelay.server.splice.Splice.listener`."""
+    the splice's :attr:`~hybridrelay.transport.splice.Splice.listener`."""
 
     subprotocol: str | None
 
