@@ -219,7 +219,7 @@ def test_failure_limiter() -> None:
 def test_tls_read_buffer_setting_reaches_asyncio() -> None:
     import asyncio.sslproto
 
-    from hybridrelay.transport.tls import set_tls_read_buffer
+    from hybridrelay.transport.tuning import set_tls_read_buffer
 
     before = asyncio.sslproto.SSLProtocol.max_size
     try:

@@ -23,7 +23,7 @@ from hybridrelay import __version__
 from hybridrelay.auth.sas import AuthorizationRule, Rights, create_token, token_audience
 from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.protocol.connection_string import ConnectionString
-from hybridrelay.transport.tls import set_tls_read_buffer
+from hybridrelay.transport.tuning import set_malloc_thresholds, set_tls_read_buffer
 
 __all__ = ["main"]
 
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("serve", "bridge", "serve-app"):
         raise_open_file_limit()
         set_tls_read_buffer()
+        set_malloc_thresholds()
         try:
             use_event_loop(args.loop)
         except ConfigurationError as exc:
