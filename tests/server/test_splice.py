@@ -271,3 +271,21 @@ async def test_aiohttp_client_sees_the_same_messages(relay: Relay) -> None:
         await sender.close()
         listener.abort()
         await control.close()
+
+
+async def test_spliced_legs_leave_aiohttp_and_are_tracked_until_closed(relay: Relay) -> None:
+    """After the hand-over aiohttp keeps nothing of a spliced connection (its per-connection
+    state is what the hand-over saves); the relay tracks the legs until they are gone."""
+    runner = relay.server._runner
+    assert runner is not None and runner.server is not None
+    async with raw_pair(relay) as (sender, listener):
+        sender.send(OP_BINARY, b"ping")
+        assert await listener.frame() == (True, OP_BINARY, b"ping")
+        assert len(relay.server._legs) == 2
+        assert len(runner.server.connections) == 1  # only the listener's control channel
+        sender.send(OP_CLOSE, (1000).to_bytes(2, "big"))
+        assert await listener.close_frame() == (1000, "")
+        listener.send(OP_CLOSE, (1000).to_bytes(2, "big"))
+        assert await sender.close_frame() == (1000, "")
+        assert await sender.at_eof() and await listener.at_eof()
+        await eventually(lambda: not relay.server._legs)

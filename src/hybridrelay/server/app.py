@@ -220,6 +220,8 @@ class RelayServer:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_SHUTDOWN_GRACE):
                     await self._legs_gone.wait()
+            for leg in list(self._legs):  # no answer within the grace period
+                leg.abort()
         # 4. Stop the HTTP server (closes what is left).
         if self._runner is not None:
             await self._runner.cleanup()
@@ -583,35 +585,28 @@ class RelayServer:
             return web.Response(status=outcome.status, reason=_reason(outcome.description))
         splice = pending.splice
         response, sender = await take_over(
-            request, outcome.subprotocol, max_message_size=self.config.limits.max_message_size
+            request,
+            outcome.subprotocol,
+            max_message_size=self.config.limits.max_message_size,
+            name=f"{connection_id} on {entity.name!r} (sender)",
+            on_lost=self._leg_lost,
         )
         if sender is None:
             return response  # the finally of _handle_connect closes the listener's leg
+        self._track(sender)
         splice.join(sender)
-        await self._hold(sender)
-        to_listener, to_sender = splice.stats
-        logger.debug(
-            "connection %s on %r closed: %d bytes to listener, %d bytes to sender",
-            connection_id,
-            entity.name,
-            to_listener,
-            to_sender,
-        )
         return response
 
-    async def _hold(self, leg: SpliceLeg) -> None:
-        """Keep the aiohttp handler that owns ``leg`` until the leg's connection is gone."""
+    def _track(self, leg: SpliceLeg) -> None:
+        """Legs live on after their aiohttp handler returned; they are tracked for shutdown."""
         self._legs.add(leg)
         self._legs_gone.clear()
-        try:
-            await leg.gone
-        except asyncio.CancelledError:
-            leg.abort()
-            raise
-        finally:
-            self._legs.discard(leg)
-            if not self._legs:
-                self._legs_gone.set()
+
+    def _leg_lost(self, leg: SpliceLeg) -> None:
+        self._legs.discard(leg)
+        if not self._legs:
+            self._legs_gone.set()
+        logger.debug("%s closed: %d bytes forwarded from it", leg.name, leg.bytes_forwarded)
 
     # -- E3 / E4: listener accepts or rejects ---------------------------------------------------
 
@@ -649,16 +644,18 @@ class RelayServer:
             request,
             subprotocol,
             max_message_size=self.config.limits.max_message_size,
+            name=f"{pending.id} on {pending.entity!r} (listener)",
+            on_lost=self._leg_lost,
             response_headers=headers,
         )
         if listener is None:
             if not pending.outcome.done():
                 pending.outcome.set_result(Rejection(502, "The listener's upgrade failed."))
             return response
+        self._track(listener)
         if pending.outcome.done():  # the sender gave up meanwhile
             listener.close_now(CloseCode.GOING_AWAY, "sender went away")
         else:
             pending.splice.listener = listener
             pending.outcome.set_result(Accepted(subprotocol))
-        await self._hold(listener)
         return response
