@@ -90,6 +90,7 @@ class Chain:
     relay_port: int = 0
     relay: Proc | None = None
     tls: TlsFiles | None = None
+    relay_loop: str = "asyncio"
 
     @property
     def connection_string(self) -> str:
@@ -115,7 +116,9 @@ class Chain:
             "  hybrid_connections: [{name: hc}, {name: hc2}]\n",
             encoding="utf-8",
         )
-        self.relay = await spawn(*CLI, "serve", "--config", str(config), "--port", str(port))
+        self.relay = await spawn(
+            *CLI, "--loop", self.relay_loop, "serve", "--config", str(config), "--port", str(port)
+        )
         self.procs.append(self.relay)
         line = await self.relay.wait_for("relay listening on ws")
         self.relay_port = int(line.strip().rsplit(":", 1)[1])
@@ -451,3 +454,27 @@ async def test_bridge_runs_on_uvloop(chain: Chain) -> None:
         payload = pattern(3 * 1024 * 1024, 7)
         async with asyncio.timeout(30):
             assert await roundtrip(port, payload) == payload
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+async def test_relay_runs_on_uvloop(tmp_path: Path, tls_files: TlsFiles, tls: bool) -> None:
+    """The relay's splice takes transports over (set_protocol, a BufferedProtocol): uvloop's
+    TCP and TLS transports must carry it as asyncio's do."""
+    pytest.importorskip("uvloop", reason="uvloop is an optional event loop")
+    state = Chain(tmp_path, tls=tls_files if tls else None, relay_loop="uvloop")
+    try:
+        await state.start_relay()
+        async with tcp_server(echo) as dest_port:
+            await state.bridge("-R", f"hc:127.0.0.1:{dest_port}")
+            _, port = await state.ingress("127.0.0.1:0:hc")
+            payload = pattern(8 * 1024 * 1024, 3)
+            async with asyncio.timeout(30):
+                results = await asyncio.gather(*(roundtrip(port, payload) for _ in range(4)))
+            assert all(result == payload for result in results)
+    finally:
+        for proc in reversed(state.procs):
+            if proc.process.returncode is None:
+                proc.process.kill()
+                await proc.process.wait()
+            if proc.reader is not None:
+                await proc.reader
