@@ -9,18 +9,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from bench.topologies import ALL_TOPOLOGIES
+
 __all__ = ["medians", "render_plot", "render_table"]
 
-ORDER = [
-    "direct",
-    "hybridrelay",
-    "hybridrelay-tls",
-    "socat",
-    "socat-chain",
-    "socat-chain-tls",
-    "websockify",
-    "wstunnel",
-]
+#: Paths in the order of the table's columns.
+ORDER = ALL_TOPOLOGIES
 OURS = "hybridrelay"
 PEERS = ("socat", "socat-chain", "socat-chain-tls", "websockify", "wstunnel")
 #: The path a peer's "× ours" is against (default :data:`OURS`): the TLS ceiling vs our TLS path.

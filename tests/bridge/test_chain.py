@@ -123,6 +123,20 @@ class Chain:
         line = await self.relay.wait_for("relay listening on ws")
         self.relay_port = int(line.strip().rsplit(":", 1)[1])
 
+    async def stop_all(self) -> None:
+        """Kill what is still running (newest first) and print what each process said
+        (pytest shows it when the test fails)."""
+        for proc in reversed(self.procs):
+            if proc.process.returncode is None:
+                proc.process.kill()
+                await proc.process.wait()
+            if proc.reader is not None:
+                await proc.reader
+            sys.stdout.write(
+                f"--- {' '.join(proc.process.args if hasattr(proc.process, 'args') else [])}\n"
+            )
+            sys.stdout.write("".join(proc.lines[-60:]))
+
     async def bridge(self, *args: str, ready: str = "all forwards are up") -> Proc:
         tls = ("--ca-file", self.tls.ca_file) if self.tls else ()
         proc = await spawn(*CLI, "bridge", "-x", self.connection_string, "-a", "2", *tls, *args)
@@ -143,17 +157,7 @@ async def chain(tmp_path: Path) -> AsyncIterator[Chain]:
     try:
         yield state
     finally:
-        for proc in reversed(state.procs):
-            if proc.process.returncode is None:
-                proc.process.kill()
-                await proc.process.wait()
-            if proc.reader is not None:
-                await proc.reader
-            # Shown by pytest when the test fails: what each process said.
-            sys.stdout.write(
-                f"--- {' '.join(proc.process.args if hasattr(proc.process, 'args') else [])}\n"
-            )
-            sys.stdout.write("".join(proc.lines[-60:]))
+        await state.stop_all()
 
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -472,9 +476,4 @@ async def test_relay_runs_on_uvloop(tmp_path: Path, tls_files: TlsFiles, tls: bo
                 results = await asyncio.gather(*(roundtrip(port, payload) for _ in range(4)))
             assert all(result == payload for result in results)
     finally:
-        for proc in reversed(state.procs):
-            if proc.process.returncode is None:
-                proc.process.kill()
-                await proc.process.wait()
-            if proc.reader is not None:
-                await proc.reader
+        await state.stop_all()

@@ -28,23 +28,7 @@ from hybridrelay.protocol.websocket import (
     server_frame_header,
     unmask_python,
 )
-
-
-def client_frame(
-    opcode: int, payload: bytes, *, fin: bool = True, mask: bytes | None = None, rsv: int = 0
-) -> bytes:
-    """A masked client frame, encoded from RFC 6455 5.2 (independently of the module)."""
-    mask = os.urandom(4) if mask is None else mask
-    first = (0x80 if fin else 0) | rsv | opcode
-    n = len(payload)
-    if n < 126:
-        head = bytes((first, 0x80 | n))
-    elif n < 65536:
-        head = bytes((first, 0x80 | 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return head + mask + masked
+from tests.wsframes import client_frame
 
 
 def forwarder(max_message_size: int = 1 << 30) -> ClientFrameForwarder:

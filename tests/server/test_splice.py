@@ -15,6 +15,7 @@ import aiohttp
 
 from tests.conftest import Relay, RelayFactory, eventually
 from tests.server.test_relay_websocket import AUTH, next_accept, open_listener, session
+from tests.wsframes import client_frame
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 
@@ -26,7 +27,10 @@ class RawWebSocket:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, relay: Relay, target: str, headers: dict[str, str]) -> RawWebSocket:
+    async def open(
+        cls, relay: Relay, target: str, headers: dict[str, str], early: bytes = b""
+    ) -> RawWebSocket:
+        """Upgrade; ``early`` bytes go out in the same write as the request."""
         reader, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [
@@ -38,7 +42,7 @@ class RawWebSocket:
             f"Sec-WebSocket-Key: {key}",
             *(f"{k}: {v}" for k, v in headers.items()),
         ]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + early)
         async with asyncio.timeout(10):
             head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101"), head
@@ -47,29 +51,7 @@ class RawWebSocket:
     def send(
         self, opcode: int, payload: bytes = b"", *, fin: bool = True, mask: bool = True
     ) -> None:
-        first = (0x80 if fin else 0) | opcode
-        n = len(payload)
-        bit = 0x80 if mask else 0
-        if n < 126:
-            head = bytes((first, bit | n))
-        elif n < 65536:
-            head = bytes((first, bit | 126)) + n.to_bytes(2, "big")
-        else:
-            head = bytes((first, bit | 127)) + n.to_bytes(8, "big")
-        if mask:
-            key = os.urandom(4)
-            head += key
-            payload = (
-                bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-                if n < 4096
-                else (
-                    (
-                        int.from_bytes(payload, "big")
-                        ^ int.from_bytes((key * (n // 4 + 1))[:n], "big")
-                    ).to_bytes(n, "big")
-                )
-            )
-        self.writer.write(head + payload)
+        self.writer.write(client_frame(opcode, payload, fin=fin, masked=mask))
 
     async def frame(self) -> tuple[bool, int, bytes]:
         """The next frame from the relay (server frames are never masked)."""
@@ -98,9 +80,11 @@ class RawWebSocket:
 
 @asynccontextmanager
 async def raw_pair(
-    relay: Relay, entity: str = "hc"
+    relay: Relay, entity: str = "hc", listener_early: bytes = b""
 ) -> AsyncIterator[tuple[RawWebSocket, RawWebSocket]]:
-    """(sender, listener): both legs of one relayed connection, as raw peers."""
+    """(sender, listener): both legs of one relayed connection, as raw peers.
+
+    ``listener_early``: bytes the listener sends with its upgrade request, before any 101."""
     async with session() as s:
         control = await open_listener(s, relay, entity)
         connecting = asyncio.ensure_future(
@@ -110,7 +94,9 @@ async def raw_pair(
         )
         accept = await next_accept(control)
         address = urlsplit(str(accept["address"]))
-        listener = await RawWebSocket.open(relay, f"{address.path}?{address.query}", {})
+        listener = await RawWebSocket.open(
+            relay, f"{address.path}?{address.query}", {}, listener_early
+        )
         sender = await connecting
         try:
             yield sender, listener
@@ -148,28 +134,11 @@ async def test_close_codes_cross_and_the_other_direction_keeps_flowing(relay: Re
 
 
 async def test_listener_may_speak_first(relay: Relay) -> None:
-    """Bytes the listener sends right after its 101, before the sender's upgrade is answered,
-    reach the sender (they wait in the relay's socket, not in a buffer of ours)."""
-    async with session() as s:
-        control = await open_listener(s, relay)
-        connecting = asyncio.ensure_future(
-            RawWebSocket.open(relay, "/$hc/hc?sb-hc-action=connect", {AUTH: relay.token("hc")})
-        )
-        address = urlsplit(str((await next_accept(control))["address"]))
-        reader, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
-        listener = RawWebSocket(reader, writer)
-        upgrade = (
-            f"GET {address.path}?{address.query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        )
-        writer.write(upgrade.encode())
-        listener.send(OP_TEXT, b"banner")  # in the same write burst as the upgrade request
-        sender = await connecting
+    """Bytes the listener sends right behind its upgrade request, before the sender's upgrade is
+    answered, reach the sender (they wait in the relay's socket, not in a buffer of ours)."""
+    banner = client_frame(OP_TEXT, b"banner")
+    async with raw_pair(relay, listener_early=banner) as (sender, _listener):
         assert await sender.frame() == (True, OP_TEXT, b"banner")
-        sender.abort()
-        listener.abort()
-        await control.close()
 
 
 async def test_protocol_violation_closes_both_legs(relay: Relay) -> None:
