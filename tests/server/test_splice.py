@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
 import aiohttp
+import pytest
 
+from hybridrelay.transport import splice as splice_module
 from tests.conftest import Relay, RelayFactory, eventually
 from tests.server.test_relay_websocket import AUTH, next_accept, open_listener, session
 from tests.wsframes import client_frame
@@ -258,3 +261,28 @@ async def test_spliced_legs_leave_aiohttp_and_are_tracked_until_closed(relay: Re
         assert await sender.close_frame() == (1000, "")
         assert await sender.at_eof() and await listener.at_eof()
         await eventually(lambda: not relay.server._legs)
+
+
+async def test_a_paused_sender_is_read_again_when_its_listener_dies(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender was paused (its listener stopped reading); when the listener's connection is
+    lost the sender is told (1011) and its close answer is read at once, not at the deadline."""
+    monkeypatch.setattr(splice_module, "CLOSE_TIMEOUT", 60.0)
+    chunk = os.urandom(65536)
+    async with raw_pair(relay) as (sender, listener):
+
+        async def flood() -> None:
+            with contextlib.suppress(ConnectionError):
+                for _ in range(400):
+                    sender.send(OP_BINARY, chunk)
+                    await sender.writer.drain()
+
+        flooding = asyncio.ensure_future(flood())
+        legs = relay.server._legs
+        await eventually(lambda: any(not leg.transport.is_reading() for leg in legs), seconds=20)
+        listener.abort()
+        assert (await sender.close_frame())[0] == 1011
+        flooding.cancel()
+        sender.writer.transport.write(client_frame(OP_CLOSE, (1000).to_bytes(2, "big")))
+        assert await sender.at_eof()  # well before the 60 s deadline (frame reads time out at 10)

@@ -303,6 +303,10 @@ class SpliceLeg(asyncio.BufferedProtocol):
             return
         if not self.close_received:  # lost without a close frame (1006 -> 1011 on the wire)
             peer.send_close(sendable_close_code(1006), "")
+        if not peer.lost and not peer.close_received:
+            # It may be paused because this leg could not take more; it must be read again
+            # to see its close frame (what it sends meanwhile is dropped: nobody to take it).
+            peer.transport.resume_reading()
         peer.expect_close_answer()
 
 
