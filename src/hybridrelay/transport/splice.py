@@ -184,8 +184,14 @@ class SpliceLeg(asyncio.BufferedProtocol):
         self._drop()
 
     def expect_close_answer(self) -> None:
-        """Drop this leg if it does not answer our close frame within ``CLOSE_TIMEOUT``."""
-        if self._close_timer is None and not self.lost:
+        """We sent our close frame and nothing more will be forwarded to it: read this leg
+        (it may have been paused because its partner could not take more) until its close
+        frame comes, and drop it if that takes longer than ``CLOSE_TIMEOUT``."""
+        if self.lost:
+            return
+        if not self.close_received and self._started:
+            self.transport.resume_reading()
+        if self._close_timer is None:
             loop = asyncio.get_running_loop()
             self._close_timer = loop.call_later(CLOSE_TIMEOUT, self.abort)
 
@@ -303,10 +309,6 @@ class SpliceLeg(asyncio.BufferedProtocol):
             return
         if not self.close_received:  # lost without a close frame (1006 -> 1011 on the wire)
             peer.send_close(sendable_close_code(1006), "")
-        if not peer.lost and not peer.close_received:
-            # It may be paused because this leg could not take more; it must be read again
-            # to see its close frame (what it sends meanwhile is dropped: nobody to take it).
-            peer.transport.resume_reading()
         peer.expect_close_answer()
 
 
