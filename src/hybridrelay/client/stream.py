@@ -126,6 +126,8 @@ class HybridConnectionStream:
                 data = await self._next_message(skip_empty=True)
                 if data is None:
                     return b""
+                if isinstance(data, bytes) and len(data) <= max_bytes:
+                    return data  # the common case (the bridge's pump): the message, not a copy
                 self._leftover = memoryview(data.encode() if isinstance(data, str) else data)
             chunk = self._leftover[:max_bytes]
             self._leftover = self._leftover[len(chunk) :]
