@@ -12,8 +12,8 @@ reader, a queue and a writer per leg. So after the 101 the relay takes the trans
   :class:`SpliceLeg` the transport's protocol and then tells aiohttp's protocol that its
   connection is gone (``connection_lost``): for aiohttp the request is over, its handler
   returns at once, and its per-connection state (the parsed request, the HTTP parser, the
-  handler task: ~8 KiB per WebSocket, measured with tracemalloc) is freed. The leg is kept
-  alive by its transport; the caller tracks it (``on_lost``) for shutdown.
+  handler task: ~12 KiB per WebSocket; RSS per relayed connection 29.7 -> 4.8 KiB) is freed.
+  The leg is kept alive by its transport; the caller tracks it (``on_lost``) for shutdown.
 * Each :class:`SpliceLeg` is an :class:`asyncio.BufferedProtocol`: the transport reads into one
   receive buffer shared by every leg of the event loop (the leg keeps nothing of it: a frame's
   payload is unmasked into the bytes written to the other leg, a partial header is copied), so
