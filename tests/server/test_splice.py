@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
@@ -23,6 +24,11 @@ from tests.wsframes import client_frame
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 
 
+def _client_tls(relay: Relay) -> ssl.SSLContext | None:
+    """The client context for a TLS relay (trusting the test CA), None for a plain one."""
+    return ssl.create_default_context(cafile=relay.ca_file) if relay.ca_file else None
+
+
 class RawWebSocket:
     """A WebSocket client on a bare socket that writes exactly the frames it is told to."""
 
@@ -34,7 +40,13 @@ class RawWebSocket:
         cls, relay: Relay, target: str, headers: dict[str, str], early: bytes = b""
     ) -> RawWebSocket:
         """Upgrade; ``early`` bytes go out in the same write as the request."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
+        context = _client_tls(relay)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1",
+            relay.server.port,
+            ssl=context,
+            server_hostname="127.0.0.1" if context else None,
+        )
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [
             f"GET {target} HTTP/1.1",
@@ -89,7 +101,7 @@ async def raw_pair(
 
     ``listener_early``: bytes the listener sends with its upgrade request, before any 101."""
     async with session() as s:
-        control = await open_listener(s, relay, entity)
+        control = await open_listener(s, relay, entity, ssl=_client_tls(relay) or True)
         connecting = asyncio.ensure_future(
             RawWebSocket.open(
                 relay, f"/$hc/{entity}?sb-hc-action=connect", {AUTH: relay.token(entity)}
@@ -174,9 +186,18 @@ async def test_lost_sender_closes_the_listener_with_1011(relay: Relay) -> None:
         assert (await listener.close_frame())[0] == 1011
 
 
-async def test_a_listener_that_stops_reading_pauses_the_sender(relay: Relay) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+async def test_a_listener_that_stops_reading_pauses_the_sender(
+    make_relay: RelayFactory, tls: bool
+) -> None:
     """Backpressure crosses the relay: the sender's leg stops being read while the listener's
-    leg cannot take more, and nothing is lost or reordered when it reads again."""
+    leg cannot take more, and nothing is lost or reordered when it reads again (also through
+    asyncio's TLS transport, which reads into the splice's shared buffer in slices)."""
+    async with make_relay(tls=tls) as relay:
+        await _pause_and_drain(relay)
+
+
+async def _pause_and_drain(relay: Relay) -> None:
     chunk = os.urandom(65536)
     count = 400  # 25 MiB: far more than the kernel buffers of both legs
     async with raw_pair(relay) as (sender, listener):
