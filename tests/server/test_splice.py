@@ -307,3 +307,23 @@ async def test_a_paused_sender_is_read_again_when_its_listener_dies(
         flooding.cancel()
         sender.writer.transport.write(client_frame(OP_CLOSE, (1000).to_bytes(2, "big")))
         assert await sender.at_eof()  # well before the 60 s deadline (frame reads time out at 10)
+
+
+async def test_many_relayed_connections_leave_nothing_behind(relay: Relay) -> None:
+    """Open, use and close 100 relayed connections: no leg, pending rendezvous or aiohttp
+    connection stays behind."""
+    runner = relay.server._runner
+    assert runner is not None and runner.server is not None
+    aiohttp_server = runner.server
+    for i in range(100):
+        async with raw_pair(relay) as (sender, listener):
+            sender.send(OP_BINARY, i.to_bytes(2, "big"))
+            assert await listener.frame() == (True, OP_BINARY, i.to_bytes(2, "big"))
+            listener.send(OP_CLOSE, (1000).to_bytes(2, "big"))
+            assert await sender.close_frame() == (1000, "")
+            sender.send(OP_CLOSE, (1000).to_bytes(2, "big"))
+            assert await listener.close_frame() == (1000, "")
+            assert await sender.at_eof() and await listener.at_eof()
+    await eventually(lambda: not relay.server._legs)
+    assert len(relay.server._rendezvous) == 0
+    await eventually(lambda: len(aiohttp_server.connections) == 0)  # control channels too

@@ -368,5 +368,8 @@ async def take_over(
     # server's connection count, keep-alive timer, parser); its request loop ends without
     # touching the transport when our handler returns (the 101 needs no further write).
     handler_protocol.transport = None
-    handler_protocol.connection_lost(None)
+    try:
+        handler_protocol.connection_lost(None)
+    except Exception:  # aiohttp's bookkeeping only: the leg works regardless
+        logger.debug("aiohttp's protocol failed to let go of a spliced connection", exc_info=True)
     return response, leg
