@@ -23,6 +23,7 @@ from hybridrelay.protocol.websocket import (
     FrameError,
     HandshakeError,
     close_payload,
+    frame_header,
     handshake_headers,
     server_frame,
     server_frame_header,
@@ -62,6 +63,7 @@ def test_rfc_examples() -> None:
     # A fragmented unmasked text message: "Hel" then "lo".
     assert server_frame(OP_TEXT, b"Hel", fin=False) == bytes.fromhex("010348656c")
     assert server_frame(OP_CONTINUATION, b"lo") == bytes.fromhex("80026c6f")
+    assert frame_header(True, OP_TEXT, 5, masked=True) == bytes.fromhex("8185")  # masked "Hello"
     assert server_frame_header(True, OP_BINARY, 256) == bytes.fromhex("827e0100")
     assert server_frame_header(True, OP_BINARY, 65536) == bytes.fromhex("827f0000000000010000")
     ping = client_frame(OP_PING, b"Hello")

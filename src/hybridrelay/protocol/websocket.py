@@ -37,6 +37,7 @@ __all__ = [
     "WIRE_CLOSE_CODES",
     "Unmask",
     "close_payload",
+    "frame_header",
     "handshake_headers",
     "server_frame",
     "server_frame_header",
@@ -136,14 +137,21 @@ def handshake_headers(headers: Mapping[str, str], subprotocol: str | None) -> di
     return answer
 
 
+def frame_header(fin: bool, opcode: int, length: int, *, masked: bool = False) -> bytes:
+    """A frame header up to (not including) the masking key; ``masked`` sets the MASK bit
+    (client frames: the 4-byte key follows)."""
+    first = (0x80 if fin else 0) | opcode
+    bit = 0x80 if masked else 0
+    if length < 126:
+        return bytes((first, bit | length))
+    if length < 65536:
+        return bytes((first, bit | 126)) + length.to_bytes(2, "big")
+    return bytes((first, bit | 127)) + length.to_bytes(8, "big")
+
+
 def server_frame_header(fin: bool, opcode: int, length: int) -> bytes:
     """The header of an unmasked (server to client) frame."""
-    first = (0x80 if fin else 0) | opcode
-    if length < 126:
-        return bytes((first, length))
-    if length < 65536:
-        return bytes((first, 126)) + length.to_bytes(2, "big")
-    return bytes((first, 127)) + length.to_bytes(8, "big")
+    return frame_header(fin, opcode, length)
 
 
 def server_frame(opcode: int, payload: bytes = b"", *, fin: bool = True) -> bytes:

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import struct
 from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
+from aiohttp._websocket.helpers import websocket_mask
 
 from hybridrelay.exceptions import RelayConnectionError
+from hybridrelay.protocol.websocket import OP_BINARY, OP_CONTINUATION, frame_header
 from hybridrelay.transport.base import MessageKind, WsMessage
 
 __all__ = ["AiohttpMessageSocket"]
@@ -38,10 +39,6 @@ __all__ = ["AiohttpMessageSocket"]
 _CLOSE_TIMEOUT = 10.0
 
 AiohttpWebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
-
-_FIN = 0x80
-_OP_CONTINUATION = 0x0
-_OP_BINARY = 0x2
 
 
 class AiohttpMessageSocket:
@@ -154,27 +151,14 @@ class AiohttpMessageSocket:
         transport = writer.transport
         if transport.is_closing():
             raise RelayConnectionError("WebSocket send failed: the connection is closing")
-        opcode = _OP_BINARY if first else _OP_CONTINUATION
-        first_byte = (_FIN if last else 0) | opcode
-        length = len(data)
-        mask_bit = 0x80 if writer.use_mask else 0
-        if length < 126:
-            header = struct.pack("!BB", first_byte, length | mask_bit)
-        elif length < 65536:
-            header = struct.pack("!BBH", first_byte, 126 | mask_bit, length)
-        else:
-            header = struct.pack("!BBQ", first_byte, 127 | mask_bit, length)
+        opcode = OP_BINARY if first else OP_CONTINUATION
+        header = frame_header(last, opcode, len(data), masked=writer.use_mask)
         if writer.use_mask:  # client side: RFC 6455 5.3, a fresh random mask per frame
             mask = os.urandom(4)
-            if length:
-                key = (mask * (length // 4 + 1))[:length]
-                payload = (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(
-                    length, "big"
-                )
-            else:
-                payload = b""
+            payload = bytearray(data)
+            websocket_mask(mask, payload)
             transport.write(header + mask + payload)
-        elif length > 4096:
+        elif len(data) > 4096:
             transport.write(header)
             transport.write(data)
         else:

@@ -289,9 +289,9 @@ class SpliceLeg(asyncio.BufferedProtocol):
         assert peer is not None
         if peer.close_sent or peer.lost:
             return  # the partner is closing: nothing more may be sent to it
-        for piece in pieces:
-            self.bytes_forwarded += len(piece)
-        _write_pieces(peer.transport, pieces)
+        total = sum(map(len, pieces))
+        self.bytes_forwarded += total
+        _write_pieces(peer.transport, pieces, total)
 
     def _fail(self, code: int, reason: str) -> None:
         """This leg broke the framing rules: close it with ``code``, tell the partner."""
@@ -312,11 +312,10 @@ class SpliceLeg(asyncio.BufferedProtocol):
         peer.expect_close_answer()
 
 
-def _write_pieces(transport: asyncio.Transport, pieces: list[bytearray]) -> None:
+def _write_pieces(transport: asyncio.Transport, pieces: list[bytearray], total: int) -> None:
     if len(pieces) == 1:
         transport.write(pieces[0])
         return
-    total = sum(len(p) for p in pieces)
     if total < _JOIN_BELOW:
         transport.write(b"".join(pieces))
     else:
