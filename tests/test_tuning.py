@@ -3,8 +3,8 @@
 Each case runs in a fresh interpreter (the settings are process-wide): 2,000 reads of 1 KiB
 with asyncio's read size (``recv(256 KiB)``), counting the page faults they cause. With glibc's
 initial thresholds (128 KiB; fixed here, and the heap top trimmed, because glibc's own
-adjustment and free space depend on what the process did before) every read maps fresh memory (>= 1 fault per read); with ours the same
-memory is reused.
+adjustment and free space depend on what the process did before) every read maps fresh
+memory (>= 1 fault per read); with ours the same memory is reused.
 """
 
 from __future__ import annotations
