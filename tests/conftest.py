@@ -122,6 +122,7 @@ def relay_config(
     port: int = 0,
     entities: list[dict[str, Any]] | None = None,
     limits: dict[str, Any] | None = None,
+    ingress: list[dict[str, Any]] | None = None,
 ) -> RelayConfig:
     server: dict[str, Any] = {"host": "127.0.0.1", "port": port}
     if tls is not None:
@@ -132,6 +133,7 @@ def relay_config(
         {
             "server": server,
             "limits": limits or {},
+            "ingress": ingress or [],
             "namespace": {
                 "authorization_rules": [
                     {
@@ -169,9 +171,12 @@ def make_relay(tls_files: TlsFiles) -> RelayFactory:
         port: int = 0,
         entities: list[dict[str, Any]] | None = None,
         limits: dict[str, Any] | None = None,
+        ingress: list[dict[str, Any]] | None = None,
     ) -> AsyncIterator[Relay]:
         files = tls_files if tls else None
-        config = relay_config(tls=files, port=port, entities=entities, limits=limits)
+        config = relay_config(
+            tls=files, port=port, entities=entities, limits=limits, ingress=ingress
+        )
         async with RelayServer(config) as server:
             yield Relay(server, files.ca_file if files else None)
 

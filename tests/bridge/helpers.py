@@ -28,6 +28,7 @@ def make_config(
         base,
         CliOverrides(
             connection_string=relay.connection_string(),
+            ca_file=relay.ca_file,
             local_specs=list(local),
             remote_specs=list(remote),
         ),

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from hybridrelay.bridge.agent import BridgeAgent
-from hybridrelay.bridge.preamble import Mode, encode_preamble
 from hybridrelay.bridge.udp import UdpIngress
 from hybridrelay.client import HybridConnectionClient, SharedAccessKeyTokenProvider
 from hybridrelay.exceptions import ConfigurationError
+from hybridrelay.protocol.azbridge import Mode, encode_preamble
 from tests.bridge.helpers import (
     UdpClient,
     UdpEcho,

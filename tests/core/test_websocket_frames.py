@@ -131,6 +131,7 @@ def test_forwarded_bytes_are_the_same_frames_unmasked(
     rng = random.Random(seed)
     wire = bytearray()
     expected = bytearray()
+    expected_payload = bytearray()
     expected_controls: list[ControlFrame] = []
     for kind, payload, fragments in messages:
         if kind in ("ping", "pong"):
@@ -150,8 +151,15 @@ def test_forwarded_bytes_are_the_same_frames_unmasked(
             last = i == len(parts) - 1
             wire += client_frame(op, part, fin=last, mask=rng.randbytes(4))
             expected += server_frame(op, part, fin=last)
+            expected_payload += part
     out, controls = feed_all(forwarder(), bytes(wire), cuts)
     assert out == bytes(expected)
+    assert controls == expected_controls
+    # The same wire for a byte-stream partner (the relay's TCP ingress): the payloads only.
+    payload_only = forwarder()
+    payload_only.payload_only = True
+    out, controls = feed_all(payload_only, bytes(wire), cuts)
+    assert out == bytes(expected_payload)
     assert controls == expected_controls
 
 

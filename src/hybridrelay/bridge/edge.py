@@ -28,13 +28,13 @@ from hybridrelay.bridge.config import BridgeConfig, RemoteForward
 from hybridrelay.bridge.handshake import read_preamble
 from hybridrelay.bridge.listening import EdgeListener, keep_listening
 from hybridrelay.bridge.pipe import ConnectionGroup, RelayStream, SocketLeg, close_stream, pipe
-from hybridrelay.bridge.preamble import Mode, Preamble, Reply, encode_reply
 from hybridrelay.bridge.specs import Protocol as Transport
 from hybridrelay.bridge.udp import serve_udp_destination
 from hybridrelay.client.backoff import (
     RECONNECT_DELAYS,
 )
 from hybridrelay.exceptions import ProtocolError, RelayError
+from hybridrelay.protocol.azbridge import Mode, Preamble, Reply, encode_reply
 
 __all__ = ["Edge", "EdgeListener", "ListenerFactory"]
 

@@ -7,7 +7,8 @@ preamble still needs, so no payload is consumed by accident.
 from __future__ import annotations
 
 from hybridrelay.bridge.pipe import RelayStream
-from hybridrelay.bridge.preamble import (
+from hybridrelay.exceptions import RelayError
+from hybridrelay.protocol.azbridge import (
     Mode,
     Preamble,
     PreambleDecoder,
@@ -15,7 +16,6 @@ from hybridrelay.bridge.preamble import (
     ReplyDecoder,
     encode_preamble,
 )
-from hybridrelay.exceptions import RelayError
 
 __all__ = ["PreambleRejectedError", "read_preamble", "send_preamble"]
 

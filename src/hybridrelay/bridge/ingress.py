@@ -24,9 +24,9 @@ from typing import Any
 from hybridrelay.bridge.config import BridgeConfig, LocalForward
 from hybridrelay.bridge.handshake import send_preamble
 from hybridrelay.bridge.pipe import ConnectionGroup, RelayStream, SocketLeg, close_stream, pipe
-from hybridrelay.bridge.preamble import Mode
 from hybridrelay.bridge.specs import Protocol
 from hybridrelay.exceptions import ConfigurationError, RelayError
+from hybridrelay.protocol.azbridge import Mode
 
 __all__ = ["Connect", "StreamIngress", "format_address", "peer_host"]
 

@@ -212,6 +212,7 @@ class ClientFrameForwarder:
         "_remaining",
         "_unmask",
         "_utf8",
+        "payload_only",
     )
 
     def __init__(self, unmask: Unmask, *, max_message_size: int) -> None:
@@ -228,6 +229,9 @@ class ClientFrameForwarder:
         self._message_size = 0
         self._utf8: codecs.IncrementalDecoder | None = None
         self._closed = False
+        #: Produce the data frames' payload bytes only, without frame headers: for a leg whose
+        #: partner is a plain byte stream (the relay's own TCP ingress) rather than a WebSocket.
+        self.payload_only = False
 
     @property
     def closed(self) -> bool:
@@ -281,7 +285,7 @@ class ClientFrameForwarder:
                 continue
             # A data frame: its header (if it starts here) and the payload that is here, as one
             # piece unmasked in one pass. The mask is rotated so that it lines up after the header.
-            prefix = len(header)
+            prefix = 0 if self.payload_only else len(header)
             piece = bytearray(prefix)
             piece += view[pos : pos + take]
             if take:
@@ -297,7 +301,8 @@ class ClientFrameForwarder:
                     self._utf8.decode(memoryview(piece)[prefix:], final=frame_done and self._fin)
                 except UnicodeDecodeError:
                     raise FrameError(1007, "text message is not valid UTF-8") from None
-            out.append(piece)
+            if piece:
+                out.append(piece)
             if frame_done:
                 self._remaining = -1
                 if self._fin:

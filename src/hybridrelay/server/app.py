@@ -21,14 +21,15 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 from urllib.parse import quote, unquote
 
 from aiohttp import web
 
 from hybridrelay.auth.cache import AuthCache
 from hybridrelay.auth.sas import AuthDecision, AuthorizationRule, Rights
-from hybridrelay.exceptions import ProtocolError, RelayConnectionError
+from hybridrelay.exceptions import ConfigurationError, ProtocolError, RelayConnectionError
 from hybridrelay.protocol.addressing import (
     HC_PREFIX,
     build_relay_url,
@@ -45,6 +46,7 @@ from hybridrelay.protocol.messages import (
 )
 from hybridrelay.protocol.websocket import HandshakeError, handshake_headers
 from hybridrelay.server.config import HybridConnectionConfig, RelayConfig
+from hybridrelay.server.ingress import RelayIngress
 from hybridrelay.server.ratelimit import FailureLimiter
 from hybridrelay.server.registry import ControlChannel, InMemoryListenerRegistry, ListenerRegistry
 from hybridrelay.server.rendezvous import (
@@ -52,6 +54,7 @@ from hybridrelay.server.rendezvous import (
     PendingRendezvous,
     Rejection,
     RendezvousTable,
+    Unanswered,
 )
 from hybridrelay.server.runtime_info import (
     error_xml,
@@ -61,7 +64,7 @@ from hybridrelay.server.runtime_info import (
 from hybridrelay.server.store import EntityStore, InMemoryEntityStore
 from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
 from hybridrelay.transport.base import CloseCode, MessageKind
-from hybridrelay.transport.splice import SpliceLeg, take_over
+from hybridrelay.transport.splice import RawLeg, SpliceLeg, take_over
 
 __all__ = ["RelayServer"]
 
@@ -146,7 +149,7 @@ class RelayServer:
         self._loaded_at = datetime.datetime.now(datetime.UTC)
         #: Legs of relayed connections (senders' and listeners' rendezvous sockets), for the
         #: ordered shutdown.
-        self._legs: set[SpliceLeg] = set()
+        self._legs: set[SpliceLeg | RawLeg] = set()
         self._legs_gone = asyncio.Event()
         self._runner: web.ServerRunner | None = None
         self._port = 0
@@ -157,6 +160,8 @@ class RelayServer:
         from hybridrelay.server.http_relay import HttpRelay
 
         self.http = HttpRelay(self)
+        #: The relay's own TCP ports (``ingress:``).
+        self.ingress = [RelayIngress(self, entry) for entry in config.ingress]
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -168,8 +173,6 @@ class RelayServer:
         try:
             context.load_cert_chain(tls.cert, tls.key)
         except (OSError, ssl.SSLError) as exc:
-            from hybridrelay.exceptions import ConfigurationError
-
             raise ConfigurationError(f"cannot load TLS certificate/key: {exc}") from exc
         return context
 
@@ -195,14 +198,24 @@ class RelayServer:
         sockets = list(getattr(listening, "sockets", ()))
         self._port = int(sockets[0].getsockname()[1])
         logger.info("relay listening on %s", self.base_url)
+        for ingress in self.ingress:
+            try:
+                await ingress.start()
+            except OSError as exc:
+                await self.aclose()
+                raise ConfigurationError(
+                    f"ingress {ingress.config.label}: cannot listen: {exc.strerror or exc}"
+                ) from exc
 
     async def aclose(self) -> None:
         """Stop accepting, close control channels (1001), end spliced connections, stop."""
         if self._closing:
             await self._closed.wait()
             return
-        # 1. New requests are answered 503 from here on (see _dispatch).
+        # 1. New requests are answered 503 from here on (see _dispatch); the ingress ports
+        #    stop accepting and reset the connections that have no listener yet.
         self._closing = True
+        await asyncio.gather(*(ingress.aclose() for ingress in self.ingress))
         # 2. Listeners learn at once (1001) and stop being offered senders.
         channels = list(self.registry.all())
         for channel in channels:
@@ -464,23 +477,57 @@ class RelayServer:
         except HandshakeError as exc:
             return error_response(exc.status, str(exc))
         connection_id = params.get("sb-hc-id") or tracking_id()
-        candidates = self.registry.candidates(entity.name)
-        if not candidates:
-            return error_response(404, "There are no listeners connected for the endpoint.")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _PRIVATE_HEADERS}
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        async with self.listener_rendezvous(
+            entity, connection_id, headers=headers, peer=peer, suffix=suffix, raw_query=raw_query
+        ) as (pending, outcome):
+            if isinstance(outcome, Unanswered):
+                return error_response(outcome.status, outcome.description)
+            assert pending is not None
+            return await self._rendezvous_sender(request, entity, connection_id, pending, outcome)
+
+    @contextlib.asynccontextmanager
+    async def listener_rendezvous(
+        self,
+        entity: HybridConnectionConfig,
+        connection_id: str,
+        *,
+        headers: dict[str, str],
+        peer: Any,
+        suffix: str = "",
+        raw_query: str = "",
+    ) -> AsyncIterator[tuple[PendingRendezvous | None, Accepted | Rejection | Unanswered]]:
+        """Offer a new connection to a listener of ``entity`` and wait for its answer.
+
+        Yields the pending rendezvous and the outcome: :class:`Accepted` (the listener's leg
+        is ``pending.splice.listener``: join the sender's leg to it before leaving the block),
+        the listener's :class:`Rejection`, or :class:`Unanswered` (no listener, too many
+        pending connections, or no answer within the rendezvous timeout). On leaving, the
+        rendezvous is forgotten and a listener leg that was not joined is closed.
+        """
+        if not self.registry.candidates(entity.name):
+            yield None, Unanswered(404, "There are no listeners connected for the endpoint.")
+            return
         pending = self._rendezvous.create(connection_id, entity.name)
         if pending is None:
-            return error_response(503, "Too many pending connections; try again later.")
+            yield None, Unanswered(503, "Too many pending connections; try again later.")
+            return
         try:
             offer = functools.partial(
-                self._offer, request, entity, suffix, raw_query, connection_id, pending
+                self._offer, entity, suffix, raw_query, headers, peer, connection_id, pending
             )
-            channel = await offer(candidates)
+            channel = await offer(self.registry.candidates(entity.name))
             if channel is None:
-                return error_response(404, "There are no listeners connected for the endpoint.")
-            outcome = await self._await_listener(entity, pending, channel, offer)
-            if outcome is None:
-                return error_response(504, "The listener did not accept the connection in time.")
-            return await self._rendezvous_sender(request, entity, connection_id, pending, outcome)
+                outcome: Accepted | Rejection | Unanswered = Unanswered(
+                    404, "There are no listeners connected for the endpoint."
+                )
+            else:
+                answer = await self._await_listener(entity, pending, channel, offer)
+                outcome = answer or Unanswered(
+                    504, "The listener did not accept the connection in time."
+                )
+            yield pending, outcome
         finally:
             self._rendezvous.discard(pending)
             if not pending.outcome.done():
@@ -489,21 +536,20 @@ class RelayServer:
 
     async def _offer(
         self,
-        request: web.BaseRequest,
         entity: HybridConnectionConfig,
         suffix: str,
         raw_query: str,
+        headers: dict[str, str],
+        peer: Any,
         connection_id: str,
         pending: PendingRendezvous,
         candidates: Sequence[ControlChannel],
     ) -> ControlChannel | None:
         """Send the ``accept`` to one usable listener; the one that took it, or None.
 
-        A method of its own so that the accept message and the copied headers are garbage
-        once it returns, not held for the connection's lifetime.
+        A method of its own so that the accept message is garbage once it returns, not held
+        for the connection's lifetime.
         """
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _PRIVATE_HEADERS}
-        peer = request.transport.get_extra_info("peername") if request.transport else None
         texts: dict[str, str] = {}
 
         def accept_text(base_url: str) -> str:
@@ -520,7 +566,9 @@ class RelayServer:
                     address=address,
                     id=connection_id,
                     connect_headers=headers,
-                    remote_endpoint=RemoteEndpoint(str(peer[0]), int(peer[1])) if peer else None,
+                    remote_endpoint=RemoteEndpoint(str(peer[0]), int(peer[1]))
+                    if isinstance(peer, tuple) and len(peer) >= 2
+                    else None,
                 )
                 texts[base_url] = encode_message(accept)
             return texts[base_url]
@@ -589,20 +637,21 @@ class RelayServer:
             outcome.subprotocol,
             max_message_size=self.config.limits.max_message_size,
             name=f"{connection_id} on {entity.name!r} (sender)",
-            on_lost=self._leg_lost,
+            on_lost=self.leg_lost,
         )
         if sender is None:
             return response  # the finally of _handle_connect closes the listener's leg
-        self._track(sender)
+        self.track_leg(sender)
         splice.join(sender)
         return response
 
-    def _track(self, leg: SpliceLeg) -> None:
-        """Legs live on after their aiohttp handler returned; they are tracked for shutdown."""
+    def track_leg(self, leg: SpliceLeg | RawLeg) -> None:
+        """Legs live on after their aiohttp handler returned; they are tracked for shutdown.
+        ``leg_lost`` must be the leg's ``on_lost``."""
         self._legs.add(leg)
         self._legs_gone.clear()
 
-    def _leg_lost(self, leg: SpliceLeg) -> None:
+    def leg_lost(self, leg: SpliceLeg | RawLeg) -> None:
         self._legs.discard(leg)
         if not self._legs:
             self._legs_gone.set()
@@ -645,14 +694,14 @@ class RelayServer:
             subprotocol,
             max_message_size=self.config.limits.max_message_size,
             name=f"{pending.id} on {pending.entity!r} (listener)",
-            on_lost=self._leg_lost,
+            on_lost=self.leg_lost,
             response_headers=headers,
         )
         if listener is None:
             if not pending.outcome.done():
                 pending.outcome.set_result(Rejection(502, "The listener's upgrade failed."))
             return response
-        self._track(listener)
+        self.track_leg(listener)
         if pending.outcome.done():  # the sender gave up meanwhile
             listener.close_now(CloseCode.GOING_AWAY, "sender went away")
         else:

@@ -19,6 +19,7 @@ from hybridrelay.exceptions import ConfigurationError
 
 __all__ = [
     "HybridConnectionConfig",
+    "IngressConfig",
     "LimitsConfig",
     "RelayConfig",
     "ServerSettings",
@@ -71,6 +72,41 @@ class HybridConnectionConfig:
 
 
 @dataclass(frozen=True)
+class IngressConfig:
+    """A TCP port the relay itself listens on, carried to a hybrid connection's listener.
+
+    The relay plays the sender: each accepted connection is offered to a listener of
+    ``hybrid_connection`` like a sender's connect, and spliced to its rendezvous WebSocket;
+    with ``port_name`` the azbridge preamble selects a logical port at the edge agent.
+    """
+
+    host: str
+    port: int
+    hybrid_connection: str
+    port_name: str | None = None
+    #: Client networks allowed to connect; empty allows every client.
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_connections: int = 10_000
+
+    @property
+    def label(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        name = f"/{self.port_name}" if self.port_name else ""
+        return f"{host}:{self.port}{name} -> {self.hybrid_connection}"
+
+    def allows(self, address: str) -> bool:
+        if not self.allow:
+            return True
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.allow)
+
+
+@dataclass(frozen=True)
 class RelayConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -80,6 +116,8 @@ class RelayConfig:
     hybrid_connections: tuple[HybridConnectionConfig, ...] = ()
     #: Create a hybrid connection when a listener first opens one (the embedded default).
     auto_create_hybrid_connections: bool = False
+    #: Ports the relay listens on itself (``ingress:``), each carried to a hybrid connection.
+    ingress: tuple[IngressConfig, ...] = ()
 
     @classmethod
     def load(cls, path: str | Path) -> RelayConfig:
@@ -105,6 +143,7 @@ class RelayConfig:
         server_doc = reader.section("server")
         namespace_doc = reader.section("namespace")
         limits_doc = reader.section("limits")
+        ingress_docs = reader.items("ingress")
         reader.done()
 
         tls_doc = server_doc.section("tls")
@@ -183,6 +222,7 @@ class RelayConfig:
             )
             item.done()
         namespace_doc.done()
+        ingress = _ingress(ingress_docs, {c.name.lower() for c in connections}, auto_create)
         return cls(
             server=server,
             limits=limits,
@@ -190,6 +230,7 @@ class RelayConfig:
             authorization_rules=rules,
             hybrid_connections=tuple(connections),
             auto_create_hybrid_connections=auto_create,
+            ingress=ingress,
         )
 
 
@@ -209,6 +250,75 @@ def _check_host(host: str) -> None:
             raise ConfigurationError(
                 f"server.host: {host!r} is not an address or host name"
             ) from None
+
+
+def _ingress(
+    items: list[_Reader], configured: set[str], auto_create: bool
+) -> tuple[IngressConfig, ...]:
+    """The ``ingress:`` list: ``listen: "[host:]port"`` (host 127.0.0.1 by default, like the
+    bridge's ``-L``), ``hybrid_connection``, optional ``port_name``, ``allow`` (CIDRs) and
+    ``max_connections``."""
+    result: list[IngressConfig] = []
+    bound: set[tuple[str, int]] = set()
+    for item in items:
+        listen = item.raw("listen", None)
+        if isinstance(listen, int) and not isinstance(listen, bool):
+            listen = str(listen)
+        if not isinstance(listen, str) or not listen.strip():
+            raise ConfigurationError(f'{item.path}.listen: required, as "[host:]port"')
+        host, port = _listen_address(listen.strip(), f"{item.path}.listen")
+        if port != 0 and (host, port) in bound:
+            raise ConfigurationError(f"{item.path}.listen: {listen} is already used above")
+        bound.add((host, port))
+        name = item.string("hybrid_connection", required=True).strip("/")
+        if not name or (name.lower() not in configured and not auto_create):
+            raise ConfigurationError(
+                f"{item.path}.hybrid_connection: {name!r} is not a configured hybrid connection"
+            )
+        port_name = item.string("port_name", None)
+        if port_name is not None and not 0 < len(port_name.encode("utf-8")) <= 255:
+            raise ConfigurationError(f"{item.path}.port_name: 1 to 255 bytes of UTF-8")
+        raw_allow = item.raw("allow", [])
+        if not isinstance(raw_allow, list):
+            raise ConfigurationError(f"{item.path}.allow: expected a list of CIDRs")
+        allow = []
+        for entry in raw_allow:
+            try:
+                allow.append(ipaddress.ip_network(str(entry), strict=False))
+            except ValueError:
+                raise ConfigurationError(
+                    f"{item.path}.allow: {entry!r} is not an address or CIDR"
+                ) from None
+        result.append(
+            IngressConfig(
+                host=host,
+                port=port,
+                hybrid_connection=name,
+                port_name=port_name,
+                allow=tuple(allow),
+                max_connections=item.integer("max_connections", 10_000, low=1, high=10**6),
+            )
+        )
+        item.done()
+    return tuple(result)
+
+
+def _listen_address(text: str, where: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host = "127.0.0.1"
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_text)
+        if not 0 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ConfigurationError(f"{where}: {text!r}: the port must be 0 to 65535") from None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigurationError(f"{where}: {text!r}: the host must be an IP address") from None
+    return host, port
 
 
 def _rules(items: list[_Reader]) -> tuple[AuthorizationRule, ...]:

@@ -15,11 +15,19 @@ from dataclasses import dataclass, field
 
 from hybridrelay.transport.splice import Splice
 
-__all__ = ["Accepted", "PendingRendezvous", "Rejection", "RendezvousTable"]
+__all__ = ["Accepted", "PendingRendezvous", "Rejection", "RendezvousTable", "Unanswered"]
 
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
+    status: int
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unanswered:
+    """No listener took the connection: none online, too many pending, or none in time."""
+
     status: int
     description: str
 

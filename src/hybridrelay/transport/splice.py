@@ -42,19 +42,23 @@ from typing import Any, cast
 from aiohttp import web
 from aiohttp._websocket.helpers import websocket_mask
 
+from hybridrelay.exceptions import ProtocolError
+from hybridrelay.protocol.azbridge import ReplyDecoder
 from hybridrelay.protocol.websocket import (
+    OP_BINARY,
     OP_CLOSE,
     OP_PING,
     OP_PONG,
     ClientFrameForwarder,
     FrameError,
     close_payload,
+    frame_header,
     handshake_headers,
     server_frame,
 )
 from hybridrelay.transport.base import sendable_close_code
 
-__all__ = ["CLOSE_TIMEOUT", "Splice", "SpliceLeg", "take_over"]
+__all__ = ["CLOSE_TIMEOUT", "MAX_RAW_FRAME", "RawLeg", "Splice", "SpliceLeg", "take_over"]
 
 logger = logging.getLogger("hybridrelay.server")
 
@@ -65,6 +69,8 @@ CLOSE_TIMEOUT = 10.0
 #: Below this many bytes, the frames produced by one read are joined into one write.
 _JOIN_BELOW = 64 * 1024
 _RECEIVE_BUFFER_SIZE = 256 * 1024
+#: Largest frame made of one read from a :class:`RawLeg` (what the SDK and azbridge send too).
+MAX_RAW_FRAME = 64 * 1024
 
 
 class _ReceiveBuffer(threading.local):
@@ -93,16 +99,21 @@ class Splice:
     __slots__ = ("joined", "listener", "sender")
 
     def __init__(self) -> None:
-        self.sender: SpliceLeg | None = None
+        self.sender: SpliceLeg | RawLeg | None = None
         self.listener: SpliceLeg | None = None
         self.joined = False
 
-    def join(self, sender: SpliceLeg) -> None:
-        """Start forwarding between ``sender`` and the (already taken over) listener leg."""
+    def join(self, sender: SpliceLeg | RawLeg) -> None:
+        """Start forwarding between ``sender`` and the (already taken over) listener leg.
+
+        ``sender`` is the sender's WebSocket leg, or a plain connection accepted by the relay's
+        own ingress (:class:`RawLeg`): then the listener's data frames reach it as payload only.
+        """
         listener = self.listener
         assert listener is not None and not self.joined
         self.sender = sender
         sender.peer, listener.peer = listener, sender
+        listener.forwarder.payload_only = isinstance(sender, RawLeg)
         self.joined = True
         sender.start()
         listener.start()
@@ -147,7 +158,7 @@ class SpliceLeg(asyncio.BufferedProtocol):
         self.name = name
         self._on_lost = on_lost
         self.forwarder = ClientFrameForwarder(websocket_mask, max_message_size=max_message_size)
-        self.peer: SpliceLeg | None = None
+        self.peer: SpliceLeg | RawLeg | None = None
         self.close_sent = False
         self.close_received = False
         self.lost = False
@@ -291,7 +302,11 @@ class SpliceLeg(asyncio.BufferedProtocol):
             return  # the partner is closing: nothing more may be sent to it
         total = sum(map(len, pieces))
         self.bytes_forwarded += total
-        _write_pieces(peer.transport, pieces, total)
+        peer.write_pieces(pieces, total)
+
+    def write_pieces(self, pieces: list[bytearray], total: int) -> None:
+        """Write what the partner forwards (frames, already unmasked)."""
+        _write_pieces(self.transport, pieces, total)
 
     def _fail(self, code: int, reason: str) -> None:
         """This leg broke the framing rules: close it with ``code``, tell the partner."""
@@ -309,6 +324,209 @@ class SpliceLeg(asyncio.BufferedProtocol):
             return
         if not self.close_received:  # lost without a close frame (1006 -> 1011 on the wire)
             peer.send_close(sendable_close_code(1006), "")
+        peer.expect_close_answer()
+
+
+class RawLeg(asyncio.BufferedProtocol):
+    """A plain TCP or Unix connection accepted by the relay's own ingress, as a splice's sender.
+
+    Bytes read from it go to the listener's leg as binary frames (unmasked: the relay is that
+    WebSocket's server) of at most ``MAX_RAW_FRAME`` bytes, one per read; the listener's data
+    frames come back as their payload only (:attr:`ClientFrameForwarder.payload_only`).
+    Half-close crosses as in the bridge (PROTOCOL.md 5.5): EOF from the connection becomes our
+    close frame (1000) to the listener; the listener's close frame with 1000 becomes
+    ``shutdown(SHUT_WR)``, with any other code a reset (the far side failed); the connection is
+    closed once both directions are done.
+
+    With a ``preamble`` (an azbridge logical port, see :mod:`hybridrelay.protocol.azbridge`),
+    :meth:`start` sends it first, and the listener's first three payload bytes are its reply:
+    only what follows an accepting reply reaches the connection; a refusal resets it. The
+    connection's own bytes are sent behind the preamble at once (the edge keeps what follows
+    the preamble), which saves the reply's round trip before the first byte.
+
+    Created with reading paused (``connection_made``); :meth:`start` (via :meth:`Splice.join`)
+    resumes it.
+    """
+
+    __slots__ = (
+        "_close_timer",
+        "_early",
+        "_on_connected",
+        "_on_lost",
+        "_preamble",
+        "_reply",
+        "_started",
+        "bytes_forwarded",
+        "close_received",
+        "close_sent",
+        "lost",
+        "name",
+        "peer",
+        "peername",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        *,
+        name: str = "",
+        on_connected: Callable[[RawLeg], None] | None = None,
+        on_lost: Callable[[RawLeg], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._on_connected = on_connected
+        self._on_lost = on_lost
+        self.transport: asyncio.Transport = cast(asyncio.Transport, None)
+        self.peername: Any = None
+        self.peer: SpliceLeg | None = None
+        self.close_sent = False  # nothing more is written to the connection (EOF sent, or reset)
+        self.close_received = False  # the connection sent its EOF
+        self.lost = False
+        self.bytes_forwarded = 0
+        self._preamble = b""
+        self._early: list[bytes] = []
+        self._reply: ReplyDecoder | None = None
+        self._started = False
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def set_preamble(self, preamble: bytes) -> None:
+        """Send ``preamble`` before the connection's bytes and expect azbridge's reply."""
+        self._preamble = preamble
+        self._reply = ReplyDecoder()
+
+    def start(self) -> None:
+        self._started = True
+        peer = self.peer
+        assert peer is not None
+        if self._preamble:
+            peer.transport.write(server_frame(OP_BINARY, self._preamble))
+        early, self._early = self._early, []
+        for frame in early:
+            self.bytes_forwarded += len(frame)
+            peer.transport.write(frame)
+        if self.lost:
+            self._tell_partner_gone()
+        elif not self.close_received:
+            self.transport.resume_reading()
+
+    def send_close(self, code: int, reason: str = "") -> None:
+        """The partner ended its direction: half-close (1000) or reset (anything else)."""
+        if self.close_sent or self.lost:
+            return
+        self.close_sent = True
+        if code != 1000 or self._reply is not None:  # failed, or closed without a reply
+            self.transport.abort()
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        if self.close_received:
+            self._drop()
+
+    def close_now(self, code: int, reason: str = "") -> None:
+        self.send_close(code, reason)
+        self._drop()
+
+    def expect_close_answer(self) -> None:
+        """The partner is gone or sends nothing more: nothing this connection sends can go
+        anywhere, so close it (after flushing what is queued)."""
+        self.close_sent = True
+        self._drop()
+
+    def abort(self) -> None:
+        self.close_sent = True
+        if not self.lost and self.transport is not None:
+            self.transport.abort()
+
+    def _drop(self) -> None:
+        if self.lost or self.transport is None:
+            return
+        self.transport.close()
+        if self._close_timer is None:
+            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.abort)
+
+    # -- asyncio protocol callbacks ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # cast, not isinstance: uvloop's transports do not subclass asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()
+        self.peername = transport.get_extra_info("peername")
+        if self._on_connected is not None:
+            self._on_connected(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _receive_buffer.view[:MAX_RAW_FRAME]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        frame = frame_header(True, OP_BINARY, nbytes) + _receive_buffer.view[:nbytes]
+        if not self._started:  # reading is paused until start(); an event loop may differ
+            self._early.append(frame)
+            return
+        peer = self.peer
+        if peer is None or peer.close_sent or peer.lost:
+            return  # the listener is closing: nothing more may be sent to it
+        self.bytes_forwarded += nbytes
+        peer.transport.write(frame)
+
+    def eof_received(self) -> bool:
+        self.close_received = True
+        if self.peer is not None:
+            self.peer.send_close(1000)
+        if self.close_sent:
+            self._drop()
+        return True  # keep the transport open: the other direction may still be flowing
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        if self._started:
+            self._tell_partner_gone()
+        if self._on_lost is not None:
+            self._on_lost(self)
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and not self.peer.lost:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and not self.peer.lost and not self.peer.close_received:
+            self.peer.transport.resume_reading()
+
+    # -- forwarding ----------------------------------------------------------------------------
+
+    def write_pieces(self, pieces: list[bytearray], total: int) -> None:
+        """The listener's payload bytes; the first three answer the preamble."""
+        if self._reply is None:
+            _write_pieces(self.transport, pieces, total)
+            return
+        try:
+            reply = self._reply.feed(b"".join(pieces))
+        except ProtocolError as exc:
+            reply, reason = None, str(exc)
+        else:
+            if reply is None:
+                return  # the reply is not complete yet
+            reason = reply.describe()
+        rest, self._reply = (self._reply.rest, None)
+        if reply is None or not reply.accepted:
+            logger.debug("%s: port refused: %s", self.name, reason)
+            self.abort()
+            if self.peer is not None:
+                self.peer.close_now(1000, "")
+            return
+        if rest:
+            self.transport.write(rest)
+
+    def _tell_partner_gone(self) -> None:
+        peer = self.peer
+        if peer is None:
+            return
+        if not self.close_received:  # reset, or lost before its EOF
+            peer.send_close(1011, "the ingress connection was lost")
         peer.expect_close_answer()
 
 

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hybridrelay.bridge.preamble import (
+from hybridrelay.exceptions import ProtocolError
+from hybridrelay.protocol.azbridge import (
     DatagramDecoder,
     Mode,
     Preamble,
@@ -17,7 +18,6 @@ from hybridrelay.bridge.preamble import (
     encode_preamble,
     encode_reply,
 )
-from hybridrelay.exceptions import ProtocolError
 
 
 def test_encode_preamble_matches_azbridge_bytes() -> None:

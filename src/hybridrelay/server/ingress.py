@@ -1,0 +1,168 @@
+"""The relay's own ingress: TCP ports on the relay, each carried to a hybrid connection.
+
+Azure Relay only accepts WebSockets and HTTP, so with Azure a plain TCP client needs a bridge
+``-L`` in front of it (client -> ingress bridge -> relay -> edge agent). A self-hosted relay
+can listen on the port itself, as frp's ``remotePort`` or rathole's ``bind_addr`` do (PEERS.md
+§6): the relay is then the sender. Each accepted connection is offered to a listener of the
+hybrid connection exactly as a sender's connect is (an ``accept`` on a control channel, the
+listener's rendezvous WebSocket, re-offer when a listener dies), and the connection is spliced
+to that WebSocket as a :class:`~hybridrelay.transport.splice.RawLeg`: one process and one
+WebSocket hop fewer, and nothing changes for the listener (our bridge ``-R``, azbridge, or any
+SDK listener; the ``accept`` carries the client's address as ``remoteEndpoint``).
+
+Who may connect is the operator's configuration (``ingress:`` in the relay's YAML, with an
+allow-list and a connection limit), not a SAS token: the port is as open as its bind address
+and ``allow`` make it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from hybridrelay.protocol.azbridge import Mode, encode_preamble
+from hybridrelay.server.config import IngressConfig
+from hybridrelay.server.rendezvous import Accepted, Rejection
+from hybridrelay.transport.splice import RawLeg
+
+if TYPE_CHECKING:
+    from hybridrelay.server.app import RelayServer
+
+__all__ = ["RelayIngress"]
+
+logger = logging.getLogger("hybridrelay.server")
+
+
+def _format(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return str(address)
+
+
+class RelayIngress:
+    """One ``ingress:`` entry: a listening TCP socket of the relay.
+
+    Each accepted connection gets one short task, owned here, that finds it a listener; once
+    joined, the connection lives on its transports alone (tracked by the server for shutdown)
+    and the task ends.
+    """
+
+    def __init__(self, server: RelayServer, config: IngressConfig) -> None:
+        self.config = config
+        self._relay = server
+        self._server: asyncio.Server | None = None
+        self._legs: set[RawLeg] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: The address actually bound (port 0 resolved), once started.
+        self.address: tuple[str, int] | None = None
+
+    @property
+    def connections(self) -> int:
+        """Connections open or being set up."""
+        return len(self._legs)
+
+    async def start(self) -> None:
+        """Bind and listen.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._new_leg, self.config.host, self.config.port, reuse_address=True, backlog=1024
+        )
+        sockname = self._server.sockets[0].getsockname()
+        self.address = (str(sockname[0]), int(sockname[1]))
+        name = f"/{self.config.port_name}" if self.config.port_name else ""
+        logger.info(
+            "ingress listening on %s%s -> %r",
+            _format(self.address),
+            name,
+            self.config.hybrid_connection,
+        )
+
+    async def aclose(self) -> None:
+        """Stop accepting; connections still looking for a listener are reset. Joined
+        connections are the server's to close (they are among its tracked legs)."""
+        if self._server is not None:
+            self._server.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- per connection --------------------------------------------------------------------
+
+    def _new_leg(self) -> RawLeg:
+        return RawLeg(on_connected=self._accepted, on_lost=self._lost)
+
+    def _accepted(self, leg: RawLeg) -> None:
+        peer = leg.peername
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if host and not self.config.allows(host):
+            logger.warning(
+                "ingress %s: refused %s (not in the allow-list)", self.config.label, _format(peer)
+            )
+            leg.abort()
+            return
+        if len(self._legs) >= self.config.max_connections:
+            logger.warning(
+                "ingress %s: refused %s (max_connections %d reached)",
+                self.config.label,
+                _format(peer),
+                self.config.max_connections,
+            )
+            leg.abort()
+            return
+        self._legs.add(leg)
+        task = asyncio.get_running_loop().create_task(self._connect(leg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _lost(self, leg: RawLeg) -> None:
+        self._legs.discard(leg)
+        if leg.peer is not None:  # joined: the server tracked it
+            self._relay.leg_lost(leg)
+
+    async def _connect(self, leg: RawLeg) -> None:
+        relay = self._relay
+        entity = relay.store.get(self.config.hybrid_connection)
+        if entity is None:
+            self._refuse(leg, "the hybrid connection does not exist (yet)")
+            return
+        connection_id = str(uuid.uuid4())
+        leg.name = f"{connection_id} on {entity.name!r} (ingress {_format(leg.peername)})"
+        try:
+            async with relay.listener_rendezvous(
+                entity, connection_id, headers={}, peer=leg.peername
+            ) as (pending, outcome):
+                if not isinstance(outcome, Accepted):
+                    reason = outcome.description
+                    if isinstance(outcome, Rejection):
+                        reason = f"the listener refused it ({outcome.status} {reason})"
+                    self._refuse(leg, reason)
+                    return
+                assert pending is not None
+                if leg.lost:
+                    return  # the client went away meanwhile; leaving closes the listener's leg
+                if self.config.port_name:
+                    leg.set_preamble(encode_preamble(self.config.port_name, Mode.STREAM))
+                relay.track_leg(leg)
+                pending.splice.join(leg)
+        except BaseException:
+            if leg.peer is None:
+                leg.abort()
+            raise
+        logger.debug("%s: relayed", leg.name)
+
+    def _refuse(self, leg: RawLeg, reason: str) -> None:
+        logger.warning(
+            "ingress %s: connection from %s reset: %s",
+            self.config.label,
+            _format(leg.peername),
+            reason,
+        )
+        leg.abort()
