@@ -16,6 +16,8 @@ __all__ = ["medians", "render_plot", "render_table"]
 #: Paths in the order of the table's columns.
 ORDER = ALL_TOPOLOGIES
 OURS = "hybridrelay"
+#: The same relay and agent with the relay's own ingress port: 2 processes, like wstunnel.
+OURS_INGRESS = "hybridrelay-ingress"
 PEERS = ("socat", "socat-chain", "socat-chain-tls", "websockify", "wstunnel")
 #: The path a peer's "× ours" is against (default :data:`OURS`): the TLS ceiling vs our TLS path.
 OURS_FOR = {"socat-chain-tls": "hybridrelay-tls"}
@@ -282,11 +284,11 @@ def render_targets(med: Medians) -> list[str]:
     c = get("hybridrelay", "connrate", "conns_per_s")
     if c is not None:
         line("≥ 1,000 new tunneled conns/s", f"{c:,.0f}/s", c >= 1000)
-    for peer in ("websockify", "wstunnel"):
+    for ours, peer in [(o, p) for o in (OURS, OURS_INGRESS) for p in ("websockify", "wstunnel")]:
         behind = []
         compared = 0
         for row in ROWS:
-            o, v = row.value(med, OURS), row.value(med, peer)
+            o, v = row.value(med, ours), row.value(med, peer)
             if o is None or v is None or row.mode in ("idle",):
                 continue
             if row.label.startswith("(7)") or "held open" in row.label:
@@ -296,7 +298,7 @@ def render_targets(med: Medians) -> list[str]:
                 behind.append(row.label)
         if compared:
             line(
-                f"ahead of {peer} on every scenario it can run",
+                f"`{ours}` ahead of {peer} on every scenario it can run",
                 f"behind on {len(behind)}/{compared}: " + "; ".join(behind)
                 if behind
                 else f"ahead on {compared}/{compared}",
@@ -332,6 +334,8 @@ def render_plot(records: list[dict[str, Any]], path: Path) -> str:
         "direct": "#999999",
         "hybridrelay": "#1f77b4",
         "hybridrelay-tls": "#0b3d6b",
+        "hybridrelay-ingress": "#6baed6",
+        "hybridrelay-ingress-tls": "#3182bd",
         "socat": "#2ca02c",
         "socat-chain": "#74c476",
         "socat-chain-tls": "#006d2c",

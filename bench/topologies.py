@@ -2,7 +2,9 @@
 
 Every path ends at the same :mod:`bench.dest` process. ``direct`` is the destination itself;
 ``hybridrelay`` and ``hybridrelay-tls`` are the full pattern (ingress ``-L`` -> relay -> edge
-agent ``-R`` -> destination) as three processes; the peers are socat (one raw TCP hop),
+agent ``-R`` -> destination) as three processes; ``hybridrelay-ingress[-tls]`` is the same with
+the relay's own ingress port (``ingress:`` in its config) instead of the ``-L`` bridge: client
+-> relay -> edge agent -> destination, two processes like wstunnel; the peers are socat (one raw TCP hop),
 ``socat-chain`` / ``socat-chain-tls`` (the ceiling: three socat processes with the same hops as
 ours, client -> A -> B -> C -> destination, the two middle legs TLS in the ``-tls`` variant),
 websockify (a WebSocket-to-TCP server: the load generator speaks WebSocket to it, so it is one
@@ -48,6 +50,8 @@ ALL_TOPOLOGIES = [
     "direct",
     "hybridrelay",
     "hybridrelay-tls",
+    "hybridrelay-ingress",
+    "hybridrelay-ingress-tls",
     "socat",
     "socat-chain",
     "socat-chain-tls",
@@ -64,6 +68,9 @@ MODES: dict[str, set[str]] = {
     "direct": _ALL_MODES | {"http"},
     "hybridrelay": _ALL_MODES | {"http"},
     "hybridrelay-tls": _ALL_MODES | {"http"},
+    # The relay's own ingress port: the same relay and agent; HTTP relaying is not a TCP path.
+    "hybridrelay-ingress": _ALL_MODES,
+    "hybridrelay-ingress-tls": _ALL_MODES,
     "socat": _ALL_MODES,
     "socat-chain": _ALL_MODES,
     "socat-chain-tls": _ALL_MODES,
@@ -159,7 +166,9 @@ def _tls_files(workdir: Path) -> tuple[Path, Path, Path]:
     return cert_path, key_path, ca_path
 
 
-def _relay_config(workdir: Path, key: str, tls: tuple[Path, Path] | None) -> Path:
+def _relay_config(
+    workdir: Path, key: str, tls: tuple[Path, Path] | None, *, ingress: bool = False
+) -> Path:
     server = (
         f"  tls: {{cert: {tls[0]}, key: {tls[1]}}}\n" if tls is not None else "  plaintext: true\n"
     )
@@ -167,6 +176,12 @@ def _relay_config(workdir: Path, key: str, tls: tuple[Path, Path] | None) -> Pat
         "server:\n  host: 127.0.0.1\n  port: 0\n"
         + server
         + "limits:\n  max_pending_rendezvous: 20000\n"
+        + (
+            f'ingress:\n  - {{listen: "127.0.0.1:0", hybrid_connection: {HC}, '
+            "max_connections: 20000}\n"
+            if ingress
+            else ""
+        )
         + "namespace:\n  authorization_rules:\n"
         + f'    - {{name: {KEY_NAME}, primary_key: "{key}", rights: [Listen, Send, Manage]}}\n'
         + "  hybrid_connections:\n"
@@ -285,16 +300,22 @@ def start_topology(
         return topo
     if name.startswith("hybridrelay"):
         tls = name.endswith("-tls")
+        own_ingress = name.startswith("hybridrelay-ingress")
         key = base64.b64encode(os.urandom(32)).decode()
         ca: Path | None = None
         tls_pair: tuple[Path, Path] | None = None
         if tls:
             cert, pkey, ca = _tls_files(workdir)
             tls_pair = (cert, pkey)
-        config = _relay_config(workdir, key, tls_pair)
+        config = _relay_config(workdir, key, tls_pair, ingress=own_ingress)
         exe = _hybridrelay_exe()
         relay = procs.start("relay", [exe, "serve", "--config", str(config)], cpus=cpus.relay)
         m = relay.wait_line(r"relay listening on (wss?)://127\.0\.0\.1:(\d+)")
+        ingress_port = (
+            int(relay.wait_line(r"ingress listening on 127\.0\.0\.1:(\d+)").group(1))
+            if own_ingress
+            else 0
+        )
         scheme = "sb" if m.group(1) == "wss" else "ws"
         cs = f"Endpoint={scheme}://127.0.0.1:{m.group(2)}/;SharedAccessKeyName={KEY_NAME};SharedAccessKey={key}"
         bridge = _bridge_command()
@@ -315,6 +336,13 @@ def start_topology(
             http_scheme = "https" if tls else "http"
             topo.http_url = f"{http_scheme}://127.0.0.1:{m.group(2)}/{HTTP_HC}/x"
             topo.http_headers = [f"ServiceBusAuthorization: {_http_token(key)}"]
+        if own_ingress:
+            topo.port = ingress_port
+            topo.roles = {"relay": relay, "agent": agent}
+            topo.note = "the relay's own TCP port (2 processes)" + (
+                "; TLS (wss://) on the agent's leg" if tls else ""
+            )
+            return topo
         ingress_cfg = _bridge_config(
             workdir, f"ingress-{name}", cs, ca, f'local_forwards: ["127.0.0.1:0:{HC}"]'
         )

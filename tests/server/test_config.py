@@ -36,6 +36,9 @@ def test_full_example_values() -> None:
     assert orders.authorization_rules[0].rights == Rights.LISTEN
     webhooks = config.hybrid_connections[2]
     assert not webhooks.requires_client_authorization and webhooks.http_response_timeout == 120
+    (plc,) = config.ingress
+    assert (plc.host, plc.port, plc.hybrid_connection) == ("0.0.0.0", 5020, "plant/line-1/plc")
+    assert plc.allows("198.51.100.7") and not plc.allows("192.0.2.1")
     assert "REPLACE-ME" not in repr(config)
 
 
