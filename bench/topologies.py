@@ -2,14 +2,14 @@
 
 Every path ends at the same :mod:`bench.dest` process. ``direct`` is the destination itself;
 ``hybridrelay`` and ``hybridrelay-tls`` are the full pattern (ingress ``-L`` -> relay -> edge
-agent ``-R`` -> destination) as three processes; ``hybridrelay-ingress[-tls]`` is the same with
-the relay's own ingress port (``ingress:`` in its config) instead of the ``-L`` bridge: client
--> relay -> edge agent -> destination, two processes like wstunnel; the peers are socat (one
-raw TCP hop), ``socat-chain`` / ``socat-chain-tls`` (the ceiling: three socat processes with the same hops as
-ours, client -> A -> B -> C -> destination, the two middle legs TLS in the ``-tls`` variant),
-websockify (a WebSocket-to-TCP server: the load generator speaks WebSocket to it, so it is one
-hop *fewer* than our pattern) and the npm ``wstunnel`` (a TCP -> WebSocket -> TCP tunnel, two
-processes).
+agent ``-R`` -> destination) as three processes; ``hybridrelay-ingress[-tls]`` is the same
+with the relay's own ingress port (``ingress:`` in its config) instead of the ``-L`` bridge:
+client -> relay -> edge agent -> destination, two processes like wstunnel. The peers are socat
+(one raw TCP hop), ``socat-chain`` / ``socat-chain-tls`` (the ceiling: three socat processes
+with the same hops as ours, client -> A -> B -> C -> destination, the two middle legs TLS in
+the ``-tls`` variant), websockify (a WebSocket-to-TCP server: the load generator speaks
+WebSocket to it, so it is one hop *fewer* than our pattern) and the npm ``wstunnel`` (a TCP ->
+WebSocket -> TCP tunnel, two processes).
 
 Scenario (6), HTTP relaying, uses its own upstream (:mod:`bench.httpdest`): ``direct`` is that
 server itself; on ``hybridrelay``/``hybridrelay-tls`` the edge agent also runs
