@@ -18,9 +18,9 @@ from hybridrelay.protocol.websocket import (
     OP_PING,
     OP_PONG,
     OP_TEXT,
-    ClientFrameForwarder,
     ControlFrame,
     FrameError,
+    FrameForwarder,
     HandshakeError,
     close_payload,
     frame_header,
@@ -32,12 +32,12 @@ from hybridrelay.protocol.websocket import (
 from tests.wsframes import client_frame
 
 
-def forwarder(max_message_size: int = 1 << 30) -> ClientFrameForwarder:
-    return ClientFrameForwarder(websocket_mask, max_message_size=max_message_size)
+def forwarder(max_message_size: int = 1 << 30) -> FrameForwarder:
+    return FrameForwarder(websocket_mask, max_message_size=max_message_size)
 
 
 def feed_all(
-    fwd: ClientFrameForwarder, data: bytes, cuts: list[int] | None = None
+    fwd: FrameForwarder, data: bytes, cuts: list[int] | None = None
 ) -> tuple[bytes, list[ControlFrame]]:
     points = sorted({c for c in (cuts or []) if 0 < c < len(data)})
     out = bytearray()

@@ -16,6 +16,13 @@ code other than 1000 (the other bridge could not reach its destination, or its s
 reset) resets our socket instead, so the client sees the failure promptly.
 
 Only the connect and close steps are timed; data may be idle for as long as the ends like.
+
+When the stream's socket can be attached (:meth:`HybridConnectionStream.attach`, our own client
+socket: DECISIONS D11), the pump is :class:`Splice` instead of the two tasks: the socket's
+``data_received`` writes to the stream with ``write_nowait`` and the stream's sink writes to the
+socket, both in the event loop's read callbacks; flow control pauses *reading* on one side when
+the other side's write buffer is above its mark. Same half-close, same byte counts, same close
+codes as the task pump, which stays for streams that cannot be attached (through a proxy).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, cast
 
+from hybridrelay.client import SpliceSocket, StreamSink
 from hybridrelay.exceptions import RelayError
 
 __all__ = [
@@ -40,6 +48,7 @@ __all__ = [
     "PipeStats",
     "RelayStream",
     "SocketLeg",
+    "Splice",
     "close_stream",
     "pipe",
 ]
@@ -71,6 +80,8 @@ class RelayStream(Protocol):
     async def write_eof(self) -> None: ...
 
     async def aclose(self, code: int = ..., reason: str = ...) -> None: ...
+
+    def attach(self, sink: StreamSink) -> SpliceSocket | None: ...
 
 
 class PeerAbortedError(Exception):
@@ -110,6 +121,7 @@ class SocketLeg(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._writable = asyncio.Event()
         self._writable.set()
+        self._splice: Splice | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- asyncio.Protocol callbacks ----------------------------------------------------------
@@ -123,6 +135,9 @@ class SocketLeg(asyncio.Protocol):
             self._on_connected(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._splice is not None:
+            self._splice.from_socket(data)
+            return
         self._buffer.append(data)
         self._buffered += len(data)
         if self._buffered >= self._high and not self._reading_paused and self.transport:
@@ -132,6 +147,8 @@ class SocketLeg(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._eof = True
+        if self._splice is not None:
+            self._splice.socket_eof()
         self._wake()
         return True  # keep the transport open: we may still send (half-close)
 
@@ -140,14 +157,38 @@ class SocketLeg(asyncio.Protocol):
         self._lost_exc = exc
         self._writable.set()
         self._wake()
+        if self._splice is not None:
+            self._splice.socket_lost(exc)
         if not self.closed.done():
             self.closed.set_result(None)
 
     def pause_writing(self) -> None:
         self._writable.clear()
+        if self._splice is not None:
+            self._splice.socket_full()
 
     def resume_writing(self) -> None:
         self._writable.set()
+        if self._splice is not None:
+            self._splice.socket_drained()
+
+    def forward_to(self, splice: Splice) -> None:
+        """From now on hand everything that arrives to ``splice`` (what was buffered first)."""
+        self._splice = splice
+        if self._buffer:
+            data = b"".join(self._buffer)
+            self._buffer.clear()
+            self._buffered = 0
+            splice.from_socket(data)
+        if self._eof:
+            splice.socket_eof()
+        elif self._lost:
+            splice.socket_lost(self._lost_exc)
+        elif self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        if not self._writable.is_set():
+            splice.socket_full()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -251,12 +292,7 @@ async def _upstream(leg: SocketLeg, stream: RelayStream, stats: PipeStats) -> No
     await stream.write_eof()
 
 
-async def _downstream(
-    leg: SocketLeg, stream: RelayStream, stats: PipeStats, initial: bytes
-) -> None:
-    if initial:
-        await leg.write(initial)
-        stats.bytes_down += len(initial)
+async def _downstream(leg: SocketLeg, stream: RelayStream, stats: PipeStats) -> None:
     while data := await stream.read(READ_CHUNK):
         await leg.write(data)
         stats.bytes_down += len(data)
@@ -284,11 +320,20 @@ async def pipe(
         The byte counts; ``error`` says why the connection ended early, if it did.
     """
     stats = PipeStats()
+    if initial and leg.transport is not None and not leg.transport.is_closing():
+        # Written at once (it is already in memory), so that it goes out before whatever
+        # attach() delivers; the socket's flow control applies from here on.
+        leg.transport.write(initial)
+        stats.bytes_down += len(initial)
+    splice = Splice(leg, stats)
+    socket = stream.attach(splice)
+    if socket is not None:
+        return await splice.run(stream, socket, close_timeout)
     clean = False
     try:
         async with asyncio.TaskGroup() as group:
             group.create_task(_upstream(leg, stream, stats))
-            group.create_task(_downstream(leg, stream, stats, initial))
+            group.create_task(_downstream(leg, stream, stats))
         clean = True
     except* PeerAbortedError as errors:
         stats.error = str(errors.exceptions[0])
@@ -303,6 +348,110 @@ async def pipe(
             leg.abort()
             await close_stream(stream, 1011, "forwarded socket failed", close_timeout)
     return stats
+
+
+class Splice:
+    """Both directions of one connection by callback: the socket (a :class:`SocketLeg` in
+    forwarding mode) and the stream's attached socket (this is its :class:`StreamSink`).
+
+    ``done`` resolves when both directions ended cleanly (the socket's EOF went out as our
+    close frame 1000, the peer's close frame 1000 came in as ``write_eof``), or at the first
+    failure (``error`` says which).
+    """
+
+    def __init__(self, leg: SocketLeg, stats: PipeStats) -> None:
+        self._leg = leg
+        self._stats = stats
+        self._socket: SpliceSocket | None = None
+        self._up_done = False
+        self._down_done = False
+        self.error: str | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def run(
+        self, stream: RelayStream, socket: SpliceSocket, close_timeout: float
+    ) -> PipeStats:
+        """Forward until ``done``, then close both ends (as :func:`pipe` does)."""
+        self._socket = socket
+        leg = self._leg
+        clean = False
+        try:
+            leg.forward_to(self)
+            await self.done  # no timeout: data may be idle for as long as the ends like
+            clean = self.error is None
+        finally:
+            self._stats.error = self.error
+            if clean:
+                await leg.aclose(close_timeout)
+                await close_stream(stream, 1000, "", close_timeout)
+            else:
+                leg.abort()
+                await close_stream(stream, 1011, "forwarded socket failed", close_timeout)
+        return self._stats
+
+    def _finish(self, error: str | None = None) -> None:
+        if self.done.done():
+            return
+        if error is not None:
+            self.error = error
+            self.done.set_result(None)
+        elif self._up_done and self._down_done:
+            self.done.set_result(None)
+
+    # -- StreamSink: what the stream delivers ---------------------------------------------------
+
+    def on_data(self, data: bytes | bytearray) -> None:
+        transport = self._leg.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+            self._stats.bytes_down += len(data)
+
+    def on_close(self, code: int, reason: str) -> None:
+        if self._down_done:
+            return
+        self._down_done = True
+        if code == 1000:
+            self._leg.write_eof()
+            self._finish()
+        elif code == 1006:
+            self._finish("RelayConnectionError: the connection was lost without a close frame")
+        else:
+            self._finish(str(PeerAbortedError(code)))
+
+    def on_pause(self) -> None:
+        if self._leg.transport is not None:
+            self._leg.transport.pause_reading()
+
+    def on_resume(self) -> None:
+        if self._leg.transport is not None and not self._up_done:
+            self._leg.transport.resume_reading()
+
+    # -- what the socket delivers ----------------------------------------------------------------
+
+    def from_socket(self, data: bytes) -> None:
+        if self._socket is not None and not self._up_done:
+            self._socket.write_nowait(data)
+            self._stats.bytes_up += len(data)
+
+    def socket_eof(self) -> None:
+        if self._up_done or self._socket is None:
+            return
+        self._up_done = True
+        self._socket.close_nowait(1000)
+        self._finish()
+
+    def socket_lost(self, exc: BaseException | None) -> None:
+        if not self._up_done:
+            self._up_done = True
+            self._finish(f"ConnectionResetError: the socket was lost: {exc or 'closed'}")
+
+    def socket_full(self) -> None:
+        if self._socket is not None:
+            self._socket.pause_reading()
+
+    def socket_drained(self) -> None:
+        if self._socket is not None and not self._down_done:
+            self._socket.resume_reading()
 
 
 class ConnectionGroup:

@@ -17,6 +17,7 @@ from hybridrelay.client.tokens import (
     SharedAccessSignatureTokenProvider,
     TokenProvider,
 )
+from hybridrelay.transport.base import SpliceSocket, StreamSink
 
 __all__ = [
     "AcceptContext",
@@ -29,6 +30,8 @@ __all__ = [
     "RequestHandler",
     "SharedAccessKeyTokenProvider",
     "SharedAccessSignatureTokenProvider",
+    "SpliceSocket",
+    "StreamSink",
     "TokenProvider",
     "build_ssl_context",
 ]

@@ -46,6 +46,7 @@ from hybridrelay.exceptions import (
     http_error,
 )
 from hybridrelay.protocol.connection_string import ConnectionString
+from hybridrelay.transport import frames_ws
 from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
 from hybridrelay.transport.base import FragmentSocket, MessageSocket
 
@@ -70,35 +71,47 @@ CONTROL_MAX_MESSAGE = 4 * 64 * 1024
 STREAM_MAX_MESSAGE = 16 * 1024 * 1024
 
 
-#: The environment variable that selects the WebSocket client: ``aiohttp`` (default) or
+#: The environment variable that selects the WebSocket client of sender and rendezvous
+#: sockets: ``frames`` (ours, :mod:`hybridrelay.transport.frames_ws`), ``aiohttp`` or
 #: ``picows``.
 WS_CLIENT_ENV = "HYBRIDRELAY_WS_CLIENT"
+DEFAULT_WS_CLIENT = "aiohttp"
 _ws_client: str | None = None
 
 
 def ws_client() -> str:
-    """``"picows"`` or ``"aiohttp"``: the client library for rendezvous and sender sockets.
+    """``"frames"``, ``"aiohttp"`` or ``"picows"``: the client for rendezvous and sender
+    sockets.
 
     ``HYBRIDRELAY_WS_CLIENT`` is read once per process; asking for picows without picows
-    installed (or with an unknown value) logs one warning and gives aiohttp.
+    installed (or with an unknown value) logs one warning and gives the default.
     """
     global _ws_client
     if _ws_client is None:
-        wanted = os.environ.get(WS_CLIENT_ENV, "aiohttp").strip().lower() or "aiohttp"
-        chosen = "aiohttp"
-        if wanted == "picows":
+        wanted = os.environ.get(WS_CLIENT_ENV, DEFAULT_WS_CLIENT).strip().lower()
+        wanted = wanted or DEFAULT_WS_CLIENT
+        chosen = DEFAULT_WS_CLIENT
+        if wanted in ("frames", "aiohttp"):
+            chosen = wanted
+        elif wanted == "picows":
             try:
                 import hybridrelay.transport.picows_ws  # noqa: F401
             except ImportError:
                 logger.warning(
                     "%s=picows but picows is not installed (pip install hybridrelay[fast]); "
-                    "using aiohttp",
+                    "using %s",
                     WS_CLIENT_ENV,
+                    DEFAULT_WS_CLIENT,
                 )
             else:
                 chosen = "picows"
-        elif wanted != "aiohttp":
-            logger.warning("%s=%r is not aiohttp or picows; using aiohttp", WS_CLIENT_ENV, wanted)
+        else:
+            logger.warning(
+                "%s=%r is not frames, aiohttp or picows; using %s",
+                WS_CLIENT_ENV,
+                wanted,
+                DEFAULT_WS_CLIENT,
+            )
         _ws_client = chosen
     return _ws_client
 
@@ -270,6 +283,17 @@ class WebSocketConnector:
         if self._closed:
             raise RelayConnectionError("the connection factory is closed")
         proxy, proxy_headers = self._proxy_for(url)
+        if heartbeat is None and proxy is None and ws_client() == "frames":
+            own = await frames_ws.connect(
+                url,
+                ssl_context=self._ssl,
+                connect_timeout=connect_timeout,
+                headers=dict(headers or {}),
+                protocols=tuple(protocols),
+                max_message_size=max_msg_size,
+            )
+            self._live.add(own)
+            return own
         if heartbeat is None and proxy is None and ws_client() == "picows":
             from hybridrelay.transport import picows_ws
 

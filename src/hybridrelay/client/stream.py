@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 from hybridrelay.exceptions import RelayConnectionError, StreamClosedError
-from hybridrelay.transport.base import MessageKind, MessageSocket
+from hybridrelay.transport.base import MessageKind, MessageSocket, SpliceSocket, StreamSink
 
 __all__ = ["MAX_WRITE_MESSAGE", "HybridConnectionStream"]
 
@@ -180,6 +180,36 @@ class HybridConnectionStream:
         self._check_open()
         if self._socket.close_sent:
             raise StreamClosedError("write_eof() was called: this side cannot send any more")
+
+    def attach(self, sink: StreamSink) -> SpliceSocket | None:
+        """Hand what arrives on this stream to ``sink`` by callback, and return the socket to
+        write to without awaiting (``write_nowait``, ``close_nowait``, flow control): how the
+        bridge forwards a TCP socket with no task per direction.
+
+        Bytes left over by a partial :meth:`read` (and the peer's close, if it was read) go to
+        the sink first. After this, :meth:`read`, :meth:`receive_message`, :meth:`write` and
+        :meth:`send_message` must not be used; :meth:`aclose` still ends the stream (it waits,
+        bounded, for the peer's close frame). None when the socket underneath cannot do this
+        (aiohttp, picows: connections through a proxy, or another ``HYBRIDRELAY_WS_CLIENT``);
+        then nothing changed and the stream is used as before.
+
+        Raises:
+            StreamClosedError: after :meth:`aclose`.
+            RuntimeError: a read or write is in progress in another task.
+        """
+        self._check_open()
+        socket = self._socket
+        if not isinstance(socket, SpliceSocket):
+            return None
+        if self._read_lock.locked() or self._write_lock.locked():
+            raise RuntimeError("attach() while a read or write is in progress")
+        leftover, self._leftover = bytes(self._leftover), memoryview(b"")
+        if leftover:
+            sink.on_data(leftover)
+        if self._eof and self.close_code is not None:
+            sink.on_close(self.close_code, self.close_reason)
+        socket.attach(sink)
+        return socket
 
     async def write_eof(self) -> None:
         """Half-close: send our close frame (1000). Reading goes on until the peer closes.

@@ -2,7 +2,7 @@
 
 After the rendezvous both legs of a relayed connection are WebSockets on which the relay is the
 *server*: frames arrive masked (client to server) and leave unmasked (server to client). The
-relay does not need messages, only frames: :class:`ClientFrameForwarder` turns the masked byte
+relay does not need messages, only frames: :class:`FrameForwarder` turns the masked byte
 stream of one leg into the unmasked byte stream for the other, frame by frame and with the
 payload streamed as it arrives (a 100 MiB message costs no more memory than a 1 KiB one), while
 checking everything RFC 6455 asks of a server: masking, reserved bits and opcodes, fragmentation
@@ -20,8 +20,10 @@ import base64
 import binascii
 import codecs
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+from hybridrelay.exceptions import ProtocolError
 
 __all__ = [
     "OP_BINARY",
@@ -30,15 +32,21 @@ __all__ = [
     "OP_PING",
     "OP_PONG",
     "OP_TEXT",
-    "ClientFrameForwarder",
+    "FrameForwarder",
+    "MAX_RESPONSE_HEAD",
     "ControlFrame",
     "FrameError",
     "HandshakeError",
+    "ResponseHead",
     "WIRE_CLOSE_CODES",
     "Unmask",
+    "accept_key",
+    "check_upgrade_response",
     "close_payload",
     "frame_header",
     "handshake_headers",
+    "parse_response_head",
+    "upgrade_request",
     "server_frame",
     "server_frame_header",
     "unmask_python",
@@ -80,7 +88,7 @@ class FrameError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
-        #: What :meth:`ClientFrameForwarder.feed` had produced from the valid frames before
+        #: What :meth:`FrameForwarder.feed` had produced from the valid frames before
         #: the violation, in the same call (to be forwarded before the close).
         self.pieces: list[bytearray] = []
 
@@ -126,15 +134,121 @@ def handshake_headers(headers: Mapping[str, str], subprotocol: str | None) -> di
     answer = {
         "Upgrade": "websocket",
         "Connection": "Upgrade",
-        "Sec-WebSocket-Accept": base64.b64encode(
-            hashlib.sha1(key.encode("ascii") + _GUID).digest()
-        ).decode("ascii"),
+        "Sec-WebSocket-Accept": accept_key(key),
     }
     if subprotocol:
         offered = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",")]
         if subprotocol in offered:
             answer["Sec-WebSocket-Protocol"] = subprotocol
     return answer
+
+
+def accept_key(key: str) -> str:
+    """``Sec-WebSocket-Accept`` for a ``Sec-WebSocket-Key`` (RFC 6455 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode("ascii")
+
+
+# -- the client side of the handshake ----------------------------------------------------------
+
+#: Longest response head (status line and headers) a client accepts.
+MAX_RESPONSE_HEAD = 64 * 1024
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """The status line and headers of an HTTP/1.1 response; header names lower-cased,
+    repeated headers joined with ``", "``."""
+
+    status: int
+    reason: str
+    headers: dict[str, str]
+
+
+def upgrade_request(
+    target: str,
+    host: str,
+    key: str,
+    headers: Mapping[str, str],
+    protocols: Sequence[str] = (),
+) -> bytes:
+    """A client's upgrade request (RFC 6455 4.1) for ``target`` (path and query, sent as
+    given: a rendezvous address must reach the relay byte for byte).
+
+    Raises:
+        ValueError: a header name or value, the target or the host that would break the
+            request (CR, LF, or a name that is not an HTTP token).
+    """
+    lines = [
+        f"GET {target} HTTP/1.1",
+        f"Host: {host}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+    ]
+    if protocols:
+        lines.append(f"Sec-WebSocket-Protocol: {', '.join(protocols)}")
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    for name in headers:
+        if not name or not set(name) <= _TOKEN:
+            raise ValueError(f"invalid header name {name!r}")
+    text = "\r\n".join(lines)
+    if "\n" in text.replace("\r\n", "") or "\r" in text.replace("\r\n", "") or " " in target:
+        raise ValueError("CR, LF or a space where they cannot be")
+    return (text + "\r\n\r\n").encode("utf-8")
+
+
+def parse_response_head(head: bytes) -> ResponseHead:
+    """Parse a response head (everything before the blank line that ends it).
+
+    Raises:
+        ProtocolError: not an HTTP/1.x status line followed by ``name: value`` lines.
+    """
+    text = head.decode("latin-1")
+    status_line, *header_lines = text.split("\r\n")
+    version, _, rest = status_line.partition(" ")
+    code, _, reason = rest.partition(" ")
+    if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
+        raise ProtocolError(f"not an HTTP/1.1 status line: {status_line[:80]!r}")
+    try:  # a reason phrase in UTF-8 (the relay's descriptions may be) is read as such
+        reason = reason.encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        name, colon, value = line.partition(":")
+        if not colon or not name or not set(name) <= _TOKEN:
+            raise ProtocolError(f"malformed header line {line[:80]!r}")
+        key = name.lower()
+        value = value.strip(" \t")
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return ResponseHead(int(code), reason, headers)
+
+
+def check_upgrade_response(
+    head: ResponseHead, key: str, protocols: Sequence[str] = ()
+) -> str | None:
+    """Check a 101 answer to our upgrade request (RFC 6455 4.1); the sub-protocol chosen.
+
+    Raises:
+        ProtocolError: the server did not complete the handshake we asked for.
+    """
+    headers = head.headers
+    if head.status != 101:
+        raise ProtocolError(f"expected 101, got {head.status}")
+    if headers.get("upgrade", "").lower() != "websocket":
+        raise ProtocolError("the 101 has no 'Upgrade: websocket'")
+    if "upgrade" not in [t.strip().lower() for t in headers.get("connection", "").split(",")]:
+        raise ProtocolError("the 101 has no 'Connection: Upgrade'")
+    if headers.get("sec-websocket-accept", "") != accept_key(key):
+        raise ProtocolError("wrong Sec-WebSocket-Accept")
+    if headers.get("sec-websocket-extensions"):
+        raise ProtocolError("the server chose an extension we did not offer")
+    chosen = headers.get("sec-websocket-protocol") or None
+    if chosen is not None and chosen not in protocols:
+        raise ProtocolError(f"the server chose a sub-protocol we did not offer: {chosen!r}")
+    return chosen
 
 
 def frame_header(fin: bool, opcode: int, length: int, *, masked: bool = False) -> bytes:
@@ -185,8 +299,12 @@ def _rotate(mask: bytes, shift: int) -> bytes:
     return mask[shift:] + mask[:shift] if shift else mask
 
 
-class ClientFrameForwarder:
+class FrameForwarder:
     """Rewrites the masked frames of one client leg into unmasked frames, streaming payloads.
+
+    With ``masked=False`` it reads the other direction, a server's frames as a client gets them
+    (which must *not* be masked; nothing to unmask): our own client sockets use it with
+    :attr:`payload_only` and :attr:`track_messages`.
 
     :meth:`feed` takes whatever bytes arrived and returns the bytes to write to the other leg
     (whole frames, or the header and first part of a frame whose payload is still arriving,
@@ -206,18 +324,24 @@ class ClientFrameForwarder:
         "_mask",
         "_max_message_size",
         "_message_size",
+        "_masked",
+        "_message_opcode",
         "_opcode",
         "_partial_header",
         "_phase",
         "_remaining",
         "_unmask",
         "_utf8",
+        "message_ends",
         "payload_only",
+        "track_messages",
     )
 
-    def __init__(self, unmask: Unmask, *, max_message_size: int) -> None:
+    def __init__(self, unmask: Unmask, *, max_message_size: int, masked: bool = True) -> None:
         self._unmask = unmask
+        self._masked = masked
         self._max_message_size = max_message_size
+        self._message_opcode = OP_BINARY
         self._partial_header = b""
         self._remaining = -1  # payload bytes left in the current frame; -1 = expecting a header
         self._opcode = 0
@@ -232,6 +356,12 @@ class ClientFrameForwarder:
         #: Produce the data frames' payload bytes only, without frame headers: for a leg whose
         #: partner is a plain byte stream (the relay's own TCP ingress) rather than a WebSocket.
         self.payload_only = False
+        #: Record where messages end: after each :meth:`feed`, :attr:`message_ends` lists
+        #: ``(n, opcode)`` for every message completed in it, ``n`` being how many of the
+        #: returned pieces belong to it and to the messages before it (an empty message adds
+        #: no piece), ``opcode`` its first frame's (text or binary).
+        self.track_messages = False
+        self.message_ends: list[tuple[int, int]] = []
 
     @property
     def closed(self) -> bool:
@@ -243,6 +373,8 @@ class ClientFrameForwarder:
     ) -> tuple[list[bytearray], list[ControlFrame]]:
         out: list[bytearray] = []
         controls: list[ControlFrame] = []
+        if self.track_messages:
+            self.message_ends = []
         if self._closed:
             return out, controls
         if self._partial_header:
@@ -275,7 +407,8 @@ class ClientFrameForwarder:
                 self._remaining -= take
                 if self._remaining == 0:
                     self._remaining = -1
-                    self._unmask(self._mask, control)
+                    if self._masked:
+                        self._unmask(self._mask, control)
                     frame = self._finish_control(bytes(control))
                     self._control = None
                     controls.append(frame)
@@ -288,7 +421,7 @@ class ClientFrameForwarder:
             prefix = 0 if self.payload_only else len(header)
             piece = bytearray(prefix)
             piece += view[pos : pos + take]
-            if take:
+            if take and self._masked:
                 self._unmask(_rotate(self._mask, self._phase - prefix), piece)
             if prefix:
                 piece[:prefix] = header
@@ -308,6 +441,8 @@ class ClientFrameForwarder:
                 if self._fin:
                     self._in_message = False
                     self._utf8 = None
+                    if self.track_messages:
+                        self.message_ends.append((len(out), self._message_opcode))
 
     def _read_header(self, view: memoryview, pos: int, end: int) -> tuple[int, bytes]:
         """Parse a frame header at ``pos``: (bytes consumed, server header for a data frame).
@@ -319,10 +454,12 @@ class ClientFrameForwarder:
         first, second = view[pos], view[pos + 1]
         if first & 0x70:
             raise FrameError(1002, "reserved bits set (no extension was negotiated)")
-        if not second & 0x80:
-            raise FrameError(1002, "client frames must be masked")
+        if bool(second & 0x80) != self._masked:
+            raise FrameError(
+                1002, "client frames must be masked" if self._masked else "server frame masked"
+            )
         length = second & 0x7F
-        size = 2 + (2 if length == 126 else 8 if length == 127 else 0) + 4
+        size = 2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if self._masked else 0)
         if end - pos < size:
             return 0, b""
         fin = bool(first & 0x80)
@@ -333,7 +470,8 @@ class ClientFrameForwarder:
             length = int.from_bytes(view[pos + 2 : pos + 10], "big")
             if length >> 63:
                 raise FrameError(1002, "frame length has its most significant bit set")
-        self._mask = bytes(view[pos + size - 4 : pos + size])
+        if self._masked:
+            self._mask = bytes(view[pos + size - 4 : pos + size])
         self._phase = 0
         self._remaining = length
         self._opcode = opcode
@@ -355,6 +493,7 @@ class ClientFrameForwarder:
                 raise FrameError(1002, "new message before the previous one ended")
             self._in_message = True
             self._message_size = 0
+            self._message_opcode = opcode
             if opcode == OP_TEXT:
                 self._utf8 = codecs.getincrementaldecoder("utf-8")()
         else:

@@ -16,7 +16,15 @@ from typing import Protocol, runtime_checkable
 
 from hybridrelay.protocol.websocket import WIRE_CLOSE_CODES
 
-__all__ = ["CloseCode", "FragmentSocket", "MessageKind", "MessageSocket", "WsMessage"]
+__all__ = [
+    "CloseCode",
+    "FragmentSocket",
+    "MessageKind",
+    "MessageSocket",
+    "SpliceSocket",
+    "StreamSink",
+    "WsMessage",
+]
 
 
 class CloseCode(enum.IntEnum):
@@ -97,6 +105,53 @@ class MessageSocket(Protocol):
     def abort(self) -> None:
         """Drop the connection at once, without a close frame."""
         ...
+
+
+class StreamSink(Protocol):
+    """Where a :class:`SpliceSocket` delivers what arrives once it is attached: in the event
+    loop's read callback, with no task and no queue in between."""
+
+    def on_data(self, data: bytes | bytearray) -> None:
+        """Payload bytes of the peer's data frames, in order (message boundaries dropped)."""
+        ...
+
+    def on_close(self, code: int, reason: str) -> None:
+        """The peer's close frame (its direction is done), or 1006 when the connection was
+        lost without one; called once, after the last :meth:`on_data`."""
+        ...
+
+    def on_pause(self) -> None:
+        """The socket's write buffer is full: stop calling ``write_nowait`` until
+        :meth:`on_resume`."""
+        ...
+
+    def on_resume(self) -> None: ...
+
+
+@runtime_checkable
+class SpliceSocket(Protocol):
+    """A socket that can hand its bytes to a :class:`StreamSink` by callback (our own client
+    socket, :mod:`hybridrelay.transport.frames_ws`): the bridge's pumps forward a TCP socket
+    to it and back without a task per direction."""
+
+    def attach(self, sink: StreamSink) -> None:
+        """Deliver to ``sink`` from now on (messages already queued first); ``receive`` must
+        not be called any more."""
+        ...
+
+    def write_nowait(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` as binary messages now; the sink's ``on_pause`` says when to stop."""
+        ...
+
+    def close_nowait(self, code: int = 1000, reason: str = "") -> None:
+        """Send our close frame (once); the connection is dropped when both were sent."""
+        ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 @runtime_checkable

@@ -17,7 +17,7 @@ reader, a queue and a writer per leg. So after the 101 the relay takes the trans
 * Each :class:`SpliceLeg` is an :class:`asyncio.BufferedProtocol`: the transport reads into one
   receive buffer shared by every leg of the event loop (the leg keeps nothing of it: a frame's
   payload is unmasked into the bytes written to the other leg, a partial header is copied), so
-  an idle leg holds no buffer at all. :class:`~hybridrelay.protocol.websocket.ClientFrameForwarder`
+  an idle leg holds no buffer at all. :class:`~hybridrelay.protocol.websocket.FrameForwarder`
   does the framing; the leg does the I/O in the callback that delivered the bytes: no task, no
   queue, no reassembly.
 * Backpressure: when the other leg's transport is over its high-water mark it calls
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -49,14 +48,15 @@ from hybridrelay.protocol.websocket import (
     OP_CLOSE,
     OP_PING,
     OP_PONG,
-    ClientFrameForwarder,
     FrameError,
+    FrameForwarder,
     close_payload,
     frame_header,
     handshake_headers,
     server_frame,
 )
 from hybridrelay.transport.base import sendable_close_code
+from hybridrelay.transport.receive_buffer import receive_buffer
 
 __all__ = ["CLOSE_TIMEOUT", "MAX_RAW_FRAME", "RawLeg", "Splice", "SpliceLeg", "take_over"]
 
@@ -68,24 +68,8 @@ CLOSE_TIMEOUT = 10.0
 
 #: Below this many bytes, the frames produced by one read are joined into one write.
 _JOIN_BELOW = 64 * 1024
-_RECEIVE_BUFFER_SIZE = 256 * 1024
 #: Largest frame made of one read from a :class:`RawLeg` (what the SDK and azbridge send too).
 MAX_RAW_FRAME = 64 * 1024
-
-
-class _ReceiveBuffer(threading.local):
-    """One receive buffer per thread (per event loop): every leg reads into it in turn.
-
-    The transport calls ``get_buffer`` and then ``buffer_updated`` synchronously, and the leg
-    copies out what it keeps, so the buffer is free again when ``buffer_updated`` returns.
-    A memoryview, because asyncio's TLS transport reads into slices of it.
-    """
-
-    def __init__(self) -> None:
-        self.view = memoryview(bytearray(_RECEIVE_BUFFER_SIZE))
-
-
-_receive_buffer = _ReceiveBuffer()
 
 
 class Splice:
@@ -157,7 +141,7 @@ class SpliceLeg(asyncio.BufferedProtocol):
         self.transport = transport
         self.name = name
         self._on_lost = on_lost
-        self.forwarder = ClientFrameForwarder(websocket_mask, max_message_size=max_message_size)
+        self.forwarder = FrameForwarder(websocket_mask, max_message_size=max_message_size)
         self.peer: SpliceLeg | RawLeg | None = None
         self.close_sent = False
         self.close_received = False
@@ -227,10 +211,10 @@ class SpliceLeg(asyncio.BufferedProtocol):
     # -- asyncio protocol callbacks ----------------------------------------------------------
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _receive_buffer.view
+        return receive_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        data = _receive_buffer.view[:nbytes]
+        data = receive_buffer()[:nbytes]
         if self._started:
             self._received(data)
         else:  # only before start(): bytes that came with or right after the upgrade
@@ -332,7 +316,7 @@ class RawLeg(asyncio.BufferedProtocol):
 
     Bytes read from it go to the listener's leg as binary frames (unmasked: the relay is that
     WebSocket's server) of at most ``MAX_RAW_FRAME`` bytes, one per read; the listener's data
-    frames come back as their payload only (:attr:`ClientFrameForwarder.payload_only`).
+    frames come back as their payload only (:attr:`FrameForwarder.payload_only`).
     Half-close crosses as in the bridge (PROTOCOL.md 5.5): EOF from the connection becomes our
     close frame (1000) to the listener; the listener's close frame with 1000 becomes
     ``shutdown(SHUT_WR)``, with any other code a reset (the far side failed); the connection is
@@ -457,10 +441,10 @@ class RawLeg(asyncio.BufferedProtocol):
             self._on_connected(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _receive_buffer.view[:MAX_RAW_FRAME]
+        return receive_buffer()[:MAX_RAW_FRAME]
 
     def buffer_updated(self, nbytes: int) -> None:
-        frame = frame_header(True, OP_BINARY, nbytes) + _receive_buffer.view[:nbytes]
+        frame = frame_header(True, OP_BINARY, nbytes) + receive_buffer()[:nbytes]
         if not self._started:  # reading is paused until start(); an event loop may differ
             self._early.append(frame)
             return
