@@ -116,7 +116,10 @@ async def test_sdk_listener_sees_the_client_and_can_reject(
                 stream = await listener.accept_connection()
             assert stream is not None
             assert stream.remote_endpoint == writer.get_extra_info("sockname")[:2]
-            assert stream.connect_headers == {}
+            # What a WebSocket upgrade would carry (listeners such as hyco-ws check it).
+            assert stream.connect_headers["Upgrade"] == "websocket"
+            assert stream.connect_headers["Sec-WebSocket-Version"] == "13"
+            assert len(stream.connect_headers["Sec-WebSocket-Key"]) == 24
             writer.write(b"ping")
             assert await stream.read() == b"ping"
             await stream.send_message("pong")  # a text message arrives as its bytes

@@ -211,7 +211,9 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Tls:
 
 @contextlib.asynccontextmanager
 async def running_relay(
-    tls: Tls | None = None, limits: Mapping[str, Any] | None = None
+    tls: Tls | None = None,
+    limits: Mapping[str, Any] | None = None,
+    ingress: list[dict[str, Any]] | None = None,
 ) -> AsyncIterator[RelayServer]:
     server_doc: dict[str, Any] = {"host": "127.0.0.1", "port": 0}
     if tls is None:
@@ -231,6 +233,7 @@ async def running_relay(
                 ],
             },
             "limits": dict(limits or {}),
+            "ingress": ingress or [],
         }
     )
     async with RelayServer(config) as server:
@@ -381,6 +384,43 @@ async def test_hyco_ws_listener_python_sender() -> None:
 
 
 STREAM_BYTES = 2 * MiB + 1
+
+
+async def test_relay_ingress_port_to_hyco_ws_listener() -> None:
+    """The relay's own TCP port (``ingress:``) as the sender, hyco-ws as the listener: a plain
+    TCP client's bytes are echoed back, and its EOF ends the relayed connection cleanly."""
+    entry = {"listen": "127.0.0.1:0", "hybrid_connection": ENTITY}
+    async with running_relay(ingress=[entry]) as server:
+        async with node_script(
+            "ws-listener.js",
+            "--url",
+            listen_url(server),
+            "--lifetime",
+            "50",
+            env={"HYCO_TOKEN": python_token(server)},
+        ) as listener:
+            await listener.expect("ready")
+            address = server.ingress[0].address
+            assert address is not None
+            reader, writer = await asyncio.open_connection(*address)
+            payload = binary(STREAM_BYTES, seed=7)
+
+            async def send() -> None:  # while reading: the echo must not back up into us
+                writer.write(payload)
+                await writer.drain()
+
+            try:
+                async with asyncio.timeout(20):
+                    _, echoed = await asyncio.gather(send(), reader.readexactly(len(payload)))
+            except TimeoutError:
+                pytest.fail(f"no echo: {listener.describe()}")
+            assert echoed == payload
+            writer.write_eof()  # -> close frame 1000 to hyco-ws, which answers it
+            assert await asyncio.wait_for(reader.read(), 20) == b""
+            writer.close()
+            closed = await listener.expect("closed")
+            assert closed["code"] == 1000
+            assert closed["bytes"] == len(payload)
 
 
 async def exercise_stream(stream: HybridConnectionStream, listener: NodeScript) -> None:

@@ -18,7 +18,9 @@ and ``allow`` make it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import os
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -135,9 +137,18 @@ class RelayIngress:
             return
         connection_id = str(uuid.uuid4())
         leg.name = f"{connection_id} on {entity.name!r} (ingress {_format(leg.peername)})"
+        # The accept carries the headers of the upgrade a sender would have made: listeners
+        # check them (hyco-ws refuses an accept without Sec-WebSocket-Key, PROTOCOL.md 9).
+        headers = {
+            "Host": _format(self.address),
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode("ascii"),
+        }
         try:
             async with relay.listener_rendezvous(
-                entity, connection_id, headers={}, peer=leg.peername
+                entity, connection_id, headers=headers, peer=leg.peername
             ) as (pending, outcome):
                 if not isinstance(outcome, Accepted):
                     reason = outcome.description
