@@ -193,10 +193,10 @@ def upgrade_request(
     for name in headers:
         if not name or not set(name) <= _TOKEN:
             raise ValueError(f"invalid header name {name!r}")
-    text = "\r\n".join(lines)
-    if "\n" in text.replace("\r\n", "") or "\r" in text.replace("\r\n", "") or " " in target:
+    values = [target, host, *protocols, *headers.values()]
+    if " " in target or any("\r" in v or "\n" in v for v in values):
         raise ValueError("CR, LF or a space where they cannot be")
-    return (text + "\r\n\r\n").encode("utf-8")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
 
 
 def parse_response_head(head: bytes) -> ResponseHead:
@@ -209,7 +209,9 @@ def parse_response_head(head: bytes) -> ResponseHead:
     status_line, *header_lines = text.split("\r\n")
     version, _, rest = status_line.partition(" ")
     code, _, reason = rest.partition(" ")
-    if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
+    if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isascii():
+        raise ProtocolError(f"not an HTTP/1.1 status line: {status_line[:80]!r}")
+    if not code.isdigit():
         raise ProtocolError(f"not an HTTP/1.1 status line: {status_line[:80]!r}")
     try:  # a reason phrase in UTF-8 (the relay's descriptions may be) is read as such
         reason = reason.encode("latin-1").decode("utf-8")

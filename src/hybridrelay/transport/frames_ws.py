@@ -297,15 +297,18 @@ class FrameSocket(asyncio.BufferedProtocol):
         self._sink = sink
         messages, self._messages = list(self._messages), collections.deque()
         self._queued = 0
+        close: WsMessage | None = None
         for message in messages:
             if message.kind is MessageKind.CLOSE:
-                sink.on_close(message.code or 1005, message.reason)
+                close = message  # after the part of a message that came before it
             elif message.data:
                 data = message.data
                 sink.on_data(data.encode("utf-8") if isinstance(data, str) else data)
         parts, self._parts = self._parts, []
         for part in parts:
             sink.on_data(part)
+        if close is not None:
+            sink.on_close(close.code or 1005, close.reason)
         if self._reading_paused:  # paused for the queue: the sink decides from now on
             self._reading_paused = False
             if self._transport is not None and not self._lost and not self._close_received:
@@ -314,14 +317,18 @@ class FrameSocket(asyncio.BufferedProtocol):
             sink.on_pause()
 
     def write_nowait(self, data: bytes | bytearray | memoryview) -> None:
-        if self._close_sent or self._lost:
-            return  # closing: the pump stops on its own (its sink is told)
+        # Never raises: it runs in the caller's read callback. A connection that is closing
+        # takes nothing more, and the sink learns of the end through on_close.
+        transport = self._transport
         if len(data) <= MAX_SPLICE_MESSAGE:
-            self._write(OP_BINARY, data, True)
+            if not (self._close_sent or transport is None or transport.is_closing()):
+                transport.write(_client_frame(OP_BINARY, data))
             return
         view = memoryview(data)
         for start in range(0, len(view), MAX_SPLICE_MESSAGE):
-            self._write(OP_BINARY, view[start : start + MAX_SPLICE_MESSAGE], True)
+            if self._close_sent or transport is None or transport.is_closing():
+                return
+            transport.write(_client_frame(OP_BINARY, view[start : start + MAX_SPLICE_MESSAGE]))
 
     def close_nowait(self, code: int = 1000, reason: str = "") -> None:
         if self._close_sent:
