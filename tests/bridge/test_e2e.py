@@ -14,7 +14,7 @@ import pytest
 
 from hybridrelay.bridge.agent import BridgeAgent
 from hybridrelay.bridge.udp import UdpIngress
-from hybridrelay.client import HybridConnectionClient, SharedAccessKeyTokenProvider
+from hybridrelay.client import HybridConnectionClient, SharedAccessKeyTokenProvider, _connect
 from hybridrelay.exceptions import ConfigurationError
 from hybridrelay.protocol.azbridge import Mode, encode_preamble
 from tests.bridge.helpers import (
@@ -41,7 +41,15 @@ async def open_to(agent: BridgeAgent, index: int = 0) -> tuple[Any, Any]:
     return await asyncio.open_connection(host, port)
 
 
-async def test_tcp_8_mib_each_way(relay: Relay) -> None:
+@pytest.fixture(params=["frames", "aiohttp"])
+def ws_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The SDK's client socket for this test: ours (the pump is then a callback splice) or
+    aiohttp (the task pump, as for connections through a proxy)."""
+    monkeypatch.setattr(_connect, "_ws_client", request.param)
+    return str(request.param)
+
+
+async def test_tcp_8_mib_each_way(relay: Relay, ws_client: str) -> None:
     async with tcp_server() as dest:
         config = make_config(relay, ["0:hc"], [f"hc:127.0.0.1:{dest.port}"])
         async with running(config) as edge_and_ingress:
@@ -54,7 +62,7 @@ async def test_tcp_8_mib_each_way(relay: Relay) -> None:
     assert dest.connections == 1
 
 
-async def test_half_close_client_still_gets_the_reply(relay: Relay) -> None:
+async def test_half_close_client_still_gets_the_reply(relay: Relay, ws_client: str) -> None:
     async with tcp_server(digest_handler) as dest:
         config = make_config(relay, ["0:hc"], [f"hc:127.0.0.1:{dest.port}"])
         async with running(config) as agent:
@@ -98,7 +106,7 @@ async def test_fifty_concurrent_connections(relay: Relay) -> None:
     assert dest.connections == 50
 
 
-async def test_port_names_select_routes(relay: Relay) -> None:
+async def test_port_names_select_routes(relay: Relay, ws_client: str) -> None:
     async with tcp_server(banner=b"A") as a, tcp_server(banner=b"B") as b:
         config = make_config(
             relay,
@@ -156,7 +164,7 @@ async def test_preamble_rejections_on_the_wire(relay: Relay) -> None:
     assert dest.connections == 1
 
 
-async def test_destination_refuses_client_sees_prompt_close(relay: Relay) -> None:
+async def test_destination_refuses_client_sees_prompt_close(relay: Relay, ws_client: str) -> None:
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     closed_port = probe.getsockname()[1]  # bound, never listening: connections are refused
@@ -345,7 +353,7 @@ async def test_edge_waits_for_the_relay_and_comes_online(make_relay: Any) -> Non
         assert not agent.started.is_set()
 
 
-async def test_backpressure_reaches_the_client(relay: Relay) -> None:
+async def test_backpressure_reaches_the_client(relay: Relay, ws_client: str) -> None:
     """A destination that does not read stalls the client's writes; nothing is lost after."""
     resume = asyncio.Event()
     received = bytearray()

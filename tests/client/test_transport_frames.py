@@ -266,12 +266,15 @@ def test_selection_reads_the_environment(
     monkeypatch.setattr(_connect, "_ws_client", None)
     monkeypatch.setenv(_connect.WS_CLIENT_ENV, "turbo")
     with caplog.at_level(logging.WARNING, logger="hybridrelay.client"):
-        assert _connect.ws_client() == "aiohttp"
-        assert _connect.ws_client() == "aiohttp"
+        assert _connect.ws_client() == "frames"
+        assert _connect.ws_client() == "frames"
     assert len([r for r in caplog.records if "turbo" in r.getMessage()]) == 1
     monkeypatch.setattr(_connect, "_ws_client", None)
-    monkeypatch.delenv(_connect.WS_CLIENT_ENV)
+    monkeypatch.setenv(_connect.WS_CLIENT_ENV, "aiohttp")
     assert _connect.ws_client() == "aiohttp"
+    monkeypatch.setattr(_connect, "_ws_client", None)
+    monkeypatch.delenv(_connect.WS_CLIENT_ENV)
+    assert _connect.ws_client() == "frames"
 
 
 # -- the socket against a local aiohttp server ------------------------------------------------

@@ -507,7 +507,7 @@ async def test_connect_timeout_without_101() -> None:
         await server.wait_closed()
 
 
-def test_selection_falls_back_to_aiohttp_with_one_warning(
+def test_selection_falls_back_to_the_default_with_one_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv(_connect.WS_CLIENT_ENV, "picows")
@@ -515,8 +515,8 @@ def test_selection_falls_back_to_aiohttp_with_one_warning(
     monkeypatch.setitem(sys.modules, "picows", None)  # as if not installed
     monkeypatch.delitem(sys.modules, "hybridrelay.transport.picows_ws")
     with caplog.at_level(logging.WARNING, logger="hybridrelay.client"):
-        assert _connect.ws_client() == "aiohttp"
-        assert _connect.ws_client() == "aiohttp"
+        assert _connect.ws_client() == _connect.DEFAULT_WS_CLIENT
+        assert _connect.ws_client() == _connect.DEFAULT_WS_CLIENT
     assert len([r for r in caplog.records if "not installed" in r.getMessage()]) == 1
 
 
@@ -526,4 +526,4 @@ def test_selection_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     assert _connect.ws_client() == "picows"
     monkeypatch.setattr(_connect, "_ws_client", None)
     monkeypatch.delenv(_connect.WS_CLIENT_ENV)
-    assert _connect.ws_client() == "aiohttp"
+    assert _connect.ws_client() == "frames"

@@ -1,11 +1,11 @@
-"""The one place where the SDK opens a WebSocket (aiohttp or picows), and the endpoint/proxy
-helpers.
+"""The one place where the SDK opens a WebSocket, and the endpoint/proxy helpers.
 
-``HYBRIDRELAY_WS_CLIENT=picows`` (read once, at the first connection) opens rendezvous and
-sender sockets with picows (:mod:`hybridrelay.transport.picows_ws`, ``pip install
-hybridrelay[fast]``; docs/DECISIONS.md D8). Control channels (they need a heartbeat) and every
-connection that goes through a proxy stay on aiohttp. Without picows installed, aiohttp is used
-and one warning is logged. The default is ``aiohttp``.
+Sender and rendezvous sockets are our own client (:mod:`hybridrelay.transport.frames_ws`,
+docs/DECISIONS.md D11) unless ``HYBRIDRELAY_WS_CLIENT`` (read once, at the first connection)
+says ``aiohttp`` or ``picows`` (:mod:`hybridrelay.transport.picows_ws`, ``pip install
+hybridrelay[fast]``, D8; without picows installed one warning is logged and the default is
+used). Control channels (they need a heartbeat) and every connection that goes through a proxy
+are opened with aiohttp whatever the setting.
 
 Everything aiohttp raises is turned into our exception tree here, so no foreign exception
 leaves the public API:
@@ -75,7 +75,7 @@ STREAM_MAX_MESSAGE = 16 * 1024 * 1024
 #: sockets: ``frames`` (ours, :mod:`hybridrelay.transport.frames_ws`), ``aiohttp`` or
 #: ``picows``.
 WS_CLIENT_ENV = "HYBRIDRELAY_WS_CLIENT"
-DEFAULT_WS_CLIENT = "aiohttp"
+DEFAULT_WS_CLIENT = "frames"
 _ws_client: str | None = None
 
 
