@@ -18,8 +18,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_bench(tmp_path: Path, scenario: str) -> list[dict[str, Any]]:
-    """The smallest run of one scenario on ``direct`` and ``hybridrelay``; its records."""
+def run_bench(
+    tmp_path: Path, scenario: str, topologies: tuple[str, ...] = ("direct", "hybridrelay")
+) -> list[dict[str, Any]]:
+    """The smallest run of one scenario on ``topologies``; its records."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -28,10 +30,7 @@ def run_bench(tmp_path: Path, scenario: str) -> list[dict[str, Any]]:
             "--quick",
             "--only",
             scenario,
-            "--topology",
-            "direct",
-            "--topology",
-            "hybridrelay",
+            *(arg for name in topologies for arg in ("--topology", name)),
             "--no-plot",
             "--out",
             str(tmp_path),
@@ -50,9 +49,10 @@ def run_bench(tmp_path: Path, scenario: str) -> list[dict[str, Any]]:
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(shutil.which("hybridrelay") is None, reason="hybridrelay is not installed")
 def test_bench_latency_scenario_runs(tmp_path: Path) -> None:
-    records = run_bench(tmp_path, "latency")
+    paths = ("direct", "hybridrelay", "hybridrelay-ingress")
+    records = run_bench(tmp_path, "latency", paths)
     by_topology = {r["topology"]: r for r in records if r.get("mode") == "lat"}
-    assert set(by_topology) == {"direct", "hybridrelay"}
+    assert set(by_topology) == set(paths)
     for record in by_topology.values():
         assert "error" not in record
         assert record["n"] > 0
