@@ -331,7 +331,11 @@ def _measure(
     if mode == "http":
         return run_wrk(procs, topo, watched, prof, cpus)
     extra = {
-        "lat": ["--count", str(prof.lat_count)],
+        # websockify forks a process per connection (~60 ms each here): 50 of them, not 200.
+        "lat": [
+            "--count",
+            str(min(prof.lat_count, 50) if topo.name == "websockify" else prof.lat_count),
+        ],
         "rr": ["--conns", str(prof.rr_conns), "--size", "1024"],
         "connrate": ["--conns", str(prof.connrate_workers)],
     }.get(mode, [])
