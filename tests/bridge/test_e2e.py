@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import socket
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from tests.bridge.helpers import (
     tcp_server,
     unix_server,
 )
-from tests.conftest import ROOT_KEY, ROOT_KEY_NAME, Relay
+from tests.conftest import ROOT_KEY, ROOT_KEY_NAME, Relay, eventually
 
 
 def _exists(path: str) -> bool:
@@ -399,3 +400,30 @@ async def test_several_edges_share_one_hybrid_connection(relay: Relay) -> None:
                 assert reply in (b"1.", b"2.")
     assert one.connections + two.connections == 24
     assert one.connections > 0 and two.connections > 0
+
+
+async def test_clients_that_vanish_mid_exchange_leave_no_connection_behind(
+    relay: Relay, ws_client: str
+) -> None:
+    """100 clients exchanging data half-close and then reset (as a killed load generator's
+    sockets do): every relayed connection ends promptly, none waits for a peer that is gone."""
+    async with tcp_server() as dest:
+        config = make_config(relay, ["0:hc"], [f"hc:127.0.0.1:{dest.port}"])
+        async with running(config) as agent:
+
+            async def vanish(i: int) -> None:
+                reader, writer = await open_to(agent)
+                for _ in range(5):
+                    writer.write(b"x" * 1024)
+                    await reader.readexactly(1024)
+                writer.write(b"y" * 4096)  # in flight when the client goes
+                if i % 2:
+                    writer.write_eof()
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()  # RST
+
+            await asyncio.gather(*(vanish(i) for i in range(100)))
+            group = agent.ingress[0]._group
+            assert group is not None
+            await eventually(lambda: len(group) == 0, seconds=8)

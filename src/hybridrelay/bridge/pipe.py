@@ -381,6 +381,10 @@ class Splice:
             clean = self.error is None
         finally:
             self._stats.error = self.error
+            # The stream may be paused because the socket could not take more (socket_full);
+            # its close handshake must still be read. Nothing it delivers now reaches the socket.
+            self._down_done = True
+            socket.resume_reading()
             if clean:
                 await leg.aclose(close_timeout)
                 await close_stream(stream, 1000, "", close_timeout)
@@ -411,7 +415,11 @@ class Splice:
             return
         self._down_done = True
         if code == 1000:
-            self._leg.write_eof()
+            try:  # shutdown(SHUT_WR) fails on a socket the peer has reset meanwhile
+                self._leg.write_eof()
+            except OSError as exc:
+                self._finish(f"{type(exc).__name__}: {exc}")
+                return
             self._finish()
         elif code == 1006:
             self._finish("RelayConnectionError: the connection was lost without a close frame")
@@ -441,7 +449,9 @@ class Splice:
         self._finish()
 
     def socket_lost(self, exc: BaseException | None) -> None:
-        if not self._up_done:
+        # Also after the socket's EOF: a socket lost while the other direction still flows
+        # (a write to it hit a reset) can take nothing more, so the connection is over.
+        if not (self._up_done and self._down_done):
             self._up_done = True
             self._finish(f"ConnectionResetError: the socket was lost: {exc or 'closed'}")
 
