@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import socket
+import struct
 from typing import Any
 
 import pytest
@@ -287,3 +290,50 @@ async def test_a_port_in_use_is_a_configuration_error(make_relay: RelayFactory) 
         with pytest.raises(ConfigurationError, match="cannot listen"):
             async with make_relay(ingress=[ingress(listen=f"127.0.0.1:{taken.port}")]):
                 pass
+
+
+async def test_listener_close_after_an_unseen_client_reset(
+    make_relay: RelayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The listener half-closes when the client has reset but the relay has not read the RST
+    yet: the half-close fails inside the read callback of the listener's leg; the client's
+    connection is dropped quietly, and the listener still gets its answer."""
+    async with make_relay(ingress=[ingress()]) as relay:
+        async with open_listener(relay) as listener:
+            reader, writer = await open_ingress(relay)
+            async with asyncio.timeout(10):
+                stream = await listener.accept_connection()
+            assert stream is not None
+            writer.write(b"hi")
+            assert await stream.read() == b"hi"
+            (leg,) = relay.server.ingress[0]._legs
+            leg.transport.pause_reading()  # the reset stays unread, as under load
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            await wait_until_reset(leg.transport.get_extra_info("socket"))
+            with caplog.at_level(logging.ERROR):
+                await stream.write_eof()  # -> the relay's half-close of the reset socket
+                async with asyncio.timeout(10):
+                    assert await stream.read() == b""
+                await stream.aclose()
+                await eventually(lambda: not relay.server._legs)
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def wait_until_reset(wrapped: Any) -> None:
+    """Until the kernel holds the peer's RST for this socket (peeked on a duplicate)."""
+    probe = socket.socket(fileno=os.dup(wrapped.fileno()))
+    try:
+        for _ in range(500):
+            try:
+                probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+                continue
+            except ConnectionResetError:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("no RST")
+    finally:
+        probe.close()

@@ -404,7 +404,11 @@ class RawLeg(asyncio.BufferedProtocol):
             self.transport.abort()
             return
         if self.transport.can_write_eof():
-            self.transport.write_eof()
+            try:
+                self.transport.write_eof()
+            except OSError:  # reset meanwhile (not read yet): nothing can reach it any more
+                self.transport.abort()
+                return
         if self.close_received:
             self._drop()
 
