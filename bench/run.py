@@ -89,9 +89,7 @@ PROFILES = {
         warmup=0.2,
         lat_count=200,
         idle_count=1000,
-        # socat forks a process per connection: 500 measure its cost per tunnel as well as
-        # 1,000 do, and stopping 1,000 children took ~6 s of the 3-minute budget.
-        peer_idle_count=500,
+        peer_idle_count=1000,
         # Both keep the run under 3 minutes with 7 paths: the warm-up made no difference
         # (4,422 vs 4,402 req/s), nor did 1 s of wrk against 2 s (medians of 3 back to back,
         # `--only http --topology direct --topology hybridrelay`: 5,885 vs 5,723 req/s).
