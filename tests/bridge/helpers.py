@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
+import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -163,3 +165,28 @@ class UdpClient(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.received.put_nowait(data)
+
+
+def reset(peer: socket.socket) -> None:
+    """Close with an RST instead of a FIN."""
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+
+
+async def wait_until_reset(wrapped: Any) -> None:
+    """Until the kernel holds the peer's RST for this socket (asyncio's ``TransportSocket`` or a
+    socket), peeked on a duplicate so that asyncio itself has not seen it yet."""
+    probe = socket.socket(fileno=os.dup(wrapped.fileno()))
+    try:
+        for _ in range(500):
+            try:
+                probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+                continue
+            except ConnectionResetError:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("no RST")
+    finally:
+        probe.close()

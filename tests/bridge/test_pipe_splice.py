@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import socket
-import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,6 +13,7 @@ import pytest
 
 from hybridrelay.bridge.pipe import PipeStats, SocketLeg, Splice
 from hybridrelay.client import StreamSink
+from tests.bridge.helpers import reset, wait_until_reset
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -84,32 +83,6 @@ async def leg_and_peer() -> AsyncIterator[tuple[SocketLeg, socket.socket]]:
         leg.abort()
 
 
-def reset(peer: socket.socket) -> None:
-    """Close with an RST instead of a FIN."""
-    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    peer.close()
-
-
-async def wait_until_reset_seen_by_kernel(leg: SocketLeg) -> None:
-    """Until the leg's socket has the peer's RST (peeked, so asyncio has not seen it)."""
-    wrapped = leg.transport.get_extra_info("socket") if leg.transport else None
-    assert wrapped is not None
-    probe = socket.socket(fileno=os.dup(wrapped.fileno()))  # the same socket, peekable
-    try:
-        for _ in range(500):
-            try:
-                probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                await asyncio.sleep(0.01)
-                continue
-            except ConnectionResetError:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("no RST")
-    finally:
-        probe.close()
-
-
 async def test_peer_close_after_an_unseen_reset_ends_the_splice() -> None:
     """The stream's clean close arrives when the socket was reset but asyncio has not read the
     RST yet: the half-close (shutdown) fails, and the splice must end, not wait forever."""
@@ -120,7 +93,8 @@ async def test_peer_close_after_an_unseen_reset_ends_the_splice() -> None:
         assert leg.transport is not None
         leg.transport.pause_reading()  # the reset stays unread, as under load
         reset(peer)
-        await wait_until_reset_seen_by_kernel(leg)
+        assert leg.transport is not None
+        await wait_until_reset(leg.transport.get_extra_info("socket"))
         running = asyncio.create_task(splice.run(stream, socket_, close_timeout=1.0))  # type: ignore[arg-type]
         await asyncio.sleep(0)
         splice.on_close(1000, "")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import socket
 import struct
 from typing import Any
@@ -25,6 +24,7 @@ from tests.bridge.helpers import (
     read_until_closed,
     running,
     tcp_server,
+    wait_until_reset,
 )
 from tests.client.helpers import open_listener
 from tests.conftest import Relay, RelayFactory, eventually
@@ -310,7 +310,7 @@ async def test_listener_close_after_an_unseen_client_reset(
             leg.transport.pause_reading()  # the reset stays unread, as under load
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
+            writer.transport.abort()  # RST
             await wait_until_reset(leg.transport.get_extra_info("socket"))
             with caplog.at_level(logging.ERROR):
                 await stream.write_eof()  # -> the relay's half-close of the reset socket
@@ -319,21 +319,3 @@ async def test_listener_close_after_an_unseen_client_reset(
                 await stream.aclose()
                 await eventually(lambda: not relay.server._legs)
             assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-
-
-async def wait_until_reset(wrapped: Any) -> None:
-    """Until the kernel holds the peer's RST for this socket (peeked on a duplicate)."""
-    probe = socket.socket(fileno=os.dup(wrapped.fileno()))
-    try:
-        for _ in range(500):
-            try:
-                probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                await asyncio.sleep(0.01)
-                continue
-            except ConnectionResetError:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("no RST")
-    finally:
-        probe.close()

@@ -57,7 +57,6 @@ second ``-H``).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -78,6 +77,7 @@ from hybridrelay.bridge.specs import (
 )
 from hybridrelay.exceptions import ConfigurationError
 from hybridrelay.http_proxy import parse_http_forward, validate_http_target
+from hybridrelay.protocol.allowlist import Network, allows, parse_network
 from hybridrelay.protocol.connection_string import ConnectionString
 
 __all__ = [
@@ -118,8 +118,6 @@ LOG_LEVELS: Mapping[str, int] = {
     "error": logging.ERROR,
     "critical": logging.CRITICAL,
 }
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _mask_url(url: str | None) -> str | None:
@@ -216,15 +214,7 @@ class LocalForward:
 
     def allows(self, host: str) -> bool:
         """True when ``host`` (a peer address) may use this forward."""
-        if not self.allow:
-            return True
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.allow)
+        return allows(self.allow, host)
 
 
 @dataclass(frozen=True)
@@ -623,7 +613,7 @@ def _http_forward(item: _Section) -> HttpForward:
 
 def _network(text: str, where: str) -> Network:
     try:
-        return ipaddress.ip_network(text, strict=False)
+        return parse_network(text)
     except ValueError:
         raise ConfigurationError(f"{where}: {text!r} is not a CIDR like 10.0.0.0/8") from None
 

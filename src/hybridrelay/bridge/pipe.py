@@ -341,13 +341,19 @@ async def pipe(
         first = errors.exceptions[0]
         stats.error = f"{type(first).__name__}: {first}"
     finally:
-        if clean:
-            await leg.aclose(close_timeout)
-            await close_stream(stream, 1000, "", close_timeout)
-        else:
-            leg.abort()
-            await close_stream(stream, 1011, "forwarded socket failed", close_timeout)
+        await _close_both(leg, stream, clean, close_timeout)
     return stats
+
+
+async def _close_both(leg: SocketLeg, stream: RelayStream, clean: bool, grace: float) -> None:
+    """The end of a pump: flush and close both ends, or reset the socket and close the stream
+    with 1011 (the other bridge then resets its socket too)."""
+    if clean:
+        await leg.aclose(grace)
+        await close_stream(stream, 1000, "", grace)
+    else:
+        leg.abort()
+        await close_stream(stream, 1011, "forwarded socket failed", grace)
 
 
 class Splice:
@@ -385,12 +391,7 @@ class Splice:
             # its close handshake must still be read. Nothing it delivers now reaches the socket.
             self._down_done = True
             socket.resume_reading()
-            if clean:
-                await leg.aclose(close_timeout)
-                await close_stream(stream, 1000, "", close_timeout)
-            else:
-                leg.abort()
-                await close_stream(stream, 1011, "forwarded socket failed", close_timeout)
+            await _close_both(leg, stream, clean, close_timeout)
         return self._stats
 
     def _finish(self, error: str | None = None) -> None:

@@ -16,6 +16,7 @@ import yaml
 
 from hybridrelay.auth.sas import AuthorizationRule, Rights
 from hybridrelay.exceptions import ConfigurationError
+from hybridrelay.protocol.allowlist import Network, allows, parse_network
 
 __all__ = [
     "HybridConnectionConfig",
@@ -85,7 +86,7 @@ class IngressConfig:
     hybrid_connection: str
     port_name: str | None = None
     #: Client networks allowed to connect; empty allows every client.
-    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    allow: tuple[Network, ...] = ()
     max_connections: int = 10_000
 
     @property
@@ -95,15 +96,7 @@ class IngressConfig:
         return f"{host}:{self.port}{name} -> {self.hybrid_connection}"
 
     def allows(self, address: str) -> bool:
-        if not self.allow:
-            return True
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.allow)
+        return allows(self.allow, address)
 
 
 @dataclass(frozen=True)
@@ -284,7 +277,7 @@ def _ingress(
         allow = []
         for entry in raw_allow:
             try:
-                allow.append(ipaddress.ip_network(str(entry), strict=False))
+                allow.append(parse_network(str(entry)))
             except ValueError:
                 raise ConfigurationError(
                     f"{item.path}.allow: {entry!r} is not an address or CIDR"

@@ -108,27 +108,81 @@ class Splice:
             self.listener.close_now(1001, reason)
 
 
-class SpliceLeg(asyncio.BufferedProtocol):
+class _Leg(asyncio.BufferedProtocol):
+    """What the two kinds of leg share: the partner, the loss, and flow control (when this
+    leg's write buffer is full, the partner's reading is paused)."""
+
+    __slots__ = (
+        "_close_timer",
+        "_on_lost",
+        "_started",
+        "bytes_forwarded",
+        "close_received",
+        "close_sent",
+        "lost",
+        "name",
+        "peer",
+        "transport",
+    )
+
+    transport: asyncio.Transport
+    peer: _Leg | None
+    _on_lost: Callable[[Any], None] | None
+
+    def __init__(self, name: str, on_lost: Callable[[Any], None] | None) -> None:
+        self.name = name
+        self._on_lost = on_lost
+        self.peer = None
+        self.close_sent = False
+        self.close_received = False
+        self.lost = False
+        self.bytes_forwarded = 0
+        self._started = False
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    def send_close(self, code: int, reason: str = "") -> None:
+        raise NotImplementedError
+
+    def close_now(self, code: int, reason: str = "") -> None:
+        raise NotImplementedError
+
+    def expect_close_answer(self) -> None:
+        raise NotImplementedError
+
+    def write_pieces(self, pieces: list[bytearray], total: int) -> None:
+        raise NotImplementedError
+
+    def _tell_partner_gone(self) -> None:
+        raise NotImplementedError
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        if self._started:
+            self._tell_partner_gone()
+        if self._on_lost is not None:
+            self._on_lost(self)
+
+    def pause_writing(self) -> None:
+        # Our write buffer is full: stop reading what the partner sends us.
+        if self.peer is not None and not self.peer.lost:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and not self.peer.lost and not self.peer.close_received:
+            self.peer.transport.resume_reading()
+
+
+class SpliceLeg(_Leg):
     """One upgraded leg of a splice (the relay is its WebSocket server).
 
     Created by :func:`take_over` with reading paused; :meth:`start` (via :meth:`Splice.join`)
     forwards what arrived meanwhile and resumes reading.
     """
 
-    __slots__ = (
-        "_close_timer",
-        "_early",
-        "_on_lost",
-        "_started",
-        "bytes_forwarded",
-        "close_received",
-        "close_sent",
-        "forwarder",
-        "lost",
-        "name",
-        "peer",
-        "transport",
-    )
+    __slots__ = ("_early", "forwarder")
 
     def __init__(
         self,
@@ -138,18 +192,10 @@ class SpliceLeg(asyncio.BufferedProtocol):
         name: str = "",
         on_lost: Callable[[SpliceLeg], None] | None = None,
     ) -> None:
+        super().__init__(name, on_lost)
         self.transport = transport
-        self.name = name
-        self._on_lost = on_lost
         self.forwarder = FrameForwarder(websocket_mask, max_message_size=max_message_size)
-        self.peer: SpliceLeg | RawLeg | None = None
-        self.close_sent = False
-        self.close_received = False
-        self.lost = False
-        self.bytes_forwarded = 0
         self._early: list[bytes] = []
-        self._started = False
-        self._close_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -223,25 +269,6 @@ class SpliceLeg(asyncio.BufferedProtocol):
     def eof_received(self) -> bool | None:
         return None  # a WebSocket ends with close frames; a bare EOF ends the leg
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        if self._close_timer is not None:
-            self._close_timer.cancel()
-            self._close_timer = None
-        if self._started:
-            self._tell_partner_gone()
-        if self._on_lost is not None:
-            self._on_lost(self)
-
-    def pause_writing(self) -> None:
-        # Our write buffer is full: stop reading what the partner sends us.
-        if self.peer is not None and not self.peer.lost:
-            self.peer.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.peer is not None and not self.peer.lost and not self.peer.close_received:
-            self.peer.transport.resume_reading()
-
     # -- the two aiohttp hooks of take_over() -------------------------------------------------
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
@@ -311,7 +338,7 @@ class SpliceLeg(asyncio.BufferedProtocol):
         peer.expect_close_answer()
 
 
-class RawLeg(asyncio.BufferedProtocol):
+class RawLeg(_Leg):
     """A plain TCP or Unix connection accepted by the relay's own ingress, as a splice's sender.
 
     Bytes read from it go to the listener's leg as binary frames (unmasked: the relay is that
@@ -332,23 +359,7 @@ class RawLeg(asyncio.BufferedProtocol):
     resumes it.
     """
 
-    __slots__ = (
-        "_close_timer",
-        "_early",
-        "_on_connected",
-        "_on_lost",
-        "_preamble",
-        "_reply",
-        "_started",
-        "bytes_forwarded",
-        "close_received",
-        "close_sent",
-        "lost",
-        "name",
-        "peer",
-        "peername",
-        "transport",
-    )
+    __slots__ = ("_early", "_on_connected", "_preamble", "_reply", "peername")
 
     def __init__(
         self,
@@ -357,21 +368,15 @@ class RawLeg(asyncio.BufferedProtocol):
         on_connected: Callable[[RawLeg], None] | None = None,
         on_lost: Callable[[RawLeg], None] | None = None,
     ) -> None:
-        self.name = name
+        # close_sent: nothing more is written to the connection (EOF sent, or reset);
+        # close_received: the connection sent its EOF.
+        super().__init__(name, on_lost)
         self._on_connected = on_connected
-        self._on_lost = on_lost
-        self.transport: asyncio.Transport = cast(asyncio.Transport, None)
+        self.transport = cast(asyncio.Transport, None)
         self.peername: Any = None
-        self.peer: SpliceLeg | None = None
-        self.close_sent = False  # nothing more is written to the connection (EOF sent, or reset)
-        self.close_received = False  # the connection sent its EOF
-        self.lost = False
-        self.bytes_forwarded = 0
         self._preamble = b""
         self._early: list[bytes] = []
         self._reply: ReplyDecoder | None = None
-        self._started = False
-        self._close_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -465,24 +470,6 @@ class RawLeg(asyncio.BufferedProtocol):
         if self.close_sent:
             self._drop()
         return True  # keep the transport open: the other direction may still be flowing
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        if self._close_timer is not None:
-            self._close_timer.cancel()
-            self._close_timer = None
-        if self._started:
-            self._tell_partner_gone()
-        if self._on_lost is not None:
-            self._on_lost(self)
-
-    def pause_writing(self) -> None:
-        if self.peer is not None and not self.peer.lost:
-            self.peer.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.peer is not None and not self.peer.lost and not self.peer.close_received:
-            self.peer.transport.resume_reading()
 
     # -- forwarding ----------------------------------------------------------------------------
 
