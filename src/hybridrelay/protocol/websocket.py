@@ -41,6 +41,7 @@ __all__ = [
     "WIRE_CLOSE_CODES",
     "Unmask",
     "accept_key",
+    "check_header_fields",
     "check_upgrade_response",
     "close_payload",
     "frame_header",
@@ -190,13 +191,24 @@ def upgrade_request(
     if protocols:
         lines.append(f"Sec-WebSocket-Protocol: {', '.join(protocols)}")
     lines += [f"{name}: {value}" for name, value in headers.items()]
-    for name in headers:
-        if not name or not set(name) <= _TOKEN:
-            raise ValueError(f"invalid header name {name!r}")
-    values = [target, host, *protocols, *headers.values()]
-    if " " in target or any("\r" in v or "\n" in v for v in values):
+    check_header_fields(headers)
+    if " " in target or any("\r" in v or "\n" in v for v in (target, host, *protocols)):
         raise ValueError("CR, LF or a space where they cannot be")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+
+
+def check_header_fields(headers: Mapping[str, str]) -> None:
+    """Refuse header fields that would break a request: a name that is not an HTTP token, a
+    value with CR or LF (header injection; a blank line would end the request early).
+
+    Raises:
+        ValueError: naming the header, never its value (it may be a token).
+    """
+    for name, value in headers.items():
+        if not name or not set(name) <= _TOKEN:
+            raise ValueError(f"invalid header name {name!r}")
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"CR or LF in the value of header {name!r}")
 
 
 def parse_response_head(head: bytes) -> ResponseHead:

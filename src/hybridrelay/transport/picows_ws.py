@@ -43,6 +43,7 @@ from hybridrelay.exceptions import (
     RelayTimeoutError,
     http_error,
 )
+from hybridrelay.protocol.websocket import check_header_fields
 from hybridrelay.transport.base import MessageKind, WsMessage
 
 __all__ = ["PicowsMessageSocket", "connect"]
@@ -385,11 +386,16 @@ async def connect(
     request_headers = dict(headers)
     if protocols:
         request_headers["Sec-WebSocket-Protocol"] = ", ".join(protocols)
+    try:  # picows writes header values as given: CR/LF would inject lines
+        check_header_fields(request_headers)
+    except ValueError as exc:  # names the header, not its value
+        raise RelayConnectionError(f"cannot connect: {exc}") from exc
     secure = url[:4].lower() == "wss:"
 
     def factory() -> PicowsMessageSocket:
         return PicowsMessageSocket(max_message_size)
 
+    invalid_url = False
     try:
         async with asyncio.timeout(connect_timeout):
             transport, socket = await picows.ws_connect(
@@ -420,8 +426,12 @@ async def connect(
         raise RelayConnectionError(f"WebSocket handshake failed: {type(exc).__name__}") from exc
     except ssl.SSLError as exc:
         raise RelayConnectionError(f"TLS handshake failed: {type(exc).__name__}") from exc
+    except picows.WSInvalidURL:  # its message is the URL, which may hold a secret
+        invalid_url = True
     except (OSError, ValueError, picows.WSError) as exc:
         raise RelayConnectionError(f"cannot connect: {type(exc).__name__}") from exc
+    if invalid_url:  # raised out here so that not even __context__ keeps the URL
+        raise RelayConnectionError("cannot connect: malformed URL")
     assert isinstance(socket, PicowsMessageSocket)
     if _WRITE_HIGH is not None:
         transport.underlying_transport.set_write_buffer_limits(high=_WRITE_HIGH)
