@@ -434,30 +434,42 @@ async def test_clean_shutdown_exits_zero(chain: Chain) -> None:
     assert await chain.relay.stop(signal.SIGTERM) == 0
 
 
-async def test_bridge_runs_on_uvloop(chain: Chain) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+async def test_bridge_runs_on_uvloop(tmp_path: Path, tls_files: TlsFiles, tls: bool) -> None:
     """``--loop uvloop``: uvloop's transports are not asyncio.Transport subclasses, and the
-    bridge must not care."""
+    bridge must not care; its own client sockets (BufferedProtocol, D11) run on uvloop's TCP
+    and TLS transports as on asyncio's."""
     pytest.importorskip("uvloop", reason="uvloop is an optional event loop")
-    async with tcp_server(echo) as dest_port:
-        common = ("-x", chain.connection_string)
-        edge = await spawn(
-            *CLI,
-            "--loop",
-            "uvloop",
-            "bridge",
-            *common,
-            "-R",
-            f"hc:127.0.0.1:{dest_port}",
-        )
-        chain.procs.append(edge)
-        await edge.wait_for("all forwards are up")
-        ingress = await spawn(*CLI, "--loop", "uvloop", "bridge", *common, "-L", "127.0.0.1:0:hc")
-        chain.procs.append(ingress)
-        line = await ingress.wait_for(LISTENING)
-        port = int(line.strip().rsplit(":", 1)[1])
-        payload = pattern(3 * 1024 * 1024, 7)
-        async with asyncio.timeout(30):
-            assert await roundtrip(port, payload) == payload
+    chain = Chain(tmp_path, tls=tls_files if tls else None)
+    try:
+        await chain.start_relay()
+        async with tcp_server(echo) as dest_port:
+            common: tuple[str, ...] = ("-x", chain.connection_string)
+            if tls:
+                common += ("--ca-file", tls_files.ca_file)
+            edge = await spawn(
+                *CLI,
+                "--loop",
+                "uvloop",
+                "bridge",
+                *common,
+                "-R",
+                f"hc:127.0.0.1:{dest_port}",
+            )
+            chain.procs.append(edge)
+            await edge.wait_for("all forwards are up")
+            ingress = await spawn(
+                *CLI, "--loop", "uvloop", "bridge", *common, "-L", "127.0.0.1:0:hc"
+            )
+            chain.procs.append(ingress)
+            line = await ingress.wait_for(LISTENING)
+            port = int(line.strip().rsplit(":", 1)[1])
+            payload = pattern(3 * 1024 * 1024, 7)
+            async with asyncio.timeout(30):
+                results = await asyncio.gather(*(roundtrip(port, payload) for _ in range(3)))
+            assert all(result == payload for result in results)
+    finally:
+        await chain.stop_all()
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
