@@ -427,3 +427,25 @@ async def test_clients_that_vanish_mid_exchange_leave_no_connection_behind(
             group = agent.ingress[0]._group
             assert group is not None
             await eventually(lambda: len(group) == 0, seconds=8)
+
+
+async def test_a_burst_of_clients_waits_in_the_accept_queue(relay: Relay) -> None:
+    """400 clients connecting at once are all served, none reset by an overflowing backlog."""
+    async with tcp_server() as dest:
+        config = make_config(relay, ["0:hc"], [f"hc:127.0.0.1:{dest.port}"])
+        async with running(config) as agent:
+            host, port = agent.ingress_address(0)[:2]
+            opened = await asyncio.gather(
+                *(asyncio.open_connection(host, port) for _ in range(400))
+            )
+
+            async def echo_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+                try:
+                    return await exchange(reader, writer, b"ping") == b"ping"
+                finally:
+                    writer.close()
+
+            async with asyncio.timeout(60):
+                results = await asyncio.gather(*(echo_once(r, w) for r, w in opened))
+    assert all(results)
+    assert dest.connections == 400

@@ -32,6 +32,9 @@ __all__ = ["Connect", "StreamIngress", "format_address", "peer_host"]
 
 logger = logging.getLogger("hybridrelay.bridge")
 
+#: Pending connections the kernel queues for a listening socket (as the relay's own ports).
+LISTEN_BACKLOG = 1024
+
 #: Opens a relayed stream to the forward's hybrid connection.
 Connect = Callable[[], Awaitable[RelayStream]]
 
@@ -83,14 +86,18 @@ class StreamIngress:
         ) as group:
             self._group = group
             try:
+                # A burst of clients must wait in the accept queue, not be reset: asyncio's
+                # default backlog of 100 dropped clients of a 500-connection burst.
                 if spec.protocol is Protocol.UNIX:
                     assert spec.path is not None
                     _remove_stale_unix_socket(spec.path)
-                    server = await loop.create_unix_server(self._new_leg, spec.path)
+                    server = await loop.create_unix_server(
+                        self._new_leg, spec.path, backlog=LISTEN_BACKLOG
+                    )
                 else:
                     host = self.config.bind_host(self.forward)
                     server = await loop.create_server(
-                        self._new_leg, host, spec.port, reuse_address=True
+                        self._new_leg, host, spec.port, reuse_address=True, backlog=LISTEN_BACKLOG
                     )
             except OSError as exc:
                 raise ConfigurationError(
