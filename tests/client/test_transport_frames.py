@@ -213,7 +213,7 @@ async def test_attach_delivers_queued_messages_then_live_data_then_close() -> No
     got: list[WsMessage] = []
     peer_close: list[WsMessage] = []
     big = os.urandom(300 * KIB)
-    upload = os.urandom(200 * KIB)
+    upload = os.urandom(2 * frames_ws.MAX_SPLICE_MESSAGE + 200 * KIB)  # three messages
 
     async def handler(socket: AiohttpMessageSocket, request: web.BaseRequest) -> None:
         await socket.send(b"zero")
@@ -253,7 +253,7 @@ async def test_attach_delivers_queued_messages_then_live_data_then_close() -> No
         message = await socket.receive()
         assert (message.kind, message.code, message.reason) == (MessageKind.CLOSE, 4001, "bye")
         write_nowait_after_close(socket)
-    # write_nowait sent binary messages of at most 64 KiB that add up to the data.
+    # write_nowait sent binary messages of at most MAX_SPLICE_MESSAGE that add up to the data.
     assert all(m.kind is MessageKind.BINARY for m in got)
     assert all(0 < len(m.data) <= frames_ws.MAX_SPLICE_MESSAGE for m in got)
     assert len(got) == -(-len(upload) // frames_ws.MAX_SPLICE_MESSAGE)

@@ -68,8 +68,9 @@ CLOSE_TIMEOUT = 10.0
 
 #: Below this many bytes, the frames produced by one read are joined into one write.
 _JOIN_BELOW = 64 * 1024
-#: Largest frame made of one read from a :class:`RawLeg` (what the SDK and azbridge send too).
-MAX_RAW_FRAME = 64 * 1024
+#: Largest frame made of one read from a :class:`RawLeg`: the whole receive buffer, as the
+#: bridge's pump sends (frames_ws.MAX_SPLICE_MESSAGE).
+MAX_RAW_FRAME = 256 * 1024
 
 
 class Splice:
