@@ -46,6 +46,7 @@ __all__ = [
     "close_payload",
     "frame_header",
     "handshake_headers",
+    "masked_frame",
     "parse_response_head",
     "upgrade_request",
     "server_frame",
@@ -275,6 +276,28 @@ def frame_header(fin: bool, opcode: int, length: int, *, masked: bool = False) -
     if length < 65536:
         return bytes((first, bit | 126)) + length.to_bytes(2, "big")
     return bytes((first, bit | 127)) + length.to_bytes(8, "big")
+
+
+def masked_frame(
+    opcode: int,
+    payload: bytes | bytearray | memoryview,
+    mask: bytes,
+    xor: Unmask,
+    *,
+    fin: bool = True,
+) -> bytearray:
+    """One client (masked) frame with key ``mask``, built with a single copy of the payload:
+    the whole frame is XORed with the key rotated to line up after the header, then the header
+    and the key are written back over the start."""
+    length = len(payload)
+    header = frame_header(fin, opcode, length, masked=True)
+    prefix = len(header) + 4
+    frame = bytearray(prefix)
+    frame += payload
+    if length:
+        xor(_rotate(mask, -prefix), frame)
+    frame[:prefix] = header + mask
+    return frame
 
 
 def server_frame_header(fin: bool, opcode: int, length: int) -> bytes:

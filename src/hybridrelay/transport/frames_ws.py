@@ -58,7 +58,7 @@ from hybridrelay.protocol.websocket import (
     ResponseHead,
     check_upgrade_response,
     close_payload,
-    frame_header,
+    masked_frame,
     parse_response_head,
     upgrade_request,
 )
@@ -155,24 +155,9 @@ async def connect(
     return socket
 
 
-def _rotate(mask: bytes, shift: int) -> bytes:
-    shift %= 4
-    return mask[shift:] + mask[:shift] if shift else mask
-
-
 def _client_frame(opcode: int, data: bytes | bytearray | memoryview, fin: bool = True) -> bytearray:
-    """One masked frame, built with a single copy of the payload: the whole frame is XORed with
-    the key rotated to line up after the header, then the header and key are written back."""
-    length = len(data)
-    header = frame_header(fin, opcode, length, masked=True)
-    mask = os.urandom(4)
-    prefix = len(header) + 4
-    frame = bytearray(prefix)
-    frame += data
-    if length:
-        websocket_mask(_rotate(mask, -prefix), frame)
-    frame[:prefix] = header + mask
-    return frame
+    """One masked frame with a fresh random key (RFC 6455 5.3), masked by aiohttp's C loop."""
+    return masked_frame(opcode, data, os.urandom(4), websocket_mask, fin=fin)
 
 
 class FrameSocket(asyncio.BufferedProtocol):

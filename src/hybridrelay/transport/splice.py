@@ -145,6 +145,7 @@ class _Leg(asyncio.BufferedProtocol):
         raise NotImplementedError
 
     def close_now(self, code: int, reason: str = "") -> None:
+        """Only a WebSocket leg is closed this way (a raw leg's partner always is one)."""
         raise NotImplementedError
 
     def expect_close_answer(self) -> None:
@@ -417,10 +418,6 @@ class RawLeg(_Leg):
                 return
         if self.close_received:
             self._drop()
-
-    def close_now(self, code: int, reason: str = "") -> None:
-        self.send_close(code, reason)
-        self._drop()
 
     def expect_close_answer(self) -> None:
         """The partner is gone or sends nothing more: nothing this connection sends can go
