@@ -15,6 +15,7 @@ import trustme
 
 from hybridrelay.auth.sas import create_token
 from hybridrelay.server import RelayConfig, RelayServer
+from hybridrelay.transport.event_loop import default_loop, loop_factory
 
 ROOT_KEY_NAME = "RootManageSharedAccessKey"
 ROOT_KEY = "root-primary-key-0123456789abcdefghij"
@@ -23,6 +24,17 @@ LISTEN_KEY_NAME = "listen-only"
 LISTEN_KEY = "listen-only-key-0123456789abcdefghij"
 SEND_KEY_NAME = "send-only"
 SEND_KEY = "send-only-key-0123456789abcdefghijklm"
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests marked ``both_loops`` run on asyncio's event loop and on uvloop, made as the
+    command line makes it (``--loop``); the others on asyncio's."""
+    factories = {"asyncio": asyncio.new_event_loop}
+    if item.get_closest_marker("both_loops") is not None and default_loop() == "uvloop":
+        factories["uvloop"] = loop_factory("uvloop")
+    return factories
 
 
 async def eventually(predicate: Callable[[], bool], seconds: float = 5.0) -> None:

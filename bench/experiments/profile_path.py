@@ -3,12 +3,14 @@
 ``python -m bench.experiments.profile_path hybridrelay connrate --conns 50`` writes
 ``bench/results/profile-<path>-<mode>-<role>.txt`` (py-spy raw/collapsed stacks) and prints
 the top self and inclusive frames of each. Mode ``http`` (scenario 6) runs wrk (50 keep-alive
-connections) through relay + bridge ``-H`` instead of the load generator.
+connections) through relay + bridge ``-H`` instead of the load generator. ``PROFILE_NATIVE=1``
+adds the C frames (py-spy then pauses the process for each sample).
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import subprocess
 import sys
 import tempfile
@@ -76,7 +78,8 @@ def main() -> None:
             spies.append(
                 subprocess.Popen(
                     ["py-spy", "record", "--pid", str(proc.pid), "--duration", "6"]
-                    + ["--rate", "200", "--format", "raw", "--nonblocking", "-o", str(out)],
+                    + ["--rate", "200", "--format", "raw", "-o", str(out)]
+                    + (["--native"] if os.environ.get("PROFILE_NATIVE") else ["--nonblocking"]),
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )

@@ -15,7 +15,7 @@ from hybridrelay.bridge.pipe import PipeStats, SocketLeg, Splice
 from hybridrelay.client import StreamSink
 from tests.bridge.helpers import reset, wait_until_reset
 
-pytestmark = pytest.mark.timeout(20)
+pytestmark = [pytest.mark.timeout(20), pytest.mark.both_loops]
 
 
 class RecordingSocket:

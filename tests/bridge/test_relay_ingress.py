@@ -29,7 +29,7 @@ from tests.bridge.helpers import (
 from tests.client.helpers import open_listener
 from tests.conftest import Relay, RelayFactory, eventually
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.both_loops]
 
 
 def ingress(port_name: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -218,6 +218,54 @@ async def test_backpressure_reaches_the_client(make_relay: RelayFactory) -> None
                 assert await reader.read() == b""
             writer.close()
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+
+async def test_a_fast_client_is_read_no_faster_than_the_listener_takes_it(
+    make_relay: RelayFactory,
+) -> None:
+    """uvloop reads a new connection even though connection_made paused it, and what came
+    before the listener accepted is written to it at once: the relay still reads the client
+    only as fast as the listener's leg drains (its write buffers stay near the high-water
+    mark, not the size of what the client sent)."""
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(1 << 20):
+            pass
+        writer.close()
+
+    peak = 0
+    async with make_relay(ingress=[ingress()]) as relay, tcp_server(sink) as dest:
+        async with running(make_config(relay, remote=[f"hc:127.0.0.1:{dest.port}"])) as edge:
+            await edge.started.wait()
+            reader, writer = await open_ingress(relay)
+            chunk = bytes(1 << 20)
+            for _ in range(128):
+                writer.write(chunk)
+                await writer.drain()
+                sizes = [leg.transport.get_write_buffer_size() for leg in relay.server._legs]
+                peak = max([peak, *sizes])
+            writer.write_eof()
+            async with asyncio.timeout(30):
+                assert await reader.read() == b""
+            writer.close()
+    assert peak <= 4 << 20, f"{peak} bytes queued on the relay"
+
+
+async def test_bytes_and_eof_that_come_before_the_listener_accepts(
+    make_relay: RelayFactory,
+) -> None:
+    """A client that sends its request and its EOF at once: both reach the destination even
+    when the relay reads them before the listener accepted (uvloop)."""
+    async with make_relay(ingress=[ingress()]) as relay, tcp_server() as dest:
+        async with running(make_config(relay, remote=[f"hc:127.0.0.1:{dest.port}"])) as edge:
+            await edge.started.wait()
+            for _ in range(5):
+                reader, writer = await open_ingress(relay)
+                writer.write(b"ping")
+                writer.write_eof()
+                async with asyncio.timeout(10):
+                    assert await reader.read() == b"ping"
+                writer.close()
 
 
 async def test_many_connections_leave_nothing_behind_and_shutdown_resets(

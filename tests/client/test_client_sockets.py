@@ -46,7 +46,7 @@ from tests.client.ws_peers import (
 )
 from tests.conftest import Relay, TlsFiles, eventually
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.both_loops]
 
 
 @pytest.fixture(params=CLIENT_NAMES)

@@ -70,7 +70,7 @@ from tests.client.ws_peers import connect_frames as connect
 from tests.conftest import Relay, eventually
 from tests.wsframes import client_frame
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.both_loops]
 
 # -- the SDK with frames selected -------------------------------------------------------------
 

@@ -29,6 +29,8 @@ from tests.conftest import (
     eventually,
 )
 
+pytestmark = pytest.mark.both_loops
+
 AUTH = "ServiceBusAuthorization"
 
 

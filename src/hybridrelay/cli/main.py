@@ -23,6 +23,12 @@ from hybridrelay import __version__
 from hybridrelay.auth.sas import AuthorizationRule, Rights, create_token, token_audience
 from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.protocol.connection_string import ConnectionString
+from hybridrelay.transport.event_loop import (
+    LOOPS,
+    UvloopMissingError,
+    default_loop,
+    use_event_loop,
+)
 from hybridrelay.transport.tuning import set_malloc_thresholds, set_tls_read_buffer
 
 __all__ = ["main"]
@@ -82,10 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hybridrelay {__version__}")
     parser.add_argument(
         "--loop",
-        choices=["asyncio", "uvloop"],
-        default=os.environ.get("HYBRIDRELAY_LOOP", "asyncio"),
-        help="event loop (default: $HYBRIDRELAY_LOOP or asyncio). uvloop measured +22-38%% "
-        "on small messages and -26-30%% on bulk throughput here (docs/DECISIONS.md D7)",
+        choices=LOOPS,
+        default=os.environ.get("HYBRIDRELAY_LOOP") or default_loop(),
+        help="event loop of serve, bridge and serve-app (default: $HYBRIDRELAY_LOOP, else "
+        "uvloop where it is installed, else asyncio; docs/DECISIONS.md D7)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
@@ -115,21 +121,6 @@ def raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def use_event_loop(name: str) -> None:
-    """Make the ``asyncio.run`` calls of this process use ``name``'s event loop."""
-    if name not in ("asyncio", "uvloop"):
-        raise ConfigurationError(f"unknown event loop {name!r} (asyncio or uvloop)")
-    if name == "asyncio":
-        return
-    try:
-        import uvloop
-    except ImportError:
-        raise ConfigurationError(
-            "--loop uvloop: uvloop is not installed (pip install uvloop)"
-        ) from None
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -139,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         set_malloc_thresholds()
         try:
             use_event_loop(args.loop)
-        except ConfigurationError as exc:
-            print(f"hybridrelay: {exc}", file=sys.stderr)
+        except (ValueError, UvloopMissingError) as exc:
+            print(f"hybridrelay: --loop {args.loop}: {exc}", file=sys.stderr)
             return 2
     try:
         result: int = args.func(args)

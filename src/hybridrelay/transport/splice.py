@@ -124,6 +124,7 @@ class _Leg(asyncio.BufferedProtocol):
         "name",
         "peer",
         "transport",
+        "write_full",
     )
 
     transport: asyncio.Transport
@@ -138,6 +139,9 @@ class _Leg(asyncio.BufferedProtocol):
         self.close_received = False
         self.lost = False
         self.bytes_forwarded = 0
+        # Between the transport's pause_writing and resume_writing: the partner is not read.
+        # Kept here because start() must not resume a partner paused before (or while) it ran.
+        self.write_full = False
         self._started = False
         self._close_timer: asyncio.TimerHandle | None = None
 
@@ -169,12 +173,20 @@ class _Leg(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         # Our write buffer is full: stop reading what the partner sends us.
+        self.write_full = True
         if self.peer is not None and not self.peer.lost:
             self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_full = False
         if self.peer is not None and not self.peer.lost and not self.peer.close_received:
             self.peer.transport.resume_reading()
+
+    def _may_read(self) -> bool:
+        """Whether :meth:`start` may resume reading: not while the partner's write buffer is
+        full (what start() forwarded may itself have filled it)."""
+        peer = self.peer
+        return not self.lost and not self.close_received and not (peer and peer.write_full)
 
 
 class SpliceLeg(_Leg):
@@ -206,7 +218,7 @@ class SpliceLeg(_Leg):
         early, self._early = self._early, []
         for data in early:
             self._received(data)
-        if not self.lost and not self.close_received:
+        if self._may_read():
             self.transport.resume_reading()
         if self.lost:
             self._tell_partner_gone()
@@ -399,7 +411,9 @@ class RawLeg(_Leg):
             peer.transport.write(frame)
         if self.lost:
             self._tell_partner_gone()
-        elif not self.close_received:
+        elif self.close_received:  # its EOF came before start() (uvloop: see buffer_updated)
+            peer.send_close(1000)
+        elif self._may_read():
             self.transport.resume_reading()
 
     def send_close(self, code: int, reason: str = "") -> None:
@@ -452,8 +466,12 @@ class RawLeg(_Leg):
 
     def buffer_updated(self, nbytes: int) -> None:
         frame = frame_header(True, OP_BINARY, nbytes) + receive_buffer()[:nbytes]
-        if not self._started:  # reading is paused until start(); an event loop may differ
+        if not self._started:
+            # Reading is paused until start(), but uvloop starts reading after
+            # connection_made whatever it asked: pause again, or the client could fill
+            # _early without bound while the listener is being asked.
             self._early.append(frame)
+            self.transport.pause_reading()
             return
         peer = self.peer
         if peer is None or peer.close_sent or peer.lost:
