@@ -18,11 +18,11 @@ ORDER = ALL_TOPOLOGIES
 OURS = "hybridrelay"
 #: The same relay and agent with the relay's own ingress port: 2 processes, like wstunnel.
 OURS_INGRESS = "hybridrelay-ingress"
-PEERS = ("socat", "socat-chain", "socat-chain-tls", "websockify", "wstunnel")
+PEERS = ("socat", "socat-chain", "socat-chain-tls", "socat-chain2", "websockify", "wstunnel")
 #: The path a peer's "× ours" is against (default :data:`OURS`): the TLS ceiling vs our TLS path.
-OURS_FOR = {"socat-chain-tls": "hybridrelay-tls"}
-#: The same chain as ours in C: the best any 3-process relay chain could do on this machine.
-CEILINGS = ("socat-chain", "socat-chain-tls")
+OURS_FOR = {"socat-chain-tls": "hybridrelay-tls", "socat-chain2": "hybridrelay-ingress"}
+#: The same chains as ours in C: the best any relay chain of as many processes could do here.
+CEILINGS = ("socat-chain", "socat-chain-tls", "socat-chain2")
 CEILING_MARK = "(ceiling)"
 #: Roles that make up a path (CPU and memory of "the path" = their sum).
 PATH_ROLES = (
@@ -226,7 +226,8 @@ def render_table(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{CEILING_MARK}: the same chain as ours in C, no WebSocket framing, no auth: "
             "client → socat A → socat B → socat C → destination (3 processes, 4 TCP hops; "
             '`socat-chain-tls`: A → B and B → C TLS). `socat-chain-tls` "× ours TLS" is '
-            'against `hybridrelay-tls`; "(7) relay" of a chain is socat B.',
+            "against `hybridrelay-tls`; `socat-chain2` (client → B → C → destination, 2 "
+            'processes) against `hybridrelay-ingress`; "(7) relay" of a chain is socat B.',
         ]
     skipped = meta.get("skipped") or {}
     if skipped:
@@ -339,6 +340,7 @@ def render_plot(records: list[dict[str, Any]], path: Path) -> str:
         "socat": "#2ca02c",
         "socat-chain": "#74c476",
         "socat-chain-tls": "#006d2c",
+        "socat-chain2": "#a1d99b",
         "websockify": "#ff7f0e",
         "wstunnel": "#d62728",
     }

@@ -7,7 +7,8 @@ with the relay's own ingress port (``ingress:`` in its config) instead of the ``
 client -> relay -> edge agent -> destination, two processes like wstunnel. The peers are socat
 (one raw TCP hop), ``socat-chain`` / ``socat-chain-tls`` (the ceiling: three socat processes
 with the same hops as ours, client -> A -> B -> C -> destination, the two middle legs TLS in
-the ``-tls`` variant), websockify (a WebSocket-to-TCP server: the load generator speaks
+the ``-tls`` variant), ``socat-chain2`` (the same for the own-ingress path: client -> B -> C ->
+destination), websockify (a WebSocket-to-TCP server: the load generator speaks
 WebSocket to it, so it is one hop *fewer* than our pattern) and the npm ``wstunnel`` (a TCP ->
 WebSocket -> TCP tunnel, two processes).
 
@@ -55,13 +56,14 @@ ALL_TOPOLOGIES = [
     "socat",
     "socat-chain",
     "socat-chain-tls",
+    "socat-chain2",
     "websockify",
     "wstunnel",
 ]
 #: What ``python -m bench`` runs without ``--topology``: the socat chains (the ceiling of a
 #: 3-process chain, ~1 min more) and ``hybridrelay-ingress-tls`` (~45 s) are asked for by
 #: name, to keep the default under 3 minutes.
-OPT_IN_TOPOLOGIES = ("socat-chain", "socat-chain-tls", "hybridrelay-ingress-tls")
+OPT_IN_TOPOLOGIES = ("socat-chain", "socat-chain-tls", "socat-chain2", "hybridrelay-ingress-tls")
 DEFAULT_TOPOLOGIES = [t for t in ALL_TOPOLOGIES if t not in OPT_IN_TOPOLOGIES]
 #: Load generator modes each path can run (websockify: no half-close over our WS client).
 _ALL_MODES = {"down", "up", "lat", "rr", "connrate", "idle"}
@@ -76,6 +78,7 @@ MODES: dict[str, set[str]] = {
     "socat": _ALL_MODES,
     "socat-chain": _ALL_MODES,
     "socat-chain-tls": _ALL_MODES,
+    "socat-chain2": _ALL_MODES,
     # websockify: no half-close through our WS client; "idle" timed out at 100 connections
     # (it forks a process per connection), see docs/PERFORMANCE.md.
     "websockify": _ALL_MODES - {"up", "idle"},
@@ -233,7 +236,8 @@ _SOCAT_TLS_MIN = "openssl-min-proto-version=TLS1.2"
 def _start_socat_chain(
     topo: Topology, procs: ProcGroup, dest_port: int, workdir: Path, cpus: CpuLayout
 ) -> Topology:
-    """client -> A -> B -> C -> destination: three socat processes, the same hops as ours.
+    """client -> A -> B -> C -> destination: three socat processes, the same hops as ours
+    (``socat-chain2``: client -> B -> C -> destination, the hops of the relay's own ingress).
 
     A (``chain-ingress``) and C (``chain-agent``) are unpinned like our ingress and agent; B
     (``chain-relay``) is on the relay's CPU. With ``-tls``, A -> B and B -> C are TLS: A and B
@@ -263,6 +267,8 @@ def _start_socat_chain(
         ("chain-relay", cpus.relay, tls, tls),
         ("chain-ingress", cpus.ingress, False, tls),
     ]
+    if topo.name == "socat-chain2":
+        hops.pop()
     next_port = dest_port
     roles: dict[str, Proc] = {}
     for role, role_cpus, tls_in, tls_out in hops:
@@ -273,8 +279,9 @@ def _start_socat_chain(
         wait_port(port)
         next_port = port
     topo.port = next_port
-    topo.roles = {r: roles[r] for r in ("chain-ingress", "chain-relay", "chain-agent")}
-    topo.note = "3 socat processes, 4 TCP hops, fork per conn" + (
+    order = ("chain-ingress", "chain-relay", "chain-agent")
+    topo.roles = {r: roles[r] for r in order if r in roles}
+    topo.note = f"{len(hops)} socat processes, {len(hops) + 1} TCP hops, fork per conn" + (
         "; A -> B and B -> C TLS (>= 1.2, verify on)" if tls else ""
     )
     return topo
