@@ -49,6 +49,7 @@ from hybridrelay.protocol.connection_string import ConnectionString
 from hybridrelay.transport import frames_ws
 from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
 from hybridrelay.transport.base import FragmentSocket, MessageSocket
+from hybridrelay.transport.warm import WarmPool
 
 __all__ = [
     "CONTROL_MAX_MESSAGE",
@@ -228,6 +229,8 @@ class WebSocketConnector:
         self._environment_proxies: dict[str, str] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        # Connections to the relay opened ahead of the handshakes of our own client sockets.
+        self._warm: WarmPool[frames_ws.FrameSocket] = WarmPool()
         # Sockets handed out and not finished yet: closing the session would cut them, so
         # aclose() leaves it open until the last one is released (streams outlive their
         # listener or client, like accepted sockets outlive a listening socket).
@@ -291,6 +294,7 @@ class WebSocketConnector:
                 headers=dict(headers or {}),
                 protocols=tuple(protocols),
                 max_message_size=max_msg_size,
+                warm=self._warm,
             )
             self._live.add(own)
             return own
@@ -372,6 +376,7 @@ class WebSocketConnector:
         Sockets already handed out keep working until they are closed. Idempotent.
         """
         self._closed = True
+        await self._warm.aclose()
         await self._close_if_idle()
 
 

@@ -64,6 +64,7 @@ from hybridrelay.protocol.websocket import (
 )
 from hybridrelay.transport.base import MessageKind, StreamSink, WsMessage
 from hybridrelay.transport.receive_buffer import receive_buffer
+from hybridrelay.transport.warm import WarmPool
 
 __all__ = ["FrameSocket", "connect"]
 
@@ -92,8 +93,12 @@ async def connect(
     headers: dict[str, str],
     protocols: tuple[str, ...] | list[str] = (),
     max_message_size: int,
+    warm: WarmPool[FrameSocket] | None = None,
 ) -> FrameSocket:
     """Open a WebSocket to ``url`` (``ws://`` or ``wss://``) within ``connect_timeout``.
+
+    With ``warm``, the connection is taken from that pool when it has one for the address
+    (see :mod:`hybridrelay.transport.warm`), and one stale there is replaced by a new one.
 
     ``url`` may hold a secret (a rendezvous address): it never goes into an exception message
     or a log line from here.
@@ -120,20 +125,49 @@ async def connect(
         )
     except ValueError as exc:
         raise RelayConnectionError(f"cannot connect: {exc}") from exc
-    socket = FrameSocket(max_message_size)
+    host = parts.hostname
+    port = port or (443 if secure else 80)
     loop = asyncio.get_running_loop()
+
+    async def open_connection() -> FrameSocket:
+        """A new connection, set up (TLS too) and silent: the handshake is the caller's."""
+        fresh = FrameSocket(max_message_size)
+        try:
+            async with asyncio.timeout(connect_timeout):
+                await loop.create_connection(
+                    lambda: fresh,
+                    host,
+                    port,
+                    ssl=ssl_context if secure else None,
+                    server_hostname=host if secure else None,
+                )
+        except BaseException:
+            fresh.abort()
+            raise
+        return fresh
+
+    socket: FrameSocket | None = None
     try:
         async with asyncio.timeout(connect_timeout):
-            await loop.create_connection(
-                lambda: socket,
-                parts.hostname,
-                port or (443 if secure else 80),
-                ssl=ssl_context if secure else None,
-                server_hostname=parts.hostname if secure else None,
-            )
-            head = await socket.handshake(request)
+            head: ResponseHead | None = None
+            if warm is not None:
+                socket = warm.take((secure, host, port, max_message_size), open_connection)
+            if socket is not None:
+                try:
+                    head = await socket.handshake(request)
+                except ConnectionResetError:
+                    if not socket.nothing_received():
+                        raise
+                    # A warm connection the server closed as we used it: connect anew.
+                    socket.abort()
+                    socket = None
+            if socket is None:
+                socket = await open_connection()
+                head = await socket.handshake(request)
+            assert head is not None
     except BaseException as exc:
-        socket.abort()
+        if socket is not None:
+            socket.abort()
         if isinstance(exc, TimeoutError):
             raise RelayTimeoutError(f"no WebSocket within {connect_timeout:g} s") from exc
         if isinstance(exc, ssl.SSLError):
@@ -209,6 +243,22 @@ class FrameSocket(asyncio.BufferedProtocol):
         self._head_waiter = asyncio.get_running_loop().create_future()
         transport.write(request)
         return await self._head_waiter
+
+    def warm_usable(self) -> bool:
+        """Connected, and silent both ways: it may still carry a handshake (the warm pool)."""
+        transport = self._transport
+        return (
+            transport is not None
+            and not self._lost
+            and not transport.is_closing()
+            and self._head_waiter is None
+            and not self._early
+        )
+
+    def nothing_received(self) -> bool:
+        """Not a byte came from the server (a handshake that failed this way may be retried
+        on a new connection: the server never answered this one)."""
+        return not self._head and not self._early
 
     def open(self, subprotocol: str | None) -> None:
         """The upgrade was accepted: frames may flow; what arrived meanwhile is read now."""
