@@ -582,3 +582,30 @@ async def test_sender_moves_on_when_its_listener_dies_before_answering(
         assert (await rendezvous.receive()).data == b"made it"
         await asyncio.gather(sender.close(), rendezvous.close())
         await survivor.close()
+
+
+async def test_a_connection_without_a_request_is_closed_after_the_idle_timeout(
+    make_relay: RelayFactory,
+) -> None:
+    """``limits.idle_timeout`` bounds the wait for a connection's first request (no idle
+    connections kept for ever); WebSockets, a control channel among them, are not touched."""
+    async with make_relay(limits={"idle_timeout": 0.3, "keep_alive_interval": 60}) as relay:
+        async with session() as s:
+            control = await open_listener(s, relay)
+            reader, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""  # closed by the relay, nothing sent
+            writer.close()
+            assert not control.closed
+            sender_task = asyncio.create_task(
+                s.ws_connect(
+                    f"{relay.base_url}/$hc/hc?sb-hc-action=connect",
+                    headers={AUTH: relay.token("hc")},
+                )
+            )
+            address = str((await next_accept(control))["address"])
+            rendezvous = await s.ws_connect(address)
+            sender = await sender_task
+            await sender.send_bytes(b"still served")
+            assert (await rendezvous.receive()).data == b"still served"
+            await asyncio.gather(sender.close(), rendezvous.close(), control.close())

@@ -181,7 +181,14 @@ class RelayServer:
         # aiohttp's low-level server: routing is ours (one catch-all), so the Application,
         # router and middleware layers would only cost memory per connection (~2 KiB per
         # relayed connection, measured) and CPU per request.
-        server = web.Server(self._dispatch, access_log=None, max_field_size=32768)
+        # keepalive_timeout also bounds the wait for a connection's first request (aiohttp
+        # starts it at connection_made): one that never sends one does not stay for ever.
+        server = web.Server(
+            self._dispatch,
+            access_log=None,
+            max_field_size=32768,
+            keepalive_timeout=self.config.limits.idle_timeout,
+        )
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(

@@ -60,6 +60,9 @@ class LimitsConfig:
     token_grace_period: float = 300.0
     http_response_timeout: float = 60.0
     max_pending_rendezvous: int = 10_000
+    #: How long a connection may wait without a request, before its first and between HTTP
+    #: requests, before the relay closes it (WebSockets are not affected).
+    idle_timeout: float = 75.0
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,7 @@ class RelayConfig:
             max_pending_rendezvous=limits_doc.integer(
                 "max_pending_rendezvous", defaults.max_pending_rendezvous, low=1, high=10**7
             ),
+            idle_timeout=limits_doc.number("idle_timeout", defaults.idle_timeout),
         )
         limits_doc.done()
 
