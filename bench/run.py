@@ -1,8 +1,11 @@
 """The benchmark suite: ``python -m bench [--quick | --full] [--only SCENARIO ...]``.
 
-For each run (``--runs``, medians reported) and each path (:mod:`bench.topologies`), a fresh
-set of processes is started, every scenario that path supports is measured by a fresh
-:mod:`bench.loadgen` process, and everything is stopped by PID. CPU of every process is
+Each path (:mod:`bench.topologies`) is started once, warmed up (``path_warmup`` seconds of
+the connection-rate load, unmeasured: a JIT such as wstunnel's V8 sets up connections 1.6x
+faster once warm, and our processes fill their pools), and kept for every run; in each run
+(``--runs``, medians reported) every path in turn has every scenario it supports measured by a
+fresh :mod:`bench.loadgen` process. Scenario (4) gets fresh processes. Everything is stopped by
+PID. CPU of every process is
 sampled at the load generator's window marks (``/proc/PID/stat``); memory is VmRSS and Pss
 from ``/proc``. Results go to ``bench/results/<stamp>/`` (``results.json``, ``table.md`` and,
 when matplotlib is installed, ``bench.png``); the table is also printed.
@@ -11,6 +14,7 @@ when matplotlib is installed, ``bench.png``); the table is also printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import platform
@@ -19,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +71,8 @@ class Profile:
     peer_idle_count: int
     rr_conns: int = 100
     connrate_workers: int = 50
+    #: Seconds of connection-rate load on a path before its first measurement.
+    path_warmup: float = 2.0
     #: Scenario (6): wrk connections, measured seconds (whole seconds: wrk's -d), warm-up.
     http_conns: int = 50
     http_seconds: int = 2
@@ -82,6 +89,7 @@ PROFILES = {
         peer_idle_count=300,
         http_seconds=1,
         http_warmup=False,
+        path_warmup=1.0,
     ),
     "default": Profile(
         runs=3,
@@ -104,6 +112,7 @@ PROFILES = {
         idle_count=10000,
         peer_idle_count=1000,
         http_seconds=5,
+        path_warmup=3.0,
     ),
 }
 
@@ -261,16 +270,30 @@ def _log(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def run_topology(
+@dataclass
+class RunningPath:
+    """A path's processes, started once and measured in every run."""
+
+    name: str
+    procs: ProcGroup
+    topo: Topology
+    dest: Proc
+    watched: dict[str, Proc]
+
+
+@contextlib.contextmanager
+def running_path(
     name: str,
     scenarios: list[str],
     prof: Profile,
     cpus: CpuLayout,
-    run_index: int,
     workdir: Path,
-    idle_count: int,
-) -> list[dict[str, Any]]:
-    records: list[dict[str, Any]] = []
+    records: list[dict[str, Any]],
+    *,
+    warm: bool = True,
+) -> Iterator[RunningPath | None]:
+    """Start path ``name`` (and its destination); None, with an error record, if it cannot
+    start. With ``warm``, it first carries ``prof.path_warmup`` s of connection-rate load."""
     with ProcGroup() as procs:
         dest = procs.start(
             "dest",
@@ -293,30 +316,57 @@ def run_topology(
         try:
             topo = start_topology(name, procs, dport, workdir, cpus, http_port=hport)
         except (OSError, TimeoutError, ValueError) as exc:
-            _log(f"run {run_index} {name}: could not start: {exc}")
-            return [{"topology": name, "mode": "start", "run": run_index, "error": str(exc)}]
+            _log(f"{name}: could not start: {exc}")
+            records.append({"topology": name, "mode": "start", "run": 0, "error": str(exc)})
+            yield None
+            return
         watched = {**topo.roles, "dest": dest}
         if httpdest is not None:
             watched["httpdest"] = httpdest
-        for scenario in scenarios:
-            for mode in SCENARIOS[scenario]:
-                if mode not in topo.modes:
-                    continue
-                t0 = time.monotonic()
-                try:
-                    result = _measure(procs, topo, dest, watched, mode, prof, cpus, idle_count)
-                except (OSError, TimeoutError, ValueError) as exc:
-                    result = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                result.update(
-                    topology=name, scenario=scenario, mode=mode, run=run_index, note=topo.note
-                )
-                records.append(result)
-                took = time.monotonic() - t0
-                _log(f"run {run_index} {name:16} {mode:9} {_brief(result)} ({took:.1f} s)")
+        if warm and prof.path_warmup > 0 and "connrate" in topo.modes:
+            t0 = time.monotonic()
+            warmup = Profile(**{**prof.__dict__, "duration": prof.path_warmup, "warmup": 0.0})
+            try:
+                result = _measure(procs, topo, dest, watched, "connrate", warmup, cpus, 0)
+            except (OSError, TimeoutError, ValueError) as exc:
+                result = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            took = time.monotonic() - t0
+            _log(f"{name:16} warm-up   {_brief(result)} ({took:.1f} s, not recorded)")
+        yield RunningPath(name, procs, topo, dest, watched)
         # Health: did the path's processes survive?
         for role, proc in topo.roles.items():
             if proc.popen.poll() is not None:
                 _log(f"WARNING: {name}/{role} exited with {proc.popen.returncode}")
+
+
+def measure_path(
+    path: RunningPath,
+    scenarios: list[str],
+    prof: Profile,
+    cpus: CpuLayout,
+    run_index: int,
+    idle_count: int,
+) -> list[dict[str, Any]]:
+    """One run of ``scenarios`` on a running path."""
+    records: list[dict[str, Any]] = []
+    topo = path.topo
+    for scenario in scenarios:
+        for mode in SCENARIOS[scenario]:
+            if mode not in topo.modes:
+                continue
+            t0 = time.monotonic()
+            try:
+                result = _measure(
+                    path.procs, topo, path.dest, path.watched, mode, prof, cpus, idle_count
+                )
+            except (OSError, TimeoutError, ValueError) as exc:
+                result = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            result.update(
+                topology=path.name, scenario=scenario, mode=mode, run=run_index, note=topo.note
+            )
+            records.append(result)
+            took = time.monotonic() - t0
+            _log(f"run {run_index} {path.name:16} {mode:9} {_brief(result)} ({took:.1f} s)")
     return records
 
 
@@ -464,14 +514,24 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     plain = [s for s in scenarios if s != "idle"]
     with tempfile.TemporaryDirectory(prefix="hybridrelay-bench-") as tmp:
-        for run_index in range(prof.runs):
-            for name in runnable:
-                wanted = [s for s in plain if run_index == 0 or (name, s) not in FIRST_RUN_ONLY]
-                if wanted:
-                    records += run_topology(
-                        name, wanted, prof, cpus, run_index, Path(tmp), idle_count
-                    )
-                    (out / "partial.json").write_text(json.dumps(records))
+        if plain:
+            with contextlib.ExitStack() as paths:
+                running: dict[str, RunningPath | None] = {}
+                for run_index in range(prof.runs):
+                    for name in runnable:
+                        wanted = [
+                            s for s in plain if run_index == 0 or (name, s) not in FIRST_RUN_ONLY
+                        ]
+                        if not wanted:
+                            continue
+                        if name not in running:
+                            running[name] = paths.enter_context(
+                                running_path(name, plain, prof, cpus, Path(tmp), records)
+                            )
+                        path = running[name]
+                        if path is not None:
+                            records += measure_path(path, wanted, prof, cpus, run_index, idle_count)
+                        (out / "partial.json").write_text(json.dumps(records))
         if "idle" in scenarios:  # one fresh set of processes per path, first run only
             for name in runnable:
                 count = (
@@ -479,7 +539,11 @@ def main(argv: list[str] | None = None) -> int:
                     if name.startswith("hybridrelay") or name == "direct"
                     else min(idle_count, prof.peer_idle_count)
                 )
-                records += run_topology(name, ["idle"], prof, cpus, 0, Path(tmp), count)
+                with running_path(
+                    name, ["idle"], prof, cpus, Path(tmp), records, warm=False
+                ) as fresh:
+                    if fresh is not None:
+                        records += measure_path(fresh, ["idle"], prof, cpus, 0, count)
     elapsed = time.monotonic() - started
     meta = {
         "machine": machine_info(),
