@@ -427,10 +427,9 @@ async def run_serve_app(args: argparse.Namespace) -> int:
             startup failed.
         RelayError: the relay refused the listener (first connection, or for good later).
     """
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    level = getattr(logging, str(args.log_level).upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # also when the command line installed a handler
     if not args.connection_string:
         raise ConfigurationError(
             "a connection string is required (--connection-string or "

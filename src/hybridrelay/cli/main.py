@@ -21,6 +21,7 @@ from pathlib import Path
 
 from hybridrelay import __version__
 from hybridrelay.auth.sas import AuthorizationRule, Rights, create_token, token_audience
+from hybridrelay.cli.logs import LOG_FORMAT, install_batched_stderr
 from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.protocol.connection_string import ConnectionString
 from hybridrelay.transport.event_loop import (
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("serve", "bridge", "serve-app"):
+        install_batched_stderr()
         raise_open_file_limit()
         set_tls_read_buffer()
         set_malloc_thresholds()
@@ -171,9 +173,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from hybridrelay.server.config import ServerSettings
     from hybridrelay.server.store import EntityStore
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    logging.getLogger().setLevel(args.log_level.upper())  # also when main() installed a handler
     store: EntityStore | None = None
     data_dir: Path | None = None
     if args.config:

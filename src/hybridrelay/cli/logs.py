@@ -1,0 +1,88 @@
+"""The log output of our processes: one line per record on stderr, written in batches.
+
+The bridges log one INFO line per relayed connection (operators audit them). Written one by
+one, each line is a system call and a wake-up of whatever reads stderr (journald, a pipe), on
+the machine that does the relaying: measured here, batching them gave 8-12 % more new tunnels
+per second on both paths (docs/PERFORMANCE.md), and so did dropping the line altogether. Here
+lines are gathered and written together at most ``FLUSH_INTERVAL`` later, by a thread of the
+handler's own; a WARNING or worse, a full batch, and the process' exit (``logging.shutdown``)
+write at once. What a process killed with SIGKILL had not written yet is lost, as with any
+buffered log.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import TextIO
+
+__all__ = ["FLUSH_INTERVAL", "LOG_FORMAT", "BatchedStreamHandler", "install_batched_stderr"]
+
+#: The longest a line waits before it is written.
+FLUSH_INTERVAL = 0.1
+#: A batch is written as soon as it holds this many characters.
+BATCH_LIMIT = 64 * 1024
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class BatchedStreamHandler(logging.StreamHandler[TextIO]):
+    """A :class:`logging.StreamHandler` that writes its lines in batches (see the module)."""
+
+    def __init__(self, stream: TextIO, *, interval: float = FLUSH_INTERVAL) -> None:
+        super().__init__(stream)
+        self._interval = interval
+        self._batch: list[str] = []
+        self._size = 0
+        self._stop = threading.Event()
+        self._writer = threading.Thread(
+            target=self._write_periodically, name="hybridrelay-log-writer", daemon=True
+        )
+        self._writer.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        with self.lock:  # type: ignore[union-attr]  # Handler.__init__ made it
+            self._batch.append(line)
+            self._size += len(line)
+            full = self._size >= BATCH_LIMIT
+        if full or record.levelno >= logging.WARNING:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if not self._batch:
+                return
+            text = "".join(self._batch)
+            self._batch.clear()
+            self._size = 0
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):  # stderr closed or gone: nothing to report it on
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._writer is not threading.current_thread():
+            self._writer.join(timeout=1.0)
+        self.flush()
+        super().close()
+
+    def _write_periodically(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.flush()
+
+
+def install_batched_stderr() -> None:
+    """Give the root logger a :class:`BatchedStreamHandler` on stderr, unless it has a
+    handler already (then the process' own logging setup stays). Levels are the commands'."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = BatchedStreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
