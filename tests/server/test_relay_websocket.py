@@ -92,6 +92,21 @@ async def next_accept(control: aiohttp.ClientWebSocketResponse) -> dict[str, obj
     return accept
 
 
+async def relayed_pair(
+    s: aiohttp.ClientSession, relay: Relay, control: aiohttp.ClientWebSocketResponse
+) -> tuple[aiohttp.ClientWebSocketResponse, aiohttp.ClientWebSocketResponse]:
+    """A sender's connect to ``hc`` accepted through ``control``: (sender, rendezvous)."""
+    sender_task = asyncio.create_task(
+        s.ws_connect(
+            f"{relay.base_url}/$hc/hc?sb-hc-action=connect",
+            headers={AUTH: relay.token("hc")},
+        )
+    )
+    address = str((await next_accept(control))["address"])
+    rendezvous = await s.ws_connect(address)
+    return await sender_task, rendezvous
+
+
 # -- authorization and addressing ------------------------------------------------------------
 
 
@@ -296,15 +311,7 @@ async def test_failover_between_listeners(relay: Relay) -> None:
         second = await open_listener(s, relay)
         await first.close()  # this one is gone; senders must always reach the other
         for _ in range(6):
-            sender_task = asyncio.create_task(
-                s.ws_connect(
-                    f"{relay.base_url}/$hc/hc?sb-hc-action=connect",
-                    headers={AUTH: relay.token("hc")},
-                )
-            )
-            address = str((await next_accept(second))["address"])
-            rendezvous = await s.ws_connect(address)
-            sender = await sender_task
+            sender, rendezvous = await relayed_pair(s, relay, second)
             await sender.send_bytes(b"x")
             assert (await rendezvous.receive()).data == b"x"
             await asyncio.gather(sender.close(), rendezvous.close())
@@ -318,15 +325,7 @@ async def test_dead_listener_is_skipped(relay: Relay) -> None:
         dead = await open_listener(s, relay)
         dead._response.connection.transport.abort()  # type: ignore[union-attr]
         for _ in range(4):
-            sender_task = asyncio.create_task(
-                s.ws_connect(
-                    f"{relay.base_url}/$hc/hc?sb-hc-action=connect",
-                    headers={AUTH: relay.token("hc")},
-                )
-            )
-            address = str((await next_accept(alive))["address"])
-            rendezvous = await s.ws_connect(address)
-            sender = await sender_task
+            sender, rendezvous = await relayed_pair(s, relay, alive)
             await asyncio.gather(sender.close(), rendezvous.close())
         await alive.close()
 
@@ -597,15 +596,7 @@ async def test_a_connection_without_a_request_is_closed_after_the_idle_timeout(
                 assert await reader.read() == b""  # closed by the relay, nothing sent
             writer.close()
             assert not control.closed
-            sender_task = asyncio.create_task(
-                s.ws_connect(
-                    f"{relay.base_url}/$hc/hc?sb-hc-action=connect",
-                    headers={AUTH: relay.token("hc")},
-                )
-            )
-            address = str((await next_accept(control))["address"])
-            rendezvous = await s.ws_connect(address)
-            sender = await sender_task
+            sender, rendezvous = await relayed_pair(s, relay, control)
             await sender.send_bytes(b"still served")
             assert (await rendezvous.receive()).data == b"still served"
             await asyncio.gather(sender.close(), rendezvous.close(), control.close())
