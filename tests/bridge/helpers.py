@@ -92,7 +92,8 @@ async def tcp_server(handler: Any = echo_handler, banner: bytes = b"") -> AsyncI
             writer.write(banner)
         await handler(reader, writer)
 
-    record.server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    # A backlog like the bridge's own (ingress.LISTEN_BACKLOG): bursts must not be reset here.
+    record.server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=1024)
     try:
         yield record
     finally:

@@ -114,21 +114,18 @@ async def _accept_until_stopped(
     stop: asyncio.Event,
     on_stream: Callable[[RelayStream], Awaitable[None]],
 ) -> None:
-    """Hand accepted streams on until ``stop`` is set or the listener ends."""
-    stopped = asyncio.create_task(stop.wait(), name=f"stop-{name}")
-    try:
-        while not stop.is_set():
-            accept = asyncio.create_task(listener.accept_connection(), name=f"accept-{name}")
+    """Hand accepted streams on until ``stop`` is set or the listener ends.
+
+    One task accepts for as long as the listener lives (not one task per stream: that cost a
+    task, a wait and a turn of the event loop on every new connection); ``stop`` cancels it
+    while it waits for the next stream. ``on_stream`` does not suspend, so a stream that was
+    accepted always reaches it.
+    """
+
+    async def accept_all() -> None:
+        while True:
             try:
-                await asyncio.wait([accept, stopped], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if not accept.done():
-                    accept.cancel()
-                await asyncio.wait([accept])
-            if accept.cancelled():
-                return
-            try:
-                stream = accept.result()
+                stream = await listener.accept_connection()
             except RelayError as exc:
                 logger.warning("%s: accepting failed: %s; reopening", name, exc)
                 return
@@ -136,6 +133,14 @@ async def _accept_until_stopped(
                 logger.warning("%s: the listener closed; opening a new one", name)
                 return
             await on_stream(stream)
+
+    accepting = asyncio.create_task(accept_all(), name=f"accept-{name}")
+    stopped = asyncio.create_task(stop.wait(), name=f"stop-{name}")
+    try:
+        await asyncio.wait([accepting, stopped], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        stopped.cancel()
-        await asyncio.wait([stopped])
+        for task in (accepting, stopped):
+            task.cancel()
+        await asyncio.wait([accepting, stopped])
+    if not accepting.cancelled():
+        accepting.result()  # what accept_all raised, if anything
