@@ -117,13 +117,15 @@ async def _accept_until_stopped(
     """Hand accepted streams on until ``stop`` is set or the listener ends.
 
     One task accepts for as long as the listener lives (not one task per stream: that cost a
-    task, a wait and a turn of the event loop on every new connection); ``stop`` cancels it
-    while it waits for the next stream. ``on_stream`` does not suspend, so a stream that was
-    accepted always reaches it.
+    task, a wait and a turn of the event loop on every new connection). ``stop`` cancels it
+    only while it waits for the next stream: a stream being handed to ``on_stream`` is
+    handed over first.
     """
+    handing_over = False
 
     async def accept_all() -> None:
-        while True:
+        nonlocal handing_over
+        while not stop.is_set():
             try:
                 stream = await listener.accept_connection()
             except RelayError as exc:
@@ -132,12 +134,18 @@ async def _accept_until_stopped(
             if stream is None:
                 logger.warning("%s: the listener closed; opening a new one", name)
                 return
-            await on_stream(stream)
+            handing_over = True
+            try:
+                await on_stream(stream)
+            finally:
+                handing_over = False
 
     accepting = asyncio.create_task(accept_all(), name=f"accept-{name}")
     stopped = asyncio.create_task(stop.wait(), name=f"stop-{name}")
     try:
         await asyncio.wait([accepting, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if handing_over:  # it ends by itself once on_stream returns: stop is set
+            await asyncio.wait([accepting])
     finally:
         for task in (accepting, stopped):
             task.cancel()
