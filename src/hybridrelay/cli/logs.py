@@ -67,15 +67,16 @@ class BatchedStreamHandler(logging.StreamHandler[TextIO]):
                 pass
 
     def close(self) -> None:
+        # No join: logging.shutdown() calls this holding the handler's lock, which the writer
+        # may be waiting for; it finds nothing left to write and ends at its next wake-up.
         self._stop.set()
-        if self._writer is not threading.current_thread():
-            self._writer.join(timeout=1.0)
         self.flush()
         super().close()
 
     def _write_periodically(self) -> None:
         while not self._stop.wait(self._interval):
-            self.flush()
+            if self._batch:  # read without the lock: a line missed now goes out next time
+                self.flush()
 
 
 def install_batched_stderr() -> None:
