@@ -17,6 +17,7 @@ there it is already detached).
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,7 @@ def default_loop() -> str:
     return "uvloop"
 
 
+@functools.cache  # one Loop class per process, however often a loop is asked for
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     """A function making a new event loop of kind ``name`` (one of :data:`LOOPS`).
 
