@@ -52,7 +52,6 @@ def sign_raw(
         "http%3A%2F%2Fcontoso.servicebus.windows.net%2Fhyco%2F",  # .NET
         "http%3A%2F%2Fcontoso.servicebus.windows.net%2F",  # namespace-wide
         "http%3a%2f%2fcontoso.servicebus.windows.net%2fhyco",  # lower-case hex (old docs)
-        "http%3A%2F%2Fcontoso.servicebus.windows.net%3A443%2Fhyco%2Fsub",  # with a suffix
         "sb%3A%2F%2Fcontoso.servicebus.windows.net%2FHYCO",  # other scheme, other case
     ],
 )
@@ -69,6 +68,24 @@ def test_every_audience_form_is_accepted(sr: str) -> None:
         namespace_host="contoso.servicebus.windows.net",
     )
     assert hosted.allowed
+
+
+def test_a_suffix_token_covers_its_suffix_only() -> None:
+    """Node signs the URL it dials, suffix included (PROTOCOL.md 3.5): such a token opens that
+    suffix and below, never the bare entity (a listener's path) or a sibling suffix."""
+    sr = "http%3A%2F%2Fcontoso.servicebus.windows.net%3A443%2Fhyco%2Fsub"
+    token = sign_raw(sr, NOW + 60, "primary-key-text")
+
+    def status(suffix: str) -> int:
+        return authorize(
+            token, rules=RULES, entity_path="hyco", suffix=suffix, required=Rights.SEND, now=NOW
+        ).status
+
+    assert status("/sub") == 200
+    assert status("/sub/deeper") == 200
+    assert status("") == 403
+    assert status("/other") == 403
+    assert status("/sub/../other") == 403
 
 
 def test_field_order_and_case_do_not_matter() -> None:
@@ -206,7 +223,7 @@ def test_auth_cache_is_exact_about_expiry_and_rule_changes() -> None:
     assert check() == 200 and len(cache) == 1
     assert check() == 200 and len(cache) == 1  # served from the cache
     assert check(now=NOW + 61) == 401  # expiry is checked on every use
-    assert len(cache) == 0
+    assert len(cache) == 0  # and an expired token leaves the cache
     assert check() == 200
     rotated = (AuthorizationRule("root", "new-primary-key", "primary-key-text", ALL),)
     assert check(rules=rotated) == 200  # still signed by the (now secondary) key
@@ -215,6 +232,17 @@ def test_auth_cache_is_exact_about_expiry_and_rule_changes() -> None:
     listen_less = (AuthorizationRule("root", "primary-key-text", None, Rights.SEND),)
     assert check(rules=listen_less) == 403
     assert check(entity="other") == 403
+    # The cache keeps the signature check only: scope is decided on every use.
+    child = sign_raw("http%3A%2F%2Fns%2Fhyco%2Fchild", NOW + 60, "primary-key-text")
+    for entity, suffix, expected in (
+        ("hyco/child", "", 200),
+        ("hyco", "", 403),
+        ("hyco", "/child", 200),
+    ):
+        decision = cache.authorize(
+            child, rules=RULES, entity_path=entity, suffix=suffix, required=Rights.LISTEN, now=NOW
+        )
+        assert decision.status == expected, (entity, suffix)
     assert len(cache) <= 2  # bounded
     assert (
         cache.authorize(

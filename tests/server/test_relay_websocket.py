@@ -137,13 +137,16 @@ async def test_token_in_query_and_every_audience_form(relay: Relay) -> None:
         f"http://127.0.0.1:{port}/hc",  # Node createRelayListenUri form, port kept
         "http://127.0.0.1/hc/",  # .NET form
         "http://contoso.servicebus.windows.net/",  # namespace-wide (host not checked)
-        f"sb://127.0.0.1:{port}/hc/suffix",  # longer than the entity path
         "https://127.0.0.1/$hc/hc",
     ]
     for audience in audiences:
         token = create_token(audience, ROOT_KEY_NAME, ROOT_KEY, expiry=expiry)
         path = f"/$hc/hc?sb-hc-action=listen&sb-hc-token={quote(token, safe='')}"
         assert (await handshake_status(relay, path))[0] == 101, audience
+    # A token for a path below the entity does not open the entity (PROTOCOL.md 3.5).
+    below = create_token(f"sb://127.0.0.1:{port}/hc/suffix", ROOT_KEY_NAME, ROOT_KEY, expiry=expiry)
+    path = f"/$hc/hc?sb-hc-action=listen&sb-hc-token={quote(below, safe='')}"
+    assert (await handshake_status(relay, path))[0] == 403
     # Lower-case hex in sr (older docs): the raw text is signed, so it must still verify.
     sr = "http%3a%2f%2f127.0.0.1%2fhc"
     import base64

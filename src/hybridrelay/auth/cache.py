@@ -1,12 +1,13 @@
-"""A bounded cache of successful SAS authorizations.
+"""A bounded cache of verified SAS tokens.
 
 Verifying a token costs a parse and one HMAC per candidate key; with HTTP relaying every request
-carries the same token, and that was ~10 % of the relay's CPU (docs/PERFORMANCE.md). Only
-*successful* decisions are cached, keyed by everything the decision depends on (the token text,
-the entity, the right asked for, the rules as they are now, the namespace host), and a hit is
-still checked against the token's expiry at the time of use, so a cached token expires exactly
-when an uncached one would. Changing a rule's keys or rights changes the key, so nothing stale
-is served. Pure: the caller passes the clock.
+carries the same token, and that was ~10 % of the relay's CPU (docs/PERFORMANCE.md). Only the
+*signature check* is cached, keyed by what it depends on (the token text and the rules as they
+are now); the rest of the decision (expiry, audience host, path scope, rights) runs on every
+request, so a cached token expires exactly when an uncached one would and a token never covers
+a path it would not cover uncached. Changing a rule's keys or rights changes the key, so nothing
+stale is served. Failed checks are not cached (a flood of bad tokens cannot evict good ones).
+Pure: the caller passes the clock.
 """
 
 from __future__ import annotations
@@ -14,17 +15,24 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from hybridrelay.auth.sas import AuthDecision, AuthorizationRule, Rights, authorize
+from hybridrelay.auth.sas import (
+    AuthDecision,
+    AuthorizationRule,
+    Rights,
+    VerifiedToken,
+    decide,
+    verify_token,
+)
 
 __all__ = ["AuthCache"]
 
-_Key = tuple[str, str, Rights, tuple[AuthorizationRule, ...], str | None]
+_Key = tuple[str, tuple[AuthorizationRule, ...]]
 
 
 class AuthCache:
     def __init__(self, max_entries: int = 10_000) -> None:
         self._max_entries = max_entries
-        self._entries: OrderedDict[_Key, AuthDecision] = OrderedDict()
+        self._entries: OrderedDict[_Key, VerifiedToken] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -37,39 +45,39 @@ class AuthCache:
         entity_path: str,
         required: Rights,
         now: float,
+        suffix: str = "",
         namespace_host: str | None = None,
         grace_seconds: float = 0.0,
     ) -> AuthDecision:
-        """Like :func:`hybridrelay.auth.sas.authorize`, remembering successes."""
-        if not token:
-            return authorize(
-                token,
-                rules=rules,
-                entity_path=entity_path,
-                required=required,
-                now=now,
-                namespace_host=namespace_host,
-                grace_seconds=grace_seconds,
-            )
-        key: _Key = (token, entity_path.lower(), required, tuple(rules), namespace_host)
-        hit = self._entries.get(key)
-        if hit is not None and hit.expiry is not None and hit.expiry + grace_seconds >= now:
-            self._entries.move_to_end(key)
-            return hit
-        decision = authorize(
-            token,
-            rules=rules,
+        """Like :func:`hybridrelay.auth.sas.authorize`, remembering verified signatures."""
+        verified = self._verified(token, rules)
+        if isinstance(verified, AuthDecision):
+            return verified
+        if token and verified.expiry + grace_seconds < now:
+            self._entries.pop((token, tuple(rules)), None)  # expired: it can only be refused now
+        return decide(
+            verified,
             entity_path=entity_path,
             required=required,
             now=now,
+            suffix=suffix,
             namespace_host=namespace_host,
             grace_seconds=grace_seconds,
         )
-        if decision.allowed:
-            self._entries[key] = decision
+
+    def _verified(
+        self, token: str | None, rules: Sequence[AuthorizationRule]
+    ) -> VerifiedToken | AuthDecision:
+        if not token:
+            return verify_token(token, rules)
+        key: _Key = (token, tuple(rules))
+        hit = self._entries.get(key)
+        if hit is not None:
             self._entries.move_to_end(key)
+            return hit
+        verified = verify_token(token, rules)
+        if isinstance(verified, VerifiedToken):
+            self._entries[key] = verified
             while len(self._entries) > self._max_entries:
                 self._entries.popitem(last=False)
-        else:
-            self._entries.pop(key, None)
-        return decision
+        return verified

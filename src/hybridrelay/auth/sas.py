@@ -27,10 +27,17 @@ __all__ = [
     "AuthorizationRule",
     "Rights",
     "SasToken",
+    "VerifiedToken",
+    "audience_scope",
     "authorize",
     "create_token",
+    "decide",
+    "normalize_path",
     "parse_token",
+    "path_covers",
+    "request_path",
     "token_audience",
+    "verify_token",
 ]
 
 TOKEN_PREFIX = "SharedAccessSignature "
@@ -180,50 +187,95 @@ class AuthDecision:
         return self.status == 200
 
 
-def _audience_path(audience: str) -> tuple[str, str]:
+def normalize_path(path: str) -> str:
+    """The canonical form of a *decoded* URL path, for scope checks (PROTOCOL.md 3.5).
+
+    Segments are split on ``/``; empty segments (repeated, leading and trailing slashes) and
+    ``.`` are dropped; ``..`` removes the segment before it and never climbs above the root
+    (RFC 3986 5.2.4); the result is lower-cased (entity paths are case-insensitive).
+
+    >>> normalize_path("/Plant//line-1/./plc/../")
+    'plant/line-1'
+    """
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment.lower())
+    return "/".join(segments)
+
+
+def request_path(entity_path: str, suffix: str = "") -> str:
+    """The path a request asks for: the entity's, then the request's suffix (the part after the
+    entity in ``/$hc/{entity}{suffix}`` or ``/{entity}{suffix}``), both normalised.
+
+    The suffix is normalised on its own, so its ``..`` segments stop at the entity: a request
+    never names a path outside the entity it was routed to.
+    """
+    entity = normalize_path(entity_path)
+    below = normalize_path(suffix)
+    if not below:
+        return entity
+    return f"{entity}/{below}" if entity else below
+
+
+def path_covers(token_path: str, requested: str) -> bool:
+    """Whether a token scoped to ``token_path`` covers a request for ``requested``.
+
+    Both are normalised first. The token's path must be a segment-wise prefix of the request's
+    path: a namespace token (empty path) covers everything, an entity's token covers the entity
+    and every path below it, and a token for a path *below* the request never covers it (its
+    bearer does not hold the key that signed it, and must not reach the parent).
+
+    >>> path_covers("plant", "plant/line-1/plc"), path_covers("plant/line-1", "plant")
+    (True, False)
+    """
+    return _segments(requested)[: len(token_segments := _segments(token_path))] == token_segments
+
+
+def _segments(path: str) -> list[str]:
+    normal = normalize_path(path)
+    return normal.split("/") if normal else []
+
+
+def audience_scope(audience: str) -> tuple[str, str]:
+    """(lower-case host, normalised path) of a token's decoded audience URI.
+
+    The path is percent-decoded once more (an audience is a URI: ``%2F`` inside it is a
+    slash), normalised, and a leading ``$hc`` segment is dropped (some signers keep it).
+    """
     parts = urlsplit(audience)
     host = (parts.hostname or "").lower()
-    path = unquote(parts.path).strip("/")
-    if path.lower().startswith("$hc/") or path.lower() == "$hc":
+    path = normalize_path(unquote(parts.path))
+    if path == "$hc" or path.startswith("$hc/"):
         path = path[4:]
     return host, path
 
 
-def _path_covers(token_path: str, entity_path: str) -> bool:
-    token_path, entity_path = token_path.lower(), entity_path.strip("/").lower()
-    if not token_path or token_path == entity_path:
-        return True
-    # A namespace- or parent-scoped token covers the entity; a token for a URL with a suffix
-    # below the entity (Node signs the full listen URL) is accepted too: its signer holds a key
-    # valid for the entity, so nothing is escalated (PROTOCOL.md 3.2).
-    return entity_path.startswith(token_path + "/") or token_path.startswith(entity_path + "/")
+@dataclass(frozen=True)
+class VerifiedToken:
+    """A token whose signature checked out against ``rule``: what the scope check needs.
 
-
-def authorize(
-    token: str | None,
-    *,
-    rules: Sequence[AuthorizationRule],
-    entity_path: str,
-    required: Rights,
-    now: float,
-    namespace_host: str | None = None,
-    grace_seconds: float = 0.0,
-) -> AuthDecision:
-    """Decide whether ``token`` grants ``required`` on ``entity_path``.
-
-    Args:
-        token: the token text after transport decoding, or None when the request had none.
-        rules: the rules that apply to the entity: its own and the namespace-wide ones.
-        entity_path: the hybrid connection's path.
-        required: the right needed (``Rights.LISTEN`` or ``Rights.SEND``; ``NONE`` for any).
-        now: current time in epoch seconds.
-        namespace_host: when given, the token's audience host must match it.
-        grace_seconds: accept tokens that expired at most this long ago (renewal races).
-
-    Returns:
-        An :class:`AuthDecision` with status 200, 401 or 403 and a reason that never contains
-        the token or a key.
+    Verifying is the costly part (a parse and an HMAC per candidate key) and depends only on
+    the token text and the rules, so :class:`hybridrelay.auth.cache.AuthCache` keeps these;
+    :func:`decide` is cheap and runs on every request.
     """
+
+    rule: AuthorizationRule
+    expiry: int
+    host: str
+    path: str
+
+
+def verify_token(
+    token: str | None, rules: Sequence[AuthorizationRule]
+) -> VerifiedToken | AuthDecision:
+    """Check a token's form and signature against ``rules``: a :class:`VerifiedToken`, or the
+    401 :class:`AuthDecision` that refuses it. Expiry and scope are :func:`decide`'s."""
     if not token:
         return AuthDecision(401, "Unauthorized: no SAS token was provided")
     try:
@@ -244,13 +296,70 @@ def authorize(
             matched = rule
     if matched is None:
         return AuthDecision(401, "Unauthorized: invalid SAS signature")
-    if parsed.expiry + grace_seconds < now:
+    host, path = audience_scope(parsed.audience)
+    return VerifiedToken(matched, parsed.expiry, host, path)
+
+
+def decide(
+    verified: VerifiedToken,
+    *,
+    entity_path: str,
+    required: Rights,
+    now: float,
+    suffix: str = "",
+    namespace_host: str | None = None,
+    grace_seconds: float = 0.0,
+) -> AuthDecision:
+    """The decision for a verified token: expiry (401), audience host, path scope and rights
+    (403). The arguments are :func:`authorize`'s."""
+    if verified.expiry + grace_seconds < now:
         return AuthDecision(401, "Unauthorized: SAS token has expired")
-    host, path = _audience_path(parsed.audience)
-    if namespace_host is not None and host and host != namespace_host.lower():
+    if namespace_host is not None and verified.host and verified.host != namespace_host.lower():
         return AuthDecision(403, "Forbidden: token audience is another namespace")
-    if not _path_covers(path, entity_path):
+    if not path_covers(verified.path, request_path(entity_path, suffix)):
         return AuthDecision(403, "Forbidden: token is not valid for this hybrid connection")
-    if required and required not in matched.rights.effective():
+    if required and required not in verified.rule.rights.effective():
         return AuthDecision(403, f"Forbidden: rule lacks the {'/'.join(required.names())} right")
-    return AuthDecision(200, "OK", rule_name=matched.name, expiry=parsed.expiry)
+    return AuthDecision(200, "OK", rule_name=verified.rule.name, expiry=verified.expiry)
+
+
+def authorize(
+    token: str | None,
+    *,
+    rules: Sequence[AuthorizationRule],
+    entity_path: str,
+    required: Rights,
+    now: float,
+    suffix: str = "",
+    namespace_host: str | None = None,
+    grace_seconds: float = 0.0,
+) -> AuthDecision:
+    """Decide whether ``token`` grants ``required`` on ``entity_path`` + ``suffix``.
+
+    Args:
+        token: the token text after transport decoding, or None when the request had none.
+        rules: the rules that apply to the entity: its own and the namespace-wide ones.
+        entity_path: the hybrid connection's path.
+        suffix: the request's path below the entity (decoded), empty for listeners; the token
+            must cover the whole request path (:func:`path_covers`).
+        required: the right needed (``Rights.LISTEN`` or ``Rights.SEND``; ``NONE`` for any).
+        now: current time in epoch seconds.
+        namespace_host: when given, the token's audience host must match it.
+        grace_seconds: accept tokens that expired at most this long ago (renewal races).
+
+    Returns:
+        An :class:`AuthDecision` with status 200, 401 or 403 and a reason that never contains
+        the token or a key.
+    """
+    verified = verify_token(token, rules)
+    if isinstance(verified, AuthDecision):
+        return verified
+    return decide(
+        verified,
+        entity_path=entity_path,
+        required=required,
+        now=now,
+        suffix=suffix,
+        namespace_host=namespace_host,
+        grace_seconds=grace_seconds,
+    )

@@ -317,12 +317,21 @@ class RelayServer:
         return (*entity.authorization_rules, *self.store.namespace_rules())
 
     def authorize(
-        self, token: str | None, entity: HybridConnectionConfig, required: Rights, grace: float = 0
+        self,
+        token: str | None,
+        entity: HybridConnectionConfig,
+        required: Rights,
+        grace: float = 0,
+        *,
+        suffix: str = "",
     ) -> AuthDecision:
+        """The token must cover the request's whole path: ``entity`` and the request's
+        ``suffix`` below it (PROTOCOL.md 3.5); listeners and renewals have no suffix."""
         return self._auth_cache.authorize(
             token,
             rules=self.rules_for(entity),
             entity_path=entity.name,
+            suffix=suffix,
             required=required,
             now=time.time(),
             namespace_host=self.config.namespace_host,
@@ -476,7 +485,8 @@ class RelayServer:
         params: dict[str, str],
     ) -> web.StreamResponse:
         if entity.requires_client_authorization:
-            decision = self.authorize(_request_token(request, params), entity, Rights.SEND)
+            token = _request_token(request, params)
+            decision = self.authorize(token, entity, Rights.SEND, suffix=suffix)
             if not decision.allowed:
                 return error_response(decision.status, decision.reason)
         try:

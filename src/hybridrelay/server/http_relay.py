@@ -213,14 +213,14 @@ class HttpRelay:
         except UnicodeDecodeError:
             return error_response(404, "Malformed path.")
         resolved = resolve_entity(path, server.store.get)
-        entity = resolved[0] if resolved else None
-        if entity is None:
+        if resolved is None:
             return error_response(404, "The hybrid connection does not exist.")
+        entity, suffix = resolved
 
         params = protocol_params(raw_query)
         token, strip_authorization = _sender_token(request, params, entity)
         if entity.requires_client_authorization:
-            decision = server.authorize(token, entity, Rights.SEND)
+            decision = server.authorize(token, entity, Rights.SEND, suffix=suffix)
             if not decision.allowed:
                 return error_response(decision.status, decision.reason)
 
