@@ -1,0 +1,519 @@
+"""The embedded management store: one SQLite file, no external service.
+
+* The file is created with mode 0600 (it holds keys), and an existing one is narrowed to 0600.
+* ``PRAGMA user_version`` is the schema version; :data:`MIGRATIONS` brings an older file up to
+  date in one transaction at open, and a file written by a newer hybridrelay is refused rather
+  than misread.
+* Every statement runs on one worker thread (sqlite3 objects stay on the thread that made
+  them, and the event loop never waits on the disk); writes are serialised by that thread.
+* The state is read once at open and then kept in memory: each committed change replaces the
+  one record it touched in a new :class:`NamespaceState` and tells the subscribers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from hybridrelay.auth.sas import Rights
+from hybridrelay.protocol.arm import new_key
+from hybridrelay.store.base import (
+    KEEP,
+    KeySlot,
+    NotFoundError,
+    StoreError,
+    StoreQuotaError,
+    StoreUnavailableError,
+    Subscriber,
+)
+from hybridrelay.store.records import (
+    HybridConnectionRecord,
+    NamespaceRecord,
+    NamespaceState,
+    RuleRecord,
+    entity_key,
+)
+
+__all__ = ["MAX_RULES_PER_SCOPE", "MIGRATIONS", "SqliteStore"]
+
+logger = logging.getLogger("hybridrelay.store")
+
+#: Azure's bound: 12 SAS rules on a namespace and 12 on each hybrid connection.
+MAX_RULES_PER_SCOPE = 12
+#: How long a statement waits for a lock held by another process on the same file.
+_BUSY_TIMEOUT_MS = 5000
+
+#: Schema migrations: entry N brings a file from version N to N + 1.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE namespace (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        name TEXT NOT NULL,
+        tags TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE hybrid_connections (
+        key TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        requires_client_authorization INTEGER NOT NULL,
+        user_metadata TEXT,
+        http_response_timeout REAL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE rules (
+        entity_key TEXT NOT NULL,
+        key TEXT NOT NULL,
+        name TEXT NOT NULL,
+        primary_key TEXT NOT NULL,
+        secondary_key TEXT NOT NULL,
+        rights TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (entity_key, key)
+    );
+    """,
+)
+
+T = TypeVar("T")
+
+
+def _rights_text(rights: Rights) -> str:
+    return ",".join(rights.names())
+
+
+def _rights(text: str) -> Rights:
+    return Rights.parse(name for name in text.split(",") if name)
+
+
+def _open_private(path: Path) -> None:
+    """Create the file with mode 0600 if it is missing, and narrow it to 0600 if not: the
+    mode is set before SQLite writes a key into it. SQLite gives its journal the same mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+class SqliteStore:
+    """The management store in a SQLite file. Open it with :meth:`open`."""
+
+    def __init__(
+        self,
+        path: Path,
+        connection: sqlite3.Connection,
+        executor: ThreadPoolExecutor,
+        state: NamespaceState,
+        *,
+        clock: Callable[[], float],
+        max_hybrid_connections: int,
+    ) -> None:
+        self._path = path
+        self._db = connection
+        self._executor = executor
+        self._state = state
+        self._clock = clock
+        self._max_hybrid_connections = max_hybrid_connections
+        self._subscribers: list[Subscriber] = []
+
+    def __repr__(self) -> str:
+        return f"<SqliteStore {str(self._path)!r} version={self._state.version}>"
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        namespace: str,
+        initial_rules: Sequence[tuple[str, Rights]] = (),
+        clock: Callable[[], float] = time.time,
+        max_hybrid_connections: int = 10_000,
+        migrations: Sequence[str] = MIGRATIONS,
+    ) -> SqliteStore:
+        """Open (or create) the store at ``path``.
+
+        A new file gets the namespace ``namespace`` and ``initial_rules`` with fresh keys (the
+        embedded default passes ``RootManageSharedAccessKey`` with every right).
+        """
+        file = Path(path)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridrelay-store")
+        loop = asyncio.get_running_loop()
+
+        def start() -> tuple[sqlite3.Connection, NamespaceState]:
+            _open_private(file)
+            db = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
+            try:
+                db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+                _migrate(db, migrations, file)
+                _ensure_namespace(db, namespace, initial_rules, clock())
+                return db, _load(db)
+            except BaseException:
+                db.close()
+                raise
+
+        try:
+            db, state = await loop.run_in_executor(executor, start)
+        except sqlite3.Error as exc:
+            executor.shutdown(wait=False)
+            raise StoreUnavailableError(f"cannot open the store {file}: {exc}") from exc
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(
+            file,
+            db,
+            executor,
+            state,
+            clock=clock,
+            max_hybrid_connections=max_hybrid_connections,
+        )
+
+    # -- reading --------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> NamespaceState:
+        return self._state
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        self._subscribers.append(subscriber)
+        return lambda: self._subscribers.remove(subscriber)
+
+    async def check(self) -> None:
+        await self._run(lambda db: db.execute("SELECT 1").fetchone())
+
+    # -- writing --------------------------------------------------------------------------------
+
+    async def put_hybrid_connection(
+        self,
+        name: str,
+        *,
+        requires_client_authorization: bool | None = None,
+        user_metadata: str | None | object = KEEP,
+        http_response_timeout: float | None | object = KEEP,
+    ) -> tuple[HybridConnectionRecord, bool]:
+        key = entity_key(name)
+        now = self._clock()
+        old = self._state.hybrid_connections.get(key)
+        if old is None:
+            if len(self._state.hybrid_connections) >= self._max_hybrid_connections:
+                raise StoreQuotaError(
+                    f"at most {self._max_hybrid_connections} hybrid connections are allowed"
+                )
+            record = HybridConnectionRecord(
+                name=name.strip("/"),
+                requires_client_authorization=(
+                    True if requires_client_authorization is None else requires_client_authorization
+                ),
+                created_at=now,
+                updated_at=now,
+                user_metadata=None if user_metadata is KEEP else _optional_str(user_metadata),
+                http_response_timeout=(
+                    None
+                    if http_response_timeout is KEEP
+                    else _optional_float(http_response_timeout)
+                ),
+            )
+        else:
+            changes: dict[str, Any] = {"updated_at": now}
+            if requires_client_authorization is not None:
+                changes["requires_client_authorization"] = requires_client_authorization
+            if user_metadata is not KEEP:
+                changes["user_metadata"] = _optional_str(user_metadata)
+            if http_response_timeout is not KEEP:
+                changes["http_response_timeout"] = _optional_float(http_response_timeout)
+            record = replace(old, **changes)
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO hybrid_connections VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET requires_client_authorization = "
+                "excluded.requires_client_authorization, user_metadata = excluded.user_metadata,"
+                " http_response_timeout = excluded.http_response_timeout,"
+                " updated_at = excluded.updated_at",
+                (
+                    key,
+                    record.name,
+                    int(record.requires_client_authorization),
+                    record.user_metadata,
+                    record.http_response_timeout,
+                    record.created_at,
+                    record.updated_at,
+                ),
+            )
+
+        await self._write(write)
+        self._publish(entities={**self._state.hybrid_connections, key: record})
+        return record, old is None
+
+    async def delete_hybrid_connection(self, name: str) -> bool:
+        key = entity_key(name)
+        if key not in self._state.hybrid_connections:
+            return False
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM rules WHERE entity_key = ?", (key,))
+            db.execute("DELETE FROM hybrid_connections WHERE key = ?", (key,))
+
+        await self._write(write)
+        entities = dict(self._state.hybrid_connections)
+        del entities[key]
+        self._publish(entities=entities)
+        return True
+
+    async def put_rule(
+        self, name: str, rights: Rights, *, entity: str = ""
+    ) -> tuple[RuleRecord, bool]:
+        rules = self._rules_of(entity)
+        now = self._clock()
+        old = next((rule for rule in rules if rule.name.lower() == name.lower()), None)
+        if old is None:
+            if len(rules) >= MAX_RULES_PER_SCOPE:
+                raise StoreQuotaError(
+                    f"at most {MAX_RULES_PER_SCOPE} authorization rules are allowed here"
+                )
+            record = RuleRecord(name, new_key(), new_key(), rights, now, now, entity_key(entity))
+        else:
+            record = replace(old, rights=rights, updated_at=now)
+        await self._write(lambda db: _upsert_rule(db, record))
+        self._replace_rule(record)
+        return record, old is None
+
+    async def delete_rule(self, name: str, *, entity: str = "") -> bool:
+        rules = self._rules_of(entity)
+        if not any(rule.name.lower() == name.lower() for rule in rules):
+            return False
+        scope = entity_key(entity)
+        await self._write(
+            lambda db: db.execute(
+                "DELETE FROM rules WHERE entity_key = ? AND key = ?", (scope, name.lower())
+            )
+        )
+        self._replace_rule(None, scope=scope, name=name)
+        return True
+
+    async def regenerate_key(
+        self, name: str, slot: KeySlot, *, entity: str = "", key: str | None = None
+    ) -> RuleRecord:
+        old = next(
+            (rule for rule in self._rules_of(entity) if rule.name.lower() == name.lower()), None
+        )
+        if old is None:
+            raise NotFoundError(f"no authorization rule {name!r}")
+        fresh = key or new_key()
+        now = self._clock()
+        if slot == "primary":
+            record = replace(old, primary_key=fresh, updated_at=now)
+        else:
+            record = replace(old, secondary_key=fresh, updated_at=now)
+        await self._write(lambda db: _upsert_rule(db, record))
+        self._replace_rule(record)
+        return record
+
+    async def update_namespace(self, *, tags: dict[str, str]) -> NamespaceRecord:
+        namespace = replace(
+            self._state.namespace, tags=MappingProxyType(dict(tags)), updated_at=self._clock()
+        )
+        await self._write(
+            lambda db: db.execute(
+                "UPDATE namespace SET tags = ?, updated_at = ? WHERE id = 1",
+                (json.dumps(dict(namespace.tags)), namespace.updated_at),
+            )
+        )
+        self._publish(namespace=namespace)
+        return namespace
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(sqlite3.Error, RuntimeError):
+            await self._run(lambda db: db.close())
+        self._executor.shutdown(wait=False)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _rules_of(self, entity: str) -> tuple[RuleRecord, ...]:
+        if not entity_key(entity):
+            return self._state.namespace.rules
+        record = self._state.get(entity)
+        if record is None:
+            raise NotFoundError(f"no hybrid connection {entity.strip('/')!r}")
+        return record.rules
+
+    def _replace_rule(self, record: RuleRecord | None, *, scope: str = "", name: str = "") -> None:
+        """Publish the state with ``record`` in its scope (or the rule ``name`` of ``scope``
+        removed when ``record`` is None)."""
+        if record is not None:
+            scope, name = record.entity, record.name
+
+        def swapped(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
+            kept = tuple(rule for rule in rules if rule.name.lower() != name.lower())
+            return (*kept, record) if record is not None else kept
+
+        if not scope:
+            namespace = self._state.namespace
+            self._publish(namespace=replace(namespace, rules=swapped(namespace.rules)))
+            return
+        entity = self._state.hybrid_connections[scope]
+        entities = {
+            **self._state.hybrid_connections,
+            scope: replace(entity, rules=swapped(entity.rules)),
+        }
+        self._publish(entities=entities)
+
+    def _publish(
+        self,
+        *,
+        namespace: NamespaceRecord | None = None,
+        entities: dict[str, HybridConnectionRecord] | None = None,
+    ) -> None:
+        old = self._state
+        self._state = NamespaceState(
+            namespace=namespace or old.namespace,
+            hybrid_connections=MappingProxyType(entities)
+            if entities is not None
+            else old.hybrid_connections,
+            version=old.version + 1,
+        )
+        for subscriber in list(self._subscribers):
+            try:
+                subscriber(self._state)
+            except Exception:  # one broken subscriber must not stop the others
+                logger.exception("a store subscriber failed")
+
+    async def _write(self, statements: Callable[[sqlite3.Connection], object]) -> None:
+        def transaction(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                statements(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+        await self._run(transaction)
+
+    async def _run(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, job, self._db)
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"the store {self._path} failed: {exc}") from exc
+
+
+def _optional_str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _optional_float(value: object) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, int | float):
+        raise TypeError("http_response_timeout must be a number or None")
+    return float(value)
+
+
+def _migrate(db: sqlite3.Connection, migrations: Sequence[str], file: Path) -> None:
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version > len(migrations):
+        raise StoreError(
+            f"the store {file} has schema version {version}, newer than this hybridrelay "
+            f"knows ({len(migrations)}): upgrade hybridrelay, or restore a backup"
+        )
+    if version == len(migrations):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for number in range(version, len(migrations)):
+            for statement in _statements(migrations[number]):
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version = {len(migrations)}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    logger.info("store %s: schema %d -> %d", file, version, len(migrations))
+
+
+def _statements(script: str) -> list[str]:
+    # executescript() commits first; these run inside the migration's own transaction.
+    return [statement.strip() for statement in script.split(";") if statement.strip()]
+
+
+def _ensure_namespace(
+    db: sqlite3.Connection, name: str, initial_rules: Sequence[tuple[str, Rights]], now: float
+) -> None:
+    if db.execute("SELECT 1 FROM namespace").fetchone() is not None:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("INSERT INTO namespace VALUES (1, ?, '{}', ?, ?)", (name, now, now))
+        for rule_name, rights in initial_rules:
+            _upsert_rule(db, RuleRecord(rule_name, new_key(), new_key(), rights, now, now))
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _upsert_rule(db: sqlite3.Connection, rule: RuleRecord) -> None:
+    db.execute(
+        "INSERT INTO rules VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (entity_key, key) DO "
+        "UPDATE SET primary_key = excluded.primary_key, secondary_key = excluded.secondary_key,"
+        " rights = excluded.rights, updated_at = excluded.updated_at",
+        (
+            rule.entity,
+            rule.name.lower(),
+            rule.name,
+            rule.primary_key,
+            rule.secondary_key,
+            _rights_text(rule.rights),
+            rule.created_at,
+            rule.updated_at,
+        ),
+    )
+
+
+def _load(db: sqlite3.Connection) -> NamespaceState:
+    rules: dict[str, list[RuleRecord]] = {}
+    for row in db.execute(
+        "SELECT entity_key, name, primary_key, secondary_key, rights, created_at, updated_at "
+        "FROM rules ORDER BY entity_key, key"
+    ):
+        scope, name, primary, secondary, rights, created, updated = row
+        rules.setdefault(scope, []).append(
+            RuleRecord(name, primary, secondary, _rights(rights), created, updated, scope)
+        )
+    name, tags, created, updated = db.execute(
+        "SELECT name, tags, created_at, updated_at FROM namespace"
+    ).fetchone()
+    namespace = NamespaceRecord(
+        name, created, updated, MappingProxyType(json.loads(tags)), tuple(rules.get("", ()))
+    )
+    entities: dict[str, HybridConnectionRecord] = {}
+    for row in db.execute(
+        "SELECT key, name, requires_client_authorization, user_metadata, http_response_timeout,"
+        " created_at, updated_at FROM hybrid_connections"
+    ):
+        key, entity_name, requires, metadata, timeout, created, updated = row
+        entities[key] = HybridConnectionRecord(
+            entity_name,
+            bool(requires),
+            created,
+            updated,
+            metadata,
+            timeout,
+            tuple(rules.get(key, ())),
+        )
+    return NamespaceState(namespace, MappingProxyType(entities), version=0)
