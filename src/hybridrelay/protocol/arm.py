@@ -275,7 +275,8 @@ def _properties(document: Any, what: str) -> Mapping[str, Any]:
 
 @dataclass(frozen=True)
 class HybridConnectionChange:
-    """A hybrid connection PUT: the properties it gives (None: keep or default)."""
+    """A hybrid connection PUT: the properties it gives (None: not given, so kept on an
+    update and defaulted on a create)."""
 
     requires_client_authorization: bool | None = None
     user_metadata: str | None = None
