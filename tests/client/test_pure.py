@@ -25,7 +25,7 @@ from hybridrelay.client.backoff import (
     classify_error,
     reconnect_delays,
 )
-from hybridrelay.client.listener import AcceptContext, _split_address
+from hybridrelay.client.listener import AcceptContext
 from hybridrelay.exceptions import (
     AuthorizationError,
     ConfigurationError,
@@ -227,18 +227,6 @@ def test_proxy_userinfo_becomes_proxy_authorization() -> None:
     assert _split_proxy("http://proxy:3128") == ("http://proxy:3128", {})
     with pytest.raises(ConfigurationError):
         _split_proxy("socks5://proxy:1080")
-
-
-@pytest.mark.parametrize(
-    ("address", "entity", "path", "query"),
-    [
-        ("wss://r/$hc/hc?sb-hc-action=accept&sb-hc-id=1", "hc", "", ""),
-        ("wss://r/$hc/hc/sub/x?a=1&sb-hc-action=accept&sb-hc-id=1", "hc", "/sub/x", "a=1"),
-        ("wss://r/$hc/a/b/c%20d?q=%20&sb-hc-id=1", "a/b", "/c%20d", "q=%20"),
-    ],
-)
-def test_split_address(address: str, entity: str, path: str, query: str) -> None:
-    assert _split_address(address, entity) == (path, query)
 
 
 def test_accept_context_reject_validation_and_repr() -> None:

@@ -27,7 +27,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
-from urllib.parse import quote, urlsplit
 
 from hybridrelay.client._connect import (
     CONTROL_MAX_MESSAGE,
@@ -49,7 +48,7 @@ from hybridrelay.exceptions import (
     RelayHttpError,
     StreamClosedError,
 )
-from hybridrelay.protocol.addressing import build_relay_url, filter_query
+from hybridrelay.protocol.addressing import build_relay_url, reject_url, split_rendezvous_address
 from hybridrelay.protocol.messages import (
     Accept,
     RenewToken,
@@ -155,16 +154,6 @@ class AcceptContext:
 
 
 AcceptHandler = Callable[[AcceptContext], "bool | None | Awaitable[bool | None]"]
-
-
-def _split_address(address: str, entity_path: str) -> tuple[str, str]:
-    """(path suffix, app query) of a rendezvous address ``.../$hc/{entity}{suffix}?{query}``."""
-    parts = urlsplit(address)
-    segments = parts.path.split("/")  # ["", "$hc", *entity segments, *suffix segments]
-    entity_segments = len(entity_path.strip("/").split("/"))
-    suffix_segments = segments[2 + entity_segments :]
-    suffix = "/" + "/".join(suffix_segments) if suffix_segments else ""
-    return suffix, filter_query(parts.query)
 
 
 class HybridConnectionListener:
@@ -610,7 +599,7 @@ class HybridConnectionListener:
             self._rejects_in_flight -= 1
 
     def _context(self, accept: Accept) -> AcceptContext:
-        path, query = _split_address(accept.address, self._entity_path)
+        path, query = split_rendezvous_address(accept.address, self._entity_path)
         endpoint = accept.remote_endpoint
         ctx = AcceptContext(
             id=accept.id,
@@ -686,10 +675,7 @@ class HybridConnectionListener:
                 self._reserved -= 1
 
     async def _reject(self, accept: Accept, status: int, description: str) -> None:
-        url = (
-            f"{accept.address}&sb-hc-statusCode={status}"
-            f"&sb-hc-statusDescription={quote(description, safe='')}"
-        )
+        url = reject_url(accept.address, status, description)
         try:
             socket = await self._connector.connect(url, connect_timeout=ACCEPT_TIMEOUT)
         except RelayHttpError as exc:

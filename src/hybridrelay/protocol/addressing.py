@@ -6,20 +6,45 @@ Pure: no I/O. Query strings are handled as raw text so that everything that is n
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl, quote, urlsplit
 
 __all__ = [
+    "DEFAULT_REJECT_DESCRIPTION",
     "HC_PREFIX",
+    "ID_PARAM",
+    "RENDEZVOUS_PARAM",
+    "STATUS_CODE_PARAM",
+    "STATUS_DESCRIPTION_PARAM",
+    "AcceptParams",
     "build_relay_url",
     "filter_query",
+    "parse_accept_params",
     "protocol_params",
+    "reject_url",
+    "rendezvous_url",
     "resolve_entity",
+    "split_rendezvous_address",
 ]
 
 HC_PREFIX = "/$hc/"
 _PROTOCOL_PARAM_PREFIX = "sb-hc-"
+
+#: The connection (or request) id in a rendezvous address (5.2, 6.2).
+ID_PARAM = "sb-hc-id"
+#: The relay's one-time secret in a rendezvous address: whoever holds the URL may use it.
+RENDEZVOUS_PARAM = "sb-hc-rendezvous"
+#: Added to a rendezvous address by a listener that rejects the sender (5.4) ...
+STATUS_CODE_PARAM = "sb-hc-statusCode"
+#: ... with this reason phrase.
+STATUS_DESCRIPTION_PARAM = "sb-hc-statusDescription"
+#: What the sender is told when a rejecting listener gives no description.
+DEFAULT_REJECT_DESCRIPTION = "Rejected by listener"
+
+_STATUS_CODE = re.compile(r"[1-9][0-9][0-9]")
 
 T = TypeVar("T")
 
@@ -98,3 +123,97 @@ def build_relay_url(
     for name, value in (params or {}).items():
         query.append(f"{name}={quote(value, safe='')}")
     return f"{base_url.rstrip('/')}{HC_PREFIX}{path}{suffix}?{'&'.join(query)}"
+
+
+def rendezvous_url(
+    base_url: str,
+    entity_path: str,
+    *,
+    action: str,
+    connection_id: str,
+    secret: str,
+    suffix: str = "",
+    app_query: str = "",
+) -> str:
+    """The rendezvous address the relay hands a listener (5.2, 6.2): :func:`build_relay_url` with
+    the connection's id and the one-time secret. The result is a credential: never log it."""
+    return build_relay_url(
+        base_url,
+        entity_path,
+        action=action,
+        suffix=suffix,
+        app_query=app_query,
+        params={ID_PARAM: connection_id, RENDEZVOUS_PARAM: secret},
+    )
+
+
+def split_rendezvous_address(address: str, entity_path: str) -> tuple[str, str]:
+    """(path suffix, app query) of a rendezvous address ``.../$hc/{entity}{suffix}?{query}``.
+
+    The suffix is raw (as the sender encoded it) with its leading ``/``, or empty; the app
+    query is the query without the relay's ``sb-hc-*=`` parameters.
+
+    >>> split_rendezvous_address("wss://r/$hc/a/b/c?x=1&sb-hc-id=7", "a/b")
+    ('/c', 'x=1')
+    """
+    parts = urlsplit(address)
+    segments = parts.path.split("/")  # ["", "$hc", *entity segments, *suffix segments]
+    entity_segments = len(entity_path.strip("/").split("/"))
+    suffix_segments = segments[2 + entity_segments :]
+    suffix = "/" + "/".join(suffix_segments) if suffix_segments else ""
+    return suffix, filter_query(parts.query)
+
+
+def reject_url(address: str, status: int, description: str) -> str:
+    """The URL a listener opens to reject a sender (5.4): the rendezvous address it was given
+    (which already has a query) plus the status and the form-encoded description."""
+    return (
+        f"{address}&{STATUS_CODE_PARAM}={status}"
+        f"&{STATUS_DESCRIPTION_PARAM}={quote(description, safe='')}"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptParams:
+    """What a listener's accept or reject URL says (5.3, 5.4), from its ``sb-hc-*`` params.
+
+    Attributes:
+        connection_id: ``sb-hc-id`` (``""`` if absent).
+        secret: ``sb-hc-rendezvous`` (``""`` if absent). Never log it.
+        rejects: the listener rejects the sender (``sb-hc-statusCode`` is present).
+        status_code: the rejection's status, 100-999; None when not rejecting or when the
+            parameter is not a status code (``rejects`` tells the two apart).
+        status_description: the rejection's reason (:data:`DEFAULT_REJECT_DESCRIPTION` if
+            none was given).
+    """
+
+    connection_id: str
+    secret: str = ""
+    rejects: bool = False
+    status_code: int | None = None
+    status_description: str = DEFAULT_REJECT_DESCRIPTION
+
+    def __repr__(self) -> str:
+        return (
+            f"AcceptParams(connection_id={self.connection_id!r}, rejects={self.rejects!r}, "
+            f"status_code={self.status_code!r})"
+        )
+
+
+def parse_accept_params(params: Mapping[str, str]) -> AcceptParams:
+    """Read an accept or reject URL's parameters (as :func:`protocol_params` returns them).
+
+    A status code is three ASCII digits, 100-999; anything else (a sign, spaces, ``4_04``,
+    ``0404``) leaves ``status_code`` None while ``rejects`` stays true.
+    """
+    status = params.get(STATUS_CODE_PARAM)
+    code: int | None = None
+    if status is not None and _STATUS_CODE.fullmatch(status):
+        code = int(status)
+    return AcceptParams(
+        connection_id=params.get(ID_PARAM, ""),
+        secret=params.get(RENDEZVOUS_PARAM, ""),
+        rejects=status is not None,
+        status_code=code,
+        status_description=params.get(STATUS_DESCRIPTION_PARAM) or DEFAULT_REJECT_DESCRIPTION,
+    )
