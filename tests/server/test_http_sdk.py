@@ -80,7 +80,9 @@ async def test_sdk_request_details(relay: Relay) -> None:
 
     async def handler(ctx: RelayedHttpContext) -> None:
         seen.append(ctx)
-        await ctx.respond(202, headers={"X-Path": ctx.path, "Connection": "close"})
+        # The SDK drops Connection and what it names: the relay would never see the list.
+        headers = {"X-Path": ctx.path, "Connection": "close, X-Private", "X-Private": "1"}
+        await ctx.respond(202, headers=headers)
         await ctx.write(b"ok")
 
     async with sdk_listener(relay, handler), client(relay) as http:
@@ -90,6 +92,7 @@ async def test_sdk_request_details(relay: Relay) -> None:
     assert response.status_code == 202
     assert response.content == b"ok"  # finished automatically when the handler returned
     assert response.headers["x-path"] == "/hc/a/b"
+    assert "x-private" not in response.headers
     (ctx,) = seen
     assert ctx.method == "GET"
     assert ctx.target == "/hc/a/b?q=1"

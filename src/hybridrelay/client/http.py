@@ -34,6 +34,7 @@ from typing import Any
 
 from hybridrelay.client._connect import STREAM_MAX_MESSAGE, WebSocketConnector
 from hybridrelay.exceptions import ProtocolError, RelayError, StreamClosedError
+from hybridrelay.protocol.http import without_hop_by_hop
 from hybridrelay.protocol.messages import Request, Response, encode_message, parse_message
 from hybridrelay.transport.base import FragmentSocket, MessageKind, MessageSocket
 
@@ -64,19 +65,6 @@ HANDLER_FAILED_STATUS = 500
 BUSY_STATUS = 503
 
 RequestHandler = Callable[["RelayedHttpContext"], Awaitable[None]]
-
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "content-length",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 
 
 class RelayedHttpContext:
@@ -179,7 +167,8 @@ class RelayedHttpContext:
     ) -> None:
         """Set the status line and headers (sent with the first body bytes or at finish).
 
-        Hop-by-hop headers and ``Content-Length`` are dropped: the relay frames the response.
+        Hop-by-hop headers (those a ``Connection`` header names too), ``Content-Length`` and
+        ``Host`` are dropped: the relay frames the response (PROTOCOL.md 6.4).
 
         Raises:
             RuntimeError: called twice, or after :meth:`finish`.
@@ -193,9 +182,9 @@ class RelayedHttpContext:
             raise ValueError("the reason phrase must not contain control characters")
         self._status = status
         self._reason = reason
-        self._response_headers = {
-            str(k): str(v) for k, v in (headers or {}).items() if k.lower() not in _HOP_BY_HOP
-        }
+        self._response_headers = dict(
+            without_hop_by_hop([(str(k), str(v)) for k, v in (headers or {}).items()])
+        )
         self._responded = True
 
     async def write(self, data: bytes) -> None:
