@@ -37,8 +37,9 @@ from urllib.parse import unquote
 
 from hybridrelay.client import AcceptContext, HybridConnectionListener, RelayedHttpContext
 from hybridrelay.exceptions import ConfigurationError, RelayConnectionError
-from hybridrelay.http_proxy import relay_origin
+from hybridrelay.protocol.addressing import parse_endpoint
 from hybridrelay.protocol.connection_string import ConnectionString
+from hybridrelay.protocol.http import merge_repeated_headers
 
 __all__ = [
     "AsgiRequestHandler",
@@ -164,21 +165,9 @@ class AsgiRequestHandler:
 
 
 def _response_headers(raw: Any) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    names: dict[str, str] = {}
-    for name_bytes, value_bytes in raw:
-        name = bytes(name_bytes).decode("latin-1")
-        value = bytes(value_bytes).decode("latin-1")
-        key = name.lower()
-        if key in names:
-            if key == "set-cookie":
-                logger.debug("only the first Set-Cookie header can be relayed")
-                continue
-            headers[names[key]] += ", " + value
-        else:
-            names[key] = name
-            headers[name] = value
-    return headers
+    return merge_repeated_headers(
+        (bytes(name).decode("latin-1"), bytes(value).decode("latin-1")) for name, value in raw
+    )
 
 
 class _Lifespan:
@@ -289,7 +278,7 @@ async def serve(
     if lifespan not in ("auto", "on", "off"):
         raise ConfigurationError("lifespan must be 'auto', 'on' or 'off'")
     listener_kwargs.setdefault("accept_handler", _http_only)
-    relay_host, secure = relay_origin(ConnectionString.parse(connection_string).endpoint)
+    relay = parse_endpoint(ConnectionString.parse(connection_string).endpoint)
     listener = HybridConnectionListener.from_connection_string(
         connection_string, entity_path, **listener_kwargs
     )
@@ -297,8 +286,8 @@ async def serve(
         listener.request_handler = AsgiRequestHandler(
             app,
             entity_path=listener.entity_path,
-            host=relay_host,
-            secure=secure,
+            host=relay.host,
+            secure=relay.secure,
             root_path=root_path,
             state=life.state if life.supported else None,
         )

@@ -17,7 +17,7 @@ from hybridrelay.client import (
     SharedAccessSignatureTokenProvider,
     build_ssl_context,
 )
-from hybridrelay.client._connect import _split_proxy, env_proxy_for, parse_endpoint
+from hybridrelay.client._connect import _split_proxy, env_proxy_for
 from hybridrelay.client.backoff import (
     RECONNECT_DELAYS,
     RetryKind,
@@ -185,26 +185,6 @@ def test_tls_argument_errors(tls_files: TlsFiles, tmp_path: object) -> None:
 
 
 # -- endpoints, proxies, addresses -----------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("endpoint", "base", "host"),
-    [
-        ("sb://ns.example.net/", "wss://ns.example.net", "ns.example.net"),
-        ("sb://ns.example.net:8443", "wss://ns.example.net:8443", "ns.example.net:8443"),
-        ("wss://127.0.0.1:9400/", "wss://127.0.0.1:9400", "127.0.0.1:9400"),
-        ("ws://127.0.0.1:9400", "ws://127.0.0.1:9400", "127.0.0.1:9400"),
-    ],
-)
-def test_parse_endpoint(endpoint: str, base: str, host: str) -> None:
-    parsed = parse_endpoint(endpoint)
-    assert (parsed.base_url, parsed.host) == (base, host)
-
-
-@pytest.mark.parametrize("endpoint", ["ftp://h", "sb://", "h:1", "sb://h:notaport"])
-def test_parse_endpoint_rejects(endpoint: str) -> None:
-    with pytest.raises(ConfigurationError):
-        parse_endpoint(endpoint)
 
 
 def test_env_proxy_maps_wss_to_https_and_honours_no_proxy() -> None:

@@ -8,15 +8,40 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hybridrelay.exceptions import ConfigurationError
 from hybridrelay.protocol.addressing import (
     DEFAULT_REJECT_DESCRIPTION,
     AcceptParams,
     parse_accept_params,
+    parse_endpoint,
     protocol_params,
     reject_url,
     rendezvous_url,
     split_rendezvous_address,
 )
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "base", "host"),
+    [
+        ("sb://ns.example.net/", "wss://ns.example.net", "ns.example.net"),
+        ("sb://ns.example.net:8443", "wss://ns.example.net:8443", "ns.example.net:8443"),
+        ("wss://127.0.0.1:9400/", "wss://127.0.0.1:9400", "127.0.0.1:9400"),
+        ("ws://127.0.0.1:9400", "ws://127.0.0.1:9400", "127.0.0.1:9400"),
+        ("https://u:p@h:1/x", "wss://h:1", "h:1"),
+        ("http://h", "ws://h", "h"),
+    ],
+)
+def test_parse_endpoint(endpoint: str, base: str, host: str) -> None:
+    parsed = parse_endpoint(endpoint)
+    assert (parsed.base_url, parsed.host) == (base, host)
+    assert parsed.secure is base.startswith("wss:")
+
+
+@pytest.mark.parametrize("endpoint", ["ftp://h", "sb://", "h:1", "sb://h:notaport"])
+def test_parse_endpoint_rejects(endpoint: str) -> None:
+    with pytest.raises(ConfigurationError):
+        parse_endpoint(endpoint)
 
 
 @pytest.mark.parametrize(

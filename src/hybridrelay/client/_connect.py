@@ -28,7 +28,6 @@ import os
 import ssl
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
@@ -45,6 +44,7 @@ from hybridrelay.exceptions import (
     RelayTimeoutError,
     http_error,
 )
+from hybridrelay.protocol.addressing import Endpoint, parse_endpoint
 from hybridrelay.protocol.connection_string import ConnectionString
 from hybridrelay.transport import frames_ws
 from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
@@ -115,38 +115,6 @@ def ws_client() -> str:
             )
         _ws_client = chosen
     return _ws_client
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """A relay endpoint: ``base_url`` is ``ws[s]://host[:port]``; ``host`` is ``host[:port]``."""
-
-    base_url: str
-    host: str
-    secure: bool
-
-
-def parse_endpoint(endpoint: str) -> Endpoint:
-    """Parse ``sb://host[:port]``, ``wss://...`` or ``ws://...`` (``sb`` means ``wss``).
-
-    Raises:
-        ConfigurationError: any other scheme, or no host.
-    """
-    try:
-        parts = urlsplit(endpoint.strip())
-        hostname = parts.hostname
-        _ = parts.port  # raises ValueError for a bad port
-    except ValueError as exc:
-        raise ConfigurationError(f"invalid endpoint {endpoint!r}: {exc}") from exc
-    scheme = parts.scheme.lower()
-    if scheme not in ("sb", "wss", "ws", "https", "http") or not hostname:
-        raise ConfigurationError(
-            f"endpoint must look like sb://host[:port], wss://host[:port] or ws://host[:port], "
-            f"not {endpoint!r}"
-        )
-    secure = scheme not in ("ws", "http")
-    host = parts.netloc.rpartition("@")[2]
-    return Endpoint(base_url=f"{'wss' if secure else 'ws'}://{host}", host=host, secure=secure)
 
 
 def env_proxy_for(url: str, proxies: Mapping[str, str]) -> str | None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import parse_qsl, quote, urlsplit
 
+from hybridrelay.exceptions import ConfigurationError
+
 __all__ = [
     "DEFAULT_REJECT_DESCRIPTION",
     "HC_PREFIX",
@@ -20,9 +22,11 @@ __all__ = [
     "STATUS_CODE_PARAM",
     "STATUS_DESCRIPTION_PARAM",
     "AcceptParams",
+    "Endpoint",
     "build_relay_url",
     "filter_query",
     "parse_accept_params",
+    "parse_endpoint",
     "protocol_params",
     "reject_url",
     "rendezvous_url",
@@ -47,6 +51,40 @@ DEFAULT_REJECT_DESCRIPTION = "Rejected by listener"
 _STATUS_CODE = re.compile(r"[1-9][0-9][0-9]")
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A relay endpoint: ``base_url`` is ``ws[s]://host[:port]``; ``host`` is ``host[:port]``
+    (what an HTTP listener reports as the relay's host); ``secure`` means TLS."""
+
+    base_url: str
+    host: str
+    secure: bool
+
+
+def parse_endpoint(endpoint: str) -> Endpoint:
+    """Parse ``sb://host[:port]``, ``wss://...`` or ``ws://...`` (``sb`` means ``wss``;
+    ``https://`` and ``http://`` are taken too). Credentials in the URL are dropped.
+
+    Raises:
+        ConfigurationError: any other scheme, or no host.
+    """
+    try:
+        parts = urlsplit(endpoint.strip())
+        hostname = parts.hostname
+        _ = parts.port  # raises ValueError for a bad port
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid endpoint {endpoint!r}: {exc}") from exc
+    scheme = parts.scheme.lower()
+    if scheme not in ("sb", "wss", "ws", "https", "http") or not hostname:
+        raise ConfigurationError(
+            f"endpoint must look like sb://host[:port], wss://host[:port] or ws://host[:port], "
+            f"not {endpoint!r}"
+        )
+    secure = scheme not in ("ws", "http")
+    host = parts.netloc.rpartition("@")[2]
+    return Endpoint(base_url=f"{'wss' if secure else 'ws'}://{host}", host=host, secure=secure)
 
 
 def _is_protocol_param(pair: str) -> bool:
