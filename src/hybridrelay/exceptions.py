@@ -12,10 +12,11 @@ library we use (aiohttp, OSError, ssl, yaml) leaks out without one of ours wrapp
     │   └── RelayTimeoutError       an operation did not finish in time
     ├── RelayHttpError              the relay or the listener answered with an HTTP error status
     │   ├── AuthorizationError      401 / 403
-    │   └── EndpointNotFoundError   404 (unknown hybrid connection)
-    ├── ConnectionRejectedError     the listener rejected the connection (status + description)
-    ├── StreamClosedError           *you* closed the stream (or the listener) and then used it
-    └── QuotaExceededError          a limit of the relay was hit (too many listeners, ...)
+    │   ├── EndpointNotFoundError   404 (unknown hybrid connection)
+    │   ├── QuotaExceededError      429: a limit of the relay was hit (too many listeners, ...)
+    │   └── ConnectionRejectedError any other refusal of a connect: the listener's rejection or
+    │                               the relay's own error, which the wire cannot tell apart
+    └── StreamClosedError           *you* closed the stream (or the listener) and then used it
 """
 
 from __future__ import annotations
@@ -83,11 +84,16 @@ class EndpointNotFoundError(RelayHttpError):
 
 
 class QuotaExceededError(RelayHttpError):
-    """A limit of the relay was reached (for example the 25 listeners of an entity)."""
+    """429: a limit of the relay was reached (for example the 25 listeners of an entity)."""
 
 
 class ConnectionRejectedError(RelayHttpError):
-    """The listener rejected the sender's connection with a status and a description."""
+    """A sender's connect was refused with a status other than 401, 403, 404 and 429.
+
+    Usually the listener's rejection (its status and description as it sent them); the relay's
+    own errors (502 no listener, 504 no answer) look the same on the wire and are raised as this
+    class too.
+    """
 
 
 class StreamClosedError(RelayError):
