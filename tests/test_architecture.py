@@ -53,7 +53,6 @@ BRIDGE_MAY_USE = (
     "hybridrelay.bridge",
     "hybridrelay.exceptions",
     "hybridrelay.protocol",
-    "hybridrelay.http_proxy",
 )
 # The SDK's public surface: the package itself and its documented backoff helpers.
 SDK_PUBLIC = {"hybridrelay.client", "hybridrelay.client.backoff"}

@@ -6,6 +6,7 @@ Everything on 127.0.0.1, port 0; the relay and the agent in process, plus one re
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import logging
 import random
@@ -20,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from hybridrelay.bridge.agent import BridgeAgent
 from hybridrelay.bridge.config import (
@@ -34,6 +36,7 @@ from hybridrelay.client import HybridConnectionClient
 from hybridrelay.exceptions import ConfigurationError, ConnectionRejectedError
 from tests.bridge.helpers import FAST_RETRY
 from tests.conftest import Relay, eventually
+from tests.server.test_http_relay import assert_no_exchanges_left
 
 AUTH = "ServiceBusAuthorization"
 KIB = 1024
@@ -98,6 +101,40 @@ async def upstream_server() -> AsyncIterator[Upstream]:
             await state.release.wait()
         return web.Response(text="finally")
 
+    async def made(request: web.Request) -> web.Response:
+        body = await request.read()
+        await record(request, body)
+        headers = [
+            ("Connection", "X-Hop"),
+            ("X-Hop", "named by Connection"),
+            ("Proxy-Authenticate", "Basic"),
+            ("Set-Cookie", "a=1"),
+            ("Set-Cookie", "b=2"),
+            ("Via", "1.0 upstream-cache"),
+        ]
+        return web.Response(
+            status=201, reason="Made Upstream", body=body[::-1], headers=CIMultiDict(headers)
+        )
+
+    async def compressed(request: web.Request) -> web.Response:
+        await record(request, await request.read())
+        body = gzip.compress(b"compressed text")
+        return web.Response(body=body, headers={"Content-Encoding": "gzip"})
+
+    async def redirect(request: web.Request) -> web.Response:
+        await record(request, await request.read())
+        return web.Response(status=302, headers={"Location": "/elsewhere"})
+
+    async def streamed(request: web.Request) -> web.StreamResponse:
+        await record(request, await request.read())
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for i in range(3):
+            await response.write(f"part{i};".encode())
+            await asyncio.sleep(0.05)  # a slow producer: the parts go out one by one
+        await response.write_eof()
+        return response
+
     async def anything(request: web.Request) -> web.Response:
         await record(request, await request.read())
         return web.Response(text=request.raw_path)
@@ -107,6 +144,10 @@ async def upstream_server() -> AsyncIterator[Upstream]:
     app.router.add_route("*", "/echo", echo)
     app.router.add_route("*", "/root/echo", echo)
     app.router.add_route("GET", "/slow", slow)
+    app.router.add_route("*", "/api/made/{tail:.*}", made)
+    app.router.add_route("GET", "/gzip", compressed)
+    app.router.add_route("GET", "/redirect", redirect)
+    app.router.add_route("GET", "/slow-stream", streamed)
     app.router.add_route("*", "/{tail:.*}", anything)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -206,6 +247,55 @@ async def test_forwarded_headers_reach_the_upstream(relay: Relay) -> None:
     assert second["Via"] == "1.0 corp-proxy, 1.1 hybridrelay"
     # The response is marked as having passed the proxy too.
     assert plain.headers["via"].startswith("1.1 hybridrelay")
+
+
+async def test_credentials_for_proxies_and_claimed_origins_do_not_reach_the_upstream(
+    relay: Relay,
+) -> None:
+    claims = {
+        "Proxy-Authorization": "Basic eDp5",
+        "X-Forwarded-Proto": "gopher",
+        "X-Forwarded-Host": "evil.example",
+    }
+    async with upstream_server() as up, running(http_config(relay, [f"hc:{up.url}"])):
+        async with client(relay) as http:
+            response = await http.get("/hc/who", headers=claims)
+    assert response.status_code == 200
+    seen = up.seen[0]["headers"]
+    assert "Proxy-Authorization" not in seen
+    assert seen["X-Forwarded-Proto"] == "http"
+    assert seen["X-Forwarded-Host"] == f"127.0.0.1:{relay.server.port}"
+
+
+async def test_status_reason_and_response_headers_come_back(relay: Relay) -> None:
+    async with upstream_server() as up, running(http_config(relay, [f"hc:{up.url}/api"])):
+        async with client(relay) as http:
+            response = await http.post("/hc/made/1?x=1&sb-hc-id=t", content=b"abc")
+    assert response.status_code == 201
+    assert response.reason_phrase == "Made Upstream"
+    assert response.content == b"cba"
+    assert up.seen[0]["path_qs"] == "/api/made/1?x=1"  # the relay's sb-hc-* parameters gone
+    assert "x-hop" not in response.headers  # named by the upstream's Connection header
+    assert "proxy-authenticate" not in response.headers
+    assert response.headers.get_list("set-cookie") == ["a=1"]  # responseHeaders holds one (6.4)
+    # Each hop appends itself: the upstream's cache, the bridge, then the relay.
+    assert response.headers["via"].startswith("1.0 upstream-cache, 1.1 hybridrelay, 1.1 ")
+    await assert_no_exchanges_left(relay)
+
+
+async def test_bodies_redirects_and_streams_pass_as_they_are(relay: Relay) -> None:
+    async with upstream_server() as up, running(http_config(relay, [f"hc:{up.url}"])):
+        async with client(relay) as http:
+            compressed = await http.get("/hc/gzip", headers={"Accept-Encoding": "gzip"})
+            redirect = await http.get("/hc/redirect")
+            streamed = await http.get("/hc/slow-stream")
+    assert compressed.headers["content-encoding"] == "gzip"
+    assert compressed.content == b"compressed text"  # httpx decoded the untouched gzip body
+    assert up.seen[0]["headers"]["Accept-Encoding"] == "gzip"
+    assert redirect.status_code == 302  # not followed by the proxy
+    assert redirect.headers["location"] == "/elsewhere"
+    assert streamed.text == "part0;part1;part2;"
+    assert [seen["path_qs"] for seen in up.seen] == ["/gzip", "/redirect", "/slow-stream"]
 
 
 async def test_base_path_mapping_and_query_strings(relay: Relay) -> None:
@@ -320,6 +410,15 @@ def test_http_forward_cannot_share_a_hybrid_connection(relay: Relay) -> None:
     # Different hybrid connections are fine.
     config = http_config(relay, ["hc:http://127.0.0.1:8080"], remote=["other:127.0.0.1:22"])
     assert config.http_forwards == (HttpForward("hc", "http://127.0.0.1:8080"),)
+
+
+def test_http_forward_parse() -> None:
+    parsed = HttpForward.parse("a/b:http://127.0.0.1:8080/base/")
+    assert parsed == HttpForward("a/b", "http://127.0.0.1:8080/base")
+    assert HttpForward.parse("/hc/:https://example.com") == HttpForward("hc", "https://example.com")
+    for bad in ("hc", "hc:ftp://x", ":http://x:1", "hc:http://", "hc:http://x:1/?q=1"):
+        with pytest.raises(ConfigurationError):
+            HttpForward.parse(bad)
 
 
 def test_http_forwards_in_the_config_file(tmp_path: Path, relay: Relay) -> None:

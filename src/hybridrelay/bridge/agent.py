@@ -7,8 +7,8 @@ socket and stream, bounded) -> close the SDK clients -> return.
 
 Only the public SDK is used: :class:`HybridConnectionClient` per hybrid connection the
 ingress sends to, :class:`HybridConnectionListener` per hybrid connection the edge serves and
-per HTTP forward (``-H``, with :class:`hybridrelay.http_proxy.HttpReverseProxy` as its request
-handler).
+per HTTP forward (``-H``, with :class:`~hybridrelay.bridge.http_forward.HttpReverseProxy` as
+its request handler).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from hybridrelay.bridge.config import BridgeConfig, ConnectionSettings
 from hybridrelay.bridge.edge import Edge, EdgeListener, ListenerFactory
-from hybridrelay.bridge.http_forward import HttpForwarder, HttpListenerFactory
+from hybridrelay.bridge.http_forward import HttpForwarder, HttpListenerFactory, reject_websocket
 from hybridrelay.bridge.ingress import Connect, StreamIngress
 from hybridrelay.bridge.pipe import RelayStream
 from hybridrelay.bridge.specs import Protocol
@@ -36,7 +36,6 @@ from hybridrelay.client import (
 )
 from hybridrelay.client.backoff import RECONNECT_DELAYS
 from hybridrelay.exceptions import ConfigurationError, RelayError
-from hybridrelay.http_proxy import reject_websocket
 
 __all__ = ["BridgeAgent", "token_provider_for"]
 

@@ -71,12 +71,13 @@ from hybridrelay.bridge.specs import (
     LocalForwardSpec,
     Protocol,
     RemoteForwardSpec,
+    parse_http_spec,
     parse_local_spec,
     parse_remote_spec,
     validate_host,
+    validate_http_target,
 )
 from hybridrelay.exceptions import ConfigurationError
-from hybridrelay.http_proxy import parse_http_forward, validate_http_target
 from hybridrelay.protocol.allowlist import Network, allows, parse_network
 from hybridrelay.protocol.connection_string import ConnectionString
 
@@ -245,8 +246,7 @@ class HttpForward:
         Raises:
             ConfigurationError: malformed.
         """
-        parsed = parse_http_forward(spec)
-        return cls(parsed.entity_path, parsed.target)
+        return cls(*parse_http_spec(spec))
 
 
 @dataclass(frozen=True)

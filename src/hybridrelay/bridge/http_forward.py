@@ -1,9 +1,14 @@
-"""HTTP forwards (``-H hc:http://host:port[/base]``): relayed HTTP requests to a local server.
+"""HTTP forwards (``-H hc:http://host:port[/base]``): the bridge's reverse proxy from relayed
+HTTP requests to a local server.
 
-One SDK listener per forward, with :class:`hybridrelay.http_proxy.HttpReverseProxy` as its
-request handler: requests senders send to ``http(s)://relay/{hc}/{rest}?{query}`` go to
-``{target}/{rest}?{query}`` (``Via`` and ``X-Forwarded-*`` added), and the answer streams back.
-WebSocket senders on that hybrid connection are rejected with 501.
+One SDK listener per forward, with an :class:`HttpReverseProxy` as its request handler:
+requests senders send to ``http(s)://relay/{hc}/{rest}?{query}`` go to
+``{target}/{rest}?{query}`` (the path and query as the sender encoded them) and the upstream's
+answer goes back. On the way to the upstream ``X-Forwarded-For`` is appended to and
+``X-Forwarded-Proto``, ``X-Forwarded-Host`` and ``Via`` are set; both ways, hop-by-hop headers
+are dropped (PROTOCOL.md 6.2, 6.5) and ``Via`` gets our hop. Bodies pass as they are (no
+decompression); the upstream's response body streams back (over a rendezvous once it passes
+64 KiB). WebSocket senders on that hybrid connection are rejected with 501.
 
 Like an edge (``-R``): the listener reconnects by itself (SDK); if it cannot be opened at all,
 or closes for good, a new one is opened on the SDK's backoff schedule; the forward counts as
@@ -15,25 +20,181 @@ listener closes (which cuts whatever is left).
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from yarl import URL
 
 from hybridrelay.bridge.config import BridgeConfig, HttpForward
 from hybridrelay.bridge.listening import EdgeListener, keep_listening
 from hybridrelay.bridge.pipe import RelayStream, close_stream
-from hybridrelay.client import RelayedHttpContext, RequestHandler
-from hybridrelay.client.backoff import (
-    RECONNECT_DELAYS,
-)
-from hybridrelay.http_proxy import HttpReverseProxy, relay_origin
+from hybridrelay.bridge.specs import validate_http_target
+from hybridrelay.client import AcceptContext, RelayedHttpContext, RequestHandler
+from hybridrelay.client.backoff import RECONNECT_DELAYS
+from hybridrelay.exceptions import ConfigurationError
+from hybridrelay.protocol.addressing import parse_endpoint
+from hybridrelay.protocol.http import merge_repeated_headers, without_hop_by_hop
 
-__all__ = ["HttpForwarder", "HttpListenerFactory"]
+__all__ = ["HttpForwarder", "HttpListenerFactory", "HttpReverseProxy", "reject_websocket"]
 
 logger = logging.getLogger("hybridrelay.bridge")
+
+#: Connecting to the upstream.
+CONNECT_TIMEOUT = 10.0
+#: The upstream must send something (headers, or the next body bytes) within this time;
+#: the relay itself gives a listener 60 s for the response headers.
+READ_TIMEOUT = 60.0
+_CHUNK = 64 * 1024
+VIA = "1.1 hybridrelay"
+
+# A reverse proxy also drops the credentials meant for a proxy on the way (RFC 9110 11.7):
+# they are for the hop that asked for them, not for the upstream or the sender.
+_PROXY_AUTH = frozenset({"proxy-authenticate", "proxy-authorization"})
+# Set by us from what we know, whatever the sender claims (X-Forwarded-For is appended to).
+_REQUEST_DROPPED = _PROXY_AUTH | {"x-forwarded-proto", "x-forwarded-host"}
 
 #: Builds a listener whose relayed HTTP requests go to the given handler (and whose WebSocket
 #: senders are rejected with 501).
 HttpListenerFactory = Callable[[RequestHandler], EdgeListener]
+
+
+def _suffix(path: str, entity: str) -> str:
+    prefix = "/" + entity.strip("/")
+    if path.lower() == prefix.lower():
+        return ""
+    if path[: len(prefix) + 1].lower() == prefix.lower() + "/":
+        return path[len(prefix) :]
+    return path
+
+
+def _as_sent(url: str) -> URL:
+    """The URL exactly as the sender encoded it: yarl would otherwise re-normalise the path
+    and query (``%2F`` -> ``/``), which changes what some applications see. A target with
+    characters that cannot go on a request line as they are is normalised instead."""
+    if url.isascii() and not any(ch <= " " or ch == "\x7f" for ch in url):
+        return URL(url, encoded=True)
+    return URL(url)
+
+
+def _via_appended(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``headers`` with our hop added at the end of ``Via`` (RFC 9110 7.6.3)."""
+    hops = [value for name, value in headers if name.lower() == "via" and value]
+    kept = [(name, value) for name, value in headers if name.lower() != "via"]
+    kept.append(("Via", ", ".join([*hops, VIA])))
+    return kept
+
+
+class HttpReverseProxy:
+    """A ``request_handler`` that forwards each relayed request to one upstream base URL."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        entity_path: str,
+        relay_host: str,
+        secure: bool,
+        ssl: Any = True,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        validate_http_target(target)
+        if connect_timeout <= 0:
+            raise ConfigurationError("connect_timeout must be positive")
+        self._target = target.rstrip("/")
+        self._entity = entity_path.strip("/")
+        self._relay_host = relay_host
+        self._proto = "https" if secure else "http"
+        self._ssl = ssl
+        self._connect_timeout = connect_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def target(self) -> str:
+        """The upstream base URL."""
+        return self._target
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self._connect_timeout, sock_read=READ_TIMEOUT
+                ),
+                auto_decompress=False,
+                trust_env=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            )
+        return self._session
+
+    def upstream_url(self, ctx: RelayedHttpContext) -> str:
+        suffix = _suffix(ctx.path, self._entity)
+        url = self._target + suffix
+        if not suffix and not urlsplit(self._target).path:
+            url += "/"
+        return url + (f"?{ctx.query}" if ctx.query else "")
+
+    def upstream_headers(self, ctx: RelayedHttpContext) -> list[tuple[str, str]]:
+        headers = without_hop_by_hop(ctx.headers.items(), also=_REQUEST_DROPPED)
+        forwarded_for = ctx.header("x-forwarded-for")
+        client = ctx.remote_endpoint[0] if ctx.remote_endpoint else None
+        if client:
+            chain = f"{forwarded_for}, {client}" if forwarded_for else client
+            headers = [(k, v) for k, v in headers if k.lower() != "x-forwarded-for"]
+            headers.append(("X-Forwarded-For", chain))
+        headers.append(("X-Forwarded-Proto", self._proto))
+        headers.append(("X-Forwarded-Host", self._relay_host))
+        return _via_appended(headers)
+
+    async def __call__(self, ctx: RelayedHttpContext) -> None:
+        session = self._get_session()
+        url = _as_sent(self.upstream_url(ctx))
+        body = await ctx.read()
+        try:
+            async with session.request(
+                ctx.method,
+                url,
+                headers=self.upstream_headers(ctx),
+                # BytesIO: aiohttp writes it in slices (raw bytes > 1 MiB would block the loop).
+                data=io.BytesIO(body) if body else None,
+                allow_redirects=False,
+                ssl=self._ssl,
+            ) as upstream:
+                relayed = without_hop_by_hop(upstream.headers.items(), also=_PROXY_AUTH)
+                headers = merge_repeated_headers(_via_appended(relayed))
+                await ctx.respond(upstream.status, upstream.reason or None, headers)
+                async for chunk in upstream.content.iter_chunked(_CHUNK):
+                    await ctx.write(chunk)
+        except (aiohttp.ClientConnectorError, aiohttp.ClientOSError) as exc:
+            await self._error(ctx, 502, "Bad Gateway: the upstream is unreachable", exc)
+            return
+        except TimeoutError as exc:
+            await self._error(ctx, 504, "Gateway Timeout: the upstream did not answer", exc)
+            return
+        except aiohttp.ClientError as exc:
+            await self._error(ctx, 502, "Bad Gateway: the upstream failed", exc)
+            return
+        await ctx.finish()
+
+    @staticmethod
+    async def _error(ctx: RelayedHttpContext, status: int, text: str, exc: BaseException) -> None:
+        logger.warning("upstream request failed: %s: %s", type(exc).__name__, exc)
+        if ctx.responded:
+            ctx.abort()  # the response was under way: the sender sees it cut
+            return
+        await _answer(ctx, status, text)
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+
+def reject_websocket(ctx: AcceptContext) -> None:
+    """Accept handler of an HTTP-only listener: WebSocket senders get 501."""
+    ctx.reject(501, "This hybrid connection forwards HTTP requests only")
 
 
 class HttpForwarder:
@@ -49,7 +210,7 @@ class HttpForwarder:
     ) -> None:
         endpoint = config.connection.endpoint
         assert endpoint is not None
-        relay_host, secure = relay_origin(endpoint)
+        relay = parse_endpoint(endpoint)
         self.forward = forward
         self.config = config
         self._factory = listener_factory
@@ -59,8 +220,8 @@ class HttpForwarder:
         self._proxy = HttpReverseProxy(
             forward.target,
             entity_path=forward.hybrid_connection,
-            relay_host=relay_host,
-            secure=secure,
+            relay_host=relay.host,
+            secure=relay.secure,
             connect_timeout=config.connect_timeout,
         )
         self._stop = asyncio.Event()
@@ -127,10 +288,10 @@ class HttpForwarder:
     async def _handle(self, ctx: RelayedHttpContext) -> None:
         """The listener's request handler: admission, then the reverse proxy."""
         if self._stop.is_set():
-            await _refuse(ctx, "Service Unavailable: the bridge is shutting down")
+            await _answer(ctx, 503, "Service Unavailable: the bridge is shutting down")
             return
         if self._in_flight >= self._limit:
-            await _refuse(ctx, "Service Unavailable: the bridge is at capacity")
+            await _answer(ctx, 503, "Service Unavailable: the bridge is at capacity")
             return
         self._in_flight += 1
         self._idle.clear()
@@ -142,7 +303,8 @@ class HttpForwarder:
                 self._idle.set()
 
 
-async def _refuse(ctx: RelayedHttpContext, text: str) -> None:
-    await ctx.respond(503, text, {"content-type": "text/plain; charset=utf-8"})
+async def _answer(ctx: RelayedHttpContext, status: int, text: str) -> None:
+    """Answer with ``text`` as the reason phrase and as a plain-text body."""
+    await ctx.respond(status, text, {"content-type": "text/plain; charset=utf-8"})
     await ctx.write(text.encode() + b"\n")
     await ctx.finish()

@@ -1,4 +1,4 @@
-"""Parsers for the bridge's ``-L`` and ``-R`` forward specifications.
+"""Parsers for the bridge's ``-L``, ``-R`` and ``-H`` forward specifications.
 
 Pure functions and frozen dataclasses: no I/O, no DNS. Every malformed spec raises
 :class:`~hybridrelay.exceptions.ConfigurationError` with a message that names the spec and the
@@ -49,6 +49,9 @@ Examples::
     -R hc:app/unix:/run/app.sock   a Unix socket
 
 A port name selects among the routes configured on the edge; it never names a destination.
+
+``-H`` (HTTP forward) is ``HC ":" ("http" | "https") "://" HOST [":" PORT] [BASE]``, e.g.
+``-H api:http://127.0.0.1:8080/v1``; no credentials, query or fragment in the URL.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ import enum
 import ipaddress
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from hybridrelay.exceptions import ConfigurationError
 
@@ -68,10 +72,12 @@ __all__ = [
     "RemoteForwardSpec",
     "format_host",
     "is_loopback_host",
+    "parse_http_spec",
     "parse_local_spec",
     "parse_remote_spec",
     "validate_hybrid_connection_name",
     "validate_host",
+    "validate_http_target",
     "validate_port_name",
 ]
 
@@ -428,3 +434,48 @@ def parse_remote_spec(text: str) -> RemoteForwardSpec:
         port=port,
         port_name=name,
     )
+
+
+def parse_http_spec(spec: str) -> tuple[str, str]:
+    """``(hybrid connection, upstream base URL)`` of a ``-H hc:http(s)://host[:port][/base]``
+    (the hybrid connection may contain ``/``; the URL loses a trailing ``/``).
+
+    Raises:
+        ConfigurationError: no hybrid connection, or the target is not an http(s) URL with a
+            host (see :func:`validate_http_target`).
+    """
+    for scheme in ("http://", "https://"):
+        entity, sep, rest = spec.partition(":" + scheme)
+        if sep:
+            break
+    else:
+        raise ConfigurationError(
+            f"-H expects hybrid_connection:http://host:port[/base], not {spec!r}"
+        )
+    entity = entity.strip("/")
+    target = scheme + rest
+    validate_http_target(target)
+    if not entity:
+        raise ConfigurationError(f"-H {spec!r}: the hybrid connection name is missing")
+    return entity, target.rstrip("/")
+
+
+def validate_http_target(target: str) -> None:
+    """Check an upstream base URL: ``http(s)://host[:port][/base]``.
+
+    Raises:
+        ConfigurationError: another scheme, no host, a bad port, credentials, a query or a
+            fragment.
+    """
+    try:
+        parts = urlsplit(target)
+        _ = parts.port
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid upstream URL {target!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(f"the upstream must be http(s)://host[:port][/base]: {target!r}")
+    if "@" in parts.netloc:
+        # Credentials in the URL would end up in logs; the sender's Authorization is passed on.
+        raise ConfigurationError("the upstream URL must not contain credentials (user@host)")
+    if parts.query or parts.fragment:
+        raise ConfigurationError(f"the upstream URL must not have a query: {target!r}")
