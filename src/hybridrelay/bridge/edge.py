@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hybridrelay.bridge.config import BridgeConfig, RemoteForward
-from hybridrelay.bridge.handshake import read_preamble
 from hybridrelay.bridge.listening import EdgeListener, keep_listening
 from hybridrelay.bridge.pipe import ConnectionGroup, RelayStream, SocketLeg, close_stream, pipe
+from hybridrelay.bridge.preamble import read_preamble
 from hybridrelay.bridge.specs import Protocol as Transport
 from hybridrelay.bridge.udp import serve_udp_destination
 from hybridrelay.client.backoff import (

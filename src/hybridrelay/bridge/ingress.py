@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from hybridrelay.bridge.config import BridgeConfig, LocalForward
-from hybridrelay.bridge.handshake import send_preamble
 from hybridrelay.bridge.pipe import ConnectionGroup, RelayStream, SocketLeg, close_stream, pipe
+from hybridrelay.bridge.preamble import send_preamble
 from hybridrelay.bridge.specs import Protocol
 from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.protocol.azbridge import Mode

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 from hybridrelay.bridge.config import BridgeConfig, LocalForward, RemoteForward
-from hybridrelay.bridge.handshake import send_preamble
 from hybridrelay.bridge.ingress import Connect, format_address
 from hybridrelay.bridge.pipe import READ_CHUNK, ConnectionGroup, RelayStream, close_stream
+from hybridrelay.bridge.preamble import send_preamble
 from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.protocol.azbridge import MAX_DATAGRAM, DatagramDecoder, Mode, encode_datagram
 

@@ -1,7 +1,10 @@
-"""The azbridge preamble exchange over a relayed stream (the codec is in :mod:`.preamble`).
+"""The azbridge preamble exchange over a relayed stream: the ingress (``-L``) sends the
+logical port name and mode and waits for the edge's answer; the edge (``-R``) reads it.
 
-The caller bounds these with its handshake timeout; they read exactly as many bytes as the
-preamble still needs, so no payload is consumed by accident.
+The bytes on the wire are :mod:`hybridrelay.protocol.azbridge`'s (a pure codec); this module
+only moves them over a :class:`~hybridrelay.bridge.pipe.RelayStream`. The caller bounds each
+exchange with its handshake timeout; they read exactly as many bytes as the preamble still
+needs, so no payload is consumed by accident.
 """
 
 from __future__ import annotations
