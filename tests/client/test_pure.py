@@ -15,7 +15,6 @@ from hybridrelay.client import (
     HybridConnectionListener,
     SharedAccessKeyTokenProvider,
     SharedAccessSignatureTokenProvider,
-    build_ssl_context,
 )
 from hybridrelay.client._connect import _split_proxy, env_proxy_for
 from hybridrelay.client.backoff import (
@@ -26,6 +25,7 @@ from hybridrelay.client.backoff import (
     reconnect_delays,
 )
 from hybridrelay.client.listener import AcceptContext
+from hybridrelay.client.tls import build_ssl_context
 from hybridrelay.exceptions import (
     AuthorizationError,
     ConfigurationError,

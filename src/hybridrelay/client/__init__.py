@@ -1,4 +1,11 @@
-"""The asyncio SDK: listen on and connect to hybrid connections (see ``docs/SDK.md``)."""
+"""The asyncio SDK: listen on and connect to hybrid connections (see ``docs/SDK.md``).
+
+``__all__`` is the SDK's whole public surface, and ``docs/SDK.md`` documents every name in it
+(``tests/test_exports.py`` checks both). Anything else in this package is internal and may
+change without notice. ``StreamSink`` and ``SpliceSocket`` are defined in the transport layer
+but are public here because they are :meth:`HybridConnectionStream.attach`'s argument and
+result.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,6 @@ from hybridrelay.client.listener import (
 )
 from hybridrelay.client.sender import HybridConnectionClient
 from hybridrelay.client.stream import HybridConnectionStream
-from hybridrelay.client.tls import build_ssl_context
 from hybridrelay.client.tokens import (
     SharedAccessKeyTokenProvider,
     SharedAccessSignatureTokenProvider,
@@ -33,5 +39,4 @@ __all__ = [
     "SpliceSocket",
     "StreamSink",
     "TokenProvider",
-    "build_ssl_context",
 ]

@@ -65,6 +65,7 @@ HANDLER_FAILED_STATUS = 500
 BUSY_STATUS = 503
 
 RequestHandler = Callable[["RelayedHttpContext"], Awaitable[None]]
+"""Serves one relayed HTTP request: reads it from, and answers it through, the context."""
 
 
 class RelayedHttpContext:

@@ -69,6 +69,8 @@ __all__ = [
 logger = logging.getLogger("hybridrelay.client")
 
 ListenerStatus = Literal["offline", "connecting", "online"]
+"""What :attr:`HybridConnectionListener.status` reports: its control channel is down, being
+opened (or re-opened), or up."""
 StatusCallback = Callable[[str, BaseException | None], None]
 
 #: Opening the control channel (the .NET operation timeout is 60 s).
@@ -154,6 +156,8 @@ class AcceptContext:
 
 
 AcceptHandler = Callable[[AcceptContext], "bool | None | Awaitable[bool | None]"]
+"""Decides on each sender before it is accepted: return (or await to) False, or call
+:meth:`AcceptContext.reject`, to refuse it; True or None accepts."""
 
 
 class HybridConnectionListener:
