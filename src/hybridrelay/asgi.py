@@ -37,7 +37,7 @@ from urllib.parse import unquote
 
 from hybridrelay.client import AcceptContext, HybridConnectionListener, RelayedHttpContext
 from hybridrelay.exceptions import ConfigurationError, RelayConnectionError
-from hybridrelay.protocol.addressing import parse_endpoint
+from hybridrelay.protocol.addressing import parse_endpoint, target_suffix
 from hybridrelay.protocol.connection_string import ConnectionString
 from hybridrelay.protocol.http import merge_repeated_headers
 
@@ -62,16 +62,6 @@ LIFESPAN_TIMEOUT = 60.0
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 
 
-def _strip_entity(path: str, entity: str) -> str:
-    """The part of a raw request path after the entity name (``/`` if nothing follows)."""
-    prefix = "/" + entity.strip("/")
-    if path.lower() == prefix.lower():
-        return "/"
-    if path[: len(prefix) + 1].lower() == prefix.lower() + "/":
-        return path[len(prefix) :]
-    return path or "/"
-
-
 class AsgiRequestHandler:
     """A ``request_handler`` for :class:`HybridConnectionListener` that runs an ASGI app."""
 
@@ -93,7 +83,7 @@ class AsgiRequestHandler:
         self._state = state
 
     def scope_for(self, ctx: RelayedHttpContext) -> Scope:
-        raw_path = _strip_entity(ctx.path, self._entity)
+        raw_path = target_suffix(ctx.path, self._entity) or "/"
         headers = [
             (name.lower().encode("latin-1"), value.encode("latin-1", "replace"))
             for name, value in ctx.headers.items()

@@ -18,6 +18,7 @@ from hybridrelay.protocol.addressing import (
     reject_url,
     rendezvous_url,
     split_rendezvous_address,
+    target_suffix,
 )
 
 
@@ -156,3 +157,28 @@ def test_parse_accept_params_fuzz(params: dict[str, str]) -> None:
     assert parsed.status_code is None or 100 <= parsed.status_code <= 999
     if parsed.status_code is not None:
         assert str(parsed.status_code) == params["sb-hc-statusCode"]
+
+
+@pytest.mark.parametrize(
+    ("path", "entity", "suffix"),
+    [
+        ("/hc", "hc", ""),
+        ("/HC/", "hc", "/"),
+        ("/hc/a/b%2Fc", "hc", "/a/b%2Fc"),
+        ("/a/b/c", "/a/b/", "/c"),
+        ("/hcx/y", "hc", "/hcx/y"),  # another name that merely starts the same
+        ("", "hc", ""),
+    ],
+)
+def test_target_suffix(path: str, entity: str, suffix: str) -> None:
+    assert target_suffix(path, entity) == suffix
+
+
+@given(
+    st.text("abAB-/", min_size=1, max_size=8).filter(lambda e: e.strip("/")),
+    st.text("abAB-/%2F", max_size=12),
+)
+def test_target_suffix_fuzz(entity: str, rest: str) -> None:
+    name = entity.strip("/")
+    suffix = "/" + rest if rest else ""
+    assert target_suffix("/" + name.upper() + suffix, entity) == suffix

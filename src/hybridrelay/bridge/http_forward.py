@@ -36,7 +36,7 @@ from hybridrelay.bridge.specs import validate_http_target
 from hybridrelay.client import AcceptContext, RelayedHttpContext, RequestHandler
 from hybridrelay.client.backoff import RECONNECT_DELAYS
 from hybridrelay.exceptions import ConfigurationError
-from hybridrelay.protocol.addressing import parse_endpoint
+from hybridrelay.protocol.addressing import parse_endpoint, target_suffix
 from hybridrelay.protocol.http import merge_repeated_headers, without_hop_by_hop
 
 __all__ = ["HttpForwarder", "HttpListenerFactory", "HttpReverseProxy", "reject_websocket"]
@@ -60,15 +60,6 @@ _REQUEST_DROPPED = _PROXY_AUTH | {"x-forwarded-proto", "x-forwarded-host"}
 #: Builds a listener whose relayed HTTP requests go to the given handler (and whose WebSocket
 #: senders are rejected with 501).
 HttpListenerFactory = Callable[[RequestHandler], EdgeListener]
-
-
-def _suffix(path: str, entity: str) -> str:
-    prefix = "/" + entity.strip("/")
-    if path.lower() == prefix.lower():
-        return ""
-    if path[: len(prefix) + 1].lower() == prefix.lower() + "/":
-        return path[len(prefix) :]
-    return path
 
 
 def _as_sent(url: str) -> URL:
@@ -130,7 +121,7 @@ class HttpReverseProxy:
         return self._session
 
     def upstream_url(self, ctx: RelayedHttpContext) -> str:
-        suffix = _suffix(ctx.path, self._entity)
+        suffix = target_suffix(ctx.path, self._entity)
         url = self._target + suffix
         if not suffix and not urlsplit(self._target).path:
             url += "/"

@@ -32,6 +32,7 @@ __all__ = [
     "rendezvous_url",
     "resolve_entity",
     "split_rendezvous_address",
+    "target_suffix",
 ]
 
 HC_PREFIX = "/$hc/"
@@ -139,6 +140,25 @@ def resolve_entity(path: str, lookup: Callable[[str], T | None]) -> tuple[T, str
                 return found, stripped[end:]
         end = stripped.rfind("/", 0, end)
     return None
+
+
+def target_suffix(path: str, entity_path: str) -> str:
+    """The part of a relayed request's raw path after the hybrid connection's name (6.2).
+
+    A listener gets the sender's path with the entity in front (``/{entity}{suffix}``); the
+    name compares case-insensitively, as the relay resolved it. Returns the suffix with its
+    leading ``/``, ``""`` for the bare entity, and ``path`` itself if it does not start with
+    the name.
+
+    >>> target_suffix("/API/items/1", "api")
+    '/items/1'
+    """
+    prefix = "/" + entity_path.strip("/")
+    if path.lower() == prefix.lower():
+        return ""
+    if path[: len(prefix) + 1].lower() == prefix.lower() + "/":
+        return path[len(prefix) :]
+    return path
 
 
 def build_relay_url(
