@@ -30,9 +30,10 @@ INLINE_HEADER_LIMIT = 32 * 1024
 #: Lower-case names of the headers that belong to one connection and are never relayed in
 #: either direction (6.2, 6.5): RFC 9110 7.6.1's connection options, plus ``Content-Length``
 #: and ``Host``, because every hop of the relay frames the body itself (a WebSocket message)
-#: and names its own host.
+#: and names its own host, and ``Close``, which Azure's relay lists with them (6.2).
 HOP_BY_HOP_HEADERS = frozenset(
     {
+        "close",
         "connection",
         "content-length",
         "host",
