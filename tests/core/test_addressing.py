@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from hybridrelay.exceptions import ConfigurationError
 from hybridrelay.protocol.addressing import (
-    DEFAULT_REJECT_DESCRIPTION,
+    UNDESCRIBED_REJECTION,
     AcceptParams,
     parse_accept_params,
     parse_endpoint,
@@ -112,7 +112,7 @@ def test_status_code_validation(status: str, code: int | None) -> None:
     params = parse_accept_params({"sb-hc-statusCode": status, "sb-hc-id": "1"})
     assert params.rejects
     assert params.status_code == code
-    assert params.status_description == DEFAULT_REJECT_DESCRIPTION
+    assert params.status_description == UNDESCRIBED_REJECTION
 
 
 def test_missing_parameters_and_an_empty_description() -> None:

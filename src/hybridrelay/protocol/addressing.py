@@ -15,12 +15,12 @@ from urllib.parse import parse_qsl, quote, urlsplit
 from hybridrelay.exceptions import ConfigurationError
 
 __all__ = [
-    "DEFAULT_REJECT_DESCRIPTION",
     "HC_PREFIX",
     "ID_PARAM",
     "RENDEZVOUS_PARAM",
     "STATUS_CODE_PARAM",
     "STATUS_DESCRIPTION_PARAM",
+    "UNDESCRIBED_REJECTION",
     "AcceptParams",
     "Endpoint",
     "build_relay_url",
@@ -46,8 +46,9 @@ RENDEZVOUS_PARAM = "sb-hc-rendezvous"
 STATUS_CODE_PARAM = "sb-hc-statusCode"
 #: ... with this reason phrase.
 STATUS_DESCRIPTION_PARAM = "sb-hc-statusDescription"
-#: What the sender is told when a rejecting listener gives no description.
-DEFAULT_REJECT_DESCRIPTION = "Rejected by listener"
+#: What the relay tells the sender when a rejecting listener gives no description (the SDK's
+#: listener always gives one).
+UNDESCRIBED_REJECTION = "Rejected by listener"
 
 _STATUS_CODE = re.compile(r"[1-9][0-9][0-9]")
 
@@ -241,7 +242,7 @@ class AcceptParams:
         rejects: the listener rejects the sender (``sb-hc-statusCode`` is present).
         status_code: the rejection's status, 100-999; None when not rejecting or when the
             parameter is not a status code (``rejects`` tells the two apart).
-        status_description: the rejection's reason (:data:`DEFAULT_REJECT_DESCRIPTION` if
+        status_description: the rejection's reason (:data:`UNDESCRIBED_REJECTION` if
             none was given).
     """
 
@@ -249,7 +250,7 @@ class AcceptParams:
     secret: str = ""
     rejects: bool = False
     status_code: int | None = None
-    status_description: str = DEFAULT_REJECT_DESCRIPTION
+    status_description: str = UNDESCRIBED_REJECTION
 
     def __repr__(self) -> str:
         return (
@@ -273,5 +274,5 @@ def parse_accept_params(params: Mapping[str, str]) -> AcceptParams:
         secret=params.get(RENDEZVOUS_PARAM, ""),
         rejects=status is not None,
         status_code=code,
-        status_description=params.get(STATUS_DESCRIPTION_PARAM) or DEFAULT_REJECT_DESCRIPTION,
+        status_description=params.get(STATUS_DESCRIPTION_PARAM) or UNDESCRIBED_REJECTION,
     )
