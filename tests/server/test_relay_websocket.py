@@ -201,7 +201,7 @@ async def test_listener_limit(make_relay: RelayFactory) -> None:
         assert status == 429 and "QuotaExceeded" in reason
         await first.close()
         await asyncio.sleep(0)  # let the relay see the close
-        await eventually(lambda: relay.server.registry.count("hc") < 2)
+        await eventually(lambda: relay.server.broker.listener_count("hc") < 2)
         third = await open_listener(s, relay)
         await second.close()
         await third.close()
@@ -380,8 +380,8 @@ async def test_half_open_listener_is_detected(make_relay: RelayFactory) -> None:
     """A listener that stops answering pings is dropped from the registry."""
     async with make_relay(limits={"keep_alive_interval": 0.4}) as relay, session() as s:
         await open_listener(s, relay, autoping=False)
-        assert relay.server.registry.count("hc") == 1
-        await eventually(lambda: relay.server.registry.count("hc") == 0)
+        assert relay.server.broker.listener_count("hc") == 1
+        await eventually(lambda: relay.server.broker.listener_count("hc") == 0)
 
 
 async def test_tls_relay(tls_relay: Relay) -> None:

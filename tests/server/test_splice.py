@@ -325,5 +325,5 @@ async def test_many_relayed_connections_leave_nothing_behind(relay: Relay) -> No
             assert await listener.close_frame() == (1000, "")
             assert await sender.at_eof() and await listener.at_eof()
     await eventually(lambda: not relay.server._legs)
-    assert len(relay.server._rendezvous) == 0
+    assert relay.server.broker.pending_count == 0
     await eventually(lambda: len(aiohttp_server.connections) == 0)  # control channels too

@@ -2,10 +2,15 @@
 
 Endpoints (PROTOCOL.md section 2):
 
-* ``GET /$hc/{path}?sb-hc-action=listen``  — listener control channel (E1)
+* ``GET /$hc/{path}?sb-hc-action=listen``  — listener control channel (E1), ``control_channel.py``
 * ``GET /$hc/{path}[/suffix]?...sb-hc-action=connect`` — sender WebSocket (E2)
 * ``GET {accept address}``                 — listener's rendezvous (E3) or reject (E4)
-* ``{METHOD} /{path}[/suffix]``            — HTTP request relaying (E6), see ``http_relay.py``
+* ``{METHOD} /{path}[/suffix]``            — HTTP request relaying (E6), ``http_relay.py``
+* ``GET /{path}?api-version=...``          — runtime information (E7), ``runtime_info.py``
+
+:class:`RelayServer` owns the process's life (start, the ordered shutdown, the configuration
+of the moment) and routes each request to its endpoint; pairing senders with listeners is the
+broker's (``broker.py``), which every endpoint and the relay's own ingress ports use.
 
 Nothing here logs a token, a key or a rendezvous address; aiohttp's access log is off because
 request targets carry ``sb-hc-token``.
@@ -14,112 +19,57 @@ request targets carry ``sb-hc-token``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
-import functools
 import logging
 import ssl
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 from aiohttp import web
 
-from hybridrelay.auth.cache import AuthCache
-from hybridrelay.auth.sas import AuthDecision, AuthorizationRule, Rights
-from hybridrelay.exceptions import ConfigurationError, ProtocolError, RelayConnectionError
+from hybridrelay.auth.sas import Rights
+from hybridrelay.exceptions import ConfigurationError
 from hybridrelay.protocol.addressing import (
     HC_PREFIX,
-    build_relay_url,
-    filter_query,
+    STATUS_CODE_PARAM,
+    parse_accept_params,
     protocol_params,
     resolve_entity,
 )
-from hybridrelay.protocol.messages import (
-    Accept,
-    RemoteEndpoint,
-    RenewToken,
-    encode_message,
-    parse_message,
-)
 from hybridrelay.protocol.websocket import HandshakeError, handshake_headers
-from hybridrelay.server.config import HybridConnectionConfig, RelayConfig
-from hybridrelay.server.ingress import RelayIngress
-from hybridrelay.server.ratelimit import FailureLimiter
-from hybridrelay.server.registry import ControlChannel, InMemoryListenerRegistry, ListenerRegistry
-from hybridrelay.server.rendezvous import (
+from hybridrelay.server.access import AUTH_HEADER, Access, request_token
+from hybridrelay.server.broker import (
     Accepted,
+    Broker,
+    Connection,
+    LocalBroker,
     PendingRendezvous,
     Rejection,
-    RendezvousTable,
     Unanswered,
+    remote_endpoint,
 )
+from hybridrelay.server.config import HybridConnectionConfig, LimitsConfig, RelayConfig
+from hybridrelay.server.control_channel import ListenEndpoint
+from hybridrelay.server.http_relay import HttpRelay
+from hybridrelay.server.ingress import RelayIngress
+from hybridrelay.server.legs import RelayedLegs
+from hybridrelay.server.responses import error_response, reason_phrase, tracking_id
 from hybridrelay.server.runtime_info import (
     error_xml,
     is_runtime_info_request,
     runtime_info_response,
 )
 from hybridrelay.server.store import EntityStore, InMemoryEntityStore
-from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
-from hybridrelay.transport.base import CloseCode, MessageKind
-from hybridrelay.transport.splice import RawLeg, SpliceLeg, take_over
+from hybridrelay.transport.base import CloseCode
+from hybridrelay.transport.splice import take_over
 
 __all__ = ["RelayServer"]
 
 logger = logging.getLogger("hybridrelay.server")
 
-_AUTH_HEADER = "ServiceBusAuthorization"
 #: How long a shutdown waits for spliced connections to finish their close handshakes.
 _SHUTDOWN_GRACE = 5.0
 # Request headers that are the relay's business and never reach the listener in connectHeaders.
-_PRIVATE_HEADERS = frozenset({"servicebusauthorization"})
-
-
-def tracking_id() -> str:
-    return str(uuid.uuid4())
-
-
-def _reason(text: str) -> str:
-    """A reason phrase that is safe on a status line (no CR/LF, printable, bounded)."""
-    cleaned = "".join(ch if ch.isprintable() else " " for ch in text)
-    return cleaned[:512] or "Error"
-
-
-def error_response(status: int, description: str, track: str | None = None) -> web.Response:
-    """An error answer whose reason phrase carries a TrackingId, as Azure's do."""
-    track = track or tracking_id()
-    text = f"{description} TrackingId:{track}"
-    return web.Response(status=status, reason=_reason(text), text=text + "\n")
-
-
-def upgrade(
-    request: web.BaseRequest,
-    subprotocol: str | None,
-    *,
-    max_message_size: int,
-    heartbeat: float | None = None,
-) -> web.WebSocketResponse:
-    """The server side of one of our WebSockets, before ``prepare``.
-
-    ``autoclose=False``: a close frame is reported, not answered, so half-close crosses the
-    relay (docs/DECISIONS.md D2); ``compress=False``: no extension is ever negotiated
-    (PROTOCOL.md 5.6); pings only where ``heartbeat`` is given (control channels).
-    """
-    return web.WebSocketResponse(
-        protocols=(subprotocol,) if subprotocol else (),
-        autoclose=False,
-        autoping=True,
-        compress=False,
-        heartbeat=heartbeat,
-        max_msg_size=max_message_size,
-    )
-
-
-def _request_token(request: web.BaseRequest, params: dict[str, str]) -> str | None:
-    # Query first, then the header (PROTOCOL.md 3.4).
-    return params.get("sb-hc-token") or request.headers.get(_AUTH_HEADER)
+_PRIVATE_HEADERS = frozenset({AUTH_HEADER.lower()})
 
 
 class RelayServer:
@@ -130,6 +80,10 @@ class RelayServer:
         async with RelayServer(RelayConfig.load("relay.yaml")) as server:
             print(server.base_url)
             await server.wait_closed()
+
+    ``store`` holds the entities and namespace rules (default: those of ``config``);
+    ``broker`` pairs senders with listeners (default: a :class:`LocalBroker` for the
+    listeners connected to this process).
     """
 
     def __init__(
@@ -137,31 +91,84 @@ class RelayServer:
         config: RelayConfig,
         *,
         store: EntityStore | None = None,
-        registry: ListenerRegistry | None = None,
+        broker: Broker | None = None,
     ) -> None:
+        #: The configuration of the moment: every limit is read from here when it is used, so
+        #: :meth:`replace_config` takes effect for what comes next.
         self.config = config
-        self.store: EntityStore = store or InMemoryEntityStore.from_config(config)
-        self.registry: ListenerRegistry = registry or InMemoryListenerRegistry()
-        self._rendezvous = RendezvousTable(config.limits.max_pending_rendezvous)
-        self._listen_failures = FailureLimiter()
-        self._auth_cache = AuthCache()
+        #: Set when the entities and rules are the configuration's (no ``store`` given).
+        self._config_store: InMemoryEntityStore | None = None
+        if store is None:
+            store = self._config_store = InMemoryEntityStore.from_config(config)
+        self.store: EntityStore = store
+        self.broker: Broker = broker or LocalBroker()
+        #: The authorization check every endpoint uses.
+        self.access = Access(self.store, self._settings)
         #: Reported as CreatedAt/UpdatedAt of configured entities (E7): the file has no dates.
         self._loaded_at = datetime.datetime.now(datetime.UTC)
-        #: Legs of relayed connections (senders' and listeners' rendezvous sockets), for the
-        #: ordered shutdown.
-        self._legs: set[SpliceLeg | RawLeg] = set()
-        self._legs_gone = asyncio.Event()
+        #: Legs of relayed connections, for the ordered shutdown.
+        self._legs = RelayedLegs()
         self._runner: web.ServerRunner | None = None
         self._port = 0
         self._closing = False
         self._closed = asyncio.Event()
         self._ssl = self._ssl_context() if config.server.tls else None
-        # Imported here: the HTTP relaying module depends on the pieces above.
-        from hybridrelay.server.http_relay import HttpRelay
-
-        self.http = HttpRelay(self)
+        self.http = HttpRelay(
+            settings=self._settings,
+            store=self.store,
+            access=self.access,
+            broker=self.broker,
+        )
+        self._listen = ListenEndpoint(
+            settings=self._settings,
+            store=self.store,
+            access=self.access,
+            broker=self.broker,
+            http=self.http,
+            public_base=self.public_base,
+        )
         #: The relay's own TCP ports (``ingress:``).
-        self.ingress = [RelayIngress(self, entry) for entry in config.ingress]
+        self.ingress = [
+            RelayIngress(
+                entry, broker=self.broker, store=self.store, limits=self._limits, legs=self._legs
+            )
+            for entry in config.ingress
+        ]
+
+    def _settings(self) -> RelayConfig:
+        return self.config
+
+    def _limits(self) -> LimitsConfig:
+        return self.config.limits
+
+    # -- configuration -------------------------------------------------------------------------
+
+    def replace_config(self, new: RelayConfig) -> None:
+        """Run with ``new`` from now on.
+
+        Takes effect for what comes next: limits are read when used (a new sender's rendezvous
+        timeout and the pending bound, a new HTTP request's deadline, a new listener's limit and
+        keep-alive, a channel's next renewal grace), ``namespace_host``,
+        ``auto_create_hybrid_connections`` and the public base URL; and, when the relay was
+        started without a ``store``, the hybrid connections and namespace rules (an entity
+        created on first listen is kept). Connections already relayed and listeners already
+        connected stay. A removed entity's listeners stay connected until they leave, but no
+        sender reaches them.
+
+        Needs a restart, and is refused here (:class:`ConfigurationError`): the ``server``
+        section (address, port, TLS) and ``ingress:`` (the ports are bound at start).
+        ``limits.idle_timeout`` applies to connections made after a restart only (aiohttp takes
+        it when the server starts).
+        """
+        old = self.config
+        if new.server != old.server:
+            raise ConfigurationError("the server section (address, TLS) changes on restart only")
+        if new.ingress != old.ingress:
+            raise ConfigurationError("ingress ports change on restart only")
+        if self._config_store is not None:
+            self._config_store.replace(new.authorization_rules, new.hybrid_connections)
+        self.config = new
+        logger.info("configuration replaced")
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -224,24 +231,16 @@ class RelayServer:
         self._closing = True
         await asyncio.gather(*(ingress.aclose() for ingress in self.ingress))
         # 2. Listeners learn at once (1001) and stop being offered senders.
-        channels = list(self.registry.all())
+        channels = list(self.broker.channels())
         for channel in channels:
-            self.registry.remove(channel)
+            self.broker.unregister(channel)
         await asyncio.gather(
             *(c.socket.aclose(CloseCode.GOING_AWAY, "relay shutting down") for c in channels),
             return_exceptions=True,
         )
         # 3. Spliced connections get a close frame (1001) on both legs; their peers answer and
         #    the splices end by themselves, within a bounded time.
-        for leg in list(self._legs):
-            leg.send_close(CloseCode.GOING_AWAY, "relay shutting down")
-            leg.expect_close_answer()
-        if self._legs:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_SHUTDOWN_GRACE):
-                    await self._legs_gone.wait()
-            for leg in list(self._legs):  # no answer within the grace period
-                leg.abort()
+        await self._legs.close(_SHUTDOWN_GRACE)
         # 4. Stop the HTTP server (closes what is left).
         if self._runner is not None:
             await self._runner.cleanup()
@@ -285,6 +284,8 @@ class RelayServer:
         if not raw_path.startswith(HC_PREFIX):
             if is_runtime_info_request(request, raw_query):
                 return self._runtime_info(request, raw_path)
+            if self._closing:
+                return error_response(503, "The relay is shutting down.")
             return await self.http.handle_sender_request(request, raw_path, raw_query)
         params = protocol_params(raw_query)
         action = params.get("sb-hc-action")
@@ -295,7 +296,7 @@ class RelayServer:
         if self._closing:
             return error_response(503, "The relay is shutting down.")
         is_upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
-        if action in ("accept", "request") or "sb-hc-statusCode" in params:
+        if action in ("accept", "request") or STATUS_CODE_PARAM in params:
             if not is_upgrade:
                 return error_response(400, "A WebSocket upgrade is required.")
             if action == "request":
@@ -306,37 +307,12 @@ class RelayServer:
         if not is_upgrade:
             return error_response(400, "A WebSocket upgrade is required.")
         if action == "listen":  # a listener names its entity exactly: no suffix
-            return await self._handle_listen(request, path, params)
+            return await self._listen.handle(request, path, params)
         resolved = resolve_entity(path, self.store.get)
         if resolved is None:
             return error_response(404, "The hybrid connection does not exist.")
         entity, suffix = resolved
         return await self._handle_connect(request, entity, suffix, raw_query, params)
-
-    def rules_for(self, entity: HybridConnectionConfig) -> Sequence[AuthorizationRule]:
-        return (*entity.authorization_rules, *self.store.namespace_rules())
-
-    def authorize(
-        self,
-        token: str | None,
-        entity: HybridConnectionConfig,
-        required: Rights,
-        grace: float = 0,
-        *,
-        suffix: str = "",
-    ) -> AuthDecision:
-        """The token must cover the request's whole path: ``entity`` and the request's
-        ``suffix`` below it (PROTOCOL.md 3.5); listeners and renewals have no suffix."""
-        return self._auth_cache.authorize(
-            token,
-            rules=self.rules_for(entity),
-            entity_path=entity.name,
-            suffix=suffix,
-            required=required,
-            now=time.time(),
-            namespace_host=self.config.namespace_host,
-            grace_seconds=grace,
-        )
 
     # -- E7: runtime information ---------------------------------------------------------------
 
@@ -350,8 +326,8 @@ class RelayServer:
         # Any right on the entity will do; for an unknown path the namespace's rules decide,
         # so that existence is not revealed to a caller without a valid token.
         subject = entity or HybridConnectionConfig(name=path or "-")
-        token = request.headers.get("Authorization") or request.headers.get(_AUTH_HEADER)
-        decision = self.authorize(token, subject, Rights.NONE)
+        token = request.headers.get("Authorization") or request.headers.get(AUTH_HEADER)
+        decision = self.access.authorize(token, subject, Rights.NONE)
         if not decision.allowed:
             return error_xml(decision.status, f"{decision.reason} TrackingId:{track}")
         url = f"{'https' if self._ssl else 'http'}://{request.host}/{path}"
@@ -362,117 +338,9 @@ class RelayServer:
             path=entity.name,
             requires_client_authorization=entity.requires_client_authorization,
             user_metadata=entity.user_metadata,
-            listener_count=self.registry.count(entity.name),
+            listener_count=self.broker.listener_count(entity.name),
             created_at=self._loaded_at,
         )
-
-    # -- E1: listener control channel ---------------------------------------------------------
-
-    async def _handle_listen(
-        self,
-        request: web.BaseRequest,
-        path: str,
-        params: dict[str, str],
-    ) -> web.StreamResponse:
-        # Keyed by source and entity: a storm against one entity does not block others.
-        source = f"{request.remote or ''} {path.strip('/').lower()}"
-        if self._listen_failures.blocked(source, time.monotonic()):
-            return error_response(429, "Too many failed listen attempts; back off and retry.")
-        response = await self._listen(request, path, params)
-        if response.status in (401, 403, 404):
-            self._listen_failures.record_failure(source, time.monotonic())
-        return response
-
-    async def _listen(
-        self,
-        request: web.BaseRequest,
-        path: str,
-        params: dict[str, str],
-    ) -> web.StreamResponse:
-        entity = self.store.get(path) if path.strip("/") else None
-        if entity is None and self.config.auto_create_hybrid_connections and path.strip("/"):
-            candidate = HybridConnectionConfig(name=path.strip("/"))
-            decision = self.authorize(_request_token(request, params), candidate, Rights.LISTEN)
-            if not decision.allowed:
-                return error_response(decision.status, decision.reason)
-            self.store.create(candidate)
-            logger.info("created hybrid connection %r on first listen", candidate.name)
-            entity = candidate
-        if entity is None:
-            return error_response(404, "The hybrid connection does not exist.")
-        decision = self.authorize(_request_token(request, params), entity, Rights.LISTEN)
-        if not decision.allowed:
-            logger.info("listen on %r refused: %s", entity.name, decision.reason)
-            return error_response(decision.status, decision.reason)
-        limit = self.config.limits.max_listeners_per_connection
-        if self.registry.count(entity.name) >= limit:
-            return error_response(429, f"QuotaExceeded: at most {limit} listeners are allowed.")
-
-        keep_alive = self.config.limits.keep_alive_interval
-        ws = upgrade(request, None, max_message_size=65536 * 4, heartbeat=keep_alive)
-        await ws.prepare(request)
-        socket_ = AiohttpMessageSocket.server(ws, request)
-        listener_id = params.get("sb-hc-id") or tracking_id()
-        channel = ControlChannel(
-            entity.name,
-            listener_id,
-            socket_,
-            float(decision.expiry or 0),
-            request.remote or "",
-            self.public_base(request),
-        )
-        if not self.registry.add(channel, limit):  # raced with another listener
-            await socket_.aclose(CloseCode.TRY_AGAIN_LATER, "listener limit reached")
-            return ws
-        logger.info("listener %s online on %r", listener_id, entity.name)
-        try:
-            await self._serve_control_channel(channel, entity)
-        finally:
-            self.registry.remove(channel)
-            self.http.forget_channel(channel)
-            socket_.abort()
-            logger.info("listener %s offline on %r", listener_id, entity.name)
-        return ws
-
-    async def _serve_control_channel(
-        self, channel: ControlChannel, entity: HybridConnectionConfig
-    ) -> None:
-        grace = self.config.limits.token_grace_period
-        loop = asyncio.get_running_loop()
-        while True:
-            # The token's expiry (plus grace) is the read deadline: a channel whose token ran
-            # out without a renewal is closed with 1008 (PROTOCOL.md 4.4, 4.6).
-            deadline = loop.time() + max(0.0, channel.token_expiry + grace - time.time())
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await channel.socket.receive()
-            except TimeoutError:
-                channel.usable = False
-                await channel.socket.aclose(CloseCode.POLICY_VIOLATION, "token expired")
-                return
-            if message.kind is MessageKind.CLOSE:
-                return
-            if message.kind is MessageKind.BINARY:
-                await self.http.on_control_binary(channel, message.data)
-                continue
-            try:
-                parsed = parse_message(message.data)
-            except ProtocolError as exc:
-                channel.usable = False
-                await channel.socket.aclose(CloseCode.PROTOCOL_ERROR, str(exc)[:100])
-                return
-            if isinstance(parsed, RenewToken):
-                decision = self.authorize(parsed.token, entity, Rights.LISTEN, grace)
-                if not decision.allowed:
-                    channel.usable = False
-                    await channel.socket.aclose(CloseCode.POLICY_VIOLATION, "token renewal failed")
-                    return
-                channel.token_expiry = float(decision.expiry or 0)
-            elif parsed is not None:
-                if not await self.http.on_control_message(channel, parsed):
-                    channel.usable = False
-                    await channel.socket.aclose(CloseCode.PROTOCOL_ERROR, "unexpected message")
-                    return
 
     # -- E2: sender ----------------------------------------------------------------------
 
@@ -485,218 +353,76 @@ class RelayServer:
         params: dict[str, str],
     ) -> web.StreamResponse:
         if entity.requires_client_authorization:
-            token = _request_token(request, params)
-            decision = self.authorize(token, entity, Rights.SEND, suffix=suffix)
+            token = request_token(request.headers, params)
+            decision = self.access.authorize(token, entity, Rights.SEND, suffix=suffix)
             if not decision.allowed:
                 return error_response(decision.status, decision.reason)
         try:
             handshake_headers(request.headers, None)
         except HandshakeError as exc:
             return error_response(exc.status, str(exc))
-        connection_id = params.get("sb-hc-id") or tracking_id()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _PRIVATE_HEADERS}
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        async with self.listener_rendezvous(
-            entity, connection_id, headers=headers, peer=peer, suffix=suffix, raw_query=raw_query
+        connection = Connection(
+            params.get("sb-hc-id") or tracking_id(),
+            {k: v for k, v in request.headers.items() if k.lower() not in _PRIVATE_HEADERS},
+            remote=remote_endpoint(peer),
+            suffix=suffix,
+            raw_query=raw_query,
+        )
+        limits = self.config.limits
+        async with self.broker.offer(
+            entity.name,
+            connection,
+            max_pending=limits.max_pending_rendezvous,
+            rendezvous_timeout=limits.rendezvous_timeout,
         ) as (pending, outcome):
             if isinstance(outcome, Unanswered):
                 return error_response(outcome.status, outcome.description)
             assert pending is not None
-            return await self._rendezvous_sender(request, entity, connection_id, pending, outcome)
-
-    @contextlib.asynccontextmanager
-    async def listener_rendezvous(
-        self,
-        entity: HybridConnectionConfig,
-        connection_id: str,
-        *,
-        headers: dict[str, str],
-        peer: Any,
-        suffix: str = "",
-        raw_query: str = "",
-    ) -> AsyncIterator[tuple[PendingRendezvous | None, Accepted | Rejection | Unanswered]]:
-        """Offer a new connection to a listener of ``entity`` and wait for its answer.
-
-        Yields the pending rendezvous and the outcome: :class:`Accepted` (the listener's leg
-        is ``pending.splice.listener``: join the sender's leg to it before leaving the block),
-        the listener's :class:`Rejection`, or :class:`Unanswered` (no listener, too many
-        pending connections, or no answer within the rendezvous timeout). On leaving, the
-        rendezvous is forgotten and a listener leg that was not joined is closed.
-        """
-        if not self.registry.candidates(entity.name):
-            yield None, Unanswered(404, "There are no listeners connected for the endpoint.")
-            return
-        pending = self._rendezvous.create(connection_id, entity.name)
-        if pending is None:
-            yield None, Unanswered(503, "Too many pending connections; try again later.")
-            return
-        try:
-            offer = functools.partial(
-                self._offer, entity, suffix, raw_query, headers, peer, connection_id, pending
-            )
-            channel = await offer(self.registry.candidates(entity.name))
-            if channel is None:
-                outcome: Accepted | Rejection | Unanswered = Unanswered(
-                    404, "There are no listeners connected for the endpoint."
-                )
-            else:
-                answer = await self._await_listener(entity, pending, channel, offer)
-                outcome = answer or Unanswered(
-                    504, "The listener did not accept the connection in time."
-                )
-            yield pending, outcome
-        finally:
-            self._rendezvous.discard(pending)
-            if not pending.outcome.done():
-                pending.outcome.cancel()
-            pending.splice.abandon("sender went away")
-
-    async def _offer(
-        self,
-        entity: HybridConnectionConfig,
-        suffix: str,
-        raw_query: str,
-        headers: dict[str, str],
-        peer: Any,
-        connection_id: str,
-        pending: PendingRendezvous,
-        candidates: Sequence[ControlChannel],
-    ) -> ControlChannel | None:
-        """Send the ``accept`` to one usable listener; the one that took it, or None.
-
-        A method of its own so that the accept message is garbage once it returns, not held
-        for the connection's lifetime.
-        """
-        texts: dict[str, str] = {}
-
-        def accept_text(base_url: str) -> str:
-            if base_url not in texts:
-                address = build_relay_url(
-                    base_url,
-                    entity.name,
-                    action="accept",
-                    suffix=quote(suffix, safe="/"),
-                    app_query=filter_query(raw_query),
-                    params={"sb-hc-id": connection_id, "sb-hc-rendezvous": pending.secret},
-                )
-                accept = Accept(
-                    address=address,
-                    id=connection_id,
-                    connect_headers=headers,
-                    remote_endpoint=RemoteEndpoint(str(peer[0]), int(peer[1]))
-                    if isinstance(peer, tuple) and len(peer) >= 2
-                    else None,
-                )
-                texts[base_url] = encode_message(accept)
-            return texts[base_url]
-
-        for channel in candidates:  # never hand a sender to a dead listener: try the next one
-            try:
-                await channel.send(accept_text(channel.base_url))
-            except RelayConnectionError:
-                self.registry.remove(channel)
-                continue
-            return channel
-        return None
-
-    async def _await_listener(
-        self,
-        entity: HybridConnectionConfig,
-        pending: PendingRendezvous,
-        channel: ControlChannel,
-        offer: Callable[[Sequence[ControlChannel]], Awaitable[ControlChannel | None]],
-    ) -> Accepted | Rejection | None:
-        """The listener's answer, or None when none came within the rendezvous timeout.
-
-        If the control channel of the listener that was told goes away before it answers, the
-        sender is offered to another listener at once instead of waiting out the timeout (the
-        rendezvous address is single use, so a late answer from the first one is refused).
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.limits.rendezvous_timeout
-        tried = {channel}
-        while not pending.outcome.done():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return None
-            await asyncio.wait(
-                (pending.outcome, channel.closed), timeout=remaining, return_when="FIRST_COMPLETED"
-            )
-            if channel.closed.done() and not pending.outcome.done():
-                others = [c for c in self.registry.candidates(entity.name) if c not in tried]
-                next_channel = await offer(others)
-                if next_channel is None:
-                    # Nobody else: the first listener may still answer; wait out the deadline.
-                    remaining = deadline - loop.time()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(max(0.0, remaining)):
-                            await asyncio.shield(pending.outcome)
-                    break
-                channel = next_channel
-                tried.add(channel)
-        if not pending.outcome.done() or pending.outcome.cancelled():
-            return None
-        return pending.outcome.result()
+            return await self._rendezvous_sender(request, entity, pending, outcome)
 
     async def _rendezvous_sender(
         self,
         request: web.BaseRequest,
         entity: HybridConnectionConfig,
-        connection_id: str,
         pending: PendingRendezvous,
         outcome: Accepted | Rejection,
     ) -> web.StreamResponse:
         if isinstance(outcome, Rejection):
-            return web.Response(status=outcome.status, reason=_reason(outcome.description))
-        splice = pending.splice
+            return web.Response(
+                status=outcome.status, reason=reason_phrase(outcome.description) or "Error"
+            )
         response, sender = await take_over(
             request,
             outcome.subprotocol,
             max_message_size=self.config.limits.max_message_size,
-            name=f"{connection_id} on {entity.name!r} (sender)",
-            on_lost=self.leg_lost,
+            name=f"{pending.id} on {entity.name!r} (sender)",
+            on_lost=self._legs.lost,
         )
         if sender is None:
-            return response  # the finally of _handle_connect closes the listener's leg
-        self.track_leg(sender)
-        splice.join(sender)
+            return response  # leaving the broker's offer closes the listener's leg
+        self._legs.track(sender)
+        pending.splice.join(sender)
         return response
-
-    def track_leg(self, leg: SpliceLeg | RawLeg) -> None:
-        """Legs live on after their aiohttp handler returned; they are tracked for shutdown.
-        ``leg_lost`` must be the leg's ``on_lost``."""
-        self._legs.add(leg)
-        self._legs_gone.clear()
-
-    def leg_lost(self, leg: SpliceLeg | RawLeg) -> None:
-        self._legs.discard(leg)
-        if not self._legs:
-            self._legs_gone.set()
-        logger.debug("%s closed: %d bytes forwarded from it", leg.name, leg.bytes_forwarded)
 
     # -- E3 / E4: listener accepts or rejects ---------------------------------------------------
 
     async def _handle_accept(
         self, request: web.BaseRequest, params: dict[str, str]
     ) -> web.StreamResponse:
-        pending = self._rendezvous.claim(
-            params.get("sb-hc-rendezvous", ""), params.get("sb-hc-id", "")
-        )
+        address = parse_accept_params(params)
+        pending = self.broker.claim(address.secret, address.connection_id, PendingRendezvous)
         if pending is None:
             return error_response(403, "The rendezvous address is not valid or has expired.")
-        status = params.get("sb-hc-statusCode")
-        if status is not None:
-            try:
-                code = int(status)
-                if not 100 <= code <= 999:
-                    raise ValueError
-            except ValueError:
+        if address.rejects:
+            if address.status_code is None:
                 if not pending.outcome.done():
                     pending.outcome.set_result(Rejection(400, "Rejected by listener"))
                 return error_response(400, "sb-hc-statusCode must be an HTTP status code.")
-            description = params.get("sb-hc-statusDescription") or "Rejected by listener"
             if not pending.outcome.done():
-                pending.outcome.set_result(Rejection(code, description))
+                pending.outcome.set_result(
+                    Rejection(address.status_code, address.status_description)
+                )
             return web.Response(status=410, reason="Gone")
         offered = request.headers.get("Sec-WebSocket-Protocol", "")
         subprotocol = offered.split(",")[0].strip() or None
@@ -711,14 +437,14 @@ class RelayServer:
             subprotocol,
             max_message_size=self.config.limits.max_message_size,
             name=f"{pending.id} on {pending.entity!r} (listener)",
-            on_lost=self.leg_lost,
+            on_lost=self._legs.lost,
             response_headers=headers,
         )
         if listener is None:
             if not pending.outcome.done():
                 pending.outcome.set_result(Rejection(502, "The listener's upgrade failed."))
             return response
-        self.track_leg(listener)
+        self._legs.track(listener)
         if pending.outcome.done():  # the sender gave up meanwhile
             listener.close_now(CloseCode.GOING_AWAY, "sender went away")
         else:

@@ -24,6 +24,10 @@ control channel) before the relay forwards it, with a ``Content-Length``. Arriva
 still observed while the message is incomplete (:class:`_TrackedWebSocketResponse`), so a body
 that keeps flowing is not cut by the response deadline; a body that stalls longer than it is.
 
+Requests reach a listener through the broker (``broker.py``), like WebSocket senders: it picks
+the listener, holds the request's rendezvous secret in the relay's one table of pending
+rendezvous and tells this module when the listener's control channel goes away.
+
 Nothing here logs a token or a rendezvous address.
 """
 
@@ -32,15 +36,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import json
 import logging
 import re
-import secrets
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -48,36 +50,39 @@ from aiohttp import web
 from hybridrelay.auth.sas import Rights
 from hybridrelay.exceptions import ProtocolError, RelayConnectionError
 from hybridrelay.protocol.addressing import (
-    build_relay_url,
     filter_query,
+    parse_accept_params,
     protocol_params,
+    rendezvous_url,
     resolve_entity,
+)
+from hybridrelay.protocol.http import (
+    INLINE_BODY_LIMIT,
+    merge_repeated_headers,
+    sends_inline,
+    without_hop_by_hop,
 )
 from hybridrelay.protocol.messages import (
     ControlMessage,
-    RemoteEndpoint,
     Request,
     Response,
     encode_message,
     parse_message,
 )
-from hybridrelay.server.config import HybridConnectionConfig
+from hybridrelay.server.access import AUTH_HEADER, Access, sender_token
+from hybridrelay.server.broker import Broker, Pending, remote_endpoint
+from hybridrelay.server.config import HybridConnectionConfig, LimitsConfig, RelayConfig
 from hybridrelay.server.registry import ControlChannel
+from hybridrelay.server.responses import error_response, reason_phrase
+from hybridrelay.server.store import EntityStore
 from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
 from hybridrelay.transport.base import CloseCode, MessageKind, WsMessage
 
-if TYPE_CHECKING:
-    from hybridrelay.server.app import RelayServer
-
-__all__ = ["INLINE_BODY_LIMIT", "INLINE_HEADER_LIMIT", "HttpRelay"]
+__all__ = ["CONTROL_MAX_MESSAGE", "HttpRelay", "response_deadline"]
 
 logger = logging.getLogger("hybridrelay.server.http")
 
-#: Bodies up to this size (known in advance) travel inline on the control channel (6.2).
-INLINE_BODY_LIMIT = 64 * 1024
-#: Request header metadata up to this size travels inline on the control channel (6.2).
-INLINE_HEADER_LIMIT = 32 * 1024
-#: Largest message a listener may send on its control channel (see ``app.py``).
+#: Largest message a listener may send on its control channel (``control_channel.py``).
 CONTROL_MAX_MESSAGE = 4 * INLINE_BODY_LIMIT
 #: Each fragment of a streamed upload carries at most this much.
 _FRAGMENT_SIZE = 64 * 1024
@@ -85,24 +90,15 @@ _FRAGMENT_SIZE = 64 * 1024
 _WRITE_SLICE = 256 * 1024
 _CLOSE_TIMEOUT = 5.0
 
-# RFC 7230 connection-level headers: never forwarded in either direction (6.2, 6.5).
-_CONNECTION_HEADERS = frozenset(
-    {
-        "connection",
-        "content-length",
-        "host",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "close",
-        "keep-alive",
-        "proxy-connection",
-    }
-)
-# Answered by the relay itself (aiohttp sends "100 Continue"), so not forwarded (6.1).
-_REQUEST_ONLY_DROPPED = frozenset({"expect"})
-_SB_AUTH_HEADER = "ServiceBusAuthorization"
+# Besides the hop-by-hop headers (protocol/http.py), never forwarded: "Close", the header name
+# RFC 9110 7.6.1 reserves, in both directions; in requests, Expect (the relay answers it itself,
+# 6.1) and the relay's own credentials.
+_NEVER_FORWARDED = frozenset({"close"})
+_REQUEST_DROPPED = _NEVER_FORWARDED | {"expect", AUTH_HEADER.lower()}
+_REQUEST_DROPPED_WITH_AUTHORIZATION = _REQUEST_DROPPED | {"authorization"}
+_KEEP_LENGTH = frozenset({"content-length"})
+
+_TOO_MANY_PENDING = "Too many pending requests; try again later."
 
 T = TypeVar("T")
 
@@ -148,15 +144,15 @@ class _SenderGone(Exception):
     """The sender's connection broke (upload cut off): nothing can be answered."""
 
 
-@dataclass(eq=False)
-class _Exchange:
-    """One relayed HTTP request, from the sender's request to the end of the response."""
+@dataclass(eq=False, kw_only=True)
+class _Exchange(Pending):
+    """One relayed HTTP request, from the sender's request to the end of the response.
 
-    id: str
-    entity: str
+    Its entry in the broker's table (the secret of its request rendezvous) lives as long as the
+    exchange; ``channel`` is the listener the broker told.
+    """
+
     inline: bool
-    secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
-    channel: ControlChannel | None = None
     #: Set from the control channel: the listener's response, or None if the channel died.
     control_response: asyncio.Future[_ListenerResponse | None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -167,6 +163,11 @@ class _Exchange:
     )
     #: Set when the sender's handler is over; the rendezvous handler then returns.
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def listener_gone(self) -> None:
+        # Fail the request (502) unless the listener's rendezvous already carries it.
+        if not self.rendezvous.done() and not self.control_response.done():
+            self.control_response.set_result(None)
 
 
 @dataclass(slots=True)
@@ -181,14 +182,26 @@ class _BodyOwner:
 
 
 class HttpRelay:
-    """HTTP relaying for one :class:`RelayServer`; ``app.py`` routes E5, E6 and the listeners'
-    ``response`` messages here."""
+    """HTTP relaying: ``app.py`` routes E5 and E6 here, ``control_channel.py`` the listeners'
+    ``response`` messages and their bodies.
 
-    def __init__(self, server: RelayServer) -> None:
-        self._server = server
+    ``settings`` returns the relay's configuration of the moment (read at each use).
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Callable[[], RelayConfig],
+        store: EntityStore,
+        access: Access,
+        broker: Broker,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._access = access
+        self._broker = broker
+        #: Live exchanges by request id: where a listener's ``response`` goes.
         self._by_id: dict[str, _Exchange] = {}
-        self._by_secret: dict[str, _Exchange] = {}
-        self._by_channel: dict[ControlChannel, set[_Exchange]] = {}
         #: Per control channel: whom the next binary message belongs to (after body:true).
         self._binary_owner: dict[ControlChannel, _BodyOwner] = {}
 
@@ -197,48 +210,41 @@ class HttpRelay:
     async def handle_sender_request(
         self, request: web.BaseRequest, raw_path: str, raw_query: str
     ) -> web.StreamResponse:
-        from hybridrelay.server.app import error_response
-
-        server = self._server
         if request.method == "CONNECT":
             return error_response(405, "CONNECT cannot be relayed.")
         if "upgrade" in request.headers.get("Connection", "").lower() and request.headers.get(
             "Upgrade"
         ):
             return error_response(400, "Upgrades cannot be relayed; WebSockets use /$hc/.")
-        if server._closing:
-            return error_response(503, "The relay is shutting down.")
         try:
             path = unquote(raw_path.lstrip("/"), errors="strict")
         except UnicodeDecodeError:
             return error_response(404, "Malformed path.")
-        resolved = resolve_entity(path, server.store.get)
+        resolved = resolve_entity(path, self._store.get)
         if resolved is None:
             return error_response(404, "The hybrid connection does not exist.")
         entity, suffix = resolved
 
         params = protocol_params(raw_query)
-        token, strip_authorization = _sender_token(request, params, entity)
+        token, strip_authorization = sender_token(request.headers, params, entity)
         if entity.requires_client_authorization:
-            decision = server.authorize(token, entity, Rights.SEND, suffix=suffix)
+            decision = self._access.authorize(token, entity, Rights.SEND, suffix=suffix)
             if not decision.allowed:
                 return error_response(decision.status, decision.reason)
 
         headers = forwarded_request_headers(request.headers.items(), strip_authorization)
         target = raw_path + ("?" + filtered if (filtered := filter_query(raw_query)) else "")
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        remote = RemoteEndpoint(str(peer[0]), int(peer[1])) if peer else None
-        length = request.content_length
-        chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+        remote = remote_endpoint(peer)
         has_body = request.body_exists
-        header_size = len(json.dumps(headers, separators=(",", ":")).encode("utf-8"))
-        inline = (
-            not chunked
-            and (length or 0) <= INLINE_BODY_LIMIT
-            and header_size <= INLINE_HEADER_LIMIT
+        inline = sends_inline(
+            chunked="chunked" in request.headers.get("Transfer-Encoding", "").lower(),
+            content_length=request.content_length,
+            header_bytes=len(json.dumps(headers, separators=(",", ":")).encode("utf-8")),
         )
-        if len(self._by_secret) >= server.config.limits.max_pending_rendezvous:
-            return error_response(503, "Too many pending requests; try again later.")
+        limits = self._settings().limits
+        if self._broker.pending_count >= limits.max_pending_rendezvous:
+            return error_response(503, _TOO_MANY_PENDING)
         expect = request.headers.get("Expect")
         if expect is not None:
             # The relay answers Expect itself, once it knows it will take the body (auth and
@@ -247,7 +253,7 @@ class HttpRelay:
                 return error_response(417, "Only 'Expect: 100-continue' is supported.")
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-        deadline = _response_deadline(server, entity)
+        deadline = response_deadline(limits, entity)
         body: bytes | None = None
         if inline and has_body:
             try:
@@ -267,11 +273,12 @@ class HttpRelay:
             # never from this sender's Host header. Cached: announcing and the rendezvous
             # both need it for the same base.
             return Request(
-                address=build_relay_url(
+                address=rendezvous_url(
                     base_url,
                     entity.name,
                     action="request",
-                    params={"sb-hc-id": exchange.id, "sb-hc-rendezvous": exchange.secret},
+                    connection_id=exchange.id,
+                    secret=exchange.secret,
                 ),
                 id=exchange.id,
                 request_target=target,
@@ -281,25 +288,24 @@ class HttpRelay:
                 body=bool(body) if inline else has_body,
             )
 
+        if not self._broker.open(exchange, limits.max_pending_rendezvous):
+            return error_response(503, _TOO_MANY_PENDING)
         self._by_id[exchange.id] = exchange
-        self._by_secret[exchange.secret] = exchange
         try:
             if inline:
-                announced = await self._announce(
+                channel = await self._broker.announce(
                     exchange, lambda base: encode_message(full_request(base)), body or None
                 )
             else:
-                announced = await self._announce(
+                channel = await self._broker.announce(
                     exchange,
                     lambda base: encode_message(
                         Request(address=full_request(base).address, id=exchange.id)
                     ),
-                    None,
                 )
-            if not announced:
+            if channel is None:
                 return error_response(502, "There are no listeners connected for the endpoint.")
-            assert exchange.channel is not None
-            full = full_request(exchange.channel.base_url)
+            full = full_request(channel.base_url)
             try:
                 result = await self._await_response(request, exchange, full, has_body, deadline)
             except _ExchangeFailed as exc:
@@ -317,27 +323,6 @@ class HttpRelay:
             return await self._respond(request, result, deadline)
         finally:
             await self._finish(exchange)
-
-    async def _announce(
-        self, exchange: _Exchange, text_for: Callable[[str], str], body: bytes | None
-    ) -> bool:
-        """Send the request (or its address) to one listener; False if none took it.
-
-        ``text_for(base_url)`` renders the message for a listener's rendezvous base.
-        """
-        for channel in self._server.registry.candidates(exchange.entity):
-            # Registered before sending: the answer may be read before send() returns.
-            exchange.channel = channel
-            self._by_channel.setdefault(channel, set()).add(exchange)
-            try:
-                await channel.send(text_for(channel.base_url), body)
-            except RelayConnectionError:
-                self._unlink(exchange)
-                self._server.registry.remove(channel)
-                continue
-            return True
-        exchange.channel = None
-        return False
 
     async def _await_response(
         self,
@@ -435,10 +420,8 @@ class HttpRelay:
         response = result.response
         status = response.status_code
         if status < 200:
-            from hybridrelay.server.app import error_response
-
             return error_response(502, f"The listener answered with status {status}.")
-        reason = _reason_phrase(response.status_description)
+        reason = reason_phrase(response.status_description or "") or None
         out = web.StreamResponse(status=status, reason=reason)
         listener_length: str | None = None
         for name, value in forwarded_response_headers(response.response_headers):
@@ -478,13 +461,16 @@ class HttpRelay:
         return out
 
     def _via_name(self, request: web.BaseRequest) -> str:
-        host = self._server.config.namespace_host or request.host or "hybridrelay"
+        host = self._settings().namespace_host or request.host or "hybridrelay"
         return "".join(ch for ch in host if ch.isprintable() and ch not in " ,;\r\n")[:255]
 
     async def _finish(self, exchange: _Exchange) -> None:
         self._by_id.pop(exchange.id, None)
-        self._by_secret.pop(exchange.secret, None)
-        self._unlink(exchange)
+        channel = exchange.channel
+        self._broker.forget(exchange)
+        owner = self._binary_owner.get(channel) if channel is not None else None
+        if owner is not None and owner.exchange is exchange:
+            owner.exchange = None  # its body still arrives on the channel; drop it then
         if not exchange.control_response.done():
             exchange.control_response.cancel()
         if exchange.rendezvous.done():
@@ -497,32 +483,18 @@ class HttpRelay:
             exchange.rendezvous.cancel()
         exchange.finished.set()
 
-    def _unlink(self, exchange: _Exchange) -> None:
-        channel = exchange.channel
-        if channel is None:
-            return
-        members = self._by_channel.get(channel)
-        if members is not None:
-            members.discard(exchange)
-            if not members:
-                del self._by_channel[channel]
-        owner = self._binary_owner.get(channel)
-        if owner is not None and owner.exchange is exchange:
-            owner.exchange = None  # its body still arrives on the channel; drop it then
-
     # -- E5: the listener's request rendezvous ----------------------------------------------
 
     async def handle_request_rendezvous(
         self, request: web.BaseRequest, params: dict[str, str]
     ) -> web.StreamResponse:
-        from hybridrelay.server.app import error_response
-
-        exchange = self._claim(params.get("sb-hc-rendezvous", ""), params.get("sb-hc-id", ""))
+        address = parse_accept_params(params)
+        exchange = self._broker.claim(address.secret, address.connection_id, _Exchange)
         if exchange is None:
             return error_response(403, "The rendezvous address is not valid or has expired.")
-        limits = self._server.config.limits
-        entity = self._server.store.get(exchange.entity)
-        deadline = _response_deadline(self._server, entity) if entity else 60.0
+        limits = self._settings().limits
+        entity = self._store.get(exchange.entity)
+        deadline = response_deadline(limits, entity) if entity else 60.0
         ws = _TrackedWebSocketResponse(
             autoclose=False,
             autoping=True,
@@ -541,14 +513,6 @@ class HttpRelay:
         exchange.rendezvous.set_result(_Rendezvous(socket, ws))
         await exchange.finished.wait()
         return ws
-
-    def _claim(self, secret: str, request_id: str) -> _Exchange | None:
-        exchange = self._by_secret.get(secret)
-        if exchange is None or not hmac.compare_digest(exchange.id.encode(), request_id.encode()):
-            return None
-        if exchange.rendezvous.done():  # single use
-            return None
-        return exchange
 
     # -- the listeners' control channels ----------------------------------------------------
 
@@ -586,32 +550,12 @@ class HttpRelay:
             exchange.control_response.set_result(_ListenerResponse(owner.head, body))
 
     def forget_channel(self, channel: ControlChannel) -> None:
-        """The channel is gone: fail the requests still waiting on it (502)."""
+        """The channel is gone (the requests told to it fail through the broker): drop the
+        body it still owed."""
         self._binary_owner.pop(channel, None)
-        for exchange in list(self._by_channel.pop(channel, ())):
-            if not exchange.rendezvous.done() and not exchange.control_response.done():
-                exchange.control_response.set_result(None)
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def _sender_token(
-    request: web.BaseRequest, params: dict[str, str], entity: HybridConnectionConfig
-) -> tuple[str | None, bool]:
-    """The sender's token and whether ``Authorization`` was used (and must be stripped), 3.4.
-
-    Order: the ``sb-hc-token`` query parameter, the ``ServiceBusAuthorization`` header, and the
-    ``Authorization`` header only when authorization is on and neither of the others is present.
-    """
-    if "sb-hc-token" in params:
-        return params["sb-hc-token"], False
-    header = request.headers.get(_SB_AUTH_HEADER)
-    if header is not None:
-        return header, False
-    if entity.requires_client_authorization and "Authorization" in request.headers:
-        return request.headers["Authorization"], True
-    return None, False
 
 
 def forwarded_request_headers(
@@ -623,38 +567,19 @@ def forwarded_request_headers(
     relay's auth material are removed; repeated headers are joined with ``", "``; a name keeps
     the spelling of its first occurrence.
     """
-    pairs = list(items)
-    dropped = set(_CONNECTION_HEADERS | _REQUEST_ONLY_DROPPED)
-    dropped.add(_SB_AUTH_HEADER.lower())
-    if strip_authorization:
-        dropped.add("authorization")
-    for name, value in pairs:
-        if name.lower() == "connection":
-            dropped.update(t.strip().lower() for t in value.split(",") if t.strip())
-    merged: dict[str, tuple[str, list[str]]] = {}
-    for name, value in pairs:
-        key = name.lower()
-        if key in dropped:
-            continue
-        if key in merged:
-            merged[key][1].append(value)
-        else:
-            merged[key] = (name, [value])
-    return {name: ", ".join(values) for name, values in merged.values()}
+    dropped = _REQUEST_DROPPED_WITH_AUTHORIZATION if strip_authorization else _REQUEST_DROPPED
+    return merge_repeated_headers(without_hop_by_hop(items, also=dropped))
 
 
 def forwarded_response_headers(headers: dict[str, str]) -> list[tuple[str, str]]:
     """The listener's ``responseHeaders`` minus hop-by-hop headers (6.5); values made safe."""
-    dropped = set(_CONNECTION_HEADERS - {"content-length"})
-    for name, value in headers.items():
-        if name.lower() == "connection":
-            dropped.update(t.strip().lower() for t in value.split(",") if t.strip())
-    out: list[tuple[str, str]] = []
-    for name, value in headers.items():
-        if name.lower() in dropped or not _is_token(name):
-            continue
-        out.append((name, value.replace("\r", " ").replace("\n", " ")))
-    return out
+    return [
+        (name, value.replace("\r", " ").replace("\n", " "))
+        for name, value in without_hop_by_hop(
+            headers.items(), also=_NEVER_FORWARDED, keep=_KEEP_LENGTH
+        )
+        if _is_token(name)
+    ]
 
 
 # RFC 9110 token characters; a compiled regex is ~10x faster than a per-character check.
@@ -665,20 +590,12 @@ def _is_token(name: str) -> bool:
     return _TOKEN.fullmatch(name) is not None
 
 
-def _reason_phrase(description: str | None) -> str | None:
-    if not description:
-        return None  # aiohttp supplies the standard phrase
-    # Only ASCII is safe on a status line (clients disagree on obs-text); else "?".
-    cleaned = "".join(
-        (ch if ord(ch) < 128 else "?") if ch.isprintable() else " " for ch in description
-    ).strip()
-    return cleaned[:512] or None
-
-
-def _response_deadline(server: RelayServer, entity: HybridConnectionConfig) -> float:
+def response_deadline(limits: LimitsConfig, entity: HybridConnectionConfig) -> float:
+    """How long the relay waits for a listener's response: the entity's own
+    ``http_response_timeout`` if it has one, else the relay's."""
     if entity.http_response_timeout is not None:
         return entity.http_response_timeout
-    return server.config.limits.http_response_timeout
+    return limits.http_response_timeout
 
 
 async def _wait_for(task: asyncio.Task[T], seconds: float) -> T | None:

@@ -22,15 +22,15 @@ import base64
 import logging
 import os
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from hybridrelay.protocol.azbridge import Mode, encode_preamble
-from hybridrelay.server.config import IngressConfig
-from hybridrelay.server.rendezvous import Accepted, Rejection
+from hybridrelay.server.broker import Accepted, Broker, Connection, Rejection, remote_endpoint
+from hybridrelay.server.config import IngressConfig, LimitsConfig
+from hybridrelay.server.legs import RelayedLegs
+from hybridrelay.server.store import EntityStore
 from hybridrelay.transport.splice import RawLeg
-
-if TYPE_CHECKING:
-    from hybridrelay.server.app import RelayServer
 
 __all__ = ["RelayIngress"]
 
@@ -47,14 +47,26 @@ def _format(address: Any) -> str:
 class RelayIngress:
     """One ``ingress:`` entry: a listening TCP socket of the relay.
 
-    Each accepted connection gets one short task, owned here, that finds it a listener; once
-    joined, the connection lives on its transports alone (tracked by the server for shutdown)
-    and the task ends.
+    Each accepted connection gets one short task, owned here, that finds it a listener through
+    the ``broker``; once joined, the connection lives on its transports alone (tracked in the
+    relay's ``legs`` for shutdown) and the task ends. ``limits`` returns the relay's limits of
+    the moment.
     """
 
-    def __init__(self, server: RelayServer, config: IngressConfig) -> None:
+    def __init__(
+        self,
+        config: IngressConfig,
+        *,
+        broker: Broker,
+        store: EntityStore,
+        limits: Callable[[], LimitsConfig],
+        legs: RelayedLegs,
+    ) -> None:
         self.config = config
-        self._relay = server
+        self._broker = broker
+        self._store = store
+        self._limits = limits
+        self._relayed = legs
         self._server: asyncio.Server | None = None
         self._legs: set[RawLeg] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -126,12 +138,11 @@ class RelayIngress:
 
     def _lost(self, leg: RawLeg) -> None:
         self._legs.discard(leg)
-        if leg.peer is not None:  # joined: the server tracked it
-            self._relay.leg_lost(leg)
+        if leg.peer is not None:  # joined: tracked among the relay's legs
+            self._relayed.lost(leg)
 
     async def _connect(self, leg: RawLeg) -> None:
-        relay = self._relay
-        entity = relay.store.get(self.config.hybrid_connection)
+        entity = self._store.get(self.config.hybrid_connection)
         if entity is None:
             self._refuse(leg, "the hybrid connection does not exist (yet)")
             return
@@ -146,9 +157,14 @@ class RelayIngress:
             "Sec-WebSocket-Version": "13",
             "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode("ascii"),
         }
+        connection = Connection(connection_id, headers, remote=remote_endpoint(leg.peername))
+        limits = self._limits()
         try:
-            async with relay.listener_rendezvous(
-                entity, connection_id, headers=headers, peer=leg.peername
+            async with self._broker.offer(
+                entity.name,
+                connection,
+                max_pending=limits.max_pending_rendezvous,
+                rendezvous_timeout=limits.rendezvous_timeout,
             ) as (pending, outcome):
                 if not isinstance(outcome, Accepted):
                     reason = outcome.description
@@ -161,7 +177,7 @@ class RelayIngress:
                     return  # the client went away meanwhile; leaving closes the listener's leg
                 if self.config.port_name:
                     leg.set_preamble(encode_preamble(self.config.port_name, Mode.STREAM))
-                relay.track_leg(leg)
+                self._relayed.track(leg)
                 pending.splice.join(leg)
         except BaseException:
             if leg.peer is None:

@@ -1,14 +1,12 @@
 """The listener registry: which control channels are connected for which hybrid connection.
 
-The relay asks the registry for the live listeners of an entity and tries them in random order
-(PROTOCOL.md 1: "spread across the listeners at random"). Behind :class:`ListenerRegistry` so a
-cluster-wide registry can replace the in-memory one.
+The broker (``broker.py``) keeps its listeners here and decides the order in which to try them;
+the registry only knows which channels are connected and usable.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -86,8 +84,12 @@ class ListenerRegistry(Protocol):
 
     def remove(self, channel: ControlChannel) -> None: ...
 
-    def candidates(self, entity: str) -> Sequence[ControlChannel]:
-        """Usable listeners of ``entity`` in the order to try them."""
+    def candidates(self, entity: str) -> list[ControlChannel]:
+        """Usable listeners of ``entity``, in the order they registered (a new list)."""
+        ...
+
+    def has_listeners(self, entity: str) -> bool:
+        """Whether ``entity`` has a usable listener."""
         ...
 
     def count(self, entity: str) -> int: ...
@@ -117,10 +119,11 @@ class InMemoryListenerRegistry:
             if not channels:
                 del self._by_entity[key]
 
-    def candidates(self, entity: str) -> Sequence[ControlChannel]:
-        channels = [c for c in self._by_entity.get(entity.lower(), ()) if c.usable]
-        random.shuffle(channels)
-        return channels
+    def candidates(self, entity: str) -> list[ControlChannel]:
+        return [c for c in self._by_entity.get(entity.lower(), ()) if c.usable]
+
+    def has_listeners(self, entity: str) -> bool:
+        return any(c.usable for c in self._by_entity.get(entity.lower(), ()))
 
     def count(self, entity: str) -> int:
         return len(self._by_entity.get(entity.lower(), ()))

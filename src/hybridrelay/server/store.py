@@ -43,6 +43,8 @@ class InMemoryEntityStore:
     ) -> None:
         self._rules = tuple(rules)
         self._entities = {e.name.lower(): e for e in entities}
+        #: Keys of the entities created while running (on first listen), not configured.
+        self._created: set[str] = set()
 
     @classmethod
     def from_config(cls, config: RelayConfig) -> InMemoryEntityStore:
@@ -50,6 +52,18 @@ class InMemoryEntityStore:
 
     def namespace_rules(self) -> Sequence[AuthorizationRule]:
         return self._rules
+
+    def replace(
+        self, rules: Sequence[AuthorizationRule], entities: Sequence[HybridConnectionConfig]
+    ) -> None:
+        """Take a new configuration's rules and entities; the entities created while running
+        stay unless the new configuration names them."""
+        configured = {e.name.strip("/").lower(): e for e in entities}
+        kept = {k: e for k, e in self._entities.items() if k in self._created}
+        self._created = {k for k in kept if k not in configured}
+        self._rules = tuple(rules)
+        self._entities = {**{k: kept[k] for k in self._created}, **configured}
+        self._changed()
 
     def get(self, path: str) -> HybridConnectionConfig | None:
         return self._entities.get(path.strip("/").lower())
@@ -59,10 +73,13 @@ class InMemoryEntityStore:
         if key in self._entities:
             raise ConfigurationError(f"hybrid connection {entity.name!r} already exists")
         self._entities[key] = entity
+        self._created.add(key)
         self._changed()
 
     def delete(self, path: str) -> bool:
-        removed = self._entities.pop(path.strip("/").lower(), None) is not None
+        key = path.strip("/").lower()
+        self._created.discard(key)
+        removed = self._entities.pop(key, None) is not None
         if removed:
             self._changed()
         return removed

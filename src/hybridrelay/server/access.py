@@ -1,0 +1,76 @@
+"""Who may use the relay: the token a request carries (PROTOCOL.md 3.4) and the check of that
+token against the rules of the entity and the namespace (3.5), which every endpoint uses."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from hybridrelay.auth.cache import AuthCache
+from hybridrelay.auth.sas import AuthDecision, AuthorizationRule, Rights
+from hybridrelay.server.config import HybridConnectionConfig, RelayConfig
+from hybridrelay.server.store import EntityStore
+
+__all__ = ["AUTH_HEADER", "Access", "request_token", "sender_token"]
+
+AUTH_HEADER = "ServiceBusAuthorization"
+
+
+class Access:
+    """The relay's authorization check: the rules come from ``store`` and the namespace host
+    from the configuration of the moment (``settings()``); signature checks are cached."""
+
+    def __init__(self, store: EntityStore, settings: Callable[[], RelayConfig]) -> None:
+        self._store = store
+        self._settings = settings
+        self._cache = AuthCache()
+
+    def rules_for(self, entity: HybridConnectionConfig) -> Sequence[AuthorizationRule]:
+        return (*entity.authorization_rules, *self._store.namespace_rules())
+
+    def authorize(
+        self,
+        token: str | None,
+        entity: HybridConnectionConfig,
+        required: Rights,
+        grace: float = 0,
+        *,
+        suffix: str = "",
+    ) -> AuthDecision:
+        """The token must cover the request's whole path: ``entity`` and the request's
+        ``suffix`` below it (PROTOCOL.md 3.5); listeners and renewals have no suffix."""
+        return self._cache.authorize(
+            token,
+            rules=self.rules_for(entity),
+            entity_path=entity.name,
+            suffix=suffix,
+            required=required,
+            now=time.time(),
+            namespace_host=self._settings().namespace_host,
+            grace_seconds=grace,
+        )
+
+
+def request_token(headers: Mapping[str, str], params: Mapping[str, str]) -> str | None:
+    """The token of a WebSocket request: the ``sb-hc-token`` query parameter, else the
+    ``ServiceBusAuthorization`` header."""
+    return params.get("sb-hc-token") or headers.get(AUTH_HEADER)
+
+
+def sender_token(
+    headers: Mapping[str, str], params: Mapping[str, str], entity: HybridConnectionConfig
+) -> tuple[str | None, bool]:
+    """The token of a relayed HTTP request and whether ``Authorization`` was used (and must be
+    stripped before the request reaches the listener).
+
+    Order: the ``sb-hc-token`` query parameter, the ``ServiceBusAuthorization`` header, and the
+    ``Authorization`` header only when authorization is on and neither of the others is present.
+    """
+    if "sb-hc-token" in params:
+        return params["sb-hc-token"], False
+    header = headers.get(AUTH_HEADER)
+    if header is not None:
+        return header, False
+    if entity.requires_client_authorization and "Authorization" in headers:
+        return headers["Authorization"], True
+    return None, False

@@ -1,0 +1,398 @@
+"""The broker: offering a sender to a listener of a hybrid connection and pairing them.
+
+Everything that reaches a listener goes through one :class:`Broker`: a sender's WebSocket
+connect (E2), a relayed HTTP request (E6) and a connection accepted on the relay's own ingress
+port. The broker holds
+
+* the listeners' control channels (:meth:`Broker.register`), and picks the one to tell in the
+  order its ``shuffle`` gives (PROTOCOL.md 1: "spread across the listeners at random"),
+  skipping and dropping any whose send fails;
+* the ONE table of pending rendezvous, keyed by the unguessable secret that goes into the
+  address the listener is told (PROTOCOL.md 5.2: the URL is the rendezvous' only credential),
+  bounded by the relay's ``max_pending_rendezvous``; each entry is claimed at most once, by the
+  action it was made for (:meth:`Broker.claim`);
+* which listener was told about which pending rendezvous, so that when a control channel goes
+  away the senders waiting on it learn at once (a connect is offered to another listener, an
+  HTTP request fails with 502).
+
+:class:`Broker` is the interface; :class:`LocalBroker` reaches the listeners connected to this
+process. A cluster broker reaching listeners on other relay nodes implements the same methods.
+Limits are passed by the caller at the moment of use (the configuration can be replaced while
+the relay runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import secrets
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+from urllib.parse import quote
+
+from hybridrelay.exceptions import RelayConnectionError
+from hybridrelay.protocol.addressing import filter_query, rendezvous_url
+from hybridrelay.protocol.messages import Accept, RemoteEndpoint, encode_message
+from hybridrelay.server.registry import ControlChannel, InMemoryListenerRegistry, ListenerRegistry
+from hybridrelay.transport.splice import Splice
+
+__all__ = [
+    "Accepted",
+    "Broker",
+    "Connection",
+    "LocalBroker",
+    "Outcome",
+    "Pending",
+    "PendingRendezvous",
+    "Rejection",
+    "Unanswered",
+    "remote_endpoint",
+]
+
+P = TypeVar("P", bound="Pending")
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """The listener rejected the sender (PROTOCOL.md 5.4) with this status and reason."""
+
+    status: int
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unanswered:
+    """No listener took the connection: none online, too many pending, or none in time."""
+
+    status: int
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The listener upgraded its rendezvous socket (with the sub-protocol it chose); its leg is
+    the splice's :attr:`~hybridrelay.transport.splice.Splice.listener`."""
+
+    subprotocol: str | None
+
+
+Outcome = Accepted | Rejection | Unanswered
+
+NO_LISTENER = Unanswered(404, "There are no listeners connected for the endpoint.")
+TOO_MANY_PENDING = Unanswered(503, "Too many pending connections; try again later.")
+NOT_IN_TIME = Unanswered(504, "The listener did not accept the connection in time.")
+
+
+def _new_secret() -> str:
+    return secrets.token_urlsafe(24)
+
+
+@dataclass(eq=False)
+class Pending:
+    """A rendezvous address a listener is (or is about to be) told, waiting to be opened.
+
+    ``channel`` is the listener that was told, set by :meth:`Broker.announce` before the
+    message goes out (the listener's answer may be read before the send returns).
+    """
+
+    id: str
+    entity: str
+    secret: str = field(default_factory=_new_secret, repr=False)
+    channel: ControlChannel | None = None
+    claimed: bool = False
+
+    def listener_gone(self) -> None:
+        """The control channel of the listener that was told went away."""
+
+
+@dataclass(eq=False)
+class PendingRendezvous(Pending):
+    """A sender's connection waiting for its listener (E2 or the relay's ingress).
+
+    ``outcome`` resolves once, to :class:`Accepted` or :class:`Rejection`; if the sender gives up
+    first it is cancelled. On :class:`Accepted` the sender's leg is joined to the listener's in
+    ``splice``.
+    """
+
+    outcome: asyncio.Future[Accepted | Rejection] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    splice: Splice = field(default_factory=Splice)
+
+
+def remote_endpoint(peer: Any) -> RemoteEndpoint | None:
+    """A socket's ``peername`` as the ``remoteEndpoint`` a listener is told (None if unknown)."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return RemoteEndpoint(str(peer[0]), int(peer[1]))
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """A sender to offer, as its ``accept`` describes it to the listener (PROTOCOL.md 5.1).
+
+    ``suffix`` is the sender's path below the entity (decoded) and ``raw_query`` its query as
+    sent; the relay's own ``sb-hc-*`` parameters are filtered out of the address.
+    """
+
+    id: str
+    headers: Mapping[str, str]
+    remote: RemoteEndpoint | None = None
+    suffix: str = ""
+    raw_query: str = ""
+
+    def accept_text(self, base_url: str, entity: str, secret: str) -> str:
+        """The ``accept`` message for a listener whose rendezvous base is ``base_url``."""
+        address = rendezvous_url(
+            base_url,
+            entity,
+            action="accept",
+            connection_id=self.id,
+            secret=secret,
+            suffix=quote(self.suffix, safe="/"),
+            app_query=filter_query(self.raw_query),
+        )
+        return encode_message(
+            Accept(
+                address=address,
+                id=self.id,
+                connect_headers=dict(self.headers),
+                remote_endpoint=self.remote,
+            )
+        )
+
+
+class Broker(Protocol):
+    """Pairs senders with listeners; see the module docstring."""
+
+    def register(self, channel: ControlChannel, limit: int) -> bool:
+        """Make ``channel`` a listener to offer senders to; False if its entity already has
+        ``limit`` listeners."""
+        ...
+
+    def unregister(self, channel: ControlChannel) -> None:
+        """The channel is gone: offer it nothing more, and tell what waits on it."""
+        ...
+
+    def listener_count(self, entity: str) -> int: ...
+
+    def channels(self) -> Sequence[ControlChannel]:
+        """Every registered control channel (for the relay's shutdown)."""
+        ...
+
+    @property
+    def pending_count(self) -> int:
+        """Rendezvous addresses handed out and not yet forgotten."""
+        ...
+
+    def offer(
+        self, entity: str, connection: Connection, *, max_pending: int, rendezvous_timeout: float
+    ) -> AbstractAsyncContextManager[tuple[PendingRendezvous | None, Outcome]]:
+        """Offer ``connection`` to a listener of ``entity`` and wait up to
+        ``rendezvous_timeout`` seconds for its answer.
+
+        Yields the pending rendezvous and the outcome: :class:`Accepted` (join the sender's leg
+        to ``pending.splice.listener`` before leaving the block), the listener's
+        :class:`Rejection`, or :class:`Unanswered` (no listener, ``max_pending`` reached, or no
+        answer in time; then the pending rendezvous is None unless a listener was told). If the
+        listener that was told goes away before answering, the connection is offered to another
+        one. On leaving, the rendezvous is forgotten and a listener leg not joined is closed.
+        """
+        ...
+
+    def open(self, pending: Pending, max_pending: int) -> bool:
+        """Enter ``pending`` in the table; False if ``max_pending`` are pending already."""
+        ...
+
+    async def announce(
+        self,
+        pending: Pending,
+        text_for: Callable[[str], str],
+        body: bytes | None = None,
+        exclude: Collection[ControlChannel] = (),
+    ) -> ControlChannel | None:
+        """Send ``text_for(channel.base_url)`` (and ``body`` right after it) to one listener of
+        ``pending.entity``; the channel that took it, or None if none did."""
+        ...
+
+    def forget(self, pending: Pending) -> None:
+        """Remove ``pending`` from the table; its address is refused from now on."""
+        ...
+
+    def claim(self, secret: str, connection_id: str, kind: type[P]) -> P | None:
+        """The pending rendezvous of a listener's accept, reject or request rendezvous; None if
+        the secret is unknown, the id does not match, it was made for another action, or it
+        was claimed already (single use)."""
+        ...
+
+
+class LocalBroker:
+    """The broker for the listeners connected to this relay process.
+
+    ``shuffle`` orders the candidate listeners in place before each offer (default
+    :func:`random.shuffle`; tests pass their own to make the choice deterministic).
+    """
+
+    def __init__(
+        self,
+        registry: ListenerRegistry | None = None,
+        *,
+        shuffle: Callable[[list[ControlChannel]], None] = random.shuffle,
+    ) -> None:
+        self.registry: ListenerRegistry = registry or InMemoryListenerRegistry()
+        self._shuffle = shuffle
+        self._pending: dict[str, Pending] = {}
+        #: Per control channel: the pending rendezvous its listener was told about.
+        self._told: dict[ControlChannel, set[Pending]] = {}
+
+    # -- listeners -----------------------------------------------------------------------------
+
+    def register(self, channel: ControlChannel, limit: int) -> bool:
+        return self.registry.add(channel, limit)
+
+    def unregister(self, channel: ControlChannel) -> None:
+        self.registry.remove(channel)  # resolves channel.closed: waiting connects move on
+        for pending in self._told.pop(channel, ()):
+            pending.listener_gone()
+
+    def listener_count(self, entity: str) -> int:
+        return self.registry.count(entity)
+
+    def channels(self) -> Sequence[ControlChannel]:
+        return self.registry.all()
+
+    # -- the table -----------------------------------------------------------------------------
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    def open(self, pending: Pending, max_pending: int) -> bool:
+        if len(self._pending) >= max_pending:
+            return False
+        self._pending[pending.secret] = pending
+        return True
+
+    def forget(self, pending: Pending) -> None:
+        self._pending.pop(pending.secret, None)
+        self._untell(pending)
+
+    def claim(self, secret: str, connection_id: str, kind: type[P]) -> P | None:
+        pending = self._pending.get(secret)
+        if pending is None or pending.claimed or not isinstance(pending, kind):
+            return None
+        # The id must match too; compared in constant time like the secret lookup's result.
+        if not secrets.compare_digest(pending.id.encode(), connection_id.encode()):
+            return None
+        pending.claimed = True
+        return pending
+
+    # -- telling a listener --------------------------------------------------------------------
+
+    async def announce(
+        self,
+        pending: Pending,
+        text_for: Callable[[str], str],
+        body: bytes | None = None,
+        exclude: Collection[ControlChannel] = (),
+    ) -> ControlChannel | None:
+        candidates = self.registry.candidates(pending.entity)
+        self._shuffle(candidates)
+        # Rendered once per rendezvous base, and garbage once this returns (not held for the
+        # connection's lifetime).
+        texts: dict[str, str] = {}
+        for channel in candidates:
+            if channel in exclude:
+                continue
+            text = texts.get(channel.base_url)
+            if text is None:
+                text = texts[channel.base_url] = text_for(channel.base_url)
+            self._untell(pending)
+            pending.channel = channel
+            self._told.setdefault(channel, set()).add(pending)
+            try:
+                await channel.send(text, body)
+            except RelayConnectionError:
+                # Never hand a sender to a dead listener: drop it and try the next one. What
+                # else waits on it learns when its control channel's loop ends (unregister).
+                self._untell(pending)
+                self.registry.remove(channel)
+                continue
+            return channel
+        return None
+
+    def _untell(self, pending: Pending) -> None:
+        channel = pending.channel
+        if channel is None:
+            return
+        pending.channel = None
+        told = self._told.get(channel)
+        if told is not None:
+            told.discard(pending)
+            if not told:
+                del self._told[channel]
+
+    # -- a sender's connection -----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def offer(
+        self, entity: str, connection: Connection, *, max_pending: int, rendezvous_timeout: float
+    ) -> AsyncIterator[tuple[PendingRendezvous | None, Outcome]]:
+        if not self.registry.has_listeners(entity):
+            yield None, NO_LISTENER
+            return
+        pending = PendingRendezvous(connection.id, entity)
+        if not self.open(pending, max_pending):
+            yield None, TOO_MANY_PENDING
+            return
+        try:
+            yield pending, await self._answer(entity, connection, pending, rendezvous_timeout)
+        finally:
+            self.forget(pending)
+            if not pending.outcome.done():
+                pending.outcome.cancel()
+            pending.splice.abandon("sender went away")
+
+    async def _answer(
+        self,
+        entity: str,
+        connection: Connection,
+        pending: PendingRendezvous,
+        rendezvous_timeout: float,
+    ) -> Outcome:
+        """The listener's answer; a listener that goes away before answering is replaced at
+        once by another one instead of waiting out the timeout (the rendezvous address is single
+        use, so a late answer from the first one is refused)."""
+
+        def accept_text(base_url: str) -> str:
+            return connection.accept_text(base_url, entity, pending.secret)
+
+        channel = await self.announce(pending, accept_text)
+        if channel is None:
+            return NO_LISTENER
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + rendezvous_timeout
+        tried = {channel}
+        while not pending.outcome.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return NOT_IN_TIME
+            await asyncio.wait(
+                (pending.outcome, channel.closed), timeout=remaining, return_when="FIRST_COMPLETED"
+            )
+            if channel.closed.done() and not pending.outcome.done():
+                next_channel = await self.announce(pending, accept_text, exclude=tried)
+                if next_channel is None:
+                    # Nobody else: the first listener may still answer; wait out the deadline.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout_at(deadline):
+                            await asyncio.shield(pending.outcome)
+                    break
+                channel = next_channel
+                tried.add(channel)
+        if not pending.outcome.done() or pending.outcome.cancelled():
+            return NOT_IN_TIME
+        return pending.outcome.result()

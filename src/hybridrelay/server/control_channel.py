@@ -1,0 +1,185 @@
+"""The listener's control channel (E1, PROTOCOL.md 4): admission and the channel's life.
+
+``GET /$hc/{path}?sb-hc-action=listen`` with a token carrying Listen opens a WebSocket the relay
+keeps for the listener: the broker offers senders on it (``accept``, ``request``), the listener
+renews its token on it and answers relayed HTTP requests on it. The channel lives as long as
+its token (plus the grace period) is renewed and the socket answers pings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from hybridrelay.auth.sas import Rights
+from hybridrelay.exceptions import ProtocolError
+from hybridrelay.protocol.messages import RenewToken, parse_message
+from hybridrelay.server.access import Access, request_token
+from hybridrelay.server.broker import Broker
+from hybridrelay.server.config import HybridConnectionConfig, RelayConfig
+from hybridrelay.server.http_relay import CONTROL_MAX_MESSAGE, HttpRelay
+from hybridrelay.server.ratelimit import FailureLimiter
+from hybridrelay.server.registry import ControlChannel
+from hybridrelay.server.responses import error_response, tracking_id
+from hybridrelay.server.store import EntityStore
+from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
+from hybridrelay.transport.base import CloseCode, MessageKind
+
+__all__ = ["ListenEndpoint", "upgrade"]
+
+logger = logging.getLogger("hybridrelay.server")
+
+
+def upgrade(
+    request: web.BaseRequest,
+    subprotocol: str | None,
+    *,
+    max_message_size: int,
+    heartbeat: float | None = None,
+) -> web.WebSocketResponse:
+    """The server side of one of our WebSockets, before ``prepare``.
+
+    ``autoclose=False``: a close frame is reported, not answered, so half-close crosses the
+    relay (docs/DECISIONS.md D2); ``compress=False``: no extension is ever negotiated
+    (PROTOCOL.md 5.6); pings only where ``heartbeat`` is given (control channels).
+    """
+    return web.WebSocketResponse(
+        protocols=(subprotocol,) if subprotocol else (),
+        autoclose=False,
+        autoping=True,
+        compress=False,
+        heartbeat=heartbeat,
+        max_msg_size=max_message_size,
+    )
+
+
+class ListenEndpoint:
+    """E1: admits listeners and serves their control channels until they end.
+
+    Everything it needs is passed in: the relay's current configuration (read at each use, so
+    a replaced one applies to the next listener and the next renewal), the entity store, the
+    authorization check, the broker that offers senders on the channel, the HTTP relaying that
+    reads the listeners' responses, and the base of the rendezvous addresses for a request.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Callable[[], RelayConfig],
+        store: EntityStore,
+        access: Access,
+        broker: Broker,
+        http: HttpRelay,
+        public_base: Callable[[web.BaseRequest], str],
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._access = access
+        self._broker = broker
+        self._http = http
+        self._public_base = public_base
+        self._failures = FailureLimiter()
+
+    async def handle(
+        self, request: web.BaseRequest, path: str, params: dict[str, str]
+    ) -> web.StreamResponse:
+        # Keyed by source and entity: a storm against one entity does not block others.
+        source = f"{request.remote or ''} {path.strip('/').lower()}"
+        if self._failures.blocked(source, time.monotonic()):
+            return error_response(429, "Too many failed listen attempts; back off and retry.")
+        response = await self._listen(request, path, params)
+        if response.status in (401, 403, 404):
+            self._failures.record_failure(source, time.monotonic())
+        return response
+
+    async def _listen(
+        self, request: web.BaseRequest, path: str, params: dict[str, str]
+    ) -> web.StreamResponse:
+        config = self._settings()
+        token = request_token(request.headers, params)
+        entity = self._store.get(path) if path.strip("/") else None
+        if entity is None and config.auto_create_hybrid_connections and path.strip("/"):
+            candidate = HybridConnectionConfig(name=path.strip("/"))
+            decision = self._access.authorize(token, candidate, Rights.LISTEN)
+            if not decision.allowed:
+                return error_response(decision.status, decision.reason)
+            self._store.create(candidate)
+            logger.info("created hybrid connection %r on first listen", candidate.name)
+            entity = candidate
+        if entity is None:
+            return error_response(404, "The hybrid connection does not exist.")
+        decision = self._access.authorize(token, entity, Rights.LISTEN)
+        if not decision.allowed:
+            logger.info("listen on %r refused: %s", entity.name, decision.reason)
+            return error_response(decision.status, decision.reason)
+        limit = config.limits.max_listeners_per_connection
+        if self._broker.listener_count(entity.name) >= limit:
+            return error_response(429, f"QuotaExceeded: at most {limit} listeners are allowed.")
+
+        keep_alive = config.limits.keep_alive_interval
+        ws = upgrade(request, None, max_message_size=CONTROL_MAX_MESSAGE, heartbeat=keep_alive)
+        await ws.prepare(request)
+        socket_ = AiohttpMessageSocket.server(ws, request)
+        listener_id = params.get("sb-hc-id") or tracking_id()
+        channel = ControlChannel(
+            entity.name,
+            listener_id,
+            socket_,
+            float(decision.expiry or 0),
+            request.remote or "",
+            self._public_base(request),
+        )
+        if not self._broker.register(channel, limit):  # raced with another listener
+            await socket_.aclose(CloseCode.TRY_AGAIN_LATER, "listener limit reached")
+            return ws
+        logger.info("listener %s online on %r", listener_id, entity.name)
+        try:
+            await self._serve(channel, entity)
+        finally:
+            self._broker.unregister(channel)
+            self._http.forget_channel(channel)
+            socket_.abort()
+            logger.info("listener %s offline on %r", listener_id, entity.name)
+        return ws
+
+    async def _serve(self, channel: ControlChannel, entity: HybridConnectionConfig) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            grace = self._settings().limits.token_grace_period
+            # The token's expiry (plus grace) is the read deadline: a channel whose token ran
+            # out without a renewal is closed with 1008 (PROTOCOL.md 4.4, 4.6).
+            deadline = loop.time() + max(0.0, channel.token_expiry + grace - time.time())
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await channel.socket.receive()
+            except TimeoutError:
+                channel.usable = False
+                await channel.socket.aclose(CloseCode.POLICY_VIOLATION, "token expired")
+                return
+            if message.kind is MessageKind.CLOSE:
+                return
+            if message.kind is MessageKind.BINARY:
+                await self._http.on_control_binary(channel, message.data)
+                continue
+            try:
+                parsed = parse_message(message.data)
+            except ProtocolError as exc:
+                channel.usable = False
+                await channel.socket.aclose(CloseCode.PROTOCOL_ERROR, str(exc)[:100])
+                return
+            if isinstance(parsed, RenewToken):
+                decision = self._access.authorize(parsed.token, entity, Rights.LISTEN, grace)
+                if not decision.allowed:
+                    channel.usable = False
+                    await channel.socket.aclose(CloseCode.POLICY_VIOLATION, "token renewal failed")
+                    return
+                channel.token_expiry = float(decision.expiry or 0)
+            elif parsed is not None:
+                if not await self._http.on_control_message(channel, parsed):
+                    channel.usable = False
+                    await channel.socket.aclose(CloseCode.PROTOCOL_ERROR, "unexpected message")
+                    return

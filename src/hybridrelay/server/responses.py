@@ -1,0 +1,38 @@
+"""The relay's own HTTP answers: error responses and safe reason phrases.
+
+Every refusal the relay writes (to a sender, a listener, a rendezvous) is an
+:func:`error_response`, whose reason phrase carries a ``TrackingId`` as Azure's do (PROTOCOL.md
+3.5); every reason phrase that comes from elsewhere (a listener's rejection or response) goes
+through :func:`reason_phrase` before it reaches a status line.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from aiohttp import web
+
+__all__ = ["error_response", "reason_phrase", "tracking_id"]
+
+#: Longest reason phrase the relay writes.
+_REASON_LIMIT = 512
+
+
+def tracking_id() -> str:
+    return str(uuid.uuid4())
+
+
+def reason_phrase(text: str) -> str:
+    """``text`` made safe for a status line: no CR/LF or other control characters (each becomes
+    a space), ASCII only (clients disagree on obs-text: anything else becomes ``?``), trimmed and
+    bounded. Empty if nothing is left."""
+    cleaned = "".join(
+        (ch if ord(ch) < 128 else "?") if ch.isprintable() else " " for ch in text
+    ).strip()
+    return cleaned[:_REASON_LIMIT]
+
+
+def error_response(status: int, description: str, track: str | None = None) -> web.Response:
+    """An error answer whose reason phrase carries a TrackingId, as Azure's do."""
+    text = f"{description} TrackingId:{track or tracking_id()}"
+    return web.Response(status=status, reason=reason_phrase(text), text=text + "\n")
