@@ -53,6 +53,7 @@ BRIDGE_MAY_USE = (
     "hybridrelay.bridge",
     "hybridrelay.exceptions",
     "hybridrelay.protocol",
+    "hybridrelay.settings",
 )
 # The SDK's public surface: the package itself and its documented backoff helpers.
 SDK_PUBLIC = {"hybridrelay.client", "hybridrelay.client.backoff"}

@@ -95,7 +95,7 @@ async def test_serve_with_config_and_clear_errors(tmp_path: Path, repo_root: Pat
     bad = tmp_path / "bad.yaml"
     bad.write_text("server: {plaintext: true, colour: blue}\n", encoding="utf-8")
     code, _, err = await run("serve", "--config", str(bad), env=env)
-    assert code == 2 and "unknown key(s) server.colour" in err and "Traceback" not in err
+    assert code == 2 and "unknown key(s): server.colour" in err and "Traceback" not in err
     code, _, err = await run("token", "-x", "Endpoint=nope", env=env)
     assert code == 2 and "Endpoint must look like" in err
     code, _, err = await run("connection-string", "--data-dir", str(tmp_path / "none"), env=env)

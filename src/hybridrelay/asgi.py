@@ -1,4 +1,5 @@
-"""Serve an ASGI application through a hybrid connection (``hybridrelay serve-app``).
+"""Serve an ASGI application through a hybrid connection (the command line of
+``hybridrelay serve-app`` is :mod:`hybridrelay.cli.serve_app`).
 
 HTTP requests that senders send to ``http(s)://relay/{entity}/...`` reach the application as
 ASGI ``http`` scopes; no inbound port is opened on the application's machine::
@@ -23,13 +24,11 @@ WebSocket senders are rejected (501): this listener serves HTTP only.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import importlib
 import logging
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -43,9 +42,7 @@ from hybridrelay.protocol.http import merge_repeated_headers
 
 __all__ = [
     "AsgiRequestHandler",
-    "add_serve_app_arguments",
     "load_app",
-    "run_serve_app",
     "serve",
 ]
 
@@ -331,130 +328,3 @@ def load_app(spec: str, *, app_dir: str | None = ".", factory: bool = False) -> 
         raise ConfigurationError(f"{spec!r} is not an ASGI application (not callable)")
     app: ASGIApp = target
     return app
-
-
-def add_serve_app_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``hybridrelay serve-app``."""
-    parser.description = (
-        "Serve an ASGI application (FastAPI, Starlette, Quart, ...) through a hybrid "
-        "connection: HTTP requests sent to the relay at /{hybrid connection}/... reach the "
-        "app, and no inbound port is opened on this machine. WebSocket senders are "
-        "rejected (501)."
-    )
-    parser.epilog = (
-        'example: hybridrelay serve-app myproject.main:app -x "$CS" -e api  '
-        '(then: curl -H "Authorization: $TOKEN" https://relay.example.com/api/items)'
-    )
-    parser.add_argument(
-        "app", metavar="MODULE:APP", help="the ASGI application, e.g. myproject.main:app"
-    )
-    parser.add_argument(
-        "--connection-string",
-        "-x",
-        metavar="CS",
-        default=os.environ.get("HYBRIDRELAY_CONNECTION_STRING"),
-        help="relay connection string with a Listen right (default: "
-        "$HYBRIDRELAY_CONNECTION_STRING)",
-    )
-    parser.add_argument(
-        "--entity",
-        "-e",
-        metavar="NAME",
-        help="hybrid connection to serve on (default: the connection string's EntityPath)",
-    )
-    parser.add_argument(
-        "--app-dir",
-        metavar="DIR",
-        default=".",
-        help="directory to import MODULE from (default: the current directory)",
-    )
-    parser.add_argument(
-        "--factory", action="store_true", help="MODULE:APP is a factory that returns the app"
-    )
-    parser.add_argument(
-        "--lifespan",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="run the app's lifespan startup/shutdown: auto (if the app supports it, the "
-        "default), on (required), off",
-    )
-    parser.add_argument(
-        "--root-path", metavar="PATH", default="", help="ASGI root_path to report (default: '')"
-    )
-    parser.add_argument(
-        "--proxy",
-        metavar="URL",
-        help="HTTP CONNECT proxy http://[user:pass@]host:port to reach the relay "
-        "(default: HTTPS_PROXY/NO_PROXY)",
-    )
-    parser.add_argument(
-        "--ca-file", metavar="PEM", help="CA bundle to verify the relay's certificate with"
-    )
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=("debug", "info", "warning", "error"),
-        help="default: info",
-    )
-
-
-async def run_serve_app(args: argparse.Namespace) -> int:
-    """Run ``hybridrelay serve-app`` until SIGINT/SIGTERM; returns the exit status (0).
-
-    Raises:
-        ConfigurationError: no connection string, the app cannot be imported, its lifespan
-            startup failed.
-        RelayError: the relay refused the listener (first connection, or for good later).
-    """
-    level = getattr(logging, str(args.log_level).upper())
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger().setLevel(level)  # also when the command line installed a handler
-    if not args.connection_string:
-        raise ConfigurationError(
-            "a connection string is required (--connection-string or "
-            "$HYBRIDRELAY_CONNECTION_STRING)"
-        )
-    app = load_app(args.app, app_dir=args.app_dir, factory=args.factory)
-    kwargs: dict[str, Any] = {}
-    if args.ca_file:
-        kwargs["ca_file"] = args.ca_file
-    if args.proxy:
-        kwargs["proxy"] = args.proxy
-    serving = asyncio.create_task(
-        serve(
-            app,
-            args.connection_string,
-            args.entity,
-            lifespan=args.lifespan,
-            root_path=args.root_path,
-            **kwargs,
-        ),
-        name="hybridrelay-serve-app",
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError, ValueError):
-            continue  # not the main thread, or a platform without it
-        installed.append(sig)
-    stopping = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
-        if serving.done():
-            # serve() only returns by raising (the relay refuses the listener for good).
-            serving.result()
-            return 1
-        logger.info("serve-app: shutting down")
-        return 0
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-        stopping.cancel()
-        # Closes the listener (in-flight requests end) and runs the lifespan shutdown.
-        serving.cancel()
-        await asyncio.wait([stopping, serving])
-        if not serving.cancelled() and (error := serving.exception()) is not None:
-            logger.debug("serve-app: stopped with %s: %s", type(error).__name__, error)

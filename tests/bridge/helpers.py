@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any, cast
 
 from hybridrelay.bridge.agent import BridgeAgent
-from hybridrelay.bridge.config import BridgeConfig, CliOverrides, merge_cli, parse_config
+from hybridrelay.bridge.config import BridgeConfig, merge_cli, parse_config
 from tests.conftest import Relay
 
 #: Retry quickly in tests when an edge listener cannot be opened.
@@ -28,12 +28,10 @@ def make_config(
     base = parse_config({"shutdown_grace_period": 2, "connect_timeout": 10, **(document or {})})
     return merge_cli(
         base,
-        CliOverrides(
-            connection_string=relay.connection_string(),
-            ca_file=relay.ca_file,
-            local_specs=list(local),
-            remote_specs=list(remote),
-        ),
+        ["-x", relay.connection_string()]
+        + (["--ca-file", relay.ca_file] if relay.ca_file else [])
+        + [arg for spec in local for arg in ("-L", spec)]
+        + [arg for spec in remote for arg in ("-R", spec)],
     )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hybridrelay.bridge.cli import add_bridge_arguments, build_config, run_bridge
+from hybridrelay.cli.bridge import add_bridge_arguments, build_config, run_bridge
 from hybridrelay.exceptions import ConfigurationError
 from tests.bridge.helpers import tcp_server
 from tests.conftest import Relay

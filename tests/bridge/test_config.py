@@ -11,7 +11,6 @@ import yaml
 
 from hybridrelay.bridge.config import (
     BridgeConfig,
-    CliOverrides,
     ConnectionSettings,
     LocalForward,
     load_config,
@@ -202,14 +201,8 @@ def test_cli_wins_and_forwards_add_up() -> None:
     )
     merged = merge_cli(
         file_config,
-        CliOverrides(
-            local_specs=["3:c"],
-            remote_specs=["d:localhost:4"],
-            keep_alive_interval=2.0,
-            log_level="warning",
-            key_name="other",
-            key="otherkey",
-        ),
+        ["-L", "3:c", "-R", "d:localhost:4", "-a", "2", "--log-level", "warning"]
+        + ["-K", "other", "-k", "otherkey"],
     )
     assert [str(f.spec) for f in merged.local_forwards] == ["1:a", "3:c"]
     assert [str(f.spec) for f in merged.remote_forwards] == ["b:localhost:2", "d:localhost:4"]
@@ -220,13 +213,12 @@ def test_cli_wins_and_forwards_add_up() -> None:
     assert merged.connection.endpoint == "sb://relay.example.com/"
     assert merged.connection.proxy == "http://proxy:1"
 
-    token = merge_cli(file_config, CliOverrides(token="SharedAccessSignature sr=x&sig=y"))
+    token = merge_cli(file_config, ["-s", "SharedAccessSignature sr=x&sig=y"])
     assert token.connection.token is not None
     assert token.connection.key is None and token.connection.key_name is None
 
     replaced = merge_cli(
-        file_config,
-        CliOverrides(connection_string="Endpoint=ws://127.0.0.1:9/", endpoint="ws://127.0.0.1:8/"),
+        file_config, ["-x", "Endpoint=ws://127.0.0.1:9/", "-e", "ws://127.0.0.1:8/"]
     )
     assert replaced.connection == ConnectionSettings(
         endpoint="ws://127.0.0.1:8/", proxy="http://proxy:1"
@@ -235,13 +227,12 @@ def test_cli_wins_and_forwards_add_up() -> None:
 
 def test_cli_errors() -> None:
     with pytest.raises(ConfigurationError, match="-L 'x'"):
-        merge_cli(BridgeConfig(), CliOverrides(local_specs=["x"]))
-    with pytest.raises(ConfigurationError, match="--connect-timeout must be positive"):
-        merge_cli(BridgeConfig(), CliOverrides(connect_timeout=0.0))
+        merge_cli(BridgeConfig(), ["-L", "x"])
+    with pytest.raises(
+        ConfigurationError, match="--connect-timeout: expected a number of at least"
+    ):
+        merge_cli(BridgeConfig(), ["--connect-timeout", "0"])
     with pytest.raises(ConfigurationError, match="several routes"):
-        merge_cli(
-            parse_config({"remote_forwards": ["x:localhost:1"]}),
-            CliOverrides(remote_specs=["x:localhost:2"]),
-        )
+        merge_cli(parse_config({"remote_forwards": ["x:localhost:1"]}), ["-R", "x:localhost:2"])
     with pytest.raises(ConfigurationError, match="bind_address"):
-        merge_cli(BridgeConfig(), CliOverrides(bind_address="not valid!"))
+        merge_cli(BridgeConfig(), ["--bind-address", "not valid!"])

@@ -26,7 +26,6 @@ from multidict import CIMultiDict
 from hybridrelay.bridge.agent import BridgeAgent
 from hybridrelay.bridge.config import (
     BridgeConfig,
-    CliOverrides,
     HttpForward,
     load_config,
     merge_cli,
@@ -171,11 +170,9 @@ def http_config(
     base = parse_config({"shutdown_grace_period": 5, "connect_timeout": 5, **(document or {})})
     return merge_cli(
         base,
-        CliOverrides(
-            connection_string=relay.connection_string(),
-            http_specs=list(http),
-            remote_specs=list(remote),
-        ),
+        ["-x", relay.connection_string()]
+        + [arg for spec in http for arg in ("-H", spec)]
+        + [arg for spec in remote for arg in ("-R", spec)],
     )
 
 
@@ -437,9 +434,7 @@ def test_http_forwards_in_the_config_file(tmp_path: Path, relay: Relay) -> None:
     # The command line adds to the file's list.
     merged = merge_cli(
         config,
-        CliOverrides(
-            connection_string=relay.connection_string(), http_specs=["web:http://127.0.0.1:9"]
-        ),
+        ["-x", relay.connection_string(), "-H", "web:http://127.0.0.1:9"],
     )
     assert [str(f) for f in merged.http_forwards] == [
         "api:http://127.0.0.1:8000/v1",
@@ -478,10 +473,7 @@ def test_entity_path_of_the_connection_string_applies_to_http_forwards(relay: Re
     with pytest.raises(ConfigurationError, match="EntityPath"):
         merge_cli(
             BridgeConfig(),
-            CliOverrides(
-                connection_string=relay.connection_string("hc"),
-                http_specs=["other:http://127.0.0.1:1"],
-            ),
+            ["-x", relay.connection_string("hc"), "-H", "other:http://127.0.0.1:1"],
         )
 
 

@@ -304,7 +304,7 @@ async def test_many_connections_leave_nothing_behind_and_shutdown_resets(
         ({"listen": "example.com:22", "hybrid_connection": "hc"}, "host must be an IP address"),
         ({"listen": 2222, "hybrid_connection": "other"}, "not a configured hybrid connection"),
         ({"listen": 2222, "hybrid_connection": "hc", "allow": ["x"]}, "not an address or CIDR"),
-        ({"listen": 2222, "hybrid_connection": "hc", "port": 1}, "unknown key(s) ingress[0].port"),
+        ({"listen": 2222, "hybrid_connection": "hc", "port": 1}, "unknown key(s): ingress[0].port"),
         ({"listen": 2222, "hybrid_connection": "hc", "port_name": ""}, "1 to 255 bytes"),
     ],
 )

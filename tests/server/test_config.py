@@ -61,7 +61,7 @@ def base(**changes: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("document", "message"),
     [
-        (base(extra=1), "unknown key(s) extra"),
+        (base(extra=1), "unknown key(s): extra"),
         (base(server={"plaintext": True, "prot": 1}), "server.prot"),
         (base(server={}), "no 'tls' section"),
         (base(server={"plaintext": True, "port": 70000}), "server.port"),
@@ -73,7 +73,7 @@ def base(**changes: Any) -> dict[str, Any]:
             "duplicate name",
         ),
         (base(namespace={"hybrid_connections": [{"name": "a//b"}]}), "invalid entity path"),
-        (base(namespace={"hybrid_connections": [{"nam": "x"}]}), "hybrid_connections[0].name"),
+        (base(namespace={"hybrid_connections": [{"nam": "x"}]}), "hybrid_connections[0].nam"),
         (
             base(
                 namespace={

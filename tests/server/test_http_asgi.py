@@ -20,11 +20,10 @@ from hybridrelay.asgi import (
     Receive,
     Scope,
     Send,
-    add_serve_app_arguments,
     load_app,
-    run_serve_app,
     serve,
 )
+from hybridrelay.cli.serve_app import add_serve_app_arguments, run_serve_app
 from hybridrelay.exceptions import ConfigurationError
 from tests.conftest import Relay, running_until_cancelled
 from tests.server.test_http_relay import assert_no_exchanges_left

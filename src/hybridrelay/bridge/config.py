@@ -1,54 +1,16 @@
-"""Bridge configuration: the YAML file and the command line, validated into frozen dataclasses.
+"""The bridge's configuration: a tree of frozen dataclasses, checked on construction.
 
-The YAML schema (every key optional; unknown keys are errors that name the key's path)::
-
-    connection:                      # how to reach the relay
-      connection_string: "Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=..."
-      endpoint: sb://relay.example.com     # or the parts one by one
-      key_name: bridge
-      key: "..."
-      token: "SharedAccessSignature sr=..."   # instead of key_name/key
-      proxy: http://proxy:3128        # HTTP CONNECT proxy; default: HTTPS_PROXY / NO_PROXY
-      ca_file: /etc/ssl/relay-ca.pem  # trust anchor for the relay's certificate
-    bind_address: 127.0.0.1          # default bind of local forwards (loopback)
-    keep_alive_interval: 30          # seconds between pings on the listener's control channel
-    connect_timeout: 30              # seconds to reach the relay or a destination
-    handshake_timeout: 10            # seconds for the azbridge preamble exchange
-    shutdown_grace_period: 10        # seconds open connections get to finish on SIGINT/SIGTERM
-    log_level: info                  # debug | info | warning | error | critical
-    max_connections: 1024            # per forward, concurrent TCP/Unix connections
-    udp_idle_timeout: 240            # seconds a UDP flow may stay silent (azbridge: 4 min)
-    max_udp_flows: 256               # per forward, concurrent UDP flows
-    local_forwards:                  # -L
-      - "8080:web"                   # a spec string, as on the command line, or a mapping:
-      - hybrid_connection: hosts
-        port: 2222
-        bind_address: 127.0.0.1
-        protocol: tcp                # tcp | udp | unix
-        port_name: ssh
-        allow: [127.0.0.0/8]         # client CIDRs (TCP/UDP only); default: everyone
-        max_connections: 64          # overrides the global value; also udp_idle_timeout,
-                                     # max_udp_flows
-      - spec: "unix:/run/app.sock#app:hosts"   # a spec string plus per-forward options
-        max_connections: 8
-    remote_forwards:                 # -R
-      - "web:localhost:80"
-      - hybrid_connection: hosts
-        port_name: ssh
-        host: 10.0.0.5
-        port: 22
-        protocol: tcp                # tcp | udp | unix (with path:)
-    http_forwards:                   # -H: relayed HTTP requests to a local HTTP server
-      - "api:http://127.0.0.1:8000/v1"   # a spec string, as on the command line, or a mapping:
-      - hybrid_connection: admin
-        target: http://127.0.0.1:9000
+The YAML reader, the ``hybridrelay bridge`` options and docs/CONFIGURATION.md are derived from
+the fields (:mod:`hybridrelay.settings`); every key is optional and unknown keys are errors
+that name the key's path. A forward is written as its command-line spec (``"8080:web"``) or as
+a mapping of the spec's parts (or ``spec:``) plus per-forward options.
 
 Merging with the command line (:func:`merge_cli`): scalar options given on the command line
 win; ``-L``/``-R``/``-H`` forwards are added to the file's; ``-x`` replaces the file's
 connection and ``-e``/``-K``/``-k``/``-s`` then replace single parts of it (as azbridge's
 ``-E/-K/-k/-S``).
 
-Routing rule for an edge (checked here, at load time): the routes of one hybrid connection are
+Routing rule for an edge (checked on construction): the routes of one hybrid connection are
 either a single route without a port name (a plain stream, no preamble) or any number of named
 routes (every connection must then open with the azbridge preamble naming one of them).
 A hybrid connection of an HTTP forward serves nothing else in the same agent (no ``-R``, no
@@ -57,14 +19,12 @@ second ``-H``).
 
 from __future__ import annotations
 
-import logging
+import argparse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
-
-import yaml
 
 from hybridrelay.bridge.specs import (
     ANY_ADDRESS,
@@ -80,8 +40,23 @@ from hybridrelay.bridge.specs import (
 from hybridrelay.exceptions import ConfigurationError
 from hybridrelay.protocol.allowlist import Network, allows, parse_network
 from hybridrelay.protocol.connection_string import ConnectionString
+from hybridrelay.settings import (
+    LOG_LEVEL,
+    LOG_LEVELS,
+    Extra,
+    Setting,
+    add_arguments,
+    apply,
+    check_fields,
+    check_value,
+    from_document,
+    given_arguments,
+    load_yaml,
+    setting,
+)
 
 __all__ = [
+    "CONNECTION_STRING_ENV",
     "DEFAULT_BIND_ADDRESS",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_HANDSHAKE_TIMEOUT",
@@ -92,13 +67,14 @@ __all__ = [
     "DEFAULT_UDP_IDLE_TIMEOUT",
     "LOG_LEVELS",
     "BridgeConfig",
-    "CliOverrides",
     "ConnectionSettings",
     "HttpForward",
     "LocalForward",
     "Network",
     "RemoteForward",
+    "add_bridge_options",
     "load_config",
+    "merge_arguments",
     "merge_cli",
     "parse_config",
 ]
@@ -112,13 +88,13 @@ DEFAULT_MAX_CONNECTIONS = 1024
 #: azbridge drops a UDP route after four idle minutes.
 DEFAULT_UDP_IDLE_TIMEOUT = 240.0
 DEFAULT_MAX_UDP_FLOWS = 256
-LOG_LEVELS: Mapping[str, int] = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-    "critical": logging.CRITICAL,
-}
+#: Environment variables consulted, in order, when no connection is given otherwise.
+CONNECTION_STRING_ENV = ("HYBRIDRELAY_CONNECTION_STRING", "AZURE_BRIDGE_CONNECTIONSTRING")
+
+#: Bounds shared by the global options and the per-forward overrides.
+_MAX_COUNT = 1_000_000
+_MAX_SECONDS = 1e7
+_CONNECTION_FLAGS = ("-x", "--connection-string")
 
 
 def _mask_url(url: str | None) -> str | None:
@@ -150,13 +126,59 @@ class ConnectionSettings:
         ca_file: a PEM bundle to verify the relay's certificate with.
     """
 
-    endpoint: str | None = None
-    key_name: str | None = None
-    key: str | None = field(default=None, repr=False)
-    token: str | None = field(default=None, repr=False)
-    entity_path: str | None = None
-    proxy: str | None = field(default=None, repr=False)
-    ca_file: str | None = None
+    YAML_EXTRAS: ClassVar[Mapping[str, Extra]] = {
+        "connection_string": Extra(
+            "`Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...` (or "
+            "`SharedAccessSignature=...`), instead of the parts (`-x`)"
+        )
+    }
+
+    endpoint: str | None = setting(
+        None, help="relay endpoint, sb://host[:port]", flags=("-e", "-E", "--endpoint")
+    )
+    key_name: str | None = setting(None, help="shared access rule name", flags=("-K", "--key-name"))
+    key: str | None = setting(None, help="shared access key", flags=("-k", "--key"), secret=True)
+    token: str | None = setting(
+        None,
+        help="a SAS token instead of a key",
+        flags=("-s", "-S", "--signature"),
+        metavar="SIGNATURE",
+        secret=True,
+    )
+    entity_path: str | None = setting(None, key="", help="the connection string's EntityPath")
+    proxy: str | None = setting(
+        None,
+        help="HTTP CONNECT proxy http://[user:pass@]host:port (default: HTTPS_PROXY/NO_PROXY)",
+        flags=("--proxy",),
+        metavar="URL",
+        secret=True,
+    )
+    ca_file: str | None = setting(
+        None, help="CA bundle to verify the relay with", flags=("--ca-file",), metavar="PEM"
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.endpoint is not None:
+            parts = urlsplit(self.endpoint)
+            if parts.scheme.lower() not in ("sb", "ws", "wss", "http", "https") or not (
+                parts.hostname
+            ):
+                raise ConfigurationError(
+                    f"endpoint: {self.endpoint!r} must look like sb://host[:port]/"
+                )
+        if self.token and (self.key_name or self.key):
+            raise ConfigurationError(
+                "a SAS token cannot be combined with key_name/key (give one or the other)"
+            )
+        if bool(self.key_name) != bool(self.key):
+            raise ConfigurationError("key_name and key go together")
+        if self.proxy is not None:
+            proxy = urlsplit(self.proxy)
+            if proxy.scheme not in ("http", "https") or not proxy.hostname:
+                raise ConfigurationError(
+                    f"proxy: expected http://[user:pass@]host:port, got {_mask_url(self.proxy)!r}"
+                )
 
     def __repr__(self) -> str:
         return (
@@ -177,41 +199,161 @@ class ConnectionSettings:
             entity_path=parsed.entity_path,
         )
 
-    def validated(self, where: str = "connection") -> ConnectionSettings:
-        """Check that the parts fit together; returns self."""
-        if self.endpoint is not None:
-            parts = urlsplit(self.endpoint)
-            if parts.scheme.lower() not in ("sb", "ws", "wss", "http", "https") or not (
-                parts.hostname
-            ):
-                raise ConfigurationError(
-                    f"{where}.endpoint: {self.endpoint!r} must look like sb://host[:port]/"
-                )
-        if self.token and (self.key_name or self.key):
+    @classmethod
+    def from_yaml(
+        cls, values: dict[str, Any], extras: Mapping[str, Any], where: str
+    ) -> dict[str, Any]:
+        """``connection_string:`` stands for the endpoint and the credentials."""
+        text = extras.get("connection_string")
+        if text is None:
+            return values
+        key = f"{where}.connection_string"
+        if not isinstance(text, str):
+            raise ConfigurationError(f"{key}: expected a string")
+        if any(values.get(name) is not None for name in ("endpoint", "key_name", "key", "token")):
             raise ConfigurationError(
-                f"{where}: a SAS token cannot be combined with key_name/key (give one or the other)"
+                f"{where}: give either connection_string or endpoint/key_name/key/token"
             )
-        if bool(self.key_name) != bool(self.key):
-            raise ConfigurationError(f"{where}: key_name and key go together")
-        if self.proxy is not None:
-            proxy = urlsplit(self.proxy)
-            if proxy.scheme not in ("http", "https") or not proxy.hostname:
-                raise ConfigurationError(
-                    f"{where}.proxy: expected http://[user:pass@]host:port, got "
-                    f"{_mask_url(self.proxy)!r}"
-                )
-        return self
+        try:
+            parsed = cls.from_connection_string(text)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{key}: {exc}") from None
+        return {**values, **_connection_parts(parsed)}
+
+
+def _connection_parts(connection: ConnectionSettings) -> dict[str, Any]:
+    """What a connection string sets (the proxy and the CA file are not part of it)."""
+    return {
+        "endpoint": connection.endpoint,
+        "key_name": connection.key_name,
+        "key": connection.key,
+        "token": connection.token,
+        "entity_path": connection.entity_path,
+    }
+
+
+def _networks(value: Any, where: str) -> tuple[Network, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigurationError(f"{where}: expected a list of strings")
+    networks = []
+    for text in value:
+        try:
+            networks.append(parse_network(text))
+        except ValueError:
+            raise ConfigurationError(f"{where}: {text!r} is not a CIDR like 10.0.0.0/8") from None
+    return tuple(networks)
+
+
+_PORT = Setting(help="", low=0, high=65535)
+_REMOTE_PORT = Setting(help="", low=1, high=65535)
+_SPEC_PARTS: Mapping[str, Extra] = {
+    "hybrid_connection": Extra("the hybrid connection (instead of `spec`)"),
+    "protocol": Extra("`tcp` (default), `udp` or `unix`", kind="tcp \\| udp \\| unix"),
+    "port_name": Extra("the azbridge logical port name (sends or selects the preamble)"),
+    "path": Extra("the Unix socket's path (`protocol: unix`)"),
+}
+
+
+def _part(parts: Mapping[str, Any], key: str, where: str, tp: Any = str | None) -> Any:
+    return check_value(tp, None, parts.get(key), f"{where}.{key}" if where else key)
+
+
+def _protocol(parts: Mapping[str, Any], where: str) -> Protocol:
+    text = _part(parts, "protocol", where) or "tcp"
+    try:
+        return Protocol(text.lower())
+    except ValueError:
+        raise ConfigurationError(f"{where}.protocol: {text!r} is not tcp, udp or unix") from None
+
+
+def _spec_or_parts(
+    values: dict[str, Any], parts: Mapping[str, Any], where: str
+) -> dict[str, Any] | None:
+    """None when the forward gives ``spec:``, else its parts (``spec`` with them is an error)."""
+    if "spec" not in values:
+        return dict(parts)
+    for key in parts:
+        raise ConfigurationError(f"{where}.{key}: not allowed together with 'spec'")
+    return None
+
+
+def _located_spec(where: str, exc: ConfigurationError) -> ConfigurationError:
+    text = str(exc)
+    return exc if text.startswith(where) else ConfigurationError(f"{where}: {text}")
+
+
+def _check_text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{where}: expected a string")
+    return value
 
 
 @dataclass(frozen=True)
 class LocalForward:
-    """A ``-L`` with its options; None options inherit the global value."""
+    """A ``-L``: a local socket carried to a hybrid connection. Options left out (None)
+    inherit the global value."""
 
-    spec: LocalForwardSpec
-    allow: tuple[Network, ...] = ()
-    max_connections: int | None = None
-    udp_idle_timeout: float | None = None
-    max_udp_flows: int | None = None
+    YAML_EXTRAS: ClassVar[Mapping[str, Extra]] = {
+        **_SPEC_PARTS,
+        "port": Extra("the local port (0 picks a free one; not for `unix`)", kind="integer"),
+        "bind_address": Extra("the address to bind (default: the global `bind_address`)"),
+    }
+
+    spec: LocalForwardSpec = setting(
+        help="the forward as on the command line (`[BIND:]PORT[/PORTNAME][/udp]:HC`)",
+        parse=lambda value, where: parse_local_spec(_check_text(value, where)),
+        kind="string",
+    )
+    allow: tuple[Network, ...] = setting(
+        (),
+        help="client CIDRs allowed (TCP/UDP; default: everyone)",
+        parse=_networks,
+        kind="list of CIDRs",
+    )
+    max_connections: int | None = setting(
+        None, help="overrides the global `max_connections`", low=1, high=_MAX_COUNT
+    )
+    udp_idle_timeout: float | None = setting(
+        None, help="overrides the global `udp_idle_timeout`", low=0.001, high=_MAX_SECONDS
+    )
+    max_udp_flows: int | None = setting(
+        None, help="overrides the global `max_udp_flows`", low=1, high=_MAX_COUNT
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.allow and self.spec.protocol is Protocol.UNIX:
+            raise ConfigurationError("allow: Unix socket forwards have no CIDRs")
+
+    @classmethod
+    def from_text(cls, text: str) -> LocalForward:
+        """The command-line form (``-L``)."""
+        return cls(parse_local_spec(text))
+
+    @classmethod
+    def from_yaml(
+        cls, values: dict[str, Any], extras: Mapping[str, Any], where: str
+    ) -> dict[str, Any]:
+        parts = _spec_or_parts(values, extras, where)
+        if parts is None:
+            return values
+        protocol = _protocol(parts, where)
+        unix = protocol is Protocol.UNIX
+        hybrid_connection = _part(parts, "hybrid_connection", where, str)
+        if unix and parts.get("port") is not None:
+            raise ConfigurationError(f"{where}.port: a Unix socket forward has a path, not a port")
+        try:
+            spec = LocalForwardSpec(
+                hybrid_connection=hybrid_connection,
+                protocol=protocol,
+                port=0 if unix else check_value(int, _PORT, parts.get("port"), f"{where}.port"),
+                bind_address=_part(parts, "bind_address", where),
+                path=_part(parts, "path", where, str if unix else str | None),
+                port_name=_part(parts, "port_name", where),
+            )
+        except ConfigurationError as exc:
+            raise _located_spec(where, exc) from None
+        return {**values, "spec": spec}
 
     def allows(self, host: str) -> bool:
         """True when ``host`` (a peer address) may use this forward."""
@@ -220,12 +362,72 @@ class LocalForward:
 
 @dataclass(frozen=True)
 class RemoteForward:
-    """A ``-R`` with its options; None options inherit the global value."""
+    """A ``-R``: a hybrid connection carried to a configured destination. Options left out
+    (None) inherit the global value."""
 
-    spec: RemoteForwardSpec
-    max_connections: int | None = None
-    udp_idle_timeout: float | None = None
-    max_udp_flows: int | None = None
+    YAML_EXTRAS: ClassVar[Mapping[str, Extra]] = {
+        **_SPEC_PARTS,
+        "host": Extra("the destination host (default localhost; not for `unix`)"),
+        "port": Extra("the destination port, 1-65535 (not for `unix`)", kind="integer"),
+    }
+
+    spec: RemoteForwardSpec = setting(
+        help="the forward as on the command line (`HC:[PORTNAME/]HOST:PORT[/udp]`)",
+        parse=lambda value, where: parse_remote_spec(_check_text(value, where)),
+        kind="string",
+    )
+    max_connections: int | None = setting(
+        None, help="overrides the global `max_connections`", low=1, high=_MAX_COUNT
+    )
+    udp_idle_timeout: float | None = setting(
+        None, help="overrides the global `udp_idle_timeout`", low=0.001, high=_MAX_SECONDS
+    )
+    max_udp_flows: int | None = setting(
+        None, help="overrides the global `max_udp_flows`", low=1, high=_MAX_COUNT
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    @classmethod
+    def from_text(cls, text: str) -> RemoteForward:
+        """The command-line form (``-R``)."""
+        return cls(parse_remote_spec(text))
+
+    @classmethod
+    def from_yaml(
+        cls, values: dict[str, Any], extras: Mapping[str, Any], where: str
+    ) -> dict[str, Any]:
+        parts = _spec_or_parts(values, extras, where)
+        if parts is None:
+            return values
+        protocol = _protocol(parts, where)
+        unix = protocol is Protocol.UNIX
+        hybrid_connection = _part(parts, "hybrid_connection", where, str)
+        path = _part(parts, "path", where, str if unix else str | None)
+        if unix:
+            if parts.get("host") is not None:
+                raise ConfigurationError(
+                    f"{where}.host: a Unix socket target has a path, not a host"
+                )
+            if parts.get("port") is not None:
+                raise ConfigurationError(
+                    f"{where}.port: a Unix socket target has a path, not a port"
+                )
+        try:
+            spec = RemoteForwardSpec(
+                hybrid_connection=hybrid_connection,
+                protocol=protocol,
+                host=None if unix else (_part(parts, "host", where) or "localhost"),
+                port=0
+                if unix
+                else check_value(int, _REMOTE_PORT, parts.get("port"), f"{where}.port"),
+                path=path,
+                port_name=_part(parts, "port_name", where),
+            )
+        except ConfigurationError as exc:
+            raise _located_spec(where, exc) from None
+        return {**values, "spec": spec}
 
 
 @dataclass(frozen=True)
@@ -233,8 +435,20 @@ class HttpForward:
     """A ``-H hybrid_connection:http://host:port[/base]``: relayed HTTP requests on
     ``hybrid_connection`` go to the upstream base URL ``target``."""
 
-    hybrid_connection: str
-    target: str
+    hybrid_connection: str = setting(help="the hybrid connection whose requests are forwarded")
+    target: str = setting(help="the upstream base URL, http(s)://host[:port][/base]")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        hybrid_connection = self.hybrid_connection.strip("/")
+        if not hybrid_connection:
+            raise ConfigurationError("hybrid_connection: must not be empty")
+        try:
+            validate_http_target(self.target)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"target: {exc}") from None
+        object.__setattr__(self, "hybrid_connection", hybrid_connection)
+        object.__setattr__(self, "target", self.target.rstrip("/"))
 
     def __str__(self) -> str:
         return f"{self.hybrid_connection}:{self.target}"
@@ -248,38 +462,115 @@ class HttpForward:
         """
         return cls(*parse_http_spec(spec))
 
+    @classmethod
+    def from_text(cls, text: str) -> HttpForward:
+        """The command-line form (``-H``)."""
+        return cls.parse(text)
+
+
+def _log_level(value: Any, where: str) -> str:
+    return _check_text(value, where).lower()
+
 
 @dataclass(frozen=True)
 class BridgeConfig:
-    """The whole bridge configuration."""
+    """The whole bridge configuration (``hybridrelay bridge [-f FILE] ...``)."""
 
-    connection: ConnectionSettings = field(default_factory=ConnectionSettings)
-    local_forwards: tuple[LocalForward, ...] = ()
-    remote_forwards: tuple[RemoteForward, ...] = ()
-    http_forwards: tuple[HttpForward, ...] = ()
-    bind_address: str = DEFAULT_BIND_ADDRESS
-    keep_alive_interval: float = DEFAULT_KEEP_ALIVE_INTERVAL
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
-    shutdown_grace_period: float = DEFAULT_SHUTDOWN_GRACE_PERIOD
-    log_level: str = "info"
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    udp_idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT
-    max_udp_flows: int = DEFAULT_MAX_UDP_FLOWS
+    connection: ConnectionSettings = setting(
+        default_factory=ConnectionSettings, help="how to reach the relay"
+    )
+    local_forwards: tuple[LocalForward, ...] = setting(
+        (),
+        help="listen locally (TCP, UDP or unix:/path[#PORTNAME]:HC) and carry each connection "
+        "to hybrid connection HC; repeatable",
+        flags=("-L",),
+        metavar="[BIND:]PORT[/PORTNAME][/udp]:HC",
+        from_text=LocalForward.from_text,
+    )
+    remote_forwards: tuple[RemoteForward, ...] = setting(
+        (),
+        help="listen on hybrid connection HC and forward each connection to HOST:PORT "
+        "(or unix:/path); repeatable",
+        flags=("-R", "-T"),
+        metavar="HC:[PORTNAME/]HOST:PORT[/udp]",
+        from_text=RemoteForward.from_text,
+    )
+    http_forwards: tuple[HttpForward, ...] = setting(
+        (),
+        help="listen on hybrid connection HC and forward each relayed HTTP request for "
+        "/HC/PATH to http://HOST:PORT/BASE/PATH (reverse proxy, adds Via and X-Forwarded-*); "
+        "repeatable",
+        flags=("-H",),
+        metavar="HC:http://HOST:PORT[/BASE]",
+        from_text=HttpForward.from_text,
+    )
+    bind_address: str = setting(
+        DEFAULT_BIND_ADDRESS,
+        help="default bind address of -L forwards ('*' for all interfaces)",
+        flags=("--bind-address",),
+    )
+    keep_alive_interval: float = setting(
+        DEFAULT_KEEP_ALIVE_INTERVAL,
+        help="seconds between pings on the listeners' control channel",
+        low=0.001,
+        high=_MAX_SECONDS,
+        flags=("-a", "--keep-alive-interval"),
+        metavar="SECONDS",
+    )
+    connect_timeout: float = setting(
+        DEFAULT_CONNECT_TIMEOUT,
+        help="seconds to reach the relay or a destination",
+        low=0.001,
+        high=_MAX_SECONDS,
+        flags=("--connect-timeout",),
+        metavar="SECONDS",
+    )
+    handshake_timeout: float = setting(
+        DEFAULT_HANDSHAKE_TIMEOUT,
+        help="seconds for the azbridge preamble exchange",
+        low=0.001,
+        high=_MAX_SECONDS,
+    )
+    shutdown_grace_period: float = setting(
+        DEFAULT_SHUTDOWN_GRACE_PERIOD,
+        help="seconds open connections get to finish after SIGINT/SIGTERM",
+        low=0.0,
+        high=_MAX_SECONDS,
+        flags=("--shutdown-grace-period",),
+        metavar="SECONDS",
+    )
+    log_level: str = setting(
+        "info",
+        help=LOG_LEVEL.help,
+        choices=LOG_LEVEL.choices,
+        flags=LOG_LEVEL.flags,
+        parse=_log_level,
+    )
+    max_connections: int = setting(
+        DEFAULT_MAX_CONNECTIONS,
+        help="concurrent TCP/Unix connections per forward",
+        low=1,
+        high=_MAX_COUNT,
+    )
+    udp_idle_timeout: float = setting(
+        DEFAULT_UDP_IDLE_TIMEOUT,
+        help="seconds a UDP flow may stay silent (azbridge: 4 minutes)",
+        low=0.001,
+        high=_MAX_SECONDS,
+    )
+    max_udp_flows: int = setting(
+        DEFAULT_MAX_UDP_FLOWS, help="concurrent UDP flows per forward", low=1, high=_MAX_COUNT
+    )
 
-    def validated(self) -> BridgeConfig:
-        """Check the rules that span several forwards; returns self.
+    def __post_init__(self) -> None:
+        """Check the fields and the rules that span several forwards.
 
         Raises:
-            ConfigurationError: duplicate local bindings, an edge hybrid connection whose
-                routes cannot be told apart, or a forward outside the connection string's
-                EntityPath.
+            ConfigurationError: a field out of bounds, duplicate local bindings, an edge
+                hybrid connection whose routes cannot be told apart, or a forward outside the
+                connection string's EntityPath.
         """
-        self.connection.validated()
-        if self.log_level not in LOG_LEVELS:
-            raise ConfigurationError(
-                f"log_level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}"
-            )
+        check_fields(self)
         if self.bind_address != ANY_ADDRESS:
             validate_host(self.bind_address, what="bind_address")
         entity = self.connection.entity_path
@@ -335,7 +626,6 @@ class BridgeConfig:
                 raise ConfigurationError(
                     f"remote forwards on hybrid connection {hc!r}: port name used twice"
                 )
-        return self
 
     def edge_routes(self) -> dict[str, tuple[RemoteForward, ...]]:
         """The remote forwards grouped by hybrid connection (one listener each)."""
@@ -359,77 +649,84 @@ class BridgeConfig:
         return forward.max_udp_flows or self.max_udp_flows
 
 
-@dataclass(frozen=True)
-class CliOverrides:
-    """What the command line says; None / empty means "not given"."""
-
-    connection_string: str | None = field(default=None, repr=False)
-    endpoint: str | None = None
-    key_name: str | None = None
-    key: str | None = field(default=None, repr=False)
-    token: str | None = field(default=None, repr=False)
-    proxy: str | None = field(default=None, repr=False)
-    ca_file: str | None = None
-    local_specs: Sequence[str] = ()
-    remote_specs: Sequence[str] = ()
-    http_specs: Sequence[str] = ()
-    bind_address: str | None = None
-    keep_alive_interval: float | None = None
-    connect_timeout: float | None = None
-    shutdown_grace_period: float | None = None
-    log_level: str | None = None
+# -- the command line --------------------------------------------------------------------------
 
 
-def merge_cli(config: BridgeConfig, cli: CliOverrides) -> BridgeConfig:
-    """Apply the command line to a (file) configuration: the command line wins.
+def add_bridge_options(parser: argparse.ArgumentParser) -> None:
+    """The options of :class:`BridgeConfig` (and ``-x``), grouped as ``--help`` shows them."""
+    conn = parser.add_argument_group("relay connection")
+    conn.add_argument(
+        *_CONNECTION_FLAGS,
+        dest="connection_string",
+        metavar="CONNECTION_STRING",
+        help="Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=... (or "
+        "SharedAccessSignature=...); default from "
+        + " or ".join(f"${name}" for name in CONNECTION_STRING_ENV),
+    )
+    add_arguments(conn, BridgeConfig, only=lambda name: name.startswith("connection."))
+    forwards = parser.add_argument_group("forwards")
+    add_arguments(forwards, BridgeConfig, only=lambda name: name.endswith("_forwards"))
+    options = parser.add_argument_group("options")
+    add_arguments(
+        options,
+        BridgeConfig,
+        only=lambda name: not name.startswith("connection.") and not name.endswith("_forwards"),
+    )
+
+
+def merge_arguments(
+    config: BridgeConfig, args: argparse.Namespace, *, connection_string: str | None = None
+) -> BridgeConfig:
+    """Apply parsed options (of :func:`add_bridge_options`) to a (file) configuration: the
+    command line wins, forwards add up, ``-x`` (or ``connection_string``) replaces the file's
+    connection and the parts given replace pieces of it.
 
     Raises:
-        ConfigurationError: a spec or option is malformed, or the result is inconsistent.
+        ConfigurationError: the connection string is malformed or the result is inconsistent.
     """
+    given = given_arguments(args, BridgeConfig)
+    parts = {
+        name.partition(".")[2]: given.pop(name)
+        for name in list(given)
+        if name.startswith("connection.")
+    }
+    connection_string = getattr(args, "connection_string", None) or connection_string
     connection = config.connection
-    if cli.connection_string is not None:
-        connection = replace(
-            ConnectionSettings.from_connection_string(cli.connection_string),
-            proxy=connection.proxy,
-            ca_file=connection.ca_file,
+    changes: dict[str, Any] = {}
+    if connection_string is not None:
+        changes.update(
+            _connection_parts(ConnectionSettings.from_connection_string(connection_string))
         )
-    if cli.endpoint is not None:
-        connection = replace(connection, endpoint=cli.endpoint)
-    if cli.key_name is not None or cli.key is not None:
-        connection = replace(
-            connection,
-            key_name=cli.key_name if cli.key_name is not None else connection.key_name,
-            key=cli.key if cli.key is not None else connection.key,
+    if "key_name" in parts or "key" in parts:
+        changes.update(
+            key_name=parts.get("key_name", changes.get("key_name", connection.key_name)),
+            key=parts.get("key", changes.get("key", connection.key)),
             token=None,
         )
-    if cli.token is not None:
-        connection = replace(connection, token=cli.token, key_name=None, key=None)
-    if cli.proxy is not None:
-        connection = replace(connection, proxy=cli.proxy)
-    if cli.ca_file is not None:
-        connection = replace(connection, ca_file=cli.ca_file)
-    changes: dict[str, Any] = {
-        "connection": connection,
-        "local_forwards": config.local_forwards
-        + tuple(LocalForward(parse_local_spec(text)) for text in cli.local_specs),
-        "remote_forwards": config.remote_forwards
-        + tuple(RemoteForward(parse_remote_spec(text)) for text in cli.remote_specs),
-        "http_forwards": config.http_forwards
-        + tuple(HttpForward.parse(text) for text in cli.http_specs),
-    }
-    for name in (
-        "bind_address",
-        "keep_alive_interval",
-        "connect_timeout",
-        "shutdown_grace_period",
-        "log_level",
-    ):
-        value = getattr(cli, name)
-        if value is not None:
-            if isinstance(value, float) and (value < 0 or (value == 0 and "grace" not in name)):
-                raise ConfigurationError(f"--{name.replace('_', '-')} must be positive")
-            changes[name] = value
-    return replace(config, **changes).validated()
+    if "token" in parts:
+        changes.update(key_name=None, key=None)
+    changes.update(parts)
+    if changes:
+        config = replace(config, connection=replace(connection, **changes))
+    return apply(config, given)
+
+
+def merge_cli(config: BridgeConfig, argv: Sequence[str]) -> BridgeConfig:
+    """:func:`merge_arguments` of a command line (``["-x", cs, "-L", "8080:web"]``).
+
+    Raises:
+        ConfigurationError: an option or spec is malformed, or the result is inconsistent.
+    """
+    parser = _Parser(prog="hybridrelay bridge", add_help=False)
+    add_bridge_options(parser)
+    return merge_arguments(config, parser.parse_args(list(argv)))
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad option as a :class:`ConfigurationError` instead of exiting."""
+
+    def error(self, message: str) -> Any:
+        raise ConfigurationError(message)
 
 
 def load_config(path: str | Path) -> BridgeConfig:
@@ -438,18 +735,7 @@ def load_config(path: str | Path) -> BridgeConfig:
     Raises:
         ConfigurationError: the file cannot be read, is not YAML, or breaks the schema.
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigurationError(f"cannot read bridge config {path}: {exc}") from exc
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigurationError(f"{path}: invalid YAML: {exc}") from exc
-    try:
-        return parse_config(document if document is not None else {})
-    except ConfigurationError as exc:
-        raise ConfigurationError(f"{path}: {exc}") from None
+    return load_yaml(BridgeConfig, path, what="bridge config")
 
 
 def parse_config(document: Any) -> BridgeConfig:
@@ -458,260 +744,4 @@ def parse_config(document: Any) -> BridgeConfig:
     Raises:
         ConfigurationError: the document breaks the schema; the message names the key path.
     """
-    root = _Section(document, "")
-    conn = root.section("connection")
-    connection = ConnectionSettings()
-    connection_string = conn.string("connection_string")
-    if connection_string is not None:
-        try:
-            connection = ConnectionSettings.from_connection_string(connection_string)
-        except ConfigurationError as exc:
-            raise ConfigurationError(f"connection.connection_string: {exc}") from None
-    parts = {name: conn.string(name) for name in ("endpoint", "key_name", "key", "token")}
-    if connection_string is not None and any(v is not None for v in parts.values()):
-        raise ConfigurationError(
-            "connection: give either connection_string or endpoint/key_name/key/token"
-        )
-    if connection_string is None:
-        connection = ConnectionSettings(**parts)
-    connection = replace(connection, proxy=conn.string("proxy"), ca_file=conn.string("ca_file"))
-    conn.done()
-
-    defaults = BridgeConfig()
-    local = [_local_forward(item) for item in root.items("local_forwards")]
-    remote = [_remote_forward(item) for item in root.items("remote_forwards")]
-    http = [_http_forward(item) for item in root.items("http_forwards")]
-    log_level = root.string("log_level") or defaults.log_level
-    config = BridgeConfig(
-        connection=connection,
-        local_forwards=tuple(local),
-        remote_forwards=tuple(remote),
-        http_forwards=tuple(http),
-        bind_address=root.string("bind_address") or defaults.bind_address,
-        keep_alive_interval=root.number("keep_alive_interval", defaults.keep_alive_interval),
-        connect_timeout=root.number("connect_timeout", defaults.connect_timeout),
-        handshake_timeout=root.number("handshake_timeout", defaults.handshake_timeout),
-        shutdown_grace_period=root.number(
-            "shutdown_grace_period", defaults.shutdown_grace_period, low=0.0
-        ),
-        log_level=log_level.lower(),
-        max_connections=root.integer("max_connections", defaults.max_connections),
-        udp_idle_timeout=root.number("udp_idle_timeout", defaults.udp_idle_timeout),
-        max_udp_flows=root.integer("max_udp_flows", defaults.max_udp_flows),
-    )
-    root.done()
-    return config.validated()
-
-
-_LOCAL_FIELDS = ("hybrid_connection", "port", "bind_address", "protocol", "path", "port_name")
-_REMOTE_FIELDS = ("hybrid_connection", "host", "port", "protocol", "path", "port_name")
-
-
-def _protocol(section: _Section) -> Protocol:
-    text = section.string("protocol") or "tcp"
-    try:
-        return Protocol(text.lower())
-    except ValueError:
-        raise ConfigurationError(
-            f"{section.key('protocol')}: {text!r} is not tcp, udp or unix"
-        ) from None
-
-
-def _located(where: str, exc: ConfigurationError) -> ConfigurationError:
-    """``exc`` prefixed with the forward's place in the file (once)."""
-    return exc if str(exc).startswith(where) else ConfigurationError(f"{where}: {exc}")
-
-
-def _forward_limits(item: _Section) -> dict[str, Any]:
-    """The per-forward overrides that local and remote forwards share."""
-    return {
-        "max_connections": item.integer("max_connections", None),
-        "udp_idle_timeout": item.number("udp_idle_timeout", None),
-        "max_udp_flows": item.integer("max_udp_flows", None),
-    }
-
-
-def _local_forward(item: _Section) -> LocalForward:
-    where = item.path
-    try:
-        if isinstance(item.document, str):
-            return LocalForward(parse_local_spec(item.document))
-        spec_text = item.string("spec")
-        if spec_text is not None:
-            item.forbid(_LOCAL_FIELDS, "spec")
-            spec = parse_local_spec(spec_text)
-        else:
-            protocol = _protocol(item)
-            spec = LocalForwardSpec(
-                hybrid_connection=item.string("hybrid_connection", required=True),
-                protocol=protocol,
-                port=item.integer("port", None, low=0, high=65535, required=True)
-                if protocol is not Protocol.UNIX
-                else item.absent("port", "a Unix socket forward has a path, not a port"),
-                bind_address=item.string("bind_address"),
-                path=item.string("path", required=protocol is Protocol.UNIX),
-                port_name=item.string("port_name"),
-            )
-        allow = tuple(_network(text, f"{item.key('allow')}") for text in item.strings("allow"))
-        if allow and spec.protocol is Protocol.UNIX:
-            raise ConfigurationError(f"{item.key('allow')}: Unix socket forwards have no CIDRs")
-        forward = LocalForward(spec=spec, allow=allow, **_forward_limits(item))
-        item.done()
-        return forward
-    except ConfigurationError as exc:
-        raise _located(where, exc) from None
-
-
-def _remote_forward(item: _Section) -> RemoteForward:
-    where = item.path
-    try:
-        if isinstance(item.document, str):
-            return RemoteForward(parse_remote_spec(item.document))
-        spec_text = item.string("spec")
-        if spec_text is not None:
-            item.forbid(_REMOTE_FIELDS, "spec")
-            spec = parse_remote_spec(spec_text)
-        else:
-            protocol = _protocol(item)
-            unix = protocol is Protocol.UNIX
-            spec = RemoteForwardSpec(
-                hybrid_connection=item.string("hybrid_connection", required=True),
-                protocol=protocol,
-                host=None if unix else (item.string("host") or "localhost"),
-                port=0 if unix else item.integer("port", None, low=1, high=65535, required=True),
-                path=item.string("path", required=unix),
-                port_name=item.string("port_name"),
-            )
-            if unix:
-                item.absent("host", "a Unix socket target has a path, not a host")
-                item.absent("port", "a Unix socket target has a path, not a port")
-        forward = RemoteForward(spec=spec, **_forward_limits(item))
-        item.done()
-        return forward
-    except ConfigurationError as exc:
-        raise _located(where, exc) from None
-
-
-def _http_forward(item: _Section) -> HttpForward:
-    where = item.path
-    try:
-        if isinstance(item.document, str):
-            return HttpForward.parse(item.document)
-        hc = item.string("hybrid_connection", required=True).strip("/")
-        if not hc:
-            raise ConfigurationError(f"{item.key('hybrid_connection')}: must not be empty")
-        target = item.string("target", required=True)
-        try:
-            validate_http_target(target)
-        except ConfigurationError as exc:
-            raise ConfigurationError(f"{item.key('target')}: {exc}") from None
-        item.done()
-        return HttpForward(hc, target.rstrip("/"))
-    except ConfigurationError as exc:
-        raise _located(where, exc) from None
-
-
-def _network(text: str, where: str) -> Network:
-    try:
-        return parse_network(text)
-    except ValueError:
-        raise ConfigurationError(f"{where}: {text!r} is not a CIDR like 10.0.0.0/8") from None
-
-
-class _Section:
-    """One mapping of the document; remembers which keys were read so the rest are errors."""
-
-    def __init__(self, document: Any, path: str) -> None:
-        if document is None:
-            document = {}
-        if not isinstance(document, Mapping | str):
-            raise ConfigurationError(f"{path or 'the document'}: expected a mapping")
-        self.document: Any = document
-        self.path = path
-        self.used: set[str] = set()
-
-    def key(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def _raw(self, key: str) -> Any:
-        if isinstance(self.document, str):
-            raise ConfigurationError(f"{self.path or 'the document'}: expected a mapping")
-        self.used.add(key)
-        return self.document.get(key)
-
-    def section(self, key: str) -> _Section:
-        value = self._raw(key)
-        if isinstance(value, str):
-            raise ConfigurationError(f"{self.key(key)}: expected a mapping")
-        return _Section(value, self.key(key))
-
-    def items(self, key: str) -> list[_Section]:
-        value = self._raw(key)
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise ConfigurationError(f"{self.key(key)}: expected a list")
-        return [_Section(item, f"{self.key(key)}[{i}]") for i, item in enumerate(value)]
-
-    def string(self, key: str, *, required: bool = False) -> Any:
-        value = self._raw(key)
-        if value is None:
-            if required:
-                raise ConfigurationError(f"{self.key(key)}: required")
-            return None
-        if not isinstance(value, str):
-            raise ConfigurationError(f"{self.key(key)}: expected a string")
-        return value
-
-    def strings(self, key: str) -> list[str]:
-        value = self._raw(key)
-        if value is None:
-            return []
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigurationError(f"{self.key(key)}: expected a list of strings")
-        return list(value)
-
-    def integer(
-        self,
-        key: str,
-        default: Any,
-        *,
-        low: int = 1,
-        high: int = 1_000_000,
-        required: bool = False,
-    ) -> Any:
-        value = self._raw(key)
-        if value is None:
-            if required:
-                raise ConfigurationError(f"{self.key(key)}: required")
-            return default
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise ConfigurationError(f"{self.key(key)}: expected an integer from {low} to {high}")
-        return value
-
-    def number(self, key: str, default: Any, *, low: float = 0.001) -> Any:
-        value = self._raw(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= low:
-            raise ConfigurationError(f"{self.key(key)}: expected a number of at least {low}")
-        if value > 1e7:
-            raise ConfigurationError(f"{self.key(key)}: {value} is unreasonably large")
-        return float(value)
-
-    def absent(self, key: str, why: str) -> int:
-        if self._raw(key) is not None:
-            raise ConfigurationError(f"{self.key(key)}: {why}")
-        return 0
-
-    def forbid(self, keys: Sequence[str], given: str) -> None:
-        for key in keys:
-            if self._raw(key) is not None:
-                raise ConfigurationError(f"{self.key(key)}: not allowed together with {given!r}")
-
-    def done(self) -> None:
-        if isinstance(self.document, str):
-            return
-        unknown = sorted(str(k) for k in set(self.document) - self.used)
-        if unknown:
-            raise ConfigurationError(f"unknown key(s): {', '.join(self.key(k) for k in unknown)}")
+    return from_document(BridgeConfig, document)

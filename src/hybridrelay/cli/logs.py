@@ -12,12 +12,22 @@ buffered log.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import threading
 from typing import TextIO
 
-__all__ = ["FLUSH_INTERVAL", "LOG_FORMAT", "BatchedStreamHandler", "install_batched_stderr"]
+from hybridrelay.settings import LOG_LEVEL, LOG_LEVELS, add_setting_argument
+
+__all__ = [
+    "FLUSH_INTERVAL",
+    "LOG_FORMAT",
+    "BatchedStreamHandler",
+    "add_log_level_argument",
+    "configure_logging",
+    "install_batched_stderr",
+]
 
 #: The longest a line waits before it is written.
 FLUSH_INTERVAL = 0.1
@@ -87,3 +97,17 @@ def install_batched_stderr() -> None:
         handler = BatchedStreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
+
+
+def add_log_level_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--log-level`` option of ``serve`` and ``serve-app`` (the bridge's comes from its
+    model, the same :data:`~hybridrelay.settings.LOG_LEVEL`)."""
+    add_setting_argument(parser, LOG_LEVEL, str, "log_level", default="info", default_text="info")
+
+
+def configure_logging(level_name: str, *, logger: str = "") -> None:
+    """Log to stderr in batches (unless the process has its own handler) at ``level_name``,
+    set on ``logger`` (the root logger by default; the bridge sets ``hybridrelay`` only, so
+    the libraries under it keep their warnings-only default)."""
+    install_batched_stderr()
+    logging.getLogger(logger or None).setLevel(LOG_LEVELS[level_name])

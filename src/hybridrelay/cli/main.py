@@ -1,4 +1,5 @@
-"""The ``hybridrelay`` command: ``serve``, ``token``, ``connection-string`` and friends.
+"""The ``hybridrelay`` command: ``serve``, ``bridge``, ``serve-app``, ``token`` and
+``connection-string``.
 
 ``main(argv)`` is importable and returns an exit code, so tests can call it in-process; CLI tests
 also run it as a real subprocess.
@@ -10,20 +11,20 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import logging
 import os
 import secrets
-import signal
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from hybridrelay import __version__
 from hybridrelay.auth.sas import AuthorizationRule, Rights, create_token, token_audience
-from hybridrelay.cli.logs import LOG_FORMAT, install_batched_stderr
+from hybridrelay.cli.logs import add_log_level_argument, configure_logging, install_batched_stderr
+from hybridrelay.cli.signals import stop_on_signals
 from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.protocol.connection_string import ConnectionString
+from hybridrelay.server.config import DEFAULT_PORT, RelayConfig, ServerSettings
+from hybridrelay.settings import add_arguments, apply, given_arguments
 from hybridrelay.transport.event_loop import (
     LOOPS,
     UvloopMissingError,
@@ -35,7 +36,6 @@ from hybridrelay.transport.tuning import set_malloc_thresholds, set_tls_read_buf
 __all__ = ["main"]
 
 ROOT_RULE = "RootManageSharedAccessKey"
-DEFAULT_PORT = 9400
 
 
 def default_data_dir() -> Path:
@@ -54,13 +54,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "generated root key kept in the data directory, hybrid connections created on first "
         "listen).",
     )
-    parser.add_argument("--config", "-c", metavar="FILE", help="YAML configuration file")
-    parser.add_argument("--host", help="override server.host")
-    parser.add_argument("--port", type=int, help="override server.port (0 = any free port)")
-    parser.add_argument("--data-dir", type=Path, help="embedded default's data directory")
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        "--config", "-c", metavar="FILE", help="YAML configuration file (docs/CONFIGURATION.md)"
     )
+    add_arguments(parser, RelayConfig)  # --host, --port: they override the file's
+    parser.add_argument("--data-dir", type=Path, help="embedded default's data directory")
+    add_log_level_argument(parser)
     parser.set_defaults(func=_cmd_serve)
 
 
@@ -103,9 +102,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from hybridrelay.cli.extra import add_extra_commands
+    # Imported here: `hybridrelay token` need not load the bridge and the ASGI adapter.
+    from hybridrelay.cli.bridge import add_bridge_arguments
+    from hybridrelay.cli.serve_app import add_serve_app_arguments
 
-    add_extra_commands(sub)
+    bridge = sub.add_parser(
+        "bridge",
+        help="forward ports (-L ingress, -R edge) and HTTP (-H) through the relay, like azbridge",
+    )
+    add_bridge_arguments(bridge)
+    bridge.set_defaults(func=_cmd_bridge)
+    serve_app = sub.add_parser(
+        "serve-app",
+        help="serve an ASGI application (module:app) through a hybrid connection",
+    )
+    add_serve_app_arguments(serve_app)
+    serve_app.set_defaults(func=_cmd_serve_app)
+
+
+def _cmd_bridge(args: argparse.Namespace) -> int:
+    from hybridrelay.cli.bridge import run_bridge
+
+    return asyncio.run(run_bridge(args))
+
+
+def _cmd_serve_app(args: argparse.Namespace) -> int:
+    from hybridrelay.cli.serve_app import run_serve_app
+
+    return asyncio.run(run_serve_app(args))
 
 
 def raise_open_file_limit() -> None:
@@ -169,12 +193,10 @@ def _embedded_store(data_dir: Path) -> tuple[object, AuthorizationRule]:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from hybridrelay.server import RelayConfig, RelayServer
-    from hybridrelay.server.config import ServerSettings
+    from hybridrelay.server import RelayServer
     from hybridrelay.server.store import EntityStore
 
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
-    logging.getLogger().setLevel(args.log_level.upper())  # also when main() installed a handler
+    configure_logging(args.log_level)
     store: EntityStore | None = None
     data_dir: Path | None = None
     if args.config:
@@ -187,15 +209,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             server=ServerSettings(host="127.0.0.1", port=DEFAULT_PORT, plaintext=True),
             auto_create_hybrid_connections=True,
         )
-    overrides: dict[str, object] = {}
-    if args.host is not None:
-        overrides["host"] = args.host
-    if args.port is not None:
-        if not 0 <= args.port <= 65535:
-            raise ConfigurationError("--port must be from 0 to 65535")
-        overrides["port"] = args.port
-    if overrides:
-        config = replace(config, server=replace(config.server, **overrides))  # type: ignore[arg-type]
+    config = apply(config, given_arguments(args, RelayConfig))
 
     async def run() -> int:
         server = RelayServer(config, store=store)
@@ -205,25 +219,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise ConfigurationError(
                 f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}"
             ) from exc
-        loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        print(f"hybridrelay {__version__}: relay listening on {server.base_url}", flush=True)
-        if data_dir is not None:
-            endpoint_file = data_dir / "endpoint"
-            endpoint_file.write_text(server.base_url + "\n", encoding="utf-8")
-            print(
-                "Embedded default: plain ws:// on loopback; hybrid connections are created on "
-                "first listen.\nRoot connection string: run `hybridrelay connection-string`"
-                f" (the key is kept in {data_dir / 'namespace.json'}).",
-                flush=True,
-            )
         try:
-            await stop.wait()
+            # The handlers are in place before the line that tells a supervisor we are up.
+            with stop_on_signals(stop.set):
+                print(
+                    f"hybridrelay {__version__}: relay listening on {server.base_url}", flush=True
+                )
+                if data_dir is not None:
+                    endpoint_file = data_dir / "endpoint"
+                    endpoint_file.write_text(server.base_url + "\n", encoding="utf-8")
+                    print(
+                        "Embedded default: plain ws:// on loopback; hybrid connections are "
+                        "created on first listen.\nRoot connection string: run `hybridrelay "
+                        f"connection-string` (the key is kept in {data_dir / 'namespace.json'}).",
+                        flush=True,
+                    )
+                await stop.wait()
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
             await server.aclose()
         print("hybridrelay: relay stopped", flush=True)
         return 0
