@@ -798,7 +798,7 @@ async def test_relay_shutdown_closes_hyco_ws_listener_with_1001() -> None:
     [("bad-signature", 401), ("other-entity-token", 403), ("unknown-entity", 404)],
 )
 async def test_hyco_ws_sender_rejected(case: str, status: int) -> None:
-    """hyco-ws senders see the status codes of PROTOCOL.md 3.5 with a TrackingId reason."""
+    """hyco-ws senders see the status codes of PROTOCOL.md 3.6 with a TrackingId reason."""
     async with running_relay() as server:
         url = connect_url(server)
         if case == "bad-signature":
@@ -854,7 +854,7 @@ async def check_https_routes(http: httpx.AsyncClient, base: str, token: str, tok
     assert large.headers["content-type"] == "application/octet-stream"
     assert hashlib.sha256(large.content).hexdigest() == large.headers["x-hyco-kit-sha256"]
 
-    # 1000 bytes go inline on the control channel, 300 KiB over a request rendezvous (6.1).
+    # 1000 bytes go inline on the control channel, 300 KiB over a request rendezvous (6.2).
     for body in (binary(1000, 31), binary(300 * 1024, 32)):
         echo = await http.post(
             url("/echo"), content=body, headers={**headers, "Content-Type": "application/x-kit"}

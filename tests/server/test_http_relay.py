@@ -211,7 +211,7 @@ async def test_empty_chunked_upload(relay: Relay) -> None:
     assert peer.received[0].body == b""
 
 
-# -- authorization (3.4, 3.5) ------------------------------------------------------------------
+# -- authorization (3.4-3.6) ------------------------------------------------------------------
 
 
 async def test_auth_failures(relay: Relay) -> None:

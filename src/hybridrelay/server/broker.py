@@ -132,7 +132,7 @@ def remote_endpoint(peer: Any) -> RemoteEndpoint | None:
 
 @dataclass(frozen=True, slots=True)
 class Connection:
-    """A sender to offer, as its ``accept`` describes it to the listener (PROTOCOL.md 5.1).
+    """A sender to offer, as its ``accept`` describes it to the listener (PROTOCOL.md 5.2).
 
     ``suffix`` is the sender's path below the entity (decoded) and ``raw_query`` its query as
     sent; the relay's own ``sb-hc-*`` parameters are filtered out of the address.

@@ -2,7 +2,7 @@
 
 Every refusal the relay writes (to a sender, a listener, a rendezvous) is an
 :func:`error_response`, whose reason phrase carries a ``TrackingId`` as Azure's do (PROTOCOL.md
-3.5); every reason phrase that comes from elsewhere (a listener's rejection or response) goes
+3.6); every reason phrase that comes from elsewhere (a listener's rejection or response) goes
 through :func:`reason_phrase` before it reaches a status line.
 """
 
