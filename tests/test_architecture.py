@@ -7,6 +7,11 @@
 * The relay server and the SDK do not depend on each other.
 * Only ``transport/`` reaches into aiohttp's private modules (``aiohttp._...``): what it relies
   on is listed in docs/DECISIONS.md D1 and pinned by the ``aiohttp`` version range.
+* The transport is below the SDK, the relay and the bridge: it imports none of them; only the
+  command line (``cli/``, ``__main__``) imports the command line.
+* No import cycle anywhere in the package, counting imports inside functions and under
+  ``TYPE_CHECKING``: a cycle hides a module that does two jobs (issue 12: ``server/app.py``,
+  ``http_relay.py`` and ``ingress.py`` imported each other).
 """
 
 from __future__ import annotations
@@ -30,6 +35,120 @@ def imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
     return names
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def package_imports(name: str, path: Path) -> set[str]:
+    """The package's modules that module ``name`` imports, wherever the import statement is
+    (top level, function, ``if TYPE_CHECKING``), relative imports resolved; ``from m import x``
+    counts as importing ``m.x`` when that is a module."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package[: len(package) - (node.level - 1)]
+                base = ".".join([*anchor, *([node.module] if node.module else [])])
+            targets = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base
+                for alias in node.names
+            ]
+        else:
+            continue
+        for target in targets:
+            while target and target not in MODULES:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in sorted(graph.get(node, ())):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_no_import_cycles() -> None:
+    graph = {name: package_imports(name, path) for name, path in MODULES.items()}
+    assert import_cycles(graph) == []
+
+
+def test_the_cycle_check_sees_function_level_and_relative_imports(tmp_path: Path) -> None:
+    """The check itself, on the shape issue 12 found: a module importing its importer from
+    inside a function, and a relative import."""
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+    http_relay = tmp_path / "http_relay.py"
+    http_relay.write_text(
+        "def handler():\n    from hybridrelay.server.app import RelayServer\n"
+        "from . import broker\n",
+        encoding="utf-8",
+    )
+    # Read as if it were server/http_relay.py.
+    found = package_imports("hybridrelay.server.http_relay", http_relay)
+    assert {"hybridrelay.server.app", "hybridrelay.server.broker"} <= found
+
+
+@pytest.mark.parametrize(
+    ("folder", "forbidden"),
+    [
+        ("transport", ("hybridrelay.client", "hybridrelay.server", "hybridrelay.bridge")),
+        ("server", ("hybridrelay.cli",)),
+        ("client", ("hybridrelay.cli",)),
+        ("bridge", ("hybridrelay.cli",)),
+    ],
+)
+def test_lower_layers_do_not_import_higher_ones(folder: str, forbidden: tuple[str, ...]) -> None:
+    for name, path in MODULES.items():
+        if not name.startswith(f"hybridrelay.{folder}."):
+            continue
+        for imported in package_imports(name, path):
+            assert not any(
+                imported == top or imported.startswith(f"{top}.") for top in forbidden
+            ), f"{name} imports {imported}"
 
 
 def modules_of(*folders: str) -> list[Path]:

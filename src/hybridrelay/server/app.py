@@ -31,6 +31,7 @@ from hybridrelay.exceptions import ConfigurationError
 from hybridrelay.protocol.addressing import (
     HC_PREFIX,
     STATUS_CODE_PARAM,
+    UNDESCRIBED_REJECTION,
     parse_accept_params,
     protocol_params,
     resolve_entity,
@@ -417,7 +418,7 @@ class RelayServer:
         if address.rejects:
             if address.status_code is None:
                 if not pending.outcome.done():
-                    pending.outcome.set_result(Rejection(400, "Rejected by listener"))
+                    pending.outcome.set_result(Rejection(400, UNDESCRIBED_REJECTION))
                 return error_response(400, "sb-hc-statusCode must be an HTTP status code.")
             if not pending.outcome.done():
                 pending.outcome.set_result(

@@ -90,11 +90,9 @@ _FRAGMENT_SIZE = 64 * 1024
 _WRITE_SLICE = 256 * 1024
 _CLOSE_TIMEOUT = 5.0
 
-# Besides the hop-by-hop headers (protocol/http.py), never forwarded: "Close", the header name
-# RFC 9110 7.6.1 reserves, in both directions; in requests, Expect (the relay answers it itself,
-# 6.1) and the relay's own credentials.
-_NEVER_FORWARDED = frozenset({"close"})
-_REQUEST_DROPPED = _NEVER_FORWARDED | {"expect", AUTH_HEADER.lower()}
+# Besides the hop-by-hop headers (protocol/http.py), never forwarded in requests: Expect (the
+# relay answers it itself, 6.1) and the relay's own credentials.
+_REQUEST_DROPPED = frozenset({"expect", AUTH_HEADER.lower()})
 _REQUEST_DROPPED_WITH_AUTHORIZATION = _REQUEST_DROPPED | {"authorization"}
 _KEEP_LENGTH = frozenset({"content-length"})
 
@@ -575,9 +573,7 @@ def forwarded_response_headers(headers: dict[str, str]) -> list[tuple[str, str]]
     """The listener's ``responseHeaders`` minus hop-by-hop headers (6.5); values made safe."""
     return [
         (name, value.replace("\r", " ").replace("\n", " "))
-        for name, value in without_hop_by_hop(
-            headers.items(), also=_NEVER_FORWARDED, keep=_KEEP_LENGTH
-        )
+        for name, value in without_hop_by_hop(headers.items(), keep=_KEEP_LENGTH)
         if _is_token(name)
     ]
 
