@@ -110,6 +110,8 @@ class Extra:
 
     help: str
     kind: str = "string"
+    #: Its command-line flags, which the program adds itself (the bridge's ``-x``).
+    flags: tuple[str, ...] = ()
 
 
 class Model(Protocol):
@@ -640,8 +642,17 @@ def _kind(tp: Any, meta: Setting) -> str:
 
 
 def _rule_text(meta: Setting) -> str:
-    bounds = _bounds_text(meta)
-    return bounds.replace("from ", "").replace(" to ", "–") if bounds.startswith("from") else bounds
+    low = None if meta.low is None else _number(meta.low)
+    high = None if meta.high is None else _number(meta.high)
+    if low is not None and high is not None:
+        return f"{low}–{high}"
+    if low is not None:
+        return f"≥ {low}"
+    return "" if high is None else f"≤ {high}"
+
+
+def _flags_text(flags: Sequence[str]) -> str:
+    return ", ".join(f"`{flag}`" for flag in flags)
 
 
 def reference(cls: type[Any], path: str = "", *, heading: str = "###") -> list[str]:
@@ -664,24 +675,31 @@ def reference(cls: type[Any], path: str = "", *, heading: str = "###") -> list[s
         tp = hints[f.name]
         inner, _ = _optional(tp)
         item = _tuple_item(inner)
-        if _is_model(inner):
+        if _is_model(inner) and meta.parse is None:
             later.append((full, inner))
         elif item is not None and _is_model(item) and meta.parse is None:
             later.append((f"{full}[]", item))
         elif meta.entry is not None:
             later.append((f"{full}[]", meta.entry))
-        flags = ", ".join(f"`{flag}`" for flag in meta.flags)
         default = _default_text(f)
+        hooked = meta.parse is not None and hasattr(cls, "from_yaml")  # or given in parts
+        if f.default is _MISSING and f.default_factory is _MISSING and not hooked:
+            default_cell = "required"
+        else:
+            default_cell = f"`{default}`" if default else ""
         lines.append(
-            f"| `{full}` | {_kind(tp, meta)} | {f'`{default}`' if default else ''} | "
-            f"{_rule_text(meta)} | {flags} | {meta.help} |"
+            f"| `{full}` | {_kind(tp, meta)} | {default_cell} | "
+            f"{_rule_text(meta)} | {_flags_text(meta.flags)} | {meta.help} |"
         )
     for extra_key, extra in getattr(cls, "YAML_EXTRAS", {}).items():
-        lines.append(f"| `{_key(path, extra_key)}` | {extra.kind} |  |  |  | {extra.help} |")
+        lines.append(
+            f"| `{_key(path, extra_key)}` | {extra.kind} |  |  | {_flags_text(extra.flags)} | "
+            f"{extra.help} |"
+        )
     for sub_path, sub in later:
         lines += ["", f"{heading} `{sub_path}`", ""]
         doc = (sub.__doc__ or "").strip().split("\n\n")[0]
         if doc:
-            lines += [" ".join(doc.split()), ""]
+            lines += [" ".join(doc.replace("``", "`").split()), ""]
         lines += reference(sub, sub_path, heading=heading)
     return lines

@@ -94,7 +94,6 @@ CONNECTION_STRING_ENV = ("HYBRIDRELAY_CONNECTION_STRING", "AZURE_BRIDGE_CONNECTI
 #: Bounds shared by the global options and the per-forward overrides.
 _MAX_COUNT = 1_000_000
 _MAX_SECONDS = 1e7
-_CONNECTION_FLAGS = ("-x", "--connection-string")
 
 
 def _mask_url(url: str | None) -> str | None:
@@ -129,7 +128,8 @@ class ConnectionSettings:
     YAML_EXTRAS: ClassVar[Mapping[str, Extra]] = {
         "connection_string": Extra(
             "`Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...` (or "
-            "`SharedAccessSignature=...`), instead of the parts (`-x`)"
+            "`SharedAccessSignature=...`), instead of the parts",
+            flags=("-x", "--connection-string"),
         )
     }
 
@@ -190,7 +190,20 @@ class ConnectionSettings:
 
     @classmethod
     def from_connection_string(cls, text: str) -> ConnectionSettings:
-        parsed = ConnectionString.parse(text)
+        """The parts of a connection string.
+
+        Raises:
+            ConfigurationError: malformed; the message quotes none of its text (a piece of
+                it may be the key).
+        """
+        try:
+            parsed = ConnectionString.parse(text)
+        except ConfigurationError as exc:
+            message = str(exc)
+            for piece in sorted({text, *text.split(";")}, key=len, reverse=True):
+                if len(piece) >= 4:
+                    message = message.replace(piece, "***")
+            raise ConfigurationError(message) from None
         return cls(
             endpoint=parsed.endpoint,
             key_name=parsed.key_name,
@@ -300,7 +313,8 @@ class LocalForward:
     }
 
     spec: LocalForwardSpec = setting(
-        help="the forward as on the command line (`[BIND:]PORT[/PORTNAME][/udp]:HC`)",
+        help="the forward as on the command line (`[BIND:]PORT[/PORTNAME][/udp]:HC`), or "
+        "give its parts (the keys below)",
         parse=lambda value, where: parse_local_spec(_check_text(value, where)),
         kind="string",
     )
@@ -372,7 +386,8 @@ class RemoteForward:
     }
 
     spec: RemoteForwardSpec = setting(
-        help="the forward as on the command line (`HC:[PORTNAME/]HOST:PORT[/udp]`)",
+        help="the forward as on the command line (`HC:[PORTNAME/]HOST:PORT[/udp]`), or give "
+        "its parts (the keys below)",
         parse=lambda value, where: parse_remote_spec(_check_text(value, where)),
         kind="string",
     )
@@ -484,6 +499,7 @@ class BridgeConfig:
         help="listen locally (TCP, UDP or unix:/path[#PORTNAME]:HC) and carry each connection "
         "to hybrid connection HC; repeatable",
         flags=("-L",),
+        kind="list of specs or mappings",
         metavar="[BIND:]PORT[/PORTNAME][/udp]:HC",
         from_text=LocalForward.from_text,
     )
@@ -492,6 +508,7 @@ class BridgeConfig:
         help="listen on hybrid connection HC and forward each connection to HOST:PORT "
         "(or unix:/path); repeatable",
         flags=("-R", "-T"),
+        kind="list of specs or mappings",
         metavar="HC:[PORTNAME/]HOST:PORT[/udp]",
         from_text=RemoteForward.from_text,
     )
@@ -501,6 +518,7 @@ class BridgeConfig:
         "/HC/PATH to http://HOST:PORT/BASE/PATH (reverse proxy, adds Via and X-Forwarded-*); "
         "repeatable",
         flags=("-H",),
+        kind="list of specs or mappings",
         metavar="HC:http://HOST:PORT[/BASE]",
         from_text=HttpForward.from_text,
     )
@@ -656,7 +674,7 @@ def add_bridge_options(parser: argparse.ArgumentParser) -> None:
     """The options of :class:`BridgeConfig` (and ``-x``), grouped as ``--help`` shows them."""
     conn = parser.add_argument_group("relay connection")
     conn.add_argument(
-        *_CONNECTION_FLAGS,
+        *ConnectionSettings.YAML_EXTRAS["connection_string"].flags,
         dest="connection_string",
         metavar="CONNECTION_STRING",
         help="Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=... (or "
