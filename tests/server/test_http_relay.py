@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from urllib.parse import quote
 
 import aiohttp
@@ -322,31 +323,36 @@ async def test_connect_and_upgrades_are_not_relayed(relay: Relay) -> None:
 
 
 async def test_listener_that_never_answers_gives_504(make_relay: RelayFactory) -> None:
+    """504 at the entity's own deadline when it has one, else at the relay's, as configured at
+    the moment of the request. The relay's deadline starts far beyond the client's 30 s: a
+    request answered by it would fail the test. (tests/server/test_broker.py checks the choice
+    of deadline itself.)"""
+
     async def silent(received: Received) -> None:
         return None
 
     entities = [{"name": "hc", "http_response_timeout": 0.5}, {"name": "slow"}]
-    async with make_relay(entities=entities, limits={"http_response_timeout": 1.5}) as relay:
+    async with make_relay(entities=entities, limits={"http_response_timeout": 120}) as relay:
         async with peer_listener(relay.base_url, "hc", relay.token("hc"), silent):
             async with client(relay) as http:
-                loop = asyncio.get_running_loop()
-                start = loop.time()
                 inline = await http.get("/hc", headers={AUTH: relay.token("hc")})
-                elapsed = loop.time() - start
                 large = await http.post(
                     "/hc", content=b"x" * (100 * KIB), headers={AUTH: relay.token("hc")}
                 )
-        async with peer_listener(relay.base_url, "slow", relay.token("slow"), silent):
+        config = relay.server.config
+        relay.server.replace_config(
+            replace(config, limits=replace(config.limits, http_response_timeout=0.5))
+        )
+        async with peer_listener(relay.base_url, "slow", relay.token("slow"), silent) as peer:
             async with client(relay) as http:
-                start = loop.time()
                 default = await http.get("/slow", headers={AUTH: relay.token("slow")})
-                default_elapsed = loop.time() - start
         await assert_no_exchanges_left(relay)
     assert inline.status_code == 504
-    assert 0.4 < elapsed < 1.4  # the entity's own deadline
+    assert "did not respond in time" in inline.reason_phrase
     assert large.status_code == 504
     assert default.status_code == 504
-    assert 1.4 < default_elapsed < 3.0  # the relay-wide deadline
+    assert "did not respond in time" in default.reason_phrase
+    assert len(peer.received) == 1  # the listener was told, and said nothing
 
 
 async def test_listener_drop_fails_pending_requests_promptly(relay: Relay) -> None:
