@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import random
 import secrets
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -139,7 +139,7 @@ class Connection:
     """
 
     id: str
-    headers: Mapping[str, str]
+    headers: dict[str, str]
     remote: RemoteEndpoint | None = None
     suffix: str = ""
     raw_query: str = ""
@@ -159,7 +159,7 @@ class Connection:
             Accept(
                 address=address,
                 id=self.id,
-                connect_headers=dict(self.headers),
+                connect_headers=self.headers,
                 remote_endpoint=self.remote,
             )
         )
