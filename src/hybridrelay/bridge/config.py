@@ -20,7 +20,7 @@ second ``-H``).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -279,26 +279,65 @@ def _protocol(parts: Mapping[str, Any], where: str) -> Protocol:
         raise ConfigurationError(f"{where}.protocol: {text!r} is not tcp, udp or unix") from None
 
 
-def _spec_or_parts(
-    values: dict[str, Any], parts: Mapping[str, Any], where: str
-) -> dict[str, Any] | None:
-    """None when the forward gives ``spec:``, else its parts (``spec`` with them is an error)."""
-    if "spec" not in values:
-        return dict(parts)
-    for key in parts:
-        raise ConfigurationError(f"{where}.{key}: not allowed together with 'spec'")
-    return None
+def _with_spec(
+    values: dict[str, Any],
+    extras: Mapping[str, Any],
+    where: str,
+    build: Callable[[Mapping[str, Any], Protocol, str], Any],
+) -> dict[str, Any]:
+    """A forward's values with its spec built from the parts (when there is no ``spec:``)."""
+    if "spec" in values:
+        for key in extras:
+            raise ConfigurationError(f"{where}.{key}: not allowed together with 'spec'")
+        return values
+    try:
+        spec = build(extras, _protocol(extras, where), where)
+    except ConfigurationError as exc:
+        text = str(exc)
+        raise (exc if text.startswith(where) else ConfigurationError(f"{where}: {text}")) from None
+    return {**values, "spec": spec}
 
 
-def _located_spec(where: str, exc: ConfigurationError) -> ConfigurationError:
-    text = str(exc)
-    return exc if text.startswith(where) else ConfigurationError(f"{where}: {text}")
+def _local_spec(parts: Mapping[str, Any], protocol: Protocol, where: str) -> LocalForwardSpec:
+    unix = protocol is Protocol.UNIX
+    if unix and parts.get("port") is not None:
+        raise ConfigurationError(f"{where}.port: a Unix socket forward has a path, not a port")
+    return LocalForwardSpec(
+        hybrid_connection=_part(parts, "hybrid_connection", where, str),
+        protocol=protocol,
+        port=0 if unix else check_value(int, _PORT, parts.get("port"), f"{where}.port"),
+        bind_address=_part(parts, "bind_address", where),
+        path=_part(parts, "path", where, str if unix else str | None),
+        port_name=_part(parts, "port_name", where),
+    )
+
+
+def _remote_spec(parts: Mapping[str, Any], protocol: Protocol, where: str) -> RemoteForwardSpec:
+    unix = protocol is Protocol.UNIX
+    hybrid_connection = _part(parts, "hybrid_connection", where, str)
+    path = _part(parts, "path", where, str if unix else str | None)
+    for key in ("host", "port") if unix else ():
+        if parts.get(key) is not None:
+            raise ConfigurationError(f"{where}.{key}: a Unix socket target has a path, not a {key}")
+    return RemoteForwardSpec(
+        hybrid_connection=hybrid_connection,
+        protocol=protocol,
+        host=None if unix else (_part(parts, "host", where) or "localhost"),
+        port=0 if unix else check_value(int, _REMOTE_PORT, parts.get("port"), f"{where}.port"),
+        path=path,
+        port_name=_part(parts, "port_name", where),
+    )
 
 
 def _check_text(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise ConfigurationError(f"{where}: expected a string")
     return value
+
+
+def _override(name: str, *, low: float, high: float) -> Any:
+    """A per-forward option; None inherits the global one."""
+    return setting(None, help=f"overrides the global `{name}`", low=low, high=high)
 
 
 @dataclass(frozen=True)
@@ -324,15 +363,9 @@ class LocalForward:
         parse=_networks,
         kind="list of CIDRs",
     )
-    max_connections: int | None = setting(
-        None, help="overrides the global `max_connections`", low=1, high=_MAX_COUNT
-    )
-    udp_idle_timeout: float | None = setting(
-        None, help="overrides the global `udp_idle_timeout`", low=0.001, high=_MAX_SECONDS
-    )
-    max_udp_flows: int | None = setting(
-        None, help="overrides the global `max_udp_flows`", low=1, high=_MAX_COUNT
-    )
+    max_connections: int | None = _override("max_connections", low=1, high=_MAX_COUNT)
+    udp_idle_timeout: float | None = _override("udp_idle_timeout", low=0.001, high=_MAX_SECONDS)
+    max_udp_flows: int | None = _override("max_udp_flows", low=1, high=_MAX_COUNT)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -348,26 +381,7 @@ class LocalForward:
     def from_yaml(
         cls, values: dict[str, Any], extras: Mapping[str, Any], where: str
     ) -> dict[str, Any]:
-        parts = _spec_or_parts(values, extras, where)
-        if parts is None:
-            return values
-        protocol = _protocol(parts, where)
-        unix = protocol is Protocol.UNIX
-        hybrid_connection = _part(parts, "hybrid_connection", where, str)
-        if unix and parts.get("port") is not None:
-            raise ConfigurationError(f"{where}.port: a Unix socket forward has a path, not a port")
-        try:
-            spec = LocalForwardSpec(
-                hybrid_connection=hybrid_connection,
-                protocol=protocol,
-                port=0 if unix else check_value(int, _PORT, parts.get("port"), f"{where}.port"),
-                bind_address=_part(parts, "bind_address", where),
-                path=_part(parts, "path", where, str if unix else str | None),
-                port_name=_part(parts, "port_name", where),
-            )
-        except ConfigurationError as exc:
-            raise _located_spec(where, exc) from None
-        return {**values, "spec": spec}
+        return _with_spec(values, extras, where, _local_spec)
 
     def allows(self, host: str) -> bool:
         """True when ``host`` (a peer address) may use this forward."""
@@ -391,15 +405,9 @@ class RemoteForward:
         parse=lambda value, where: parse_remote_spec(_check_text(value, where)),
         kind="string",
     )
-    max_connections: int | None = setting(
-        None, help="overrides the global `max_connections`", low=1, high=_MAX_COUNT
-    )
-    udp_idle_timeout: float | None = setting(
-        None, help="overrides the global `udp_idle_timeout`", low=0.001, high=_MAX_SECONDS
-    )
-    max_udp_flows: int | None = setting(
-        None, help="overrides the global `max_udp_flows`", low=1, high=_MAX_COUNT
-    )
+    max_connections: int | None = _override("max_connections", low=1, high=_MAX_COUNT)
+    udp_idle_timeout: float | None = _override("udp_idle_timeout", low=0.001, high=_MAX_SECONDS)
+    max_udp_flows: int | None = _override("max_udp_flows", low=1, high=_MAX_COUNT)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -413,36 +421,7 @@ class RemoteForward:
     def from_yaml(
         cls, values: dict[str, Any], extras: Mapping[str, Any], where: str
     ) -> dict[str, Any]:
-        parts = _spec_or_parts(values, extras, where)
-        if parts is None:
-            return values
-        protocol = _protocol(parts, where)
-        unix = protocol is Protocol.UNIX
-        hybrid_connection = _part(parts, "hybrid_connection", where, str)
-        path = _part(parts, "path", where, str if unix else str | None)
-        if unix:
-            if parts.get("host") is not None:
-                raise ConfigurationError(
-                    f"{where}.host: a Unix socket target has a path, not a host"
-                )
-            if parts.get("port") is not None:
-                raise ConfigurationError(
-                    f"{where}.port: a Unix socket target has a path, not a port"
-                )
-        try:
-            spec = RemoteForwardSpec(
-                hybrid_connection=hybrid_connection,
-                protocol=protocol,
-                host=None if unix else (_part(parts, "host", where) or "localhost"),
-                port=0
-                if unix
-                else check_value(int, _REMOTE_PORT, parts.get("port"), f"{where}.port"),
-                path=path,
-                port_name=_part(parts, "port_name", where),
-            )
-        except ConfigurationError as exc:
-            raise _located_spec(where, exc) from None
-        return {**values, "spec": spec}
+        return _with_spec(values, extras, where, _remote_spec)
 
 
 @dataclass(frozen=True)
