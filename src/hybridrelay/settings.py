@@ -29,7 +29,7 @@ import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -39,10 +39,11 @@ __all__ = [
     "LOG_LEVEL",
     "LOG_LEVELS",
     "Extra",
-    "Model",
     "Setting",
     "add_arguments",
     "add_setting_argument",
+    "apply",
+    "check_value",
     "check_fields",
     "from_document",
     "given_arguments",
@@ -114,12 +115,6 @@ class Extra:
     flags: tuple[str, ...] = ()
 
 
-class Model(Protocol):
-    """A configuration dataclass (the fields of ``dataclasses.dataclass``)."""
-
-    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
-
-
 _MISSING: Any = dataclasses.MISSING
 
 
@@ -178,10 +173,18 @@ def _setting_of(f: dataclasses.Field[Any]) -> Setting | None:
     return meta if isinstance(meta, Setting) else None
 
 
+#: Resolved annotations per model class (a class's annotations never change; models are
+#: built on every configuration change, and the relay builds entities at run time).
+_HINTS: dict[type[Any], dict[str, Any]] = {}
+
+
 def _hints(cls: type[Any]) -> dict[str, Any]:
-    # The annotations are strings (from __future__ import annotations): resolved in the
-    # class's module. Cheap enough not to cache, so nothing here can go stale.
-    return typing.get_type_hints(cls)
+    # The annotations are strings (from __future__ import annotations), resolved in the
+    # class's module.
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 def _optional(tp: Any) -> tuple[Any, bool]:
@@ -544,20 +547,18 @@ def add_setting_argument(
     if default_text:
         help_text += f" (default {default_text})"
     kwargs: dict[str, Any] = {"dest": dest, "help": help_text, "default": default}
-    if inner is not bool:
-        kwargs["metavar"] = meta.metavar or dest.rpartition(".")[2].upper()
     if inner is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
-        del kwargs["default"]
-        kwargs["default"] = default
-    elif _tuple_item(inner) is not None:
-        # Kept as text: given_arguments converts it, so a bad spec is a ConfigurationError
-        # the command reports like any other, not an argparse usage error.
-        kwargs["action"] = "append"
     elif meta.choices:
         kwargs["choices"] = list(meta.choices)
     else:
-        kwargs["type"] = _text_converter(tp, meta, meta.flags[-1])
+        kwargs["metavar"] = meta.metavar or dest.rpartition(".")[2].upper()
+        if _tuple_item(inner) is not None:
+            # Kept as text: given_arguments converts it, so a bad spec is a
+            # ConfigurationError the command reports like any other, not a usage error.
+            kwargs["action"] = "append"
+        else:
+            kwargs["type"] = _text_converter(tp, meta, meta.flags[-1])
     parser.add_argument(*meta.flags, **kwargs)
 
 
