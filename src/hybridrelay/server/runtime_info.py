@@ -18,6 +18,8 @@ from xml.sax.saxutils import escape
 
 from aiohttp import web
 
+from hybridrelay.server.responses import reason_phrase
+
 __all__ = ["error_xml", "is_runtime_info_request", "runtime_info_response"]
 
 _ATOM = "http://www.w3.org/2005/Atom"
@@ -80,10 +82,9 @@ def runtime_info_response(
 def error_xml(status: int, detail: str) -> web.Response:
     """A management error as .NET parses it: ``<Error><Code/><Detail/></Error>``."""
     body = f"<Error><Code>{status}</Code><Detail>{escape(detail)}</Detail></Error>"
-    reason = "".join(ch if ch.isprintable() else " " for ch in detail)[:200]
     return web.Response(
         status=status,
-        reason=reason,
+        reason=reason_phrase(detail) or None,
         body=body.encode("utf-8"),
         content_type="application/xml",
         charset="utf-8",
