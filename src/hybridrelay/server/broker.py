@@ -312,7 +312,10 @@ class LocalBroker:
                 text = texts[channel.base_url] = text_for(channel.base_url)
             self._untell(pending)
             pending.channel = channel
-            self._told.setdefault(channel, set()).add(pending)
+            told = self._told.get(channel)
+            if told is None:
+                told = self._told[channel] = set()
+            told.add(pending)
             try:
                 await channel.send(text, body)
             except RelayConnectionError:
@@ -329,11 +332,10 @@ class LocalBroker:
         if channel is None:
             return
         pending.channel = None
+        # The channel's set stays (it is used again by the next sender) until unregister().
         told = self._told.get(channel)
         if told is not None:
             told.discard(pending)
-            if not told:
-                del self._told[channel]
 
     # -- a sender's connection -----------------------------------------------------------------
 
