@@ -27,6 +27,7 @@ from hybridrelay.bridge.config import (
 )
 from hybridrelay.bridge.specs import parse_local_spec, parse_remote_spec
 from hybridrelay.cli.main import build_parser
+from hybridrelay.cli.serve_app import ServeAppConfig, add_serve_app_arguments
 from hybridrelay.exceptions import ConfigurationError
 from hybridrelay.server.config import (
     HybridConnectionConfig,
@@ -349,3 +350,24 @@ def test_any_document_is_a_config_or_a_configuration_error(document: Any) -> Non
             read(document)
         except ConfigurationError:
             pass
+
+
+def test_serve_app_options_are_a_checked_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HYBRIDRELAY_CONNECTION_STRING", raising=False)
+    with pytest.raises(ConfigurationError, match="a connection string is required"):
+        ServeAppConfig(app="pkg:app")
+    with pytest.raises(ConfigurationError, match="lifespan: 'sometimes' is not one of"):
+        ServeAppConfig(app="pkg:app", connection_string="x", lifespan="sometimes")
+    config = ServeAppConfig(
+        app="pkg:app", connection_string=f"Endpoint=sb://h/;SharedAccessKey={KEY}"
+    )
+    assert KEY not in repr(config)
+    parser = argparse.ArgumentParser()
+    add_serve_app_arguments(parser)
+    monkeypatch.setenv("HYBRIDRELAY_CONNECTION_STRING", "from-the-environment")
+    parsed = ServeAppConfig.from_arguments(parser.parse_args(["pkg:app", "--factory", "-e", "api"]))
+    assert parsed == ServeAppConfig(
+        app="pkg:app", connection_string="from-the-environment", entity="api", factory=True
+    )
+    given = ServeAppConfig.from_arguments(parser.parse_args(["pkg:app", "-x", "cs"]))
+    assert given.connection_string == "cs"

@@ -7,14 +7,16 @@ import argparse
 import asyncio
 import logging
 import os
+from dataclasses import dataclass, fields
 from typing import Any
 
 from hybridrelay.asgi import load_app, serve
-from hybridrelay.cli.logs import add_log_level_argument, configure_logging
+from hybridrelay.cli.logs import configure_logging
 from hybridrelay.cli.signals import stop_on_signals
 from hybridrelay.exceptions import ConfigurationError
+from hybridrelay.settings import LOG_LEVEL, add_arguments, check_fields, given_arguments, setting
 
-__all__ = ["CONNECTION_STRING_ENV", "add_serve_app_arguments", "run_serve_app"]
+__all__ = ["CONNECTION_STRING_ENV", "ServeAppConfig", "add_serve_app_arguments", "run_serve_app"]
 
 #: Where ``-x`` comes from when it is not given.
 CONNECTION_STRING_ENV = "HYBRIDRELAY_CONNECTION_STRING"
@@ -22,8 +24,83 @@ CONNECTION_STRING_ENV = "HYBRIDRELAY_CONNECTION_STRING"
 logger = logging.getLogger("hybridrelay.asgi")
 
 
+@dataclass(frozen=True)
+class ServeAppConfig:
+    """What ``hybridrelay serve-app`` runs (command line only: there is no file)."""
+
+    app: str = setting(help="the ASGI application, e.g. myproject.main:app", metavar="MODULE:APP")
+    connection_string: str | None = setting(
+        None,
+        help=f"relay connection string with a Listen right (default: ${CONNECTION_STRING_ENV})",
+        flags=("--connection-string", "-x"),
+        metavar="CS",
+        secret=True,
+    )
+    entity: str | None = setting(
+        None,
+        help="hybrid connection to serve on (default: the connection string's EntityPath)",
+        flags=("--entity", "-e"),
+        metavar="NAME",
+    )
+    app_dir: str = setting(
+        ".",
+        help="directory to import MODULE from",
+        flags=("--app-dir",),
+        metavar="DIR",
+    )
+    factory: bool = setting(
+        False, help="MODULE:APP is a factory that returns the app", flags=("--factory",)
+    )
+    lifespan: str = setting(
+        "auto",
+        help="run the app's lifespan startup/shutdown: auto (if the app supports it), on "
+        "(required), off",
+        choices=("auto", "on", "off"),
+        flags=("--lifespan",),
+    )
+    root_path: str = setting(
+        "", help="ASGI root_path to report", flags=("--root-path",), metavar="PATH"
+    )
+    proxy: str | None = setting(
+        None,
+        help="HTTP CONNECT proxy http://[user:pass@]host:port to reach the relay "
+        "(default: HTTPS_PROXY/NO_PROXY)",
+        flags=("--proxy",),
+        metavar="URL",
+        secret=True,
+    )
+    ca_file: str | None = setting(
+        None,
+        help="CA bundle to verify the relay's certificate with",
+        flags=("--ca-file",),
+        metavar="PEM",
+    )
+    log_level: str = setting(
+        "info", help=LOG_LEVEL.help, choices=LOG_LEVEL.choices, flags=LOG_LEVEL.flags
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.connection_string:
+            raise ConfigurationError(
+                f"a connection string is required (--connection-string or ${CONNECTION_STRING_ENV})"
+            )
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace) -> ServeAppConfig:
+        """The options of :func:`add_serve_app_arguments`; ``-x`` defaults to
+        ``$HYBRIDRELAY_CONNECTION_STRING``.
+
+        Raises:
+            ConfigurationError: no connection string, or an option breaks its rules.
+        """
+        given = given_arguments(args, cls)
+        given.setdefault("connection_string", os.environ.get(CONNECTION_STRING_ENV))
+        return cls(app=args.app, **given)
+
+
 def add_serve_app_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``hybridrelay serve-app``."""
+    """Arguments of ``hybridrelay serve-app`` (from :class:`ServeAppConfig`)."""
     parser.description = (
         "Serve an ASGI application (FastAPI, Starlette, Quart, ...) through a hybrid "
         "connection: HTTP requests sent to the relay at /{hybrid connection}/... reach the "
@@ -34,51 +111,9 @@ def add_serve_app_arguments(parser: argparse.ArgumentParser) -> None:
         'example: hybridrelay serve-app myproject.main:app -x "$CS" -e api  '
         '(then: curl -H "Authorization: $TOKEN" https://relay.example.com/api/items)'
     )
-    parser.add_argument(
-        "app", metavar="MODULE:APP", help="the ASGI application, e.g. myproject.main:app"
-    )
-    parser.add_argument(
-        "--connection-string",
-        "-x",
-        metavar="CS",
-        default=os.environ.get(CONNECTION_STRING_ENV),
-        help=f"relay connection string with a Listen right (default: ${CONNECTION_STRING_ENV})",
-    )
-    parser.add_argument(
-        "--entity",
-        "-e",
-        metavar="NAME",
-        help="hybrid connection to serve on (default: the connection string's EntityPath)",
-    )
-    parser.add_argument(
-        "--app-dir",
-        metavar="DIR",
-        default=".",
-        help="directory to import MODULE from (default: the current directory)",
-    )
-    parser.add_argument(
-        "--factory", action="store_true", help="MODULE:APP is a factory that returns the app"
-    )
-    parser.add_argument(
-        "--lifespan",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="run the app's lifespan startup/shutdown: auto (if the app supports it, the "
-        "default), on (required), off",
-    )
-    parser.add_argument(
-        "--root-path", metavar="PATH", default="", help="ASGI root_path to report (default: '')"
-    )
-    parser.add_argument(
-        "--proxy",
-        metavar="URL",
-        help="HTTP CONNECT proxy http://[user:pass@]host:port to reach the relay "
-        "(default: HTTPS_PROXY/NO_PROXY)",
-    )
-    parser.add_argument(
-        "--ca-file", metavar="PEM", help="CA bundle to verify the relay's certificate with"
-    )
-    add_log_level_argument(parser)
+    app = next(f for f in fields(ServeAppConfig) if f.name == "app").metadata["setting"]
+    parser.add_argument("app", metavar=app.metavar, help=app.help)
+    add_arguments(parser, ServeAppConfig)
 
 
 async def run_serve_app(args: argparse.Namespace) -> int:
@@ -89,24 +124,21 @@ async def run_serve_app(args: argparse.Namespace) -> int:
             startup failed.
         RelayError: the relay refused the listener (first connection, or for good later).
     """
-    configure_logging(args.log_level)
-    if not args.connection_string:
-        raise ConfigurationError(
-            f"a connection string is required (--connection-string or ${CONNECTION_STRING_ENV})"
-        )
-    app = load_app(args.app, app_dir=args.app_dir, factory=args.factory)
+    config = ServeAppConfig.from_arguments(args)
+    configure_logging(config.log_level)
+    app = load_app(config.app, app_dir=config.app_dir, factory=config.factory)
     kwargs: dict[str, Any] = {}
-    if args.ca_file:
-        kwargs["ca_file"] = args.ca_file
-    if args.proxy:
-        kwargs["proxy"] = args.proxy
+    if config.ca_file:
+        kwargs["ca_file"] = config.ca_file
+    if config.proxy:
+        kwargs["proxy"] = config.proxy
     serving = asyncio.create_task(
         serve(
             app,
-            args.connection_string,
-            args.entity,
-            lifespan=args.lifespan,
-            root_path=args.root_path,
+            config.connection_string or "",
+            config.entity,
+            lifespan=config.lifespan,
+            root_path=config.root_path,
             **kwargs,
         ),
         name="hybridrelay-serve-app",
