@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp
 
 from hybridrelay import HybridConnectionClient, HybridConnectionListener
+from hybridrelay.cli.signals import STOP_SIGNALS, stop_on_signals
 
 CLI = [sys.executable, "-m", "hybridrelay"]
 
@@ -106,3 +107,15 @@ async def test_serve_with_config_and_clear_errors(tmp_path: Path, repo_root: Pat
     assert code == 2 and "invalid choice" in err
     code, _, err = await run("serve", env={**env, "HYBRIDRELAY_LOOP": "nope"})
     assert code == 2 and "unknown event loop 'nope'" in err
+
+
+async def test_the_signal_helper_stops_gracefully_and_restores_the_handlers() -> None:
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        stopped = asyncio.Event()
+        with stop_on_signals(stopped.set):
+            os.kill(os.getpid(), sig)
+            async with asyncio.timeout(10):
+                await stopped.wait()
+        # Ours is gone again: nothing left to remove.
+        assert not loop.remove_signal_handler(sig)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from hybridrelay.cli.logs import BATCH_LIMIT, BatchedStreamHandler
+from hybridrelay.cli.logs import BATCH_LIMIT, LOG_FORMAT, BatchedStreamHandler, configure_logging
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -94,3 +94,47 @@ def test_a_closed_stream_does_not_break_logging() -> None:
     stream.close()
     handler.handle(logging.makeLogRecord({"msg": "lost", "levelno": logging.ERROR}))
     handler.close()
+
+
+@pytest.fixture
+def bare_root() -> Iterator[logging.Logger]:
+    """The root logger, its handlers and levels restored afterwards."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    hybridrelay = logging.getLogger("hybridrelay")
+    saved_hybridrelay = hybridrelay.level
+    try:
+        yield root
+    finally:
+        for handler in root.handlers:
+            if isinstance(handler, BatchedStreamHandler):
+                handler.close()
+        root.handlers = saved_handlers
+        root.setLevel(saved_level)
+        hybridrelay.setLevel(saved_hybridrelay)
+
+
+def test_configure_logging_is_the_one_setup(bare_root: logging.Logger) -> None:
+    bare_root.handlers = []  # pytest's capture handlers are added around the test itself
+    configure_logging("debug")
+    (handler,) = bare_root.handlers
+    assert isinstance(handler, BatchedStreamHandler)
+    assert handler.formatter is not None and handler.formatter._fmt == LOG_FORMAT
+    assert bare_root.level == logging.DEBUG
+    # Again (the bridge's scope): the handler stays the one, only the named logger's level moves.
+    configure_logging("warning", logger="hybridrelay")
+    assert bare_root.handlers == [handler]
+    assert bare_root.level == logging.DEBUG
+    assert logging.getLogger("hybridrelay").level == logging.WARNING
+    with pytest.raises(KeyError):
+        configure_logging("chatty")
+
+
+def test_every_command_takes_the_same_log_levels() -> None:
+    from hybridrelay.cli.main import build_parser
+
+    for command in (["serve"], ["bridge"], ["serve-app", "pkg:app"]):
+        args = build_parser().parse_args([*command, "--log-level", "critical"])
+        assert args.log_level == "critical"
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command, "--log-level", "chatty"])
