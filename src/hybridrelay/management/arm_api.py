@@ -26,6 +26,7 @@ from aiohttp import web
 
 from hybridrelay.auth.cache import AuthCache
 from hybridrelay.auth.sas import AuthorizationRule, Rights
+from hybridrelay.management.openapi import openapi_document
 from hybridrelay.protocol.arm import (
     ArmError,
     KeyType,
@@ -39,6 +40,7 @@ from hybridrelay.protocol.arm import (
     page_body,
     parse_check_name,
     parse_hybrid_connection_put,
+    parse_namespace_put,
     parse_regenerate_keys,
     parse_route,
     parse_rule_put,
@@ -117,7 +119,14 @@ class ArmApi:
         """A stand-alone application serving only these routes (the management listener adds
         them to its own)."""
         app = web.Application(client_max_size=MAX_BODY)
-        app.add_routes(self.routes())
+        app.add_routes(
+            [
+                *self.routes(),
+                web.get("/openapi.json", self.openapi),
+                # Anything else gets ARM's 404, as JSON, after authorization.
+                web.route("*", r"/{tail:[\s\S]*}", self.handle),
+            ]
+        )
         return app
 
     # -- entry ----------------------------------------------------------------------------------
@@ -125,15 +134,21 @@ class ArmApi:
     def routes(self) -> list[web.AbstractRouteDef]:
         """Routes for the management application: the ARM paths, under any method."""
         return [
-            web.route("*", "/subscriptions/{tail:.*}", self.handle),
-            web.route("*", "/providers/{tail:.*}", self.handle),
+            # [\s\S]: a decoded name may hold a newline, which "." would not match.
+            web.route("*", r"/subscriptions/{tail:[\s\S]*}", self.handle),
+            web.route("*", r"/providers/{tail:[\s\S]*}", self.handle),
         ]
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI document of these routes (no token needed: it holds no secret)."""
+        return _json(200, openapi_document(self.store.state.namespace.name))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
             response = await self._handle(request)
         except ArmError as exc:
             response = _json(exc.status, exc.body())
+            response.headers.update(exc.headers)
             if exc.status == 401:
                 response.headers["WWW-Authenticate"] = (
                     'Bearer realm="hybridrelay", error="invalid_token"'
@@ -148,8 +163,10 @@ class ArmApi:
         self._authorize(request)
         route = parse_route(request.raw_path.partition("?")[0])
         if not route.allows(request.method):
-            raise ArmError(405, "MethodNotAllowed", f"{request.method} is not allowed here.")
-        if "api-version" not in request.query:
+            refusal = ArmError(405, "MethodNotAllowed", f"{request.method} is not allowed here.")
+            refusal.headers["Allow"] = ", ".join(route.kind.methods)
+            raise refusal
+        if not request.query.get("api-version"):
             raise ArmError(
                 400, "MissingApiVersionParameter", "The api-version query parameter is required."
             )
@@ -231,7 +248,7 @@ class ArmApi:
     async def _check_name(
         self, request: web.Request, route: Route, state: NamespaceState
     ) -> web.Response:
-        name = parse_check_name(await _body(request))
+        name = parse_check_name(await _body(request, required=True))
         return _json(200, check_name_body(name, name.lower() == state.namespace.name.lower()))
 
     def _ours(self, route: Route, state: NamespaceState) -> bool:
@@ -249,12 +266,10 @@ class ArmApi:
         self, request: web.Request, route: Route, state: NamespaceState
     ) -> web.Response:
         ours = self._ours(route, state)
-        if request.method == "DELETE":
-            if ours:
-                raise ArmError(400, "NotSupported", "The relay's own namespace cannot be deleted.")
-            return web.Response(status=204)
+        if request.method == "DELETE" and ours:  # 409: it conflicts with the relay serving it
+            raise ArmError(409, "Conflict", "The relay's own namespace cannot be deleted.")
         if not ours:
-            if request.method == "GET":
+            if request.method in ("GET", "DELETE"):
                 raise ArmError(
                     404, "ResourceNotFound", f"The namespace {route.scope.namespace!r} is not here."
                 )
@@ -264,13 +279,8 @@ class ArmApi:
                 "This relay serves one namespace; it cannot create another.",
             )
         if request.method in ("PUT", "PATCH"):
-            body = await _body(request)
-            tags = body.get("tags") if isinstance(body, dict) else None
+            tags = parse_namespace_put(await _body(request, required=True))
             if tags is not None:
-                if not isinstance(tags, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in tags.items()
-                ):
-                    raise ArmError(400, "BadRequest", "tags must map strings to strings.")
                 await self._store_call(self.store.update_namespace(tags=tags))
                 state = layered(self.file_layer, self.store.state)
         return _json(200, self._namespace_body(route.scope, state))
@@ -309,13 +319,13 @@ class ArmApi:
         if request.method == "GET":
             return _json(200, self._hybrid_connection_body(route.scope, state, name))
         self._writable(name)
-        if request.method == "DELETE":
-            deleted = await self._store_call(self.store.delete_hybrid_connection(name))
-            return web.Response(status=200 if deleted else 204)
         why = validate_hybrid_connection_name(name)
         if why is not None:
             raise ArmError(400, "BadRequest", why)
-        change = parse_hybrid_connection_put(await _body(request))
+        if request.method == "DELETE":
+            deleted = await self._store_call(self.store.delete_hybrid_connection(name))
+            return web.Response(status=200 if deleted else 204)
+        change = parse_hybrid_connection_put(await _body(request, required=True))
         await self._store_call(
             self.store.put_hybrid_connection(
                 name,
@@ -382,15 +392,15 @@ class ArmApi:
             return _json(200, self._rule_body(route, self._find_rule(route, state), state))
         self._rules_of(route, state)  # the parent must exist
         self._writable(route.hybrid_connection, route.rule)
+        why = validate_rule_name(route.rule)
+        if why is not None:
+            raise ArmError(400, "BadRequest", why)
         if request.method == "DELETE":
             deleted = await self._store_call(
                 self.store.delete_rule(route.rule, entity=route.hybrid_connection)
             )
             return web.Response(status=200 if deleted else 204)
-        why = validate_rule_name(route.rule)
-        if why is not None:
-            raise ArmError(400, "BadRequest", why)
-        rights = parse_rule_put(await _body(request))
+        rights = parse_rule_put(await _body(request, required=True))
         rule, _ = await self._store_call(
             self.store.put_rule(route.rule, rights, entity=route.hybrid_connection)
         )
@@ -416,7 +426,7 @@ class ArmApi:
     ) -> web.Response:
         self._find_rule(route, state)
         self._writable(route.hybrid_connection, route.rule)
-        which, key = parse_regenerate_keys(await _body(request))
+        which, key = parse_regenerate_keys(await _body(request, required=True))
         slot: KeySlot = "primary" if which is KeyType.PRIMARY else "secondary"
         rule = await self._store_call(
             self.store.regenerate_key(route.rule, slot, entity=route.hybrid_connection, key=key)
@@ -467,7 +477,7 @@ def _json(status: int, body: Any) -> web.Response:
     )
 
 
-async def _body(request: web.Request) -> Any:
+async def _body(request: web.Request, *, required: bool) -> Any:
     try:
         raw = await request.read()  # bounded by the application's client_max_size
     except web.HTTPRequestEntityTooLarge:
@@ -475,6 +485,8 @@ async def _body(request: web.Request) -> Any:
             413, "RequestEntityTooLarge", f"The body exceeds {MAX_BODY} bytes."
         ) from None
     if not raw.strip():
+        if required:
+            raise ArmError(400, "InvalidRequestContent", "A JSON body is required.")
         return {}
     try:
         return json.loads(raw)

@@ -26,7 +26,9 @@ from urllib.parse import quote, unquote
 from hybridrelay.auth.sas import Rights
 
 __all__ = [
+    "HYBRID_CONNECTION_NAME_PATTERN",
     "PAGE_SIZE",
+    "RULE_NAME_PATTERN",
     "ArmError",
     "Kind",
     "KeyType",
@@ -42,6 +44,7 @@ __all__ = [
     "new_key",
     "page_body",
     "parse_check_name",
+    "parse_namespace_put",
     "parse_hybrid_connection_put",
     "parse_regenerate_keys",
     "parse_route",
@@ -67,6 +70,8 @@ class ArmError(Exception):
         self.status = status
         self.code = code
         self.message = message
+        #: Headers the answer must carry (``Allow`` on a 405).
+        self.headers: dict[str, str] = {}
 
     def body(self) -> dict[str, Any]:
         return error_body(self.code, self.message)
@@ -220,9 +225,13 @@ def parse_route(raw_path: str) -> Route:
 
 # -- names ----------------------------------------------------------------------------------
 
+_SEGMENT_TEXT = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
+#: The names the API accepts, as regular expressions (the OpenAPI document publishes them).
+HYBRID_CONNECTION_NAME_PATTERN = rf"^{_SEGMENT_TEXT}(?:/{_SEGMENT_TEXT})*$"
+RULE_NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,254}[A-Za-z0-9])?$"
 _NAMESPACE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]{4,48}[A-Za-z0-9]")
-_SEGMENT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
-_RULE_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,254}[A-Za-z0-9])?")
+_SEGMENT = re.compile(_SEGMENT_TEXT)
+_RULE_NAME = re.compile(RULE_NAME_PATTERN.strip("^$"))
 
 
 def validate_namespace_name(name: str) -> str | None:
@@ -339,6 +348,32 @@ def parse_regenerate_keys(document: Any) -> tuple[KeyType, str | None]:
     if key is not None and (not isinstance(key, str) or not _GIVEN_KEY.fullmatch(key)):
         raise ArmError(400, "BadRequest", "key must be 32 to 256 printable ASCII characters.")
     return which, key
+
+
+def parse_namespace_put(document: Any) -> dict[str, str] | None:
+    """The tags of a namespace PUT or PATCH (None: keep them). ``location``, ``sku`` and the
+    properties are checked for their types and otherwise ignored: a self-hosted relay has one
+    namespace, wherever it runs."""
+    body = _object(document, "namespace")
+    for name in ("location",):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise ArmError(400, "BadRequest", f"{name} must be a string.")
+    for name in ("sku", "properties"):
+        if body.get(name) is not None:
+            _object(body[name], name)
+    sku = body.get("sku") or {}
+    if any(
+        sku.get(field) is not None and not isinstance(sku[field], str) for field in ("name", "tier")
+    ):
+        raise ArmError(400, "BadRequest", "sku's name and tier must be strings.")
+    tags = body.get("tags")
+    if tags is None:
+        return None
+    if not isinstance(tags, Mapping) or not all(
+        isinstance(key, str) and isinstance(value, str) for key, value in tags.items()
+    ):
+        raise ArmError(400, "BadRequest", "tags must map strings to strings.")
+    return dict(tags)
 
 
 def parse_check_name(document: Any) -> str:
