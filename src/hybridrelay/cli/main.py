@@ -206,7 +206,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         file_store, _ = _embedded_store(data_dir)
         store = file_store  # type: ignore[assignment]
         config = RelayConfig(
-            server=ServerSettings(host="127.0.0.1", port=DEFAULT_PORT, plaintext=True),
+            server=ServerSettings(plaintext=True),  # the defaults: 127.0.0.1, DEFAULT_PORT
             auto_create_hybrid_connections=True,
         )
     config = apply(config, given_arguments(args, RelayConfig))
