@@ -1,0 +1,195 @@
+"""The relay's and the bridge's Prometheus metrics, made with ``prometheus_client``.
+
+Each process owns one :class:`~prometheus_client.CollectorRegistry` (not the library's global
+one), so two relays in one test process, or a relay and a bridge, never share a counter.
+
+Label cardinality: metrics are labelled by hybrid connection, and a namespace may hold
+thousands. :class:`EntityLabels` gives the first ``max_entities`` names their own label value
+(lower-cased, as entity paths compare) and every later one the value ``_other``, so the number
+of series is bounded whatever clients do; ``hybridrelay_metric_entities_overflowed_total``
+counts the names folded into ``_other``. docs/METRICS.md lists every metric.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE", "OTHER", "EntityLabels", "RelayMetrics", "SenderOutcome"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+#: The label value of every hybrid connection past the cap.
+OTHER = "_other"
+
+#: Latency buckets in seconds: sub-millisecond loopback to a slow edge across the world.
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class SenderOutcome:
+    """The values of the ``outcome`` label of ``hybridrelay_sender_connections_total``."""
+
+    ACCEPTED = "accepted"
+    REJECTED = "rejected_by_listener"
+    UNAUTHORIZED = "401"
+    FORBIDDEN = "403"
+    NOT_FOUND = "404"
+    NO_LISTENER = "no_listener"
+    OVERLOADED = "503"
+    TIMED_OUT = "504"
+    FAILED = "failed"
+
+
+class EntityLabels:
+    """Bounded label values for hybrid connection names."""
+
+    def __init__(self, max_entities: int, overflowed: Counter) -> None:
+        self._max = max_entities
+        self._known: set[str] = set()
+        self._overflowed: set[str] = set()
+        self._overflow_counter = overflowed
+        #: Bound on the names remembered as overflowed (so the counter counts each once).
+        self._max_overflow_memory = 100_000
+
+    def __call__(self, entity: str) -> str:
+        name = entity.strip("/").lower() or "/"
+        if name in self._known:
+            return name
+        if len(self._known) < self._max:
+            self._known.add(name)
+            return name
+        if name not in self._overflowed and len(self._overflowed) < self._max_overflow_memory:
+            self._overflowed.add(name)
+            self._overflow_counter.inc()
+        return OTHER
+
+
+class RelayMetrics:
+    """Every metric of the relay, in a registry of its own.
+
+    The methods are what the relay's code calls at each event; they do the label lookup once
+    and keep the data path free of anything but a counter increment.
+    """
+
+    def __init__(self, *, max_entities: int = 1000, process: bool = True) -> None:
+        registry = CollectorRegistry(auto_describe=True)
+        self.registry = registry
+        if process:
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+        overflowed = Counter(
+            "hybridrelay_metric_entities_overflowed",
+            "Hybrid connection names past the label cap, counted under entity='_other'.",
+            registry=registry,
+        )
+        self.entity_label = EntityLabels(max_entities, overflowed)
+        by_entity = ("entity",)
+        self.listeners_online = Gauge(
+            "hybridrelay_listeners_online",
+            "Listener control channels connected now.",
+            by_entity,
+            registry=registry,
+        )
+        self.control_channels_opened = Counter(
+            "hybridrelay_control_channels_opened",
+            "Listener control channels accepted.",
+            by_entity,
+            registry=registry,
+        )
+        self.control_channels_lost = Counter(
+            "hybridrelay_control_channels_lost",
+            "Listener control channels that ended, by why.",
+            ("entity", "reason"),
+            registry=registry,
+        )
+        self.sender_connections = Counter(
+            "hybridrelay_sender_connections",
+            "Senders (WebSocket connects and relay-ingress connections) by outcome.",
+            ("entity", "outcome"),
+            registry=registry,
+        )
+        self.relayed_connections_active = Gauge(
+            "hybridrelay_relayed_connections_active",
+            "Relayed connections (sender spliced to a listener's rendezvous) open now.",
+            by_entity,
+            registry=registry,
+        )
+        self.relayed_bytes = Counter(
+            "hybridrelay_relayed_bytes",
+            "Payload bytes relayed, counted when a relayed connection ends.",
+            ("entity", "direction"),
+            registry=registry,
+        )
+        self.accept_latency = Histogram(
+            "hybridrelay_accept_latency_seconds",
+            "From a sender's arrival to the listener's rendezvous (or refusal).",
+            by_entity,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.http_requests = Counter(
+            "hybridrelay_http_requests",
+            "HTTP requests relayed, by status class of the answer.",
+            ("entity", "status_class"),
+            registry=registry,
+        )
+        self.http_request_latency = Histogram(
+            "hybridrelay_http_request_latency_seconds",
+            "From an HTTP request's arrival to its response's head.",
+            by_entity,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.rendezvous_pending = Gauge(
+            "hybridrelay_rendezvous_pending",
+            "Rendezvous offered to a listener and not yet answered.",
+            registry=registry,
+        )
+        self.rendezvous_expired = Counter(
+            "hybridrelay_rendezvous_expired",
+            "Rendezvous the listener did not answer in time.",
+            registry=registry,
+        )
+
+    # -- events -------------------------------------------------------------------------------
+
+    def listener_connected(self, entity: str) -> None:
+        label = self.entity_label(entity)
+        self.listeners_online.labels(label).inc()
+        self.control_channels_opened.labels(label).inc()
+
+    def listener_disconnected(self, entity: str, reason: str) -> None:
+        label = self.entity_label(entity)
+        self.listeners_online.labels(label).dec()
+        self.control_channels_lost.labels(label, reason).inc()
+
+    def sender(self, entity: str, outcome: str, accept_seconds: float | None = None) -> None:
+        label = self.entity_label(entity)
+        self.sender_connections.labels(label, outcome).inc()
+        if accept_seconds is not None:
+            self.accept_latency.labels(label).observe(accept_seconds)
+
+    def connection_opened(self, entity: str) -> None:
+        self.relayed_connections_active.labels(self.entity_label(entity)).inc()
+
+    def connection_closed(self, entity: str, *, to_listener: int, to_sender: int) -> None:
+        label = self.entity_label(entity)
+        self.relayed_connections_active.labels(label).dec()
+        self.relayed_bytes.labels(label, "to_listener").inc(to_listener)
+        self.relayed_bytes.labels(label, "to_sender").inc(to_sender)
+
+    def http_request(self, entity: str, status: int, seconds: float) -> None:
+        label = self.entity_label(entity)
+        self.http_requests.labels(label, f"{status // 100}xx").inc()
+        self.http_request_latency.labels(label).observe(seconds)
+
+    def exposition(self) -> bytes:
+        """The text format of every metric, for ``GET /metrics``."""
+        return generate_latest(self.registry)
