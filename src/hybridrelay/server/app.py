@@ -26,42 +26,25 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from hybridrelay.auth.sas import Rights
 from hybridrelay.exceptions import ConfigurationError
 from hybridrelay.protocol.addressing import (
     HC_PREFIX,
     STATUS_CODE_PARAM,
-    UNDESCRIBED_REJECTION,
-    parse_accept_params,
     protocol_params,
     resolve_entity,
 )
-from hybridrelay.protocol.websocket import HandshakeError, handshake_headers
-from hybridrelay.server.access import AUTH_HEADER, Access, request_token
-from hybridrelay.server.broker import (
-    Accepted,
-    Broker,
-    Connection,
-    LocalBroker,
-    PendingRendezvous,
-    Rejection,
-    Unanswered,
-    remote_endpoint,
-)
-from hybridrelay.server.config import HybridConnectionConfig, LimitsConfig, RelayConfig
+from hybridrelay.server.access import Access
+from hybridrelay.server.broker import Broker, LocalBroker
+from hybridrelay.server.config import LimitsConfig, RelayConfig
 from hybridrelay.server.control_channel import ListenEndpoint
 from hybridrelay.server.http_relay import HttpRelay
 from hybridrelay.server.ingress import RelayIngress
 from hybridrelay.server.legs import RelayedLegs
-from hybridrelay.server.responses import error_response, reason_phrase, tracking_id
-from hybridrelay.server.runtime_info import (
-    error_xml,
-    is_runtime_info_request,
-    runtime_info_response,
-)
+from hybridrelay.server.responses import error_response
+from hybridrelay.server.runtime_info import is_runtime_info_request, runtime_info
 from hybridrelay.server.store import EntityStore, InMemoryEntityStore
+from hybridrelay.server.websocket_relay import WebSocketRelay
 from hybridrelay.transport.base import CloseCode
-from hybridrelay.transport.splice import take_over
 
 __all__ = ["RelayServer"]
 
@@ -69,8 +52,6 @@ logger = logging.getLogger("hybridrelay.server")
 
 #: How long a shutdown waits for spliced connections to finish their close handshakes.
 _SHUTDOWN_GRACE = 5.0
-# Request headers that are the relay's business and never reach the listener in connectHeaders.
-_PRIVATE_HEADERS = frozenset({AUTH_HEADER.lower()})
 
 
 class RelayServer:
@@ -120,6 +101,9 @@ class RelayServer:
             access=self.access,
             broker=self.broker,
         )
+        self.websocket = WebSocketRelay(
+            settings=self._settings, access=self.access, broker=self.broker, legs=self._legs
+        )
         self._listen = ListenEndpoint(
             settings=self._settings,
             store=self.store,
@@ -149,15 +133,16 @@ class RelayServer:
 
         Takes effect for what comes next: limits are read when used (a new sender's rendezvous
         timeout and the pending bound, a new HTTP request's deadline, a new listener's limit and
-        keep-alive, a channel's next renewal grace), ``namespace_host``,
-        ``auto_create_hybrid_connections`` and the public base URL; and, when the relay was
+        keep-alive, a channel's next renewal grace), ``namespace_host`` and
+        ``auto_create_hybrid_connections``; and, when the relay was
         started without a ``store``, the hybrid connections and namespace rules (an entity
         created on first listen is kept). Connections already relayed and listeners already
         connected stay. A removed entity's listeners stay connected until they leave, but no
         sender reaches them.
 
         Needs a restart, and is refused here (:class:`ConfigurationError`): the ``server``
-        section (address, port, TLS) and ``ingress:`` (the ports are bound at start).
+        section (address, port, TLS, public base URL) and ``ingress:`` (the ports are bound at
+        start).
         ``limits.idle_timeout`` applies to connections made after a restart only (aiohttp takes
         it when the server starts).
         """
@@ -284,7 +269,15 @@ class RelayServer:
         raw_path, _, raw_query = request.raw_path.partition("?")
         if not raw_path.startswith(HC_PREFIX):
             if is_runtime_info_request(request, raw_query):
-                return self._runtime_info(request, raw_path)
+                return runtime_info(
+                    request,
+                    raw_path,
+                    store=self.store,
+                    access=self.access,
+                    broker=self.broker,
+                    secure=self._ssl is not None,
+                    loaded_at=self._loaded_at,
+                )
             if self._closing:
                 return error_response(503, "The relay is shutting down.")
             return await self.http.handle_sender_request(request, raw_path, raw_query)
@@ -302,7 +295,7 @@ class RelayServer:
                 return error_response(400, "A WebSocket upgrade is required.")
             if action == "request":
                 return await self.http.handle_request_rendezvous(request, params)
-            return await self._handle_accept(request, params)
+            return await self.websocket.handle_accept(request, params)
         if action not in ("listen", "connect"):
             return error_response(400, f"Unknown sb-hc-action {action!r}.")
         if not is_upgrade:
@@ -313,142 +306,4 @@ class RelayServer:
         if resolved is None:
             return error_response(404, "The hybrid connection does not exist.")
         entity, suffix = resolved
-        return await self._handle_connect(request, entity, suffix, raw_query, params)
-
-    # -- E7: runtime information ---------------------------------------------------------------
-
-    def _runtime_info(self, request: web.BaseRequest, raw_path: str) -> web.Response:
-        try:
-            path = unquote(raw_path.lstrip("/"), errors="strict").strip("/")
-        except UnicodeDecodeError:
-            path = ""
-        entity = self.store.get(path)
-        track = tracking_id()
-        # Any right on the entity will do; for an unknown path the namespace's rules decide,
-        # so that existence is not revealed to a caller without a valid token.
-        subject = entity or HybridConnectionConfig(name=path or "-")
-        token = request.headers.get("Authorization") or request.headers.get(AUTH_HEADER)
-        decision = self.access.authorize(token, subject, Rights.NONE)
-        if not decision.allowed:
-            return error_xml(decision.status, f"{decision.reason} TrackingId:{track}")
-        url = f"{'https' if self._ssl else 'http'}://{request.host}/{path}"
-        if entity is None:
-            return runtime_info_response(url=url, path=None, created_at=self._loaded_at)
-        return runtime_info_response(
-            url=url,
-            path=entity.name,
-            requires_client_authorization=entity.requires_client_authorization,
-            user_metadata=entity.user_metadata,
-            listener_count=self.broker.listener_count(entity.name),
-            created_at=self._loaded_at,
-        )
-
-    # -- E2: sender ----------------------------------------------------------------------
-
-    async def _handle_connect(
-        self,
-        request: web.BaseRequest,
-        entity: HybridConnectionConfig,
-        suffix: str,
-        raw_query: str,
-        params: dict[str, str],
-    ) -> web.StreamResponse:
-        if entity.requires_client_authorization:
-            token = request_token(request.headers, params)
-            decision = self.access.authorize(token, entity, Rights.SEND, suffix=suffix)
-            if not decision.allowed:
-                return error_response(decision.status, decision.reason)
-        try:
-            handshake_headers(request.headers, None)
-        except HandshakeError as exc:
-            return error_response(exc.status, str(exc))
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        connection = Connection(
-            params.get("sb-hc-id") or tracking_id(),
-            {k: v for k, v in request.headers.items() if k.lower() not in _PRIVATE_HEADERS},
-            remote=remote_endpoint(peer),
-            suffix=suffix,
-            raw_query=raw_query,
-        )
-        limits = self.config.limits
-        async with self.broker.offer(
-            entity.name,
-            connection,
-            max_pending=limits.max_pending_rendezvous,
-            rendezvous_timeout=limits.rendezvous_timeout,
-        ) as (pending, outcome):
-            if isinstance(outcome, Unanswered):
-                return error_response(outcome.status, outcome.description)
-            assert pending is not None
-            return await self._rendezvous_sender(request, entity, pending, outcome)
-
-    async def _rendezvous_sender(
-        self,
-        request: web.BaseRequest,
-        entity: HybridConnectionConfig,
-        pending: PendingRendezvous,
-        outcome: Accepted | Rejection,
-    ) -> web.StreamResponse:
-        if isinstance(outcome, Rejection):
-            return web.Response(
-                status=outcome.status, reason=reason_phrase(outcome.description) or "Error"
-            )
-        response, sender = await take_over(
-            request,
-            outcome.subprotocol,
-            max_message_size=self.config.limits.max_message_size,
-            name=f"{pending.id} on {entity.name!r} (sender)",
-            on_lost=self._legs.lost,
-        )
-        if sender is None:
-            return response  # leaving the broker's offer closes the listener's leg
-        self._legs.track(sender)
-        pending.splice.join(sender)
-        return response
-
-    # -- E3 / E4: listener accepts or rejects ---------------------------------------------------
-
-    async def _handle_accept(
-        self, request: web.BaseRequest, params: dict[str, str]
-    ) -> web.StreamResponse:
-        address = parse_accept_params(params)
-        pending = self.broker.claim(address.secret, address.connection_id, PendingRendezvous)
-        if pending is None:
-            return error_response(403, "The rendezvous address is not valid or has expired.")
-        if address.rejects:
-            if address.status_code is None:
-                if not pending.outcome.done():
-                    pending.outcome.set_result(Rejection(400, UNDESCRIBED_REJECTION))
-                return error_response(400, "sb-hc-statusCode must be an HTTP status code.")
-            if not pending.outcome.done():
-                pending.outcome.set_result(
-                    Rejection(address.status_code, address.status_description)
-                )
-            return web.Response(status=410, reason="Gone")
-        offered = request.headers.get("Sec-WebSocket-Protocol", "")
-        subprotocol = offered.split(",")[0].strip() or None
-        try:
-            headers = handshake_headers(request.headers, subprotocol)
-        except HandshakeError as exc:
-            if not pending.outcome.done():
-                pending.outcome.set_result(Rejection(502, "The listener's upgrade failed."))
-            return error_response(exc.status, str(exc))
-        response, listener = await take_over(
-            request,
-            subprotocol,
-            max_message_size=self.config.limits.max_message_size,
-            name=f"{pending.id} on {pending.entity!r} (listener)",
-            on_lost=self._legs.lost,
-            response_headers=headers,
-        )
-        if listener is None:
-            if not pending.outcome.done():
-                pending.outcome.set_result(Rejection(502, "The listener's upgrade failed."))
-            return response
-        self._legs.track(listener)
-        if pending.outcome.done():  # the sender gave up meanwhile
-            listener.close_now(CloseCode.GOING_AWAY, "sender went away")
-        else:
-            pending.splice.listener = listener
-            pending.outcome.set_result(Accepted(subprotocol))
-        return response
+        return await self.websocket.handle_connect(request, entity, suffix, raw_query, params)

@@ -14,13 +14,19 @@ configuration file are the time the relay loaded it (the file has no such field)
 from __future__ import annotations
 
 import datetime
+from urllib.parse import unquote
 from xml.sax.saxutils import escape
 
 from aiohttp import web
 
-from hybridrelay.server.responses import reason_phrase
+from hybridrelay.auth.sas import Rights
+from hybridrelay.server.access import AUTH_HEADER, Access
+from hybridrelay.server.broker import Broker
+from hybridrelay.server.config import HybridConnectionConfig
+from hybridrelay.server.responses import reason_phrase, tracking_id
+from hybridrelay.server.store import EntityStore
 
-__all__ = ["error_xml", "is_runtime_info_request", "runtime_info_response"]
+__all__ = ["error_xml", "is_runtime_info_request", "runtime_info", "runtime_info_response"]
 
 _ATOM = "http://www.w3.org/2005/Atom"
 _SB = "http://schemas.microsoft.com/netservices/2010/10/servicebus/connect"
@@ -31,6 +37,44 @@ def is_runtime_info_request(request: web.BaseRequest, raw_query: str) -> bool:
         request.method == "GET"
         and "api-version=" in raw_query
         and request.headers.get("X-PROCESS-AT", "").lower() == "servicebus"
+    )
+
+
+def runtime_info(
+    request: web.BaseRequest,
+    raw_path: str,
+    *,
+    store: EntityStore,
+    access: Access,
+    broker: Broker,
+    secure: bool,
+    loaded_at: datetime.datetime,
+) -> web.Response:
+    """The answer to a runtime-information request for ``raw_path``; entities from the
+    configuration report ``loaded_at`` as their creation and update time."""
+    try:
+        path = unquote(raw_path.lstrip("/"), errors="strict").strip("/")
+    except UnicodeDecodeError:
+        path = ""
+    entity = store.get(path)
+    track = tracking_id()
+    # Any right on the entity will do; for an unknown path the namespace's rules decide,
+    # so that existence is not revealed to a caller without a valid token.
+    subject = entity or HybridConnectionConfig(name=path or "-")
+    token = request.headers.get("Authorization") or request.headers.get(AUTH_HEADER)
+    decision = access.authorize(token, subject, Rights.NONE)
+    if not decision.allowed:
+        return error_xml(decision.status, f"{decision.reason} TrackingId:{track}")
+    url = f"{'https' if secure else 'http'}://{request.host}/{path}"
+    if entity is None:
+        return runtime_info_response(url=url, path=None, created_at=loaded_at)
+    return runtime_info_response(
+        url=url,
+        path=entity.name,
+        requires_client_authorization=entity.requires_client_authorization,
+        user_metadata=entity.user_metadata,
+        listener_count=broker.listener_count(entity.name),
+        created_at=loaded_at,
     )
 
 

@@ -1,0 +1,167 @@
+"""Relaying WebSocket connections (PROTOCOL.md 5): the sender's connect (E2) and the listener's
+accept or reject of it on the rendezvous address it was told (E3, E4).
+
+The broker (``broker.py``) offers the sender to a listener and holds the rendezvous; once both
+sides are upgraded, ``transport/splice.py`` takes the two connections over from aiohttp and
+forwards frames between them in the read callbacks, and the legs are tracked for the relay's
+shutdown (``legs.py``).
+
+Nothing here logs a token or a rendezvous address.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+
+from hybridrelay.auth.sas import Rights
+from hybridrelay.protocol.addressing import UNDESCRIBED_REJECTION, parse_accept_params
+from hybridrelay.protocol.websocket import HandshakeError, handshake_headers
+from hybridrelay.server.access import AUTH_HEADER, Access, request_token
+from hybridrelay.server.broker import (
+    Accepted,
+    Broker,
+    Connection,
+    PendingRendezvous,
+    Rejection,
+    Unanswered,
+    remote_endpoint,
+)
+from hybridrelay.server.config import HybridConnectionConfig, RelayConfig
+from hybridrelay.server.legs import RelayedLegs
+from hybridrelay.server.responses import error_response, reason_phrase, tracking_id
+from hybridrelay.transport.base import CloseCode
+from hybridrelay.transport.splice import take_over
+
+__all__ = ["WebSocketRelay"]
+
+# Request headers that are the relay's business and never reach the listener in connectHeaders.
+_PRIVATE_HEADERS = frozenset({AUTH_HEADER.lower()})
+
+
+class WebSocketRelay:
+    """E2-E4 for one relay; ``settings`` returns its configuration of the moment."""
+
+    def __init__(
+        self,
+        *,
+        settings: Callable[[], RelayConfig],
+        access: Access,
+        broker: Broker,
+        legs: RelayedLegs,
+    ) -> None:
+        self._settings = settings
+        self._access = access
+        self._broker = broker
+        self._legs = legs
+
+    # -- E2: the sender ----------------------------------------------------------------------
+
+    async def handle_connect(
+        self,
+        request: web.BaseRequest,
+        entity: HybridConnectionConfig,
+        suffix: str,
+        raw_query: str,
+        params: dict[str, str],
+    ) -> web.StreamResponse:
+        if entity.requires_client_authorization:
+            token = request_token(request.headers, params)
+            decision = self._access.authorize(token, entity, Rights.SEND, suffix=suffix)
+            if not decision.allowed:
+                return error_response(decision.status, decision.reason)
+        try:
+            handshake_headers(request.headers, None)
+        except HandshakeError as exc:
+            return error_response(exc.status, str(exc))
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        connection = Connection(
+            params.get("sb-hc-id") or tracking_id(),
+            {k: v for k, v in request.headers.items() if k.lower() not in _PRIVATE_HEADERS},
+            remote=remote_endpoint(peer),
+            suffix=suffix,
+            raw_query=raw_query,
+        )
+        limits = self._settings().limits
+        async with self._broker.offer(
+            entity.name,
+            connection,
+            max_pending=limits.max_pending_rendezvous,
+            rendezvous_timeout=limits.rendezvous_timeout,
+        ) as (pending, outcome):
+            if isinstance(outcome, Unanswered):
+                return error_response(outcome.status, outcome.description)
+            assert pending is not None
+            return await self._rendezvous_sender(request, entity, pending, outcome)
+
+    async def _rendezvous_sender(
+        self,
+        request: web.BaseRequest,
+        entity: HybridConnectionConfig,
+        pending: PendingRendezvous,
+        outcome: Accepted | Rejection,
+    ) -> web.StreamResponse:
+        if isinstance(outcome, Rejection):
+            return web.Response(
+                status=outcome.status, reason=reason_phrase(outcome.description) or "Error"
+            )
+        response, sender = await take_over(
+            request,
+            outcome.subprotocol,
+            max_message_size=self._settings().limits.max_message_size,
+            name=f"{pending.id} on {entity.name!r} (sender)",
+            on_lost=self._legs.lost,
+        )
+        if sender is None:
+            return response  # leaving the broker's offer closes the listener's leg
+        self._legs.track(sender)
+        pending.splice.join(sender)
+        return response
+
+    # -- E3 / E4: listener accepts or rejects ---------------------------------------------------
+
+    async def handle_accept(
+        self, request: web.BaseRequest, params: dict[str, str]
+    ) -> web.StreamResponse:
+        address = parse_accept_params(params)
+        pending = self._broker.claim(address.secret, address.connection_id, PendingRendezvous)
+        if pending is None:
+            return error_response(403, "The rendezvous address is not valid or has expired.")
+        if address.rejects:
+            if address.status_code is None:
+                if not pending.outcome.done():
+                    pending.outcome.set_result(Rejection(400, UNDESCRIBED_REJECTION))
+                return error_response(400, "sb-hc-statusCode must be an HTTP status code.")
+            if not pending.outcome.done():
+                pending.outcome.set_result(
+                    Rejection(address.status_code, address.status_description)
+                )
+            return web.Response(status=410, reason="Gone")
+        offered = request.headers.get("Sec-WebSocket-Protocol", "")
+        subprotocol = offered.split(",")[0].strip() or None
+        try:
+            headers = handshake_headers(request.headers, subprotocol)
+        except HandshakeError as exc:
+            if not pending.outcome.done():
+                pending.outcome.set_result(Rejection(502, "The listener's upgrade failed."))
+            return error_response(exc.status, str(exc))
+        response, listener = await take_over(
+            request,
+            subprotocol,
+            max_message_size=self._settings().limits.max_message_size,
+            name=f"{pending.id} on {pending.entity!r} (listener)",
+            on_lost=self._legs.lost,
+            response_headers=headers,
+        )
+        if listener is None:
+            if not pending.outcome.done():
+                pending.outcome.set_result(Rejection(502, "The listener's upgrade failed."))
+            return response
+        self._legs.track(listener)
+        if pending.outcome.done():  # the sender gave up meanwhile
+            listener.close_now(CloseCode.GOING_AWAY, "sender went away")
+        else:
+            pending.splice.listener = listener
+            pending.outcome.set_result(Accepted(subprotocol))
+        return response
