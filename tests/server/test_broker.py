@@ -32,6 +32,10 @@ from hybridrelay.transport.base import MessageKind, WsMessage
 LONG = 30.0  # a rendezvous timeout no test waits out
 
 
+def limits(max_pending: int, rendezvous_timeout: float) -> LimitsConfig:
+    return LimitsConfig(max_pending_rendezvous=max_pending, rendezvous_timeout=rendezvous_timeout)
+
+
 class FakeSocket:
     """A control channel's socket as the broker uses it: ``send`` records (or fails)."""
 
@@ -117,9 +121,7 @@ async def test_a_dead_listener_is_skipped_and_dropped() -> None:
         assert accept(broker, *await alive.next_accept()) is not None
 
     answering = asyncio.create_task(listener())
-    async with broker.offer(
-        "hc", Connection("c1", {}), max_pending=10, rendezvous_timeout=LONG
-    ) as (pending, outcome):
+    async with broker.offer("hc", Connection("c1", {}), limits(10, LONG)) as (pending, outcome):
         assert outcome == Accepted(None)
         assert pending is not None and pending.channel is alive_channel
     await answering
@@ -141,9 +143,7 @@ async def test_the_listener_told_is_the_first_in_the_injected_order(order: tuple
         accept(broker, *await sockets[first].next_accept())
 
     answering = asyncio.create_task(listener())
-    async with broker.offer(
-        "hc", Connection("c1", {}), max_pending=10, rendezvous_timeout=LONG
-    ) as (_, outcome):
+    async with broker.offer("hc", Connection("c1", {}), limits(10, LONG)) as (_, outcome):
         assert outcome == Accepted(None)
     await answering
     assert not sockets[second].sent
@@ -166,9 +166,7 @@ async def test_a_listener_gone_before_answering_is_replaced_and_its_answer_refus
         late.append(accept(broker, secret, connection_id))  # single use
 
     answering = asyncio.create_task(listeners())
-    async with broker.offer(
-        "hc", Connection("c1", {}), max_pending=10, rendezvous_timeout=LONG
-    ) as (_, outcome):
+    async with broker.offer("hc", Connection("c1", {}), limits(10, LONG)) as (_, outcome):
         assert outcome == Accepted(None)
     await answering
     assert late == [None]
@@ -185,9 +183,7 @@ async def test_the_listener_s_rejection_is_the_outcome() -> None:
         pending.outcome.set_result(Rejection(401, "no"))
 
     answering = asyncio.create_task(listener())
-    async with broker.offer(
-        "hc", Connection("c1", {}), max_pending=10, rendezvous_timeout=LONG
-    ) as (_, outcome):
+    async with broker.offer("hc", Connection("c1", {}), limits(10, LONG)) as (_, outcome):
         assert outcome == Rejection(401, "no")
     await answering
 
@@ -195,14 +191,12 @@ async def test_the_listener_s_rejection_is_the_outcome() -> None:
 async def test_no_listener_and_too_many_pending() -> None:
     socket = FakeSocket()
     broker = LocalBroker()
-    async with broker.offer(
-        "hc", Connection("c1", {}), max_pending=10, rendezvous_timeout=LONG
-    ) as (pending, outcome):
+    async with broker.offer("hc", Connection("c1", {}), limits(10, LONG)) as (pending, outcome):
         assert (pending, outcome) == (None, NO_LISTENER)
     broker.register(channel("l", socket), 25)
     waiting = Pending("other", "hc")
     assert broker.open(waiting, 1)
-    async with broker.offer("hc", Connection("c1", {}), max_pending=1, rendezvous_timeout=LONG) as (
+    async with broker.offer("hc", Connection("c1", {}), limits(1, LONG)) as (
         pending,
         outcome,
     ):
@@ -216,9 +210,7 @@ async def test_unanswered_in_time_and_the_address_is_dead_after() -> None:
     socket = FakeSocket()
     broker = LocalBroker()
     broker.register(channel("l", socket), 25)
-    async with broker.offer(
-        "hc", Connection("c1", {}), max_pending=10, rendezvous_timeout=0.05
-    ) as (pending, outcome):
+    async with broker.offer("hc", Connection("c1", {}), limits(10, 0.05)) as (pending, outcome):
         assert outcome == NOT_IN_TIME
         assert pending is not None
     secret, connection_id = await socket.next_accept()  # it was told, and ignored it

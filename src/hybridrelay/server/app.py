@@ -35,7 +35,8 @@ from hybridrelay.protocol.addressing import (
 )
 from hybridrelay.server.access import Access
 from hybridrelay.server.broker import Broker, LocalBroker
-from hybridrelay.server.config import LimitsConfig, RelayConfig
+from hybridrelay.server.config import RelayConfig
+from hybridrelay.server.context import RelayContext
 from hybridrelay.server.control_channel import ListenEndpoint
 from hybridrelay.server.http_relay import HttpRelay
 from hybridrelay.server.ingress import RelayIngress
@@ -95,36 +96,18 @@ class RelayServer:
         self._closing = False
         self._closed = asyncio.Event()
         self._ssl = self._ssl_context() if config.server.tls else None
-        self.http = HttpRelay(
-            settings=self._settings,
-            store=self.store,
-            access=self.access,
-            broker=self.broker,
+        #: What the endpoints use of the relay.
+        self._context = RelayContext(
+            self._settings, self.store, self.access, self.broker, self._legs
         )
-        self.websocket = WebSocketRelay(
-            settings=self._settings, access=self.access, broker=self.broker, legs=self._legs
-        )
-        self._listen = ListenEndpoint(
-            settings=self._settings,
-            store=self.store,
-            access=self.access,
-            broker=self.broker,
-            http=self.http,
-            public_base=self.public_base,
-        )
+        self.http = HttpRelay(self._context)
+        self.websocket = WebSocketRelay(self._context)
+        self._listen = ListenEndpoint(self._context, http=self.http, public_base=self.public_base)
         #: The relay's own TCP ports (``ingress:``).
-        self.ingress = [
-            RelayIngress(
-                entry, broker=self.broker, store=self.store, limits=self._limits, legs=self._legs
-            )
-            for entry in config.ingress
-        ]
+        self.ingress = [RelayIngress(entry, self._context) for entry in config.ingress]
 
     def _settings(self) -> RelayConfig:
         return self.config
-
-    def _limits(self) -> LimitsConfig:
-        return self.config.limits
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -272,9 +255,7 @@ class RelayServer:
                 return runtime_info(
                     request,
                     raw_path,
-                    store=self.store,
-                    access=self.access,
-                    broker=self.broker,
+                    self._context,
                     secure=self._ssl is not None,
                     loaded_at=self._loaded_at,
                 )

@@ -36,6 +36,7 @@ from urllib.parse import quote
 from hybridrelay.exceptions import RelayConnectionError
 from hybridrelay.protocol.addressing import filter_query, rendezvous_url
 from hybridrelay.protocol.messages import Accept, RemoteEndpoint, encode_message
+from hybridrelay.server.config import LimitsConfig
 from hybridrelay.server.registry import ControlChannel, InMemoryListenerRegistry, ListenerRegistry
 from hybridrelay.transport.splice import Splice
 
@@ -189,14 +190,15 @@ class Broker(Protocol):
         ...
 
     def offer(
-        self, entity: str, connection: Connection, *, max_pending: int, rendezvous_timeout: float
+        self, entity: str, connection: Connection, limits: LimitsConfig
     ) -> AbstractAsyncContextManager[tuple[PendingRendezvous | None, Outcome]]:
-        """Offer ``connection`` to a listener of ``entity`` and wait up to
-        ``rendezvous_timeout`` seconds for its answer.
+        """Offer ``connection`` to a listener of ``entity`` and wait up to the
+        ``rendezvous_timeout`` of ``limits`` for its answer.
 
         Yields the pending rendezvous and the outcome: :class:`Accepted` (join the sender's leg
         to ``pending.splice.listener`` before leaving the block), the listener's
-        :class:`Rejection`, or :class:`Unanswered` (no listener, ``max_pending`` reached, or no
+        :class:`Rejection`, or :class:`Unanswered` (no listener, ``max_pending_rendezvous``
+        reached, or no
         answer in time; then the pending rendezvous is None unless a listener was told). If the
         listener that was told goes away before answering, the connection is offered to another
         one. On leaving, the rendezvous is forgotten and a listener leg not joined is closed.
@@ -341,17 +343,20 @@ class LocalBroker:
 
     @contextlib.asynccontextmanager
     async def offer(
-        self, entity: str, connection: Connection, *, max_pending: int, rendezvous_timeout: float
+        self, entity: str, connection: Connection, limits: LimitsConfig
     ) -> AsyncIterator[tuple[PendingRendezvous | None, Outcome]]:
         if not self.registry.has_listeners(entity):
             yield None, NO_LISTENER
             return
         pending = PendingRendezvous(connection.id, entity)
-        if not self.open(pending, max_pending):
+        if not self.open(pending, limits.max_pending_rendezvous):
             yield None, TOO_MANY_PENDING
             return
         try:
-            yield pending, await self._answer(entity, connection, pending, rendezvous_timeout)
+            yield (
+                pending,
+                await self._answer(entity, connection, pending, limits.rendezvous_timeout),
+            )
         finally:
             self.forget(pending)
             if not pending.outcome.done():

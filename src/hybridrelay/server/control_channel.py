@@ -18,14 +18,13 @@ from aiohttp import web
 from hybridrelay.auth.sas import Rights
 from hybridrelay.exceptions import ProtocolError
 from hybridrelay.protocol.messages import RenewToken, parse_message
-from hybridrelay.server.access import Access, request_token
-from hybridrelay.server.broker import Broker
-from hybridrelay.server.config import HybridConnectionConfig, RelayConfig
+from hybridrelay.server.access import request_token
+from hybridrelay.server.config import HybridConnectionConfig
+from hybridrelay.server.context import RelayContext
 from hybridrelay.server.http_relay import CONTROL_MAX_MESSAGE, HttpRelay
 from hybridrelay.server.ratelimit import FailureLimiter
 from hybridrelay.server.registry import ControlChannel
 from hybridrelay.server.responses import error_response, tracking_id
-from hybridrelay.server.store import EntityStore
 from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
 from hybridrelay.transport.base import CloseCode, MessageKind
 
@@ -60,26 +59,19 @@ def upgrade(
 class ListenEndpoint:
     """E1: admits listeners and serves their control channels until they end.
 
-    Everything it needs is passed in: the relay's current configuration (read at each use, so
-    a replaced one applies to the next listener and the next renewal), the entity store, the
-    authorization check, the broker that offers senders on the channel, the HTTP relaying that
-    reads the listeners' responses, and the base of the rendezvous addresses for a request.
+    Besides the relay's context (its configuration is read at each use, so a replaced one
+    applies to the next listener and the next renewal), it gets the HTTP relaying that reads the
+    listeners' responses and the base of the rendezvous addresses for a listener's request.
     """
 
     def __init__(
         self,
+        relay: RelayContext,
         *,
-        settings: Callable[[], RelayConfig],
-        store: EntityStore,
-        access: Access,
-        broker: Broker,
         http: HttpRelay,
         public_base: Callable[[web.BaseRequest], str],
     ) -> None:
-        self._settings = settings
-        self._store = store
-        self._access = access
-        self._broker = broker
+        self._relay = relay
         self._http = http
         self._public_base = public_base
         self._failures = FailureLimiter()
@@ -99,25 +91,25 @@ class ListenEndpoint:
     async def _listen(
         self, request: web.BaseRequest, path: str, params: dict[str, str]
     ) -> web.StreamResponse:
-        config = self._settings()
+        config = self._relay.config
         token = request_token(request.headers, params)
-        entity = self._store.get(path) if path.strip("/") else None
+        entity = self._relay.store.get(path) if path.strip("/") else None
         if entity is None and config.auto_create_hybrid_connections and path.strip("/"):
             candidate = HybridConnectionConfig(name=path.strip("/"))
-            decision = self._access.authorize(token, candidate, Rights.LISTEN)
+            decision = self._relay.access.authorize(token, candidate, Rights.LISTEN)
             if not decision.allowed:
                 return error_response(decision.status, decision.reason)
-            self._store.create(candidate)
+            self._relay.store.create(candidate)
             logger.info("created hybrid connection %r on first listen", candidate.name)
             entity = candidate
         if entity is None:
             return error_response(404, "The hybrid connection does not exist.")
-        decision = self._access.authorize(token, entity, Rights.LISTEN)
+        decision = self._relay.access.authorize(token, entity, Rights.LISTEN)
         if not decision.allowed:
             logger.info("listen on %r refused: %s", entity.name, decision.reason)
             return error_response(decision.status, decision.reason)
         limit = config.limits.max_listeners_per_connection
-        if self._broker.listener_count(entity.name) >= limit:
+        if self._relay.broker.listener_count(entity.name) >= limit:
             return error_response(429, f"QuotaExceeded: at most {limit} listeners are allowed.")
 
         keep_alive = config.limits.keep_alive_interval
@@ -133,14 +125,14 @@ class ListenEndpoint:
             request.remote or "",
             self._public_base(request),
         )
-        if not self._broker.register(channel, limit):  # raced with another listener
+        if not self._relay.broker.register(channel, limit):  # raced with another listener
             await socket_.aclose(CloseCode.TRY_AGAIN_LATER, "listener limit reached")
             return ws
         logger.info("listener %s online on %r", listener_id, entity.name)
         try:
             await self._serve(channel, entity)
         finally:
-            self._broker.unregister(channel)
+            self._relay.broker.unregister(channel)
             self._http.forget_channel(channel)
             socket_.abort()
             logger.info("listener %s offline on %r", listener_id, entity.name)
@@ -149,7 +141,7 @@ class ListenEndpoint:
     async def _serve(self, channel: ControlChannel, entity: HybridConnectionConfig) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            grace = self._settings().limits.token_grace_period
+            grace = self._relay.config.limits.token_grace_period
             # The token's expiry (plus grace) is the read deadline: a channel whose token ran
             # out without a renewal is closed with 1008 (PROTOCOL.md 4.4, 4.6).
             deadline = loop.time() + max(0.0, channel.token_expiry + grace - time.time())
@@ -172,7 +164,7 @@ class ListenEndpoint:
                 await channel.socket.aclose(CloseCode.PROTOCOL_ERROR, str(exc)[:100])
                 return
             if isinstance(parsed, RenewToken):
-                decision = self._access.authorize(parsed.token, entity, Rights.LISTEN, grace)
+                decision = self._relay.access.authorize(parsed.token, entity, Rights.LISTEN, grace)
                 if not decision.allowed:
                     channel.usable = False
                     await channel.socket.aclose(CloseCode.POLICY_VIOLATION, "token renewal failed")

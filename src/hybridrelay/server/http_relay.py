@@ -40,7 +40,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import unquote
@@ -69,12 +69,12 @@ from hybridrelay.protocol.messages import (
     encode_message,
     parse_message,
 )
-from hybridrelay.server.access import AUTH_HEADER, Access, sender_token
-from hybridrelay.server.broker import Broker, Pending, remote_endpoint
-from hybridrelay.server.config import HybridConnectionConfig, LimitsConfig, RelayConfig
+from hybridrelay.server.access import AUTH_HEADER, sender_token
+from hybridrelay.server.broker import Pending, remote_endpoint
+from hybridrelay.server.config import HybridConnectionConfig, LimitsConfig
+from hybridrelay.server.context import RelayContext
 from hybridrelay.server.registry import ControlChannel
 from hybridrelay.server.responses import error_response, reason_phrase
-from hybridrelay.server.store import EntityStore
 from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
 from hybridrelay.transport.base import CloseCode, MessageKind, WsMessage
 
@@ -183,21 +183,10 @@ class HttpRelay:
     """HTTP relaying: ``app.py`` routes E5 and E6 here, ``control_channel.py`` the listeners'
     ``response`` messages and their bodies.
 
-    ``settings`` returns the relay's configuration of the moment (read at each use).
     """
 
-    def __init__(
-        self,
-        *,
-        settings: Callable[[], RelayConfig],
-        store: EntityStore,
-        access: Access,
-        broker: Broker,
-    ) -> None:
-        self._settings = settings
-        self._store = store
-        self._access = access
-        self._broker = broker
+    def __init__(self, relay: RelayContext) -> None:
+        self._relay = relay
         #: Live exchanges by request id: where a listener's ``response`` goes.
         self._by_id: dict[str, _Exchange] = {}
         #: Per control channel: whom the next binary message belongs to (after body:true).
@@ -218,7 +207,7 @@ class HttpRelay:
             path = unquote(raw_path.lstrip("/"), errors="strict")
         except UnicodeDecodeError:
             return error_response(404, "Malformed path.")
-        resolved = resolve_entity(path, self._store.get)
+        resolved = resolve_entity(path, self._relay.store.get)
         if resolved is None:
             return error_response(404, "The hybrid connection does not exist.")
         entity, suffix = resolved
@@ -226,7 +215,7 @@ class HttpRelay:
         params = protocol_params(raw_query)
         token, strip_authorization = sender_token(request.headers, params, entity)
         if entity.requires_client_authorization:
-            decision = self._access.authorize(token, entity, Rights.SEND, suffix=suffix)
+            decision = self._relay.access.authorize(token, entity, Rights.SEND, suffix=suffix)
             if not decision.allowed:
                 return error_response(decision.status, decision.reason)
 
@@ -240,8 +229,8 @@ class HttpRelay:
             content_length=request.content_length,
             header_bytes=len(json.dumps(headers, separators=(",", ":")).encode("utf-8")),
         )
-        limits = self._settings().limits
-        if self._broker.pending_count >= limits.max_pending_rendezvous:
+        limits = self._relay.config.limits
+        if self._relay.broker.pending_count >= limits.max_pending_rendezvous:
             return error_response(503, _TOO_MANY_PENDING)
         expect = request.headers.get("Expect")
         if expect is not None:
@@ -286,16 +275,16 @@ class HttpRelay:
                 body=bool(body) if inline else has_body,
             )
 
-        if not self._broker.open(exchange, limits.max_pending_rendezvous):
+        if not self._relay.broker.open(exchange, limits.max_pending_rendezvous):
             return error_response(503, _TOO_MANY_PENDING)
         self._by_id[exchange.id] = exchange
         try:
             if inline:
-                channel = await self._broker.announce(
+                channel = await self._relay.broker.announce(
                     exchange, lambda base: encode_message(full_request(base)), body or None
                 )
             else:
-                channel = await self._broker.announce(
+                channel = await self._relay.broker.announce(
                     exchange,
                     lambda base: encode_message(
                         Request(address=full_request(base).address, id=exchange.id)
@@ -459,13 +448,13 @@ class HttpRelay:
         return out
 
     def _via_name(self, request: web.BaseRequest) -> str:
-        host = self._settings().namespace_host or request.host or "hybridrelay"
+        host = self._relay.config.namespace_host or request.host or "hybridrelay"
         return "".join(ch for ch in host if ch.isprintable() and ch not in " ,;\r\n")[:255]
 
     async def _finish(self, exchange: _Exchange) -> None:
         self._by_id.pop(exchange.id, None)
         channel = exchange.channel
-        self._broker.forget(exchange)
+        self._relay.broker.forget(exchange)
         owner = self._binary_owner.get(channel) if channel is not None else None
         if owner is not None and owner.exchange is exchange:
             owner.exchange = None  # its body still arrives on the channel; drop it then
@@ -487,11 +476,11 @@ class HttpRelay:
         self, request: web.BaseRequest, params: dict[str, str]
     ) -> web.StreamResponse:
         address = parse_accept_params(params)
-        exchange = self._broker.claim(address.secret, address.connection_id, _Exchange)
+        exchange = self._relay.broker.claim(address.secret, address.connection_id, _Exchange)
         if exchange is None:
             return error_response(403, "The rendezvous address is not valid or has expired.")
-        limits = self._settings().limits
-        entity = self._store.get(exchange.entity)
+        limits = self._relay.config.limits
+        entity = self._relay.store.get(exchange.entity)
         deadline = response_deadline(limits, entity) if entity else 60.0
         ws = _TrackedWebSocketResponse(
             autoclose=False,

@@ -22,14 +22,12 @@ import base64
 import logging
 import os
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from hybridrelay.protocol.azbridge import Mode, encode_preamble
-from hybridrelay.server.broker import Accepted, Broker, Connection, Rejection, remote_endpoint
-from hybridrelay.server.config import IngressConfig, LimitsConfig
-from hybridrelay.server.legs import RelayedLegs
-from hybridrelay.server.store import EntityStore
+from hybridrelay.server.broker import Accepted, Connection, Rejection, remote_endpoint
+from hybridrelay.server.config import IngressConfig
+from hybridrelay.server.context import RelayContext
 from hybridrelay.transport.splice import RawLeg
 
 __all__ = ["RelayIngress"]
@@ -48,25 +46,13 @@ class RelayIngress:
     """One ``ingress:`` entry: a listening TCP socket of the relay.
 
     Each accepted connection gets one short task, owned here, that finds it a listener through
-    the ``broker``; once joined, the connection lives on its transports alone (tracked in the
-    relay's ``legs`` for shutdown) and the task ends. ``limits`` returns the relay's limits of
-    the moment.
+    the relay's broker; once joined, the connection lives on its transports alone (tracked among
+    the relay's legs for shutdown) and the task ends.
     """
 
-    def __init__(
-        self,
-        config: IngressConfig,
-        *,
-        broker: Broker,
-        store: EntityStore,
-        limits: Callable[[], LimitsConfig],
-        legs: RelayedLegs,
-    ) -> None:
+    def __init__(self, config: IngressConfig, relay: RelayContext) -> None:
         self.config = config
-        self._broker = broker
-        self._store = store
-        self._limits = limits
-        self._relayed = legs
+        self._relay = relay
         self._server: asyncio.Server | None = None
         self._legs: set[RawLeg] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -139,10 +125,10 @@ class RelayIngress:
     def _lost(self, leg: RawLeg) -> None:
         self._legs.discard(leg)
         if leg.peer is not None:  # joined: tracked among the relay's legs
-            self._relayed.lost(leg)
+            self._relay.legs.lost(leg)
 
     async def _connect(self, leg: RawLeg) -> None:
-        entity = self._store.get(self.config.hybrid_connection)
+        entity = self._relay.store.get(self.config.hybrid_connection)
         if entity is None:
             self._refuse(leg, "the hybrid connection does not exist (yet)")
             return
@@ -158,13 +144,9 @@ class RelayIngress:
             "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode("ascii"),
         }
         connection = Connection(connection_id, headers, remote=remote_endpoint(leg.peername))
-        limits = self._limits()
         try:
-            async with self._broker.offer(
-                entity.name,
-                connection,
-                max_pending=limits.max_pending_rendezvous,
-                rendezvous_timeout=limits.rendezvous_timeout,
+            async with self._relay.broker.offer(
+                entity.name, connection, self._relay.config.limits
             ) as (pending, outcome):
                 if not isinstance(outcome, Accepted):
                     reason = outcome.description
@@ -177,7 +159,7 @@ class RelayIngress:
                     return  # the client went away meanwhile; leaving closes the listener's leg
                 if self.config.port_name:
                     leg.set_preamble(encode_preamble(self.config.port_name, Mode.STREAM))
-                self._relayed.track(leg)
+                self._relay.legs.track(leg)
                 pending.splice.join(leg)
         except BaseException:
             if leg.peer is None:

@@ -20,11 +20,10 @@ from xml.sax.saxutils import escape
 from aiohttp import web
 
 from hybridrelay.auth.sas import Rights
-from hybridrelay.server.access import AUTH_HEADER, Access
-from hybridrelay.server.broker import Broker
+from hybridrelay.server.access import AUTH_HEADER
 from hybridrelay.server.config import HybridConnectionConfig
+from hybridrelay.server.context import RelayContext
 from hybridrelay.server.responses import reason_phrase, tracking_id
-from hybridrelay.server.store import EntityStore
 
 __all__ = ["error_xml", "is_runtime_info_request", "runtime_info", "runtime_info_response"]
 
@@ -43,10 +42,8 @@ def is_runtime_info_request(request: web.BaseRequest, raw_query: str) -> bool:
 def runtime_info(
     request: web.BaseRequest,
     raw_path: str,
+    relay: RelayContext,
     *,
-    store: EntityStore,
-    access: Access,
-    broker: Broker,
     secure: bool,
     loaded_at: datetime.datetime,
 ) -> web.Response:
@@ -56,13 +53,13 @@ def runtime_info(
         path = unquote(raw_path.lstrip("/"), errors="strict").strip("/")
     except UnicodeDecodeError:
         path = ""
-    entity = store.get(path)
+    entity = relay.store.get(path)
     track = tracking_id()
     # Any right on the entity will do; for an unknown path the namespace's rules decide,
     # so that existence is not revealed to a caller without a valid token.
     subject = entity or HybridConnectionConfig(name=path or "-")
     token = request.headers.get("Authorization") or request.headers.get(AUTH_HEADER)
-    decision = access.authorize(token, subject, Rights.NONE)
+    decision = relay.access.authorize(token, subject, Rights.NONE)
     if not decision.allowed:
         return error_xml(decision.status, f"{decision.reason} TrackingId:{track}")
     url = f"{'https' if secure else 'http'}://{request.host}/{path}"
@@ -73,7 +70,7 @@ def runtime_info(
         path=entity.name,
         requires_client_authorization=entity.requires_client_authorization,
         user_metadata=entity.user_metadata,
-        listener_count=broker.listener_count(entity.name),
+        listener_count=relay.broker.listener_count(entity.name),
         created_at=loaded_at,
     )
 

@@ -11,25 +11,22 @@ Nothing here logs a token or a rendezvous address.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from aiohttp import web
 
 from hybridrelay.auth.sas import Rights
 from hybridrelay.protocol.addressing import UNDESCRIBED_REJECTION, parse_accept_params
 from hybridrelay.protocol.websocket import HandshakeError, handshake_headers
-from hybridrelay.server.access import AUTH_HEADER, Access, request_token
+from hybridrelay.server.access import AUTH_HEADER, request_token
 from hybridrelay.server.broker import (
     Accepted,
-    Broker,
     Connection,
     PendingRendezvous,
     Rejection,
     Unanswered,
     remote_endpoint,
 )
-from hybridrelay.server.config import HybridConnectionConfig, RelayConfig
-from hybridrelay.server.legs import RelayedLegs
+from hybridrelay.server.config import HybridConnectionConfig
+from hybridrelay.server.context import RelayContext
 from hybridrelay.server.responses import error_response, reason_phrase, tracking_id
 from hybridrelay.transport.base import CloseCode
 from hybridrelay.transport.splice import take_over
@@ -41,20 +38,10 @@ _PRIVATE_HEADERS = frozenset({AUTH_HEADER.lower()})
 
 
 class WebSocketRelay:
-    """E2-E4 for one relay; ``settings`` returns its configuration of the moment."""
+    """E2-E4 for one relay."""
 
-    def __init__(
-        self,
-        *,
-        settings: Callable[[], RelayConfig],
-        access: Access,
-        broker: Broker,
-        legs: RelayedLegs,
-    ) -> None:
-        self._settings = settings
-        self._access = access
-        self._broker = broker
-        self._legs = legs
+    def __init__(self, relay: RelayContext) -> None:
+        self._relay = relay
 
     # -- E2: the sender ----------------------------------------------------------------------
 
@@ -68,7 +55,7 @@ class WebSocketRelay:
     ) -> web.StreamResponse:
         if entity.requires_client_authorization:
             token = request_token(request.headers, params)
-            decision = self._access.authorize(token, entity, Rights.SEND, suffix=suffix)
+            decision = self._relay.access.authorize(token, entity, Rights.SEND, suffix=suffix)
             if not decision.allowed:
                 return error_response(decision.status, decision.reason)
         try:
@@ -83,13 +70,10 @@ class WebSocketRelay:
             suffix=suffix,
             raw_query=raw_query,
         )
-        limits = self._settings().limits
-        async with self._broker.offer(
-            entity.name,
-            connection,
-            max_pending=limits.max_pending_rendezvous,
-            rendezvous_timeout=limits.rendezvous_timeout,
-        ) as (pending, outcome):
+        async with self._relay.broker.offer(entity.name, connection, self._relay.config.limits) as (
+            pending,
+            outcome,
+        ):
             if isinstance(outcome, Unanswered):
                 return error_response(outcome.status, outcome.description)
             assert pending is not None
@@ -109,13 +93,13 @@ class WebSocketRelay:
         response, sender = await take_over(
             request,
             outcome.subprotocol,
-            max_message_size=self._settings().limits.max_message_size,
+            max_message_size=self._relay.config.limits.max_message_size,
             name=f"{pending.id} on {entity.name!r} (sender)",
-            on_lost=self._legs.lost,
+            on_lost=self._relay.legs.lost,
         )
         if sender is None:
             return response  # leaving the broker's offer closes the listener's leg
-        self._legs.track(sender)
+        self._relay.legs.track(sender)
         pending.splice.join(sender)
         return response
 
@@ -125,7 +109,7 @@ class WebSocketRelay:
         self, request: web.BaseRequest, params: dict[str, str]
     ) -> web.StreamResponse:
         address = parse_accept_params(params)
-        pending = self._broker.claim(address.secret, address.connection_id, PendingRendezvous)
+        pending = self._relay.broker.claim(address.secret, address.connection_id, PendingRendezvous)
         if pending is None:
             return error_response(403, "The rendezvous address is not valid or has expired.")
         if address.rejects:
@@ -149,16 +133,16 @@ class WebSocketRelay:
         response, listener = await take_over(
             request,
             subprotocol,
-            max_message_size=self._settings().limits.max_message_size,
+            max_message_size=self._relay.config.limits.max_message_size,
             name=f"{pending.id} on {pending.entity!r} (listener)",
-            on_lost=self._legs.lost,
+            on_lost=self._relay.legs.lost,
             response_headers=headers,
         )
         if listener is None:
             if not pending.outcome.done():
                 pending.outcome.set_result(Rejection(502, "The listener's upgrade failed."))
             return response
-        self._legs.track(listener)
+        self._relay.legs.track(listener)
         if pending.outcome.done():  # the sender gave up meanwhile
             listener.close_now(CloseCode.GOING_AWAY, "sender went away")
         else:
