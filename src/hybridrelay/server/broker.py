@@ -41,6 +41,9 @@ from hybridrelay.server.registry import ControlChannel, InMemoryListenerRegistry
 from hybridrelay.transport.splice import Splice
 
 __all__ = [
+    "NOT_IN_TIME",
+    "NO_LISTENER",
+    "TOO_MANY_PENDING",
     "Accepted",
     "Broker",
     "Connection",
