@@ -24,9 +24,9 @@ from hybridrelay.server.broker import (
     PendingRendezvous,
     Rejection,
 )
+from hybridrelay.server.channel import ControlChannel
 from hybridrelay.server.config import HybridConnectionConfig, LimitsConfig
 from hybridrelay.server.http_relay import response_deadline
-from hybridrelay.server.registry import ControlChannel
 from hybridrelay.transport.base import MessageKind, WsMessage
 
 LONG = 30.0  # a rendezvous timeout no test waits out

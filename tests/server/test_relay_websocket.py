@@ -17,7 +17,7 @@ import pytest
 
 from hybridrelay.auth.sas import create_token
 from hybridrelay.server import LocalBroker, RelayServer
-from hybridrelay.server.registry import ControlChannel
+from hybridrelay.server.channel import ControlChannel
 from tests.conftest import (
     LISTEN_KEY,
     LISTEN_KEY_NAME,
@@ -407,7 +407,7 @@ async def test_garbage_on_the_control_channel_closes_it(relay: Relay) -> None:
 
 
 async def test_half_open_listener_is_detected(make_relay: RelayFactory) -> None:
-    """A listener that stops answering pings is dropped from the registry."""
+    """A listener that stops answering pings is dropped: the broker offers it nothing more."""
     async with make_relay(limits={"keep_alive_interval": 0.4}) as relay, session() as s:
         await open_listener(s, relay, autoping=False)
         assert relay.server.broker.listener_count("hc") == 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 from hybridrelay.server.app import RelayServer
 from hybridrelay.server.broker import Broker, LocalBroker
 from hybridrelay.server.config import HybridConnectionConfig, RelayConfig
-from hybridrelay.server.registry import InMemoryListenerRegistry, ListenerRegistry
 from hybridrelay.server.store import EntityStore, FileEntityStore, InMemoryEntityStore
 
 __all__ = [
@@ -14,8 +13,6 @@ __all__ = [
     "FileEntityStore",
     "HybridConnectionConfig",
     "InMemoryEntityStore",
-    "InMemoryListenerRegistry",
-    "ListenerRegistry",
     "LocalBroker",
     "RelayConfig",
     "RelayServer",

@@ -36,8 +36,8 @@ from urllib.parse import quote
 from hybridrelay.exceptions import RelayConnectionError
 from hybridrelay.protocol.addressing import filter_query, rendezvous_url
 from hybridrelay.protocol.messages import Accept, RemoteEndpoint, encode_message
+from hybridrelay.server.channel import ControlChannel
 from hybridrelay.server.config import LimitsConfig
-from hybridrelay.server.registry import ControlChannel, InMemoryListenerRegistry, ListenerRegistry
 from hybridrelay.transport.splice import Splice
 
 __all__ = [
@@ -237,18 +237,14 @@ class Broker(Protocol):
 class LocalBroker:
     """The broker for the listeners connected to this relay process.
 
-    ``shuffle`` orders the candidate listeners in place before each offer (default
+    ``shuffle`` orders the usable listeners in place before each offer (default
     :func:`random.shuffle`; tests pass their own to make the choice deterministic).
     """
 
-    def __init__(
-        self,
-        registry: ListenerRegistry | None = None,
-        *,
-        shuffle: Callable[[list[ControlChannel]], None] = random.shuffle,
-    ) -> None:
-        self.registry: ListenerRegistry = registry or InMemoryListenerRegistry()
+    def __init__(self, *, shuffle: Callable[[list[ControlChannel]], None] = random.shuffle) -> None:
         self._shuffle = shuffle
+        #: Registered control channels by lower-cased entity path, in registration order.
+        self._by_entity: dict[str, list[ControlChannel]] = {}
         self._pending: dict[str, Pending] = {}
         #: Per control channel: the pending rendezvous its listener was told about.
         self._told: dict[ControlChannel, set[Pending]] = {}
@@ -256,18 +252,35 @@ class LocalBroker:
     # -- listeners -----------------------------------------------------------------------------
 
     def register(self, channel: ControlChannel, limit: int) -> bool:
-        return self.registry.add(channel, limit)
+        channels = self._by_entity.setdefault(channel.entity.lower(), [])
+        if len(channels) >= limit:
+            return False
+        channels.append(channel)
+        return True
 
     def unregister(self, channel: ControlChannel) -> None:
-        self.registry.remove(channel)  # resolves channel.closed: waiting connects move on
+        self._drop(channel)
         for pending in self._told.pop(channel, ()):
             pending.listener_gone()
 
+    def _drop(self, channel: ControlChannel) -> None:
+        """Offer ``channel`` nothing more; resolving ``channel.closed`` moves the connects
+        waiting on its answer to another listener."""
+        channel.usable = False
+        if not channel.closed.done():
+            channel.closed.set_result(None)
+        key = channel.entity.lower()
+        channels = self._by_entity.get(key)
+        if channels and channel in channels:
+            channels.remove(channel)
+            if not channels:
+                del self._by_entity[key]
+
     def listener_count(self, entity: str) -> int:
-        return self.registry.count(entity)
+        return len(self._by_entity.get(entity.lower(), ()))
 
     def channels(self) -> Sequence[ControlChannel]:
-        return self.registry.all()
+        return [c for channels in self._by_entity.values() for c in channels]
 
     # -- the table -----------------------------------------------------------------------------
 
@@ -304,7 +317,7 @@ class LocalBroker:
         body: bytes | None = None,
         exclude: Collection[ControlChannel] = (),
     ) -> ControlChannel | None:
-        candidates = self.registry.candidates(pending.entity)
+        candidates = [c for c in self._by_entity.get(pending.entity.lower(), ()) if c.usable]
         self._shuffle(candidates)
         # Rendered once per rendezvous base, and garbage once this returns (not held for the
         # connection's lifetime).
@@ -327,7 +340,7 @@ class LocalBroker:
                 # Never hand a sender to a dead listener: drop it and try the next one. What
                 # else waits on it learns when its control channel's loop ends (unregister).
                 self._untell(pending)
-                self.registry.remove(channel)
+                self._drop(channel)
                 continue
             return channel
         return None
@@ -348,7 +361,7 @@ class LocalBroker:
     async def offer(
         self, entity: str, connection: Connection, limits: LimitsConfig
     ) -> AsyncIterator[tuple[PendingRendezvous | None, Outcome]]:
-        if not self.registry.has_listeners(entity):
+        if not any(c.usable for c in self._by_entity.get(entity.lower(), ())):
             yield None, NO_LISTENER
             return
         pending = PendingRendezvous(connection.id, entity)

@@ -19,11 +19,11 @@ from hybridrelay.auth.sas import Rights
 from hybridrelay.exceptions import ProtocolError
 from hybridrelay.protocol.messages import RenewToken, parse_message
 from hybridrelay.server.access import request_token
+from hybridrelay.server.channel import ControlChannel
 from hybridrelay.server.config import HybridConnectionConfig
 from hybridrelay.server.context import RelayContext
 from hybridrelay.server.http_relay import CONTROL_MAX_MESSAGE, HttpRelay
 from hybridrelay.server.ratelimit import FailureLimiter
-from hybridrelay.server.registry import ControlChannel
 from hybridrelay.server.responses import error_response, tracking_id
 from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
 from hybridrelay.transport.base import CloseCode, MessageKind

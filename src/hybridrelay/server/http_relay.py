@@ -71,9 +71,9 @@ from hybridrelay.protocol.messages import (
 )
 from hybridrelay.server.access import AUTH_HEADER, sender_token
 from hybridrelay.server.broker import Pending, remote_endpoint
+from hybridrelay.server.channel import ControlChannel
 from hybridrelay.server.config import HybridConnectionConfig, LimitsConfig
 from hybridrelay.server.context import RelayContext
-from hybridrelay.server.registry import ControlChannel
 from hybridrelay.server.responses import error_response, reason_phrase
 from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
 from hybridrelay.transport.base import CloseCode, MessageKind, WsMessage
