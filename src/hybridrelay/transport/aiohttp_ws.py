@@ -31,6 +31,7 @@ from aiohttp import web
 from aiohttp._websocket.helpers import websocket_mask
 
 from hybridrelay.exceptions import RelayConnectionError
+from hybridrelay.protocol.closing import CloseHandshake
 from hybridrelay.protocol.websocket import OP_BINARY, OP_CONTINUATION, frame_header
 from hybridrelay.transport.base import MessageKind, WsMessage
 
@@ -51,13 +52,12 @@ class AiohttpMessageSocket:
             client: the response's ``close``).
     """
 
-    __slots__ = ("_close_received", "_close_sent", "_close_transport", "_ws")
+    __slots__ = ("_close_transport", "_closing", "_ws")
 
     def __init__(self, ws: AiohttpWebSocket, close_transport: Callable[[], None]) -> None:
         self._ws = ws
         self._close_transport = close_transport
-        self._close_sent = False
-        self._close_received = False
+        self._closing = CloseHandshake()
 
     @classmethod
     def server(cls, ws: web.WebSocketResponse, request: web.BaseRequest) -> AiohttpMessageSocket:
@@ -81,15 +81,16 @@ class AiohttpMessageSocket:
 
     @property
     def close_sent(self) -> bool:
-        return self._close_sent
+        return self._closing.sent
 
     @property
     def close_received(self) -> bool:
-        return self._close_received
+        return self._closing.received
 
     async def receive(self) -> WsMessage:
-        if self._close_received:
-            return WsMessage(MessageKind.CLOSE, code=self._ws.close_code or 1006)
+        closing = self._closing
+        if closing.received:
+            return WsMessage(MessageKind.CLOSE, code=closing.code or 1006, reason=closing.reason)
         while True:
             try:
                 msg = await self._ws.receive()
@@ -102,10 +103,12 @@ class AiohttpMessageSocket:
                 return WsMessage(MessageKind.TEXT, msg.data)
             if kind in (aiohttp.WSMsgType.PING, aiohttp.WSMsgType.PONG):
                 continue
-            self._close_received = True
             if kind is aiohttp.WSMsgType.CLOSE:
                 code = int(msg.data) if msg.data is not None else 1005
-                message = WsMessage(MessageKind.CLOSE, code=code, reason=msg.extra or "")
+                step = closing.receive(code, msg.extra or "")
+                if step.drop:
+                    self._drop()
+                return WsMessage(MessageKind.CLOSE, code=code, reason=msg.extra or "")
             else:  # CLOSING, CLOSED, ERROR: the connection went away without a close frame
                 # aiohttp reports "message too big" as an ERROR carrying a WebSocketError
                 # (its close_code is then whatever the peer's close frame said).
@@ -113,14 +116,13 @@ class AiohttpMessageSocket:
                     isinstance(msg.data, aiohttp.WebSocketError) and msg.data.code == 1009
                 )
                 code = 1009 if too_big else 1006
-                message = WsMessage(MessageKind.CLOSE, code=code)
-                self._close_sent = True  # nothing more can be sent
-            if self._close_sent:
+                closing.lost()  # nothing more can be sent
+                closing.code = code
                 self._drop()
-            return message
+                return WsMessage(MessageKind.CLOSE, code=code)
 
     async def send(self, data: bytes | str) -> None:
-        if self._close_sent:
+        if self._closing.sent:
             raise RelayConnectionError("cannot send after the close frame")
         try:
             if isinstance(data, str):
@@ -141,7 +143,7 @@ class AiohttpMessageSocket:
 
         Only for sockets without compression (the relay and the SDK never negotiate it).
         """
-        if self._close_sent:
+        if self._closing.sent:
             raise RelayConnectionError("cannot send after the close frame")
         writer = self._ws._writer
         if writer is None:
@@ -172,27 +174,28 @@ class AiohttpMessageSocket:
                 raise RelayConnectionError(f"WebSocket send failed: {exc}") from exc
 
     async def send_close(self, code: int = 1000, reason: str = "") -> None:
-        if self._close_sent:
+        step = self._closing.send(code, reason)
+        if step.frame is None:
             return
-        self._close_sent = True
-        payload = code.to_bytes(2, "big") + reason.encode("utf-8")[:123]
         try:
             async with asyncio.timeout(_CLOSE_TIMEOUT):
-                await self._ws.send_frame(payload, aiohttp.WSMsgType.CLOSE)
+                await self._ws.send_frame(step.frame, aiohttp.WSMsgType.CLOSE)
         except (ConnectionError, RuntimeError, aiohttp.ClientError, TimeoutError):
-            self._close_received = True
-        if self._close_received:
+            self._closing.lost()
+            self._drop()
+            return
+        if step.drop:  # the peer had closed already (a close arriving meanwhile drops itself)
             self._drop()
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         try:
             await self.send_close(code, reason)
         finally:
-            self._close_received = True
+            self._closing.lost()
             self._drop()
 
     def abort(self) -> None:
-        self._close_sent = self._close_received = True
+        self._closing.lost()
         self._drop()
 
     def _drop(self) -> None:

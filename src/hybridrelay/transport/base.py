@@ -4,8 +4,8 @@ Everything above this layer (relay server, SDK, bridge) talks to a :class:`Messa
 whole messages in and out, a close frame that can be sent while still receiving (the
 WebSocket way to half-close a stream, which is how a TCP ``shutdown(SHUT_WR)`` crosses the
 relay), and an abortive close. The implementations are :mod:`hybridrelay.transport.aiohttp_ws`
-(everywhere; see ``docs/DECISIONS.md`` for why) and, optionally for SDK client sockets,
-:mod:`hybridrelay.transport.picows_ws` (D8).
+(the relay's side of upgrades it serves with aiohttp) and :mod:`hybridrelay.transport.frames_ws`
+(every client connection of the SDK, D11).
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from hybridrelay.protocol.websocket import WIRE_CLOSE_CODES
-
 __all__ = [
     "CloseCode",
     "FragmentSocket",
@@ -23,6 +21,7 @@ __all__ = [
     "MessageSocket",
     "SpliceSocket",
     "StreamSink",
+    "StreamSocket",
     "WsMessage",
 ]
 
@@ -40,15 +39,6 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012
     TRY_AGAIN_LATER = 1013
-
-
-def sendable_close_code(code: int | None) -> int:
-    """A close code that may be forwarded on the other leg (PROTOCOL.md 5.5)."""
-    if code is None or code in (1005, 1006):
-        return 1000 if code in (None, 1005) else 1011
-    if code in WIRE_CLOSE_CODES or 3000 <= code <= 4999:
-        return code
-    return 1011
 
 
 class MessageKind(enum.Enum):
@@ -162,3 +152,10 @@ class FragmentSocket(MessageSocket, Protocol):
         """One frame of a binary message: BINARY if ``first``, else CONTINUATION; FIN if
         ``last``. No other message may be sent between the first and the last frame."""
         ...
+
+
+@runtime_checkable
+class StreamSocket(FragmentSocket, SpliceSocket, Protocol):
+    """What a relayed stream runs on (our own client socket,
+    :class:`~hybridrelay.transport.frames_ws.FrameSocket`): messages, fragments, and
+    attaching to a :class:`StreamSink`."""

@@ -43,6 +43,7 @@ from aiohttp._websocket.helpers import websocket_mask
 
 from hybridrelay.exceptions import ProtocolError
 from hybridrelay.protocol.azbridge import ReplyDecoder
+from hybridrelay.protocol.closing import sendable_close_code
 from hybridrelay.protocol.websocket import (
     OP_BINARY,
     OP_CLOSE,
@@ -55,7 +56,6 @@ from hybridrelay.protocol.websocket import (
     handshake_headers,
     server_frame,
 )
-from hybridrelay.transport.base import sendable_close_code
 from hybridrelay.transport.receive_buffer import receive_buffer
 
 __all__ = ["CLOSE_TIMEOUT", "MAX_RAW_FRAME", "RawLeg", "Splice", "SpliceLeg", "take_over"]
