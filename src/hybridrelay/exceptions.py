@@ -61,6 +61,21 @@ class RelayTimeoutError(RelayConnectionError):
     """An operation against the relay did not complete in time."""
 
 
+class PeerAbortedError(RelayConnectionError):
+    """The relayed stream ended with a close code other than 1000 (the other side could not
+    reach its destination, or its socket was reset).
+
+    The bridge's (bridge/pipe.py): never raised through the SDK, so not exported.
+
+    Attributes:
+        code: the peer's close code (None when it sent none).
+    """
+
+    def __init__(self, code: int | None) -> None:
+        super().__init__(f"the other side closed with code {code}")
+        self.code = code
+
+
 class RelayHttpError(RelayError):
     """The relay (or the listener, through it) answered with an HTTP error status.
 

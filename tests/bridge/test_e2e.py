@@ -15,7 +15,7 @@ import pytest
 
 from hybridrelay.bridge.agent import BridgeAgent
 from hybridrelay.bridge.udp import UdpIngress
-from hybridrelay.client import HybridConnectionClient, SharedAccessKeyTokenProvider, _connect
+from hybridrelay.client import HybridConnectionClient, SharedAccessKeyTokenProvider
 from hybridrelay.exceptions import ConfigurationError
 from hybridrelay.protocol.azbridge import Mode, encode_preamble
 from tests.bridge.helpers import (
@@ -42,15 +42,7 @@ async def open_to(agent: BridgeAgent, index: int = 0) -> tuple[Any, Any]:
     return await asyncio.open_connection(host, port)
 
 
-@pytest.fixture(params=["frames", "aiohttp"])
-def ws_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The SDK's client socket for this test: ours (the pump is then a callback splice) or
-    aiohttp (the task pump, as for connections through a proxy)."""
-    monkeypatch.setattr(_connect, "_ws_client", request.param)
-    return str(request.param)
-
-
-async def test_tcp_8_mib_each_way(relay: Relay, ws_client: str) -> None:
+async def test_tcp_8_mib_each_way(relay: Relay) -> None:
     async with tcp_server() as dest:
         config = make_config(relay, ["0:hc"], [f"hc:127.0.0.1:{dest.port}"])
         async with running(config) as edge_and_ingress:
@@ -63,7 +55,7 @@ async def test_tcp_8_mib_each_way(relay: Relay, ws_client: str) -> None:
     assert dest.connections == 1
 
 
-async def test_half_close_client_still_gets_the_reply(relay: Relay, ws_client: str) -> None:
+async def test_half_close_client_still_gets_the_reply(relay: Relay) -> None:
     async with tcp_server(digest_handler) as dest:
         config = make_config(relay, ["0:hc"], [f"hc:127.0.0.1:{dest.port}"])
         async with running(config) as agent:
@@ -107,7 +99,7 @@ async def test_fifty_concurrent_connections(relay: Relay) -> None:
     assert dest.connections == 50
 
 
-async def test_port_names_select_routes(relay: Relay, ws_client: str) -> None:
+async def test_port_names_select_routes(relay: Relay) -> None:
     async with tcp_server(banner=b"A") as a, tcp_server(banner=b"B") as b:
         config = make_config(
             relay,
@@ -165,7 +157,7 @@ async def test_preamble_rejections_on_the_wire(relay: Relay) -> None:
     assert dest.connections == 1
 
 
-async def test_destination_refuses_client_sees_prompt_close(relay: Relay, ws_client: str) -> None:
+async def test_destination_refuses_client_sees_prompt_close(relay: Relay) -> None:
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     closed_port = probe.getsockname()[1]  # bound, never listening: connections are refused
@@ -354,7 +346,7 @@ async def test_edge_waits_for_the_relay_and_comes_online(make_relay: Any) -> Non
         assert not agent.started.is_set()
 
 
-async def test_backpressure_reaches_the_client(relay: Relay, ws_client: str) -> None:
+async def test_backpressure_reaches_the_client(relay: Relay) -> None:
     """A destination that does not read stalls the client's writes; nothing is lost after."""
     resume = asyncio.Event()
     received = bytearray()
@@ -402,9 +394,7 @@ async def test_several_edges_share_one_hybrid_connection(relay: Relay) -> None:
     assert one.connections > 0 and two.connections > 0
 
 
-async def test_clients_that_vanish_mid_exchange_leave_no_connection_behind(
-    relay: Relay, ws_client: str
-) -> None:
+async def test_clients_that_vanish_mid_exchange_leave_no_connection_behind(relay: Relay) -> None:
     """100 clients exchanging data half-close and then reset (as a killed load generator's
     sockets do): every relayed connection ends promptly, none waits for a peer that is gone."""
     async with tcp_server() as dest:

@@ -1,4 +1,4 @@
-"""The bridge's callback pump (bridge/pipe.py ``Splice``) on a real socket, with a recording
+"""The bridge's callback pump (bridge/pipe.py ``CallbackPump``) on a real socket, with a recording
 stand-in for the stream's attached socket: the ways a connection can end half-way."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from hybridrelay.bridge.pipe import PipeStats, SocketLeg, Splice
+from hybridrelay.bridge.pipe import CallbackPump, PipeStats, SocketLeg
 from hybridrelay.client import StreamSink
 from tests.bridge.helpers import reset, wait_until_reset
 
@@ -46,7 +46,7 @@ class RecordingSocket:
 
 
 class RecordingStream:
-    """What ``Splice.run`` closes at the end."""
+    """What ``CallbackPump.run`` closes at the end."""
 
     id = "test-stream"
     close_code: int | None = None
@@ -87,7 +87,7 @@ async def test_peer_close_after_an_unseen_reset_ends_the_splice() -> None:
     """The stream's clean close arrives when the socket was reset but asyncio has not read the
     RST yet: the half-close (shutdown) fails, and the splice must end, not wait forever."""
     async with leg_and_peer() as (leg, peer):
-        splice = Splice(leg, PipeStats())
+        splice = CallbackPump(leg, PipeStats())
         socket_ = RecordingSocket()
         stream = RecordingStream()
         assert leg.transport is not None
@@ -107,7 +107,7 @@ async def test_socket_lost_after_its_eof_ends_the_splice() -> None:
     """The client half-closed (EOF went out as our close frame) and then vanished while the
     other direction still flowed: nothing more can reach it, so the connection is over."""
     async with leg_and_peer() as (leg, peer):
-        splice = Splice(leg, PipeStats())
+        splice = CallbackPump(leg, PipeStats())
         socket_ = RecordingSocket()
         stream = RecordingStream()
         running = asyncio.create_task(splice.run(stream, socket_, close_timeout=1.0))  # type: ignore[arg-type]
@@ -134,7 +134,7 @@ async def test_the_stream_is_read_again_when_the_splice_ends() -> None:
     """The socket could not take more (the stream was paused for it) and then failed: the
     stream's close handshake must still be read, so reading resumes before it is closed."""
     async with leg_and_peer() as (leg, peer):
-        splice = Splice(leg, PipeStats())
+        splice = CallbackPump(leg, PipeStats())
         socket_ = RecordingSocket()
         stream = RecordingStream()
         running = asyncio.create_task(splice.run(stream, socket_, close_timeout=1.0))  # type: ignore[arg-type]

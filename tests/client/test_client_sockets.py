@@ -1,12 +1,11 @@
-"""The contract of our client sockets, each test run for both: ``frames`` (ours,
-transport/frames_ws.py, D11) and ``picows`` (transport/picows_ws.py, D8; skipped when picows is
-not installed).
+"""The contract of our client socket (``frames``, transport/frames_ws.py, D11), the SDK's only
+one since picows went (D8, superseded).
 
 Two parts: the SDK's end-to-end scenarios re-run with the client selected (every one checks
 that the client really opened the sockets), and the socket itself against a small aiohttp
 server that can do what the relay never does (fragments, oversized messages, a dropped
-connection, ...). What only one client has is in test_transport_frames.py /
-test_transport_picows.py; the per-client internals the tests look at are in ws_peers.py.
+connection, ...). The rest is in test_transport_frames.py; the internals the tests look at
+are in ws_peers.py.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ from tests.client.ws_peers import (
     exception_text,
     read_digest_until,
     record_connects,
-    unused_port,
+    refused_port,
     ws_server,
 )
 from tests.conftest import Relay, TlsFiles, eventually
@@ -51,7 +50,7 @@ pytestmark = [pytest.mark.timeout(60), pytest.mark.both_loops]
 
 @pytest.fixture(params=CLIENT_NAMES)
 def client(request: pytest.FixtureRequest) -> ClientUnderTest:
-    """The client under test (picows: skipped when it is not installed)."""
+    """The client under test."""
     name: str = request.param
     return client_named(name)
 
@@ -67,15 +66,16 @@ def opened(client: ClientUnderTest, monkeypatch: pytest.MonkeyPatch) -> list[str
 
 async def test_sdk_echo_sha256_both_ways_over_tls(tls_relay: Relay, opened: list[str]) -> None:
     await basic_tests.test_echo_sha256_both_ways_over_tls(tls_relay)
-    # The sender's socket and the listener's rendezvous, not the control channel.
-    assert len(opened) == 2
+    # The listener's control channel, the sender's socket and the listener's rendezvous.
+    assert len(opened) == 3
+    assert any("sb-hc-action=listen" in url for url in opened)
     assert any("sb-hc-action=connect" in url for url in opened)
     assert any("sb-hc-action=accept" in url for url in opened)
 
 
 async def test_sdk_half_close(relay: Relay, opened: list[str]) -> None:
     await basic_tests.test_half_close_reply_after_eof(relay)
-    assert len(opened) == 2
+    assert len(opened) == 3  # control channel, sender, rendezvous
 
 
 async def test_sdk_untrusted_certificate(tls_relay: Relay, opened: list[str]) -> None:
@@ -105,8 +105,9 @@ async def test_sdk_rejection_status_and_description(
     relay: Relay, opened: list[str], verdict: str, status: int, description: str | None
 ) -> None:
     await accept_tests.test_rejection_reaches_sender(relay, verdict, status, description)
-    # The sender's refused upgrade, and the listener's reject (answered 410 by the relay).
-    assert len(opened) == 2
+    # The control channel, the sender's refused upgrade, and the listener's reject (answered
+    # 410 by the relay).
+    assert len(opened) == 3
 
 
 async def test_sdk_auth_errors(relay: Relay, opened: list[str]) -> None:
@@ -117,7 +118,7 @@ async def test_sdk_subprotocols(relay: Relay, opened: list[str]) -> None:
     await accept_tests.test_subprotocol_first_offer_by_default(relay)
     await accept_tests.test_subprotocol_chosen_by_handler(relay)
     await accept_tests.test_no_subprotocol_when_none_offered(relay)
-    assert len(opened) == 6
+    assert len(opened) == 9  # three listeners: a control channel and two sockets each
 
 
 async def test_sdk_headers_path_and_query(relay: Relay, opened: list[str]) -> None:
@@ -140,7 +141,7 @@ async def test_sdk_slow_reader_backpressure(relay: Relay, opened: list[str]) -> 
             sent = await writer
             assert (total, digest) == (64 * MIB, sent)
             await asyncio.gather(sender.aclose(), stream.aclose())
-    assert len(opened) == 2
+    assert len(opened) == 3  # control channel, sender, rendezvous
 
 
 async def test_sdk_sender_loss_reaches_the_listener(
@@ -158,7 +159,7 @@ async def test_sdk_sender_loss_reaches_the_listener(
             assert await stream.read(10) == b""
             assert stream.close_code == 1011  # 1006 is not sendable: PROTOCOL.md 5.5
             await stream.aclose()
-    assert len(opened) == 2
+    assert len(opened) == 3  # control channel, sender, rendezvous
 
 
 # -- the socket against a local aiohttp server ------------------------------------------------
@@ -479,8 +480,8 @@ async def test_connect_timeout_without_101(client: ClientUnderTest) -> None:
 
 async def test_unreachable_port_is_a_connection_error(client: ClientUnderTest) -> None:
     async with asyncio.timeout(5):
-        with pytest.raises(RelayConnectionError) as info:
-            await client.connect(f"ws://127.0.0.1:{unused_port()}/{SECRET_QUERY}")
+        with refused_port() as port, pytest.raises(RelayConnectionError) as info:
+            await client.connect(f"ws://127.0.0.1:{port}/{SECRET_QUERY}")
     assert not isinstance(info.value, RelayTimeoutError)
     assert SECRET not in exception_text(info.value)
 
@@ -520,8 +521,8 @@ async def test_header_injection_is_refused_before_connecting(
     client: ClientUnderTest, headers: dict[str, str]
 ) -> None:
     async with asyncio.timeout(5):
-        with pytest.raises(RelayConnectionError) as info:
+        with refused_port() as port, pytest.raises(RelayConnectionError) as info:
             # Nobody listens there: only a refusal before connecting gives this message.
-            await client.connect(f"ws://127.0.0.1:{unused_port()}/{SECRET_QUERY}", headers=headers)
+            await client.connect(f"ws://127.0.0.1:{port}/{SECRET_QUERY}", headers=headers)
     assert isinstance(info.value.__cause__, ValueError), str(info.value)
     assert SECRET not in exception_text(info.value)

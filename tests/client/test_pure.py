@@ -201,10 +201,10 @@ def test_env_proxy_maps_wss_to_https_and_honours_no_proxy() -> None:
 
 
 def test_proxy_userinfo_becomes_proxy_authorization() -> None:
-    url, headers = _split_proxy("http://us%40er:p%3Ass@proxy:3128")
-    assert url == "http://proxy:3128"
-    assert headers == {"Proxy-Authorization": "Basic dXNAZXI6cDpzcw=="}
-    assert _split_proxy("http://proxy:3128") == ("http://proxy:3128", {})
+    proxy = _split_proxy("http://us%40er:p%3Ass@proxy:3128")
+    assert (proxy.host, proxy.port) == ("proxy", 3128)
+    assert proxy.authorization == "Basic dXNAZXI6cDpzcw=="
+    assert _split_proxy("http://proxy:3128").authorization is None
     with pytest.raises(ConfigurationError):
         _split_proxy("socks5://proxy:1080")
 

@@ -9,7 +9,7 @@ import pytest
 from hybridrelay.client import HybridConnectionStream
 from hybridrelay.client.stream import MAX_WRITE_MESSAGE
 from hybridrelay.exceptions import RelayConnectionError, StreamClosedError
-from hybridrelay.transport.base import MessageKind, WsMessage
+from hybridrelay.transport.base import MessageKind, StreamSink, WsMessage
 
 
 class FakeSocket:
@@ -62,6 +62,27 @@ class FakeSocket:
     def abort(self) -> None:
         self.aborted = True
         self._close_sent = self._close_received = True
+
+    # The rest of a stream's socket: attaching is tested on real sockets
+    # (tests/client/test_transport_frames.py); these tests never get here.
+
+    async def send_fragment(self, data: bytes, *, first: bool, last: bool) -> None:
+        raise AssertionError("not used by these tests")
+
+    def attach(self, sink: StreamSink) -> None:
+        raise AssertionError("not used by these tests")
+
+    def write_nowait(self, data: bytes | bytearray | memoryview) -> None:
+        raise AssertionError("not used by these tests")
+
+    def close_nowait(self, code: int = 1000, reason: str = "") -> None:
+        raise AssertionError("not used by these tests")
+
+    def pause_reading(self) -> None:
+        raise AssertionError("not used by these tests")
+
+    def resume_reading(self) -> None:
+        raise AssertionError("not used by these tests")
 
 
 def binary(data: bytes) -> WsMessage:

@@ -1,13 +1,11 @@
-"""Our own client WebSocket (``HYBRIDRELAY_WS_CLIENT=frames``, transport/frames_ws.py, D11):
-what only this socket has or can get wrong.
+"""Our own client WebSocket (transport/frames_ws.py, D11), the SDK's only one: what the
+contract tests (tests/client/test_client_sockets.py: the SDK's end-to-end scenarios, and the
+socket against a small aiohttp server) do not reach.
 
-The contract it shares with the picows socket (the SDK's end-to-end scenarios with it selected,
-and the socket against a small aiohttp server) is in tests/client/test_client_sockets.py, run
-for both. Here: the SDK's splice (``HybridConnectionStream.attach``) and which sockets the
-connector gives to frames; the selection; the refusals before connecting (malformed URLs,
-header injection); splice mode (``attach``/``write_nowait``/``close_nowait``/flow control); and
-the handshake it does by hand and the frames it reads and writes itself, against a raw asyncio
-server.
+Here: the SDK's splice (``HybridConnectionStream.attach``) and that the connector gives every
+connection to frames; splice mode (``attach``/``write_nowait``/``close_nowait``/flow control);
+keep-alive pings; a proxy's refusal; and the handshake it does by hand and the frames it reads
+and writes itself, against a raw asyncio server.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from hybridrelay.client import _connect
 from hybridrelay.client._connect import WebSocketConnector
 from hybridrelay.exceptions import (
     RelayConnectionError,
@@ -62,8 +59,7 @@ from tests.client.ws_peers import (
     exception_text,
     lost_event,
     record_connects,
-    selected_for,
-    unused_port,
+    refused_port,
     ws_server,
 )
 from tests.client.ws_peers import connect_frames as connect
@@ -108,13 +104,13 @@ async def test_sdk_stream_attach_splices_the_frames_socket(
             assert await sender.read() == b""
             assert sender.close_code == 1000
             await asyncio.gather(sender.aclose(), stream.aclose())
-    assert len(frames_opened) == 2
+    assert len(frames_opened) == 3  # control channel, sender, rendezvous
 
 
-async def test_connector_keeps_aiohttp_for_heartbeat_and_proxy(
+async def test_connector_gives_every_connection_to_frames(
     frames_opened: list[str],
 ) -> None:
-    """Control channels (heartbeat) and proxied connections never go to frames."""
+    """Control channels (keep-alive) and proxied connections are frames sockets too."""
     async with asyncio.timeout(10), ws_server(echo) as url:
         connector = WebSocketConnector(ssl_context=ssl.create_default_context(), proxy=None)
         try:
@@ -123,39 +119,28 @@ async def test_connector_keeps_aiohttp_for_heartbeat_and_proxy(
             await own.aclose()
             await connector.release(own)
             control = await connector.connect(url, connect_timeout=5, heartbeat=30)
-            assert isinstance(control, AiohttpMessageSocket)
+            assert isinstance(control, frames_ws.FrameSocket)
+            assert control._keepalive == 30
             await control.aclose()
             await connector.release(control)
         finally:
             await connector.aclose()
-        closed_port = unused_port()
-        proxied = WebSocketConnector(
-            ssl_context=ssl.create_default_context(), proxy=f"http://127.0.0.1:{closed_port}"
-        )
-        try:
-            with pytest.raises(RelayConnectionError):
-                await proxied.connect(url, connect_timeout=5)
-        finally:
-            await proxied.aclose()
-    assert frames_opened == [url]
+        with refused_port() as closed_port:
+            proxied = WebSocketConnector(
+                ssl_context=ssl.create_default_context(), proxy=f"http://127.0.0.1:{closed_port}"
+            )
+            try:
+                with pytest.raises(RelayConnectionError):
+                    await proxied.connect(url, connect_timeout=5)
+            finally:
+                await proxied.aclose()
+    assert frames_opened == [url, url, url]
 
 
 def test_frame_socket_implements_the_interfaces() -> None:
     socket = frames_ws.FrameSocket(1024)
     assert isinstance(socket, SpliceSocket)
     assert isinstance(socket, FragmentSocket)
-
-
-def test_selection_reads_the_environment(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    assert selected_for(monkeypatch, " Frames ") == "frames"
-    with caplog.at_level(logging.WARNING, logger="hybridrelay.client"):
-        assert selected_for(monkeypatch, "turbo") == "frames"
-        assert _connect.ws_client() == "frames"
-    assert len([r for r in caplog.records if "turbo" in r.getMessage()]) == 1
-    assert selected_for(monkeypatch, "aiohttp") == "aiohttp"
-    assert selected_for(monkeypatch, None) == "frames"
 
 
 # -- splice mode ------------------------------------------------------------------------------
@@ -808,3 +793,102 @@ async def test_write_nowait_on_a_reset_connection_does_not_raise() -> None:
             assert sink.close_events() == [(1006, "")]
             socket.write_nowait(b"more")
             socket.close_nowait()
+
+
+# -- keep-alive -----------------------------------------------------------------------------
+
+
+async def test_keepalive_pings_and_a_missed_pong_drops_the_connection() -> None:
+    """Pings go out at the interval while pongs come back; the first ping left unanswered
+    ends the connection, reported as a close 1006 that says why."""
+    pings: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accept_upgrade(reader, writer)
+        for _ in range(3):
+            fin, opcode, payload, _key = await read_client_frame(reader)
+            assert (fin, opcode) == (True, OP_PING)
+            pings.append(payload)
+            writer.write(server_frame(OP_PONG, payload))
+        _, opcode, _, _ = await read_client_frame(reader)  # the 4th ping: not answered
+        assert opcode == OP_PING
+        await until_eof(reader)
+
+    async with asyncio.timeout(10), raw_server(handler) as (url, finished):
+        socket = await connect(url)
+        socket.keep_alive(0.1)
+        message = await socket.receive()
+        assert (message.kind, message.code) == (MessageKind.CLOSE, 1006)
+        assert "no pong" in message.reason
+        assert socket.close_sent and socket.close_received
+        await finished.wait()
+    assert len(pings) == 3
+
+
+async def test_keepalive_through_the_connector_keeps_a_live_channel_open() -> None:
+    """Against aiohttp (which answers pings), a control channel with a short keep-alive stays
+    open over several intervals and still carries messages."""
+    pongs = 0
+    three_pongs = asyncio.Event()
+
+    async with asyncio.timeout(10), ws_server(echo) as url:
+        connector = WebSocketConnector(ssl_context=ssl.create_default_context(), proxy=None)
+        try:
+            socket = await connector.connect(url, connect_timeout=5, heartbeat=0.1)
+            assert isinstance(socket, frames_ws.FrameSocket)
+            original = socket._pong_received
+
+            def counting() -> None:
+                nonlocal pongs
+                pongs += 1
+                if pongs >= 3:
+                    three_pongs.set()
+                original()
+
+            socket._pong_received = counting  # type: ignore[method-assign]
+            await three_pongs.wait()
+            assert not socket.close_received
+            await socket.send("still here")
+            assert await socket.receive() == WsMessage(MessageKind.TEXT, "still here")
+            await socket.send_close(1000)
+            message = await socket.receive()
+            assert (message.kind, message.code) == (MessageKind.CLOSE, 1000)
+        finally:
+            await connector.aclose()
+
+
+# -- through a proxy ------------------------------------------------------------------------
+
+
+async def test_proxy_refusal_names_its_status_and_auth_is_sent() -> None:
+    seen: list[tuple[str, dict[str, str]]] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_request(reader))
+        writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+        await writer.drain()
+
+    async with asyncio.timeout(10), raw_server(proxy) as (proxy_url, _):
+        address = proxy_url.removeprefix("ws://")
+        connector = WebSocketConnector(
+            ssl_context=ssl.create_default_context(), proxy=f"http://us%40er:pw@{address}"
+        )
+        try:
+            with pytest.raises(RelayConnectionError) as info:
+                await connector.connect(
+                    f"wss://relay.example:9443/$hc/x{SECRET_QUERY}", connect_timeout=5
+                )
+        finally:
+            await connector.aclose()
+    assert "407" in str(info.value)
+    assert SECRET not in exception_text(info.value)
+    [(request_line, headers)] = seen
+    assert request_line == "CONNECT relay.example:9443 HTTP/1.1"
+    assert headers["host"] == "relay.example:9443"
+    assert headers["proxy-authorization"] == "Basic dXNAZXI6cHc="
+
+
+def test_proxy_repr_hides_the_credentials() -> None:
+    proxy = frames_ws.Proxy("p", 3128, "Basic c2VjcmV0OnB3")
+    assert "c2VjcmV0" not in repr(proxy)
+    assert "c2VjcmV0" not in str(proxy)

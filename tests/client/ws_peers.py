@@ -1,15 +1,12 @@
-"""What the tests of our client sockets share (tests/client/test_client_sockets.py,
-test_transport_frames.py, test_transport_picows.py).
+"""What the tests of our client socket share (tests/client/test_client_sockets.py,
+test_transport_frames.py).
 
 - A small aiohttp WebSocket server that can do what the relay never does (fragments, oversized
   messages, a dropped connection, ...), and an echo handler for it.
 - The options ``connect()`` gets unless a test says otherwise.
-- The SDK with one client selected: :func:`record_connects`.
-- One adapter per client (:class:`FramesClient`, :class:`PicowsClient`) to the few internals
-  the contract tests look at (flow control, the end of the connection), so that one test
-  serves both clients.
-
-picows is optional: nothing here imports it unless a picows adapter is used.
+- The SDK's connections recorded: :func:`record_connects`.
+- An adapter (:class:`FramesClient`) to the few internals the contract tests look at (flow
+  control, the end of the connection).
 """
 
 from __future__ import annotations
@@ -19,28 +16,25 @@ import hashlib
 import socket as socket_module
 import ssl
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, Protocol
 
 import pytest
 from aiohttp import web
 
-from hybridrelay.client import HybridConnectionStream, _connect
+from hybridrelay.client import HybridConnectionStream
 from hybridrelay.transport import frames_ws
 from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
 from hybridrelay.transport.base import FragmentSocket, MessageKind
-
-if TYPE_CHECKING:
-    from hybridrelay.transport.picows_ws import PicowsMessageSocket
 
 MIB = 1024 * 1024
 KIB = 1024
 SECRET = "SECRET123"
 SECRET_QUERY = f"?sb-hc-action=accept&sb-hc-id=abc&sb-hc-rendezvous={SECRET}"
 
-#: The clients the contract tests run against (``HYBRIDRELAY_WS_CLIENT`` values).
-CLIENT_NAMES = ("frames", "picows")
+#: The clients the contract tests run against (one since picows went, D8).
+CLIENT_NAMES = ("frames",)
 
 # -- the server -------------------------------------------------------------------------------
 
@@ -116,12 +110,15 @@ async def echo(socket: AiohttpMessageSocket, request: web.BaseRequest) -> None:
         await socket.send(message.data)
 
 
-def unused_port() -> int:
-    """A port on 127.0.0.1 that nobody listens on (bound, then released)."""
-    with socket_module.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A port on 127.0.0.1 where connections are refused, held for the ``with`` block: bound
+    by us and never listened on, so no other process can take it meanwhile (a port bound and
+    released could be reused by anyone before the test connects)."""
+    with socket_module.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        port: int = holder.getsockname()[1]
+        yield port
 
 
 def exception_text(exc: BaseException) -> str:
@@ -154,21 +151,15 @@ async def connect_frames(url: str, **kwargs: Any) -> frames_ws.FrameSocket:
     return await frames_ws.connect(url, **connect_options(**kwargs))
 
 
-async def connect_picows(url: str, **kwargs: Any) -> PicowsMessageSocket:
-    from hybridrelay.transport import picows_ws
-
-    return await picows_ws.connect(url, **connect_options(**kwargs))
-
-
-# -- the SDK with one client selected ---------------------------------------------------------
+# -- the SDK's connections --------------------------------------------------------------------
 
 
 def record_connects(
     monkeypatch: pytest.MonkeyPatch, name: str, module: types.ModuleType
 ) -> list[str]:
-    """Select client ``name`` (its module ``module``) for the SDK; the list collects every URL
-    that client connected to."""
-    monkeypatch.setattr(_connect, "_ws_client", name)
+    """The list collects every URL the SDK's client ``name`` (its module ``module``) connected
+    to."""
+    assert name in CLIENT_NAMES, name
     opened: list[str] = []
     real = module.connect
 
@@ -178,17 +169,6 @@ def record_connects(
 
     monkeypatch.setattr(module, "connect", counting)
     return opened
-
-
-def selected_for(monkeypatch: pytest.MonkeyPatch, value: str | None) -> str:
-    """The client the SDK selects with ``HYBRIDRELAY_WS_CLIENT`` set to ``value`` (None: taken
-    out of the environment), read afresh."""
-    monkeypatch.setattr(_connect, "_ws_client", None)
-    if value is None:
-        monkeypatch.delenv(_connect.WS_CLIENT_ENV)
-    else:
-        monkeypatch.setenv(_connect.WS_CLIENT_ENV, value)
-    return _connect.ws_client()
 
 
 async def read_digest_until(stream: HybridConnectionStream, size: int) -> tuple[int, str]:
@@ -303,70 +283,7 @@ class FramesClient:
         return self._own(socket)._queued
 
 
-class _PicowsLost:
-    def __init__(self, socket: PicowsMessageSocket) -> None:
-        self._socket = socket
-
-    def is_set(self) -> bool:
-        return self._socket._lost
-
-    async def wait(self) -> None:
-        assert self._socket._transport is not None
-        await self._socket._transport.wait_disconnected()
-
-
-class PicowsClient:
-    name = "picows"
-
-    @property
-    def module(self) -> types.ModuleType:
-        from hybridrelay.transport import picows_ws
-
-        return picows_ws
-
-    @property
-    def socket_type(self) -> type[FragmentSocket]:
-        from hybridrelay.transport import picows_ws
-
-        return picows_ws.PicowsMessageSocket
-
-    async def connect(self, url: str, **kwargs: Any) -> FragmentSocket:
-        return await connect_picows(url, **kwargs)
-
-    @staticmethod
-    def _own(socket: FragmentSocket) -> PicowsMessageSocket:
-        from hybridrelay.transport import picows_ws
-
-        assert isinstance(socket, picows_ws.PicowsMessageSocket)
-        return socket
-
-    def lost(self, socket: FragmentSocket) -> Lost:
-        return _PicowsLost(self._own(socket))
-
-    def send_is_waiting(self, socket: FragmentSocket) -> bool:
-        return self._own(socket)._drain is not None
-
-    def write_paused(self, socket: FragmentSocket) -> bool:
-        # No flag of its own: pause_writing() creates the future send() waits on.
-        return self._own(socket)._drain is not None
-
-    def write_buffered(self, socket: FragmentSocket) -> int:
-        transport = self._own(socket)._transport
-        assert transport is not None
-        size: int = transport.underlying_transport.get_write_buffer_size()
-        return size
-
-    def reading_paused(self, socket: FragmentSocket) -> bool:
-        return self._own(socket)._reading_paused
-
-    def queued(self, socket: FragmentSocket) -> int:
-        return self._own(socket)._queued_bytes
-
-
 def client_named(name: str) -> ClientUnderTest:
-    """The adapter of client ``name``; skips the test if that client is not installed."""
-    if name == "picows":
-        pytest.importorskip("picows")
-        return PicowsClient()
+    """The adapter of client ``name``."""
     assert name == "frames", name
     return FramesClient()

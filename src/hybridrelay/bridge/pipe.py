@@ -1,28 +1,21 @@
 """The forwarding pump: a TCP or Unix socket on one side, a relayed stream on the other.
 
 The socket side is an :class:`asyncio.Protocol` (:class:`SocketLeg`) rather than streams, for
-throughput. Flow control runs end to end:
+throughput. The pump is :class:`CallbackPump`, on the stream's attached socket
+(:meth:`HybridConnectionStream.attach`, our own client socket: DECISIONS D11): the socket's
+``data_received`` writes to the stream with ``write_nowait`` and the stream's sink writes to the
+socket, both in the event loop's read callbacks, with no task per direction. Flow control runs
+end to end: *reading* pauses on one side while the other side's write buffer is above its
+high-water mark (``pause_writing``/``resume_writing``; before the pump starts, the socket holds
+at most ``high_water`` bytes plus one ``recv``).
 
-* socket -> relay: received data waits in a buffer of at most ``high_water`` bytes (plus one
-  ``recv``); above it the transport stops reading, and it resumes once the pump has handed the
-  buffer to ``await stream.write(...)``, which itself waits while the relay or the peer is slow.
-* relay -> socket: the pump reads the stream only while the socket's write buffer is below its
-  high-water mark (``pause_writing``/``resume_writing``).
-
-Half-close is kept both ways (STYLE.md §3.10): EOF from the socket becomes
-``stream.write_eof()``; EOF from the stream (``read() == b""``) becomes ``transport.write_eof()``;
-the socket is closed only when both directions are done. A stream closed by the peer with a
-code other than 1000 (the other bridge could not reach its destination, or its socket was
-reset) resets our socket instead, so the client sees the failure promptly.
+Half-close is kept both ways (STYLE.md §3.10): EOF from the socket becomes our close frame
+(1000); the peer's close frame 1000 becomes ``transport.write_eof()``; the socket is closed only
+when both directions are done. A stream closed by the peer with a code other than 1000 (the
+other bridge could not reach its destination, or its socket was reset) resets our socket
+instead, so the client sees the failure promptly.
 
 Only the connect and close steps are timed; data may be idle for as long as the ends like.
-
-When the stream's socket can be attached (:meth:`HybridConnectionStream.attach`, our own client
-socket: DECISIONS D11), the pump is :class:`Splice` instead of the two tasks: the socket's
-``data_received`` writes to the stream with ``write_nowait`` and the stream's sink writes to the
-socket, both in the event loop's read callbacks; flow control pauses *reading* on one side when
-the other side's write buffer is above its mark. Same half-close, same byte counts, same close
-codes as the task pump, which stays for streams that cannot be attached (through a proxy).
 """
 
 from __future__ import annotations
@@ -37,18 +30,18 @@ from types import TracebackType
 from typing import Any, Protocol, cast
 
 from hybridrelay.client import SpliceSocket, StreamSink
-from hybridrelay.exceptions import RelayError
+from hybridrelay.exceptions import PeerAbortedError, RelayError
 
 __all__ = [
     "HIGH_WATER",
     "LOW_WATER",
     "READ_CHUNK",
+    "CallbackPump",
     "ConnectionGroup",
     "PeerAbortedError",
     "PipeStats",
     "RelayStream",
     "SocketLeg",
-    "Splice",
     "close_stream",
     "pipe",
 ]
@@ -81,15 +74,7 @@ class RelayStream(Protocol):
 
     async def aclose(self, code: int = ..., reason: str = ...) -> None: ...
 
-    def attach(self, sink: StreamSink) -> SpliceSocket | None: ...
-
-
-class PeerAbortedError(Exception):
-    """The relayed stream ended with a close code other than 1000."""
-
-    def __init__(self, code: int | None) -> None:
-        super().__init__(f"the other side closed with code {code}")
-        self.code = code
+    def attach(self, sink: StreamSink) -> SpliceSocket: ...
 
 
 class SocketLeg(asyncio.Protocol):
@@ -118,10 +103,8 @@ class SocketLeg(asyncio.Protocol):
         self._lost = False
         self._lost_exc: BaseException | None = None
         self._reading_paused = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self._splice: Splice | None = None
+        self._writable = True
+        self._splice: CallbackPump | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- asyncio.Protocol callbacks ----------------------------------------------------------
@@ -138,41 +121,39 @@ class SocketLeg(asyncio.Protocol):
         if self._splice is not None:
             self._splice.from_socket(data)
             return
+        # Before the pump: held (bounded by pausing), handed over by forward_to().
         self._buffer.append(data)
         self._buffered += len(data)
         if self._buffered >= self._high and not self._reading_paused and self.transport:
             self._reading_paused = True
             self.transport.pause_reading()
-        self._wake()
 
     def eof_received(self) -> bool:
         self._eof = True
         if self._splice is not None:
             self._splice.socket_eof()
-        self._wake()
         return True  # keep the transport open: we may still send (half-close)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._lost = True
         self._lost_exc = exc
-        self._writable.set()
-        self._wake()
+        self._writable = True
         if self._splice is not None:
             self._splice.socket_lost(exc)
         if not self.closed.done():
             self.closed.set_result(None)
 
     def pause_writing(self) -> None:
-        self._writable.clear()
+        self._writable = False
         if self._splice is not None:
             self._splice.socket_full()
 
     def resume_writing(self) -> None:
-        self._writable.set()
+        self._writable = True
         if self._splice is not None:
             self._splice.socket_drained()
 
-    def forward_to(self, splice: Splice) -> None:
+    def forward_to(self, splice: CallbackPump) -> None:
         """From now on hand everything that arrives to ``splice`` (what was buffered first)."""
         self._splice = splice
         if self._buffer:
@@ -187,55 +168,10 @@ class SocketLeg(asyncio.Protocol):
         elif self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
-        if not self._writable.is_set():
+        if not self._writable:
             splice.socket_full()
 
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
     # -- used by the pump --------------------------------------------------------------------
-
-    @property
-    def buffered(self) -> int:
-        return self._buffered
-
-    async def read(self) -> bytes:
-        """Everything buffered (at most ``high_water`` plus one recv); ``b""`` at EOF.
-
-        Raises:
-            ConnectionError: the socket was reset or lost before its EOF.
-        """
-        while not self._buffer and not self._eof and not self._lost:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        if self._buffer:
-            data = self._buffer.popleft() if len(self._buffer) == 1 else b"".join(self._buffer)
-            self._buffer.clear()
-            self._buffered = 0
-            if self._reading_paused and self.transport is not None and not self._lost:
-                self._reading_paused = False
-                self.transport.resume_reading()
-            return data
-        if self._lost and not self._eof:
-            raise ConnectionResetError(f"the socket was lost: {self._lost_exc or 'closed'}")
-        return b""
-
-    async def write(self, data: bytes) -> None:
-        """Queue ``data`` on the socket; wait while its write buffer is above high water.
-
-        Raises:
-            ConnectionError: the socket is gone.
-        """
-        if self._lost or self.transport is None or self.transport.is_closing():
-            raise ConnectionResetError("the socket is closed")
-        self.transport.write(data)
-        await self._writable.wait()
-        if self._lost:
-            raise ConnectionResetError(f"the socket was lost: {self._lost_exc or 'closed'}")
 
     def write_eof(self) -> None:
         """Half-close our sending side (``shutdown(SHUT_WR)``)."""
@@ -285,22 +221,6 @@ async def close_stream(
         logger.debug("stream %s: close did not complete cleanly", stream.id)
 
 
-async def _upstream(leg: SocketLeg, stream: RelayStream, stats: PipeStats) -> None:
-    while data := await leg.read():
-        await stream.write(data)
-        stats.bytes_up += len(data)
-    await stream.write_eof()
-
-
-async def _downstream(leg: SocketLeg, stream: RelayStream, stats: PipeStats) -> None:
-    while data := await stream.read(READ_CHUNK):
-        await leg.write(data)
-        stats.bytes_down += len(data)
-    if stream.close_code not in (None, 1000):
-        raise PeerAbortedError(stream.close_code)
-    leg.write_eof()
-
-
 async def pipe(
     leg: SocketLeg,
     stream: RelayStream,
@@ -325,24 +245,13 @@ async def pipe(
         # attach() delivers; the socket's flow control applies from here on.
         leg.transport.write(initial)
         stats.bytes_down += len(initial)
-    splice = Splice(leg, stats)
-    socket = stream.attach(splice)
-    if socket is not None:
-        return await splice.run(stream, socket, close_timeout)
-    clean = False
+    pump = CallbackPump(leg, stats)
     try:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(_upstream(leg, stream, stats))
-            group.create_task(_downstream(leg, stream, stats))
-        clean = True
-    except* PeerAbortedError as errors:
-        stats.error = str(errors.exceptions[0])
-    except* (RelayError, OSError) as errors:
-        first = errors.exceptions[0]
-        stats.error = f"{type(first).__name__}: {first}"
-    finally:
-        await _close_both(leg, stream, clean, close_timeout)
-    return stats
+        socket = stream.attach(pump)
+    except BaseException:
+        await _close_both(leg, stream, False, close_timeout)
+        raise
+    return await pump.run(stream, socket, close_timeout)
 
 
 async def _close_both(leg: SocketLeg, stream: RelayStream, clean: bool, grace: float) -> None:
@@ -356,7 +265,7 @@ async def _close_both(leg: SocketLeg, stream: RelayStream, clean: bool, grace: f
         await close_stream(stream, 1011, "forwarded socket failed", grace)
 
 
-class Splice:
+class CallbackPump:
     """Both directions of one connection by callback: the socket (a :class:`SocketLeg` in
     forwarding mode) and the stream's attached socket (this is its :class:`StreamSink`).
 

@@ -13,7 +13,13 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 from hybridrelay.exceptions import RelayConnectionError, StreamClosedError
-from hybridrelay.transport.base import MessageKind, MessageSocket, SpliceSocket, StreamSink
+from hybridrelay.transport.base import (
+    MessageKind,
+    MessageSocket,
+    SpliceSocket,
+    StreamSink,
+    StreamSocket,
+)
 
 __all__ = ["MAX_WRITE_MESSAGE", "HybridConnectionStream"]
 
@@ -47,7 +53,7 @@ class HybridConnectionStream:
 
     def __init__(
         self,
-        socket: MessageSocket,
+        socket: StreamSocket,
         *,
         id: str,
         connect_headers: dict[str, str] | None = None,
@@ -181,7 +187,7 @@ class HybridConnectionStream:
         if self._socket.close_sent:
             raise StreamClosedError("write_eof() was called: this side cannot send any more")
 
-    def attach(self, sink: StreamSink) -> SpliceSocket | None:
+    def attach(self, sink: StreamSink) -> SpliceSocket:
         """Hand what arrives on this stream to ``sink`` by callback, and return the socket to
         write to without awaiting (``write_nowait``, ``close_nowait``, flow control): how the
         bridge forwards a TCP socket with no task per direction.
@@ -189,9 +195,7 @@ class HybridConnectionStream:
         Bytes left over by a partial :meth:`read` (and the peer's close, if it was read) go to
         the sink first. After this, :meth:`read`, :meth:`receive_message`, :meth:`write` and
         :meth:`send_message` must not be used; :meth:`aclose` still ends the stream (it waits,
-        bounded, for the peer's close frame). None when the socket underneath cannot do this
-        (aiohttp, picows: connections through a proxy, or another ``HYBRIDRELAY_WS_CLIENT``);
-        then nothing changed and the stream is used as before.
+        bounded, for the peer's close frame).
 
         Raises:
             StreamClosedError: after :meth:`aclose`.
@@ -199,8 +203,6 @@ class HybridConnectionStream:
         """
         self._check_open()
         socket = self._socket
-        if not isinstance(socket, SpliceSocket):
-            return None
         if self._read_lock.locked() or self._write_lock.locked():
             raise RuntimeError("attach() while a read or write is in progress")
         leftover, self._leftover = bytes(self._leftover), memoryview(b"")

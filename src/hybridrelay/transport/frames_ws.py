@@ -20,10 +20,20 @@ the pure pieces the relay already uses:
   :class:`~hybridrelay.transport.base.StreamSink`: payload bytes then go to the sink from the
   read callback, and the bridge writes the other way with ``write_nowait``: no task, no queue.
 
-A close frame from the peer is reported, not answered (half-close, D2); our close frame goes
-out on ``send_close``/``close_nowait``, and the connection is dropped once both were seen.
-Pings are answered; none are sent (control channels, which need a heartbeat, stay on aiohttp,
-as does every connection through an HTTP proxy).
+It is the SDK's only client WebSocket: sender and rendezvous sockets, listener control
+channels and connections through an HTTP proxy alike.
+
+* The close handshake is :class:`~hybridrelay.protocol.closing.CloseHandshake`: a close frame
+  from the peer is reported, not answered (half-close, D2); our close frame goes out on
+  ``send_close``/``close_nowait``, and the connection is dropped once both were seen, or when
+  the peer does not answer ours within ``CLOSE_TIMEOUT``. This socket only arms the timer and
+  writes the bytes.
+* Pings are answered. With ``keepalive`` (control channels) a ping goes out every
+  ``keepalive`` seconds, and a pong not back within half of that drops the connection,
+  reported as a close 1006 whose reason says so. One timer per connection, nothing per frame.
+* Through a proxy (:class:`Proxy`) the connection is an HTTP ``CONNECT`` tunnel (basic auth
+  from the proxy URL's userinfo); a refusal is a :class:`RelayConnectionError` naming the
+  proxy's status, and ``wss://`` gets its TLS over the tunnel (``loop.start_tls``).
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import collections
 import logging
 import os
 import ssl
+from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -45,6 +56,7 @@ from hybridrelay.exceptions import (
     RelayTimeoutError,
     http_error,
 )
+from hybridrelay.protocol.closing import CloseHandshake
 from hybridrelay.protocol.websocket import (
     MAX_RESPONSE_HEAD,
     OP_BINARY,
@@ -57,7 +69,6 @@ from hybridrelay.protocol.websocket import (
     FrameForwarder,
     ResponseHead,
     check_upgrade_response,
-    close_payload,
     masked_frame,
     parse_response_head,
     upgrade_request,
@@ -66,7 +77,7 @@ from hybridrelay.transport.base import MessageKind, StreamSink, WsMessage
 from hybridrelay.transport.receive_buffer import receive_buffer
 from hybridrelay.transport.warm import WarmPool
 
-__all__ = ["FrameSocket", "connect"]
+__all__ = ["FrameSocket", "Proxy", "connect"]
 
 logger = logging.getLogger("hybridrelay.client")
 
@@ -85,6 +96,32 @@ MAX_SPLICE_MESSAGE = 256 * 1024
 CLOSE_TIMEOUT = 10.0
 
 
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """An HTTP proxy that tunnels with ``CONNECT``.
+
+    Attributes:
+        host, port: where the proxy listens.
+        authorization: the ``Proxy-Authorization`` value (basic auth), or None.
+    """
+
+    host: str
+    port: int
+    authorization: str | None = None
+
+    def __repr__(self) -> str:  # the credentials stay out of logs
+        auth = ", authorization=<hidden>" if self.authorization else ""
+        return f"Proxy({self.host!r}, {self.port}{auth})"
+
+    def connect_request(self, host: str, port: int) -> bytes:
+        """The ``CONNECT`` request for a tunnel to ``host:port``."""
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
+        if self.authorization:
+            lines.append(f"Proxy-Authorization: {self.authorization}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 async def connect(
     url: str,
     *,
@@ -94,11 +131,15 @@ async def connect(
     protocols: tuple[str, ...] | list[str] = (),
     max_message_size: int,
     warm: WarmPool[FrameSocket] | None = None,
+    proxy: Proxy | None = None,
+    keepalive: float | None = None,
 ) -> FrameSocket:
     """Open a WebSocket to ``url`` (``ws://`` or ``wss://``) within ``connect_timeout``.
 
     With ``warm``, the connection is taken from that pool when it has one for the address
     (see :mod:`hybridrelay.transport.warm`), and one stale there is replaced by a new one.
+    With ``proxy``, through a ``CONNECT`` tunnel of that proxy (never warm). With
+    ``keepalive``, pinged every that many seconds (see the module's docstring).
 
     ``url`` may hold a secret (a rendezvous address): it never goes into an exception message
     or a log line from here.
@@ -106,7 +147,7 @@ async def connect(
     Raises:
         RelayHttpError: (or a subclass) the server answered with an HTTP status.
         RelayTimeoutError: no WebSocket within ``connect_timeout``.
-        RelayConnectionError: the connection or the handshake failed.
+        RelayConnectionError: the connection or the handshake failed, or the proxy refused.
     """
     try:
         parts = urlsplit(url)
@@ -134,13 +175,19 @@ async def connect(
         fresh = FrameSocket(max_message_size)
         try:
             async with asyncio.timeout(connect_timeout):
-                await loop.create_connection(
-                    lambda: fresh,
-                    host,
-                    port,
-                    ssl=ssl_context if secure else None,
-                    server_hostname=host if secure else None,
-                )
+                if proxy is None:
+                    await loop.create_connection(
+                        lambda: fresh,
+                        host,
+                        port,
+                        ssl=ssl_context if secure else None,
+                        server_hostname=host if secure else None,
+                    )
+                else:
+                    await loop.create_connection(lambda: fresh, proxy.host, proxy.port)
+                    await fresh.tunnel(proxy.connect_request(host, port))
+                    if secure:
+                        await fresh.start_tls(ssl_context, host)
         except BaseException:
             fresh.abort()
             raise
@@ -150,7 +197,7 @@ async def connect(
     try:
         async with asyncio.timeout(connect_timeout):
             head: ResponseHead | None = None
-            if warm is not None:
+            if warm is not None and proxy is None:
                 socket = warm.take((secure, host, port, max_message_size), open_connection)
             if socket is not None:
                 try:
@@ -186,6 +233,8 @@ async def connect(
         socket.abort()
         raise RelayConnectionError(f"WebSocket handshake failed: {exc}") from exc
     socket.open(subprotocol)
+    if keepalive is not None:
+        socket.keep_alive(keepalive)
     return socket
 
 
@@ -205,10 +254,13 @@ class FrameSocket(asyncio.BufferedProtocol):
         self._reader.track_messages = True
         self._transport: asyncio.Transport | None = None
         self._subprotocol: str | None = None
-        self._close_sent = False
-        self._close_received = False
+        self._closing = CloseHandshake()
         self._lost = False
         self._close_timer: asyncio.TimerHandle | None = None
+        # Keep-alive: the interval, and the pending ping or pong deadline.
+        self._keepalive: float | None = None
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._pong_due = False
         # The handshake: the response head, then what came after it until open().
         self._is_open = False
         self._head = bytearray()
@@ -229,11 +281,41 @@ class FrameSocket(asyncio.BufferedProtocol):
 
     def __repr__(self) -> str:
         state = "open" if self._is_open else "connecting"
-        if self._close_sent or self._close_received:
-            state = f"close sent={self._close_sent} received={self._close_received}"
+        closing = self._closing
+        if closing.sent or closing.received:
+            state = f"close sent={closing.sent} received={closing.received}"
         return f"<FrameSocket {state}>"
 
     # -- the handshake ------------------------------------------------------------------------
+
+    async def tunnel(self, request: bytes) -> None:
+        """Send a proxy's ``CONNECT`` request; return once the tunnel is up.
+
+        Raises:
+            RelayConnectionError: the proxy answered with a status other than 2xx.
+        """
+        head = await self.handshake(request)
+        if not 200 <= head.status < 300:
+            raise RelayConnectionError(
+                f"the proxy refused the tunnel: {head.status} {head.reason}".rstrip()
+            )
+        if self._early:
+            raise RelayConnectionError("the proxy sent data before the tunnel was used")
+        self._head_waiter = None
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str) -> None:
+        """TLS over the connection (a proxy's tunnel) to ``server_hostname``."""
+        transport = self._transport
+        if transport is None or self._lost:
+            raise ConnectionResetError("the connection was closed before TLS")
+        loop = asyncio.get_running_loop()
+        secured = await loop.start_tls(
+            transport, self, ssl_context, server_hostname=server_hostname
+        )
+        if secured is None:
+            raise ConnectionResetError("the connection was closed during TLS")
+        self._transport = secured
+        self._transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
 
     async def handshake(self, request: bytes) -> ResponseHead:
         """Send the upgrade request; the response head (the caller checks it)."""
@@ -278,11 +360,11 @@ class FrameSocket(asyncio.BufferedProtocol):
 
     @property
     def close_sent(self) -> bool:
-        return self._close_sent
+        return self._closing.sent
 
     @property
     def close_received(self) -> bool:
-        return self._close_received
+        return self._closing.received
 
     async def receive(self) -> WsMessage:
         while not self._messages:
@@ -320,11 +402,12 @@ class FrameSocket(asyncio.BufferedProtocol):
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         self.close_nowait(code, reason)
-        self._close_received = True
+        self._closing.give_up()
         self._drop()
 
     def abort(self) -> None:
-        self._close_sent = self._close_received = True
+        self._closing.give_up()
+        self._stop_keepalive()
         if self._transport is not None and not self._lost:
             self._transport.abort()
 
@@ -348,7 +431,7 @@ class FrameSocket(asyncio.BufferedProtocol):
             sink.on_close(close.code or 1005, close.reason)
         if self._reading_paused:  # paused for the queue: the sink decides from now on
             self._reading_paused = False
-            if self._transport is not None and not self._lost and not self._close_received:
+            if self._transport is not None and not self._lost and not self._closing.received:
                 self._transport.resume_reading()
         if self._write_paused:
             sink.on_pause()
@@ -358,39 +441,97 @@ class FrameSocket(asyncio.BufferedProtocol):
         # takes nothing more, and the sink learns of the end through on_close.
         transport = self._transport
         if len(data) <= MAX_SPLICE_MESSAGE:
-            if not (self._close_sent or transport is None or transport.is_closing()):
+            if not (self._closing.sent or transport is None or transport.is_closing()):
                 transport.write(_client_frame(OP_BINARY, data))
             return
         view = memoryview(data)
         for start in range(0, len(view), MAX_SPLICE_MESSAGE):
-            if self._close_sent or transport is None or transport.is_closing():
+            if self._closing.sent or transport is None or transport.is_closing():
                 return
             transport.write(_client_frame(OP_BINARY, view[start : start + MAX_SPLICE_MESSAGE]))
 
     def close_nowait(self, code: int = 1000, reason: str = "") -> None:
-        if self._close_sent:
+        step = self._closing.send(code, reason)
+        if step.frame is None:
             return
-        self._close_sent = True
         if self._transport is not None and not self._lost:
-            self._transport.write(_client_frame(OP_CLOSE, close_payload(code, reason)))
-        if self._close_received:
+            self._transport.write(_client_frame(OP_CLOSE, step.frame))
+        if step.drop:
             self._drop()
-        elif self._close_timer is None and not self._lost:
+        elif step.arm and self._close_timer is None and not self._lost:
             # The peer owes us its close frame; a peer that never sends it is dropped.
-            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.abort)
+            self._close_timer = asyncio.get_running_loop().call_later(
+                CLOSE_TIMEOUT, self._close_timed_out
+            )
+
+    def _close_timed_out(self) -> None:
+        self._close_timer = None
+        if self._closing.give_up().drop:
+            self.abort()
 
     def pause_reading(self) -> None:
         if self._transport is not None and not self._lost:
             self._transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._transport is not None and not self._lost and not self._close_received:
+        if self._transport is not None and not self._lost and not self._closing.received:
             self._transport.resume_reading()
+
+    # -- keep-alive -------------------------------------------------------------------------------
+
+    def keep_alive(self, interval: float) -> None:
+        """Ping every ``interval`` seconds; a pong not back within half of it drops the
+        connection (reported as a close 1006 that says so)."""
+        self._keepalive = interval
+        self._stop_keepalive()
+        if not self._lost:
+            self._keepalive_timer = asyncio.get_running_loop().call_later(interval, self._ping)
+
+    def _ping(self) -> None:
+        interval = self._keepalive
+        transport = self._transport
+        if interval is None or transport is None or self._lost or self._closing.sent:
+            self._keepalive_timer = None
+            return
+        transport.write(_client_frame(OP_PING, b""))
+        self._pong_due = True
+        self._keepalive_timer = asyncio.get_running_loop().call_later(
+            interval / 2, self._pong_missed
+        )
+
+    def _pong_missed(self) -> None:
+        self._keepalive_timer = None
+        if not self._pong_due or self._lost:
+            return
+        interval = self._keepalive or 0.0
+        reason = f"no pong within {interval / 2:g} s of a keep-alive ping"
+        logger.info("WebSocket dropped: %s", reason)
+        if self._close_message is None:
+            self._report_close(1006, reason)
+        self.abort()
+
+    def _pong_received(self) -> None:
+        if not self._pong_due:
+            return  # unsolicited (RFC 6455 5.5.3): no answer to anything
+        self._pong_due = False
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+        self._keepalive_timer = None
+        if self._keepalive is not None and not self._lost:
+            self._keepalive_timer = asyncio.get_running_loop().call_later(
+                self._keepalive, self._ping
+            )
+
+    def _stop_keepalive(self) -> None:
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+            self._keepalive_timer = None
+        self._pong_due = False
 
     # -- writing --------------------------------------------------------------------------------
 
     def _write(self, opcode: int, data: bytes | bytearray | memoryview, fin: bool) -> None:
-        if self._close_sent:
+        if self._closing.sent:
             raise RelayConnectionError("cannot send after the close frame")
         transport = self._transport
         if transport is None or self._lost or transport.is_closing():
@@ -458,6 +599,7 @@ class FrameSocket(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        self._stop_keepalive()
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
@@ -465,7 +607,7 @@ class FrameSocket(asyncio.BufferedProtocol):
             self._head_waiter.set_exception(
                 ConnectionResetError("the connection was closed during the handshake")
             )
-        self._close_sent = True  # nothing more can be sent
+        self._closing.lost()  # nothing more can be sent
         if self._close_message is None:  # also after aclose()/abort(): wake a waiting receive()
             self._report_close(1006, "")
         if self._drain_waiter is not None and not self._drain_waiter.done():
@@ -488,7 +630,7 @@ class FrameSocket(asyncio.BufferedProtocol):
     # -- reading --------------------------------------------------------------------------------
 
     def _received(self, data: memoryview) -> None:
-        if self._close_received:
+        if self._closing.received:
             return
         reader = self._reader
         try:
@@ -501,13 +643,16 @@ class FrameSocket(asyncio.BufferedProtocol):
             self._deliver(pieces, reader.message_ends)
         for control in controls:
             if control.opcode == OP_PING:
-                if not self._close_sent and self._transport is not None:
+                if not self._closing.sent and self._transport is not None:
                     self._transport.write(_client_frame(OP_PONG, control.payload))
             elif control.opcode == OP_CLOSE:
-                self._report_close(control.code, control.reason)
-                if self._close_sent:
+                step = self._closing.receive(control.code, control.reason)
+                if step.news:
+                    self._report_close(control.code, control.reason)
+                if step.drop:
                     self._drop()
-            # OP_PONG: we send no pings
+            elif control.opcode == OP_PONG:
+                self._pong_received()
 
     def _deliver(self, pieces: list[bytearray], ends: list[tuple[int, int]]) -> None:
         sink = self._sink
@@ -536,11 +681,11 @@ class FrameSocket(asyncio.BufferedProtocol):
                 self._transport.pause_reading()
         self._wake()
 
-    def _report_close(self, code: int, reason: str) -> None:
-        self._close_received = True
+    def _report_close(self, code: int | None, reason: str) -> None:
+        self._closing.received = True
         self._close_message = WsMessage(MessageKind.CLOSE, code=code, reason=reason)
         if self._sink is not None:
-            self._sink.on_close(code, reason)
+            self._sink.on_close(1005 if code is None else code, reason)
         else:
             self._messages.append(self._close_message)
         self._wake()
@@ -556,4 +701,5 @@ class FrameSocket(asyncio.BufferedProtocol):
         logger.debug("WebSocket closed: %s (%d)", reason, code)
         self.close_nowait(code, reason)
         self._report_close(1009 if code == 1009 else 1006, "")
+        self._closing.give_up()
         self._drop()
