@@ -118,7 +118,7 @@ async def test_connector_gives_every_connection_to_frames(
             assert isinstance(own, frames_ws.FrameSocket)
             await own.aclose()
             await connector.release(own)
-            control = await connector.connect(url, connect_timeout=5, heartbeat=30)
+            control = await connector.connect(url, connect_timeout=5, keepalive=30)
             assert isinstance(control, frames_ws.FrameSocket)
             assert control._keepalive == 30
             await control.aclose()
@@ -834,7 +834,7 @@ async def test_keepalive_through_the_connector_keeps_a_live_channel_open() -> No
     async with asyncio.timeout(10), ws_server(echo) as url:
         connector = WebSocketConnector(ssl_context=ssl.create_default_context(), proxy=None)
         try:
-            socket = await connector.connect(url, connect_timeout=5, heartbeat=0.1)
+            socket = await connector.connect(url, connect_timeout=5, keepalive=0.1)
             assert isinstance(socket, frames_ws.FrameSocket)
             original = socket._pong_received
 

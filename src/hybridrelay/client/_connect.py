@@ -136,12 +136,12 @@ class WebSocketConnector:
         connect_timeout: float,
         headers: Mapping[str, str] | None = None,
         protocols: Sequence[str] = (),
-        heartbeat: float | None = None,
+        keepalive: float | None = None,
         max_msg_size: int = STREAM_MAX_MESSAGE,
     ) -> frames_ws.FrameSocket:
         """Open a WebSocket to ``url`` within ``connect_timeout`` seconds.
 
-        ``heartbeat``: ping every that many seconds, and drop the connection when a pong is not
+        ``keepalive``: ping every that many seconds, and drop the connection when a pong is not
         back within half of it (control channels). ``url`` may hold a secret (a rendezvous
         address): it never goes into an exception message or a log line from here.
 
@@ -161,7 +161,7 @@ class WebSocketConnector:
             max_message_size=max_msg_size,
             warm=self._warm,
             proxy=self._proxy_for(url),
-            keepalive=heartbeat,
+            keepalive=keepalive,
         )
 
     async def release(self, socket: MessageSocket) -> None:

@@ -446,7 +446,7 @@ class HybridConnectionListener:
             url,
             connect_timeout=CONNECT_TIMEOUT,
             headers=headers,
-            heartbeat=self._keep_alive_interval,
+            keepalive=self._keep_alive_interval,
             max_msg_size=CONTROL_MAX_MESSAGE,
         )
         self._token_expiry = token_expiry(token) if token else None

@@ -43,7 +43,7 @@ from aiohttp._websocket.helpers import websocket_mask
 
 from hybridrelay.exceptions import ProtocolError
 from hybridrelay.protocol.azbridge import ReplyDecoder
-from hybridrelay.protocol.closing import sendable_close_code
+from hybridrelay.protocol.closing import CloseHandshake, sendable_close_code
 from hybridrelay.protocol.websocket import (
     OP_BINARY,
     OP_CLOSE,
@@ -51,7 +51,6 @@ from hybridrelay.protocol.websocket import (
     OP_PONG,
     FrameError,
     FrameForwarder,
-    close_payload,
     frame_header,
     handshake_headers,
     server_frame,
@@ -196,7 +195,7 @@ class SpliceLeg(_Leg):
     forwards what arrived meanwhile and resumes reading.
     """
 
-    __slots__ = ("_early", "forwarder")
+    __slots__ = ("_closing", "_early", "forwarder")
 
     def __init__(
         self,
@@ -210,6 +209,9 @@ class SpliceLeg(_Leg):
         self.transport = transport
         self.forwarder = FrameForwarder(websocket_mask, max_message_size=max_message_size)
         self._early: list[bytes] = []
+        # Decides the close handshake; close_sent/close_received mirror it for the data path
+        # (plain attributes, read on every forwarded read).
+        self._closing = CloseHandshake()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -224,17 +226,26 @@ class SpliceLeg(_Leg):
             self._tell_partner_gone()
 
     def send_close(self, code: int, reason: str = "") -> None:
-        """Send our close frame once (this leg may go on sending to us)."""
-        if self.close_sent or self.lost:
+        """Send our close frame once (this leg may go on sending to us).
+
+        The close timer is not armed here (the handshake's ``arm``): while its partner is
+        there, a leg sent our close is half-closed and may go on sending for as long as it
+        likes; :meth:`expect_close_answer` arms it once nothing more can be forwarded.
+        """
+        if self.lost:
+            return
+        step = self._closing.send(code, reason)
+        if step.frame is None:
             return
         self.close_sent = True
-        self.transport.write(server_frame(OP_CLOSE, close_payload(code, reason)))
-        if self.close_received:
+        self.transport.write(server_frame(OP_CLOSE, step.frame))
+        if step.drop:
             self._drop()
 
     def close_now(self, code: int, reason: str = "") -> None:
         """Send our close frame (if not yet sent) and drop the connection once it is out."""
         self.send_close(code, reason)
+        self._closing.give_up()
         self.close_received = True
         self._drop()
 
@@ -252,9 +263,14 @@ class SpliceLeg(_Leg):
 
     def abort(self) -> None:
         """Drop the connection now; the partner is told (1011) unless this leg had closed."""
+        self._closing.give_up()
         self.close_sent = True  # nothing more is written to it
         if not self.lost:
             self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing.lost()
+        super().connection_lost(exc)
 
     def _drop(self) -> None:
         """Both close frames are through (or the leg is unusable): close the connection.
@@ -312,11 +328,12 @@ class SpliceLeg(_Leg):
                 if not self.close_sent:
                     self.transport.write(server_frame(OP_PONG, control.payload))
             elif control.opcode == OP_CLOSE:
+                step = self._closing.receive(control.code, control.reason)
                 self.close_received = True
                 self.transport.pause_reading()
                 assert self.peer is not None
-                self.peer.send_close(sendable_close_code(control.code), control.reason)
-                if self.close_sent:
+                self.peer.send_close(self._closing.answer_code, control.reason)
+                if step.drop:
                     self._drop()
             # OP_PONG: nothing to do (the relay sends no pings on a splice)
 
