@@ -360,14 +360,18 @@ async def test_relay_restart_and_agent_failover(chain: Chain) -> None:
 
 
 async def test_refusing_destination_and_unconfigured_route(chain: Chain) -> None:
+    # Bound and never listened on, and held for the test: the edge's dial is refused, and no
+    # other process can take the port meanwhile.
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     refused_port = closed.getsockname()[1]
-    closed.close()  # nothing listens there: the edge's dial is refused
-    await chain.bridge("-R", f"hc:127.0.0.1:{refused_port}", "-R", "hc2:web/127.0.0.1:1")
-    _, port = await chain.ingress("127.0.0.1:0:hc")
-    async with asyncio.timeout(10):
-        assert await roundtrip(port, b"hello?") == b""  # a prompt close, no hang
+    try:
+        await chain.bridge("-R", f"hc:127.0.0.1:{refused_port}", "-R", "hc2:web/127.0.0.1:1")
+        _, port = await chain.ingress("127.0.0.1:0:hc")
+        async with asyncio.timeout(10):
+            assert await roundtrip(port, b"hello?") == b""  # a prompt close, no hang
+    finally:
+        closed.close()
 
     # A logical port name the edge does not have: the edge refuses; it never dials anything.
     _, other = await chain.ingress("127.0.0.1:0/ssh:hc2")

@@ -1,11 +1,16 @@
-"""Through an HTTP CONNECT proxy (a small one written here, on 127.0.0.1)."""
+"""Through an HTTP CONNECT proxy: a small one written here (it records what it saw), and
+tinyproxy when it is installed."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import shutil
+import socket
+from asyncio.subprocess import DEVNULL
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 
 import pytest
 
@@ -121,5 +126,71 @@ async def test_proxy_refusal_is_a_connection_error(tls_relay: Relay) -> None:
     proxy = ConnectProxy("user:right")
     async with asyncio.timeout(20), proxy.running() as address:
         async with make_client(tls_relay, proxy=f"http://user:wrong@{address}") as client:
-            with pytest.raises(RelayConnectionError):
+            with pytest.raises(RelayConnectionError, match="proxy refused the tunnel: 407"):
+                await client.create_connection()
+
+
+TINYPROXY = shutil.which("tinyproxy") or next(
+    (p for p in ("/usr/bin/tinyproxy", "/usr/sbin/tinyproxy") if Path(p).exists()), None
+)
+
+
+@asynccontextmanager
+async def tinyproxy(tmp_path: Path, relay_port: int) -> AsyncIterator[int]:
+    """tinyproxy on 127.0.0.1 with basic auth (user ``agent``, password ``s3cret``), allowed
+    to CONNECT to the relay's port only; yields its port once it accepts connections."""
+    assert TINYPROXY is not None
+    # tinyproxy binds the port itself and cannot report one it chose: a free one is picked
+    # here, and a start that lost it to another process is retried on another.
+    for _ in range(5):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        conf = tmp_path / f"tinyproxy-{port}.conf"
+        conf.write_text(
+            f"Port {port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 20\nAllow 127.0.0.1\n"
+            f"ConnectPort {relay_port}\nBasicAuth agent s3cret\n",
+            encoding="utf-8",
+        )
+        process = await asyncio.create_subprocess_exec(
+            TINYPROXY, "-d", "-c", str(conf), stdout=DEVNULL, stderr=DEVNULL
+        )
+        try:
+            ready = False
+            async with asyncio.timeout(10):
+                while process.returncode is None:
+                    try:
+                        _, writer = await asyncio.open_connection("127.0.0.1", port)
+                    except OSError:
+                        await asyncio.sleep(0.05)  # no readiness signal from tinyproxy
+                        continue
+                    writer.close()
+                    ready = True
+                    break
+            if ready:
+                yield port
+                return
+        finally:
+            if process.returncode is None:
+                process.terminate()
+            await process.wait()
+    raise AssertionError("tinyproxy did not start")
+
+
+@pytest.mark.skipif(TINYPROXY is None, reason="tinyproxy is not installed (.ci/run installs it)")
+async def test_through_tinyproxy_with_basic_auth(tls_relay: Relay, tmp_path: Path) -> None:
+    """A real proxy: listener (control channel, rendezvous) and sender tunnel through it with
+    basic auth; a wrong password is a connection error that names the proxy's status."""
+    async with asyncio.timeout(30), tinyproxy(tmp_path, tls_relay.server.port) as port:
+        url = f"http://agent:s3cret@127.0.0.1:{port}"
+        async with open_listener(tls_relay, proxy=url) as listener:
+            async with make_client(tls_relay, proxy=url) as client:
+                sender = await client.create_connection()
+                stream = await accept_one(listener)
+                await sender.write(b"through tinyproxy")
+                assert await stream.read() == b"through tinyproxy"
+                await asyncio.gather(sender.aclose(), stream.aclose())
+        wrong = f"http://agent:wrong@127.0.0.1:{port}"
+        async with make_client(tls_relay, proxy=wrong) as client:
+            with pytest.raises(RelayConnectionError, match="proxy refused the tunnel: 40[17]"):
                 await client.create_connection()
