@@ -172,7 +172,7 @@ class HybridConnectionListener:
         ca_file: PEM file of the CAs to trust instead of the system store.
         proxy: ``http://[user:pass@]host:port``; None honours ``HTTPS_PROXY``/``NO_PROXY``.
         accept_handler: decides per sender; see :class:`AcceptContext`.
-        keep_alive_interval: ping the control channel after this many idle seconds; a channel
+        keep_alive_interval: ping the control channel every this many seconds; a channel
             that does not answer in half that time is treated as dead.
         token_ttl: lifetime asked of the token provider, seconds.
         listener_id: the listener's ``sb-hc-id`` (default: a random UUID).

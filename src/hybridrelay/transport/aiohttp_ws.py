@@ -1,4 +1,8 @@
-"""The :class:`~hybridrelay.transport.base.MessageSocket` implementation on aiohttp.
+"""The :class:`~hybridrelay.transport.base.MessageSocket` implementation on aiohttp: the relay's
+side of the upgrades it serves (control channels, HTTP relaying). The SDK's client connections
+are :mod:`hybridrelay.transport.frames_ws`; :meth:`AiohttpMessageSocket.client` is left for the
+tests' HTTP peer (tests/server/http_peer.py). The close handshake is
+:class:`~hybridrelay.protocol.closing.CloseHandshake`.
 
 aiohttp is used with ``autoclose=False`` so that a close frame from the peer is *reported*, not
 answered at once: the relay forwards it to the other leg and keeps carrying data the other way
