@@ -9,7 +9,9 @@ library we use (aiohttp, OSError, ssl, yaml) leaks out without one of ours wrapp
     ├── TokenError                  a SAS token that cannot be parsed or created
     ├── ProtocolError               a message or URL that breaks the Hybrid Connections protocol
     ├── RelayConnectionError        the relay could not be reached or the connection broke
-    │   └── RelayTimeoutError       an operation did not finish in time
+    │   ├── RelayTimeoutError       an operation did not finish in time
+    │   └── PeerAbortedError        the bridge's: a relayed stream ended with a code other than
+    │                               1000 (never raised through the SDK, so not exported)
     ├── RelayHttpError              the relay or the listener answered with an HTTP error status
     │   ├── AuthorizationError      401 / 403
     │   ├── EndpointNotFoundError   404 (unknown hybrid connection)
