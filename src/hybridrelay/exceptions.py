@@ -9,9 +9,7 @@ library we use (aiohttp, OSError, ssl, yaml) leaks out without one of ours wrapp
     ├── TokenError                  a SAS token that cannot be parsed or created
     ├── ProtocolError               a message or URL that breaks the Hybrid Connections protocol
     ├── RelayConnectionError        the relay could not be reached or the connection broke
-    │   ├── RelayTimeoutError       an operation did not finish in time
-    │   └── PeerAbortedError        the bridge's: a relayed stream ended with a code other than
-    │                               1000 (never raised through the SDK, so not exported)
+    │   └── RelayTimeoutError       an operation did not finish in time
     ├── RelayHttpError              the relay or the listener answered with an HTTP error status
     │   ├── AuthorizationError      401 / 403
     │   ├── EndpointNotFoundError   404 (unknown hybrid connection)
@@ -61,21 +59,6 @@ class RelayConnectionError(RelayError):
 
 class RelayTimeoutError(RelayConnectionError):
     """An operation against the relay did not complete in time."""
-
-
-class PeerAbortedError(RelayConnectionError):
-    """The relayed stream ended with a close code other than 1000 (the other side could not
-    reach its destination, or its socket was reset).
-
-    The bridge's (bridge/pipe.py): never raised through the SDK, so not exported.
-
-    Attributes:
-        code: the peer's close code (None when it sent none).
-    """
-
-    def __init__(self, code: int | None) -> None:
-        super().__init__(f"the other side closed with code {code}")
-        self.code = code
 
 
 class RelayHttpError(RelayError):

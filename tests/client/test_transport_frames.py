@@ -117,12 +117,10 @@ async def test_connector_gives_every_connection_to_frames(
             own = await connector.connect(url, connect_timeout=5)
             assert isinstance(own, frames_ws.FrameSocket)
             await own.aclose()
-            await connector.release(own)
             control = await connector.connect(url, connect_timeout=5, keepalive=30)
             assert isinstance(control, frames_ws.FrameSocket)
             assert control._keepalive == 30
             await control.aclose()
-            await connector.release(control)
         finally:
             await connector.aclose()
         with refused_port() as closed_port:

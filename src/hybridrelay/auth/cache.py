@@ -6,7 +6,8 @@ carries the same token, and that was ~10 % of the relay's CPU (docs/PERFORMANCE.
 are now); the rest of the decision (expiry, audience host, path scope, rights) runs on every
 request, so a cached token expires exactly when an uncached one would and a token never covers
 a path it would not cover uncached. Changing a rule's keys or rights changes the key, so nothing
-stale is served. Failed checks are not cached (a flood of bad tokens cannot evict good ones).
+stale is served. Failed checks are not cached (a flood of bad tokens cannot evict good ones);
+an expired token stays until it is the least recently used, bounded by ``max_entries``.
 Pure: the caller passes the clock.
 """
 
@@ -15,14 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from hybridrelay.auth.sas import (
-    AuthDecision,
-    AuthorizationRule,
-    Rights,
-    VerifiedToken,
-    decide,
-    verify_token,
-)
+from hybridrelay.auth.sas import AuthDecision, AuthorizationRule, VerifiedToken, verify_token
 
 __all__ = ["AuthCache"]
 
@@ -30,6 +24,8 @@ _Key = tuple[str, tuple[AuthorizationRule, ...]]
 
 
 class AuthCache:
+    """Use as ``authorize(..., verify=cache.verify)``."""
+
     def __init__(self, max_entries: int = 10_000) -> None:
         self._max_entries = max_entries
         self._entries: OrderedDict[_Key, VerifiedToken] = OrderedDict()
@@ -37,37 +33,10 @@ class AuthCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def authorize(
-        self,
-        token: str | None,
-        *,
-        rules: Sequence[AuthorizationRule],
-        entity_path: str,
-        required: Rights,
-        now: float,
-        suffix: str = "",
-        namespace_host: str | None = None,
-        grace_seconds: float = 0.0,
-    ) -> AuthDecision:
-        """Like :func:`hybridrelay.auth.sas.authorize`, remembering verified signatures."""
-        verified = self._verified(token, rules)
-        if isinstance(verified, AuthDecision):
-            return verified
-        if token and verified.expiry + grace_seconds < now:
-            self._entries.pop((token, tuple(rules)), None)  # expired: it can only be refused now
-        return decide(
-            verified,
-            entity_path=entity_path,
-            required=required,
-            now=now,
-            suffix=suffix,
-            namespace_host=namespace_host,
-            grace_seconds=grace_seconds,
-        )
-
-    def _verified(
+    def verify(
         self, token: str | None, rules: Sequence[AuthorizationRule]
     ) -> VerifiedToken | AuthDecision:
+        """:func:`~hybridrelay.auth.sas.verify_token`, remembering the tokens that passed."""
         if not token:
             return verify_token(token, rules)
         key: _Key = (token, tuple(rules))

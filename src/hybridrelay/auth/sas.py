@@ -15,7 +15,7 @@ import binascii
 import enum
 import hashlib
 import hmac
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlsplit
 
@@ -27,11 +27,11 @@ __all__ = [
     "AuthorizationRule",
     "Rights",
     "SasToken",
+    "Verifier",
     "VerifiedToken",
     "audience_scope",
     "authorize",
     "create_token",
-    "decide",
     "normalize_path",
     "parse_token",
     "path_covers",
@@ -262,7 +262,7 @@ class VerifiedToken:
 
     Verifying is the costly part (a parse and an HMAC per candidate key) and depends only on
     the token text and the rules, so :class:`hybridrelay.auth.cache.AuthCache` keeps these;
-    :func:`decide` is cheap and runs on every request.
+    :func:`authorize` decides the rest on every request.
     """
 
     rule: AuthorizationRule
@@ -275,7 +275,7 @@ def verify_token(
     token: str | None, rules: Sequence[AuthorizationRule]
 ) -> VerifiedToken | AuthDecision:
     """Check a token's form and signature against ``rules``: a :class:`VerifiedToken`, or the
-    401 :class:`AuthDecision` that refuses it. Expiry and scope are :func:`decide`'s."""
+    401 :class:`AuthDecision` that refuses it. Expiry and scope are :func:`authorize`'s."""
     if not token:
         return AuthDecision(401, "Unauthorized: no SAS token was provided")
     try:
@@ -300,27 +300,9 @@ def verify_token(
     return VerifiedToken(matched, parsed.expiry, host, path)
 
 
-def decide(
-    verified: VerifiedToken,
-    *,
-    entity_path: str,
-    required: Rights,
-    now: float,
-    suffix: str = "",
-    namespace_host: str | None = None,
-    grace_seconds: float = 0.0,
-) -> AuthDecision:
-    """The decision for a verified token: expiry (401), audience host, path scope and rights
-    (403). The arguments are :func:`authorize`'s."""
-    if verified.expiry + grace_seconds < now:
-        return AuthDecision(401, "Unauthorized: SAS token has expired")
-    if namespace_host is not None and verified.host and verified.host != namespace_host.lower():
-        return AuthDecision(403, "Forbidden: token audience is another namespace")
-    if not path_covers(verified.path, request_path(entity_path, suffix)):
-        return AuthDecision(403, "Forbidden: token is not valid for this hybrid connection")
-    if required and required not in verified.rule.rights.effective():
-        return AuthDecision(403, f"Forbidden: rule lacks the {'/'.join(required.names())} right")
-    return AuthDecision(200, "OK", rule_name=verified.rule.name, expiry=verified.expiry)
+#: What :func:`authorize` checks a token's signature with: :func:`verify_token`, or a cache
+#: of its results (:meth:`hybridrelay.auth.cache.AuthCache.verify`).
+Verifier = Callable[[str | None, Sequence[AuthorizationRule]], "VerifiedToken | AuthDecision"]
 
 
 def authorize(
@@ -333,6 +315,7 @@ def authorize(
     suffix: str = "",
     namespace_host: str | None = None,
     grace_seconds: float = 0.0,
+    verify: Verifier = verify_token,
 ) -> AuthDecision:
     """Decide whether ``token`` grants ``required`` on ``entity_path`` + ``suffix``.
 
@@ -340,26 +323,28 @@ def authorize(
         token: the token text after transport decoding, or None when the request had none.
         rules: the rules that apply to the entity: its own and the namespace-wide ones.
         entity_path: the hybrid connection's path.
-        suffix: the request's path below the entity (decoded), empty for listeners; the token
-            must cover the whole request path (:func:`path_covers`).
         required: the right needed (``Rights.LISTEN`` or ``Rights.SEND``; ``NONE`` for any).
         now: current time in epoch seconds.
+        suffix: the request's path below the entity (decoded), empty for listeners; the token
+            must cover the whole request path (:func:`path_covers`).
         namespace_host: when given, the token's audience host must match it.
         grace_seconds: accept tokens that expired at most this long ago (renewal races).
+        verify: the signature check; only its outcome is cached, so expiry, audience host,
+            scope and rights are decided on every call.
 
     Returns:
         An :class:`AuthDecision` with status 200, 401 or 403 and a reason that never contains
         the token or a key.
     """
-    verified = verify_token(token, rules)
+    verified = verify(token, rules)
     if isinstance(verified, AuthDecision):
         return verified
-    return decide(
-        verified,
-        entity_path=entity_path,
-        required=required,
-        now=now,
-        suffix=suffix,
-        namespace_host=namespace_host,
-        grace_seconds=grace_seconds,
-    )
+    if verified.expiry + grace_seconds < now:
+        return AuthDecision(401, "Unauthorized: SAS token has expired")
+    if namespace_host is not None and verified.host and verified.host != namespace_host.lower():
+        return AuthDecision(403, "Forbidden: token audience is another namespace")
+    if not path_covers(verified.path, request_path(entity_path, suffix)):
+        return AuthDecision(403, "Forbidden: token is not valid for this hybrid connection")
+    if required and required not in verified.rule.rights.effective():
+        return AuthDecision(403, f"Forbidden: rule lacks the {'/'.join(required.names())} right")
+    return AuthDecision(200, "OK", rule_name=verified.rule.name, expiry=verified.expiry)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from types import TracebackType
 from typing import Any
 
 from hybridrelay.bridge.config import BridgeConfig, ConnectionSettings
@@ -204,12 +203,7 @@ class BridgeAgent:
             raise ConfigurationError("the bridge stopped while starting")
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         self.shutdown()
         if self._task is not None:
             await self._task

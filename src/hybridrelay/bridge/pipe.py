@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import Any, Protocol, cast
 
 from hybridrelay.client import SpliceSocket, StreamSink
-from hybridrelay.exceptions import PeerAbortedError, RelayError
+from hybridrelay.exceptions import RelayError
 
 __all__ = [
     "HIGH_WATER",
@@ -38,7 +38,6 @@ __all__ = [
     "READ_CHUNK",
     "CallbackPump",
     "ConnectionGroup",
-    "PeerAbortedError",
     "PipeStats",
     "RelayStream",
     "SocketLeg",
@@ -334,7 +333,7 @@ class CallbackPump:
         elif code == 1006:
             self._finish("RelayConnectionError: the connection was lost without a close frame")
         else:
-            self._finish(str(PeerAbortedError(code)))
+            self._finish(f"the other side closed with code {code}")
 
     def on_pause(self) -> None:
         if self._leg.transport is not None:

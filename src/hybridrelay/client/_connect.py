@@ -30,7 +30,6 @@ from hybridrelay.exceptions import ConfigurationError, RelayConnectionError
 from hybridrelay.protocol.addressing import Endpoint, parse_endpoint
 from hybridrelay.protocol.connection_string import ConnectionString
 from hybridrelay.transport import frames_ws
-from hybridrelay.transport.base import MessageSocket
 from hybridrelay.transport.warm import WarmPool
 
 __all__ = [
@@ -163,10 +162,6 @@ class WebSocketConnector:
             proxy=self._proxy_for(url),
             keepalive=keepalive,
         )
-
-    async def release(self, socket: MessageSocket) -> None:
-        """A socket from :meth:`connect` is finished (nothing to free any more: each socket
-        owns its connection; kept so that streams tell their factory)."""
 
     async def aclose(self) -> None:
         """No new connections; the warm ones are closed. Sockets already handed out keep

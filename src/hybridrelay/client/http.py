@@ -314,7 +314,6 @@ class RelayedHttpContext:
         socket, self._rendezvous = self._rendezvous, None
         if socket is not None:
             socket.abort()
-            self._dispatcher.release(socket)
 
 
 class HttpRequestDispatcher:
@@ -416,10 +415,6 @@ class HttpRequestDispatcher:
             pass
         finally:
             socket.abort()
-            self.release(socket)
-
-    def release(self, socket: MessageSocket) -> None:
-        self._spawn(self._connector.release(socket), "http-release")
 
     def control_for(self, control: MessageSocket | None) -> MessageSocket | None:
         """The control channel if it is still the one a request came on."""
@@ -462,7 +457,6 @@ class HttpRequestDispatcher:
                 exc,
             )
             socket.abort()
-            self.release(socket)
             return
         ctx = RelayedHttpContext(self, request, body, control=None, rendezvous=socket)
         await self._handle(ctx)

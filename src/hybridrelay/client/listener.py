@@ -25,7 +25,6 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Literal
 
 from hybridrelay.client._connect import (
@@ -375,12 +374,7 @@ class HybridConnectionListener:
         await self.open()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
     # -- streams -----------------------------------------------------------------------------
@@ -666,7 +660,6 @@ class HybridConnectionListener:
                 id=ctx.id,
                 connect_headers=ctx.connect_headers,
                 remote_endpoint=ctx.remote_endpoint,
-                on_closed=self._connector.release,
             )
             if self._closing:
                 socket.abort()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ssl as ssl_module
 import uuid
 from collections.abc import Mapping, Sequence
-from types import TracebackType
 from typing import Any
 
 from hybridrelay.client._connect import (
@@ -170,7 +169,7 @@ class HybridConnectionClient:
             )
         except RelayHttpError as exc:
             raise _as_rejection(exc) from exc
-        return HybridConnectionStream(socket, id=connection_id, on_closed=self._connector.release)
+        return HybridConnectionStream(socket, id=connection_id)
 
     async def aclose(self) -> None:
         """No new connections; the HTTP session goes once its streams are closed. Idempotent."""
@@ -179,10 +178,5 @@ class HybridConnectionClient:
     async def __aenter__(self) -> HybridConnectionClient:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.aclose()

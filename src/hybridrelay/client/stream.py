@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from types import TracebackType
 
 from hybridrelay.exceptions import RelayConnectionError, StreamClosedError
 from hybridrelay.transport.base import (
     MessageKind,
-    MessageSocket,
     SpliceSocket,
     StreamSink,
     StreamSocket,
@@ -58,10 +55,8 @@ class HybridConnectionStream:
         id: str,
         connect_headers: dict[str, str] | None = None,
         remote_endpoint: tuple[str, int] | None = None,
-        on_closed: Callable[[MessageSocket], Awaitable[None]] | None = None,
     ) -> None:
         self._socket = socket
-        self._on_closed = on_closed
         self.id = id
         self.subprotocol: str | None = socket.subprotocol
         self.connect_headers: dict[str, str] = dict(connect_headers or {})
@@ -254,16 +249,9 @@ class HybridConnectionStream:
                 await self._socket.aclose(code, reason)  # both frames seen: just drop
             else:
                 self._socket.abort()
-            if self._on_closed is not None:
-                await self._on_closed(self._socket)
 
     async def __aenter__(self) -> HybridConnectionStream:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.aclose()

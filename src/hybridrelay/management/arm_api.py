@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from hybridrelay.auth.cache import AuthCache
-from hybridrelay.auth.sas import AuthorizationRule, Rights
+from hybridrelay.auth.sas import AuthorizationRule, Rights, authorize
 from hybridrelay.management.openapi import openapi_document
 from hybridrelay.protocol.arm import (
     ArmError,
@@ -182,8 +182,13 @@ class ArmApi:
         token = rest.strip() if scheme.lower() == "bearer" else header
         state = layered(self.file_layer, self.store.state)
         rules: Sequence[AuthorizationRule] = [rule.to_rule() for rule in state.namespace.rules]
-        decision = self._auth.authorize(
-            token, rules=rules, entity_path="", required=Rights.MANAGE, now=self.clock()
+        decision = authorize(
+            token,
+            rules=rules,
+            entity_path="",
+            required=Rights.MANAGE,
+            now=self.clock(),
+            verify=self._auth.verify,
         )
         if decision.status == 401:
             raise ArmError(401, "InvalidAuthenticationToken", decision.reason)

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from hybridrelay.auth.cache import AuthCache
-from hybridrelay.auth.sas import AuthDecision, AuthorizationRule, Rights
+from hybridrelay.auth.sas import AuthDecision, AuthorizationRule, Rights, authorize
 from hybridrelay.server.config import HybridConnectionConfig, RelayConfig
 from hybridrelay.server.store import EntityStore
 
@@ -39,8 +39,9 @@ class Access:
     ) -> AuthDecision:
         """The token must cover the request's whole path: ``entity`` and the request's
         ``suffix`` below it (PROTOCOL.md 3.5); listeners and renewals have no suffix."""
-        return self._cache.authorize(
+        return authorize(
             token,
+            verify=self._cache.verify,
             rules=self.rules_for(entity),
             entity_path=entity.name,
             suffix=suffix,
