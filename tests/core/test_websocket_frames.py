@@ -29,6 +29,7 @@ from hybridrelay.protocol.websocket import (
     server_frame,
     server_frame_header,
     unmask_python,
+    whole_server_frames,
 )
 from tests.wsframes import client_frame
 
@@ -275,3 +276,71 @@ def test_masked_frame_matches_the_reference_encoder(
     frame = masked_frame(opcode, payload, mask, websocket_mask, fin=fin)
     assert bytes(frame) == client_frame(opcode, payload, fin=fin, mask=mask)
     assert masked_frame(opcode, memoryview(payload), mask, unmask_python, fin=fin) == frame
+
+
+# -- the fast path for whole small server frames (whole_server_frames) ------------------------
+
+
+def read_messages(wire: bytes, max_size: int, fast: bool) -> list[tuple[int, bytes]] | str:
+    """Messages a client reads from server frames ``wire``: with the fast path first (as our
+    client socket does between messages) or with the general reader alone; an error's code."""
+    reader = FrameForwarder(websocket_mask, max_message_size=max_size, masked=False)
+    reader.payload_only = True
+    reader.track_messages = True
+    data = memoryview(wire)
+    messages: list[tuple[int, bytes]] = []
+    if fast and reader.between_messages:
+        frames, used = whole_server_frames(data, max_size)
+        for opcode, payload in frames:
+            if opcode == OP_TEXT:  # the caller checks UTF-8, as the client socket does
+                try:
+                    payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    return "error 1007"
+        messages += frames
+        data = data[used:]
+    try:
+        pieces, _ = reader.feed(data)
+    except FrameError as exc:
+        return f"error {exc.code}"
+    start = 0
+    for count, opcode in reader.message_ends:
+        messages.append((opcode, b"".join(pieces[start:count])))
+        start = count
+    return messages
+
+
+FRAMES = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from([OP_TEXT, OP_BINARY]), st.binary(max_size=300), st.just(True)),
+        st.tuples(st.sampled_from([OP_TEXT, OP_BINARY]), st.binary(max_size=70_000), st.just(True)),
+        st.tuples(st.just(OP_PING), st.binary(max_size=10), st.just(True)),
+        st.tuples(st.just(OP_BINARY), st.binary(max_size=20), st.just(False)),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(frames=FRAMES, max_size=st.sampled_from([100, 1 << 20]), cut=st.integers(0, 20))
+def test_the_fast_path_reads_what_the_general_reader_reads(
+    frames: list[tuple[int, bytes, bool]], max_size: int, cut: int
+) -> None:
+    wire = b"".join(server_frame(op, payload, fin=fin) for op, payload, fin in frames)
+    wire = wire[: max(0, len(wire) - cut)]  # a read may end inside a frame
+    assert read_messages(wire, max_size, fast=True) == read_messages(wire, max_size, fast=False)
+
+
+def test_the_fast_path_leaves_anything_unusual_to_the_general_reader() -> None:
+    small = server_frame(OP_TEXT, b"hi")
+    assert whole_server_frames(small + small, 100) == ([(OP_TEXT, b"hi")] * 2, 2 * len(small))
+    for other in (
+        server_frame(OP_PING, b""),  # a control frame
+        server_frame(OP_TEXT, b"hi", fin=False),  # a fragment
+        bytes([0x81 | 0x40, 2]) + b"hi",  # a reserved bit
+        bytes([0x81, 0x80 | 2]) + b"\0\0\0\0hi",  # masked
+        bytes([0x82, 126, 0, 5]) + b"hello",  # a 16-bit length for 5 bytes
+        server_frame(OP_BINARY, b"x" * 200),  # over max_size
+        small[:-1],  # not all here
+    ):
+        assert whole_server_frames(small + other, 100) == ([(OP_TEXT, b"hi")], len(small))

@@ -72,6 +72,7 @@ from hybridrelay.protocol.websocket import (
     masked_frame,
     parse_response_head,
     upgrade_request,
+    whole_server_frames,
 )
 from hybridrelay.transport.base import MessageKind, StreamSink, WsMessage
 from hybridrelay.transport.receive_buffer import receive_buffer
@@ -247,6 +248,7 @@ class FrameSocket(asyncio.BufferedProtocol):
     """A client WebSocket (see the module's docstring); made by :func:`connect`."""
 
     def __init__(self, max_message_size: int) -> None:
+        self._max_message_size = max_message_size
         self._reader = FrameForwarder(
             websocket_mask, max_message_size=max_message_size, masked=False
         )
@@ -633,6 +635,22 @@ class FrameSocket(asyncio.BufferedProtocol):
         if self._closing.received:
             return
         reader = self._reader
+        if self._sink is None and not self._parts and reader.between_messages:
+            # Whole small messages (a control channel's) skip the general reader.
+            frames, used = whole_server_frames(data, self._max_message_size)
+            for opcode, payload in frames:
+                if opcode == OP_TEXT:
+                    try:
+                        text = payload.decode("utf-8")
+                    except UnicodeDecodeError:
+                        self._fail(1007, "text message is not valid UTF-8")
+                        return
+                    self._enqueue(WsMessage(MessageKind.TEXT, text), len(payload))
+                else:
+                    self._enqueue(WsMessage(MessageKind.BINARY, payload), len(payload))
+            if used == len(data):
+                return
+            data = data[used:]
         try:
             pieces, controls = reader.feed(data)
         except FrameError as exc:
