@@ -178,11 +178,12 @@ async def test_unknown_entity_and_bad_requests(relay: Relay) -> None:
         assert response.status == 400  # not an upgrade
 
 
-async def test_connect_without_listener_fails_promptly(relay: Relay) -> None:
-    started = time.monotonic()
-    status, reason = await handshake_status(relay, "/$hc/anon?sb-hc-action=connect")
+async def test_connect_without_listener_fails_promptly(make_relay: RelayFactory) -> None:
+    # Promptly: answered at once, not after the rendezvous timeout, which is set far beyond
+    # the time this test allows itself.
+    async with make_relay(limits={"rendezvous_timeout": 120}) as relay, asyncio.timeout(20):
+        status, reason = await handshake_status(relay, "/$hc/anon?sb-hc-action=connect")
     assert status == 404 and "no listeners" in reason
-    assert time.monotonic() - started < 2
 
 
 async def test_sender_needs_send_right_unless_anonymous(relay: Relay) -> None:
@@ -495,7 +496,12 @@ async def test_no_secret_reaches_the_logs(relay: Relay, caplog: pytest.LogCaptur
         assert needle not in text  # ... and none of its secrets
 
 
-async def test_shutdown_closes_everything_with_1001(make_relay: RelayFactory) -> None:
+async def test_shutdown_closes_everything_with_1001(
+    make_relay: RelayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The grace for unanswered close frames is set far beyond what this test allows itself:
+    # the shutdown must end because every peer answered, not because the grace ran out.
+    monkeypatch.setattr("hybridrelay.server.app._SHUTDOWN_GRACE", 120.0)
     async with make_relay() as relay, session() as s:
         control = await open_listener(s, relay)
         sender_task = asyncio.create_task(
@@ -506,14 +512,13 @@ async def test_shutdown_closes_everything_with_1001(make_relay: RelayFactory) ->
         )
         rendezvous = await s.ws_connect(str((await next_accept(control))["address"]))
         sender = await sender_task
-        started = time.monotonic()
         closing = asyncio.create_task(relay.server.aclose())
         for ws in (control, sender, rendezvous):
             async with asyncio.timeout(5):
                 message = await ws.receive()
             assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 1001, message
-        await closing
-        assert time.monotonic() - started < 3  # ordered, not a timeout
+        async with asyncio.timeout(20):  # ordered: the 120 s grace is not waited for
+            await closing
         await control.close()
         # New requests are refused while closed.
         with pytest.raises(aiohttp.ClientError):
@@ -586,9 +591,14 @@ async def test_sender_host_header_cannot_redirect_the_rendezvous(relay: Relay) -
 async def test_sender_moves_on_when_its_listener_dies_before_answering(
     make_relay: RelayFactory,
 ) -> None:
-    async with make_relay(limits={"rendezvous_timeout": 20}) as relay, session() as s:
+    # The rendezvous timeout is far beyond what the test allows itself (20 s): the sender is
+    # offered to the survivor at once, not after the timeout.
+    async with (
+        make_relay(limits={"rendezvous_timeout": 120}) as relay,
+        session() as s,
+        asyncio.timeout(20),
+    ):
         first, second = await open_listener(s, relay), await open_listener(s, relay)
-        started = time.monotonic()
         sender_task = asyncio.create_task(
             s.ws_connect(
                 f"{relay.base_url}/$hc/hc?sb-hc-action=connect&sb-hc-id=moving",
@@ -602,11 +612,10 @@ async def test_sender_moves_on_when_its_listener_dies_before_answering(
         # The listener that was told vanishes without answering (its TCP connection drops).
         loser._response.connection.transport.abort()  # type: ignore[union-attr]
         other = told[1] if loser is first else told[0]
-        accept = await other  # offered again, to the survivor, well before the 20 s timeout
+        accept = await other  # offered again, to the survivor
         assert accept["id"] == "moving"
         rendezvous = await s.ws_connect(str(accept["address"]))
         sender = await sender_task
-        assert time.monotonic() - started < 5
         await sender.send_bytes(b"made it")
         assert (await rendezvous.receive()).data == b"made it"
         await asyncio.gather(sender.close(), rendezvous.close())
