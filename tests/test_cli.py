@@ -119,3 +119,25 @@ async def test_the_signal_helper_stops_gracefully_and_restores_the_handlers() ->
                 await stopped.wait()
         # Ours is gone again: nothing left to remove.
         assert not loop.remove_signal_handler(sig)
+
+
+async def test_token_reads_the_environment_and_unknown_keys_get_a_suggestion(
+    tmp_path: Path,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "HYBRIDRELAY_CONNECTION_STRING"}
+    cs = "Endpoint=sb://relay.example/;SharedAccessKeyName=root;SharedAccessKey=k" + "x" * 40
+    code, out, err = await run(
+        "token", "--entity", "hc", env={**env, "HYBRIDRELAY_CONNECTION_STRING": cs}
+    )
+    assert code == 0 and out.startswith("SharedAccessSignature sr="), err
+    code, _, err = await run("token", env=env)
+    assert code == 2 and "HYBRIDRELAY_CONNECTION_STRING" in err and "-x" in err
+    code, out, _ = await run("token", "--help", env=env)
+    assert code == 0 and "HYBRIDRELAY_CONNECTION_STRING" in out
+    code, out, _ = await run("connection-string", "--help", env=env)
+    assert code == 0 and "data directory" in out
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("server: {plaintext: true}\nlimits: {rendezvous_timout: 5}\n", encoding="utf-8")
+    code, _, err = await run("serve", "--config", str(typo), env=env)
+    assert code == 2
+    assert "limits.rendezvous_timout (did you mean 'rendezvous_timeout'?)" in err, err

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import enum
 import logging
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -364,6 +365,12 @@ def load_yaml(cls: type[T], path: str | Path, *, what: str = "config file") -> T
         raise ConfigurationError(f"{path}: {exc}") from None
 
 
+def _did_you_mean(key: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'KEY'?)`` for the nearest known key, when one is near enough."""
+    near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
 def _key(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
@@ -429,7 +436,7 @@ def from_document(cls: type[T], document: Any, path: str = "") -> T:
         unknown = sorted(str(k) for k in mapping if k not in keys)
         if unknown:
             where = _key(path, section) if section else path
-            names = ", ".join(_key(where, k) for k in unknown)
+            names = ", ".join(_key(where, k) + _did_you_mean(k, keys) for k in unknown)
             raise ConfigurationError(f"unknown key(s): {names}")
     hook = getattr(cls, "from_yaml", None)
     try:

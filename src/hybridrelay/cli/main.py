@@ -22,7 +22,7 @@ from hybridrelay.auth.sas import AuthorizationRule, Rights, create_token, token_
 from hybridrelay.cli.logs import add_log_level_argument, configure_logging, install_batched_stderr
 from hybridrelay.cli.signals import stop_on_signals
 from hybridrelay.exceptions import ConfigurationError, RelayError
-from hybridrelay.protocol.connection_string import ConnectionString
+from hybridrelay.protocol.connection_string import CONNECTION_STRING_ENV, ConnectionString
 from hybridrelay.server.config import DEFAULT_PORT, RelayConfig, ServerSettings
 from hybridrelay.settings import add_arguments, apply, given_arguments
 from hybridrelay.transport.event_loop import (
@@ -64,8 +64,18 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _add_token(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = sub.add_parser("token", help="print a SAS token for a hybrid connection")
-    parser.add_argument("--connection-string", "-x", required=True, metavar="CS")
+    parser = sub.add_parser(
+        "token",
+        help="print a SAS token for a hybrid connection",
+        description="Print a SAS token signed with a connection string's key.",
+    )
+    parser.add_argument(
+        "--connection-string",
+        "-x",
+        default=os.environ.get(CONNECTION_STRING_ENV),
+        metavar="CS",
+        help=f"the connection string whose key signs the token (default: ${CONNECTION_STRING_ENV})",
+    )
     parser.add_argument("--entity", "-e", help="hybrid connection (default: EntityPath)")
     parser.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     parser.set_defaults(func=_cmd_token)
@@ -75,7 +85,12 @@ def _add_connection_string(sub: argparse._SubParsersAction[argparse.ArgumentPars
     parser = sub.add_parser(
         "connection-string", help="print the embedded default relay's root connection string"
     )
-    parser.add_argument("--data-dir", type=Path)
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="the embedded relay's data directory (default: $HYBRIDRELAY_DATA_DIR, else "
+        "~/.local/share/hybridrelay)",
+    )
     parser.add_argument("--entity", "-e", help="add EntityPath=NAME")
     parser.set_defaults(func=_cmd_connection_string)
 
@@ -248,6 +263,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
+    if not args.connection_string:
+        raise ConfigurationError(
+            f"no connection string: pass -x CONNECTION_STRING or set ${CONNECTION_STRING_ENV}"
+        )
     cs = ConnectionString.parse(args.connection_string)
     entity = args.entity or cs.entity_path or ""
     if cs.token:

@@ -14,12 +14,12 @@ from hybridrelay.asgi import load_app, serve
 from hybridrelay.cli.logs import configure_logging
 from hybridrelay.cli.signals import stop_on_signals
 from hybridrelay.exceptions import ConfigurationError
+from hybridrelay.protocol.connection_string import CONNECTION_STRING_ENV
 from hybridrelay.settings import LOG_LEVEL, add_arguments, check_fields, given_arguments, setting
 
 __all__ = ["CONNECTION_STRING_ENV", "ServeAppConfig", "add_serve_app_arguments", "run_serve_app"]
 
 #: Where ``-x`` comes from when it is not given.
-CONNECTION_STRING_ENV = "HYBRIDRELAY_CONNECTION_STRING"
 
 logger = logging.getLogger("hybridrelay.asgi")
 

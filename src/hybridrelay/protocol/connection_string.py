@@ -12,7 +12,10 @@ from urllib.parse import urlsplit
 
 from hybridrelay.exceptions import ConfigurationError
 
-__all__ = ["ConnectionString"]
+__all__ = ["CONNECTION_STRING_ENV", "ConnectionString"]
+
+#: The environment variable every command reads a connection string from when none is given.
+CONNECTION_STRING_ENV = "HYBRIDRELAY_CONNECTION_STRING"
 
 _KNOWN = {
     "endpoint": "endpoint",
