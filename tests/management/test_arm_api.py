@@ -359,3 +359,20 @@ async def test_what_the_file_defines_is_read_only(tmp_path: Path, tls_files: Tls
             lambda: [r.name for r in client.namespaces.list_authorization_rules(RG, NS)]
         )
         assert rules == ["file-rule", ROOT]
+
+
+async def test_bounds_answer_409(tmp_path: Path, tls_files: TlsFiles) -> None:
+    async with served(tmp_path, tls_files) as relay:
+        rules = relay.client().namespaces
+        for index in range(11):  # with the root rule, 12: Azure's bound
+            await call(
+                lambda index=index: rules.create_or_update_authorization_rule(  # type: ignore[misc]
+                    RG, NS, f"rule-{index}", rights_rule(["Send"])
+                )
+            )
+        status, message = await refusal(
+            lambda: rules.create_or_update_authorization_rule(
+                RG, NS, "one-too-many", rights_rule(["Send"])
+            )
+        )
+        assert status == 409 and "12" in message

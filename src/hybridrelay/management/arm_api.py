@@ -465,7 +465,9 @@ class ArmApi:
         except NotFoundError as exc:
             raise ArmError(404, "ParentResourceNotFound", str(exc)) from None
         except StoreQuotaError as exc:
-            raise ArmError(400, "QuotaExceeded", str(exc)) from None
+            # 409: the request conflicts with what exists (the bound is reached); not 429,
+            # which the client would retry.
+            raise ArmError(409, "QuotaExceeded", str(exc)) from None
         except StoreUnavailableError as exc:
             logger.warning("management store unavailable: %s", exc)
             raise ArmError(
