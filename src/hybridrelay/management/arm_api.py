@@ -14,6 +14,7 @@ retries 5xx, and a retried ``regenerateKeys`` would rotate twice).
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import time
@@ -160,7 +161,8 @@ class ArmApi:
         return response
 
     async def _handle(self, request: web.Request) -> web.Response:
-        self._authorize(request)
+        state = self._state()
+        self._authorize(request, state)
         route = parse_route(request.raw_path.partition("?")[0])
         if not route.allows(request.method):
             refusal = ArmError(405, "MethodNotAllowed", f"{request.method} is not allowed here.")
@@ -170,17 +172,19 @@ class ArmApi:
             raise ArmError(
                 400, "MissingApiVersionParameter", "The api-version query parameter is required."
             )
-        state = layered(self.file_layer, self.store.state)
-        handler = self._handlers()[route.kind]
+        handler = self._handlers[route.kind]
         return await handler(request, route, state)
 
-    def _authorize(self, request: web.Request) -> None:
+    def _state(self) -> NamespaceState:
+        """The namespace as the relay serves it: the file laid over the store, now."""
+        return layered(self.file_layer, self.store.state)
+
+    def _authorize(self, request: web.Request, state: NamespaceState) -> None:
         header = request.headers.get("Authorization", "")
         if not header:
             raise ArmError(401, "AuthenticationFailed", "The Authorization header is missing.")
         scheme, _, rest = header.partition(" ")
         token = rest.strip() if scheme.lower() == "bearer" else header
-        state = layered(self.file_layer, self.store.state)
         rules: Sequence[AuthorizationRule] = [rule.to_rule() for rule in state.namespace.rules]
         decision = authorize(
             token,
@@ -195,6 +199,7 @@ class ArmApi:
         if not decision.allowed:
             raise ArmError(403, "AuthorizationFailed", decision.reason)
 
+    @functools.cached_property
     def _handlers(
         self,
     ) -> dict[Kind, Callable[[web.Request, Route, NamespaceState], Awaitable[web.Response]]]:
@@ -287,7 +292,7 @@ class ArmApi:
             tags = parse_namespace_put(await _body(request, required=True))
             if tags is not None:
                 await self._store_call(self.store.update_namespace(tags=tags))
-                state = layered(self.file_layer, self.store.state)
+                state = self._state()
         return _json(200, self._namespace_body(route.scope, state))
 
     # -- hybrid connections ---------------------------------------------------------------------
@@ -339,7 +344,7 @@ class ArmApi:
                 user_metadata=KEEP if change.user_metadata is None else change.user_metadata,
             )
         )
-        state = layered(self.file_layer, self.store.state)
+        state = self._state()
         return _json(200, self._hybrid_connection_body(route.scope, state, name))
 
     def _writable(self, entity: str, rule: str = "") -> None:
@@ -409,7 +414,7 @@ class ArmApi:
         rule, _ = await self._store_call(
             self.store.put_rule(route.rule, rights, entity=route.hybrid_connection)
         )
-        return _json(200, self._rule_body(route, rule, layered(self.file_layer, self.store.state)))
+        return _json(200, self._rule_body(route, rule, self._state()))
 
     def _keys_body(self, route: Route, rule: RuleRecord, state: NamespaceState) -> Any:
         entity = state.get(route.hybrid_connection) if route.hybrid_connection else None
@@ -442,7 +447,7 @@ class ArmApi:
             rule.name,
             f" of {route.hybrid_connection!r}" if route.hybrid_connection else "",
         )
-        return _json(200, self._keys_body(route, rule, layered(self.file_layer, self.store.state)))
+        return _json(200, self._keys_body(route, rule, self._state()))
 
     # -- what a self-hosted relay does not have -------------------------------------------------
 

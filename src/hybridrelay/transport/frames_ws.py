@@ -639,15 +639,8 @@ class FrameSocket(asyncio.BufferedProtocol):
             # Whole small messages (a control channel's) skip the general reader.
             frames, used = whole_server_frames(data, self._max_message_size)
             for opcode, payload in frames:
-                if opcode == OP_TEXT:
-                    try:
-                        text = payload.decode("utf-8")
-                    except UnicodeDecodeError:
-                        self._fail(1007, "text message is not valid UTF-8")
-                        return
-                    self._enqueue(WsMessage(MessageKind.TEXT, text), len(payload))
-                else:
-                    self._enqueue(WsMessage(MessageKind.BINARY, payload), len(payload))
+                if not self._enqueue_data(opcode, payload):
+                    return
             if used == len(data):
                 return
             data = data[used:]
@@ -684,11 +677,23 @@ class FrameSocket(asyncio.BufferedProtocol):
             start = count
             data = b"".join(self._parts)
             self._parts = []
-            if opcode == OP_TEXT:
-                self._enqueue(WsMessage(MessageKind.TEXT, data.decode("utf-8")), len(data))
-            else:
-                self._enqueue(WsMessage(MessageKind.BINARY, data), len(data))
+            if not self._enqueue_data(opcode, data):
+                return
         self._parts += pieces[start:]
+
+    def _enqueue_data(self, opcode: int, data: bytes) -> bool:
+        """Queue one whole data message; a text message that is not UTF-8 fails the connection
+        (1007) and gives False."""
+        if opcode != OP_TEXT:
+            self._enqueue(WsMessage(MessageKind.BINARY, data), len(data))
+            return True
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail(1007, "text message is not valid UTF-8")
+            return False
+        self._enqueue(WsMessage(MessageKind.TEXT, text), len(data))
+        return True
 
     def _enqueue(self, message: WsMessage, size: int) -> None:
         self._messages.append(message)
