@@ -135,6 +135,7 @@ def relay_config(
     entities: list[dict[str, Any]] | None = None,
     limits: dict[str, Any] | None = None,
     ingress: list[dict[str, Any]] | None = None,
+    management: bool = False,
 ) -> RelayConfig:
     server: dict[str, Any] = {"host": "127.0.0.1", "port": port}
     if tls is not None:
@@ -146,6 +147,7 @@ def relay_config(
             "server": server,
             "limits": limits or {},
             "ingress": ingress or [],
+            "management": {"port": 0} if management else {},
             "namespace": {
                 "authorization_rules": [
                     {
@@ -174,7 +176,8 @@ RelayFactory = Callable[..., AbstractAsyncContextManager[Relay]]
 
 @pytest.fixture
 def make_relay(tls_files: TlsFiles) -> RelayFactory:
-    """``async with make_relay(tls=True, limits={...}) as relay:`` starts a relay on port 0."""
+    """``async with make_relay(tls=True, limits={...}) as relay:`` starts a relay on port 0
+    (``management=True``: with its management listener on port 0 too)."""
 
     @asynccontextmanager
     async def factory(
@@ -184,10 +187,16 @@ def make_relay(tls_files: TlsFiles) -> RelayFactory:
         entities: list[dict[str, Any]] | None = None,
         limits: dict[str, Any] | None = None,
         ingress: list[dict[str, Any]] | None = None,
+        management: bool = False,
     ) -> AsyncIterator[Relay]:
         files = tls_files if tls else None
         config = relay_config(
-            tls=files, port=port, entities=entities, limits=limits, ingress=ingress
+            tls=files,
+            port=port,
+            entities=entities,
+            limits=limits,
+            ingress=ingress,
+            management=management,
         )
         async with RelayServer(config) as server:
             yield Relay(server, files.ca_file if files else None)
@@ -211,3 +220,13 @@ async def tls_relay(make_relay: RelayFactory) -> AsyncIterator[Relay]:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def private_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``hybridrelay serve`` keeps its store in the data directory: each test's relays (and
+    their subprocesses, which inherit the environment) use a throw-away one, never ~/.local,
+    and no test sees the entities another one created."""
+    directory = tmp_path / "hybridrelay-data"
+    monkeypatch.setenv("HYBRIDRELAY_DATA_DIR", str(directory))
+    return directory

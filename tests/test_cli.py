@@ -28,7 +28,15 @@ async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, 
 
 async def start_serve(*args: str, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
     process = await asyncio.create_subprocess_exec(
-        *CLI, "serve", "--port", "0", *args, stdout=asyncio.subprocess.PIPE, env=env
+        *CLI,
+        "serve",
+        "--port",
+        "0",
+        "--management-port",
+        "0",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
     )
     assert process.stdout is not None
     async with asyncio.timeout(20):
@@ -55,7 +63,7 @@ async def test_embedded_default_quick_start(tmp_path: Path) -> None:
         assert code == 0 and out.startswith(f"Endpoint={base_url}/;")
         connection_string = out.strip()
         # The key file is private; the key itself is never printed by serve.
-        assert (tmp_path / "data" / "namespace.json").stat().st_mode & 0o077 == 0
+        assert (tmp_path / "data" / "relay.db").stat().st_mode & 0o077 == 0
         # A newcomer's first listener creates the hybrid connection; a sender reaches it.
         async with HybridConnectionListener.from_connection_string(connection_string) as listener:
             client = HybridConnectionClient.from_connection_string(connection_string)

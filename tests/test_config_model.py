@@ -141,6 +141,8 @@ def test_built_in_code_as_strictly_as_from_a_file() -> None:
 SAMPLES: dict[str, tuple[Any, list[str]]] = {
     "server.host": ("127.0.0.2", ["127.0.0.2"]),
     "server.port": (9401, ["9401"]),
+    "management.host": ("127.0.0.3", ["127.0.0.3"]),
+    "management.port": (9411, ["9411"]),
     "connection.endpoint": ("sb://relay.example.com/", ["sb://relay.example.com/"]),
     "connection.key_name": ("rule", ["rule"]),
     "connection.key": (KEY, [KEY]),

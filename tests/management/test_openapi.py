@@ -1,7 +1,8 @@
-"""The management API against its own OpenAPI document, with schemathesis: for generated
-requests on every route, no answer is a 5xx and every answer matches its documented schema.
+"""The management listener against its own OpenAPI document, with schemathesis: for generated
+requests on every route (ARM's and the runtime routes), no answer is a 5xx and every answer
+matches its documented schema.
 
-The API runs on a real socket (plain http on loopback: schemathesis' calls carry the token
+A real relay serves it on a real socket (plain http on loopback: schemathesis' calls carry the token
 themselves) in a thread with its own event loop, because schemathesis drives the calls
 synchronously.
 """
@@ -18,19 +19,19 @@ from typing import Any
 
 import pytest
 import schemathesis
-from aiohttp import web
 from hypothesis import HealthCheck, settings
 
 from hybridrelay.auth.sas import Rights, create_token
-from hybridrelay.management.arm_api import ArmApi
-from hybridrelay.store.layers import FileLayer
+from hybridrelay.server import RelayServer
+from hybridrelay.server.config import ManagementSettings, RelayConfig, ServerSettings
 from hybridrelay.store.sqlite import SqliteStore
 
 ROOT = "RootManageSharedAccessKey"
 
 
 class ServedInThread:
-    """The management API on 127.0.0.1:0 in a thread of its own, until ``stop``."""
+    """A relay with its management listener on 127.0.0.1:0, in a thread of its own, until
+    ``stop``."""
 
     def __init__(self, directory: Path) -> None:
         self._directory = directory
@@ -70,14 +71,16 @@ class ServedInThread:
             namespace="contoso",
             initial_rules=[(ROOT, Rights.LISTEN | Rights.SEND | Rights.MANAGE)],
         )
-        api = ArmApi(store, FileLayer(), lambda name: 0, "sb://127.0.0.1:9400/")
-        runner = web.AppRunner(api.application(), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        config = RelayConfig(
+            server=ServerSettings(port=0, plaintext=True),
+            management=ManagementSettings(port=0),
+            namespace_name="contoso",
+        )
+        relay = RelayServer(config, store=store)
+        await relay.start()
         (root,) = store.state.namespace.rules
-        self.base_url = f"http://127.0.0.1:{port}"
+        assert relay.management_url is not None
+        self.base_url = relay.management_url
         self.token = create_token(
             "http://127.0.0.1/", ROOT, root.primary_key, expiry=int(time.time()) + 3600
         )
@@ -86,7 +89,7 @@ class ServedInThread:
         try:
             await self._stopped.wait()
         finally:
-            await runner.cleanup()
+            await relay.aclose()
             await store.aclose()
 
 

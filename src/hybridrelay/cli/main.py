@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import os
-import secrets
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from hybridrelay import __version__
-from hybridrelay.auth.sas import AuthorizationRule, Rights, create_token, token_audience
+from hybridrelay.auth.sas import create_token, token_audience
+from hybridrelay.cli.embedded import ROOT_RULE, STORE_FILE
 from hybridrelay.cli.logs import add_log_level_argument, configure_logging, install_batched_stderr
 from hybridrelay.cli.signals import stop_on_signals
 from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.protocol.connection_string import CONNECTION_STRING_ENV, ConnectionString
-from hybridrelay.server.config import DEFAULT_PORT, RelayConfig, ServerSettings
+from hybridrelay.server.config import (
+    DEFAULT_MANAGEMENT_PORT,
+    ManagementSettings,
+    RelayConfig,
+    ServerSettings,
+    StoreSettings,
+)
 from hybridrelay.settings import add_arguments, apply, given_arguments
 from hybridrelay.transport.event_loop import (
     LOOPS,
@@ -34,16 +40,6 @@ from hybridrelay.transport.event_loop import (
 from hybridrelay.transport.tuning import set_malloc_thresholds, set_tls_read_buffer
 
 __all__ = ["main"]
-
-ROOT_RULE = "RootManageSharedAccessKey"
-
-
-def default_data_dir() -> Path:
-    explicit = os.environ.get("HYBRIDRELAY_DATA_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "hybridrelay"
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -83,7 +79,10 @@ def _add_token(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _add_connection_string(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
-        "connection-string", help="print the embedded default relay's root connection string"
+        "connection-string",
+        help="print the embedded default relay's root connection string",
+        description="Print a connection string of the embedded default relay, with the key its "
+        "store holds now (a regenerated key shows at once).",
     )
     parser.add_argument(
         "--data-dir",
@@ -92,6 +91,10 @@ def _add_connection_string(sub: argparse._SubParsersAction[argparse.ArgumentPars
         "~/.local/share/hybridrelay)",
     )
     parser.add_argument("--entity", "-e", help="add EntityPath=NAME")
+    parser.add_argument(
+        "--rule", default=ROOT_RULE, help=f"the namespace rule whose key to print ({ROOT_RULE})"
+    )
+    parser.add_argument("--secondary", action="store_true", help="the secondary key")
     parser.set_defaults(func=_cmd_connection_string)
 
 
@@ -190,47 +193,35 @@ def main(argv: list[str] | None = None) -> int:
 # -- serve -------------------------------------------------------------------------------------
 
 
-def _embedded_store(data_dir: Path) -> tuple[object, AuthorizationRule]:
-    from hybridrelay.server.store import FileEntityStore
-
-    store = FileEntityStore(data_dir / "namespace.json")
-    rules = list(store.namespace_rules())
-    root = next((r for r in rules if r.name == ROOT_RULE), None)
-    if root is None:
-        root = AuthorizationRule(
-            ROOT_RULE,
-            base64.b64encode(secrets.token_bytes(32)).decode(),
-            base64.b64encode(secrets.token_bytes(32)).decode(),
-            Rights.LISTEN | Rights.SEND | Rights.MANAGE,
-        )
-        store.set_namespace_rules([*rules, root])
-    return store, root
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from hybridrelay.cli.embedded import Endpoints, default_data_dir, open_store, write_endpoints
     from hybridrelay.server import RelayServer
-    from hybridrelay.server.store import EntityStore
 
     configure_logging(args.log_level)
-    store: EntityStore | None = None
-    data_dir: Path | None = None
+    data_dir: Path = args.data_dir or default_data_dir()
+    embedded = not args.config
     if args.config:
         config = RelayConfig.load(args.config)
     else:
-        data_dir = args.data_dir or default_data_dir()
-        file_store, _ = _embedded_store(data_dir)
-        store = file_store  # type: ignore[assignment]
         config = RelayConfig(
             server=ServerSettings(plaintext=True),  # the defaults: 127.0.0.1, DEFAULT_PORT
+            management=ManagementSettings(port=DEFAULT_MANAGEMENT_PORT),
             auto_create_hybrid_connections=True,
         )
+    if config.store.path is None:  # the store is SQLite in the data directory by default
+        config = replace(config, store=StoreSettings(str(data_dir / STORE_FILE)))
     config = apply(config, given_arguments(args, RelayConfig))
 
     async def run() -> int:
+        # The embedded default's store holds its root rule (made on first start); a
+        # configuration file's relay opens its store itself (its rules are the file's).
+        store = await open_store(data_dir) if embedded else None
         server = RelayServer(config, store=store)
         try:
             await server.start()
         except OSError as exc:
+            if store is not None:
+                await store.aclose()
             raise ConfigurationError(
                 f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}"
             ) from exc
@@ -241,18 +232,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 print(
                     f"hybridrelay {__version__}: relay listening on {server.base_url}", flush=True
                 )
-                if data_dir is not None:
-                    endpoint_file = data_dir / "endpoint"
-                    endpoint_file.write_text(server.base_url + "\n", encoding="utf-8")
+                if server.management_url is not None:
+                    print(
+                        f"management (Azure management API, /metrics, /healthz, /dashboard) on "
+                        f"{server.management_url}; a Manage token: hybridrelay token -x "
+                        '"$(hybridrelay connection-string)"',
+                        flush=True,
+                    )
+                if embedded:
+                    write_endpoints(data_dir, Endpoints(server.base_url, server.management_url))
                     print(
                         "Embedded default: plain ws:// on loopback; hybrid connections are "
                         "created on first listen.\nRoot connection string: run `hybridrelay "
-                        f"connection-string` (the key is kept in {data_dir / 'namespace.json'}).",
+                        f"connection-string` (the keys are kept in {config.store.path}).",
                         flush=True,
                     )
                 await stop.wait()
         finally:
             await server.aclose()
+            if store is not None:
+                await store.aclose()
         print("hybridrelay: relay stopped", flush=True)
         return 0
 
@@ -282,20 +281,41 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 
 def _cmd_connection_string(args: argparse.Namespace) -> int:
+    from hybridrelay.cli.embedded import (
+        default_data_dir,
+        is_running,
+        open_store,
+        read_endpoints,
+        root_rule,
+    )
+
     data_dir = args.data_dir or default_data_dir()
-    if not (data_dir / "namespace.json").exists():
+    endpoints = read_endpoints(data_dir)
+    if endpoints is None or not (data_dir / STORE_FILE).exists():
         raise ConfigurationError(
             f"no embedded relay data in {data_dir}: start it once with `hybridrelay serve`"
         )
-    _, root = _embedded_store(data_dir)
-    endpoint_file = data_dir / "endpoint"
-    base = (
-        endpoint_file.read_text(encoding="utf-8").strip()
-        if endpoint_file.exists()
-        else f"ws://127.0.0.1:{DEFAULT_PORT}"
-    )
+
+    async def read() -> str:
+        store = await open_store(data_dir)
+        try:
+            rule = root_rule(store, args.rule)
+        finally:
+            await store.aclose()
+        return rule.secondary_key if args.secondary else rule.primary_key
+
+    key = asyncio.run(read())
+    if not is_running(endpoints):
+        print(
+            f"hybridrelay: note: no relay answers at {endpoints.management or endpoints.relay} "
+            "now; the keys are those of the store it will serve",
+            file=sys.stderr,
+        )
     cs = ConnectionString(
-        endpoint=base + "/", key_name=root.name, key=root.primary_key, entity_path=args.entity
+        endpoint=endpoints.relay.rstrip("/") + "/",
+        key_name=args.rule,
+        key=key,
+        entity_path=args.entity,
     )
     print(str(cs))
     return 0

@@ -175,6 +175,25 @@ class ArmApi:
         handler = self._handlers[route.kind]
         return await handler(request, route, state)
 
+    def authorize_request(self, request: web.Request) -> None:
+        """Raise :class:`ArmError` (401, 403) unless ``request`` carries a Manage token on the
+        namespace; the other routes of the management listener use it too."""
+        self._authorize(request, self._state())
+
+    def manage_token_refusal(self, token: str) -> str | None:
+        """Why ``token`` does not grant Manage on the namespace, or None if it does (the
+        dashboard's sign-in)."""
+        state = self._state()
+        decision = authorize(
+            token,
+            rules=[rule.to_rule() for rule in state.namespace.rules],
+            entity_path="",
+            required=Rights.MANAGE,
+            now=self.clock(),
+            verify=self._auth.verify,
+        )
+        return None if decision.allowed else decision.reason
+
     def _state(self) -> NamespaceState:
         """The namespace as the relay serves it: the file laid over the store, now."""
         return layered(self.file_layer, self.store.state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from hybridrelay.management.runtime_api import runtime_paths
 from hybridrelay.protocol.arm import HYBRID_CONNECTION_NAME_PATTERN, RULE_NAME_PATTERN
 
 __all__ = ["openapi_document"]
@@ -384,6 +385,8 @@ def openapi_document(namespace: str) -> dict[str, Any]:
         **_rule_routes(_ARM, scope, "Namespaces"),
         **_rule_routes(f"{_ARM}/hybridConnections/{{hybridConnectionName}}", hc_parameters, "HC"),
     }
+    runtime, runtime_schemas = runtime_paths()
+    paths.update(runtime)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -391,14 +394,15 @@ def openapi_document(namespace: str) -> dict[str, Any]:
             "version": "1",
             "description": (
                 "Azure's Microsoft.Relay management API as the relay serves it "
-                "(docs/MANAGEMENT.md). Every request needs a SAS token with the Manage right on "
+                "(docs/MANAGEMENT.md), and the relay's runtime information under /runtime. "
+                "Every request needs a SAS token with the Manage right on "
                 "the namespace, as 'Bearer <token>' or as the token itself."
             ),
         },
         "security": [{"bearer": []}, {"sas": []}],
         "paths": paths,
         "components": {
-            "schemas": _SCHEMAS,
+            "schemas": {**_SCHEMAS, **runtime_schemas},
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "sas": {"type": "apiKey", "in": "header", "name": "Authorization"},

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-__all__ = ["Network", "allows", "parse_network"]
+__all__ = ["Network", "allows", "is_loopback", "parse_network"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -36,3 +36,13 @@ def allows(networks: Iterable[Network], host: str) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return any(address in network for network in networks)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

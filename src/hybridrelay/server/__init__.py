@@ -5,15 +5,14 @@ from __future__ import annotations
 from hybridrelay.server.app import RelayServer
 from hybridrelay.server.broker import Broker, LocalBroker
 from hybridrelay.server.config import HybridConnectionConfig, RelayConfig
-from hybridrelay.server.store import EntityStore, FileEntityStore, InMemoryEntityStore
+from hybridrelay.server.store import EntityStore, NamespaceView
 
 __all__ = [
     "Broker",
     "EntityStore",
-    "FileEntityStore",
     "HybridConnectionConfig",
-    "InMemoryEntityStore",
     "LocalBroker",
+    "NamespaceView",
     "RelayConfig",
     "RelayServer",
 ]

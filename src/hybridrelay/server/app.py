@@ -22,11 +22,15 @@ import asyncio
 import datetime
 import logging
 import ssl
+from collections.abc import Sequence
 from urllib.parse import unquote
 
 from aiohttp import web
 
 from hybridrelay.exceptions import ConfigurationError
+from hybridrelay.management.app import management_application
+from hybridrelay.management.arm_api import ArmApi
+from hybridrelay.management.runtime_api import RuntimeApi
 from hybridrelay.protocol.addressing import (
     HC_PREFIX,
     STATUS_CODE_PARAM,
@@ -34,17 +38,21 @@ from hybridrelay.protocol.addressing import (
     resolve_entity,
 )
 from hybridrelay.server.access import Access
-from hybridrelay.server.broker import Broker, LocalBroker
-from hybridrelay.server.config import RelayConfig
+from hybridrelay.server.broker import ENTITY_DELETED, Broker, LocalBroker
+from hybridrelay.server.config import RelayConfig, TlsConfig
 from hybridrelay.server.context import RelayContext
 from hybridrelay.server.control_channel import ListenEndpoint
 from hybridrelay.server.http_relay import HttpRelay
 from hybridrelay.server.ingress import RelayIngress
 from hybridrelay.server.legs import RelayedLegs
+from hybridrelay.server.observer import RelayObserver
 from hybridrelay.server.responses import error_response
 from hybridrelay.server.runtime_info import is_runtime_info_request, runtime_info
-from hybridrelay.server.store import EntityStore, InMemoryEntityStore
+from hybridrelay.server.runtime_view import RelayRuntimeView, close_channels
+from hybridrelay.server.store import NamespaceView, file_layer
 from hybridrelay.server.websocket_relay import WebSocketRelay
+from hybridrelay.store.base import Store, StoreError
+from hybridrelay.store.sqlite import MEMORY, SqliteStore
 from hybridrelay.transport.base import CloseCode
 
 __all__ = ["RelayServer"]
@@ -73,38 +81,52 @@ class RelayServer:
         self,
         config: RelayConfig,
         *,
-        store: EntityStore | None = None,
+        store: Store | None = None,
         broker: Broker | None = None,
+        observer: RelayObserver | None = None,
     ) -> None:
         #: The configuration of the moment: every limit is read from here when it is used, so
         #: :meth:`replace_config` takes effect for what comes next.
         self.config = config
-        #: Set when the entities and rules are the configuration's (no ``store`` given).
-        self._config_store: InMemoryEntityStore | None = None
-        if store is None:
-            store = self._config_store = InMemoryEntityStore.from_config(config)
-        self.store: EntityStore = store
+        #: Reported as CreatedAt/UpdatedAt of configured entities: the file has no dates.
+        self._loaded_at = datetime.datetime.now(datetime.UTC)
+        #: The management store given, else opened at start (``store.path``, else memory).
+        self._given_store = store
+        self._own_store: SqliteStore | None = None
+        #: The entities and rules served: the file's laid over the store's.
+        self.store = NamespaceView(
+            config.namespace_name,
+            file_layer(config, self._loaded_at.timestamp()),
+            on_removed=self._entities_removed,
+        )
         self.broker: Broker = broker or LocalBroker()
+        self.observer = observer or RelayObserver()
         #: The authorization check every endpoint uses.
         self.access = Access(self.store, self._settings)
-        #: Reported as CreatedAt/UpdatedAt of configured entities (E7): the file has no dates.
-        self._loaded_at = datetime.datetime.now(datetime.UTC)
-        #: Legs of relayed connections, for the ordered shutdown.
-        self._legs = RelayedLegs()
+        #: Legs of relayed connections, for the runtime API and the ordered shutdown.
+        self._legs = RelayedLegs(on_finished=self.observer.connection_finished)
         self._runner: web.ServerRunner | None = None
+        self._management_runner: web.AppRunner | None = None
         self._port = 0
+        self._management_port = 0
+        self._management_secure = False
         self._closing = False
         self._closed = asyncio.Event()
-        self._ssl = self._ssl_context() if config.server.tls else None
+        #: Tasks closing the listeners of deleted entities.
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ssl = self._ssl_context(config.server.tls)
         #: What the endpoints use of the relay.
         self._context = RelayContext(
-            self._settings, self.store, self.access, self.broker, self._legs
+            self._settings, self.store, self.access, self.broker, self._legs, self.observer
         )
         self.http = HttpRelay(self._context)
         self.websocket = WebSocketRelay(self._context)
         self._listen = ListenEndpoint(self._context, http=self.http, public_base=self.public_base)
         #: The relay's own TCP ports (``ingress:``).
         self.ingress = [RelayIngress(entry, self._context) for entry in config.ingress]
+        self.runtime = RelayRuntimeView(self.broker, self._legs)
+        self.arm: ArmApi | None = None
+        self.observer.metrics.rendezvous_pending.set_function(lambda: self.broker.pending_count)
 
     def _settings(self) -> RelayConfig:
         return self.config
@@ -117,33 +139,45 @@ class RelayServer:
         Takes effect for what comes next: limits are read when used (a new sender's rendezvous
         timeout and the pending bound, a new HTTP request's deadline, a new listener's limit and
         keep-alive, a channel's next renewal grace), ``namespace_host`` and
-        ``auto_create_hybrid_connections``; and, when the relay was
-        started without a ``store``, the hybrid connections and namespace rules (an entity
-        created on first listen is kept). Connections already relayed and listeners already
-        connected stay. A removed entity's listeners stay connected until they leave, but no
-        sender reaches them.
+        ``auto_create_hybrid_connections``; the file's hybrid connections and namespace rules
+        are laid over the store's at once (an entity that leaves the namespace has its
+        listeners and pending senders closed, as a deletion through the management API).
+        Connections already relayed stay.
 
-        Needs a restart, and is refused here (:class:`ConfigurationError`): the ``server``
-        section (address, port, TLS, public base URL) and ``ingress:`` (the ports are bound at
-        start).
-        ``limits.idle_timeout`` applies to connections made after a restart only (aiohttp takes
-        it when the server starts).
+        Needs a restart, and is refused here (:class:`ConfigurationError`): the ``server``,
+        ``management`` and ``store`` sections and ``ingress:`` (ports are bound and the store
+        opened at start). ``limits.idle_timeout`` applies to connections made after a restart
+        only (aiohttp takes it when the server starts).
         """
         old = self.config
-        if new.server != old.server:
-            raise ConfigurationError("the server section (address, TLS) changes on restart only")
-        if new.ingress != old.ingress:
-            raise ConfigurationError("ingress ports change on restart only")
-        if self._config_store is not None:
-            self._config_store.replace(new.authorization_rules, new.hybrid_connections)
+        for section in ("server", "management", "store", "ingress", "namespace_name"):
+            if getattr(new, section) != getattr(old, section):
+                raise ConfigurationError(f"the {section} section changes on restart only")
         self.config = new
+        layer = file_layer(new, self._loaded_at.timestamp())
+        if self.arm is not None:
+            self.arm.file_layer = layer
+        self.store.replace_file(layer)
         logger.info("configuration replaced")
+
+    def _entities_removed(self, names: Sequence[str]) -> None:
+        """Deleted entities: refuse their pending senders, close their listeners (1001)."""
+        for name in names:
+            channels = self.broker.entity_gone(name)
+            logger.info("hybrid connection %r deleted: closing %d listener(s)", name, len(channels))
+            if channels:
+                task = asyncio.get_running_loop().create_task(
+                    close_channels(self.broker, channels, CloseCode.GOING_AWAY, ENTITY_DELETED)
+                )
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def _ssl_context(self) -> ssl.SSLContext:
-        tls = self.config.server.tls
-        assert tls is not None
+    @staticmethod
+    def _ssl_context(tls: TlsConfig | None) -> ssl.SSLContext | None:
+        if tls is None:
+            return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
@@ -153,7 +187,16 @@ class RelayServer:
         return context
 
     async def start(self) -> None:
-        """Bind and start serving; returns once the socket is listening."""
+        """Open the store, bind and start serving; returns once the sockets are listening."""
+        store = self._given_store
+        if store is None:
+            try:
+                store = self._own_store = await SqliteStore.open(
+                    self.config.store.path or MEMORY, namespace=self.config.namespace_name
+                )
+            except StoreError as exc:
+                raise ConfigurationError(f"store.path: {exc}") from exc
+        self.store.attach(store)
         # aiohttp's low-level server: routing is ours (one catch-all), so the Application,
         # router and middleware layers would only cost memory per connection (~2 KiB per
         # relayed connection, measured) and CPU per request.
@@ -167,28 +210,66 @@ class RelayServer:
         )
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner,
-            self.config.server.host,
-            self.config.server.port,
-            ssl_context=self._ssl,
-            backlog=1024,
-            reuse_address=True,
+        self._port = await _listen(
+            self._runner, self.config.server.host, self.config.server.port, self._ssl
         )
-        await site.start()
-        listening = site._server
-        assert listening is not None
-        sockets = list(getattr(listening, "sockets", ()))
-        self._port = int(sockets[0].getsockname()[1])
         logger.info("relay listening on %s", self.base_url)
-        for ingress in self.ingress:
-            try:
-                await ingress.start()
-            except OSError as exc:
-                await self.aclose()
-                raise ConfigurationError(
-                    f"ingress {ingress.config.label}: cannot listen: {exc.strerror or exc}"
-                ) from exc
+        try:
+            if self.config.management.enabled:
+                await self._start_management(store)
+            for ingress in self.ingress:
+                try:
+                    await ingress.start()
+                except OSError as exc:
+                    raise ConfigurationError(
+                        f"ingress {ingress.config.label}: cannot listen: {exc.strerror or exc}"
+                    ) from exc
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _start_management(self, store: Store) -> None:
+        from hybridrelay.observability.endpoint import health_routes
+
+        settings = self.config.management
+        self.arm = ArmApi(
+            store,
+            self.store.file,
+            self.broker.listener_count,
+            public_endpoint=self.public_endpoint,
+        )
+        runtime = RuntimeApi(self.runtime, self.arm.authorize_request)
+        app = management_application(
+            self.arm, runtime, health_routes(self.observer.metrics.registry, self._readiness)
+        )
+        self._management_runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._management_runner.setup()
+        secure = self._ssl_context(settings.tls) if settings.tls else self._ssl
+        try:
+            self._management_port = await _listen(
+                self._management_runner, settings.host, settings.port or 0, secure
+            )
+        except OSError as exc:
+            raise ConfigurationError(
+                f"management: cannot listen on {settings.host}:{settings.port}: "
+                f"{exc.strerror or exc} (choose another --management-port)"
+            ) from exc
+        self._management_secure = secure is not None
+        logger.info("management listening on %s", self.management_url)
+
+    async def _readiness(self) -> str | None:
+        """Why the relay is not ready (``/readyz``), or None."""
+        if self._closing:
+            return "draining: the relay is shutting down"
+        store = self.store.store
+        if store is None:
+            return "the store is not open"
+        try:
+            async with asyncio.timeout(5.0):
+                await store.check()
+        except (StoreError, TimeoutError) as exc:
+            return f"the store is unreachable: {exc or 'no answer in 5 s'}"
+        return None
 
     async def aclose(self) -> None:
         """Stop accepting, close control channels (1001), end spliced connections, stop."""
@@ -210,9 +291,16 @@ class RelayServer:
         # 3. Spliced connections get a close frame (1001) on both legs; their peers answer and
         #    the splices end by themselves, within a bounded time.
         await self._legs.close(_SHUTDOWN_GRACE)
-        # 4. Stop the HTTP server (closes what is left).
+        # 4. Stop the HTTP servers (closes what is left) and the store.
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._management_runner is not None:
+            await self._management_runner.cleanup()
+        for task in list(self._tasks):
+            task.cancel()
+        self.store.close()
+        if self._own_store is not None:
+            await self._own_store.aclose()
         self._closed.set()
 
     async def wait_closed(self) -> None:
@@ -236,6 +324,30 @@ class RelayServer:
         if ":" in host:
             host = f"[{host}]"
         return f"{'wss' if self._ssl else 'ws'}://{host}:{self.port}"
+
+    @property
+    def public_endpoint(self) -> str:
+        """The ``Endpoint`` of this relay's connection strings: ``sb://host:port/`` with TLS
+        (the SDKs dial wss), the ``ws://`` base without (PROTOCOL.md 3.1)."""
+        base = (self.config.server.public_base_url or self.base_url).rstrip("/")
+        if base.startswith(("wss://", "https://")):
+            base = "sb://" + base.split("://", 1)[1]
+        return base + "/"
+
+    @property
+    def management_port(self) -> int:
+        return self._management_port
+
+    @property
+    def management_url(self) -> str | None:
+        """``http(s)://host:port`` of the management listener; None when it is not served."""
+        if not self._management_port:
+            return None
+        host = self.config.management.host
+        if ":" in host:
+            host = f"[{host}]"
+        scheme = "https" if self._management_secure else "http"
+        return f"{scheme}://{host}:{self._management_port}"
 
     def public_base(self, request: web.BaseRequest) -> str:
         """Base of rendezvous URLs for a *listener's* request: configured, else the scheme and
@@ -288,3 +400,17 @@ class RelayServer:
             return error_response(404, "The hybrid connection does not exist.")
         entity, suffix = resolved
         return await self.websocket.handle_connect(request, entity, suffix, raw_query, params)
+
+
+async def _listen(
+    runner: web.BaseRunner, host: str, port: int, ssl_context: ssl.SSLContext | None
+) -> int:
+    """Start a site of ``runner``; the port it got (``port`` 0 picks one)."""
+    site = web.TCPSite(
+        runner, host, port, ssl_context=ssl_context, backlog=1024, reuse_address=True
+    )
+    await site.start()
+    listening = site._server
+    assert listening is not None
+    sockets = list(getattr(listening, "sockets", ()))
+    return int(sockets[0].getsockname()[1])

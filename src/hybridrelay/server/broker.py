@@ -41,6 +41,7 @@ from hybridrelay.server.config import LimitsConfig
 from hybridrelay.transport.splice import Splice
 
 __all__ = [
+    "ENTITY_DELETED",
     "NOT_IN_TIME",
     "NO_LISTENER",
     "TOO_MANY_PENDING",
@@ -88,6 +89,7 @@ Outcome = Accepted | Rejection | Unanswered
 NO_LISTENER = Unanswered(404, "There are no listeners connected for the endpoint.")
 TOO_MANY_PENDING = Unanswered(503, "Too many pending connections; try again later.")
 NOT_IN_TIME = Unanswered(504, "The listener did not accept the connection in time.")
+ENTITY_DELETED = "The hybrid connection was deleted."
 
 
 def _new_secret() -> str:
@@ -111,6 +113,10 @@ class Pending:
     def listener_gone(self) -> None:
         """The control channel of the listener that was told went away."""
 
+    def entity_gone(self) -> None:
+        """The hybrid connection was deleted (by default: as if the listener went away)."""
+        self.listener_gone()
+
 
 @dataclass(eq=False)
 class PendingRendezvous(Pending):
@@ -125,6 +131,12 @@ class PendingRendezvous(Pending):
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     splice: Splice = field(default_factory=Splice)
+    #: The address the listener's rendezvous came from, once it did.
+    listener_address: str | None = None
+
+    def entity_gone(self) -> None:
+        if not self.outcome.done():
+            self.outcome.set_result(Rejection(404, ENTITY_DELETED))
 
 
 def remote_endpoint(peer: Any) -> RemoteEndpoint | None:
@@ -185,6 +197,11 @@ class Broker(Protocol):
 
     def channels(self) -> Sequence[ControlChannel]:
         """Every registered control channel (for the relay's shutdown)."""
+        ...
+
+    def entity_gone(self, entity: str) -> Sequence[ControlChannel]:
+        """``entity`` was deleted: its pending senders are refused (404) and its listeners
+        unregistered; returns them, for the caller to close."""
         ...
 
     @property
@@ -281,6 +298,15 @@ class LocalBroker:
 
     def channels(self) -> Sequence[ControlChannel]:
         return [c for channels in self._by_entity.values() for c in channels]
+
+    def entity_gone(self, entity: str) -> Sequence[ControlChannel]:
+        key = entity.lower()
+        for pending in [p for p in self._pending.values() if p.entity.lower() == key]:
+            pending.entity_gone()
+        channels = list(self._by_entity.get(key, ()))
+        for channel in channels:
+            self.unregister(channel)
+        return channels
 
     # -- the table -----------------------------------------------------------------------------
 

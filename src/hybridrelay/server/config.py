@@ -16,17 +16,20 @@ from typing import Any, ClassVar
 
 from hybridrelay.auth.sas import AuthorizationRule, Rights
 from hybridrelay.exceptions import ConfigurationError
-from hybridrelay.protocol.allowlist import Network, allows, parse_network
+from hybridrelay.protocol.allowlist import Network, allows, is_loopback, parse_network
 from hybridrelay.settings import Extra, check_fields, from_document, read_document, setting
 
 __all__ = [
+    "DEFAULT_MANAGEMENT_PORT",
     "DEFAULT_PORT",
     "HybridConnectionConfig",
     "IngressConfig",
     "LimitsConfig",
+    "ManagementSettings",
     "RelayConfig",
     "RuleEntry",
     "ServerSettings",
+    "StoreSettings",
     "TlsConfig",
 ]
 
@@ -100,6 +103,56 @@ class ServerSettings:
     @property
     def secure(self) -> bool:
         return self.tls is not None
+
+
+#: The management listener's port in the embedded default and the example files.
+DEFAULT_MANAGEMENT_PORT = 9401
+
+
+@dataclass(frozen=True)
+class ManagementSettings:
+    """The management listener: Azure's management API, runtime information, metrics, health
+    and the dashboard (docs/MANAGEMENT.md). Served only when it has a port."""
+
+    host: str = setting(
+        "127.0.0.1",
+        help="address of the management listener",
+        flags=("--management-host",),
+        metavar="HOST",
+    )
+    port: int | None = setting(
+        None,
+        help="port of the management listener (0 = any free port; default: not served)",
+        low=0,
+        high=65535,
+        flags=("--management-port",),
+        metavar="PORT",
+    )
+    tls: TlsConfig | None = setting(
+        None, help="its certificate (default: the relay's `server.tls`)"
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        _check_host(self.host)
+
+    @property
+    def enabled(self) -> bool:
+        return self.port is not None
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """The management store: what the management API creates (SQLite, one file)."""
+
+    path: str | None = setting(
+        None,
+        help="the SQLite file (relative to the configuration file; default: the data "
+        "directory's `relay.db` for `serve`, memory only for a relay built in code)",
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -330,6 +383,16 @@ class RelayConfig:
         default_factory=ServerSettings, help="where and how the relay listens"
     )
     limits: LimitsConfig = setting(default_factory=LimitsConfig, help="bounds and timeouts")
+    management: ManagementSettings = setting(
+        default_factory=ManagementSettings, help="the management listener"
+    )
+    store: StoreSettings = setting(default_factory=StoreSettings, help="the management store")
+    namespace_name: str = setting(
+        "hybridrelay",
+        key="name",
+        section="namespace",
+        help="the namespace's name in the management API",
+    )
     #: Namespace host name checked against token audiences; None accepts any host.
     namespace_host: str | None = setting(
         None,
@@ -363,6 +426,17 @@ class RelayConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         _check_rules(self.authorization_rules)
+        management = self.management
+        if (
+            management.enabled
+            and not is_loopback(management.host)
+            and management.tls is None
+            and self.server.tls is None
+        ):
+            raise ConfigurationError(
+                f"management.host: {management.host!r} is not loopback, so the management "
+                "listener needs TLS: set management.tls (or server.tls), or keep it on 127.0.0.1"
+            )
         configured = {c.name.lower() for c in self.hybrid_connections}
         bound: set[tuple[str, int]] = set()
         for i, entry in enumerate(self.ingress):
@@ -387,12 +461,18 @@ class RelayConfig:
                 is named).
         """
         config = cls.from_dict(read_document(path))
-        tls = config.server.tls
-        if tls is not None:  # relative certificate paths are relative to the config file
-            base = Path(path).resolve().parent
-            resolved = TlsConfig(str(base / tls.cert), str(base / tls.key))
-            config = replace(config, server=replace(config.server, tls=resolved))
-        return config
+        # Relative paths (certificates, the store) are relative to the config file.
+        base = Path(path).resolve().parent
+
+        def resolved(tls: TlsConfig | None) -> TlsConfig | None:
+            return tls and TlsConfig(str(base / tls.cert), str(base / tls.key))
+
+        return replace(
+            config,
+            server=replace(config.server, tls=resolved(config.server.tls)),
+            management=replace(config.management, tls=resolved(config.management.tls)),
+            store=replace(config.store, path=config.store.path and str(base / config.store.path)),
+        )
 
     @classmethod
     def from_dict(cls, document: Mapping[str, Any]) -> RelayConfig:

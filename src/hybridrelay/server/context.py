@@ -15,6 +15,7 @@ from hybridrelay.server.access import Access
 from hybridrelay.server.broker import Broker
 from hybridrelay.server.config import RelayConfig
 from hybridrelay.server.legs import RelayedLegs
+from hybridrelay.server.observer import RelayObserver
 from hybridrelay.server.store import EntityStore
 
 __all__ = ["RelayContext"]
@@ -23,14 +24,15 @@ __all__ = ["RelayContext"]
 @dataclass(frozen=True, slots=True)
 class RelayContext:
     """The relay's configuration of the moment (``settings()``: read at each use, it can be
-    replaced while the relay runs), its entities, its authorization check, its broker and the
-    legs of its relayed connections."""
+    replaced while the relay runs), its entities, its authorization check, its broker, the
+    legs of its relayed connections and what it reports (metrics, logs)."""
 
     settings: Callable[[], RelayConfig]
     store: EntityStore
     access: Access
     broker: Broker
     legs: RelayedLegs
+    observer: RelayObserver
 
     @property
     def config(self) -> RelayConfig:

@@ -25,6 +25,7 @@ from hybridrelay.server.context import RelayContext
 from hybridrelay.server.http_relay import CONTROL_MAX_MESSAGE, HttpRelay
 from hybridrelay.server.ratelimit import FailureLimiter
 from hybridrelay.server.responses import error_response, tracking_id
+from hybridrelay.store.base import StoreError, StoreQuotaError
 from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
 from hybridrelay.transport.base import CloseCode, MessageKind
 
@@ -86,6 +87,10 @@ class ListenEndpoint:
         response = await self._listen(request, path, params)
         if response.status in (401, 403, 404):
             self._failures.record_failure(source, time.monotonic())
+        if response.status >= 400:
+            self._relay.observer.listen_refused(
+                path.strip("/"), response.status, response.reason or "", request.remote
+            )
         return response
 
     async def _listen(
@@ -99,9 +104,14 @@ class ListenEndpoint:
             decision = self._relay.access.authorize(token, candidate, Rights.LISTEN)
             if not decision.allowed:
                 return error_response(decision.status, decision.reason)
-            self._relay.store.create(candidate)
+            try:
+                entity = await self._relay.store.create(candidate)
+            except StoreError as exc:  # quota reached, or the store cannot be written
+                return error_response(
+                    409 if isinstance(exc, StoreQuotaError) else 503,
+                    f"The hybrid connection could not be created: {exc}",
+                )
             logger.info("created hybrid connection %r on first listen", candidate.name)
-            entity = candidate
         if entity is None:
             return error_response(404, "The hybrid connection does not exist.")
         decision = self._relay.access.authorize(token, entity, Rights.LISTEN)
@@ -129,16 +139,20 @@ class ListenEndpoint:
             await socket_.aclose(CloseCode.TRY_AGAIN_LATER, "listener limit reached")
             return ws
         logger.info("listener %s online on %r", listener_id, entity.name)
+        self._relay.observer.listener_online(entity.name)
+        reason = "closed"
         try:
-            await self._serve(channel, entity)
+            reason = await self._serve(channel, entity)
         finally:
             self._relay.broker.unregister(channel)
             self._http.forget_channel(channel)
             socket_.abort()
-            logger.info("listener %s offline on %r", listener_id, entity.name)
+            self._relay.observer.listener_offline(entity.name, reason)
+            logger.info("listener %s offline on %r (%s)", listener_id, entity.name, reason)
         return ws
 
-    async def _serve(self, channel: ControlChannel, entity: HybridConnectionConfig) -> None:
+    async def _serve(self, channel: ControlChannel, entity: HybridConnectionConfig) -> str:
+        """Serve the channel until it ends; why it ended (the metrics' ``reason`` label)."""
         loop = asyncio.get_running_loop()
         while True:
             grace = self._relay.config.limits.token_grace_period
@@ -151,9 +165,9 @@ class ListenEndpoint:
             except TimeoutError:
                 channel.usable = False
                 await channel.socket.aclose(CloseCode.POLICY_VIOLATION, "token expired")
-                return
+                return "token_expired"
             if message.kind is MessageKind.CLOSE:
-                return
+                return "closed"
             if message.kind is MessageKind.BINARY:
                 await self._http.on_control_binary(channel, message.data)
                 continue
@@ -162,16 +176,22 @@ class ListenEndpoint:
             except ProtocolError as exc:
                 channel.usable = False
                 await channel.socket.aclose(CloseCode.PROTOCOL_ERROR, str(exc)[:100])
-                return
+                return "protocol_error"
             if isinstance(parsed, RenewToken):
-                decision = self._relay.access.authorize(parsed.token, entity, Rights.LISTEN, grace)
-                if not decision.allowed:
+                # The entity as served now: its rules may have been rotated since the listen.
+                current = self._relay.store.get(entity.name)
+                decision = (
+                    self._relay.access.authorize(parsed.token, current, Rights.LISTEN, grace)
+                    if current is not None
+                    else None
+                )
+                if decision is None or not decision.allowed:
                     channel.usable = False
                     await channel.socket.aclose(CloseCode.POLICY_VIOLATION, "token renewal failed")
-                    return
+                    return "renewal_refused"
                 channel.token_expiry = float(decision.expiry or 0)
             elif parsed is not None:
                 if not await self._http.on_control_message(channel, parsed):
                     channel.usable = False
                     await channel.socket.aclose(CloseCode.PROTOCOL_ERROR, "unexpected message")
-                    return
+                    return "protocol_error"

@@ -39,6 +39,7 @@ import functools
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -211,7 +212,21 @@ class HttpRelay:
         if resolved is None:
             return error_response(404, "The hybrid connection does not exist.")
         entity, suffix = resolved
+        started = time.monotonic()
+        response = await self._relay_request(request, entity, suffix, raw_path, raw_query)
+        self._relay.observer.http_request(
+            entity.name, response.status, time.monotonic() - started, request.remote
+        )
+        return response
 
+    async def _relay_request(
+        self,
+        request: web.BaseRequest,
+        entity: HybridConnectionConfig,
+        suffix: str,
+        raw_path: str,
+        raw_query: str,
+    ) -> web.StreamResponse:
         params = protocol_params(raw_query)
         token, strip_authorization = sender_token(request.headers, params, entity)
         if entity.requires_client_authorization:

@@ -21,6 +21,7 @@ import asyncio
 import base64
 import logging
 import os
+import time
 import uuid
 from typing import Any
 
@@ -28,6 +29,7 @@ from hybridrelay.protocol.azbridge import Mode, encode_preamble
 from hybridrelay.server.broker import Accepted, Connection, Rejection, remote_endpoint
 from hybridrelay.server.config import IngressConfig
 from hybridrelay.server.context import RelayContext
+from hybridrelay.server.legs import RelayedConnection
 from hybridrelay.transport.splice import RawLeg
 
 __all__ = ["RelayIngress"]
@@ -128,6 +130,7 @@ class RelayIngress:
             self._relay.legs.lost(leg)
 
     async def _connect(self, leg: RawLeg) -> None:
+        started = time.monotonic()
         entity = self._relay.store.get(self.config.hybrid_connection)
         if entity is None:
             self._refuse(leg, "the hybrid connection does not exist (yet)")
@@ -150,6 +153,15 @@ class RelayIngress:
             ) as (pending, outcome):
                 if not isinstance(outcome, Accepted):
                     reason = outcome.description
+                    self._relay.observer.sender_refused(
+                        "ingress",
+                        entity.name,
+                        outcome.status,
+                        reason,
+                        _format(leg.peername),
+                        by_listener=isinstance(outcome, Rejection),
+                        accept_seconds=time.monotonic() - started,
+                    )
                     if isinstance(outcome, Rejection):
                         reason = f"the listener refused it ({outcome.status} {reason})"
                     self._refuse(leg, reason)
@@ -160,7 +172,20 @@ class RelayIngress:
                 if self.config.port_name:
                     leg.set_preamble(encode_preamble(self.config.port_name, Mode.STREAM))
                 self._relay.legs.track(leg)
+                listener = pending.splice.listener
                 pending.splice.join(leg)
+                if listener is not None:
+                    relayed = RelayedConnection(
+                        connection_id,
+                        entity.name,
+                        "ingress",
+                        leg,
+                        listener,
+                        _format(leg.peername),
+                        pending.listener_address,
+                    )
+                    self._relay.legs.joined(relayed)
+                    self._relay.observer.connection_joined(relayed, time.monotonic() - started)
         except BaseException:
             if leg.peer is None:
                 leg.abort()

@@ -1,24 +1,36 @@
-"""The entity store: which hybrid connections exist and which SAS rules apply.
+"""The entities the relay serves: the configuration file's laid over the management store's.
 
-The relay reads entities through :class:`EntityStore` only, so that a database-backed
-management plane can replace the in-memory and file implementations here without touching the
-request handlers.
+The relay reads hybrid connections and namespace rules through :class:`EntityStore` only. The
+implementation, :class:`NamespaceView`, keeps one immutable picture of the namespace (the file
+laid over the store, ``store/layers.py``: the file wins where both name the same thing) and
+replaces it whole when the store reports a change or the configuration is replaced, so a
+request never sees half of a change and the data path never waits on the store. A change takes
+effect for the next request: a created entity accepts listeners as soon as the store call
+returns, a deleted one answers 404, and a token signed with a regenerated or deleted key is
+refused (the signature cache is keyed by the rules, ``auth/cache.py``). What leaves the
+namespace is reported to ``on_removed`` so the relay can close its listeners and pending
+senders.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from types import MappingProxyType
 from typing import Protocol
 
-from hybridrelay.auth.sas import AuthorizationRule, Rights
-from hybridrelay.exceptions import ConfigurationError
+from hybridrelay.auth.sas import AuthorizationRule
 from hybridrelay.server.config import HybridConnectionConfig, RelayConfig
+from hybridrelay.store.base import Store, StoreUnavailableError
+from hybridrelay.store.layers import FileLayer, layered
+from hybridrelay.store.records import (
+    HybridConnectionRecord,
+    NamespaceRecord,
+    NamespaceState,
+    RuleRecord,
+    entity_key,
+)
 
-__all__ = ["EntityStore", "FileEntityStore", "InMemoryEntityStore"]
+__all__ = ["EntityStore", "NamespaceView", "file_layer"]
 
 
 class EntityStore(Protocol):
@@ -28,129 +40,130 @@ class EntityStore(Protocol):
         """The hybrid connection at ``path`` (case-insensitive), or None."""
         ...
 
-    def create(self, entity: HybridConnectionConfig) -> None: ...
+    async def create(self, entity: HybridConnectionConfig) -> HybridConnectionConfig:
+        """Create ``entity`` (a listener's first listen); returns what is served now."""
+        ...
 
-    def delete(self, path: str) -> bool: ...
+
+def _rule_record(rule: AuthorizationRule, entity: str, at: float) -> RuleRecord:
+    return RuleRecord(
+        rule.name, rule.primary_key, rule.secondary_key or "", rule.rights, at, at, entity
+    )
 
 
-class InMemoryEntityStore:
-    """Entities held in memory, seeded from the configuration file."""
+def file_layer(config: RelayConfig, loaded_at: float) -> FileLayer:
+    """What ``config`` names, as store records (the file has no dates: ``loaded_at``)."""
+    return FileLayer.of(
+        [_rule_record(rule, "", loaded_at) for rule in config.authorization_rules],
+        [
+            HybridConnectionRecord(
+                name=entity.name,
+                requires_client_authorization=entity.requires_client_authorization,
+                created_at=loaded_at,
+                updated_at=loaded_at,
+                user_metadata=entity.user_metadata or None,
+                http_response_timeout=entity.http_response_timeout,
+                rules=tuple(
+                    _rule_record(rule, entity.name, loaded_at)
+                    for rule in entity.authorization_rules
+                ),
+            )
+            for entity in config.hybrid_connections
+        ],
+    )
+
+
+def _entity(record: HybridConnectionRecord) -> HybridConnectionConfig:
+    return HybridConnectionConfig(
+        name=record.name,
+        requires_client_authorization=record.requires_client_authorization,
+        authorization_rules=tuple(rule.to_rule() for rule in record.rules),
+        user_metadata=record.user_metadata or "",
+        http_response_timeout=record.http_response_timeout,
+    )
+
+
+class NamespaceView:
+    """The namespace as the relay serves it (see the module docstring)."""
 
     def __init__(
         self,
-        rules: Sequence[AuthorizationRule] = (),
-        entities: Sequence[HybridConnectionConfig] = (),
+        namespace: str,
+        file: FileLayer,
+        *,
+        on_removed: Callable[[Sequence[str]], None] = lambda names: None,
     ) -> None:
-        self._rules = tuple(rules)
-        self._entities = {e.name.lower(): e for e in entities}
-        #: Keys of the entities created while running (on first listen), not configured.
-        self._created: set[str] = set()
+        #: The management store, once the relay has opened it (:meth:`attach`).
+        self.store: Store | None = None
+        self._file = file
+        self._on_removed = on_removed
+        self._store_state = NamespaceState(
+            NamespaceRecord(namespace, 0.0, 0.0), MappingProxyType({}), 0
+        )
+        self._state = layered(file, self._store_state)
+        self._rules = self._namespace_rules(self._state)
+        #: Entities converted on first use since the last change (a namespace may hold
+        #: thousands; most are not used between two changes).
+        self._entities: dict[str, HybridConnectionConfig] = {}
+        self._unsubscribe: Callable[[], None] = lambda: None
 
-    @classmethod
-    def from_config(cls, config: RelayConfig) -> InMemoryEntityStore:
-        return cls(config.authorization_rules, config.hybrid_connections)
+    def attach(self, store: Store) -> None:
+        """Serve ``store``'s entities and rules (under the file's) from now on."""
+        self._unsubscribe()
+        self.store = store
+        self._unsubscribe = store.subscribe(lambda state: self._changed())
+        self._changed()
+
+    @property
+    def state(self) -> NamespaceState:
+        """The file laid over the store, now."""
+        return self._state
+
+    @property
+    def file(self) -> FileLayer:
+        return self._file
+
+    def replace_file(self, file: FileLayer) -> None:
+        """Serve a new configuration file's entities and rules from now on."""
+        self._file = file
+        self._changed()
+
+    def close(self) -> None:
+        self._unsubscribe()
 
     def namespace_rules(self) -> Sequence[AuthorizationRule]:
         return self._rules
 
-    def replace(
-        self, rules: Sequence[AuthorizationRule], entities: Sequence[HybridConnectionConfig]
-    ) -> None:
-        """Take a new configuration's rules and entities; the entities created while running
-        stay unless the new configuration names them."""
-        configured = {e.name.strip("/").lower(): e for e in entities}
-        kept = {k: e for k, e in self._entities.items() if k in self._created}
-        self._created = {k for k in kept if k not in configured}
-        self._rules = tuple(rules)
-        self._entities = {**{k: kept[k] for k in self._created}, **configured}
-        self._changed()
-
     def get(self, path: str) -> HybridConnectionConfig | None:
-        return self._entities.get(path.strip("/").lower())
+        key = entity_key(path)
+        entity = self._entities.get(key)
+        if entity is None:
+            record = self._state.hybrid_connections.get(key)
+            if record is None:
+                return None
+            entity = self._entities[key] = _entity(record)
+        return entity
 
-    def create(self, entity: HybridConnectionConfig) -> None:
-        key = entity.name.strip("/").lower()
-        if key in self._entities:
-            raise ConfigurationError(f"hybrid connection {entity.name!r} already exists")
-        self._entities[key] = entity
-        self._created.add(key)
-        self._changed()
+    async def create(self, entity: HybridConnectionConfig) -> HybridConnectionConfig:
+        if self.store is None:
+            raise StoreUnavailableError("the relay has not opened its store yet")
+        await self.store.put_hybrid_connection(
+            entity.name, requires_client_authorization=entity.requires_client_authorization
+        )
+        # The store told us before its call returned (subscribers run on commit).
+        return self.get(entity.name) or entity
 
-    def delete(self, path: str) -> bool:
-        key = path.strip("/").lower()
-        self._created.discard(key)
-        removed = self._entities.pop(key, None) is not None
+    def _changed(self) -> None:
+        before = self._state.hybrid_connections
+        if self.store is not None:
+            self._store_state = self.store.state
+        self._state = layered(self._file, self._store_state)
+        self._rules = self._namespace_rules(self._state)
+        self._entities = {}
+        removed = [before[key].name for key in before if key not in self._state.hybrid_connections]
         if removed:
-            self._changed()
-        return removed
+            self._on_removed(removed)
 
-    def _changed(self) -> None:
-        """Hook for persistent subclasses."""
-
-
-class FileEntityStore(InMemoryEntityStore):
-    """Entities and namespace rules kept in a JSON file (the embedded default's data directory).
-
-    Writes are atomic (write to a temporary file, then rename) and the file is created with
-    mode 0600 because it holds keys.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        rules: list[AuthorizationRule] = []
-        entities: list[HybridConnectionConfig] = []
-        if path.exists():
-            try:
-                document = json.loads(path.read_text(encoding="utf-8"))
-                for rule in document.get("authorization_rules", []):
-                    rules.append(
-                        AuthorizationRule(
-                            rule["name"],
-                            rule["primary_key"],
-                            rule.get("secondary_key"),
-                            Rights.parse(rule["rights"]),
-                        )
-                    )
-                for entity in document.get("hybrid_connections", []):
-                    entities.append(
-                        HybridConnectionConfig(
-                            name=entity["name"],
-                            requires_client_authorization=bool(
-                                entity.get("requires_client_authorization", True)
-                            ),
-                        )
-                    )
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise ConfigurationError(f"cannot read the entity store {path}: {exc}") from exc
-        super().__init__(rules, entities)
-
-    def set_namespace_rules(self, rules: Sequence[AuthorizationRule]) -> None:
-        self._rules = tuple(rules)
-        self._changed()
-
-    def _changed(self) -> None:
-        document = {
-            "authorization_rules": [
-                {
-                    "name": r.name,
-                    "primary_key": r.primary_key,
-                    "secondary_key": r.secondary_key,
-                    "rights": r.rights.names(),
-                }
-                for r in self._rules
-            ],
-            "hybrid_connections": [
-                {"name": e.name, "requires_client_authorization": e.requires_client_authorization}
-                for e in self._entities.values()
-            ],
-        }
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=".store-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(document, handle, indent=2)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self._path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    @staticmethod
+    def _namespace_rules(state: NamespaceState) -> tuple[AuthorizationRule, ...]:
+        return tuple(rule.to_rule() for rule in state.namespace.rules)

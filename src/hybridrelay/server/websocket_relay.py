@@ -11,6 +11,8 @@ Nothing here logs a token or a rendezvous address.
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from hybridrelay.auth.sas import Rights
@@ -27,6 +29,7 @@ from hybridrelay.server.broker import (
 )
 from hybridrelay.server.config import HybridConnectionConfig
 from hybridrelay.server.context import RelayContext
+from hybridrelay.server.legs import RelayedConnection
 from hybridrelay.server.responses import error_response, reason_phrase, tracking_id
 from hybridrelay.transport.base import CloseCode
 from hybridrelay.transport.splice import take_over
@@ -53,10 +56,15 @@ class WebSocketRelay:
         raw_query: str,
         params: dict[str, str],
     ) -> web.StreamResponse:
+        started = time.monotonic()
+        observer = self._relay.observer
         if entity.requires_client_authorization:
             token = request_token(request.headers, params)
             decision = self._relay.access.authorize(token, entity, Rights.SEND, suffix=suffix)
             if not decision.allowed:
+                observer.sender_refused(
+                    "connect", entity.name, decision.status, decision.reason, request.remote
+                )
                 return error_response(decision.status, decision.reason)
         try:
             handshake_headers(request.headers, None)
@@ -75,9 +83,22 @@ class WebSocketRelay:
             outcome,
         ):
             if isinstance(outcome, Unanswered):
+                observer.sender_refused(
+                    "connect", entity.name, outcome.status, outcome.description, request.remote
+                )
                 return error_response(outcome.status, outcome.description)
             assert pending is not None
-            return await self._rendezvous_sender(request, entity, pending, outcome)
+            if isinstance(outcome, Rejection):
+                observer.sender_refused(
+                    "connect",
+                    entity.name,
+                    outcome.status,
+                    outcome.description,
+                    request.remote,
+                    by_listener=True,
+                    accept_seconds=time.monotonic() - started,
+                )
+            return await self._rendezvous_sender(request, entity, pending, outcome, started)
 
     async def _rendezvous_sender(
         self,
@@ -85,6 +106,7 @@ class WebSocketRelay:
         entity: HybridConnectionConfig,
         pending: PendingRendezvous,
         outcome: Accepted | Rejection,
+        started: float,
     ) -> web.StreamResponse:
         if isinstance(outcome, Rejection):
             return web.Response(
@@ -100,7 +122,20 @@ class WebSocketRelay:
         if sender is None:
             return response  # leaving the broker's offer closes the listener's leg
         self._relay.legs.track(sender)
+        listener = pending.splice.listener
         pending.splice.join(sender)
+        if listener is not None:
+            connection = RelayedConnection(
+                pending.id,
+                entity.name,
+                "websocket",
+                sender,
+                listener,
+                request.remote,
+                pending.listener_address,
+            )
+            self._relay.legs.joined(connection)
+            self._relay.observer.connection_joined(connection, time.monotonic() - started)
         return response
 
     # -- E3 / E4: listener accepts or rejects ---------------------------------------------------
@@ -143,6 +178,7 @@ class WebSocketRelay:
                 pending.outcome.set_result(Rejection(502, "The listener's upgrade failed."))
             return response
         self._relay.legs.track(listener)
+        pending.listener_address = request.remote
         if pending.outcome.done():  # the sender gave up meanwhile
             listener.close_now(CloseCode.GOING_AWAY, "sender went away")
         else:

@@ -45,10 +45,12 @@ from hybridrelay.store.records import (
     entity_key,
 )
 
-__all__ = ["MAX_RULES_PER_SCOPE", "MIGRATIONS", "SqliteStore"]
+__all__ = ["MAX_RULES_PER_SCOPE", "MEMORY", "MIGRATIONS", "SqliteStore"]
 
 logger = logging.getLogger("hybridrelay.store")
 
+#: The path of a store kept in memory only (a relay built in code without ``store.path``).
+MEMORY = ":memory:"
 #: Azure's bound: 12 SAS rules on a namespace and 12 on each hybrid connection.
 MAX_RULES_PER_SCOPE = 12
 #: How long a statement waits for a lock held by another process on the same file.
@@ -154,7 +156,8 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
 
         def start() -> tuple[sqlite3.Connection, NamespaceState]:
-            _open_private(file)
+            if str(file) != MEMORY:
+                _open_private(file)
             db = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
             try:
                 db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")

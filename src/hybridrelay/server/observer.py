@@ -1,0 +1,108 @@
+"""What the relay's endpoints report as they work: one call per event, fanned out to the
+metrics (``observability/metrics.py``), the access and refusal logs
+(``observability/access_log.py``, docs/LOGGING.md) and the recent errors the dashboard shows.
+
+The endpoints call :class:`RelayObserver` once per listener, sender, relayed connection and
+HTTP request, never per byte or frame: the bytes of a relayed connection are read from the
+splice's own counters when it ends (``legs.py``).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+
+from hybridrelay.observability.metrics import RelayMetrics, SenderOutcome
+from hybridrelay.server.legs import RelayedConnection
+
+__all__ = ["RECENT_ERRORS", "RecentError", "RelayObserver"]
+
+#: How many refusals and failures the dashboard keeps.
+RECENT_ERRORS = 100
+
+_OUTCOME_BY_STATUS = {
+    401: SenderOutcome.UNAUTHORIZED,
+    403: SenderOutcome.FORBIDDEN,
+    404: SenderOutcome.NOT_FOUND,
+    503: SenderOutcome.OVERLOADED,
+    504: SenderOutcome.TIMED_OUT,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RecentError:
+    """A refusal or failure, as the dashboard lists it (never a token or an address secret)."""
+
+    at: float
+    kind: str
+    entity: str
+    status: int
+    reason: str
+    remote: str | None
+
+
+class RelayObserver:
+    """The relay's metrics, logs and recent errors, fed by its endpoints."""
+
+    def __init__(self, metrics: RelayMetrics | None = None) -> None:
+        self.metrics = metrics or RelayMetrics()
+        self.recent_errors: collections.deque[RecentError] = collections.deque(maxlen=RECENT_ERRORS)
+
+    def _error(self, kind: str, entity: str, status: int, reason: str, remote: str | None) -> None:
+        self.recent_errors.append(RecentError(time.time(), kind, entity, status, reason, remote))
+
+    # -- listeners ---------------------------------------------------------------------------
+
+    def listener_online(self, entity: str) -> None:
+        self.metrics.listener_connected(entity)
+
+    def listener_offline(self, entity: str, reason: str) -> None:
+        self.metrics.listener_disconnected(entity, reason)
+
+    def listen_refused(self, entity: str, status: int, reason: str, remote: str | None) -> None:
+        self._error("listen", entity, status, reason, remote)
+
+    # -- senders -----------------------------------------------------------------------------
+
+    def sender_refused(
+        self,
+        kind: str,
+        entity: str,
+        status: int,
+        reason: str,
+        remote: str | None,
+        *,
+        by_listener: bool = False,
+        accept_seconds: float | None = None,
+    ) -> None:
+        """A sender (``connect`` or ``ingress``) that was not relayed."""
+        if by_listener:
+            outcome = SenderOutcome.REJECTED
+        elif status == 404 and reason.startswith("There are no listeners"):
+            outcome = SenderOutcome.NO_LISTENER
+        else:
+            outcome = _OUTCOME_BY_STATUS.get(status, SenderOutcome.FAILED)
+        self.metrics.sender(entity, outcome, accept_seconds)
+        if outcome == SenderOutcome.TIMED_OUT:
+            self.metrics.rendezvous_expired.inc()
+        self._error(kind, entity, status, reason, remote)
+
+    def connection_joined(self, connection: RelayedConnection, accept_seconds: float) -> None:
+        self.metrics.sender(connection.entity, SenderOutcome.ACCEPTED, accept_seconds)
+        self.metrics.connection_opened(connection.entity)
+
+    def connection_finished(self, connection: RelayedConnection) -> None:
+        self.metrics.connection_closed(
+            connection.entity,
+            to_listener=connection.bytes_to_listener,
+            to_sender=connection.bytes_to_sender,
+        )
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    def http_request(self, entity: str, status: int, seconds: float, remote: str | None) -> None:
+        """A relayed HTTP request ended (its response sent, or refused)."""
+        self.metrics.http_request(entity, status, seconds)
+        if status >= 400:
+            self._error("http", entity, status, f"answered {status}", remote)
