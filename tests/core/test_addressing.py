@@ -133,7 +133,7 @@ def test_repr_hides_the_secret() -> None:
     st.integers(400, 599),
     # Lone surrogates are not text a listener can send (they have no UTF-8 form).
     st.text(
-        st.characters(min_codepoint=32, exclude_characters="\x7f", exclude_categories=("Cs",)),
+        st.characters(min_codepoint=32, exclude_characters="\x7f", exclude_categories=["Cs"]),
         min_size=1,
     ),
     st.text("abcXYZ019-_. ", min_size=1, max_size=20),
