@@ -109,10 +109,10 @@ async def test_sdk_listener_sees_the_client_and_can_reject(
         async with open_listener(relay, accept_handler=decide) as listener:
             # Rejected by the listener: the client is reset, with a warning saying why.
             reader, writer = await open_ingress(relay)
-            with caplog.at_level(logging.WARNING, "hybridrelay.server"):
+            with caplog.at_level(logging.WARNING, "hybridrelay.refused"):
                 assert await read_until_closed(reader) == b""
             writer.close()
-            assert "the listener refused it (400" in caplog.text
+            assert "status=400 reason=Rejected by user code" in caplog.text
             # Accepted: the listener learns the client's address; bytes cross as a stream.
             reader, writer = await open_ingress(relay)
             async with asyncio.timeout(10):
@@ -139,7 +139,7 @@ async def test_no_listener_and_unknown_listener_failures_reset_promptly(
 ) -> None:
     async with make_relay(ingress=[ingress()]) as relay:
         reader, writer = await open_ingress(relay)
-        with caplog.at_level(logging.WARNING, "hybridrelay.server"):
+        with caplog.at_level(logging.WARNING, "hybridrelay.refused"):
             assert await read_until_closed(reader, seconds=5) == b""
         writer.close()
     assert "There are no listeners connected" in caplog.text

@@ -13,17 +13,23 @@ buffered log.
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
+import os
 import sys
 import threading
-from typing import TextIO
+from typing import Any, TextIO
 
 from hybridrelay.settings import LOG_LEVEL, LOG_LEVELS, add_setting_argument
 
 __all__ = [
     "FLUSH_INTERVAL",
     "LOG_FORMAT",
+    "LOG_FORMATS",
     "BatchedStreamHandler",
+    "JsonFormatter",
+    "add_log_format_argument",
     "add_log_level_argument",
     "configure_logging",
     "install_batched_stderr",
@@ -89,14 +95,52 @@ class BatchedStreamHandler(logging.StreamHandler[TextIO]):
                 self.flush()
 
 
-def install_batched_stderr() -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record (``--log-format json``, docs/LOGGING.md): ``ts`` (RFC 3339,
+    UTC, milliseconds), ``level``, ``logger``, ``message``, the record's structured ``fields``
+    (the access and refusal logs') as keys of their own, and ``exc`` for an exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        document: dict[str, Any] = {
+            "ts": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            document.update({k: v for k, v in fields.items() if k not in document})
+        if record.exc_info:
+            document["exc"] = self.formatException(record.exc_info)
+        return json.dumps(document, default=str, ensure_ascii=False)
+
+
+#: ``--log-format``: how each record is written.
+LOG_FORMATS = ("text", "json")
+
+
+def install_batched_stderr(log_format: str = "text") -> None:
     """Give the root logger a :class:`BatchedStreamHandler` on stderr, unless it has a
     handler already (then the process' own logging setup stays). Levels are the commands'."""
     root = logging.getLogger()
     if not root.handlers:
         handler = BatchedStreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(
+            JsonFormatter() if log_format == "json" else logging.Formatter(LOG_FORMAT)
+        )
         root.addHandler(handler)
+
+
+def add_log_format_argument(parser: argparse.ArgumentParser) -> None:
+    """``--log-format text|json`` of ``serve``, ``bridge`` and ``serve-app``."""
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=os.environ.get("HYBRIDRELAY_LOG_FORMAT") or "text",
+        help="human-readable lines, or one JSON object per line (default: "
+        "$HYBRIDRELAY_LOG_FORMAT, else text; docs/LOGGING.md)",
+    )
 
 
 def add_log_level_argument(parser: argparse.ArgumentParser) -> None:

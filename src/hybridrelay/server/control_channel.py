@@ -116,7 +116,7 @@ class ListenEndpoint:
             return error_response(404, "The hybrid connection does not exist.")
         decision = self._relay.access.authorize(token, entity, Rights.LISTEN)
         if not decision.allowed:
-            logger.info("listen on %r refused: %s", entity.name, decision.reason)
+            logger.debug("listen on %r refused: %s", entity.name, decision.reason)
             return error_response(decision.status, decision.reason)
         limit = config.limits.max_listeners_per_connection
         if self._relay.broker.listener_count(entity.name) >= limit:

@@ -213,9 +213,19 @@ class HttpRelay:
             return error_response(404, "The hybrid connection does not exist.")
         entity, suffix = resolved
         started = time.monotonic()
-        response = await self._relay_request(request, entity, suffix, raw_path, raw_query)
+        exchange_id = str(uuid.uuid4())
+        response = await self._relay_request(
+            request, entity, suffix, raw_path, raw_query, exchange_id
+        )
         self._relay.observer.http_request(
-            entity.name, response.status, time.monotonic() - started, request.remote
+            exchange_id,
+            entity.name,
+            method=request.method,
+            status=response.status,
+            seconds=time.monotonic() - started,
+            request_bytes=request.content_length,
+            response_bytes=response.body_length,
+            remote=request.remote,
         )
         return response
 
@@ -226,6 +236,7 @@ class HttpRelay:
         suffix: str,
         raw_path: str,
         raw_query: str,
+        exchange_id: str,
     ) -> web.StreamResponse:
         params = protocol_params(raw_query)
         token, strip_authorization = sender_token(request.headers, params, entity)
@@ -267,7 +278,7 @@ class HttpRelay:
                 logger.debug("sender's request body could not be read: %s", type(exc).__name__)
                 return error_response(400, "The request body could not be read.")
 
-        exchange = _Exchange(id=str(uuid.uuid4()), entity=entity.name, inline=inline)
+        exchange = _Exchange(id=exchange_id, entity=entity.name, inline=inline)
 
         @functools.cache
         def full_request(base_url: str) -> Request:

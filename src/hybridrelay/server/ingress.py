@@ -104,18 +104,24 @@ class RelayIngress:
     def _accepted(self, leg: RawLeg) -> None:
         peer = leg.peername
         host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        # Refusals are logged by the observer, rate-limited (a flood cannot fill a disk).
         if host and not self.config.allows(host):
-            logger.warning(
-                "ingress %s: refused %s (not in the allow-list)", self.config.label, _format(peer)
+            self._relay.observer.sender_refused(
+                "ingress",
+                self.config.hybrid_connection,
+                403,
+                "not in the allow-list",
+                _format(peer),
             )
             leg.abort()
             return
         if len(self._legs) >= self.config.max_connections:
-            logger.warning(
-                "ingress %s: refused %s (max_connections %d reached)",
-                self.config.label,
+            self._relay.observer.sender_refused(
+                "ingress",
+                self.config.hybrid_connection,
+                503,
+                f"max_connections {self.config.max_connections} reached",
                 _format(peer),
-                self.config.max_connections,
             )
             leg.abort()
             return
@@ -133,7 +139,11 @@ class RelayIngress:
         started = time.monotonic()
         entity = self._relay.store.get(self.config.hybrid_connection)
         if entity is None:
-            self._refuse(leg, "the hybrid connection does not exist (yet)")
+            reason = "the hybrid connection does not exist (yet)"
+            self._relay.observer.sender_refused(
+                "ingress", self.config.hybrid_connection, 404, reason, _format(leg.peername)
+            )
+            self._refuse(leg, reason)
             return
         connection_id = str(uuid.uuid4())
         leg.name = f"{connection_id} on {entity.name!r} (ingress {_format(leg.peername)})"
@@ -193,7 +203,7 @@ class RelayIngress:
         logger.debug("%s: relayed", leg.name)
 
     def _refuse(self, leg: RawLeg, reason: str) -> None:
-        logger.warning(
+        logger.debug(
             "ingress %s: connection from %s reset: %s",
             self.config.label,
             _format(leg.peername),

@@ -13,6 +13,7 @@ import collections
 import time
 from dataclasses import dataclass
 
+from hybridrelay.observability.access_log import AccessLog, RefusalLog, redact
 from hybridrelay.observability.metrics import RelayMetrics, SenderOutcome
 from hybridrelay.server.legs import RelayedConnection
 
@@ -45,12 +46,22 @@ class RecentError:
 class RelayObserver:
     """The relay's metrics, logs and recent errors, fed by its endpoints."""
 
-    def __init__(self, metrics: RelayMetrics | None = None) -> None:
+    def __init__(
+        self,
+        metrics: RelayMetrics | None = None,
+        *,
+        access: AccessLog | None = None,
+        refusals: RefusalLog | None = None,
+    ) -> None:
         self.metrics = metrics or RelayMetrics()
+        self.access = access or AccessLog()
+        self.refusals = refusals or RefusalLog()
         self.recent_errors: collections.deque[RecentError] = collections.deque(maxlen=RECENT_ERRORS)
 
     def _error(self, kind: str, entity: str, status: int, reason: str, remote: str | None) -> None:
+        reason = redact(reason)
         self.recent_errors.append(RecentError(time.time(), kind, entity, status, reason, remote))
+        self.refusals.refused(kind, entity, status, reason, remote)
 
     # -- listeners ---------------------------------------------------------------------------
 
@@ -98,11 +109,42 @@ class RelayObserver:
             to_listener=connection.bytes_to_listener,
             to_sender=connection.bytes_to_sender,
         )
+        self.access.connection(
+            connection.tracking_id,
+            connection.entity,
+            kind=connection.kind,
+            duration=connection.duration,
+            bytes_to_listener=connection.bytes_to_listener,
+            bytes_to_sender=connection.bytes_to_sender,
+            sender=connection.sender_address,
+            listener=connection.listener_address,
+        )
 
     # -- HTTP --------------------------------------------------------------------------------
 
-    def http_request(self, entity: str, status: int, seconds: float, remote: str | None) -> None:
+    def http_request(
+        self,
+        tracking_id: str,
+        entity: str,
+        *,
+        method: str,
+        status: int,
+        seconds: float,
+        request_bytes: int | None,
+        response_bytes: int | None,
+        remote: str | None,
+    ) -> None:
         """A relayed HTTP request ended (its response sent, or refused)."""
         self.metrics.http_request(entity, status, seconds)
-        if status >= 400:
+        self.access.http_request(
+            tracking_id,
+            entity,
+            method=method,
+            status=status,
+            duration=seconds,
+            request_bytes=request_bytes,
+            response_bytes=response_bytes,
+            sender=remote,
+        )
+        if status in (401, 403, 404, 429) or status >= 500:
             self._error("http", entity, status, f"answered {status}", remote)
