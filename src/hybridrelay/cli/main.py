@@ -19,7 +19,12 @@ from pathlib import Path
 from hybridrelay import __version__
 from hybridrelay.auth.sas import create_token, token_audience
 from hybridrelay.cli.embedded import ROOT_RULE, STORE_FILE
-from hybridrelay.cli.logs import add_log_level_argument, configure_logging, install_batched_stderr
+from hybridrelay.cli.logs import (
+    add_log_format_argument,
+    add_log_level_argument,
+    configure_logging,
+    install_batched_stderr,
+)
 from hybridrelay.cli.signals import stop_on_signals
 from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.protocol.connection_string import CONNECTION_STRING_ENV, ConnectionString
@@ -56,6 +61,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_arguments(parser, RelayConfig)  # --host, --port: they override the file's
     parser.add_argument("--data-dir", type=Path, help="embedded default's data directory")
     add_log_level_argument(parser)
+    add_log_format_argument(parser)
     parser.set_defaults(func=_cmd_serve)
 
 
@@ -129,12 +135,14 @@ def _add_optional_commands(sub: argparse._SubParsersAction[argparse.ArgumentPars
         help="forward ports (-L ingress, -R edge) and HTTP (-H) through the relay, like azbridge",
     )
     add_bridge_arguments(bridge)
+    add_log_format_argument(bridge)
     bridge.set_defaults(func=_cmd_bridge)
     serve_app = sub.add_parser(
         "serve-app",
         help="serve an ASGI application (module:app) through a hybrid connection",
     )
     add_serve_app_arguments(serve_app)
+    add_log_format_argument(serve_app)
     serve_app.set_defaults(func=_cmd_serve_app)
 
 
@@ -168,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("serve", "bridge", "serve-app"):
-        install_batched_stderr()
+        install_batched_stderr(args.log_format)
         raise_open_file_limit()
         set_tls_read_buffer()
         set_malloc_thresholds()
