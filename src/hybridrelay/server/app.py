@@ -30,6 +30,7 @@ from aiohttp import web
 from hybridrelay.exceptions import ConfigurationError
 from hybridrelay.management.app import management_application
 from hybridrelay.management.arm_api import ArmApi
+from hybridrelay.management.dashboard import Dashboard
 from hybridrelay.management.runtime_api import RuntimeApi
 from hybridrelay.protocol.addressing import (
     HC_PREFIX,
@@ -126,6 +127,7 @@ class RelayServer:
         self.ingress = [RelayIngress(entry, self._context) for entry in config.ingress]
         self.runtime = RelayRuntimeView(self.broker, self._legs)
         self.arm: ArmApi | None = None
+        self.dashboard: Dashboard | None = None
         self.observer.metrics.rendezvous_pending.set_function(lambda: self.broker.pending_count)
 
     def _settings(self) -> RelayConfig:
@@ -239,12 +241,26 @@ class RelayServer:
             public_endpoint=self.public_endpoint,
         )
         runtime = RuntimeApi(self.runtime, self.arm.authorize_request)
+        secure = self._ssl_context(settings.tls) if settings.tls else self._ssl
+        self.dashboard = Dashboard(
+            state=lambda: self.store.state,
+            runtime=self.runtime,
+            store=store,
+            token_refusal=self.arm.manage_token_refusal,
+            totals=self.observer.totals,
+            recent_errors=lambda: self.observer.recent_errors,
+            secure=secure is not None,
+        )
         app = management_application(
-            self.arm, runtime, health_routes(self.observer.metrics.registry, self._readiness)
+            self.arm,
+            runtime,
+            [
+                *health_routes(self.observer.metrics.registry, self._readiness),
+                *self.dashboard.routes(),
+            ],
         )
         self._management_runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._management_runner.setup()
-        secure = self._ssl_context(settings.tls) if settings.tls else self._ssl
         try:
             self._management_port = await _listen(
                 self._management_runner, settings.host, settings.port or 0, secure
@@ -255,6 +271,7 @@ class RelayServer:
                 f"{exc.strerror or exc} (choose another --management-port)"
             ) from exc
         self._management_secure = secure is not None
+        self.dashboard.start()
         logger.info("management listening on %s", self.management_url)
 
     async def _readiness(self) -> str | None:
@@ -294,6 +311,8 @@ class RelayServer:
         # 4. Stop the HTTP servers (closes what is left) and the store.
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.dashboard is not None:
+            await self.dashboard.aclose()  # its event streams end, then the listener
         if self._management_runner is not None:
             await self._management_runner.cleanup()
         for task in list(self._tasks):

@@ -63,6 +63,23 @@ class RelayObserver:
         self.recent_errors.append(RecentError(time.time(), kind, entity, status, reason, remote))
         self.refusals.refused(kind, entity, status, reason, remote)
 
+    def totals(self) -> tuple[float, float]:
+        """Bytes relayed by the connections that ended, and senders accepted (WebSocket,
+        ingress) plus HTTP requests relayed, since the start (the dashboard's rates)."""
+        moved = accepted = 0.0
+        for metric in (self.metrics.relayed_bytes, self.metrics.sender_connections):
+            for family in metric.collect():
+                for sample in family.samples:
+                    if not sample.name.endswith("_total"):
+                        continue
+                    if metric is self.metrics.relayed_bytes:
+                        moved += sample.value
+                    elif sample.labels.get("outcome") == SenderOutcome.ACCEPTED:
+                        accepted += sample.value
+        for family in self.metrics.http_requests.collect():
+            accepted += sum(s.value for s in family.samples if s.name.endswith("_total"))
+        return moved, accepted
+
     # -- listeners ---------------------------------------------------------------------------
 
     def listener_online(self, entity: str) -> None:

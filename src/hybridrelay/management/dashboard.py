@@ -1,0 +1,416 @@
+"""The dashboard on the management listener (docs/DASHBOARD.md).
+
+A page and a stream of snapshots: hybrid connections with their listeners online and recently
+offline (and where they connect from), the relayed connections, throughput and connection rate
+over the last ten minutes, and the recent errors. It refreshes by server-sent events, and needs
+no build step (``static/`` holds plain HTML, CSS and JavaScript).
+
+Security:
+
+* Signing in takes a Manage key (rule name and key, from which the relay signs a token) or a
+  Manage token, checked like every management request; failures are rate-limited per remote
+  address. The session id is random, kept server-side in a bounded table with an idle expiry,
+  and travels in a cookie that is ``HttpOnly; SameSite=Strict; Path=/dashboard`` (and
+  ``Secure`` over TLS). Keys and tokens are never stored, logged or echoed.
+* Every state-changing request but the sign-in needs the session's CSRF token in the
+  ``X-CSRF-Token`` header (a form post cannot set a header); the sign-in itself must come from
+  the same origin (``Origin`` / ``Sec-Fetch-Site``).
+* Pages are ``no-store`` with a Content-Security-Policy that allows only the relay's own
+  scripts and styles (no inline script).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import html
+import json
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from hybridrelay.auth.sas import create_token, token_audience
+from hybridrelay.management.runtime_api import RuntimeView
+from hybridrelay.protocol.arm import validate_hybrid_connection_name
+from hybridrelay.store.base import Store, StoreError
+from hybridrelay.store.records import NamespaceState
+
+__all__ = ["Dashboard", "RecentErrorView"]
+
+COOKIE = "hybridrelay_session"
+#: Sessions kept at once (the oldest is signed out past it), and their idle lifetime.
+MAX_SESSIONS = 1000
+SESSION_IDLE = 8 * 3600.0
+#: Concurrent event streams, and how often each gets a snapshot.
+MAX_STREAMS = 32
+SNAPSHOT_INTERVAL = 1.0
+#: Rate samples: one every SAMPLE_INTERVAL seconds, ten minutes of them.
+SAMPLE_INTERVAL = 2.0
+SAMPLES = 300
+#: Listeners remembered after they went offline.
+OFFLINE_KEPT = 100
+#: Failed sign-ins allowed per remote address per window, and the addresses remembered.
+SIGN_IN_FAILURES = 10
+SIGN_IN_WINDOW = 300.0
+SIGN_IN_SOURCES = 10_000
+#: A write to an event stream must be taken by the browser within this time.
+WRITE_TIMEOUT = 10.0
+
+_STATIC = {"dashboard.js": "application/javascript", "dashboard.css": "text/css"}
+_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+#: ``(at, kind, entity, status, reason, remote)`` of a recent error.
+RecentErrorView = Callable[[], Sequence[Any]]
+#: Relayed bytes and accepted connections (WebSocket, ingress and HTTP) since the start.
+Totals = Callable[[], tuple[float, float]]
+
+
+@dataclass
+class _Session:
+    csrf: str
+    last_seen: float
+
+
+@dataclass
+class _Offline:
+    listener_id: str
+    hybrid_connection: str
+    remote_address: str
+    since: float
+
+
+@dataclass
+class _Sampler:
+    samples: collections.deque[dict[str, float]] = field(
+        default_factory=lambda: collections.deque(maxlen=SAMPLES)
+    )
+    last: tuple[float, float, float] | None = None
+
+
+def _asset(name: str) -> str:
+    return (resources.files("hybridrelay.management") / "static" / name).read_text("utf-8")
+
+
+class Dashboard:
+    """The dashboard's routes (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        state: Callable[[], NamespaceState],
+        runtime: RuntimeView,
+        store: Store,
+        token_refusal: Callable[[str], str | None],
+        totals: Totals,
+        recent_errors: RecentErrorView,
+        secure: bool,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._state = state
+        self._runtime = runtime
+        self._store = store
+        self._token_refusal = token_refusal
+        self._totals = totals
+        self._recent_errors = recent_errors
+        self._secure = secure
+        self._clock = clock
+        self._sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
+        self._failures: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
+        self._streams = 0
+        self._sampler = _Sampler()
+        self._seen: dict[tuple[str, str], tuple[str, str]] = {}
+        self._offline: collections.deque[_Offline] = collections.deque(maxlen=OFFLINE_KEPT)
+        self._task: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/dashboard", self.page),
+            web.get("/dashboard/static/{name}", self.static),
+            web.post("/dashboard/login", self.login),
+            web.post("/dashboard/logout", self.logout),
+            web.get("/dashboard/events", self.events),
+            web.post("/dashboard/api/hybrid-connections", self.create_hybrid_connection),
+        ]
+
+    # -- life --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start sampling the rates (the task is the dashboard's; :meth:`aclose` ends it)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._sample_forever())
+
+    async def aclose(self) -> None:
+        self._closing.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _sample_forever(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(SAMPLE_INTERVAL)
+
+    def sample(self) -> None:
+        """Take one rate sample and note listeners that went offline."""
+        now = self._clock()
+        moved, accepted = self._totals()
+        moved += sum(c.bytes_to_listener + c.bytes_to_sender for c in self._runtime.connections())
+        last = self._sampler.last
+        if last is not None and now > last[0]:
+            elapsed = now - last[0]
+            self._sampler.samples.append(
+                {
+                    "t": now,
+                    "bytesPerSecond": max(0.0, (moved - last[1]) / elapsed),
+                    "connectionsPerSecond": max(0.0, (accepted - last[2]) / elapsed),
+                }
+            )
+        self._sampler.last = (now, moved, accepted)
+        self._note_listeners(now)
+
+    def _note_listeners(self, now: float) -> None:
+        current = {
+            (info.listener_id, info.hybrid_connection.lower()): (
+                info.hybrid_connection,
+                info.remote_address,
+            )
+            for info in self._runtime.listeners()
+        }
+        for key, (hc, remote) in self._seen.items():
+            if key not in current:
+                self._offline.appendleft(_Offline(key[0], hc, remote, now))
+        if current.keys() - self._seen.keys():  # one that came back is not offline any more
+            kept = [
+                gone
+                for gone in self._offline
+                if (gone.listener_id, gone.hybrid_connection.lower()) not in current
+            ]
+            self._offline = collections.deque(kept, maxlen=OFFLINE_KEPT)
+        self._seen = current
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def _session(self, request: web.Request) -> _Session | None:
+        sid = request.cookies.get(COOKIE)
+        if not sid:
+            return None
+        session = self._sessions.get(sid)
+        now = self._clock()
+        if session is None or now - session.last_seen > SESSION_IDLE:
+            self._sessions.pop(sid, None)
+            return None
+        session.last_seen = now
+        self._sessions.move_to_end(sid)
+        return session
+
+    def _csrf_ok(self, request: web.Request, session: _Session) -> bool:
+        given = request.headers.get("X-CSRF-Token", "")
+        return secrets.compare_digest(given.encode(), session.csrf.encode())
+
+    @staticmethod
+    def _same_origin(request: web.Request) -> bool:
+        # Browsers send Sec-Fetch-Site; the page's no-referrer policy makes their Origin
+        # "null", so the Origin is checked only when there is no Sec-Fetch-Site.
+        site = request.headers.get("Sec-Fetch-Site")
+        if site is not None:
+            return site in ("same-origin", "none")
+        origin = request.headers.get("Origin")
+        if origin is None or origin == "null":
+            return origin is None
+        return origin.split("://", 1)[-1] == request.host
+
+    def _blocked(self, remote: str) -> bool:
+        count, since = self._failures.get(remote, (0, 0.0))
+        return count >= SIGN_IN_FAILURES and self._clock() - since < SIGN_IN_WINDOW
+
+    def _failed(self, remote: str) -> None:
+        now = self._clock()
+        count, since = self._failures.get(remote, (0, now))
+        if now - since >= SIGN_IN_WINDOW:
+            count, since = 0, now
+        self._failures[remote] = (count + 1, since)
+        self._failures.move_to_end(remote)
+        while len(self._failures) > SIGN_IN_SOURCES:
+            self._failures.popitem(last=False)
+
+    # -- pages -------------------------------------------------------------------------------
+
+    def _html(self, text: str, status: int = 200) -> web.Response:
+        response = web.Response(text=text, status=status, content_type="text/html")
+        response.headers.update(_HEADERS)
+        return response
+
+    def _login_page(self, message: str = "", status: int = 200) -> web.Response:
+        notice = f'<p class="error" role="alert">{html.escape(message)}</p>' if message else ""
+        return self._html(_asset("login.html").replace("{{message}}", notice), status)
+
+    async def page(self, request: web.Request) -> web.Response:
+        session = self._session(request)
+        if session is None:
+            return self._login_page()
+        return self._html(_asset("dashboard.html").replace("{{csrf}}", session.csrf))
+
+    async def static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        content_type = _STATIC.get(name)
+        if content_type is None:
+            raise web.HTTPNotFound()
+        response = web.Response(text=_asset(name), content_type=content_type)
+        response.headers.update(_HEADERS)
+        return response
+
+    async def login(self, request: web.Request) -> web.Response:
+        remote = request.remote or ""
+        if not self._same_origin(request):
+            return self._login_page("Sign in from the dashboard's own page.", 403)
+        if self._blocked(remote):
+            return self._login_page("Too many failed sign-ins; wait a few minutes.", 429)
+        form = await request.post()
+        token = str(form.get("token", "")).strip()
+        name = str(form.get("key_name", "")).strip()
+        key = str(form.get("key", "")).strip()
+        if not token and name and key:
+            audience = token_audience(request.host.rsplit(":", 1)[0] or "relay", "")
+            token = create_token(audience, name, key, expiry=int(self._clock()) + 600)
+        refusal = self._token_refusal(token) if token else "give a Manage key or token"
+        if refusal is not None:
+            self._failed(remote)
+            return self._login_page("Sign-in refused: the key or token does not grant Manage.", 401)
+        sid = secrets.token_urlsafe(32)
+        self._sessions[sid] = _Session(secrets.token_urlsafe(32), self._clock())
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+        response = web.Response(status=303, headers={"Location": "/dashboard"})
+        response.set_cookie(
+            COOKIE,
+            sid,
+            httponly=True,
+            samesite="Strict",
+            secure=self._secure,
+            path="/dashboard",
+            max_age=int(SESSION_IDLE),
+        )
+        response.headers.update(_HEADERS)
+        return response
+
+    async def logout(self, request: web.Request) -> web.Response:
+        session = self._session(request)
+        if session is None or not self._csrf_ok(request, session):
+            return web.json_response({"error": "CSRF token missing or wrong"}, status=403)
+        sid = request.cookies.get(COOKIE, "")
+        self._sessions.pop(sid, None)
+        response = web.json_response({"signedOut": True})
+        response.del_cookie(COOKIE, path="/dashboard")
+        return response
+
+    # -- data --------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the page shows, now."""
+        listeners: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+        for info in self._runtime.listeners():
+            listeners[info.hybrid_connection.lower()].append(info.body())
+        offline: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+        for gone in self._offline:
+            offline[gone.hybrid_connection.lower()].append(
+                {"id": gone.listener_id, "remoteAddress": gone.remote_address, "since": gone.since}
+            )
+        entities = [
+            {
+                "name": record.name,
+                "requiresClientAuthorization": record.requires_client_authorization,
+                "listeners": listeners.get(record.name.lower(), []),
+                "offline": offline.get(record.name.lower(), []),
+            }
+            for record in self._state().sorted_hybrid_connections()
+        ]
+        errors = [
+            {
+                "at": e.at,
+                "kind": e.kind,
+                "hybridConnection": e.entity,
+                "status": e.status,
+                "reason": e.reason,
+                "remote": e.remote,
+            }
+            for e in list(self._recent_errors())[-50:]
+        ]
+        return {
+            "time": self._clock(),
+            "hybridConnections": entities,
+            "connections": [info.body() for info in self._runtime.connections()],
+            "rates": list(self._sampler.samples),
+            "errors": errors[::-1],
+        }
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        if self._session(request) is None:
+            return web.json_response({"error": "sign in first"}, status=401)
+        if self._streams >= MAX_STREAMS:
+            return web.json_response({"error": "too many dashboards open"}, status=503)
+        self._streams += 1
+        try:
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **_HEADERS})
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await response.prepare(request)
+            while not self._closing.is_set():
+                if self._session(request) is None:  # signed out or expired meanwhile
+                    break
+                data = json.dumps(self.snapshot(), separators=(",", ":"))
+                async with asyncio.timeout(WRITE_TIMEOUT):
+                    await response.write(f"data: {data}\n\n".encode())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(SNAPSHOT_INTERVAL):
+                        await self._closing.wait()
+            return response
+        except (ConnectionError, TimeoutError):
+            return web.Response(status=499)
+        finally:
+            self._streams -= 1
+
+    async def create_hybrid_connection(self, request: web.Request) -> web.Response:
+        session = self._session(request)
+        if session is None:
+            return web.json_response({"error": "sign in first"}, status=401)
+        if not self._csrf_ok(request, session):
+            return web.json_response({"error": "CSRF token missing or wrong"}, status=403)
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "expected a JSON body"}, status=400)
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+            return web.json_response({"error": 'expected {"name": ...}'}, status=400)
+        name = body["name"].strip("/")
+        invalid = validate_hybrid_connection_name(name)
+        if invalid is not None:
+            return web.json_response({"error": invalid}, status=400)
+        requires = body.get("requiresClientAuthorization", True)
+        if not isinstance(requires, bool):
+            return web.json_response(
+                {"error": "requiresClientAuthorization must be true or false"}, status=400
+            )
+        if self._state().get(name) is not None:
+            return web.json_response({"error": f"{name!r} exists already"}, status=409)
+        try:
+            record, _ = await self._store.put_hybrid_connection(
+                name, requires_client_authorization=requires
+            )
+        except StoreError as exc:
+            return web.json_response({"error": str(exc)}, status=409)
+        return web.json_response({"name": record.name}, status=201)
