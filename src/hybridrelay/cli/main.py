@@ -126,10 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    # Imported here: `hybridrelay token` need not load the bridge and the ASGI adapter.
+    # Imported here: `hybridrelay token` need not load the bridge, the ASGI adapter or admin.
+    from hybridrelay.cli.admin import add_admin_arguments, run_admin
     from hybridrelay.cli.bridge import add_bridge_arguments
     from hybridrelay.cli.serve_app import add_serve_app_arguments
 
+    admin = sub.add_parser("admin", help="manage a running relay over its management API")
+    add_admin_arguments(admin)
+    admin.set_defaults(func=run_admin)
     bridge = sub.add_parser(
         "bridge",
         help="forward ports (-L ingress, -R edge) and HTTP (-H) through the relay, like azbridge",
