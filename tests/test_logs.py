@@ -1,15 +1,34 @@
-"""The batched log writer of our processes (cli/logs.py)."""
+"""The log output of our processes (cli/logs.py, docs/LOGGING.md): the batched writer, the
+text and JSON formats, and ``hybridrelay serve --log-format json`` as a real subprocess."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import io
+import json
 import logging
+import os
+import re
+import signal
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
+import aiohttp
 import pytest
 
-from hybridrelay.cli.logs import BATCH_LIMIT, LOG_FORMAT, BatchedStreamHandler, configure_logging
+from hybridrelay import HybridConnectionClient, HybridConnectionListener
+from hybridrelay.cli.logs import (
+    BATCH_LIMIT,
+    LOG_FORMAT,
+    LOG_FORMAT_ENV,
+    BatchedStreamHandler,
+    JsonFormatter,
+    configure_logging,
+    install_batched_stderr,
+)
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -138,3 +157,167 @@ def test_every_command_takes_the_same_log_levels() -> None:
         assert args.log_level == "critical"
         with pytest.raises(SystemExit):
             build_parser().parse_args([*command, "--log-level", "chatty"])
+
+
+def test_every_command_takes_the_same_log_formats(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hybridrelay.cli.main import build_parser
+
+    monkeypatch.delenv(LOG_FORMAT_ENV, raising=False)
+    for command in (["serve"], ["bridge"], ["serve-app", "pkg:app"]):
+        assert build_parser().parse_args(command).log_format == "text"
+        assert build_parser().parse_args([*command, "--log-format", "json"]).log_format == "json"
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command, "--log-format", "yaml"])
+    monkeypatch.setenv(LOG_FORMAT_ENV, "json")
+    assert build_parser().parse_args(["serve"]).log_format == "json"
+    assert build_parser().parse_args(["serve", "--log-format", "text"]).log_format == "text"
+    # A wrong default is a usage error too, not quietly text.
+    monkeypatch.setenv(LOG_FORMAT_ENV, "yaml")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bridge"])
+
+
+def test_install_takes_the_format(bare_root: logging.Logger) -> None:
+    bare_root.handlers = []
+    with pytest.raises(ValueError):
+        install_batched_stderr("yaml")
+    assert bare_root.handlers == []
+    install_batched_stderr("json")
+    (handler,) = bare_root.handlers
+    assert isinstance(handler.formatter, JsonFormatter)
+
+
+def record(message: str, *args: object, **attributes: object) -> logging.LogRecord:
+    made = logging.LogRecord(
+        "hybridrelay.server", logging.WARNING, __file__, 1, message, args, None
+    )
+    made.__dict__.update(attributes)
+    return made
+
+
+def test_a_json_line_has_the_keys_the_docs_name() -> None:
+    stamp = datetime.datetime(2026, 12, 2, 19, 57, 8, 921_000, tzinfo=datetime.UTC).timestamp()
+    fields = {
+        "event": "refused",
+        "status": 401,
+        "level": "forged",
+        "when": datetime.date(2026, 1, 2),
+    }
+    line = JsonFormatter().format(record("refused %s", "listen", created=stamp, fields=fields))
+    assert json.loads(line) == {
+        "ts": "2026-12-02T19:57:08.921Z",
+        "level": "warning",  # a field never replaces a key of the record's own
+        "logger": "hybridrelay.server",
+        "message": "refused listen",
+        "event": "refused",
+        "status": 401,
+        "when": "2026-01-02",  # what json cannot write is written as text, not lost
+    }
+
+
+def test_a_json_line_carries_the_exception_and_stays_one_line() -> None:
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        exc_info = sys.exc_info()
+    made = record("line one\nline two \u2028 and \x85 more", exc_info=exc_info)
+    made.stack_info = "Stack (most recent call last):\n  here"
+    line = JsonFormatter().format(made)
+    assert len(line.splitlines()) == 1  # str.splitlines also splits at U+2028 and U+0085
+    document = json.loads(line)
+    assert document["message"] == "line one\nline two \u2028 and \x85 more"
+    assert document["exc"].startswith("Traceback") and "RuntimeError: boom" in document["exc"]
+    assert document["stack"].endswith("here")
+
+
+# -- hybridrelay serve --log-format json, as a subprocess --------------------------------------
+
+CLI = [sys.executable, "-m", "hybridrelay"]
+_RFC3339_MS_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+async def connection_string(env: dict[str, str]) -> str:
+    process = await asyncio.create_subprocess_exec(
+        *CLI, "connection-string", "--entity", "demo", stdout=asyncio.subprocess.PIPE, env=env
+    )
+    async with asyncio.timeout(30):
+        out, _ = await process.communicate()
+    assert process.returncode == 0
+    return out.decode().strip()
+
+
+@pytest.mark.timeout(90)
+async def test_serve_writes_json_lines_with_access_and_refusal_lines(tmp_path: Path) -> None:
+    env = {**os.environ, "HYBRIDRELAY_DATA_DIR": str(tmp_path / "data")}
+    env.pop(LOG_FORMAT_ENV, None)
+    process = await asyncio.create_subprocess_exec(
+        *CLI,
+        "serve",
+        "--port",
+        "0",
+        "--management-port",
+        "0",
+        "--log-format",
+        "json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    # Read as it comes: a full pipe would stall the relay.
+    stderr = asyncio.create_task(process.stderr.read())
+    try:
+        async with asyncio.timeout(20):
+            while True:  # readiness is the "listening on" line, as in tests/test_cli.py
+                line = (await process.stdout.readline()).decode()
+                assert line, "serve exited before it was ready"
+                if "relay listening on" in line:
+                    base_url = line.rsplit(" ", 1)[1].strip()
+                    break
+        cs = await connection_string(env)
+        async with asyncio.timeout(30):
+            # One relayed connection: 2 bytes to the listener, 3 back.
+            async with HybridConnectionListener.from_connection_string(cs) as listener:
+                client = HybridConnectionClient.from_connection_string(cs)
+                stream = await client.create_connection()
+                accepted = await listener.accept_connection()
+                assert accepted is not None
+                await stream.write(b"hi")
+                assert await accepted.read() == b"hi"
+                await accepted.write(b"hey")
+                assert await stream.read() == b"hey"
+                await asyncio.gather(stream.aclose(), accepted.aclose())
+                await client.aclose()
+            # One refused listener, its (bad) token in the URL.
+            async with aiohttp.ClientSession() as session:
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await session.ws_connect(
+                        f"{base_url}/$hc/demo?sb-hc-action=listen&sb-hc-token="
+                        "SharedAccessSignature%20sr%3Dx%26sig%3Dnotasecretsig%26se%3D1%26skn%3Dr"
+                    )
+                assert refused.value.status == 401
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            await process.wait()
+    assert process.returncode == 0
+    text = (await stderr).decode()
+    documents = [json.loads(line) for line in text.splitlines()]  # every line is one object
+    assert documents
+    for document in documents:
+        assert {"ts", "level", "logger", "message"} <= document.keys(), document
+        assert _RFC3339_MS_UTC.fullmatch(document["ts"]), document
+    (connection,) = [d for d in documents if d.get("event") == "connection"]
+    assert connection["logger"] == "hybridrelay.access" and connection["level"] == "info"
+    assert connection["hc"] == "demo" and connection["kind"] == "websocket"
+    # The relay counts the WebSocket frames it forwards, headers included (2 bytes for a short
+    # frame; at most 14), so a message's payload is a lower bound and one header the slack.
+    assert 2 <= connection["bytes_to_listener"] <= 2 + 14, connection
+    assert 3 <= connection["bytes_to_sender"] <= 3 + 14, connection
+    assert connection["tracking_id"] and connection["duration"] >= 0
+    refusals = [d for d in documents if d.get("event") == "refused"]
+    assert [(d["kind"], d["status"], d["hc"]) for d in refusals] == [("listen", 401, "demo")]
+    # Never a key or a token: not the root key, not the signature the refused listener sent.
+    key = cs.split("SharedAccessKey=", 1)[1].split(";", 1)[0]
+    assert key not in text and "notasecretsig" not in text

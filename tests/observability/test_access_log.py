@@ -1,157 +1,332 @@
-"""The access log, the rate-limited refusal log and the JSON log format (docs/LOGGING.md)."""
+"""The access log, the rate-limited refusal log and their redaction (observability/access_log.py,
+docs/LOGGING.md). The JSON format itself, and ``serve --log-format json`` as a subprocess, are
+tested in tests/test_logs.py."""
 
 from __future__ import annotations
 
-import asyncio
+import io
 import json
 import logging
-import os
-import sys
+import re
+import string
+from collections.abc import Iterator
+from urllib.parse import quote, quote_plus, unquote
 
-import aiohttp
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from hybridrelay.auth.sas import create_token
-from hybridrelay.cli.logs import JsonFormatter
-from hybridrelay.observability.access_log import AccessLog, RefusalLog, redact
-from tests.conftest import RelayFactory
+from hybridrelay.cli.logs import LOG_FORMAT, JsonFormatter
+from hybridrelay.observability.access_log import (
+    MAX_REASON,
+    MAX_REFUSAL_KEYS,
+    AccessLog,
+    RefusalLog,
+    TokenBucket,
+    redact,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class Records(logging.Handler):
+class Captured:
+    """What one logger wrote, in both formats, through the formatters the commands use."""
+
     def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
+        self.text = io.StringIO()
+        self.json = io.StringIO()
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+    def lines(self) -> list[str]:
+        return self.text.getvalue().splitlines()
 
-
-def logger_with_records(name: str) -> tuple[logging.Logger, Records]:
-    logger = logging.getLogger(name)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    records = Records()
-    logger.handlers[:] = [records]
-    return logger, records
+    def documents(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.json.getvalue().splitlines()]
 
 
-def test_an_access_line_carries_the_fields_in_text_and_json() -> None:
-    logger, records = logger_with_records("test.access")
-    AccessLog(logger).connection(
+@pytest.fixture
+def capture() -> Iterator[tuple[logging.Logger, logging.Logger, Captured]]:
+    """The real ``hybridrelay.access`` and ``hybridrelay.refused`` loggers, written to
+    memory (their levels, handlers and propagation restored afterwards)."""
+    captured = Captured()
+    text = logging.StreamHandler(captured.text)
+    text.setFormatter(logging.Formatter(LOG_FORMAT))
+    as_json = logging.StreamHandler(captured.json)
+    as_json.setFormatter(JsonFormatter())
+    loggers = [logging.getLogger("hybridrelay.access"), logging.getLogger("hybridrelay.refused")]
+    saved = [(log.level, log.propagate, log.handlers[:]) for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        log.handlers[:] = [text, as_json]
+    try:
+        yield loggers[0], loggers[1], captured
+    finally:
+        for log, (level, propagate, handlers) in zip(loggers, saved, strict=True):
+            log.setLevel(level)
+            log.propagate = propagate
+            log.handlers[:] = handlers
+
+
+Capture = tuple[logging.Logger, logging.Logger, Captured]
+
+
+# -- the access log ----------------------------------------------------------------------------
+
+
+def test_a_connection_line_carries_its_fields_in_text_and_json(capture: Capture) -> None:
+    _, _, captured = capture
+    AccessLog().connection(
         "6f1c",
         "plant/line-1",
         kind="websocket",
         duration=1.23456,
         bytes_to_listener=1024,
         bytes_to_sender=2048,
-        sender="10.0.0.5",
-        listener="10.0.0.9",
+        sender="10.0.0.5:40000",
+        listener="10.0.0.9:1234",
     )
-    (record,) = records.records
-    text = record.getMessage()
-    assert text.startswith("connection tracking_id=6f1c hc=plant/line-1 kind=websocket")
-    assert "duration=1.235" in text and "bytes_to_listener=1024" in text
-    document = json.loads(JsonFormatter().format(record))
-    assert document["event"] == "connection"
-    assert document["hc"] == "plant/line-1" and document["bytes_to_sender"] == 2048
-    assert document["level"] == "info" and document["ts"].endswith("Z")
+    (line,) = captured.lines()
+    assert line.endswith(
+        " INFO hybridrelay.access: connection tracking_id=6f1c hc=plant/line-1 kind=websocket "
+        "outcome=relayed duration=1.235 bytes_to_listener=1024 bytes_to_sender=2048 "
+        "sender=10.0.0.5:40000 listener=10.0.0.9:1234"
+    )
+    (document,) = captured.documents()
+    assert document == {
+        "ts": document["ts"],
+        "level": "info",
+        "logger": "hybridrelay.access",
+        "message": line.split(": ", 1)[1],
+        "event": "connection",
+        "tracking_id": "6f1c",
+        "hc": "plant/line-1",
+        "kind": "websocket",
+        "outcome": "relayed",
+        "duration": 1.235,
+        "bytes_to_listener": 1024,
+        "bytes_to_sender": 2048,
+        "sender": "10.0.0.5:40000",
+        "listener": "10.0.0.9:1234",
+    }
 
 
-def test_nothing_is_formatted_when_info_is_off() -> None:
-    logger, records = logger_with_records("test.access.off")
-    logger.setLevel(logging.WARNING)
-    AccessLog(logger).http_request(
+def test_an_http_line_leaves_unknown_sizes_out_of_the_text(capture: Capture) -> None:
+    _, _, captured = capture
+    AccessLog().http_request(
+        "9a2b",
+        "api",
+        method="POST",
+        status=201,
+        duration=0.0204,
+        request_bytes=None,
+        response_bytes=17,
+        sender=None,
+    )
+    (line,) = captured.lines()
+    assert line.endswith(
+        "hybridrelay.access: http tracking_id=9a2b hc=api method=POST status=201 duration=0.02 "
+        "response_bytes=17"
+    )
+    (document,) = captured.documents()
+    assert document["event"] == "http" and document["status"] == 201
+    assert document["request_bytes"] is None and document["response_bytes"] == 17
+
+
+def test_nothing_is_built_when_info_is_off(
+    capture: Capture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    access, _, captured = capture
+    access.setLevel(logging.WARNING)
+
+    def must_not_run(*args: object) -> None:
+        raise AssertionError("the line was built although INFO is off")
+
+    monkeypatch.setattr(AccessLog, "_write", must_not_run)
+    log = AccessLog()
+    log.connection(
+        "1",
+        "hc",
+        kind="ingress",
+        duration=0,
+        bytes_to_listener=0,
+        bytes_to_sender=0,
+        sender=None,
+        listener=None,
+    )
+    log.http_request(
         "1",
         "hc",
         method="GET",
         status=200,
-        duration=0.1,
+        duration=0,
         request_bytes=0,
-        response_bytes=5,
+        response_bytes=0,
         sender=None,
     )
-    assert records.records == []
+    assert captured.lines() == []
 
 
-def test_a_flood_of_refusals_is_rate_limited_and_the_rest_counted() -> None:
-    logger, records = logger_with_records("test.refused")
-    now = [0.0]
-    log = RefusalLog(logger, burst=20, rate=1.0, clock=lambda: now[0])
+def test_a_value_with_a_line_break_cannot_forge_a_text_line(capture: Capture) -> None:
+    _, _, captured = capture
+    forged = 'closing\n2026-12-02 10:00:00,000 INFO hybridrelay.server: all "good"'
+    log = RefusalLog()
+    log.refused("listen", "hc", 403, forged, "10.0.0.7:5000")
+    log.refused("connect", "hc", 403, "Rejected by user code", None)
+    forging, plain = captured.lines()  # the forged line is inside a quoted value
+    assert "reason=" + json.dumps(forged) + " remote=10.0.0.7:5000" in forging
+    assert plain.endswith("connect refused hc=hc status=403 reason=Rejected by user code")
+    assert captured.documents()[0]["reason"] == forged
+
+
+# -- the refusal log ---------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_flood_of_refusals_is_rate_limited_and_every_one_is_counted(capture: Capture) -> None:
+    _, refused_logger, captured = capture
+    clock = FakeClock()
+    log = RefusalLog(burst=20, rate=1.0, clock=clock)
     for i in range(10_000):
-        now[0] = i / 1000  # 10,000 refusals in 10 s
-        log.refused("connect", "hc", 401, "bad token", "203.0.113.7")
-    # At most the burst and one a second after it.
-    assert 20 <= len(records.records) <= 20 + 10 + 1
-    summarized = [r for r in records.records if "left out" in r.getMessage()]
-    assert summarized
-    left_out = sum(getattr(r, "fields", {}).get("suppressed", 0) for r in records.records)
-    assert left_out + len(records.records) <= 10_000
-    # Another status has its own budget.
-    log.refused("listen", "hc", 404, "no such entity", None)
-    assert "status=404" in records.records[-1].getMessage()
+        clock.now = i / 1000  # 10,000 refusals in 10 s, from ever new addresses
+        log.refused("connect", f"hc-{i}", 401, "bad token", f"203.0.113.{i % 250}:{i}")
+    refused = captured.documents()
+    # The burst at once, then one a second: 9 more in the 9.98 s after the burst.
+    assert 20 + 9 <= len(refused) <= 20 + 10
+    assert all(d["event"] == "refused" and d["level"] == "warning" for d in refused)
+    assert not any("suppressed" in d for d in refused[:20])
+    first_after_burst = refused[20]
+    # The bucket refills from t = 0, so its next token is there at t = 1.000: the refusals
+    # of t = 0.020 .. 0.999 were left out, in the 0.98 s since the burst's last line.
+    assert first_after_burst["suppressed"] == 980
+    assert first_after_burst["suppressed_seconds"] == 1.0
+    assert captured.lines()[20].endswith("(980 similar refusals suppressed in the last 1.0s)"), (
+        captured.lines()[20]
+    )
+    # The flood stopped: the ones left out since the last line are told once, on request.
+    clock.now = 30.0
+    pending = log.report_suppressed()
+    assert pending > 0
+    summary = captured.documents()[-1]
+    assert summary["event"] == "refusals_suppressed" and summary["suppressed"] == pending
+    assert summary["kind"] == "connect" and summary["status"] == 401
+    assert log.report_suppressed() == 0  # nothing twice
+    documents = captured.documents()
+    written = sum(1 for d in documents if d["event"] == "refused")
+    left_out = sum(n for d in documents if isinstance(n := d.get("suppressed"), int))
+    assert written + left_out == 10_000  # each refusal a line or in exactly one count
+    assert refused_logger.name == "hybridrelay.refused"
+
+
+def test_each_kind_and_status_has_its_own_budget_and_the_table_stays_small(
+    capture: Capture,
+) -> None:
+    _, _, captured = capture
+    clock = FakeClock()
+    log = RefusalLog(burst=2, rate=0.0, clock=clock)
+    for _ in range(5):
+        log.refused("connect", "hc", 401, "bad token", None)
+    log.refused("connect", "hc", 404, "There are no listeners", None)
+    log.refused("listen", "hc", 401, "bad token", None)
+    statuses = [(d["kind"], d["status"]) for d in captured.documents()]
+    assert statuses == [("connect", 401)] * 2 + [("connect", 404), ("listen", 401)]
+    # A caller passing unforeseen statuses: past MAX_REFUSAL_KEYS they share one budget.
+    for status in range(1000, 1000 + 10 * MAX_REFUSAL_KEYS):
+        log.refused("http", "hc", status, "odd", None)
+    assert len(log._table) == MAX_REFUSAL_KEYS + 1
+
+
+def test_refusals_below_the_level_cost_nothing(capture: Capture) -> None:
+    _, refused_logger, captured = capture
+    refused_logger.setLevel(logging.ERROR)
+    log = RefusalLog()
+    log.refused("connect", "hc", 401, "bad token", None)
+    assert captured.lines() == [] and log._table == {} and log.report_suppressed() == 0
+
+
+def test_reasons_and_names_are_redacted_and_bounded(capture: Capture) -> None:
+    _, _, captured = capture
+    token = create_token("http://relay/hc/", "root", "k" * 44, expiry=2_000_000_000)
+    RefusalLog().refused(
+        "connect", f"hc?sb-hc-token={quote(token)}", 401, f"token {token} expired" + "x" * 500, None
+    )
+    (document,) = captured.documents()
+    sig = token.split("sig=")[1].split("&")[0]
+    assert sig not in json.dumps(document) and unquote(sig) not in json.dumps(document)
+    assert str(document["reason"]).startswith("token *** expired")
+    assert len(str(document["reason"])) == MAX_REASON
+
+
+def test_the_token_bucket() -> None:
+    bucket = TokenBucket(burst=3, rate=2.0)
+    assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.take(0.5) and not bucket.take(0.5)  # 2 a second: one per half second
+    assert [bucket.take(100.0) for _ in range(4)] == [True, True, True, False]  # capped at burst
+    assert not bucket.take(50.0)  # a clock stepping back adds nothing
+    with pytest.raises(ValueError):
+        TokenBucket(burst=0.5, rate=1.0)
+    with pytest.raises(ValueError):
+        RefusalLog(rate=-1.0)
+
+
+# -- redaction ---------------------------------------------------------------------------------
+
+_B64 = string.ascii_letters + string.digits + "+/="
+_NAME = string.ascii_letters + string.digits + "-._"
+
+
+def _signature_pieces(token: str) -> list[str]:
+    """The signature's alphanumeric runs long enough to be recognisable: they read the same in
+    any URL or form encoding of the token."""
+    signature = unquote(token.split("&sig=", 1)[1].split("&", 1)[0])
+    return [piece for piece in re.split(r"[+/=]", signature) if len(piece) >= 8]
+
+
+_FORMS = (
+    "{around} {token} {around}",
+    "{around}{token}",
+    "Authorization: {token}\r\n{around}",
+    "{around} rejected {quoted}",  # URL-encoded without its parameter name
+    "{around}?token={plus}",
+    "wss://relay/$hc/x?sb-hc-action=connect&sb-hc-token={quoted}&{around}",
+    "https://relay/x?sb-hc-token={plus}#{around}",
+    "listen refused: sb-hc-token={token} {around}",
+    "Endpoint=sb://relay/;SharedAccessKeyName={name};SharedAccessSignature={token};{around}",
+    "Endpoint=sb://relay/;SharedAccessKeyName={name};SharedAccessKey={key};{around}",
+    "Endpoint=sb://relay/;SharedAccessKeyName={name};SharedAccessKey={key}",
+)
 
 
 @given(
-    st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789+/=", min_size=8, max_size=60),
-    st.text(max_size=30),
+    key=st.text(alphabet=_B64, min_size=16, max_size=64),
+    name=st.text(alphabet=_NAME, min_size=1, max_size=20),
+    entity=st.text(alphabet=_NAME + "/", max_size=30),
+    around=st.text(max_size=40),
+    form=st.sampled_from(_FORMS),
 )
-def test_no_token_or_key_survives_redaction(secret: str, around: str) -> None:
-    token = create_token("http://relay/hc", "rule", secret, expiry=2_000_000_000)
-    for leaked in (
-        f"{around} {token} {around}",
-        f"{around}?sb-hc-token={secret}&x=1",
-        f"Endpoint=sb://x/;SharedAccessKeyName=r;SharedAccessKey={secret};{around}",
-    ):
-        cleaned = redact(leaked)
-        assert secret not in cleaned.replace(around, "") or secret in around
-        assert token not in cleaned
-
-
-async def test_serve_writes_json_lines_with_access_lines(make_relay: RelayFactory) -> None:
-    """``hybridrelay serve --log-format json``: every stderr line is a JSON object, and a
-    refused sender's line carries its fields."""
-    env = {**os.environ}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "hybridrelay.cli.main",
-        "serve",
-        "--port",
-        "0",
-        "--management-port",
-        "0",
-        "--log-format",
-        "json",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
+def test_no_token_or_key_survives_redaction(
+    key: str, name: str, entity: str, around: str, form: str
+) -> None:
+    token = create_token(f"http://relay/{entity}", name, key, expiry=2_000_000_000)
+    secrets = [key, *_signature_pieces(token)] if "{key}" in form else _signature_pieces(token)
+    # A secret that is also part of the text around it cannot be told apart from it.
+    assume(not any(secret in part for secret in secrets for part in (around, entity, name, form)))
+    text = form.format(
+        around=around,
+        token=token,
+        quoted=quote(token, safe=""),
+        plus=quote_plus(token),
+        name=name,
+        key=key,
     )
-    assert process.stdout is not None and process.stderr is not None
-    try:
-        async with asyncio.timeout(20):
-            while True:
-                line = (await process.stdout.readline()).decode()
-                assert line, "serve exited before it was ready"
-                if "relay listening on" in line:
-                    base_url = line.rsplit(" ", 1)[1].strip()
-                    break
-        async with aiohttp.ClientSession() as session:
-            with pytest.raises(aiohttp.WSServerHandshakeError):
-                await session.ws_connect(
-                    f"{base_url}/$hc/nothing?sb-hc-action=listen&sb-hc-token=SharedAccessSignature"
-                    "%20sr%3Dx%26sig%3Dsecretsig%26se%3D1%26skn%3Dr"
-                )
-    finally:
-        process.terminate()
-        async with asyncio.timeout(15):
-            await process.wait()
-    errors = (await process.stderr.read()).decode().splitlines()
-    documents = [json.loads(line) for line in errors if line.strip()]
-    assert documents and all({"ts", "level", "logger", "message"} <= d.keys() for d in documents)
-    refused = [d for d in documents if d.get("event") == "refused"]
-    assert refused and refused[0]["kind"] == "listen" and refused[0]["status"] in (401, 404)
-    assert "secretsig" not in "\n".join(errors)
+    cleaned = redact(text)
+    for secret in secrets:
+        assert secret not in cleaned, (text, cleaned)
+    assert "***" in cleaned

@@ -8,6 +8,11 @@ lines are gathered and written together at most ``FLUSH_INTERVAL`` later, by a t
 handler's own; a WARNING or worse, a full batch, and the process' exit (``logging.shutdown``)
 write at once. What a process killed with SIGKILL had not written yet is lost, as with any
 buffered log.
+
+Each line is ``LOG_FORMAT`` text, or with ``--log-format json`` one JSON object
+(:class:`JsonFormatter`) for log shippers. The formats, the relay's access and refusal lines
+(``observability/access_log.py``) and the rule that no key or token is ever written:
+docs/LOGGING.md.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ __all__ = [
     "FLUSH_INTERVAL",
     "LOG_FORMAT",
     "LOG_FORMATS",
+    "LOG_FORMAT_ENV",
     "BatchedStreamHandler",
     "JsonFormatter",
     "add_log_format_argument",
@@ -113,16 +119,25 @@ class JsonFormatter(logging.Formatter):
             document.update({k: v for k, v in fields.items() if k not in document})
         if record.exc_info:
             document["exc"] = self.formatException(record.exc_info)
-        return json.dumps(document, default=str, ensure_ascii=False)
+        if record.stack_info:
+            document["stack"] = self.formatStack(record.stack_info)
+        # ASCII-only: json escapes "\n" but would leave U+2028, U+0085 and the like raw, and a
+        # reader that splits on those (str.splitlines does) would cut the object in two.
+        # default=str: a field's value we did not foresee is written, not the record lost.
+        return json.dumps(document, default=str)
 
 
 #: ``--log-format``: how each record is written.
 LOG_FORMATS = ("text", "json")
+#: The environment variable ``--log-format`` defaults to.
+LOG_FORMAT_ENV = "HYBRIDRELAY_LOG_FORMAT"
 
 
 def install_batched_stderr(log_format: str = "text") -> None:
     """Give the root logger a :class:`BatchedStreamHandler` on stderr, unless it has a
     handler already (then the process' own logging setup stays). Levels are the commands'."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"unknown log format {log_format!r} (one of {', '.join(LOG_FORMATS)})")
     root = logging.getLogger()
     if not root.handlers:
         handler = BatchedStreamHandler(sys.stderr)
@@ -132,12 +147,24 @@ def install_batched_stderr(log_format: str = "text") -> None:
         root.addHandler(handler)
 
 
+def _log_format(text: str) -> str:
+    if text not in LOG_FORMATS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a log format (one of {', '.join(LOG_FORMATS)}; "
+            f"${LOG_FORMAT_ENV} is the default)"
+        )
+    return text
+
+
 def add_log_format_argument(parser: argparse.ArgumentParser) -> None:
     """``--log-format text|json`` of ``serve``, ``bridge`` and ``serve-app``."""
     parser.add_argument(
         "--log-format",
         choices=LOG_FORMATS,
-        default=os.environ.get("HYBRIDRELAY_LOG_FORMAT") or "text",
+        # argparse checks choices on the command line only; the type also runs on a string
+        # default, so a wrong $HYBRIDRELAY_LOG_FORMAT is a usage error, not silently text.
+        type=_log_format,
+        default=os.environ.get(LOG_FORMAT_ENV) or "text",
         help="human-readable lines, or one JSON object per line (default: "
         "$HYBRIDRELAY_LOG_FORMAT, else text; docs/LOGGING.md)",
     )
