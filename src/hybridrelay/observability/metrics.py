@@ -123,7 +123,8 @@ class RelayMetrics:
         )
         self.relayed_bytes = Counter(
             "hybridrelay_relayed_bytes",
-            "Payload bytes relayed, counted when a relayed connection ends.",
+            "Bytes relayed as forwarded (WebSocket frames with their headers; raw bytes on an "
+            "ingress leg), counted when a relayed connection ends.",
             ("entity", "direction"),
             registry=registry,
         )

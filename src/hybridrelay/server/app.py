@@ -317,6 +317,7 @@ class RelayServer:
             await self._management_runner.cleanup()
         for task in list(self._tasks):
             task.cancel()
+        self.observer.refusals.report_suppressed()  # the count of a flood that stopped
         self.store.close()
         if self._own_store is not None:
             await self._own_store.aclose()
