@@ -21,7 +21,14 @@ import aiohttp
 import pytest
 
 from hybridrelay.auth.sas import create_token
-from tests.conftest import ROOT_KEY, ROOT_KEY_NAME, Relay, RelayFactory
+from tests.conftest import (
+    LISTEN_KEY,
+    LISTEN_KEY_NAME,
+    ROOT_KEY,
+    ROOT_KEY_NAME,
+    Relay,
+    RelayFactory,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -199,3 +206,38 @@ async def test_the_operator_closes_a_listener_by_id(make_relay: RelayFactory) ->
         closing = await asyncio.wait_for(control.receive(), 10)
         assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == 1008
         assert (await api.call("GET", "/runtime/listeners"))["value"] == []
+
+
+async def test_runtime_routes_refuse_what_they_should(make_relay: RelayFactory) -> None:
+    async with managed(make_relay) as (relay, api):
+        url = api.url
+        session = api.session
+        entity_token = relay.token("hc")  # scoped to one hybrid connection: not the namespace
+        listen_only = create_token(
+            "http://127.0.0.1/", LISTEN_KEY_NAME, LISTEN_KEY, expiry=int(time.time()) + 600
+        )
+        for headers, status in (
+            ({}, 401),
+            ({"Authorization": "SharedAccessSignature sr=x&sig=y&se=1&skn=z"}, 401),
+            ({"Authorization": entity_token}, 403),
+            ({"Authorization": listen_only}, 403),
+        ):
+            for path in ("/runtime/listeners", "/runtime/connections"):
+                async with session.get(url + path, headers=headers) as response:
+                    assert response.status == status, (path, headers)
+                    body = await response.json()
+                    assert set(body["error"]) == {"code", "message"}
+        signed = api.headers
+        async with session.put(url + "/runtime/listeners", headers=signed) as response:
+            assert response.status == 405 and "GET" in response.headers["Allow"]
+        async with session.delete(url + "/runtime/listeners", headers=signed) as response:
+            assert response.status == 400  # neither an id nor ?hybridConnection=
+        async with session.delete(url + "/runtime/connections/nope", headers=signed) as response:
+            assert response.status == 404
+        async with session.get(url + "/runtime/elsewhere", headers=signed) as response:
+            assert response.status == 404
+        # Health needs no token; a wrong method there is a 405, not the API's 404.
+        async with session.get(url + "/healthz") as response:
+            assert response.status == 200
+        async with session.post(url + "/metrics") as response:
+            assert response.status == 405

@@ -276,6 +276,79 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
+def _text(description: str, *codes: int, content_type: str = "text/plain") -> dict[str, Any]:
+    return {
+        str(code): {
+            "description": description,
+            "content": {content_type: {"schema": {"type": "string"}}},
+        }
+        for code in codes
+    }
+
+
+#: The routes that need no token (they hold no secret), and the dashboard's, which take its
+#: session cookie instead (docs/DASHBOARD.md).
+_UNSIGNED_PATHS: dict[str, Any] = {
+    "/metrics": {
+        "get": {
+            "operationId": "Metrics",
+            "summary": "Prometheus text exposition (docs/METRICS.md)",
+            "security": [],
+            "responses": _text("The metrics", 200),
+        }
+    },
+    "/healthz": {
+        "get": {
+            "operationId": "Health",
+            "summary": "200 while the process runs",
+            "security": [],
+            "responses": _text("Alive", 200),
+        }
+    },
+    "/readyz": {
+        "get": {
+            "operationId": "Readiness",
+            "summary": "200 when the store answers and the relay accepts; 503 with the reason",
+            "security": [],
+            "responses": _text("Ready, or why not", 200, 503),
+        }
+    },
+    "/openapi.json": {
+        "get": {
+            "operationId": "OpenApi",
+            "summary": "This document",
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "OpenAPI 3.1",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
+        }
+    },
+    "/dashboard": {
+        "get": {
+            "operationId": "Dashboard",
+            "summary": "The dashboard page, or its sign-in form without a session",
+            "security": [],
+            "responses": _text("HTML", 200, content_type="text/html"),
+        }
+    },
+    "/dashboard/events": {
+        "get": {
+            "operationId": "DashboardEvents",
+            "summary": "Server-sent snapshots, once a second (needs the session cookie)",
+            "security": [],
+            "responses": {
+                **_text("An endless event stream", 200, content_type="text/event-stream"),
+                "401": {"description": "No session"},
+                "503": {"description": "Too many streams"},
+            },
+        }
+    },
+}
+
+
 def openapi_document(namespace: str) -> dict[str, Any]:
     """The whole document for a relay serving ``namespace`` (the only namespace name its
     routes accept; any casing of it works, the document names it as created)."""
@@ -387,6 +460,7 @@ def openapi_document(namespace: str) -> dict[str, Any]:
     }
     runtime, runtime_schemas = runtime_paths()
     paths.update(runtime)
+    paths.update(_UNSIGNED_PATHS)
     return {
         "openapi": "3.1.0",
         "info": {
