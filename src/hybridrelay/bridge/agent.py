@@ -5,6 +5,12 @@ stop accepting (close the listening sockets and the relay listeners) -> let open
 finish for ``shutdown_grace_period`` seconds -> cancel what is left (each connection closes its
 socket and stream, bounded) -> close the SDK clients -> return.
 
+With ``metrics_port`` set, :class:`~hybridrelay.observability.endpoint.MetricsServer` serves
+the agent's :class:`~hybridrelay.observability.bridge_metrics.BridgeMetrics` on ``/metrics``,
+``/healthz`` and ``/readyz`` (:meth:`BridgeAgent.readiness`: not ready while a listener is
+offline or a local socket is not bound yet, nor once the shutdown began) from before the
+forwards start until after the drain.
+
 Only the public SDK is used: :class:`HybridConnectionClient` per hybrid connection the
 ingress sends to, :class:`HybridConnectionListener` per hybrid connection the edge serves and
 per HTTP forward (``-H``, with :class:`~hybridrelay.bridge.http_forward.HttpReverseProxy` as
@@ -26,6 +32,7 @@ from hybridrelay.bridge.pipe import RelayStream
 from hybridrelay.bridge.specs import Protocol
 from hybridrelay.bridge.udp import UdpIngress
 from hybridrelay.client import (
+    AcceptContext,
     HybridConnectionClient,
     HybridConnectionListener,
     RequestHandler,
@@ -35,6 +42,14 @@ from hybridrelay.client import (
 )
 from hybridrelay.client.backoff import RECONNECT_DELAYS
 from hybridrelay.exceptions import ConfigurationError, RelayError
+from hybridrelay.observability.bridge_metrics import (
+    BridgeMetrics,
+    ForwardKind,
+    ForwardMetrics,
+    ListenerMetrics,
+    Outcome,
+)
+from hybridrelay.observability.endpoint import MetricsServer
 
 __all__ = ["BridgeAgent", "token_provider_for"]
 
@@ -63,13 +78,19 @@ class BridgeAgent:
     Args:
         config: a validated configuration with a relay endpoint.
         retry_schedule: delays between attempts to open an edge listener (tests shorten it).
+        metrics: where to record (default: a registry of the agent's own, with the process
+            collectors); served when ``config.metrics_port`` is set.
 
     Raises:
         ConfigurationError: there is no endpoint.
     """
 
     def __init__(
-        self, config: BridgeConfig, *, retry_schedule: Sequence[float] = RECONNECT_DELAYS
+        self,
+        config: BridgeConfig,
+        *,
+        retry_schedule: Sequence[float] = RECONNECT_DELAYS,
+        metrics: BridgeMetrics | None = None,
     ) -> None:
         if not config.connection.endpoint:
             raise ConfigurationError(
@@ -86,6 +107,35 @@ class BridgeAgent:
         self.ingress: list[StreamIngress | UdpIngress] = []
         self.edges: list[Edge] = []
         self.http_forwarders: list[HttpForwarder] = []
+        self.metrics = metrics if metrics is not None else BridgeMetrics()
+        #: The -R and -H listeners by name (``-R hc``), for readiness.
+        self._listeners: dict[str, ListenerMetrics] = {}
+        self._metrics_server: MetricsServer | None = None
+        #: run() has made the forwards (readiness asks them from then on).
+        self._built = False
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://host:port`` of ``/metrics`` and the health routes, once served."""
+        server = self._metrics_server
+        return server.url if server is not None and server.port else None
+
+    async def readiness(self) -> str | None:
+        """Why the bridge is not ready (``/readyz``), or None: every ``-L`` socket is bound
+        and every ``-R``/``-H`` listener is online now, and the shutdown has not begun."""
+        if self._stop.is_set():
+            return "draining: the bridge is shutting down"
+        if not self._built:
+            return "starting"
+        waiting = [
+            f"-L {ingress.forward.spec} is not listening yet"
+            for ingress in self.ingress
+            if not ingress.addresses
+        ]
+        waiting += [
+            f"{name} is offline" for name, state in self._listeners.items() if not state.online
+        ]
+        return "; ".join(waiting) or None
 
     def shutdown(self) -> None:
         """Begin the graceful shutdown (idempotent; safe from a signal handler)."""
@@ -118,10 +168,12 @@ class BridgeAgent:
         connection = config.connection
         assert connection.endpoint is not None
         provider = token_provider_for(connection)
+        metrics = self.metrics
         clients: dict[str, HybridConnectionClient] = {}
         self.ingress = []
         self.edges = []
         self.http_forwarders = []
+        self._listeners = {}
         for forward in config.local_forwards:
             hc = forward.spec.hybrid_connection
             if hc not in clients:
@@ -134,34 +186,43 @@ class BridgeAgent:
                     connect_timeout=config.connect_timeout,
                 )
             connect = _connector(clients[hc])
+            series = metrics.forward(ForwardKind.LOCAL, hc)
             if forward.spec.protocol is Protocol.UDP:
-                self.ingress.append(UdpIngress(forward, config, connect))
+                self.ingress.append(UdpIngress(forward, config, connect, metrics=series))
             else:
-                self.ingress.append(StreamIngress(forward, config, connect))
+                self.ingress.append(StreamIngress(forward, config, connect, metrics=series))
         for hc, routes in config.edge_routes().items():
+            status = self._listeners[f"-R {hc}"] = metrics.listener(ForwardKind.REMOTE, hc)
             self.edges.append(
                 Edge(
                     hc,
                     routes,
                     config,
-                    _listener_factory(config, hc, provider),
+                    _listener_factory(config, hc, provider, status),
+                    metrics=metrics.forward(ForwardKind.REMOTE, hc),
                     retry_schedule=self._retry_schedule,
                 )
             )
         for http_forward in config.http_forwards:
+            hc = http_forward.hybrid_connection
+            status = self._listeners[f"-H {hc}"] = metrics.listener(ForwardKind.HTTP, hc)
+            series = metrics.forward(ForwardKind.HTTP, hc)
             self.http_forwarders.append(
                 HttpForwarder(
                     http_forward,
                     config,
-                    _http_listener_factory(config, http_forward.hybrid_connection, provider),
+                    _http_listener_factory(config, hc, provider, status, series),
+                    metrics=series,
                     retry_schedule=self._retry_schedule,
                 )
             )
+        self._built = True
         self._pending_starts = len(self.ingress) + len(self.edges) + len(self.http_forwarders)
         if self._pending_starts == 0:
             self.started.set()
         error: BaseException | None = None
         try:
+            await self._serve_metrics()
             async with asyncio.TaskGroup() as group:
                 for ingress in self.ingress:
                     group.create_task(ingress.serve(self._one_started, self._stop))
@@ -181,9 +242,33 @@ class BridgeAgent:
                         await client.aclose()
                 except (TimeoutError, RelayError):
                     logger.debug("bridge: closing a relay client did not finish cleanly")
+            # Last, so that a scrape during the drain sees it (and /readyz says draining).
+            server, self._metrics_server = self._metrics_server, None
+            if server is not None:
+                await server.aclose()
         if error is not None:
             raise error
         logger.info("bridge: stopped")
+
+    async def _serve_metrics(self) -> None:
+        """Start the metrics listener when ``metrics_port`` is set.
+
+        Raises:
+            ConfigurationError: its address cannot be bound.
+        """
+        config = self.config
+        if config.metrics_port is None:
+            return
+        server = MetricsServer(
+            self.metrics.registry,
+            self.readiness,
+            host=config.metrics_host,
+            port=config.metrics_port,
+        )
+        await server.start()
+        self._metrics_server = server
+        # The bound port matters with --metrics-port 0: this line is how it is learnt.
+        logger.info("bridge: metrics on %s/metrics (health: /healthz, /readyz)", server.url)
 
     async def __aenter__(self) -> BridgeAgent:
         task = asyncio.create_task(self.run(), name="hybridrelay-bridge")
@@ -241,24 +326,34 @@ def _listener(
 
 
 def _listener_factory(
-    config: BridgeConfig, hc: str, provider: TokenProvider | None
+    config: BridgeConfig, hc: str, provider: TokenProvider | None, status: ListenerMetrics
 ) -> ListenerFactory:
     def make(admit: Callable[[Any], bool | None]) -> EdgeListener:
         # A burst of new connections is opened concurrently; the edge's own admission
         # (max_connections) is the limit that matters, not the SDK's queue default.
-        return _listener(
+        listener = _listener(
             config, hc, provider, accept_handler=admit, max_pending=config.max_connections
         )
+        listener.on_status(status.status)
+        return listener
 
     return make
 
 
 def _http_listener_factory(
-    config: BridgeConfig, hc: str, provider: TokenProvider | None
+    config: BridgeConfig,
+    hc: str,
+    provider: TokenProvider | None,
+    status: ListenerMetrics,
+    series: ForwardMetrics,
 ) -> HttpListenerFactory:
+    def reject(ctx: AcceptContext) -> None:
+        series.outcome(Outcome.REFUSED_WEBSOCKET)
+        reject_websocket(ctx)
+
     def make(handler: RequestHandler) -> EdgeListener:
-        return _listener(
-            config, hc, provider, accept_handler=reject_websocket, request_handler=handler
-        )
+        listener = _listener(config, hc, provider, accept_handler=reject, request_handler=handler)
+        listener.on_status(status.status)
+        return listener
 
     return make

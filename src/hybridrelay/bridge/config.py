@@ -63,6 +63,7 @@ __all__ = [
     "DEFAULT_KEEP_ALIVE_INTERVAL",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_UDP_FLOWS",
+    "DEFAULT_METRICS_HOST",
     "DEFAULT_SHUTDOWN_GRACE_PERIOD",
     "DEFAULT_UDP_IDLE_TIMEOUT",
     "LOG_LEVELS",
@@ -88,6 +89,9 @@ DEFAULT_MAX_CONNECTIONS = 1024
 #: azbridge drops a UDP route after four idle minutes.
 DEFAULT_UDP_IDLE_TIMEOUT = 240.0
 DEFAULT_MAX_UDP_FLOWS = 256
+#: Metrics and health stay on loopback unless the operator says otherwise: they name the
+#: hybrid connections the bridge serves.
+DEFAULT_METRICS_HOST = "127.0.0.1"
 #: Environment variables consulted, in order, when no connection is given otherwise.
 CONNECTION_STRING_ENV = ("HYBRIDRELAY_CONNECTION_STRING", "AZURE_BRIDGE_CONNECTIONSTRING")
 
@@ -558,6 +562,22 @@ class BridgeConfig:
     max_udp_flows: int = setting(
         DEFAULT_MAX_UDP_FLOWS, help="concurrent UDP flows per forward", low=1, high=_MAX_COUNT
     )
+    metrics_port: int | None = setting(
+        None,
+        help="serve Prometheus /metrics, /healthz and /readyz on this TCP port (0: any free "
+        "port, logged at start; default: not served)",
+        low=0,
+        high=65535,
+        flags=("--metrics-port",),
+        metavar="PORT",
+    )
+    metrics_host: str = setting(
+        DEFAULT_METRICS_HOST,
+        help="the address --metrics-port listens on (beyond loopback, anyone who reaches it "
+        "sees the hybrid connections' names and traffic)",
+        flags=("--metrics-host",),
+        metavar="HOST",
+    )
 
     def __post_init__(self) -> None:
         """Check the fields and the rules that span several forwards.
@@ -570,6 +590,7 @@ class BridgeConfig:
         check_fields(self)
         if self.bind_address != ANY_ADDRESS:
             validate_host(self.bind_address, what="bind_address")
+        validate_host(self.metrics_host, what="metrics_host")
         entity = self.connection.entity_path
         if entity is not None:
             specs: list[LocalForwardSpec | RemoteForwardSpec | HttpForward] = [

@@ -26,7 +26,14 @@ from typing import Any
 
 from hybridrelay.bridge.config import BridgeConfig, RemoteForward
 from hybridrelay.bridge.listening import EdgeListener, keep_listening
-from hybridrelay.bridge.pipe import ConnectionGroup, RelayStream, SocketLeg, close_stream, pipe
+from hybridrelay.bridge.pipe import (
+    ConnectionGroup,
+    PipeStats,
+    RelayStream,
+    SocketLeg,
+    close_stream,
+    pipe,
+)
 from hybridrelay.bridge.preamble import read_preamble
 from hybridrelay.bridge.specs import Protocol as Transport
 from hybridrelay.bridge.udp import serve_udp_destination
@@ -34,6 +41,7 @@ from hybridrelay.client.backoff import (
     RECONNECT_DELAYS,
 )
 from hybridrelay.exceptions import ProtocolError, RelayError
+from hybridrelay.observability.bridge_metrics import ForwardMetrics, Outcome
 from hybridrelay.protocol.azbridge import Mode, Preamble, Reply, encode_reply
 
 __all__ = ["Edge", "EdgeListener", "ListenerFactory"]
@@ -46,7 +54,11 @@ ListenerFactory = Callable[[Callable[[Any], bool | None]], EdgeListener]
 
 
 class Edge:
-    """Serves all ``-R`` routes of one hybrid connection."""
+    """Serves all ``-R`` routes of one hybrid connection.
+
+    ``metrics`` are the hybrid connection's series: each relayed connection's outcome and
+    bytes (the listener's own status is recorded by the listener factory's caller).
+    """
 
     def __init__(
         self,
@@ -55,12 +67,14 @@ class Edge:
         config: BridgeConfig,
         listener_factory: ListenerFactory,
         *,
+        metrics: ForwardMetrics,
         retry_schedule: Sequence[float] = RECONNECT_DELAYS,
     ) -> None:
         if not routes:
             raise ValueError("an edge needs at least one route")
         self.hybrid_connection = hybrid_connection
         self.config = config
+        self._metrics = metrics
         self._factory = listener_factory
         self._schedule = retry_schedule
         self._named = routes[0].spec.port_name is not None
@@ -107,10 +121,12 @@ class Edge:
     def _admit(self, ctx: Any) -> bool | None:
         if self._stop.is_set():
             ctx.reject(503, "bridge shutting down")
+            self._metrics.outcome(Outcome.REFUSED_DRAINING)
             return False
         group = self._group
         if group is not None and group.full:
             ctx.reject(503, "bridge at capacity")
+            self._metrics.outcome(Outcome.REFUSED_CAPACITY)
             return False
         return True
 
@@ -122,6 +138,7 @@ class Edge:
             logger.warning(
                 "%s: relay connection %s: handshake failed: %s", self._name, stream.id, why
             )
+            self._metrics.outcome(Outcome.HANDSHAKE_FAILED)
             await close_stream(stream, 1002 if isinstance(exc, ProtocolError) else 1000)
             return
         except BaseException:
@@ -135,12 +152,13 @@ class Edge:
                 logger.warning(
                     "%s: relay connection %s: max_udp_flows reached", self._name, stream.id
                 )
+                self._metrics.outcome(Outcome.REFUSED_CAPACITY)
                 await close_stream(stream, 1013, "too many UDP flows")
                 return
             self._udp_flows[key] = self._udp_flows.get(key, 0) + 1
             try:
                 await serve_udp_destination(
-                    stream, route, self.config, initial, self._name, self._stop
+                    stream, route, self.config, initial, self._name, self._stop, self._metrics
                 )
             finally:
                 self._udp_flows[key] -= 1
@@ -153,6 +171,7 @@ class Edge:
         async with asyncio.timeout(self.config.handshake_timeout):
             result, rest = await read_preamble(stream)
             if result is None:
+                self._metrics.outcome(Outcome.HANDSHAKE_FAILED)  # closed before its preamble
                 await close_stream(stream)
                 return None, b""
             if isinstance(result, Reply):
@@ -169,6 +188,7 @@ class Edge:
                     stream.id,
                     result.port_name[:64],
                 )
+                self._metrics.outcome(Outcome.PORT_REFUSED)
                 await close_stream(stream, 1008, "unknown port name")
                 return None, b""
             is_udp = route.spec.protocol is Transport.UDP
@@ -188,6 +208,7 @@ class Edge:
         logger.warning(
             "%s: relay connection %s refused: %s", self._name, stream.id, reply.describe()
         )
+        self._metrics.outcome(Outcome.PORT_REFUSED)
         await stream.write(encode_reply(reply))
         await close_stream(stream)
 
@@ -214,6 +235,10 @@ class Edge:
                 spec.target_text(),
                 why,
             )
+            timed_out = isinstance(exc, TimeoutError)
+            self._metrics.outcome(
+                Outcome.DESTINATION_TIMEOUT if timed_out else Outcome.DESTINATION_UNREACHABLE
+            )
             await close_stream(stream, 1011, "destination unreachable")
             return
         except BaseException:
@@ -221,7 +246,15 @@ class Edge:
             raise
         # One INFO line per connection (at its end) keeps logging off the hot path.
         logger.debug("%s: relay connection %s -> %s", self._name, stream.id, spec.target_text())
-        stats = await pipe(leg, stream, initial=initial)
+        metrics = self._metrics
+        metrics.opened()
+        stats = PipeStats()
+        try:
+            await pipe(leg, stream, initial=initial, stats=stats)
+        finally:
+            # The socket is the destination's: what it sent went to the relay. Also when the
+            # drain cancels the pump (the counts so far).
+            metrics.closed(stats.bytes_up, stats.bytes_down)
         logger.info(
             "%s: relay connection %s -> %s closed%s: %d bytes to the destination, %d back, %.1f s",
             self._name,

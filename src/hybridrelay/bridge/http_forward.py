@@ -23,7 +23,7 @@ import asyncio
 import io
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -36,10 +36,17 @@ from hybridrelay.bridge.specs import validate_http_target
 from hybridrelay.client import AcceptContext, RelayedHttpContext, RequestHandler
 from hybridrelay.client.backoff import RECONNECT_DELAYS
 from hybridrelay.exceptions import ConfigurationError
+from hybridrelay.observability.bridge_metrics import ForwardMetrics, Outcome
 from hybridrelay.protocol.addressing import parse_endpoint, target_suffix
 from hybridrelay.protocol.http import merge_repeated_headers, without_hop_by_hop
 
-__all__ = ["HttpForwarder", "HttpListenerFactory", "HttpReverseProxy", "reject_websocket"]
+__all__ = [
+    "HttpForwarder",
+    "HttpListenerFactory",
+    "HttpReverseProxy",
+    "ProxyAnswer",
+    "reject_websocket",
+]
 
 logger = logging.getLogger("hybridrelay.bridge")
 
@@ -77,6 +84,18 @@ def _via_appended(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     kept = [(name, value) for name, value in headers if name.lower() != "via"]
     kept.append(("Via", ", ".join([*hops, VIA])))
     return kept
+
+
+class ProxyAnswer(NamedTuple):
+    """How :meth:`HttpReverseProxy.forward` answered one request."""
+
+    #: The status sent (the upstream's, or ours: 502/504); None when the upstream failed
+    #: after the response's head was sent and the sender saw it cut.
+    status: int | None
+    #: From the call to the response's head (None: cut before one was sent).
+    seconds: float | None
+    #: A value of :class:`~hybridrelay.observability.bridge_metrics.Outcome`.
+    outcome: str
 
 
 class HttpReverseProxy:
@@ -140,6 +159,14 @@ class HttpReverseProxy:
         return _via_appended(headers)
 
     async def __call__(self, ctx: RelayedHttpContext) -> None:
+        await self.forward(ctx)
+
+    async def forward(self, ctx: RelayedHttpContext) -> ProxyAnswer:
+        """Forward one request and answer it; says how (for the metrics)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        head: float | None = None
+        status: int | None = None
         session = self._get_session()
         url = _as_sent(self.upstream_url(ctx))
         body = await ctx.read()
@@ -156,26 +183,38 @@ class HttpReverseProxy:
                 relayed = without_hop_by_hop(upstream.headers.items(), also=_PROXY_AUTH)
                 headers = merge_repeated_headers(_via_appended(relayed))
                 await ctx.respond(upstream.status, upstream.reason or None, headers)
+                status, head = upstream.status, loop.time() - started
                 async for chunk in upstream.content.iter_chunked(_CHUNK):
                     await ctx.write(chunk)
         except (aiohttp.ClientConnectorError, aiohttp.ClientOSError) as exc:
-            await self._error(ctx, 502, "Bad Gateway: the upstream is unreachable", exc)
-            return
+            text = "Bad Gateway: the upstream is unreachable"
+            answered = await self._error(ctx, 502, text, exc)
+            outcome = Outcome.DESTINATION_UNREACHABLE
         except TimeoutError as exc:
-            await self._error(ctx, 504, "Gateway Timeout: the upstream did not answer", exc)
-            return
+            text = "Gateway Timeout: the upstream did not answer"
+            answered = await self._error(ctx, 504, text, exc)
+            outcome = Outcome.DESTINATION_TIMEOUT
         except aiohttp.ClientError as exc:
-            await self._error(ctx, 502, "Bad Gateway: the upstream failed", exc)
-            return
-        await ctx.finish()
+            answered = await self._error(ctx, 502, "Bad Gateway: the upstream failed", exc)
+            outcome = Outcome.FAILED
+        else:
+            await ctx.finish()
+            return ProxyAnswer(status, head, Outcome.ACCEPTED)
+        if answered is None:  # cut after the head
+            return ProxyAnswer(None, head, outcome)
+        return ProxyAnswer(answered, loop.time() - started, outcome)
 
     @staticmethod
-    async def _error(ctx: RelayedHttpContext, status: int, text: str, exc: BaseException) -> None:
+    async def _error(
+        ctx: RelayedHttpContext, status: int, text: str, exc: BaseException
+    ) -> int | None:
+        """Answer ``status`` with ``text``; None when the response was under way (cut)."""
         logger.warning("upstream request failed: %s: %s", type(exc).__name__, exc)
         if ctx.responded:
             ctx.abort()  # the response was under way: the sender sees it cut
-            return
+            return None
         await _answer(ctx, status, text)
+        return status
 
     async def aclose(self) -> None:
         session, self._session = self._session, None
@@ -197,6 +236,7 @@ class HttpForwarder:
         config: BridgeConfig,
         listener_factory: HttpListenerFactory,
         *,
+        metrics: ForwardMetrics,
         retry_schedule: Sequence[float] = RECONNECT_DELAYS,
     ) -> None:
         endpoint = config.connection.endpoint
@@ -204,6 +244,7 @@ class HttpForwarder:
         relay = parse_endpoint(endpoint)
         self.forward = forward
         self.config = config
+        self._metrics = metrics
         self._factory = listener_factory
         self._schedule = retry_schedule
         self._name = f"-H {forward.hybrid_connection}"
@@ -278,16 +319,25 @@ class HttpForwarder:
 
     async def _handle(self, ctx: RelayedHttpContext) -> None:
         """The listener's request handler: admission, then the reverse proxy."""
+        metrics = self._metrics
         if self._stop.is_set():
+            metrics.outcome(Outcome.REFUSED_DRAINING)
             await _answer(ctx, 503, "Service Unavailable: the bridge is shutting down")
             return
         if self._in_flight >= self._limit:
+            metrics.outcome(Outcome.REFUSED_CAPACITY)
             await _answer(ctx, 503, "Service Unavailable: the bridge is at capacity")
             return
         self._in_flight += 1
         self._idle.clear()
         try:
-            await self._proxy(ctx)
+            try:
+                answer = await self._proxy.forward(ctx)
+            except Exception:
+                # The sender's side failed (the SDK answers 500 if it still can).
+                metrics.outcome(Outcome.FAILED)
+                raise
+            metrics.http_request(answer.status, answer.seconds, answer.outcome)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:

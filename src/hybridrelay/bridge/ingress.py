@@ -22,10 +22,18 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from hybridrelay.bridge.config import BridgeConfig, LocalForward
-from hybridrelay.bridge.pipe import ConnectionGroup, RelayStream, SocketLeg, close_stream, pipe
-from hybridrelay.bridge.preamble import send_preamble
+from hybridrelay.bridge.pipe import (
+    ConnectionGroup,
+    PipeStats,
+    RelayStream,
+    SocketLeg,
+    close_stream,
+    pipe,
+)
+from hybridrelay.bridge.preamble import PreambleRejectedError, send_preamble
 from hybridrelay.bridge.specs import Protocol
 from hybridrelay.exceptions import ConfigurationError, RelayError
+from hybridrelay.observability.bridge_metrics import ForwardMetrics, Outcome, relay_refusal
 from hybridrelay.protocol.azbridge import Mode
 
 __all__ = ["Connect", "StreamIngress", "format_address", "peer_host"]
@@ -60,14 +68,23 @@ class StreamIngress:
         forward: the forward.
         config: global options (timeouts, limits, default bind address).
         connect: opens a stream to the hybrid connection.
+        metrics: the forward's series (each connection's outcome and bytes).
     """
 
-    def __init__(self, forward: LocalForward, config: BridgeConfig, connect: Connect) -> None:
+    def __init__(
+        self,
+        forward: LocalForward,
+        config: BridgeConfig,
+        connect: Connect,
+        *,
+        metrics: ForwardMetrics,
+    ) -> None:
         if not forward.spec.protocol.is_stream:
             raise ValueError("StreamIngress serves TCP and Unix forwards")
         self.forward = forward
         self.config = config
         self._connect = connect
+        self._metrics = metrics
         self._name = f"-L {forward.spec}"
         self._group: ConnectionGroup | None = None
         #: The addresses actually bound (port 0 resolved), set once listening.
@@ -128,10 +145,12 @@ class StreamIngress:
         host = peer_host(leg.peername)
         if host is not None and not self.forward.allows(host):
             logger.warning("%s: refused %s (not in the allow-list)", self._name, peer)
+            self._metrics.outcome(Outcome.REFUSED_ALLOW_LIST)
             leg.abort()
             return
         if group is None or group.full:
             logger.warning("%s: refused %s (max_connections reached)", self._name, peer)
+            self._metrics.outcome(Outcome.REFUSED_CAPACITY)
             leg.abort()
             return
         cid = uuid.uuid4().hex[:12]
@@ -151,6 +170,7 @@ class StreamIngress:
                 spec.hybrid_connection,
                 _describe(exc),
             )
+            self._metrics.outcome(relay_refusal(exc))
             leg.abort()
             return
         except BaseException:
@@ -172,6 +192,8 @@ class StreamIngress:
                 spec.port_name,
                 _describe(exc),
             )
+            refused = isinstance(exc, PreambleRejectedError)
+            self._metrics.outcome(Outcome.PORT_REFUSED if refused else Outcome.HANDSHAKE_FAILED)
             leg.abort()
             await close_stream(stream, 1000, "")
             return
@@ -179,7 +201,14 @@ class StreamIngress:
             leg.abort()
             await close_stream(stream, 1001, "bridge shutting down")
             raise
-        stats = await pipe(leg, stream, initial=initial)
+        metrics = self._metrics
+        metrics.opened()
+        stats = PipeStats()
+        try:
+            await pipe(leg, stream, initial=initial, stats=stats)
+        finally:
+            # Also when the drain cancels the pump: the counts are the pump's own, so far.
+            metrics.closed(stats.bytes_up, stats.bytes_down)
         logger.info(
             "%s: [%s] %s, relay connection %s closed%s: %d bytes up, %d bytes down, %.1f s",
             self._name,

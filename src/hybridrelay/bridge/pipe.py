@@ -226,6 +226,7 @@ async def pipe(
     *,
     initial: bytes = b"",
     close_timeout: float = CLOSE_TIMEOUT,
+    stats: PipeStats | None = None,
 ) -> PipeStats:
     """Pump both directions until both are done, then close both ends.
 
@@ -234,11 +235,14 @@ async def pipe(
 
     Args:
         initial: bytes already read from the stream (after a preamble) to send first.
+        stats: the counters to add to (the caller's, so that it still has what moved when
+            the pump is cancelled); a new one by default.
 
     Returns:
-        The byte counts; ``error`` says why the connection ended early, if it did.
+        ``stats``: the byte counts; ``error`` says why the connection ended early, if it did.
     """
-    stats = PipeStats()
+    if stats is None:
+        stats = PipeStats()
     if initial and leg.transport is not None and not leg.transport.is_closing():
         # Written at once (it is already in memory), so that it goes out before whatever
         # attach() delivers; the socket's flow control applies from here on.

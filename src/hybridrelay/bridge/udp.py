@@ -16,21 +16,39 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from hybridrelay.bridge.config import BridgeConfig, LocalForward, RemoteForward
 from hybridrelay.bridge.ingress import Connect, format_address
 from hybridrelay.bridge.pipe import READ_CHUNK, ConnectionGroup, RelayStream, close_stream
-from hybridrelay.bridge.preamble import send_preamble
+from hybridrelay.bridge.preamble import PreambleRejectedError, send_preamble
 from hybridrelay.exceptions import ConfigurationError, RelayError
+from hybridrelay.observability.bridge_metrics import (
+    DropReason,
+    ForwardMetrics,
+    Outcome,
+    relay_refusal,
+)
 from hybridrelay.protocol.azbridge import MAX_DATAGRAM, DatagramDecoder, Mode, encode_datagram
 
-__all__ = ["FLOW_QUEUE", "UdpIngress", "serve_udp_destination"]
+__all__ = ["FLOW_QUEUE", "FlowStats", "UdpIngress", "serve_udp_destination"]
 
 logger = logging.getLogger("hybridrelay.bridge")
 
 #: Datagrams waiting per flow and direction before new ones are dropped.
 FLOW_QUEUE = 256
+
+
+@dataclass
+class FlowStats:
+    """What one UDP flow carried: datagrams and their payload bytes (without the 2-byte
+    framing), each way."""
+
+    sent: int = 0  # to the relay
+    received: int = 0  # from the relay
+    bytes_sent: int = 0
+    bytes_received: int = 0
 
 
 class _Flow:
@@ -58,12 +76,21 @@ class _IngressProtocol(asyncio.DatagramProtocol):
 
 
 class UdpIngress:
-    """Serves one ``-L ...udp`` forward."""
+    """Serves one ``-L ...udp`` forward; ``metrics`` are its series (each flow's outcome and
+    bytes, datagrams dropped)."""
 
-    def __init__(self, forward: LocalForward, config: BridgeConfig, connect: Connect) -> None:
+    def __init__(
+        self,
+        forward: LocalForward,
+        config: BridgeConfig,
+        connect: Connect,
+        *,
+        metrics: ForwardMetrics,
+    ) -> None:
         self.forward = forward
         self.config = config
         self._connect = connect
+        self._metrics = metrics
         self._name = f"-L {forward.spec}"
         self._flows: dict[Any, _Flow] = {}
         self._group: ConnectionGroup | None = None
@@ -125,9 +152,11 @@ class UdpIngress:
             host = addr[0] if isinstance(addr, tuple) else None
             if host is not None and not self.forward.allows(str(host)):
                 self.refused += 1
+                self._metrics.datagrams_dropped(DropReason.ALLOW_LIST)
                 return
             if group is None or group.full:
                 self.refused += 1
+                self._metrics.datagrams_dropped(DropReason.MAX_FLOWS)
                 if self.refused == 1 or self.refused % 1000 == 0:
                     logger.warning(
                         "%s: max_udp_flows reached; dropping datagrams of new flows (%d so far)",
@@ -145,32 +174,48 @@ class UdpIngress:
     async def _run_flow(self, flow: _Flow, cid: str) -> None:
         spec = self.forward.spec
         peer = format_address(flow.address)
+        metrics = self._metrics
         stream: RelayStream | None = None
         try:
-            async with asyncio.timeout(self.config.connect_timeout):
-                stream = await self._connect()
+            try:
+                async with asyncio.timeout(self.config.connect_timeout):
+                    stream = await self._connect()
+            except (RelayError, TimeoutError) as exc:
+                metrics.outcome(relay_refusal(exc))
+                raise
             initial = b""
             if spec.port_name is not None:
-                async with asyncio.timeout(self.config.handshake_timeout):
-                    initial = await send_preamble(stream, spec.port_name, Mode.DATAGRAM)
+                try:
+                    async with asyncio.timeout(self.config.handshake_timeout):
+                        initial = await send_preamble(stream, spec.port_name, Mode.DATAGRAM)
+                except (RelayError, TimeoutError) as exc:
+                    refused = isinstance(exc, PreambleRejectedError)
+                    metrics.outcome(Outcome.PORT_REFUSED if refused else Outcome.HANDSHAKE_FAILED)
+                    raise
             logger.info(
                 "%s: [%s] UDP flow %s -> relay connection %s", self._name, cid, peer, stream.id
             )
-            sent, received = await _run_datagrams(
-                stream,
-                initial,
-                flow.queue,
-                lambda payload: self._send_to_client(payload, flow.address),
-                self._idle,
-                self._stop,
-            )
+            stats = FlowStats()
+            metrics.flow_opened()
+            try:
+                await _run_datagrams(
+                    stream,
+                    initial,
+                    flow.queue,
+                    lambda payload: self._send_to_client(payload, flow.address),
+                    self._idle,
+                    self._stop,
+                    stats,
+                )
+            finally:
+                metrics.flow_closed(stats.bytes_sent, stats.bytes_received, flow.dropped)
             logger.info(
                 "%s: [%s] UDP flow %s ended: %d datagrams up, %d down, %d dropped",
                 self._name,
                 cid,
                 peer,
-                sent,
-                received,
+                stats.sent,
+                stats.received,
                 flow.dropped,
             )
         except (RelayError, TimeoutError) as exc:
@@ -196,16 +241,14 @@ async def _run_datagrams(
     deliver: Callable[[bytes], None],
     idle_timeout: float,
     stop: asyncio.Event,
-) -> tuple[int, int]:
-    """Pump datagrams both ways until the stream ends, ``stop`` is set, or the flow idles.
+    stats: FlowStats,
+) -> None:
+    """Pump datagrams both ways until the stream ends, ``stop`` is set, or the flow idles;
+    count them in ``stats`` as they go (the caller keeps the counts when this raises).
 
     Raises:
         RelayError: the stream broke.
-
-    Returns:
-        (datagrams sent to the relay, datagrams delivered from it).
     """
-    counts = [0, 0]
     loop = asyncio.get_running_loop()
 
     class _Done(Exception):
@@ -215,7 +258,8 @@ async def _run_datagrams(
         while True:
             payload = await outgoing.get()
             await stream.write(encode_datagram(payload))
-            counts[0] += 1
+            stats.sent += 1
+            stats.bytes_sent += len(payload)
             deadline.reschedule(loop.time() + idle_timeout)
 
     async def stopped() -> None:
@@ -228,7 +272,8 @@ async def _run_datagrams(
         while True:
             for payload in decoder.feed(data):
                 deliver(payload)
-                counts[1] += 1
+                stats.received += 1
+                stats.bytes_received += len(payload)
                 deadline.reschedule(loop.time() + idle_timeout)
             data = await stream.read(READ_CHUNK)
             if not data:
@@ -248,7 +293,6 @@ async def _run_datagrams(
         error = errors.exceptions[0]
     if error is not None:
         raise error
-    return counts[0], counts[1]
 
 
 class _DestinationProtocol(asyncio.DatagramProtocol):
@@ -271,10 +315,12 @@ async def serve_udp_destination(
     initial: bytes,
     name: str,
     stop: asyncio.Event,
+    metrics: ForwardMetrics,
 ) -> None:
     """Edge side of one UDP flow: a connected UDP socket to the route's destination.
 
-    Owns ``stream``: it is closed when this returns.
+    Owns ``stream``: it is closed when this returns. ``metrics``: the edge's series (the
+    flow's outcome, its bytes; to the relay is what the destination sent).
     """
     spec = route.spec
     assert spec.host is not None
@@ -289,6 +335,10 @@ async def serve_udp_destination(
         logger.warning(
             "%s: relay connection %s: cannot reach %s: %s", name, stream.id, spec.target_text(), exc
         )
+        timed_out = isinstance(exc, TimeoutError)
+        metrics.outcome(
+            Outcome.DESTINATION_TIMEOUT if timed_out else Outcome.DESTINATION_UNREACHABLE
+        )
         await close_stream(stream, 1011, "destination unreachable")
         return
 
@@ -296,20 +346,23 @@ async def serve_udp_destination(
         if not transport.is_closing():
             transport.sendto(payload)
 
+    stats = FlowStats()
+    metrics.flow_opened()
     try:
-        sent, received = await _run_datagrams(
-            stream, initial, flow.queue, deliver, config.udp_idle_timeout_of(route), stop
+        await _run_datagrams(
+            stream, initial, flow.queue, deliver, config.udp_idle_timeout_of(route), stop, stats
         )
         logger.info(
             "%s: relay connection %s (UDP %s) ended: %d datagrams to the relay, %d from it",
             name,
             stream.id,
             spec.target_text(),
-            sent,
-            received,
+            stats.sent,
+            stats.received,
         )
     except RelayError as exc:
         logger.warning("%s: relay connection %s: %s", name, stream.id, exc)
     finally:
+        metrics.flow_closed(stats.bytes_sent, stats.bytes_received, flow.dropped)
         transport.close()
         await close_stream(stream)

@@ -7,8 +7,12 @@ docs/CONFIGURATION.md). Command-line options win over the file; ``-L``/``-R``/``
 the file's forwards. Without ``-x``, ``-e`` or a file connection, the connection string is
 taken from ``HYBRIDRELAY_CONNECTION_STRING`` or azbridge's ``AZURE_BRIDGE_CONNECTIONSTRING``.
 
-Exit status: 0 after a clean shutdown (SIGINT/SIGTERM), 2 for a configuration error, 1 when
-the bridge fails while running.
+``--metrics-port PORT`` serves Prometheus ``/metrics``, ``/healthz`` and ``/readyz`` on
+loopback (``--metrics-host`` to change; port 0 picks one, and the bound address is logged at
+start): docs/METRICS.md.
+
+Exit status: 0 after a clean shutdown (SIGINT/SIGTERM), 2 for a configuration error (a metrics
+port that cannot be bound included), 1 when the bridge fails while running.
 """
 
 from __future__ import annotations
