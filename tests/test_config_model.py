@@ -143,6 +143,8 @@ SAMPLES: dict[str, tuple[Any, list[str]]] = {
     "server.port": (9401, ["9401"]),
     "management.host": ("127.0.0.3", ["127.0.0.3"]),
     "management.port": (9411, ["9411"]),
+    "metrics_port": (9464, ["9464"]),
+    "metrics_host": ("127.0.0.4", ["127.0.0.4"]),
     "connection.endpoint": ("sb://relay.example.com/", ["sb://relay.example.com/"]),
     "connection.key_name": ("rule", ["rule"]),
     "connection.key": (KEY, [KEY]),
