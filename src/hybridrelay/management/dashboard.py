@@ -24,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import html
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -35,13 +37,16 @@ from typing import Any
 
 from aiohttp import web
 
-from hybridrelay.auth.sas import create_token, token_audience
+from hybridrelay.auth.sas import Rights, create_token, parse_token, token_audience
+from hybridrelay.exceptions import TokenError
 from hybridrelay.management.runtime_api import RuntimeView
 from hybridrelay.protocol.arm import validate_hybrid_connection_name
-from hybridrelay.store.base import Store, StoreError
+from hybridrelay.store.base import Store, StoreError, StoreUnavailableError
 from hybridrelay.store.records import NamespaceState
 
 __all__ = ["Dashboard", "RecentErrorView"]
+
+logger = logging.getLogger(__name__)
 
 COOKIE = "hybridrelay_session"
 #: Sessions kept at once (the oldest is signed out past it), and their idle lifetime.
@@ -61,6 +66,8 @@ SIGN_IN_WINDOW = 300.0
 SIGN_IN_SOURCES = 10_000
 #: A write to an event stream must be taken by the browser within this time.
 WRITE_TIMEOUT = 10.0
+#: The lifetime of the token the relay signs with a key given to the sign-in form.
+KEY_TOKEN_LIFETIME = 600
 
 _STATIC = {"dashboard.js": "application/javascript", "dashboard.css": "text/css"}
 _HEADERS = {
@@ -83,6 +90,12 @@ Totals = Callable[[], tuple[float, float]]
 class _Session:
     csrf: str
     last_seen: float
+    #: The rule signed in with, and a digest of its keys then: a session ends when the rule
+    #: goes, loses Manage or has a key regenerated.
+    rule: str
+    keys: str
+    #: When a signed-in token expires (the session ends with it); None for a key sign-in.
+    expires_at: float | None = None
 
 
 @dataclass
@@ -103,6 +116,12 @@ class _Sampler:
 
 def _asset(name: str) -> str:
     return (resources.files("hybridrelay.management") / "static" / name).read_text("utf-8")
+
+
+def _json(body: dict[str, Any], status: int = 200) -> web.Response:
+    response = web.json_response(body, status=status)
+    response.headers.update(_HEADERS)
+    return response
 
 
 class Dashboard:
@@ -206,18 +225,36 @@ class Dashboard:
 
     # -- sessions ----------------------------------------------------------------------------
 
-    def _session(self, request: web.Request) -> _Session | None:
+    def _session(self, request: web.Request, *, touch: bool = True) -> _Session | None:
+        """The request's session, if it is still valid (``touch``: it counts as activity)."""
         sid = request.cookies.get(COOKIE)
         if not sid:
             return None
         session = self._sessions.get(sid)
-        now = self._clock()
-        if session is None or now - session.last_seen > SESSION_IDLE:
-            self._sessions.pop(sid, None)
+        if session is None:
             return None
-        session.last_seen = now
-        self._sessions.move_to_end(sid)
+        now = self._clock()
+        if (
+            now - session.last_seen > SESSION_IDLE
+            or (session.expires_at is not None and now >= session.expires_at)
+            or self._rule_keys(session.rule) != session.keys
+        ):
+            del self._sessions[sid]
+            return None
+        if touch:
+            session.last_seen = now
+            self._sessions.move_to_end(sid)
         return session
+
+    def _rule_keys(self, name: str) -> str | None:
+        """A digest of the keys of the namespace rule ``name`` if it grants Manage, else None."""
+        for rule in self._state().namespace.rules:
+            if rule.name == name and not rule.entity:
+                if Rights.MANAGE not in rule.rights.effective():
+                    return None
+                both = f"{rule.primary_key}\0{rule.secondary_key}".encode()
+                return hashlib.sha256(both).hexdigest()
+        return None
 
     def _csrf_ok(self, request: web.Request, session: _Session) -> bool:
         given = request.headers.get("X-CSRF-Token", "")
@@ -285,17 +322,28 @@ class Dashboard:
         token = str(form.get("token", "")).strip()
         name = str(form.get("key_name", "")).strip()
         key = str(form.get("key", "")).strip()
-        if not token and name and key:
-            audience = token_audience(request.host.rsplit(":", 1)[0] or "relay", "")
-            token = create_token(audience, name, key, expiry=int(self._clock()) + 600)
-        refusal = self._token_refusal(token) if token else "give a Manage key or token"
-        if refusal is not None:
+        expires_at: float | None = None
+        if token:
+            with contextlib.suppress(TokenError):
+                parsed = parse_token(token)
+                name, expires_at = parsed.key_name, float(parsed.expiry)
+        elif name and key:
+            # Signed for the relay's own check: real time, whatever clock the sessions use.
+            expiry = int(time.time()) + KEY_TOKEN_LIFETIME
+            token = create_token(token_audience(request.host), name, key, expiry=expiry)
+        refusal = self._token_refusal(token) if token else "no key or token given"
+        keys = self._rule_keys(name) if refusal is None else None
+        if refusal is not None or keys is None:
             self._failed(remote)
+            logger.warning("dashboard: sign-in refused from %s: %s", remote, refusal or "no rule")
             return self._login_page("Sign-in refused: the key or token does not grant Manage.", 401)
         sid = secrets.token_urlsafe(32)
-        self._sessions[sid] = _Session(secrets.token_urlsafe(32), self._clock())
+        self._sessions[sid] = _Session(
+            secrets.token_urlsafe(32), self._clock(), name, keys, expires_at
+        )
         while len(self._sessions) > MAX_SESSIONS:
             self._sessions.popitem(last=False)
+        logger.info("dashboard: %s signed in from %s", name, remote)
         response = web.Response(status=303, headers={"Location": "/dashboard"})
         response.set_cookie(
             COOKIE,
@@ -311,11 +359,12 @@ class Dashboard:
 
     async def logout(self, request: web.Request) -> web.Response:
         session = self._session(request)
-        if session is None or not self._csrf_ok(request, session):
-            return web.json_response({"error": "CSRF token missing or wrong"}, status=403)
-        sid = request.cookies.get(COOKIE, "")
-        self._sessions.pop(sid, None)
-        response = web.json_response({"signedOut": True})
+        if session is None:
+            return _json({"error": "sign in first"}, 401)
+        if not self._csrf_ok(request, session):
+            return _json({"error": "CSRF token missing or wrong"}, 403)
+        self._sessions.pop(request.cookies.get(COOKIE, ""), None)
+        response = _json({"signedOut": True})
         response.del_cookie(COOKIE, path="/dashboard")
         return response
 
@@ -323,6 +372,8 @@ class Dashboard:
 
     def snapshot(self) -> dict[str, Any]:
         """What the page shows, now."""
+        now = self._clock()
+        self._note_listeners(now)  # between two samples too: a short visit is not missed
         listeners: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
         for info in self._runtime.listeners():
             listeners[info.hybrid_connection.lower()].append(info.body())
@@ -352,7 +403,7 @@ class Dashboard:
             for e in list(self._recent_errors())[-50:]
         ]
         return {
-            "time": self._clock(),
+            "time": now,
             "hybridConnections": entities,
             "connections": [info.body() for info in self._runtime.connections()],
             "rates": list(self._sampler.samples),
@@ -360,17 +411,19 @@ class Dashboard:
         }
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        if self._session(request) is None:
-            return web.json_response({"error": "sign in first"}, status=401)
+        # The stream does not count as activity: a page left open is signed out when the
+        # session has been idle for SESSION_IDLE (the page then shows the sign-in form).
+        if self._session(request, touch=False) is None:
+            return _json({"error": "sign in first"}, 401)
         if self._streams >= MAX_STREAMS:
-            return web.json_response({"error": "too many dashboards open"}, status=503)
+            return _json({"error": "too many dashboards open"}, 503)
         self._streams += 1
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **_HEADERS})
         try:
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **_HEADERS})
             async with asyncio.timeout(WRITE_TIMEOUT):
                 await response.prepare(request)
             while not self._closing.is_set():
-                if self._session(request) is None:  # signed out or expired meanwhile
+                if self._session(request, touch=False) is None:  # signed out or expired
                     break
                 data = json.dumps(self.snapshot(), separators=(",", ":"))
                 async with asyncio.timeout(WRITE_TIMEOUT):
@@ -378,39 +431,43 @@ class Dashboard:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(SNAPSHOT_INTERVAL):
                         await self._closing.wait()
-            return response
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await response.write_eof()
         except (ConnectionError, TimeoutError):
-            return web.Response(status=499)
+            # Gone, or not reading: drop the connection (what was prepared is answered).
+            if request.transport is not None:
+                request.transport.abort()
         finally:
             self._streams -= 1
+        return response
 
     async def create_hybrid_connection(self, request: web.Request) -> web.Response:
         session = self._session(request)
         if session is None:
-            return web.json_response({"error": "sign in first"}, status=401)
+            return _json({"error": "sign in first"}, 401)
         if not self._csrf_ok(request, session):
-            return web.json_response({"error": "CSRF token missing or wrong"}, status=403)
+            return _json({"error": "CSRF token missing or wrong"}, 403)
         try:
             body = await request.json()
         except ValueError:
-            return web.json_response({"error": "expected a JSON body"}, status=400)
+            return _json({"error": "expected a JSON body"}, 400)
         if not isinstance(body, dict) or not isinstance(body.get("name"), str):
-            return web.json_response({"error": 'expected {"name": ...}'}, status=400)
+            return _json({"error": 'expected {"name": ...}'}, 400)
         name = body["name"].strip("/")
         invalid = validate_hybrid_connection_name(name)
         if invalid is not None:
-            return web.json_response({"error": invalid}, status=400)
+            return _json({"error": invalid}, 400)
         requires = body.get("requiresClientAuthorization", True)
         if not isinstance(requires, bool):
-            return web.json_response(
-                {"error": "requiresClientAuthorization must be true or false"}, status=400
-            )
+            return _json({"error": "requiresClientAuthorization must be true or false"}, 400)
         if self._state().get(name) is not None:
-            return web.json_response({"error": f"{name!r} exists already"}, status=409)
+            return _json({"error": f"{name!r} exists already"}, 409)
         try:
             record, _ = await self._store.put_hybrid_connection(
                 name, requires_client_authorization=requires
             )
+        except StoreUnavailableError as exc:
+            return _json({"error": str(exc)}, 503)
         except StoreError as exc:
-            return web.json_response({"error": str(exc)}, status=409)
-        return web.json_response({"name": record.name}, status=201)
+            return _json({"error": str(exc)}, 409)
+        return _json({"name": record.name}, 201)
