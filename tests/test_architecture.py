@@ -171,6 +171,9 @@ def test_the_protocol_core_is_pure(path: Path) -> None:
 BRIDGE_MAY_USE = (
     "hybridrelay.bridge",
     "hybridrelay.exceptions",
+    # Metrics and the /metrics, /healthz, /readyz endpoint, shared with the relay's
+    # management listener (they import neither the SDK's internals nor the server).
+    "hybridrelay.observability",
     "hybridrelay.protocol",
     "hybridrelay.settings",
 )
