@@ -368,6 +368,26 @@ async def test_credentials_and_exit_codes(make_relay: RelayFactory) -> None:
 
 
 @pytest.mark.timeout(60)
+async def test_usage_errors_are_one_line_before_any_url_or_credential() -> None:
+    """Unknown arguments anywhere under ``admin`` and the checks that need no relay exit 2 with
+    one line, even with no URL or credential configured (those errors would come later)."""
+    cases = {
+        ("--bogus", "hc", "list"): "hybridrelay admin: unrecognized arguments: --bogus",
+        ("hc", "list", "--bogus"): "hybridrelay admin: hc list: unrecognized arguments: --bogus",
+        ("hc", "show", "a", "b"): "hybridrelay admin: hc show: unrecognized arguments: b",
+        ("hc", "nope"): "hybridrelay admin: hc: argument ACTION: invalid choice: 'nope'",
+        ("listeners", "close"): "hybridrelay admin: listeners close: name one ID, or give --hc",
+        ("connections", "close", "t", "--hc", "h"): "hybridrelay admin: connections close:",
+        ("hc", "update", "x"): "hybridrelay admin: hc update: nothing to change",
+        ("rules", "create", "r", "--rights", "Foo"): "hybridrelay admin: --rights 'Foo'",
+        (): "hybridrelay admin: name a group and an action",
+    }
+    errors = await asyncio.gather(*(fails(clean_env(), 2, *args) for args in cases))
+    for (args, expected), err in zip(cases.items(), errors, strict=True):
+        assert err.startswith(expected), (args, err)
+
+
+@pytest.mark.timeout(60)
 async def test_a_relay_that_does_not_answer_times_out() -> None:
     silent: list[asyncio.StreamWriter] = []
 

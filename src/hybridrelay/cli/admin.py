@@ -119,7 +119,20 @@ class _OneLineParser(argparse.ArgumentParser):
     """A group's or action's parser whose usage errors are one line (and exit 2)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"hybridrelay admin: {self.prog}: {message} (see --help)\n")
+        where = self.prog.removeprefix("hybridrelay admin").strip()
+        self.exit(
+            EXIT_USAGE, f"hybridrelay admin: {where}{': ' if where else ''}{message} (see --help)\n"
+        )
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # An unknown argument is refused here, in one line, rather than handed up to the
+        # `hybridrelay` parser (whose refusal is its whole usage).
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 # -- the parser ---------------------------------------------------------------------------------
@@ -192,6 +205,8 @@ def add_admin_arguments(parser: argparse.ArgumentParser) -> None:
         "relayed connections online."
     )
     parser.epilog = _ENVIRONMENT + "\n" + EXIT_CODES + "\n" + _EXAMPLES
+    if type(parser) is argparse.ArgumentParser:  # `hybridrelay`'s subparser: one-line errors too
+        parser.__class__ = _OneLineParser
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     _add_common(parser, after=False)
     parser.set_defaults(admin_group=None, admin_action=None)
@@ -334,6 +349,7 @@ def run_admin(args: argparse.Namespace) -> int:
                 EXIT_USAGE,
                 "name a group and an action, e.g. `hybridrelay admin hc list` (see --help)",
             )
+        _check_usage(args)  # before the URL and credential are looked for
         context = _connect(args)
         handler: Handler = args.admin_handler
         handler(context, args)
@@ -344,6 +360,16 @@ def run_admin(args: argparse.Namespace) -> int:
     except RelayError as exc:  # e.g. a token that cannot be made
         _fail(str(exc))
         return EXIT_USAGE
+
+
+def _check_usage(args: argparse.Namespace) -> None:
+    """The usage errors that need no relay: exit 2 even with no URL or credential given."""
+    if args.admin_group in ("listeners", "connections") and args.admin_action == "close":
+        _close_target(args.admin_group, args)
+    elif args.admin_group == "rules" and args.admin_action in ("create", "update"):
+        _rights(args.rights)
+    elif args.admin_group == "hc" and args.admin_action in ("update", "set"):
+        _hc_changes(args)
 
 
 def _fail(message: str) -> None:
@@ -780,7 +806,7 @@ def _hc_create(context: Context, args: argparse.Namespace) -> None:
     context.emit(item, lambda: f"created hybrid connection {args.name!r}\n{_hc_text(item)}")
 
 
-def _hc_update(context: Context, args: argparse.Namespace) -> None:
+def _hc_changes(args: argparse.Namespace) -> dict[str, Any]:
     properties: dict[str, Any] = {}
     if args.client_authorization is not None:
         properties["requiresClientAuthorization"] = args.client_authorization
@@ -792,6 +818,11 @@ def _hc_update(context: Context, args: argparse.Namespace) -> None:
             "hc update: nothing to change: give --client-authorization, "
             "--no-client-authorization or --metadata TEXT",
         )
+    return properties
+
+
+def _hc_update(context: Context, args: argparse.Namespace) -> None:
+    properties = _hc_changes(args)
     context.api.arm("GET", "hybridConnections", args.name)  # a 404 rather than a create
     _, item = context.api.arm(
         "PUT", "hybridConnections", args.name, body={"properties": properties}
@@ -915,7 +946,8 @@ def _runtime_list(context: Context, collection: str, hc: str | None) -> list[Any
     return items
 
 
-def _runtime_close(context: Context, collection: str, args: argparse.Namespace) -> None:
+def _close_target(collection: str, args: argparse.Namespace) -> tuple[str, dict[str, str] | None]:
+    """The path and query of a close: one by its id, or every one of ``--hc``."""
     if bool(args.id) == bool(args.hc):
         raise AdminError(
             EXIT_USAGE,
@@ -923,9 +955,12 @@ def _runtime_close(context: Context, collection: str, args: argparse.Namespace) 
             "connection (not both)",
         )
     if args.id:
-        path, query = f"/runtime/{collection}/{quote(args.id, safe='')}", None
-    else:
-        path, query = f"/runtime/{collection}", {"hybridConnection": args.hc}
+        return f"/runtime/{collection}/{quote(args.id, safe='')}", None
+    return f"/runtime/{collection}", {"hybridConnection": args.hc}
+
+
+def _runtime_close(context: Context, collection: str, args: argparse.Namespace) -> None:
+    path, query = _close_target(collection, args)
     _, body = context.api.call("DELETE", path, query=query)
     closed = _field(body, "closed", int)
     noun = collection[:-1] if closed == 1 else collection
