@@ -14,7 +14,9 @@ import pytest
 from hybridrelay.exceptions import RelayConnectionError
 from hybridrelay.protocol.addressing import parse_accept_params, protocol_params
 from hybridrelay.server.broker import (
+    LISTENERS_BUSY,
     NO_LISTENER,
+    SENDER_GONE,
     NOT_IN_TIME,
     TOO_MANY_PENDING,
     Accepted,
@@ -195,7 +197,7 @@ async def test_no_listener_and_too_many_pending() -> None:
         assert (pending, outcome) == (None, NO_LISTENER)
     broker.register(channel("l", socket), 25)
     waiting = Pending("other", "hc")
-    assert broker.open(waiting, 1)
+    assert broker.open(waiting, limits(1, LONG)) is None
     async with broker.offer("hc", Connection("c1", {}), limits(1, LONG)) as (
         pending,
         outcome,
@@ -223,7 +225,8 @@ async def test_claim_checks_the_id_the_kind_and_single_use() -> None:
     broker = LocalBroker()
     pending = PendingRendezvous("id-1", "hc")
     other_kind = Pending("id-2", "hc")
-    assert broker.open(pending, 10) and broker.open(other_kind, 10)
+    assert broker.open(pending, limits(10, LONG)) is None
+    assert broker.open(other_kind, limits(10, LONG)) is None
     assert broker.claim(pending.secret, "id-x", PendingRendezvous) is None
     assert broker.claim("unknown", "id-1", PendingRendezvous) is None
     assert broker.claim(other_kind.secret, "id-2", PendingRendezvous) is None  # made for another
@@ -250,7 +253,7 @@ async def test_what_waits_on_a_listener_learns_when_it_goes() -> None:
     broker.register(listener, 25)
     live, finished = _Recorded("r1", "hc"), _Recorded("r2", "hc")
     for pending in (live, finished):
-        assert broker.open(pending, 10)
+        assert broker.open(pending, limits(10, LONG)) is None
         assert (
             await broker.announce(pending, lambda base: f"request at {base}", b"body") is listener
         )
@@ -267,3 +270,94 @@ def test_the_http_deadline_is_the_entity_s_own_else_the_relay_s() -> None:
     assert response_deadline(limits, HybridConnectionConfig("hc")) == 60.0
     own = HybridConnectionConfig("hc", http_response_timeout=0.5)
     assert response_deadline(limits, own) == 0.5
+
+
+async def test_one_entity_cannot_take_every_pending_slot() -> None:
+    """Past ``max_pending_per_connection`` an entity's senders get 503; another entity still
+    gets slots, and a slot given back can be taken again."""
+    broker = LocalBroker()
+    bounds = LimitsConfig(max_pending_rendezvous=10, max_pending_per_connection=3)
+    noisy = [Pending(f"n{i}", "Noisy") for i in range(3)]
+    for pending in noisy:
+        assert broker.open(pending, bounds) is None
+    assert broker.open(Pending("n3", "noisy"), bounds) == TOO_MANY_PENDING  # case-insensitive
+    assert broker.open(Pending("q0", "quiet"), bounds) is None
+    broker.forget(noisy[0])
+    broker.forget(noisy[0])  # twice: counted once
+    assert broker.open(Pending("n4", "noisy"), bounds) is None
+    assert broker.open(Pending("n5", "noisy"), bounds) == TOO_MANY_PENDING
+    assert broker.pending_count == 4
+
+
+class StalledSocket(FakeSocket):
+    """A listener that stopped reading: a send never completes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aborted = False
+
+    async def send(self, data: bytes | str) -> None:
+        await asyncio.Event().wait()
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+async def test_a_listener_that_stopped_reading_is_passed_over_then_the_senders_get_503() -> None:
+    stalled, healthy = StalledSocket(), FakeSocket()
+    broker = LocalBroker(shuffle=in_order("stalled", "healthy"))
+    slow = channel("stalled", stalled)
+    broker.register(slow, 25)
+    bounds = LimitsConfig(max_queued_per_listener=2)
+    stuck = [
+        asyncio.create_task(broker.announce(Pending(f"s{i}", "hc"), lambda base: "x"))
+        for i in range(2)
+    ]
+    await asyncio.sleep(0)  # both are queued on the stalled channel now
+    assert slow.queued == 2
+    assert broker.open(Pending("s2", "hc"), bounds) == LISTENERS_BUSY
+    broker.register(channel("healthy", healthy), 25)
+    pending = Pending("s3", "hc")
+    assert broker.open(pending, bounds) is None
+    told = await broker.announce(pending, lambda base: "to the healthy one")
+    assert told is not None and told.listener_id == "healthy"
+    assert healthy.sent == ["to the healthy one"]
+    for task in stuck:
+        task.cancel()
+    await asyncio.gather(*stuck, return_exceptions=True)
+    assert slow.queued == 0
+
+
+async def test_a_send_that_times_out_closes_the_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listener is routable or disconnected, never a zombie: the channel is dropped (so its
+    SDK reconnects) when a message cannot be sent in time."""
+    import hybridrelay.server.channel as channel_module
+
+    monkeypatch.setattr(channel_module, "_SEND_TIMEOUT", 0.05)
+    stalled = StalledSocket()
+    slow = channel("stalled", stalled)
+    with pytest.raises(RelayConnectionError):
+        await slow.send("accept")
+    assert stalled.aborted and not slow.usable
+
+
+async def test_a_sender_that_goes_away_frees_its_slot_at_once() -> None:
+    socket = FakeSocket()
+    broker = LocalBroker()
+    broker.register(channel("l", socket), 25)
+    gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def sender() -> object:
+        async with broker.offer("hc", Connection("c1", {}, gone=gone), limits(10, LONG)) as (
+            _,
+            outcome,
+        ):
+            return outcome
+
+    waiting = asyncio.create_task(sender())
+    await socket.next_accept()  # the listener was told, and does not answer
+    assert broker.pending_count == 1
+    gone.set_result(None)
+    async with asyncio.timeout(5):  # far below the 30 s rendezvous timeout
+        assert await waiting == SENDER_GONE
+    assert broker.pending_count == 0

@@ -9,8 +9,13 @@ port. The broker holds
   skipping and dropping any whose send fails;
 * the ONE table of pending rendezvous, keyed by the unguessable secret that goes into the
   address the listener is told (PROTOCOL.md 5.2: the URL is the rendezvous' only credential),
-  bounded by the relay's ``max_pending_rendezvous``; each entry is claimed at most once, by the
-  action it was made for (:meth:`Broker.claim`);
+  bounded by the relay's ``max_pending_rendezvous`` in all and ``max_pending_per_connection``
+  per hybrid connection (one entity's flood leaves the others their slots); each entry is
+  claimed at most once, by the action it was made for (:meth:`Broker.claim`), and a sender
+  that goes away while it waits frees its entry at once;
+* how much each listener has queued: one whose control channel holds
+  ``max_queued_per_listener`` unsent messages is passed over, and when every listener of the
+  entity is full the sender is refused with 503 (load is shed, no listener is dropped for it);
 * which listener was told about which pending rendezvous, so that when a control channel goes
   away the senders waiting on it learn at once (a connect is offered to another listener, an
   HTTP request fails with 502).
@@ -42,8 +47,10 @@ from hybridrelay.transport.splice import Splice
 
 __all__ = [
     "ENTITY_DELETED",
+    "LISTENERS_BUSY",
     "NOT_IN_TIME",
     "NO_LISTENER",
+    "SENDER_GONE",
     "TOO_MANY_PENDING",
     "Accepted",
     "Broker",
@@ -89,6 +96,9 @@ Outcome = Accepted | Rejection | Unanswered
 NO_LISTENER = Unanswered(404, "There are no listeners connected for the endpoint.")
 TOO_MANY_PENDING = Unanswered(503, "Too many pending connections; try again later.")
 NOT_IN_TIME = Unanswered(504, "The listener did not accept the connection in time.")
+LISTENERS_BUSY = Unanswered(503, "Every listener is busy; try again later.")
+#: The sender's connection closed while it waited (nobody reads this answer).
+SENDER_GONE = Unanswered(499, "The sender went away.")
 ENTITY_DELETED = "The hybrid connection was deleted."
 
 
@@ -109,6 +119,8 @@ class Pending:
     secret: str = field(default_factory=_new_secret, repr=False)
     channel: ControlChannel | None = None
     claimed: bool = False
+    #: A listener with this many messages queued is not told (set by :meth:`Broker.open`).
+    max_queued: int = LimitsConfig.max_queued_per_listener
 
     def listener_gone(self) -> None:
         """The control channel of the listener that was told went away."""
@@ -151,7 +163,8 @@ class Connection:
     """A sender to offer, as its ``accept`` describes it to the listener (PROTOCOL.md 5.2).
 
     ``suffix`` is the sender's path below the entity (decoded) and ``raw_query`` its query as
-    sent; the relay's own ``sb-hc-*`` parameters are filtered out of the address.
+    sent; the relay's own ``sb-hc-*`` parameters are filtered out of the address. ``gone``,
+    where known, resolves when the sender's connection closes: waiting for a listener ends then.
     """
 
     id: str
@@ -159,6 +172,7 @@ class Connection:
     remote: RemoteEndpoint | None = None
     suffix: str = ""
     raw_query: str = ""
+    gone: asyncio.Future[None] | None = field(default=None, compare=False, repr=False)
 
     def accept_text(self, base_url: str, entity: str, secret: str) -> str:
         """The ``accept`` message for a listener whose rendezvous base is ``base_url``."""
@@ -225,8 +239,10 @@ class Broker(Protocol):
         """
         ...
 
-    def open(self, pending: Pending, max_pending: int) -> bool:
-        """Enter ``pending`` in the table; False if ``max_pending`` are pending already."""
+    def open(self, pending: Pending, limits: LimitsConfig) -> Unanswered | None:
+        """Enter ``pending`` in the table; or why not: :data:`TOO_MANY_PENDING` when the
+        relay or the entity has as many pending as ``limits`` allow, :data:`LISTENERS_BUSY`
+        when every listener of the entity has ``max_queued_per_listener`` queued."""
         ...
 
     async def announce(
@@ -263,6 +279,8 @@ class LocalBroker:
         #: Registered control channels by lower-cased entity path, in registration order.
         self._by_entity: dict[str, list[ControlChannel]] = {}
         self._pending: dict[str, Pending] = {}
+        #: How many of ``_pending`` belong to each (lower-cased) entity.
+        self._pending_per_entity: dict[str, int] = {}
         #: Per control channel: the pending rendezvous its listener was told about.
         self._told: dict[ControlChannel, set[Pending]] = {}
 
@@ -314,14 +332,28 @@ class LocalBroker:
     def pending_count(self) -> int:
         return len(self._pending)
 
-    def open(self, pending: Pending, max_pending: int) -> bool:
-        if len(self._pending) >= max_pending:
-            return False
+    def open(self, pending: Pending, limits: LimitsConfig) -> Unanswered | None:
+        key = pending.entity.lower()
+        count = self._pending_per_entity.get(key, 0)
+        if (
+            len(self._pending) >= limits.max_pending_rendezvous
+            or count >= limits.max_pending_per_connection
+        ):
+            return TOO_MANY_PENDING
+        pending.max_queued = limits.max_queued_per_listener
+        channels = [c for c in self._by_entity.get(key, ()) if c.usable]
+        if channels and all(c.queued >= pending.max_queued for c in channels):
+            return LISTENERS_BUSY
         self._pending[pending.secret] = pending
-        return True
+        self._pending_per_entity[key] = count + 1
+        return None
 
     def forget(self, pending: Pending) -> None:
-        self._pending.pop(pending.secret, None)
+        if self._pending.pop(pending.secret, None) is not None:
+            key = pending.entity.lower()
+            count = self._pending_per_entity.pop(key, 1) - 1
+            if count > 0:
+                self._pending_per_entity[key] = count
         self._untell(pending)
 
     def claim(self, secret: str, connection_id: str, kind: type[P]) -> P | None:
@@ -349,7 +381,7 @@ class LocalBroker:
         # connection's lifetime).
         texts: dict[str, str] = {}
         for channel in candidates:
-            if channel in exclude:
+            if channel in exclude or channel.queued >= pending.max_queued:
                 continue
             text = texts.get(channel.base_url)
             if text is None:
@@ -391,8 +423,9 @@ class LocalBroker:
             yield None, NO_LISTENER
             return
         pending = PendingRendezvous(connection.id, entity)
-        if not self.open(pending, limits.max_pending_rendezvous):
-            yield None, TOO_MANY_PENDING
+        refused = self.open(pending, limits)
+        if refused is not None:
+            yield None, refused
             return
         try:
             yield (
@@ -419,26 +452,37 @@ class LocalBroker:
         def accept_text(base_url: str) -> str:
             return connection.accept_text(base_url, entity, pending.secret)
 
+        gone = connection.gone
+        if gone is None:
+            gone = asyncio.get_running_loop().create_future()  # never resolved
         channel = await self.announce(pending, accept_text)
         if channel is None:
-            return NO_LISTENER
+            return SENDER_GONE if gone.done() else NO_LISTENER
         loop = asyncio.get_running_loop()
         deadline = loop.time() + rendezvous_timeout
         tried = {channel}
         while not pending.outcome.done():
             remaining = deadline - loop.time()
+            if gone.done():
+                return SENDER_GONE
             if remaining <= 0:
                 return NOT_IN_TIME
             await asyncio.wait(
-                (pending.outcome, channel.closed), timeout=remaining, return_when="FIRST_COMPLETED"
+                (pending.outcome, channel.closed, gone),
+                timeout=remaining,
+                return_when="FIRST_COMPLETED",
             )
             if channel.closed.done() and not pending.outcome.done():
                 next_channel = await self.announce(pending, accept_text, exclude=tried)
                 if next_channel is None:
                     # Nobody else: the first listener may still answer; wait out the deadline.
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout_at(deadline):
-                            await asyncio.shield(pending.outcome)
+                    await asyncio.wait(
+                        (pending.outcome, gone),
+                        timeout=max(0.0, deadline - loop.time()),
+                        return_when="FIRST_COMPLETED",
+                    )
+                    if gone.done() and not pending.outcome.done():
+                        return SENDER_GONE
                     break
                 channel = next_channel
                 tried.add(channel)

@@ -9,7 +9,9 @@ import time
 from hybridrelay.exceptions import RelayConnectionError
 from hybridrelay.transport.base import MessageSocket
 
-#: A control channel that cannot take a small message in this time is treated as dead.
+#: A control channel that cannot take a small message in this time is treated as dead, and
+#: closed: a listener is either routable or disconnected (so that its SDK reconnects), never
+#: connected but passed over for good.
 _SEND_TIMEOUT = 10.0
 
 __all__ = ["ControlChannel"]
@@ -25,6 +27,7 @@ class ControlChannel:
         "connected_at",
         "entity",
         "listener_id",
+        "queued",
         "remote",
         "socket",
         "token_expiry",
@@ -54,11 +57,15 @@ class ControlChannel:
         #: Resolved when the channel is gone: senders offered to it are offered elsewhere.
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._send_lock = asyncio.Lock()
+        #: Messages being sent or waiting for the channel (the broker passes over a channel
+        #: with too many: a listener that stopped reading is not handed more senders).
+        self.queued = 0
 
     async def send(self, text: str, body: bytes | None = None) -> None:
         """Send a control message (and its binary body right after it, nothing in between)."""
         if not self.usable:
             raise RelayConnectionError("control channel is closed")
+        self.queued += 1
         try:
             async with asyncio.timeout(_SEND_TIMEOUT), self._send_lock:
                 await self.socket.send(text)
@@ -66,7 +73,12 @@ class ControlChannel:
                     await self.socket.send(body)
         except (RelayConnectionError, TimeoutError) as exc:
             self.usable = False
+            # Dropping the connection ends the channel's loop (which unregisters it and moves
+            # what waits on it elsewhere) and tells the listener to reconnect.
+            self.socket.abort()
             raise RelayConnectionError("control channel send failed") from exc
+        finally:
+            self.queued -= 1
 
     def __repr__(self) -> str:
         return f"<ControlChannel {self.entity!r} listener={self.listener_id}>"

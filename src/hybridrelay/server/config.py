@@ -181,6 +181,22 @@ class LimitsConfig:
     max_pending_rendezvous: int = setting(
         10_000, help="rendezvous waiting for their listener, in all", low=1, high=10**7
     )
+    #: One hybrid connection's share of the table above, so that one tenant's senders (or a
+    #: flood of them) cannot leave the other entities without slots.
+    max_pending_per_connection: int = setting(
+        1_000,
+        help="rendezvous and HTTP requests waiting for the listeners of one hybrid connection",
+        low=1,
+        high=10**7,
+    )
+    #: A listener that stops reading its control channel queues the messages meant for it;
+    #: past this many it is passed over (its senders get 503 when every listener is full).
+    max_queued_per_listener: int = setting(
+        64,
+        help="messages waiting to be sent on one listener's control channel",
+        low=1,
+        high=10**6,
+    )
     #: How long a connection may wait without a request, before its first and between HTTP
     #: requests, before the relay closes it (WebSockets are not affected).
     idle_timeout: float = setting(

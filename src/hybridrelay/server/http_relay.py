@@ -301,8 +301,9 @@ class HttpRelay:
                 body=bool(body) if inline else has_body,
             )
 
-        if not self._relay.broker.open(exchange, limits.max_pending_rendezvous):
-            return error_response(503, _TOO_MANY_PENDING)
+        refused = self._relay.broker.open(exchange, limits)
+        if refused is not None:
+            return error_response(refused.status, refused.description)
         self._by_id[exchange.id] = exchange
         try:
             if inline:

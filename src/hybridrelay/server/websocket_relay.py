@@ -30,6 +30,7 @@ from hybridrelay.server.broker import (
 from hybridrelay.server.config import HybridConnectionConfig
 from hybridrelay.server.context import RelayContext
 from hybridrelay.server.legs import RelayedConnection
+from hybridrelay.server.request import connection_gone
 from hybridrelay.server.responses import error_response, reason_phrase, tracking_id
 from hybridrelay.transport.base import CloseCode
 from hybridrelay.transport.splice import take_over
@@ -77,6 +78,7 @@ class WebSocketRelay:
             remote=remote_endpoint(peer),
             suffix=suffix,
             raw_query=raw_query,
+            gone=connection_gone(request),
         )
         async with self._relay.broker.offer(entity.name, connection, self._relay.config.limits) as (
             pending,
