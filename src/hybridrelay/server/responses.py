@@ -3,16 +3,21 @@
 Every refusal the relay writes (to a sender, a listener, a rendezvous) is an
 :func:`error_response`, whose reason phrase carries a ``TrackingId`` as Azure's do (PROTOCOL.md
 3.6); every reason phrase that comes from elsewhere (a listener's rejection or response) goes
-through :func:`reason_phrase` before it reaches a status line.
+through :func:`reason_phrase` before it reaches a status line. Every answer says
+``Server: hybridrelay`` (:func:`name_the_server`), never the versions of Python and aiohttp.
 """
 
 from __future__ import annotations
 
 import uuid
 
-from aiohttp import web
+from aiohttp import web, web_response
 
-__all__ = ["error_response", "reason_phrase", "tracking_id"]
+__all__ = ["SERVER_HEADER", "error_response", "name_the_server", "reason_phrase", "tracking_id"]
+
+#: The ``Server`` header of the relay's answers: the product without versions, which would
+#: only tell a scanner which known flaws to try.
+SERVER_HEADER = "hybridrelay"
 
 #: Longest reason phrase the relay writes.
 _REASON_LIMIT = 512
@@ -36,3 +41,10 @@ def error_response(status: int, description: str, track: str | None = None) -> w
     """An error answer whose reason phrase carries a TrackingId, as Azure's do."""
     text = f"{description} TrackingId:{track or tracking_id()}"
     return web.Response(status=status, reason=reason_phrase(text), text=text + "\n")
+
+
+def name_the_server() -> None:
+    """Make :data:`SERVER_HEADER` aiohttp's default ``Server`` header, set on every response
+    of this process that names none: the relay's, its management listener's, aiohttp's 400s."""
+    # aiohttp reads the module's SERVER_SOFTWARE when it prepares each response's headers.
+    setattr(web_response, "SERVER_SOFTWARE", SERVER_HEADER)  # noqa: B010 (a Final elsewhere)
