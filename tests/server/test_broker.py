@@ -16,8 +16,8 @@ from hybridrelay.protocol.addressing import parse_accept_params, protocol_params
 from hybridrelay.server.broker import (
     LISTENERS_BUSY,
     NO_LISTENER,
-    SENDER_GONE,
     NOT_IN_TIME,
+    SENDER_GONE,
     TOO_MANY_PENDING,
     Accepted,
     Connection,

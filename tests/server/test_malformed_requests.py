@@ -41,7 +41,8 @@ async def test_a_malformed_request_logs_one_line_without_its_headers(
         f"GET /$hc/hc?sb-hc-action=connect HTTP/1.1\r\nHost: x\r\n"
         f"ServiceBusAuthorization: {token}\x01\r\n\r\n",
         f"GET /hc/x HTTP/1.1\r\nServiceBusAuthorization: {token}\r\nBad Header {signature}\r\n\r\n",
-        f"GET /hc/x HTTP/1.1\r\nServiceBusAuthorization: {token}\r\nContent-Length: {signature}\r\n\r\n",
+        f"GET /hc/x HTTP/1.1\r\nServiceBusAuthorization: {token}\r\n"
+        f"Content-Length: {signature}\r\n\r\n",
         f"G\x00T /{signature} HTTP/1.1\r\n\r\n",
     ]
     for raw in bad:

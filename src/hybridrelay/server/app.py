@@ -46,9 +46,10 @@ from hybridrelay.server.control_channel import ListenEndpoint
 from hybridrelay.server.http_relay import HttpRelay
 from hybridrelay.server.ingress import RelayIngress
 from hybridrelay.server.legs import RelayedLegs
+from hybridrelay.server.malformed import HTTP_LOGGER
 from hybridrelay.server.observer import RelayObserver
 from hybridrelay.server.request import RelayRequest
-from hybridrelay.server.responses import error_response
+from hybridrelay.server.responses import error_response, name_the_server
 from hybridrelay.server.runtime_info import is_runtime_info_request, runtime_info
 from hybridrelay.server.runtime_view import RelayRuntimeView, close_channels
 from hybridrelay.server.store import NamespaceView, file_layer
@@ -205,10 +206,12 @@ class RelayServer:
         # relayed connection, measured) and CPU per request.
         # keepalive_timeout also bounds the wait for a connection's first request (aiohttp
         # starts it at connection_made): one that never sends one does not stay for ever.
+        name_the_server()
         loop = asyncio.get_running_loop()
         server = web.Server(
             self._dispatch,
             request_factory=lambda *parts: RelayRequest(*parts, loop),
+            logger=HTTP_LOGGER,  # a malformed request: one short line, never its headers
             access_log=None,
             max_field_size=32768,
             keepalive_timeout=self.config.limits.idle_timeout,
