@@ -13,7 +13,9 @@ import pytest
 
 from tests.conftest import Relay, RelayFactory, eventually
 from tests.server.test_relay_websocket import (
+    AUTH,
     handshake_status,
+    next_accept,
     open_listener,
     relayed_pair,
     session,
@@ -100,3 +102,26 @@ async def test_a_sender_that_closes_while_waiting_frees_its_slot(make_relay: Rel
         await eventually(lambda: broker.pending_count == 0)
         reading.cancel()
         await listener.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("status", ["101", "200", "302"])
+async def test_a_rejection_that_is_not_an_error_status_is_refused(
+    relay: Relay, status: str
+) -> None:
+    """Only 4xx/5xx make sense as a rejection: a bare 101 would leave the sender with an open
+    connection and no WebSocket. The sender gets 400 and so does the listener's reject."""
+    async with session() as s:
+        control = await open_listener(s, relay)
+        sender = asyncio.create_task(
+            handshake_status(relay, "/$hc/hc?sb-hc-action=connect", {AUTH: relay.token("hc")})
+        )
+        address = str((await next_accept(control))["address"])
+        reject = address + f"&sb-hc-statusCode={status}&sb-hc-statusDescription=odd"
+        refused, reason = await handshake_status(relay, reject[len(relay.base_url) :])
+        assert (refused, reason.split(" TrackingId")[0]) == (
+            400,
+            "sb-hc-statusCode must be an error status, 400-599.",
+        )
+        assert (await sender)[0] == 400
+        await control.close()

@@ -240,8 +240,9 @@ class AcceptParams:
         connection_id: ``sb-hc-id`` (``""`` if absent).
         secret: ``sb-hc-rendezvous`` (``""`` if absent). Never log it.
         rejects: the listener rejects the sender (``sb-hc-statusCode`` is present).
-        status_code: the rejection's status, 100-999; None when not rejecting or when the
-            parameter is not a status code (``rejects`` tells the two apart).
+        status_code: the rejection's status, 400-599; None when not rejecting or when the
+            parameter is not an error status (``rejects`` tells the two apart): a rejection
+            that answered the sender 101 or 2xx would leave it with no connection and no error.
         status_description: the rejection's reason (:data:`UNDESCRIBED_REJECTION` if
             none was given).
     """
@@ -262,12 +263,13 @@ class AcceptParams:
 def parse_accept_params(params: Mapping[str, str]) -> AcceptParams:
     """Read an accept or reject URL's parameters (as :func:`protocol_params` returns them).
 
-    A status code is three ASCII digits, 100-999; anything else (a sign, spaces, ``4_04``,
-    ``0404``) leaves ``status_code`` None while ``rejects`` stays true.
+    A status code is three ASCII digits, 400-599 (a client or server error: 5.4); anything
+    else (``101``, ``200``, a sign, spaces, ``4_04``, ``0404``) leaves ``status_code`` None
+    while ``rejects`` stays true.
     """
     status = params.get(STATUS_CODE_PARAM)
     code: int | None = None
-    if status is not None and _STATUS_CODE.fullmatch(status):
+    if status is not None and _STATUS_CODE.fullmatch(status) and 400 <= int(status) <= 599:
         code = int(status)
     return AcceptParams(
         connection_id=params.get(ID_PARAM, ""),

@@ -153,7 +153,7 @@ class WebSocketRelay:
             if address.status_code is None:
                 if not pending.outcome.done():
                     pending.outcome.set_result(Rejection(400, UNDESCRIBED_REJECTION))
-                return error_response(400, "sb-hc-statusCode must be an HTTP status code.")
+                return error_response(400, "sb-hc-statusCode must be an error status, 400-599.")
             if not pending.outcome.done():
                 pending.outcome.set_result(
                     Rejection(address.status_code, address.status_description)
