@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -139,20 +138,17 @@ def available(name: str) -> str | None:
     return None
 
 
-def _hybridrelay_exe() -> str:
-    """``$BENCH_HYBRIDRELAY`` (an A/B experiment's wrapper) or the installed command."""
-    return os.environ.get("BENCH_HYBRIDRELAY") or shutil.which("hybridrelay") or "hybridrelay"
-
-
-def _bridge_command() -> list[str]:
-    exe = _hybridrelay_exe()
-    if exe:
-        probe = subprocess.run(
-            [exe, "bridge", "--help"], capture_output=True, timeout=30, check=False
-        )
-        if probe.returncode == 0:
-            return [exe, "bridge"]
-    return [sys.executable, "-m", "bench.bridge_main"]
+def _hybridrelay_command() -> list[str]:
+    """``$BENCH_HYBRIDRELAY`` (an A/B experiment's wrapper), else our console script next to
+    the interpreter running the bench (a virtual environment's, even when it is not
+    activated and so not on PATH), else this interpreter's ``-m hybridrelay``."""
+    wrapper = os.environ.get("BENCH_HYBRIDRELAY")
+    if wrapper:
+        return [wrapper]
+    script = Path(sys.executable).parent / "hybridrelay"
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "hybridrelay"]
 
 
 def _tls_files(workdir: Path) -> tuple[Path, Path, Path]:
@@ -317,8 +313,9 @@ def start_topology(
             cert, pkey, ca = _tls_files(workdir)
             tls_pair = (cert, pkey)
         config = _relay_config(workdir, key, tls_pair, ingress=own_ingress)
-        exe = _hybridrelay_exe()
-        relay = procs.start("relay", [exe, "serve", "--config", str(config)], cpus=cpus.relay)
+        relay = procs.start(
+            "relay", [*_hybridrelay_command(), "serve", "--config", str(config)], cpus=cpus.relay
+        )
         m = relay.wait_line(r"relay listening on (wss?)://127\.0\.0\.1:(\d+)")
         ingress_port = (
             int(relay.wait_line(r"ingress listening on 127\.0\.0\.1:(\d+)").group(1))
@@ -327,7 +324,7 @@ def start_topology(
         )
         scheme = "sb" if m.group(1) == "wss" else "ws"
         cs = f"Endpoint={scheme}://127.0.0.1:{m.group(2)}/;SharedAccessKeyName={KEY_NAME};SharedAccessKey={key}"
-        bridge = _bridge_command()
+        bridge = [*_hybridrelay_command(), "bridge"]
         http_forward = (
             [f'http_forwards: ["{HTTP_HC}:http://127.0.0.1:{http_port}"]'] if http_port else []
         )

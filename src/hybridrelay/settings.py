@@ -348,8 +348,21 @@ def read_document(path: str | Path, *, what: str = "config file") -> Any:
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigurationError(f"{path}: invalid YAML: {exc}") from exc
+        raise ConfigurationError(f"{what} {path}{_yaml_problem(exc)}") from None
     return {} if document is None else document
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """``, line 12: <problem>`` of a YAML error, on one line: PyYAML's own text spans several
+    lines and names ``"<unicode string>"`` instead of the file."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None)
+    where = f", line {mark.line + 1}" if mark is not None else ""
+    text = "invalid YAML: " + (" ".join(str(problem).split()) if problem else "unreadable")
+    context = getattr(exc, "context", None)
+    if context and problem and context != problem:
+        text += f" ({' '.join(str(context).split())})"
+    return f"{where}: {text}"
 
 
 def load_yaml(cls: type[T], path: str | Path, *, what: str = "config file") -> T:

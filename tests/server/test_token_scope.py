@@ -29,7 +29,7 @@ AUTH = "ServiceBusAuthorization"
 TREE = ("plant", "plant/line-1", "plant/line-1/plc")
 #: Every entity has its own rule called "edge", each with its own key.
 EDGE = "edge"
-KEYS = {name: f"edge-key-of-{name.replace('/', '-')}-0123456789" for name in TREE}
+KEYS = {name: f"edge-key-of-{name.replace('/', '-')}-0123456789abcdefghij" for name in TREE}
 ENTITIES = [
     {
         "name": name,

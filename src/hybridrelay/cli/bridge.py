@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
+from pathlib import Path
 
 from hybridrelay.bridge.agent import BridgeAgent
 from hybridrelay.bridge.config import (
@@ -30,6 +32,7 @@ from hybridrelay.bridge.config import (
     load_config,
     merge_arguments,
 )
+from hybridrelay.bridge.specs import Protocol
 from hybridrelay.cli.logs import configure_logging
 from hybridrelay.cli.signals import stop_on_signals
 from hybridrelay.exceptions import ConfigurationError, RelayError
@@ -84,6 +87,11 @@ async def run_bridge(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         _error(f"hybridrelay bridge: {exc}")
         return 2
+    try:
+        check_before_binding(config)
+    except ConfigurationError as exc:
+        _error(f"hybridrelay bridge: {exc}")
+        return 2
     configure_logging(config.log_level, logger="hybridrelay")
     for forward in config.local_forwards:
         if forward.spec.binds_non_loopback or (
@@ -109,6 +117,56 @@ async def run_bridge(args: argparse.Namespace) -> int:
             _error(f"hybridrelay bridge: {type(exc).__name__}: {exc}")
             return 1
     return 0
+
+
+def check_before_binding(config: BridgeConfig) -> None:
+    """What would make a forward fail once the others are bound, checked before any is: the
+    directories of Unix sockets, the CA file, and that every bind address is this machine's.
+    A bridge that exits on its third forward must not have opened the first two meanwhile
+    (a public port, even for a moment).
+
+    Raises:
+        ConfigurationError: the first problem, naming the forward and the path or address.
+    """
+    for forward in config.local_forwards:
+        spec = forward.spec
+        if spec.protocol is Protocol.UNIX:
+            assert spec.path is not None
+            directory = Path(spec.path).parent
+            if not directory.is_dir():
+                raise ConfigurationError(
+                    f"-L {spec}: the socket's directory {directory} does not exist: create it "
+                    "(systemd: RuntimeDirectory=) or choose another path"
+                )
+            continue
+        host = config.bind_host(forward)
+        if host is not None:
+            _check_local_address(host, f"-L {spec}")
+    if config.metrics_port is not None:
+        _check_local_address(config.metrics_host, "--metrics-host")
+    ca_file = config.connection.ca_file
+    if ca_file is not None and not os.access(ca_file, os.R_OK):
+        raise ConfigurationError(f"--ca-file {ca_file}: no such readable file")
+
+
+def _check_local_address(host: str, what: str) -> None:
+    """``host`` names an address of this machine: binding it on an ephemeral port works (the
+    socket is closed at once, so no port stays taken)."""
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigurationError(f"{what}: cannot resolve {host!r}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    probe = socket.socket(family, kind, proto)
+    try:
+        probe.bind(address)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{what}: cannot listen on {host}: {exc.strerror or exc} (not an address of this "
+            "machine?)"
+        ) from None
+    finally:
+        probe.close()
 
 
 def _error(message: str) -> None:

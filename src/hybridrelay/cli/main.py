@@ -36,6 +36,7 @@ from hybridrelay.server.config import (
     StoreSettings,
 )
 from hybridrelay.settings import add_arguments, apply, given_arguments
+from hybridrelay.transport.bind import bind_failure
 from hybridrelay.transport.event_loop import (
     LOOPS,
     UvloopMissingError,
@@ -235,7 +236,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             if store is not None:
                 await store.aclose()
             raise ConfigurationError(
-                f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}"
+                bind_failure(
+                    f"{config.server.host}:{config.server.port}", exc, port_option="--port"
+                )
             ) from exc
         stop = asyncio.Event()
         try:

@@ -57,6 +57,7 @@ from hybridrelay.server.websocket_relay import WebSocketRelay
 from hybridrelay.store.base import Store, StoreError
 from hybridrelay.store.sqlite import MEMORY, SqliteStore
 from hybridrelay.transport.base import CloseCode
+from hybridrelay.transport.bind import bind_failure
 
 __all__ = ["RelayServer"]
 
@@ -184,10 +185,22 @@ class RelayServer:
             return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        for what, path in (("certificate", tls.cert), ("private key", tls.key)):
+            # load_cert_chain's OSError names neither file: say which one is missing.
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot read the TLS {what} {path}: {exc.strerror or exc} (check tls.cert "
+                    "and tls.key; relative paths are relative to the config file)"
+                ) from exc
         try:
             context.load_cert_chain(tls.cert, tls.key)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigurationError(f"cannot load TLS certificate/key: {exc}") from exc
+            raise ConfigurationError(
+                f"cannot load the TLS certificate {tls.cert} with the key {tls.key}: {exc}"
+            ) from exc
         return context
 
     async def start(self) -> None:
@@ -229,8 +242,11 @@ class RelayServer:
                 try:
                     await ingress.start()
                 except OSError as exc:
+                    entry = ingress.config
+                    host = f"[{entry.host}]" if ":" in entry.host else entry.host
                     raise ConfigurationError(
-                        f"ingress {ingress.config.label}: cannot listen: {exc.strerror or exc}"
+                        f"ingress to {entry.hybrid_connection}: "
+                        + bind_failure(f"{host}:{entry.port}", exc, port_option="its listen:")
                     ) from exc
         except BaseException:
             await self.aclose()
@@ -273,8 +289,10 @@ class RelayServer:
             )
         except OSError as exc:
             raise ConfigurationError(
-                f"management: cannot listen on {settings.host}:{settings.port}: "
-                f"{exc.strerror or exc} (choose another --management-port)"
+                "management: "
+                + bind_failure(
+                    f"{settings.host}:{settings.port}", exc, port_option="--management-port"
+                )
             ) from exc
         self._management_secure = secure is not None
         self.dashboard.start()

@@ -210,13 +210,37 @@ class LimitsConfig:
         check_fields(self)
 
 
+#: Shortest key a file may give: 32 characters, as 24 random bytes in base64; Azure's (and
+#: ``openssl rand -base64 32``'s) are 44.
+MIN_KEY_LENGTH = 32
+#: Words of the examples' placeholders (``REPLACE-ME-...``): a key with one of them was
+#: copied, not made, and a relay started with it would accept anyone who read the example.
+_PLACEHOLDER_WORDS = ("replace", "change-me", "changeme", "placeholder", "your-key")
+KEY_RULE = (
+    f"at least {MIN_KEY_LENGTH} characters, not a placeholder; make one with "
+    "`openssl rand -base64 32`"
+)
+
+
+def _check_key(key: str, name: str) -> None:
+    """Refuse a short or placeholder key; the message never quotes the key."""
+    make_one = "make one with `openssl rand -base64 32`"
+    lowered = key.lower()
+    if any(word in lowered for word in _PLACEHOLDER_WORDS):
+        raise ConfigurationError(f"{name}: a placeholder, not a key: {make_one}")
+    if len(key) < MIN_KEY_LENGTH:
+        raise ConfigurationError(
+            f"{name}: {len(key)} characters, a key needs at least {MIN_KEY_LENGTH}: {make_one}"
+        )
+
+
 @dataclass(frozen=True)
 class RuleEntry:
     """A shared access rule as the file writes it (keys never appear in ``repr``)."""
 
     name: str = setting(help="the rule's name (SharedAccessKeyName)")
-    primary_key: str = setting(help="at least 16 characters", secret=True)
-    secondary_key: str | None = setting(None, help="at least 16 characters", secret=True)
+    primary_key: str = setting(help=KEY_RULE, secret=True)
+    secondary_key: str | None = setting(None, help=KEY_RULE, secret=True)
     rights: tuple[str, ...] = setting(
         (), help="a non-empty list of Listen, Send, Manage", kind="list of strings"
     )
@@ -229,10 +253,9 @@ class RuleEntry:
             Rights.parse(self.rights)
         except ValueError as exc:
             raise ConfigurationError(f"rights: {exc}") from None
-        if len(self.primary_key) < 16 or (
-            self.secondary_key is not None and len(self.secondary_key) < 16
-        ):
-            raise ConfigurationError("keys must be at least 16 characters long")
+        _check_key(self.primary_key, "primary_key")
+        if self.secondary_key is not None:
+            _check_key(self.secondary_key, "secondary_key")
 
     def rule(self) -> AuthorizationRule:
         return AuthorizationRule(
@@ -476,7 +499,11 @@ class RelayConfig:
             ConfigurationError: unreadable, not YAML, or breaks the schema (the key's path
                 is named).
         """
-        config = cls.from_dict(read_document(path))
+        document = read_document(path)  # its errors name the file
+        try:
+            config = cls.from_dict(document)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"config file {path}: {exc}") from None
         # Relative paths (certificates, the store) are relative to the config file.
         base = Path(path).resolve().parent
 
