@@ -328,6 +328,9 @@ class HybridConnectionListener:
             return
         self._closing = True
         self._closing_event.set()
+        # Known before the control task first runs, so that an aclose() right after open()
+        # sends its close frame instead of waiting out CLOSE_TIMEOUT for a task that never read.
+        self._control = socket
         control = self._control
         if control is not None and not control.close_sent:
             try:

@@ -167,6 +167,10 @@ class ListenEndpoint:
                 await channel.socket.aclose(CloseCode.POLICY_VIOLATION, "token expired")
                 return "token_expired"
             if message.kind is MessageKind.CLOSE:
+                # Answer the listener's close frame with ours (RFC 6455 5.5.1) before the
+                # connection is dropped: a listener closing itself waits for that answer.
+                channel.usable = False
+                await channel.socket.aclose(message.code or CloseCode.NORMAL)
                 return "closed"
             if message.kind is MessageKind.BINARY:
                 await self._http.on_control_binary(channel, message.data)
