@@ -20,23 +20,34 @@ How a response travels (as the .NET listener and hyco-https do it):
   there as ONE binary message in fragments, as the handler writes it.
   :meth:`RelayedHttpContext.flush` switches to streaming at once (server-sent events).
 
-Request bodies arrive whole (the relay sends each body as one WebSocket message, which aiohttp
-reassembles): at most ``STREAM_MAX_MESSAGE`` (16 MiB) per request.
+A response's ``Content-Length`` (if the handler gives one) is passed on: the relay then streams
+under it, else with chunked encoding. Repeated ``Set-Cookie`` headers (pass the headers as
+(name, value) pairs) travel in hybridrelay's ``repeatedResponseHeaders`` (PROTOCOL.md 6.4).
+
+Request bodies stream: a small one (<= 64 KiB, inline) is there at once, a larger or chunked
+one is read from the request's rendezvous as the handler asks for it
+(:meth:`RelayedHttpContext.read_chunk`, :attr:`RelayedHttpContext.body`), any size, in memory
+bounded by the socket's buffer; :meth:`RelayedHttpContext.read` gathers it whole (then it is
+held in memory, of course). When the sender goes away while a streamed response is under way,
+the relay closes the rendezvous: :meth:`RelayedHttpContext.wait_disconnected` returns and
+further writes raise :class:`~hybridrelay.exceptions.StreamClosedError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 from hybridrelay.client._connect import STREAM_MAX_MESSAGE, WebSocketConnector
 from hybridrelay.exceptions import ProtocolError, RelayError, StreamClosedError
-from hybridrelay.protocol.http import without_hop_by_hop
+from hybridrelay.protocol.http import split_repeated_headers, without_hop_by_hop
 from hybridrelay.protocol.messages import Request, Response, encode_message, parse_message
 from hybridrelay.transport.base import FragmentSocket, MessageKind, MessageSocket
+from hybridrelay.transport.frames_ws import FrameSocket
 
 __all__ = ["HttpRequestDispatcher", "RelayedHttpContext", "RequestHandler"]
 
@@ -48,8 +59,10 @@ INLINE_RESPONSE_LIMIT = 64 * 1024
 RENDEZVOUS_TIMEOUT = 20.0
 #: The full request on a rendezvous must arrive within this time ...
 REQUEST_TIMEOUT = 60.0
-#: ... and its body (one message, possibly large and slow) within this.
+#: ... and each part of its body (one message, possibly large and slow) within this.
 BODY_TIMEOUT = 300.0
+#: A request rendezvous carries bodies of any size (they stream, in parts).
+UNBOUNDED_BODY = 2**62
 #: One send to the relay (a message, or one fragment of a streamed body).
 SEND_TIMEOUT = 60.0
 CLOSE_TIMEOUT = 10.0
@@ -63,6 +76,8 @@ MAX_REJECTS_IN_FLIGHT = 32
 NO_HANDLER_STATUS = 501
 HANDLER_FAILED_STATUS = 500
 BUSY_STATUS = 503
+
+_KEEP_LENGTH = frozenset({"content-length"})
 
 RequestHandler = Callable[["RelayedHttpContext"], Awaitable[None]]
 """Serves one relayed HTTP request: reads it from, and answers it through, the context."""
@@ -89,6 +104,7 @@ class RelayedHttpContext:
         *,
         control: MessageSocket | None,
         rendezvous: MessageSocket | None,
+        streamed_body: bool = False,
     ) -> None:
         self._dispatcher = dispatcher
         self.id = request.id
@@ -99,11 +115,17 @@ class RelayedHttpContext:
         self.remote_endpoint = (endpoint.address, endpoint.port) if endpoint else None
         self._address = request.address
         self._body: bytes | None = body
+        # The body's parts are still to be read from the rendezvous.
+        self._body_pending = streamed_body and rendezvous is not None
         self._control = control
         self._rendezvous = rendezvous
         self._status = 200
         self._reason: str | None = None
         self._response_headers: dict[str, str] = {}
+        self._repeated_headers: tuple[tuple[str, str], ...] = ()
+        # The relay closed the rendezvous (the sender went away), or the exchange is over.
+        self._disconnected = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
         self._responded = False
         self._buffer = bytearray()
         self._head_sent = False
@@ -137,18 +159,79 @@ class RelayedHttpContext:
 
     @property
     def body(self) -> AsyncIterator[bytes]:
-        """The request body as an async iterator of chunks (readable once)."""
+        """The request body as an async iterator of chunks as they arrive (readable once)."""
         return self._iter_body()
 
     async def _iter_body(self) -> AsyncIterator[bytes]:
-        data = await self.read()
-        if data:
-            yield data
+        while chunk := await self.read_chunk():
+            yield chunk
+
+    async def read_chunk(self) -> bytes:
+        """The next part of the request body as it arrives; b"" at its end.
+
+        Raises:
+            StreamClosedError: the body broke off, or no part came within ``BODY_TIMEOUT``.
+        """
+        if self._body is not None:
+            data, self._body = self._body, None
+            if data:
+                return data
+        socket = self._rendezvous
+        while self._body_pending and socket is not None:
+            try:
+                async with asyncio.timeout(BODY_TIMEOUT):
+                    message = await socket.receive()
+            except TimeoutError as exc:
+                raise StreamClosedError("the request body stalled") from exc
+            if message.kind is MessageKind.CLOSE:
+                self._body_pending = False
+                self._disconnected.set()
+                raise StreamClosedError("the request body broke off")
+            if message.kind is MessageKind.TEXT:
+                raise StreamClosedError("the relay sent text inside the request body")
+            self._body_pending = message.more
+            if message.data:
+                part = message.data
+                return part.encode() if isinstance(part, str) else part
+        return b""
 
     async def read(self) -> bytes:
-        """The whole request body (b"" once it has been read)."""
-        data, self._body = self._body or b"", None
-        return data
+        """The whole request body (b"" once it has been read); held in memory."""
+        parts = [chunk async for chunk in self.body]
+        return b"".join(parts)
+
+    async def wait_disconnected(self) -> None:
+        """Return once the sender is gone (the relay closed the rendezvous this request's
+        response streams on) or the exchange is over. A response that went inline on the
+        control channel gives no such sign: this then returns when it is finished.
+
+        Call it once the request body was read (the rest of it is skipped otherwise).
+        """
+        self._watch()
+        await self._disconnected.wait()
+
+    @property
+    def disconnected(self) -> bool:
+        """True once :meth:`wait_disconnected` would return at once."""
+        return self._disconnected.is_set()
+
+    def _watch(self) -> None:
+        """Read the rendezvous (after the body) for the relay's close, in a task of its own."""
+        socket = self._rendezvous
+        if self._watcher is not None or socket is None or self._disconnected.is_set():
+            return
+
+        async def watch() -> None:
+            try:
+                while self._body_pending:
+                    await self.read_chunk()
+                while (await socket.receive()).kind is not MessageKind.CLOSE:
+                    pass
+            except RelayError:
+                pass
+            self._disconnected.set()
+
+        self._watcher = asyncio.create_task(watch())
 
     # -- response ------------------------------------------------------------------------
 
@@ -164,12 +247,14 @@ class RelayedHttpContext:
         self,
         status: int = 200,
         reason: str | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
     ) -> None:
         """Set the status line and headers (sent with the first body bytes or at finish).
 
-        Hop-by-hop headers (those a ``Connection`` header names too), ``Content-Length`` and
-        ``Host`` are dropped: the relay frames the response (PROTOCOL.md 6.4).
+        ``headers`` is a mapping or (name, value) pairs (to repeat a name: ``Set-Cookie``).
+        Hop-by-hop headers (those a ``Connection`` header names too) and ``Host`` are dropped
+        (PROTOCOL.md 6.4); ``Content-Length`` is kept: the relay streams under it (and cuts a
+        body that does not match it), and a HEAD response passes it on.
 
         Raises:
             RuntimeError: called twice, or after :meth:`finish`.
@@ -183,8 +268,9 @@ class RelayedHttpContext:
             raise ValueError("the reason phrase must not contain control characters")
         self._status = status
         self._reason = reason
-        self._response_headers = dict(
-            without_hop_by_hop([(str(k), str(v)) for k, v in (headers or {}).items()])
+        pairs = headers.items() if isinstance(headers, Mapping) else (headers or ())
+        self._response_headers, self._repeated_headers = split_repeated_headers(
+            without_hop_by_hop([(str(k), str(v)) for k, v in pairs], keep=_KEEP_LENGTH)
         )
         self._responded = True
 
@@ -247,6 +333,7 @@ class RelayedHttpContext:
             await self._send(control, head)
             if body:
                 await self._send(control, body)
+        self._end()
 
     # -- internals -----------------------------------------------------------------------
 
@@ -258,6 +345,7 @@ class RelayedHttpContext:
                 status_description=self._reason,
                 response_headers=self._response_headers,
                 body=has_body,
+                repeated_headers=self._repeated_headers,
             )
         )
 
@@ -267,6 +355,8 @@ class RelayedHttpContext:
         self._head_sent = True
         await self._send(self._rendezvous, self._head(True))
         self._streaming = True
+        if not self._body_pending:
+            self._watch()  # the relay's close says the sender went away
         if self._buffer:
             data = bytes(self._buffer)
             self._buffer.clear()
@@ -277,6 +367,8 @@ class RelayedHttpContext:
         assert socket is not None
         if not isinstance(socket, FragmentSocket):
             raise RelayError("fragmented sending needs a socket with send_fragment")
+        if self._disconnected.is_set():
+            raise StreamClosedError("the sender went away")
         try:
             async with asyncio.timeout(SEND_TIMEOUT):
                 await socket.send_fragment(data, first=self._first_fragment, last=last)
@@ -294,8 +386,24 @@ class RelayedHttpContext:
 
     async def _close_rendezvous(self) -> None:
         socket, self._rendezvous = self._rendezvous, None
+        watcher = self._watcher
         if socket is not None:
-            await self._dispatcher.close_rendezvous(socket)
+            if watcher is None:
+                await self._dispatcher.close_rendezvous(socket)
+            else:  # the watcher reads the relay's close: wait for it (bounded)
+                with contextlib.suppress(RelayError):
+                    await socket.send_close(1000)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CLOSE_TIMEOUT):
+                        await self._disconnected.wait()
+                socket.abort()
+        self._end()
+
+    def _end(self) -> None:
+        self._disconnected.set()
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
 
     async def _fail(self, status: int, description: str) -> None:
         """Replace an unsent response with an error (the handler failed or is missing)."""
@@ -314,6 +422,7 @@ class RelayedHttpContext:
         socket, self._rendezvous = self._rendezvous, None
         if socket is not None:
             socket.abort()
+        self._end()
 
 
 class HttpRequestDispatcher:
@@ -398,11 +507,14 @@ class HttpRequestDispatcher:
 
     # -- rendezvous ----------------------------------------------------------------------
 
-    async def open_rendezvous(self, address: str) -> FragmentSocket:
-        # Verbatim, no token: the URL is the credential (and never logged).
-        return await self._connector.connect(
-            address, connect_timeout=RENDEZVOUS_TIMEOUT, max_msg_size=STREAM_MAX_MESSAGE
+    async def open_rendezvous(self, address: str) -> FrameSocket:
+        # Verbatim, no token: the URL is the credential (and never logged). Binary messages
+        # (a request body) come in parts, of any size; text (the request) stays bounded.
+        socket = await self._connector.connect(
+            address, connect_timeout=RENDEZVOUS_TIMEOUT, max_msg_size=UNBOUNDED_BODY
         )
+        socket.stream_binary(STREAM_MAX_MESSAGE)
+        return socket
 
     async def close_rendezvous(self, socket: MessageSocket) -> None:
         """Send our close and wait (bounded) for the relay's, then drop the connection."""
@@ -441,14 +553,6 @@ class HttpRequestDispatcher:
             request = parse_message(first.data)
             if not isinstance(request, Request) or request.address_only:
                 raise ProtocolError("expected a full request message on the rendezvous")
-            body = b""
-            if request.body:
-                async with asyncio.timeout(BODY_TIMEOUT):
-                    follow = await socket.receive()
-                if follow.kind is MessageKind.CLOSE:
-                    raise ProtocolError("the rendezvous closed before the request body")
-                data = follow.data
-                body = data.encode() if isinstance(data, str) else data
         except (TimeoutError, ProtocolError, RelayError) as exc:
             logger.warning(
                 "listener %s: request %s over rendezvous failed: %s",
@@ -458,7 +562,14 @@ class HttpRequestDispatcher:
             )
             socket.abort()
             return
-        ctx = RelayedHttpContext(self, request, body, control=None, rendezvous=socket)
+        ctx = RelayedHttpContext(
+            self,
+            request,
+            b"",
+            control=None,
+            rendezvous=socket,
+            streamed_body=bool(request.body),
+        )
         await self._handle(ctx)
 
     # -- the handler ---------------------------------------------------------------------

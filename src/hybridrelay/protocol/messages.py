@@ -83,6 +83,10 @@ class Response:
     status_description: str | None = None
     response_headers: dict[str, str] = field(default_factory=dict)
     body: bool = False
+    #: hybridrelay's extension (PROTOCOL.md 6.4): every value of the headers that
+    #: ``responseHeaders`` cannot repeat (``Set-Cookie``), as (name, value) pairs in order;
+    #: sent as ``repeatedResponseHeaders`` only when not empty (Azure's clients ignore it).
+    repeated_headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +210,20 @@ def _parse_response(body: dict[str, Any]) -> Response:
         status_description=_str(body, "statusDescription", required=False),
         response_headers=_headers(body, "responseHeaders") or {},
         body=bool(_bool(body, "body")),
+        repeated_headers=_pairs(body, "repeatedResponseHeaders"),
     )
+
+
+def _pairs(obj: dict[str, Any], key: str) -> tuple[tuple[str, str], ...]:
+    value = obj.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(
+        isinstance(item, list) and len(item) == 2 and all(isinstance(v, str) for v in item)
+        for item in value
+    ):
+        raise ProtocolError(f"field {key!r} must be a list of [name, value] string pairs")
+    return tuple((name, item) for name, item in value)
 
 
 def _parse_renew(body: dict[str, Any]) -> RenewToken:
@@ -249,6 +266,8 @@ def encode_message(message: ControlMessage) -> str:
         if message.status_description is not None:
             body["statusDescription"] = message.status_description
         body["responseHeaders"] = message.response_headers
+        if message.repeated_headers:
+            body["repeatedResponseHeaders"] = [list(pair) for pair in message.repeated_headers]
         body["body"] = message.body
         return json.dumps({"response": body}, separators=(",", ":"))
     return json.dumps({"renewToken": {"token": message.token}}, separators=(",", ":"))

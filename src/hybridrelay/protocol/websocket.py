@@ -446,6 +446,12 @@ class FrameForwarder:
         return self._closed
 
     @property
+    def message_opcode(self) -> int:
+        """The first frame's opcode (text or binary) of the message read last or in progress:
+        what the pieces after the last of :attr:`message_ends` belong to."""
+        return self._message_opcode
+
+    @property
     def between_messages(self) -> bool:
         """True when nothing of a frame or a fragmented message is pending: the next byte fed
         starts a new message (so :func:`whole_server_frames` may read it instead)."""

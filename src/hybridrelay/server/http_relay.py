@@ -18,11 +18,14 @@ The sender's handler task owns the whole exchange, including the rendezvous sock
 listener opened it (the rendezvous' own handler just waits until the exchange is over), so that
 every timeout and every cleanup lives in one place.
 
-Limitation: aiohttp reassembles a fragmented WebSocket message before handing it over, so a
-response body is held whole (up to ``limits.max_message_size`` on a rendezvous, 256 KiB on a
-control channel) before the relay forwards it, with a ``Content-Length``. Arrival of bytes is
-still observed while the message is incomplete (:class:`_TrackedWebSocketResponse`), so a body
-that keeps flowing is not cut by the response deadline; a body that stalls longer than it is.
+Bodies stream both ways, any size, in memory bounded by buffers: the rendezvous is taken away
+from aiohttp after its 101 (:class:`~hybridrelay.transport.http_leg.MessageLeg`, D9's frame
+path), so each fragment of a response body is written to the sender as it arrives: under the
+listener's ``Content-Length`` when it gave one, else with chunked transfer-encoding (a body that
+arrived whole and small goes out in one write with its length). A sender that goes away
+mid-response gets the rendezvous closed (1001) at once, so the listener learns. The gap between
+two parts of a body is bounded by the response deadline (``http_response_timeout``). Repeated
+``Set-Cookie`` headers come in hybridrelay's ``repeatedResponseHeaders`` (PROTOCOL.md 6.4).
 
 Requests reach a listener through the broker (``broker.py``), like WebSocket senders: it picks
 the listener, holds the request's rendezvous secret in the relay's one table of pending
@@ -59,7 +62,9 @@ from hybridrelay.protocol.addressing import (
 )
 from hybridrelay.protocol.http import (
     INLINE_BODY_LIMIT,
+    expand_repeated_headers,
     merge_repeated_headers,
+    response_has_body,
     sends_inline,
     without_hop_by_hop,
 )
@@ -70,14 +75,17 @@ from hybridrelay.protocol.messages import (
     encode_message,
     parse_message,
 )
+from hybridrelay.protocol.websocket import HandshakeError, handshake_headers
 from hybridrelay.server.access import AUTH_HEADER, sender_token
 from hybridrelay.server.broker import Pending, remote_endpoint
 from hybridrelay.server.channel import ControlChannel
 from hybridrelay.server.config import HybridConnectionConfig, LimitsConfig
 from hybridrelay.server.context import RelayContext
+from hybridrelay.server.request import connection_gone
 from hybridrelay.server.responses import error_response, reason_phrase
-from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
-from hybridrelay.transport.base import CloseCode, MessageKind, WsMessage
+from hybridrelay.transport.base import CloseCode, MessageKind
+from hybridrelay.transport.http_leg import MessageLeg
+from hybridrelay.transport.splice import hand_over
 
 __all__ = ["CONTROL_MAX_MESSAGE", "HttpRelay", "response_deadline"]
 
@@ -89,7 +97,6 @@ CONTROL_MAX_MESSAGE = 4 * INLINE_BODY_LIMIT
 _FRAGMENT_SIZE = 64 * 1024
 #: Response bodies are written to the sender in slices of this size.
 _WRITE_SLICE = 256 * 1024
-_CLOSE_TIMEOUT = 5.0
 
 # Besides the hop-by-hop headers (protocol/http.py), never forwarded in requests: Expect (the
 # relay answers it itself, 6.1) and the relay's own credentials.
@@ -102,32 +109,22 @@ _TOO_MANY_PENDING = "Too many pending requests; try again later."
 T = TypeVar("T")
 
 
-class _TrackedWebSocketResponse(web.WebSocketResponse):
-    """A server WebSocket that records when bytes last arrived from the peer.
-
-    aiohttp calls ``_on_data_received`` for every chunk read from the connection while a
-    heartbeat is configured (``WebSocketResponse._post_start``), including the fragments of a
-    message it is still reassembling; that is the only way to see that a large body is still
-    flowing. Pinned by ``test_streamed_body_not_cut_while_flowing_but_cut_when_stalled``.
-    """
-
-    last_data: float = 0.0
-
-    def _on_data_received(self) -> None:
-        self.last_data = asyncio.get_running_loop().time()
-        super()._on_data_received()
-
-
 @dataclass(slots=True)
 class _Rendezvous:
-    socket: AiohttpMessageSocket
-    ws: _TrackedWebSocketResponse
+    socket: MessageLeg
 
 
 @dataclass(slots=True)
 class _ListenerResponse:
     response: Response
+    #: The body when it came inline (or there is none) ...
     body: bytes
+    #: ... or the rendezvous it streams on (the next messages are its parts).
+    stream: MessageLeg | None = None
+
+
+class _BodyBroken(Exception):
+    """The listener's response body broke off or stalled after the head was sent."""
 
 
 class _ExchangeFailed(Exception):
@@ -160,8 +157,8 @@ class _Exchange(Pending):
     rendezvous: asyncio.Future[_Rendezvous] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
-    #: Set when the sender's handler is over; the rendezvous handler then returns.
-    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The sender's body streaming to the listener (it may go on while the response streams).
+    upload: asyncio.Task[None] | None = None
 
     def listener_gone(self) -> None:
         # Fail the request (502) unless the listener's rendezvous already carries it.
@@ -371,7 +368,6 @@ class HttpRelay:
         deadline: float,
     ) -> _ListenerResponse:
         socket = rendezvous.socket
-        upload: asyncio.Task[None] | None = None
         if not exchange.inline:  # address-only: the request itself goes here (6.3 case 1)
             try:
                 async with asyncio.timeout(deadline):
@@ -379,22 +375,26 @@ class HttpRelay:
             except (RelayConnectionError, TimeoutError) as exc:
                 raise _ExchangeFailed(502, "The listener's rendezvous failed.") from exc
             if has_body:
-                upload = asyncio.create_task(_upload(request, socket, deadline))
+                exchange.upload = asyncio.create_task(_upload(request, socket, deadline))
+        upload = exchange.upload
         receive = asyncio.create_task(socket.receive())
         try:
             if upload is not None:
                 await asyncio.wait({receive, upload}, return_when="FIRST_COMPLETED")
                 if upload.done():
                     upload.result()  # raises _SenderGone / _ExchangeFailed
-            # The response deadline runs from the end of the upload (or an early answer).
+            # The response deadline runs from the end of the upload (or an early answer); an
+            # upload still going on continues while the response streams.
             while True:
                 message = await _wait_for(receive, deadline)
                 if message is None:
                     raise _ExchangeFailed(504, "The listener did not respond in time.")
-                receive = asyncio.create_task(socket.receive())
                 if message.kind is MessageKind.CLOSE:
+                    if upload is not None and upload.done():
+                        upload.result()  # the sender's side failed first
                     raise _ExchangeFailed(502, "The listener closed the rendezvous.")
-                if message.kind is MessageKind.BINARY and not message.data:
+                if message.kind is MessageKind.BINARY and not message.data and not message.more:
+                    receive = asyncio.create_task(socket.receive())
                     continue  # a stray empty message (6.6)
                 if message.kind is not MessageKind.TEXT:
                     raise _ExchangeFailed(502, "The listener sent data before its response.")
@@ -406,27 +406,13 @@ class HttpRelay:
                     break
                 if parsed is not None:
                     raise _ExchangeFailed(502, "The listener sent an unexpected message.")
-            if not parsed.body:
-                return _ListenerResponse(parsed, b"")
-            body = await _wait_while_flowing(receive, rendezvous.ws, deadline)
-            if body is None:
-                raise _ExchangeFailed(504, "The listener's response body stalled.")
-            if body.kind is MessageKind.CLOSE and body.code == CloseCode.MESSAGE_TOO_BIG:
-                raise _ExchangeFailed(
-                    502, "The listener's response body exceeds the relay's max_message_size."
-                )
-            if body.kind is MessageKind.CLOSE:
-                raise _ExchangeFailed(502, "The listener closed the rendezvous mid-response.")
-            data = body.data.encode("utf-8") if isinstance(body.data, str) else body.data
-            return _ListenerResponse(parsed, data)
+                receive = asyncio.create_task(socket.receive())
+            return _ListenerResponse(parsed, b"", socket if parsed.body else None)
         finally:
-            for task in (receive, upload):
-                if task is None:
-                    continue
-                if not task.done():
-                    task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task  # also retrieves an exception nobody needs any more
+            if not receive.done():
+                receive.cancel()
+            with contextlib.suppress(BaseException):
+                await receive  # also retrieves an exception nobody needs any more
 
     async def _respond(
         self, request: web.BaseRequest, result: _ListenerResponse, deadline: float
@@ -436,37 +422,90 @@ class HttpRelay:
         if status < 200:
             return error_response(502, f"The listener answered with status {status}.")
         reason = reason_phrase(response.status_description or "") or None
-        out = web.StreamResponse(status=status, reason=reason)
-        listener_length: str | None = None
-        for name, value in forwarded_response_headers(response.response_headers):
+        headers: list[tuple[str, str]] = []
+        listener_length: int | None = None
+        relayed = expand_repeated_headers(response.response_headers, response.repeated_headers)
+        for name, value in forwarded_response_headers(relayed):
             if name.lower() == "content-length":
-                listener_length = value
+                listener_length = int(value) if value.isdigit() else None
                 continue
-            out.headers.add(name, value)
+            headers.append((name, value))
         via = f"1.1 {self._via_name(request)}"
-        existing = out.headers.popall("Via", [])
-        out.headers["Via"] = ", ".join([*existing, via])
-        body = result.body
-        no_body = request.method == "HEAD" or status in (204, 304)
-        if not no_body and len(body) <= _WRITE_SLICE:
+        hops = [value for name, value in headers if name.lower() == "via"]
+        headers = [(name, value) for name, value in headers if name.lower() != "via"]
+        headers.append(("Via", ", ".join([*hops, via])))
+        stream = result.stream
+        if not response_has_body(request.method, status):
+            # HEAD keeps the listener's Content-Length (what a GET would send); no body is
+            # relayed even if the listener sent one.
+            out = web.StreamResponse(status=status, reason=reason)
+            out.headers.extend(headers)
+            if request.method == "HEAD" and listener_length is not None:
+                out.content_length = listener_length
+            return await self._send_head_only(request, out, deadline)
+        body, more = result.body, False
+        if stream is not None:
+            try:
+                part = await _next_part(stream, deadline)
+            except _BodyBroken as exc:
+                return error_response(502, str(exc))
+            body, more = part
+        if not more and len(body) <= _WRITE_SLICE:
             # The common small response: aiohttp sends head and body in one write once the
             # handler returns (profiles showed transport.write as the relay's top cost).
             small = web.Response(status=status, reason=reason, body=body)
-            small.headers.extend(out.headers)
+            small.headers.extend(headers)
             return small
-        if not no_body:
+        out = web.StreamResponse(status=status, reason=reason)
+        out.headers.extend(headers)
+        if listener_length is not None:
+            out.content_length = listener_length  # streamed under it; checked below
+        elif not more:
             out.content_length = len(body)
-        elif request.method == "HEAD" and listener_length and listener_length.isdigit():
-            out.content_length = int(listener_length)
+        # else: chunked (HTTP/1.1), each part of the body as it arrives
+        gone = connection_gone(request)
+
+        def sender_gone(_: object) -> None:
+            if stream is not None:
+                stream.close_nowait(CloseCode.GOING_AWAY, "the HTTP client went away")
+
+        if gone is not None and stream is not None:
+            gone.add_done_callback(sender_gone)
+        sent = 0
         try:
             async with asyncio.timeout(deadline):
                 await out.prepare(request)
-            if not no_body:
-                view = memoryview(body)
-                for start in range(0, len(body), _WRITE_SLICE):
-                    async with asyncio.timeout(deadline):  # the sender must keep reading
-                        await out.write(view[start : start + _WRITE_SLICE])
+            while True:
+                sent += len(body)
+                if listener_length is not None and sent > listener_length:
+                    raise _BodyBroken("the listener sent more than its Content-Length")
+                await _write_slices(out, body, deadline)
+                if not more or stream is None:
+                    break
+                body, more = await _next_part(stream, deadline)
+            if listener_length is not None and sent != listener_length:
+                raise _BodyBroken("the listener sent less than its Content-Length")
             async with asyncio.timeout(deadline):
+                await out.write_eof()
+        except (ConnectionError, TimeoutError, _BodyBroken) as exc:
+            # The sender sees the response cut (no last chunk, or short of its length).
+            logger.info("response to the sender cut: %s", exc or type(exc).__name__)
+            if stream is not None:
+                stream.close_nowait(CloseCode.GOING_AWAY, "the response was cut")
+            if request.transport is not None:
+                request.transport.close()
+        finally:
+            if gone is not None and stream is not None:
+                gone.remove_done_callback(sender_gone)
+        return out
+
+    @staticmethod
+    async def _send_head_only(
+        request: web.BaseRequest, out: web.StreamResponse, deadline: float
+    ) -> web.StreamResponse:
+        try:
+            async with asyncio.timeout(deadline):
+                await out.prepare(request)
                 await out.write_eof()
         except (ConnectionError, TimeoutError) as exc:
             logger.info("response to the sender failed: %s", type(exc).__name__)
@@ -487,15 +526,18 @@ class HttpRelay:
             owner.exchange = None  # its body still arrives on the channel; drop it then
         if not exchange.control_response.done():
             exchange.control_response.cancel()
-        if exchange.rendezvous.done():
-            socket = exchange.rendezvous.result().socket
-            with contextlib.suppress(RelayConnectionError):
-                async with asyncio.timeout(_CLOSE_TIMEOUT):
-                    await socket.send_close(CloseCode.NORMAL, "")
-            socket.abort()
+        upload, exchange.upload = exchange.upload, None
+        if upload is not None:
+            if not upload.done():
+                upload.cancel()
+            with contextlib.suppress(BaseException):
+                await upload  # also retrieves an exception nobody needs any more
+        if exchange.rendezvous.done() and not exchange.rendezvous.cancelled():
+            # The close handshake runs on its own (the leg drops the connection once the
+            # listener answered, or after its close timeout).
+            exchange.rendezvous.result().socket.close_nowait(CloseCode.NORMAL, "")
         else:
             exchange.rendezvous.cancel()
-        exchange.finished.set()
 
     # -- E5: the listener's request rendezvous ----------------------------------------------
 
@@ -506,27 +548,23 @@ class HttpRelay:
         exchange = self._relay.broker.claim(address.secret, address.connection_id, _Exchange)
         if exchange is None:
             return error_response(403, "The rendezvous address is not valid or has expired.")
-        limits = self._relay.config.limits
-        entity = self._relay.store.get(exchange.entity)
-        deadline = response_deadline(limits, entity) if entity else 60.0
-        ws = _TrackedWebSocketResponse(
-            autoclose=False,
-            autoping=True,
-            compress=False,
-            max_msg_size=limits.max_message_size,
-            # The heartbeat makes aiohttp report incoming data (see _TrackedWebSocketResponse);
-            # it is long so that pongs do not count as a response body that keeps flowing.
-            heartbeat=max(limits.keep_alive_interval, 2 * deadline),
+        try:
+            headers = handshake_headers(request.headers, None)
+        except HandshakeError as exc:
+            return error_response(exc.status, str(exc))
+        response, leg = await hand_over(
+            request,
+            headers,
+            lambda transport: MessageLeg(transport, max_text_size=CONTROL_MAX_MESSAGE),
         )
-        await ws.prepare(request)
-        ws.last_data = asyncio.get_running_loop().time()
-        socket = AiohttpMessageSocket.server(ws, request)
+        if leg is None:
+            return response
+        leg.start()
         if exchange.rendezvous.done():  # the sender's handler is over
-            await socket.aclose(CloseCode.GOING_AWAY, "request is over")
-            return ws
-        exchange.rendezvous.set_result(_Rendezvous(socket, ws))
-        await exchange.finished.wait()
-        return ws
+            leg.close_nowait(CloseCode.GOING_AWAY, "request is over")
+        else:
+            exchange.rendezvous.set_result(_Rendezvous(leg))
+        return response
 
     # -- the listeners' control channels ----------------------------------------------------
 
@@ -585,11 +623,12 @@ def forwarded_request_headers(
     return merge_repeated_headers(without_hop_by_hop(items, also=dropped))
 
 
-def forwarded_response_headers(headers: dict[str, str]) -> list[tuple[str, str]]:
-    """The listener's ``responseHeaders`` minus hop-by-hop headers (6.5); values made safe."""
+def forwarded_response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The listener's response headers minus hop-by-hop headers (6.5), ``Content-Length``
+    kept for the relay to read; values made safe."""
     return [
         (name, value.replace("\r", " ").replace("\n", " "))
-        for name, value in without_hop_by_hop(headers.items(), keep=_KEEP_LENGTH)
+        for name, value in without_hop_by_hop(headers, keep=_KEEP_LENGTH)
         if _is_token(name)
     ]
 
@@ -616,25 +655,34 @@ async def _wait_for(task: asyncio.Task[T], seconds: float) -> T | None:
     return task.result() if done else None
 
 
-async def _wait_while_flowing(
-    task: asyncio.Task[WsMessage], ws: _TrackedWebSocketResponse, idle: float
-) -> WsMessage | None:
-    """Wait for a (possibly huge, fragmented) message while its bytes keep arriving.
+async def _next_part(stream: MessageLeg, idle: float) -> tuple[bytes, bool]:
+    """The next part of a response body on the rendezvous: (bytes, more parts follow).
 
-    None when nothing arrived on the socket for ``idle`` seconds (6.8: a stalled body).
+    Raises :class:`_BodyBroken` when the rendezvous closes before the body's end or nothing
+    arrives for ``idle`` seconds (6.8: a stalled body).
     """
-    loop = asyncio.get_running_loop()
-    ws.last_data = max(ws.last_data, loop.time())
-    while True:
-        remaining = ws.last_data + idle - loop.time()
-        if remaining <= 0:
-            return None
-        done, _ = await asyncio.wait({task}, timeout=remaining)
-        if done:
-            return task.result()
+    try:
+        async with asyncio.timeout(idle):
+            message = await stream.receive()
+    except TimeoutError:
+        raise _BodyBroken("the listener's response body stalled") from None
+    if message.kind is MessageKind.BINARY:
+        data = message.data
+        assert isinstance(data, bytes)
+        return data, message.more
+    if message.kind is MessageKind.CLOSE:
+        raise _BodyBroken("the listener closed the rendezvous mid-response")
+    raise _BodyBroken("the listener sent a text message as its response body")
 
 
-async def _upload(request: web.BaseRequest, socket: AiohttpMessageSocket, idle: float) -> None:
+async def _write_slices(out: web.StreamResponse, body: bytes, idle: float) -> None:
+    view = memoryview(body)
+    for start in range(0, len(body), _WRITE_SLICE):
+        async with asyncio.timeout(idle):  # the sender must keep reading
+            await out.write(view[start : start + _WRITE_SLICE])
+
+
+async def _upload(request: web.BaseRequest, socket: MessageLeg, idle: float) -> None:
     """Stream the sender's body to the listener as ONE binary message, in fragments.
 
     Raises :class:`_SenderGone` if the sender's body breaks off (the rendezvous is then dropped:

@@ -52,12 +52,17 @@ class WsMessage:
     """One WebSocket message, or the peer's close (``kind is CLOSE``; ``code``/``reason`` set).
 
     A connection lost without a close frame is reported as CLOSE with code 1006.
+
+    ``more`` is only set by sockets asked for partial messages (a streamed HTTP body,
+    :meth:`~hybridrelay.transport.frames_ws.FrameSocket.stream_binary`): this BINARY item is
+    a part of a message whose further parts follow; the last part has ``more`` False.
     """
 
     kind: MessageKind
     data: bytes | str = b""
     code: int | None = None
     reason: str = ""
+    more: bool = False
 
 
 class MessageSocket(Protocol):

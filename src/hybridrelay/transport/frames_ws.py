@@ -280,6 +280,8 @@ class FrameSocket(asyncio.BufferedProtocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         # Splice mode.
         self._sink: StreamSink | None = None
+        # Partial binary messages (stream_binary): the largest text message then.
+        self._partial_text_limit: int | None = None
 
     def __repr__(self) -> str:
         state = "open" if self._is_open else "connecting"
@@ -412,6 +414,14 @@ class FrameSocket(asyncio.BufferedProtocol):
         self._stop_keepalive()
         if self._transport is not None and not self._lost:
             self._transport.abort()
+
+    def stream_binary(self, max_text_size: int) -> None:
+        """From now on deliver binary messages in parts as their bytes arrive (``more`` set on
+        all but the last part, see :class:`~hybridrelay.transport.base.WsMessage`) instead of
+        whole: a streamed HTTP body, which has no size limit (open the socket with a
+        ``max_message_size`` as large as bodies may be). Text messages stay whole, at most
+        ``max_text_size`` bytes (close 1009 beyond)."""
+        self._partial_text_limit = max_text_size
 
     # -- SpliceSocket ---------------------------------------------------------------------------
 
@@ -672,14 +682,25 @@ class FrameSocket(asyncio.BufferedProtocol):
                 sink.on_data(piece)
             return
         start = 0
+        partial = self._partial_text_limit is not None
         for count, opcode in ends:
             self._parts += pieces[start:count]
             start = count
             data = b"".join(self._parts)
             self._parts = []
-            if not self._enqueue_data(opcode, data):
+            if partial and opcode == OP_BINARY:
+                self._enqueue(WsMessage(MessageKind.BINARY, data), len(data))
+            elif not self._enqueue_data(opcode, data):
                 return
         self._parts += pieces[start:]
+        if partial and self._parts:
+            if self._reader.message_opcode == OP_BINARY:
+                data = b"".join(self._parts)
+                self._parts = []
+                self._enqueue(WsMessage(MessageKind.BINARY, data, more=True), len(data))
+            elif sum(map(len, self._parts)) > (self._partial_text_limit or 0):
+                self._parts = []
+                self._fail(1009, "text message too big")
 
     def _enqueue_data(self, opcode: int, data: bytes) -> bool:
         """Queue one whole data message; a text message that is not UTF-8 fails the connection

@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from aiohttp import web
 from aiohttp._websocket.helpers import websocket_mask
@@ -57,7 +57,15 @@ from hybridrelay.protocol.websocket import (
 )
 from hybridrelay.transport.receive_buffer import receive_buffer
 
-__all__ = ["CLOSE_TIMEOUT", "MAX_RAW_FRAME", "RawLeg", "Splice", "SpliceLeg", "take_over"]
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "MAX_RAW_FRAME",
+    "RawLeg",
+    "Splice",
+    "SpliceLeg",
+    "hand_over",
+    "take_over",
+]
 
 logger = logging.getLogger("hybridrelay.server")
 
@@ -549,6 +557,18 @@ def _write_pieces(transport: asyncio.Transport, pieces: list[bytearray], total: 
             transport.write(piece)
 
 
+class _HandedOver(Protocol):
+    """What :func:`hand_over` makes the connection's protocol: an asyncio protocol that also
+    takes aiohttp's parser calls (the bytes read behind the upgrade)."""
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]: ...
+
+    def feed_eof(self) -> None: ...
+
+
+P = TypeVar("P", bound=_HandedOver)
+
+
 async def take_over(
     request: web.BaseRequest,
     subprotocol: str | None,
@@ -568,6 +588,24 @@ async def take_over(
     ``response_headers`` to avoid computing it twice).
     """
     headers = response_headers or handshake_headers(request.headers, subprotocol)
+    return await hand_over(
+        request,
+        headers,
+        lambda transport: SpliceLeg(
+            transport, max_message_size=max_message_size, name=name, on_lost=on_lost
+        ),
+    )
+
+
+async def hand_over(
+    request: web.BaseRequest,
+    headers: dict[str, str],
+    make_protocol: Callable[[asyncio.Transport], P],
+) -> tuple[web.StreamResponse, P | None]:
+    """Answer the upgrade with 101 (``headers``) and make ``make_protocol(transport)`` the
+    connection's protocol, with reading paused; None when the connection went away during
+    the upgrade. :func:`take_over` for a splice; the relay's HTTP rendezvous
+    (:class:`~hybridrelay.transport.http_leg.MessageLeg`) too."""
     response = web.StreamResponse(status=101, headers=headers)
     handler_protocol = request.protocol
     try:
@@ -581,13 +619,13 @@ async def take_over(
     if transport is None or transport.is_closing():
         return response, None
     handler_protocol.keep_alive(False)
-    leg = SpliceLeg(transport, max_message_size=max_message_size, name=name, on_lost=on_lost)
+    leg = make_protocol(transport)
     # Bytes aiohttp read behind the request are handed to the leg by set_parser(); from then
     # on the leg is the transport's protocol and aiohttp's parser sees nothing more.
     set_parser = cast(Callable[[Any], None], handler_protocol.set_parser)
     set_parser(leg)
     transport.pause_reading()
-    transport.set_protocol(leg)
+    transport.set_protocol(cast(asyncio.BaseProtocol, leg))
     # Hand-over complete: for aiohttp the connection is gone. Its protocol first lets go of
     # the transport (else its force_close() would close it), then forgets the connection (its
     # server's connection count, keep-alive timer, parser); its request loop ends without
