@@ -1,0 +1,173 @@
+"""The connection gate (issue 17 findings 5, 6): caps in all and per source address, and the
+first request head bounded in time and size. Real sockets, a real aiohttp server behind it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+from aiohttp import web
+
+from hybridrelay.server.connection_gate import ConnectionGate, GateLimits
+from tests.conftest import eventually
+
+pytestmark = pytest.mark.both_loops
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+async def hello(request: web.BaseRequest) -> web.StreamResponse:
+    return web.Response(text="hello")
+
+
+@asynccontextmanager
+async def gated_server(**overrides: float) -> AsyncIterator[tuple[ConnectionGate, int]]:
+    settings = {
+        "max_connections": 100,
+        "max_connections_per_source": 100,
+        "header_timeout": 10.0,
+        "max_header_bytes": 1024,
+    } | overrides
+    limits = GateLimits(
+        max_connections=int(settings["max_connections"]),
+        max_connections_per_source=int(settings["max_connections_per_source"]),
+        header_timeout=float(settings["header_timeout"]),
+        max_header_bytes=int(settings["max_header_bytes"]),
+    )
+    gate = ConnectionGate(lambda: limits)
+    handler = web.Server(hello)
+    server = await asyncio.get_running_loop().create_server(gate.wrap(handler), "127.0.0.1", 0)
+    try:
+        yield gate, server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await handler.shutdown(1.0)
+        await server.wait_closed()
+
+
+OPENED: list[asyncio.StreamWriter] = []
+
+
+@pytest.fixture(autouse=True)
+async def close_clients() -> AsyncIterator[None]:
+    yield
+    for writer in OPENED:
+        writer.close()
+    await asyncio.gather(*(w.wait_closed() for w in OPENED), return_exceptions=True)
+    OPENED.clear()
+
+
+async def connect(
+    port: int, source: str = "127.0.0.1"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    OPENED.append(writer)
+    return reader, writer
+
+
+async def closed_without_answer(reader: asyncio.StreamReader) -> bool:
+    async with asyncio.timeout(10):
+        return await reader.read() == b""
+
+
+async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    writer.write(REQUEST)
+    await writer.drain()
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+    return head.split(b"\r\n", 1)[0]
+
+
+@pytest.mark.timeout(30)
+async def test_the_connection_cap_counts_until_a_connection_closes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with gated_server(max_connections=3) as (gate, port):
+        held = [await connect(port) for _ in range(3)]
+        # Two idle, one handed over to aiohttp by a whole request: all three count.
+        assert await answer(*held[0]) == b"HTTP/1.1 200 OK"
+        await eventually(lambda: gate.open_connections == 3)
+        reader, _ = await connect(port)
+        assert await closed_without_answer(reader)  # refused before a byte was read
+        assert "connections refused at the gate: 1 over max_connections" in caplog.text
+        # The handed-over one closes: its place is free again (learned without any protocol
+        # telling the gate).
+        held[0][1].close()
+
+        async def admitted() -> bool:
+            reader, writer = await connect(port)
+            try:
+                return await answer(reader, writer) == b"HTTP/1.1 200 OK"
+            except (ConnectionError, asyncio.IncompleteReadError):
+                return False
+            finally:
+                writer.close()
+
+        for _ in range(50):
+            if await admitted():
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the closed connection's place was never given back")
+        for _, writer in held[1:]:
+            writer.close()
+
+
+@pytest.mark.timeout(30)
+async def test_one_source_cannot_take_every_connection() -> None:
+    async with gated_server(max_connections_per_source=2) as (gate, port):
+        held = [await connect(port) for _ in range(2)]
+        await eventually(lambda: gate.open_connections == 2)
+        reader, _ = await connect(port)
+        assert await closed_without_answer(reader)
+        # Another address still gets in (Linux routes all of 127/8 to loopback).
+        other = await connect(port, source="127.0.0.2")
+        assert await answer(*other) == b"HTTP/1.1 200 OK"
+        for _, writer in [*held, other]:
+            writer.close()
+
+
+@pytest.mark.timeout(30)
+async def test_a_head_that_does_not_finish_in_time_gets_408() -> None:
+    async with gated_server(header_timeout=0.2) as (gate, port):
+        reader, writer = await connect(port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and never the rest
+        async with asyncio.timeout(10):
+            response = await reader.read()
+        assert response.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+        assert b"Server: hybridrelay\r\n" in response
+        idle_reader, _ = await connect(port)  # says nothing at all: closed, no answer
+        assert await closed_without_answer(idle_reader)
+        await eventually(lambda: gate.open_connections == 0)
+
+
+@pytest.mark.timeout(30)
+async def test_a_head_over_the_byte_bound_gets_431() -> None:
+    async with gated_server(max_header_bytes=1024) as (_, port):
+        reader, writer = await connect(port)
+        writer.write(b"GET / HTTP/1.1\r\n" + b"X-Big: " + b"a" * 2000 + b"\r\n\r\n")
+        async with asyncio.timeout(10):
+            response = await reader.read()
+        assert response.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+
+
+@pytest.mark.timeout(30)
+async def test_a_head_in_pieces_is_handed_over_whole_with_what_follows() -> None:
+    """The blank line split across reads, and a second request pipelined behind the first."""
+    async with gated_server() as (_, port):
+        reader, writer = await connect(port)
+        for piece in (
+            b"GET / HTTP/1.1\r\nHost: x\r",
+            b"\n\r",
+            b"\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        ):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)  # separate reads on the server (not a readiness wait)
+        async with asyncio.timeout(10):
+            first = await reader.readuntil(b"hello")
+            second = await reader.readuntil(b"hello")
+        assert first.startswith(b"HTTP/1.1 200 OK") and second.startswith(b"HTTP/1.1 200 OK")
+        writer.close()
