@@ -23,6 +23,7 @@ from hybridrelay.protocol.messages import (
     Request,
     Response,
     encode_message,
+    header_text,
     parse_message,
 )
 
@@ -229,3 +230,23 @@ def test_tls_read_buffer_setting_reaches_asyncio() -> None:
             set_tls_read_buffer(4096)
     finally:
         asyncio.sslproto.SSLProtocol.max_size = before
+
+
+@given(st.binary(max_size=64))
+def test_header_text_never_leaves_a_lone_surrogate(raw: bytes) -> None:
+    """What a server decoded with surrogateescape reaches the listener as valid text: the
+    UTF-8 reading where the bytes are UTF-8, else ISO-8859-1's (byte for byte)."""
+    text = header_text(raw.decode("utf-8", "surrogateescape"))
+    text.encode("utf-8")  # no lone surrogates
+    try:
+        expected = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        expected = raw.decode("latin-1")
+    assert text == expected
+
+
+def test_non_utf8_header_bytes_reach_the_listener_as_latin1() -> None:
+    value = b"caf\xe9".decode("utf-8", "surrogateescape")
+    text = encode_message(Accept(address="wss://r/$hc/x", id="1", connect_headers={"X": value}))
+    assert "\\ud" not in text
+    assert json.loads(text)["accept"]["connectHeaders"] == {"X": "café"}

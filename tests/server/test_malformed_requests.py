@@ -5,9 +5,11 @@ answer names no versions, and the relay keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from urllib.parse import parse_qs
 
+import aiohttp
 import pytest
 
 from tests.conftest import Relay
@@ -75,3 +77,30 @@ async def test_a_flood_of_malformed_requests_is_rate_limited(
     lines = [r for r in caplog.records if r.name.startswith(("hybridrelay", "aiohttp"))]
     # A burst of 20 refusal lines, then about one a second: far fewer than the 200 requests.
     assert 1 <= len(lines) <= 40, len(lines)
+
+
+@pytest.mark.timeout(60)
+async def test_header_bytes_that_are_not_utf8_reach_the_listener_as_valid_json(
+    relay: Relay,
+) -> None:
+    """A sender's header with a byte that is not UTF-8: the listener's accept carries it as
+    ISO-8859-1 text, never as a lone-surrogate escape."""
+    async with aiohttp.ClientSession() as s:
+        control = await s.ws_connect(
+            f"{relay.base_url}/$hc/anon?sb-hc-action=listen",
+            headers={"ServiceBusAuthorization": relay.token("anon")},
+        )
+        _, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
+        writer.write(
+            b"GET /$hc/anon?sb-hc-action=connect HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\nX-Site: Caf\xe9 \xff\r\n\r\n"
+        )
+        async with asyncio.timeout(10):
+            message = await control.receive()
+        assert message.type is aiohttp.WSMsgType.TEXT
+        assert "\\ud" not in message.data
+        headers = json.loads(message.data)["accept"]["connectHeaders"]
+        assert headers["X-Site"] == "Café ÿ"
+        writer.close()
+        await control.close()

@@ -27,6 +27,7 @@ __all__ = [
     "Request",
     "Response",
     "encode_message",
+    "header_text",
     "parse_message",
 ]
 
@@ -238,6 +239,29 @@ _PARSERS: dict[str, Callable[[dict[str, Any]], ControlMessage]] = {
 }
 
 
+def header_text(text: str) -> str:
+    """A header name or value as a listener is told it: valid UTF-8 as it is, other bytes read
+    as ISO-8859-1 (RFC 9110 5.5's obs-text), so that the JSON carries no lone surrogates.
+
+    HTTP servers (aiohttp among them) decode header bytes as UTF-8 with ``surrogateescape``:
+    a byte that is not UTF-8 becomes a lone surrogate, which ``json.dumps`` writes as a
+    ``\\udcXX`` escape that strict JSON parsers refuse and others turn into garbage.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: the original bytes were not UTF-8
+        return text.encode("utf-8", "surrogateescape").decode("latin-1")
+    return text
+
+
+def _wire_headers(headers: dict[str, str]) -> dict[str, str]:
+    if all(name.isascii() and value.isascii() for name, value in headers.items()):
+        return headers
+    return {header_text(name): header_text(value) for name, value in headers.items()}
+
+
 def encode_message(message: ControlMessage) -> str:
     """Serialise a message to the exact JSON the protocol uses (compact, one member)."""
     body: dict[str, Any]
@@ -245,7 +269,7 @@ def encode_message(message: ControlMessage) -> str:
         body = {
             "address": message.address,
             "id": message.id,
-            "connectHeaders": message.connect_headers,
+            "connectHeaders": _wire_headers(message.connect_headers),
         }
         if message.remote_endpoint is not None:
             body["remoteEndpoint"] = message.remote_endpoint.to_json()
@@ -258,7 +282,7 @@ def encode_message(message: ControlMessage) -> str:
             body["method"] = message.method
             if message.remote_endpoint is not None:
                 body["remoteEndpoint"] = message.remote_endpoint.to_json()
-            body["requestHeaders"] = message.request_headers or {}
+            body["requestHeaders"] = _wire_headers(message.request_headers or {})
             body["body"] = bool(message.body)
         return json.dumps({"request": body}, separators=(",", ":"))
     if isinstance(message, Response):
