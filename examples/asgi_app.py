@@ -5,8 +5,7 @@
     curl -H "Authorization: $(hybridrelay token -e app)" http://127.0.0.1:9400/app/hello
 
 Any ASGI application works the same way (FastAPI, Starlette, Quart: ``module:app``). It answers
-``hello from asgi_app`` and the path it was asked for; the path comes without the hybrid
-connection's name (``/hello``), which ``root_path`` reports.
+``hello from asgi_app`` with the method and the path it was asked for.
 """
 
 from __future__ import annotations

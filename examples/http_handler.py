@@ -7,13 +7,14 @@
 (``hybridrelay token`` reads the same environment variable; a hybrid connection with
 ``requires_client_authorization: false`` takes requests without a token.) Every request is
 answered with its method, path and body length as plain text. It prints ``listening on demo``
-once online and runs until Ctrl-C.
+once online and runs until Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 
 from hybridrelay import HybridConnectionListener, RelayedHttpContext
@@ -28,19 +29,22 @@ async def handle(request: RelayedHttpContext) -> None:
 
 
 async def main(entity: str) -> None:
+    # Ctrl-C or SIGTERM (systemd, docker stop) stop it: the listener closes cleanly.
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     listener = HybridConnectionListener.from_connection_string(
-        os.environ["HYBRIDRELAY_CONNECTION_STRING"], entity, request_handler=handle
+        os.environ["HYBRIDRELAY_CONNECTION_STRING"],
+        entity,
+        request_handler=handle,
+        accept_handler=lambda context: False,  # WebSocket senders: rejected, 400
     )
     async with listener:
         sys.stdout.write(f"listening on {listener.entity_path}\n")
         sys.stdout.flush()
-        # WebSocket senders are not served here: close any that come, until the listener stops.
-        async for stream in listener:
-            await stream.aclose()
+        # Each request runs `handle` in a task of the listener's own: nothing to do but wait.
+        await stop.wait()
 
 
 if __name__ == "__main__":
-    try:
-        asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "demo"))
-    except KeyboardInterrupt:
-        pass
+    asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "demo"))
