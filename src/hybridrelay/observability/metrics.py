@@ -12,6 +12,8 @@ counts the names folded into ``_other``. docs/METRICS.md lists every metric.
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -69,6 +71,13 @@ class EntityLabels:
             self._overflowed.add(name)
             self._overflow_counter.inc()
         return OTHER
+
+
+def _running_tasks() -> float:
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # scraped from outside the loop's thread
+        return float("nan")
 
 
 class RelayMetrics:
@@ -158,6 +167,14 @@ class RelayMetrics:
             "Rendezvous the listener did not answer in time.",
             registry=registry,
         )
+        if process:
+            # With the process' open fds and RSS, what a leak check reads (docs/RELIABILITY.md):
+            # a task left without an owner shows here long before it shows in memory.
+            Gauge(
+                "hybridrelay_asyncio_tasks",
+                "asyncio tasks alive in the relay's event loop.",
+                registry=registry,
+            ).set_function(_running_tasks)
 
     # -- events -------------------------------------------------------------------------------
 
