@@ -37,9 +37,11 @@ async def app(
         if not message.get("more_body", False):
             break
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-    if scope["path"] == "/echo":
+    # ASGI: path includes root_path (serve-app's default: /{hybrid connection}).
+    route = scope["path"][len(scope.get("root_path", "")) :]
+    if route == "/echo":
         status, payload = 200, body
-    elif scope["path"] == "/greeting":
+    elif route == "/greeting":
         status, payload = 200, scope["state"]["greeting"].encode()
     else:
         status, payload = 404, b"not found"
@@ -50,7 +52,7 @@ async def app(
             "headers": [
                 (b"content-type", b"application/octet-stream"),
                 (b"x-method", scope["method"].encode()),
-                (b"x-path", scope["path"].encode()),
+                (b"x-path", route.encode()),
                 (b"x-query", scope["query_string"]),
                 (b"x-scheme", scope["scheme"].encode()),
                 (b"x-host", headers.get("host", "").encode()),

@@ -10,15 +10,21 @@ ASGI ``http`` scopes; no inbound port is opened on the application's machine::
     asyncio.run(serve(app, "Endpoint=sb://relay.example.com/;SharedAccessKeyName=...;"
                       "SharedAccessKey=...", entity_path="api"))
 
-Scope mapping: ``path`` is the request path *after* the hybrid connection's name (``/`` for
-the bare entity URL), so an app's routes do not depend on the entity it is served on;
-``root_path`` is ``""`` unless given. ``scheme`` follows the relay endpoint (``https`` for
-``sb://``/``wss://``). The relay strips ``Host``; the adapter supplies the relay's host.
+Scope mapping: ``root_path`` is the hybrid connection's path (``/{entity}``) unless given, and
+``path`` the full public path under it (``/{entity}/items``; the bare entity URL is
+``/{entity}/``), so an app's routes do not depend on the entity it is served on and the URLs it
+builds (``url_for``, redirects, FastAPI's ``/docs``) are the public ones. ``scheme`` follows the
+relay endpoint (``https`` for ``sb://``/``wss://``); ``Host`` is the relay's host (the relay
+strips the sender's); ``X-Forwarded-For``/``-Proto``/``-Host``/``-Prefix`` are added as a
+reverse proxy would (:func:`~hybridrelay.protocol.http.forwarded_headers`).
 
-Limitations (from the protocol, PROTOCOL.md 6.4): ``responseHeaders`` is a JSON object, so
-repeated response headers are joined with ``", "`` -- except ``Set-Cookie``, where only the
-first is kept (as hyco-https does); request bodies arrive whole (16 MiB at most); a sender's
-disconnect is only reported (``http.disconnect``) once the response is complete.
+Bodies stream both ways: the request body arrives as ``http.request`` messages with
+``more_body`` as its parts come (any size); each ``http.response.body`` with ``more_body`` is
+sent at once (server-sent events reach the sender event by event), and the app's
+``Content-Length`` is kept (HEAD too). A sender that goes away while a streamed response is under
+way is reported as ``http.disconnect`` at once (a response that went inline is too small to
+need it: ``http.disconnect`` then follows its end); what the app sends after it is dropped.
+Repeated ``Set-Cookie`` headers all arrive (PROTOCOL.md 6.4).
 WebSocket senders are rejected (501): this listener serves HTTP only.
 """
 
@@ -35,10 +41,11 @@ from typing import Any
 from urllib.parse import unquote
 
 from hybridrelay.client import AcceptContext, HybridConnectionListener, RelayedHttpContext
-from hybridrelay.exceptions import ConfigurationError, RelayConnectionError
+from hybridrelay.client.http import RequestHandler, access_logged
+from hybridrelay.exceptions import ConfigurationError, RelayConnectionError, StreamClosedError
 from hybridrelay.protocol.addressing import parse_endpoint, target_suffix
 from hybridrelay.protocol.connection_string import ConnectionString
-from hybridrelay.protocol.http import merge_repeated_headers
+from hybridrelay.protocol.http import forwarded_headers
 
 __all__ = [
     "AsgiRequestHandler",
@@ -69,24 +76,35 @@ class AsgiRequestHandler:
         entity_path: str,
         host: str,
         secure: bool,
-        root_path: str = "",
+        root_path: str | None = None,
         state: dict[str, Any] | None = None,
     ) -> None:
         self._app = app
-        self._entity = entity_path
+        self._entity = entity_path.strip("/")
         self._host = host
         self._scheme = "https" if secure else "http"
-        self._root_path = root_path
+        self._root_path = ("/" + self._entity) if root_path is None else root_path.rstrip("/")
         self._state = state
 
+    @property
+    def root_path(self) -> str:
+        return self._root_path
+
     def scope_for(self, ctx: RelayedHttpContext) -> Scope:
-        raw_path = target_suffix(ctx.path, self._entity) or "/"
-        headers = [
+        raw_path = self._root_path + (target_suffix(ctx.path, self._entity) or "/")
+        client = ctx.remote_endpoint[0] if ctx.remote_endpoint else None
+        relayed = forwarded_headers(
+            ((name, value) for name, value in ctx.headers.items() if name.lower() != "host"),
+            client=client,
+            proto=self._scheme,
+            host=self._host,
+            prefix=self._root_path,
+        )
+        headers = [(b"host", self._host.encode("latin-1", "replace"))]
+        headers += [
             (name.lower().encode("latin-1"), value.encode("latin-1", "replace"))
-            for name, value in ctx.headers.items()
+            for name, value in relayed
         ]
-        if ctx.header("host") is None:
-            headers.insert(0, (b"host", self._host.encode("latin-1", "replace")))
         scope: Scope = {
             "type": "http",
             "asgi": dict(_ASGI),
@@ -108,16 +126,20 @@ class AsgiRequestHandler:
 
     async def __call__(self, ctx: RelayedHttpContext) -> None:
         scope = self.scope_for(ctx)
-        body_sent = False
-        response_done = asyncio.Event()
+        body_done = False
         started = False
 
         async def receive() -> Message:
-            nonlocal body_sent
-            if not body_sent:
-                body_sent = True
-                return {"type": "http.request", "body": await ctx.read(), "more_body": False}
-            await response_done.wait()
+            nonlocal body_done
+            if not body_done:
+                try:
+                    chunk = await ctx.read_chunk()
+                except StreamClosedError:
+                    body_done = True
+                    return {"type": "http.disconnect"}
+                body_done = not ctx.more_body
+                return {"type": "http.request", "body": chunk, "more_body": not body_done}
+            await ctx.wait_disconnected()
             return {"type": "http.disconnect"}
 
         async def send(message: Message) -> None:
@@ -133,28 +155,29 @@ class AsgiRequestHandler:
             elif kind == "http.response.body":
                 if not started:
                     raise RuntimeError("http.response.body before http.response.start")
-                if ctx.finished:
-                    return
+                if ctx.finished or ctx.disconnected:
+                    return  # ASGI 2.3: a send after the disconnect is a no-op
                 body = bytes(message.get("body", b""))
-                if body:
-                    await ctx.write(body)
-                if not message.get("more_body", False):
-                    await ctx.finish()
-                    response_done.set()
+                more = bool(message.get("more_body", False))
+                try:
+                    if body:
+                        await ctx.write(body)
+                    if more:
+                        await ctx.flush()  # stream: this part goes out now
+                    else:
+                        await ctx.finish()
+                except StreamClosedError:
+                    if not ctx.disconnected:
+                        raise
             # Other messages (trailers, extensions) are not supported and are ignored.
 
-        try:
-            await self._app(scope, receive, send)
-        finally:
-            response_done.set()
+        await self._app(scope, receive, send)
         if not started:
             raise RuntimeError("the ASGI application returned without sending a response")
 
 
-def _response_headers(raw: Any) -> dict[str, str]:
-    return merge_repeated_headers(
-        (bytes(name).decode("latin-1"), bytes(value).decode("latin-1")) for name, value in raw
-    )
+def _response_headers(raw: Any) -> list[tuple[str, str]]:
+    return [(bytes(name).decode("latin-1"), bytes(value).decode("latin-1")) for name, value in raw]
 
 
 class _Lifespan:
@@ -240,7 +263,8 @@ async def serve(
     entity_path: str | None = None,
     *,
     lifespan: str = "auto",
-    root_path: str = "",
+    root_path: str | None = None,
+    access_log: bool = True,
     ready: asyncio.Event | None = None,
     **listener_kwargs: Any,
 ) -> None:
@@ -252,7 +276,9 @@ async def serve(
             (a Listen right is needed); ``EntityPath=`` may name the hybrid connection.
         entity_path: the hybrid connection (else the connection string's ``EntityPath``).
         lifespan: ``"auto"`` (run it if the app supports it), ``"on"`` or ``"off"``.
-        root_path: the ASGI ``root_path`` to report.
+        root_path: the ASGI ``root_path`` to report (default: ``/{entity}``, the hybrid
+            connection's path on the relay).
+        access_log: one INFO line per request on ``hybridrelay.access`` (uvicorn-style).
         ready: set once the listener is online.
         listener_kwargs: passed to :class:`HybridConnectionListener` (``ca_file``, ``proxy``,
             ``keep_alive_interval``, ...).
@@ -270,7 +296,7 @@ async def serve(
         connection_string, entity_path, **listener_kwargs
     )
     async with _Lifespan(app, lifespan) as life:
-        listener.request_handler = AsgiRequestHandler(
+        handler: RequestHandler = AsgiRequestHandler(
             app,
             entity_path=listener.entity_path,
             host=relay.host,
@@ -278,6 +304,9 @@ async def serve(
             root_path=root_path,
             state=life.state if life.supported else None,
         )
+        if access_log:
+            handler = access_logged(handler, logging.getLogger("hybridrelay.access"))
+        listener.request_handler = handler
         async with listener:
             logger.info("serving the ASGI application on %r", listener.entity_path)
             if ready is not None:

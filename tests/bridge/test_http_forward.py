@@ -238,7 +238,10 @@ async def test_forwarded_headers_reach_the_upstream(relay: Relay) -> None:
     assert first["X-Forwarded-Proto"] == "http"  # a plain-text relay (ws://)
     assert first["X-Forwarded-Host"] == f"127.0.0.1:{relay.server.port}"
     assert first["X-App"] == "kept"
-    assert first["Host"] == f"127.0.0.1:{up.port}"
+    # The public host, as nginx's "proxy_set_header Host $host": the upstream's URLs name the
+    # relay, and X-Forwarded-Prefix says where the upstream's root is there.
+    assert first["Host"] == f"127.0.0.1:{relay.server.port}"
+    assert first["X-Forwarded-Prefix"] == "/hc"
     assert AUTH not in first  # the relay consumed the token
     assert second["X-Forwarded-For"] == "10.1.2.3, 127.0.0.1"
     assert second["Via"] == "1.0 corp-proxy, 1.1 hybridrelay"
@@ -274,7 +277,8 @@ async def test_status_reason_and_response_headers_come_back(relay: Relay) -> Non
     assert up.seen[0]["path_qs"] == "/api/made/1?x=1"  # the relay's sb-hc-* parameters gone
     assert "x-hop" not in response.headers  # named by the upstream's Connection header
     assert "proxy-authenticate" not in response.headers
-    assert response.headers.get_list("set-cookie") == ["a=1"]  # responseHeaders holds one (6.4)
+    # Both: hybridrelay's repeatedResponseHeaders extension (PROTOCOL.md 6.4).
+    assert response.headers.get_list("set-cookie") == ["a=1", "b=2"]
     # Each hop appends itself: the upstream's cache, the bridge, then the relay.
     assert response.headers["via"].startswith("1.0 upstream-cache, 1.1 hybridrelay, 1.1 ")
     await assert_no_exchanges_left(relay)
@@ -290,7 +294,8 @@ async def test_bodies_redirects_and_streams_pass_as_they_are(relay: Relay) -> No
     assert compressed.content == b"compressed text"  # httpx decoded the untouched gzip body
     assert up.seen[0]["headers"]["Accept-Encoding"] == "gzip"
     assert redirect.status_code == 302  # not followed by the proxy
-    assert redirect.headers["location"] == "/elsewhere"
+    # The upstream's root is /hc on the relay (nginx's proxy_redirect default).
+    assert redirect.headers["location"] == "/hc/elsewhere"
     assert streamed.text == "part0;part1;part2;"
     assert [seen["path_qs"] for seen in up.seen] == ["/gzip", "/redirect", "/slow-stream"]
 

@@ -63,7 +63,7 @@ class App:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        path = scope["path"]
+        path = scope["path"][len(scope["root_path"]) :]  # the route path (ASGI: path has it)
         if path == "/boom":
             raise RuntimeError("application error")
         if path == "/stream":
@@ -129,10 +129,13 @@ async def test_asgi_scope_and_headers(relay: Relay) -> None:
     assert response.status_code == 201
     assert response.headers["x-path"] == "/a b/c"
     assert response.headers["x-multi"] == "a, b"
-    assert response.headers.get_list("set-cookie") == ["a=1"]  # protocol limit (6.4)
+    # Both, through hybridrelay's repeatedResponseHeaders extension (PROTOCOL.md 6.4).
+    assert response.headers.get_list("set-cookie") == ["a=1", "b=2"]
     scope = app.scopes[0]
     assert scope["method"] == "GET"
-    assert scope["raw_path"] == b"/a%20b/c"
+    assert scope["root_path"] == "/hc"  # the hybrid connection's path, by default
+    assert scope["path"] == "/hc/a b/c"
+    assert scope["raw_path"] == b"/hc/a%20b/c"
     assert scope["query_string"] == b"x=1"
     assert scope["scheme"] == "http"
     assert scope["client"][0] == "127.0.0.1"
@@ -140,6 +143,10 @@ async def test_asgi_scope_and_headers(relay: Relay) -> None:
     assert headers[b"x-custom"] == b"yes"
     assert headers[b"host"] == f"127.0.0.1:{relay.server.port}".encode()
     assert b"servicebusauthorization" not in headers
+    assert headers[b"x-forwarded-for"] == b"127.0.0.1"
+    assert headers[b"x-forwarded-proto"] == b"http"
+    assert headers[b"x-forwarded-host"] == headers[b"host"]
+    assert headers[b"x-forwarded-prefix"] == b"/hc"
     assert bare.headers["x-path"] == "/"
 
 

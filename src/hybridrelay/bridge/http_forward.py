@@ -4,11 +4,20 @@ HTTP requests to a local server.
 One SDK listener per forward, with an :class:`HttpReverseProxy` as its request handler:
 requests senders send to ``http(s)://relay/{hc}/{rest}?{query}`` go to
 ``{target}/{rest}?{query}`` (the path and query as the sender encoded them) and the upstream's
-answer goes back. On the way to the upstream ``X-Forwarded-For`` is appended to and
-``X-Forwarded-Proto``, ``X-Forwarded-Host`` and ``Via`` are set; both ways, hop-by-hop headers
-are dropped (PROTOCOL.md 6.2, 6.5) and ``Via`` gets our hop. Bodies pass as they are (no
-decompression); the upstream's response body streams back (over a rendezvous once it passes
-64 KiB). WebSocket senders on that hybrid connection are rejected with 501.
+answer goes back. On the way to the upstream ``Host`` is the relay's public host (so the URLs
+the upstream builds name the relay, as nginx's ``proxy_set_header Host $host``),
+``X-Forwarded-For`` is appended to and ``X-Forwarded-Proto``, ``X-Forwarded-Host``,
+``X-Forwarded-Prefix`` (``/{hc}``) and ``Via`` are set; both ways, hop-by-hop headers are
+dropped (PROTOCOL.md 6.2, 6.5) and ``Via`` gets our hop. On the way back ``Location`` and
+``Content-Location`` that point at the upstream (its origin, or a path on its root) are
+rewritten to the public URL under ``/{hc}`` (nginx's ``proxy_redirect default``); a cookie's
+``Path`` only with ``rewrite_cookie_path``. Every ``Set-Cookie`` arrives (PROTOCOL.md 6.4).
+
+Bodies pass as they are (no decompression) and stream both ways, any size: the sender's body
+goes to the upstream as it arrives (chunked), the upstream's comes back as it is read (each
+read sent at once unless the upstream announced a small ``Content-Length``, so server-sent
+events arrive one by one). When the sender goes away mid-response the upstream request is
+closed at once. WebSocket senders on that hybrid connection are rejected with 501.
 
 Like an edge (``-R``): the listener reconnects by itself (SDK); if it cannot be opened at all,
 or closes for good, a new one is opened on the SDK's backoff schedule; the forward counts as
@@ -20,9 +29,9 @@ listener closes (which cuts whatever is left).
 from __future__ import annotations
 
 import asyncio
-import io
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -35,10 +44,16 @@ from hybridrelay.bridge.pipe import RelayStream, close_stream
 from hybridrelay.bridge.specs import validate_http_target
 from hybridrelay.client import AcceptContext, RelayedHttpContext, RequestHandler
 from hybridrelay.client.backoff import RECONNECT_DELAYS
-from hybridrelay.exceptions import ConfigurationError
+from hybridrelay.client.http import INLINE_RESPONSE_LIMIT
+from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.observability.bridge_metrics import ForwardMetrics, Outcome
 from hybridrelay.protocol.addressing import parse_endpoint, target_suffix
-from hybridrelay.protocol.http import merge_repeated_headers, without_hop_by_hop
+from hybridrelay.protocol.http import (
+    forwarded_headers,
+    rewrite_cookie_path,
+    rewrite_location,
+    without_hop_by_hop,
+)
 
 __all__ = [
     "HttpForwarder",
@@ -61,8 +76,9 @@ VIA = "1.1 hybridrelay"
 # A reverse proxy also drops the credentials meant for a proxy on the way (RFC 9110 11.7):
 # they are for the hop that asked for them, not for the upstream or the sender.
 _PROXY_AUTH = frozenset({"proxy-authenticate", "proxy-authorization"})
-# Set by us from what we know, whatever the sender claims (X-Forwarded-For is appended to).
-_REQUEST_DROPPED = _PROXY_AUTH | {"x-forwarded-proto", "x-forwarded-host"}
+_REQUEST_DROPPED = _PROXY_AUTH
+_LOCATIONS = frozenset({"location", "content-location"})
+_KEEP_LENGTH = frozenset({"content-length"})
 
 #: Builds a listener whose relayed HTTP requests go to the given handler (and whose WebSocket
 #: senders are rejected with 501).
@@ -110,6 +126,7 @@ class HttpReverseProxy:
         secure: bool,
         ssl: Any = True,
         connect_timeout: float = CONNECT_TIMEOUT,
+        rewrite_cookie_path: bool = False,
     ) -> None:
         validate_http_target(target)
         if connect_timeout <= 0:
@@ -120,6 +137,9 @@ class HttpReverseProxy:
         self._proto = "https" if secure else "http"
         self._ssl = ssl
         self._connect_timeout = connect_timeout
+        self._rewrite_cookie_path = rewrite_cookie_path
+        self._prefix = "/" + self._entity
+        self._public = f"{self._proto}://{relay_host}{self._prefix}"
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -148,15 +168,27 @@ class HttpReverseProxy:
 
     def upstream_headers(self, ctx: RelayedHttpContext) -> list[tuple[str, str]]:
         headers = without_hop_by_hop(ctx.headers.items(), also=_REQUEST_DROPPED)
-        forwarded_for = ctx.header("x-forwarded-for")
         client = ctx.remote_endpoint[0] if ctx.remote_endpoint else None
-        if client:
-            chain = f"{forwarded_for}, {client}" if forwarded_for else client
-            headers = [(k, v) for k, v in headers if k.lower() != "x-forwarded-for"]
-            headers.append(("X-Forwarded-For", chain))
-        headers.append(("X-Forwarded-Proto", self._proto))
-        headers.append(("X-Forwarded-Host", self._relay_host))
+        headers = forwarded_headers(
+            headers, client=client, proto=self._proto, host=self._relay_host, prefix=self._prefix
+        )
+        headers.insert(0, ("Host", self._relay_host))
         return _via_appended(headers)
+
+    def downstream_headers(self, headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The upstream's response headers as the sender gets them (see the module)."""
+        out: list[tuple[str, str]] = []
+        # Content-Length is kept: the relay streams under it, and a HEAD response keeps it.
+        for name, value in without_hop_by_hop(headers, also=_PROXY_AUTH, keep=_KEEP_LENGTH):
+            key = name.lower()
+            if key in _LOCATIONS:
+                value = rewrite_location(
+                    value, upstream=self._target, public=self._public, public_path=self._prefix
+                )
+            elif key == "set-cookie" and self._rewrite_cookie_path:
+                value = rewrite_cookie_path(value, prefix=self._prefix)
+            out.append((name, value))
+        return _via_appended(out)
 
     async def __call__(self, ctx: RelayedHttpContext) -> None:
         await self.forward(ctx)
@@ -169,23 +201,36 @@ class HttpReverseProxy:
         status: int | None = None
         session = self._get_session()
         url = _as_sent(self.upstream_url(ctx))
-        body = await ctx.read()
+        uploaded = asyncio.Event()
+
+        async def upload() -> AsyncIterator[bytes]:
+            async for chunk in ctx.body:
+                yield chunk
+            uploaded.set()
+
+        if not ctx.more_body:
+            uploaded.set()
         try:
             async with session.request(
                 ctx.method,
                 url,
                 headers=self.upstream_headers(ctx),
-                # BytesIO: aiohttp writes it in slices (raw bytes > 1 MiB would block the loop).
-                data=io.BytesIO(body) if body else None,
+                # Streamed as it arrives (chunked): bodies of any size, never held whole.
+                data=upload() if ctx.more_body else None,
                 allow_redirects=False,
                 ssl=self._ssl,
             ) as upstream:
-                relayed = without_hop_by_hop(upstream.headers.items(), also=_PROXY_AUTH)
-                headers = merge_repeated_headers(_via_appended(relayed))
+                headers = self.downstream_headers(list(upstream.headers.items()))
                 await ctx.respond(upstream.status, upstream.reason or None, headers)
                 status, head = upstream.status, loop.time() - started
-                async for chunk in upstream.content.iter_chunked(_CHUNK):
-                    await ctx.write(chunk)
+                length = upstream.content_length
+                stream = length is None or length > INLINE_RESPONSE_LIMIT
+                if not await self._pump(ctx, upstream, stream=stream, uploaded=uploaded):
+                    # The sender went away: so does the upstream request (its connection is
+                    # closed, not reused, as its body was not read to the end).
+                    upstream.close()
+                    ctx.abort()
+                    return ProxyAnswer(status, head, Outcome.ACCEPTED)
         except (aiohttp.ClientConnectorError, aiohttp.ClientOSError) as exc:
             text = "Bad Gateway: the upstream is unreachable"
             answered = await self._error(ctx, 502, text, exc)
@@ -203,6 +248,49 @@ class HttpReverseProxy:
         if answered is None:  # cut after the head
             return ProxyAnswer(None, head, outcome)
         return ProxyAnswer(answered, loop.time() - started, outcome)
+
+    @staticmethod
+    async def _pump(
+        ctx: RelayedHttpContext,
+        upstream: aiohttp.ClientResponse,
+        *,
+        stream: bool,
+        uploaded: asyncio.Event,
+    ) -> bool:
+        """Copy the upstream's body to the sender; False when the sender went away first."""
+
+        async def copy() -> None:
+            async for chunk in upstream.content.iter_any():
+                await ctx.write(chunk)
+                if stream:
+                    await ctx.flush()  # this read goes out now (server-sent events)
+
+        async def sender_gone() -> None:
+            # Only once the body was read: the watch reads the rendezvous the body came on.
+            await uploaded.wait()
+            await ctx.wait_disconnected()
+
+        copying = asyncio.create_task(copy())
+        watching = asyncio.create_task(sender_gone())
+        try:
+            await asyncio.wait({copying, watching}, return_when="FIRST_COMPLETED")
+        finally:
+            for task in (copying, watching):
+                if not task.done():
+                    task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+        if not copying.done() or copying.cancelled():
+            with contextlib.suppress(asyncio.CancelledError):
+                await copying
+            return False
+        try:
+            copying.result()
+        except RelayError:
+            if ctx.disconnected:
+                return False
+            raise
+        return True
 
     @staticmethod
     async def _error(

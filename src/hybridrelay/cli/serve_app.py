@@ -58,8 +58,18 @@ class ServeAppConfig:
         choices=("auto", "on", "off"),
         flags=("--lifespan",),
     )
-    root_path: str = setting(
-        "", help="ASGI root_path to report", flags=("--root-path",), metavar="PATH"
+    root_path: str | None = setting(
+        None,
+        help="ASGI root_path to report (default: /ENTITY, the hybrid connection's path on "
+        "the relay, so the URLs the app builds are the public ones; '' for none)",
+        flags=("--root-path",),
+        metavar="PATH",
+    )
+    access_log: bool = setting(
+        True,
+        help="log each request at INFO on hybridrelay.access, uvicorn-style (method, path, "
+        "status, bytes, duration)",
+        flags=("--access-log",),
     )
     proxy: str | None = setting(
         None,
@@ -139,6 +149,7 @@ async def run_serve_app(args: argparse.Namespace) -> int:
             config.entity,
             lifespan=config.lifespan,
             root_path=config.root_path,
+            access_log=config.access_log,
             **kwargs,
         ),
         name="hybridrelay-serve-app",

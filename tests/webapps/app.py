@@ -1,0 +1,198 @@
+"""The web application of tests/webapps (and bench's web-app scenario): Starlette, served by
+``hybridrelay serve-app`` and, behind ``bridge -H``, by uvicorn.
+
+Routes are relative to the app's root path (``/hc`` through the relay). The SSE route is gated:
+event ``i + 1`` is only produced once the client said, on another connection, that event ``i``
+arrived (``/ack``), so a relay that holds events back until the end never completes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.routing import Route
+
+#: How long the app waits for the client's ack of an event, or for a stream's end.
+WAIT = 20.0
+BLOCK = 64 * 1024
+
+
+def blob_block(index: int) -> bytes:
+    """Block ``index`` of the deterministic download (the test hashes the same blocks)."""
+    return hashlib.sha256(index.to_bytes(8, "big")).digest() * (BLOCK // 32)
+
+
+def blob_sha256(size: int) -> str:
+    digest = hashlib.sha256()
+    for index, start in enumerate(range(0, size, BLOCK)):
+        digest.update(blob_block(index)[: size - start])
+    return digest.hexdigest()
+
+
+_acks: dict[tuple[str, int], asyncio.Event] = {}
+_ended: dict[str, asyncio.Event] = {}
+
+
+def _ack_event(stream: str, index: int) -> asyncio.Event:
+    if len(_acks) > 10_000:
+        _acks.clear()
+    return _acks.setdefault((stream, index), asyncio.Event())
+
+
+def _end_event(stream: str) -> asyncio.Event:
+    if len(_ended) > 1_000:
+        _ended.clear()
+    return _ended.setdefault(stream, asyncio.Event())
+
+
+async def sse(request: Request) -> Response:
+    stream = request.query_params["stream"]
+    count = int(request.query_params.get("n", "5"))
+
+    async def events() -> AsyncIterator[bytes]:
+        for index in range(count):
+            yield f"id: {index}\ndata: event {index}\n\n".encode()
+            if index + 1 < count:
+                await asyncio.wait_for(_ack_event(stream, index).wait(), WAIT)
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def ack(request: Request) -> Response:
+    _ack_event(request.query_params["stream"], int(request.query_params["i"])).set()
+    return PlainTextResponse("ok")
+
+
+async def forever(request: Request) -> Response:
+    """Events until the client goes away; its end is recorded (``/ended``)."""
+    stream = request.query_params["stream"]
+
+    async def events() -> AsyncIterator[bytes]:
+        index = 0
+        try:
+            while True:
+                yield f"data: tick {index}\n\n".encode()
+                index += 1
+                await asyncio.sleep(0.05)
+        finally:
+            _end_event(stream).set()
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def ended(request: Request) -> Response:
+    """200 once the stream's generator was stopped (the client's disconnect reached the app)."""
+    try:
+        await asyncio.wait_for(_end_event(request.query_params["stream"]).wait(), WAIT)
+    except TimeoutError:
+        return PlainTextResponse("still running", status_code=504)
+    return PlainTextResponse("ended")
+
+
+async def sha256(request: Request) -> Response:
+    digest = hashlib.sha256()
+    size = 0
+    async for chunk in request.stream():
+        digest.update(chunk)
+        size += len(chunk)
+    return JSONResponse({"sha256": digest.hexdigest(), "size": size})
+
+
+async def blob(request: Request) -> Response:
+    size = int(request.query_params["size"])
+
+    async def blocks() -> AsyncIterator[bytes]:
+        for index, start in enumerate(range(0, size, BLOCK)):
+            yield blob_block(index)[: size - start]
+
+    headers = {"content-length": str(size)} if "length" in request.query_params else None
+    return StreamingResponse(blocks(), media_type="application/octet-stream", headers=headers)
+
+
+async def cookies(request: Request) -> Response:
+    response = PlainTextResponse("three cookies")
+    response.set_cookie("first", "1", path="/")
+    response.set_cookie("second", "2", expires="Wed, 21 Oct 2037 07:28:00 GMT")
+    response.set_cookie("third", "3", httponly=True)
+    return response
+
+
+async def small(request: Request) -> Response:
+    return PlainTextResponse("small")
+
+
+async def redirect(request: Request) -> Response:
+    """A root-relative Location, as many apps write it (``-H`` rewrites it)."""
+    return RedirectResponse("/small", status_code=302)
+
+
+async def redirect_url_for(request: Request) -> Response:
+    return RedirectResponse(str(request.url_for("small")), status_code=302)
+
+
+async def links(request: Request) -> Response:
+    return JSONResponse(
+        {
+            "url_for": str(request.url_for("small")),
+            "root_path": request.scope.get("root_path", ""),
+            "client": request.client.host if request.client else None,
+            "forwarded": {
+                name: value
+                for name, value in request.headers.items()
+                if name.startswith("x-forwarded-")
+            },
+        }
+    )
+
+
+async def etag(request: Request) -> Response:
+    tag = '"v1"'
+    if request.headers.get("if-none-match") == tag:
+        return Response(status_code=304, headers={"etag": tag})
+    return PlainTextResponse("tagged", headers={"etag": tag})
+
+
+async def upload(request: Request) -> Response:
+    files: dict[str, dict[str, str | int | None]] = {}
+    async with request.form() as form:  # closes the spooled files
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                files[name] = {"text": value}
+            else:
+                data = await value.read()
+                files[name] = {
+                    "filename": value.filename,
+                    "size": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+    return JSONResponse(files)
+
+
+app = Starlette(
+    routes=[
+        Route("/sse", sse),
+        Route("/ack", ack),
+        Route("/forever", forever),
+        Route("/ended", ended),
+        Route("/sha256", sha256, methods=["POST"]),
+        Route("/blob", blob),
+        Route("/cookies", cookies),
+        Route("/small", small, name="small"),
+        Route("/redirect", redirect),
+        Route("/redirect-url-for", redirect_url_for),
+        Route("/links", links),
+        Route("/etag", etag),
+        Route("/upload", upload, methods=["POST"]),
+    ]
+)
