@@ -35,6 +35,7 @@ from hybridrelay.bridge.specs import Protocol
 from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.observability.bridge_metrics import ForwardMetrics, Outcome, relay_refusal
 from hybridrelay.protocol.azbridge import Mode
+from hybridrelay.transport.bind import bind_failure
 
 __all__ = ["Connect", "StreamIngress", "format_address", "peer_host"]
 
@@ -118,7 +119,8 @@ class StreamIngress:
                     )
             except OSError as exc:
                 raise ConfigurationError(
-                    f"{self._name}: cannot listen on {spec.endpoint_text()}: {exc.strerror or exc}"
+                    f"{self._name}: "
+                    + bind_failure(spec.endpoint_text(), exc, port_option="in the -L spec")
                 ) from exc
             try:
                 self.addresses = [s.getsockname() for s in server.sockets]

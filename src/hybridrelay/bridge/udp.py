@@ -31,6 +31,7 @@ from hybridrelay.observability.bridge_metrics import (
     relay_refusal,
 )
 from hybridrelay.protocol.azbridge import MAX_DATAGRAM, DatagramDecoder, Mode, encode_datagram
+from hybridrelay.transport.bind import bind_failure
 
 __all__ = ["FLOW_QUEUE", "FlowStats", "UdpIngress", "serve_udp_destination"]
 
@@ -130,7 +131,8 @@ class UdpIngress:
                 )
             except OSError as exc:
                 raise ConfigurationError(
-                    f"{self._name}: cannot bind {spec.endpoint_text()}: {exc.strerror or exc}"
+                    f"{self._name}: "
+                    + bind_failure(spec.endpoint_text(), exc, port_option="in the -L spec")
                 ) from exc
             self._transport = transport
             try:

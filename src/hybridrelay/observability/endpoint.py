@@ -24,6 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from hybridrelay.exceptions import ConfigurationError
 from hybridrelay.protocol.allowlist import is_loopback
+from hybridrelay.transport.bind import bind_cause
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -149,7 +150,7 @@ class MetricsServer:
             if isinstance(exc, TimeoutError):
                 why = f"binding took longer than {START_TIMEOUT:g} s"
             else:
-                why = exc.strerror or str(exc)
+                why = bind_cause(exc)
             raise ConfigurationError(
                 f"metrics: cannot listen on {address}: {why} ({self._hint})"
             ) from exc
