@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TlsFiles
+from tests.conftest import Relay, TlsFiles
 
 CLI = [sys.executable, "-m", "hybridrelay"]
 RELAY_HEAD = "server:\n  host: 127.0.0.1\n  port: 0\n  plaintext: true\n"
@@ -175,3 +175,22 @@ async def test_the_bridge_checks_everything_before_it_binds_anything(tmp_path: P
     assert (
         one_line(err) == f"hybridrelay bridge: --ca-file {tmp_path / 'ca'}: no such readable file"
     )
+
+
+@pytest.mark.timeout(60)
+async def test_a_bridge_port_in_use_is_said_once_with_the_fix(relay: Relay) -> None:
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = await run("bridge", "-x", relay.connection_string(), "-L", f"{port}:hc")
+        assert code == 2
+        line = one_line(err)
+        assert line == (
+            f"hybridrelay bridge: -L {port}:hc: cannot listen on {port}: the address is already "
+            "in use: stop the other process listening there, or choose another port (in the -L "
+            "spec)"
+        ), line
+    finally:
+        taken.close()
