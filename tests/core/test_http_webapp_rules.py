@@ -43,7 +43,9 @@ def test_one_cookie_sends_no_extension() -> None:
     merged, repeated = split_repeated_headers([("Set-Cookie", "a=1"), ("X", "1"), ("X", "2")])
     assert merged == {"Set-Cookie": "a=1", "X": "1, 2"}
     assert repeated == ()
-    assert "repeatedResponseHeaders" not in encode_message(Response("r", 200, merged))
+    assert "repeatedResponseHeaders" not in encode_message(
+        Response("r", 200, response_headers=merged)
+    )
 
 
 @pytest.mark.parametrize(
