@@ -141,6 +141,7 @@ def test_built_in_code_as_strictly_as_from_a_file() -> None:
 SAMPLES: dict[str, tuple[Any, list[str]]] = {
     "server.host": ("127.0.0.2", ["127.0.0.2"]),
     "server.port": (9401, ["9401"]),
+    "server.shutdown_grace_period": (2.5, ["2.5"]),
     "management.host": ("127.0.0.3", ["127.0.0.3"]),
     "management.port": (9411, ["9411"]),
     "metrics_port": (9464, ["9464"]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -46,6 +47,8 @@ from hybridrelay.transport.event_loop import (
 from hybridrelay.transport.tuning import set_malloc_thresholds, set_tls_read_buffer
 
 __all__ = ["main"]
+
+logger = logging.getLogger("hybridrelay.cli")
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -213,17 +216,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     data_dir: Path = args.data_dir or default_data_dir()
     embedded = not args.config
-    if args.config:
-        config = RelayConfig.load(args.config)
-    else:
-        config = RelayConfig(
-            server=ServerSettings(plaintext=True),  # the defaults: 127.0.0.1, DEFAULT_PORT
-            management=ManagementSettings(port=DEFAULT_MANAGEMENT_PORT),
-            auto_create_hybrid_connections=True,
-        )
-    if config.store.path is None:  # the store is SQLite in the data directory by default
-        config = replace(config, store=StoreSettings(str(data_dir / STORE_FILE)))
-    config = apply(config, given_arguments(args, RelayConfig))
+    config = _serve_config(args, data_dir)
 
     async def run() -> int:
         # The embedded default's store holds its root rule (made on first start); a
@@ -241,9 +234,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 )
             ) from exc
         stop = asyncio.Event()
+
+        def on_stop_signal() -> None:
+            if stop.is_set():  # a second SIGTERM/SIGINT during the drain: stop at once
+                server.stop_draining()
+            stop.set()
+
+        def on_reload_signal() -> None:
+            # Synchronous, in the loop's signal callback: one reload at a time, and the file
+            # read and the certificate load take milliseconds.
+            try:
+                changes = server.reload(_serve_config(args, data_dir))
+            except ConfigurationError as exc:
+                logger.error("reload failed, the running configuration is kept: %s", exc)
+                return
+            logger.info("reloaded: %s", "; ".join(changes) or "nothing changed")
+
         try:
             # The handlers are in place before the line that tells a supervisor we are up.
-            with stop_on_signals(stop.set):
+            with stop_on_signals(on_stop_signal, reload=on_reload_signal):
                 print(
                     f"hybridrelay {__version__}: relay listening on {server.base_url}", flush=True
                 )
@@ -263,6 +272,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         flush=True,
                     )
                 await stop.wait()
+                await server.drain()  # a second signal ends it early (on_stop_signal)
         finally:
             await server.aclose()
             if store is not None:
@@ -271,6 +281,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+def _serve_config(args: argparse.Namespace, data_dir: Path) -> RelayConfig:
+    """The configuration ``serve`` runs with: the file's (else the embedded default's), the
+    store in the data directory unless the file names one, the options over it. Read again on
+    SIGHUP.
+
+    Raises:
+        ConfigurationError: the file cannot be read or breaks the schema (its path is named).
+    """
+    if args.config:
+        config = RelayConfig.load(args.config)
+    else:
+        config = RelayConfig(
+            server=ServerSettings(plaintext=True),  # the defaults: 127.0.0.1, DEFAULT_PORT
+            management=ManagementSettings(port=DEFAULT_MANAGEMENT_PORT),
+            auto_create_hybrid_connections=True,
+        )
+    if config.store.path is None:  # the store is SQLite in the data directory by default
+        config = replace(config, store=StoreSettings(str(data_dir / STORE_FILE)))
+    return apply(config, given_arguments(args, RelayConfig))
 
 
 # -- token / connection-string -----------------------------------------------------------------

@@ -19,6 +19,7 @@ request targets carry ``sb-hc-token``.
 from __future__ import annotations
 
 import asyncio
+import asyncio.selector_events
 import datetime
 import logging
 import ssl
@@ -40,6 +41,8 @@ from hybridrelay.protocol.addressing import (
 )
 from hybridrelay.server.access import Access
 from hybridrelay.server.broker import ENTITY_DELETED, Broker, LocalBroker
+from hybridrelay.server.certificate import ServedCertificate
+from hybridrelay.server.channel import ControlChannel
 from hybridrelay.server.config import RelayConfig, TlsConfig
 from hybridrelay.server.context import RelayContext
 from hybridrelay.server.control_channel import ListenEndpoint
@@ -48,6 +51,7 @@ from hybridrelay.server.ingress import RelayIngress
 from hybridrelay.server.legs import RelayedLegs
 from hybridrelay.server.malformed import HTTP_LOGGER
 from hybridrelay.server.observer import RelayObserver
+from hybridrelay.server.reload import describe_changes, restart_only, without_restart_only
 from hybridrelay.server.request import RelayRequest
 from hybridrelay.server.responses import error_response, name_the_server
 from hybridrelay.server.runtime_info import is_runtime_info_request, runtime_info
@@ -65,6 +69,12 @@ logger = logging.getLogger("hybridrelay.server")
 
 #: How long a shutdown waits for spliced connections to finish their close handshakes.
 _SHUTDOWN_GRACE = 5.0
+#: The control channels' close in a drain: RFC 6455's "service restart" (IANA registry), so
+#: that a listener reconnects, to another relay behind the same name in a rolling restart.
+#: Our SDK, hyco-ws and .NET reconnect on any close they did not ask for; 1001 (going away)
+#: stays the code of :meth:`RelayServer.aclose`, an immediate stop.
+DRAIN_CLOSE_CODE = CloseCode.SERVICE_RESTART
+DRAIN_CLOSE_REASON = "relay restarting"
 
 
 class RelayServer:
@@ -114,11 +124,26 @@ class RelayServer:
         self._port = 0
         self._management_port = 0
         self._management_secure = False
+        #: New listeners, senders and HTTP requests are refused (503) from here on: a drain
+        #: or a close began. Rendezvous of what was offered before still go through.
+        self._draining = False
+        #: Everything is refused: the close began.
         self._closing = False
+        #: A drain's wait ends early (a second SIGTERM/SIGINT).
+        self._stop_draining = asyncio.Event()
         self._closed = asyncio.Event()
         #: Tasks closing the listeners of deleted entities.
         self._tasks: set[asyncio.Task[None]] = set()
-        self._ssl = self._ssl_context(config.server.tls)
+        #: The certificates served (replaced by :meth:`replace_config`, e.g. on SIGHUP).
+        self._certificate = (
+            ServedCertificate(config.server.tls, self._tls_context) if config.server.tls else None
+        )
+        self._management_certificate = (
+            ServedCertificate(config.management.tls, self._tls_context)
+            if config.management.tls
+            else None
+        )
+        self._ssl = self._certificate.context if self._certificate else None
         #: What the endpoints use of the relay.
         self._context = RelayContext(
             self._settings, self.store, self.access, self.broker, self._legs, self.observer
@@ -138,8 +163,9 @@ class RelayServer:
 
     # -- configuration -------------------------------------------------------------------------
 
-    def replace_config(self, new: RelayConfig) -> None:
-        """Run with ``new`` from now on.
+    def replace_config(self, new: RelayConfig) -> list[str]:
+        """Run with ``new`` from now on; what changed, one phrase each (for a log line; never
+        a secret).
 
         Takes effect for what comes next: limits are read when used (a new sender's rendezvous
         timeout and the pending bound, a new HTTP request's deadline, a new listener's limit and
@@ -147,23 +173,57 @@ class RelayServer:
         ``auto_create_hybrid_connections``; the file's hybrid connections and namespace rules
         are laid over the store's at once (an entity that leaves the namespace has its
         listeners and pending senders closed, as a deletion through the management API).
-        Connections already relayed stay.
+        Connections already relayed stay. The certificates (``server.tls``, and
+        ``management.tls`` where it has its own) are read again from their files: new TLS
+        handshakes present them if they changed, established connections keep theirs.
 
-        Needs a restart, and is refused here (:class:`ConfigurationError`): the ``server``,
-        ``management`` and ``store`` sections and ``ingress:`` (ports are bound and the store
-        opened at start). ``limits.idle_timeout`` applies to connections made after a restart
-        only (aiohttp takes it when the server starts).
+        Needs a restart, and is refused here (:class:`ConfigurationError`, nothing changed):
+        the ``server`` section but for its certificate, ``public_base_url`` and
+        ``shutdown_grace_period``, the ``management`` and ``store`` sections and ``ingress:``
+        (ports are bound and the store opened at start); a certificate that does not load.
+        ``limits.idle_timeout`` applies to connections made after a restart only (aiohttp
+        takes it when the server starts).
         """
         old = self.config
-        for section in ("server", "management", "store", "ingress", "namespace_name"):
-            if getattr(new, section) != getattr(old, section):
-                raise ConfigurationError(f"the {section} section changes on restart only")
+        restart = restart_only(old, new)
+        if restart:
+            sections = sorted({key.split(".")[0] for key in restart})
+            raise ConfigurationError(
+                f"these change on restart only: {', '.join(restart)} (the "
+                f"{', '.join(sections)} section{'s' if len(sections) > 1 else ''})"
+            )
+        commits = []
+        for served, tls in (
+            (self._certificate, new.server.tls),
+            (self._management_certificate, new.management.tls),
+        ):
+            if served is not None and tls is not None:
+                commit = served.prepare(tls)  # raises before anything changed
+                if commit is not None:
+                    commits.append(commit)
+        changes = describe_changes(old, new)
         self.config = new
         layer = file_layer(new, self._loaded_at.timestamp())
         if self.arm is not None:
             self.arm.file_layer = layer
         self.store.replace_file(layer)
-        logger.info("configuration replaced")
+        changes = [commit() for commit in commits] + changes
+        logger.info("configuration replaced: %s", "; ".join(changes) or "nothing changed")
+        return changes
+
+    def reload(self, new: RelayConfig) -> list[str]:
+        """Take over from ``new`` what can change while running (SIGHUP): as
+        :meth:`replace_config`, but what needs a restart is kept as running and named.
+
+        Raises:
+            ConfigurationError: ``new`` cannot be applied (a certificate does not load, the
+                mix does not hold together); the running configuration is kept.
+        """
+        restart = restart_only(self.config, new)
+        changes = self.replace_config(without_restart_only(self.config, new))
+        if restart:
+            changes.append(f"needs a restart (kept as running): {', '.join(restart)}")
+        return changes
 
     def _entities_removed(self, names: Sequence[str]) -> None:
         """Deleted entities: refuse their pending senders, close their listeners (1001)."""
@@ -180,9 +240,7 @@ class RelayServer:
     # -- lifecycle -----------------------------------------------------------------------
 
     @staticmethod
-    def _ssl_context(tls: TlsConfig | None) -> ssl.SSLContext | None:
-        if tls is None:
-            return None
+    def _tls_context(tls: TlsConfig) -> ssl.SSLContext:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         for what, path in (("certificate", tls.cert), ("private key", tls.key)):
@@ -263,7 +321,8 @@ class RelayServer:
             public_endpoint=self.public_endpoint,
         )
         runtime = RuntimeApi(self.runtime, self.arm.authorize_request)
-        secure = self._ssl_context(settings.tls) if settings.tls else self._ssl
+        own = self._management_certificate
+        secure = own.context if own is not None else self._ssl
         self.dashboard = Dashboard(
             state=lambda: self.store.state,
             runtime=self.runtime,
@@ -300,7 +359,7 @@ class RelayServer:
 
     async def _readiness(self) -> str | None:
         """Why the relay is not ready (``/readyz``), or None."""
-        if self._closing:
+        if self._draining:
             return "draining: the relay is shutting down"
         store = self.store.store
         if store is None:
@@ -312,14 +371,96 @@ class RelayServer:
             return f"the store is unreachable: {exc or 'no answer in 5 s'}"
         return None
 
-    async def aclose(self) -> None:
-        """Stop accepting, close control channels (1001), end spliced connections, stop."""
+    async def drain(self, grace: float | None = None) -> None:
+        """Shut down gracefully, then :meth:`aclose`.
+
+        New listeners, senders and HTTP requests are refused (503) and the ingress ports stop
+        accepting at once; every listener is offered nothing more and its control channel is
+        closed with 1012 (:data:`DRAIN_CLOSE_CODE`) as soon as no HTTP request waits for an
+        answer on it. Relayed connections (WebSocket pairs, ingress tunnels) and HTTP requests
+        in flight get ``grace`` seconds (default ``server.shutdown_grace_period``) to finish;
+        :meth:`stop_draining` ends the wait early. What remains is then closed by
+        :meth:`aclose` (1001 on both legs, at most its close-handshake time).
+        """
+        if self._draining:
+            await self.aclose()
+            return
+        self._draining = True
+        if grace is None:
+            grace = self.config.server.shutdown_grace_period
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for ingress in self.ingress:
+            ingress.stop_accepting()
+        connections = self._legs.connections()
+        requests = self.http.live_exchanges()
+        channels = list(self.broker.channels())
+        logger.info(
+            "draining: %d relayed connection(s) and %d HTTP request(s) in flight get up to %gs "
+            "to finish; %d listener(s) told to reconnect (%d); new connections refused (a "
+            "second SIGTERM/SIGINT stops at once)",
+            len(connections),
+            len(requests),
+            grace,
+            len(channels),
+            DRAIN_CLOSE_CODE,
+        )
+        for channel in channels:
+            channel.usable = False  # offered no new sender; what it was told still completes
+        closing = [loop.create_task(self._close_when_idle(channel)) for channel in channels]
+        drained = loop.create_task(self._drained(closing))
+        interrupted = loop.create_task(self._stop_draining.wait())
+        try:
+            await asyncio.wait({drained, interrupted}, timeout=grace, return_when="FIRST_COMPLETED")
+        finally:
+            for task in (drained, interrupted, *closing):
+                task.cancel()
+            await asyncio.gather(drained, interrupted, *closing, return_exceptions=True)
+        live = {id(c) for c in self._legs.connections()}
+        cut_connections = sum(1 for c in connections if id(c) in live)
+        cut_requests = len(set(requests) & set(self.http.live_exchanges()))
+        later = len(live) - cut_connections  # joined during the drain (offered before it)
+        logger.info(
+            "drain over after %.1fs%s: %d of %d connection(s) and %d of %d HTTP request(s) "
+            "finished, %d cut%s",
+            loop.time() - started,
+            " (stopped by a second signal)" if self._stop_draining.is_set() else "",
+            len(connections) - cut_connections,
+            len(connections),
+            len(requests) - cut_requests,
+            len(requests),
+            cut_connections + cut_requests,
+            f" (and {later} joined during the drain)" if later else "",
+        )
+        await self.aclose(close_wait=0.0 if self._stop_draining.is_set() else None)
+
+    def stop_draining(self) -> None:
+        """End a drain's wait now (a second SIGTERM/SIGINT): what is left is closed."""
+        self._stop_draining.set()
+
+    async def _close_when_idle(self, channel: ControlChannel) -> None:
+        """Close ``channel`` (1012) once no HTTP request waits for its answer on it."""
+        await self.http.wait_exchanges(channel)
+        await close_channels(self.broker, [channel], DRAIN_CLOSE_CODE, DRAIN_CLOSE_REASON)
+
+    async def _drained(self, closing: Sequence[asyncio.Task[None]]) -> None:
+        """Return once the control channels are closed and nothing relayed is left."""
+        await asyncio.gather(*closing)
+        await self.http.wait_exchanges()
+        await self._legs.wait_gone()
+
+    async def aclose(self, *, close_wait: float | None = None) -> None:
+        """Stop accepting, close control channels (1001), end spliced connections, stop.
+
+        Spliced connections get ``close_wait`` seconds (default 5) to answer their close
+        frames before they are dropped.
+        """
         if self._closing:
             await self._closed.wait()
             return
         # 1. New requests are answered 503 from here on (see _dispatch); the ingress ports
         #    stop accepting and reset the connections that have no listener yet.
-        self._closing = True
+        self._draining = self._closing = True
         await asyncio.gather(*(ingress.aclose() for ingress in self.ingress))
         # 2. Listeners learn at once (1001) and stop being offered senders.
         channels = list(self.broker.channels())
@@ -331,9 +472,10 @@ class RelayServer:
         )
         # 3. Spliced connections get a close frame (1001) on both legs; their peers answer and
         #    the splices end by themselves, within a bounded time.
-        await self._legs.close(_SHUTDOWN_GRACE)
+        await self._legs.close(_SHUTDOWN_GRACE if close_wait is None else close_wait)
         # 4. Stop the HTTP servers (closes what is left) and the store.
         if self._runner is not None:
+            await _stop_accepting(self._runner)
             await self._runner.cleanup()
         if self.dashboard is not None:
             await self.dashboard.aclose()  # its event streams end, then the listener
@@ -415,7 +557,7 @@ class RelayServer:
                     secure=self._ssl is not None,
                     loaded_at=self._loaded_at,
                 )
-            if self._closing:
+            if self._draining:
                 return error_response(503, "The relay is shutting down.")
             return await self.http.handle_sender_request(request, raw_path, raw_query)
         params = protocol_params(raw_query)
@@ -435,6 +577,8 @@ class RelayServer:
             return await self.websocket.handle_accept(request, params)
         if action not in ("listen", "connect"):
             return error_response(400, f"Unknown sb-hc-action {action!r}.")
+        if self._draining:  # a rendezvous above may still complete what was offered before
+            return error_response(503, "The relay is shutting down.")
         if not is_upgrade:
             return error_response(400, "A WebSocket upgrade is required.")
         if action == "listen":  # a listener names its entity exactly: no suffix
@@ -444,6 +588,27 @@ class RelayServer:
             return error_response(404, "The hybrid connection does not exist.")
         entity, suffix = resolved
         return await self.websocket.handle_connect(request, entity, suffix, raw_query, params)
+
+
+async def _stop_accepting(runner: web.BaseRunner) -> None:
+    """Stop taking connections on ``runner``'s sockets, and let those already taken reach the
+    server, before the runner closes the sockets.
+
+    On asyncio's selector loop (Python 3.11) a connection accepted in the same loop iteration
+    as ``Server.close()`` is attached after it, fails an assertion inside asyncio and is
+    leaked: its client waits for an answer that never comes (a listener redialling the moment
+    a drain closed its channel waited out its own timeout). Removing the reader first and
+    yielding twice lets those connections be made (and then closed by the runner); uvloop
+    accepts differently and needs none of this.
+    """
+    loop = asyncio.get_running_loop()
+    if not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+        return
+    for site in runner.sites:
+        for sock in getattr(site._server, "sockets", None) or ():
+            loop.remove_reader(sock.fileno())
+    for _ in range(2):  # the accept task, then connection_made
+        await asyncio.sleep(0)
 
 
 async def _listen(

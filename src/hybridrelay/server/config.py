@@ -89,6 +89,17 @@ class ServerSettings:
         help="base of the rendezvous addresses handed to listeners (default: the scheme and "
         "Host header the client used)",
     )
+    #: SIGTERM/SIGINT drain the relay (docs/OPERATIONS.md): new connections are refused at
+    #: once, listeners told to reconnect (1012), and what is relayed gets this long to finish.
+    shutdown_grace_period: float = setting(
+        30.0,
+        help="seconds relayed connections and HTTP requests get to finish after SIGINT/SIGTERM "
+        "(a second signal stops at once)",
+        low=0.0,
+        high=86_400.0,
+        flags=("--shutdown-grace-period",),
+        metavar="SECONDS",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -189,6 +189,19 @@ class HttpRelay:
         self._by_id: dict[str, _Exchange] = {}
         #: Per control channel: whom the next binary message belongs to (after body:true).
         self._binary_owner: dict[ControlChannel, _BodyOwner] = {}
+        #: Set each time an exchange ends: the relay's drain waits on it (``wait_exchanges``).
+        self._exchange_ended = asyncio.Event()
+
+    def live_exchanges(self, channel: ControlChannel | None = None) -> list[str]:
+        """Ids of the requests in flight (those told to ``channel``, if given)."""
+        return [key for key, e in self._by_id.items() if channel is None or e.channel is channel]
+
+    async def wait_exchanges(self, channel: ControlChannel | None = None) -> None:
+        """Return once no request (told to ``channel``, if given) is in flight; unbounded, the
+        caller bounds it (the relay's drain: a listener's control channel carries responses)."""
+        while self.live_exchanges(channel):
+            self._exchange_ended.clear()
+            await self._exchange_ended.wait()
 
     # -- E6: the sender ------------------------------------------------------------------
 
@@ -519,6 +532,7 @@ class HttpRelay:
 
     async def _finish(self, exchange: _Exchange) -> None:
         self._by_id.pop(exchange.id, None)
+        self._exchange_ended.set()
         channel = exchange.channel
         self._relay.broker.forget(exchange)
         owner = self._binary_owner.get(channel) if channel is not None else None

@@ -86,11 +86,15 @@ class RelayIngress:
             self.config.hybrid_connection,
         )
 
+    def stop_accepting(self) -> None:
+        """Close the listening socket (a drain): connections already made carry on."""
+        if self._server is not None:
+            self._server.close()
+
     async def aclose(self) -> None:
         """Stop accepting; connections still looking for a listener are reset. Joined
         connections are the server's to close (they are among its tracked legs)."""
-        if self._server is not None:
-            self._server.close()
+        self.stop_accepting()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

@@ -111,6 +111,11 @@ class RelayedLegs:
                 self._on_finished(connection)
         logger.debug("%s closed: %d bytes forwarded from it", leg.name, leg.bytes_forwarded)
 
+    async def wait_gone(self) -> None:
+        """Return once no leg is open (the relay's drain; the caller bounds the wait)."""
+        while self._legs:
+            await self._gone.wait()
+
     async def close(self, grace: float) -> None:
         """Send every leg a close frame (1001) and wait up to ``grace`` seconds for the peers'
         answers to end the splices; abort the legs still open then."""
