@@ -319,6 +319,9 @@ class HybridConnectionListener:
             raise StreamClosedError("the listener was closed while opening")
         self._state = "open"
         self._set_status("online")
+        # Known before the control task first runs, so that an aclose() right after open()
+        # sends its close frame instead of waiting out CLOSE_TIMEOUT for a task that never read.
+        self._control = socket
         self._run_task = self._spawn(self._run(socket), "control")
 
     async def aclose(self) -> None:
@@ -328,9 +331,6 @@ class HybridConnectionListener:
             return
         self._closing = True
         self._closing_event.set()
-        # Known before the control task first runs, so that an aclose() right after open()
-        # sends its close frame instead of waiting out CLOSE_TIMEOUT for a task that never read.
-        self._control = socket
         control = self._control
         if control is not None and not control.close_sent:
             try:
