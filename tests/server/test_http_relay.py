@@ -308,9 +308,9 @@ async def test_connect_and_upgrades_are_not_relayed(relay: Relay) -> None:
     async with peer_listener(relay.base_url, "hc", relay.token("hc")) as peer:
         statuses = []
         for head in (
-            b"CONNECT /hc HTTP/1.1\r\nHost: x\r\n",
-            b"CONNECT 127.0.0.1:80 HTTP/1.1\r\nHost: x\r\n",
-            b"GET /hc HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n",
+            b"CONNECT /hc HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+            b"CONNECT 127.0.0.1:80 HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+            b"GET /hc HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n",
         ):
             reader, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
             writer.write(head + b"ServiceBusAuthorization: " + token + b"\r\n\r\n")
@@ -529,7 +529,7 @@ async def test_expect_100_continue(relay: Relay) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
         token = relay.token("hc")
         writer.write(
-            f"POST /hc HTTP/1.1\r\nHost: x\r\n{AUTH}: {token}\r\nContent-Length: 5\r\n"
+            f"POST /hc HTTP/1.1\r\nHost: 127.0.0.1\r\n{AUTH}: {token}\r\nContent-Length: 5\r\n"
             "Expect: 100-continue\r\n\r\n".encode()
         )
         await writer.drain()
@@ -561,12 +561,12 @@ async def test_expect_is_answered_only_after_auth_and_only_for_100_continue(rela
 
     # No token: the sender is refused before any 100 Continue invites the body.
     unauthorized = (
-        "POST /hc HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        "POST /hc HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
     )
     assert (await exchange(unauthorized)).startswith(b"HTTP/1.1 401")
     token = relay.token("hc")
     odd = (
-        f"POST /hc HTTP/1.1\r\nHost: x\r\n{AUTH}: {token}\r\n"
+        f"POST /hc HTTP/1.1\r\nHost: 127.0.0.1\r\n{AUTH}: {token}\r\n"
         "Content-Length: 5\r\nExpect: magic\r\n\r\n"
     )
     async with peer_listener(relay.base_url, "hc", token):

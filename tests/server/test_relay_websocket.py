@@ -141,7 +141,7 @@ async def test_token_in_query_and_every_audience_form(relay: Relay) -> None:
     audiences = [
         f"http://127.0.0.1:{port}/hc",  # Node createRelayListenUri form, port kept
         "http://127.0.0.1/hc/",  # .NET form
-        "http://contoso.servicebus.windows.net/",  # namespace-wide (host not checked)
+        "http://127.0.0.1/",  # namespace-wide
         "https://127.0.0.1/$hc/hc",
     ]
     for audience in audiences:
@@ -558,13 +558,17 @@ async def test_new_connections_are_spread_across_listeners(relay: Relay) -> None
 
 async def test_sender_host_header_cannot_redirect_the_rendezvous(relay: Relay) -> None:
     """The accept address is built from the listener's own connection, not the sender's Host."""
+    attacker_token = create_token(
+        "http://attacker.example/hc", ROOT_KEY_NAME, ROOT_KEY, expiry=int(time.time()) + 600
+    )
     async with session() as s:
         control = await open_listener(s, relay)
         sender_task = asyncio.create_task(
             handshake_status(
                 relay,
                 "/$hc/hc?sb-hc-action=connect",
-                {AUTH: relay.token("hc"), "Host": "attacker.example:443"},
+                # The token names the Host it came by, as a client's would (the audience check).
+                {AUTH: attacker_token, "Host": "attacker.example:443"},
             )
         )
         address = str((await next_accept(control))["address"])

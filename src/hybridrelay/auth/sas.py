@@ -15,7 +15,7 @@ import binascii
 import enum
 import hashlib
 import hmac
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlsplit
 
@@ -314,6 +314,7 @@ def authorize(
     now: float,
     suffix: str = "",
     namespace_host: str | None = None,
+    audience_hosts: Collection[str] = (),
     grace_seconds: float = 0.0,
     verify: Verifier = verify_token,
 ) -> AuthDecision:
@@ -328,6 +329,8 @@ def authorize(
         suffix: the request's path below the entity (decoded), empty for listeners; the token
             must cover the whole request path (:func:`path_covers`).
         namespace_host: when given, the token's audience host must match it.
+        audience_hosts: else, when not empty, the (lower-case) hosts it may name: the ones
+            the relay is reached by.
         grace_seconds: accept tokens that expired at most this long ago (renewal races).
         verify: the signature check; only its outcome is cached, so expiry, audience host,
             scope and rights are decided on every call.
@@ -341,7 +344,11 @@ def authorize(
         return verified
     if verified.expiry + grace_seconds < now:
         return AuthDecision(401, "Unauthorized: SAS token has expired")
-    if namespace_host is not None and verified.host and verified.host != namespace_host.lower():
+    if verified.host and (
+        verified.host != namespace_host.lower()
+        if namespace_host is not None
+        else bool(audience_hosts) and verified.host not in audience_hosts
+    ):
         return AuthDecision(403, "Forbidden: token audience is another namespace")
     if not path_covers(verified.path, request_path(entity_path, suffix)):
         return AuthDecision(403, "Forbidden: token is not valid for this hybrid connection")

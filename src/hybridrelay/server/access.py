@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from urllib.parse import urlsplit
 
 from hybridrelay.auth.cache import AuthCache
 from hybridrelay.auth.sas import AuthDecision, AuthorizationRule, Rights, authorize
 from hybridrelay.server.config import HybridConnectionConfig, RelayConfig
 from hybridrelay.server.store import EntityStore
 
-__all__ = ["AUTH_HEADER", "Access", "request_token", "sender_token"]
+__all__ = ["AUTH_HEADER", "Access", "request_token", "sender_token", "served_hosts"]
 
 AUTH_HEADER = "ServiceBusAuthorization"
 
@@ -36,9 +37,20 @@ class Access:
         grace: float = 0,
         *,
         suffix: str = "",
+        host: str | None = None,
     ) -> AuthDecision:
         """The token must cover the request's whole path: ``entity`` and the request's
-        ``suffix`` below it (PROTOCOL.md 3.5); listeners and renewals have no suffix."""
+        ``suffix`` below it (PROTOCOL.md 3.5); listeners and renewals have no suffix.
+
+        ``host`` is the request's ``Host`` (a renewal's: the one its control channel was
+        opened by): unless ``namespace.host`` names the one host, the token's audience must
+        name this one or ``public_base_url``'s (``namespace.check_audience_host`` turns the
+        check off), so a token made for another namespace with the same key is refused.
+        """
+        settings = self._settings()
+        hosts: frozenset[str] = frozenset()
+        if settings.namespace_host is None and settings.check_audience_host and host:
+            hosts = served_hosts(host, settings.server.public_base_url)
         return authorize(
             token,
             verify=self._cache.verify,
@@ -47,9 +59,20 @@ class Access:
             suffix=suffix,
             required=required,
             now=time.time(),
-            namespace_host=self._settings().namespace_host,
+            namespace_host=settings.namespace_host,
+            audience_hosts=hosts,
             grace_seconds=grace,
         )
+
+
+def served_hosts(host: str, public_base_url: str | None) -> frozenset[str]:
+    """The lower-case host names a token's audience may give: the ``Host`` a request came by
+    (``name:port``, ``[v6]:port``; the port never counts, as in Azure) and the public base's."""
+    names = {urlsplit("//" + host).hostname or ""}
+    if public_base_url:
+        names.add(urlsplit(public_base_url).hostname or "")
+    names.discard("")
+    return frozenset(name.lower() for name in names)
 
 
 def request_token(headers: Mapping[str, str], params: Mapping[str, str]) -> str | None:

@@ -26,6 +26,7 @@ class ControlChannel:
         "closed",
         "connected_at",
         "entity",
+        "host",
         "listener_id",
         "queued",
         "remote",
@@ -42,11 +43,15 @@ class ControlChannel:
         token_expiry: float,
         remote: str,
         base_url: str,
+        host: str = "",
     ) -> None:
         self.entity = entity
         #: Base of the rendezvous addresses given to this listener: the relay as the listener
         #: itself reached it (or the configured public base), never what a sender claims.
         self.base_url = base_url
+        #: The ``Host`` the listener connected by: its renewed tokens' audience is checked
+        #: against it as its first token's was.
+        self.host = host
         self.listener_id = listener_id
         self.socket = socket
         self.token_expiry = token_expiry

@@ -443,12 +443,21 @@ class RelayConfig:
         section="namespace",
         help="the namespace's name in the management API",
     )
-    #: Namespace host name checked against token audiences; None accepts any host.
+    #: Namespace host name checked against token audiences; None: the hosts the relay serves.
     namespace_host: str | None = setting(
         None,
         key="host",
         section="namespace",
-        help="the namespace's host name, checked against token audiences (default: any)",
+        help="the namespace's host name, the one a token's audience must name (default: the "
+        "host a request reached the relay by, or public_base_url's)",
+    )
+    #: Off only where a proxy in front rewrites the Host header and public_base_url cannot
+    #: name the host clients use (docs/DEPLOYMENT.md, load balancers).
+    check_audience_host: bool = setting(
+        True,
+        section="namespace",
+        help="refuse tokens whose audience names another host than the relay's (when "
+        "namespace.host is not set)",
     )
     authorization_rules: tuple[AuthorizationRule, ...] = setting(
         (),

@@ -101,7 +101,9 @@ class ListenEndpoint:
         entity = self._relay.store.get(path) if path.strip("/") else None
         if entity is None and config.auto_create_hybrid_connections and path.strip("/"):
             candidate = HybridConnectionConfig(name=path.strip("/"))
-            decision = self._relay.access.authorize(token, candidate, Rights.LISTEN)
+            decision = self._relay.access.authorize(
+                token, candidate, Rights.LISTEN, host=request.host
+            )
             if not decision.allowed:
                 return error_response(decision.status, decision.reason)
             try:
@@ -114,7 +116,7 @@ class ListenEndpoint:
             logger.info("created hybrid connection %r on first listen", candidate.name)
         if entity is None:
             return error_response(404, "The hybrid connection does not exist.")
-        decision = self._relay.access.authorize(token, entity, Rights.LISTEN)
+        decision = self._relay.access.authorize(token, entity, Rights.LISTEN, host=request.host)
         if not decision.allowed:
             logger.debug("listen on %r refused: %s", entity.name, decision.reason)
             return error_response(decision.status, decision.reason)
@@ -134,6 +136,7 @@ class ListenEndpoint:
             float(decision.expiry or 0),
             request.remote or "",
             self._public_base(request),
+            request.host,
         )
         if not self._relay.broker.register(channel, limit):  # raced with another listener
             await socket_.aclose(CloseCode.TRY_AGAIN_LATER, "listener limit reached")
@@ -185,7 +188,9 @@ class ListenEndpoint:
                 # The entity as served now: its rules may have been rotated since the listen.
                 current = self._relay.store.get(entity.name)
                 decision = (
-                    self._relay.access.authorize(parsed.token, current, Rights.LISTEN, grace)
+                    self._relay.access.authorize(
+                        parsed.token, current, Rights.LISTEN, grace, host=channel.host
+                    )
                     if current is not None
                     else None
                 )

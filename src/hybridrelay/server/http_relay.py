@@ -251,7 +251,9 @@ class HttpRelay:
         params = protocol_params(raw_query)
         token, strip_authorization = sender_token(request.headers, params, entity)
         if entity.requires_client_authorization:
-            decision = self._relay.access.authorize(token, entity, Rights.SEND, suffix=suffix)
+            decision = self._relay.access.authorize(
+                token, entity, Rights.SEND, suffix=suffix, host=request.host
+            )
             if not decision.allowed:
                 return error_response(decision.status, decision.reason)
 

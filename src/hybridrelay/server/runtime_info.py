@@ -59,7 +59,7 @@ def runtime_info(
     # so that existence is not revealed to a caller without a valid token.
     subject = entity or HybridConnectionConfig(name=path or "-")
     token = request.headers.get("Authorization") or request.headers.get(AUTH_HEADER)
-    decision = relay.access.authorize(token, subject, Rights.NONE)
+    decision = relay.access.authorize(token, subject, Rights.NONE, host=request.host)
     if not decision.allowed:
         return error_xml(decision.status, f"{decision.reason} TrackingId:{track}")
     url = f"{'https' if secure else 'http'}://{request.host}/{path}"

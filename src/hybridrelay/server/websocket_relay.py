@@ -61,7 +61,9 @@ class WebSocketRelay:
         observer = self._relay.observer
         if entity.requires_client_authorization:
             token = request_token(request.headers, params)
-            decision = self._relay.access.authorize(token, entity, Rights.SEND, suffix=suffix)
+            decision = self._relay.access.authorize(
+                token, entity, Rights.SEND, suffix=suffix, host=request.host
+            )
             if not decision.allowed:
                 observer.sender_refused(
                     "connect", entity.name, decision.status, decision.reason, request.remote
