@@ -97,11 +97,12 @@ class ServeProcess:
 
 
 @contextlib.asynccontextmanager
-async def serve(config: Path, *args: str) -> AsyncIterator[ServeProcess]:
-    """Start ``hybridrelay serve --config config *args``; ready once it prints its URL. Left
-    running at the end of the block, it is killed (by its own PID)."""
+async def serve(config: Path, *args: str, loop: str | None = None) -> AsyncIterator[ServeProcess]:
+    """Start ``hybridrelay [--loop loop] serve --config config *args``; ready once it prints its
+    URL. Left running at the end of the block, it is killed (by its own PID)."""
     process = await asyncio.create_subprocess_exec(
         *CLI,
+        *(("--loop", loop) if loop else ()),
         "serve",
         "--config",
         str(config),
