@@ -120,6 +120,13 @@ async def blob(request: Request) -> Response:
     return StreamingResponse(blocks(), media_type="application/octet-stream", headers=headers)
 
 
+async def whole(request: Request) -> Response:
+    """A body made whole in memory and answered in one ``Response`` (no streaming): the
+    pattern that made serve-app hold memory over TLS (issue 14)."""
+    size = int(request.query_params["size"])
+    return Response(b"w" * size, media_type="application/octet-stream")
+
+
 async def cookies(request: Request) -> Response:
     response = PlainTextResponse("three cookies")
     response.set_cookie("first", "1", path="/")
@@ -187,6 +194,7 @@ app = Starlette(
         Route("/ended", ended),
         Route("/sha256", sha256, methods=["POST"]),
         Route("/blob", blob),
+        Route("/whole", whole),
         Route("/cookies", cookies),
         Route("/small", small, name="small"),
         Route("/redirect", redirect),

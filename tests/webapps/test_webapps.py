@@ -148,7 +148,7 @@ class RssSampler:
         return {pid: self.peak[pid] - self.baseline[pid] for pid in self.pids}
 
 
-async def large_bodies_both_ways(http: httpx.AsyncClient, size: int) -> None:
+async def large_bodies_up(http: httpx.AsyncClient, size: int) -> None:
     sent = hashlib.sha256()
 
     async def body() -> AsyncIterator[bytes]:
@@ -160,6 +160,10 @@ async def large_bodies_both_ways(http: httpx.AsyncClient, size: int) -> None:
     up = await http.post(f"/{ENTITY}/sha256", content=body())
     assert up.status_code == 200, up.text
     assert up.json() == {"sha256": sent.hexdigest(), "size": size}
+
+
+async def large_bodies_both_ways(http: httpx.AsyncClient, size: int) -> None:
+    await large_bodies_up(http, size)
     queries: list[dict[str, str | int]] = [{"size": size}, {"size": size, "length": "1"}]
     for query in queries:
         received = hashlib.sha256()
@@ -274,3 +278,28 @@ async def test_the_same_over_tls(tmp_path: Path, topology: str, tls_files: TlsFi
         await disconnect_reaches_app(http)
         await headers_and_methods(relay, http, topology)
         await large_bodies_both_ways(http, 16 * MIB)
+
+
+@pytest.mark.timeout(300)
+async def test_serve_app_gives_memory_back_after_16_mib_responses_over_tls(
+    tmp_path: Path, tls_files: TlsFiles
+) -> None:
+    """A series of 16 MiB uploads and whole (not streamed) 16 MiB responses over TLS: the
+    listener's resident set comes back to near where it was. Before the SDK sent large writes
+    in drained 256 KiB frames it handed the TLS transport 16 MiB at once, and serve-app kept
+    ~70 MiB after six of these (hundreds of MiB with four at a time)."""
+    size = 16 * MIB
+    async with web_app(tmp_path, "serve-app", tls_files) as (_, listener, http):
+        assert (await http.get(f"/{ENTITY}/small")).status_code == 200
+        before = rss_kib(listener)
+        for _ in range(6):
+            await large_bodies_up(http, size)
+            total = 0
+            async with http.stream("GET", f"/{ENTITY}/whole", params={"size": size}) as r:
+                assert r.status_code == 200
+                assert r.headers["content-length"] == str(size)
+                async for chunk in r.aiter_raw():
+                    total += len(chunk)
+            assert total == size
+        after = rss_kib(listener)
+    assert after - before < RSS_GROWTH_LIMIT_KIB, f"serve-app grew from {before} to {after} KiB"

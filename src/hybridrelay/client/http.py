@@ -55,6 +55,8 @@ logger = logging.getLogger("hybridrelay.client.http")
 
 #: Responses up to this size go inline (PROTOCOL.md 6.2, 6.3).
 INLINE_RESPONSE_LIMIT = 64 * 1024
+#: A streamed body is sent in frames of at most this size (one socket read's worth).
+FRAGMENT_SIZE = 256 * 1024
 #: Opening a rendezvous (.NET listeners give up after 20 s).
 RENDEZVOUS_TIMEOUT = 20.0
 #: The full request on a rendezvous must arrive within this time ...
@@ -300,16 +302,18 @@ class RelayedHttpContext:
             return
         self._bytes_sent += len(data)
         if self._streaming:
-            await self._send_fragment(bytes(data), last=False)
+            await self._send_fragment(data, last=False)
             return
         loop = asyncio.get_running_loop()
         if self._first_write is None:
             self._first_write = loop.time()
+        if len(self._buffer) + len(data) > INLINE_RESPONSE_LIMIT:
+            # Too big to go inline: stream it from here, without copying it into the buffer.
+            await self._start_streaming()
+            await self._send_fragment(data, last=False)
+            return
         self._buffer += data
-        if (
-            len(self._buffer) > INLINE_RESPONSE_LIMIT
-            or loop.time() - self._first_write >= STREAM_AFTER
-        ):
+        if loop.time() - self._first_write >= STREAM_AFTER:
             await self._start_streaming()
 
     async def flush(self) -> None:
@@ -384,14 +388,26 @@ class RelayedHttpContext:
         assert socket is not None
         if not isinstance(socket, FragmentSocket):
             raise RelayError("fragmented sending needs a socket with send_fragment")
-        if self._disconnected.is_set():
-            raise StreamClosedError("the sender went away")
-        try:
-            async with asyncio.timeout(SEND_TIMEOUT):
-                await socket.send_fragment(data, first=self._first_fragment, last=last)
-        except TimeoutError as exc:
-            raise StreamClosedError("the relay did not take the response body in time") from exc
-        self._first_fragment = False
+        # A large write goes out in frames of at most FRAGMENT_SIZE, each after the transport
+        # drained below its high-water mark: handing a TLS transport 16 MiB at once made it
+        # buffer (and encrypt) all of it in small records, heap memory that glibc then kept
+        # (serve-app grew by hundreds of MiB over a series of 16 MiB responses, issue 14).
+        view = memoryview(data)
+        start = 0
+        while True:
+            if self._disconnected.is_set():
+                raise StreamClosedError("the sender went away")
+            piece = bytes(view[start : start + FRAGMENT_SIZE])
+            start += len(piece)
+            final = last and start >= len(view)
+            try:
+                async with asyncio.timeout(SEND_TIMEOUT):
+                    await socket.send_fragment(piece, first=self._first_fragment, last=final)
+            except TimeoutError as exc:
+                raise StreamClosedError("the relay did not take the response body in time") from exc
+            self._first_fragment = False
+            if start >= len(view):
+                return
 
     @staticmethod
     async def _send(socket: MessageSocket, data: str | bytes) -> None:
