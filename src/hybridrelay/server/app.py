@@ -140,7 +140,7 @@ class RelayServer:
         )
         self._management_certificate = (
             ServedCertificate(config.management.tls, self._tls_context)
-            if config.management.tls
+            if config.management.tls and config.management.enabled
             else None
         )
         self._ssl = self._certificate.context if self._certificate else None
@@ -184,6 +184,11 @@ class RelayServer:
         ``limits.idle_timeout`` applies to connections made after a restart only (aiohttp
         takes it when the server starts).
         """
+        changes = self._replace_config(new)
+        logger.info("configuration replaced: %s", "; ".join(changes) or "nothing changed")
+        return changes
+
+    def _replace_config(self, new: RelayConfig) -> list[str]:
         old = self.config
         restart = restart_only(old, new)
         if restart:
@@ -207,20 +212,19 @@ class RelayServer:
         if self.arm is not None:
             self.arm.file_layer = layer
         self.store.replace_file(layer)
-        changes = [commit() for commit in commits] + changes
-        logger.info("configuration replaced: %s", "; ".join(changes) or "nothing changed")
-        return changes
+        return [commit() for commit in commits] + changes
 
     def reload(self, new: RelayConfig) -> list[str]:
         """Take over from ``new`` what can change while running (SIGHUP): as
-        :meth:`replace_config`, but what needs a restart is kept as running and named.
+        :meth:`replace_config`, but what needs a restart is kept as running and named. The
+        caller logs the result (``serve``: one ``reloaded: ...`` line).
 
         Raises:
             ConfigurationError: ``new`` cannot be applied (a certificate does not load, the
                 mix does not hold together); the running configuration is kept.
         """
         restart = restart_only(self.config, new)
-        changes = self.replace_config(without_restart_only(self.config, new))
+        changes = self._replace_config(without_restart_only(self.config, new))
         if restart:
             changes.append(f"needs a restart (kept as running): {', '.join(restart)}")
         return changes
