@@ -187,6 +187,39 @@ async def test_an_http_request_in_flight_is_answered_before_its_listener_is_told
                 await asyncio.wait_for(draining, 10)
 
 
+@pytest.mark.timeout(60)
+async def test_an_ingress_tunnel_in_flight_completes_while_new_clients_are_refused(
+    make_relay: RelayFactory,
+) -> None:
+    payload = os.urandom(2 * 1024 * 1024)
+    entry = {"listen": "127.0.0.1:0", "hybrid_connection": "hc"}
+    async with make_relay(ingress=[entry]) as relay:
+        address = relay.server.ingress[0].address
+        assert address is not None
+        async with sdk_listener(relay) as listener:
+            reader, writer = await asyncio.open_connection(*address)
+            writer.write(payload[:1000])
+            await writer.drain()
+            accepted = await accept_one(listener)
+            reading = asyncio.create_task(read_digest(accepted))
+            draining = asyncio.create_task(relay.server.drain(grace=30))
+            # The port stops accepting at once: a new client is refused by the kernel.
+            await eventually(lambda: not relay.server.ingress[0].accepting)
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection(*address)
+            writer.write(payload[1000:])
+            await writer.drain()
+            writer.write_eof()
+            assert await asyncio.wait_for(reading, 20) == (
+                len(payload),
+                hashlib.sha256(payload).hexdigest(),
+            )
+            await accepted.aclose()  # the listener's close: end-of-stream for the client
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+            await asyncio.wait_for(draining, 10)  # ended by the tunnel, not the grace
+
+
 # -- hybridrelay serve, signalled --------------------------------------------------------------
 
 

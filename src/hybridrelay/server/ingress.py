@@ -86,6 +86,11 @@ class RelayIngress:
             self.config.hybrid_connection,
         )
 
+    @property
+    def accepting(self) -> bool:
+        """The port takes new connections (started, and no drain or close began)."""
+        return self._server is not None and self._server.is_serving()
+
     def stop_accepting(self) -> None:
         """Close the listening socket (a drain): connections already made carry on."""
         if self._server is not None:
