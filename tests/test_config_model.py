@@ -166,6 +166,9 @@ SAMPLES: dict[str, tuple[Any, list[str]]] = {
     "connect_timeout": (3, ["3"]),
     "shutdown_grace_period": (0, ["0"]),
     "log_level": ("debug", ["debug"]),
+    # Booleans: the flag alone (argparse's BooleanOptionalAction).
+    "access_log": (False, ["--no-access-log"]),
+    "rewrite_cookie_path": (True, ["--rewrite-cookie-path"]),
 }
 #: Fields that cannot be given together (a key or a token): one run each.
 EXCLUSIVE = [{"connection.token"}, {"connection.key_name", "connection.key"}]
@@ -225,7 +228,7 @@ def _argv(model: type[Any], names: set[str]) -> list[str]:
     argv: list[str] = []
     for name in sorted(names):
         for text in SAMPLES[name][1]:
-            argv += [flags[name][-1], text]
+            argv += [text] if text.startswith("--") else [flags[name][-1], text]
     return argv
 
 

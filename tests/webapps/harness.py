@@ -40,8 +40,20 @@ class Process:
     def pid(self) -> int:
         return self.process.pid
 
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
     def output(self) -> str:
         return "".join(self.lines)
+
+    async def wait_for_line(self, text: str, seconds: float = 15.0) -> str:
+        """The first line of its output containing ``text``, once it was written."""
+        async with asyncio.timeout(seconds):
+            while True:
+                for line in self.lines:
+                    if text in line:
+                        return line
+                self.changed.clear()
+                await self.changed.wait()
 
 
 def rss_kib(pid: int) -> int:
@@ -87,6 +99,7 @@ async def started(args: list[str], ready: str, *, stream: str = "stderr") -> Asy
     async def read(pipe: asyncio.StreamReader) -> None:
         while line := (await pipe.readline()).decode(errors="replace"):
             record.lines.append(line)
+            record.changed.set()
             if ready in line and pipe is pipes[stream]:
                 is_ready.set()
 

@@ -26,6 +26,7 @@ from tests.webapps.app import BLOCK, blob_block, blob_sha256
 from tests.webapps.harness import (
     AUTH,
     ENTITY,
+    Process,
     RelayProcess,
     bridge_h,
     relay_process,
@@ -46,17 +47,17 @@ RSS_GROWTH_LIMIT_KIB = 24 * 1024
 
 @contextlib.asynccontextmanager
 async def web_app(
-    tmp_path: Path, topology: str, tls: TlsFiles | None = None
-) -> AsyncIterator[tuple[RelayProcess, int, httpx.AsyncClient]]:
-    """The relay, the app behind it and a client: (relay, the listener's pid, client)."""
+    tmp_path: Path, topology: str, tls: TlsFiles | None = None, *extra: str
+) -> AsyncIterator[tuple[RelayProcess, Process, httpx.AsyncClient]]:
+    """The relay, the app behind it and a client: (relay, the listener's process, client)."""
     async with relay_process(tmp_path, tls) as relay:
         async with contextlib.AsyncExitStack() as stack:
             if topology == "serve-app":
-                listener = await stack.enter_async_context(serve_app(relay))
+                listener = await stack.enter_async_context(serve_app(relay, *extra))
             else:
                 # The upstream knows it is served under /hc (as uvicorn --root-path /hc).
                 upstream = await stack.enter_async_context(uvicorn_server(root_path="/" + ENTITY))
-                listener = await stack.enter_async_context(bridge_h(relay, upstream))
+                listener = await stack.enter_async_context(bridge_h(relay, upstream, *extra))
             http = await stack.enter_async_context(
                 httpx.AsyncClient(
                     base_url=relay.http_url,
@@ -67,7 +68,7 @@ async def web_app(
                     else True,
                 )
             )
-            yield relay, listener.pid, http
+            yield relay, listener, http
 
 
 async def sse_arrive_one_by_one(http: httpx.AsyncClient, count: int = 5) -> None:
@@ -186,7 +187,7 @@ async def check_large_bodies(tmp_path: Path, topology: str, size: int) -> None:
         warm = await http.get(f"/{ENTITY}/small")  # paths and buffers in use once
         assert warm.status_code == 200
         await large_bodies_both_ways(http, 4 * MIB)
-        async with RssSampler([relay.process.pid, listener]) as rss:
+        async with RssSampler([relay.process.pid, listener.pid]) as rss:
             await large_bodies_both_ways(http, size)
         growth = rss.growth()
     for pid, kib in growth.items():
@@ -266,8 +267,22 @@ async def headers_and_methods(relay: RelayProcess, http: httpx.AsyncClient, topo
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("topology", TOPOLOGIES)
 async def test_headers_redirects_head_304_multipart(tmp_path: Path, topology: str) -> None:
-    async with web_app(tmp_path, topology) as (relay, _, http):
+    async with web_app(tmp_path, topology) as (relay, listener, http):
         await headers_and_methods(relay, http, topology)
+        # The access log: one uvicorn-style line per request (never a token).
+        line = await listener.wait_for_line(f'"GET /{ENTITY}/small" 200 5B')
+        assert "hybridrelay.access" in line and " 127.0.0.1:" in line, line
+        assert await listener.wait_for_line(f'"HEAD /{ENTITY}/small" 200 ')
+    assert "SharedAccessSignature" not in listener.output()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+async def test_no_access_log(tmp_path: Path, topology: str) -> None:
+    async with web_app(tmp_path, topology, None, "--no-access-log") as (_, listener, http):
+        assert (await http.get(f"/{ENTITY}/small")).status_code == 200
+    # The process has exited (its last log lines are written): no access line among them.
+    assert f'"GET /{ENTITY}/small"' not in listener.output(), listener.output()
 
 
 @pytest.mark.timeout(300)
@@ -291,7 +306,7 @@ async def test_serve_app_gives_memory_back_after_16_mib_responses_over_tls(
     size = 16 * MIB
     async with web_app(tmp_path, "serve-app", tls_files) as (_, listener, http):
         assert (await http.get(f"/{ENTITY}/small")).status_code == 200
-        before = rss_kib(listener)
+        before = rss_kib(listener.pid)
         for _ in range(6):
             await large_bodies_up(http, size)
             total = 0
@@ -301,5 +316,5 @@ async def test_serve_app_gives_memory_back_after_16_mib_responses_over_tls(
                 async for chunk in r.aiter_raw():
                     total += len(chunk)
             assert total == size
-        after = rss_kib(listener)
+        after = rss_kib(listener.pid)
     assert after - before < RSS_GROWTH_LIMIT_KIB, f"serve-app grew from {before} to {after} KiB"

@@ -505,6 +505,18 @@ class BridgeConfig:
         metavar="HC:http://HOST:PORT[/BASE]",
         from_text=HttpForward.from_text,
     )
+    access_log: bool = setting(
+        True,
+        help="log each request of the -H forwards at INFO on hybridrelay.access, "
+        "uvicorn-style (client, method, path, status, bytes, duration)",
+        flags=("--access-log",),
+    )
+    rewrite_cookie_path: bool = setting(
+        False,
+        help="-H: put the Path of the upstream's Set-Cookie headers under /HC (by default "
+        "left as the upstream set it)",
+        flags=("--rewrite-cookie-path",),
+    )
     bind_address: str = setting(
         DEFAULT_BIND_ADDRESS,
         help="default bind address of -L forwards ('*' for all interfaces)",

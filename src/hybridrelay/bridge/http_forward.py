@@ -44,7 +44,7 @@ from hybridrelay.bridge.pipe import RelayStream, close_stream
 from hybridrelay.bridge.specs import validate_http_target
 from hybridrelay.client import AcceptContext, RelayedHttpContext, RequestHandler
 from hybridrelay.client.backoff import RECONNECT_DELAYS
-from hybridrelay.client.http import INLINE_RESPONSE_LIMIT
+from hybridrelay.client.http import INLINE_RESPONSE_LIMIT, access_logged
 from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.observability.bridge_metrics import ForwardMetrics, Outcome
 from hybridrelay.protocol.addressing import parse_endpoint, target_suffix
@@ -343,7 +343,12 @@ class HttpForwarder:
             relay_host=relay.host,
             secure=relay.secure,
             connect_timeout=config.connect_timeout,
+            rewrite_cookie_path=config.rewrite_cookie_path,
         )
+        handler: RequestHandler = self._handle
+        if config.access_log:
+            handler = access_logged(handler, logging.getLogger("hybridrelay.access"))
+        self._handler = handler
         self._stop = asyncio.Event()
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -376,7 +381,7 @@ class HttpForwarder:
         try:
             await keep_listening(
                 self._name,
-                lambda: self._factory(self._handle),
+                lambda: self._factory(self._handler),
                 stop=stop,
                 started=started,
                 online=online,
