@@ -91,8 +91,9 @@ async def started(
     *args: str,
     env: Mapping[str, str] | None = None,
     cwd: Path = REPO,
+    exit_codes: tuple[int, ...] = (0,),
 ) -> AsyncIterator[Process]:
-    """Run ``args`` for the block; it must exit 0 on SIGTERM afterwards."""
+    """Run ``args`` for the block; SIGTERM must then end it with one of ``exit_codes``."""
     process = await asyncio.create_subprocess_exec(
         *args,
         stdout=asyncio.subprocess.PIPE,
@@ -105,7 +106,7 @@ async def started(
         yield running
     finally:
         code = await running.stop()
-    assert code == 0, f"{name} exited {code}:\n" + "\n".join(running.lines)
+    assert code in exit_codes, f"{name} exited {code}:\n" + "\n".join(running.lines)
 
 
 def rewritten(example: str, tmp_path: Path, *changes: tuple[str, str]) -> Path:
@@ -492,3 +493,89 @@ def test_bench_finds_our_command_next_to_its_interpreter_without_path() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "hybridrelay 0" in done.stdout
+
+
+def walkthrough_terminals() -> tuple[list[str], str]:
+    """README's walkthrough: the commands of its four terminals (comments dropped) and the
+    closing curl line."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Walkthrough: the pattern on one machine", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    steps = re.split(r"^# \d\. .*\n", block, flags=re.MULTILINE)[1:]
+    assert len(steps) == 4, block
+    terminals = []
+    for step in steps:
+        lines = [line for line in step.splitlines() if line and not line.startswith("#")]
+        terminals.append(lines)
+    *last, curl = terminals[-1]
+    assert curl.startswith("curl ")
+    terminals[-1] = last
+    return ["\n".join(lines[:-1] + ["exec " + lines[-1]]) for lines in terminals], curl
+
+
+def substituted(text: str, *changes: tuple[str, str]) -> str:
+    for old, new in changes:
+        assert old in text, f"{old!r} not in {text!r}"
+        text = text.replace(old, new)
+    return text
+
+
+@pytest.mark.timeout(180)
+async def test_the_readme_walkthrough_runs_twice_as_written(tmp_path: Path) -> None:
+    """Each terminal's commands run as written in bash (-e: a failing command fails the test),
+    twice over (the second time finds the
+    directory, the store and the hybrid connection already there). Changed: the fixed ports
+    (8000, 9400, 8080) become free ones, read back from what each process prints, and /tmp/site
+    a directory of the test's."""
+    terminals, curl = walkthrough_terminals()
+    site = str(tmp_path / "site")
+    env = {
+        # The walkthrough's shell has the environment activated: our python3 and hybridrelay.
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PYTHONUNBUFFERED": "1",  # http.server's "Serving HTTP on" line, at once
+        "HYBRIDRELAY_DATA_DIR": str(tmp_path / "data"),
+    }
+    env.pop("HYBRIDRELAY_CONNECTION_STRING", None)
+    for _ in range(2):
+        destination_script = substituted(
+            terminals[0], ("/tmp/site", site), ("http.server 8000 ", "http.server 0 ")
+        )
+        # http.server has no SIGTERM handler (a person stops it with Ctrl-C): -15 is its end.
+        async with started(
+            "terminal 1",
+            "bash",
+            "-ec",
+            destination_script,
+            env=env,
+            exit_codes=(0, -signal.SIGTERM),
+        ) as one:
+            (match,) = await one.wait_for(r"Serving HTTP on 127\.0\.0\.1 port (\d+)")
+            http_port = match.group(1)
+            relay_script = substituted(
+                terminals[1],
+                ("hybridrelay serve", "hybridrelay serve --port 0 --management-port 0"),
+            )
+            async with started("terminal 2", "bash", "-ec", relay_script, env=env) as two:
+                await two.wait_for("relay listening on")
+                edge_script = substituted(
+                    terminals[2], ("127.0.0.1:8000", f"127.0.0.1:{http_port}")
+                )
+                async with started("terminal 3", "bash", "-ec", edge_script, env=env) as three:
+                    await three.wait_for("all forwards are up")
+                    ingress_script = substituted(terminals[3], ("127.0.0.1:8080:", "127.0.0.1:0:"))
+                    async with started(
+                        "terminal 4", "bash", "-ec", ingress_script, env=env
+                    ) as four:
+                        (ingress_port,) = (await bridge_ports(four, 1)).values()
+                        command = substituted(curl, ("127.0.0.1:8080", f"127.0.0.1:{ingress_port}"))
+                        command = command.split("#", 1)[0].strip()  # the "→ hello" comment
+                        done = await asyncio.create_subprocess_shell(
+                            command + " --silent --max-time 15",
+                            stdout=asyncio.subprocess.PIPE,
+                            env={**os.environ, **env},
+                        )
+                        async with asyncio.timeout(30):
+                            out, _ = await done.communicate()
+                        assert out.decode() == "hello from behind the firewall\n"
+                    # The key never goes on a command line: the bridges read the environment.
+                    assert " -x " not in edge_script + ingress_script
