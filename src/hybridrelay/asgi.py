@@ -41,8 +41,9 @@ from typing import Any
 from urllib.parse import unquote
 
 from hybridrelay.client import AcceptContext, HybridConnectionListener, RelayedHttpContext
-from hybridrelay.client.http import RequestHandler, access_logged
+from hybridrelay.client.http import RequestHandler
 from hybridrelay.exceptions import ConfigurationError, RelayConnectionError, StreamClosedError
+from hybridrelay.observability.http_access import access_logged
 from hybridrelay.protocol.addressing import parse_endpoint, target_suffix
 from hybridrelay.protocol.connection_string import ConnectionString
 from hybridrelay.protocol.http import forwarded_headers

@@ -44,11 +44,12 @@ from hybridrelay.bridge.pipe import RelayStream, close_stream
 from hybridrelay.bridge.specs import validate_http_target
 from hybridrelay.client import AcceptContext, RelayedHttpContext, RequestHandler
 from hybridrelay.client.backoff import RECONNECT_DELAYS
-from hybridrelay.client.http import INLINE_RESPONSE_LIMIT, access_logged
 from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.observability.bridge_metrics import ForwardMetrics, Outcome
+from hybridrelay.observability.http_access import access_logged
 from hybridrelay.protocol.addressing import parse_endpoint, target_suffix
 from hybridrelay.protocol.http import (
+    INLINE_BODY_LIMIT,
     forwarded_headers,
     rewrite_cookie_path,
     rewrite_location,
@@ -224,7 +225,7 @@ class HttpReverseProxy:
                 await ctx.respond(upstream.status, upstream.reason or None, headers)
                 status, head = upstream.status, loop.time() - started
                 length = upstream.content_length
-                stream = length is None or length > INLINE_RESPONSE_LIMIT
+                stream = length is None or length > INLINE_BODY_LIMIT
                 if not await self._pump(ctx, upstream, stream=stream, uploaded=uploaded):
                     # The sender went away: so does the upstream request (its connection is
                     # closed, not reused, as its body was not read to the end).

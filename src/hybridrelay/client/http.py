@@ -49,7 +49,7 @@ from hybridrelay.protocol.messages import Request, Response, encode_message, par
 from hybridrelay.transport.base import FragmentSocket, MessageKind, MessageSocket
 from hybridrelay.transport.frames_ws import FrameSocket
 
-__all__ = ["HttpRequestDispatcher", "RelayedHttpContext", "RequestHandler", "access_logged"]
+__all__ = ["HttpRequestDispatcher", "RelayedHttpContext", "RequestHandler"]
 
 logger = logging.getLogger("hybridrelay.client.http")
 
@@ -642,42 +642,3 @@ class HttpRequestDispatcher:
         finally:
             if not ctx.finished or ctx._rendezvous is not None:
                 ctx.abort()
-
-
-def access_logged(handler: RequestHandler, log: logging.Logger) -> RequestHandler:
-    """``handler`` with one INFO line per request on ``log`` once its response is finished,
-    uvicorn-style: the sender's address, method, path, status, body bytes, duration::
-
-        203.0.113.7:52114 - "GET /api/items?page=2" 200 1532B 12.4ms
-
-    Neither the query's ``sb-hc-*`` parameters (the relay removed them) nor any header is
-    written, so no token reaches the log.
-    """
-
-    async def logged(ctx: RelayedHttpContext) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        status: int | str = "-"
-        try:
-            await handler(ctx)
-            await ctx.finish()
-            status = ctx.status
-        except Exception:
-            status = HANDLER_FAILED_STATUS if not ctx.responded else "cut"
-            raise
-        finally:
-            if log.isEnabledFor(logging.INFO):
-                peer = ctx.remote_endpoint
-                client = f"{peer[0]}:{peer[1]}" if peer else "-"
-                target = "".join(ch if ch.isprintable() else "?" for ch in ctx.target)
-                log.info(
-                    '%s - "%s %s" %s %dB %.1fms',
-                    client,
-                    ctx.method,
-                    target,
-                    status,
-                    ctx.bytes_sent,
-                    (loop.time() - started) * 1000,
-                )
-
-    return logged
