@@ -81,11 +81,14 @@ def _env() -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def started(args: list[str], ready: str, *, stream: str = "stderr") -> AsyncIterator[Process]:
-    """Run ``hybridrelay ARGS`` until the block ends (SIGTERM, then kill); enter once a line
-    of its ``stream`` contains ``ready``. Its output is kept (for failure messages)."""
+async def started(
+    args: list[str], ready: str, *, stream: str = "stderr", command: list[str] = CLI
+) -> AsyncIterator[Process]:
+    """Run ``hybridrelay ARGS`` (or ``command ARGS``) until the block ends (SIGTERM, then
+    kill); enter once a line of its ``stream`` contains ``ready``. Its output is kept (for
+    failure messages)."""
     process = await asyncio.create_subprocess_exec(
-        *CLI,
+        *command,
         *args,
         cwd=REPO,
         env=_env(),
@@ -231,3 +234,13 @@ async def bridge_h(relay: RelayProcess, upstream: str, *extra: str) -> AsyncIter
     ]
     async with started(args, "all forwards are up") as process:
         yield process
+
+
+@contextlib.asynccontextmanager
+async def uvicorn_process(root_path: str = "") -> AsyncIterator[tuple[Process, str]]:
+    """The app under uvicorn in a process of its own, on port 0: (process, base URL)."""
+    args = ["-m", "uvicorn", APP, "--host", "127.0.0.1", "--port", "0", "--lifespan", "off"]
+    args += ["--no-access-log", "--root-path", root_path] if root_path else ["--no-access-log"]
+    async with started(args, "Uvicorn running on", command=[sys.executable]) as process:
+        line = next(line for line in process.lines if "Uvicorn running on" in line)
+        yield process, line.split("Uvicorn running on ", 1)[1].split()[0]
