@@ -77,11 +77,18 @@ class Process:
                 await self._new_line.wait()
 
     async def stop(self) -> int:
+        """SIGTERM, and its exit code; one that does not stop in 30 s is killed (no process
+        outlives its test) and fails it."""
         if self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(30):
-            code = await self.process.wait()
-            await self._reader
+        try:
+            async with asyncio.timeout(30):
+                code = await self.process.wait()
+                await self._reader
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+            raise
         return code
 
 
