@@ -101,12 +101,14 @@ async def ended(request: Request) -> Response:
 
 
 async def sha256(request: Request) -> Response:
+    """The body's SHA-256, read as it streams; ``parts``: how many http.request messages."""
     digest = hashlib.sha256()
-    size = 0
+    size = parts = 0
     async for chunk in request.stream():
         digest.update(chunk)
         size += len(chunk)
-    return JSONResponse({"sha256": digest.hexdigest(), "size": size})
+        parts += 1 if chunk else 0
+    return JSONResponse({"sha256": digest.hexdigest(), "size": size, "parts": parts})
 
 
 async def blob(request: Request) -> Response:
