@@ -4,14 +4,16 @@ first request head bounded in time and size. Real sockets, a real aiohttp server
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from hybridrelay.server.connection_gate import ConnectionGate, GateLimits
-from tests.conftest import eventually
+from tests.conftest import RelayFactory, eventually
 
 pytestmark = pytest.mark.both_loops
 
@@ -171,3 +173,62 @@ async def test_a_head_in_pieces_is_handed_over_whole_with_what_follows() -> None
             second = await reader.readuntil(b"hello")
         assert first.startswith(b"HTTP/1.1 200 OK") and second.startswith(b"HTTP/1.1 200 OK")
         writer.close()
+
+
+# -- the relay behind its gate -----------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_the_relay_caps_idle_connections_per_source_and_keeps_serving_others(
+    make_relay: RelayFactory,
+) -> None:
+    """Idle connections from one address (what exhausted the relay's descriptors) stop at
+    the per-source cap; a listener and a sender from another address still work."""
+    limits = {"max_connections_per_source": 5, "header_timeout": 30.0}
+    async with make_relay(limits=limits) as relay:
+        port = relay.server.port
+        for _ in range(5):
+            await connect(port)
+        await eventually(lambda: relay.server.gate.open_connections == 5)
+        reader, _ = await connect(port)
+        assert await closed_without_answer(reader)
+        connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+        async with aiohttp.ClientSession(connector=connector) as s:
+            control = await s.ws_connect(
+                f"{relay.base_url}/$hc/hc?sb-hc-action=listen",
+                headers={"ServiceBusAuthorization": relay.token("hc")},
+            )
+            sender = asyncio.create_task(
+                s.ws_connect(
+                    f"{relay.base_url}/$hc/hc?sb-hc-action=connect",
+                    headers={"ServiceBusAuthorization": relay.token("hc")},
+                )
+            )
+            accept = json.loads((await control.receive(timeout=10)).data)["accept"]
+            rendezvous = await s.ws_connect(accept["address"])
+            ws = await sender
+            await ws.send_bytes(b"through")
+            assert await rendezvous.receive_bytes(timeout=10) == b"through"
+            await asyncio.gather(ws.close(), rendezvous.close(), control.close())
+
+
+@pytest.mark.timeout(60)
+async def test_the_relay_answers_a_slow_head_with_408(make_relay: RelayFactory) -> None:
+    async with make_relay(limits={"header_timeout": 0.3}) as relay:
+        reader, writer = await connect(relay.server.port)
+        writer.write(b"GET /$hc/hc?sb-hc-action=listen HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        async with asyncio.timeout(10):
+            response = await reader.read()
+        assert response.startswith(b"HTTP/1.1 408 ")
+
+
+@pytest.mark.timeout(60)
+async def test_the_relay_s_ingress_ports_are_capped_too(make_relay: RelayFactory) -> None:
+    ingress = [{"listen": "127.0.0.1:0", "hybrid_connection": "hc"}]
+    async with make_relay(limits={"max_connections_per_source": 2}, ingress=ingress) as relay:
+        address = relay.server.ingress[0].address
+        assert address is not None
+        for _ in range(2):
+            await connect(address[1])
+        reader, _ = await connect(address[1])
+        assert await closed_without_answer(reader)

@@ -44,6 +44,12 @@ from hybridrelay.server.broker import ENTITY_DELETED, Broker, LocalBroker
 from hybridrelay.server.certificate import ServedCertificate
 from hybridrelay.server.channel import ControlChannel
 from hybridrelay.server.config import RelayConfig, TlsConfig
+from hybridrelay.server.connection_gate import (
+    ConnectionGate,
+    GatedServer,
+    GateLimits,
+    default_max_connections,
+)
 from hybridrelay.server.context import RelayContext
 from hybridrelay.server.control_channel import ListenEndpoint
 from hybridrelay.server.http_relay import HttpRelay
@@ -151,8 +157,15 @@ class RelayServer:
         self.http = HttpRelay(self._context)
         self.websocket = WebSocketRelay(self._context)
         self._listen = ListenEndpoint(self._context, http=self.http, public_base=self.public_base)
+        #: Caps on connections and the first request head, before aiohttp (and the ingress
+        #: ports, caps only): what a client without a token can cost the relay is bounded.
+        self.gate = ConnectionGate(self._gate_limits)
+        #: ``limits.max_connections`` when 0: derived from the open-file limit at start.
+        self._fd_cap = default_max_connections()
         #: The relay's own TCP ports (``ingress:``).
-        self.ingress = [RelayIngress(entry, self._context) for entry in config.ingress]
+        self.ingress = [
+            RelayIngress(entry, self._context, gate=self.gate) for entry in config.ingress
+        ]
         self.runtime = RelayRuntimeView(self.broker, self._legs)
         self.arm: ArmApi | None = None
         self.dashboard: Dashboard | None = None
@@ -265,8 +278,21 @@ class RelayServer:
             ) from exc
         return context
 
+    def _gate_limits(self) -> GateLimits:
+        limits = self.config.limits
+        total = limits.max_connections or self._fd_cap
+        return GateLimits(
+            max_connections=total,
+            max_connections_per_source=limits.max_connections_per_source or max(1, total // 4),
+            # aiohttp's keep-alive timeout bounded the wait for a first request; the gate
+            # holds a connection until then, so it bounds that wait too.
+            header_timeout=min(limits.header_timeout, limits.idle_timeout),
+            max_header_bytes=limits.max_header_bytes,
+        )
+
     async def start(self) -> None:
         """Open the store, bind and start serving; returns once the sockets are listening."""
+        self._fd_cap = default_max_connections()  # after the serve command raised the limit
         store = self._given_store
         if store is None:
             try:
@@ -283,8 +309,9 @@ class RelayServer:
         # starts it at connection_made): one that never sends one does not stay for ever.
         name_the_server()
         loop = asyncio.get_running_loop()
-        server = web.Server(
+        server = GatedServer(
             self._dispatch,
+            gate=self.gate,
             request_factory=lambda *parts: RelayRequest(*parts, loop),
             logger=HTTP_LOGGER,  # a malformed request: one short line, never its headers
             access_log=None,
@@ -480,6 +507,7 @@ class RelayServer:
         # 4. Stop the HTTP servers (closes what is left) and the store.
         if self._runner is not None:
             await _stop_accepting(self._runner)
+            self.gate.close_waiting()
             await self._runner.cleanup()
         if self.dashboard is not None:
             await self.dashboard.aclose()  # its event streams end, then the listener

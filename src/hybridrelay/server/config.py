@@ -208,6 +208,32 @@ class LimitsConfig:
         low=1,
         high=10**6,
     )
+    #: The connection gate (server/connection_gate.py), in front of the relay's ports.
+    max_connections: int = setting(
+        0,
+        help="TCP connections the relay keeps open on its ports, in all (0: the open-file "
+        "limit less 64, read at start)",
+        low=0,
+        high=10**8,
+    )
+    max_connections_per_source: int = setting(
+        0,
+        help="TCP connections from one IP address (0: a quarter of max_connections; raise it "
+        "for many agents behind one NAT)",
+        low=0,
+        high=10**8,
+    )
+    header_timeout: float = setting(
+        10.0,
+        help="how long a new connection may take to send its first request's headers",
+        low=0.001,
+    )
+    max_header_bytes: int = setting(
+        64 * 1024,
+        help="largest first request head (request line and headers), in bytes",
+        low=1024,
+        high=16 * 1024 * 1024,
+    )
     #: How long a connection may wait without a request, before its first and between HTTP
     #: requests, before the relay closes it (WebSockets are not affected).
     idle_timeout: float = setting(

@@ -21,7 +21,9 @@ forgets closed ones when it needs the room (:meth:`ConnectionGate._prune`), so n
 has to tell it.
 
 Later requests on a kept-alive connection are bounded by aiohttp's per-field limits and the
-relay's idle timeout; the first one is where a client without a token gets its say.
+relay's idle timeout; the first one is where a client without a token gets its say. The
+relay's own ``ingress:`` ports carry raw TCP, not HTTP: there the gate counts and caps only
+(``read_head=False``).
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
-__all__ = ["ConnectionGate", "GateLimits", "default_max_connections"]
+from aiohttp import web
+
+__all__ = ["ConnectionGate", "GateLimits", "GatedServer", "default_max_connections"]
 
 logger = logging.getLogger("hybridrelay.server")
 
@@ -80,6 +84,9 @@ class ConnectionGate:
         self._open: dict[asyncio.BaseTransport, str] = {}
         self._per_source: dict[str, int] = {}
         self._pruned_at = -_PRUNE_INTERVAL
+        #: Connections still sending their first request head: nobody else knows them yet,
+        #: so the relay's shutdown closes them through the gate (:meth:`close_waiting`).
+        self._waiting: set[_FirstRequest] = set()
         #: Connections refused since the last warning, by cause (logged once a minute at most).
         self.refused: dict[str, int] = {}
         self._warned_at = -60.0
@@ -89,9 +96,17 @@ class ConnectionGate:
         """Admitted connections not known to be closed (closed ones are forgotten lazily)."""
         return len(self._open)
 
-    def wrap(self, factory: Callable[[], asyncio.BaseProtocol]) -> Callable[[], asyncio.Protocol]:
-        """A protocol factory for ``loop.create_server`` that puts the gate before ``factory``."""
-        return lambda: _FirstRequest(self, factory)
+    def wrap(
+        self, factory: Callable[[], asyncio.BaseProtocol], *, read_head: bool = True
+    ) -> Callable[[], asyncio.Protocol]:
+        """A protocol factory for ``loop.create_server`` that puts the gate before ``factory``
+        (``read_head=False``: the caps only, for connections that do not speak HTTP)."""
+        return lambda: _FirstRequest(self, factory, read_head=read_head)
+
+    def close_waiting(self) -> None:
+        """Close the connections that have not finished their first request head."""
+        for waiting in list(self._waiting):
+            waiting.close()
 
     # -- counting ----------------------------------------------------------------------------
 
@@ -154,9 +169,16 @@ def _answer(status: str, text: str) -> bytes:
 class _FirstRequest(asyncio.Protocol):
     """A connection until its first request head is complete; then its real protocol's."""
 
-    def __init__(self, gate: ConnectionGate, factory: Callable[[], asyncio.BaseProtocol]) -> None:
+    def __init__(
+        self,
+        gate: ConnectionGate,
+        factory: Callable[[], asyncio.BaseProtocol],
+        *,
+        read_head: bool = True,
+    ) -> None:
         self._gate = gate
         self._factory = factory
+        self._read_head = read_head
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._limit = 0
@@ -171,7 +193,11 @@ class _FirstRequest(asyncio.Protocol):
             transport.abort()
             return
         self._transport = transport
+        if not self._read_head:
+            self._hand_over()
+            return
         limits = self._gate._limits()
+        self._gate._waiting.add(self)
         self._limit = limits.max_header_bytes
         self._timer = asyncio.get_running_loop().call_later(limits.header_timeout, self._too_slow)
 
@@ -192,26 +218,27 @@ class _FirstRequest(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         # A client that half-closed before its head was complete has nothing more to say.
-        self._close()
+        self.close()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._close()
+        self.close()
 
     def _too_slow(self) -> None:
         self._timer = None
         if self._buffer:
             self._refuse("408 Request Timeout", "The request's headers did not arrive in time.")
         else:  # never said a word: nothing to answer
-            self._close()
+            self.close()
 
     def _refuse(self, status: str, text: str) -> None:
         transport = self._transport
         if transport is not None:
             transport.write(_answer(status, text))
-        self._close()
+        self.close()
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        self._gate._waiting.discard(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -224,6 +251,7 @@ class _FirstRequest(asyncio.Protocol):
     def _hand_over(self) -> None:
         transport = self._transport
         assert transport is not None
+        self._gate._waiting.discard(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -232,6 +260,17 @@ class _FirstRequest(asyncio.Protocol):
         protocol = self._factory()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
-        if transport.is_closing():
-            return
-        cast(asyncio.Protocol, protocol).data_received(data)
+        if data and not transport.is_closing():
+            cast(asyncio.Protocol, protocol).data_received(data)
+
+
+class GatedServer(web.Server):
+    """aiohttp's low-level server with ``gate`` in front of each connection it is given."""
+
+    def __init__(self, *args: Any, gate: ConnectionGate, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._gate = gate
+        self._make_handler = super().__call__
+
+    def __call__(self) -> Any:  # what loop.create_server calls per accepted connection
+        return _FirstRequest(self._gate, self._make_handler)

@@ -28,6 +28,7 @@ from typing import Any
 from hybridrelay.protocol.azbridge import Mode, encode_preamble
 from hybridrelay.server.broker import Accepted, Connection, Rejection, remote_endpoint
 from hybridrelay.server.config import IngressConfig
+from hybridrelay.server.connection_gate import ConnectionGate
 from hybridrelay.server.context import RelayContext
 from hybridrelay.server.legs import RelayedConnection
 from hybridrelay.transport.splice import RawLeg
@@ -52,9 +53,13 @@ class RelayIngress:
     the relay's legs for shutdown) and the task ends.
     """
 
-    def __init__(self, config: IngressConfig, relay: RelayContext) -> None:
+    def __init__(
+        self, config: IngressConfig, relay: RelayContext, *, gate: ConnectionGate | None = None
+    ) -> None:
         self.config = config
         self._relay = relay
+        #: The relay's connection caps, shared with its WebSocket/HTTP port (one fd budget).
+        self._gate = gate
         self._server: asyncio.Server | None = None
         self._legs: set[RawLeg] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -73,8 +78,9 @@ class RelayIngress:
             OSError: the address cannot be bound.
         """
         loop = asyncio.get_running_loop()
+        factory = self._gate.wrap(self._new_leg, read_head=False) if self._gate else self._new_leg
         self._server = await loop.create_server(
-            self._new_leg, self.config.host, self.config.port, reuse_address=True, backlog=1024
+            factory, self.config.host, self.config.port, reuse_address=True, backlog=1024
         )
         sockname = self._server.sockets[0].getsockname()
         self.address = (str(sockname[0]), int(sockname[1]))
