@@ -176,6 +176,8 @@ BRIDGE_MAY_USE = (
     "hybridrelay.observability",
     "hybridrelay.protocol",
     "hybridrelay.settings",
+    # One-line descriptions of a socket that cannot be bound (pure, shared with the relay).
+    "hybridrelay.socket_errors",
 )
 # The SDK's public surface: the package itself and its documented backoff helpers.
 SDK_PUBLIC = {"hybridrelay.client", "hybridrelay.client.backoff"}

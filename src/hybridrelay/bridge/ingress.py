@@ -35,7 +35,7 @@ from hybridrelay.bridge.specs import Protocol
 from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.observability.bridge_metrics import ForwardMetrics, Outcome, relay_refusal
 from hybridrelay.protocol.azbridge import Mode
-from hybridrelay.transport.bind import bind_failure
+from hybridrelay.socket_errors import bind_failure
 
 __all__ = ["Connect", "StreamIngress", "format_address", "peer_host"]
 

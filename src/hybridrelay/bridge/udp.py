@@ -31,7 +31,7 @@ from hybridrelay.observability.bridge_metrics import (
     relay_refusal,
 )
 from hybridrelay.protocol.azbridge import MAX_DATAGRAM, DatagramDecoder, Mode, encode_datagram
-from hybridrelay.transport.bind import bind_failure
+from hybridrelay.socket_errors import bind_failure
 
 __all__ = ["FLOW_QUEUE", "FlowStats", "UdpIngress", "serve_udp_destination"]
 

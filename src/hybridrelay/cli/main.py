@@ -37,7 +37,7 @@ from hybridrelay.server.config import (
     StoreSettings,
 )
 from hybridrelay.settings import add_arguments, apply, given_arguments
-from hybridrelay.transport.bind import bind_failure
+from hybridrelay.socket_errors import bind_failure
 from hybridrelay.transport.event_loop import (
     LOOPS,
     UvloopMissingError,

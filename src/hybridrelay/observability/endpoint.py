@@ -24,7 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from hybridrelay.exceptions import ConfigurationError
 from hybridrelay.protocol.allowlist import is_loopback
-from hybridrelay.transport.bind import bind_cause
+from hybridrelay.socket_errors import bind_cause
 
 __all__ = [
     "CLOSE_TIMEOUT",

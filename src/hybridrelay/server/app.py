@@ -64,10 +64,10 @@ from hybridrelay.server.runtime_info import is_runtime_info_request, runtime_inf
 from hybridrelay.server.runtime_view import RelayRuntimeView, close_channels
 from hybridrelay.server.store import NamespaceView, file_layer
 from hybridrelay.server.websocket_relay import WebSocketRelay
+from hybridrelay.socket_errors import bind_failure
 from hybridrelay.store.base import Store, StoreError
 from hybridrelay.store.sqlite import MEMORY, SqliteStore
 from hybridrelay.transport.base import CloseCode
-from hybridrelay.transport.bind import bind_failure
 
 __all__ = ["RelayServer"]
 

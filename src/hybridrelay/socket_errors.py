@@ -1,4 +1,7 @@
-"""One line for a socket that cannot be bound, naming the address, the cause and the fix."""
+"""One line for a socket that cannot be bound, naming the address, the cause and the fix.
+
+Shared by the relay, the bridge and the metrics endpoint (outside the SDK's transport, which
+the bridge may not reach into: tests/test_architecture.py)."""
 
 from __future__ import annotations
 
