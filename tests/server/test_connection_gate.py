@@ -88,8 +88,9 @@ async def test_the_connection_cap_counts_until_a_connection_closes(
 ) -> None:
     async with gated_server(max_connections=3) as (gate, port):
         held = [await connect(port) for _ in range(3)]
-        # Two idle, one handed over to aiohttp by a whole request: all three count.
-        assert await answer(*held[0]) == b"HTTP/1.1 200 OK"
+        # All three handed over to aiohttp by a whole request (kept alive): all three count.
+        for client in held:
+            assert await answer(*client) == b"HTTP/1.1 200 OK"
         await eventually(lambda: gate.open_connections == 3)
         reader, _ = await connect(port)
         assert await closed_without_answer(reader)  # refused before a byte was read
@@ -115,6 +116,19 @@ async def test_the_connection_cap_counts_until_a_connection_closes(
             pytest.fail("the closed connection's place was never given back")
         for _, writer in held[1:]:
             writer.close()
+
+
+@pytest.mark.timeout(30)
+async def test_at_the_cap_the_oldest_idle_connection_makes_room() -> None:
+    """A flood of idle connections (from many addresses) cannot lock out a client that sends
+    its request: the oldest connection that has sent no whole head yet is closed for it."""
+    async with gated_server(max_connections=3) as (gate, port):
+        idle = [await connect(port, source=f"127.0.0.{i + 2}") for i in range(3)]
+        await eventually(lambda: gate.open_connections == 3)
+        newcomer = await connect(port)
+        assert await answer(*newcomer) == b"HTTP/1.1 200 OK"
+        assert await closed_without_answer(idle[0][0])  # the oldest one
+        assert gate.evicted == 1 and gate.open_connections == 3
 
 
 @pytest.mark.timeout(30)

@@ -8,7 +8,10 @@ hold. A relay on the public internet gave a flood of idle connections every desc
 So every accepted connection passes this gate first:
 
 * **caps**: ``max_connections`` in all and ``max_connections_per_source`` from one address;
-  a connection over either is closed at once, before a byte of it is read;
+  a connection over the per-source cap is closed at once, before a byte of it is read. At the
+  cap in all, the oldest connection still sending its first head makes room (it has proven
+  nothing yet, and a flood of idle connections from many addresses must not lock out the
+  clients that do send a request); only when there is none is the new one refused;
 * **the first request head** is read here, not by aiohttp: it must be complete (the blank
   line after the headers) within ``header_timeout`` seconds and ``max_header_bytes`` bytes, or
   the connection gets ``408`` / ``431`` and is closed. Only then is the connection handed to
@@ -86,7 +89,10 @@ class ConnectionGate:
         self._pruned_at = -_PRUNE_INTERVAL
         #: Connections still sending their first request head: nobody else knows them yet,
         #: so the relay's shutdown closes them through the gate (:meth:`close_waiting`).
-        self._waiting: set[_FirstRequest] = set()
+        #: In arrival order (a dict as an ordered set): the oldest is the first evicted.
+        self._waiting: dict[_FirstRequest, None] = {}
+        #: Connections closed to make room for a new one, since the start.
+        self.evicted = 0
         #: Connections refused since the last warning, by cause (logged once a minute at most).
         self.refused: dict[str, int] = {}
         self._warned_at = -60.0
@@ -115,12 +121,16 @@ class ConnectionGate:
         limits = self._limits()
         if len(self._open) >= limits.max_connections:
             self._prune(force=False)
-        if len(self._open) >= limits.max_connections:
-            return self._refuse("max_connections")
         if self._per_source.get(source, 0) >= limits.max_connections_per_source:
             self._prune(force=False)
             if self._per_source.get(source, 0) >= limits.max_connections_per_source:
                 return self._refuse("max_connections_per_source")
+        if len(self._open) >= limits.max_connections:
+            if not self._waiting:
+                return self._refuse("max_connections")
+            oldest = next(iter(self._waiting))
+            oldest.close()  # releases its place
+            self.evicted += 1
         self._open[transport] = source
         self._per_source[source] = self._per_source.get(source, 0) + 1
         return None
@@ -197,7 +207,7 @@ class _FirstRequest(asyncio.Protocol):
             self._hand_over()
             return
         limits = self._gate._limits()
-        self._gate._waiting.add(self)
+        self._gate._waiting[self] = None
         self._limit = limits.max_header_bytes
         self._timer = asyncio.get_running_loop().call_later(limits.header_timeout, self._too_slow)
 
@@ -238,7 +248,7 @@ class _FirstRequest(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
-        self._gate._waiting.discard(self)
+        self._gate._waiting.pop(self, None)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -251,7 +261,7 @@ class _FirstRequest(asyncio.Protocol):
     def _hand_over(self) -> None:
         transport = self._transport
         assert transport is not None
-        self._gate._waiting.discard(self)
+        self._gate._waiting.pop(self, None)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
