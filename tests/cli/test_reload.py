@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trustme
 
@@ -24,8 +25,10 @@ from hybridrelay.client import (
 from hybridrelay.exceptions import RelayError
 from hybridrelay.transport.event_loop import default_loop
 from tests.client.helpers import accept_one
-from tests.conftest import ROOT_KEY, ROOT_KEY_NAME, TlsFiles, eventually
-from tests.serve_process import ServeProcess, relay_document, serve, write_config
+from tests.conftest import ROOT_KEY, ROOT_KEY_NAME, Relay, TlsFiles, eventually
+from tests.serve_process import CLI, ServeProcess, relay_document, serve, write_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(RELOAD_SIGNAL is None, reason="no SIGHUP on this platform")
 
@@ -205,3 +208,44 @@ async def test_without_a_reload_sighup_is_logged_and_ignored(
         assert not loop.remove_signal_handler(RELOAD_SIGNAL)  # ours is gone again
     finally:
         logging.getLogger("hybridrelay").removeHandler(waker)
+
+
+@pytest.mark.timeout(60)
+async def test_serve_app_logs_and_survives_sighup(relay: Relay) -> None:
+    """As a subprocess: SIGHUP's default action would have ended it without a word."""
+    assert RELOAD_SIGNAL is not None
+    process = await asyncio.create_subprocess_exec(
+        *CLI,
+        "serve-app",
+        "tests.serve_app_example:app",
+        cwd=REPO,
+        env={**os.environ, "HYBRIDRELAY_CONNECTION_STRING": relay.connection_string("hc")},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+
+    async def line_with(text: str) -> None:
+        assert process.stderr is not None
+        async with asyncio.timeout(20):
+            while True:
+                line = (await process.stderr.readline()).decode(errors="replace")
+                assert line, "serve-app exited:\n" + "".join(lines)
+                lines.append(line)
+                if text in line:
+                    return
+
+    try:
+        await line_with("serving the ASGI application on 'hc'")
+        process.send_signal(RELOAD_SIGNAL)
+        await line_with("SIGHUP ignored")
+        headers = {"ServiceBusAuthorization": relay.token("hc")}
+        async with httpx.AsyncClient(base_url=relay.http_url, headers=headers, timeout=30) as http:
+            assert (await http.get("/hc/greeting")).text == "hello from lifespan"
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            await process.communicate()
+    assert process.returncode == 0
