@@ -85,7 +85,9 @@ class ConnectionGate:
         self._clock = clock
         #: Every admitted transport that was open when last looked at, with its source.
         self._open: dict[asyncio.BaseTransport, str] = {}
-        self._per_source: dict[str, int] = {}
+        #: The same transports by source: a source at its cap has its own (at most cap)
+        #: transports looked at, at once; only the walk over all of them is rate-limited.
+        self._by_source: dict[str, set[asyncio.BaseTransport]] = {}
         self._pruned_at = -_PRUNE_INTERVAL
         #: Connections still sending their first request head: nobody else knows them yet,
         #: so the relay's shutdown closes them through the gate (:meth:`close_waiting`).
@@ -120,10 +122,12 @@ class ConnectionGate:
         """Count ``transport`` in; or why it is refused (it is then not counted)."""
         limits = self._limits()
         if len(self._open) >= limits.max_connections:
-            self._prune(force=False)
-        if self._per_source.get(source, 0) >= limits.max_connections_per_source:
-            self._prune(force=False)
-            if self._per_source.get(source, 0) >= limits.max_connections_per_source:
+            self._prune()
+        same = self._by_source.get(source)
+        if same is not None and len(same) >= limits.max_connections_per_source:
+            for closed in [t for t in same if t.is_closing()]:
+                self.release(closed)
+            if len(same) >= limits.max_connections_per_source:
                 return self._refuse("max_connections_per_source")
         if len(self._open) >= limits.max_connections:
             if not self._waiting:
@@ -132,23 +136,22 @@ class ConnectionGate:
             oldest.close()  # releases its place
             self.evicted += 1
         self._open[transport] = source
-        self._per_source[source] = self._per_source.get(source, 0) + 1
+        self._by_source.setdefault(source, set()).add(transport)
         return None
 
     def release(self, transport: asyncio.BaseTransport) -> None:
         """``transport`` is closed (the gate learns this itself otherwise, later)."""
         source = self._open.pop(transport, None)
         if source is not None:
-            self._uncount(source)
+            same = self._by_source.get(source)
+            if same is not None:
+                same.discard(transport)
+                if not same:
+                    del self._by_source[source]
 
-    def _uncount(self, source: str) -> None:
-        count = self._per_source.pop(source, 1) - 1
-        if count > 0:
-            self._per_source[source] = count
-
-    def _prune(self, *, force: bool) -> None:
+    def _prune(self) -> None:
         now = self._clock()
-        if not force and now - self._pruned_at < _PRUNE_INTERVAL:
+        if now - self._pruned_at < _PRUNE_INTERVAL:
             return
         self._pruned_at = now
         for transport in [t for t in self._open if t.is_closing()]:
