@@ -75,10 +75,10 @@ logger = logging.getLogger("hybridrelay.server")
 
 #: How long a shutdown waits for spliced connections to finish their close handshakes.
 _SHUTDOWN_GRACE = 5.0
-#: The control channels' close in a drain: RFC 6455's "service restart" (IANA registry), so
+#: The control channels' close in a drain: "Service Restart" (IANA's close code registry), so
 #: that a listener reconnects, to another relay behind the same name in a rolling restart.
-#: Our SDK, hyco-ws and .NET reconnect on any close they did not ask for; 1001 (going away)
-#: stays the code of :meth:`RelayServer.aclose`, an immediate stop.
+#: Our SDK and hyco-ws redial after any close they did not ask for (docs/OPERATIONS.md);
+#: 1001 (going away) stays the code of :meth:`RelayServer.aclose`, an immediate stop.
 DRAIN_CLOSE_CODE = CloseCode.SERVICE_RESTART
 DRAIN_CLOSE_REASON = "relay restarting"
 
