@@ -512,6 +512,7 @@ class RelayServer:
         if self.dashboard is not None:
             await self.dashboard.aclose()  # its event streams end, then the listener
         if self._management_runner is not None:
+            await _stop_accepting(self._management_runner)
             await self._management_runner.cleanup()
         for task in list(self._tasks):
             task.cancel()
