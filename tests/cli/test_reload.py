@@ -23,6 +23,7 @@ from hybridrelay.client import (
     SharedAccessKeyTokenProvider,
 )
 from hybridrelay.exceptions import RelayError
+from hybridrelay.server import RelayConfig, RelayServer
 from hybridrelay.transport.event_loop import default_loop
 from tests.client.helpers import accept_one
 from tests.conftest import ROOT_KEY, ROOT_KEY_NAME, Relay, TlsFiles, eventually
@@ -33,11 +34,11 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(RELOAD_SIGNAL is None, reason="no SIGHUP on this platform")
 
 
-def _issue(ca: trustme.CA, directory: Path) -> bytes:
-    """A new certificate for 127.0.0.1 written over cert.pem and key.pem; its DER."""
+def _issue(ca: trustme.CA, directory: Path, prefix: str = "") -> bytes:
+    """A new certificate for 127.0.0.1 written over (prefix)cert.pem and key.pem; its DER."""
     cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert.private_key_pem.write_to_path(str(directory / "key.pem"))
-    with (directory / "cert.pem").open("wb") as handle:
+    cert.private_key_pem.write_to_path(str(directory / f"{prefix}key.pem"))
+    with (directory / f"{prefix}cert.pem").open("wb") as handle:
         for blob in cert.cert_chain_pems:
             handle.write(blob.bytes())
     return ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
@@ -54,9 +55,10 @@ def pki(tmp_path: Path) -> Iterator[tuple[trustme.CA, TlsFiles]]:
     )
 
 
-async def _presented_certificate(relay: ServeProcess, ca_file: str) -> bytes:
-    """The DER certificate a new TLS handshake with the relay gets."""
-    host, port = relay.base_url.removeprefix("wss://").rsplit(":", 1)
+async def _presented_certificate(relay: ServeProcess | str, ca_file: str) -> bytes:
+    """The DER certificate a new TLS handshake with the relay (or ``host:port``) gets."""
+    address = relay.base_url.removeprefix("wss://") if isinstance(relay, ServeProcess) else relay
+    host, port = address.rsplit(":", 1)
     context = ssl.create_default_context(cafile=ca_file)
     async with asyncio.timeout(10):
         _, writer = await asyncio.open_connection(host, int(port), ssl=context)
@@ -249,3 +251,28 @@ async def test_serve_app_logs_and_survives_sighup(relay: Relay) -> None:
         async with asyncio.timeout(20):
             await process.communicate()
     assert process.returncode == 0
+
+
+@pytest.mark.timeout(60)
+async def test_reload_reads_the_management_listeners_own_certificate_again(
+    tmp_path: Path, pki: tuple[trustme.CA, TlsFiles]
+) -> None:
+    ca, files = pki
+    _issue(ca, tmp_path, "management-")
+    document = relay_document(tls=files)
+    own = {
+        "cert": str(tmp_path / "management-cert.pem"),
+        "key": str(tmp_path / "management-key.pem"),
+    }
+    document["management"] = {"port": 0, "tls": own}
+    config = RelayConfig.from_dict(document)
+    async with RelayServer(config) as server:
+        management = f"127.0.0.1:{server.management_port}"
+        relay = f"127.0.0.1:{server.port}"
+        data_port = await _presented_certificate(relay, files.ca_file)
+        assert server.reload(config) == []  # nothing changed on disk
+        renewed = _issue(ca, tmp_path, "management-")
+        changes = server.reload(config)
+        assert len(changes) == 1 and "management-cert.pem" in changes[0], changes
+        assert await _presented_certificate(management, files.ca_file) == renewed
+        assert await _presented_certificate(relay, files.ca_file) == data_port
