@@ -91,6 +91,27 @@ async def forever(request: Request) -> Response:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+async def hold(request: Request) -> Response:
+    """No answer until the client goes away (a long poll): its ``http.disconnect`` is
+    recorded (``/ended``). The body is read first, as ASGI has it."""
+    stream = request.query_params["stream"]
+    message = await request.receive()
+    _end_event("held " + stream).set()
+    while message["type"] != "http.disconnect":
+        message = await asyncio.wait_for(request.receive(), WAIT)
+    _end_event(stream).set()
+    return PlainTextResponse("nobody is listening")
+
+
+async def held(request: Request) -> Response:
+    """200 once ``/hold`` has the request (and holds its answer)."""
+    try:
+        await asyncio.wait_for(_end_event("held " + request.query_params["stream"]).wait(), WAIT)
+    except TimeoutError:
+        return PlainTextResponse("not held", status_code=504)
+    return PlainTextResponse("held")
+
+
 async def ended(request: Request) -> Response:
     """200 once the stream's generator was stopped (the client's disconnect reached the app)."""
     try:
@@ -194,6 +215,8 @@ app = Starlette(
         Route("/ack", ack),
         Route("/forever", forever),
         Route("/ended", ended),
+        Route("/hold", hold, methods=["GET", "POST"]),
+        Route("/held", held),
         Route("/sha256", sha256, methods=["POST"]),
         Route("/blob", blob),
         Route("/whole", whole),

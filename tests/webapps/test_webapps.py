@@ -111,6 +111,36 @@ async def disconnect_reaches_app(http: httpx.AsyncClient) -> None:
     assert ended.text == "ended"
 
 
+async def disconnect_before_the_answer_reaches_app(http: httpx.AsyncClient) -> None:
+    """A long poll whose client leaves before any answer: the app hears of it. (Its body is
+    chunked, so the request has a rendezvous: an inline request has nothing to close.)"""
+    stream = uuid.uuid4().hex
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"waiting"
+
+    poll = asyncio.create_task(
+        http.post(f"/{ENTITY}/hold", params={"stream": stream}, content=body())
+    )
+    held = await http.get(f"/{ENTITY}/held", params={"stream": stream})
+    assert held.status_code == 200, held.text
+    # The app has the request and holds the answer. The client goes away without it.
+    with contextlib.suppress(asyncio.CancelledError):
+        poll.cancel()
+        await poll
+    ended = await http.get(f"/{ENTITY}/ended", params={"stream": stream})
+    assert ended.status_code == 200, ended.text
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+async def test_client_disconnect_before_the_answer_reaches_the_app(
+    tmp_path: Path, topology: str
+) -> None:
+    async with web_app(tmp_path, topology) as (_, _, http):
+        await disconnect_before_the_answer_reaches_app(http)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("topology", TOPOLOGIES)
 async def test_client_disconnect_reaches_the_app(tmp_path: Path, topology: str) -> None:

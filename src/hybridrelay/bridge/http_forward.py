@@ -211,7 +211,9 @@ class HttpReverseProxy:
 
         if not ctx.more_body:
             uploaded.set()
-        try:
+
+        async def exchange() -> None:
+            nonlocal status, head
             async with session.request(
                 ctx.method,
                 url,
@@ -226,12 +228,36 @@ class HttpReverseProxy:
                 status, head = upstream.status, loop.time() - started
                 length = upstream.content_length
                 stream = length is None or length > INLINE_BODY_LIMIT
-                if not await self._pump(ctx, upstream, stream=stream, uploaded=uploaded):
-                    # The sender went away: so does the upstream request (its connection is
-                    # closed, not reused, as its body was not read to the end).
-                    upstream.close()
-                    ctx.abort()
-                    return ProxyAnswer(status, head, Outcome.ACCEPTED)
+                async for chunk in upstream.content.iter_any():
+                    await ctx.write(chunk)
+                    if stream:
+                        await ctx.flush()  # this read goes out now (server-sent events)
+
+        async def sender_gone() -> None:
+            # Only once the body was read: the watch reads the rendezvous the body came on.
+            await uploaded.wait()
+            await ctx.wait_disconnected()
+
+        forwarding = asyncio.create_task(exchange())
+        watching = asyncio.create_task(sender_gone())
+        try:
+            await asyncio.wait({forwarding, watching}, return_when="FIRST_COMPLETED")
+        finally:
+            if not watching.done():
+                watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+            if not forwarding.done():
+                # The sender went away (or we are cancelled): so does the upstream request;
+                # leaving aiohttp's context by cancellation closes its connection.
+                forwarding.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await forwarding
+                ctx.abort()
+        if forwarding.cancelled():
+            return ProxyAnswer(status, head, Outcome.ACCEPTED)
+        try:
+            forwarding.result()
         except (aiohttp.ClientConnectorError, aiohttp.ClientOSError) as exc:
             text = "Bad Gateway: the upstream is unreachable"
             answered = await self._error(ctx, 502, text, exc)
@@ -243,55 +269,17 @@ class HttpReverseProxy:
         except aiohttp.ClientError as exc:
             answered = await self._error(ctx, 502, "Bad Gateway: the upstream failed", exc)
             outcome = Outcome.FAILED
+        except RelayError:
+            if not ctx.disconnected:
+                raise
+            ctx.abort()  # the sender went away while we wrote to it
+            return ProxyAnswer(status, head, Outcome.ACCEPTED)
         else:
             await ctx.finish()
             return ProxyAnswer(status, head, Outcome.ACCEPTED)
         if answered is None:  # cut after the head
             return ProxyAnswer(None, head, outcome)
         return ProxyAnswer(answered, loop.time() - started, outcome)
-
-    @staticmethod
-    async def _pump(
-        ctx: RelayedHttpContext,
-        upstream: aiohttp.ClientResponse,
-        *,
-        stream: bool,
-        uploaded: asyncio.Event,
-    ) -> bool:
-        """Copy the upstream's body to the sender; False when the sender went away first."""
-
-        async def copy() -> None:
-            async for chunk in upstream.content.iter_any():
-                await ctx.write(chunk)
-                if stream:
-                    await ctx.flush()  # this read goes out now (server-sent events)
-
-        async def sender_gone() -> None:
-            # Only once the body was read: the watch reads the rendezvous the body came on.
-            await uploaded.wait()
-            await ctx.wait_disconnected()
-
-        copying = asyncio.create_task(copy())
-        watching = asyncio.create_task(sender_gone())
-        try:
-            await asyncio.wait({copying, watching}, return_when="FIRST_COMPLETED")
-        finally:
-            for task in (copying, watching):
-                if not task.done():
-                    task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watching
-        if not copying.done() or copying.cancelled():
-            with contextlib.suppress(asyncio.CancelledError):
-                await copying
-            return False
-        try:
-            copying.result()
-        except RelayError:
-            if ctx.disconnected:
-                return False
-            raise
-        return True
 
     @staticmethod
     async def _error(

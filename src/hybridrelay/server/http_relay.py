@@ -46,7 +46,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -358,13 +358,16 @@ class HttpRelay:
         has_body: bool,
         deadline: float,
     ) -> _ListenerResponse:
-        waiters: set[asyncio.Future[_ListenerResponse | None] | asyncio.Future[_Rendezvous]] = {
-            exchange.control_response,
-            exchange.rendezvous,
-        }
+        gone = connection_gone(request)
+        waiters: set[asyncio.Future[Any]] = {exchange.control_response, exchange.rendezvous}
+        if gone is not None:
+            waiters.add(gone)
         done, _ = await asyncio.wait(waiters, timeout=deadline, return_when="FIRST_COMPLETED")
         if not done:
             raise _ExchangeFailed(504, "The listener did not respond in time.")
+        if done == {gone}:
+            # The sender left before the answer: the rendezvous (if any) is closed now.
+            raise _SenderGone()
         if exchange.control_response.done():
             answer = exchange.control_response.result()
             if answer is None:
@@ -400,8 +403,9 @@ class HttpRelay:
                     upload.result()  # raises _SenderGone / _ExchangeFailed
             # The response deadline runs from the end of the upload (or an early answer); an
             # upload still going on continues while the response streams.
+            gone = connection_gone(request)
             while True:
-                message = await _wait_for(receive, deadline)
+                message = await _wait_for(receive, deadline, gone)
                 if message is None:
                     raise _ExchangeFailed(504, "The listener did not respond in time.")
                 if message.kind is MessageKind.CLOSE:
@@ -665,10 +669,20 @@ def response_deadline(limits: LimitsConfig, entity: HybridConnectionConfig) -> f
     return limits.http_response_timeout
 
 
-async def _wait_for(task: asyncio.Task[T], seconds: float) -> T | None:
-    """The task's result, or None (task left running) if it takes longer than ``seconds``."""
-    done, _ = await asyncio.wait({task}, timeout=seconds)
-    return task.result() if done else None
+async def _wait_for(
+    task: asyncio.Task[T], seconds: float, gone: asyncio.Future[None] | None = None
+) -> T | None:
+    """The task's result, or None (task left running) if it takes longer than ``seconds``.
+
+    Raises :class:`_SenderGone` when ``gone`` (the sender's connection lost) comes first.
+    """
+    waiters: set[asyncio.Future[Any]] = {task} if gone is None else {task, gone}
+    done, _ = await asyncio.wait(waiters, timeout=seconds, return_when="FIRST_COMPLETED")
+    if task in done:
+        return task.result()
+    if done:
+        raise _SenderGone()
+    return None
 
 
 async def _next_part(stream: MessageLeg, idle: float) -> tuple[bytes, bool]:
