@@ -25,6 +25,7 @@ from hybridrelay.client import (
 )
 from hybridrelay.exceptions import (
     AuthorizationError,
+    CertificateError,
     ConfigurationError,
     ConnectionRejectedError,
     EndpointNotFoundError,
@@ -44,6 +45,7 @@ __all__ = [
     "AcceptContext",
     "AcceptHandler",
     "AuthorizationError",
+    "CertificateError",
     "ConfigurationError",
     "ConnectionRejectedError",
     "EndpointNotFoundError",

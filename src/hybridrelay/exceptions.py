@@ -9,7 +9,9 @@ library we use (aiohttp, OSError, ssl, yaml) leaks out without one of ours wrapp
     ├── TokenError                  a SAS token that cannot be parsed or created
     ├── ProtocolError               a message or URL that breaks the Hybrid Connections protocol
     ├── RelayConnectionError        the relay could not be reached or the connection broke
-    │   └── RelayTimeoutError       an operation did not finish in time
+    │   ├── RelayTimeoutError       an operation did not finish in time
+    │   └── CertificateError        the relay's TLS certificate is not accepted (untrusted CA,
+    │                               another host name, expired): retrying cannot fix it
     ├── RelayHttpError              the relay or the listener answered with an HTTP error status
     │   ├── AuthorizationError      401 / 403
     │   ├── EndpointNotFoundError   404 (unknown hybrid connection)
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthorizationError",
+    "CertificateError",
     "ConfigurationError",
     "ConnectionRejectedError",
     "EndpointNotFoundError",
@@ -61,18 +64,25 @@ class RelayTimeoutError(RelayConnectionError):
     """An operation against the relay did not complete in time."""
 
 
+class CertificateError(RelayConnectionError):
+    """The relay's TLS certificate was not accepted: its CA is not trusted, it names another
+    host, or it has expired. The message says which, and how to give a private CA."""
+
+
 class RelayHttpError(RelayError):
     """The relay (or the listener, through it) answered with an HTTP error status.
 
     Attributes:
         status: the HTTP status code.
         description: the reason phrase, which for relay errors carries a ``TrackingId``.
+        hint: what to do about it (see :func:`refusal_hint`), or None; it ends the message.
     """
 
-    def __init__(self, status: int, description: str) -> None:
-        super().__init__(f"{status} {description}")
+    def __init__(self, status: int, description: str, hint: str | None = None) -> None:
+        super().__init__(f"{status} {description}" + (f"; {hint}" if hint else ""))
         self.status = status
         self.description = description
+        self.hint = hint
 
 
 class AuthorizationError(RelayHttpError):
@@ -100,12 +110,45 @@ class StreamClosedError(RelayError):
     """The stream or listener was closed by this side and then used again."""
 
 
-def http_error(status: int, description: str) -> RelayHttpError:
+def http_error(status: int, description: str, hint: str | None = None) -> RelayHttpError:
     """Map an HTTP error status from the relay to the most specific exception class."""
     if status in (401, 403):
-        return AuthorizationError(status, description)
+        return AuthorizationError(status, description, hint)
     if status == 404:
-        return EndpointNotFoundError(status, description)
+        return EndpointNotFoundError(status, description, hint)
     if status == 429:
-        return QuotaExceededError(status, description)
-    return RelayHttpError(status, description)
+        return QuotaExceededError(status, description, hint)
+    return RelayHttpError(status, description, hint)
+
+
+def refusal_hint(status: int, entity: str, right: str) -> str | None:
+    """What to do when the relay refuses a client of hybrid connection ``entity`` that needs
+    ``right`` (``Listen`` or ``Send``) with ``status``; None when there is nothing obvious.
+
+    The same words on every command (bridge, serve-app) and in the SDK's exceptions.
+    """
+    if status == 401:
+        return (
+            "the relay does not accept the credentials: check SharedAccessKeyName and "
+            "SharedAccessKey (or the SharedAccessSignature) of the connection string; was the "
+            "key regenerated?"
+        )
+    if status == 403:
+        return (
+            f"the rule is not allowed to {right.lower()} on hybrid connection {entity!r}: use a "
+            f"rule with the {right} right on it (or on the namespace)"
+        )
+    if status == 404:
+        return (
+            f"no hybrid connection {entity!r} on this relay: check the name (EntityPath, -L/-R/"
+            f"-H, -e) or create it (hybridrelay admin hc create {entity})"
+        )
+    return None
+
+
+def with_hint(exc: RelayHttpError, entity: str, right: str) -> RelayHttpError:
+    """``exc`` again, of the same class, with :func:`refusal_hint`'s words when it has none."""
+    hint = refusal_hint(exc.status, entity, right)
+    if exc.hint is not None or hint is None:
+        return exc
+    return type(exc)(exc.status, exc.description, hint)

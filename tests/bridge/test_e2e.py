@@ -16,7 +16,7 @@ import pytest
 from hybridrelay.bridge.agent import BridgeAgent
 from hybridrelay.bridge.udp import UdpIngress
 from hybridrelay.client import HybridConnectionClient, SharedAccessKeyTokenProvider
-from hybridrelay.exceptions import ConfigurationError
+from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.protocol.azbridge import Mode, encode_preamble
 from tests.bridge.helpers import (
     UdpClient,
@@ -332,17 +332,15 @@ async def test_bind_failure_is_a_configuration_error(relay: Relay) -> None:
         blocker.close()
 
 
-async def test_edge_waits_for_the_relay_and_comes_online(make_relay: Any) -> None:
-    """An edge started before its hybrid connection exists retries until it can listen."""
+async def test_edge_for_an_unknown_hybrid_connection_ends_at_start(make_relay: Any) -> None:
+    """A 404 at start needs a fix (issue 15): the edge ends at once, naming the forward and
+    what to do, instead of retrying forever."""
     async with make_relay(entities=[{"name": "other"}]) as relay:
         config = make_config(relay, remote=["hc:127.0.0.1:9"])
         agent = BridgeAgent(config, retry_schedule=(0.05,))
-        async with asyncio.TaskGroup() as group:
-            run = group.create_task(agent.run())
-            await asyncio.sleep(0.5)
-            assert not agent.started.is_set()
-            assert not run.done()
-            agent.shutdown()
+        async with asyncio.timeout(10):
+            with pytest.raises(RelayError, match=r"^-R hc: cannot listen: 404 .*hc create hc"):
+                await agent.run()
         assert not agent.started.is_set()
 
 

@@ -6,11 +6,13 @@ Everything on 127.0.0.1, port 0; the relay and the agent in process, plus one re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import hashlib
 import logging
 import random
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -381,11 +383,17 @@ async def test_shutdown_drains_requests_in_flight(relay: Relay) -> None:
 async def test_readiness_waits_for_the_http_listener(
     relay: Relay, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="hybridrelay.bridge")
-    # "nosuch" does not exist on the relay (404): the forward keeps retrying and is never up.
-    agent = BridgeAgent(
-        http_config(relay, ["nosuch:http://127.0.0.1:9"]), retry_schedule=FAST_RETRY
+    caplog.set_level(logging.DEBUG, logger="hybridrelay.bridge")
+    # Nothing listens on the relay's address (a 404 would end the bridge at start, issue 15):
+    # the forward keeps retrying (the same cause again at DEBUG) and is never up.
+    config = http_config(relay, ["nosuch:http://127.0.0.1:9"])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"ws://127.0.0.1:{probe.getsockname()[1]}"
+    config = dataclasses.replace(
+        config, connection=dataclasses.replace(config.connection, endpoint=closed)
     )
+    agent = BridgeAgent(config, retry_schedule=FAST_RETRY)
     task = asyncio.create_task(agent.run())
     try:
         await eventually(

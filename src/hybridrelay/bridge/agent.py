@@ -1,5 +1,14 @@
 """The bridge agent: runs every forward of a configuration in one task group.
 
+Before any ``-L`` socket is bound, the credentials of every ``-L`` hybrid connection are checked
+against the relay (:meth:`HybridConnectionClient.check_access`, the runtime information
+request: no listener is reached): a refusal (401/403, an unknown hybrid connection, a
+certificate not trusted) ends the bridge at once with one line naming the forward, the status
+and the fix, instead of the first client's connection being reset; a relay that cannot be
+reached yet is retried on the backoff schedule (logged once per cause), and the sockets are
+bound once it answers. ``-R``/``-H`` forwards are checked by their listener's first connect
+(:func:`~hybridrelay.bridge.listening.keep_listening`).
+
 Shutdown (:meth:`BridgeAgent.shutdown`, wired to SIGINT/SIGTERM by the CLI) is ordered:
 stop accepting (close the listening sockets and the relay listeners) -> let open connections
 finish for ``shutdown_grace_period`` seconds -> cancel what is left (each connection closes its
@@ -28,6 +37,7 @@ from hybridrelay.bridge.config import BridgeConfig, ConnectionSettings
 from hybridrelay.bridge.edge import Edge, EdgeListener, ListenerFactory
 from hybridrelay.bridge.http_forward import HttpForwarder, HttpListenerFactory, reject_websocket
 from hybridrelay.bridge.ingress import Connect, StreamIngress
+from hybridrelay.bridge.listening import RetryLog, wait_or_stop
 from hybridrelay.bridge.pipe import RelayStream
 from hybridrelay.bridge.specs import Protocol
 from hybridrelay.bridge.udp import UdpIngress
@@ -40,7 +50,14 @@ from hybridrelay.client import (
     SharedAccessSignatureTokenProvider,
     TokenProvider,
 )
-from hybridrelay.client.backoff import RECONNECT_DELAYS
+from hybridrelay.client.backoff import (
+    RECONNECT_DELAYS,
+    RetryKind,
+    capped_delay,
+    classify_error,
+    needs_a_fix,
+    reconnect_delays,
+)
 from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.observability.bridge_metrics import (
     BridgeMetrics,
@@ -224,8 +241,8 @@ class BridgeAgent:
         try:
             await self._serve_metrics()
             async with asyncio.TaskGroup() as group:
-                for ingress in self.ingress:
-                    group.create_task(ingress.serve(self._one_started, self._stop))
+                if self.ingress:
+                    group.create_task(self._serve_local_forwards(clients, group))
                 for edge in self.edges:
                     group.create_task(edge.serve(self._one_started, self._stop))
                 for http in self.http_forwarders:
@@ -249,6 +266,45 @@ class BridgeAgent:
         if error is not None:
             raise error
         logger.info("bridge: stopped")
+
+    async def _serve_local_forwards(
+        self, clients: dict[str, HybridConnectionClient], group: asyncio.TaskGroup
+    ) -> None:
+        """Check every ``-L`` hybrid connection's credentials (concurrently), then bind the
+        ``-L`` sockets: none is bound when one of them is refused."""
+        names: dict[str, str] = {}
+        for forward in self.config.local_forwards:
+            names.setdefault(forward.spec.hybrid_connection, f"-L {forward.spec}")
+        async with asyncio.TaskGroup() as checks:
+            for hc, client in clients.items():
+                checks.create_task(self._check_access(names[hc], client))
+        if self._stop.is_set():
+            return
+        for ingress in self.ingress:
+            group.create_task(ingress.serve(self._one_started, self._stop))
+
+    async def _check_access(self, name: str, client: HybridConnectionClient) -> None:
+        """Until the relay answers: a refusal that needs a fix raises, the rest is retried.
+
+        Raises:
+            RelayError: the relay refused (the message names the forward, the cause, the fix).
+        """
+        delays = reconnect_delays(schedule=self._retry_schedule)
+        retries = RetryLog(name)
+        while not self._stop.is_set():
+            try:
+                await client.check_access()
+            except RelayError as exc:
+                if needs_a_fix(exc) or classify_error(exc) is RetryKind.FATAL:
+                    raise RelayError(f"{name}: {exc}") from exc
+                capped = classify_error(exc) is RetryKind.CAPPED
+                delay = capped_delay(schedule=self._retry_schedule) if capped else next(delays)
+                retries.failed("cannot check the credentials", exc, delay)
+                if await wait_or_stop(self._stop, delay):
+                    return
+                continue
+            retries.succeeded()
+            return
 
     async def _serve_metrics(self) -> None:
         """Start the metrics listener when ``metrics_port`` is set.

@@ -1,16 +1,23 @@
 """Keeping a listener on a hybrid connection: the loop shared by ``-R`` edges and ``-H`` forwards.
 
-Open a listener; when the relay refuses or is unreachable, retry on the backoff schedule (401,
-403 and 404 need a change elsewhere, so they are retried at the capped interval, never in a
-tight loop); once it is online, hand accepted streams on until ``stop`` is set or the listener
-ends (then open a new one). On ``stop``, the listener stays registered while ``drain`` runs, so
-new senders are refused (by the accept or request handler) rather than cut, then it is closed.
+Open a listener. At start, a refusal that needs a fix (401/403, 404, a certificate not
+trusted: :func:`~hybridrelay.client.backoff.needs_a_fix`) ends the forward at once with one line
+naming it, the cause and the fix; what may heal (the relay down, a network or DNS error, a
+timeout, 5xx) is retried on the backoff schedule. Once the forward has been online, the
+listener reconnects by itself (the SDK logs the transitions) and a listener that had to be
+opened anew is retried whatever the cause, a refusal logged at ERROR and retried at the capped
+interval (a rotated key may be put back). Failures are logged once per cause (then DEBUG), and
+``back online after N s`` when it is. Online, accepted streams are handed on until ``stop`` is
+set or the listener ends (then a new one is opened). On ``stop``, the listener stays registered
+while ``drain`` runs, so new senders are refused (by the accept or request handler) rather than
+cut, then it is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Protocol
 
@@ -20,11 +27,12 @@ from hybridrelay.client.backoff import (
     RetryKind,
     capped_delay,
     classify_error,
+    needs_a_fix,
     reconnect_delays,
 )
-from hybridrelay.exceptions import RelayError
+from hybridrelay.exceptions import RelayError, RelayHttpError
 
-__all__ = ["EdgeListener", "keep_listening", "wait_or_stop"]
+__all__ = ["EdgeListener", "RetryLog", "keep_listening", "wait_or_stop"]
 
 logger = logging.getLogger("hybridrelay.bridge")
 
@@ -47,6 +55,40 @@ async def wait_or_stop(event: asyncio.Event, delay: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+class RetryLog:
+    """The log lines of one thing retried against the relay: each new cause once (WARNING, or
+    ERROR when it needs a fix), the same cause again at DEBUG, and ``back online after N s``
+    when it works again."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._last_cause: str | None = None
+        self._failing_since: float | None = None
+
+    def failed(self, what: str, exc: BaseException, delay: float) -> None:
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+        cause = (
+            f"{type(exc).__name__} {exc.status}"
+            if isinstance(exc, RelayHttpError)  # its reason carries a new TrackingId each time
+            else f"{type(exc).__name__} {exc}"
+        )
+        if cause == self._last_cause:
+            level = logging.DEBUG
+        else:
+            level = logging.ERROR if needs_a_fix(exc) else logging.WARNING
+        self._last_cause = cause
+        logger.log(level, "%s: %s: %s; retrying in %.1f s", self._name, what, exc, delay)
+
+    def succeeded(self) -> None:
+        if self._failing_since is not None:
+            logger.info(
+                "%s: back online after %.1f s", self._name, time.monotonic() - self._failing_since
+            )
+        self._failing_since = None
+        self._last_cause = None
 
 
 async def keep_listening(
@@ -72,10 +114,13 @@ async def keep_listening(
         schedule: the reconnect delays (tests shorten them).
 
     Raises:
-        RelayError: a refusal that retrying cannot fix (``RetryKind.FATAL``).
+        RelayError: before the first time online, a refusal that needs a fix (its message
+            names the forward, the status and the fix); any time, one that retrying cannot
+            fix (``RetryKind.FATAL``).
     """
     delays: Iterator[float] = reconnect_delays(schedule=schedule)
     announced = False
+    retries = RetryLog(name)
     while not stop.is_set():
         listener = open_listener()
         try:
@@ -84,18 +129,15 @@ async def keep_listening(
             kind = classify_error(exc)
             if kind is RetryKind.FATAL:
                 raise
+            if not announced and needs_a_fix(exc):
+                raise RelayError(f"{name}: cannot listen: {exc}") from exc
             delay = capped_delay(schedule=schedule) if kind is RetryKind.CAPPED else next(delays)
-            logger.warning(
-                "%s: cannot listen (%s: %s); retrying in %.1f s",
-                name,
-                type(exc).__name__,
-                exc,
-                delay,
-            )
+            retries.failed("cannot listen", exc, delay)
             if await wait_or_stop(stop, delay):
                 break
             continue
         delays = reconnect_delays(schedule=schedule)
+        retries.succeeded()
         online()
         if not announced:
             announced = True

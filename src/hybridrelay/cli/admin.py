@@ -44,7 +44,12 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from hybridrelay import __version__
 from hybridrelay.auth.sas import Rights, create_token, token_audience
-from hybridrelay.exceptions import RelayError
+from hybridrelay.cli.credentials import (
+    FILE_OPTION,
+    key_on_command_line_warning,
+    read_connection_string_file,
+)
+from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.protocol.connection_string import CONNECTION_STRING_ENV, ConnectionString
 
 __all__ = [
@@ -165,6 +170,13 @@ def _add_common(parser: argparse.ArgumentParser, *, after: bool) -> None:
         metavar="CS",
         help="a connection string of a namespace rule with Manage; its key signs a "
         f"ten-minute token (default: ${CONNECTION_STRING_ENV})",
+        **unset,
+    )
+    credential.add_argument(
+        FILE_OPTION,
+        dest="connection_string_file",
+        metavar="PATH",
+        help="read that connection string from a file (mode 0600): ps shows -x to every user",
         **unset,
     )
     group.add_argument(
@@ -426,7 +438,17 @@ def _credential(
     if token:
         return _token_credential(token, "--token")
     if connection_string:
+        if warning := key_on_command_line_warning(connection_string):
+            print(f"hybridrelay admin: warning: {warning}", file=sys.stderr)
         return _connection_string_credential(connection_string, "-x")
+    if path := getattr(args, "connection_string_file", None):
+        try:
+            text, warning = read_connection_string_file(path)
+        except ConfigurationError as exc:
+            raise AdminError(EXIT_USAGE, str(exc)) from None
+        if warning is not None:
+            print(f"hybridrelay admin: warning: {warning}", file=sys.stderr)
+        return _connection_string_credential(text, f"{FILE_OPTION} {path}")
     if token := os.environ.get(MANAGEMENT_TOKEN_ENV, "").strip():
         return _token_credential(token, f"${MANAGEMENT_TOKEN_ENV}")
     if connection_string := os.environ.get(CONNECTION_STRING_ENV, "").strip():

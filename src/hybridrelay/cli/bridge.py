@@ -5,14 +5,18 @@ Options mirror azbridge where they exist (``-x``, ``-e``/``-E``, ``-K``, ``-k``,
 and the YAML file's keys come from one model (:mod:`hybridrelay.bridge.config`, reference in
 docs/CONFIGURATION.md). Command-line options win over the file; ``-L``/``-R``/``-H`` add to
 the file's forwards. Without ``-x``, ``-e`` or a file connection, the connection string is
-taken from ``HYBRIDRELAY_CONNECTION_STRING`` or azbridge's ``AZURE_BRIDGE_CONNECTIONSTRING``.
+read from ``--connection-string-file PATH``, else taken from ``HYBRIDRELAY_CONNECTION_STRING``
+or azbridge's ``AZURE_BRIDGE_CONNECTIONSTRING``; a key given on the command line (``-x`` with
+a ``SharedAccessKey``, ``-k``) is warned about, since every user can read it in ``ps``.
 
 ``--metrics-port PORT`` serves Prometheus ``/metrics``, ``/healthz`` and ``/readyz`` on
 loopback (``--metrics-host`` to change; port 0 picks one, and the bound address is logged at
 start): docs/METRICS.md.
 
 Exit status: 0 after a clean shutdown (SIGINT/SIGTERM), 2 for a configuration error (a metrics
-port that cannot be bound included), 1 when the bridge fails while running.
+port that cannot be bound included), 1 when the bridge fails: at start, the relay refuses a
+forward's credentials (401/403), does not know its hybrid connection (404) or presents a
+certificate that is not trusted (one line naming the forward, the cause and the fix).
 """
 
 from __future__ import annotations
@@ -33,6 +37,12 @@ from hybridrelay.bridge.config import (
     merge_arguments,
 )
 from hybridrelay.bridge.specs import Protocol
+from hybridrelay.cli.credentials import (
+    FILE_OPTION,
+    add_connection_string_file_argument,
+    key_on_command_line_warning,
+    read_connection_string_file,
+)
 from hybridrelay.cli.logs import configure_logging
 from hybridrelay.cli.signals import stop_on_signals
 from hybridrelay.exceptions import ConfigurationError, RelayError
@@ -53,6 +63,7 @@ def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
         "and the YAML file's keys: docs/CONFIGURATION.md."
     )
     add_bridge_options(parser)
+    add_connection_string_file_argument(parser)
     parser.add_argument("-f", "--config", metavar="FILE", help="YAML configuration file")
 
 
@@ -63,13 +74,20 @@ def build_config(args: argparse.Namespace) -> BridgeConfig:
         ConfigurationError: anything is malformed or inconsistent.
     """
     config = load_config(args.config) if args.config else BridgeConfig()
-    from_environment = None
+    fallback = None
     endpoint = getattr(args, "connection.endpoint", None)
-    if args.connection_string is None and endpoint is None and not config.connection.endpoint:
-        from_environment = next(
+    path = getattr(args, "connection_string_file", None)
+    if path is not None:
+        if args.connection_string is not None:
+            raise ConfigurationError(f"give -x or {FILE_OPTION}, not both")
+        fallback, warning = read_connection_string_file(path)
+        if warning is not None:
+            args.credential_warnings = [warning]
+    elif args.connection_string is None and endpoint is None and not config.connection.endpoint:
+        fallback = next(
             (os.environ[name] for name in CONNECTION_STRING_ENV if os.environ.get(name)), None
         )
-    config = merge_arguments(config, args, connection_string=from_environment)
+    config = merge_arguments(config, args, connection_string=fallback)
     if not config.local_forwards and not config.remote_forwards and not config.http_forwards:
         raise ConfigurationError("nothing to do: give at least one -L, -R or -H (or a config file)")
     if not config.connection.endpoint:
@@ -93,6 +111,8 @@ async def run_bridge(args: argparse.Namespace) -> int:
         _error(f"hybridrelay bridge: {exc}")
         return 2
     configure_logging(config.log_level, logger="hybridrelay")
+    for warning in _credential_warnings(args):
+        logger.warning("%s", warning)
     for forward in config.local_forwards:
         if forward.spec.binds_non_loopback or (
             forward.spec.bind_address is None and config.bind_host(forward) not in _LOOPBACK
@@ -114,9 +134,21 @@ async def run_bridge(args: argparse.Namespace) -> int:
             _error(f"hybridrelay bridge: {exc}")
             return 2
         except RelayError as exc:
-            _error(f"hybridrelay bridge: {type(exc).__name__}: {exc}")
+            # The message names the forward, the cause and the fix (never a key).
+            _error(f"hybridrelay bridge: {exc}")
             return 1
     return 0
+
+
+def _credential_warnings(args: argparse.Namespace) -> list[str]:
+    """A key on the command line (``-x`` with a SharedAccessKey, ``-k``), a readable file."""
+    warnings: list[str] = list(getattr(args, "credential_warnings", []))
+    on_command_line = key_on_command_line_warning(args.connection_string)
+    if on_command_line is None and getattr(args, "connection.key", None):
+        on_command_line = key_on_command_line_warning("SharedAccessKey=-k")
+    if on_command_line is not None:
+        warnings.append(on_command_line)
+    return warnings
 
 
 def check_before_binding(config: BridgeConfig) -> None:

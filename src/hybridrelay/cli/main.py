@@ -19,6 +19,12 @@ from pathlib import Path
 
 from hybridrelay import __version__
 from hybridrelay.auth.sas import create_token, token_audience
+from hybridrelay.cli.credentials import (
+    FILE_OPTION,
+    add_connection_string_file_argument,
+    key_on_command_line_warning,
+    read_connection_string_file,
+)
 from hybridrelay.cli.embedded import ROOT_RULE, STORE_FILE
 from hybridrelay.cli.logs import (
     add_log_format_argument,
@@ -78,10 +84,10 @@ def _add_token(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument(
         "--connection-string",
         "-x",
-        default=os.environ.get(CONNECTION_STRING_ENV),
         metavar="CS",
         help=f"the connection string whose key signs the token (default: ${CONNECTION_STRING_ENV})",
     )
+    add_connection_string_file_argument(parser)
     parser.add_argument("--entity", "-e", help="hybrid connection (default: EntityPath)")
     parser.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     parser.set_defaults(func=_cmd_token)
@@ -308,11 +314,22 @@ def _serve_config(args: argparse.Namespace, data_dir: Path) -> RelayConfig:
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
-    if not args.connection_string:
+    text: str | None = args.connection_string
+    if args.connection_string_file is not None:
+        if text is not None:
+            raise ConfigurationError(f"give -x or {FILE_OPTION}, not both")
+        text, warning = read_connection_string_file(args.connection_string_file)
+    else:
+        warning = key_on_command_line_warning(text)
+        text = text or os.environ.get(CONNECTION_STRING_ENV)
+    if warning is not None:
+        print(f"hybridrelay token: warning: {warning}", file=sys.stderr)
+    if not text:
         raise ConfigurationError(
-            f"no connection string: pass -x CONNECTION_STRING or set ${CONNECTION_STRING_ENV}"
+            f"no connection string: pass -x CONNECTION_STRING or {FILE_OPTION} PATH, or set "
+            f"${CONNECTION_STRING_ENV}"
         )
-    cs = ConnectionString.parse(args.connection_string)
+    cs = ConnectionString.parse(text)
     entity = args.entity or cs.entity_path or ""
     if cs.token:
         print(cs.token)

@@ -1,5 +1,11 @@
 """``hybridrelay serve-app MODULE:APP``: an ASGI application served through a hybrid
-connection (:func:`hybridrelay.asgi.serve`) until SIGINT/SIGTERM."""
+connection (:func:`hybridrelay.asgi.serve`) until SIGINT/SIGTERM.
+
+The connection string comes from ``-x``, ``--connection-string-file PATH`` or
+``$HYBRIDRELAY_CONNECTION_STRING`` (a key given with ``-x`` is warned about: ``ps`` shows it).
+When the first connection to the relay fails, the command exits 1 with one line naming the
+hybrid connection, the cause and the fix (the bridge's words).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,21 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
 from dataclasses import dataclass, fields
 from typing import Any
 
 from hybridrelay.asgi import load_app, serve
+from hybridrelay.cli.credentials import (
+    FILE_OPTION,
+    add_connection_string_file_argument,
+    key_on_command_line_warning,
+    read_connection_string_file,
+)
 from hybridrelay.cli.logs import configure_logging
 from hybridrelay.cli.signals import stop_on_signals
-from hybridrelay.exceptions import ConfigurationError
-from hybridrelay.protocol.connection_string import CONNECTION_STRING_ENV
+from hybridrelay.exceptions import ConfigurationError, RelayError
+from hybridrelay.protocol.connection_string import CONNECTION_STRING_ENV, ConnectionString
 from hybridrelay.settings import LOG_LEVEL, add_arguments, check_fields, given_arguments, setting
 
 __all__ = ["CONNECTION_STRING_ENV", "ServeAppConfig", "add_serve_app_arguments", "run_serve_app"]
@@ -105,6 +118,11 @@ class ServeAppConfig:
             ConfigurationError: no connection string, or an option breaks its rules.
         """
         given = given_arguments(args, cls)
+        path = getattr(args, "connection_string_file", None)
+        if path is not None:
+            if "connection_string" in given:
+                raise ConfigurationError(f"give -x or {FILE_OPTION}, not both")
+            given["connection_string"], _ = read_connection_string_file(path)
         given.setdefault("connection_string", os.environ.get(CONNECTION_STRING_ENV))
         return cls(app=args.app, **given)
 
@@ -124,6 +142,7 @@ def add_serve_app_arguments(parser: argparse.ArgumentParser) -> None:
     app = next(f for f in fields(ServeAppConfig) if f.name == "app").metadata["setting"]
     parser.add_argument("app", metavar=app.metavar, help=app.help)
     add_arguments(parser, ServeAppConfig)
+    add_connection_string_file_argument(parser)
 
 
 async def run_serve_app(args: argparse.Namespace) -> int:
@@ -137,6 +156,7 @@ async def run_serve_app(args: argparse.Namespace) -> int:
     config = ServeAppConfig.from_arguments(args)
     configure_logging(config.log_level)
     app = load_app(config.app, app_dir=config.app_dir, factory=config.factory)
+    _warn_about_credentials(args)
     kwargs: dict[str, Any] = {}
     if config.ca_file:
         kwargs["ca_file"] = config.ca_file
@@ -161,7 +181,15 @@ async def run_serve_app(args: argparse.Namespace) -> int:
             await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
         if serving.done():
             # serve() only returns by raising (the relay refuses the listener for good).
-            serving.result()
+            try:
+                serving.result()
+            except ConfigurationError:
+                raise
+            except RelayError as exc:
+                entity = config.entity or _entity_of(config.connection_string)
+                # The SDK's message names the cause and the fix (never a key).
+                sys.stderr.write(f"hybridrelay serve-app: {entity}: cannot listen: {exc}\n")
+                sys.stderr.flush()
             return 1
         logger.info("serve-app: shutting down")
         return 0
@@ -172,3 +200,20 @@ async def run_serve_app(args: argparse.Namespace) -> int:
         await asyncio.wait([stopping, serving])
         if not serving.cancelled() and (error := serving.exception()) is not None:
             logger.debug("serve-app: stopped with %s: %s", type(error).__name__, error)
+
+
+def _warn_about_credentials(args: argparse.Namespace) -> None:
+    path = getattr(args, "connection_string_file", None)
+    if path is not None:
+        _, warning = read_connection_string_file(path)
+    else:
+        warning = key_on_command_line_warning(getattr(args, "connection_string", None))
+    if warning is not None:
+        logger.warning("%s", warning)
+
+
+def _entity_of(connection_string: str | None) -> str:
+    try:
+        return ConnectionString.parse(connection_string or "").entity_path or "-"
+    except ConfigurationError:
+        return "-"

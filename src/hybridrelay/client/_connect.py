@@ -11,10 +11,16 @@ tree:
   PROTOCOL.md 5.4);
 * refused / unreachable / reset / TLS failure / a proxy's refusal -> :class:`RelayConnectionError`;
 * no answer in time -> :class:`RelayTimeoutError`.
+
+Connect failures name the address and the cause in words
+(:mod:`hybridrelay.transport.connect_failure`). :meth:`WebSocketConnector.get` is the one plain
+HTTP request of the SDK (the runtime information, PROTOCOL.md 8.2), over the same TLS settings
+and proxy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ssl
 import urllib.request
@@ -26,10 +32,12 @@ from hybridrelay.client.tokens import (
     SharedAccessSignatureTokenProvider,
     TokenProvider,
 )
-from hybridrelay.exceptions import ConfigurationError, RelayConnectionError
+from hybridrelay.exceptions import ConfigurationError, ProtocolError, RelayConnectionError
 from hybridrelay.protocol.addressing import Endpoint, parse_endpoint
 from hybridrelay.protocol.connection_string import ConnectionString
+from hybridrelay.protocol.websocket import MAX_RESPONSE_HEAD, ResponseHead, parse_response_head
 from hybridrelay.transport import frames_ws
+from hybridrelay.transport.connect_failure import connect_failure
 from hybridrelay.transport.warm import WarmPool
 
 __all__ = [
@@ -48,6 +56,9 @@ CONTROL_MAX_MESSAGE = 4 * 64 * 1024
 #: Largest single message accepted on a rendezvous stream. We send at most 64 KiB per message;
 #: Node senders may send more (ws@6 allows 100 MiB), this bounds what one message can cost us.
 STREAM_MAX_MESSAGE = 16 * 1024 * 1024
+#: The most of an answer's body :meth:`WebSocketConnector.get` reads (a runtime information
+#: entry is well under 1 KiB).
+MAX_GET_BODY = 64 * 1024
 
 
 def env_proxy_for(url: str, proxies: Mapping[str, str]) -> str | None:
@@ -162,6 +173,72 @@ class WebSocketConnector:
             proxy=self._proxy_for(url),
             keepalive=keepalive,
         )
+
+    async def get(
+        self, url: str, *, headers: Mapping[str, str], request_timeout: float
+    ) -> tuple[ResponseHead, bytes]:
+        """``GET url`` (``http[s]://``, or the ``ws[s]://`` form of the same address) on a
+        connection of its own, within ``request_timeout`` seconds: the answer's head and at most
+        ``MAX_GET_BODY`` bytes of its body.
+
+        Raises:
+            RelayTimeoutError: no whole answer within ``request_timeout``.
+            RelayConnectionError: the connection failed (the address and the cause named), the
+                proxy refused the tunnel, or the answer is not HTTP.
+        """
+        if self._closed:
+            raise RelayConnectionError("the connection factory is closed")
+        parts = urlsplit(url)
+        secure = parts.scheme.lower() in ("https", "wss")
+        host = parts.hostname or ""
+        port = parts.port or (443 if secure else 80)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        proxy = self._proxy_for(url.replace("http", "ws", 1) if url.startswith("http") else url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        lines = [f"GET {target} HTTP/1.1", f"Host: {parts.netloc.rpartition('@')[2]}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        lines += ["Connection: close", "", ""]
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(request_timeout):
+                if proxy is None:
+                    reader, writer = await asyncio.open_connection(
+                        host,
+                        port,
+                        ssl=self._ssl if secure else None,
+                        server_hostname=host if secure else None,
+                        limit=MAX_RESPONSE_HEAD,
+                    )
+                else:
+                    reader, writer = await asyncio.open_connection(
+                        proxy.host, proxy.port, limit=MAX_RESPONSE_HEAD
+                    )
+                    writer.write(proxy.connect_request(host, port))
+                    tunnel = parse_response_head((await reader.readuntil(b"\r\n\r\n"))[:-4])
+                    if not 200 <= tunnel.status < 300:
+                        raise RelayConnectionError(
+                            f"the proxy refused the tunnel: {tunnel.status} {tunnel.reason}"
+                        )
+                    if secure:
+                        await writer.start_tls(self._ssl, server_hostname=host)
+                writer.write("\r\n".join(lines).encode("latin-1"))
+                head = parse_response_head((await reader.readuntil(b"\r\n\r\n"))[:-4])
+                length = head.headers.get("content-length", "")
+                if length.isdigit():
+                    body = await reader.readexactly(min(int(length), MAX_GET_BODY))
+                else:  # Connection: close: the body ends with the connection
+                    body = await reader.read(MAX_GET_BODY)
+        except (TimeoutError, OSError) as exc:  # ssl.SSLError is an OSError
+            via = f"{proxy.host}:{proxy.port}" if proxy is not None else None
+            raise connect_failure(address, exc, timeout=request_timeout, via=via) from exc
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ProtocolError) as exc:
+            raise RelayConnectionError(
+                f"cannot connect to {address}: not an HTTP answer ({type(exc).__name__})"
+            ) from exc
+        finally:
+            if writer is not None:
+                writer.transport.abort()
+        return head, body
 
     async def aclose(self) -> None:
         """No new connections; the warm ones are closed. Sockets already handed out keep

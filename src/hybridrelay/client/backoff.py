@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 
 from hybridrelay.exceptions import (
     AuthorizationError,
+    CertificateError,
     ConfigurationError,
     EndpointNotFoundError,
     QuotaExceededError,
@@ -28,6 +29,7 @@ __all__ = [
     "RetryKind",
     "capped_delay",
     "classify_error",
+    "needs_a_fix",
     "reconnect_delays",
 ]
 
@@ -76,7 +78,8 @@ class RetryKind(enum.Enum):
 
     #: transient (network, timeout, 5xx): follow the schedule
     BACKOFF = "backoff"
-    #: needs a change elsewhere (401/403/404, quota, token source): retry at the capped interval
+    #: needs a change elsewhere (401/403/404, quota, token source, a certificate not trusted):
+    #: retry at the capped interval
     CAPPED = "capped"
     #: retrying cannot help (bad configuration, closed by us): stop
     FATAL = "fatal"
@@ -88,7 +91,7 @@ def classify_error(exc: BaseException) -> RetryKind:
         return RetryKind.FATAL
     if isinstance(exc, AuthorizationError | EndpointNotFoundError | QuotaExceededError):
         return RetryKind.CAPPED
-    if isinstance(exc, TokenError):
+    if isinstance(exc, CertificateError | TokenError):
         return RetryKind.CAPPED
     if isinstance(exc, RelayError):
         return RetryKind.BACKOFF
@@ -96,3 +99,12 @@ def classify_error(exc: BaseException) -> RetryKind:
         # Something unexpected (a bug in a user's token provider, say): never a tight loop.
         return RetryKind.CAPPED
     return RetryKind.FATAL  # CancelledError, KeyboardInterrupt, SystemExit
+
+
+def needs_a_fix(exc: BaseException) -> bool:
+    """The relay refuses the credentials (401/403), does not know the hybrid connection (404),
+    or its certificate is not accepted: retrying cannot help until someone changes the key, the
+    rule, the name or the CA. At start a bridge or ``serve-app`` exits on these; once it has
+    been online it logs them at ERROR and keeps retrying at the capped interval (a rotated key
+    may be put back)."""
+    return isinstance(exc, AuthorizationError | EndpointNotFoundError | CertificateError)

@@ -34,7 +34,13 @@ from hybridrelay.client._connect import (
     parse_endpoint,
     resolve_connection_string,
 )
-from hybridrelay.client.backoff import RetryKind, capped_delay, classify_error, reconnect_delays
+from hybridrelay.client.backoff import (
+    RetryKind,
+    capped_delay,
+    classify_error,
+    needs_a_fix,
+    reconnect_delays,
+)
 from hybridrelay.client.http import HttpRequestDispatcher, RequestHandler
 from hybridrelay.client.stream import HybridConnectionStream
 from hybridrelay.client.tls import build_ssl_context
@@ -46,6 +52,7 @@ from hybridrelay.exceptions import (
     RelayError,
     RelayHttpError,
     StreamClosedError,
+    with_hint,
 )
 from hybridrelay.protocol.addressing import build_relay_url, reject_url, split_rendezvous_address
 from hybridrelay.protocol.messages import (
@@ -215,6 +222,8 @@ class HybridConnectionListener:
         self._keep_alive_interval = keep_alive_interval
         self._token_ttl = token_ttl
         self._id = listener_id or str(uuid.uuid4())
+        #: Names the listener in log lines: the hybrid connection, and the id's start.
+        self._name = f"listener {self._entity_path!r} [{self._id[:8]}]"
         self._max_pending = max_pending
         self._rng = random.Random()
 
@@ -288,7 +297,7 @@ class HybridConnectionListener:
             try:
                 callback(status, error)
             except Exception:
-                logger.exception("listener %s: status callback failed", self._id)
+                logger.exception("%s: status callback failed", self._name)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -354,7 +363,7 @@ class HybridConnectionListener:
             _, still_running = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
             if still_running:
                 logger.warning(
-                    "listener %s: %d task(s) did not stop in time", self._id, len(still_running)
+                    "%s: %d task(s) did not stop in time", self._name, len(still_running)
                 )
         streams = list(self._pending)
         self._pending.clear()
@@ -416,8 +425,8 @@ class HybridConnectionListener:
         if not task.cancelled() and task.exception() is not None:
             # Our tasks catch what they expect; anything else is a bug worth a traceback.
             logger.error(
-                "listener %s: task %s failed",
-                self._id,
+                "%s: task %s failed",
+                self._name,
                 task.get_name(),
                 exc_info=task.exception(),
             )
@@ -439,13 +448,16 @@ class HybridConnectionListener:
         )
         # The token travels in the header, never in the URL (URLs end up in proxy logs).
         headers = {"ServiceBusAuthorization": token} if token else {}
-        socket = await self._connector.connect(
-            url,
-            connect_timeout=CONNECT_TIMEOUT,
-            headers=headers,
-            keepalive=self._keep_alive_interval,
-            max_msg_size=CONTROL_MAX_MESSAGE,
-        )
+        try:
+            socket = await self._connector.connect(
+                url,
+                connect_timeout=CONNECT_TIMEOUT,
+                headers=headers,
+                keepalive=self._keep_alive_interval,
+                max_msg_size=CONTROL_MAX_MESSAGE,
+            )
+        except RelayHttpError as exc:
+            raise with_hint(exc, self._entity_path, "Listen") from exc
         self._token_expiry = token_expiry(token) if token else None
         return socket
 
@@ -457,37 +469,55 @@ class HybridConnectionListener:
                 socket = None
                 if self._closing:
                     return
-                logger.info("listener %s: control channel lost: %s", self._id, error)
+                logger.warning("%s: connection to the relay lost: %s", self._name, error)
                 self._set_status("offline", error)
-                socket = await self._reconnect()
+                socket = await self._reconnect(time.monotonic())
                 if socket is not None:
                     self._set_status("online")
         finally:
             if socket is not None:
                 socket.abort()
 
-    async def _reconnect(self) -> MessageSocket | None:
-        """Reconnect with backoff; None when closing or when retrying cannot help."""
+    async def _reconnect(self, lost_at: float) -> MessageSocket | None:
+        """Reconnect with backoff; None when closing or when retrying cannot help.
+
+        One line per transition: reconnecting (with the first delay), each new cause of
+        failure (INFO; ERROR for what needs a fix: a refused key, an unknown hybrid connection,
+        an untrusted certificate), back online. The same cause again is DEBUG, so a relay
+        that stays down for hours does not fill the log.
+        """
         delays = reconnect_delays(self._rng)
-        kind = RetryKind.BACKOFF
-        while not self._closing:
-            delay = next(delays) if kind is RetryKind.BACKOFF else capped_delay(self._rng)
-            if await self._wait_closing(delay):
-                return None
+        delay = next(delays)
+        logger.info("%s: reconnecting in %.1f s", self._name, delay)
+        last_cause: str | None = None
+        while not await self._wait_closing(delay):
             self._set_status("connecting")
             try:
                 socket = await self._connect_control()
             except Exception as exc:
                 kind = classify_error(exc)
-                logger.info("listener %s: reconnect failed: %s", self._id, exc)
                 self._set_status("offline", exc)
                 if kind is RetryKind.FATAL:
+                    logger.error("%s: giving up reconnecting: %s", self._name, exc)
                     self._stop_streams()
                     return None
+                delay = next(delays) if kind is RetryKind.BACKOFF else capped_delay(self._rng)
+                cause = _cause_key(exc)
+                if cause == last_cause:
+                    level = logging.DEBUG
+                elif needs_a_fix(exc):
+                    level = logging.ERROR
+                else:
+                    level = logging.INFO
+                logger.log(
+                    level, "%s: reconnect failed: %s; retrying in %.1f s", self._name, exc, delay
+                )
+                last_cause = cause
                 continue
             if self._closing:
                 socket.abort()
                 return None
+            logger.info("%s: back online after %.1f s", self._name, time.monotonic() - lost_at)
             return socket
         return None
 
@@ -527,7 +557,7 @@ class HybridConnectionListener:
         try:
             message = parse_message(text)
         except ProtocolError as exc:
-            logger.warning("listener %s: ignoring a malformed control message: %s", self._id, exc)
+            logger.warning("%s: ignoring a malformed control message: %s", self._name, exc)
             return
         if isinstance(message, Accept):
             self._on_accept(message)
@@ -549,7 +579,7 @@ class HybridConnectionListener:
             try:
                 token = await self._get_token()
             except RelayError as exc:
-                logger.warning("listener %s: token renewal failed: %s", self._id, exc)
+                logger.warning("%s: token renewal failed: %s", self._name, exc)
                 retry = True
                 continue
             retry = False
@@ -560,16 +590,16 @@ class HybridConnectionListener:
                 if expiry <= self._token_expiry:
                     # A fixed token (SharedAccessSignatureTokenProvider) cannot be renewed;
                     # the relay will drop the channel when it expires.
-                    logger.info("listener %s: no newer token to renew with", self._id)
+                    logger.info("%s: no newer token to renew with", self._name)
                     return
             try:
                 async with asyncio.timeout(SEND_TIMEOUT), self._send_lock:
                     await socket.send(encode_message(RenewToken(token)))
             except (TimeoutError, RelayError) as exc:
-                logger.info("listener %s: could not send renewToken: %s", self._id, exc)
+                logger.info("%s: could not send renewToken: %s", self._name, exc)
                 return  # the channel is going away; the reader reconnects
             self._token_expiry = expiry
-            logger.debug("listener %s: token renewed", self._id)
+            logger.debug("%s: token renewed", self._name)
 
     # -- accepting ---------------------------------------------------------------------------
 
@@ -588,7 +618,7 @@ class HybridConnectionListener:
 
     def _start_reject(self, accept: Accept, status: int, description: str) -> None:
         if self._rejects_in_flight >= MAX_REJECTS_IN_FLIGHT:
-            logger.warning("listener %s: overloaded, dropping connection %s", self._id, accept.id)
+            logger.warning("%s: overloaded, dropping connection %s", self._name, accept.id)
             return
         self._rejects_in_flight += 1
         self._spawn(self._reject_task(accept, status, description), "reject")
@@ -625,8 +655,8 @@ class HybridConnectionListener:
                     result = await result
         except Exception:
             logger.warning(
-                "listener %s: accept handler failed for connection %s",
-                self._id,
+                "%s: accept handler failed for connection %s",
+                self._name,
                 ctx.id,
                 exc_info=True,
             )
@@ -655,7 +685,7 @@ class HybridConnectionListener:
                 )
             except RelayError as exc:
                 logger.warning(
-                    "listener %s: rendezvous for connection %s failed: %s", self._id, ctx.id, exc
+                    "%s: rendezvous for connection %s failed: %s", self._name, ctx.id, exc
                 )
                 return
             stream = HybridConnectionStream(
@@ -681,19 +711,23 @@ class HybridConnectionListener:
         except RelayHttpError as exc:
             if exc.status != 410:  # 410 Gone is the relay's "rejection delivered"
                 logger.warning(
-                    "listener %s: rejecting connection %s: relay answered %s",
-                    self._id,
+                    "%s: rejecting connection %s: relay answered %s",
+                    self._name,
                     accept.id,
                     exc.status,
                 )
             return
         except RelayError as exc:
-            logger.warning(
-                "listener %s: rejecting connection %s failed: %s", self._id, accept.id, exc
-            )
+            logger.warning("%s: rejecting connection %s failed: %s", self._name, accept.id, exc)
             return
         # A 101 here means the relay took the rejection for an accept: do not leave it open.
-        logger.warning(
-            "listener %s: relay accepted connection %s that was rejected", self._id, accept.id
-        )
+        logger.warning("%s: relay accepted connection %s that was rejected", self._name, accept.id)
         await socket.aclose(1008, "rejected")
+
+
+def _cause_key(exc: BaseException) -> str:
+    """What makes two failures "the same cause": the status of a refusal (its reason phrase
+    carries a new TrackingId every time), else the message."""
+    if isinstance(exc, RelayHttpError):
+        return f"{type(exc).__name__} {exc.status}"
+    return f"{type(exc).__name__} {exc}"

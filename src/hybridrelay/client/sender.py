@@ -6,6 +6,7 @@ import ssl as ssl_module
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import quote
 
 from hybridrelay.client._connect import (
     STREAM_MAX_MESSAGE,
@@ -23,6 +24,9 @@ from hybridrelay.exceptions import (
     EndpointNotFoundError,
     QuotaExceededError,
     RelayHttpError,
+    http_error,
+    refusal_hint,
+    with_hint,
 )
 from hybridrelay.protocol.addressing import build_relay_url
 
@@ -30,6 +34,9 @@ __all__ = ["HybridConnectionClient"]
 
 #: Lifetime of the tokens a client asks for (the .NET default).
 TOKEN_TTL = 3600.0
+#: The runtime information's API version and marker header (PROTOCOL.md 8.2), as .NET sends.
+RUNTIME_INFO_API_VERSION = "2016-07"
+UNKNOWN_ENTITY = "The hybrid connection does not exist."
 
 # Headers the WebSocket handshake owns; an application header of that name would break it.
 _RESERVED_HEADERS = frozenset(
@@ -46,15 +53,19 @@ _RESERVED_HEADERS = frozenset(
 )
 
 
-def _as_rejection(exc: RelayHttpError) -> RelayHttpError:
+def _as_rejection(exc: RelayHttpError, entity: str) -> RelayHttpError:
     """Map a refused connect to the exception the SDK promises.
 
-    401/403/404/429 keep their relay meaning. Any other status is what the listener rejected
-    with (or the relay's own verdict on a sender no listener took: 502/504); it cannot be told
-    apart on the wire, so it is a :class:`ConnectionRejectedError` (a :class:`RelayHttpError`).
+    401/403/404/429 keep their relay meaning, with what to do about them
+    (:func:`~hybridrelay.exceptions.refusal_hint`; a 404 for want of a listener gets none: the
+    name is right). Any other status is what the listener rejected with (or the relay's own
+    verdict on a sender no listener took: 502/504); it cannot be told apart on the wire, so it
+    is a :class:`ConnectionRejectedError` (a :class:`RelayHttpError`).
     """
-    if isinstance(exc, AuthorizationError | EndpointNotFoundError | QuotaExceededError):
+    if isinstance(exc, EndpointNotFoundError) and "listener" in exc.description.lower():
         return exc
+    if isinstance(exc, AuthorizationError | EndpointNotFoundError | QuotaExceededError):
+        return with_hint(exc, entity, "Send")
     return ConnectionRejectedError(exc.status, exc.description)
 
 
@@ -168,8 +179,42 @@ class HybridConnectionClient:
                 max_msg_size=STREAM_MAX_MESSAGE,
             )
         except RelayHttpError as exc:
-            raise _as_rejection(exc) from exc
+            raise _as_rejection(exc, self._entity_path) from exc
         return HybridConnectionStream(socket, id=connection_id)
+
+    async def check_access(self) -> None:
+        """Ask the relay whether this client's token opens its hybrid connection, without
+        reaching a listener: the runtime information request (.NET's
+        ``GetRuntimeInformationAsync``, PROTOCOL.md 8.2). A bridge checks its ``-L`` forwards
+        so at start, instead of at its first client.
+
+        The relay checks the token's signature and scope and that the hybrid connection
+        exists; it takes *any* right, so a key without Send passes here and is refused at the
+        first connect (403). Without a token provider there is nothing to check. Bounded by
+        ``connect_timeout``.
+
+        Raises:
+            AuthorizationError: 401 (wrong key, or rotated) / 403 (a token for another entity).
+            EndpointNotFoundError: no such hybrid connection.
+            RelayConnectionError: (or RelayTimeoutError, CertificateError) the relay could not
+                be reached, the cause named; RelayHttpError: another status.
+        """
+        token = await self._get_token()
+        if token is None:
+            return
+        path = "/".join(quote(part, safe="") for part in self._entity_path.split("/"))
+        base = self._endpoint.base_url.replace("ws", "http", 1)
+        head, body = await self._connector.get(
+            f"{base}/{path}?api-version={RUNTIME_INFO_API_VERSION}",
+            headers={"Authorization": token, "X-PROCESS-AT": "ServiceBus"},
+            request_timeout=self._connect_timeout,
+        )
+        entity = self._entity_path
+        if head.status != 200:
+            error = http_error(head.status, head.reason)
+            raise with_hint(error, entity, "Send")
+        if b"<entry" not in body:  # an empty feed: the entity does not exist
+            raise EndpointNotFoundError(404, UNKNOWN_ENTITY, refusal_hint(404, entity, "Send"))
 
     async def aclose(self) -> None:
         """No new connections; the HTTP session goes once its streams are closed. Idempotent."""

@@ -53,7 +53,6 @@ from aiohttp._websocket.helpers import websocket_mask
 from hybridrelay.exceptions import (
     ProtocolError,
     RelayConnectionError,
-    RelayTimeoutError,
     http_error,
 )
 from hybridrelay.protocol.closing import CloseHandshake
@@ -75,6 +74,7 @@ from hybridrelay.protocol.websocket import (
     whole_server_frames,
 )
 from hybridrelay.transport.base import MessageKind, StreamSink, WsMessage
+from hybridrelay.transport.connect_failure import connect_failure
 from hybridrelay.transport.receive_buffer import receive_buffer
 from hybridrelay.transport.warm import WarmPool
 
@@ -216,14 +216,14 @@ async def connect(
     except BaseException as exc:
         if socket is not None:
             socket.abort()
-        if isinstance(exc, TimeoutError):
-            raise RelayTimeoutError(f"no WebSocket within {connect_timeout:g} s") from exc
-        if isinstance(exc, ssl.SSLError):
-            raise RelayConnectionError(f"TLS handshake failed: {type(exc).__name__}") from exc
-        if isinstance(exc, OSError):
-            raise RelayConnectionError(f"cannot connect: {type(exc).__name__}") from exc
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if isinstance(exc, TimeoutError | OSError):  # ssl.SSLError is an OSError
+            via = f"{proxy.host}:{proxy.port}" if proxy is not None else None
+            raise connect_failure(address, exc, timeout=connect_timeout, via=via) from exc
         if isinstance(exc, ProtocolError):
-            raise RelayConnectionError(f"WebSocket handshake failed: {exc}") from exc
+            raise RelayConnectionError(
+                f"cannot connect to {address}: WebSocket handshake failed: {exc}"
+            ) from exc
         raise
     if head.status != 101:
         socket.abort()
