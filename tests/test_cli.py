@@ -149,3 +149,24 @@ async def test_token_reads_the_environment_and_unknown_keys_get_a_suggestion(
     code, _, err = await run("serve", "--config", str(typo), env=env)
     assert code == 2
     assert "limits.rendezvous_timout (did you mean 'rendezvous_timeout'?)" in err, err
+
+
+async def test_the_banner_names_the_data_dir_it_was_given(tmp_path: Path) -> None:
+    """With --data-dir, the banner's connection-string command names it: plain
+    `hybridrelay connection-string` would read the default directory (another relay's)."""
+    data_dir = tmp_path / "elsewhere"
+    process = await asyncio.create_subprocess_exec(
+        *CLI, "serve", "--port", "0", "--management-port", "0", "--data-dir", str(data_dir),
+        stdout=asyncio.subprocess.PIPE, env=dict(os.environ),
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                line = (await process.stdout.readline()).decode()
+                assert line, "serve exited before its banner"
+                if line.startswith("Root connection string"):
+                    break
+        assert f"hybridrelay connection-string --data-dir {data_dir}`" in line
+    finally:
+        assert await stop(process) == 0

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -262,19 +263,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 print(
                     f"hybridrelay {__version__}: relay listening on {server.base_url}", flush=True
                 )
+                # The command that prints the connection string, naming the data directory
+                # when it was given on the command line (the default would be another relay's).
+                cs_command = "hybridrelay connection-string" + (
+                    f" --data-dir {shlex.quote(str(args.data_dir))}" if args.data_dir else ""
+                )
                 if server.management_url is not None:
                     print(
                         f"management (Azure management API, /metrics, /healthz, /dashboard) on "
-                        f"{server.management_url}; a Manage token: hybridrelay token -x "
-                        '"$(hybridrelay connection-string)"',
+                        f"{server.management_url}; a Manage token: "
+                        f'hybridrelay token -x "$({cs_command})"',
                         flush=True,
                     )
                 if embedded:
                     write_endpoints(data_dir, Endpoints(server.base_url, server.management_url))
                     print(
                         "Embedded default: plain ws:// on loopback; hybrid connections are "
-                        "created on first listen.\nRoot connection string: run `hybridrelay "
-                        f"connection-string` (the keys are kept in {config.store.path}).",
+                        f"created on first listen.\nRoot connection string: run `{cs_command}` "
+                        f"(the keys are kept in {config.store.path}).",
                         flush=True,
                     )
                 await stop.wait()
