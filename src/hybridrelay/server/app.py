@@ -55,7 +55,7 @@ from hybridrelay.server.control_channel import ListenEndpoint
 from hybridrelay.server.http_relay import HttpRelay
 from hybridrelay.server.ingress import RelayIngress
 from hybridrelay.server.legs import RelayedLegs
-from hybridrelay.server.malformed import HTTP_LOGGER
+from hybridrelay.server.malformed import http_server_logger
 from hybridrelay.server.observer import RelayObserver
 from hybridrelay.server.reload import describe_changes, restart_only, without_restart_only
 from hybridrelay.server.request import RelayRequest
@@ -313,7 +313,8 @@ class RelayServer:
             self._dispatch,
             gate=self.gate,
             request_factory=lambda *parts: RelayRequest(*parts, loop),
-            logger=HTTP_LOGGER,  # a malformed request: one short line, never its headers
+            # a malformed request: one short line, never its headers
+            logger=http_server_logger(self.observer.refusals),
             access_log=None,
             max_field_size=32768,
             keepalive_timeout=self.config.limits.idle_timeout,

@@ -2,11 +2,14 @@
 
 aiohttp logs a malformed request at ERROR with a traceback whose exception quotes the raw
 line it choked on, which can be a ``ServiceBusAuthorization`` header with its signature; a
-client sending garbage wrote about 11 lines per request. The relay's HTTP server logs to
-:data:`HTTP_LOGGER` instead, whose filter turns each parse error into one refusal line
-(``kind=malformed``, status 400, the parser's complaint without the bytes it quotes),
-rate-limited like every refusal (:class:`~hybridrelay.observability.access_log.RefusalLog`).
-Other records (a handler's unexpected exception) pass unchanged.
+client sending garbage wrote about 11 lines per request. Each relay gives its HTTP server its
+own logger (:func:`http_server_logger`), whose filter turns each parse error into one refusal
+line of that relay (``kind=malformed``, status 400, the parser's complaint without the bytes it
+quotes), rate-limited like its other refusals
+(:class:`~hybridrelay.observability.access_log.RefusalLog`). The rate limit belongs to the
+relay, not the process: two relays in one process (tests, an embedding application) do not
+spend each other's burst. Other records (a handler's unexpected exception) pass unchanged,
+under the name ``hybridrelay.server.http``.
 """
 
 from __future__ import annotations
@@ -17,10 +20,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from hybridrelay.observability.access_log import RefusalLog
 
-__all__ = ["HTTP_LOGGER", "short_reason"]
+__all__ = ["HTTP_LOGGER_NAME", "http_server_logger", "short_reason"]
 
-#: The logger given to the relay's aiohttp server (``web.Server(logger=...)``).
-HTTP_LOGGER = logging.getLogger("hybridrelay.server.http")
+HTTP_LOGGER_NAME = "hybridrelay.server.http"
 
 _MAX_REASON = 80
 
@@ -36,9 +38,9 @@ def short_reason(exc: HttpProcessingError) -> str:
 
 
 class _MalformedRequests(logging.Filter):
-    def __init__(self) -> None:
+    def __init__(self, refusals: RefusalLog) -> None:
         super().__init__()
-        self.refusals = RefusalLog()
+        self.refusals = refusals
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
@@ -49,5 +51,15 @@ class _MalformedRequests(logging.Filter):
         return False
 
 
-# Once per process: the logger is shared by every relay in it, and so is its rate limit.
-HTTP_LOGGER.addFilter(_MalformedRequests())
+def http_server_logger(refusals: RefusalLog) -> logging.Logger:
+    """The logger for one relay's aiohttp server (``web.Server(logger=...)``): parse errors
+    become refusal lines in ``refusals``; the rest propagates like a record of
+    ``hybridrelay.server.http``.
+
+    The logger is not registered with :mod:`logging` (a registered one would live as long as
+    the process, one per relay ever started); it hangs below ``hybridrelay.server``, so the
+    levels and handlers configured there apply to it."""
+    logger = logging.Logger(HTTP_LOGGER_NAME)
+    logger.parent = logging.getLogger("hybridrelay.server")
+    logger.addFilter(_MalformedRequests(refusals))
+    return logger
