@@ -26,7 +26,7 @@ from hybridrelay.server.http_relay import CONTROL_MAX_MESSAGE, HttpRelay
 from hybridrelay.server.ratelimit import FailureLimiter
 from hybridrelay.server.responses import error_response, tracking_id
 from hybridrelay.store.base import StoreError, StoreQuotaError
-from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket
+from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket, ServerWebSocket
 from hybridrelay.transport.base import CloseCode, MessageKind
 
 __all__ = ["ListenEndpoint", "upgrade"]
@@ -45,9 +45,10 @@ def upgrade(
 
     ``autoclose=False``: a close frame is reported, not answered, so half-close crosses the
     relay (docs/DECISIONS.md D2); ``compress=False``: no extension is ever negotiated
-    (PROTOCOL.md 5.6); pings only where ``heartbeat`` is given (control channels).
+    (PROTOCOL.md 5.6); pings only where ``heartbeat`` is given (control channels); an unmasked
+    client frame fails the connection with 1002 (RFC 6455 5.1, which aiohttp does not check).
     """
-    return web.WebSocketResponse(
+    return ServerWebSocket(
         protocols=(subprotocol,) if subprotocol else (),
         autoclose=False,
         autoping=True,

@@ -1,0 +1,147 @@
+"""Unmasked client frames (issue 17, finding 7): RFC 6455 5.1 says a server must fail the
+connection when a client frame arrives without the MASK bit, with close code 1002.
+
+The control channel is served by aiohttp, whose parser does not check the bit
+(``transport/aiohttp_ws.py``, :class:`ClientMaskCheck`); relayed connections go through the
+relay's own frame path (``transport/splice.py``), which does. Both are driven here by a raw
+WebSocket client on a plain socket, so the frames are exactly the ones written.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hybridrelay.transport.aiohttp_ws import ClientMaskCheck
+from tests.conftest import Relay, eventually
+from tests.server.test_relay_websocket import AUTH
+from tests.server.test_splice import OP_BINARY, OP_PING, OP_PONG, OP_TEXT, RawWebSocket, raw_pair
+from tests.wsframes import client_frame
+
+LISTEN = "/$hc/hc?sb-hc-action=listen"
+
+
+async def _listen(relay: Relay, early: bytes = b"") -> RawWebSocket:
+    return await RawWebSocket.open(relay, LISTEN, {AUTH: relay.token("hc")}, early)
+
+
+@pytest.mark.timeout(30)
+async def test_masked_frames_are_served_on_the_control_channel(relay: Relay) -> None:
+    """The check lets a well-behaved listener through: its ping is answered."""
+    control = await _listen(relay)
+    try:
+        await eventually(lambda: relay.server.broker.listener_count("hc") == 1)
+        control.send(OP_PING, b"masked")
+        assert await control.frame() == (True, OP_PONG, b"masked")
+        assert relay.server.broker.listener_count("hc") == 1
+    finally:
+        control.abort()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("opcode", [OP_TEXT, OP_PING])
+async def test_an_unmasked_frame_fails_the_control_channel_with_1002(
+    relay: Relay, opcode: int
+) -> None:
+    control = await _listen(relay)
+    try:
+        await eventually(lambda: relay.server.broker.listener_count("hc") == 1)
+        control.send(OP_PING, b"first, masked")
+        assert await control.frame() == (True, OP_PONG, b"first, masked")
+        control.send(opcode, b'{"renewToken":{"token":"x"}}', mask=False)
+        assert (await control.close_frame())[0] == 1002
+        assert await control.at_eof()
+        await eventually(lambda: relay.server.broker.listener_count("hc") == 0)
+    finally:
+        control.abort()
+
+
+@pytest.mark.timeout(30)
+async def test_an_unmasked_frame_right_behind_the_upgrade_request_is_refused(
+    relay: Relay,
+) -> None:
+    """Bytes sent in the same write as the upgrade reach aiohttp before its frame parser
+    exists (they wait in its request handler): they are checked too."""
+    control = await _listen(relay, early=client_frame(OP_PING, b"early", masked=False))
+    try:
+        assert (await control.close_frame())[0] == 1002
+        assert await control.at_eof()
+    finally:
+        control.abort()
+
+
+@pytest.mark.timeout(30)
+async def test_an_unmasked_frame_on_either_leg_of_a_relayed_connection_fails_it(
+    relay: Relay,
+) -> None:
+    """The rendezvous path (splice) refuses it from the listener's leg as from the sender's
+    (tests/server/test_splice.py covers the sender's): 1002 to the offender, 1011 to the
+    other leg."""
+    async with raw_pair(relay) as (sender, listener):
+        listener.send(OP_BINARY, b"not masked", mask=False)
+        assert (await listener.close_frame())[0] == 1002
+        assert (await sender.close_frame())[0] == 1011
+        assert await listener.at_eof()
+
+
+class _Parser:
+    """Stands in for aiohttp's parser: records what it is given."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self.data += data
+        return False, b""
+
+    def feed_eof(self) -> None:
+        pass
+
+
+_frames = st.lists(
+    st.tuples(
+        st.sampled_from([OP_TEXT, OP_BINARY, OP_PING]),
+        st.sampled_from([0, 1, 125, 126, 300, 65_535, 65_536, 70_000]),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    frames=_frames,
+    unmasked_at=st.one_of(st.none(), st.integers(0, 5)),
+    cuts=st.lists(st.integers(1, 80_000), max_size=8),
+)
+def test_mask_check_finds_the_first_unmasked_frame_at_any_read_boundary(
+    frames: list[tuple[int, int]], unmasked_at: int | None, cuts: list[int]
+) -> None:
+    """Whatever the reads' sizes (frame headers split anywhere, 7- 16- and 64-bit lengths):
+    every frame before the unmasked one reaches the parser unchanged, none after it, and the
+    failure is reported once."""
+    wire = bytearray()
+    bad_offset: int | None = None
+    for index, (opcode, size) in enumerate(frames):
+        masked = index != unmasked_at
+        if not masked and bad_offset is None:
+            bad_offset = len(wire)
+        wire += client_frame(opcode, b"\x5a" * size, masked=masked)
+    parser = _Parser()
+    failures: list[None] = []
+    check = ClientMaskCheck(parser, lambda: failures.append(None))  # type: ignore[arg-type]
+    stream = bytes(wire)
+    pos = 0
+    for cut in [*sorted(set(cuts)), len(stream)]:
+        if cut > pos:
+            check.feed_data(stream[pos:cut])
+            pos = cut
+    if bad_offset is None:
+        assert failures == []
+        assert parser.data == stream
+    else:
+        assert len(failures) == 1
+        # The unmasked frame's first byte may have gone through (its MASK bit is the second).
+        assert stream[:bad_offset] == parser.data[:bad_offset]
+        assert len(parser.data) <= bad_offset + 1
+        assert check.feed_data(b"more") == (True, b"")
