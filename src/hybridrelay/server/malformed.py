@@ -3,7 +3,7 @@
 aiohttp logs a malformed request at ERROR with a traceback whose exception quotes the raw
 line it choked on, which can be a ``ServiceBusAuthorization`` header with its signature; a
 client sending garbage wrote about 11 lines per request. Each relay gives its HTTP server its
-own logger (:func:`http_server_logger`), whose filter turns each parse error into one refusal
+own logger (:func:`http_server_logger`), which turns each parse error into one refusal
 line of that relay (``kind=malformed``, status 400, the parser's complaint without the bytes it
 quotes), rate-limited like its other refusals
 (:class:`~hybridrelay.observability.access_log.RefusalLog`). The rate limit belongs to the
@@ -15,6 +15,7 @@ under the name ``hybridrelay.server.http``.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -37,18 +38,31 @@ def short_reason(exc: HttpProcessingError) -> str:
     return (text or type(exc).__name__)[:_MAX_REASON]
 
 
-class _MalformedRequests(logging.Filter):
-    def __init__(self, refusals: RefusalLog) -> None:
-        super().__init__()
-        self.refusals = refusals
+class _HttpServerLogger(logging.Logger):
+    """aiohttp's server logs a parse error through ``exception()``, or through ``debug()`` when
+    it is the connection's first request and its method is not one (often TLS or other
+    non-HTTP bytes sent to a plain port). Both become one refusal line whatever this logger's
+    level: which line a malformed request gets must not depend on whether debugging is on."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
+    def __init__(self, refusals: RefusalLog) -> None:
+        super().__init__(HTTP_LOGGER_NAME)
+        self._refusals = refusals
+
+    def _refused(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        exc = kwargs.get("exc_info")
         if not isinstance(exc, HttpProcessingError):
-            return True
-        remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
-        self.refusals.refused("malformed", "", 400, short_reason(exc), str(remote or "") or None)
-        return False
+            return False
+        remote = args[0] if args else None
+        self._refusals.refused("malformed", "", 400, short_reason(exc), str(remote or "") or None)
+        return True
+
+    def debug(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        if not self._refused(args, kwargs):
+            super().debug(msg, *args, **kwargs)
+
+    def exception(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        if not self._refused(args, kwargs):
+            super().exception(msg, *args, **kwargs)
 
 
 def http_server_logger(refusals: RefusalLog) -> logging.Logger:
@@ -59,7 +73,6 @@ def http_server_logger(refusals: RefusalLog) -> logging.Logger:
     The logger is not registered with :mod:`logging` (a registered one would live as long as
     the process, one per relay ever started); it hangs below ``hybridrelay.server``, so the
     levels and handlers configured there apply to it."""
-    logger = logging.Logger(HTTP_LOGGER_NAME)
+    logger = _HttpServerLogger(refusals)
     logger.parent = logging.getLogger("hybridrelay.server")
-    logger.addFilter(_MalformedRequests(refusals))
     return logger
