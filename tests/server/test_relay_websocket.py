@@ -574,7 +574,10 @@ async def test_sender_host_header_cannot_redirect_the_rendezvous(relay: Relay) -
         address = str((await next_accept(control))["address"])
         assert address.startswith(relay.base_url + "/$hc/hc?"), address
         rendezvous = await s.ws_connect(address)
+        # Reading answers the sender's close, which would otherwise wait for its timeout.
+        answering = asyncio.create_task(rendezvous.receive())
         assert await sender_task == (101, "Switching Protocols")
+        await answering
         await rendezvous.close()
         await control.close()
     async with session() as s:  # the same holds for HTTP requests
