@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from hybridrelay.client import HybridConnectionClient
-from hybridrelay.exceptions import ConnectionRejectedError
+from hybridrelay.exceptions import RelayHttpError
 from tests.conftest import Relay
 
 CLI = [sys.executable, "-m", "hybridrelay", "serve-app"]
@@ -92,7 +92,11 @@ async def test_serve_app_through_the_relay_then_sigterm(relay: Relay) -> None:
     assert relay.connection_string().split("SharedAccessKey=")[1] not in err
 
 
-async def test_serve_app_rejects_websocket_senders(relay: Relay) -> None:
+async def test_serve_app_refuses_websocket_senders_the_app_does_not_accept(
+    relay: Relay,
+) -> None:
+    # The example app returns on a websocket scope without accepting it: 403 (ASGI's close
+    # before accept), before any 101.
     process = await asyncio.create_subprocess_exec(
         *CLI,
         "tests.serve_app_example:app",
@@ -116,7 +120,7 @@ async def test_serve_app_rejects_websocket_senders(relay: Relay) -> None:
         try:
             try:
                 await sender.create_connection()
-            except ConnectionRejectedError as exc:
+            except RelayHttpError as exc:  # 403: the SDK raises AuthorizationError
                 status = exc.status
             else:
                 raise AssertionError("a WebSocket sender was accepted")
@@ -126,7 +130,7 @@ async def test_serve_app_rejects_websocket_senders(relay: Relay) -> None:
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             await process.communicate()
-    assert status == 501
+    assert status == 403
     assert process.returncode == 0
 
 

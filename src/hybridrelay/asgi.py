@@ -25,7 +25,8 @@ sent at once (server-sent events reach the sender event by event), and the app's
 way is reported as ``http.disconnect`` at once (a response that went inline is too small to
 need it: ``http.disconnect`` then follows its end); what the app sends after it is dropped.
 Repeated ``Set-Cookie`` headers all arrive (PROTOCOL.md 6.4).
-WebSocket senders are rejected (501): this listener serves HTTP only.
+WebSocket senders (on ``/{entity}/...`` or the connect URL) reach the app as ASGI ``websocket``
+scopes with the same path rules (:mod:`hybridrelay.asgi_websocket`).
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 from urllib.parse import unquote
 
+from hybridrelay.asgi_websocket import AsgiWebSockets
 from hybridrelay.client import AcceptContext, HybridConnectionListener, RelayedHttpContext
 from hybridrelay.client.http import RequestHandler
 from hybridrelay.exceptions import ConfigurationError, RelayConnectionError, StreamClosedError
@@ -92,10 +94,34 @@ class AsgiRequestHandler:
         return self._root_path
 
     def scope_for(self, ctx: RelayedHttpContext) -> Scope:
-        raw_path = self._root_path + (target_suffix(ctx.path, self._entity) or "/")
-        client = ctx.remote_endpoint[0] if ctx.remote_endpoint else None
+        scope = self._scope(
+            target_suffix(ctx.path, self._entity), ctx.query, ctx.headers, ctx.remote_endpoint
+        )
+        scope.update(type="http", method=ctx.method.upper(), scheme=self._scheme)
+        return scope
+
+    def websocket_scope_for(self, ctx: AcceptContext) -> Scope:
+        """The ASGI ``websocket`` scope of a WebSocket sender (its path after the entity is the
+        route, as for HTTP), ``subprotocols`` from its ``Sec-WebSocket-Protocol``."""
+        scope = self._scope(ctx.path, ctx.query, ctx.connect_headers, ctx.remote_endpoint)
+        scope.update(
+            type="websocket",
+            scheme="wss" if self._scheme == "https" else "ws",
+            subprotocols=ctx.offered_subprotocols,
+        )
+        return scope
+
+    def _scope(
+        self,
+        suffix: str,
+        query: str,
+        sender_headers: Mapping[str, str],
+        remote: tuple[str, int] | None,
+    ) -> Scope:
+        raw_path = self._root_path + (suffix or "/")
+        client = remote[0] if remote else None
         relayed = forwarded_headers(
-            ((name, value) for name, value in ctx.headers.items() if name.lower() != "host"),
+            ((name, value) for name, value in sender_headers.items() if name.lower() != "host"),
             client=client,
             proto=self._scheme,
             host=self._host,
@@ -107,17 +133,14 @@ class AsgiRequestHandler:
             for name, value in relayed
         ]
         scope: Scope = {
-            "type": "http",
             "asgi": dict(_ASGI),
             "http_version": "1.1",
-            "method": ctx.method.upper(),
-            "scheme": self._scheme,
             "path": unquote(raw_path),
             "raw_path": raw_path.encode("latin-1", "replace"),
-            "query_string": ctx.query.encode("latin-1", "replace"),
+            "query_string": query.encode("latin-1", "replace"),
             "root_path": self._root_path,
             "headers": headers,
-            "client": ctx.remote_endpoint,
+            "client": remote,
             "server": None,
             "extensions": {},
         }
@@ -254,10 +277,6 @@ class _Lifespan:
                 await task
 
 
-def _http_only(ctx: AcceptContext) -> None:
-    ctx.reject(501, "This listener serves HTTP requests only")
-
-
 async def serve(
     app: ASGIApp,
     connection_string: str,
@@ -291,13 +310,16 @@ async def serve(
     """
     if lifespan not in ("auto", "on", "off"):
         raise ConfigurationError("lifespan must be 'auto', 'on' or 'off'")
-    listener_kwargs.setdefault("accept_handler", _http_only)
     relay = parse_endpoint(ConnectionString.parse(connection_string).endpoint)
+    # The app serves WebSocket senders unless the caller decides on them itself.
+    custom_accept = listener_kwargs.get("accept_handler")
+    websockets = AsgiWebSockets(app)
+    listener_kwargs.setdefault("accept_handler", websockets.accept)
     listener = HybridConnectionListener.from_connection_string(
         connection_string, entity_path, **listener_kwargs
     )
     async with _Lifespan(app, lifespan) as life:
-        handler: RequestHandler = AsgiRequestHandler(
+        asgi_handler = AsgiRequestHandler(
             app,
             entity_path=listener.entity_path,
             host=relay.host,
@@ -305,17 +327,23 @@ async def serve(
             root_path=root_path,
             state=life.state if life.supported else None,
         )
+        handler: RequestHandler = asgi_handler
         if access_log:
             handler = access_logged(handler, logging.getLogger("hybridrelay.access"))
         listener.request_handler = handler
-        async with listener:
-            logger.info("serving the ASGI application on %r", listener.entity_path)
-            if ready is not None:
-                ready.set()
-            # WebSocket senders are all rejected, so no stream is ever queued: this returns
-            # only when the listener stops for good (e.g. the hybrid connection was deleted).
-            while (stream := await listener.accept_connection()) is not None:
-                await stream.aclose()
+        websockets.scope_for = asgi_handler.websocket_scope_for
+        try:
+            async with listener:
+                logger.info("serving the ASGI application on %r", listener.entity_path)
+                if ready is not None:
+                    ready.set()
+                # This returns only when the listener stops for good (e.g. the hybrid
+                # connection was deleted).
+                while (stream := await listener.accept_connection()) is not None:
+                    if custom_accept is not None or not websockets.take(stream):
+                        await stream.aclose(1011, "no application is waiting for it")
+        finally:
+            await websockets.aclose()
     raise RelayConnectionError("the listener stopped: the relay refuses it for good")
 
 

@@ -346,7 +346,9 @@ async def test_upstream_down_is_502(relay: Relay) -> None:
     assert "via" in response.headers  # answered by the bridge, not the relay
 
 
-async def test_websocket_senders_are_rejected_with_501(relay: Relay) -> None:
+async def test_websocket_sender_refused_by_an_http_only_upstream_is_502(relay: Relay) -> None:
+    # The upstream answers the upgrade 200 (it does not speak WebSocket): the sender is
+    # refused before any 101, with the reason (websocket_forward.py).
     async with upstream_server() as up, running(http_config(relay, [f"hc:{up.url}"])):
         sender = HybridConnectionClient.from_connection_string(relay.connection_string("hc"))
         try:
@@ -354,8 +356,9 @@ async def test_websocket_senders_are_rejected_with_501(relay: Relay) -> None:
                 await sender.create_connection()
         finally:
             await sender.aclose()
-    assert caught.value.status == 501
-    assert up.seen == []
+    assert caught.value.status == 502
+    assert "upstream" in str(caught.value).lower()
+    assert [seen["headers"].get("Upgrade") for seen in up.seen] == ["websocket"]
 
 
 async def test_shutdown_drains_requests_in_flight(relay: Relay) -> None:

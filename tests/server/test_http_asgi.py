@@ -163,7 +163,8 @@ async def test_asgi_streaming_lifespan_and_errors(relay: Relay) -> None:
     assert app.lifespan == ["startup", "shutdown"]
 
 
-async def test_asgi_rejects_websocket_senders(relay: Relay) -> None:
+async def test_asgi_app_failing_on_a_websocket_scope_refuses_it_with_500(relay: Relay) -> None:
+    # App() asserts an http scope: the exception before websocket.accept is a 500 refusal.
     async with serving(relay, App()):
         async with aiohttp.ClientSession() as session:
             with pytest.raises(aiohttp.WSServerHandshakeError) as info:
@@ -171,7 +172,7 @@ async def test_asgi_rejects_websocket_senders(relay: Relay) -> None:
                     f"{relay.base_url}/$hc/hc?sb-hc-action=connect",
                     headers={AUTH: relay.token("hc")},
                 )
-    assert info.value.status == 501
+    assert info.value.status == 500
 
 
 async def test_asgi_app_without_lifespan(relay: Relay) -> None:

@@ -15,13 +15,15 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import (
+    HTMLResponse,
     JSONResponse,
     PlainTextResponse,
     RedirectResponse,
     Response,
     StreamingResponse,
 )
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 #: How long the app waits for the client's ack of an event, or for a stream's end.
 WAIT = 20.0
@@ -209,8 +211,106 @@ async def upload(request: Request) -> Response:
     return JSONResponse(files)
 
 
+#: Subprotocols the echo route speaks; it picks the first of the client's it knows.
+SUBPROTOCOLS = ("echo.v2", "echo.v1")
+_ws_closed: dict[str, tuple[int, str]] = {}
+
+
+async def ws_echo(websocket: WebSocket) -> None:
+    """Echoes text as text and bytes as bytes. ``close:CODE:REASON`` makes the app close with
+    that code and reason; the client's close code and reason are recorded under ``?id=``
+    (``/ws-closed``). ``whoami`` answers the scope's path, root_path, query and headers."""
+    offered = websocket.scope.get("subprotocols", [])
+    chosen = next((p for p in offered if p in SUBPROTOCOLS), None)
+    await websocket.accept(subprotocol=chosen)
+    key = websocket.query_params.get("id", "")
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            if key:
+                _ws_closed[key] = (message.get("code", 1005), message.get("reason") or "")
+                _end_event("ws " + key).set()
+            return
+        text, data = message.get("text"), message.get("bytes")
+        if text is not None and text.startswith("close:"):
+            _, code, reason = text.split(":", 2)
+            await websocket.close(int(code), reason)
+            return
+        if text == "whoami":
+            await websocket.send_json(
+                {
+                    "path": websocket.scope["path"],
+                    "root_path": websocket.scope.get("root_path", ""),
+                    "query": websocket.scope["query_string"].decode(),
+                    "subprotocol": chosen,
+                    "headers": dict(websocket.headers.items()),
+                }
+            )
+        elif text is not None:
+            await websocket.send_text(text)
+        elif data is not None:
+            await websocket.send_bytes(data)
+
+
+async def ws_closed(request: Request) -> Response:
+    """The close code and reason the echo route saw for ``?id=`` (waits for it)."""
+    key = request.query_params["id"]
+    try:
+        await asyncio.wait_for(_end_event("ws " + key).wait(), WAIT)
+    except TimeoutError:
+        return PlainTextResponse("still open", status_code=504)
+    code, reason = _ws_closed.pop(key)
+    return JSONResponse({"code": code, "reason": reason})
+
+
+async def ws_refuse(websocket: WebSocket) -> None:
+    """Closes before accepting: the sender is refused (403)."""
+    await websocket.close(code=4403)
+
+
+async def ws_ticks(websocket: WebSocket) -> None:
+    """Sends ``tick N`` every 50 ms until the client goes away (the browser page's)."""
+    await websocket.accept()
+    index = 0
+    try:
+        while True:
+            await websocket.send_text(f"tick {index}")
+            index += 1
+            await asyncio.sleep(0.05)
+    except (WebSocketDisconnect, OSError):
+        return
+
+
+PAGE = """<!doctype html>
+<html><head><title>live</title></head><body>
+<pre id="ws"></pre><pre id="sse"></pre>
+<script>
+const base = location.pathname.replace(/page$/, "");
+const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+const socket = new WebSocket(scheme + "//" + location.host + base + "ws", ["echo.v1"]);
+socket.onopen = () => socket.send("hello from the browser");
+socket.onmessage = (e) => { document.getElementById("ws").textContent += e.data + "\n"; };
+socket.onerror = () => { document.getElementById("ws").textContent += "error\n"; };
+const source = new EventSource(base + "forever?stream=" + crypto.randomUUID());
+source.onmessage = (e) => { document.getElementById("sse").textContent += e.data + "\n"; };
+window.protocolChosen = () => socket.protocol;
+</script></body></html>
+"""
+
+
+async def page(request: Request) -> Response:
+    """The browser test's page: a WebSocket (echo) and an EventSource to this same app, by
+    paths relative to where the page was loaded (through the relay)."""
+    return HTMLResponse(PAGE)
+
+
 app = Starlette(
     routes=[
+        WebSocketRoute("/ws", ws_echo),
+        WebSocketRoute("/ws-refuse", ws_refuse),
+        WebSocketRoute("/ws-ticks", ws_ticks),
+        Route("/ws-closed", ws_closed),
+        Route("/page", page),
         Route("/sse", sse),
         Route("/ack", ack),
         Route("/forever", forever),

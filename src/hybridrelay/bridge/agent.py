@@ -35,14 +35,14 @@ from typing import Any
 
 from hybridrelay.bridge.config import BridgeConfig, ConnectionSettings
 from hybridrelay.bridge.edge import Edge, EdgeListener, ListenerFactory
-from hybridrelay.bridge.http_forward import HttpForwarder, HttpListenerFactory, reject_websocket
+from hybridrelay.bridge.http_forward import HttpForwarder, HttpListenerFactory
 from hybridrelay.bridge.ingress import Connect, StreamIngress
 from hybridrelay.bridge.listening import RetryLog, wait_or_stop
 from hybridrelay.bridge.pipe import RelayStream
 from hybridrelay.bridge.specs import Protocol
 from hybridrelay.bridge.udp import UdpIngress
 from hybridrelay.client import (
-    AcceptContext,
+    AcceptHandler,
     HybridConnectionClient,
     HybridConnectionListener,
     RequestHandler,
@@ -64,7 +64,6 @@ from hybridrelay.observability.bridge_metrics import (
     ForwardKind,
     ForwardMetrics,
     ListenerMetrics,
-    Outcome,
 )
 from hybridrelay.observability.endpoint import MetricsServer
 
@@ -403,12 +402,8 @@ def _http_listener_factory(
     status: ListenerMetrics,
     series: ForwardMetrics,
 ) -> HttpListenerFactory:
-    def reject(ctx: AcceptContext) -> None:
-        series.outcome(Outcome.REFUSED_WEBSOCKET)
-        reject_websocket(ctx)
-
-    def make(handler: RequestHandler) -> EdgeListener:
-        listener = _listener(config, hc, provider, accept_handler=reject, request_handler=handler)
+    def make(handler: RequestHandler, accept: AcceptHandler) -> EdgeListener:
+        listener = _listener(config, hc, provider, accept_handler=accept, request_handler=handler)
         listener.on_status(status.status)
         return listener
 

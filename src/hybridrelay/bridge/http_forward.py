@@ -17,7 +17,9 @@ Bodies pass as they are (no decompression) and stream both ways, any size: the s
 goes to the upstream as it arrives (chunked), the upstream's comes back as it is read (each
 read sent at once unless the upstream announced a small ``Content-Length``, so server-sent
 events arrive one by one). When the sender goes away mid-response the upstream request is
-closed at once. WebSocket senders on that hybrid connection are rejected with 501.
+closed at once. WebSocket senders on that hybrid connection (through the relay's HTTP
+endpoint or the connect URL) are carried to the upstream as WebSockets on the same path
+(``websocket_forward.py``).
 
 Like an edge (``-R``): the listener reconnects by itself (SDK); if it cannot be opened at all,
 or closes for good, a new one is opened on the SDK's backoff schedule; the forward counts as
@@ -42,7 +44,8 @@ from hybridrelay.bridge.config import BridgeConfig, HttpForward
 from hybridrelay.bridge.listening import EdgeListener, keep_listening
 from hybridrelay.bridge.pipe import RelayStream, close_stream
 from hybridrelay.bridge.specs import validate_http_target
-from hybridrelay.client import AcceptContext, RelayedHttpContext, RequestHandler
+from hybridrelay.bridge.websocket_forward import WebSocketForwarder
+from hybridrelay.client import AcceptContext, AcceptHandler, RelayedHttpContext, RequestHandler
 from hybridrelay.client.backoff import RECONNECT_DELAYS
 from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.observability.bridge_metrics import ForwardMetrics, Outcome
@@ -61,7 +64,6 @@ __all__ = [
     "HttpListenerFactory",
     "HttpReverseProxy",
     "ProxyAnswer",
-    "reject_websocket",
 ]
 
 logger = logging.getLogger("hybridrelay.bridge")
@@ -81,9 +83,9 @@ _REQUEST_DROPPED = _PROXY_AUTH
 _LOCATIONS = frozenset({"location", "content-location"})
 _KEEP_LENGTH = frozenset({"content-length"})
 
-#: Builds a listener whose relayed HTTP requests go to the given handler (and whose WebSocket
-#: senders are rejected with 501).
-HttpListenerFactory = Callable[[RequestHandler], EdgeListener]
+#: Builds a listener whose relayed HTTP requests go to the given handler and whose WebSocket
+#: senders the given accept handler decides on.
+HttpListenerFactory = Callable[[RequestHandler, AcceptHandler], EdgeListener]
 
 
 def _as_sent(url: str) -> URL:
@@ -161,15 +163,24 @@ class HttpReverseProxy:
         return self._session
 
     def upstream_url(self, ctx: RelayedHttpContext) -> str:
-        suffix = target_suffix(ctx.path, self._entity)
+        return self.upstream_url_for(target_suffix(ctx.path, self._entity), ctx.query)
+
+    def upstream_url_for(self, suffix: str, query: str) -> str:
+        """The upstream URL of a sender's path after the entity and its query (raw)."""
         url = self._target + suffix
         if not suffix and not urlsplit(self._target).path:
             url += "/"
-        return url + (f"?{ctx.query}" if ctx.query else "")
+        return url + (f"?{query}" if query else "")
 
     def upstream_headers(self, ctx: RelayedHttpContext) -> list[tuple[str, str]]:
-        headers = without_hop_by_hop(ctx.headers.items(), also=_REQUEST_DROPPED)
         client = ctx.remote_endpoint[0] if ctx.remote_endpoint else None
+        return self.upstream_headers_for(list(ctx.headers.items()), client)
+
+    def upstream_headers_for(
+        self, sender_headers: Sequence[tuple[str, str]], client: str | None
+    ) -> list[tuple[str, str]]:
+        """A sender's headers as the upstream gets them (see the module)."""
+        headers = without_hop_by_hop(sender_headers, also=_REQUEST_DROPPED)
         headers = forwarded_headers(
             headers, client=client, proto=self._proto, host=self._relay_host, prefix=self._prefix
         )
@@ -293,15 +304,21 @@ class HttpReverseProxy:
         await _answer(ctx, status, text)
         return status
 
+    def websockets(self, *, limit: int) -> WebSocketForwarder:
+        """The forwarder of this upstream's WebSocket senders (same URLs, headers, session)."""
+        return WebSocketForwarder(
+            url_for=self.upstream_url_for,
+            headers_for=self.upstream_headers_for,
+            session=self._get_session,
+            ssl=self._ssl,
+            connect_timeout=self._connect_timeout,
+            limit=limit,
+        )
+
     async def aclose(self) -> None:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
-
-
-def reject_websocket(ctx: AcceptContext) -> None:
-    """Accept handler of an HTTP-only listener: WebSocket senders get 501."""
-    ctx.reject(501, "This hybrid connection forwards HTTP requests only")
 
 
 class HttpForwarder:
@@ -338,6 +355,7 @@ class HttpForwarder:
         if config.access_log:
             handler = access_logged(handler, logging.getLogger("hybridrelay.access"))
         self._handler = handler
+        self._websockets = self._proxy.websockets(limit=self._limit)
         self._stop = asyncio.Event()
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -360,8 +378,8 @@ class HttpForwarder:
             logger.info("%s: forwarding HTTP requests to %s", self._name, self._proxy.target)
 
         async def on_stream(stream: RelayStream) -> None:
-            # Not expected: the accept handler rejects every WebSocket sender.
-            await close_stream(stream, 1008, "HTTP requests only")
+            if not self._websockets.take(stream):  # its upstream gave up waiting for it
+                await close_stream(stream, 1011, "the upstream is gone")
 
         async def drain() -> None:
             # Still registered, but answering 503, until the drain is done.
@@ -370,7 +388,7 @@ class HttpForwarder:
         try:
             await keep_listening(
                 self._name,
-                lambda: self._factory(self._handler),
+                lambda: self._factory(self._handler, self._accept_websocket),
                 stop=stop,
                 started=started,
                 online=online,
@@ -379,7 +397,22 @@ class HttpForwarder:
                 schedule=self._schedule,
             )
         finally:
+            await self._websockets.aclose()
             await self._proxy.aclose()
+
+    async def _accept_websocket(self, ctx: AcceptContext) -> None:
+        """The listener's accept handler: a WebSocket sender, to the upstream (or refused)."""
+        if self._stop.is_set():
+            self._metrics.outcome(Outcome.REFUSED_DRAINING)
+            ctx.reject(503, "Service Unavailable: the bridge is shutting down")
+            return
+        await self._websockets.accept(ctx)
+        if ctx.rejection is None:
+            self._metrics.outcome(Outcome.ACCEPTED)
+        elif ctx.rejection[0] == 503:
+            self._metrics.outcome(Outcome.REFUSED_CAPACITY)
+        elif ctx.rejection[0] >= 500:
+            self._metrics.outcome(Outcome.DESTINATION_UNREACHABLE)
 
     async def _drain(self, grace: float) -> None:
         if self._in_flight:

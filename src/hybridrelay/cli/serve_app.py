@@ -131,9 +131,9 @@ def add_serve_app_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``hybridrelay serve-app`` (from :class:`ServeAppConfig`)."""
     parser.description = (
         "Serve an ASGI application (FastAPI, Starlette, Quart, ...) through a hybrid "
-        "connection: HTTP requests sent to the relay at /{hybrid connection}/... reach the "
-        "app, and no inbound port is opened on this machine. WebSocket senders are "
-        "rejected (501)."
+        "connection: HTTP requests and WebSockets sent to the relay at /{hybrid "
+        "connection}/... reach the app (as ASGI http and websocket scopes), and no inbound "
+        "port is opened on this machine."
     )
     parser.epilog = (
         'example: hybridrelay serve-app myproject.main:app -x "$CS" -e api  '

@@ -6,6 +6,7 @@ Endpoints (PROTOCOL.md section 2):
 * ``GET /$hc/{path}[/suffix]?...sb-hc-action=connect`` — sender WebSocket (E2)
 * ``GET {accept address}``                 — listener's rendezvous (E3) or reject (E4)
 * ``{METHOD} /{path}[/suffix]``            — HTTP request relaying (E6), ``http_relay.py``
+* ``GET /{path}[/suffix]``, ``Upgrade: websocket`` — sender WebSocket (6.7), ``http_upgrade.py``
 * ``GET /{path}?api-version=...``          — runtime information (E7), ``runtime_info.py``
 
 :class:`RelayServer` owns the process's life (start, the ordered shutdown, the configuration
@@ -53,6 +54,7 @@ from hybridrelay.server.connection_gate import (
 from hybridrelay.server.context import RelayContext
 from hybridrelay.server.control_channel import ListenEndpoint
 from hybridrelay.server.http_relay import HttpRelay
+from hybridrelay.server.http_upgrade import HttpUpgrade, is_websocket_upgrade
 from hybridrelay.server.ingress import RelayIngress
 from hybridrelay.server.legs import RelayedLegs
 from hybridrelay.server.malformed import http_server_logger
@@ -156,6 +158,7 @@ class RelayServer:
         )
         self.http = HttpRelay(self._context)
         self.websocket = WebSocketRelay(self._context)
+        self.upgrades = HttpUpgrade(self._context, self.websocket)
         self._listen = ListenEndpoint(self._context, http=self.http, public_base=self.public_base)
         #: Caps on connections and the first request head, before aiohttp (and the ingress
         #: ports, caps only): what a client without a token can cost the relay is bounded.
@@ -593,6 +596,8 @@ class RelayServer:
                 )
             if self._draining:
                 return error_response(503, "The relay is shutting down.")
+            if is_websocket_upgrade(request):
+                return await self.upgrades.handle(request, raw_path, raw_query)
             return await self.http.handle_sender_request(request, raw_path, raw_query)
         params = protocol_params(raw_query)
         action = params.get("sb-hc-action")

@@ -56,11 +56,18 @@ class WebSocketRelay:
         suffix: str,
         raw_query: str,
         params: dict[str, str],
+        *,
+        token: str | None = None,
+        connect_headers: dict[str, str] | None = None,
     ) -> web.StreamResponse:
+        """A sender's upgrade. ``token`` and ``connect_headers`` are given by an upgrade on the
+        HTTP endpoint (``http_upgrade.py``: its token may be a cookie, its headers are stripped
+        of it); else they come from the request."""
         started = time.monotonic()
         observer = self._relay.observer
         if entity.requires_client_authorization:
-            token = request_token(request.headers, params)
+            if token is None:
+                token = request_token(request.headers, params)
             decision = self._relay.access.authorize(
                 token, entity, Rights.SEND, suffix=suffix, host=request.host
             )
@@ -74,9 +81,13 @@ class WebSocketRelay:
         except HandshakeError as exc:
             return error_response(exc.status, str(exc))
         peer = request.transport.get_extra_info("peername") if request.transport else None
+        if connect_headers is None:
+            connect_headers = {
+                k: v for k, v in request.headers.items() if k.lower() not in _PRIVATE_HEADERS
+            }
         connection = Connection(
             params.get("sb-hc-id") or tracking_id(),
-            {k: v for k, v in request.headers.items() if k.lower() not in _PRIVATE_HEADERS},
+            connect_headers,
             remote=remote_endpoint(peer),
             suffix=suffix,
             raw_query=raw_query,
@@ -122,6 +133,7 @@ class WebSocketRelay:
             max_message_size=self._relay.config.limits.max_message_size,
             name=f"{pending.id} on {entity.name!r} (sender)",
             on_lost=self._relay.legs.lost,
+            keep_alive=self._relay.config.limits.keep_alive_interval,
         )
         if sender is None:
             return response  # leaving the broker's offer closes the listener's leg
@@ -176,6 +188,7 @@ class WebSocketRelay:
             name=f"{pending.id} on {pending.entity!r} (listener)",
             on_lost=self._relay.legs.lost,
             response_headers=headers,
+            keep_alive=self._relay.config.limits.keep_alive_interval,
         )
         if listener is None:
             if not pending.outcome.done():

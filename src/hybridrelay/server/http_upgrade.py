@@ -1,0 +1,74 @@
+"""WebSocket upgrades sent to the HTTP endpoint ``/{hc}/{path}`` (PROTOCOL.md 6.7): what a
+browser's ``new WebSocket("wss://relay/hc/path")`` does.
+
+Such an upgrade is authorized like a relayed HTTP request to that entity (Send right; the token
+from the ``sb-hc-token`` query parameter, the ``ServiceBusAuthorization`` header, the
+``Authorization`` header, or the ``sb-hc-token`` cookie, :mod:`hybridrelay.protocol.cookies`;
+none when the hybrid connection does not require client authorization), and then handed to a
+listener exactly as a Hybrid Connections WebSocket sender (``websocket_relay.py``): an
+``accept`` with a rendezvous address carrying the path after the entity and the query minus the
+``sb-hc-*`` parameters, the request's headers as ``connectHeaders``, and the two WebSockets
+spliced frame by frame (DECISIONS D9). The credential that was used never reaches the listener.
+
+Nothing here logs a token.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from hybridrelay.protocol.addressing import protocol_params, resolve_entity
+from hybridrelay.protocol.cookies import TOKEN_COOKIE, cookie_value, without_cookie
+from hybridrelay.server.access import AUTH_HEADER, sender_token
+from hybridrelay.server.context import RelayContext
+from hybridrelay.server.responses import error_response
+from hybridrelay.server.websocket_relay import WebSocketRelay
+
+__all__ = ["HttpUpgrade", "is_websocket_upgrade"]
+
+
+def is_websocket_upgrade(request: web.BaseRequest) -> bool:
+    """The request asks for a WebSocket (``Upgrade: websocket``, any case)."""
+    return request.headers.get("Upgrade", "").strip().lower() == "websocket"
+
+
+class HttpUpgrade:
+    """Routes ``app.py`` sends here: a WebSocket upgrade on ``/{hc}/{path}``."""
+
+    def __init__(self, relay: RelayContext, websocket: WebSocketRelay) -> None:
+        self._relay = relay
+        self._websocket = websocket
+
+    async def handle(
+        self, request: web.BaseRequest, raw_path: str, raw_query: str
+    ) -> web.StreamResponse:
+        try:
+            path = unquote(raw_path.lstrip("/"), errors="strict")
+        except UnicodeDecodeError:
+            return error_response(404, "Malformed path.")
+        resolved = resolve_entity(path, self._relay.store.get)
+        if resolved is None:
+            return error_response(404, "The hybrid connection does not exist.")
+        entity, suffix = resolved
+        params = protocol_params(raw_query)
+        token, used_authorization = sender_token(request.headers, params, entity)
+        cookies = request.headers.get("Cookie")
+        if token is None and entity.requires_client_authorization:
+            token = cookie_value(cookies, TOKEN_COOKIE)
+        headers: dict[str, str] = {}
+        for name, value in request.headers.items():
+            key = name.lower()
+            if key == AUTH_HEADER.lower() or (used_authorization and key == "authorization"):
+                continue
+            if key == "cookie":
+                # The relay's cookie is removed whether or not it was the credential used:
+                # it is meant for the relay only.
+                value = without_cookie(value, TOKEN_COOKIE)
+                if not value:
+                    continue
+            headers[name] = value
+        return await self._websocket.handle_connect(
+            request, entity, suffix, raw_query, params, token=token, connect_headers=headers
+        )
