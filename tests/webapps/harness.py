@@ -165,7 +165,10 @@ class RelayProcess:
 
 
 @contextlib.asynccontextmanager
-async def relay_process(tmp_path: Path, tls: TlsFiles | None) -> AsyncIterator[RelayProcess]:
+async def relay_process(
+    tmp_path: Path, tls: TlsFiles | None, *, anonymous: bool = False
+) -> AsyncIterator[RelayProcess]:
+    """The relay; ``anonymous``: its hybrid connection does not require client authorization."""
     server: dict[str, Any] = {"host": "127.0.0.1", "port": 0}
     if tls is not None:
         server["tls"] = {"cert": tls.cert_file, "key": tls.key_file}
@@ -177,7 +180,9 @@ async def relay_process(tmp_path: Path, tls: TlsFiles | None) -> AsyncIterator[R
             "authorization_rules": [
                 {"name": ROOT_KEY_NAME, "primary_key": ROOT_KEY, "rights": ["Listen", "Send"]}
             ],
-            "hybrid_connections": [{"name": ENTITY}],
+            "hybrid_connections": [
+                {"name": ENTITY, "requires_client_authorization": not anonymous}
+            ],
         },
     }
     path = tmp_path / "relay.yaml"

@@ -47,10 +47,15 @@ RSS_GROWTH_LIMIT_KIB = 24 * 1024
 
 @contextlib.asynccontextmanager
 async def web_app(
-    tmp_path: Path, topology: str, tls: TlsFiles | None = None, *extra: str
+    tmp_path: Path,
+    topology: str,
+    tls: TlsFiles | None = None,
+    *extra: str,
+    anonymous: bool = False,
 ) -> AsyncIterator[tuple[RelayProcess, Process, httpx.AsyncClient]]:
-    """The relay, the app behind it and a client: (relay, the listener's process, client)."""
-    async with relay_process(tmp_path, tls) as relay:
+    """The relay, the app behind it and a client: (relay, the listener's process, client);
+    ``anonymous``: the hybrid connection requires no client authorization."""
+    async with relay_process(tmp_path, tls, anonymous=anonymous) as relay:
         async with contextlib.AsyncExitStack() as stack:
             if topology == "serve-app":
                 listener = await stack.enter_async_context(serve_app(relay, *extra))

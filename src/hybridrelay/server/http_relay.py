@@ -81,6 +81,7 @@ from hybridrelay.server.broker import Pending, remote_endpoint
 from hybridrelay.server.channel import ControlChannel
 from hybridrelay.server.config import HybridConnectionConfig, LimitsConfig
 from hybridrelay.server.context import RelayContext
+from hybridrelay.server.http_upgrade import cookie_token, strip_token_cookie
 from hybridrelay.server.request import connection_gone
 from hybridrelay.server.responses import error_response, reason_phrase
 from hybridrelay.transport.base import CloseCode, MessageKind
@@ -250,6 +251,8 @@ class HttpRelay:
     ) -> web.StreamResponse:
         params = protocol_params(raw_query)
         token, strip_authorization = sender_token(request.headers, params, entity)
+        if token is None and entity.requires_client_authorization:
+            token = cookie_token(request.headers)  # a browser's (PROTOCOL.md 6.7)
         if entity.requires_client_authorization:
             decision = self._relay.access.authorize(
                 token, entity, Rights.SEND, suffix=suffix, host=request.host
@@ -258,6 +261,7 @@ class HttpRelay:
                 return error_response(decision.status, decision.reason)
 
         headers = forwarded_request_headers(request.headers.items(), strip_authorization)
+        strip_token_cookie(request.headers, headers)
         target = raw_path + ("?" + filtered if (filtered := filter_query(raw_query)) else "")
         peer = request.transport.get_extra_info("peername") if request.transport else None
         remote = remote_endpoint(peer)

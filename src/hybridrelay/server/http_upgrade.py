@@ -15,6 +15,7 @@ Nothing here logs a token.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -26,12 +27,37 @@ from hybridrelay.server.context import RelayContext
 from hybridrelay.server.responses import error_response
 from hybridrelay.server.websocket_relay import WebSocketRelay
 
-__all__ = ["HttpUpgrade", "is_websocket_upgrade"]
+__all__ = ["HttpUpgrade", "cookie_token", "is_websocket_upgrade", "strip_token_cookie"]
 
 
 def is_websocket_upgrade(request: web.BaseRequest) -> bool:
     """The request asks for a WebSocket (``Upgrade: websocket``, any case)."""
     return request.headers.get("Upgrade", "").strip().lower() == "websocket"
+
+
+def cookie_token(headers: Mapping[str, str]) -> str | None:
+    """The token of the ``sb-hc-token`` cookie, if the request has one: the last credential a
+    sender to ``/{hc}/{path}`` may use (a browser's ``WebSocket`` or ``EventSource`` cannot
+    set headers), after the query parameter and the two headers."""
+    cookies = headers.get("Cookie")
+    if not cookies or TOKEN_COOKIE not in cookies:
+        return None
+    return cookie_value(cookies, TOKEN_COOKIE)
+
+
+def strip_token_cookie(sent: Mapping[str, str], forwarded: dict[str, str]) -> None:
+    """Remove the ``sb-hc-token`` cookie from ``forwarded`` (the headers a listener gets; a
+    ``Cookie`` header left empty goes), whether or not it was the credential used: it is meant
+    for the relay only. ``sent`` (the request's own, case-insensitive) makes the usual case,
+    no such cookie, one lookup."""
+    if TOKEN_COOKIE not in sent.get("Cookie", ""):
+        return
+    for name in [name for name in forwarded if name.lower() == "cookie"]:
+        value = without_cookie(forwarded[name], TOKEN_COOKIE)
+        if value:
+            forwarded[name] = value
+        else:
+            del forwarded[name]
 
 
 class HttpUpgrade:
@@ -54,21 +80,13 @@ class HttpUpgrade:
         entity, suffix = resolved
         params = protocol_params(raw_query)
         token, used_authorization = sender_token(request.headers, params, entity)
-        cookies = request.headers.get("Cookie")
         if token is None and entity.requires_client_authorization:
-            token = cookie_value(cookies, TOKEN_COOKIE)
-        headers: dict[str, str] = {}
-        for name, value in request.headers.items():
-            key = name.lower()
-            if key == AUTH_HEADER.lower() or (used_authorization and key == "authorization"):
-                continue
-            if key == "cookie":
-                # The relay's cookie is removed whether or not it was the credential used:
-                # it is meant for the relay only.
-                value = without_cookie(value, TOKEN_COOKIE)
-                if not value:
-                    continue
-            headers[name] = value
+            token = cookie_token(request.headers)
+        drop = (
+            {AUTH_HEADER.lower(), "authorization"} if used_authorization else {AUTH_HEADER.lower()}
+        )
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in drop}
+        strip_token_cookie(request.headers, headers)
         return await self._websocket.handle_connect(
             request, entity, suffix, raw_query, params, token=token, connect_headers=headers
         )

@@ -1,0 +1,201 @@
+"""WebSockets through HTTP relaying (issue 14): the Starlette app's WebSocket routes behind
+``hybridrelay serve-app`` and behind ``bridge -H`` -> uvicorn, called with the ``websockets``
+library through the relay's HTTP endpoint (``/{hc}/ws``, what a browser does) and through the
+Hybrid Connections connect URL (``/$hc/{hc}/ws?sb-hc-action=connect``).
+
+Covered: text and binary messages with their type, close code and reason both ways, the
+subprotocol the app picks, the path/query/headers the app sees (no relay credential), the
+app's refusal (403) before any 101; the credentials a sender may use (header, query, cookie,
+none for an anonymous hybrid connection) and 401 for a missing or bad one; plain and TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from hybridrelay.auth.sas import create_token
+from tests.conftest import ROOT_KEY_NAME, TlsFiles
+from tests.webapps.harness import (
+    AUTH,
+    ENTITY,
+    RelayProcess,
+    bridge_h,
+    relay_process,
+    uvicorn_server,
+)
+from tests.webapps.test_webapps import TOPOLOGIES, web_app
+
+#: Every network step of a test client.
+WAIT = 15.0
+ENDPOINTS = ["http", "connect"]
+
+
+def ws_url(relay: RelayProcess, route: str, endpoint: str, query: str = "") -> str:
+    """``route`` of the app through the relay's HTTP endpoint or the HC connect URL."""
+    if endpoint == "connect":
+        extra = f"&{query}" if query else ""
+        return f"{relay.base_url}/$hc/{ENTITY}{route}?sb-hc-action=connect{extra}"
+    return f"{relay.base_url}/{ENTITY}{route}" + (f"?{query}" if query else "")
+
+
+async def receive(ws: ClientConnection) -> str | bytes:
+    """The next message, bounded (``recv``'s own argument is ``decode``, not a timeout)."""
+    async with asyncio.timeout(WAIT):
+        return await ws.recv()
+
+
+def client_ssl(relay: RelayProcess) -> ssl.SSLContext | None:
+    return ssl.create_default_context(cafile=relay.ca_file) if relay.ca_file else None
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    relay: RelayProcess,
+    url: str,
+    headers: dict[str, str] | None = None,
+    subprotocols: list[str] | None = None,
+) -> AsyncIterator[ClientConnection]:
+    async with websockets.connect(
+        url,
+        additional_headers=headers or {},
+        subprotocols=subprotocols,  # type: ignore[arg-type]
+        ssl=client_ssl(relay),
+        open_timeout=WAIT,
+        close_timeout=WAIT,
+    ) as ws:
+        yield ws
+
+
+async def refused_status(relay: RelayProcess, url: str, headers: dict[str, str] | None) -> int:
+    """The HTTP status the relay answers the upgrade with (it must not be a 101)."""
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with connect(relay, url, headers):
+            pass
+    return refused.value.response.status_code
+
+
+async def echo_both_ways(relay: RelayProcess, http: httpx.AsyncClient, endpoint: str) -> None:
+    auth = {AUTH: relay.token()}
+    key = uuid.uuid4().hex
+    url = ws_url(relay, "/ws", endpoint, f"id={key}&x=1")
+    async with connect(relay, url, auth, subprotocols=["nope", "echo.v1"]) as ws:
+        assert ws.subprotocol == "echo.v1"  # the app's choice reaches the client
+        await ws.send("héllo")
+        assert await receive(ws) == "héllo"  # text stays text
+        payload = bytes(range(256)) * 300
+        await ws.send(payload)
+        assert await receive(ws) == payload  # binary stays binary
+        await ws.send("whoami")
+        seen = json.loads(await receive(ws))
+        await ws.close(4002, "client bye")
+    assert seen["path"] == f"/{ENTITY}/ws"
+    assert seen["root_path"] == f"/{ENTITY}"
+    assert seen["query"] == f"id={key}&x=1"  # the relay's sb-hc-* parameters are gone
+    assert seen["subprotocol"] == "echo.v1"
+    assert AUTH.lower() not in seen["headers"]
+    assert seen["headers"]["x-forwarded-prefix"] == f"/{ENTITY}"
+    # The client's close code and reason reached the app.
+    closed = await http.get(f"/{ENTITY}/ws-closed", params={"id": key})
+    assert closed.json() == {"code": 4002, "reason": "client bye"}
+    # The app's close code and reason reach the client.
+    async with connect(relay, ws_url(relay, "/ws", endpoint), auth) as ws:
+        await ws.send("close:4001:app bye")
+        with pytest.raises(websockets.ConnectionClosed) as ended:
+            await receive(ws)
+    assert ended.value.rcvd is not None
+    assert (ended.value.rcvd.code, ended.value.rcvd.reason) == (4001, "app bye")
+    # An app that closes before accepting refuses the sender, before any 101.
+    assert await refused_status(relay, ws_url(relay, "/ws-refuse", endpoint), auth) == 403
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+async def test_websocket_echo_both_endpoints(tmp_path: Path, topology: str) -> None:
+    async with web_app(tmp_path, topology) as (relay, _, http):
+        for endpoint in ENDPOINTS:
+            await echo_both_ways(relay, http, endpoint)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+async def test_websocket_echo_over_tls(tmp_path: Path, topology: str, tls_files: TlsFiles) -> None:
+    async with web_app(tmp_path, topology, tls_files) as (relay, _, http):
+        assert relay.base_url.startswith("wss://")
+        for endpoint in ENDPOINTS:
+            await echo_both_ways(relay, http, endpoint)
+
+
+async def whoami(ws: ClientConnection) -> dict[str, str]:
+    await ws.send("whoami")
+    headers: dict[str, str] = json.loads(await receive(ws))["headers"]
+    return headers
+
+
+@pytest.mark.timeout(120)
+async def test_websocket_credentials_and_401(tmp_path: Path) -> None:
+    async with web_app(tmp_path, "serve-app") as (relay, _, http):
+        token = relay.token()
+        url = ws_url(relay, "/ws", "http")
+        # The header.
+        async with connect(relay, url, {AUTH: token}) as ws:
+            assert AUTH.lower() not in await whoami(ws)
+        # The query parameter (it never reaches the app).
+        async with connect(relay, ws_url(relay, "/ws", "http", "sb-hc-token=" + quote(token))):
+            pass
+        # Authorization, as for HTTP relaying: stripped once used.
+        async with connect(relay, url, {"Authorization": token}) as ws:
+            assert "authorization" not in await whoami(ws)
+        # The cookie (percent-encoded): removed, the app's own cookies kept.
+        cookie = f"theme=dark; sb-hc-token={quote(token, safe='')}; lang=en"
+        async with connect(relay, url, {"Cookie": cookie}) as ws:
+            assert (await whoami(ws))["cookie"] == "theme=dark; lang=en"
+        # The cookie works for plain HTTP requests too (a browser's EventSource, its page).
+        async with httpx.AsyncClient(base_url=relay.http_url, timeout=WAIT) as bare:
+            links = await bare.get(f"/{ENTITY}/links", headers={"Cookie": cookie})
+            assert links.status_code == 200
+            assert (await bare.get(f"/{ENTITY}/links")).status_code == 401
+        # Missing or bad: 401 before any upgrade, on both endpoints.
+        wrong = create_token(
+            f"http://127.0.0.1:{relay.port}/{ENTITY}",
+            ROOT_KEY_NAME,
+            "b" * 44,  # not the rule's key
+            expiry=int(time.time()) + 3600,
+        )
+        for endpoint in ENDPOINTS:
+            assert await refused_status(relay, ws_url(relay, "/ws", endpoint), None) == 401
+            assert await refused_status(relay, ws_url(relay, "/ws", endpoint), {AUTH: wrong}) == 401
+        bad_cookie = {"Cookie": "sb-hc-token=" + quote(wrong, safe="")}
+        assert await refused_status(relay, url, bad_cookie) == 401
+        # The relay still serves after the refusals.
+        assert (await http.get(f"/{ENTITY}/small")).text == "small"
+
+
+@pytest.mark.timeout(120)
+async def test_websocket_to_an_anonymous_hybrid_connection(tmp_path: Path) -> None:
+    async with web_app(tmp_path, "serve-app", anonymous=True) as (relay, _, _http):
+        for endpoint in ENDPOINTS:
+            async with connect(relay, ws_url(relay, "/ws", endpoint)) as ws:
+                await ws.send(b"anyone")
+                assert await receive(ws) == b"anyone"
+
+
+@pytest.mark.timeout(120)
+async def test_websocket_to_an_unreachable_upstream_is_502(tmp_path: Path) -> None:
+    async with uvicorn_server() as gone:
+        pass  # nothing listens on its port any more
+    async with relay_process(tmp_path, None) as relay, bridge_h(relay, gone):
+        url = ws_url(relay, "/ws", "http")
+        assert await refused_status(relay, url, {AUTH: relay.token()}) == 502
