@@ -29,12 +29,22 @@ reader, a queue and a writer per leg. So after the 101 the relay takes the trans
   (or sends) 1006 / 1002 / 1007 / 1009, and the other side a close frame (1011, or 1009).
   A leg that was sent its close frame and does not answer within ``CLOSE_TIMEOUT`` after its
   partner has gone is dropped, as is one whose write buffer does not drain after ``close()``.
+* Keep-alive (``keep_alive``, the relay's ``limits.keep_alive_interval``): a leg the relay has
+  heard nothing from for an interval is pinged, and dropped (its partner gets 1011) if it is
+  still silent an interval later: a link that went silent (no FIN, no RST) is released within
+  three intervals. Never while the silence is the relay's own doing or cannot be judged: while
+  the leg's reading is paused (its partner cannot take more), or while bytes wait in its send
+  queue (the ping would wait behind them; there TCP's retransmission timeout applies). So a
+  slow but live reader is never dropped, which is why a ping with a fixed pong deadline was
+  not used (docs/DECISIONS.md D1). One timer per leg, nothing per frame but a flag.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import termios
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, cast
 
@@ -203,7 +213,15 @@ class SpliceLeg(_Leg):
     forwards what arrived meanwhile and resumes reading.
     """
 
-    __slots__ = ("_closing", "_early", "forwarder")
+    __slots__ = (
+        "_closing",
+        "_early",
+        "_heard",
+        "_keep_alive",
+        "_keep_alive_timer",
+        "_pinged",
+        "forwarder",
+    )
 
     def __init__(
         self,
@@ -212,11 +230,16 @@ class SpliceLeg(_Leg):
         max_message_size: int,
         name: str = "",
         on_lost: Callable[[SpliceLeg], None] | None = None,
+        keep_alive: float | None = None,
     ) -> None:
         super().__init__(name, on_lost)
         self.transport = transport
         self.forwarder = FrameForwarder(websocket_mask, max_message_size=max_message_size)
         self._early: list[bytes] = []
+        self._keep_alive = keep_alive
+        self._keep_alive_timer: asyncio.TimerHandle | None = None
+        self._heard = False
+        self._pinged = False
         # Decides the close handshake; close_sent/close_received mirror it for the data path
         # (plain attributes, read on every forwarded read).
         self._closing = CloseHandshake()
@@ -232,6 +255,10 @@ class SpliceLeg(_Leg):
             self.transport.resume_reading()
         if self.lost:
             self._tell_partner_gone()
+        elif self._keep_alive is not None:
+            self._keep_alive_timer = asyncio.get_running_loop().call_later(
+                self._keep_alive, self._keep_alive_tick
+            )
 
     def send_close(self, code: int, reason: str = "") -> None:
         """Send our close frame once (this leg may go on sending to us).
@@ -278,7 +305,47 @@ class SpliceLeg(_Leg):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing.lost()
+        if self._keep_alive_timer is not None:
+            self._keep_alive_timer.cancel()
+            self._keep_alive_timer = None
         super().connection_lost(exc)
+
+    # -- keep-alive (see the module's docstring) -----------------------------------------------
+
+    def _keep_alive_tick(self) -> None:
+        self._keep_alive_timer = None
+        interval = self._keep_alive
+        if interval is None or self.lost or self.close_received or self.close_sent:
+            return  # a closing leg has CLOSE_TIMEOUT
+        heard, self._heard = self._heard, False
+        peer = self.peer
+        if heard or (peer is not None and peer.write_full) or self._send_queued():
+            self._pinged = False
+        elif not self._pinged:
+            self.transport.write(server_frame(OP_PING, b""))
+            self._pinged = True
+        else:
+            logger.info("splice leg %s dropped: silent for %g s after a ping", self.name, interval)
+            self.abort()  # the partner is told (1011) when the connection is gone
+            return
+        self._keep_alive_timer = asyncio.get_running_loop().call_later(
+            interval, self._keep_alive_tick
+        )
+
+    def _send_queued(self) -> bool:
+        """Whether bytes wait to go out on this leg (in the transport, or in the kernel's send
+        queue, not yet acknowledged by the peer): a ping now would wait behind them."""
+        if self.transport.get_write_buffer_size():
+            return True
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            queued = bytearray(4)
+            fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, queued)  # SIOCOUTQ for a TCP socket
+        except (OSError, ValueError):
+            return False
+        return int.from_bytes(queued, "little") > 0
 
     def _drop(self) -> None:
         """Both close frames are through (or the leg is unusable): close the connection.
@@ -299,6 +366,7 @@ class SpliceLeg(_Leg):
 
     def buffer_updated(self, nbytes: int) -> None:
         data = receive_buffer()[:nbytes]
+        self._heard = True
         if self._started:
             self._received(data)
         else:  # only before start(): bytes that came with or right after the upgrade
@@ -577,6 +645,7 @@ async def take_over(
     name: str = "",
     on_lost: Callable[[SpliceLeg], None] | None = None,
     response_headers: dict[str, str] | None = None,
+    keep_alive: float | None = None,
 ) -> tuple[web.StreamResponse, SpliceLeg | None]:
     """Answer the upgrade with 101 and make a :class:`SpliceLeg` the connection's protocol.
 
@@ -585,14 +654,19 @@ async def take_over(
     None when the connection went away during the upgrade. ``on_lost`` is called once the
     leg's connection is gone. The request must already have been checked with
     :func:`~hybridrelay.protocol.websocket.handshake_headers` (pass its result as
-    ``response_headers`` to avoid computing it twice).
+    ``response_headers`` to avoid computing it twice). ``keep_alive``: the leg's keep-alive
+    interval once joined (see the module's docstring), None for none.
     """
     headers = response_headers or handshake_headers(request.headers, subprotocol)
     return await hand_over(
         request,
         headers,
         lambda transport: SpliceLeg(
-            transport, max_message_size=max_message_size, name=name, on_lost=on_lost
+            transport,
+            max_message_size=max_message_size,
+            name=name,
+            on_lost=on_lost,
+            keep_alive=keep_alive,
         ),
     )
 
