@@ -23,7 +23,7 @@ from starlette.responses import (
     StreamingResponse,
 )
 from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 #: How long the app waits for the client's ack of an event, or for a stream's end.
 WAIT = 20.0
@@ -268,27 +268,14 @@ async def ws_refuse(websocket: WebSocket) -> None:
     await websocket.close(code=4403)
 
 
-async def ws_ticks(websocket: WebSocket) -> None:
-    """Sends ``tick N`` every 50 ms until the client goes away (the browser page's)."""
-    await websocket.accept()
-    index = 0
-    try:
-        while True:
-            await websocket.send_text(f"tick {index}")
-            index += 1
-            await asyncio.sleep(0.05)
-    except (WebSocketDisconnect, OSError):
-        return
-
-
-PAGE = """<!doctype html>
+PAGE = r"""<!doctype html>
 <html><head><title>live</title></head><body>
 <pre id="ws"></pre><pre id="sse"></pre>
 <script>
 const base = location.pathname.replace(/page$/, "");
 const scheme = location.protocol === "https:" ? "wss:" : "ws:";
 const socket = new WebSocket(scheme + "//" + location.host + base + "ws", ["echo.v1"]);
-socket.onopen = () => socket.send("hello from the browser");
+socket.onopen = () => { for (const n of [1, 2, 3]) socket.send("browser says " + n); };
 socket.onmessage = (e) => { document.getElementById("ws").textContent += e.data + "\n"; };
 socket.onerror = () => { document.getElementById("ws").textContent += "error\n"; };
 const source = new EventSource(base + "forever?stream=" + crypto.randomUUID());
@@ -308,7 +295,6 @@ app = Starlette(
     routes=[
         WebSocketRoute("/ws", ws_echo),
         WebSocketRoute("/ws-refuse", ws_refuse),
-        WebSocketRoute("/ws-ticks", ws_ticks),
         Route("/ws-closed", ws_closed),
         Route("/page", page),
         Route("/sse", sse),
