@@ -195,24 +195,40 @@ def test_close_reason_is_cut_on_a_character_boundary() -> None:
     assert payload[2:].decode("utf-8") == "é" * 61
 
 
+# Named cases: the frames carry random mask keys, and ids made of them would differ between
+# the processes of a parallel run (pytest-xdist).
 @pytest.mark.parametrize(
     ("wire", "code"),
     [
-        (client_frame(OP_BINARY, b"x")[:1] + bytes([0x01]) + b"x", 1002),  # unmasked
-        (client_frame(OP_BINARY, b"x", rsv=0x40), 1002),  # RSV1 without an extension
-        (client_frame(0x3, b"x"), 1002),  # reserved data opcode
-        (client_frame(0xB, b"x"), 1002),  # reserved control opcode
-        (client_frame(OP_PING, b"x" * 126), 1002),  # control payload > 125
-        (client_frame(OP_PING, b"x", fin=False), 1002),  # fragmented control frame
-        (client_frame(OP_CONTINUATION, b"x"), 1002),  # nothing to continue
-        (client_frame(OP_BINARY, b"a", fin=False) + client_frame(OP_TEXT, b"b"), 1002),
-        (client_frame(OP_TEXT, b"\xff"), 1007),
-        (client_frame(OP_TEXT, b"\xe2\x82", fin=False) + client_frame(OP_CONTINUATION, b""), 1007),
-        (client_frame(OP_CLOSE, b"\x03"), 1002),  # 1-byte close payload
-        (client_frame(OP_CLOSE, (1005).to_bytes(2, "big")), 1002),  # never on the wire
-        (client_frame(OP_CLOSE, (2999).to_bytes(2, "big")), 1002),
-        (client_frame(OP_CLOSE, (1000).to_bytes(2, "big") + b"\xff"), 1007),
-        (bytes([0x82, 0xFF]) + (1 << 63).to_bytes(8, "big") + b"mask", 1002),
+        pytest.param(client_frame(OP_BINARY, b"x")[:1] + bytes([0x01]) + b"x", 1002, id="unmasked"),
+        pytest.param(client_frame(OP_BINARY, b"x", rsv=0x40), 1002, id="rsv1-no-extension"),
+        pytest.param(client_frame(0x3, b"x"), 1002, id="reserved-data-opcode"),
+        pytest.param(client_frame(0xB, b"x"), 1002, id="reserved-control-opcode"),
+        pytest.param(client_frame(OP_PING, b"x" * 126), 1002, id="control-payload-over-125"),
+        pytest.param(client_frame(OP_PING, b"x", fin=False), 1002, id="fragmented-control"),
+        pytest.param(client_frame(OP_CONTINUATION, b"x"), 1002, id="nothing-to-continue"),
+        pytest.param(
+            client_frame(OP_BINARY, b"a", fin=False) + client_frame(OP_TEXT, b"b"),
+            1002,
+            id="new-message-inside-a-fragmented-one",
+        ),
+        pytest.param(client_frame(OP_TEXT, b"\xff"), 1007, id="invalid-utf8"),
+        pytest.param(
+            client_frame(OP_TEXT, b"\xe2\x82", fin=False) + client_frame(OP_CONTINUATION, b""),
+            1007,
+            id="utf8-cut-at-the-end",
+        ),
+        pytest.param(client_frame(OP_CLOSE, b"\x03"), 1002, id="one-byte-close-payload"),
+        pytest.param(client_frame(OP_CLOSE, (1005).to_bytes(2, "big")), 1002, id="close-1005"),
+        pytest.param(client_frame(OP_CLOSE, (2999).to_bytes(2, "big")), 1002, id="close-2999"),
+        pytest.param(
+            client_frame(OP_CLOSE, (1000).to_bytes(2, "big") + b"\xff"),
+            1007,
+            id="close-reason-utf8",
+        ),
+        pytest.param(
+            bytes([0x82, 0xFF]) + (1 << 63).to_bytes(8, "big") + b"mask", 1002, id="length-2-63"
+        ),
     ],
 )
 def test_violations(wire: bytes, code: int) -> None:
