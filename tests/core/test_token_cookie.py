@@ -1,4 +1,4 @@
-"""protocol/cookies.py: the relay's ``sb-hc-token`` cookie (PROTOCOL.md 6.7), read and removed
+"""protocol/cookies.py: the relay's ``sb-hc-token`` cookie (PROTOCOL.md 3.4), read and removed
 from a ``Cookie`` header; properties fuzzed with hypothesis."""
 
 from __future__ import annotations

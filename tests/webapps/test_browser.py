@@ -5,7 +5,7 @@ opens a WebSocket (``/hc/ws``, subprotocol ``echo.v1``) and an ``EventSource``
 (``/hc/forever``) to the same app, and messages flow on both.
 
 The browser authenticates the way a browser can: the ``sb-hc-token`` cookie (PROTOCOL.md
-6.7), set once for the relay's origin; the page, the WebSocket and the EventSource all carry it.
+3.4), set once for the relay's origin; the page, the WebSocket and the EventSource all carry it.
 """
 
 from __future__ import annotations

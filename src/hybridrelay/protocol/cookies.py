@@ -1,5 +1,5 @@
-"""The relay's token cookie (PROTOCOL.md 6.7): how a browser, which cannot set headers on a
-WebSocket or an ``EventSource``, carries a SAS token to ``/{hc}/{path}``.
+"""The relay's token cookie (PROTOCOL.md 3.4, 6.9): how a browser, which cannot set headers on
+a WebSocket or an ``EventSource``, carries a SAS token to ``/{hc}/{path}``.
 
 The cookie is ``sb-hc-token=<token, percent-encoded>`` (JavaScript's ``encodeURIComponent``;
 a SAS token has spaces, ``=`` and ``&``, which a cookie value cannot hold as they are). It is

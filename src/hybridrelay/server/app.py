@@ -6,7 +6,7 @@ Endpoints (PROTOCOL.md section 2):
 * ``GET /$hc/{path}[/suffix]?...sb-hc-action=connect`` — sender WebSocket (E2)
 * ``GET {accept address}``                 — listener's rendezvous (E3) or reject (E4)
 * ``{METHOD} /{path}[/suffix]``            — HTTP request relaying (E6), ``http_relay.py``
-* ``GET /{path}[/suffix]``, ``Upgrade: websocket`` — sender WebSocket (6.7), ``http_upgrade.py``
+* ``GET /{path}[/suffix]``, ``Upgrade: websocket`` — sender WebSocket (6.9), ``http_upgrade.py``
 * ``GET /{path}?api-version=...``          — runtime information (E7), ``runtime_info.py``
 
 :class:`RelayServer` owns the process's life (start, the ordered shutdown, the configuration

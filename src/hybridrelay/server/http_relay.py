@@ -252,7 +252,7 @@ class HttpRelay:
         params = protocol_params(raw_query)
         token, strip_authorization = sender_token(request.headers, params, entity)
         if token is None and entity.requires_client_authorization:
-            token = cookie_token(request.headers)  # a browser's (PROTOCOL.md 6.7)
+            token = cookie_token(request.headers)  # a browser's (PROTOCOL.md 3.4)
         if entity.requires_client_authorization:
             decision = self._relay.access.authorize(
                 token, entity, Rights.SEND, suffix=suffix, host=request.host

@@ -1,4 +1,4 @@
-"""WebSocket upgrades sent to the HTTP endpoint ``/{hc}/{path}`` (PROTOCOL.md 6.7): what a
+"""WebSocket upgrades sent to the HTTP endpoint ``/{hc}/{path}`` (PROTOCOL.md 6.9): what a
 browser's ``new WebSocket("wss://relay/hc/path")`` does.
 
 Such an upgrade is authorized like a relayed HTTP request to that entity (Send right; the token
