@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridrelay.protocol.http import (
     HOP_BY_HOP_HEADERS,
     INLINE_BODY_LIMIT,
     INLINE_HEADER_LIMIT,
+    header_json_size,
     merge_repeated_headers,
     sends_inline,
     without_hop_by_hop,
@@ -130,3 +133,31 @@ def test_sends_inline(chunked: bool, length: int | None, header_bytes: int, inli
 def test_sends_inline_fuzz(chunked: bool, length: int | None, header_bytes: int) -> None:
     inline = sends_inline(chunked=chunked, content_length=length, header_bytes=header_bytes)
     assert inline == (not chunked and (length or 0) <= 64 * 1024 and header_bytes <= 32 * 1024)
+
+
+def _json_size(headers: dict[str, str]) -> int:
+    return len(json.dumps(headers, separators=(",", ":")).encode("utf-8"))
+
+
+# Any text, escapes and characters outside the BMP (12 bytes of JSON each) included, and sizes
+# on both sides of the limit.
+_any_text = st.text(max_size=40) | st.text('\x00\U0001f600"\\a', min_size=600, max_size=1200)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(_any_text, _any_text, max_size=8))
+def test_header_json_size_decides_as_the_exact_size_does(headers: dict[str, str]) -> None:
+    size, exact = header_json_size(headers), _json_size(headers)
+    assert size >= exact
+    assert (size <= INLINE_HEADER_LIMIT) == (exact <= INLINE_HEADER_LIMIT)
+    if size > INLINE_HEADER_LIMIT:
+        assert size == exact
+
+
+@pytest.mark.parametrize("count", [0, 1, 10, 400])
+def test_header_json_size_of_big_heads_is_exact(count: int) -> None:
+    headers = {f"X-H{i}": "v" * 100 for i in range(count)}
+    size = header_json_size(headers)
+    assert (size <= INLINE_HEADER_LIMIT) == (_json_size(headers) <= INLINE_HEADER_LIMIT)
+    if count == 400:  # ~43 KB of JSON: above the limit, so counted exactly
+        assert size == _json_size(headers) > INLINE_HEADER_LIMIT

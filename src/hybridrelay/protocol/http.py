@@ -6,7 +6,7 @@ Pure: no I/O, no clock. Each rule lives here once:
 * how repeated headers fold into the one-value-per-name JSON object of a ``request`` or
   ``response`` message (:func:`merge_repeated_headers`);
 * whether the relay sends a request inline on the control channel or announces it for a
-  rendezvous (:func:`sends_inline`);
+  rendezvous (:func:`sends_inline`, :func:`header_json_size`);
 * the headers ``responseHeaders`` cannot repeat and hybridrelay's extension that carries them
   (:func:`split_repeated_headers`, :func:`expand_repeated_headers`, PROTOCOL.md 6.4);
 * which responses have no body (:func:`response_has_body`);
@@ -17,6 +17,7 @@ Pure: no I/O, no clock. Each rule lives here once:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence, Set
 from urllib.parse import urlsplit
 
@@ -27,6 +28,7 @@ __all__ = [
     "UNJOINABLE_HEADERS",
     "expand_repeated_headers",
     "forwarded_headers",
+    "header_json_size",
     "merge_repeated_headers",
     "response_has_body",
     "rewrite_cookie_path",
@@ -79,7 +81,7 @@ def without_hop_by_hop(
             reads a listener's ``Content-Length`` for a HEAD response); a ``Connection``
             header that lists one still drops it.
     """
-    pairs = headers if isinstance(headers, list | tuple) else list(headers)
+    pairs = headers if isinstance(headers, (list, tuple)) else list(headers)
     dropped: Set[str] = HOP_BY_HOP_HEADERS
     if keep:
         dropped = dropped - keep
@@ -131,6 +133,20 @@ def sends_inline(*, chunked: bool, content_length: int | None, header_bytes: int
         and (content_length or 0) <= INLINE_BODY_LIMIT
         and header_bytes <= INLINE_HEADER_LIMIT
     )
+
+
+def header_json_size(headers: Mapping[str, str]) -> int:
+    """What :func:`sends_inline` compares with :data:`INLINE_HEADER_LIMIT` for ``headers``:
+    the size in bytes of their compact JSON object, exact whenever it is above the limit.
+
+    Below it the answer may be an upper bound instead (each character counted as its longest
+    JSON form, a 12-byte surrogate pair escape), which decides the same and spares the relay a
+    ``json.dumps`` per request for the common small head.
+    """
+    bound = 2 + sum(12 * (len(name) + len(value)) + 6 for name, value in headers.items())
+    if bound <= INLINE_HEADER_LIMIT:
+        return bound
+    return len(json.dumps(headers, separators=(",", ":")).encode("utf-8"))
 
 
 #: Lower-case names of response headers whose repeats cannot be joined with ", " (a cookie's

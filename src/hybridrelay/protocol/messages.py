@@ -262,6 +262,11 @@ def _wire_headers(headers: dict[str, str]) -> dict[str, str]:
     return {header_text(name): header_text(value) for name, value in headers.items()}
 
 
+#: The protocol's compact JSON. One encoder for the process: ``json.dumps`` with any
+#: argument builds a new one per call, a cost the relay paid per relayed request.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode_message(message: ControlMessage) -> str:
     """Serialise a message to the exact JSON the protocol uses (compact, one member)."""
     body: dict[str, Any]
@@ -273,7 +278,7 @@ def encode_message(message: ControlMessage) -> str:
         }
         if message.remote_endpoint is not None:
             body["remoteEndpoint"] = message.remote_endpoint.to_json()
-        return json.dumps({"accept": body}, separators=(",", ":"))
+        return _COMPACT.encode({"accept": body})
     if isinstance(message, Request):
         body = {"address": message.address, "id": message.id}
         # The address-only form MUST omit method and body (PROTOCOL.md 6.2).
@@ -284,7 +289,7 @@ def encode_message(message: ControlMessage) -> str:
                 body["remoteEndpoint"] = message.remote_endpoint.to_json()
             body["requestHeaders"] = _wire_headers(message.request_headers or {})
             body["body"] = bool(message.body)
-        return json.dumps({"request": body}, separators=(",", ":"))
+        return _COMPACT.encode({"request": body})
     if isinstance(message, Response):
         body = {"requestId": message.request_id, "statusCode": message.status_code}
         if message.status_description is not None:
@@ -293,5 +298,5 @@ def encode_message(message: ControlMessage) -> str:
         if message.repeated_headers:
             body["repeatedResponseHeaders"] = [list(pair) for pair in message.repeated_headers]
         body["body"] = message.body
-        return json.dumps({"response": body}, separators=(",", ":"))
-    return json.dumps({"renewToken": {"token": message.token}}, separators=(",", ":"))
+        return _COMPACT.encode({"response": body})
+    return _COMPACT.encode({"renewToken": {"token": message.token}})

@@ -3,6 +3,7 @@ token against the rules of the entity and the namespace (3.5), which every endpo
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import urlsplit
@@ -65,6 +66,7 @@ class Access:
         )
 
 
+@functools.lru_cache(maxsize=1024)  # once per relayed request, with the same few hosts
 def served_hosts(host: str, public_base_url: str | None) -> frozenset[str]:
     """The lower-case host names a token's audience may give: the ``Host`` a request came by
     (``name:port``, ``[v6]:port``; the port never counts, as in Azure) and the public base's."""

@@ -31,6 +31,10 @@ from hybridrelay.transport.base import CloseCode, MessageKind
 
 __all__ = ["ListenEndpoint", "upgrade"]
 
+#: How far the token deadline may drift (the wall clock against the loop's) before the
+#: channel's timer is moved.
+_DEADLINE_SLACK = 0.5
+
 logger = logging.getLogger("hybridrelay.server")
 
 
@@ -156,20 +160,34 @@ class ListenEndpoint:
         return ws
 
     async def _serve(self, channel: ControlChannel, entity: HybridConnectionConfig) -> str:
-        """Serve the channel until it ends; why it ended (the metrics' ``reason`` label)."""
-        loop = asyncio.get_running_loop()
+        """Serve the channel until it ends; why it ended (the metrics' ``reason`` label).
+
+        The token's expiry (plus grace) is the deadline: a channel whose token ran out without
+        a renewal is closed with 1008 (PROTOCOL.md 4.4, 4.6). One timer for the channel, moved
+        when the deadline moves (a renewal, a reload's grace), not one per message: a relayed
+        HTTP request brings two messages, and the timers showed in the relay's profile.
+        """
+        try:
+            async with asyncio.timeout_at(self._token_deadline(channel)) as deadline:
+                return await self._serve_messages(channel, entity, deadline)
+        except TimeoutError:
+            channel.usable = False
+            await channel.socket.aclose(CloseCode.POLICY_VIOLATION, "token expired")
+            return "token_expired"
+
+    def _token_deadline(self, channel: ControlChannel) -> float:
+        grace = self._relay.config.limits.token_grace_period
+        now = asyncio.get_running_loop().time()
+        return now + max(0.0, channel.token_expiry + grace - time.time())
+
+    async def _serve_messages(
+        self, channel: ControlChannel, entity: HybridConnectionConfig, deadline: asyncio.Timeout
+    ) -> str:
         while True:
-            grace = self._relay.config.limits.token_grace_period
-            # The token's expiry (plus grace) is the read deadline: a channel whose token ran
-            # out without a renewal is closed with 1008 (PROTOCOL.md 4.4, 4.6).
-            deadline = loop.time() + max(0.0, channel.token_expiry + grace - time.time())
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await channel.socket.receive()
-            except TimeoutError:
-                channel.usable = False
-                await channel.socket.aclose(CloseCode.POLICY_VIOLATION, "token expired")
-                return "token_expired"
+            when = self._token_deadline(channel)
+            if abs(when - (deadline.when() or 0.0)) > _DEADLINE_SLACK:
+                deadline.reschedule(when)
+            message = await channel.socket.receive()
             if message.kind is MessageKind.CLOSE:
                 # Answer the listener's close frame with ours (RFC 6455 5.5.1) before the
                 # connection is dropped: a listener closing itself waits for that answer.
@@ -190,7 +208,11 @@ class ListenEndpoint:
                 current = self._relay.store.get(entity.name)
                 decision = (
                     self._relay.access.authorize(
-                        parsed.token, current, Rights.LISTEN, grace, host=channel.host
+                        parsed.token,
+                        current,
+                        Rights.LISTEN,
+                        self._relay.config.limits.token_grace_period,
+                        host=channel.host,
                     )
                     if current is not None
                     else None

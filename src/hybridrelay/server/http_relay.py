@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 import logging
 import re
 import time
@@ -63,6 +61,7 @@ from hybridrelay.protocol.addressing import (
 from hybridrelay.protocol.http import (
     INLINE_BODY_LIMIT,
     expand_repeated_headers,
+    header_json_size,
     merge_repeated_headers,
     response_has_body,
     sends_inline,
@@ -192,6 +191,9 @@ class HttpRelay:
         self._binary_owner: dict[ControlChannel, _BodyOwner] = {}
         #: Set each time an exchange ends: the relay's drain waits on it (``wait_exchanges``).
         self._exchange_ended = asyncio.Event()
+        #: The Host the last ``Via`` entry was made for, and the entry (``_via``).
+        self._via_for: str | None = None
+        self._via_entry = ""
 
     def live_exchanges(self, channel: ControlChannel | None = None) -> list[str]:
         """Ids of the requests in flight (those told to ``channel``, if given)."""
@@ -269,7 +271,7 @@ class HttpRelay:
         inline = sends_inline(
             chunked="chunked" in request.headers.get("Transfer-Encoding", "").lower(),
             content_length=request.content_length,
-            header_bytes=len(json.dumps(headers, separators=(",", ":")).encode("utf-8")),
+            header_bytes=header_json_size(headers),
         )
         limits = self._relay.config.limits
         if self._relay.broker.pending_count >= limits.max_pending_rendezvous:
@@ -295,27 +297,31 @@ class HttpRelay:
                 return error_response(400, "The request body could not be read.")
 
         exchange = _Exchange(id=exchange_id, entity=entity.name, inline=inline)
+        built: dict[str, Request] = {}
 
-        @functools.cache
         def full_request(base_url: str) -> Request:
             # The address is built from the listener's own base (ControlChannel.base_url),
-            # never from this sender's Host header. Cached: announcing and the rendezvous
-            # both need it for the same base.
-            return Request(
-                address=rendezvous_url(
-                    base_url,
-                    entity.name,
-                    action="request",
-                    connection_id=exchange.id,
-                    secret=exchange.secret,
-                ),
-                id=exchange.id,
-                request_target=target,
-                method=request.method,
-                request_headers=headers,
-                remote_endpoint=remote,
-                body=bool(body) if inline else has_body,
-            )
+            # never from this sender's Host header. Kept: announcing and the rendezvous both
+            # need it for the same base (a dict, not functools.cache: that builds a wrapper
+            # per request, which profiles showed).
+            message = built.get(base_url)
+            if message is None:
+                message = built[base_url] = Request(
+                    address=rendezvous_url(
+                        base_url,
+                        entity.name,
+                        action="request",
+                        connection_id=exchange.id,
+                        secret=exchange.secret,
+                    ),
+                    id=exchange.id,
+                    request_target=target,
+                    method=request.method,
+                    request_headers=headers,
+                    remote_endpoint=remote,
+                    body=bool(body) if inline else has_body,
+                )
+            return message
 
         refused = self._relay.broker.open(exchange, limits)
         if refused is not None:
@@ -363,15 +369,13 @@ class HttpRelay:
         deadline: float,
     ) -> _ListenerResponse:
         gone = connection_gone(request)
-        waiters: set[asyncio.Future[Any]] = {exchange.control_response, exchange.rendezvous}
-        if gone is not None:
-            waiters.add(gone)
-        done, _ = await asyncio.wait(waiters, timeout=deadline, return_when="FIRST_COMPLETED")
-        if not done:
+        answered = (exchange.control_response, exchange.rendezvous)
+        await _first_done(answered if gone is None else (*answered, gone), deadline)
+        if not exchange.control_response.done() and not exchange.rendezvous.done():
+            if gone is not None and gone.done():
+                # The sender left before the answer: the rendezvous (if any) is closed now.
+                raise _SenderGone()
             raise _ExchangeFailed(504, "The listener did not respond in time.")
-        if done == {gone}:
-            # The sender left before the answer: the rendezvous (if any) is closed now.
-            raise _SenderGone()
         if exchange.control_response.done():
             answer = exchange.control_response.result()
             if answer is None:
@@ -446,17 +450,19 @@ class HttpRelay:
             return error_response(502, f"The listener answered with status {status}.")
         reason = reason_phrase(response.status_description or "") or None
         headers: list[tuple[str, str]] = []
+        hops: list[str] = []
         listener_length: int | None = None
         relayed = expand_repeated_headers(response.response_headers, response.repeated_headers)
         for name, value in forwarded_response_headers(relayed):
-            if name.lower() == "content-length":
+            key = name.lower()
+            if key == "content-length":
                 listener_length = int(value) if value.isdigit() else None
-                continue
-            headers.append((name, value))
-        via = f"1.1 {self._via_name(request)}"
-        hops = [value for name, value in headers if name.lower() == "via"]
-        headers = [(name, value) for name, value in headers if name.lower() != "via"]
-        headers.append(("Via", ", ".join([*hops, via])))
+            elif key == "via":
+                hops.append(value)
+            else:
+                headers.append((name, value))
+        hops.append(self._via(request))
+        headers.append(("Via", ", ".join(hops)))
         stream = result.stream
         if not response_has_body(request.method, status):
             # HEAD keeps the listener's Content-Length (what a GET would send); no body is
@@ -536,9 +542,14 @@ class HttpRelay:
                 request.transport.close()
         return out
 
-    def _via_name(self, request: web.BaseRequest) -> str:
+    def _via(self, request: web.BaseRequest) -> str:
+        """This relay's ``Via`` entry (``1.1 host``); the last one is kept, as every response
+        of a relay with ``namespace.host`` (or of one client's connection) has the same."""
         host = self._relay.config.namespace_host or request.host or "hybridrelay"
-        return "".join(ch for ch in host if ch.isprintable() and ch not in " ,;\r\n")[:255]
+        if host != self._via_for:
+            name = "".join(ch for ch in host if ch.isprintable() and ch not in " ,;\r\n")
+            self._via_for, self._via_entry = host, f"1.1 {name[:255]}"
+        return self._via_entry
 
     async def _finish(self, exchange: _Exchange) -> None:
         self._by_id.pop(exchange.id, None)
@@ -671,6 +682,32 @@ def response_deadline(limits: LimitsConfig, entity: HybridConnectionConfig) -> f
     if entity.http_response_timeout is not None:
         return entity.http_response_timeout
     return limits.http_response_timeout
+
+
+async def _first_done(futures: tuple[asyncio.Future[Any], ...], seconds: float) -> None:
+    """Return once one of ``futures`` is done or ``seconds`` have passed.
+
+    What ``asyncio.wait(..., return_when=FIRST_COMPLETED)`` does, without the sets it builds
+    and checks on every call: once per relayed request, it showed in the relay's profile.
+    """
+    if any(future.done() for future in futures):
+        return
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    for future in futures:
+        future.add_done_callback(wake)
+    timer = loop.call_later(seconds, wake, None)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        for future in futures:
+            future.remove_done_callback(wake)
 
 
 async def _wait_for(

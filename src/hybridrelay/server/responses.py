@@ -31,6 +31,8 @@ def reason_phrase(text: str) -> str:
     """``text`` made safe for a status line: no CR/LF or other control characters (each becomes
     a space), ASCII only (clients disagree on obs-text: anything else becomes ``?``), trimmed and
     bounded. Empty if nothing is left."""
+    if text.isascii() and text.isprintable():  # the common "OK": nothing to replace
+        return text.strip()[:_REASON_LIMIT]
     cleaned = "".join(
         (ch if ord(ch) < 128 else "?") if ch.isprintable() else " " for ch in text
     ).strip()
