@@ -4,6 +4,7 @@ the sender. The Starlette app through real processes is test_websockets.py."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -39,6 +40,13 @@ async def ws_connect(
         timeout=aiohttp.ClientWSTimeout(ws_close=10),
         autoclose=False,
     )
+
+
+async def close_answered(ws: aiohttp.ClientWebSocketResponse) -> aiohttp.WSMessage:
+    """The next message (a close, expected), the close then answered."""
+    message = await ws.receive(timeout=10)
+    await ws.close()
+    return message
 
 
 async def refusal(relay: Relay, app: App) -> int:
@@ -129,3 +137,29 @@ async def test_app_ending_after_accept_closes_1000_or_1011(relay: Relay) -> None
             await ws.close()
     assert codes == [(1000, ""), (1011, ""), (4001, "bye")]
     assert late == ["refused"]
+
+
+async def test_stopping_the_listener_closes_open_websockets_with_1001(relay: Relay) -> None:
+    accepted = asyncio.Event()
+    ended: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        accepted.set()
+        try:
+            await receive()  # never answered: the listener stops first
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+            raise
+
+    async with aiohttp.ClientSession() as session:
+        async with serving(relay, app):
+            ws = await ws_connect(relay, session)
+            async with asyncio.timeout(10):
+                await accepted.wait()
+            # Read (and answer) while the listener stops: its close handshake waits for us.
+            closing = asyncio.create_task(close_answered(ws))
+        message = await closing
+    assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, 1001)
+    assert ended == ["cancelled"]

@@ -100,6 +100,8 @@ async def echo_both_ways(relay: RelayProcess, http: httpx.AsyncClient, endpoint:
         assert await receive(ws) == payload  # binary stays binary
         await ws.send("whoami")
         seen = json.loads(await receive(ws))
+        async with asyncio.timeout(WAIT):
+            await (await ws.ping(b"are you there"))  # a pong comes back (answered per hop)
         await ws.close(4002, "client bye")
     assert seen["path"] == f"/{ENTITY}/ws"
     assert seen["root_path"] == f"/{ENTITY}"
@@ -199,3 +201,19 @@ async def test_websocket_to_an_unreachable_upstream_is_502(tmp_path: Path) -> No
     async with relay_process(tmp_path, None) as relay, bridge_h(relay, gone):
         url = ws_url(relay, "/ws", "http")
         assert await refused_status(relay, url, {AUTH: relay.token()}) == 502
+
+
+@pytest.mark.timeout(120)
+async def test_stopping_bridge_h_closes_its_websockets_with_1001(tmp_path: Path) -> None:
+    async with relay_process(tmp_path, None) as relay, uvicorn_server(root_path="/hc") as up:
+        async with bridge_h(relay, up) as bridge:
+            async with connect(relay, ws_url(relay, "/ws", "http"), {AUTH: relay.token()}) as ws:
+                await ws.send("before")
+                assert await receive(ws) == "before"
+                bridge.process.terminate()
+                with pytest.raises(websockets.ConnectionClosed) as ended:
+                    await receive(ws)
+            async with asyncio.timeout(WAIT):
+                assert await bridge.process.wait() == 0
+    assert ended.value.rcvd is not None
+    assert ended.value.rcvd.code == 1001
