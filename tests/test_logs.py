@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from hybridrelay.cli.logs import (
     LOG_FORMAT_ENV,
     BatchedStreamHandler,
     JsonFormatter,
+    TextFormatter,
     configure_logging,
     install_batched_stderr,
 )
@@ -321,3 +323,16 @@ async def test_serve_writes_json_lines_with_access_and_refusal_lines(tmp_path: P
     # Never a key or a token: not the root key, not the signature the refused listener sent.
     key = cs.split("SharedAccessKey=", 1)[1].split(";", 1)[0]
     assert key not in text and "notasecretsig" not in text
+
+
+@pytest.mark.timeout(10)
+def test_text_format_is_loggings_own_with_the_time_made_once_a_second() -> None:
+    ours, logging_own = TextFormatter(), logging.Formatter(LOG_FORMAT)
+    # Within one second, across its end, back again (another thread's older record), and a
+    # millisecond that rounds down.
+    for created in (1e9 + 0.25, 1e9 + 0.9999, 1e9 + 1.0, 1e9 + 0.5, 1.7e9 + 0.0005, time.time()):
+        record = logging.LogRecord(
+            "hybridrelay.access", logging.INFO, "", 0, "http %s", ("x",), None
+        )
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.format(record) == logging_own.format(record)
