@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import ssl
 import time
 import uuid
@@ -217,3 +218,25 @@ async def test_stopping_bridge_h_closes_its_websockets_with_1001(tmp_path: Path)
                 assert await bridge.process.wait() == 0
     assert ended.value.rcvd is not None
     assert ended.value.rcvd.code == 1001
+
+
+@pytest.mark.timeout(120)
+async def test_an_upstream_that_never_answers_the_upgrade_is_502_in_time(tmp_path: Path) -> None:
+    # The kernel accepts the TCP connection (backlog) but nothing ever answers the upgrade.
+    silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    upstream = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        async with relay_process(tmp_path, None) as relay:
+            async with bridge_h(relay, upstream, "--connect-timeout", "1"):
+                started = time.monotonic()
+                with pytest.raises(websockets.InvalidStatus) as refused:
+                    async with connect(relay, ws_url(relay, "/ws", "http"), {AUTH: relay.token()}):
+                        pass
+                seconds = time.monotonic() - started
+    finally:
+        silent.close()
+    assert refused.value.response.status_code == 502
+    assert "in time" in refused.value.response.reason_phrase
+    assert 0.9 < seconds < 5, seconds
