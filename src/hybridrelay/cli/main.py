@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from hybridrelay import __version__
-from hybridrelay.auth.sas import create_token, token_audience
+from hybridrelay.auth.sas import Rights, create_token, token_audience
 from hybridrelay.cli.credentials import (
     FILE_OPTION,
     add_connection_string_file_argument,
@@ -41,7 +41,6 @@ from hybridrelay.server.config import (
     ManagementSettings,
     RelayConfig,
     ServerSettings,
-    StoreSettings,
 )
 from hybridrelay.settings import add_arguments, apply, given_arguments
 from hybridrelay.socket_errors import bind_failure
@@ -219,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from hybridrelay.cli.embedded import Endpoints, default_data_dir, open_store, write_endpoints
     from hybridrelay.server import RelayServer
+    from hybridrelay.store.base import Store
 
     configure_logging(args.log_level)
     data_dir: Path = args.data_dir or default_data_dir()
@@ -228,7 +228,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     async def run() -> int:
         # The embedded default's store holds its root rule (made on first start); a
         # configuration file's relay opens its store itself (its rules are the file's).
-        store = await open_store(data_dir) if embedded else None
+        store: Store | None = None
+        if embedded and config.store.cluster:  # the root rule lives in the cluster's Redis
+            from hybridrelay.store.redis import RedisStore
+
+            store = await RedisStore.open(
+                config.store.cluster,
+                namespace=config.namespace_name,
+                initial_rules=[(ROOT_RULE, Rights.LISTEN | Rights.SEND | Rights.MANAGE)],
+            )
+        elif embedded:
+            store = await open_store(data_dir)
         server = RelayServer(config, store=store)
         try:
             await server.start()
@@ -312,7 +322,7 @@ def _serve_config(args: argparse.Namespace, data_dir: Path) -> RelayConfig:
             auto_create_hybrid_connections=True,
         )
     if config.store.path is None:  # the store is SQLite in the data directory by default
-        config = replace(config, store=StoreSettings(str(data_dir / STORE_FILE)))
+        config = replace(config, store=replace(config.store, path=str(data_dir / STORE_FILE)))
     return apply(config, given_arguments(args, RelayConfig))
 
 

@@ -23,7 +23,7 @@ import ssl as ssl_module
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -171,7 +171,9 @@ class HybridConnectionListener:
 
     Args:
         endpoint: ``sb://host[:port]`` (= ``wss``), ``wss://...`` or ``ws://...`` (plain,
-            only for a relay configured without TLS).
+            only for a relay configured without TLS); or several, the nodes of a cluster
+            (docs/CLUSTER.md): the first that answers is used, and a listener that loses its
+            relay, or cannot reach it, tries the next one.
         entity_path: the hybrid connection's name (may contain ``/``).
         token_provider: source of the Listen token; None sends no token.
         ssl: verify the relay with this context (else ``ca_file``, else the system store).
@@ -190,7 +192,7 @@ class HybridConnectionListener:
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: str | Sequence[str],
         entity_path: str,
         token_provider: TokenProvider | None,
         *,
@@ -212,7 +214,12 @@ class HybridConnectionListener:
             raise ConfigurationError("token_ttl must be positive")
         if max_pending < 1:
             raise ConfigurationError("max_pending must be at least 1")
-        self._endpoint = parse_endpoint(endpoint)
+        self._endpoints = [
+            parse_endpoint(text) for text in ([endpoint] if isinstance(endpoint, str) else endpoint)
+        ]
+        if not self._endpoints:
+            raise ConfigurationError("at least one endpoint is required")
+        self._endpoint = self._endpoints[0]
         self._entity_path = entity_path.strip("/")
         self._token_provider = token_provider
         self._connector = WebSocketConnector(
@@ -265,7 +272,8 @@ class HybridConnectionListener:
         from the key pair or ``SharedAccessSignature=``. Other arguments as for ``__init__``.
         """
         endpoint, entity, provider = resolve_connection_string(connection_string, entity_path)
-        return cls(endpoint, entity, provider, **kwargs)
+        others: Sequence[str] = kwargs.pop("endpoints", ())
+        return cls([endpoint, *others], entity, provider, **kwargs)
 
     def __repr__(self) -> str:
         return (
@@ -319,7 +327,7 @@ class HybridConnectionListener:
         self._state = "opening"
         self._set_status("connecting")
         try:
-            socket = await self._connect_control()
+            socket = await self._connect_first()
         except BaseException as exc:
             await self._shutdown(exc if isinstance(exc, Exception) else None)
             raise
@@ -438,6 +446,27 @@ class HybridConnectionListener:
             self._token_provider, self._endpoint.host, self._entity_path, self._token_ttl
         )
 
+    async def _connect_first(self) -> MessageSocket:
+        """Connect to the first endpoint that answers (the others are tried when one cannot
+        be reached; a refusal, 401/403/404, is the same on every node and raised at once)."""
+        for attempt in range(len(self._endpoints)):
+            try:
+                return await self._connect_control()
+            except RelayHttpError:
+                raise
+            except RelayConnectionError as exc:
+                if attempt == len(self._endpoints) - 1:
+                    raise
+                logger.info("%s: %s; trying the next relay endpoint", self._name, exc)
+                self._next_endpoint()
+        raise AssertionError("unreachable")
+
+    def _next_endpoint(self) -> None:
+        """Move to the next of several endpoints (a cluster's other node)."""
+        if len(self._endpoints) > 1:
+            index = (self._endpoints.index(self._endpoint) + 1) % len(self._endpoints)
+            self._endpoint = self._endpoints[index]
+
     async def _connect_control(self) -> MessageSocket:
         token = await self._get_token()
         url = build_relay_url(
@@ -492,6 +521,8 @@ class HybridConnectionListener:
         last_cause: str | None = None
         while not await self._wait_closing(delay):
             self._set_status("connecting")
+            # With several endpoints, each attempt goes to the next: the one lost may be down.
+            self._next_endpoint()
             try:
                 socket = await self._connect_control()
             except Exception as exc:

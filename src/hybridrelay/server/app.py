@@ -25,6 +25,7 @@ import datetime
 import logging
 import ssl
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -71,6 +72,9 @@ from hybridrelay.store.base import Store, StoreError
 from hybridrelay.store.sqlite import MEMORY, SqliteStore
 from hybridrelay.transport.base import CloseCode
 
+if TYPE_CHECKING:
+    from hybridrelay.server.cluster_broker import ClusterBroker
+
 __all__ = ["RelayServer"]
 
 logger = logging.getLogger("hybridrelay.server")
@@ -114,13 +118,26 @@ class RelayServer:
         self._loaded_at = datetime.datetime.now(datetime.UTC)
         #: The management store given, else opened at start (``store.path``, else memory).
         self._given_store = store
-        self._own_store: SqliteStore | None = None
+        self._own_store: Store | None = None
         #: The entities and rules served: the file's laid over the store's.
         self.store = NamespaceView(
             config.namespace_name,
             file_layer(config, self._loaded_at.timestamp()),
             on_removed=self._entities_removed,
         )
+        #: The cluster broker with ``store.cluster`` (redis is imported only then).
+        self._cluster: ClusterBroker | None = None
+        if broker is None and config.store.cluster:
+            try:
+                from hybridrelay.server.cluster_broker import ClusterBroker
+            except ImportError as exc:
+                raise ConfigurationError(
+                    "store.cluster needs redis-py: pip install 'hybridrelay[cluster]'"
+                ) from exc
+
+            broker = self._cluster = ClusterBroker(
+                config.store.cluster, config.namespace_name, public_base=self._rendezvous_base
+            )
         self.broker: Broker = broker or LocalBroker()
         self.observer = observer or RelayObserver()
         #: The authorization check every endpoint uses.
@@ -249,7 +266,15 @@ class RelayServer:
         """Deleted entities: refuse their pending senders, close their listeners (1001)."""
         for name in names:
             channels = self.broker.entity_gone(name)
-            logger.info("hybrid connection %r deleted: closing %d listener(s)", name, len(channels))
+            relayed = [c for c in self._legs.connections() if c.entity.lower() == name.lower()]
+            for connection in relayed:
+                connection.close(CloseCode.GOING_AWAY, ENTITY_DELETED)
+            logger.info(
+                "hybrid connection %r deleted: closing %d listener(s) and %d connection(s)",
+                name,
+                len(channels),
+                len(relayed),
+            )
             if channels:
                 task = asyncio.get_running_loop().create_task(
                     close_channels(self.broker, channels, CloseCode.GOING_AWAY, ENTITY_DELETED)
@@ -299,11 +324,20 @@ class RelayServer:
         store = self._given_store
         if store is None:
             try:
-                store = self._own_store = await SqliteStore.open(
-                    self.config.store.path or MEMORY, namespace=self.config.namespace_name
-                )
+                if self.config.store.cluster:
+                    from hybridrelay.store.redis import RedisStore
+
+                    store = self._own_store = await RedisStore.open(
+                        self.config.store.cluster, namespace=self.config.namespace_name
+                    )
+                else:
+                    store = self._own_store = await SqliteStore.open(
+                        self.config.store.path or MEMORY, namespace=self.config.namespace_name
+                    )
             except StoreError as exc:
-                raise ConfigurationError(f"store.path: {exc}") from exc
+                raise ConfigurationError(
+                    f"store.{'cluster' if self.config.store.cluster else 'path'}: {exc}"
+                ) from exc
         self.store.attach(store)
         # aiohttp's low-level server: routing is ours (one catch-all), so the Application,
         # router and middleware layers would only cost memory per connection (~2 KiB per
@@ -329,6 +363,11 @@ class RelayServer:
         )
         logger.info("relay listening on %s", self.base_url)
         try:
+            if self._cluster is not None:  # its rendezvous base is known once bound
+                outage = getattr(store, "outage", None)
+                if outage is not None:
+                    self._cluster.outage = outage  # one log line per outage for the node
+                await self._cluster.start()
             if self.config.management.enabled:
                 await self._start_management(store)
             for ingress in self.ingress:
@@ -505,6 +544,8 @@ class RelayServer:
             *(c.socket.aclose(CloseCode.GOING_AWAY, "relay shutting down") for c in channels),
             return_exceptions=True,
         )
+        if self._cluster is not None:
+            await self._cluster.aclose()  # leaves the cluster: no more offers from other nodes
         # 3. Spliced connections get a close frame (1001) on both legs; their peers answer and
         #    the splices end by themselves, within a bounded time.
         await self._legs.close(_SHUTDOWN_GRACE if close_wait is None else close_wait)
@@ -556,6 +597,11 @@ class RelayServer:
         if base.startswith(("wss://", "https://")):
             base = "sb://" + base.split("://", 1)[1]
         return base + "/"
+
+    def _rendezvous_base(self) -> str:
+        """The base of rendezvous addresses naming this node (cluster offers to other nodes'
+        listeners): ``server.public_base_url``, else this node's own base URL."""
+        return (self.config.server.public_base_url or self.base_url).rstrip("/")
 
     @property
     def management_port(self) -> int:

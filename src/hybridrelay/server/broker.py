@@ -121,6 +121,9 @@ class Pending:
     claimed: bool = False
     #: A listener with this many messages queued is not told (set by :meth:`Broker.open`).
     max_queued: int = LimitsConfig.max_queued_per_listener
+    #: Answered on the control channel it is told on (an HTTP request sent inline): only a
+    #: listener whose control channel this process reads may be told.
+    inline: bool = False
 
     def listener_gone(self) -> None:
         """The control channel of the listener that was told went away."""
@@ -208,6 +211,11 @@ class Broker(Protocol):
         ...
 
     def listener_count(self, entity: str) -> int: ...
+
+    def answers_inline(self, entity: str) -> bool:
+        """Whether an HTTP request to ``entity`` may be sent inline (its response then comes on
+        a control channel of this process); False: send it address-only (PROTOCOL.md 6.3)."""
+        ...
 
     def channels(self) -> Sequence[ControlChannel]:
         """Every registered control channel (for the relay's shutdown)."""
@@ -314,6 +322,13 @@ class LocalBroker:
     def listener_count(self, entity: str) -> int:
         return len(self._by_entity.get(entity.lower(), ()))
 
+    def answers_inline(self, entity: str) -> bool:
+        return True
+
+    def _has_listener(self, entity: str) -> bool:
+        """Whether a sender to ``entity`` has a listener to be offered to."""
+        return any(c.usable for c in self._by_entity.get(entity.lower(), ()))
+
     def channels(self) -> Sequence[ControlChannel]:
         return [c for channels in self._by_entity.values() for c in channels]
 
@@ -419,7 +434,7 @@ class LocalBroker:
     async def offer(
         self, entity: str, connection: Connection, limits: LimitsConfig
     ) -> AsyncIterator[tuple[PendingRendezvous | None, Outcome]]:
-        if not any(c.usable for c in self._by_entity.get(entity.lower(), ())):
+        if not self._has_listener(entity):
             yield None, NO_LISTENER
             return
         pending = PendingRendezvous(connection.id, entity)

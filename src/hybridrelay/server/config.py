@@ -161,6 +161,15 @@ class StoreSettings:
         help="the SQLite file (relative to the configuration file; default: the data "
         "directory's `relay.db` for `serve`, memory only for a relay built in code)",
     )
+    #: Join a cluster: the store and the listeners' registrations are in this Redis
+    #: (docs/CLUSTER.md). None: one node, SQLite, no Redis.
+    cluster: str | None = setting(
+        None,
+        help="join a cluster through this Redis (`redis://[:password@]host:port/db`, "
+        "`rediss://` for TLS, `unix://`): entities, rules and keys live there and senders "
+        "reach listeners on every node (docs/CLUSTER.md)",
+        flags=("--cluster",),
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)

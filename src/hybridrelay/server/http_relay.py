@@ -272,7 +272,7 @@ class HttpRelay:
             chunked="chunked" in request.headers.get("Transfer-Encoding", "").lower(),
             content_length=request.content_length,
             header_bytes=header_json_size(headers),
-        )
+        ) and self._relay.broker.answers_inline(entity.name)
         limits = self._relay.config.limits
         if self._relay.broker.pending_count >= limits.max_pending_rendezvous:
             return error_response(503, _TOO_MANY_PENDING)

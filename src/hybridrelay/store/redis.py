@@ -1,0 +1,673 @@
+"""The cluster's management store: entities, SAS rules and keys in Redis, shared by every node.
+
+Layout (every key below ``hybridrelay:{namespace}:``):
+
+* ``store``: a hash; field ``ns`` is the namespace record (tags and namespace rules) as JSON,
+  field ``hc:{entity key}`` one hybrid connection with its rules;
+* ``version``: a counter raised by every change;
+* the pub/sub channel ``store-changes``: one message per change, ``{"field", "version",
+  "origin"}``.
+
+Each node keeps the whole :class:`NamespaceState` in memory, like the SQLite store, and the data
+path reads only that (no Redis round trip per request). A change is written in one optimistic
+transaction (``WATCH`` on the hash: two nodes changing the same rule never lose one of the two
+writes), applied to the writing node's state before the call returns, and announced on the
+channel; the other nodes read the one field it names. A message can be lost (the subscription
+broke, Redis restarted), so every :data:`RECONCILE_INTERVAL` seconds each node compares the
+counter with the last one it saw and reloads the whole hash when they differ.
+
+Bounds: a regenerated key is refused, and a deleted entity's connections are closed, on every
+node once its message arrives (milliseconds on a LAN), and at the latest
+:data:`RECONCILE_INTERVAL` seconds after Redis is reachable again when the message was lost.
+
+Keys are stored as the SQLite store stores them: protect Redis (a password, TLS with
+``rediss://``, a private network). Nothing here logs a key or the Redis URL's password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, WatchError
+
+from hybridrelay.auth.sas import Rights
+from hybridrelay.protocol.arm import new_key
+from hybridrelay.store.base import (
+    KEEP,
+    KeySlot,
+    NotFoundError,
+    StoreQuotaError,
+    StoreUnavailableError,
+    Subscriber,
+)
+from hybridrelay.store.records import (
+    HybridConnectionRecord,
+    NamespaceRecord,
+    NamespaceState,
+    RuleRecord,
+    entity_key,
+)
+from hybridrelay.store.sqlite import MAX_RULES_PER_SCOPE, _optional_float, _optional_str
+
+__all__ = [
+    "RECONCILE_INTERVAL",
+    "OutageLog",
+    "RedisStore",
+    "open_redis",
+    "raise_if_cancelled",
+    "redacted_url",
+]
+
+logger = logging.getLogger("hybridrelay.store")
+
+#: How often a node compares its state's version with Redis' (and reloads when they differ).
+RECONCILE_INTERVAL = 5.0
+#: Every Redis call of the store is bounded by this (connect and each command).
+REDIS_TIMEOUT = 3.0
+#: Optimistic transactions retried this often when another node wrote the same hash.
+_WRITE_ATTEMPTS = 20
+_NS_FIELD = "ns"
+
+T = TypeVar("T")
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its password (for logs and errors)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.partition(":")[0]
+    return f"{scheme}://{user + ':' if user else ''}***@{host}"
+
+
+def open_redis(url: str) -> aioredis.Redis:
+    """A client for ``url`` (``redis://``, ``rediss://``, ``unix://``, with a password as
+    redis-py reads it), every call bounded by :data:`REDIS_TIMEOUT`."""
+    try:
+        return aioredis.Redis.from_url(
+            url,
+            socket_timeout=REDIS_TIMEOUT,
+            socket_connect_timeout=REDIS_TIMEOUT,
+            health_check_interval=15,
+            decode_responses=False,
+        )
+    except ValueError as exc:
+        raise StoreUnavailableError(f"cluster: bad Redis URL {redacted_url(url)}: {exc}") from exc
+
+
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation that redis-py turned into a connection error (it catches the
+    CancelledError of a command cut short): a background loop must end when it is cancelled."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
+
+
+class OutageLog:
+    """One WARNING line when Redis stops answering and one INFO line when it is back, however
+    many calls fail in between. A relay's store and broker share one (one line per node)."""
+
+    def __init__(self, url: str, what: str) -> None:
+        self._url = redacted_url(url)
+        self._what = what
+        self.reachable = True
+
+    def report(self, exc: BaseException | None) -> None:
+        """A call to Redis failed with ``exc``, or (None) succeeded."""
+        if exc is not None and self.reachable:
+            self.reachable = False
+            logger.warning(
+                "%s: Redis at %s unreachable (%s); serving this node's listeners and what is "
+                "in memory until it is back",
+                self._what,
+                self._url,
+                type(exc).__name__,
+            )
+        elif exc is None and not self.reachable:
+            self.reachable = True
+            logger.info("%s: Redis at %s reachable again", self._what, self._url)
+
+
+def _rule_json(rule: RuleRecord) -> dict[str, Any]:
+    return {
+        "name": rule.name,
+        "primary": rule.primary_key,
+        "secondary": rule.secondary_key,
+        "rights": list(rule.rights.names()),
+        "created": rule.created_at,
+        "updated": rule.updated_at,
+        "entity": rule.entity,
+    }
+
+
+def _rule(data: Mapping[str, Any]) -> RuleRecord:
+    return RuleRecord(
+        str(data["name"]),
+        str(data["primary"]),
+        str(data["secondary"]),
+        Rights.parse(data["rights"]),
+        float(data["created"]),
+        float(data["updated"]),
+        str(data.get("entity", "")),
+    )
+
+
+def _entity_text(record: HybridConnectionRecord) -> bytes:
+    return json.dumps(
+        {
+            "name": record.name,
+            "auth": record.requires_client_authorization,
+            "created": record.created_at,
+            "updated": record.updated_at,
+            "metadata": record.user_metadata,
+            "timeout": record.http_response_timeout,
+            "rules": [_rule_json(rule) for rule in record.rules],
+        }
+    ).encode()
+
+
+def _entity(text: bytes) -> HybridConnectionRecord:
+    data = json.loads(text)
+    return HybridConnectionRecord(
+        name=str(data["name"]),
+        requires_client_authorization=bool(data["auth"]),
+        created_at=float(data["created"]),
+        updated_at=float(data["updated"]),
+        user_metadata=data.get("metadata"),
+        http_response_timeout=data.get("timeout"),
+        rules=tuple(_rule(rule) for rule in data.get("rules", ())),
+    )
+
+
+def _namespace_text(record: NamespaceRecord) -> bytes:
+    return json.dumps(
+        {
+            "name": record.name,
+            "created": record.created_at,
+            "updated": record.updated_at,
+            "tags": dict(record.tags),
+            "rules": [_rule_json(rule) for rule in record.rules],
+        }
+    ).encode()
+
+
+def _namespace(text: bytes) -> NamespaceRecord:
+    data = json.loads(text)
+    return NamespaceRecord(
+        str(data["name"]),
+        float(data["created"]),
+        float(data["updated"]),
+        MappingProxyType({str(k): str(v) for k, v in data.get("tags", {}).items()}),
+        tuple(_rule(rule) for rule in data.get("rules", ())),
+    )
+
+
+def _field(key: str) -> str:
+    return f"hc:{key}"
+
+
+class RedisStore:
+    """The management store in Redis. Open it with :meth:`open`; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        client: aioredis.Redis,
+        namespace: str,
+        state: NamespaceState,
+        version: int,
+        *,
+        clock: Callable[[], float],
+        max_hybrid_connections: int,
+        reconcile_interval: float,
+    ) -> None:
+        self._url = redacted_url(url)
+        self._redis = client
+        self._prefix = f"hybridrelay:{namespace}:"
+        self._hash = self._prefix + "store"
+        self._version_key = self._prefix + "version"
+        self._channel = self._prefix + "store-changes"
+        self._state = state
+        #: The Redis counter this node's state reflects (compared by the reconciliation).
+        self._seen_version = version
+        self._clock = clock
+        self._max_hybrid_connections = max_hybrid_connections
+        self._reconcile_interval = reconcile_interval
+        self._origin = uuid.uuid4().hex
+        self._subscribers: list[Subscriber] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        #: One log line per outage (the relay's cluster broker shares it).
+        self.outage = OutageLog(url, "cluster")
+
+    def __repr__(self) -> str:
+        return f"<RedisStore {self._url!r} version={self._state.version}>"
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        namespace: str,
+        initial_rules: Sequence[tuple[str, Rights]] = (),
+        clock: Callable[[], float] = time.time,
+        max_hybrid_connections: int = 10_000,
+        reconcile_interval: float = RECONCILE_INTERVAL,
+    ) -> RedisStore:
+        """Connect to ``url`` and load the namespace (created with ``initial_rules`` and fresh
+        keys if Redis does not hold it yet)."""
+        client = open_redis(url)
+        prefix = f"hybridrelay:{namespace}:"
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT * 2):
+                now = clock()
+                fresh = NamespaceRecord(
+                    namespace,
+                    now,
+                    now,
+                    rules=tuple(
+                        RuleRecord(name, new_key(), new_key(), rights, now, now)
+                        for name, rights in initial_rules
+                    ),
+                )
+                await client.hsetnx(prefix + "store", _NS_FIELD, _namespace_text(fresh))
+                version, raw = await _load_raw(client, prefix)
+        except (RedisError, OSError, TimeoutError) as exc:
+            await client.aclose()
+            raise StoreUnavailableError(
+                f"cluster: cannot reach Redis at {redacted_url(url)}: {exc or 'no answer'}"
+            ) from exc
+        store = cls(
+            url,
+            client,
+            namespace,
+            _state_of(raw, namespace, 0),
+            version,
+            clock=clock,
+            max_hybrid_connections=max_hybrid_connections,
+            reconcile_interval=reconcile_interval,
+        )
+        store._start()
+        return store
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._follow_changes()),
+            loop.create_task(self._reconcile_loop()),
+        ]
+
+    # -- reading --------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> NamespaceState:
+        return self._state
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        self._subscribers.append(subscriber)
+        return lambda: self._subscribers.remove(subscriber)
+
+    async def check(self) -> None:
+        await self._call(self._redis.ping())
+
+    # -- writing --------------------------------------------------------------------------------
+
+    async def put_hybrid_connection(
+        self,
+        name: str,
+        *,
+        requires_client_authorization: bool | None = None,
+        user_metadata: str | None | object = KEEP,
+        http_response_timeout: float | None | object = KEEP,
+    ) -> tuple[HybridConnectionRecord, bool]:
+        key = entity_key(name)
+        now = self._clock()
+        created = False
+
+        def change(old: HybridConnectionRecord | None) -> HybridConnectionRecord:
+            nonlocal created
+            created = old is None
+            if old is None:
+                if len(self._state.hybrid_connections) >= self._max_hybrid_connections:
+                    raise StoreQuotaError(
+                        f"at most {self._max_hybrid_connections} hybrid connections are allowed"
+                    )
+                return HybridConnectionRecord(
+                    name=name.strip("/"),
+                    requires_client_authorization=(
+                        True
+                        if requires_client_authorization is None
+                        else requires_client_authorization
+                    ),
+                    created_at=now,
+                    updated_at=now,
+                    user_metadata=None if user_metadata is KEEP else _optional_str(user_metadata),
+                    http_response_timeout=(
+                        None
+                        if http_response_timeout is KEEP
+                        else _optional_float(http_response_timeout)
+                    ),
+                )
+            changes: dict[str, Any] = {"updated_at": now}
+            if requires_client_authorization is not None:
+                changes["requires_client_authorization"] = requires_client_authorization
+            if user_metadata is not KEEP:
+                changes["user_metadata"] = _optional_str(user_metadata)
+            if http_response_timeout is not KEEP:
+                changes["http_response_timeout"] = _optional_float(http_response_timeout)
+            return replace(old, **changes)
+
+        record = await self._change_entity(key, change)
+        assert record is not None
+        return record, created
+
+    async def delete_hybrid_connection(self, name: str) -> bool:
+        key = entity_key(name)
+        existed = False
+
+        def change(old: HybridConnectionRecord | None) -> HybridConnectionRecord | None:
+            nonlocal existed
+            existed = old is not None
+            return None
+
+        await self._change_entity(key, change)
+        return existed
+
+    async def put_rule(
+        self, name: str, rights: Rights, *, entity: str = ""
+    ) -> tuple[RuleRecord, bool]:
+        now = self._clock()
+        scope = entity_key(entity)
+        result: list[tuple[RuleRecord, bool]] = []
+
+        def change(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
+            old = next((rule for rule in rules if rule.name.lower() == name.lower()), None)
+            if old is None:
+                if len(rules) >= MAX_RULES_PER_SCOPE:
+                    raise StoreQuotaError(
+                        f"at most {MAX_RULES_PER_SCOPE} authorization rules are allowed here"
+                    )
+                record = RuleRecord(name, new_key(), new_key(), rights, now, now, scope)
+            else:
+                record = replace(old, rights=rights, updated_at=now)
+            result[:] = [(record, old is None)]
+            return _swapped(rules, name, record)
+
+        await self._change_rules(entity, change)
+        return result[0]
+
+    async def delete_rule(self, name: str, *, entity: str = "") -> bool:
+        existed = False
+
+        def change(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
+            nonlocal existed
+            existed = any(rule.name.lower() == name.lower() for rule in rules)
+            return _swapped(rules, name, None)
+
+        await self._change_rules(entity, change)
+        return existed
+
+    async def regenerate_key(
+        self, name: str, slot: KeySlot, *, entity: str = "", key: str | None = None
+    ) -> RuleRecord:
+        fresh = key or new_key()
+        now = self._clock()
+        result: list[RuleRecord] = []
+
+        def change(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
+            old = next((rule for rule in rules if rule.name.lower() == name.lower()), None)
+            if old is None:
+                raise NotFoundError(f"no authorization rule {name!r}")
+            if slot == "primary":
+                record = replace(old, primary_key=fresh, updated_at=now)
+            else:
+                record = replace(old, secondary_key=fresh, updated_at=now)
+            result[:] = [record]
+            return _swapped(rules, name, record)
+
+        await self._change_rules(entity, change)
+        return result[0]
+
+    async def update_namespace(self, *, tags: dict[str, str]) -> NamespaceRecord:
+        now = self._clock()
+        record = await self._change_namespace(
+            lambda old: replace(old, tags=MappingProxyType(dict(tags)), updated_at=now)
+        )
+        return record
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.aclose()
+
+    # -- transactions ---------------------------------------------------------------------------
+
+    async def _change_rules(
+        self, entity: str, change: Callable[[tuple[RuleRecord, ...]], tuple[RuleRecord, ...]]
+    ) -> None:
+        scope = entity_key(entity)
+        if not scope:
+            await self._change_namespace(lambda old: replace(old, rules=change(old.rules)))
+            return
+
+        def change_entity(old: HybridConnectionRecord | None) -> HybridConnectionRecord:
+            if old is None:
+                raise NotFoundError(f"no hybrid connection {entity.strip('/')!r}")
+            return replace(old, rules=change(old.rules))
+
+        await self._change_entity(scope, change_entity)
+
+    async def _change_namespace(
+        self, change: Callable[[NamespaceRecord], NamespaceRecord]
+    ) -> NamespaceRecord:
+        def text(raw: bytes | None) -> bytes | None:
+            old = _namespace(raw) if raw is not None else self._state.namespace
+            return _namespace_text(change(old))
+
+        raw = await self._transaction(_NS_FIELD, text)
+        assert raw is not None
+        record = _namespace(raw)
+        self._apply(_NS_FIELD, raw)
+        return record
+
+    async def _change_entity(
+        self,
+        key: str,
+        change: Callable[[HybridConnectionRecord | None], HybridConnectionRecord | None],
+    ) -> HybridConnectionRecord | None:
+        def text(raw: bytes | None) -> bytes | None:
+            record = change(_entity(raw) if raw is not None else None)
+            return None if record is None else _entity_text(record)
+
+        field = _field(key)
+        raw = await self._transaction(field, text)
+        self._apply(field, raw)
+        return None if raw is None else _entity(raw)
+
+    async def _transaction(
+        self, field: str, new_text: Callable[[bytes | None], bytes | None]
+    ) -> bytes | None:
+        """Replace ``field`` with ``new_text(current)`` (None deletes it) in one optimistic
+        transaction that also raises the version and announces the change; the text written.
+        ``new_text`` may raise a :class:`StoreError` (nothing is written)."""
+
+        async def attempt() -> bytes | None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for _ in range(_WRITE_ATTEMPTS):
+                    try:
+                        await pipe.watch(self._hash)
+                        current = _bytes(await pipe.hget(self._hash, field))
+                        text = new_text(current)
+                        pipe.multi()  # type: ignore[no-untyped-call]
+                        if text is None:
+                            pipe.hdel(self._hash, field)
+                        else:
+                            pipe.hset(self._hash, field, text)
+                        pipe.incr(self._version_key)
+                        results = await pipe.execute()
+                    except WatchError:
+                        continue
+                    version = int(results[1])
+                    self._seen_version = max(self._seen_version, version)
+                    message = {"field": field, "version": version, "origin": self._origin}
+                    await self._redis.publish(self._channel, json.dumps(message))
+                    return text
+            raise StoreUnavailableError("cluster: the store is too busy (write conflicts)")
+
+        return await self._call(attempt())
+
+    async def _call(self, work: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT * 2):
+                return await work
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailableError(
+                f"cluster: Redis at {self._url} failed: {exc or 'no answer in time'}"
+            ) from exc
+
+    # -- following the other nodes ----------------------------------------------------------------
+
+    def _apply(self, field: str, raw: bytes | None) -> None:
+        """Put ``field``'s current text (None: deleted) into the state and tell subscribers."""
+        old = self._state
+        if field == _NS_FIELD:
+            if raw is None:
+                return
+            namespace = _namespace(raw)
+            if namespace == old.namespace:
+                return
+            self._publish(NamespaceState(namespace, old.hybrid_connections, old.version + 1))
+            return
+        key = field.removeprefix("hc:")
+        entities = dict(old.hybrid_connections)
+        if raw is None:
+            if entities.pop(key, None) is None:
+                return
+        else:
+            record = _entity(raw)
+            if entities.get(key) == record:
+                return
+            entities[key] = record
+        self._publish(NamespaceState(old.namespace, MappingProxyType(entities), old.version + 1))
+
+    def _publish(self, state: NamespaceState) -> None:
+        self._state = state
+        for subscriber in list(self._subscribers):
+            try:
+                subscriber(state)
+            except Exception:  # one broken subscriber must not stop the others
+                logger.exception("a store subscriber failed")
+
+    async def _reload(self) -> None:
+        """Read the whole hash and replace the state if it differs."""
+        async with asyncio.timeout(REDIS_TIMEOUT * 2):
+            version, raw = await _load_raw(self._redis, self._prefix)
+        fresh = _state_of(raw, self._state.namespace.name, self._state.version + 1)
+        self._seen_version = version
+        if (
+            fresh.namespace != self._state.namespace
+            or fresh.hybrid_connections != self._state.hybrid_connections
+        ):
+            self._publish(fresh)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            raise_if_cancelled()
+            await asyncio.sleep(self._reconcile_interval)
+            try:
+                async with asyncio.timeout(REDIS_TIMEOUT * 2):
+                    raw = await self._redis.get(self._version_key)
+                if int(raw or 0) != self._seen_version:
+                    await self._reload()
+                self.outage.report(None)
+            except (RedisError, OSError, TimeoutError) as exc:
+                raise_if_cancelled()
+                self.outage.report(exc)
+
+    async def _follow_changes(self) -> None:
+        """Apply the other nodes' changes as their messages come; on a broken subscription,
+        subscribe again (with backoff) and reload, since messages were lost meanwhile."""
+        delay = 0.1
+        while True:
+            raise_if_cancelled()
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                async with asyncio.timeout(REDIS_TIMEOUT * 2):
+                    await pubsub.subscribe(self._channel)
+                    await self._reload()
+                self.outage.report(None)
+                delay = 0.1
+                while True:
+                    raise_if_cancelled()
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    await self._on_message(message.get("data"))
+            except (RedisError, OSError, TimeoutError) as exc:
+                raise_if_cancelled()
+                self.outage.report(exc)
+            finally:
+                with contextlib.suppress(RedisError, OSError, RuntimeError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _on_message(self, data: object) -> None:
+        try:
+            message = json.loads(data) if isinstance(data, bytes | str) else None
+            field = str(message["field"]) if isinstance(message, dict) else None
+        except (ValueError, KeyError):
+            field = None
+        if field is None or not (field == _NS_FIELD or field.startswith("hc:")):
+            logger.warning("cluster store: ignored a malformed change message")
+            return
+        assert isinstance(message, dict)
+        if message.get("origin") == self._origin:
+            return  # applied when it was written
+        async with asyncio.timeout(REDIS_TIMEOUT * 2):
+            raw = _bytes(await self._redis.hget(self._hash, field))
+        self._seen_version = max(self._seen_version, int(message.get("version", 0)))
+        self._apply(field, raw)
+
+
+def _bytes(value: bytes | str | None) -> bytes | None:
+    return value.encode() if isinstance(value, str) else value
+
+
+def _swapped(
+    rules: tuple[RuleRecord, ...], name: str, record: RuleRecord | None
+) -> tuple[RuleRecord, ...]:
+    kept = tuple(rule for rule in rules if rule.name.lower() != name.lower())
+    return (*kept, record) if record is not None else kept
+
+
+async def _load_raw(client: aioredis.Redis, prefix: str) -> tuple[int, dict[bytes, bytes]]:
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.get(prefix + "version")
+        pipe.hgetall(prefix + "store")
+        version, raw = await pipe.execute()
+    return int(version or 0), dict(raw)
+
+
+def _state_of(raw: Mapping[bytes, bytes], namespace: str, version: int) -> NamespaceState:
+    text = raw.get(_NS_FIELD.encode())
+    now = time.time()
+    record = _namespace(text) if text is not None else NamespaceRecord(namespace, now, now)
+    entities = {
+        name.decode().removeprefix("hc:"): _entity(value)
+        for name, value in raw.items()
+        if name.startswith(b"hc:")
+    }
+    return NamespaceState(record, MappingProxyType(entities), version)

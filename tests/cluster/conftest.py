@@ -1,0 +1,127 @@
+"""A real ``redis-server`` per test (a free port, a temporary directory, append-only file on so
+that a restart keeps the data), and in-process cluster nodes on it.
+
+Skipped when ``redis-server`` is not installed, unless ``HYBRIDRELAY_REQUIRE_REDIS=1`` (CI), which
+makes its absence a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hybridrelay.server import RelayServer
+from tests.conftest import Relay, relay_config
+
+READY_LINE = b"Ready to accept connections"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RedisServer:
+    """One ``redis-server`` process; :meth:`start` returns once it accepts connections."""
+
+    def __init__(self, binary: str, directory: Path) -> None:
+        self._binary = binary
+        self._directory = directory
+        self.port = _free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [
+                self._binary,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--dir", str(self._directory),
+                "--appendonly", "yes",
+                "--appendfsync", "always",
+                "--save", "",
+                "--loglevel", "notice",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        assert self._process.stdout is not None
+        seen = []
+        for line in self._process.stdout:  # readiness is the server's own line
+            seen.append(line)
+            if READY_LINE in line:
+                return
+        raise RuntimeError(f"redis-server did not start: {b''.join(seen)[-2000:]!r}")
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("HYBRIDRELAY_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is not installed (HYBRIDRELAY_REQUIRE_REDIS=1)")
+        pytest.skip("redis-server is not installed")
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(binary, directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def cluster_config(url: str, **kwargs: Any) -> Any:
+    """A test relay's configuration (tests/conftest.py) joined to the cluster at ``url``; no
+    entity in the file: the cluster's store holds them."""
+    kwargs.setdefault("entities", [])
+    config = relay_config(**kwargs)
+    return replace(config, store=replace(config.store, cluster=url))
+
+
+@asynccontextmanager
+async def cluster_nodes(
+    url: str, count: int, *, node_options: dict[int, dict[str, Any]] | None = None
+) -> AsyncIterator[list[Relay]]:
+    """``count`` in-process relay nodes of one cluster (``node_options[i]``: relay_config
+    arguments of node i)."""
+    servers = [
+        RelayServer(cluster_config(url, **(node_options or {}).get(index, {})))
+        for index in range(count)
+    ]
+    started: list[RelayServer] = []
+    try:
+        for server in servers:
+            await server.start()
+            started.append(server)
+        yield [Relay(server, None) for server in servers]
+    finally:
+        await asyncio.gather(*(server.aclose() for server in started))
