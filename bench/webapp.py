@@ -176,8 +176,12 @@ async def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
                     spent = cpu_seconds(p) - before[role]
                     record[f"{role}_cpu_ms_per_1000"] = spent * 1e6 / small["requests"]
                 record.update(small)
+            # A client of its own: the warm-up's pooled connections may have idled past the
+            # server's keep-alive (uvicorn's is 5 s) while wrk ran, and one closed just as it
+            # is reused fails the request.
+            async with httpx.AsyncClient(headers=headers, timeout=60) as http:
                 record.update(await first_sse_event(http, base, args.sse))
-                return record
+            return record
 
 
 def targets(records: list[dict[str, Any]]) -> list[str]:
