@@ -370,7 +370,7 @@ def _listener(
     connection = config.connection
     assert connection.endpoint is not None
     return HybridConnectionListener(
-        connection.endpoint,
+        [connection.endpoint, *connection.more_endpoints],  # a cluster's nodes, in turn
         hc,
         provider,
         ca_file=connection.ca_file,

@@ -140,6 +140,14 @@ class ConnectionSettings:
     endpoint: str | None = setting(
         None, help="relay endpoint, sb://host[:port]", flags=("-e", "-E", "--endpoint")
     )
+    #: A cluster's other nodes (docs/CLUSTER.md): listeners move to the next on failure.
+    more_endpoints: tuple[str, ...] = setting(
+        (),
+        help="another relay endpoint of the same cluster, tried in turn when the relay a "
+        "listener (-R, -H) uses cannot be reached (repeatable)",
+        flags=("--also-endpoint",),
+        metavar="ENDPOINT",
+    )
     key_name: str | None = setting(None, help="shared access rule name", flags=("-K", "--key-name"))
     key: str | None = setting(None, help="shared access key", flags=("-k", "--key"), secret=True)
     token: str | None = setting(
@@ -163,14 +171,13 @@ class ConnectionSettings:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.endpoint is not None:
-            parts = urlsplit(self.endpoint)
+        first = [self.endpoint] if self.endpoint is not None else []
+        for endpoint in [*first, *self.more_endpoints]:
+            parts = urlsplit(endpoint)
             if parts.scheme.lower() not in ("sb", "ws", "wss", "http", "https") or not (
                 parts.hostname
             ):
-                raise ConfigurationError(
-                    f"endpoint: {self.endpoint!r} must look like sb://host[:port]/"
-                )
+                raise ConfigurationError(f"endpoint: {endpoint!r} must look like sb://host[:port]/")
         if self.token and (self.key_name or self.key):
             raise ConfigurationError(
                 "a SAS token cannot be combined with key_name/key (give one or the other)"
