@@ -252,6 +252,22 @@ async def ws_echo(websocket: WebSocket) -> None:
             await websocket.send_bytes(data)
 
 
+async def ws_gated(websocket: WebSocket) -> None:
+    """Reads nothing until ``/ws-gate-open?id=`` is called, then counts the bytes of every
+    message up to an empty one and answers the total: the sender's backpressure test."""
+    await websocket.accept()
+    await asyncio.wait_for(_end_event("gate " + websocket.query_params["id"]).wait(), WAIT)
+    total = 0
+    while data := await websocket.receive_bytes():
+        total += len(data)
+    await websocket.send_text(str(total))
+
+
+async def ws_gate_open(request: Request) -> Response:
+    _end_event("gate " + request.query_params["id"]).set()
+    return PlainTextResponse("open")
+
+
 async def ws_closed(request: Request) -> Response:
     """The close code and reason the echo route saw for ``?id=`` (waits for it)."""
     key = request.query_params["id"]
@@ -295,6 +311,8 @@ app = Starlette(
     routes=[
         WebSocketRoute("/ws", ws_echo),
         WebSocketRoute("/ws-refuse", ws_refuse),
+        WebSocketRoute("/ws-gated", ws_gated),
+        Route("/ws-gate-open", ws_gate_open),
         Route("/ws-closed", ws_closed),
         Route("/page", page),
         Route("/sse", sse),

@@ -29,37 +29,40 @@ WAIT_MS = 15_000
     CHROMIUM is None and not os.environ.get("HYBRIDRELAY_REQUIRE_BROWSER"),
     reason="Debian's chromium is not installed (apt-get install chromium)",
 )
-@pytest.mark.parametrize("topology", TOPOLOGIES)
-async def test_a_browser_page_with_a_websocket_and_an_event_source(
-    tmp_path: Path, topology: str
-) -> None:
+async def test_a_browser_page_with_a_websocket_and_an_event_source(tmp_path: Path) -> None:
     from playwright.async_api import async_playwright, expect
 
     assert CHROMIUM is not None, "HYBRIDRELAY_REQUIRE_BROWSER is set but chromium is missing"
-    async with web_app(tmp_path, topology) as (relay, _, _http), async_playwright() as playwright:
+    async with async_playwright() as playwright:
+        # One browser for both topologies (its start is most of this test's time).
         browser = await playwright.chromium.launch(
             executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
         )
         try:
-            context = await browser.new_context()
-            await context.add_cookies(
-                [
-                    {
-                        "name": "sb-hc-token",
-                        "value": quote(relay.token(), safe=""),
-                        "url": relay.http_url,
-                    }
-                ]
-            )
-            page = await context.new_page()
-            response = await page.goto(f"{relay.http_url}/{ENTITY}/page")
-            assert response is not None and response.status == 200
-            for n in (1, 2, 3):
-                await expect(page.locator("#ws")).to_contain_text(
-                    f"browser says {n}", timeout=WAIT_MS
-                )
-            await expect(page.locator("#sse")).to_contain_text("tick 3", timeout=WAIT_MS)
-            assert await page.evaluate("window.protocolChosen()") == "echo.v1"
-            assert "error" not in await page.locator("#ws").inner_text()
+            for topology in TOPOLOGIES:
+                directory = tmp_path / topology
+                directory.mkdir()
+                async with web_app(directory, topology) as (relay, _, _http):
+                    context = await browser.new_context()
+                    await context.add_cookies(
+                        [
+                            {
+                                "name": "sb-hc-token",
+                                "value": quote(relay.token(), safe=""),
+                                "url": relay.http_url,
+                            }
+                        ]
+                    )
+                    page = await context.new_page()
+                    response = await page.goto(f"{relay.http_url}/{ENTITY}/page")
+                    assert response is not None and response.status == 200, topology
+                    for n in (1, 2, 3):
+                        await expect(page.locator("#ws")).to_contain_text(
+                            f"browser says {n}", timeout=WAIT_MS
+                        )
+                    await expect(page.locator("#sse")).to_contain_text("tick 3", timeout=WAIT_MS)
+                    assert await page.evaluate("window.protocolChosen()") == "echo.v1"
+                    assert "error" not in await page.locator("#ws").inner_text()
+                    await context.close()
         finally:
             await browser.close()

@@ -3,10 +3,12 @@
 library through the relay's HTTP endpoint (``/{hc}/ws``, what a browser does) and through the
 Hybrid Connections connect URL (``/$hc/{hc}/ws?sb-hc-action=connect``).
 
-Covered: text and binary messages with their type, close code and reason both ways, the
+Covered: text and binary messages, pings, with their type, close code and reason both ways, the
 subprotocol the app picks, the path/query/headers the app sees (no relay credential), the
 app's refusal (403) before any 101; the credentials a sender may use (header, query, cookie,
-none for an anonymous hybrid connection) and 401 for a missing or bad one; plain and TLS.
+none for an anonymous hybrid connection) and 401 for a missing or bad one; backpressure (an
+app that does not read stalls the sender); 502 from -H for an upstream that is down or silent;
+1001 when -H stops; plain and TLS.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ from tests.webapps.test_webapps import TOPOLOGIES, web_app
 #: Every network step of a test client.
 WAIT = 15.0
 ENDPOINTS = ["http", "connect"]
+#: The backpressure check sends this much in messages of STALL_CHUNK; it must stall before.
+STALL_TOTAL = 48 * 1024 * 1024
+STALL_CHUNK = 256 * 1024
 
 
 def ws_url(relay: RelayProcess, route: str, endpoint: str, query: str = "") -> str:
@@ -126,10 +131,16 @@ async def echo_both_ways(relay: RelayProcess, http: httpx.AsyncClient, endpoint:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("topology", TOPOLOGIES)
-async def test_websocket_echo_both_endpoints(tmp_path: Path, topology: str) -> None:
+async def test_websocket_echo_both_endpoints_and_backpressure(
+    tmp_path: Path, topology: str
+) -> None:
     async with web_app(tmp_path, topology) as (relay, _, http):
         for endpoint in ENDPOINTS:
             await echo_both_ways(relay, http, endpoint)
+        stalled_mib = await backpressure(relay, http)
+    # Seen: ~12 MiB (serve-app), ~23 MiB (bridge -H: uvicorn queues 32 messages too): the
+    # TCP buffers of each hop, not the message count.
+    assert stalled_mib < STALL_TOTAL / (1024 * 1024)
 
 
 @pytest.mark.timeout(120)
@@ -195,48 +206,81 @@ async def test_websocket_to_an_anonymous_hybrid_connection(tmp_path: Path) -> No
                 assert await receive(ws) == b"anyone"
 
 
+async def backpressure(relay: RelayProcess, http: httpx.AsyncClient) -> float:
+    """Against an app that reads nothing yet, the sender's sends stall once the buffers on the
+    way are full (no hop queues without bound); once the app reads, everything arrives. The
+    MiB sent before the stall."""
+    key = uuid.uuid4().hex
+    chunk = b"x" * STALL_CHUNK
+    sent = 0
+    progress = asyncio.Event()
+    url = ws_url(relay, "/ws-gated", "http", f"id={key}")
+    async with connect(relay, url, {AUTH: relay.token()}) as ws:
+
+        async def send_all() -> None:
+            nonlocal sent
+            while sent < STALL_TOTAL:
+                await ws.send(chunk)
+                sent += len(chunk)
+                progress.set()
+            await ws.send(b"")  # the end
+
+        sending = asyncio.create_task(send_all())
+        try:
+            while not sending.done():
+                progress.clear()
+                try:
+                    # No progress for a second: every buffer on the way is full.
+                    await asyncio.wait_for(progress.wait(), 1.0)
+                except TimeoutError:
+                    break
+            assert not sending.done(), "all was sent while the app read nothing"
+            stalled_at = sent
+            assert (await http.get(f"/{ENTITY}/ws-gate-open", params={"id": key})).text == "open"
+            async with asyncio.timeout(60):
+                await sending
+            assert await receive(ws) == str(STALL_TOTAL)
+        finally:
+            sending.cancel()
+    return stalled_at / (1024 * 1024)
+
+
 @pytest.mark.timeout(120)
-async def test_websocket_to_an_unreachable_upstream_is_502(tmp_path: Path) -> None:
+async def test_bridge_h_refusals_and_stop(tmp_path: Path) -> None:
+    """-H: an upstream that is down is 502; one that accepts TCP but never answers the upgrade
+    is 502 within --connect-timeout; stopping the bridge closes its WebSockets with 1001."""
     async with uvicorn_server() as gone:
         pass  # nothing listens on its port any more
-    async with relay_process(tmp_path, None) as relay, bridge_h(relay, gone):
-        url = ws_url(relay, "/ws", "http")
-        assert await refused_status(relay, url, {AUTH: relay.token()}) == 502
-
-
-@pytest.mark.timeout(120)
-async def test_stopping_bridge_h_closes_its_websockets_with_1001(tmp_path: Path) -> None:
-    async with relay_process(tmp_path, None) as relay, uvicorn_server(root_path="/hc") as up:
-        async with bridge_h(relay, up) as bridge:
-            async with connect(relay, ws_url(relay, "/ws", "http"), {AUTH: relay.token()}) as ws:
-                await ws.send("before")
-                assert await receive(ws) == "before"
-                bridge.process.terminate()
-                with pytest.raises(websockets.ConnectionClosed) as ended:
-                    await receive(ws)
-            async with asyncio.timeout(WAIT):
-                assert await bridge.process.wait() == 0
-    assert ended.value.rcvd is not None
-    assert ended.value.rcvd.code == 1001
-
-
-@pytest.mark.timeout(120)
-async def test_an_upstream_that_never_answers_the_upgrade_is_502_in_time(tmp_path: Path) -> None:
     # The kernel accepts the TCP connection (backlog) but nothing ever answers the upgrade.
     silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     silent.bind(("127.0.0.1", 0))
     silent.listen(16)
-    upstream = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    url_of_silent = f"http://127.0.0.1:{silent.getsockname()[1]}"
     try:
         async with relay_process(tmp_path, None) as relay:
-            async with bridge_h(relay, upstream, "--connect-timeout", "1"):
+            auth = {AUTH: relay.token()}
+            url = ws_url(relay, "/ws", "http")
+            async with bridge_h(relay, gone):
+                assert await refused_status(relay, url, auth) == 502
+            async with bridge_h(relay, url_of_silent, "--connect-timeout", "1"):
                 started = time.monotonic()
                 with pytest.raises(websockets.InvalidStatus) as refused:
-                    async with connect(relay, ws_url(relay, "/ws", "http"), {AUTH: relay.token()}):
+                    async with connect(relay, url, auth):
                         pass
                 seconds = time.monotonic() - started
+            async with uvicorn_server(root_path="/hc") as up, bridge_h(relay, up) as bridge:
+                async with connect(relay, url, auth) as ws:
+                    await ws.send("before")
+                    assert await receive(ws) == "before"
+                    bridge.process.terminate()
+                    with pytest.raises(websockets.ConnectionClosed) as ended:
+                        await receive(ws)
+                async with asyncio.timeout(WAIT):
+                    assert await bridge.process.wait() == 0
     finally:
         silent.close()
     assert refused.value.response.status_code == 502
     assert "in time" in refused.value.response.reason_phrase
     assert 0.9 < seconds < 5, seconds
+    assert ended.value.rcvd is not None
+    assert ended.value.rcvd.code == 1001
