@@ -4,11 +4,20 @@ Both settings are process-wide (a class attribute of the standard library, the C
 so the command line applies them to its own processes, not on import: an application
 embedding the SDK decides for itself.
 
-**TLS read buffer.** CPython's asyncio TLS layer gives every TLS connection a zero-filled read
-buffer of ``SSLProtocol.max_size`` bytes (256 KiB). A relayed connection has two TLS sockets on
-the relay and one on each bridge, so with 10,000 connections that buffer alone is ~5 GiB on the
-relay. Measured on this machine (docs/PERFORMANCE.md): 64 KiB keeps bulk throughput within
-noise of 256 KiB while cutting memory per client+server connection pair from 580 to 196 KiB.
+**TLS read buffer (asyncio's event loop).** CPython's asyncio TLS layer gives every TLS
+connection its own zero-filled read buffer of ``SSLProtocol.max_size`` bytes (256 KiB), resident
+for the connection's life. :func:`set_tls_read_buffer` sizes it (64 KiB: bulk throughput within
+noise of 256 KiB, docs/DECISIONS.md D6) and makes every TLS connection of a thread read into
+the one buffer the thread's spliced legs already share (:mod:`.receive_buffer`): the bytes
+read are copied into the connection's incoming ``MemoryBIO`` before anything else runs, so no
+connection keeps them. An idle TLS connection then holds no read buffer of its own: 89 -> 26
+KiB per server-side connection (``python -m bench.experiments.tls_idle_mem --loop asyncio``),
+176 -> 48 KiB per idle TLS tunnel on the relay (``HYBRIDRELAY_LOOP=asyncio``).
+
+**uvloop** (our default loop, D7) has its own TLS layer, which these settings do not reach:
+a 256 KiB read buffer per connection from ``malloc`` (not zero-filled, so only the pages reads
+touch are resident: ~1 page), and no setting to change it. What an idle TLS connection costs
+there is OpenSSL's own state (docs/DECISIONS.md D16).
 
 **Allocator thresholds (glibc).** asyncio's socket transports read with
 ``sock.recv(256 KiB)`` and aiohttp's protocols are fed that way: every read allocates a
@@ -27,11 +36,15 @@ import asyncio.sslproto
 import ctypes
 import ctypes.util
 import platform
+from typing import Any
+
+from hybridrelay.transport.receive_buffer import RECEIVE_BUFFER_SIZE, receive_buffer
 
 __all__ = [
     "DEFAULT_TLS_READ_BUFFER",
     "MMAP_THRESHOLD",
     "TRIM_THRESHOLD",
+    "SharedBufferSSLProtocol",
     "set_malloc_thresholds",
     "set_tls_read_buffer",
 ]
@@ -46,16 +59,43 @@ _M_MMAP_THRESHOLD = -3
 
 
 def set_tls_read_buffer(size: int = DEFAULT_TLS_READ_BUFFER) -> None:
-    """Set the per-connection TLS read buffer of asyncio for this process.
+    """Make asyncio's TLS connections of this process read through a shared ``size``-byte buffer.
+
+    Replaces ``asyncio.sslproto.SSLProtocol`` (which asyncio's event loops look up when they
+    make a TLS transport) with :class:`SharedBufferSSLProtocol`; calling it again only
+    changes the size. uvloop's TLS transports are not affected (module docstring).
 
     Raises:
-        ValueError: ``size`` is below one TLS record (16 KiB).
+        ValueError: ``size`` is below one TLS record (16 KiB), or above the shared buffer.
     """
     if size < 16 * 1024:
         raise ValueError("the TLS read buffer must hold at least one 16 KiB TLS record")
-    protocol = getattr(asyncio.sslproto, "SSLProtocol", None)
-    if protocol is not None and hasattr(protocol, "max_size"):
-        protocol.max_size = size
+    if size > RECEIVE_BUFFER_SIZE:
+        raise ValueError(f"the TLS read buffer cannot exceed {RECEIVE_BUFFER_SIZE} bytes")
+    asyncio.sslproto.SSLProtocol = SharedBufferSSLProtocol  # type: ignore[misc]
+    SharedBufferSSLProtocol.max_size = size
+
+
+class SharedBufferSSLProtocol(asyncio.sslproto.SSLProtocol):
+    """asyncio's TLS protocol, reading into this thread's shared receive buffer.
+
+    The transport calls ``get_buffer``, reads into it, and calls ``buffer_updated``, which
+    first writes those bytes into the connection's incoming ``MemoryBIO`` (a copy); only
+    then does OpenSSL decrypt, into the application's own buffer (for our spliced legs, the
+    same shared buffer: by then the raw bytes are in the BIO). So the buffer is free again
+    before any other connection can read.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Drop the private buffer the stdlib allocated (zero-filled, so resident): freed
+        # here, it is reused by the next connection's, and no connection keeps one.
+        self._ssl_buffer = self._ssl_buffer_view = receive_buffer()[: self.max_size]
+
+    def get_buffer(self, n: int) -> memoryview:
+        view = receive_buffer()[: self.max_size]
+        self._ssl_buffer = self._ssl_buffer_view = view
+        return view
 
 
 def set_malloc_thresholds(
