@@ -149,7 +149,8 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
         tls = ctx
 
         def factory() -> asyncio.BaseProtocol:
-            return asyncio.sslproto.SSLProtocol(loop, _Answer(held), tls, None, server_side=True)
+            waiter = loop.create_future()  # set by the handshake; nobody waits on it
+            return asyncio.sslproto.SSLProtocol(loop, _Answer(held), tls, waiter, server_side=True)
 
         server = await loop.create_server(factory, "127.0.0.1", 0)
     else:
