@@ -41,7 +41,6 @@ import contextlib
 import logging
 import re
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -82,7 +81,7 @@ from hybridrelay.server.config import HybridConnectionConfig, LimitsConfig
 from hybridrelay.server.context import RelayContext
 from hybridrelay.server.http_upgrade import cookie_token, strip_token_cookie
 from hybridrelay.server.request import connection_gone
-from hybridrelay.server.responses import error_response, reason_phrase
+from hybridrelay.server.responses import error_response, reason_phrase, tracking_id
 from hybridrelay.transport.base import CloseCode, MessageKind
 from hybridrelay.transport.http_leg import MessageLeg
 from hybridrelay.transport.splice import hand_over
@@ -226,7 +225,7 @@ class HttpRelay:
             return error_response(404, "The hybrid connection does not exist.")
         entity, suffix = resolved
         started = time.monotonic()
-        exchange_id = str(uuid.uuid4())
+        exchange_id = tracking_id()
         response = await self._relay_request(
             request, entity, suffix, raw_path, raw_query, exchange_id
         )
