@@ -83,7 +83,8 @@ class SharedBufferSSLProtocol(asyncio.sslproto.SSLProtocol):
     first writes those bytes into the connection's incoming ``MemoryBIO`` (a copy); only
     then does OpenSSL decrypt, into the application's own buffer (for our spliced legs, the
     same shared buffer: by then the raw bytes are in the BIO). So the buffer is free again
-    before any other connection can read.
+    before any other connection can read. (The proactor loop of Windows reads into a buffer
+    of its transport's own and feeds it to ``get_buffer`` the same way, synchronously.)
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
