@@ -49,7 +49,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Sequence
 from typing import Any, cast
 
 from redis.exceptions import RedisError
@@ -148,6 +148,8 @@ class ClusterBroker(LocalBroker):
         self._serving = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
+        #: Left the cluster (:meth:`aclose`): Redis is not used any more.
+        self._left = False
 
     def _channel_of(self, node: str) -> str:
         return f"{self._prefix}node:{node}"
@@ -177,6 +179,7 @@ class ClusterBroker(LocalBroker):
                 await self._renewed.wait()
 
     async def aclose(self) -> None:
+        self._left = True
         for task in (*self._loops, *self._tasks):
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
@@ -201,6 +204,8 @@ class ClusterBroker(LocalBroker):
             self._changed(channel.entity)
 
     def _changed(self, entity: str) -> None:
+        if self._left:
+            return
         self._dirty.add(entity.lower())
         self._flush_wanted.set()
 
@@ -280,6 +285,8 @@ class ClusterBroker(LocalBroker):
 
     async def _remote_routes(self, entity: str) -> list[tuple[str, int]]:
         """The other live nodes with listeners of ``entity`` and how many (cached briefly)."""
+        if self._left:
+            return []
         key = entity_key(entity)
         now = time.monotonic()
         cached = self._routes.get(key)
@@ -464,7 +471,10 @@ class ClusterBroker(LocalBroker):
                 return
             self._spawn(self._serve_offer(message))
 
-    def _spawn(self, work: Any) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        if self._left:
+            work.close()
+            return
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
