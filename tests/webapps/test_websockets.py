@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import socket
 import ssl
@@ -31,6 +32,7 @@ from websockets.asyncio.client import ClientConnection
 
 from hybridrelay.auth.sas import create_token
 from tests.conftest import ROOT_KEY_NAME, TlsFiles
+from tests.webapps.app import BLOCK, blob_block
 from tests.webapps.harness import (
     AUTH,
     ENTITY,
@@ -39,7 +41,13 @@ from tests.webapps.harness import (
     relay_process,
     uvicorn_server,
 )
-from tests.webapps.test_webapps import TOPOLOGIES, web_app
+from tests.webapps.test_webapps import (
+    RSS_GROWTH_LIMIT_KIB,
+    SOAK,
+    TOPOLOGIES,
+    RssSampler,
+    web_app,
+)
 
 #: Every network step of a test client.
 WAIT = 15.0
@@ -284,3 +292,41 @@ async def test_bridge_h_refusals_and_stop(tmp_path: Path) -> None:
     assert 0.9 < seconds < 5, seconds
     assert ended.value.rcvd is not None
     assert ended.value.rcvd.code == 1001
+
+
+async def echo_volume(relay: RelayProcess, size: int) -> None:
+    """``size`` bytes to the echo route and back, in 64 KiB messages, sent while the echoes are
+    read (pipelined); their SHA-256 must agree."""
+    sent, got = hashlib.sha256(), hashlib.sha256()
+    received = 0
+    async with connect(relay, ws_url(relay, "/ws", "http"), {AUTH: relay.token()}) as ws:
+
+        async def send_all() -> None:
+            for index, start in enumerate(range(0, size, BLOCK)):
+                block = blob_block(index)[: size - start]
+                sent.update(block)
+                await ws.send(block)
+
+        sending = asyncio.create_task(send_all())
+        try:
+            while received < size:
+                message = await receive(ws)
+                assert isinstance(message, bytes)
+                got.update(message)
+                received += len(message)
+            await sending
+        finally:
+            sending.cancel()
+    assert got.hexdigest() == sent.hexdigest()
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+async def test_one_gibibyte_each_way_through_a_websocket_soak(
+    tmp_path: Path, topology: str
+) -> None:
+    async with web_app(tmp_path, topology) as (relay, listener, _http):
+        async with RssSampler([relay.process.pid, listener.pid]) as rss:
+            await echo_volume(relay, SOAK)
+    assert all(growth < RSS_GROWTH_LIMIT_KIB for growth in rss.growth().values()), rss.growth()
