@@ -224,6 +224,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     data_dir: Path = args.data_dir or default_data_dir()
     embedded = not args.config
     config = _serve_config(args, data_dir)
+    if embedded and config.store.cluster:  # no SQLite file makes it: for the endpoint file
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     async def run() -> int:
         # The embedded default's store holds its root rule (made on first start); a
@@ -289,8 +291,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     write_endpoints(data_dir, Endpoints(server.base_url, server.management_url))
                     print(
                         "Embedded default: plain ws:// on loopback; hybrid connections are "
-                        f"created on first listen.\nRoot connection string: run `{cs_command}` "
-                        f"(the keys are kept in {config.store.path}).",
+                        "created on first listen.\n"
+                        + (
+                            "The keys are kept in the cluster's Redis: read them through the "
+                            "management API (hybridrelay admin)."
+                            if config.store.cluster
+                            else f"Root connection string: run `{cs_command}` "
+                            f"(the keys are kept in {config.store.path})."
+                        ),
                         flush=True,
                     )
                 await stop.wait()
