@@ -222,14 +222,16 @@ def test_tls_read_buffer_setting_reaches_asyncio() -> None:
 
     from hybridrelay.transport.tuning import set_tls_read_buffer
 
-    before = asyncio.sslproto.SSLProtocol.max_size
+    # The setting replaces asyncio's class process-wide: put it back, so that the tests after
+    # this one run on the class they would run on without it.
+    before = asyncio.sslproto.SSLProtocol
     try:
         set_tls_read_buffer(64 * 1024)
         assert asyncio.sslproto.SSLProtocol.max_size == 64 * 1024
         with pytest.raises(ValueError, match="16 KiB"):
             set_tls_read_buffer(4096)
     finally:
-        asyncio.sslproto.SSLProtocol.max_size = before
+        asyncio.sslproto.SSLProtocol = before  # type: ignore[misc]
 
 
 @given(st.binary(max_size=64))
