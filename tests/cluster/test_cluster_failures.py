@@ -116,7 +116,7 @@ async def test_redis_restarted_under_load(
             assert await one.server._readiness() is not None
             assert await two.server._readiness() is not None
             before = done
-            await until(lambda: asyncio.sleep(0, done >= before + 20), 20.0)
+            await until(lambda: asyncio.sleep(0, done >= before + 10), 20.0)
 
             redis_server.start()
             await until(lambda: _ready(one), 15.0)

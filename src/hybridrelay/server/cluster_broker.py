@@ -216,6 +216,8 @@ class ClusterBroker(LocalBroker):
             await self._flush_wanted.wait()
             self._flush_wanted.clear()
             dirty, self._dirty = self._dirty, set()
+            if not dirty:
+                continue  # an empty pipeline reaches no server: it says nothing of Redis
             try:
                 async with asyncio.timeout(REDIS_TIMEOUT * 2):
                     async with self._redis.pipeline(transaction=False) as pipe:

@@ -38,7 +38,11 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hybridrelay.auth.sas import Rights
 from hybridrelay.protocol.arm import new_key
@@ -74,6 +78,8 @@ logger = logging.getLogger("hybridrelay.store")
 RECONCILE_INTERVAL = 5.0
 #: Every Redis call of the store is bounded by this (connect and each command).
 REDIS_TIMEOUT = 3.0
+#: Connections to Redis per client (the store's and the broker's, per node).
+MAX_CONNECTIONS = 32
 #: Optimistic transactions retried this often when another node wrote the same hash.
 _WRITE_ATTEMPTS = 20
 _NS_FIELD = "ns"
@@ -95,15 +101,24 @@ def open_redis(url: str) -> aioredis.Redis:
     """A client for ``url`` (``redis://``, ``rediss://``, ``unix://``, with a password as
     redis-py reads it), every call bounded by :data:`REDIS_TIMEOUT`."""
     try:
-        return aioredis.Redis.from_url(
+        # A bounded pool that makes a burst wait for a free connection (up to REDIS_TIMEOUT)
+        # instead of failing it: redis-py's default pool raises once its 100 are in use.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=REDIS_TIMEOUT,
             socket_timeout=REDIS_TIMEOUT,
             socket_connect_timeout=REDIS_TIMEOUT,
             health_check_interval=15,
             decode_responses=False,
+            # A pooled connection made before Redis restarted fails on first use: one quick
+            # retry on a fresh connection, so that a restart is not reported twice.
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
     except ValueError as exc:
         raise StoreUnavailableError(f"cluster: bad Redis URL {redacted_url(url)}: {exc}") from exc
+    return aioredis.Redis.from_pool(pool)
 
 
 def raise_if_cancelled() -> None:
