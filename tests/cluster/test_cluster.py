@@ -228,6 +228,7 @@ async def test_a_deletion_on_node_2_closes_connections_on_nodes_1_and_3(
                 # Node 3 closes the sender's pair, node 1 the listener's control channel.
                 async with asyncio.timeout(10):
                     assert await stream.read() == b""
+                    await stream.aclose()  # answer the relay's close (it waits for it)
                     await closed
         assert one.server.store.get("doomed") is None
         assert three.server.store.get("doomed") is None

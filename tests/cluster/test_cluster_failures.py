@@ -63,8 +63,16 @@ async def serve_nodes(config: Path, url: str, count: int) -> AsyncIterator[list[
 async def test_a_killed_node_s_listener_comes_back_on_another_node(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
+    # Node 1 is a subprocess (SIGKILL); nodes 2 and 3 run here (fewer processes to start).
     config = write_config(tmp_path / "relay.yaml", relay_document())
-    async with serve_nodes(config, redis_server.url, 3) as (one, two, three):
+    file_entity = {"entities": [{"name": "hc"}]}
+    async with (
+        serve_nodes(config, redis_server.url, 1) as (one,),
+        cluster_nodes(redis_server.url, 2, node_options={0: file_entity, 1: file_entity}) as (
+            two,
+            three,
+        ),
+    ):
         listener = HybridConnectionListener([one.base_url, two.base_url], "hc", root_provider())
         async with listener:
             echoing = asyncio.get_running_loop().create_task(echo(listener))
