@@ -325,6 +325,12 @@ class LocalBroker:
     def answers_inline(self, entity: str) -> bool:
         return True
 
+    def _all_busy(self, pending: Pending) -> bool:
+        """Whether every listener ``pending`` could be told has ``max_queued`` messages queued
+        (False when there is none: that is answered later, as no listener)."""
+        channels = [c for c in self._by_entity.get(pending.entity.lower(), ()) if c.usable]
+        return bool(channels) and all(c.queued >= pending.max_queued for c in channels)
+
     def _has_listener(self, entity: str) -> bool:
         """Whether a sender to ``entity`` has a listener to be offered to."""
         return any(c.usable for c in self._by_entity.get(entity.lower(), ()))
@@ -356,8 +362,7 @@ class LocalBroker:
         ):
             return TOO_MANY_PENDING
         pending.max_queued = limits.max_queued_per_listener
-        channels = [c for c in self._by_entity.get(key, ()) if c.usable]
-        if channels and all(c.queued >= pending.max_queued for c in channels):
+        if self._all_busy(pending):
             return LISTENERS_BUSY
         self._pending[pending.secret] = pending
         self._pending_per_entity[key] = count + 1

@@ -321,6 +321,11 @@ class ClusterBroker(LocalBroker):
     def _has_listener(self, entity: str) -> bool:
         return super()._has_listener(entity) or self._cached_remote_count(entity) > 0
 
+    def _all_busy(self, pending: Pending) -> bool:
+        # Listeners on other nodes may have room (their node answers "none" if not).
+        remote = not pending.inline and self._cached_remote_count(pending.entity) > 0
+        return not remote and super()._all_busy(pending)
+
     def answers_inline(self, entity: str) -> bool:
         local = sum(1 for c in self._by_entity.get(entity.lower(), ()) if c.usable)
         if not local:
