@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridrelay.exceptions import ConfigurationError, ProtocolError
+from hybridrelay.protocol import messages
 from hybridrelay.protocol.addressing import (
     build_relay_url,
     filter_query,
@@ -252,3 +256,86 @@ def test_non_utf8_header_bytes_reach_the_listener_as_latin1() -> None:
     text = encode_message(Accept(address="wss://r/$hc/x", id="1", connect_headers={"X": value}))
     assert "\\ud" not in text
     assert json.loads(text)["accept"]["connectHeaders"] == {"X": "café"}
+
+
+T = TypeVar("T")
+
+
+def _with_stdlib_json(call: Callable[[], T]) -> T:
+    """``call()`` with the stdlib's json in place of orjson (as where orjson is missing)."""
+    fast = messages.__dict__["orjson"]
+    setattr(messages, "orjson", None)  # noqa: B010 (not an attribute messages exports)
+    try:
+        return call()
+    finally:
+        setattr(messages, "orjson", fast)  # noqa: B010
+
+
+def _outcome(text: str) -> object:
+    try:
+        return parse_message(text)
+    except ProtocolError:
+        return ProtocolError
+
+
+def test_orjson_is_what_writes_and_reads_here() -> None:
+    # This machine has it (a dependency): the tests below compare it with the stdlib's path.
+    assert messages.__dict__["orjson"] is not None
+
+
+_texts = st.text(st.characters(exclude_categories=("Cs",))) | st.text(
+    '\udc80\udcff\u00e9\u2028\U0001f600\x00\x7f"\\a'
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(_texts, _texts, st.dictionaries(_texts, _texts, max_size=4), st.integers(0, 65535))
+def test_orjson_and_the_stdlib_write_the_same_messages(
+    address: str, text: str, headers: dict[str, str], port: int
+) -> None:
+    sent: list[Accept | Request | Response | RenewToken] = [
+        Accept(address, text, headers, RemoteEndpoint(text, port)),
+        Request(address, text, text, text, headers, RemoteEndpoint(text, port), True),
+        Response(text, 200, text, headers, False, ((text, address),)),
+        RenewToken(text),
+    ]
+    for message in sent:
+        fast = encode_message(message)
+        slow = _with_stdlib_json(functools.partial(encode_message, message))
+        assert json.loads(fast) == json.loads(slow)
+        if fast.isascii() and fast.isprintable():
+            assert fast == slow  # byte for byte where nothing needs escaping (DEL does)
+
+
+_documents = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | _texts,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_texts, inner, max_size=3),
+    max_leaves=8,
+)
+_members = st.sampled_from(["accept", "request", "response", "renewToken", "other"])
+_fields = st.sampled_from(
+    ["address", "id", "requestId", "statusCode", "responseHeaders", "remoteEndpoint", "token"]
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_members, st.dictionaries(_fields, _documents, max_size=5), st.booleans())
+def test_orjson_and_the_stdlib_read_the_same_messages(
+    member: str, body: dict[str, object], ascii_only: bool
+) -> None:
+    text = json.dumps({member: body}, ensure_ascii=ascii_only)
+    assert _outcome(text) == _with_stdlib_json(functools.partial(_outcome, text))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"response": {"requestId": "\\ud800", "statusCode": 200}}',  # a lone surrogate escape
+        '{"response": {"requestId": "a", "statusCode": NaN}}',
+        '{"renewToken": {"token": "t"}, "x": Infinity}',
+        "not json",
+        '{"response": ',
+    ],
+)
+def test_what_orjson_refuses_the_stdlib_decides(text: str) -> None:
+    assert _outcome(text) == _with_stdlib_json(functools.partial(_outcome, text))

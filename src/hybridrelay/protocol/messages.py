@@ -7,6 +7,14 @@ sloppy (``statusCode`` as a number or a string; unknown members are ignored).
 
 Pure: no I/O. Parse errors raise :class:`~hybridrelay.exceptions.ProtocolError`, never anything
 else, whatever the input.
+
+The JSON is read and written by orjson where it is installed (a dependency; several times
+faster than the stdlib's, and every relayed HTTP request costs the relay and the listener one
+message each way, docs/DECISIONS.md D17), else by the stdlib's ``json``. Both give the same
+documents: orjson writes non-ASCII text (and DEL) as it is where the stdlib writes ``\\u``
+escapes (the same JSON), and what orjson refuses (a lone surrogate to write; NaN or lone surrogate
+escapes to read) goes to the stdlib. One difference remains: orjson reads an integer beyond
+64 bits as a float, so such a ``remoteEndpoint`` port is refused (the stdlib took it).
 """
 
 from __future__ import annotations
@@ -17,6 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hybridrelay.exceptions import ProtocolError
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - the stdlib's json does the same, slower
+    orjson = None  # type: ignore[assignment]
 
 __all__ = [
     "MAX_CONTROL_MESSAGE",
@@ -168,7 +181,7 @@ def parse_message(text: str | bytes) -> ControlMessage | None:
     if len(text) > 4 * MAX_CONTROL_MESSAGE:
         raise ProtocolError("control message is too large")
     try:
-        document = json.loads(text)
+        document = _loads(text)
     except (ValueError, RecursionError) as exc:
         raise ProtocolError("control message is not valid JSON") from exc
     if not isinstance(document, dict) or not document:
@@ -262,9 +275,28 @@ def _wire_headers(headers: dict[str, str]) -> dict[str, str]:
     return {header_text(name): header_text(value) for name, value in headers.items()}
 
 
-#: The protocol's compact JSON. One encoder for the process: ``json.dumps`` with any
-#: argument builds a new one per call, a cost the relay paid per relayed request.
+#: The protocol's compact JSON from the stdlib. One encoder for the process: ``json.dumps``
+#: with any argument builds a new one per call.
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def _dumps(document: dict[str, Any]) -> str:
+    """``document`` as compact JSON (see the module: orjson, else the stdlib)."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(document).decode()
+        except TypeError:  # a lone surrogate: orjson writes UTF-8 only, the stdlib escapes it
+            pass
+    return _COMPACT.encode(document)
+
+
+def _loads(text: str | bytes) -> Any:
+    if orjson is not None:
+        try:
+            return orjson.loads(text)
+        except ValueError:  # not JSON, or JSON only the stdlib takes: it decides
+            pass
+    return json.loads(text)
 
 
 def encode_message(message: ControlMessage) -> str:
@@ -278,7 +310,7 @@ def encode_message(message: ControlMessage) -> str:
         }
         if message.remote_endpoint is not None:
             body["remoteEndpoint"] = message.remote_endpoint.to_json()
-        return _COMPACT.encode({"accept": body})
+        return _dumps({"accept": body})
     if isinstance(message, Request):
         body = {"address": message.address, "id": message.id}
         # The address-only form MUST omit method and body (PROTOCOL.md 6.2).
@@ -289,7 +321,7 @@ def encode_message(message: ControlMessage) -> str:
                 body["remoteEndpoint"] = message.remote_endpoint.to_json()
             body["requestHeaders"] = _wire_headers(message.request_headers or {})
             body["body"] = bool(message.body)
-        return _COMPACT.encode({"request": body})
+        return _dumps({"request": body})
     if isinstance(message, Response):
         body = {"requestId": message.request_id, "statusCode": message.status_code}
         if message.status_description is not None:
@@ -298,5 +330,5 @@ def encode_message(message: ControlMessage) -> str:
         if message.repeated_headers:
             body["repeatedResponseHeaders"] = [list(pair) for pair in message.repeated_headers]
         body["body"] = message.body
-        return _COMPACT.encode({"response": body})
-    return _COMPACT.encode({"renewToken": {"token": message.token}})
+        return _dumps({"response": body})
+    return _dumps({"renewToken": {"token": message.token}})
