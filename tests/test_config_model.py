@@ -152,6 +152,8 @@ SAMPLES: dict[str, tuple[Any, list[str]]] = {
     "connection.token": ("SharedAccessSignature sr=a&sig=b", ["SharedAccessSignature sr=a&sig=b"]),
     "connection.proxy": ("http://proxy.example:3128", ["http://proxy.example:3128"]),
     "connection.ca_file": ("/etc/ca.pem", ["/etc/ca.pem"]),
+    "connection.more_endpoints": (["sb://node2.example.com/"], ["sb://node2.example.com/"]),
+    "store.cluster": ("redis://127.0.0.1:6379/0", ["redis://127.0.0.1:6379/0"]),
     "local_forwards": (
         ["8080:web", "unix:/tmp/a.sock#n:hc"],
         ["8080:web", "unix:/tmp/a.sock#n:hc"],
