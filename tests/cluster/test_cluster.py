@@ -15,18 +15,25 @@ from contextlib import asynccontextmanager
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from hybridrelay.auth.sas import Rights, create_token
 from hybridrelay.client import HybridConnectionClient, HybridConnectionListener
 from hybridrelay.client.http import RelayedHttpContext
-from hybridrelay.exceptions import RelayError
-from hybridrelay.server.cluster_broker import ClusterBroker
+from hybridrelay.exceptions import RelayError, RelayHttpError
+from hybridrelay.server.cluster_broker import (
+    DEFAULT_LEASE,
+    OFFER_ANSWER_TIMEOUT,
+    ClusterBroker,
+)
 from hybridrelay.store.redis import RedisStore
 from tests.client.helpers import root_provider
 from tests.cluster.conftest import RedisServer, cluster_nodes
 from tests.conftest import ROOT_KEY, ROOT_KEY_NAME, Relay
 
 KIB = 1024
+#: A node option: "hc" in the file (an entity without the store).
+HC = {"entities": [{"name": "hc"}]}
 
 
 def in_an_hour() -> int:
@@ -273,3 +280,35 @@ def test_without_cluster_no_redis_is_imported() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.timeout(60)
+async def test_dead_nodes_are_not_routed_to(redis_server: RedisServer) -> None:
+    """A node whose lease ran out is removed (with its routes) by the next renewal of a live
+    node; a node whose lease is current but that nobody hears (its process is gone) is skipped
+    at once: the sender is answered 404 without waiting for the other node's answer."""
+    raw = aioredis.Redis.from_url(redis_server.url)
+    prefix = "hybridrelay:hybridrelay:"
+    try:
+        async with cluster_nodes(redis_server.url, 1, node_options={0: HC}) as (node,):
+            now = time.time()
+            await raw.zadd(prefix + "nodes", {"expired": now - 1, "silent": now + 60})
+            for ghost in ("expired", "silent"):
+                await raw.hset(prefix + "routes:hc", ghost, "3")
+                await raw.sadd(prefix + f"node:{ghost}:entities", "hc")
+
+            async def expired_removed() -> bool:
+                return not await raw.hexists(prefix + "routes:hc", "expired")
+
+            await until(expired_removed, 2 * DEFAULT_LEASE / 3 + 1)
+            assert await raw.zscore(prefix + "nodes", "expired") is None
+            await until(lambda: asyncio.sleep(0, "silent" in broker_of(node).live_nodes))
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            async with HybridConnectionClient(node.base_url, "hc", root_provider()) as client:
+                with pytest.raises(RelayHttpError) as refused:
+                    await client.create_connection()
+            assert refused.value.status == 404
+            assert loop.time() - started < OFFER_ANSWER_TIMEOUT  # not waited out
+    finally:
+        await raw.aclose()
