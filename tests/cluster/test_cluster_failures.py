@@ -152,3 +152,23 @@ async def _cross_ok(node: object) -> bool:
 
     assert isinstance(node, Relay)
     return await try_round_trip(node.base_url, b"again")
+
+
+@pytest.mark.timeout(60)
+async def test_a_draining_node_s_listener_moves_and_senders_keep_connecting(
+    redis_server: RedisServer,
+) -> None:
+    """One step of a rolling restart: node 1 drains (SIGTERM's path); its listener is told
+    1012, reconnects to node 2 (its next endpoint), and senders on node 2 keep connecting."""
+    file_entity = {"entities": [{"name": "hc"}]}
+    options = {0: file_entity, 1: file_entity}
+    async with cluster_nodes(redis_server.url, 2, node_options=options) as (one, two):
+        listener = HybridConnectionListener([one.base_url, two.base_url], "hc", root_provider())
+        async with listener:
+            echoing = asyncio.get_running_loop().create_task(echo(listener))
+            await until(lambda: sees_listener(two, "hc"))
+            assert await round_trip(two, b"before") == b"before"
+            await one.server.drain(grace=1.0)
+            await until(lambda: asyncio.sleep(0, two.server.broker.listener_count("hc") == 1))
+            assert await round_trip(two, b"after") == b"after"
+            echoing.cancel()

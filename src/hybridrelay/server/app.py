@@ -481,6 +481,8 @@ class RelayServer:
         )
         for channel in channels:
             channel.usable = False  # offered no new sender; what it was told still completes
+        if self._cluster is not None:
+            self._cluster.stop_advertising()  # other nodes stop offering senders here
         closing = [loop.create_task(self._close_when_idle(channel)) for channel in channels]
         drained = loop.create_task(self._drained(closing))
         interrupted = loop.create_task(self._stop_draining.wait())

@@ -150,6 +150,8 @@ class ClusterBroker(LocalBroker):
         self._loops: list[asyncio.Task[None]] = []
         #: Left the cluster (:meth:`aclose`): Redis is not used any more.
         self._left = False
+        #: False from a drain on: this node's listeners are no longer offered to other nodes.
+        self._advertising = True
 
     def _channel_of(self, node: str) -> str:
         return f"{self._prefix}node:{node}"
@@ -203,6 +205,13 @@ class ClusterBroker(LocalBroker):
         if not isinstance(channel, RemoteChannel):
             self._changed(channel.entity)
 
+    def stop_advertising(self) -> None:
+        """The relay drains: remove this node's listeners from the routes now (other nodes
+        stop offering senders here at once, not when the listeners are gone)."""
+        self._advertising = False
+        self._dirty |= set(self._by_entity)
+        self._flush_wanted.set()
+
     def _changed(self, entity: str) -> None:
         if self._left:
             return
@@ -222,7 +231,7 @@ class ClusterBroker(LocalBroker):
                 async with asyncio.timeout(REDIS_TIMEOUT * 2):
                     async with self._redis.pipeline(transaction=False) as pipe:
                         for key in dirty:
-                            count = self.listener_count(key)
+                            count = self.listener_count(key) if self._advertising else 0
                             if count:
                                 pipe.hset(self._routes_key(key), self.node_id, str(count))
                                 pipe.sadd(self._entities_key(self.node_id), key)
