@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from hybridrelay.server import RelayServer
-from tests.conftest import Relay, relay_config
+from tests.conftest import Relay, TlsFiles, relay_config
 
 READY_LINE = b"Ready to accept connections"
 
@@ -35,21 +35,49 @@ def _free_port() -> int:
 class RedisServer:
     """One ``redis-server`` process; :meth:`start` returns once it accepts connections."""
 
-    def __init__(self, binary: str, directory: Path) -> None:
+    def __init__(
+        self,
+        binary: str,
+        directory: Path,
+        *,
+        tls: TlsFiles | None = None,
+        password: str | None = None,
+    ) -> None:
         self._binary = binary
         self._directory = directory
+        self._tls = tls
+        self._password = password
         self.port = _free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """``redis://``, or ``rediss://`` with the CA to trust, and the password if any."""
+        auth = f":{self._password}@" if self._password else ""
+        if self._tls is None:
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self._tls.ca_file}"
+
+    def _arguments(self) -> list[str]:
+        listen = ["--port", str(self.port)]
+        if self._tls is not None:
+            listen = [
+                "--port", "0",
+                "--tls-port", str(self.port),
+                "--tls-cert-file", self._tls.cert_file,
+                "--tls-key-file", self._tls.key_file,
+                "--tls-ca-cert-file", self._tls.ca_file,
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
+        if self._password:
+            listen += ["--requirepass", self._password]
+        return listen
 
     def start(self) -> None:
         self._process = subprocess.Popen(
             [
                 self._binary,
-                "--port", str(self.port),
+                *self._arguments(),
                 "--bind", "127.0.0.1",
                 "--dir", str(self._directory),
                 "--appendonly", "yes",
@@ -82,16 +110,20 @@ class RedisServer:
             process.stdout.close()
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+def redis_binary() -> str:
     binary = shutil.which("redis-server")
     if binary is None:
         if os.environ.get("HYBRIDRELAY_REQUIRE_REDIS") == "1":
             pytest.fail("redis-server is not installed (HYBRIDRELAY_REQUIRE_REDIS=1)")
         pytest.skip("redis-server is not installed")
+    return binary
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     directory = tmp_path / "redis"
     directory.mkdir()
-    server = RedisServer(binary, directory)
+    server = RedisServer(redis_binary(), directory)
     server.start()
     try:
         yield server

@@ -6,12 +6,14 @@ management API closing connections on nodes 1 and 3; a regenerated key refused e
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -28,8 +30,8 @@ from hybridrelay.server.cluster_broker import (
 )
 from hybridrelay.store.redis import RedisStore
 from tests.client.helpers import root_provider
-from tests.cluster.conftest import RedisServer, cluster_nodes
-from tests.conftest import ROOT_KEY, ROOT_KEY_NAME, Relay
+from tests.cluster.conftest import RedisServer, cluster_nodes, redis_binary
+from tests.conftest import ROOT_KEY, ROOT_KEY_NAME, Relay, TlsFiles
 
 KIB = 1024
 #: A node option: "hc" in the file (an entity without the store).
@@ -312,3 +314,28 @@ async def test_dead_nodes_are_not_routed_to(redis_server: RedisServer) -> None:
             assert loop.time() - started < OFFER_ANSWER_TIMEOUT  # not waited out
     finally:
         await raw.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_a_cluster_over_rediss_with_a_password(
+    tmp_path: Path, tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``rediss://:password@host/db?ssl_ca_certs=...`` (redis-py's URL form): the store and the
+    routing work over TLS with a password, and the password is in no log line."""
+    caplog.set_level(logging.DEBUG, logger="hybridrelay")
+    directory = tmp_path / "redis-tls"
+    directory.mkdir()
+    server = RedisServer(redis_binary(), directory, tls=tls_files, password="s3cret-pw")
+    server.start()
+    try:
+        async with cluster_nodes(server.url, 2, node_options={0: HC, 1: HC}) as (one, two):
+            assert await one.server._readiness() is None
+            assert "s3cret-pw" not in repr(store_of(one))
+            async with listening(one):
+                await until(lambda: sees_listener(two, "hc"))
+                assert await round_trip(two, b"over tls") == b"over tls"
+            await store_of(two).put_hybrid_connection("made-on-two")
+            await until(lambda: asyncio.sleep(0, one.server.store.get("made-on-two") is not None))
+    finally:
+        server.stop()
+    assert not [r for r in caplog.records if "s3cret-pw" in r.getMessage()]
