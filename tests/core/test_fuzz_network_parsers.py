@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,6 +29,7 @@ from hybridrelay.protocol.arm import (
     parse_rule_put,
 )
 from hybridrelay.protocol.azbridge import Reply, ReplyDecoder
+from hybridrelay.protocol.connection_string import ConnectionString
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
@@ -78,7 +80,7 @@ def _parse_arm_body(document: Any) -> None:
             assert 400 <= error.status < 500
 
 
-@settings(max_examples=60)
+@settings(max_examples=40)
 @given(st.one_of(json_values, arm_documents))
 def test_management_bodies_get_an_arm_error_or_a_value(document: Any) -> None:
     _parse_arm_body(document)
@@ -102,6 +104,7 @@ def test_management_routes(path: str) -> None:
         assert error.status in (400, 404, 405)
 
 
+@settings(max_examples=50)
 @given(st.one_of(st.text(max_size=120), st.from_regex(r"(sb|wss?|https?)://[^/]{0,30}/?.{0,20}")))
 def test_endpoints(text: str) -> None:
     try:
@@ -119,6 +122,7 @@ def test_query_filter_keeps_everything_but_the_relays_parameters(raw: str) -> No
     assert len(kept) <= len(raw)
 
 
+@settings(max_examples=50)
 @given(st.text(max_size=60))
 def test_allow_list_entries(text: str) -> None:
     try:
@@ -147,3 +151,30 @@ def test_preamble_replies_in_any_split(raw: bytes, cuts: list[int]) -> None:
     else:
         assert reply is not None and reply.value == raw[:3]
         assert decoder.rest == raw[3:pos]
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["sb://[abc/", "sb://[::1/", "sb://h:99999/", "sb://h:port/", "ws://h:-1/"]
+)
+def test_connection_string_with_a_malformed_endpoint_is_a_configuration_error(
+    endpoint: str,
+) -> None:
+    """Found by fuzz/fuzz_parsers.py connection_string: urlsplit's ValueError (an unclosed
+    IPv6 bracket) escaped as a traceback; a bad port passed and failed later."""
+    with pytest.raises(ConfigurationError, match="Endpoint must look like"):
+        ConnectionString.parse(f"Endpoint={endpoint};SharedAccessKeyName=a;SharedAccessKey=b")
+
+
+@given(
+    st.builds(
+        "Endpoint={}://{}{};SharedAccessKeyName=k;SharedAccessKey=v".format,
+        st.sampled_from(["sb", "ws", "wss", "https"]),
+        st.text(st.sampled_from("[]:.%@/0123456789abc"), max_size=16),
+        st.sampled_from(["", "/", ":1/", ":65536/", ":x/"]),
+    )
+)
+def test_connection_string_endpoints_near_the_url_rules(text: str) -> None:
+    try:
+        ConnectionString.parse(text)
+    except ConfigurationError:
+        pass

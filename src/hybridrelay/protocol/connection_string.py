@@ -54,7 +54,11 @@ class ConnectionString:
         endpoint = values.get("endpoint")
         if not endpoint:
             raise ConfigurationError("connection string has no Endpoint")
-        parts = urlsplit(endpoint)
+        try:
+            parts = urlsplit(endpoint)
+            _ = parts.port  # a port that is not a number in range raises too
+        except ValueError as exc:  # "Invalid IPv6 URL" (an unclosed '['), a bad port
+            raise ConfigurationError(f"Endpoint must look like sb://host[:port]/ ({exc})") from None
         if parts.scheme.lower() not in ("sb", "ws", "wss", "http", "https") or not parts.hostname:
             raise ConfigurationError("Endpoint must look like sb://host[:port]/")
         token = values.get("token")
