@@ -339,3 +339,41 @@ async def test_a_cluster_over_rediss_with_a_password(
     finally:
         server.stop()
     assert not [r for r in caplog.records if "s3cret-pw" in r.getMessage()]
+
+
+@pytest.mark.timeout(60)
+async def test_idle_listeners_cost_no_redis_operations(redis_server: RedisServer) -> None:
+    """The lease is renewed per node: 20 idle listeners (the default limit is 25) add no Redis
+    command (counted by Redis' own INFO commandstats over two seconds; a per-listener renewal
+    would add at least 20)."""
+    raw = aioredis.Redis.from_url(redis_server.url)
+
+    async def calls() -> int:
+        stats = await raw.info("commandstats")
+        return sum(int(value["calls"]) for value in stats.values())
+
+    try:
+        async with cluster_nodes(redis_server.url, 1, node_options={0: HC}) as (node,):
+            listeners = [
+                HybridConnectionListener(node.base_url, "hc", root_provider()) for _ in range(20)
+            ]
+            for listener in listeners:
+                await listener.open()
+            try:
+                await until(lambda: asyncio.sleep(0, node.server.broker.listener_count("hc") == 20))
+                await until(lambda: sees_count(raw, node, 20))  # registrations written
+                before = await calls()
+                await asyncio.sleep(2.0)  # the idle period being measured
+                spent = await calls() - before - 1  # our own INFO
+            finally:
+                for listener in listeners:
+                    await listener.aclose()
+        # One node: 2 commands per renewal (every lease / 3 s) and a version check every 5 s.
+        assert spent <= 2 * (2.0 / (DEFAULT_LEASE / 3) + 1) + 2, spent
+    finally:
+        await raw.aclose()
+
+
+async def sees_count(raw: aioredis.Redis, node: Relay, count: int) -> bool:
+    value = await raw.hget("hybridrelay:hybridrelay:routes:hc", broker_of(node).node_id)
+    return value is not None and int(value) == count
