@@ -83,6 +83,10 @@ logger = logging.getLogger("hybridrelay.server")
 #: closing transport may take to flush.
 CLOSE_TIMEOUT = 10.0
 
+#: The ioctl that reads a socket's unsent and unacknowledged bytes (SIOCOUTQ on Linux); where
+#: there is none, only the transport's own buffer is looked at.
+_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
+
 #: Below this many bytes, the frames produced by one read are joined into one write.
 _JOIN_BELOW = 64 * 1024
 #: Largest frame made of one read from a :class:`RawLeg`: the whole receive buffer, as the
@@ -338,11 +342,11 @@ class SpliceLeg(_Leg):
         if self.transport.get_write_buffer_size():
             return True
         sock = self.transport.get_extra_info("socket")
-        if sock is None:
+        if sock is None or _OUTQ is None:
             return False
         try:
             queued = bytearray(4)
-            fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, queued)  # SIOCOUTQ for a TCP socket
+            fcntl.ioctl(sock.fileno(), _OUTQ, queued)
         except (OSError, ValueError):
             return False
         return int.from_bytes(queued, "little") > 0
