@@ -14,7 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridrelay.transport.aiohttp_ws import ClientMaskCheck
+from hybridrelay.transport.base import MessageKind
+from hybridrelay.transport.http_leg import MessageLeg
 from tests.conftest import Relay, eventually
+from tests.server.test_http_leg import FakeTransport, feed
 from tests.server.test_relay_websocket import AUTH
 from tests.server.test_splice import OP_BINARY, OP_PING, OP_PONG, OP_TEXT, RawWebSocket, raw_pair
 from tests.wsframes import client_frame
@@ -145,3 +148,18 @@ def test_mask_check_finds_the_first_unmasked_frame_at_any_read_boundary(
         assert stream[:bad_offset] == parser.data[:bad_offset]
         assert len(parser.data) <= bad_offset + 1
         assert check.feed_data(b"more") == (True, b"")
+
+
+@pytest.mark.timeout(10)
+async def test_an_unmasked_frame_fails_an_http_rendezvous_leg() -> None:
+    """The third rendezvous path: the listener's WebSocket for a relayed HTTP request's body
+    (transport/http_leg.py) reads frames with the same checks."""
+    transport = FakeTransport()
+    leg = MessageLeg(transport, max_text_size=1024)
+    leg.start()
+    feed(leg, client_frame(OP_TEXT, b'{"response":{}}', masked=False))
+    message = await leg.receive()
+    assert message.kind is MessageKind.CLOSE  # to the relay: the leg is gone (1006)
+    written = bytes(transport.written)  # our close frame: opcode 8, code 1002
+    assert written[0] == 0x88 and int.from_bytes(written[2:4], "big") == 1002
+    assert transport.closed
