@@ -95,11 +95,28 @@ class ClientMaskCheck:
         pos, end = 0, len(data)
         header = self._header
         while pos < end:
-            if self._payload_left:
-                step = min(self._payload_left, end - pos)
-                self._payload_left -= step
+            left = self._payload_left
+            if left:
+                step = left if left < end - pos else end - pos
+                self._payload_left = left - step
                 pos += step
                 continue
+            if not header and end - pos >= 14:  # a whole header is here: read it at once
+                second = data[pos + 1]
+                if not second & 0x80:
+                    return pos + 1
+                flag = second & 0x7F
+                if flag < 126:
+                    self._payload_left = flag
+                    pos += 6
+                elif flag == 126:
+                    self._payload_left = int.from_bytes(data[pos + 2 : pos + 4], "big")
+                    pos += 8
+                else:
+                    self._payload_left = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                    pos += 14
+                continue
+            # A header split across reads (or at the end of one): byte by byte.
             header.append(data[pos])
             pos += 1
             if len(header) < 2:
