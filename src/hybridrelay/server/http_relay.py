@@ -44,7 +44,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -55,7 +54,6 @@ from hybridrelay.protocol.addressing import (
     parse_accept_params,
     protocol_params,
     rendezvous_url,
-    resolve_entity,
 )
 from hybridrelay.protocol.http import (
     INLINE_BODY_LIMIT,
@@ -79,7 +77,7 @@ from hybridrelay.server.broker import Pending, remote_endpoint
 from hybridrelay.server.channel import ControlChannel
 from hybridrelay.server.config import HybridConnectionConfig, LimitsConfig
 from hybridrelay.server.context import RelayContext
-from hybridrelay.server.http_upgrade import cookie_token, strip_token_cookie
+from hybridrelay.server.http_upgrade import cookie_token, sender_entity, strip_token_cookie
 from hybridrelay.server.request import connection_gone
 from hybridrelay.server.responses import error_response, reason_phrase, tracking_id
 from hybridrelay.transport.base import CloseCode, MessageKind
@@ -216,13 +214,9 @@ class HttpRelay:
             "Upgrade"
         ):
             return error_response(400, "Upgrades cannot be relayed; WebSockets use /$hc/.")
-        try:
-            path = unquote(raw_path.lstrip("/"), errors="strict")
-        except UnicodeDecodeError:
-            return error_response(404, "Malformed path.")
-        resolved = resolve_entity(path, self._relay.store.get)
-        if resolved is None:
-            return error_response(404, "The hybrid connection does not exist.")
+        resolved = sender_entity(raw_path, self._relay)
+        if isinstance(resolved, web.Response):
+            return resolved
         entity, suffix = resolved
         started = time.monotonic()
         exchange_id = tracking_id()

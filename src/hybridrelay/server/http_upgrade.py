@@ -23,11 +23,18 @@ from aiohttp import web
 from hybridrelay.protocol.addressing import protocol_params, resolve_entity
 from hybridrelay.protocol.cookies import TOKEN_COOKIE, cookie_value, without_cookie
 from hybridrelay.server.access import AUTH_HEADER, sender_token
+from hybridrelay.server.config import HybridConnectionConfig
 from hybridrelay.server.context import RelayContext
 from hybridrelay.server.responses import error_response
 from hybridrelay.server.websocket_relay import WebSocketRelay
 
-__all__ = ["HttpUpgrade", "cookie_token", "is_websocket_upgrade", "strip_token_cookie"]
+__all__ = [
+    "HttpUpgrade",
+    "cookie_token",
+    "is_websocket_upgrade",
+    "sender_entity",
+    "strip_token_cookie",
+]
 
 
 def is_websocket_upgrade(request: web.BaseRequest) -> bool:
@@ -60,6 +67,22 @@ def strip_token_cookie(sent: Mapping[str, str], forwarded: dict[str, str]) -> No
             del forwarded[name]
 
 
+def sender_entity(
+    raw_path: str, relay: RelayContext
+) -> tuple[HybridConnectionConfig, str] | web.Response:
+    """The hybrid connection a sender on ``/{hc}/{path}`` addresses and the path after it, or
+    the 404 to answer (a path that is not UTF-8, no such entity): for HTTP requests and
+    WebSocket upgrades alike."""
+    try:
+        path = unquote(raw_path.lstrip("/"), errors="strict")
+    except UnicodeDecodeError:
+        return error_response(404, "Malformed path.")
+    resolved = resolve_entity(path, relay.store.get)
+    if resolved is None:
+        return error_response(404, "The hybrid connection does not exist.")
+    return resolved
+
+
 class HttpUpgrade:
     """Routes ``app.py`` sends here: a WebSocket upgrade on ``/{hc}/{path}``."""
 
@@ -70,13 +93,9 @@ class HttpUpgrade:
     async def handle(
         self, request: web.BaseRequest, raw_path: str, raw_query: str
     ) -> web.StreamResponse:
-        try:
-            path = unquote(raw_path.lstrip("/"), errors="strict")
-        except UnicodeDecodeError:
-            return error_response(404, "Malformed path.")
-        resolved = resolve_entity(path, self._relay.store.get)
-        if resolved is None:
-            return error_response(404, "The hybrid connection does not exist.")
+        resolved = sender_entity(raw_path, self._relay)
+        if isinstance(resolved, web.Response):
+            return resolved
         entity, suffix = resolved
         params = protocol_params(raw_query)
         token, used_authorization = sender_token(request.headers, params, entity)
