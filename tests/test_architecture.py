@@ -185,6 +185,8 @@ BRIDGE_MAY_USE = (
     "hybridrelay.settings",
     # One-line descriptions of a socket that cannot be bound (pure, shared with the relay).
     "hybridrelay.socket_errors",
+    # Keep-alive probes on accepted TCP connections (-L ports, shared with the relay's ingress).
+    "hybridrelay.tcp_keepalive",
 )
 # The SDK's public surface: the package itself and its documented backoff helpers.
 SDK_PUBLIC = {"hybridrelay.client", "hybridrelay.client.backoff"}

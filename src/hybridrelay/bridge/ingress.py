@@ -36,6 +36,7 @@ from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.observability.bridge_metrics import ForwardMetrics, Outcome, relay_refusal
 from hybridrelay.protocol.azbridge import Mode
 from hybridrelay.socket_errors import bind_failure
+from hybridrelay.tcp_keepalive import set_tcp_keepalive
 
 __all__ = ["Connect", "StreamIngress", "format_address", "peer_host"]
 
@@ -155,6 +156,8 @@ class StreamIngress:
             self._metrics.outcome(Outcome.REFUSED_CAPACITY)
             leg.abort()
             return
+        # No WebSocket ping crosses this hop: the kernel's probes find a silent client.
+        set_tcp_keepalive(leg.transport, self.config.keep_alive_interval)
         cid = uuid.uuid4().hex[:12]
         group.spawn(self._handle(leg, cid, peer), name=f"ingress-{cid}")
 

@@ -186,7 +186,9 @@ class LimitsConfig:
         30.0, help="how long a sender waits for a listener's rendezvous", low=0.001
     )
     keep_alive_interval: float = setting(
-        30.0, help="seconds between pings on idle WebSockets", low=0.001
+        30.0,
+        help="seconds between pings on idle WebSockets; paces TCP keep-alive on ingress ports",
+        low=0.001,
     )
     max_message_size: int = setting(
         16 * 1024 * 1024, help="largest WebSocket message, in bytes", low=1024, high=2**31

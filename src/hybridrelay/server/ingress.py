@@ -31,6 +31,7 @@ from hybridrelay.server.config import IngressConfig
 from hybridrelay.server.connection_gate import ConnectionGate
 from hybridrelay.server.context import RelayContext
 from hybridrelay.server.legs import RelayedConnection
+from hybridrelay.tcp_keepalive import set_tcp_keepalive
 from hybridrelay.transport.splice import RawLeg
 
 __all__ = ["RelayIngress"]
@@ -141,6 +142,8 @@ class RelayIngress:
             leg.abort()
             return
         self._legs.add(leg)
+        # No WebSocket ping crosses this hop: the kernel's probes find a silent client.
+        set_tcp_keepalive(leg.transport, self._relay.config.limits.keep_alive_interval)
         task = asyncio.get_running_loop().create_task(self._connect(leg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

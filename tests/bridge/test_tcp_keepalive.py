@@ -1,0 +1,124 @@
+"""Keep-alive probes on the raw TCP hops (src/hybridrelay/tcp_keepalive.py): the relay's own
+``ingress:`` port and a ``bridge -L`` port arm the kernel's keep-alive timer on every
+connection they accept, paced by their ``keep_alive_interval``.
+
+Loopback cannot be made to drop packets here (no netem or iptables), so the tests read what
+the kernel reports of the accepted socket in ``/proc/net/tcp``: which timer is armed (2 is
+keep-alive) and when it fires. Without the option an idle established socket has none."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from hybridrelay.tcp_keepalive import KEEPALIVE_PROBES, keepalive_options
+from tests.bridge.helpers import make_config, running, tcp_server
+from tests.conftest import RelayFactory, eventually
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/net/tcp"),
+]
+
+#: The kernel reports timers in clock ticks (USER_HZ).
+TICKS = 100
+
+
+def test_options_follow_the_interval() -> None:
+    assert keepalive_options(30.0) == {
+        "TCP_KEEPIDLE": 30,
+        "TCP_KEEPINTVL": 10,
+        "TCP_KEEPCNT": KEEPALIVE_PROBES,
+        "TCP_USER_TIMEOUT": 60_000,
+    }
+    # Below a second the kernel's unit wins: whole seconds, at least one.
+    assert keepalive_options(0.2) == {
+        "TCP_KEEPIDLE": 1,
+        "TCP_KEEPINTVL": 1,
+        "TCP_KEEPCNT": KEEPALIVE_PROBES,
+        "TCP_USER_TIMEOUT": 4_000,
+    }
+
+
+def accepted_timer(server_port: int, client_port: int) -> tuple[int, float] | None:
+    """(timer kind, seconds until it fires) of the socket the server accepted from the
+    client, as the kernel reports it; None while it is not listed."""
+    local, remote = f"0100007F:{server_port:04X}", f"0100007F:{client_port:04X}"
+    for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = row.split()
+        if fields[1] == local and fields[2] == remote:
+            kind, when = fields[5].split(":")
+            return int(kind, 16), int(when, 16) / TICKS
+    return None
+
+
+async def assert_keepalive_armed(server_port: int, writer: asyncio.StreamWriter) -> None:
+    client_port = writer.get_extra_info("sockname")[1]
+    # Idle now: the keep-alive timer is the one armed, due within the interval (2 s).
+    await eventually(lambda: (accepted_timer(server_port, client_port) or (0,))[0] == 2)
+    timer = accepted_timer(server_port, client_port)
+    assert timer is not None and 0 < timer[1] <= 2.0, timer
+
+
+async def test_the_relay_ingress_port_arms_keepalive(make_relay: RelayFactory) -> None:
+    ingress = {"listen": "127.0.0.1:0", "hybrid_connection": "hc"}
+    async with (
+        make_relay(ingress=[ingress], limits={"keep_alive_interval": 2.0}) as relay,
+        tcp_server() as dest,
+        running(make_config(relay, remote=[f"hc:127.0.0.1:{dest.port}"])) as edge,
+    ):
+        await edge.started.wait()
+        address = relay.server.ingress[0].address
+        assert address is not None
+        reader, writer = await asyncio.open_connection(*address[:2])
+        try:
+            writer.write(b"x")  # through the tunnel and back, which stays open
+            assert await reader.readexactly(1) == b"x"
+            await assert_keepalive_armed(address[1], writer)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+
+async def test_a_bridge_l_port_arms_keepalive(make_relay: RelayFactory) -> None:
+    async with (
+        make_relay() as relay,
+        tcp_server() as dest,
+        running(make_config(relay, remote=[f"hc:127.0.0.1:{dest.port}"])) as edge,
+        running(
+            make_config(relay, local=["127.0.0.1:0:hc"], document={"keep_alive_interval": 2.0})
+        ) as ingress,
+    ):
+        await edge.started.wait()
+        await ingress.started.wait()
+        host, port = ingress.ingress_address(0)[:2]
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(b"x")  # through the tunnel and back, which stays open
+            assert await reader.readexactly(1) == b"x"
+            await assert_keepalive_armed(port, writer)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+
+async def test_a_plain_socket_has_no_timer() -> None:
+    """The check itself can fail: an accepted socket without the option reports none."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0, family=socket.AF_INET)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        await eventually(lambda: bool(accepted))
+        timer = accepted_timer(port, writer.get_extra_info("sockname")[1])
+        assert timer is not None and timer[0] == 0, timer
+        writer.close()
+        accepted[0].close()
