@@ -64,7 +64,13 @@ from hybridrelay.server.broker import (
 from hybridrelay.server.channel import ControlChannel
 from hybridrelay.server.config import LimitsConfig
 from hybridrelay.store.records import entity_key
-from hybridrelay.store.redis import REDIS_TIMEOUT, OutageLog, open_redis, raise_if_cancelled
+from hybridrelay.store.redis import (
+    REDIS_TIMEOUT,
+    OutageLog,
+    follow_channel,
+    open_redis,
+    raise_if_cancelled,
+)
 from hybridrelay.transport.base import MessageSocket
 
 __all__ = ["DEFAULT_LEASE", "ROUTE_CACHE_TTL", "ClusterBroker", "RemoteChannel"]
@@ -441,28 +447,19 @@ class ClusterBroker(LocalBroker):
     # -- messages from other nodes ------------------------------------------------------------
 
     async def _follow_messages(self, subscribed: asyncio.Event) -> None:
-        delay = 0.1
-        while True:
-            raise_if_cancelled()
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                async with asyncio.timeout(REDIS_TIMEOUT * 2):
-                    await pubsub.subscribe(self._channel_of(self.node_id))
-                subscribed.set()
-                delay = 0.1
-                while True:
-                    raise_if_cancelled()
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None:
-                        self._on_message(message.get("data"))
-            except (RedisError, OSError, TimeoutError) as exc:
-                raise_if_cancelled()
-                self.outage.report(exc)
-            finally:
-                with contextlib.suppress(RedisError, OSError, RuntimeError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+        async def on_subscribed() -> None:
+            subscribed.set()
+
+        async def on_message(data: object) -> None:
+            self._on_message(data)
+
+        await follow_channel(
+            self._redis,
+            self._channel_of(self.node_id),
+            self.outage,
+            on_subscribed=on_subscribed,
+            on_message=on_message,
+        )
 
     def _on_message(self, data: object) -> None:
         message: Any = None

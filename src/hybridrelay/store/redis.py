@@ -129,6 +129,42 @@ def raise_if_cancelled() -> None:
         raise asyncio.CancelledError()
 
 
+async def follow_channel(
+    redis: Any,
+    channel: str,
+    outage: OutageLog,
+    *,
+    on_subscribed: Callable[[], Awaitable[None]],
+    on_message: Callable[[object], Awaitable[None]],
+) -> None:
+    """Hand the data of each message published on ``channel`` to ``on_message``, until
+    cancelled. ``on_subscribed`` runs after each (re)subscription, within the same time bound;
+    a broken subscription is reported to ``outage`` and made again after a backoff (0.1 s,
+    doubling to 2 s), since a node must hear its peers again without a restart."""
+    delay = 0.1
+    while True:
+        raise_if_cancelled()
+        pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT * 2):
+                await pubsub.subscribe(channel)
+                await on_subscribed()
+            delay = 0.1
+            while True:
+                raise_if_cancelled()
+                message = await pubsub.get_message(timeout=1.0)
+                if message is not None:
+                    await on_message(message.get("data"))
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise_if_cancelled()
+            outage.report(exc)
+        finally:
+            with contextlib.suppress(RedisError, OSError, RuntimeError):
+                await pubsub.aclose()
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
 class OutageLog:
     """One WARNING line when Redis stops answering and one INFO line when it is back, however
     many calls fail in between. A relay's store and broker share one (one line per node)."""
@@ -614,30 +650,18 @@ class RedisStore:
     async def _follow_changes(self) -> None:
         """Apply the other nodes' changes as their messages come; on a broken subscription,
         subscribe again (with backoff) and reload, since messages were lost meanwhile."""
-        delay = 0.1
-        while True:
-            raise_if_cancelled()
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                async with asyncio.timeout(REDIS_TIMEOUT * 2):
-                    await pubsub.subscribe(self._channel)
-                    await self._reload()
-                self.outage.report(None)
-                delay = 0.1
-                while True:
-                    raise_if_cancelled()
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is None:
-                        continue
-                    await self._on_message(message.get("data"))
-            except (RedisError, OSError, TimeoutError) as exc:
-                raise_if_cancelled()
-                self.outage.report(exc)
-            finally:
-                with contextlib.suppress(RedisError, OSError, RuntimeError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+
+        async def subscribed() -> None:
+            await self._reload()
+            self.outage.report(None)
+
+        await follow_channel(
+            self._redis,
+            self._channel,
+            self.outage,
+            on_subscribed=subscribed,
+            on_message=self._on_message,
+        )
 
     async def _on_message(self, data: object) -> None:
         try:
