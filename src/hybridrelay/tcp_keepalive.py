@@ -1,46 +1,79 @@
-"""TCP keep-alive on the raw TCP hops: a client's connection to the relay's own ``ingress:``
-port, and to a ``bridge -L`` port.
+"""Finding a TCP link that went silent (a NAT that forgot the flow, a cable pulled, a peer
+powered off without a FIN): no byte comes, and nothing tells us.
 
-No WebSocket ping can cross those hops, so a link that goes silent (a NAT that forgot the
-flow, a cable pulled, a peer powered off without a FIN) would hold the connection, its
-relayed partner and their buffers until the kernel's defaults give up: two hours of idle
-before the first probe, and some fifteen minutes of retransmissions for data sent into the
-void. The same interval that paces the WebSocket keep-alive paces these probes instead:
-the first after ``interval`` seconds of silence, then three more ``interval / 3`` apart, so a
-dead peer is dropped about ``2 × interval`` after it went quiet (``TCP_USER_TIMEOUT`` bounds
-the case where our own data is unacknowledged the same way). A peer that is alive but slow
-to read acknowledges the probes and the data, so backpressure is never mistaken for death.
+Two cases, two tools:
+
+* Nothing to send (the connection is idle): on the raw TCP hops (a client's connection to
+  the relay's own ``ingress:`` port, and to a ``bridge -L`` port) no WebSocket ping can
+  cross, so the kernel's keep-alive probes do it (:func:`set_tcp_keepalive`): the first
+  after ``interval`` seconds of silence, then three more ``interval / 3`` apart, so a dead
+  peer is dropped about ``2 × interval`` after it went quiet. Without them the kernel's
+  defaults wait two hours before the first probe.
+* Bytes to send (our data, or a ping, waits for the peer's acknowledgement): keep-alive
+  probes are not sent then, and a ping would wait behind the data. The kernel retransmits
+  for some fifteen minutes before it gives up. ``TCP_USER_TIMEOUT`` would bound that, but
+  Linux (since 5.11) applies it to a zero window too: a peer that is alive and merely not
+  reading is dropped once it has read nothing for the timeout (measured: a socket with a
+  2 s timeout, its peer not reading, was aborted after 2.5 s). So the acknowledgements are
+  watched instead (:func:`acks_stalled`, ``TCP_INFO``): a peer that owes an acknowledgement
+  for data in flight and sent none for an interval, at two checks an interval apart, is
+  dead. A peer with a closed window has acknowledged everything sent (the rest waits
+  unsent), so backpressure is never mistaken for death. The relay's legs and the SDK's streams run
+  this check in their keep-alive timers; :func:`set_tcp_keepalive` arms a timer of its own
+  for the raw hops.
 """
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import logging
 import math
 import socket
+import sys
+import termios
 from typing import Any
 
-__all__ = ["KEEPALIVE_PROBES", "keepalive_options", "set_tcp_keepalive"]
+__all__ = [
+    "KEEPALIVE_PROBES",
+    "acks_stalled",
+    "keepalive_options",
+    "send_queued",
+    "set_tcp_keepalive",
+]
+
+logger = logging.getLogger("hybridrelay.tcp")
 
 #: Probes after the first silent interval before the kernel drops the connection.
 KEEPALIVE_PROBES = 3
 
+#: The ioctl that reads a socket's unsent and unacknowledged bytes (SIOCOUTQ on Linux); where
+#: there is none, only the transport's own buffer is looked at.
+_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
+#: ``struct tcp_info`` (linux/tcp.h): ``tcpi_unacked`` (segments in flight) is the 32-bit
+#: word at 24, ``tcpi_last_ack_recv`` (milliseconds since the last acknowledgement) the
+#: word at 56.
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
+_TCP_INFO_SIZE = 60
+
 
 def keepalive_options(interval: float) -> dict[str, int]:
-    """The socket options for ``interval`` seconds (by their ``socket`` module names): whole
-    seconds, at least one, as the kernel takes them; the user timeout in milliseconds."""
-    idle = max(1, math.ceil(interval))
-    between = max(1, math.ceil(interval / KEEPALIVE_PROBES))
+    """The keep-alive socket options for ``interval`` seconds (by their ``socket`` module
+    names): whole seconds, at least one, as the kernel takes them."""
     return {
-        "TCP_KEEPIDLE": idle,
-        "TCP_KEEPINTVL": between,
+        "TCP_KEEPIDLE": max(1, math.ceil(interval)),
+        "TCP_KEEPINTVL": max(1, math.ceil(interval / KEEPALIVE_PROBES)),
         "TCP_KEEPCNT": KEEPALIVE_PROBES,
-        "TCP_USER_TIMEOUT": (idle + between * KEEPALIVE_PROBES) * 1000,
     }
 
 
 def set_tcp_keepalive(transport: Any, interval: float) -> bool:
-    """Turn on keep-alive probes for ``transport``'s socket (see the module); False when it
-    is not a TCP socket (a Unix socket) or the transport has none. Options this platform
-    lacks are skipped: ``SO_KEEPALIVE`` with the system's timing is still better than none."""
+    """Turn on keep-alive probes for ``transport``'s socket and watch its acknowledgements
+    while data is outstanding (see the module): the transport is aborted once its peer owes
+    an acknowledgement and has sent none for an interval, at two checks an interval apart.
+    False when it is not a TCP socket (a Unix socket) or the transport has none. Options
+    this platform lacks are skipped: ``SO_KEEPALIVE`` with the system's timing is still
+    better than none."""
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return False
@@ -52,4 +85,73 @@ def set_tcp_keepalive(transport: Any, interval: float) -> bool:
                 sock.setsockopt(socket.IPPROTO_TCP, option, value)
     except OSError:  # the connection is already gone: nothing to keep alive
         return False
+    _watch_acks(transport, sock, interval)
     return True
+
+
+def _watch_acks(transport: Any, sock: Any, interval: float) -> None:
+    """Every ``interval`` until the transport closes: abort it at the second check in a row
+    that finds its acknowledgements stalled. One timer per connection; it ends by itself."""
+    loop = asyncio.get_running_loop()
+    suspect = False
+
+    def check() -> None:
+        nonlocal suspect
+        if transport.is_closing():
+            return
+        stalled = acks_stalled(sock, interval)
+        if stalled and suspect:
+            logger.info(
+                "TCP connection from %s dropped: no acknowledgement for %g s",
+                _peer(transport),
+                2 * interval,
+            )
+            transport.abort()
+            return
+        suspect = stalled
+        loop.call_later(interval, check)
+
+    loop.call_later(interval, check)
+
+
+def _peer(transport: Any) -> str:
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
+
+
+def acks_stalled(sock: Any, seconds: float) -> bool:
+    """Whether the peer of TCP socket ``sock`` owes an acknowledgement for data in flight
+    and has sent none for at least ``seconds``; False where the kernel does not say (not
+    Linux, not TCP, the socket closed).
+
+    Window probes are not counted: a receiver rate-limits its answers to them (Linux: one
+    per ``tcp_invalid_ratelimit``, 500 ms), so a live peer with a closed window was seen
+    owing one for over a second. A link that dies while the peer's window is closed is left
+    to the kernel's window probes (``tcp_retries2`` of them, backing off to two minutes)."""
+    if sock is None or _TCP_INFO is None:
+        return False
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_SIZE)
+    except (OSError, ValueError):
+        return False
+    if len(info) < _TCP_INFO_SIZE:
+        return False
+    unacked = int.from_bytes(info[24:28], sys.byteorder)
+    last_ack_ms = int.from_bytes(info[56:60], sys.byteorder)
+    return unacked > 0 and last_ack_ms >= seconds * 1000
+
+
+def send_queued(transport: Any) -> bool:
+    """Whether bytes wait to go out on ``transport`` (in its own buffer, or in the kernel's
+    send queue, not yet acknowledged by the peer): a ping now would wait behind them."""
+    if transport.get_write_buffer_size():
+        return True
+    sock = transport.get_extra_info("socket")
+    if sock is None or _OUTQ is None:
+        return False
+    try:
+        queued = bytearray(4)
+        fcntl.ioctl(sock.fileno(), _OUTQ, queued)
+    except (OSError, ValueError):
+        return False
+    return int.from_bytes(queued, "little") > 0

@@ -200,6 +200,7 @@ class BridgeAgent:
                     ca_file=connection.ca_file,
                     proxy=connection.proxy,
                     connect_timeout=config.connect_timeout,
+                    keep_alive_interval=config.keep_alive_interval,
                 )
             connect = _connector(clients[hc])
             series = metrics.forward(ForwardKind.LOCAL, hc)

@@ -147,12 +147,15 @@ class WebSocketConnector:
         headers: Mapping[str, str] | None = None,
         protocols: Sequence[str] = (),
         keepalive: float | None = None,
+        stream_keepalive: float | None = None,
         max_msg_size: int = STREAM_MAX_MESSAGE,
     ) -> frames_ws.FrameSocket:
         """Open a WebSocket to ``url`` within ``connect_timeout`` seconds.
 
         ``keepalive``: ping every that many seconds, and drop the connection when a pong is not
-        back within half of it (control channels). ``url`` may hold a secret (a rendezvous
+        back within half of it (control channels). ``stream_keepalive``: ping after that many
+        seconds of silence, and drop a link that stays silent (relayed streams; see
+        :mod:`hybridrelay.transport.frames_ws`). ``url`` may hold a secret (a rendezvous
         address): it never goes into an exception message or a log line from here.
 
         Raises:
@@ -172,6 +175,7 @@ class WebSocketConnector:
             warm=self._warm,
             proxy=self._proxy_for(url),
             keepalive=keepalive,
+            stream_keepalive=stream_keepalive,
         )
 
     async def get(

@@ -181,7 +181,9 @@ class HybridConnectionListener:
         proxy: ``http://[user:pass@]host:port``; None honours ``HTTPS_PROXY``/``NO_PROXY``.
         accept_handler: decides per sender; see :class:`AcceptContext`.
         keep_alive_interval: ping the control channel every this many seconds; a channel
-            that does not answer in half that time is treated as dead.
+            that does not answer in half that time is treated as dead. Accepted streams
+            are pinged after this many seconds of silence, and closed (1006) when the next
+            interval brings nothing either (a slow reader is never dropped).
         token_ttl: lifetime asked of the token provider, seconds.
         listener_id: the listener's ``sb-hc-id`` (default: a random UUID).
         max_pending: accepted connections not yet taken by :meth:`accept_connection` (plus
@@ -713,6 +715,7 @@ class HybridConnectionListener:
                     connect_timeout=ACCEPT_TIMEOUT,
                     protocols=protocols,
                     max_msg_size=STREAM_MAX_MESSAGE,
+                    stream_keepalive=self._keep_alive_interval,
                 )
             except RelayError as exc:
                 logger.warning(

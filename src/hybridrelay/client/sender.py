@@ -81,6 +81,10 @@ class HybridConnectionClient:
         ca_file: PEM file of the CAs to trust instead of the system store.
         proxy: ``http://[user:pass@]host:port``; None honours ``HTTPS_PROXY``/``NO_PROXY``.
         connect_timeout: for the whole connect: relay, listener's decision and rendezvous.
+        keep_alive_interval: find a stream's link to the relay dead when it stays silent: a
+            ping after this many seconds in which nothing came, the stream closed (1006) when
+            nothing comes in the next interval either (a slow reader is never dropped; see
+            :mod:`hybridrelay.transport.frames_ws`). None (the default): no pings.
 
     Holds one HTTP session; close it with :meth:`aclose` (or ``async with``). Streams already
     created keep working: the session is released when the last of them is closed.
@@ -96,11 +100,15 @@ class HybridConnectionClient:
         ca_file: str | None = None,
         proxy: str | None = None,
         connect_timeout: float = 70.0,
+        keep_alive_interval: float | None = None,
     ) -> None:
         if not entity_path.strip("/"):
             raise ConfigurationError("an entity path is required")
         if connect_timeout <= 0:
             raise ConfigurationError("connect_timeout must be positive")
+        if keep_alive_interval is not None and keep_alive_interval <= 0:
+            raise ConfigurationError("keep_alive_interval must be positive")
+        self._keep_alive_interval = keep_alive_interval
         self._endpoint = parse_endpoint(endpoint)
         self._entity_path = entity_path.strip("/")
         self._token_provider = token_provider
@@ -177,6 +185,7 @@ class HybridConnectionClient:
                 headers=request_headers,
                 protocols=subprotocols,
                 max_msg_size=STREAM_MAX_MESSAGE,
+                stream_keepalive=self._keep_alive_interval,
             )
         except RelayHttpError as exc:
             raise _as_rejection(exc, self._entity_path) from exc

@@ -30,7 +30,15 @@ channels and connections through an HTTP proxy alike.
   writes the bytes.
 * Pings are answered. With ``keepalive`` (control channels) a ping goes out every
   ``keepalive`` seconds, and a pong not back within half of that drops the connection,
-  reported as a close 1006 whose reason says so. One timer per connection, nothing per frame.
+  reported as a close 1006 whose reason says so. With ``stream_keepalive`` (relayed streams:
+  the bridge's, a listener's rendezvous) the rule is the relay's for its legs
+  (``transport/splice.py``), so that a slow reader is never dropped: a ping only after an
+  interval in which nothing came and our reading was not paused, the drop when the next
+  interval brings nothing either; while bytes wait to go out, the drop when the relay has
+  acknowledged nothing for an interval at two ticks in a row
+  (:func:`~hybridrelay.tcp_keepalive.acks_stalled`). So a link that went silent is found
+  within three intervals by this end too. One timer per connection, nothing per frame but a
+  flag.
 * Through a proxy (:class:`Proxy`) the connection is an HTTP ``CONNECT`` tunnel (basic auth
   from the proxy URL's userinfo); a refusal is a :class:`RelayConnectionError` naming the
   proxy's status, and ``wss://`` gets its TLS over the tunnel (``loop.start_tls``).
@@ -73,6 +81,7 @@ from hybridrelay.protocol.websocket import (
     upgrade_request,
     whole_server_frames,
 )
+from hybridrelay.tcp_keepalive import acks_stalled, send_queued
 from hybridrelay.transport.base import MessageKind, StreamSink, WsMessage
 from hybridrelay.transport.connect_failure import connect_failure
 from hybridrelay.transport.receive_buffer import receive_buffer
@@ -134,13 +143,15 @@ async def connect(
     warm: WarmPool[FrameSocket] | None = None,
     proxy: Proxy | None = None,
     keepalive: float | None = None,
+    stream_keepalive: float | None = None,
 ) -> FrameSocket:
     """Open a WebSocket to ``url`` (``ws://`` or ``wss://``) within ``connect_timeout``.
 
     With ``warm``, the connection is taken from that pool when it has one for the address
     (see :mod:`hybridrelay.transport.warm`), and one stale there is replaced by a new one.
     With ``proxy``, through a ``CONNECT`` tunnel of that proxy (never warm). With
-    ``keepalive``, pinged every that many seconds (see the module's docstring).
+    ``keepalive``, pinged every that many seconds; with ``stream_keepalive``, pinged after
+    that many seconds of silence (see the module's docstring).
 
     ``url`` may hold a secret (a rendezvous address): it never goes into an exception message
     or a log line from here.
@@ -236,6 +247,8 @@ async def connect(
     socket.open(subprotocol)
     if keepalive is not None:
         socket.keep_alive(keepalive)
+    elif stream_keepalive is not None:
+        socket.keep_alive_when_silent(stream_keepalive)
     return socket
 
 
@@ -263,6 +276,12 @@ class FrameSocket(asyncio.BufferedProtocol):
         self._keepalive: float | None = None
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._pong_due = False
+        # Stream keep-alive: the interval; bytes came since the last tick; the last tick
+        # pinged (or found the acknowledgements stalled); the sink paused our reading.
+        self._silence: float | None = None
+        self._heard = False
+        self._suspect = False
+        self._sink_paused = False
         # The handshake: the response head, then what came after it until open().
         self._is_open = False
         self._head = bytearray()
@@ -482,10 +501,12 @@ class FrameSocket(asyncio.BufferedProtocol):
             self.abort()
 
     def pause_reading(self) -> None:
+        self._sink_paused = True
         if self._transport is not None and not self._lost:
             self._transport.pause_reading()
 
     def resume_reading(self) -> None:
+        self._sink_paused = False
         if self._transport is not None and not self._lost and not self._closing.received:
             self._transport.resume_reading()
 
@@ -516,11 +537,50 @@ class FrameSocket(asyncio.BufferedProtocol):
         if not self._pong_due or self._lost:
             return
         interval = self._keepalive or 0.0
-        reason = f"no pong within {interval / 2:g} s of a keep-alive ping"
+        self._link_dead(f"no pong within {interval / 2:g} s of a keep-alive ping")
+
+    def _link_dead(self, reason: str) -> None:
+        """Keep-alive found the link dead: drop it, reported as a close 1006 that says why."""
         logger.info("WebSocket dropped: %s", reason)
         if self._close_message is None:
             self._report_close(1006, reason)
         self.abort()
+
+    def keep_alive_when_silent(self, interval: float) -> None:
+        """A relayed stream's keep-alive (see the module's docstring): judged every
+        ``interval`` seconds."""
+        self._silence = interval
+        self._stop_keepalive()
+        if not self._lost:
+            self._keepalive_timer = asyncio.get_running_loop().call_later(
+                interval, self._silence_tick
+            )
+
+    def _silence_tick(self) -> None:
+        self._keepalive_timer = None
+        interval = self._silence
+        transport = self._transport
+        if interval is None or transport is None or self._lost or self._closing.sent:
+            return  # our close frame is out: CLOSE_TIMEOUT bounds the rest
+        heard, self._heard = self._heard, False
+        if heard or self._sink_paused or self._reading_paused:
+            self._suspect = False  # alive, or silent because we do not read it
+        elif send_queued(transport):
+            # A ping would wait behind the queued bytes: the relay's acknowledgements tell.
+            stalled = acks_stalled(transport.get_extra_info("socket"), interval)
+            if stalled and self._suspect:
+                self._link_dead(f"no acknowledgement for {2 * interval:g} s")
+                return
+            self._suspect = stalled
+        elif self._closing.received:
+            self._suspect = False  # the relay sends nothing more, not even a pong
+        elif not self._suspect:
+            transport.write(_client_frame(OP_PING, b""))
+            self._suspect = True
+        else:
+            self._link_dead(f"nothing received for {interval:g} s after a keep-alive ping")
+            return
+        self._keepalive_timer = asyncio.get_running_loop().call_later(interval, self._silence_tick)
 
     def _pong_received(self) -> None:
         if not self._pong_due:
@@ -539,6 +599,7 @@ class FrameSocket(asyncio.BufferedProtocol):
             self._keepalive_timer.cancel()
             self._keepalive_timer = None
         self._pong_due = False
+        self._suspect = False
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -581,6 +642,7 @@ class FrameSocket(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         data = receive_buffer()[:nbytes]
+        self._heard = True
         if self._is_open:
             self._received(data)
         elif self._head_waiter is None or self._head_waiter.done():

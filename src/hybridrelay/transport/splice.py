@@ -32,19 +32,19 @@ reader, a queue and a writer per leg. So after the 101 the relay takes the trans
 * Keep-alive (``keep_alive``, the relay's ``limits.keep_alive_interval``): a leg the relay has
   heard nothing from for an interval is pinged, and dropped (its partner gets 1011) if it is
   still silent an interval later: a link that went silent (no FIN, no RST) is released within
-  three intervals. Never while the silence is the relay's own doing or cannot be judged: while
-  the leg's reading is paused (its partner cannot take more), or while bytes wait in its send
-  queue (the ping would wait behind them; there TCP's retransmission timeout applies). So a
-  slow but live reader is never dropped, which is why a ping with a fixed pong deadline was
+  three intervals. Never while the silence is the relay's own doing: while the leg's reading
+  is paused (its partner cannot take more). While bytes wait in its send queue a ping would
+  wait behind them, so the kernel is asked instead (``tcp_keepalive.acks_stalled``): a leg
+  that owes an acknowledgement and sent none for an interval, at two ticks in a row, is
+  dropped the same way; a reader with a closed window answers the kernel's window probes. So
+  a slow but live reader is never dropped, which is why a ping with a fixed pong deadline was
   not used (docs/DECISIONS.md D1). One timer per leg, nothing per frame but a flag.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
-import termios
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, cast
 
@@ -65,6 +65,7 @@ from hybridrelay.protocol.websocket import (
     handshake_headers,
     server_frame,
 )
+from hybridrelay.tcp_keepalive import acks_stalled, send_queued
 from hybridrelay.transport.receive_buffer import receive_buffer
 
 __all__ = [
@@ -82,10 +83,6 @@ logger = logging.getLogger("hybridrelay.server")
 #: How long a leg may take to answer our close frame once its partner has gone, and how long a
 #: closing transport may take to flush.
 CLOSE_TIMEOUT = 10.0
-
-#: The ioctl that reads a socket's unsent and unacknowledged bytes (SIOCOUTQ on Linux); where
-#: there is none, only the transport's own buffer is looked at.
-_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 
 #: Below this many bytes, the frames produced by one read are joined into one write.
 _JOIN_BELOW = 64 * 1024
@@ -323,8 +320,19 @@ class SpliceLeg(_Leg):
             return  # a closing leg has CLOSE_TIMEOUT
         heard, self._heard = self._heard, False
         peer = self.peer
-        if heard or (peer is not None and peer.write_full) or self._send_queued():
-            self._pinged = False
+        if heard or (peer is not None and peer.write_full):
+            self._pinged = False  # alive, or silent because we do not read it
+        elif send_queued(self.transport):
+            # A ping would wait behind the queued bytes: the peer's acknowledgements tell.
+            # _pinged: the last tick found them stalled too.
+            stalled = acks_stalled(self.transport.get_extra_info("socket"), interval)
+            if stalled and self._pinged:
+                logger.info(
+                    "splice leg %s dropped: no acknowledgement for %g s", self.name, 2 * interval
+                )
+                self.abort()
+                return
+            self._pinged = stalled
         elif not self._pinged:
             self.transport.write(server_frame(OP_PING, b""))
             self._pinged = True
@@ -335,21 +343,6 @@ class SpliceLeg(_Leg):
         self._keep_alive_timer = asyncio.get_running_loop().call_later(
             interval, self._keep_alive_tick
         )
-
-    def _send_queued(self) -> bool:
-        """Whether bytes wait to go out on this leg (in the transport, or in the kernel's send
-        queue, not yet acknowledged by the peer): a ping now would wait behind them."""
-        if self.transport.get_write_buffer_size():
-            return True
-        sock = self.transport.get_extra_info("socket")
-        if sock is None or _OUTQ is None:
-            return False
-        try:
-            queued = bytearray(4)
-            fcntl.ioctl(sock.fileno(), _OUTQ, queued)
-        except (OSError, ValueError):
-            return False
-        return int.from_bytes(queued, "little") > 0
 
     def _drop(self) -> None:
         """Both close frames are through (or the leg is unusable): close the connection.
@@ -415,7 +408,7 @@ class SpliceLeg(_Leg):
                 self.peer.send_close(self._closing.answer_code, control.reason)
                 if step.drop:
                     self._drop()
-            # OP_PONG: nothing to do (the relay sends no pings on a splice)
+            # OP_PONG: nothing more to do (its bytes counted as heard, for keep-alive)
 
     def _forward(self, pieces: list[bytearray]) -> None:
         peer = self.peer
