@@ -132,13 +132,14 @@ class Relay:
 def relay_config(
     *,
     tls: TlsFiles | None = None,
+    host: str = "127.0.0.1",
     port: int = 0,
     entities: list[dict[str, Any]] | None = None,
     limits: dict[str, Any] | None = None,
     ingress: list[dict[str, Any]] | None = None,
     management: bool = False,
 ) -> RelayConfig:
-    server: dict[str, Any] = {"host": "127.0.0.1", "port": port}
+    server: dict[str, Any] = {"host": host, "port": port}
     if tls is not None:
         server["tls"] = {"cert": tls.cert_file, "key": tls.key_file}
     else:
@@ -184,6 +185,7 @@ def make_relay(tls_files: TlsFiles) -> RelayFactory:
     async def factory(
         *,
         tls: bool = False,
+        host: str = "127.0.0.1",
         port: int = 0,
         entities: list[dict[str, Any]] | None = None,
         limits: dict[str, Any] | None = None,
@@ -193,6 +195,7 @@ def make_relay(tls_files: TlsFiles) -> RelayFactory:
         files = tls_files if tls else None
         config = relay_config(
             tls=files,
+            host=host,
             port=port,
             entities=entities,
             limits=limits,

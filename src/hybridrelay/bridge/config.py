@@ -531,7 +531,8 @@ class BridgeConfig:
     )
     keep_alive_interval: float = setting(
         DEFAULT_KEEP_ALIVE_INTERVAL,
-        help="seconds between pings on control channels; paces TCP keep-alive on -L ports",
+        help="seconds between pings on control channels, and before a ping on a silent stream; "
+        "paces TCP keep-alive on -L ports",
         low=0.001,
         high=_MAX_SECONDS,
         flags=("-a", "--keep-alive-interval"),

@@ -1,0 +1,436 @@
+"""A link that goes silent, with its packets really dropped (issue 17, "Faults to survive").
+
+Each test joins the processes under test by a veth link into a network namespace of its
+own (tests/reliability/netns.py) and, mid-connection, makes the link throw away every
+packet both ways: no FIN, no RST, the senders are told their packets went out. Every hop is
+covered, and each end that keeps a timer must find the link dead by itself within a bound
+and release what it held:
+
+* a WebSocket hop (an SDK listener's control channel, a sender's or a ``bridge -L`` agent's
+  stream, a ``bridge -R`` edge's stream): keep-alive at ``INTERVAL``; pings after an interval
+  of silence, the drop after another; while bytes wait to go out, the drop when nothing was
+  acknowledged for an interval at two checks in a row. Bound: ``3 × INTERVAL + 1 s``.
+* a raw TCP hop (a client of the relay's own ``ingress:`` port, or of a ``bridge -L`` port):
+  the kernel's keep-alive probes (first after ``RAW_INTERVAL`` s, three more a second apart)
+  while idle, the acknowledgement watch while data waits. Bound: probes' 4 s + 1 s.
+
+The relay runs in this process; for the WebSocket hops its listening socket is made inside
+the namespace and its clients reach it over the links (one link to drop, another that keeps
+working); for the raw hops the client's socket is made inside the namespace. The detection
+times are logged (``-o log_cli=true --log-cli-level=INFO``) for docs/RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
+
+import pytest
+
+from hybridrelay import HybridConnectionListener
+from hybridrelay.bridge.config import BridgeConfig, merge_cli, parse_config
+from hybridrelay.client import HybridConnectionClient, HybridConnectionStream
+from hybridrelay.exceptions import RelayConnectionError
+from hybridrelay.tcp_keepalive import KEEPALIVE_PROBES
+from tests.bridge.helpers import running, tcp_server
+from tests.conftest import Relay, RelayFactory, eventually
+from tests.reliability.netns import Link, Namespace, network_namespace, unavailable
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(unavailable() is not None, reason=unavailable() or ""),
+]
+
+report = logging.getLogger("tests.reliability")
+
+INTERVAL = 0.5
+#: A ping after an interval of silence, the drop after the next, plus scheduling.
+DETECTED_WITHIN = 3 * INTERVAL + 1.0
+#: The kernel's keep-alive takes whole seconds.
+RAW_INTERVAL = 1.0
+#: The first probe after an interval, three more a second apart, plus scheduling.
+RAW_DETECTED_WITHIN = RAW_INTERVAL + KEEPALIVE_PROBES * 1.0 + 1.0
+CHUNK = b"\xcd" * 65536
+
+
+@pytest.fixture
+def namespace() -> Iterator[Namespace]:
+    with network_namespace(links=2) as made:
+        yield made
+
+
+@asynccontextmanager
+async def relay_inside(
+    make_relay: RelayFactory, namespace: Namespace, interval: float = INTERVAL
+) -> AsyncIterator[Relay]:
+    """A relay whose listening socket lives in ``namespace`` (on all its addresses)."""
+    async with AsyncExitStack() as stack:
+        with namespace.entered():
+            relay = await stack.enter_async_context(
+                make_relay(host="0.0.0.0", limits={"keep_alive_interval": interval})
+            )
+        yield relay
+
+
+def via(relay: Relay, link: Link, entity: str = "hc") -> str:
+    """The connection string of ``relay`` reached over ``link``."""
+    return relay.connection_string(entity).replace("127.0.0.1", link.ns_ip)
+
+
+def bridge(connection_string: str, *args: str, interval: float = INTERVAL) -> BridgeConfig:
+    document = {"shutdown_grace_period": 2, "connect_timeout": 10, "keep_alive_interval": interval}
+    return merge_cli(parse_config(document), ["-x", connection_string, *args])
+
+
+def log(what: str, seconds: float) -> None:
+    report.info("dropped packets: %s after %.2f s", what, seconds)
+
+
+async def ends(reader: asyncio.StreamReader, within: float) -> None:
+    """Until the connection is closed or reset (data before that is read and dropped)."""
+    async with asyncio.timeout(within):
+        with suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+
+
+async def keep_writing(writer: asyncio.StreamWriter) -> None:
+    with suppress(ConnectionError, RuntimeError):
+        while True:
+            writer.write(CHUNK)
+            await writer.drain()
+
+
+class Destination:
+    """A TCP server for a ``bridge -R`` edge: echoes the first byte, then (with ``write``)
+    writes until it cannot; :attr:`closed` is set when the edge ends the connection."""
+
+    def __init__(self, *, write: bool = False) -> None:
+        self.write = write
+        self.closed = asyncio.Event()
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        try:
+            writer.write(await reader.readexactly(1))
+            await writer.drain()
+            if self.write:
+                pump = asyncio.create_task(keep_writing(writer))
+                await ends(reader, 60)
+                pump.cancel()
+            else:
+                await ends(reader, 60)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.closed.set()
+            writer.transport.abort()
+
+
+async def open_in(
+    namespace: Namespace, host: str, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection from inside ``namespace`` to ``host:port``."""
+    sock = namespace.socket()
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(10):
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock)
+
+
+async def hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"?")
+    async with asyncio.timeout(10):
+        assert await reader.readexactly(1) == b"?"
+
+
+# -- the WebSocket hops ------------------------------------------------------------------------
+
+
+async def test_a_listener_and_the_relay_both_notice(
+    make_relay: RelayFactory, namespace: Namespace
+) -> None:
+    link = namespace.links[0]
+    async with relay_inside(make_relay, namespace) as relay:
+        listener = HybridConnectionListener.from_connection_string(
+            via(relay, link), keep_alive_interval=INTERVAL
+        )
+        changes: list[tuple[float, str]] = []
+        listener.on_status(lambda status, _: changes.append((time.monotonic(), status)))
+        broker = relay.server.broker
+        try:
+            await listener.open()
+            await eventually(lambda: broker.listener_count("hc") == 1)
+            link.drop()
+            dropped = time.monotonic()
+            await eventually(lambda: broker.listener_count("hc") == 0, DETECTED_WITHIN + 5)
+            by_relay = time.monotonic() - dropped
+            await eventually(
+                lambda: any(t > dropped and s != "online" for t, s in changes), DETECTED_WITHIN + 5
+            )
+            by_listener = next(t for t, s in changes if t > dropped) - dropped
+            log("the relay dropped the listener's control channel", by_relay)
+            log("the listener found its control channel dead", by_listener)
+            assert by_relay <= DETECTED_WITHIN
+            assert by_listener <= DETECTED_WITHIN
+            link.restore()  # the listener comes back by itself
+            await eventually(lambda: broker.listener_count("hc") == 1, 20)
+        finally:
+            with suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    await listener.aclose()
+
+
+async def _stream_pair(
+    relay: Relay, sender_link: Link, listener_link: Link
+) -> tuple[
+    HybridConnectionListener, HybridConnectionClient, HybridConnectionStream, HybridConnectionStream
+]:
+    """An SDK listener over ``listener_link`` and a sender (keep-alive on) over
+    ``sender_link``, with one stream that has carried a byte."""
+    listener = HybridConnectionListener.from_connection_string(via(relay, listener_link))
+    await listener.open()
+    client = HybridConnectionClient.from_connection_string(
+        via(relay, sender_link), keep_alive_interval=INTERVAL
+    )
+    stream = await client.create_connection()
+    async with asyncio.timeout(10):
+        far = await listener.accept_connection()
+    assert far is not None
+    await stream.write(b"x")
+    async with asyncio.timeout(10):
+        assert await far.read() == b"x"
+    return listener, client, stream, far
+
+
+async def _stream_ended(stream: HybridConnectionStream) -> None:
+    async with asyncio.timeout(DETECTED_WITHIN + 5):
+        with suppress(RelayConnectionError):
+            while await stream.read():
+                pass
+
+
+@pytest.mark.parametrize("queued", [False, True], ids=["idle", "queued"])
+async def test_a_sender_and_the_relay_both_notice(
+    make_relay: RelayFactory, namespace: Namespace, queued: bool
+) -> None:
+    """Mid-stream, the sender's link goes silent: the relay drops its leg and closes the
+    listener's end (1011); the sender's stream ends too. ``queued``: the listener keeps
+    writing, so the relay's leg to the sender has bytes waiting (no ping can pass them)."""
+    sender_link, listener_link = namespace.links
+    async with relay_inside(make_relay, namespace) as relay:
+        listener, client, stream, far = await _stream_pair(relay, sender_link, listener_link)
+        pump: asyncio.Task[None] | None = None
+        # The sender reads all along (a live reader): what is in flight at the drop is lost.
+        sender_ended = asyncio.create_task(_stream_ended(stream))
+        try:
+            if queued:
+
+                async def write() -> None:
+                    with suppress(RelayConnectionError):
+                        while True:
+                            await far.write(CHUNK)
+
+                pump = asyncio.create_task(write())
+                await asyncio.sleep(0.2)  # the span of data flowing before the drop
+            sender_link.drop()
+            dropped = time.monotonic()
+            async with asyncio.timeout(DETECTED_WITHIN + 5):
+                await _stream_ended(far)
+            by_relay = time.monotonic() - dropped
+            await sender_ended
+            by_sender = time.monotonic() - dropped
+            what = "with bytes queued to it" if queued else "idle"
+            log(f"the relay dropped a sender's leg ({what}), closing the listener's end", by_relay)
+            log(f"the sender found its stream dead ({what})", by_sender)
+            assert far.close_code == 1011
+            assert by_relay <= DETECTED_WITHIN
+            assert by_sender <= DETECTED_WITHIN
+            await far.aclose()  # answers the relay's close: both legs are gone
+            await eventually(lambda: len(relay.server._legs) == 0)
+        finally:
+            sender_ended.cancel()
+            if pump is not None:
+                pump.cancel()
+            for end in (far, stream):
+                end._socket.abort()
+            await client.aclose()
+            with suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    await listener.aclose()
+
+
+@pytest.mark.parametrize("sending", [False, True], ids=["idle", "sending"])
+async def test_a_bridge_l_agent_and_the_relay_both_notice(
+    make_relay: RelayFactory, namespace: Namespace, sending: bool
+) -> None:
+    """client -> bridge -L -> (silent link) -> relay -> bridge -R -> destination: the -L
+    agent closes its client's connection by itself, and releases the stream; the relay
+    drops the agent's leg and the edge closes its destination connection. ``sending``: the
+    client keeps writing, so the agent has bytes waiting for the relay."""
+    agent_link, edge_link = namespace.links
+    destination = Destination()
+    async with (
+        relay_inside(make_relay, namespace) as relay,
+        tcp_server(destination) as dest,
+        running(bridge(via(relay, edge_link), "-R", f"hc:127.0.0.1:{dest.port}")),
+        running(bridge(via(relay, agent_link), "-L", "127.0.0.1:0:hc")) as agent,
+    ):
+        reader, writer = await asyncio.open_connection(*agent.ingress_address(0)[:2])
+        pump = None
+        try:
+            await hello(reader, writer)
+            if sending:
+                pump = asyncio.create_task(keep_writing(writer))
+                await eventually(lambda: bool(writer.transport.get_write_buffer_size()))
+            agent_link.drop()
+            dropped = time.monotonic()
+            await ends(reader, DETECTED_WITHIN + 5)
+            by_agent = time.monotonic() - dropped
+            async with asyncio.timeout(DETECTED_WITHIN + 5):
+                await destination.closed.wait()
+            by_relay = time.monotonic() - dropped
+            what = "sending" if sending else "idle"
+            log(f"the bridge -L agent closed its client ({what})", by_agent)
+            log(f"the relay dropped the agent's leg, the edge closed its destination ({what})",
+                by_relay)  # fmt: skip
+            assert by_agent <= DETECTED_WITHIN
+            assert by_relay <= DETECTED_WITHIN
+            ingress = agent.ingress[0]
+            await eventually(lambda: ingress._group is not None and len(ingress._group) == 0)
+            await eventually(lambda: len(relay.server._legs) == 0)
+        finally:
+            if pump is not None:
+                pump.cancel()
+            writer.transport.abort()
+
+
+async def test_a_bridge_r_edge_and_the_relay_both_notice(
+    make_relay: RelayFactory, namespace: Namespace
+) -> None:
+    """client -> bridge -L -> relay -> (silent link) -> bridge -R -> destination: the edge
+    closes its destination connection by itself; the relay drops the edge's leg, and the -L
+    agent closes its client's connection."""
+    edge_link, agent_link = namespace.links
+    destination = Destination()
+    async with (
+        relay_inside(make_relay, namespace) as relay,
+        tcp_server(destination) as dest,
+        running(bridge(via(relay, edge_link), "-R", f"hc:127.0.0.1:{dest.port}")),
+        running(bridge(via(relay, agent_link), "-L", "127.0.0.1:0:hc")) as agent,
+    ):
+        reader, writer = await asyncio.open_connection(*agent.ingress_address(0)[:2])
+        try:
+            await hello(reader, writer)
+            edge_link.drop()
+            dropped = time.monotonic()
+            async with asyncio.timeout(DETECTED_WITHIN + 5):
+                await destination.closed.wait()
+            by_edge = time.monotonic() - dropped
+            await ends(reader, DETECTED_WITHIN + 5)
+            by_relay = time.monotonic() - dropped
+            log("the bridge -R edge closed its destination connection", by_edge)
+            log("the relay dropped the edge's leg, the -L agent closed its client", by_relay)
+            assert by_edge <= DETECTED_WITHIN
+            assert by_relay <= DETECTED_WITHIN
+            await eventually(lambda: len(relay.server._legs) == 0)
+        finally:
+            writer.transport.abort()
+
+
+# -- the raw TCP hops ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("receiving", [False, True], ids=["idle", "receiving"])
+async def test_the_relay_ingress_port_drops_a_silent_client(
+    make_relay: RelayFactory, namespace: Namespace, receiving: bool
+) -> None:
+    """A client of the relay's own ``ingress:`` port, in the namespace, goes silent: the
+    relay drops the connection (keep-alive probes; with ``receiving``, the destination keeps
+    writing to it and the acknowledgement watch does it) and the edge's destination
+    connection is closed."""
+    link = namespace.links[0]
+    destination = Destination(write=receiving)
+    ingress = {"listen": f"{link.host_ip}:0", "hybrid_connection": "hc"}
+    async with (
+        make_relay(ingress=[ingress], limits={"keep_alive_interval": RAW_INTERVAL}) as relay,
+        tcp_server(destination) as dest,
+        running(bridge(relay.connection_string(), "-R", f"hc:127.0.0.1:{dest.port}")),
+    ):
+        address = relay.server.ingress[0].address
+        assert address is not None
+        reader, writer = await open_in(namespace, link.host_ip, address[1])
+        try:
+            await hello(reader, writer)
+            if receiving:
+                await eventually(lambda: bool(destination.writers) and bool(
+                    destination.writers[0].transport.get_write_buffer_size()))  # fmt: skip
+            link.drop()
+            dropped = time.monotonic()
+            async with asyncio.timeout(RAW_DETECTED_WITHIN + 5):
+                await destination.closed.wait()
+            detected = time.monotonic() - dropped
+            what = "receiving" if receiving else "idle"
+            log(f"the relay's ingress port dropped a silent client ({what})", detected)
+            assert detected <= RAW_DETECTED_WITHIN
+            await eventually(lambda: len(relay.server._legs) == 0)
+        finally:
+            writer.transport.abort()
+
+
+@pytest.mark.parametrize("receiving", [False, True], ids=["idle", "receiving"])
+async def test_a_bridge_l_port_drops_a_silent_client(
+    make_relay: RelayFactory, namespace: Namespace, receiving: bool
+) -> None:
+    """The same for a client of a ``bridge -L`` port bound on the link."""
+    link = namespace.links[0]
+    destination = Destination(write=receiving)
+    async with (
+        make_relay() as relay,
+        tcp_server(destination) as dest,
+        running(bridge(relay.connection_string(), "-R", f"hc:127.0.0.1:{dest.port}")),
+        running(
+            bridge(relay.connection_string(), "-L", f"{link.host_ip}:0:hc", interval=RAW_INTERVAL)
+        ) as agent,
+    ):
+        reader, writer = await open_in(namespace, link.host_ip, agent.ingress_address(0)[1])
+        try:
+            await hello(reader, writer)
+            if receiving:
+                await eventually(lambda: bool(destination.writers) and bool(
+                    destination.writers[0].transport.get_write_buffer_size()))  # fmt: skip
+            link.drop()
+            dropped = time.monotonic()
+            async with asyncio.timeout(RAW_DETECTED_WITHIN + 5):
+                await destination.closed.wait()
+            detected = time.monotonic() - dropped
+            what = "receiving" if receiving else "idle"
+            log(f"a bridge -L port dropped a silent client ({what})", detected)
+            assert detected <= RAW_DETECTED_WITHIN
+            ingress = agent.ingress[0]
+            await eventually(lambda: ingress._group is not None and len(ingress._group) == 0)
+        finally:
+            writer.transport.abort()
+
+
+def test_sockets_made_in_the_namespace_live_there(namespace: Namespace) -> None:
+    """The helper itself: a socket made in the namespace can bind its address, one made
+    here cannot (so the tests above really cross the link)."""
+    inside = namespace.socket()
+    outside = socket.socket()
+    try:
+        inside.bind((namespace.links[0].ns_ip, 0))
+        with pytest.raises(OSError):
+            outside.bind((namespace.links[0].ns_ip, 0))
+    finally:
+        inside.close()
+        outside.close()
