@@ -15,10 +15,11 @@ Two cases, two tools:
   Linux (since 5.11) applies it to a zero window too: a peer that is alive and merely not
   reading is dropped once it has read nothing for the timeout (measured: a socket with a
   2 s timeout, its peer not reading, was aborted after 2.5 s). So the acknowledgements are
-  watched instead (:func:`acks_stalled`, ``TCP_INFO``): a peer that owes an acknowledgement
-  for data in flight and sent none for an interval, at two checks an interval apart, is
-  dead. A peer with a closed window has acknowledged everything sent (the rest waits
-  unsent), so backpressure is never mistaken for death. The relay's legs and the SDK's streams run
+  watched instead (:func:`acks_stalled`, ``TCP_INFO``): a peer that owes acknowledgements
+  (for data in flight, or for two window probes in a row) and sent none for an interval, at
+  two checks an interval apart, is dead. A peer with a closed window has acknowledged
+  everything sent (the rest waits unsent) and answers the window probes, so backpressure is
+  never mistaken for death. The relay's legs and the SDK's streams run
   this check in their keep-alive timers; :func:`set_tcp_keepalive` arms a timer of its own
   for the raw hops.
 """
@@ -50,11 +51,13 @@ KEEPALIVE_PROBES = 3
 #: The ioctl that reads a socket's unsent and unacknowledged bytes (SIOCOUTQ on Linux); where
 #: there is none, only the transport's own buffer is looked at.
 _OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
-#: ``struct tcp_info`` (linux/tcp.h): ``tcpi_unacked`` (segments in flight) is the 32-bit
-#: word at 24, ``tcpi_last_ack_recv`` (milliseconds since the last acknowledgement) the
-#: word at 56.
+#: ``struct tcp_info`` (linux/tcp.h): ``tcpi_probes`` (probes sent since the last
+#: acknowledgement) is byte 3, ``tcpi_unacked`` (segments in flight) the 32-bit word at 24,
+#: ``tcpi_last_ack_recv`` (milliseconds since the last acknowledgement) the word at 56.
 _TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
 _TCP_INFO_SIZE = 60
+#: Window probes in a row without an answer that only a dead link gives (see acks_stalled).
+_UNANSWERED_PROBES = 2
 
 
 def keepalive_options(interval: float) -> dict[str, int]:
@@ -120,14 +123,16 @@ def _peer(transport: Any) -> str:
 
 
 def acks_stalled(sock: Any, seconds: float) -> bool:
-    """Whether the peer of TCP socket ``sock`` owes an acknowledgement for data in flight
-    and has sent none for at least ``seconds``; False where the kernel does not say (not
-    Linux, not TCP, the socket closed).
+    """Whether the peer of TCP socket ``sock`` owes acknowledgements and has sent none for
+    at least ``seconds``: data is in flight, or (its window closed, so nothing is) the
+    kernel's window probes went unanswered twice in a row. False where the kernel does not
+    say (not Linux, not TCP, the socket closed).
 
-    Window probes are not counted: a receiver rate-limits its answers to them (Linux: one
-    per ``tcp_invalid_ratelimit``, 500 ms), so a live peer with a closed window was seen
-    owing one for over a second. A link that dies while the peer's window is closed is left
-    to the kernel's window probes (``tcp_retries2`` of them, backing off to two minutes)."""
+    One unanswered probe is not enough: a receiver rate-limits its answers to them (Linux:
+    one per ``tcp_invalid_ratelimit``, 500 ms), so a live peer with a closed window was seen
+    owing one for over a second; the next probe, sent after twice the wait, is answered. The
+    probes back off (up to two minutes apart), so a link that dies after the peer's window
+    has long been closed is found only after two of them."""
     if sock is None or _TCP_INFO is None:
         return False
     try:
@@ -136,9 +141,10 @@ def acks_stalled(sock: Any, seconds: float) -> bool:
         return False
     if len(info) < _TCP_INFO_SIZE:
         return False
+    probes = info[3]
     unacked = int.from_bytes(info[24:28], sys.byteorder)
     last_ack_ms = int.from_bytes(info[56:60], sys.byteorder)
-    return unacked > 0 and last_ack_ms >= seconds * 1000
+    return (unacked > 0 or probes >= _UNANSWERED_PROBES) and last_ack_ms >= seconds * 1000
 
 
 def send_queued(transport: Any) -> bool:

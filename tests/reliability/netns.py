@@ -45,10 +45,51 @@ _SUBNETS = ipaddress.ip_network("10.201.0.0/16")
 _LOCK = Path("/tmp/hybridrelay-tests-netns.lock")
 _counter = itertools.count()
 _COMMAND_TIMEOUT = 10.0
+#: Namespaces are named ``hrtest<pid in hex>x<n>``, their links ``hrh<pid>x<n><i>`` (here)
+#: and ``hrn…`` (inside): an interface name has at most 15 characters, and a pid at most 6 hex
+#: digits (pid_max 4194304).
+_PREFIX = "hrtest"
 
 
 def _run(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True, timeout=_COMMAND_TIMEOUT)
+
+
+def _try(*argv: str) -> None:
+    """Clean-up: whatever fails (already gone) is ignored."""
+    subprocess.run(argv, check=False, capture_output=True, timeout=_COMMAND_TIMEOUT)
+
+
+def _output(*argv: str) -> str:
+    return subprocess.run(
+        argv, check=True, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT
+    ).stdout
+
+
+def _inside(namespace: str, *argv: str) -> list[str]:
+    return ["ip", "netns", "exec", namespace, *argv]
+
+
+def _remove_stale() -> None:
+    """Delete the namespaces of test processes that are gone (killed before their clean-up):
+    their links would hold subnets, and their names could come back with a reused pid."""
+    for line in _output("ip", "netns", "list").splitlines():
+        name = line.split()[0] if line.split() else ""
+        pid = name.removeprefix(_PREFIX).partition("x")[0]
+        if name.startswith(_PREFIX) and pid and all(c in "0123456789abcdef" for c in pid):
+            if _alive(int(pid, 16)):
+                continue
+            _try("ip", "netns", "del", name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -64,14 +105,16 @@ class Link:
     def drop(self) -> None:
         """From now on every packet sent over the link, either way, is silently lost."""
         _run("tc", "qdisc", "replace", "dev", self.host_if, "root", "blackhole")
-        _run("ip", "netns", "exec", self.namespace, "tc", "qdisc", "replace", "dev", self.ns_if,
-             "root", "blackhole")  # fmt: skip
+        _run(
+            *_inside(
+                self.namespace, "tc", "qdisc", "replace", "dev", self.ns_if, "root", "blackhole"
+            )
+        )
 
     def restore(self) -> None:
         """Packets flow again."""
         _run("tc", "qdisc", "del", "dev", self.host_if, "root")
-        _run("ip", "netns", "exec", self.namespace, "tc", "qdisc", "del", "dev", self.ns_if,
-             "root")  # fmt: skip
+        _run(*_inside(self.namespace, "tc", "qdisc", "del", "dev", self.ns_if, "root"))
 
 
 class Namespace:
@@ -119,14 +162,11 @@ class Namespace:
 
     def command(self, *argv: str) -> list[str]:
         """``argv`` to run inside the namespace (for :mod:`subprocess`/asyncio)."""
-        return ["ip", "netns", "exec", self.name, *argv]
+        return _inside(self.name, *argv)
 
 
 def _used_subnets() -> set[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    out = subprocess.run(
-        ["ip", "-o", "-4", "addr", "show"], check=True, capture_output=True, text=True,
-        timeout=_COMMAND_TIMEOUT,
-    ).stdout  # fmt: skip
+    out = _output("ip", "-o", "-4", "addr", "show")
     used = set()
     for line in out.splitlines():
         fields = line.split()
@@ -138,21 +178,33 @@ def _used_subnets() -> set[ipaddress.IPv4Network | ipaddress.IPv6Network]:
 @contextmanager
 def network_namespace(links: int = 1) -> Iterator[Namespace]:
     """A namespace with ``links`` veth links to this one (see the module); deleted on exit."""
-    tag = f"{os.getpid() % 100000}x{next(_counter)}"
-    name = f"hrtest{tag}"
+    tag = f"{os.getpid():x}x{next(_counter)}"
+    name = f"{_PREFIX}{tag}"
     made: list[Link] = []
     try:
         _run("ip", "netns", "add", name)
         _run("ip", "-n", name, "link", "set", "lo", "up")
         with _LOCK.open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            _remove_stale()
             used = _used_subnets()
             free = (net for net in _SUBNETS.subnets(new_prefix=30) if net not in used)
             for index, subnet in zip(range(links), free, strict=False):
                 host_ip, ns_ip = (str(address) for address in list(subnet.hosts())[:2])
                 link = Link(name, f"hrh{tag}{index}", f"hrn{tag}{index}", host_ip, ns_ip)
-                _run("ip", "link", "add", link.host_if, "type", "veth", "peer", "name",
-                     link.ns_if, "netns", name)  # fmt: skip
+                _run(
+                    "ip",
+                    "link",
+                    "add",
+                    link.host_if,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    link.ns_if,
+                    "netns",
+                    name,
+                )
                 made.append(link)
                 _run("ip", "addr", "add", f"{host_ip}/30", "dev", link.host_if)
                 _run("ip", "link", "set", link.host_if, "up")
@@ -165,10 +217,8 @@ def network_namespace(links: int = 1) -> Iterator[Namespace]:
         # Deleting the namespace deletes its veth ends, and so their peers here; the host
         # ends are deleted too in case the namespace never got them.
         for link in made:
-            subprocess.run(["ip", "link", "del", link.host_if], capture_output=True,
-                           timeout=_COMMAND_TIMEOUT)  # fmt: skip
-        subprocess.run(["ip", "netns", "del", name], capture_output=True,
-                       timeout=_COMMAND_TIMEOUT)  # fmt: skip
+            _try("ip", "link", "del", link.host_if)
+        _try("ip", "netns", "del", name)
 
 
 @cache

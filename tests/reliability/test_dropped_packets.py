@@ -18,12 +18,15 @@ The relay runs in this process; for the WebSocket hops its listening socket is m
 the namespace and its clients reach it over the links (one link to drop, another that keeps
 working); for the raw hops the client's socket is made inside the namespace. The detection
 times are logged (``-o log_cli=true --log-cli-level=INFO``) for docs/RELIABILITY.md.
+``python3 -m pytest -m soak tests/reliability/test_dropped_packets.py`` adds a run with
+200 connections over the silent link, all of which must be released.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -90,19 +93,24 @@ def log(what: str, seconds: float) -> None:
     report.info("dropped packets: %s after %.2f s", what, seconds)
 
 
-async def ends(reader: asyncio.StreamReader, within: float) -> None:
-    """Until the connection is closed or reset (data before that is read and dropped)."""
+async def ends(reader: asyncio.StreamReader, within: float) -> float:
+    """Until the connection is closed or reset (data before that is read and dropped): the
+    monotonic time it ended."""
     async with asyncio.timeout(within):
         with suppress(ConnectionError):
             while await reader.read(65536):
                 pass
+    return time.monotonic()
 
 
-async def keep_writing(writer: asyncio.StreamWriter) -> None:
+async def keep_writing(writer: asyncio.StreamWriter, pause: float = 0.0) -> None:
+    """Write until the connection fails; ``pause`` seconds after each chunk."""
     with suppress(ConnectionError, RuntimeError):
         while True:
             writer.write(CHUNK)
             await writer.drain()
+            if pause:
+                await asyncio.sleep(pause)
 
 
 class Destination:
@@ -112,6 +120,7 @@ class Destination:
     def __init__(self, *, write: bool = False) -> None:
         self.write = write
         self.closed = asyncio.Event()
+        self.closed_at = 0.0
         self.writers: list[asyncio.StreamWriter] = []
 
     async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -128,6 +137,8 @@ class Destination:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            if not self.closed.is_set():
+                self.closed_at = time.monotonic()
             self.closed.set()
             writer.transport.abort()
 
@@ -212,11 +223,13 @@ async def _stream_pair(
     return listener, client, stream, far
 
 
-async def _stream_ended(stream: HybridConnectionStream) -> None:
+async def _stream_ended(stream: HybridConnectionStream) -> float:
+    """Read ``stream`` until it ends: the monotonic time it did."""
     async with asyncio.timeout(DETECTED_WITHIN + 5):
         with suppress(RelayConnectionError):
             while await stream.read():
                 pass
+    return time.monotonic()
 
 
 @pytest.mark.parametrize("queued", [False, True], ids=["idle", "queued"])
@@ -245,10 +258,8 @@ async def test_a_sender_and_the_relay_both_notice(
             sender_link.drop()
             dropped = time.monotonic()
             async with asyncio.timeout(DETECTED_WITHIN + 5):
-                await _stream_ended(far)
-            by_relay = time.monotonic() - dropped
-            await sender_ended
-            by_sender = time.monotonic() - dropped
+                by_relay = await _stream_ended(far) - dropped
+            by_sender = await sender_ended - dropped
             what = "with bytes queued to it" if queued else "idle"
             log(f"the relay dropped a sender's leg ({what}), closing the listener's end", by_relay)
             log(f"the sender found its stream dead ({what})", by_sender)
@@ -290,19 +301,22 @@ async def test_a_bridge_l_agent_and_the_relay_both_notice(
         try:
             await hello(reader, writer)
             if sending:
-                pump = asyncio.create_task(keep_writing(writer))
-                await eventually(lambda: bool(writer.transport.get_write_buffer_size()))
+                # Paced (3 MiB/s): at full speed the relay would first have to forward what
+                # it had already read (the agent's leg is judged from then on).
+                pump = asyncio.create_task(keep_writing(writer, pause=0.02))
+                await asyncio.sleep(0.2)  # the span of data flowing before the drop
             agent_link.drop()
             dropped = time.monotonic()
-            await ends(reader, DETECTED_WITHIN + 5)
-            by_agent = time.monotonic() - dropped
+            by_agent = await ends(reader, DETECTED_WITHIN + 5) - dropped
             async with asyncio.timeout(DETECTED_WITHIN + 5):
                 await destination.closed.wait()
-            by_relay = time.monotonic() - dropped
+            by_relay = destination.closed_at - dropped
             what = "sending" if sending else "idle"
             log(f"the bridge -L agent closed its client ({what})", by_agent)
-            log(f"the relay dropped the agent's leg, the edge closed its destination ({what})",
-                by_relay)  # fmt: skip
+            log(
+                f"the relay dropped the agent's leg, the edge closed its destination ({what})",
+                by_relay,
+            )
             assert by_agent <= DETECTED_WITHIN
             assert by_relay <= DETECTED_WITHIN
             ingress = agent.ingress[0]
@@ -329,21 +343,24 @@ async def test_a_bridge_r_edge_and_the_relay_both_notice(
         running(bridge(via(relay, agent_link), "-L", "127.0.0.1:0:hc")) as agent,
     ):
         reader, writer = await asyncio.open_connection(*agent.ingress_address(0)[:2])
+        ended: asyncio.Task[float] | None = None
         try:
             await hello(reader, writer)
             edge_link.drop()
             dropped = time.monotonic()
+            ended = asyncio.create_task(ends(reader, DETECTED_WITHIN + 5))
             async with asyncio.timeout(DETECTED_WITHIN + 5):
                 await destination.closed.wait()
-            by_edge = time.monotonic() - dropped
-            await ends(reader, DETECTED_WITHIN + 5)
-            by_relay = time.monotonic() - dropped
+            by_edge = destination.closed_at - dropped
+            by_relay = await ended - dropped
             log("the bridge -R edge closed its destination connection", by_edge)
             log("the relay dropped the edge's leg, the -L agent closed its client", by_relay)
             assert by_edge <= DETECTED_WITHIN
             assert by_relay <= DETECTED_WITHIN
             await eventually(lambda: len(relay.server._legs) == 0)
         finally:
+            if ended is not None:
+                ended.cancel()
             writer.transport.abort()
 
 
@@ -371,19 +388,21 @@ async def test_the_relay_ingress_port_drops_a_silent_client(
         reader, writer = await open_in(namespace, link.host_ip, address[1])
         try:
             await hello(reader, writer)
-            if receiving:
-                await eventually(lambda: bool(destination.writers) and bool(
-                    destination.writers[0].transport.get_write_buffer_size()))  # fmt: skip
+            if receiving:  # a live reader: what is in flight at the drop is lost
+                reading = asyncio.create_task(ends(reader, 60))
+                await asyncio.sleep(0.2)  # the span of data flowing before the drop
             link.drop()
             dropped = time.monotonic()
             async with asyncio.timeout(RAW_DETECTED_WITHIN + 5):
                 await destination.closed.wait()
-            detected = time.monotonic() - dropped
+            detected = destination.closed_at - dropped
             what = "receiving" if receiving else "idle"
             log(f"the relay's ingress port dropped a silent client ({what})", detected)
             assert detected <= RAW_DETECTED_WITHIN
             await eventually(lambda: len(relay.server._legs) == 0)
         finally:
+            if receiving:
+                reading.cancel()
             writer.transport.abort()
 
 
@@ -405,21 +424,85 @@ async def test_a_bridge_l_port_drops_a_silent_client(
         reader, writer = await open_in(namespace, link.host_ip, agent.ingress_address(0)[1])
         try:
             await hello(reader, writer)
-            if receiving:
-                await eventually(lambda: bool(destination.writers) and bool(
-                    destination.writers[0].transport.get_write_buffer_size()))  # fmt: skip
+            if receiving:  # a live reader: what is in flight at the drop is lost
+                reading = asyncio.create_task(ends(reader, 60))
+                await asyncio.sleep(0.2)  # the span of data flowing before the drop
             link.drop()
             dropped = time.monotonic()
             async with asyncio.timeout(RAW_DETECTED_WITHIN + 5):
                 await destination.closed.wait()
-            detected = time.monotonic() - dropped
+            detected = destination.closed_at - dropped
             what = "receiving" if receiving else "idle"
             log(f"a bridge -L port dropped a silent client ({what})", detected)
             assert detected <= RAW_DETECTED_WITHIN
             ingress = agent.ingress[0]
             await eventually(lambda: ingress._group is not None and len(ingress._group) == 0)
         finally:
+            if receiving:
+                reading.cancel()
             writer.transport.abort()
+
+
+SOAK_CONNECTIONS = 200
+SOAK_INTERVAL = 2.0
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(180)
+async def test_many_bridge_connections_over_a_silent_link_are_all_released(
+    make_relay: RelayFactory, namespace: Namespace
+) -> None:
+    """``SOAK_CONNECTIONS`` clients of a ``bridge -L`` agent whose link to the relay goes
+    silent, half of them sending: every one is closed by the agent within the bound, every
+    destination connection by the edge, and the process's open files return to what they
+    were before the clients came."""
+    agent_link, edge_link = namespace.links
+    destination = Destination()
+    within = 3 * SOAK_INTERVAL + 2.0
+    async with (
+        relay_inside(make_relay, namespace, SOAK_INTERVAL) as relay,
+        tcp_server(destination) as dest,
+        running(
+            bridge(via(relay, edge_link), "-R", f"hc:127.0.0.1:{dest.port}", interval=SOAK_INTERVAL)
+        ),
+        running(
+            bridge(via(relay, agent_link), "-L", "127.0.0.1:0:hc", interval=SOAK_INTERVAL)
+        ) as agent,
+    ):
+        # One connection first: the SDK's warm connections and the relay's first rendezvous
+        # are then part of the baseline.
+        reader, writer = await asyncio.open_connection(*agent.ingress_address(0)[:2])
+        await hello(reader, writer)
+        writer.close()
+        await eventually(lambda: len(relay.server._legs) == 0, 15)
+        baseline = _open_fds()
+        clients = []
+        for _ in range(SOAK_CONNECTIONS):
+            clients.append(await asyncio.open_connection(*agent.ingress_address(0)[:2]))
+        await asyncio.gather(*(hello(r, w) for r, w in clients))
+        pumps = [asyncio.create_task(keep_writing(w)) for _, w in clients[::2]]
+        try:
+            agent_link.drop()
+            dropped = time.monotonic()
+            by_agent = max(await asyncio.gather(*(ends(r, within + 5) for r, _ in clients)))
+            by_agent -= dropped
+            ingress = agent.ingress[0]
+            await eventually(lambda: ingress._group is not None and len(ingress._group) == 0, 15)
+            await eventually(lambda: len(relay.server._legs) == 0, 15)
+            log(f"the bridge -L agent closed all {SOAK_CONNECTIONS} clients", by_agent)
+            assert by_agent <= within
+            for _, w in clients:
+                w.transport.abort()
+            await eventually(lambda: _open_fds() <= baseline + 3, 15)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            for _, w in clients:
+                w.transport.abort()
 
 
 def test_sockets_made_in_the_namespace_live_there(namespace: Namespace) -> None:
