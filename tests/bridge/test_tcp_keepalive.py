@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,57 @@ async def test_a_plain_socket_has_no_timer() -> None:
         assert timer is not None and timer[0] == 0, timer
         writer.close()
         accepted[0].close()
+
+
+STALL_INTERVAL = 1.0
+
+
+async def test_a_client_that_stops_reading_is_kept(make_relay: RelayFactory) -> None:
+    """A live client of an ``ingress:`` port and of a ``bridge -L`` port that reads nothing
+    for five keep-alive intervals while the destination writes (its window closed, the
+    kernel probing it) keeps its connection and then gets every byte. ``TCP_USER_TIMEOUT``
+    would have dropped both after 4 s: Linux applies it to a closed window too."""
+    written: list[int] = []
+    stop = asyncio.Event()
+
+    async def write_until_stopped(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        index = len(written)
+        written.append(0)
+        chunk = b"\x5a" * 65536
+        with suppress(ConnectionError):
+            while not stop.is_set():
+                writer.write(chunk)
+                await writer.drain()
+                written[index] += len(chunk)
+            writer.close()
+
+    ingress = {"listen": "127.0.0.1:0", "hybrid_connection": "hc"}
+    limits = {"keep_alive_interval": STALL_INTERVAL}
+    async with (
+        make_relay(ingress=[ingress], limits=limits) as relay,
+        tcp_server(write_until_stopped) as dest,
+        running(make_config(relay, remote=[f"hc:127.0.0.1:{dest.port}"])),
+        running(
+            make_config(relay, local=["127.0.0.1:0:hc"], document={"keep_alive_interval": 1.0})
+        ) as agent,
+    ):
+        address = relay.server.ingress[0].address
+        assert address is not None
+        clients = [
+            await asyncio.open_connection(*address[:2]),
+            await asyncio.open_connection(*agent.ingress_address(0)[:2]),
+        ]
+        try:
+            await eventually(lambda: len(written) == 2)
+            await asyncio.sleep(5 * STALL_INTERVAL)  # the span under test, not a readiness wait
+            stop.set()  # the destination closes its connections: each client reads to EOF
+            received = []
+            for reader, _ in clients:
+                received.append(0)
+                async with asyncio.timeout(20):
+                    while data := await reader.read(1 << 20):
+                        received[-1] += len(data)
+            assert all(received) and sum(received) == sum(written), (received, written)
+        finally:
+            for _, writer in clients:
+                writer.transport.abort()
