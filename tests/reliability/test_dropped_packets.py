@@ -358,6 +358,10 @@ async def test_a_bridge_r_edge_and_the_relay_both_notice(
             assert by_edge <= DETECTED_WITHIN
             assert by_relay <= DETECTED_WITHIN
             await eventually(lambda: len(relay.server._legs) == 0)
+            # The path works again: the edge's listener, reconnecting meanwhile, comes back
+            # (and the bridge's shutdown does not wait for a connect into the void).
+            edge_link.restore()
+            await eventually(lambda: relay.server.broker.listener_count("hc") == 1, 20)
         finally:
             if ended is not None:
                 ended.cancel()
