@@ -29,19 +29,21 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 
 import pytest
 
 from hybridrelay import HybridConnectionListener
+from hybridrelay.bridge.agent import BridgeAgent
 from hybridrelay.bridge.config import BridgeConfig, merge_cli, parse_config
-from hybridrelay.client import HybridConnectionClient, HybridConnectionStream
+from hybridrelay.client import HybridConnectionStream
 from hybridrelay.exceptions import RelayConnectionError
 from hybridrelay.tcp_keepalive import KEEPALIVE_PROBES
 from tests.bridge.helpers import running, tcp_server
 from tests.conftest import Relay, RelayFactory, eventually
 from tests.reliability.netns import Link, Namespace, network_namespace, unavailable
+from tests.reliability.test_silent_link import echo_pair
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -201,28 +203,6 @@ async def test_a_listener_and_the_relay_both_notice(
                     await listener.aclose()
 
 
-async def _stream_pair(
-    relay: Relay, sender_link: Link, listener_link: Link
-) -> tuple[
-    HybridConnectionListener, HybridConnectionClient, HybridConnectionStream, HybridConnectionStream
-]:
-    """An SDK listener over ``listener_link`` and a sender (keep-alive on) over
-    ``sender_link``, with one stream that has carried a byte."""
-    listener = HybridConnectionListener.from_connection_string(via(relay, listener_link))
-    await listener.open()
-    client = HybridConnectionClient.from_connection_string(
-        via(relay, sender_link), keep_alive_interval=INTERVAL
-    )
-    stream = await client.create_connection()
-    async with asyncio.timeout(10):
-        far = await listener.accept_connection()
-    assert far is not None
-    await stream.write(b"x")
-    async with asyncio.timeout(10):
-        assert await far.read() == b"x"
-    return listener, client, stream, far
-
-
 async def _stream_ended(stream: HybridConnectionStream) -> float:
     """Read ``stream`` until it ends: the monotonic time it did."""
     async with asyncio.timeout(DETECTED_WITHIN + 5):
@@ -241,7 +221,9 @@ async def test_a_sender_and_the_relay_both_notice(
     writing, so the relay's leg to the sender has bytes waiting (no ping can pass them)."""
     sender_link, listener_link = namespace.links
     async with relay_inside(make_relay, namespace) as relay:
-        listener, client, stream, far = await _stream_pair(relay, sender_link, listener_link)
+        listener, client, stream, far = await echo_pair(
+            relay, via(relay, sender_link), via(relay, listener_link), keep_alive_interval=INTERVAL
+        )
         pump: asyncio.Task[None] | None = None
         # The sender reads all along (a live reader): what is in flight at the drop is lost.
         sender_ended = asyncio.create_task(_stream_ended(stream))
@@ -280,6 +262,26 @@ async def test_a_sender_and_the_relay_both_notice(
                     await listener.aclose()
 
 
+@asynccontextmanager
+async def bridged(
+    make_relay: RelayFactory,
+    namespace: Namespace,
+    destination: Destination,
+    agent_link: Link,
+    edge_link: Link,
+    interval: float = INTERVAL,
+) -> AsyncIterator[tuple[Relay, BridgeAgent]]:
+    """A relay in ``namespace``, a ``bridge -R`` edge to ``destination`` over ``edge_link``
+    and a ``bridge -L`` agent (on loopback here) over ``agent_link``: (relay, agent)."""
+    async with AsyncExitStack() as stack:
+        relay = await stack.enter_async_context(relay_inside(make_relay, namespace, interval))
+        dest = await stack.enter_async_context(tcp_server(destination))
+        edge = bridge(via(relay, edge_link), "-R", f"hc:127.0.0.1:{dest.port}", interval=interval)
+        await stack.enter_async_context(running(edge))
+        ingress = bridge(via(relay, agent_link), "-L", "127.0.0.1:0:hc", interval=interval)
+        yield relay, await stack.enter_async_context(running(ingress))
+
+
 @pytest.mark.parametrize("sending", [False, True], ids=["idle", "sending"])
 async def test_a_bridge_l_agent_and_the_relay_both_notice(
     make_relay: RelayFactory, namespace: Namespace, sending: bool
@@ -290,11 +292,9 @@ async def test_a_bridge_l_agent_and_the_relay_both_notice(
     client keeps writing, so the agent has bytes waiting for the relay."""
     agent_link, edge_link = namespace.links
     destination = Destination()
-    async with (
-        relay_inside(make_relay, namespace) as relay,
-        tcp_server(destination) as dest,
-        running(bridge(via(relay, edge_link), "-R", f"hc:127.0.0.1:{dest.port}")),
-        running(bridge(via(relay, agent_link), "-L", "127.0.0.1:0:hc")) as agent,
+    async with bridged(make_relay, namespace, destination, agent_link, edge_link) as (
+        relay,
+        agent,
     ):
         reader, writer = await asyncio.open_connection(*agent.ingress_address(0)[:2])
         pump = None
@@ -336,11 +336,9 @@ async def test_a_bridge_r_edge_and_the_relay_both_notice(
     agent closes its client's connection."""
     edge_link, agent_link = namespace.links
     destination = Destination()
-    async with (
-        relay_inside(make_relay, namespace) as relay,
-        tcp_server(destination) as dest,
-        running(bridge(via(relay, edge_link), "-R", f"hc:127.0.0.1:{dest.port}")),
-        running(bridge(via(relay, agent_link), "-L", "127.0.0.1:0:hc")) as agent,
+    async with bridged(make_relay, namespace, destination, agent_link, edge_link) as (
+        relay,
+        agent,
     ):
         reader, writer = await asyncio.open_connection(*agent.ingress_address(0)[:2])
         ended: asyncio.Task[float] | None = None
@@ -371,25 +369,56 @@ async def test_a_bridge_r_edge_and_the_relay_both_notice(
 # -- the raw TCP hops ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("receiving", [False, True], ids=["idle", "receiving"])
-async def test_the_relay_ingress_port_drops_a_silent_client(
-    make_relay: RelayFactory, namespace: Namespace, receiving: bool
+@asynccontextmanager
+async def raw_hop(
+    hop: str, make_relay: RelayFactory, link: Link, destination: Destination
+) -> AsyncIterator[tuple[int, Callable[[], bool]]]:
+    """A relay and a ``bridge -R`` edge to ``destination``, and the raw TCP port under test
+    bound on ``link`` (keep-alive ``RAW_INTERVAL``): the relay's own ``ingress:`` port, or
+    a ``bridge -L`` agent's. Yields the port, and whether the connection's relayed stream
+    and its task are released."""
+    local = [] if hop == "bridge" else [{"listen": f"{link.host_ip}:0", "hybrid_connection": "hc"}]
+    async with AsyncExitStack() as stack:
+        relay = await stack.enter_async_context(
+            make_relay(ingress=local, limits={"keep_alive_interval": RAW_INTERVAL})
+        )
+        dest = await stack.enter_async_context(tcp_server(destination))
+        remote = bridge(relay.connection_string(), "-R", f"hc:127.0.0.1:{dest.port}")
+        await stack.enter_async_context(running(remote))
+        legs = relay.server._legs
+        if hop == "ingress":
+            address = relay.server.ingress[0].address
+            assert address is not None
+            yield address[1], lambda: len(legs) == 0
+            return
+        spec = f"{link.host_ip}:0:hc"
+        agent = await stack.enter_async_context(
+            running(bridge(relay.connection_string(), "-L", spec, interval=RAW_INTERVAL))
+        )
+        ingress = agent.ingress[0]
+        yield (
+            agent.ingress_address(0)[1],
+            lambda: ingress._group is not None and len(ingress._group) == 0 and len(legs) == 0,
+        )
+
+
+@pytest.mark.parametrize(
+    ("hop", "receiving"),
+    [("ingress", False), ("ingress", True), ("bridge", False), ("bridge", True)],
+    ids=["ingress-idle", "ingress-receiving", "bridge-l-idle", "bridge-l-receiving"],
+)
+async def test_a_raw_tcp_port_drops_a_silent_client(
+    make_relay: RelayFactory, namespace: Namespace, hop: str, receiving: bool
 ) -> None:
-    """A client of the relay's own ``ingress:`` port, in the namespace, goes silent: the
-    relay drops the connection (keep-alive probes; with ``receiving``, the destination keeps
-    writing to it and the acknowledgement watch does it) and the edge's destination
-    connection is closed."""
+    """A client of the relay's own ``ingress:`` port, or of a ``bridge -L`` port, in the
+    namespace, goes silent: the port's owner drops the connection (keep-alive probes; with
+    ``receiving``, the destination keeps writing to it and the acknowledgement watch does
+    it), and the edge's destination connection is closed."""
     link = namespace.links[0]
     destination = Destination(write=receiving)
-    ingress = {"listen": f"{link.host_ip}:0", "hybrid_connection": "hc"}
-    async with (
-        make_relay(ingress=[ingress], limits={"keep_alive_interval": RAW_INTERVAL}) as relay,
-        tcp_server(destination) as dest,
-        running(bridge(relay.connection_string(), "-R", f"hc:127.0.0.1:{dest.port}")),
-    ):
-        address = relay.server.ingress[0].address
-        assert address is not None
-        reader, writer = await open_in(namespace, link.host_ip, address[1])
+    async with raw_hop(hop, make_relay, link, destination) as (port, released):
+        reader, writer = await open_in(namespace, link.host_ip, port)
+        reading: asyncio.Task[float] | None = None
         try:
             await hello(reader, writer)
             if receiving:  # a live reader: what is in flight at the drop is lost
@@ -401,48 +430,12 @@ async def test_the_relay_ingress_port_drops_a_silent_client(
                 await destination.closed.wait()
             detected = destination.closed_at - dropped
             what = "receiving" if receiving else "idle"
-            log(f"the relay's ingress port dropped a silent client ({what})", detected)
+            owner = "the relay's ingress port" if hop == "ingress" else "a bridge -L port"
+            log(f"{owner} dropped a silent client ({what})", detected)
             assert detected <= RAW_DETECTED_WITHIN
-            await eventually(lambda: len(relay.server._legs) == 0)
+            await eventually(released)
         finally:
-            if receiving:
-                reading.cancel()
-            writer.transport.abort()
-
-
-@pytest.mark.parametrize("receiving", [False, True], ids=["idle", "receiving"])
-async def test_a_bridge_l_port_drops_a_silent_client(
-    make_relay: RelayFactory, namespace: Namespace, receiving: bool
-) -> None:
-    """The same for a client of a ``bridge -L`` port bound on the link."""
-    link = namespace.links[0]
-    destination = Destination(write=receiving)
-    async with (
-        make_relay() as relay,
-        tcp_server(destination) as dest,
-        running(bridge(relay.connection_string(), "-R", f"hc:127.0.0.1:{dest.port}")),
-        running(
-            bridge(relay.connection_string(), "-L", f"{link.host_ip}:0:hc", interval=RAW_INTERVAL)
-        ) as agent,
-    ):
-        reader, writer = await open_in(namespace, link.host_ip, agent.ingress_address(0)[1])
-        try:
-            await hello(reader, writer)
-            if receiving:  # a live reader: what is in flight at the drop is lost
-                reading = asyncio.create_task(ends(reader, 60))
-                await asyncio.sleep(0.2)  # the span of data flowing before the drop
-            link.drop()
-            dropped = time.monotonic()
-            async with asyncio.timeout(RAW_DETECTED_WITHIN + 5):
-                await destination.closed.wait()
-            detected = destination.closed_at - dropped
-            what = "receiving" if receiving else "idle"
-            log(f"a bridge -L port dropped a silent client ({what})", detected)
-            assert detected <= RAW_DETECTED_WITHIN
-            ingress = agent.ingress[0]
-            await eventually(lambda: ingress._group is not None and len(ingress._group) == 0)
-        finally:
-            if receiving:
+            if reading is not None:
                 reading.cancel()
             writer.transport.abort()
 
@@ -467,16 +460,9 @@ async def test_many_bridge_connections_over_a_silent_link_are_all_released(
     agent_link, edge_link = namespace.links
     destination = Destination()
     within = 3 * SOAK_INTERVAL + 2.0
-    async with (
-        relay_inside(make_relay, namespace, SOAK_INTERVAL) as relay,
-        tcp_server(destination) as dest,
-        running(
-            bridge(via(relay, edge_link), "-R", f"hc:127.0.0.1:{dest.port}", interval=SOAK_INTERVAL)
-        ),
-        running(
-            bridge(via(relay, agent_link), "-L", "127.0.0.1:0:hc", interval=SOAK_INTERVAL)
-        ) as agent,
-    ):
+    async with bridged(
+        make_relay, namespace, destination, agent_link, edge_link, SOAK_INTERVAL
+    ) as (relay, agent):
         # One connection first: the SDK's warm connections and the relay's first rendezvous
         # are then part of the baseline.
         reader, writer = await asyncio.open_connection(*agent.ingress_address(0)[:2])

@@ -145,14 +145,22 @@ def _through(relay: Relay, proxy_port: int) -> str:
     return relay.connection_string("hc").replace(f":{relay.server.port}/", f":{proxy_port}/")
 
 
-async def _echo_pair(
-    relay: Relay, sender_connection_string: str
+async def echo_pair(
+    relay: Relay,
+    sender_connection_string: str,
+    listener_connection_string: str | None = None,
+    **client_options: Any,
 ) -> tuple[HybridConnectionListener, HybridConnectionClient, HybridConnectionStream, Any]:
-    """An SDK listener (direct) and a sender (``sender_connection_string``) with one open
-    stream that has carried a byte: (listener, client, sender's stream, listener's stream)."""
-    listener = HybridConnectionListener.from_connection_string(relay.connection_string("hc"))
+    """An SDK listener (direct, or by ``listener_connection_string``) and a sender
+    (``sender_connection_string``, with ``client_options``) with one open stream that has
+    carried a byte: (listener, client, sender's stream, listener's stream)."""
+    listener = HybridConnectionListener.from_connection_string(
+        listener_connection_string or relay.connection_string("hc")
+    )
     await listener.open()
-    client = HybridConnectionClient.from_connection_string(sender_connection_string)
+    client = HybridConnectionClient.from_connection_string(
+        sender_connection_string, **client_options
+    )
     await client.__aenter__()
     stream = await client.create_connection()
     async with asyncio.timeout(10):
@@ -169,7 +177,7 @@ async def test_the_relay_drops_a_sender_whose_link_went_silent(make_relay: Relay
     async with make_relay(limits={"keep_alive_interval": INTERVAL}) as relay:
         proxy = PausableProxy(relay.server.port)
         proxy_port = await proxy.start()
-        listener, client, stream, far = await _echo_pair(relay, _through(relay, proxy_port))
+        listener, client, stream, far = await echo_pair(relay, _through(relay, proxy_port))
         try:
             assert len(relay.server._legs.connections()) == 1
             proxy.pause()
@@ -203,7 +211,7 @@ async def test_live_idle_and_stalled_readers_are_not_dropped(make_relay: RelayFa
     (backpressure all the way) keep their connections, and the stalled one gets every byte."""
     async with make_relay(limits={"keep_alive_interval": INTERVAL}) as relay:
         conn = relay.connection_string("hc")
-        listener, client, idle, idle_far = await _echo_pair(relay, conn)
+        listener, client, idle, idle_far = await echo_pair(relay, conn)
         stalled = await client.create_connection()
         async with asyncio.timeout(10):
             writer = await listener.accept_connection()
