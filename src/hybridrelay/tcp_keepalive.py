@@ -19,9 +19,8 @@ Two cases, two tools:
   (for data in flight, or for two window probes in a row) and sent none for an interval, at
   two checks an interval apart, is dead. A peer with a closed window has acknowledged
   everything sent (the rest waits unsent) and answers the window probes, so backpressure is
-  never mistaken for death. The relay's legs and the SDK's streams run
-  this check in their keep-alive timers; :func:`set_tcp_keepalive` arms a timer of its own
-  for the raw hops.
+  never mistaken for death. The relay's legs and the SDK's streams run this check in their
+  keep-alive timers; :func:`set_tcp_keepalive` arms a timer of its own for the raw hops.
 """
 
 from __future__ import annotations
