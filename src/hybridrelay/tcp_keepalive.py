@@ -32,14 +32,17 @@ import math
 import socket
 import sys
 import termios
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
     "KEEPALIVE_PROBES",
+    "TcpInfo",
     "acks_stalled",
     "keepalive_options",
     "send_queued",
     "set_tcp_keepalive",
+    "tcp_info",
 ]
 
 logger = logging.getLogger("hybridrelay.tcp")
@@ -132,18 +135,41 @@ def acks_stalled(sock: Any, seconds: float) -> bool:
     owing one for over a second; the next probe, sent after twice the wait, is answered. The
     probes back off (up to two minutes apart), so a link that dies after the peer's window
     has long been closed is found only after two of them."""
-    if sock is None or _TCP_INFO is None:
+    info = tcp_info(sock)
+    if info is None:
         return False
+    owed = info.unacked > 0 or info.probes >= _UNANSWERED_PROBES
+    return owed and info.last_ack_ms >= seconds * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class TcpInfo:
+    """What :func:`acks_stalled` reads of the kernel's ``TCP_INFO``."""
+
+    #: Probes (window or keep-alive) sent since the last acknowledgement.
+    probes: int
+    #: Segments in flight, not acknowledged yet.
+    unacked: int
+    #: Milliseconds since the last acknowledgement came.
+    last_ack_ms: int
+
+
+def tcp_info(sock: Any) -> TcpInfo | None:
+    """The kernel's ``TCP_INFO`` of ``sock``; None where it does not say (not Linux, not
+    TCP, the socket closed)."""
+    if sock is None or _TCP_INFO is None:
+        return None
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_SIZE)
     except (OSError, ValueError):
-        return False
+        return None
     if len(info) < _TCP_INFO_SIZE:
-        return False
-    probes = info[3]
-    unacked = int.from_bytes(info[24:28], sys.byteorder)
-    last_ack_ms = int.from_bytes(info[56:60], sys.byteorder)
-    return (unacked > 0 or probes >= _UNANSWERED_PROBES) and last_ack_ms >= seconds * 1000
+        return None
+    return TcpInfo(
+        probes=info[3],
+        unacked=int.from_bytes(info[24:28], sys.byteorder),
+        last_ack_ms=int.from_bytes(info[56:60], sys.byteorder),
+    )
 
 
 def send_queued(transport: Any) -> bool:

@@ -31,6 +31,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from typing import Any
 
 import pytest
 
@@ -39,7 +40,7 @@ from hybridrelay.bridge.agent import BridgeAgent
 from hybridrelay.bridge.config import BridgeConfig, merge_cli, parse_config
 from hybridrelay.client import HybridConnectionStream
 from hybridrelay.exceptions import RelayConnectionError
-from hybridrelay.tcp_keepalive import KEEPALIVE_PROBES
+from hybridrelay.tcp_keepalive import KEEPALIVE_PROBES, send_queued, tcp_info
 from tests.bridge.helpers import running, tcp_server
 from tests.conftest import Relay, RelayFactory, eventually
 from tests.reliability.netns import Link, Namespace, network_namespace, unavailable
@@ -162,6 +163,13 @@ async def open_in(
         sock.close()
         raise
     return await asyncio.open_connection(sock=sock)
+
+
+def window_closed(transports: list[Any]) -> bool:
+    """Whether the one connection in ``transports`` has bytes to send and none in flight:
+    its peer's window is closed."""
+    info = tcp_info(transports[0].get_extra_info("socket")) if len(transports) == 1 else None
+    return info is not None and info.unacked == 0 and send_queued(transports[0])
 
 
 async def hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -376,12 +384,14 @@ async def test_a_bridge_r_edge_and_the_relay_both_notice(
 @asynccontextmanager
 async def raw_hop(
     hop: str, make_relay: RelayFactory, link: Link, destination: Destination
-) -> AsyncIterator[tuple[int, Callable[[], bool]]]:
+) -> AsyncIterator[tuple[int, Callable[[], bool], Callable[[], list[Any]]]]:
     """A relay and a ``bridge -R`` edge to ``destination``, and the raw TCP port under test
     bound on ``link`` (keep-alive ``RAW_INTERVAL``): the relay's own ``ingress:`` port, or
-    a ``bridge -L`` agent's. Yields the port, and whether the connection's relayed stream
-    and its task are released."""
-    local = [] if hop == "bridge" else [{"listen": f"{link.host_ip}:0", "hybrid_connection": "hc"}]
+    a ``bridge -L`` agent's. Yields the port, whether the connection's relayed stream and
+    its task are released, and the transports the port accepted (the relay's only)."""
+    local = (
+        [] if hop == "bridge-l" else [{"listen": f"{link.host_ip}:0", "hybrid_connection": "hc"}]
+    )
     async with AsyncExitStack() as stack:
         relay = await stack.enter_async_context(
             make_relay(ingress=local, limits={"keep_alive_interval": RAW_INTERVAL})
@@ -393,7 +403,8 @@ async def raw_hop(
         if hop == "ingress":
             address = relay.server.ingress[0].address
             assert address is not None
-            yield address[1], lambda: len(legs) == 0
+            accepted = relay.server.ingress[0]._legs
+            yield address[1], lambda: len(legs) == 0, lambda: [leg.transport for leg in accepted]
             return
         spec = f"{link.host_ip}:0:hc"
         agent = await stack.enter_async_context(
@@ -403,39 +414,49 @@ async def raw_hop(
         yield (
             agent.ingress_address(0)[1],
             lambda: ingress._group is not None and len(ingress._group) == 0 and len(legs) == 0,
+            list,
         )
 
 
 @pytest.mark.parametrize(
-    ("hop", "receiving"),
-    [("ingress", False), ("ingress", True), ("bridge", False), ("bridge", True)],
-    ids=["ingress-idle", "ingress-receiving", "bridge-l-idle", "bridge-l-receiving"],
+    ("hop", "client"),
+    [
+        ("ingress", "idle"),
+        ("ingress", "reading"),
+        ("ingress", "not-reading"),
+        ("bridge-l", "idle"),
+        ("bridge-l", "reading"),
+    ],
 )
 async def test_a_raw_tcp_port_drops_a_silent_client(
-    make_relay: RelayFactory, namespace: Namespace, hop: str, receiving: bool
+    make_relay: RelayFactory, namespace: Namespace, hop: str, client: str
 ) -> None:
     """A client of the relay's own ``ingress:`` port, or of a ``bridge -L`` port, in the
-    namespace, goes silent: the port's owner drops the connection (keep-alive probes; with
-    ``receiving``, the destination keeps writing to it and the acknowledgement watch does
-    it), and the edge's destination connection is closed."""
+    namespace, goes silent: the port's owner drops the connection, and the edge's
+    destination connection is closed. ``idle``: the kernel's keep-alive probes find it.
+    ``reading``: the destination keeps writing and the client reads all along, so data is
+    in flight at the drop; the acknowledgement watch finds it. ``not-reading``: the client
+    has read nothing for a while, so its window is closed at the drop and nothing is in
+    flight; the window probes going unanswered find it."""
     link = namespace.links[0]
-    destination = Destination(write=receiving)
-    async with raw_hop(hop, make_relay, link, destination) as (port, released):
+    destination = Destination(write=client != "idle")
+    async with raw_hop(hop, make_relay, link, destination) as (port, released, accepted):
         reader, writer = await open_in(namespace, link.host_ip, port)
         reading: asyncio.Task[float] | None = None
         try:
             await hello(reader, writer)
-            if receiving:  # a live reader: what is in flight at the drop is lost
+            if client == "reading":  # a live reader: what is in flight at the drop is lost
                 reading = asyncio.create_task(ends(reader, 60))
                 await asyncio.sleep(0.2)  # the span of data flowing before the drop
+            elif client == "not-reading":  # until the relay's bytes wait behind a closed window
+                await eventually(lambda: window_closed(accepted()), 10)
             link.drop()
             dropped = time.monotonic()
             async with asyncio.timeout(RAW_DETECTED_WITHIN + 5):
                 await destination.closed.wait()
             detected = destination.closed_at - dropped
-            what = "receiving" if receiving else "idle"
             owner = "the relay's ingress port" if hop == "ingress" else "a bridge -L port"
-            log(f"{owner} dropped a silent client ({what})", detected)
+            log(f"{owner} dropped a silent client ({client})", detected)
             assert detected <= RAW_DETECTED_WITHIN
             await eventually(released)
         finally:
