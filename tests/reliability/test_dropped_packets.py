@@ -479,9 +479,9 @@ async def test_many_bridge_connections_over_a_silent_link_are_all_released(
     make_relay: RelayFactory, namespace: Namespace
 ) -> None:
     """``SOAK_CONNECTIONS`` clients of a ``bridge -L`` agent whose link to the relay goes
-    silent, half of them sending: every one is closed by the agent within the bound, every
-    destination connection by the edge, and the process's open files return to what they
-    were before the clients came."""
+    silent, half of them sending: every one is closed by the agent within the bound, the
+    agent's connection tasks and the relay's legs are all released, and the process's open
+    files return to what they were before the clients came."""
     agent_link, edge_link = namespace.links
     destination = Destination()
     within = 3 * SOAK_INTERVAL + 3.0  # and the time to close 200 connections at once
