@@ -296,11 +296,11 @@ async def test_dead_nodes_are_not_routed_to(redis_server: RedisServer) -> None:
             now = time.time()
             await raw.zadd(prefix + "nodes", {"expired": now - 1, "silent": now + 60})
             for ghost in ("expired", "silent"):
-                await raw.hset(prefix + "routes:hc", ghost, "3")
-                await raw.sadd(prefix + f"node:{ghost}:entities", "hc")
+                await raw.hset(prefix + "routes:{hc}", ghost, "3")
+                await raw.sadd(prefix + f"node:{{{ghost}}}:entities", "hc")
 
             async def expired_removed() -> bool:
-                return not await raw.hexists(prefix + "routes:hc", "expired")
+                return not await raw.hexists(prefix + "routes:{hc}", "expired")
 
             await until(expired_removed, 2 * DEFAULT_LEASE / 3 + 1)
             assert await raw.zscore(prefix + "nodes", "expired") is None
@@ -375,5 +375,5 @@ async def test_idle_listeners_cost_no_redis_operations(redis_server: RedisServer
 
 
 async def sees_count(raw: aioredis.Redis, node: Relay, count: int) -> bool:
-    value = await raw.hget("hybridrelay:hybridrelay:routes:hc", broker_of(node).node_id)
+    value = await raw.hget("hybridrelay:hybridrelay:routes:{hc}", broker_of(node).node_id)
     return value is not None and int(value) == count
