@@ -56,8 +56,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Sequence
 from typing import Any, cast
 
-from redis.exceptions import RedisError
-
 from hybridrelay.server.broker import (
     Connection,
     LocalBroker,
@@ -69,6 +67,7 @@ from hybridrelay.server.channel import ControlChannel
 from hybridrelay.server.config import LimitsConfig
 from hybridrelay.store.records import entity_key
 from hybridrelay.store.redis import (
+    REDIS_FAILURES,
     REDIS_TIMEOUT,
     OutageLog,
     follow_channel,
@@ -198,7 +197,7 @@ class ClusterBroker(LocalBroker):
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
         # Leave at once rather than when the lease runs out.
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(*REDIS_FAILURES):
             async with asyncio.timeout(REDIS_TIMEOUT):
                 await self._remove_node(self.node_id)
         await self._link.aclose()
@@ -251,7 +250,7 @@ class ClusterBroker(LocalBroker):
                                 pipe.srem(self._entities_key(self.node_id), key)
                         await pipe.execute()
                 self.outage.report(None)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_FAILURES as exc:
                 raise_if_cancelled()
                 self.outage.report(exc)
                 self._dirty |= dirty
@@ -264,7 +263,7 @@ class ClusterBroker(LocalBroker):
             try:
                 await self._renew()
                 self.outage.report(None)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_FAILURES as exc:
                 raise_if_cancelled()
                 self.outage.report(exc)
             await asyncio.sleep(self._lease / 3)
@@ -316,7 +315,7 @@ class ClusterBroker(LocalBroker):
             try:
                 async with asyncio.timeout(REDIS_TIMEOUT):
                     raw = await self._redis.hgetall(self._routes_key(key))
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_FAILURES as exc:
                 raise_if_cancelled()
                 self.outage.report(exc)
                 raw = {}
@@ -436,10 +435,10 @@ class ClusterBroker(LocalBroker):
                     self._live.discard(node)
                     raise LookupError(node)
                 told = await answer == "told"
-        except (RedisError, OSError) as exc:
-            self.outage.report(exc)
-            told = False
         except (TimeoutError, LookupError):  # no answer in time, or nobody there
+            told = False
+        except REDIS_FAILURES as exc:
+            self.outage.report(exc)
             told = False
         finally:
             self._answers.pop(ref, None)
@@ -501,7 +500,7 @@ class ClusterBroker(LocalBroker):
         node = offer.get("from")
         if not isinstance(node, str):
             return
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(*REDIS_FAILURES):
             async with asyncio.timeout(REDIS_TIMEOUT):
                 await self._link.publish(
                     self._channel_of(node), json.dumps({"op": op, "ref": offer["ref"]})

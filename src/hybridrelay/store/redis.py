@@ -37,7 +37,7 @@ from dataclasses import replace
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import WatchError
 
 from hybridrelay.auth.sas import Rights
 from hybridrelay.protocol.arm import new_key
@@ -56,11 +56,18 @@ from hybridrelay.store.records import (
     RuleRecord,
     entity_key,
 )
-from hybridrelay.store.redis_address import REDIS_TIMEOUT, RedisLink, connect, redacted_url
+from hybridrelay.store.redis_address import (
+    REDIS_FAILURES,
+    REDIS_TIMEOUT,
+    RedisLink,
+    connect,
+    redacted_url,
+)
 from hybridrelay.store.sqlite import MAX_RULES_PER_SCOPE, _optional_float, _optional_str
 
 __all__ = [
     "RECONCILE_INTERVAL",
+    "REDIS_FAILURES",
     "REDIS_TIMEOUT",
     "OutageLog",
     "RedisStore",
@@ -123,7 +130,7 @@ async def follow_channel(
                 message = await pubsub.get_message(1.0)
                 if message is not None:
                     await on_message(message.get("data"))
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             raise_if_cancelled()
             outage.report(exc)
         finally:
@@ -301,7 +308,7 @@ class RedisStore:
                 )
                 await client.hsetnx(prefix + "store", _NS_FIELD, _namespace_text(fresh))
                 version, raw = await _load_raw(client, prefix)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             await link.aclose()
             raise StoreUnavailableError(
                 f"cluster: cannot reach Redis at {redacted_url(url)}: {exc or 'no answer'}"
@@ -550,7 +557,7 @@ class RedisStore:
         try:
             async with asyncio.timeout(REDIS_TIMEOUT * 2):
                 return await work
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             raise StoreUnavailableError(
                 f"cluster: Redis at {self._url} failed: {exc or 'no answer in time'}"
             ) from exc
@@ -610,7 +617,7 @@ class RedisStore:
                 if int(raw or 0) != self._seen_version:
                     await self._reload()
                 self.outage.report(None)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_FAILURES as exc:
                 raise_if_cancelled()
                 self.outage.report(exc)
 

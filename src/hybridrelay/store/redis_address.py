@@ -42,11 +42,12 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = [
     "MAX_CONNECTIONS",
+    "REDIS_FAILURES",
     "REDIS_TIMEOUT",
     "RedisAddress",
     "RedisLink",
@@ -60,6 +61,16 @@ REDIS_TIMEOUT = 3.0
 #: Connections to Redis per client (the store's and the broker's, per node; per shard on a
 #: Redis Cluster).
 MAX_CONNECTIONS = 32
+
+#: What a call to Redis raises when Redis is not there or not answering: redis-py's errors (its
+#: cluster client raises some that are not RedisError, such as a slot no shard covers), socket
+#: errors and timeouts.
+REDIS_FAILURES: tuple[type[Exception], ...] = (
+    RedisError,
+    RedisClusterException,
+    OSError,
+    TimeoutError,
+)
 
 Kind = Literal["server", "sentinel", "cluster"]
 _SCHEMES: dict[str, tuple[Kind, bool]] = {
@@ -181,12 +192,15 @@ def _host_port(item: str, redacted: str, kind: str) -> tuple[str, int]:
 class Subscription:
     """One pub/sub subscription: classic, or sharded on a Redis Cluster."""
 
-    def __init__(self, pubsub: Any, sharded: bool) -> None:
-        self._pubsub = pubsub
+    def __init__(self, client: Any, sharded: bool) -> None:
+        self._client = client
+        self._pubsub = client.pubsub()
         self._sharded = sharded
 
     async def subscribe(self, channel: str) -> None:
         if self._sharded:
+            # The channel's shard is found in the slot map, which only a command loads.
+            await self._client.initialize()
             await self._pubsub.ssubscribe(channel)
         else:
             await self._pubsub.subscribe(channel)
@@ -202,7 +216,7 @@ class Subscription:
         return message if isinstance(message, dict) else None
 
     async def aclose(self) -> None:
-        with contextlib.suppress(RedisError, OSError, RuntimeError):
+        with contextlib.suppress(*REDIS_FAILURES, RuntimeError):
             await self._pubsub.aclose()
 
 
@@ -226,13 +240,13 @@ class RedisLink:
         return int(await self.client.publish(channel, message))
 
     def subscription(self) -> Subscription:
-        return Subscription(self.client.pubsub(), self._sharded)
+        return Subscription(self.client, self._sharded)
 
     async def aclose(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_FAILURES):
             await self.client.aclose()
         for closer in self._closers:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 await closer.aclose()
 
 

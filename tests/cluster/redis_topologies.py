@@ -1,0 +1,257 @@
+"""Real Redis topologies for the cluster tests, each process on free ports in a temporary
+directory: a master with a replica watched by ``redis-server --sentinel`` processes, and a Redis
+Cluster of three masters (``redis-cli --cluster create``). Readiness is each server's own log line,
+then the topology's own view (``SENTINEL MASTER``, ``CLUSTER INFO``), polled: they have no event."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.cluster.conftest import RedisServer, _free_port, redis_binary
+
+#: Sentinel's timings, small so that a failover takes a few seconds (docs/CLUSTER.md).
+DOWN_AFTER_MS = 500
+FAILOVER_TIMEOUT_MS = 3000
+SERVICE = "relaymaster"
+
+
+class ConfiguredRedis(RedisServer):
+    """A redis-server with more arguments (replication, cluster mode)."""
+
+    def __init__(self, binary: str, directory: Path, extra: Sequence[str], **kw: object) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        super().__init__(binary, directory, **kw)  # type: ignore[arg-type]
+        self.extra = list(extra)
+
+    def _arguments(self) -> list[str]:
+        return [*super()._arguments(), *self.extra]
+
+    def kill(self) -> None:
+        """SIGKILL (a crash: no shutdown, no last write)."""
+        process = self._process
+        assert process is not None
+        process.kill()
+        process.wait(timeout=10)
+
+
+class SentinelProcess:
+    """``redis-server <file> --sentinel``; :meth:`start` returns once it monitors the master."""
+
+    def __init__(self, binary: str, directory: Path, master_port: int, password: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = _free_port()
+        self._config = directory / "sentinel.conf"
+        self._config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {directory}\n"
+            f"sentinel monitor {SERVICE} 127.0.0.1 {master_port} 2\n"
+            f"sentinel auth-pass {SERVICE} {password}\n"
+            f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
+            f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
+        )
+        self._binary = binary
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [self._binary, str(self._config), "--sentinel"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        assert self._process.stdout is not None
+        seen = []
+        for line in self._process.stdout:
+            seen.append(line)
+            if b"+monitor master" in line:
+                return
+        raise RuntimeError(f"sentinel did not start: {b''.join(seen)[-2000:]!r}")
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+async def _poll(check: object, what: str, seconds: float = 20.0) -> None:
+    """Wait for a topology's own view to settle (it has no event to wait on)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        try:
+            if await check():  # type: ignore[operator]
+                return
+        except (OSError, aioredis.RedisError):
+            pass
+        if loop.time() > deadline:
+            raise AssertionError(f"{what}: not reached in {seconds} s")
+        await asyncio.sleep(0.1)
+
+
+class SentinelSet:
+    """A master and a replica (password on both) and three sentinels (quorum 2)."""
+
+    def __init__(self, master: ConfiguredRedis, replica: ConfiguredRedis, password: str) -> None:
+        self.master = master
+        self.replica = replica
+        self.password = password
+        self.sentinels: list[SentinelProcess] = []
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://:{self.password}@{hosts}/{SERVICE}/0"
+
+    def client(self, server: RedisServer) -> aioredis.Redis:
+        return aioredis.Redis(host="127.0.0.1", port=server.port, password=self.password)
+
+    async def master_port(self) -> int:
+        """The master's port as the first sentinel names it."""
+        sentinel = aioredis.Redis(host="127.0.0.1", port=self.sentinels[0].port)
+        try:
+            address = await sentinel.sentinel_get_master_addr_by_name(SERVICE)
+            assert isinstance(address, tuple)
+            return int(address[1])
+        finally:
+            await sentinel.aclose()
+
+    async def settled(self) -> None:
+        """Every sentinel sees the two others and the replica; the replica is in sync."""
+
+        async def replica_synced() -> bool:
+            client = self.client(self.replica)
+            try:
+                info = await client.info("replication")
+            finally:
+                await client.aclose()
+            return bool(info.get("master_link_status") == "up")
+
+        async def sentinels_agree() -> bool:
+            for process in self.sentinels:
+                sentinel = aioredis.Redis(host="127.0.0.1", port=process.port)
+                try:
+                    state = await sentinel.sentinel_master(SERVICE)
+                finally:
+                    await sentinel.aclose()
+                assert isinstance(state, dict)
+                if int(state["num-other-sentinels"]) < 2 or int(state["num-slaves"]) < 1:
+                    return False
+            return True
+
+        await _poll(replica_synced, "the replica in sync")
+        await _poll(sentinels_agree, "the sentinels see each other and the replica")
+
+
+@asynccontextmanager
+async def sentinel_set(directory: Path) -> AsyncIterator[SentinelSet]:
+    binary = redis_binary()
+    password = "sentinel-test-pw"
+    auth = ["--masterauth", password]
+    master = ConfiguredRedis(binary, directory / "master", auth, password=password)
+    master.start()
+    try:
+        replica = ConfiguredRedis(
+            binary,
+            directory / "replica",
+            [*auth, "--replicaof", "127.0.0.1", str(master.port)],
+            password=password,
+        )
+        replica.start()
+        try:
+            topology = SentinelSet(master, replica, password)
+            try:
+                for index in range(3):
+                    sentinel = SentinelProcess(
+                        binary, directory / f"sentinel{index}", master.port, password
+                    )
+                    topology.sentinels.append(sentinel)
+                    sentinel.start()
+                await topology.settled()
+                yield topology
+            finally:
+                for sentinel in topology.sentinels:
+                    sentinel.stop()
+        finally:
+            replica.stop()
+    finally:
+        master.stop()
+
+
+class RedisClusterSet:
+    """Three masters of one Redis Cluster, no replicas."""
+
+    def __init__(self, masters: list[ConfiguredRedis]) -> None:
+        self.masters = masters
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{m.port}" for m in self.masters[:2])  # startup nodes
+        return f"redis+cluster://{hosts}"
+
+
+@asynccontextmanager
+async def redis_cluster(directory: Path) -> AsyncIterator[RedisClusterSet]:
+    binary = redis_binary()
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        pytest.skip("redis-cli is not installed")
+    async with AsyncExitStack() as stack:
+        masters = []
+        for index in range(3):
+            home = directory / f"shard{index}"
+            server = ConfiguredRedis(
+                binary,
+                home,
+                [
+                    "--cluster-enabled", "yes",
+                    "--cluster-port", str(_free_port()),
+                    "--cluster-config-file", str(home / "nodes.conf"),
+                    "--cluster-node-timeout", "2000",
+                ],
+            )  # fmt: skip
+            server.start()
+            stack.callback(server.stop)
+            masters.append(server)
+        creator = await asyncio.create_subprocess_exec(
+            cli, "--cluster", "create",
+            *(f"127.0.0.1:{m.port}" for m in masters),
+            "--cluster-replicas", "0", "--cluster-yes",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(60):
+                output, _ = await creator.communicate()
+        finally:
+            if creator.returncode is None:
+                creator.kill()
+                await creator.wait()
+        assert creator.returncode == 0, output[-2000:]
+
+        async def all_ok() -> bool:
+            for master in masters:
+                client = aioredis.Redis(host="127.0.0.1", port=master.port)
+                try:
+                    info = await client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+                finally:
+                    await client.aclose()
+                if b"cluster_state:ok" not in info:
+                    return False
+            return True
+
+        await _poll(all_ok, "cluster_state:ok on every shard")
+        yield RedisClusterSet(masters)

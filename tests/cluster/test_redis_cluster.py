@@ -1,0 +1,102 @@
+"""Two relay nodes on a Redis Cluster of three masters (``redis+cluster://``): a sender on node 2
+reaches a listener on node 1 (WebSocket and HTTP), a key regenerated through node 1 is refused on
+node 2, the store's keys share one hash slot while the entities' routes spread over the shards,
+and the node channels are sharded pub/sub."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from redis.asyncio.cluster import RedisCluster
+
+from hybridrelay.auth.sas import Rights, create_token
+from tests.cluster.conftest import cluster_nodes
+from tests.cluster.redis_topologies import redis_cluster
+from tests.cluster.test_cluster import (
+    broker_of,
+    http_client,
+    listening,
+    round_trip,
+    sees_listener,
+    store_of,
+    until,
+)
+
+KIB = 1024
+
+
+@pytest.mark.timeout(60)
+async def test_two_nodes_on_a_redis_cluster(tmp_path: Path) -> None:
+    async with redis_cluster(tmp_path) as shards:
+        async with cluster_nodes(shards.url, 2) as (one, two):
+            for name in ("hc", *(f"spread{i}" for i in range(8))):
+                await store_of(one).put_hybrid_connection(name)
+            await until(lambda: asyncio.sleep(0, two.server.store.get("spread7") is not None))
+            async with listening(one), listening(one, "spread3"):
+                await until(lambda: sees_listener(two, "hc"))
+                payload = os.urandom(100 * KIB)
+                assert await round_trip(two, payload) == payload
+                async with http_client(two) as http:
+                    response = await http.post("/hc/x", content=b"abc")
+                    assert response.status_code == 200, response.text
+                    assert response.content == b"cba"
+
+                # Which shard holds what, as the Redis Cluster itself says.
+                raw = RedisCluster(host="127.0.0.1", port=shards.masters[0].port)
+                try:
+                    store_slots = {
+                        await raw.cluster_keyslot(f"hybridrelay:{{hybridrelay}}:{key}")
+                        for key in ("store", "version", "store-changes")
+                    }
+                    assert len(store_slots) == 1  # one slot: the store's transactions
+                    route_slots = {
+                        await raw.cluster_keyslot(f"hybridrelay:hybridrelay:routes:{{{name}}}")
+                        for name in ("hc", "spread3")
+                    }
+                    assert len(route_slots) == 2  # keyed by entity
+                    assert await raw.exists("hybridrelay:hybridrelay:routes:{spread3}") == 1
+                    # Node 1's channel is sharded pub/sub, subscribed on the shard of its slot.
+                    channel = f"hybridrelay:hybridrelay:node:{{{broker_of(one).node_id}}}"
+                    shard = raw.get_node_from_key(channel)
+                    counts = await raw.execute_command(
+                        "PUBSUB SHARDNUMSUB", channel, target_nodes=shard
+                    )
+                    assert list(counts) == [(channel.encode(), 1)], counts
+                finally:
+                    await raw.aclose()
+
+                # A key regenerated through node 1 is refused on node 2.
+                await store_of(one).put_rule("sender", Rights.SEND)
+                rule = next(r for r in store_of(one).state.namespace.rules if r.name == "sender")
+                await until(lambda: asyncio.sleep(0, _has_key(two, rule.primary_key)))
+                async with _sender(two, "sender", rule.primary_key) as http:
+                    assert (await http.post("/hc/x", content=b"k")).status_code == 200
+                fresh = await store_of(one).regenerate_key("sender", "primary")
+                await until(lambda: asyncio.sleep(0, not _has_key(two, rule.primary_key)))
+                async with _sender(two, "sender", rule.primary_key) as http:
+                    assert (await http.post("/hc/x", content=b"k")).status_code == 401
+                assert fresh.primary_key != rule.primary_key
+
+
+def _has_key(node: object, key: str) -> bool:
+    from tests.conftest import Relay
+
+    assert isinstance(node, Relay)
+    return any(r.primary_key == key for r in store_of(node).state.namespace.rules)
+
+
+def _sender(node: object, name: str, key: str) -> httpx.AsyncClient:
+    from tests.conftest import Relay
+
+    assert isinstance(node, Relay)
+    token = create_token(
+        f"http://127.0.0.1:{node.server.port}/hc", name, key, expiry=int(time.time()) + 3600
+    )
+    return httpx.AsyncClient(
+        base_url=node.http_url, timeout=20, headers={"ServiceBusAuthorization": token}
+    )
