@@ -61,6 +61,7 @@ from hybridrelay.store.redis_address import (
     REDIS_TIMEOUT,
     RedisLink,
     connect,
+    describe,
     redacted_url,
 )
 from hybridrelay.store.sqlite import MAX_RULES_PER_SCOPE, _optional_float, _optional_str
@@ -306,13 +307,17 @@ class RedisStore:
                         for name, rights in initial_rules
                     ),
                 )
+                await link.check_supported()
                 await client.hsetnx(prefix + "store", _NS_FIELD, _namespace_text(fresh))
                 version, raw = await _load_raw(client, prefix)
         except REDIS_FAILURES as exc:
             await link.aclose()
             raise StoreUnavailableError(
-                f"cluster: cannot reach Redis at {redacted_url(url)}: {exc or 'no answer'}"
+                f"cluster: cannot reach Redis at {redacted_url(url)}: {describe(exc)}"
             ) from exc
+        except ValueError as exc:
+            await link.aclose()
+            raise StoreUnavailableError(f"cluster: {exc}") from None
         store = cls(
             url,
             link,
@@ -559,7 +564,7 @@ class RedisStore:
                 return await work
         except REDIS_FAILURES as exc:
             raise StoreUnavailableError(
-                f"cluster: Redis at {self._url} failed: {exc or 'no answer in time'}"
+                f"cluster: Redis at {self._url} failed: {describe(exc)}"
             ) from exc
 
     # -- following the other nodes ----------------------------------------------------------------

@@ -40,7 +40,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -52,6 +52,7 @@ __all__ = [
     "RedisAddress",
     "RedisLink",
     "connect",
+    "describe",
     "parse_address",
     "redacted_url",
 ]
@@ -90,6 +91,16 @@ _FORMS = (
 )
 
 
+def describe(exc: BaseException) -> str:
+    """A short account of a Redis failure for one error line (no password: redis-py's own
+    texts redact theirs)."""
+    # redis-py's MasterNotFoundError appends the repr of every sentinel's client after " : <".
+    text = str(exc).partition(" : <")[0]
+    if not text:
+        return "no answer in time" if isinstance(exc, TimeoutError) else type(exc).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def redacted_url(url: str) -> str:
     """``url`` without its passwords (the user info's and any ``*password`` option's), for
     logs and errors."""
@@ -104,7 +115,7 @@ def redacted_url(url: str) -> str:
     if mark:
         pairs = parse_qsl(query, keep_blank_values=True)
         query = urlencode(
-            [(k, "***" if "password" in k.lower() else v) for k, v in pairs], safe="/"
+            [(k, "***" if "password" in k.lower() else v) for k, v in pairs], safe="/*"
         )
     return f"{scheme}://{rest}{mark}{query}"
 
@@ -233,6 +244,20 @@ class RedisLink:
     def __repr__(self) -> str:
         return f"<RedisLink {self.address.redacted!r}>"
 
+    async def check_supported(self) -> None:
+        """ValueError if this Redis cannot carry cluster mode: a Redis Cluster needs Redis 7.0
+        or later on every shard (sharded pub/sub)."""
+        if not self._sharded:
+            return
+        infos = await self.client.info("server", target_nodes=RedisCluster.PRIMARIES)
+        for node, info in infos.items():
+            version = str(info.get("redis_version", "0"))
+            if tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) < (7, 0):
+                raise ValueError(
+                    f"{self.address.redacted}: shard {node} runs Redis {version}; a Redis "
+                    "Cluster needs 7.0 or later (sharded pub/sub, SSUBSCRIBE)"
+                )
+
     async def publish(self, channel: str, message: str) -> int:
         """Publish; how many subscribers received it (on its shard, on a Redis Cluster)."""
         if self._sharded:
@@ -302,6 +327,9 @@ def connect(url: str) -> RedisLink:
         sentinel_options = {
             "socket_timeout": REDIS_TIMEOUT,
             "socket_connect_timeout": REDIS_TIMEOUT,
+            # The next sentinel is asked at once: redis-py's default retry waits seconds on
+            # each unreachable one.
+            "retry": Retry(NoBackoff(), 0),
             **address.sentinel_options,
         }
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
