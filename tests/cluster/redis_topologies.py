@@ -129,6 +129,19 @@ class SentinelSet:
         finally:
             await sentinel.aclose()
 
+    async def failover(self) -> None:
+        """``SENTINEL FAILOVER`` and wait until the sentinel names the replica as master."""
+        sentinel = aioredis.Redis(host="127.0.0.1", port=self.sentinels[0].port)
+        try:
+            await sentinel.sentinel_failover(SERVICE)
+        finally:
+            await sentinel.aclose()
+
+        async def promoted() -> bool:
+            return await self.master_port() == self.replica.port
+
+        await _poll(promoted, "the replica promoted")
+
     async def settled(self) -> None:
         """Every sentinel sees the two others and the replica; the replica is in sync."""
 
