@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -42,12 +41,14 @@ class ConfiguredRedis(RedisServer):
         process.wait(timeout=10)
 
 
-class SentinelProcess:
+class SentinelProcess(RedisServer):
     """``redis-server <file> --sentinel``; :meth:`start` returns once it monitors the master."""
+
+    ready_line = b"+monitor master"
 
     def __init__(self, binary: str, directory: Path, master_port: int, password: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        super().__init__(binary, directory)
         self._config = directory / "sentinel.conf"
         self._config.write_text(
             f"port {self.port}\nbind 127.0.0.1\ndir {directory}\n"
@@ -56,35 +57,9 @@ class SentinelProcess:
             f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
             f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
         )
-        self._binary = binary
-        self._process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        self._process = subprocess.Popen(
-            [self._binary, str(self._config), "--sentinel"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        assert self._process.stdout is not None
-        seen = []
-        for line in self._process.stdout:
-            seen.append(line)
-            if b"+monitor master" in line:
-                return
-        raise RuntimeError(f"sentinel did not start: {b''.join(seen)[-2000:]!r}")
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        if process.stdout is not None:
-            process.stdout.close()
+    def _command(self) -> list[str]:
+        return [self._binary, str(self._config), "--sentinel"]
 
 
 async def _poll(check: object, what: str, seconds: float = 20.0) -> None:

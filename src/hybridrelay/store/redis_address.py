@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
@@ -200,6 +201,15 @@ def _host_port(item: str, redacted: str, kind: str) -> tuple[str, int]:
     return host, int(port)
 
 
+#: The redis-py the Redis Cluster form was tested with: it needs the asyncio cluster client's
+#: WATCH transactions and sharded pub/sub, which older releases were not checked for.
+_CLUSTER_REDIS_PY = (8, 1)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
+
+
 class Subscription:
     """One pub/sub subscription: classic, or sharded on a Redis Cluster."""
 
@@ -252,7 +262,7 @@ class RedisLink:
         infos = await self.client.info("server", target_nodes=RedisCluster.PRIMARIES)
         for node, info in infos.items():
             version = str(info.get("redis_version", "0"))
-            if tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) < (7, 0):
+            if _version(version) < (7, 0):
                 raise ValueError(
                     f"{self.address.redacted}: shard {node} runs Redis {version}; a Redis "
                     "Cluster needs 7.0 or later (sharded pub/sub, SSUBSCRIBE)"
@@ -345,6 +355,12 @@ def connect(url: str) -> RedisLink:
         link = RedisLink(address, client, sharded=False)
         link._closers.append(sentinel)
         return link
+    if _version(redis.__version__) < _CLUSTER_REDIS_PY:
+        raise ValueError(
+            f"{address.redacted}: the Redis Cluster form needs redis-py "
+            f"{'.'.join(map(str, _CLUSTER_REDIS_PY))} or later (tested with it: its asyncio "
+            f"cluster client's transactions and sharded pub/sub); installed: {redis.__version__}"
+        )
     cluster = _GatedCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in address.hosts],
         **{**options, **common},
