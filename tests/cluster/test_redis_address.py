@@ -5,12 +5,14 @@ message that names the fault and never the password."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from hybridrelay.store.redis_address import connect, parse_address, redacted_url
+from tests.test_config_errors import one_line, run
 
 SECRET = "s3cret-pw"
 
@@ -106,3 +108,18 @@ def test_redacted_url_hides_every_password() -> None:
     url = f"redis+sentinel://app:{SECRET}@s1:26379/m?sentinel_password={SECRET}&db=1"
     assert redacted_url(url) == "redis+sentinel://app:***@s1:26379/m?sentinel_password=***&db=1"
     assert redacted_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("url", "fault"),
+    [
+        (f"redis+cluster://:{SECRET}@127.0.0.1:1/2", "a Redis Cluster has one database"),
+        (f"redis+sentinel://:{SECRET}@127.0.0.1:1/relaymaster", "No master found"),
+    ],
+    ids=["bad", "unreachable"],
+)
+async def test_serve_names_the_fault_in_one_line(url: str, fault: str, tmp_path: Path) -> None:
+    code, _, err = await run("serve", "--port", "0", "--data-dir", str(tmp_path), "--cluster", url)
+    line = one_line(err)
+    assert code != 0 and fault in line and SECRET not in err, err

@@ -70,6 +70,13 @@ async def test_two_nodes_on_a_redis_cluster(tmp_path: Path) -> None:
                 finally:
                     await raw.aclose()
 
+                # A burst of commands waits for its turn: redis-py's cluster pool raises
+                # (MaxConnectionsError) when all of a shard's connections are in use.
+                link = broker_of(two)._link
+                key = "hybridrelay:hybridrelay:routes:{hc}"
+                burst = await asyncio.gather(*(link.client.hgetall(key) for _ in range(300)))
+                assert all(broker_of(one).node_id.encode() in routes for routes in burst)
+
                 # A key regenerated through node 1 is refused on node 2.
                 await store_of(one).put_rule("sender", Rights.SEND)
                 rule = next(r for r in store_of(one).state.namespace.rules if r.name == "sender")
