@@ -35,10 +35,12 @@ class ConfiguredRedis(RedisServer):
 
     def kill(self) -> None:
         """SIGKILL (a crash: no shutdown, no last write)."""
-        process = self._process
+        process, self._process = self._process, None
         assert process is not None
         process.kill()
         process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 class SentinelProcess(RedisServer):
@@ -62,7 +64,7 @@ class SentinelProcess(RedisServer):
         return [self._binary, str(self._config), "--sentinel"]
 
 
-async def _poll(check: object, what: str, seconds: float = 20.0) -> None:
+async def _poll(check: object, what: str, seconds: float = 20.0, *, interval: float = 0.1) -> None:
     """Wait for a topology's own view to settle (it has no event to wait on)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
@@ -74,7 +76,7 @@ async def _poll(check: object, what: str, seconds: float = 20.0) -> None:
             pass
         if loop.time() > deadline:
             raise AssertionError(f"{what}: not reached in {seconds} s")
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(interval)
 
 
 class SentinelSet:
@@ -104,18 +106,21 @@ class SentinelSet:
         finally:
             await sentinel.aclose()
 
-    async def failover(self) -> None:
-        """``SENTINEL FAILOVER`` and wait until the sentinel names the replica as master."""
-        sentinel = aioredis.Redis(host="127.0.0.1", port=self.sentinels[0].port)
-        try:
-            await sentinel.sentinel_failover(SERVICE)
-        finally:
-            await sentinel.aclose()
+    async def promote(self, *, command: bool) -> None:
+        """Wait until the sentinels name the replica as master (after ``SENTINEL FAILOVER``
+        if ``command``, else after the master died): at most down-after + two attempts."""
+        if command:
+            sentinel = aioredis.Redis(host="127.0.0.1", port=self.sentinels[0].port)
+            try:
+                await sentinel.sentinel_failover(SERVICE)
+            finally:
+                await sentinel.aclose()
 
         async def promoted() -> bool:
             return await self.master_port() == self.replica.port
 
-        await _poll(promoted, "the replica promoted")
+        bound = (DOWN_AFTER_MS + 2 * FAILOVER_TIMEOUT_MS) / 1000 + 5.0
+        await _poll(promoted, "the replica promoted", bound, interval=0.02)
 
     async def settled(self) -> None:
         """Every sentinel sees the two others and the replica; the replica is in sync."""

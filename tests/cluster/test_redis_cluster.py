@@ -6,6 +6,7 @@ and the node channels are sharded pub/sub."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -107,3 +108,61 @@ def _sender(node: object, name: str, key: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         base_url=node.http_url, timeout=20, headers={"ServiceBusAuthorization": token}
     )
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(120)
+async def test_a_redis_cluster_shard_down_and_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shard that holds the store is killed (no replica: the Redis Cluster is down) and
+    started again: the nodes serve their own listeners meanwhile, report not ready, log the
+    outage once each (calls to the other shards keep succeeding for a while: no flapping), and
+    recover without a restart. ``python3 -m pytest -m soak tests/cluster``."""
+    from tests.cluster.test_cluster_failures import try_round_trip
+
+    caplog.set_level(logging.INFO, logger="hybridrelay")
+
+    async with redis_cluster(tmp_path) as shards:
+        async with cluster_nodes(shards.url, 2) as (one, two):
+            await store_of(one).put_hybrid_connection("hc")
+            await until(lambda: asyncio.sleep(0, two.server.store.get("hc") is not None))
+            async with listening(one):
+                await until(lambda: sees_listener(two, "hc"))
+                assert await round_trip(two, b"before") == b"before"
+                raw = RedisCluster(host="127.0.0.1", port=shards.masters[0].port)
+                try:
+                    await raw.initialize()
+                    holder = raw.get_node_from_key("hybridrelay:{hybridrelay}:store")
+                finally:
+                    await raw.aclose()
+                assert holder is not None
+                shard = next(m for m in shards.masters if m.port == holder.port)
+                shard.kill()
+                await until(lambda: _not_ready(one), 20.0)
+                await until(lambda: _not_ready(two), 20.0)
+                assert await round_trip(one, b"local") == b"local"  # its own listener
+                shard.start()
+                await until(lambda: _ready(one), 30.0)
+                await until(lambda: _ready(two), 30.0)
+                await until(lambda: try_round_trip(two.base_url, b"again"), 30.0)
+                await store_of(two).put_hybrid_connection("after")
+                await until(lambda: asyncio.sleep(0, one.server.store.get("after") is not None))
+                await until(lambda: asyncio.sleep(0, _recovery_lines(caplog) == 2))
+    outage = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(outage) == 2, outage  # one per node
+
+
+def _recovery_lines(caplog: pytest.LogCaptureFixture) -> int:
+    return sum("reachable again" in r.getMessage() for r in caplog.records)
+
+
+async def _ready(node: object) -> bool:
+    from tests.conftest import Relay
+
+    assert isinstance(node, Relay)
+    return await node.server._readiness() is None
+
+
+async def _not_ready(node: object) -> bool:
+    return not await _ready(node)

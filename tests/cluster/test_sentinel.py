@@ -14,25 +14,29 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.redis_topologies import DOWN_AFTER_MS, sentinel_set
+from tests.cluster.redis_topologies import sentinel_set
 from tests.cluster.test_cluster import listening, round_trip, sees_listener, store_of, until
 from tests.cluster.test_cluster_failures import try_round_trip
 
-#: What docs/CLUSTER.md states: after the master's SIGKILL, a cross-node connection succeeds
-#: again within this long. Sentinel's part: down-after (0.5 s here) + its vote and the
-#: promotion (about 1-2 s); the nodes' part: their next connection asks the sentinels again,
-#: the subscriptions are re-made (backoff at most 2 s), the lease renewed (every 1 s) and the
-#: routes read again (cached 1 s).
-SENTINEL_FAILOVER_BOUND = DOWN_AFTER_MS / 1000 + 10.0
+#: What docs/CLUSTER.md states: once Sentinel has promoted the replica, a cross-node connection
+#: succeeds within this long: a node's next connection asks the sentinels again, its
+#: subscriptions are re-made (backoff at most 2 s), the lease renewed (every 1 s) and the routes
+#: read again (cached 1 s). Sentinel's own part is down-after (0.5 s here) + its vote and the
+#: promotion, about 1-2 s, or 2 x failover-timeout more when a vote fails and is tried again
+#: (SentinelSet.promote waits for that).
+NODES_BOUND = 10.0
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("how", ["sigkill", "sentinel-failover"])
+@pytest.mark.parametrize(
+    "how", ["sigkill", pytest.param("sentinel-failover", marks=pytest.mark.soak)]
+)
 async def test_a_sentinel_failover_is_followed_without_a_restart(
     how: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``sigkill``: the master crashes. ``sentinel-failover``: an operator's ``SENTINEL
-    FAILOVER`` (the old master is demoted to a replica and answers writes with READONLY)."""
+    FAILOVER`` (the old master is demoted to a replica and answers writes with READONLY);
+    ``python3 -m pytest -m soak tests/cluster/test_sentinel.py``."""
     from tests.cluster.conftest import cluster_nodes
 
     caplog.set_level(logging.INFO, logger="hybridrelay")
@@ -53,14 +57,14 @@ async def test_a_sentinel_failover_is_followed_without_a_restart(
                 old_port = sentinels.master.port
 
                 loop = asyncio.get_running_loop()
-                killed = loop.time()
+                started = loop.time()
                 if how == "sigkill":
                     sentinels.master.kill()
-                else:
-                    await sentinels.failover()
+                await sentinels.promote(command=how == "sentinel-failover")
+                promoted = loop.time() - started
                 while not await try_round_trip(two.base_url, payload):
-                    assert loop.time() - killed < SENTINEL_FAILOVER_BOUND, "not back in time"
-                recovered = loop.time() - killed
+                    assert loop.time() - started - promoted < NODES_BOUND, "not back in time"
+                recovered = loop.time() - started
                 assert await sentinels.master_port() == sentinels.replica.port != old_port
 
                 # The store writes to the new master; the other node hears of it.
@@ -69,10 +73,17 @@ async def test_a_sentinel_failover_is_followed_without_a_restart(
                 assert one.server.store.get("hc") is not None  # kept across the failover
                 assert await one.server._readiness() is None
                 assert await two.server._readiness() is None
-        # The figure docs/CLUSTER.md quotes (pytest -s shows it).
-        print(f"sentinel {how}: cross-node connections back in {recovered:.2f} s")  # noqa: T201
-    outage = [r for r in caplog.records if "unreachable" in r.getMessage()]
-    assert len(outage) <= 4, [r.getMessage() for r in outage]  # store and broker, per node
-    if how == "sigkill":  # a crash is an outage, reported once (and its end)
-        assert outage
-        assert any("reachable again" in r.getMessage() for r in caplog.records)
+                if how == "sigkill":  # a crash is an outage, reported once per node, and its end
+                    await until(lambda: asyncio.sleep(0, _lines(caplog, "reachable again") >= 1))
+        # The figures docs/CLUSTER.md quotes (pytest -s shows them).
+        print(  # noqa: T201
+            f"sentinel {how}: replica promoted after {promoted:.2f} s, cross-node connections "
+            f"back after {recovered:.2f} s ({recovered - promoted:.2f} s after the promotion)"
+        )
+    assert _lines(caplog, "unreachable") <= 2  # one per node at most
+    if how == "sigkill":
+        assert _lines(caplog, "unreachable") >= 1
+
+
+def _lines(caplog: pytest.LogCaptureFixture, text: str) -> int:
+    return sum(text in r.getMessage() for r in caplog.records)

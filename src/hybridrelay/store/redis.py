@@ -142,25 +142,37 @@ async def follow_channel(
 
 class OutageLog:
     """One WARNING line when Redis stops answering and one INFO line when it is back, however
-    many calls fail in between. A relay's store and broker share one (one line per node)."""
+    many calls fail in between. A relay's store and broker share one (one line per node).
 
-    def __init__(self, url: str, what: str) -> None:
+    A partial outage fails some calls and not others (one Redis Cluster shard down until the
+    cluster marks itself failed, a Sentinel failover's seconds): the recovery is logged only
+    once :data:`QUIET` seconds have passed since the last failure, so that it does not flap."""
+
+    #: Seconds without a failed call before Redis counts as back.
+    QUIET = 2.0
+
+    def __init__(self, url: str, what: str, clock: Callable[[], float] = time.monotonic) -> None:
         self._url = redacted_url(url)
         self._what = what
+        self._clock = clock
+        self._failed_at = float("-inf")
         self.reachable = True
 
     def report(self, exc: BaseException | None) -> None:
         """A call to Redis failed with ``exc``, or (None) succeeded."""
-        if exc is not None and self.reachable:
-            self.reachable = False
-            logger.warning(
-                "%s: Redis at %s unreachable (%s); serving this node's listeners and what is "
-                "in memory until it is back",
-                self._what,
-                self._url,
-                type(exc).__name__,
-            )
-        elif exc is None and not self.reachable:
+        now = self._clock()
+        if exc is not None:
+            self._failed_at = now
+            if self.reachable:
+                self.reachable = False
+                logger.warning(
+                    "%s: Redis at %s unreachable (%s); serving this node's listeners and what "
+                    "is in memory until it is back",
+                    self._what,
+                    self._url,
+                    type(exc).__name__,
+                )
+        elif not self.reachable and now - self._failed_at >= self.QUIET:
             self.reachable = True
             logger.info("%s: Redis at %s reachable again", self._what, self._url)
 
@@ -349,7 +361,10 @@ class RedisStore:
         return lambda: self._subscribers.remove(subscriber)
 
     async def check(self) -> None:
-        await self._call(self._redis.ping())
+        # A read of the store's own key, not a PING: on a Redis Cluster, PING is answered by
+        # any shard, while the store's is the one that matters (and a failed cluster refuses
+        # key commands).
+        await self._call(self._redis.get(self._version_key))
 
     # -- writing --------------------------------------------------------------------------------
 
