@@ -105,6 +105,19 @@ async def listening(relay: Relay, entity: str = "hc") -> AsyncIterator[HybridCon
             task.cancel()
 
 
+@asynccontextmanager
+async def listening_across(
+    one: Relay, two: Relay, entity: str = "hc"
+) -> AsyncIterator[HybridConnectionListener]:
+    """``entity`` created through node ``one``'s store, a listener on ``one``, both seen by
+    node ``two``."""
+    await store_of(one).put_hybrid_connection(entity)
+    await until(lambda: asyncio.sleep(0, two.server.store.get(entity) is not None))
+    async with listening(one, entity) as listener:
+        await until(lambda: sees_listener(two, entity))
+        yield listener
+
+
 async def round_trip(relay: Relay, payload: bytes, entity: str = "hc") -> bytes:
     async with HybridConnectionClient(relay.base_url, entity, root_provider()) as client:
         stream = await client.create_connection()

@@ -20,10 +20,9 @@ from tests.client.helpers import root_provider
 from tests.cluster.conftest import RedisServer, cluster_nodes
 from tests.cluster.test_cluster import (
     echo,
-    listening,
+    listening_across,
     round_trip,
     sees_listener,
-    store_of,
     until,
 )
 from tests.serve_process import ServeProcess, relay_document, serve, write_config
@@ -98,10 +97,7 @@ async def test_redis_restarted_under_load(
 ) -> None:
     caplog.set_level(logging.INFO, logger="hybridrelay")
     async with cluster_nodes(redis_server.url, 2) as (one, two):
-        await store_of(one).put_hybrid_connection("hc")
-        await until(lambda: asyncio.sleep(0, two.server.store.get("hc") is not None))
-        async with listening(one):
-            await until(lambda: sees_listener(two, "hc"))
+        async with listening_across(one, two):
             assert await round_trip(two, b"cross") == b"cross"
             failures = 0
             done = 0

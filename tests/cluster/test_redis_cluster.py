@@ -22,6 +22,7 @@ from tests.cluster.test_cluster import (
     broker_of,
     http_client,
     listening,
+    listening_across,
     round_trip,
     sees_listener,
     store_of,
@@ -125,10 +126,7 @@ async def test_a_redis_cluster_shard_down_and_back(
 
     async with redis_cluster(tmp_path) as shards:
         async with cluster_nodes(shards.url, 2) as (one, two):
-            await store_of(one).put_hybrid_connection("hc")
-            await until(lambda: asyncio.sleep(0, two.server.store.get("hc") is not None))
-            async with listening(one):
-                await until(lambda: sees_listener(two, "hc"))
+            async with listening_across(one, two):
                 assert await round_trip(two, b"before") == b"before"
                 raw = RedisCluster(host="127.0.0.1", port=shards.masters[0].port)
                 try:

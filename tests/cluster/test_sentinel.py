@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.redis_topologies import sentinel_set
-from tests.cluster.test_cluster import listening, round_trip, sees_listener, store_of, until
+from tests.cluster.test_cluster import listening_across, round_trip, store_of, until
 from tests.cluster.test_cluster_failures import try_round_trip
 
 #: What docs/CLUSTER.md states: once Sentinel has promoted the replica, a cross-node connection
@@ -42,10 +42,7 @@ async def test_a_sentinel_failover_is_followed_without_a_restart(
     caplog.set_level(logging.INFO, logger="hybridrelay")
     async with sentinel_set(tmp_path) as sentinels:
         async with cluster_nodes(sentinels.url, 2) as (one, two):
-            await store_of(one).put_hybrid_connection("hc")
-            await until(lambda: asyncio.sleep(0, two.server.store.get("hc") is not None))
-            async with listening(one):
-                await until(lambda: sees_listener(two, "hc"))
+            async with listening_across(one, two):
                 payload = os.urandom(1000)
                 assert await round_trip(two, payload) == payload
                 # What Redis kept: the replica has the entity before the master dies.
