@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.cluster.conftest import RedisServer, _free_port, redis_binary
+from tests.conftest import TlsFiles
 
 #: Sentinel's timings, small so that a failover takes a few seconds (docs/CLUSTER.md).
 DOWN_AFTER_MS = 500
@@ -48,12 +49,26 @@ class SentinelProcess(RedisServer):
 
     ready_line = b"+monitor master"
 
-    def __init__(self, binary: str, directory: Path, master_port: int, password: str) -> None:
+    def __init__(
+        self,
+        binary: str,
+        directory: Path,
+        master_port: int,
+        password: str,
+        tls: TlsFiles | None = None,
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         super().__init__(binary, directory)
         self._config = directory / "sentinel.conf"
+        listen = f"port {self.port}\n"
+        if tls is not None:  # TLS only, to clients, to the other sentinels and to the servers
+            listen = (
+                f"port 0\ntls-port {self.port}\ntls-cert-file {tls.cert_file}\n"
+                f"tls-key-file {tls.key_file}\ntls-ca-cert-file {tls.ca_file}\n"
+                "tls-auth-clients no\ntls-replication yes\n"
+            )
         self._config.write_text(
-            f"port {self.port}\nbind 127.0.0.1\ndir {directory}\n"
+            f"{listen}bind 127.0.0.1\ndir {directory}\n"
             f"sentinel monitor {SERVICE} 127.0.0.1 {master_port} 2\n"
             f"sentinel auth-pass {SERVICE} {password}\n"
             f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
@@ -82,23 +97,43 @@ async def _poll(check: object, what: str, seconds: float = 20.0, *, interval: fl
 class SentinelSet:
     """A master and a replica (password on both) and three sentinels (quorum 2)."""
 
-    def __init__(self, master: ConfiguredRedis, replica: ConfiguredRedis, password: str) -> None:
+    def __init__(
+        self,
+        master: ConfiguredRedis,
+        replica: ConfiguredRedis,
+        password: str,
+        tls: TlsFiles | None,
+    ) -> None:
         self.master = master
         self.replica = replica
         self.password = password
+        self.tls = tls
         self.sentinels: list[SentinelProcess] = []
 
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://:{self.password}@{hosts}/{SERVICE}/0"
+        if self.tls is None:
+            return f"redis+sentinel://:{self.password}@{hosts}/{SERVICE}/0"
+        trust = f"?ssl_ca_certs={self.tls.ca_file}"
+        return f"rediss+sentinel://:{self.password}@{hosts}/{SERVICE}/0{trust}"
+
+    def _redis(self, port: int, password: str | None) -> aioredis.Redis:
+        if self.tls is None:
+            return aioredis.Redis(host="127.0.0.1", port=port, password=password)
+        return aioredis.Redis(
+            host="127.0.0.1", port=port, password=password, ssl=True, ssl_ca_certs=self.tls.ca_file
+        )
 
     def client(self, server: RedisServer) -> aioredis.Redis:
-        return aioredis.Redis(host="127.0.0.1", port=server.port, password=self.password)
+        return self._redis(server.port, self.password)
+
+    def sentinel(self, index: int = 0) -> aioredis.Redis:
+        return self._redis(self.sentinels[index].port, None)
 
     async def master_port(self) -> int:
         """The master's port as the first sentinel names it."""
-        sentinel = aioredis.Redis(host="127.0.0.1", port=self.sentinels[0].port)
+        sentinel = self.sentinel()
         try:
             address = await sentinel.sentinel_get_master_addr_by_name(SERVICE)
             assert isinstance(address, tuple)
@@ -110,7 +145,7 @@ class SentinelSet:
         """Wait until the sentinels name the replica as master (after ``SENTINEL FAILOVER``
         if ``command``, else after the master died): at most down-after + two attempts."""
         if command:
-            sentinel = aioredis.Redis(host="127.0.0.1", port=self.sentinels[0].port)
+            sentinel = self.sentinel()
             try:
                 await sentinel.sentinel_failover(SERVICE)
             finally:
@@ -134,8 +169,8 @@ class SentinelSet:
             return bool(info.get("master_link_status") == "up")
 
         async def sentinels_agree() -> bool:
-            for process in self.sentinels:
-                sentinel = aioredis.Redis(host="127.0.0.1", port=process.port)
+            for index in range(len(self.sentinels)):
+                sentinel = self.sentinel(index)
                 try:
                     state = await sentinel.sentinel_master(SERVICE)
                 finally:
@@ -150,11 +185,18 @@ class SentinelSet:
 
 
 @asynccontextmanager
-async def sentinel_set(directory: Path) -> AsyncIterator[SentinelSet]:
+async def sentinel_set(
+    directory: Path, tls: TlsFiles | None = None, *, settle: bool = True
+) -> AsyncIterator[SentinelSet]:
+    """The set; with ``tls``, every process speaks TLS only (replication too). ``settle``:
+    wait until a failover can happen (the replica in sync, the sentinels know each other:
+    their hello messages come every 2 s); without it, the sentinels only name the master."""
     binary = redis_binary()
     password = "sentinel-test-pw"
     auth = ["--masterauth", password]
-    master = ConfiguredRedis(binary, directory / "master", auth, password=password)
+    if tls is not None:
+        auth += ["--tls-replication", "yes"]
+    master = ConfiguredRedis(binary, directory / "master", auth, password=password, tls=tls)
     master.start()
     try:
         replica = ConfiguredRedis(
@@ -162,18 +204,20 @@ async def sentinel_set(directory: Path) -> AsyncIterator[SentinelSet]:
             directory / "replica",
             [*auth, "--replicaof", "127.0.0.1", str(master.port)],
             password=password,
+            tls=tls,
         )
         replica.start()
         try:
-            topology = SentinelSet(master, replica, password)
+            topology = SentinelSet(master, replica, password, tls)
             try:
                 for index in range(3):
                     sentinel = SentinelProcess(
-                        binary, directory / f"sentinel{index}", master.port, password
+                        binary, directory / f"sentinel{index}", master.port, password, tls
                     )
                     topology.sentinels.append(sentinel)
                     sentinel.start()
-                await topology.settled()
+                if settle:
+                    await topology.settled()
                 yield topology
             finally:
                 for sentinel in topology.sentinels:

@@ -17,6 +17,7 @@ import pytest
 from tests.cluster.redis_topologies import sentinel_set
 from tests.cluster.test_cluster import listening_across, round_trip, store_of, until
 from tests.cluster.test_cluster_failures import try_round_trip
+from tests.conftest import TlsFiles
 
 #: What docs/CLUSTER.md states: once Sentinel has promoted the replica, a cross-node connection
 #: succeeds within this long: a node's next connection asks the sentinels again, its
@@ -84,3 +85,22 @@ async def test_a_sentinel_failover_is_followed_without_a_restart(
 
 def _lines(caplog: pytest.LogCaptureFixture, text: str) -> int:
     return sum(text in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(60)
+async def test_tls_sentinels_and_master_with_a_password(
+    tmp_path: Path, tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``rediss+sentinel://``: the sentinels, the master and the replica speak TLS only; the
+    nodes route across and share the store, and the password is in no log line."""
+    from tests.cluster.conftest import cluster_nodes
+
+    caplog.set_level(logging.DEBUG, logger="hybridrelay")
+    async with sentinel_set(tmp_path, tls=tls_files, settle=False) as sentinels:
+        assert sentinels.url.startswith("rediss+sentinel://")
+        async with cluster_nodes(sentinels.url, 2) as (one, two):
+            async with listening_across(one, two):
+                assert await round_trip(two, b"over tls") == b"over tls"
+                await store_of(two).put_hybrid_connection("after")
+                await until(lambda: asyncio.sleep(0, one.server.store.get("after") is not None))
+    assert all(sentinels.password not in r.getMessage() for r in caplog.records)
