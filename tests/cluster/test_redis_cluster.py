@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from hybridrelay.auth.sas import Rights, create_token
@@ -164,3 +165,75 @@ async def _ready(node: object) -> bool:
 
 async def _not_ready(node: object) -> bool:
     return not await _ready(node)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(120)
+async def test_a_node_channel_s_slot_moved_to_another_shard(tmp_path: Path) -> None:
+    """Node 1's channel's hash slot is migrated to another shard (as a resharding does): Redis
+    drops the sharded subscription there, and node 1 subscribes again on the new owner, so
+    cross-node connections keep reaching it. ``python3 -m pytest -m soak tests/cluster``."""
+    from tests.cluster.test_cluster_failures import try_round_trip
+
+    async with redis_cluster(tmp_path) as shards:
+        async with cluster_nodes(shards.url, 2) as (one, two):
+            async with listening_across(one, two):
+                assert await round_trip(two, b"before") == b"before"
+                channel = f"hybridrelay:hybridrelay:node:{{{broker_of(one).node_id}}}"
+                await _move_slot_of(channel, [m.port for m in shards.masters])
+                await until(lambda: try_round_trip(two.base_url, b"moved"), 30.0)
+                raw = RedisCluster(host="127.0.0.1", port=shards.masters[0].port)
+                try:
+                    await raw.initialize()
+                    shard = raw.get_node_from_key(channel)
+                    counts = await raw.execute_command(
+                        "PUBSUB SHARDNUMSUB", channel, target_nodes=shard
+                    )
+                    assert list(counts) == [(channel.encode(), 1)], counts
+                finally:
+                    await raw.aclose()
+
+
+async def _move_slot_of(key: str, ports: list[int]) -> None:
+    """Migrate ``key``'s slot (and its keys) from its shard to another, as ``redis-cli
+    --cluster reshard`` does: IMPORTING / MIGRATING, MIGRATE, then SETSLOT NODE everywhere."""
+    clients = {port: aioredis.Redis(host="127.0.0.1", port=port) for port in ports}
+    try:
+        any_client = clients[ports[0]]
+        slot = int(await any_client.execute_command("CLUSTER", "KEYSLOT", key))  # type: ignore[no-untyped-call]
+        ids = {
+            port: (await client.execute_command("CLUSTER", "MYID")).decode()  # type: ignore[no-untyped-call]
+            for port, client in clients.items()
+        }
+        owner = ports[0]
+        for port, client in clients.items():
+            if await _owns(client, slot):
+                owner = port
+        target = next(port for port in ports if port != owner)
+        await clients[target].execute_command(  # type: ignore[no-untyped-call]
+            "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[owner]
+        )
+        await clients[owner].execute_command(  # type: ignore[no-untyped-call]
+            "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target]
+        )
+        keys = await clients[owner].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)  # type: ignore[no-untyped-call]
+        if keys:
+            await clients[owner].execute_command(  # type: ignore[no-untyped-call]
+                "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys
+            )
+        for port in (target, owner, *(p for p in ports if p not in (target, owner))):
+            await clients[port].execute_command(  # type: ignore[no-untyped-call]
+                "CLUSTER", "SETSLOT", slot, "NODE", ids[target]
+            )
+    finally:
+        for client in clients.values():
+            await client.aclose()
+
+
+async def _owns(client: aioredis.Redis, slot: int) -> bool:
+    """Whether the shard behind ``client`` serves ``slot`` (CLUSTER SHARDS' view of itself)."""
+    myself = (await client.execute_command("CLUSTER", "MYID")).decode()  # type: ignore[no-untyped-call]
+    for start, end, *node in await client.execute_command("CLUSTER", "SLOTS"):  # type: ignore[no-untyped-call]
+        if start <= slot <= end and node[0][2].decode() == myself:
+            return True
+    return False

@@ -60,6 +60,7 @@ from hybridrelay.store.redis_address import (
     REDIS_FAILURES,
     REDIS_TIMEOUT,
     RedisLink,
+    SubscriptionMoved,
     connect,
     describe,
     redacted_url,
@@ -131,6 +132,8 @@ async def follow_channel(
                 message = await pubsub.get_message(1.0)
                 if message is not None:
                     await on_message(message.get("data"))
+        except SubscriptionMoved as exc:  # Redis answers: not an outage
+            logger.info("cluster: subscribing again (%s)", exc)
         except REDIS_FAILURES as exc:
             raise_if_cancelled()
             outage.report(exc)

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -52,6 +53,7 @@ __all__ = [
     "REDIS_TIMEOUT",
     "RedisAddress",
     "RedisLink",
+    "SubscriptionMoved",
     "connect",
     "describe",
     "parse_address",
@@ -210,31 +212,70 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
 
 
+#: How often a sharded subscription checks that it still receives its channel (seconds).
+PROBE_INTERVAL = 5.0
+#: The start of a probe message's data (every subscriber drops them).
+_PROBE = b"hybridrelay-probe:"
+
+
+class SubscriptionMoved(RedisError):
+    """A sharded subscription stopped receiving its channel: the channel's slot moved to
+    another shard (a resharding), and redis-py's subscription stayed on the old one."""
+
+
 class Subscription:
-    """One pub/sub subscription: classic, or sharded on a Redis Cluster."""
+    """One pub/sub subscription: classic, or sharded on a Redis Cluster.
+
+    A sharded one checks every :data:`PROBE_INTERVAL` seconds that it still hears its
+    channel, by publishing a probe to it: when the channel's slot moves to another shard,
+    redis-py's subscription stays on the old shard and hears nothing more, without an error
+    (measured with redis-py 8.1 and Redis 7.0), until :class:`SubscriptionMoved` makes the
+    caller subscribe again. Cost: one ``SPUBLISH`` per interval per subscription."""
 
     def __init__(self, client: Any, sharded: bool) -> None:
         self._client = client
         self._pubsub = client.pubsub()
         self._sharded = sharded
+        self._channel = ""
+        self._probe = _PROBE + secrets.token_hex(8).encode()
+        self._probe_due = 0.0
+        self._probe_heard = True
 
     async def subscribe(self, channel: str) -> None:
+        self._channel = channel
         if self._sharded:
             # The channel's shard is found in the slot map, which only a command loads.
             await self._client.initialize()
             await self._pubsub.ssubscribe(channel)
+            self._probe_due = asyncio.get_running_loop().time() + PROBE_INTERVAL
         else:
             await self._pubsub.subscribe(channel)
 
     async def get_message(self, wait: float) -> dict[str, Any] | None:
         """The next published message, or None after ``wait`` seconds."""
-        if self._sharded:
-            message = await self._pubsub.get_sharded_message(
-                ignore_subscribe_messages=True, timeout=wait
-            )
-        else:
+        if not self._sharded:
             message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
-        return message if isinstance(message, dict) else None
+            return message if isinstance(message, dict) else None
+        await self._probe_if_due()
+        message = await self._pubsub.get_sharded_message(
+            ignore_subscribe_messages=True, timeout=wait
+        )
+        if not isinstance(message, dict):
+            return None
+        data = message.get("data")
+        if isinstance(data, bytes) and data.startswith(_PROBE):
+            self._probe_heard = self._probe_heard or data == self._probe
+            return None
+        return message
+
+    async def _probe_if_due(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now < self._probe_due:
+            return
+        if not self._probe_heard or not self._pubsub.node_pubsub_mapping:
+            raise SubscriptionMoved(f"the subscription to {self._channel} hears nothing")
+        self._probe_due, self._probe_heard = now + PROBE_INTERVAL, False
+        await self._client.spublish(self._channel, self._probe)
 
     async def aclose(self) -> None:
         with contextlib.suppress(*REDIS_FAILURES, RuntimeError):
@@ -244,12 +285,15 @@ class Subscription:
 class RedisLink:
     """A client of the Redis at one address, for one role (a node's store or its broker)."""
 
-    def __init__(self, address: RedisAddress, client: Any, *, sharded: bool) -> None:
+    def __init__(
+        self, address: RedisAddress, client: Any, *, sharded: bool, closers: Sequence[Any] = ()
+    ) -> None:
         self.address = address
         #: redis-py's client: ``redis.asyncio.Redis``, or ``RedisCluster`` (the same calls).
         self.client: Any = client
         self._sharded = sharded
-        self._closers: list[Any] = []
+        #: What else :meth:`aclose` closes (the Sentinel client's connections to sentinels).
+        self._closers = tuple(closers)
 
     def __repr__(self) -> str:
         return f"<RedisLink {self.address.redacted!r}>"
@@ -352,9 +396,7 @@ def connect(url: str) -> RedisLink:
             max_connections=MAX_CONNECTIONS,
             timeout=REDIS_TIMEOUT,
         )
-        link = RedisLink(address, client, sharded=False)
-        link._closers.append(sentinel)
-        return link
+        return RedisLink(address, client, sharded=False, closers=[sentinel])
     if _version(redis.__version__) < _CLUSTER_REDIS_PY:
         raise ValueError(
             f"{address.redacted}: the Redis Cluster form needs redis-py "
