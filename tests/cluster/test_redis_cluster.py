@@ -91,6 +91,15 @@ async def test_two_nodes_on_a_redis_cluster(tmp_path: Path) -> None:
                 async with _sender(two, "sender", rule.primary_key) as http:
                     assert (await http.post("/hc/x", content=b"k")).status_code == 401
                 assert fresh.primary_key != rule.primary_key
+        # The nodes left at once (aclose): their lease entries and their routes, over two
+        # shards, are gone.
+        raw = RedisCluster(host="127.0.0.1", port=shards.masters[0].port)
+        try:
+            assert await raw.zcard("hybridrelay:hybridrelay:nodes") == 0
+            for name in ("hc", "spread3"):
+                assert not await raw.exists(f"hybridrelay:hybridrelay:routes:{{{name}}}")
+        finally:
+            await raw.aclose()
 
 
 def _has_key(node: object, key: str) -> bool:

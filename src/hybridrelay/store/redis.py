@@ -154,16 +154,15 @@ class OutageLog:
     #: Seconds without a failed call before Redis counts as back.
     QUIET = 2.0
 
-    def __init__(self, url: str, what: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, url: str, what: str) -> None:
         self._url = redacted_url(url)
         self._what = what
-        self._clock = clock
         self._failed_at = float("-inf")
         self.reachable = True
 
     def report(self, exc: BaseException | None) -> None:
         """A call to Redis failed with ``exc``, or (None) succeeded."""
-        now = self._clock()
+        now = time.monotonic()
         if exc is not None:
             self._failed_at = now
             if self.reachable:
