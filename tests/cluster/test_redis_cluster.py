@@ -18,7 +18,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from hybridrelay.auth.sas import Rights, create_token
 from tests.cluster.conftest import cluster_nodes
-from tests.cluster.redis_topologies import redis_cluster
+from tests.cluster.redis_topologies import RedisClusterSet, redis_cluster
 from tests.cluster.test_cluster import (
     broker_of,
     http_client,
@@ -63,15 +63,10 @@ async def test_two_nodes_on_a_redis_cluster(tmp_path: Path) -> None:
                     }
                     assert len(route_slots) == 2  # keyed by entity
                     assert await raw.exists("hybridrelay:hybridrelay:routes:{spread3}") == 1
-                    # Node 1's channel is sharded pub/sub, subscribed on the shard of its slot.
-                    channel = f"hybridrelay:hybridrelay:node:{{{broker_of(one).node_id}}}"
-                    shard = raw.get_node_from_key(channel)
-                    counts = await raw.execute_command(
-                        "PUBSUB SHARDNUMSUB", channel, target_nodes=shard
-                    )
-                    assert list(counts) == [(channel.encode(), 1)], counts
                 finally:
                     await raw.aclose()
+                # Node 1's channel is sharded pub/sub, subscribed on the shard of its slot.
+                assert await _shard_subscribers(shards, _channel_of(one)) == 1
 
                 # A burst of commands waits for its turn: redis-py's cluster pool raises
                 # (MaxConnectionsError) when all of a shard's connections are in use.
@@ -188,19 +183,31 @@ async def test_a_node_channel_s_slot_moved_to_another_shard(tmp_path: Path) -> N
         async with cluster_nodes(shards.url, 2) as (one, two):
             async with listening_across(one, two):
                 assert await round_trip(two, b"before") == b"before"
-                channel = f"hybridrelay:hybridrelay:node:{{{broker_of(one).node_id}}}"
-                await _move_slot_of(channel, [m.port for m in shards.masters])
+                await _move_slot_of(_channel_of(one), [m.port for m in shards.masters])
                 await until(lambda: try_round_trip(two.base_url, b"moved"), 30.0)
-                raw = RedisCluster(host="127.0.0.1", port=shards.masters[0].port)
-                try:
-                    await raw.initialize()
-                    shard = raw.get_node_from_key(channel)
-                    counts = await raw.execute_command(
-                        "PUBSUB SHARDNUMSUB", channel, target_nodes=shard
-                    )
-                    assert list(counts) == [(channel.encode(), 1)], counts
-                finally:
-                    await raw.aclose()
+                assert await _shard_subscribers(shards, _channel_of(one)) == 1
+
+
+def _channel_of(node: object) -> str:
+    from tests.conftest import Relay
+
+    assert isinstance(node, Relay)
+    return f"hybridrelay:hybridrelay:node:{{{broker_of(node).node_id}}}"
+
+
+async def _shard_subscribers(shards: RedisClusterSet, channel: str) -> int:
+    """How many clients have ``SSUBSCRIBE``d to ``channel`` on the shard owning its slot now."""
+    raw = RedisCluster(host="127.0.0.1", port=shards.masters[0].port)
+    try:
+        await raw.initialize()
+        counts = await raw.execute_command(
+            "PUBSUB SHARDNUMSUB", channel, target_nodes=raw.get_node_from_key(channel)
+        )
+    finally:
+        await raw.aclose()
+    ((name, count),) = counts
+    assert name == channel.encode()
+    return int(count)
 
 
 async def _move_slot_of(key: str, ports: list[int]) -> None:
