@@ -73,26 +73,30 @@ class RedisServer:
             listen += ["--requirepass", self._password]
         return listen
 
+    #: The line the process logs once it serves.
+    ready_line = READY_LINE
+
+    def _command(self) -> list[str]:
+        return [
+            self._binary,
+            *self._arguments(),
+            "--bind", "127.0.0.1",
+            "--dir", str(self._directory),
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--save", "",
+            "--loglevel", "notice",
+        ]  # fmt: skip
+
     def start(self) -> None:
         self._process = subprocess.Popen(
-            [
-                self._binary,
-                *self._arguments(),
-                "--bind", "127.0.0.1",
-                "--dir", str(self._directory),
-                "--appendonly", "yes",
-                "--appendfsync", "always",
-                "--save", "",
-                "--loglevel", "notice",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            self._command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         assert self._process.stdout is not None
         seen = []
         for line in self._process.stdout:  # readiness is the server's own line
             seen.append(line)
-            if READY_LINE in line:
+            if self.ready_line in line:
                 return
         raise RuntimeError(f"redis-server did not start: {b''.join(seen)[-2000:]!r}")
 

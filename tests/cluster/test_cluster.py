@@ -105,6 +105,19 @@ async def listening(relay: Relay, entity: str = "hc") -> AsyncIterator[HybridCon
             task.cancel()
 
 
+@asynccontextmanager
+async def listening_across(
+    one: Relay, two: Relay, entity: str = "hc"
+) -> AsyncIterator[HybridConnectionListener]:
+    """``entity`` created through node ``one``'s store, a listener on ``one``, both seen by
+    node ``two``."""
+    await store_of(one).put_hybrid_connection(entity)
+    await until(lambda: asyncio.sleep(0, two.server.store.get(entity) is not None))
+    async with listening(one, entity) as listener:
+        await until(lambda: sees_listener(two, entity))
+        yield listener
+
+
 async def round_trip(relay: Relay, payload: bytes, entity: str = "hc") -> bytes:
     async with HybridConnectionClient(relay.base_url, entity, root_provider()) as client:
         stream = await client.create_connection()
@@ -296,11 +309,11 @@ async def test_dead_nodes_are_not_routed_to(redis_server: RedisServer) -> None:
             now = time.time()
             await raw.zadd(prefix + "nodes", {"expired": now - 1, "silent": now + 60})
             for ghost in ("expired", "silent"):
-                await raw.hset(prefix + "routes:hc", ghost, "3")
-                await raw.sadd(prefix + f"node:{ghost}:entities", "hc")
+                await raw.hset(prefix + "routes:{hc}", ghost, "3")
+                await raw.sadd(prefix + f"node:{{{ghost}}}:entities", "hc")
 
             async def expired_removed() -> bool:
-                return not await raw.hexists(prefix + "routes:hc", "expired")
+                return not await raw.hexists(prefix + "routes:{hc}", "expired")
 
             await until(expired_removed, 2 * DEFAULT_LEASE / 3 + 1)
             assert await raw.zscore(prefix + "nodes", "expired") is None
@@ -375,5 +388,5 @@ async def test_idle_listeners_cost_no_redis_operations(redis_server: RedisServer
 
 
 async def sees_count(raw: aioredis.Redis, node: Relay, count: int) -> bool:
-    value = await raw.hget("hybridrelay:hybridrelay:routes:hc", broker_of(node).node_id)
+    value = await raw.hget("hybridrelay:hybridrelay:routes:{hc}", broker_of(node).node_id)
     return value is not None and int(value) == count

@@ -128,7 +128,7 @@ async def test_a_lost_change_message_is_made_good_by_the_reconciliation(
     try:
         # Another writer that changes the hash and the version but never publishes.
         entity = {"name": "quiet", "auth": True, "created": 1.0, "updated": 1.0, "rules": []}
-        await raw.hset("hybridrelay:contoso:store", "hc:quiet", json.dumps(entity))
+        await raw.hset("hybridrelay:{contoso}:store", "hc:quiet", json.dumps(entity))
         await raw.incr("hybridrelay:contoso:version")
         await until(lambda: asyncio.sleep(0, store.state.get("quiet") is not None), 3.0)
     finally:

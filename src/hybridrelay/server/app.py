@@ -135,9 +135,12 @@ class RelayServer:
                     "store.cluster needs redis-py: pip install 'hybridrelay[cluster]'"
                 ) from exc
 
-            broker = self._cluster = ClusterBroker(
-                config.store.cluster, config.namespace_name, public_base=self._rendezvous_base
-            )
+            try:
+                broker = self._cluster = ClusterBroker(
+                    config.store.cluster, config.namespace_name, public_base=self._rendezvous_base
+                )
+            except StoreError as exc:  # an address that cannot be used
+                raise ConfigurationError(f"store.cluster: {exc}") from exc
         self.broker: Broker = broker or LocalBroker()
         self.observer = observer or RelayObserver()
         #: The authorization check every endpoint uses.

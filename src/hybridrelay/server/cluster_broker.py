@@ -36,6 +36,10 @@ A :class:`LocalBroker` for the listeners of this process, plus:
   not reachable; the registrations are written again when Redis is back. One log line for the
   outage and one for the recovery (the store's, when the relay has a Redis store: one per node).
 
+The braces in these names are written out: hash tags, so that on a Redis Cluster the routes
+of different entities and the channels of different nodes spread over the shards (a node
+channel is sharded pub/sub there: store/redis_address.py).
+
 Messages on the node channels are JSON objects, at most :data:`MAX_MESSAGE_BYTES` each.
 Nothing here logs a rendezvous address (its secret is the rendezvous' only credential).
 """
@@ -52,8 +56,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Sequence
 from typing import Any, cast
 
-from redis.exceptions import RedisError
-
 from hybridrelay.server.broker import (
     Connection,
     LocalBroker,
@@ -65,6 +67,7 @@ from hybridrelay.server.channel import ControlChannel
 from hybridrelay.server.config import LimitsConfig
 from hybridrelay.store.records import entity_key
 from hybridrelay.store.redis import (
+    REDIS_FAILURES,
     REDIS_TIMEOUT,
     OutageLog,
     follow_channel,
@@ -138,7 +141,8 @@ class ClusterBroker(LocalBroker):
         self.node_id = secrets.token_hex(6)
         self._prefix = f"hybridrelay:{namespace}:"
         self._nodes_key = self._prefix + "nodes"
-        self._redis = open_redis(url)
+        self._link = open_redis(url)
+        self._redis = self._link.client
         self.outage = OutageLog(url, "cluster")
         #: Nodes whose lease had not run out at the last renewal (this one excluded).
         self._live: set[str] = set()
@@ -160,13 +164,14 @@ class ClusterBroker(LocalBroker):
         self._advertising = True
 
     def _channel_of(self, node: str) -> str:
-        return f"{self._prefix}node:{node}"
+        return f"{self._prefix}node:{{{node}}}"
 
     def _routes_key(self, key: str) -> str:
-        return f"{self._prefix}routes:{key}"
+        # The entity is the hash tag: on a Redis Cluster, entities spread over the shards.
+        return f"{self._prefix}routes:{{{key}}}"
 
     def _entities_key(self, node: str) -> str:
-        return f"{self._prefix}node:{node}:entities"
+        return f"{self._prefix}node:{{{node}}}:entities"
 
     # -- joining and leaving ----------------------------------------------------------------
 
@@ -192,11 +197,10 @@ class ClusterBroker(LocalBroker):
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
         # Leave at once rather than when the lease runs out.
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(*REDIS_FAILURES):
             async with asyncio.timeout(REDIS_TIMEOUT):
                 await self._remove_node(self.node_id)
-        with contextlib.suppress(RedisError, OSError):
-            await self._redis.aclose()
+        await self._link.aclose()
 
     # -- registrations ------------------------------------------------------------------------
 
@@ -246,7 +250,7 @@ class ClusterBroker(LocalBroker):
                                 pipe.srem(self._entities_key(self.node_id), key)
                         await pipe.execute()
                 self.outage.report(None)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_FAILURES as exc:
                 raise_if_cancelled()
                 self.outage.report(exc)
                 self._dirty |= dirty
@@ -259,7 +263,7 @@ class ClusterBroker(LocalBroker):
             try:
                 await self._renew()
                 self.outage.report(None)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_FAILURES as exc:
                 raise_if_cancelled()
                 self.outage.report(exc)
             await asyncio.sleep(self._lease / 3)
@@ -311,7 +315,7 @@ class ClusterBroker(LocalBroker):
             try:
                 async with asyncio.timeout(REDIS_TIMEOUT):
                     raw = await self._redis.hgetall(self._routes_key(key))
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_FAILURES as exc:
                 raise_if_cancelled()
                 self.outage.report(exc)
                 raw = {}
@@ -426,15 +430,15 @@ class ClusterBroker(LocalBroker):
         self._remote[ref] = channel
         try:
             async with asyncio.timeout(OFFER_ANSWER_TIMEOUT):
-                receivers = await self._redis.publish(self._channel_of(node), json.dumps(message))
+                receivers = await self._link.publish(self._channel_of(node), json.dumps(message))
                 if not receivers:  # nobody subscribed: the node is gone
                     self._live.discard(node)
                     raise LookupError(node)
                 told = await answer == "told"
-        except (RedisError, OSError) as exc:
-            self.outage.report(exc)
-            told = False
         except (TimeoutError, LookupError):  # no answer in time, or nobody there
+            told = False
+        except REDIS_FAILURES as exc:
+            self.outage.report(exc)
             told = False
         finally:
             self._answers.pop(ref, None)
@@ -454,7 +458,7 @@ class ClusterBroker(LocalBroker):
             self._on_message(data)
 
         await follow_channel(
-            self._redis,
+            self._link,
             self._channel_of(self.node_id),
             self.outage,
             on_subscribed=on_subscribed,
@@ -496,9 +500,9 @@ class ClusterBroker(LocalBroker):
         node = offer.get("from")
         if not isinstance(node, str):
             return
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(*REDIS_FAILURES):
             async with asyncio.timeout(REDIS_TIMEOUT):
-                await self._redis.publish(
+                await self._link.publish(
                     self._channel_of(node), json.dumps({"op": op, "ref": offer["ref"]})
                 )
 

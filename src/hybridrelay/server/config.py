@@ -166,8 +166,11 @@ class StoreSettings:
     cluster: str | None = setting(
         None,
         help="join a cluster through this Redis (`redis://[:password@]host:port/db`, "
-        "`rediss://` for TLS, `unix://`): entities, rules and keys live there and senders "
-        "reach listeners on every node (docs/CLUSTER.md)",
+        "`rediss://` for TLS, `unix://`; Sentinel: "
+        "`redis+sentinel://[:password@]host:port[,host:port]/service[/db]`; Redis Cluster: "
+        "`redis+cluster://[:password@]host:port[,host:port]`; `rediss+...` for TLS): "
+        "entities, rules and keys live there and senders reach listeners on every node "
+        "(docs/CLUSTER.md)",
         flags=("--cluster",),
     )
 

@@ -1,6 +1,7 @@
 """The cluster's management store: entities, SAS rules and keys in Redis, shared by every node.
 
-Layout (every key below ``hybridrelay:{namespace}:``):
+Layout (every key below ``hybridrelay:{namespace}:``, the braces written out: they are a hash
+tag, which keeps the keys in one hash slot of a Redis Cluster, as the transactions need):
 
 * ``store``: a hash; field ``ns`` is the namespace record (tags and namespace rules) as JSON,
   field ``hc:{entity key}`` one hybrid connection with its rules;
@@ -27,7 +28,6 @@ Keys are stored as the SQLite store stores them: protect Redis (a password, TLS 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -37,12 +37,7 @@ from dataclasses import replace
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, WatchError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
 from hybridrelay.auth.sas import Rights
 from hybridrelay.protocol.arm import new_key
@@ -61,10 +56,21 @@ from hybridrelay.store.records import (
     RuleRecord,
     entity_key,
 )
+from hybridrelay.store.redis_address import (
+    REDIS_FAILURES,
+    REDIS_TIMEOUT,
+    RedisLink,
+    SubscriptionMoved,
+    connect,
+    describe,
+    redacted_url,
+)
 from hybridrelay.store.sqlite import MAX_RULES_PER_SCOPE, _optional_float, _optional_str
 
 __all__ = [
     "RECONCILE_INTERVAL",
+    "REDIS_FAILURES",
+    "REDIS_TIMEOUT",
     "OutageLog",
     "RedisStore",
     "open_redis",
@@ -76,10 +82,6 @@ logger = logging.getLogger("hybridrelay.store")
 
 #: How often a node compares its state's version with Redis' (and reloads when they differ).
 RECONCILE_INTERVAL = 5.0
-#: Every Redis call of the store is bounded by this (connect and each command).
-REDIS_TIMEOUT = 3.0
-#: Connections to Redis per client (the store's and the broker's, per node).
-MAX_CONNECTIONS = 32
 #: Optimistic transactions retried this often when another node wrote the same hash.
 _WRITE_ATTEMPTS = 20
 _NS_FIELD = "ns"
@@ -87,38 +89,13 @@ _NS_FIELD = "ns"
 T = TypeVar("T")
 
 
-def redacted_url(url: str) -> str:
-    """``url`` without its password (for logs and errors)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.partition(":")[0]
-    return f"{scheme}://{user + ':' if user else ''}***@{host}"
-
-
-def open_redis(url: str) -> aioredis.Redis:
-    """A client for ``url`` (``redis://``, ``rediss://``, ``unix://``, with a password as
-    redis-py reads it), every call bounded by :data:`REDIS_TIMEOUT`."""
+def open_redis(url: str) -> RedisLink:
+    """A client for ``url`` (one server, Sentinel or Redis Cluster: store/redis_address.py),
+    every call bounded by :data:`REDIS_TIMEOUT`."""
     try:
-        # A bounded pool that makes a burst wait for a free connection (up to REDIS_TIMEOUT)
-        # instead of failing it: redis-py's default pool raises once its 100 are in use.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=REDIS_TIMEOUT,
-            socket_timeout=REDIS_TIMEOUT,
-            socket_connect_timeout=REDIS_TIMEOUT,
-            health_check_interval=15,
-            decode_responses=False,
-            # A pooled connection made before Redis restarted fails on first use: one quick
-            # retry on a fresh connection, so that a restart is not reported twice.
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        )
+        return connect(url)
     except ValueError as exc:
-        raise StoreUnavailableError(f"cluster: bad Redis URL {redacted_url(url)}: {exc}") from exc
-    return aioredis.Redis.from_pool(pool)
+        raise StoreUnavailableError(f"cluster: bad Redis address {exc}") from None
 
 
 def raise_if_cancelled() -> None:
@@ -130,7 +107,7 @@ def raise_if_cancelled() -> None:
 
 
 async def follow_channel(
-    redis: Any,
+    redis: RedisLink,
     channel: str,
     outage: OutageLog,
     *,
@@ -144,7 +121,7 @@ async def follow_channel(
     delay = 0.1
     while True:
         raise_if_cancelled()
-        pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = redis.subscription()
         try:
             async with asyncio.timeout(REDIS_TIMEOUT * 2):
                 await pubsub.subscribe(channel)
@@ -152,40 +129,52 @@ async def follow_channel(
             delay = 0.1
             while True:
                 raise_if_cancelled()
-                message = await pubsub.get_message(timeout=1.0)
+                message = await pubsub.get_message(1.0)
                 if message is not None:
                     await on_message(message.get("data"))
-        except (RedisError, OSError, TimeoutError) as exc:
+        except SubscriptionMoved as exc:  # Redis answers: not an outage
+            logger.info("cluster: subscribing again (%s)", exc)
+        except REDIS_FAILURES as exc:
             raise_if_cancelled()
             outage.report(exc)
         finally:
-            with contextlib.suppress(RedisError, OSError, RuntimeError):
-                await pubsub.aclose()
+            await pubsub.aclose()
         await asyncio.sleep(delay)
         delay = min(delay * 2, 2.0)
 
 
 class OutageLog:
     """One WARNING line when Redis stops answering and one INFO line when it is back, however
-    many calls fail in between. A relay's store and broker share one (one line per node)."""
+    many calls fail in between. A relay's store and broker share one (one line per node).
+
+    A partial outage fails some calls and not others (one Redis Cluster shard down until the
+    cluster marks itself failed, a Sentinel failover's seconds): the recovery is logged only
+    once :data:`QUIET` seconds have passed since the last failure, so that it does not flap."""
+
+    #: Seconds without a failed call before Redis counts as back.
+    QUIET = 2.0
 
     def __init__(self, url: str, what: str) -> None:
         self._url = redacted_url(url)
         self._what = what
+        self._failed_at = float("-inf")
         self.reachable = True
 
     def report(self, exc: BaseException | None) -> None:
         """A call to Redis failed with ``exc``, or (None) succeeded."""
-        if exc is not None and self.reachable:
-            self.reachable = False
-            logger.warning(
-                "%s: Redis at %s unreachable (%s); serving this node's listeners and what is "
-                "in memory until it is back",
-                self._what,
-                self._url,
-                type(exc).__name__,
-            )
-        elif exc is None and not self.reachable:
+        now = time.monotonic()
+        if exc is not None:
+            self._failed_at = now
+            if self.reachable:
+                self.reachable = False
+                logger.warning(
+                    "%s: Redis at %s unreachable (%s); serving this node's listeners and what "
+                    "is in memory until it is back",
+                    self._what,
+                    self._url,
+                    type(exc).__name__,
+                )
+        elif not self.reachable and now - self._failed_at >= self.QUIET:
             self.reachable = True
             logger.info("%s: Redis at %s reachable again", self._what, self._url)
 
@@ -274,7 +263,7 @@ class RedisStore:
     def __init__(
         self,
         url: str,
-        client: aioredis.Redis,
+        link: RedisLink,
         namespace: str,
         state: NamespaceState,
         version: int,
@@ -284,8 +273,9 @@ class RedisStore:
         reconcile_interval: float,
     ) -> None:
         self._url = redacted_url(url)
-        self._redis = client
-        self._prefix = f"hybridrelay:{namespace}:"
+        self._link = link
+        self._redis = link.client
+        self._prefix = _prefix(namespace)
         self._hash = self._prefix + "store"
         self._version_key = self._prefix + "version"
         self._channel = self._prefix + "store-changes"
@@ -317,8 +307,8 @@ class RedisStore:
     ) -> RedisStore:
         """Connect to ``url`` and load the namespace (created with ``initial_rules`` and fresh
         keys if Redis does not hold it yet)."""
-        client = open_redis(url)
-        prefix = f"hybridrelay:{namespace}:"
+        link = open_redis(url)
+        client, prefix = link.client, _prefix(namespace)
         try:
             async with asyncio.timeout(REDIS_TIMEOUT * 2):
                 now = clock()
@@ -331,16 +321,20 @@ class RedisStore:
                         for name, rights in initial_rules
                     ),
                 )
+                await link.check_supported()
                 await client.hsetnx(prefix + "store", _NS_FIELD, _namespace_text(fresh))
                 version, raw = await _load_raw(client, prefix)
-        except (RedisError, OSError, TimeoutError) as exc:
-            await client.aclose()
+        except REDIS_FAILURES as exc:
+            await link.aclose()
             raise StoreUnavailableError(
-                f"cluster: cannot reach Redis at {redacted_url(url)}: {exc or 'no answer'}"
+                f"cluster: cannot reach Redis at {redacted_url(url)}: {describe(exc)}"
             ) from exc
+        except ValueError as exc:
+            await link.aclose()
+            raise StoreUnavailableError(f"cluster: {exc}") from None
         store = cls(
             url,
-            client,
+            link,
             namespace,
             _state_of(raw, namespace, 0),
             version,
@@ -369,7 +363,10 @@ class RedisStore:
         return lambda: self._subscribers.remove(subscriber)
 
     async def check(self) -> None:
-        await self._call(self._redis.ping())
+        # A read of the store's own key, not a PING: on a Redis Cluster, PING is answered by
+        # any shard, while the store's is the one that matters (and a failed cluster refuses
+        # key commands).
+        await self._call(self._redis.get(self._version_key))
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -500,8 +497,7 @@ class RedisStore:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(RedisError, OSError):
-            await self._redis.aclose()
+        await self._link.aclose()
 
     # -- transactions ---------------------------------------------------------------------------
 
@@ -561,7 +557,7 @@ class RedisStore:
                         await pipe.watch(self._hash)
                         current = _bytes(await pipe.hget(self._hash, field))
                         text = new_text(current)
-                        pipe.multi()  # type: ignore[no-untyped-call]
+                        pipe.multi()
                         if text is None:
                             pipe.hdel(self._hash, field)
                         else:
@@ -573,7 +569,7 @@ class RedisStore:
                     version = int(results[1])
                     self._seen_version = max(self._seen_version, version)
                     message = {"field": field, "version": version, "origin": self._origin}
-                    await self._redis.publish(self._channel, json.dumps(message))
+                    await self._link.publish(self._channel, json.dumps(message))
                     return text
             raise StoreUnavailableError("cluster: the store is too busy (write conflicts)")
 
@@ -583,9 +579,9 @@ class RedisStore:
         try:
             async with asyncio.timeout(REDIS_TIMEOUT * 2):
                 return await work
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             raise StoreUnavailableError(
-                f"cluster: Redis at {self._url} failed: {exc or 'no answer in time'}"
+                f"cluster: Redis at {self._url} failed: {describe(exc)}"
             ) from exc
 
     # -- following the other nodes ----------------------------------------------------------------
@@ -643,7 +639,7 @@ class RedisStore:
                 if int(raw or 0) != self._seen_version:
                     await self._reload()
                 self.outage.report(None)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_FAILURES as exc:
                 raise_if_cancelled()
                 self.outage.report(exc)
 
@@ -656,7 +652,7 @@ class RedisStore:
             self.outage.report(None)
 
         await follow_channel(
-            self._redis,
+            self._link,
             self._channel,
             self.outage,
             on_subscribed=subscribed,
@@ -692,7 +688,13 @@ def _swapped(
     return (*kept, record) if record is not None else kept
 
 
-async def _load_raw(client: aioredis.Redis, prefix: str) -> tuple[int, dict[bytes, bytes]]:
+def _prefix(namespace: str) -> str:
+    """The store's keys' prefix: the hash tag ``{namespace}`` keeps them in one hash slot of a
+    Redis Cluster, as its transactions need (a plain Redis ignores the braces)."""
+    return f"hybridrelay:{{{namespace}}}:"
+
+
+async def _load_raw(client: Any, prefix: str) -> tuple[int, dict[bytes, bytes]]:
     async with client.pipeline(transaction=True) as pipe:
         pipe.get(prefix + "version")
         pipe.hgetall(prefix + "store")
