@@ -3,7 +3,11 @@
 Pure: no I/O and no clock; randomness comes from an injectable :class:`random.Random`.
 The schedule is the one of .NET and hyco-https (PROTOCOL.md 4.5): 0, 1, 2, 5, 10, 30 s, then
 30 s forever, each delay jittered by ±20 % so that many listeners cut off by one relay restart
-do not come back in lock-step.
+do not come back in lock-step. The first retry, 0 s in the schedule, is drawn in
+[0, FIRST_RETRY_SPREAD): ±20 % of nothing is nothing, and the listeners of a node that died
+would all hit the surviving nodes in the same millisecond (docs/SCALING.md, the reconnect
+storm). With several endpoints (a cluster's nodes) the next one is drawn at random among the
+others, so that those listeners do not all land on the node after it in the list.
 """
 
 from __future__ import annotations
@@ -24,20 +28,26 @@ from hybridrelay.exceptions import (
 )
 
 __all__ = [
+    "FIRST_RETRY_SPREAD",
     "JITTER",
     "RECONNECT_DELAYS",
     "RetryKind",
     "capped_delay",
     "classify_error",
     "needs_a_fix",
+    "next_endpoint",
     "reconnect_delays",
 ]
 
 RECONNECT_DELAYS: tuple[float, ...] = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
 JITTER = 0.2
+#: Seconds over which an immediate (0 s) retry is spread when there is jitter.
+FIRST_RETRY_SPREAD = 0.5
 
 
 def _jittered(delay: float, rng: random.Random, jitter: float) -> float:
+    if delay == 0.0 and jitter > 0.0:
+        return rng.uniform(0.0, FIRST_RETRY_SPREAD)
     return delay * rng.uniform(1.0 - jitter, 1.0 + jitter)
 
 
@@ -71,6 +81,15 @@ def capped_delay(
 ) -> float:
     """The capped (longest) delay, jittered: used after errors a quick retry cannot fix."""
     return _jittered(schedule[-1], rng if rng is not None else random.Random(), jitter)
+
+
+def next_endpoint(current: int, count: int, rng: random.Random) -> int:
+    """The index of the endpoint to try after ``current`` (of ``count``): another one, drawn
+    uniformly, so that the listeners a dead node held spread over all the others."""
+    if count < 2:
+        return current
+    other = rng.randrange(count - 1)
+    return other if other < current else other + 1
 
 
 class RetryKind(enum.Enum):

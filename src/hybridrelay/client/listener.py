@@ -39,6 +39,7 @@ from hybridrelay.client.backoff import (
     capped_delay,
     classify_error,
     needs_a_fix,
+    next_endpoint,
     reconnect_delays,
 )
 from hybridrelay.client.http import HttpRequestDispatcher, RequestHandler
@@ -282,6 +283,11 @@ class HybridConnectionListener:
         )
 
     @property
+    def relay_endpoint(self) -> str:
+        """The base URL of the endpoint the control channel is on, or is being opened to."""
+        return self._endpoint.base_url
+
+    @property
     def listener_id(self) -> str:
         """This listener's ``sb-hc-id``."""
         return self._id
@@ -449,7 +455,8 @@ class HybridConnectionListener:
     async def _connect_first(self) -> MessageSocket:
         """Connect to the first endpoint that answers (the others are tried when one cannot
         be reached; a refusal, 401/403/404, is the same on every node and raised at once)."""
-        for attempt in range(len(self._endpoints)):
+        for attempt, endpoint in enumerate(self._endpoints):
+            self._endpoint = endpoint
             try:
                 return await self._connect_control()
             except RelayHttpError:
@@ -458,14 +465,15 @@ class HybridConnectionListener:
                 if attempt == len(self._endpoints) - 1:
                     raise
                 logger.info("%s: %s; trying the next relay endpoint", self._name, exc)
-                self._next_endpoint()
         raise AssertionError("unreachable")
 
     def _next_endpoint(self) -> None:
-        """Move to the next of several endpoints (a cluster's other node)."""
-        if len(self._endpoints) > 1:
-            index = (self._endpoints.index(self._endpoint) + 1) % len(self._endpoints)
-            self._endpoint = self._endpoints[index]
+        """Move to another of several endpoints (a cluster's other node), drawn at random: the
+        listeners of a node that died spread over the others (docs/SCALING.md)."""
+        index = next_endpoint(
+            self._endpoints.index(self._endpoint), len(self._endpoints), self._rng
+        )
+        self._endpoint = self._endpoints[index]
 
     async def _connect_control(self) -> MessageSocket:
         token = await self._get_token()
@@ -520,9 +528,9 @@ class HybridConnectionListener:
         logger.info("%s: reconnecting in %.1f s", self._name, delay)
         last_cause: str | None = None
         while not await self._wait_closing(delay):
-            self._set_status("connecting")
-            # With several endpoints, each attempt goes to the next: the one lost may be down.
+            # With several endpoints, each attempt goes to another: the one lost may be down.
             self._next_endpoint()
+            self._set_status("connecting")  # relay_endpoint names the node being tried
             try:
                 socket = await self._connect_control()
             except Exception as exc:
