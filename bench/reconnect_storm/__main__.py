@@ -23,9 +23,9 @@ from bench.reconnect_storm.storm import format_summary
 
 #: CPU-ms per listener control-channel accept with TLS, measured by the real run on the
 #: development machine (docs/SCALING.md): the model's default
-ACCEPT_MS_TLS = 4.0
+ACCEPT_MS_TLS = 1.2
 #: Redis commands per moved listener, measured the same way (one entity per listener)
-REDIS_OPS_PER_ACCEPT = 2.0
+REDIS_OPS_PER_ACCEPT = 3.0
 
 
 def _real(args: argparse.Namespace) -> int:
@@ -35,6 +35,7 @@ def _real(args: argparse.Namespace) -> int:
     params = RealParams(
         nodes=args.nodes,
         listeners=args.listeners,
+        kill=args.kill,
         entities=args.entities,
         tls=args.tls,
         redis_url=args.redis_url,
@@ -45,14 +46,16 @@ def _real(args: argparse.Namespace) -> int:
     scheme = "wss" if params.tls else "ws"
     print(
         f"real: {params.nodes} nodes ({scheme}), {params.listeners} listeners on "
-        f"{params.entities or params.listeners} hybrid connections; node1 SIGKILLed"
+        f"{params.entities or params.listeners} hybrid connections; "
+        f"node1..node{params.kill} SIGKILLed"
     )
     print(format_summary(result.summary, timeline_buckets=args.buckets))
     print(
         f"  calibration: {result.accept_cpu_ms:.2f} CPU-ms per accepted control channel on the "
         f"survivors; Redis {result.redis_ops_per_moved:.2f} commands and "
         f"{result.redis_bytes_per_moved:,.0f} bytes per moved listener "
-        f"(idle: {result.redis_idle_ops_per_node_min:.0f} commands per node per minute)"
+        f"(idle: {result.redis_idle_ops_per_node_min:.0f} commands per node per minute); "
+        f"node RSS {result.rss_kib_per_listener:.1f} KiB per idle listener"
     )
     print("  Redis commands of the storm: " + ", ".join(
         f"{name} {calls}" for name, calls in result.redis_commands.items()
@@ -75,6 +78,7 @@ def _model(args: argparse.Namespace) -> int:
     base = ModelParams(
         nodes=args.nodes,
         listeners=args.listeners,
+        lost=args.lost,
         accept_ms=args.accept_ms,
         cores=args.cores,
         redis_ops_per_accept=args.redis_ops,
@@ -82,8 +86,11 @@ def _model(args: argparse.Namespace) -> int:
     )
     runs = [
         ("no jitter", dataclasses.replace(base, jitter=0.0)),
-        ("SDK (jitter, random next node)", base),
-        ("SDK jitter, next node in one shared list", dataclasses.replace(base, order="list")),
+        ("SDK: jitter, the other nodes in random order", base),
+        (
+            "SDK jitter, the next node of one shared list, one a delay (before)",
+            dataclasses.replace(base, order="list"),
+        ),
     ]
     if args.accept_limit is not None:
         runs.append(
@@ -93,8 +100,9 @@ def _model(args: argparse.Namespace) -> int:
             )
         )
     print(
-        f"model: {base.nodes:,} nodes x {base.cores} core(s), {base.listeners:,} listeners, one "
-        f"node lost = {base.listeners // base.nodes:,} listeners; {base.accept_ms} CPU-ms per "
+        f"model: {base.nodes:,} nodes x {base.cores} core(s), {base.listeners:,} listeners; "
+        f"{base.lost} node(s) lost = {base.listeners // base.nodes * base.lost:,} listeners; "
+        f"{base.accept_ms} CPU-ms per "
         f"accept, {base.redis_ops_per_accept} Redis commands per accept"
     )
     print(
@@ -114,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     real = sub.add_parser("real", help="real nodes, real listeners, one node SIGKILLed")
     real.add_argument("--nodes", type=int, default=3)
     real.add_argument("--listeners", type=int, default=30)
+    real.add_argument("--kill", type=int, default=1, help="nodes SIGKILLed at once")
     real.add_argument("--entities", type=int, default=None, help="default: one per listener")
     real.add_argument("--tls", action="store_true", help="wss:// nodes (a trustme CA)")
     real.add_argument("--redis-url", default=None, help="default: start a redis-server")
@@ -121,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     model = sub.add_parser("model", help="the discrete-event model")
     model.add_argument("--nodes", type=int, default=100)
     model.add_argument("--listeners", type=int, default=1_000_000)
+    model.add_argument("--lost", type=int, default=1, help="nodes that die at once")
     model.add_argument("--accept-ms", type=float, default=ACCEPT_MS_TLS)
     model.add_argument("--cores", type=int, default=1, help="accepting processes per node")
     model.add_argument("--redis-ops", type=float, default=REDIS_OPS_PER_ACCEPT)

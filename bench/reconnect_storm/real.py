@@ -1,5 +1,6 @@
 """The reconnect storm for real: N ``hybridrelay serve --cluster`` nodes on a real redis-server,
-M SDK listeners spread over them (each given every node's endpoint), one node SIGKILLed.
+M SDK listeners spread over them (each given every node's endpoint), node1 (or node1..K)
+SIGKILLed.
 
 Every reconnect attempt is recorded from the listeners' own status events (``connecting`` with
 the node tried, then ``online`` or ``offline``). Measured on the way, to calibrate the model:
@@ -20,14 +21,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.procs import Proc, ProcGroup, free_port, read_cpu
+from bench.cluster_nodes import (
+    KEY_NAME,
+    redis_counters,
+    start_nodes,
+    start_redis,
+    write_relay_config,
+)
+from bench.procs import ProcGroup, read_cpu, read_mem_kib
 from bench.reconnect_storm.storm import Attempt, StormSummary, summarize
-from bench.topologies import _hybridrelay_command, _tls_files
+from bench.topologies import _tls_files
 from hybridrelay.client import HybridConnectionListener, SharedAccessKeyTokenProvider
 
 __all__ = ["RealParams", "RealResult", "run_real"]
 
-KEY_NAME = "storm"
 #: after the last listener is back, how long the Redis and CPU counters keep counting: the dead
 #: node's lease (3 s) and one renewal (1 s), after which a survivor removes its routes
 AFTERMATH = 5.0
@@ -39,6 +46,8 @@ BASELINE = 2.0
 class RealParams:
     nodes: int = 3
     listeners: int = 30
+    #: nodes SIGKILLed at once: node1 .. node{kill}
+    kill: int = 1
     #: hybrid connections the listeners are spread over; None = one per listener (a site each)
     entities: int | None = None
     tls: bool = False
@@ -57,11 +66,14 @@ class RealResult:
     summary: StormSummary
     #: node base URL -> node1, node2, ...
     names: dict[str, str]
-    killed: str
+    #: every try, its target named node1, node2, ...
+    attempts: list[Attempt]
     #: CPU-ms the surviving nodes spent per accepted control channel (above their idle rate)
     accept_cpu_ms: float
     redis_ops_per_moved: float
     redis_bytes_per_moved: float
+    #: the nodes' RSS growth per idle listener (control channel), KiB
+    rss_kib_per_listener: float
     #: Redis commands per node per minute before the kill (idle cluster)
     redis_idle_ops_per_node_min: float
     #: command name -> calls during the storm window (above the idle rate)
@@ -102,46 +114,6 @@ class _Recorder:
         listener.on_status(on_status)
 
 
-def _config(workdir: Path, key: str, entities: int, tls: tuple[Path, Path] | None) -> Path:
-    server = f"  tls: {{cert: {tls[0]}, key: {tls[1]}}}\n" if tls else "  plaintext: true\n"
-    text = (
-        "server:\n  host: 127.0.0.1\n  port: 0\n"
-        + server
-        + "namespace:\n  authorization_rules:\n"
-        + f'    - {{name: {KEY_NAME}, primary_key: "{key}", rights: [Listen, Send, Manage]}}\n'
-        + "  hybrid_connections:\n"
-        + "".join(f"    - {{name: storm-{i}}}\n" for i in range(entities))
-    )
-    path = workdir / "relay.yaml"
-    path.write_text(text)
-    return path
-
-
-def _start_redis(group: ProcGroup, workdir: Path) -> str:
-    port = free_port()
-    redis = group.start(
-        "redis-server",
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-         "--save", "", "--appendonly", "no"],
-    )  # fmt: skip
-    redis.wait_line(r"Ready to accept connections", timeout=15)
-    return f"redis://127.0.0.1:{port}/0"
-
-
-async def _redis_counters(url: str) -> tuple[dict[str, int], int]:
-    """(calls per command, bytes in + out) from Redis' own INFO."""
-    import redis.asyncio as aioredis
-
-    client = aioredis.from_url(url, socket_timeout=5)
-    try:
-        stats = await client.info("commandstats")
-        net = await client.info("stats")
-    finally:
-        await client.aclose()
-    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
-    return calls, int(net["total_net_input_bytes"]) + int(net["total_net_output_bytes"])
-
-
 async def _open_all(listeners: list[HybridConnectionListener], parallel: int = 20) -> None:
     gate = asyncio.Semaphore(parallel)
 
@@ -154,27 +126,26 @@ async def _open_all(listeners: list[HybridConnectionListener], parallel: int = 2
 
 
 async def run_real(params: RealParams) -> RealResult:
-    if params.nodes < 2:
-        raise ValueError("a storm needs at least 2 nodes")
+    if not 1 <= params.kill < params.nodes:
+        raise ValueError("kill must be at least 1 and fewer than the nodes")
     entities = params.entities or params.listeners
     key = secrets.token_urlsafe(32)
     with tempfile.TemporaryDirectory(prefix="storm-") as tmp, ProcGroup() as group:
         workdir = Path(tmp)
         url = params.redis_url
         if url is None:
-            url = await asyncio.to_thread(_start_redis, group, workdir)
+            url = await asyncio.to_thread(start_redis, group, workdir)
         cert, ca = None, None
         if params.tls:
             cert_file, key_file, ca = _tls_files(workdir)
             cert = (cert_file, key_file)
-        config = _config(workdir, key, entities, cert)
-        argv = [*_hybridrelay_command(), "serve", "--config", str(config), "--cluster", url]
-        procs: list[Proc] = [group.start(f"node{i + 1}", argv) for i in range(params.nodes)]
-        urls = []
-        for proc in procs:  # readiness: the line naming the node's URL
-            match = await asyncio.to_thread(proc.wait_line, r"relay listening on (\S+)", 30)
-            urls.append(match.group(1))
+        names_of_entities = [f"storm-{i}" for i in range(entities)]
+        config = write_relay_config(workdir, key, names_of_entities, cert)
+        nodes = await start_nodes(group, config, url, params.nodes)
+        procs = [proc for proc, _ in nodes]
+        urls = [base for _, base in nodes]
         names = {u: f"node{i + 1}" for i, u in enumerate(urls)}
+        rss_before = sum(read_mem_kib(p.pid)[0] for p in procs)
 
         provider = SharedAccessKeyTokenProvider(KEY_NAME, key)
         listeners = []
@@ -187,21 +158,27 @@ async def run_real(params: RealParams) -> RealResult:
         recorder = _Recorder()
         try:
             await _open_all(listeners)
+            if params.calibrate:  # the coalesced route writes are done, the heap settled
+                await asyncio.sleep(1.0)
+            rss_idle = sum(read_mem_kib(p.pid)[0] for p in procs)
             for index, listener in enumerate(listeners):
                 recorder.watch(index, listener)
-            victim, survivors = procs[0], procs[1:]
+            victims, survivors = procs[: params.kill], procs[params.kill :]
             recorder.expected = {
-                i for i, listener in enumerate(listeners) if listener.relay_endpoint == urls[0]
+                i
+                for i, listener in enumerate(listeners)
+                if listener.relay_endpoint in urls[: params.kill]
             }
 
             cpu_start = [read_cpu(p.pid) for p in survivors]
-            calls_start, bytes_start = await _redis_counters(url)
+            calls_start, bytes_start = await redis_counters(url)
             if params.calibrate:  # the idle rates, measured (not a readiness wait)
                 await asyncio.sleep(BASELINE)
             cpu_idle = [read_cpu(p.pid) for p in survivors]
-            calls_idle, bytes_idle = await _redis_counters(url)
+            calls_idle, bytes_idle = await redis_counters(url)
 
-            os.kill(victim.pid, signal.SIGKILL)
+            for victim in victims:
+                os.kill(victim.pid, signal.SIGKILL)
             recorder.killed_at = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(params.timeout):
@@ -209,18 +186,19 @@ async def run_real(params: RealParams) -> RealResult:
             if params.calibrate:  # the dead node's lease runs out meanwhile
                 await asyncio.sleep(AFTERMATH)
             cpu_end = [read_cpu(p.pid) for p in survivors]
-            calls_end, bytes_end = await _redis_counters(url)
+            calls_end, bytes_end = await redis_counters(url)
         finally:
             recorder.stopped = True
             async with asyncio.timeout(30):
                 await asyncio.gather(*(listener.aclose() for listener in listeners))
 
-    survivor_urls = urls[1:]
+    survivor_urls = urls[params.kill :]
+    attempts = [
+        Attempt(a.listener, names.get(a.target, a.target), a.start, a.end, a.ok)
+        for a in recorder.attempts
+    ]
     summary = summarize(
-        [
-            Attempt(a.listener, names.get(a.target, a.target), a.start, a.end, a.ok)
-            for a in recorder.attempts
-        ],
+        attempts,
         len(recorder.lost | recorder.expected),
         [names[u] for u in survivor_urls],
     )
@@ -232,8 +210,8 @@ async def run_real(params: RealParams) -> RealResult:
     storm_cpu -= idle_cpu / idle_s * window
     accepted = sum(1 for a in recorder.attempts if a.ok and a.target in survivor_urls)
     moved = max(summary.moved, 1)
-    # The idle window had the dead node too: its share of the idle Redis traffic goes.
-    share = (params.nodes - 1) / params.nodes
+    # The idle window had the dead nodes too: their share of the idle Redis traffic goes.
+    share = (params.nodes - params.kill) / params.nodes
     idle_calls = {k: v * share for k, v in _delta(calls_idle, calls_start).items()}
     storm_calls = _delta(calls_end, calls_idle)
     commands = {
@@ -244,15 +222,15 @@ async def run_real(params: RealParams) -> RealResult:
         params=params,
         summary=summary,
         names=names,
-        killed="node1",
+        attempts=attempts,
         accept_cpu_ms=1000.0 * max(storm_cpu, 0.0) / max(accepted, 1),
         redis_ops_per_moved=sum(commands.values()) / moved,
         redis_bytes_per_moved=max(0.0, storm_bytes) / moved,
-        redis_idle_ops_per_node_min=sum(idle_calls.values()) / idle_s * 60 / (params.nodes - 1),
+        rss_kib_per_listener=(rss_idle - rss_before) / max(params.listeners, 1),
+        redis_idle_ops_per_node_min=sum(idle_calls.values()) / idle_s * 60 / len(survivor_urls),
         redis_commands={k: v for k, v in sorted(commands.items()) if v},
     )
 
 
 def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
-    # INFO's own calls are left out: they are the measurement's.
-    return {k: v - before.get(k, 0) for k, v in after.items() if k != "info"}
+    return {k: v - before.get(k, 0) for k, v in after.items()}

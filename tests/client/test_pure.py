@@ -24,7 +24,7 @@ from hybridrelay.client.backoff import (
     RetryKind,
     capped_delay,
     classify_error,
-    next_endpoint,
+    endpoint_round,
     reconnect_delays,
 )
 from hybridrelay.client.listener import AcceptContext
@@ -65,12 +65,13 @@ def test_delays_are_deterministic_with_a_seed() -> None:
     assert first == second
 
 
-def test_the_next_endpoint_is_another_one_drawn_at_random() -> None:
+def test_a_reconnect_round_tries_the_others_at_random_then_the_lost_one() -> None:
     rng = random.Random(5)
-    assert next_endpoint(0, 1, rng) == 0
-    drawn = Counter(next_endpoint(2, 5, rng) for _ in range(2000))
-    assert set(drawn) == {0, 1, 3, 4}  # never the one just lost, every other one
-    assert min(drawn.values()) > 400  # about uniform: 500 each
+    assert endpoint_round(0, 1, rng) == [0]
+    rounds = [endpoint_round(2, 5, rng) for _ in range(2000)]
+    assert all(sorted(r[:-1]) == [0, 1, 3, 4] and r[-1] == 2 for r in rounds)
+    firsts = Counter(r[0] for r in rounds)
+    assert min(firsts.values()) > 400  # the first one tried is about uniform: 500 each
 
 
 def test_capped_delay_and_bad_arguments() -> None:

@@ -6,11 +6,13 @@ at random, and every listener is back within the stated bound."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 from bench.reconnect_storm.__main__ import main
 from bench.reconnect_storm.model import ModelParams, run_model
 from bench.reconnect_storm.real import RealParams, run_real
+from bench.reconnect_storm.storm import Attempt
 
 from hybridrelay.client.backoff import FIRST_RETRY_SPREAD
 from tests.cluster.conftest import RedisServer
@@ -55,5 +57,27 @@ def test_the_model_shows_jitter_spreading_the_storm() -> None:
 def test_the_model_prints_its_comparison(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["model", "--nodes", "10", "--listeners", "10000", "--accept-limit", "50"]) == 0
     out = capsys.readouterr().out
-    assert "one node lost = 1,000 listeners" in out
+    assert "1 node(s) lost = 1,000 listeners" in out
     assert out.count("\n| ") == 5  # the header and four policies
+
+
+@pytest.mark.timeout(90)
+async def test_a_listener_does_not_wait_a_backoff_step_for_each_dead_node(
+    redis_server: RedisServer,
+) -> None:
+    # Two of four nodes die together (a machine's workers): a listener whose first try hits
+    # the other dead node tries the next one at once, not a delay (~1 s) later.
+    params = RealParams(nodes=4, listeners=40, kill=2, redis_url=redis_server.url, calibrate=False)
+    result = await run_real(params)
+    assert result.summary.full_recovery is not None, result.summary
+    by_listener: dict[int, list[Attempt]] = {}
+    for attempt in sorted(result.attempts, key=lambda a: a.start):
+        by_listener.setdefault(attempt.listener, []).append(attempt)
+    gaps = [
+        later.start - earlier.end
+        for tries in by_listener.values()
+        for earlier, later in itertools.pairwise(tries)
+    ]
+    assert gaps, "no listener's first try hit a dead node (1 in 3 each, 20 listeners)"
+    assert max(gaps) < 0.5, gaps  # the first backoff step is 0.8 s at least
+    assert set(result.summary.landed) == {"node3", "node4"}

@@ -6,8 +6,9 @@ The schedule is the one of .NET and hyco-https (PROTOCOL.md 4.5): 0, 1, 2, 5, 10
 do not come back in lock-step. The first retry, 0 s in the schedule, is drawn in
 [0, FIRST_RETRY_SPREAD): ±20 % of nothing is nothing, and the listeners of a node that died
 would all hit the surviving nodes in the same millisecond (docs/SCALING.md, the reconnect
-storm). With several endpoints (a cluster's nodes) the next one is drawn at random among the
-others, so that those listeners do not all land on the node after it in the list.
+storm). With several endpoints (a cluster's nodes) an attempt tries the others in a random
+order (:func:`endpoint_round`), so that those listeners do not all land on the node after it
+in the list.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ __all__ = [
     "RetryKind",
     "capped_delay",
     "classify_error",
+    "endpoint_round",
     "needs_a_fix",
-    "next_endpoint",
     "reconnect_delays",
 ]
 
@@ -83,13 +84,14 @@ def capped_delay(
     return _jittered(schedule[-1], rng if rng is not None else random.Random(), jitter)
 
 
-def next_endpoint(current: int, count: int, rng: random.Random) -> int:
-    """The index of the endpoint to try after ``current`` (of ``count``): another one, drawn
-    uniformly, so that the listeners a dead node held spread over all the others."""
-    if count < 2:
-        return current
-    other = rng.randrange(count - 1)
-    return other if other < current else other + 1
+def endpoint_round(current: int, count: int, rng: random.Random) -> list[int]:
+    """The endpoints (of ``count``) one reconnect attempt tries, in turn, after losing
+    ``current``: the others in random order, so that the listeners of a node that died
+    spread over all the rest and a listener does not wait a backoff step for each dead one
+    (a machine's workers die together), then ``current`` last."""
+    others = [index for index in range(count) if index != current]
+    rng.shuffle(others)
+    return [*others, current]
 
 
 class RetryKind(enum.Enum):

@@ -38,8 +38,8 @@ from hybridrelay.client.backoff import (
     RetryKind,
     capped_delay,
     classify_error,
+    endpoint_round,
     needs_a_fix,
-    next_endpoint,
     reconnect_delays,
 )
 from hybridrelay.client.http import HttpRequestDispatcher, RequestHandler
@@ -453,27 +453,30 @@ class HybridConnectionListener:
         )
 
     async def _connect_first(self) -> MessageSocket:
-        """Connect to the first endpoint that answers (the others are tried when one cannot
-        be reached; a refusal, 401/403/404, is the same on every node and raised at once)."""
-        for attempt, endpoint in enumerate(self._endpoints):
-            self._endpoint = endpoint
+        """Connect to the first endpoint that answers, in the order given."""
+        return await self._connect_any(range(len(self._endpoints)), reconnecting=False)
+
+    async def _connect_any(self, order: Sequence[int], *, reconnecting: bool) -> MessageSocket:
+        """Try the endpoints at ``order`` in turn until one answers. A refusal (401/403/404,
+        503) is the same on every node and raised at once; when none can be reached, the
+        last one's error. Reconnecting, each try is a ``connecting`` status (relay_endpoint
+        names the node) ended by ``offline`` when it fails."""
+        for attempt, index in enumerate(order):
+            self._endpoint = self._endpoints[index]
+            if reconnecting:
+                self._set_status("connecting")
             try:
                 return await self._connect_control()
             except RelayHttpError:
                 raise
             except RelayConnectionError as exc:
-                if attempt == len(self._endpoints) - 1:
+                if attempt == len(order) - 1:
                     raise
-                logger.info("%s: %s; trying the next relay endpoint", self._name, exc)
+                if reconnecting:
+                    self._set_status("offline", exc)
+                level = logging.DEBUG if reconnecting else logging.INFO
+                logger.log(level, "%s: %s; trying the next relay endpoint", self._name, exc)
         raise AssertionError("unreachable")
-
-    def _next_endpoint(self) -> None:
-        """Move to another of several endpoints (a cluster's other node), drawn at random: the
-        listeners of a node that died spread over the others (docs/SCALING.md)."""
-        index = next_endpoint(
-            self._endpoints.index(self._endpoint), len(self._endpoints), self._rng
-        )
-        self._endpoint = self._endpoints[index]
 
     async def _connect_control(self) -> MessageSocket:
         token = await self._get_token()
@@ -528,11 +531,12 @@ class HybridConnectionListener:
         logger.info("%s: reconnecting in %.1f s", self._name, delay)
         last_cause: str | None = None
         while not await self._wait_closing(delay):
-            # With several endpoints, each attempt goes to another: the one lost may be down.
-            self._next_endpoint()
-            self._set_status("connecting")  # relay_endpoint names the node being tried
+            # With several endpoints, each attempt tries the others first: the one lost may
+            # be down.
+            current = self._endpoints.index(self._endpoint)
+            order = endpoint_round(current, len(self._endpoints), self._rng)
             try:
-                socket = await self._connect_control()
+                socket = await self._connect_any(order, reconnecting=True)
             except Exception as exc:
                 kind = classify_error(exc)
                 self._set_status("offline", exc)
