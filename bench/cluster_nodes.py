@@ -11,7 +11,14 @@ from pathlib import Path
 from bench.procs import Proc, ProcGroup, free_port
 from bench.topologies import _hybridrelay_command
 
-__all__ = ["KEY_NAME", "redis_counters", "start_nodes", "start_redis", "write_relay_config"]
+__all__ = [
+    "KEY_NAME",
+    "redis_counters",
+    "start_nodes",
+    "start_redis",
+    "store_bytes",
+    "write_relay_config",
+]
 
 KEY_NAME = "root"
 
@@ -84,3 +91,17 @@ async def redis_counters(url: str) -> tuple[dict[str, int], int]:
         if name != "cmdstat_info"
     }
     return calls, int(net["total_net_input_bytes"]) + int(net["total_net_output_bytes"])
+
+
+async def store_bytes(url: str) -> int:
+    """What the namespaces' store hashes take in Redis (``MEMORY USAGE``, all their fields)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(url, socket_timeout=5)
+    try:
+        total = 0
+        async for key in client.scan_iter(match="hybridrelay:*:store"):
+            total += int(await client.memory_usage(key, samples=0) or 0)
+        return total
+    finally:
+        await client.aclose()

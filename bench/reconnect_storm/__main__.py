@@ -47,7 +47,8 @@ def _real(args: argparse.Namespace) -> int:
     print(
         f"real: {params.nodes} nodes ({scheme}), {params.listeners} listeners on "
         f"{params.entities or params.listeners} hybrid connections; "
-        f"node1..node{params.kill} SIGKILLed"
+        + ("node1" if params.kill == 1 else f"node1..node{params.kill}")
+        + " SIGKILLed"
     )
     print(format_summary(result.summary, timeline_buckets=args.buckets))
     print(
@@ -55,7 +56,9 @@ def _real(args: argparse.Namespace) -> int:
         f"survivors; Redis {result.redis_ops_per_moved:.2f} commands and "
         f"{result.redis_bytes_per_moved:,.0f} bytes per moved listener "
         f"(idle: {result.redis_idle_ops_per_node_min:.0f} commands per node per minute); "
-        f"node RSS {result.rss_kib_per_listener:.1f} KiB per idle listener"
+        f"the store's hash {result.redis_store_bytes / 1024:,.0f} KiB in Redis; "
+        f"node RSS {result.rss_kib_at_start / 1024:.1f} MiB at start, "
+        f"{result.rss_kib_per_listener:.1f} KiB per idle listener"
     )
     print("  Redis commands of the storm: " + ", ".join(
         f"{name} {calls}" for name, calls in result.redis_commands.items()
