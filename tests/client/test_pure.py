@@ -54,6 +54,7 @@ def test_delays_follow_schedule_within_jitter_and_stay_capped() -> None:
     firsts = {next(reconnect_delays(random.Random(seed))) for seed in range(20)}
     assert len(firsts) == 20
     assert next(reconnect_delays(random.Random(1), jitter=0.0)) == 0.0
+    assert next(reconnect_delays(random.Random(1), schedule=(0.0, 0.05))) <= 0.05
     assert max(delays) <= 36.0
     # Jitter is real: the capped delays are not all equal.
     assert len({round(d, 6) for d in delays[6:]}) > 1

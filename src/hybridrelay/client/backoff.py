@@ -42,13 +42,14 @@ __all__ = [
 
 RECONNECT_DELAYS: tuple[float, ...] = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
 JITTER = 0.2
-#: Seconds over which an immediate (0 s) retry is spread when there is jitter.
+#: Seconds over which an immediate (0 s) retry is spread when there is jitter (at most the
+#: schedule's longest delay: a schedule shortened for a test stays short).
 FIRST_RETRY_SPREAD = 0.5
 
 
-def _jittered(delay: float, rng: random.Random, jitter: float) -> float:
+def _jittered(delay: float, rng: random.Random, jitter: float, spread: float = 0.0) -> float:
     if delay == 0.0 and jitter > 0.0:
-        return rng.uniform(0.0, FIRST_RETRY_SPREAD)
+        return rng.uniform(0.0, spread)
     return delay * rng.uniform(1.0 - jitter, 1.0 + jitter)
 
 
@@ -68,10 +69,11 @@ def reconnect_delays(
     if not 0.0 <= jitter < 1.0:
         raise ValueError("jitter must be in [0, 1)")
     rng = rng if rng is not None else random.Random()
+    spread = min(FIRST_RETRY_SPREAD, max(schedule))
     for delay in schedule:
-        yield _jittered(delay, rng, jitter)
+        yield _jittered(delay, rng, jitter, spread)
     while True:
-        yield _jittered(schedule[-1], rng, jitter)
+        yield _jittered(schedule[-1], rng, jitter, spread)
 
 
 def capped_delay(
