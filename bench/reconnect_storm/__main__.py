@@ -56,7 +56,6 @@ def _real(args: argparse.Namespace) -> int:
         f"survivors; Redis {result.redis_ops_per_moved:.2f} commands and "
         f"{result.redis_bytes_per_moved:,.0f} bytes per moved listener "
         f"(idle: {result.redis_idle_ops_per_node_min:.0f} commands per node per minute); "
-        f"the store's hash {result.redis_store_bytes / 1024:,.0f} KiB in Redis; "
         f"node RSS {result.rss_kib_at_start / 1024:.1f} MiB at start, "
         f"{result.rss_kib_per_listener:.1f} KiB per idle listener"
     )

@@ -26,7 +26,6 @@ from bench.cluster_nodes import (
     redis_counters,
     start_nodes,
     start_redis,
-    store_bytes,
     write_relay_config,
 )
 from bench.procs import ProcGroup, read_cpu, read_mem_kib
@@ -73,9 +72,7 @@ class RealResult:
     accept_cpu_ms: float
     redis_ops_per_moved: float
     redis_bytes_per_moved: float
-    #: the store's hash in Redis (MEMORY USAGE), bytes
-    redis_store_bytes: int
-    #: one node's RSS once it is ready (its whole store in memory), KiB
+    #: one node's RSS once it is ready (the file's hybrid connections loaded), KiB
     rss_kib_at_start: float
     #: the nodes' RSS growth per idle listener (control channel), KiB
     rss_kib_per_listener: float
@@ -151,7 +148,6 @@ async def run_real(params: RealParams) -> RealResult:
         urls = [base for _, base in nodes]
         names = {u: f"node{i + 1}" for i, u in enumerate(urls)}
         rss_before = sum(read_mem_kib(p.pid)[0] for p in procs)
-        store_size = await store_bytes(url)
 
         provider = SharedAccessKeyTokenProvider(KEY_NAME, key)
         listeners = []
@@ -232,7 +228,6 @@ async def run_real(params: RealParams) -> RealResult:
         accept_cpu_ms=1000.0 * max(storm_cpu, 0.0) / max(accepted, 1),
         redis_ops_per_moved=sum(commands.values()) / moved,
         redis_bytes_per_moved=max(0.0, storm_bytes) / moved,
-        redis_store_bytes=store_size,
         rss_kib_at_start=rss_before / params.nodes,
         rss_kib_per_listener=(rss_idle - rss_before) / max(params.listeners, 1),
         redis_idle_ops_per_node_min=sum(idle_calls.values()) / idle_s * 60 / len(survivor_urls),
