@@ -470,7 +470,7 @@ class HybridConnectionListener:
             except RelayHttpError:
                 raise
             except RelayConnectionError as exc:
-                if attempt == len(order) - 1:
+                if attempt == len(order) - 1 or self._closing:
                     raise
                 if reconnecting:
                     self._set_status("offline", exc)
