@@ -163,9 +163,12 @@ class Proc:
             bufsize=1,
         )
         self.pid = self.popen.pid
+        self._pumps: list[threading.Thread] = []
         for stream in (self.popen.stdout, self.popen.stderr):
             assert stream is not None
-            threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+            pump = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+            pump.start()
+            self._pumps.append(pump)
 
     def _pump(self, stream: object) -> None:
         for line in stream:  # type: ignore[attr-defined]
@@ -221,9 +224,18 @@ class Proc:
         return read_cpu(self.pid)
 
     def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM this PID (and the descendants it forked), SIGKILL what is left."""
-        if self.popen.poll() is not None:
-            return
+        """SIGTERM this PID (and the descendants it forked), SIGKILL what is left; close its
+        pipes once their readers have seen the end."""
+        if self.popen.poll() is None:
+            self._terminate(grace)
+        for pump in self._pumps:
+            pump.join(2.0)
+        for stream in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+    def _terminate(self, grace: float) -> None:
         tree = proc_tree(self.pid)
         for p in tree:
             with contextlib.suppress(ProcessLookupError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import ssl
 import time
+from collections import Counter
 from itertools import islice
 
 import pytest
@@ -18,10 +19,12 @@ from hybridrelay.client import (
 )
 from hybridrelay.client._connect import _split_proxy, env_proxy_for
 from hybridrelay.client.backoff import (
+    FIRST_RETRY_SPREAD,
     RECONNECT_DELAYS,
     RetryKind,
     capped_delay,
     classify_error,
+    endpoint_round,
     reconnect_delays,
 )
 from hybridrelay.client.listener import AcceptContext
@@ -44,9 +47,14 @@ from tests.conftest import TlsFiles
 def test_delays_follow_schedule_within_jitter_and_stay_capped() -> None:
     delays = list(islice(reconnect_delays(random.Random(1)), 50))
     expected = list(RECONNECT_DELAYS) + [30.0] * (50 - len(RECONNECT_DELAYS))
-    for delay, base in zip(delays, expected, strict=True):
+    for delay, base in zip(delays[1:], expected[1:], strict=True):
         assert base * 0.8 <= delay <= base * 1.2
-    assert delays[0] == 0.0
+    # The immediate retry is spread too, so a dead node's listeners do not all come at once.
+    assert 0.0 <= delays[0] < FIRST_RETRY_SPREAD
+    firsts = {next(reconnect_delays(random.Random(seed))) for seed in range(20)}
+    assert len(firsts) == 20
+    assert next(reconnect_delays(random.Random(1), jitter=0.0)) == 0.0
+    assert next(reconnect_delays(random.Random(1), schedule=(0.0, 0.05))) <= 0.05
     assert max(delays) <= 36.0
     # Jitter is real: the capped delays are not all equal.
     assert len({round(d, 6) for d in delays[6:]}) > 1
@@ -56,6 +64,15 @@ def test_delays_are_deterministic_with_a_seed() -> None:
     first = list(islice(reconnect_delays(random.Random(7)), 10))
     second = list(islice(reconnect_delays(random.Random(7)), 10))
     assert first == second
+
+
+def test_a_reconnect_round_tries_the_others_at_random_then_the_lost_one() -> None:
+    rng = random.Random(5)
+    assert endpoint_round(0, 1, rng) == [0]
+    rounds = [endpoint_round(2, 5, rng) for _ in range(2000)]
+    assert all(sorted(r[:-1]) == [0, 1, 3, 4] and r[-1] == 2 for r in rounds)
+    firsts = Counter(r[0] for r in rounds)
+    assert min(firsts.values()) > 400  # the first one tried is about uniform: 500 each
 
 
 def test_capped_delay_and_bad_arguments() -> None:

@@ -3,7 +3,12 @@
 Pure: no I/O and no clock; randomness comes from an injectable :class:`random.Random`.
 The schedule is the one of .NET and hyco-https (PROTOCOL.md 4.5): 0, 1, 2, 5, 10, 30 s, then
 30 s forever, each delay jittered by ±20 % so that many listeners cut off by one relay restart
-do not come back in lock-step.
+do not come back in lock-step. The first retry, 0 s in the schedule, is drawn in
+[0, FIRST_RETRY_SPREAD): ±20 % of nothing is nothing, and the listeners of a node that died
+would all hit the surviving nodes in the same millisecond (docs/SCALING.md, the reconnect
+storm). With several endpoints (a cluster's nodes) an attempt tries the others in a random
+order (:func:`endpoint_round`), so that those listeners do not all land on the node after it
+in the list.
 """
 
 from __future__ import annotations
@@ -24,20 +29,27 @@ from hybridrelay.exceptions import (
 )
 
 __all__ = [
+    "FIRST_RETRY_SPREAD",
     "JITTER",
     "RECONNECT_DELAYS",
     "RetryKind",
     "capped_delay",
     "classify_error",
+    "endpoint_round",
     "needs_a_fix",
     "reconnect_delays",
 ]
 
 RECONNECT_DELAYS: tuple[float, ...] = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
 JITTER = 0.2
+#: Seconds over which an immediate (0 s) retry is spread when there is jitter (at most the
+#: schedule's longest delay: a schedule shortened for a test stays short).
+FIRST_RETRY_SPREAD = 0.5
 
 
-def _jittered(delay: float, rng: random.Random, jitter: float) -> float:
+def _jittered(delay: float, rng: random.Random, jitter: float, spread: float = 0.0) -> float:
+    if delay == 0.0 and jitter > 0.0:
+        return rng.uniform(0.0, spread)
     return delay * rng.uniform(1.0 - jitter, 1.0 + jitter)
 
 
@@ -57,10 +69,11 @@ def reconnect_delays(
     if not 0.0 <= jitter < 1.0:
         raise ValueError("jitter must be in [0, 1)")
     rng = rng if rng is not None else random.Random()
+    spread = min(FIRST_RETRY_SPREAD, max(schedule))
     for delay in schedule:
-        yield _jittered(delay, rng, jitter)
+        yield _jittered(delay, rng, jitter, spread)
     while True:
-        yield _jittered(schedule[-1], rng, jitter)
+        yield _jittered(schedule[-1], rng, jitter, spread)
 
 
 def capped_delay(
@@ -71,6 +84,16 @@ def capped_delay(
 ) -> float:
     """The capped (longest) delay, jittered: used after errors a quick retry cannot fix."""
     return _jittered(schedule[-1], rng if rng is not None else random.Random(), jitter)
+
+
+def endpoint_round(current: int, count: int, rng: random.Random) -> list[int]:
+    """The endpoints (of ``count``) one reconnect attempt tries, in turn, after losing
+    ``current``: the others in random order, so that the listeners of a node that died
+    spread over all the rest and a listener does not wait a backoff step for each dead one
+    (a machine's workers die together), then ``current`` last."""
+    others = [index for index in range(count) if index != current]
+    rng.shuffle(others)
+    return [*others, current]
 
 
 class RetryKind(enum.Enum):

@@ -38,6 +38,7 @@ from hybridrelay.client.backoff import (
     RetryKind,
     capped_delay,
     classify_error,
+    endpoint_round,
     needs_a_fix,
     reconnect_delays,
 )
@@ -284,6 +285,11 @@ class HybridConnectionListener:
         )
 
     @property
+    def relay_endpoint(self) -> str:
+        """The base URL of the endpoint the control channel is on, or is being opened to."""
+        return self._endpoint.base_url
+
+    @property
     def listener_id(self) -> str:
         """This listener's ``sb-hc-id``."""
         return self._id
@@ -449,25 +455,30 @@ class HybridConnectionListener:
         )
 
     async def _connect_first(self) -> MessageSocket:
-        """Connect to the first endpoint that answers (the others are tried when one cannot
-        be reached; a refusal, 401/403/404, is the same on every node and raised at once)."""
-        for attempt in range(len(self._endpoints)):
+        """Connect to the first endpoint that answers, in the order given."""
+        return await self._connect_any(range(len(self._endpoints)), reconnecting=False)
+
+    async def _connect_any(self, order: Sequence[int], *, reconnecting: bool) -> MessageSocket:
+        """Try the endpoints at ``order`` in turn until one answers. A refusal (401/403/404,
+        503) is the same on every node and raised at once; when none can be reached, the
+        last one's error. Reconnecting, each try is a ``connecting`` status (relay_endpoint
+        names the node) ended by ``offline`` when it fails."""
+        for attempt, index in enumerate(order):
+            self._endpoint = self._endpoints[index]
+            if reconnecting:
+                self._set_status("connecting")
             try:
                 return await self._connect_control()
             except RelayHttpError:
                 raise
             except RelayConnectionError as exc:
-                if attempt == len(self._endpoints) - 1:
+                if attempt == len(order) - 1 or self._closing:
                     raise
-                logger.info("%s: %s; trying the next relay endpoint", self._name, exc)
-                self._next_endpoint()
+                if reconnecting:
+                    self._set_status("offline", exc)
+                level = logging.DEBUG if reconnecting else logging.INFO
+                logger.log(level, "%s: %s; trying the next relay endpoint", self._name, exc)
         raise AssertionError("unreachable")
-
-    def _next_endpoint(self) -> None:
-        """Move to the next of several endpoints (a cluster's other node)."""
-        if len(self._endpoints) > 1:
-            index = (self._endpoints.index(self._endpoint) + 1) % len(self._endpoints)
-            self._endpoint = self._endpoints[index]
 
     async def _connect_control(self) -> MessageSocket:
         token = await self._get_token()
@@ -522,11 +533,12 @@ class HybridConnectionListener:
         logger.info("%s: reconnecting in %.1f s", self._name, delay)
         last_cause: str | None = None
         while not await self._wait_closing(delay):
-            self._set_status("connecting")
-            # With several endpoints, each attempt goes to the next: the one lost may be down.
-            self._next_endpoint()
+            # With several endpoints, each attempt tries the others first: the one lost may
+            # be down.
+            current = self._endpoints.index(self._endpoint)
+            order = endpoint_round(current, len(self._endpoints), self._rng)
             try:
-                socket = await self._connect_control()
+                socket = await self._connect_any(order, reconnecting=True)
             except Exception as exc:
                 kind = classify_error(exc)
                 self._set_status("offline", exc)
