@@ -396,6 +396,24 @@ class FrameSocket(asyncio.BufferedProtocol):
         if self._write_paused:
             await self._drain()
 
+    def send_nowait(self, *messages: bytes | str) -> bool:
+        """Send whole messages in one write (a response's head and its body: one system call,
+        one segment, rather than two); True when the transport is over its high-water mark
+        and :meth:`drain` should be awaited."""
+        frames = bytearray()
+        for data in messages:
+            if isinstance(data, str):
+                frames += _client_frame(OP_TEXT, data.encode("utf-8"), True)
+            else:
+                frames += _client_frame(OP_BINARY, data, True)
+        self._write_frames(frames)
+        return self._write_paused
+
+    async def drain(self) -> None:
+        """Return once the transport is below its high-water mark."""
+        if self._write_paused:
+            await self._drain()
+
     async def send_fragment(self, data: bytes, *, first: bool, last: bool) -> None:
         self._write(OP_BINARY if first else OP_CONTINUATION, data, last)
         if self._write_paused:
@@ -543,12 +561,15 @@ class FrameSocket(asyncio.BufferedProtocol):
     # -- writing --------------------------------------------------------------------------------
 
     def _write(self, opcode: int, data: bytes | bytearray | memoryview, fin: bool) -> None:
+        self._write_frames(_client_frame(opcode, data, fin))
+
+    def _write_frames(self, frames: bytearray) -> None:
         if self._closing.sent:
             raise RelayConnectionError("cannot send after the close frame")
         transport = self._transport
         if transport is None or self._lost or transport.is_closing():
             raise RelayConnectionError("WebSocket send failed: the connection is closed")
-        transport.write(_client_frame(opcode, data, fin))
+        transport.write(frames)
 
     async def _drain(self) -> None:
         if self._lost:
