@@ -55,6 +55,7 @@ from hybridrelay.exceptions import (
     RelayConnectionError,
     http_error,
 )
+from hybridrelay.protocol.addressing import REJECTED_BY_HEADER, REJECTED_BY_LISTENER
 from hybridrelay.protocol.closing import CloseHandshake
 from hybridrelay.protocol.websocket import (
     MAX_RESPONSE_HEAD,
@@ -227,7 +228,8 @@ async def connect(
         raise
     if head.status != 101:
         socket.abort()
-        raise http_error(head.status, head.reason)
+        by_listener = head.headers.get(REJECTED_BY_HEADER.lower()) == REJECTED_BY_LISTENER
+        raise http_error(head.status, head.reason, by_listener=by_listener)
     try:
         subprotocol = check_upgrade_response(head, key, tuple(protocols))
     except ProtocolError as exc:
