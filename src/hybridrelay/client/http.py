@@ -137,6 +137,8 @@ class RelayedHttpContext:
         self._finished = False
         self._first_write: float | None = None
         self._bytes_sent = 0
+        # A rendezvous opened as the request arrived (an event stream will want one).
+        self._early_rendezvous: asyncio.Task[FrameSocket] | None = None
 
     def __repr__(self) -> str:
         return f"<RelayedHttpContext {self.id} {self.method} {self.path}>"
@@ -358,6 +360,7 @@ class RelayedHttpContext:
         body = bytes(self._buffer)
         self._buffer.clear()
         head = self._head(bool(body))
+        await self._adopt_early_rendezvous(required=False)
         if self._rendezvous is not None:
             await self._send(self._rendezvous, head, *((body,) if body else ()))
             self._head_sent = True
@@ -385,17 +388,54 @@ class RelayedHttpContext:
             )
         )
 
-    async def _start_streaming(self) -> None:
-        if self._rendezvous is None:
+    def open_rendezvous_early(self) -> None:
+        """Start opening the request's rendezvous now, while the handler works: a response
+        that streams (server-sent events) then finds it open instead of waiting the connect
+        and upgrade round trips before its first bytes. The response goes there whatever
+        its size (the relay takes it on a rendezvous the listener opened, PROTOCOL.md 6.3)."""
+        if self._rendezvous is None and self._early_rendezvous is None:
+            self._early_rendezvous = asyncio.create_task(
+                self._dispatcher.open_rendezvous(self._address)
+            )
+
+    async def _adopt_early_rendezvous(self, *, required: bool) -> None:
+        """Wait for the rendezvous opened early (if any) and use it; ``required``: open one
+        now if there is none (or it failed), else the response goes on the control channel."""
+        task, self._early_rendezvous = self._early_rendezvous, None
+        if task is not None:
+            try:
+                self._rendezvous = await task
+            except RelayError:
+                if not required:
+                    return
+        if required and self._rendezvous is None:
             self._rendezvous = await self._dispatcher.open_rendezvous(self._address)
+
+    async def _start_streaming(self) -> None:
+        await self._adopt_early_rendezvous(required=True)
+        socket = self._rendezvous
+        assert socket is not None
         self._head_sent = True
-        await self._send(self._rendezvous, self._head(True))
+        head = self._head(True)
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        if data and isinstance(socket, FrameSocket):
+            # The head and the first bytes in one write: one segment, one wake-up of the relay
+            # before the sender gets them (the first server-sent event).
+            try:
+                if socket.send_nowait(head, then_fragment=data):
+                    async with asyncio.timeout(SEND_TIMEOUT):
+                        await socket.drain()
+            except TimeoutError as exc:
+                raise StreamClosedError("the relay did not take the response in time") from exc
+            self._first_fragment = False
+            data = b""
+        else:
+            await self._send(socket, head)
         self._streaming = True
         if not self._body_pending:
             self._watch()  # the relay's close says the sender went away
-        if self._buffer:
-            data = bytes(self._buffer)
-            self._buffer.clear()
+        if data:
             await self._send_fragment(data, last=False)
 
     async def _send_fragment(self, data: bytes, *, last: bool) -> None:
@@ -456,6 +496,10 @@ class RelayedHttpContext:
         self._end()
 
     def _end(self) -> None:
+        early, self._early_rendezvous = self._early_rendezvous, None
+        if early is not None:
+            early.cancel()
+            early.add_done_callback(_abort_opened)
         self._mark_disconnected()
         watcher, self._watcher = self._watcher, None
         if watcher is not None and not watcher.done():
@@ -480,6 +524,21 @@ class RelayedHttpContext:
         if socket is not None:
             socket.abort()
         self._end()
+
+
+def _wants_event_stream(request: Request) -> bool:
+    """Whether the sender asks for server-sent events (``Accept: text/event-stream``, what
+    every browser's EventSource sends): that response will stream."""
+    for name, value in (request.request_headers or {}).items():
+        if len(name) == 6 and name.lower() == "accept":
+            return "text/event-stream" in value.lower()
+    return False
+
+
+def _abort_opened(task: asyncio.Task[FrameSocket]) -> None:
+    """Drop a rendezvous that was opened early and is not needed (the response was cut)."""
+    if not task.cancelled() and task.exception() is None:
+        task.result().abort()
 
 
 class HttpRequestDispatcher:
@@ -531,6 +590,8 @@ class HttpRequestDispatcher:
 
     def _start_inline(self, request: Request, body: bytes) -> None:
         ctx = RelayedHttpContext(self, request, body, control=self._get_control(), rendezvous=None)
+        if self._in_flight < MAX_CONCURRENT_REQUESTS and _wants_event_stream(request):
+            ctx.open_rendezvous_early()
         self._start(self._handle(ctx), request, inline=True)
 
     def _start(self, coro: Coroutine[Any, Any, None], request: Request, *, inline: bool) -> None:

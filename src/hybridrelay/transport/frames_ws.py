@@ -398,16 +398,19 @@ class FrameSocket(asyncio.BufferedProtocol):
         if self._write_paused:
             await self._drain()
 
-    def send_nowait(self, *messages: bytes | str) -> bool:
+    def send_nowait(self, *messages: bytes | str, then_fragment: bytes | None = None) -> bool:
         """Send whole messages in one write (a response's head and its body: one system call,
-        one segment, rather than two); True when the transport is over its high-water mark
-        and :meth:`drain` should be awaited."""
+        one segment, rather than two), and ``then_fragment``, the first fragment of a binary
+        message that :meth:`send_fragment` continues; True when the transport is over its
+        high-water mark and :meth:`drain` should be awaited."""
         frames = bytearray()
         for data in messages:
             if isinstance(data, str):
                 frames += _client_frame(OP_TEXT, data.encode("utf-8"), True)
             else:
                 frames += _client_frame(OP_BINARY, data, True)
+        if then_fragment is not None:
+            frames += _client_frame(OP_BINARY, then_fragment, False)
         self._write_frames(frames)
         return self._write_paused
 
