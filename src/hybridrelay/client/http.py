@@ -371,7 +371,7 @@ class RelayedHttpContext:
             raise StreamClosedError("the control channel this request came on is gone")
         async with self._dispatcher.send_lock:  # JSON and body adjacent (PROTOCOL.md 4.2)
             self._head_sent = True
-            await self._send(control, head, *((body,) if body else ()))
+            await self._send(control, head, *((body,) if body else ()), later=True)
         self._end()
 
     # -- internals -----------------------------------------------------------------------
@@ -465,12 +465,13 @@ class RelayedHttpContext:
                 return
 
     @staticmethod
-    async def _send(socket: MessageSocket, *messages: str | bytes) -> None:
+    async def _send(socket: MessageSocket, *messages: str | bytes, later: bool = False) -> None:
         """Send whole messages, adjacent; on our own sockets in one write, and without a
-        timeout's set-up unless the transport makes us wait (the common case is no wait)."""
+        timeout's set-up unless the transport makes us wait (the common case is no wait);
+        ``later``: together with the other answers of this turn of the event loop."""
         try:
             if isinstance(socket, FrameSocket):
-                if socket.send_nowait(*messages):
+                if socket.send_nowait(*messages, later=later):
                     async with asyncio.timeout(SEND_TIMEOUT):
                         await socket.drain()
                 return

@@ -280,6 +280,9 @@ class FrameSocket(asyncio.BufferedProtocol):
         # Sending.
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        # Frames of send_nowait(later=True) in this turn of the event loop, written together
+        # at its end (one system call for many small responses; None: nothing waits).
+        self._later: bytearray | None = None
         # Splice mode.
         self._sink: StreamSink | None = None
         # Partial binary messages (stream_binary): the largest text message then.
@@ -398,11 +401,17 @@ class FrameSocket(asyncio.BufferedProtocol):
         if self._write_paused:
             await self._drain()
 
-    def send_nowait(self, *messages: bytes | str, then_fragment: bytes | None = None) -> bool:
+    def send_nowait(
+        self, *messages: bytes | str, then_fragment: bytes | None = None, later: bool = False
+    ) -> bool:
         """Send whole messages in one write (a response's head and its body: one system call,
         one segment, rather than two), and ``then_fragment``, the first fragment of a binary
         message that :meth:`send_fragment` continues; True when the transport is over its
-        high-water mark and :meth:`drain` should be awaited."""
+        high-water mark and :meth:`drain` should be awaited.
+
+        ``later``: written at the end of this turn of the event loop together with whatever
+        else is sent so (a listener answering many requests in one turn makes one system
+        call, and the relay one read); any other send writes them first, in order."""
         frames = bytearray()
         for data in messages:
             if isinstance(data, str):
@@ -411,7 +420,7 @@ class FrameSocket(asyncio.BufferedProtocol):
                 frames += _client_frame(OP_BINARY, data, True)
         if then_fragment is not None:
             frames += _client_frame(OP_BINARY, then_fragment, False)
-        self._write_frames(frames)
+        self._write_frames(frames, later=later)
         return self._write_paused
 
     async def drain(self) -> None:
@@ -568,13 +577,27 @@ class FrameSocket(asyncio.BufferedProtocol):
     def _write(self, opcode: int, data: bytes | bytearray | memoryview, fin: bool) -> None:
         self._write_frames(_client_frame(opcode, data, fin))
 
-    def _write_frames(self, frames: bytearray) -> None:
+    def _write_frames(self, frames: bytearray, *, later: bool = False) -> None:
         if self._closing.sent:
             raise RelayConnectionError("cannot send after the close frame")
         transport = self._transport
         if transport is None or self._lost or transport.is_closing():
             raise RelayConnectionError("WebSocket send failed: the connection is closed")
-        transport.write(frames)
+        if self._later is not None:
+            self._later += frames
+            if not later:
+                self._write_later()
+        elif later:
+            self._later = frames
+            asyncio.get_running_loop().call_soon(self._write_later)
+        else:
+            transport.write(frames)
+
+    def _write_later(self) -> None:
+        frames, self._later = self._later, None
+        transport = self._transport
+        if frames and transport is not None and not self._lost and not transport.is_closing():
+            transport.write(frames)
 
     async def _drain(self) -> None:
         if self._lost:
