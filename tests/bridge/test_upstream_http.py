@@ -5,6 +5,7 @@ and record what reached them."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from hybridrelay.bridge.upstream_http import (
     UpstreamUnreachable,
     request_target,
 )
+from tests.conftest import TlsFiles
 
 pytestmark = pytest.mark.skipif(not upstream_http.AVAILABLE, reason="needs the bridge extra")
 
@@ -34,9 +36,12 @@ def _ok(body: bytes = b"hello", extra: str = "") -> bytes:
 
 
 @asynccontextmanager
-async def scripted(answers: list[bytes], *, close_after: bool = False) -> AsyncIterator[Scripted]:
+async def scripted(
+    answers: list[bytes], *, close_after: bool = False, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[Scripted]:
     """An upstream that answers the n-th request (over all connections) with ``answers[n]``
-    (the last one repeats); ``close_after``: it closes each connection after one answer."""
+    (the last one repeats); ``close_after``: it closes each connection after one answer;
+    ``tls``: over TLS with this server context."""
     state = Scripted(url="")
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -61,9 +66,9 @@ async def scripted(answers: list[bytes], *, close_after: bool = False) -> AsyncI
         finally:
             writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
-    state.url = f"http://127.0.0.1:{port}"
+    state.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
         yield state
     finally:
@@ -246,6 +251,23 @@ async def test_an_unread_body_is_bounded_by_pausing_the_upstream() -> None:
         finally:
             await client.aclose()
     assert total == size
+
+
+async def test_https_upstreams_are_verified(tls_files: TlsFiles) -> None:
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(tls_files.cert_file, tls_files.key_file)
+    async with scripted([_ok(b"secret")], tls=server) as up:
+        trusting = ssl.create_default_context(cafile=tls_files.ca_file)
+        client = UpstreamPool(up.url, ssl=trusting, connect_timeout=5.0, read_timeout=5.0)
+        try:
+            assert (await fetch(client, up.url + "/"))[3] == b"secret"
+            assert (await fetch(client, up.url + "/"))[3] == b"secret"
+        finally:
+            await client.aclose()
+        assert up.connections == 1
+        default = pool(up.url)  # the system's trust store: this CA is not in it
+        with pytest.raises(UpstreamUnreachable, match="certificate"):
+            await fetch(default, up.url + "/")
 
 
 def test_request_target_keeps_the_senders_encoding() -> None:
