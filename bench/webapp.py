@@ -7,16 +7,17 @@ One ASGI application (Starlette, ``tests/webapps/app.py``) three ways, in the sa
 * ``bridge -H``: the same uvicorn behind ``hybridrelay bridge -H`` and a relay.
 
 For each: requests per second and p50/p99 latency of a small GET (``C`` at a time), and the
-latency from sending an SSE request (``Accept: text/event-stream``, as EventSource) to its first
-event (p50/p99 of ``--sse`` requests, one at a time); then each relayed path's ratio against ``direct`` and issue 14's targets (relay +
-serve-app >= 0.5x direct req/s, relay + bridge -H >= 0.35x, p99 <= 3x direct, first SSE event
-<= direct + 5 ms). The small GETs are made by ``wrk`` where it is installed (a C load
-generator: the numbers are the servers', as in ``python -m bench --only http``), else by httpx
-in this process (``--load httpx``), which then is the limit of every path and hides the
-relay's cost. The CPU time the relay and the listener (serve-app, or bridge -H plus its
-uvicorn) spent during the small-GET window is reported per 1,000 requests (``/proc``). Every
-process is a subprocess; numbers from a shared machine are only indicative (run it on a quiet
-one, docs/PERFORMANCE.md).
+latency from sending an SSE request (``Accept: text/event-stream``, as EventSource) to its
+first event (p50/p99 of ``--sse`` requests, one at a time); then each relayed path's ratio
+against ``direct`` and issue 14's targets (relay + serve-app >= 0.5x direct req/s, relay +
+bridge -H >= 0.35x, p99 <= 3x direct, first SSE event <= direct + 5 ms). The small GETs are
+made by ``wrk`` where it is installed (a C load generator: the numbers are the servers', as in
+``python -m bench --only http``), else by httpx in this process (``--load httpx``), which then
+is the limit of every path and hides the relay's cost. uvicorn runs on h11 unless
+``--uvicorn-http httptools`` (the direct baseline is ~2.5x faster on it). The CPU time the
+relay and the listener (serve-app, or bridge -H plus its uvicorn) spent during the small-GET
+window is reported per 1,000 requests (``/proc``). Every process is a subprocess; numbers from
+a shared machine are only indicative (run it on a quiet one, docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
