@@ -177,6 +177,33 @@ async def test_bodies_go_chunked_or_as_they_are_with_a_length() -> None:
     assert b"Content-Length: 0\r\n" in third  # a body-less DELETE says so, as aiohttp does
 
 
+async def test_an_answer_before_the_whole_body_is_relayed() -> None:
+    """An upstream that refuses an upload with 413 and closes without reading it."""
+    refusal = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbig"
+
+    async def answer_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(refusal)
+        await writer.drain()
+        writer.close()
+
+    async def endless() -> AsyncIterator[bytes]:
+        for _ in range(10_000):
+            yield bytes(64 * 1024)
+            await asyncio.sleep(0)
+
+    server = await asyncio.start_server(answer_at_once, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    client = pool(url)
+    try:
+        status, _, _, body = await fetch(client, url + "/", "POST", body=endless())
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+    assert (status, body) == (413, b"big")
+
+
 async def test_a_stale_idle_connection_is_retried_once_for_a_request_without_a_body() -> None:
     async with scripted([_ok(b"fresh")], close_after=True) as up:
         client = pool(up.url)

@@ -474,7 +474,13 @@ class UpstreamPool:
             conn = await self._connect()
         try:
             conn.start(method)
-            await self._send(conn, method, target, headers, body)
+            try:
+                await self._send(conn, method, target, headers, body)
+            except UpstreamError:
+                if not conn.head_done:
+                    raise
+                # It answered (a 413, say) and closed before taking the whole body: relay it.
+                conn.reusable = False
             await conn.wait_head()
         except UpstreamError:
             conn.abort()
