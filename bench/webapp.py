@@ -7,16 +7,17 @@ One ASGI application (Starlette, ``tests/webapps/app.py``) three ways, in the sa
 * ``bridge -H``: the same uvicorn behind ``hybridrelay bridge -H`` and a relay.
 
 For each: requests per second and p50/p99 latency of a small GET (``C`` at a time), and the
-latency from sending an SSE request to its first event (p50/p99 of ``--sse`` requests, one at a
-time); then each relayed path's ratio against ``direct`` and issue 14's targets (relay +
-serve-app >= 0.5x direct req/s, relay + bridge -H >= 0.35x, p99 <= 3x direct, first SSE event
-<= direct + 5 ms). The small GETs are made by ``wrk`` where it is installed (a C load
-generator: the numbers are the servers', as in ``python -m bench --only http``), else by httpx
-in this process (``--load httpx``), which then is the limit of every path and hides the
-relay's cost. The CPU time the relay and the listener (serve-app, or bridge -H plus its
-uvicorn) spent during the small-GET window is reported per 1,000 requests (``/proc``). Every
-process is a subprocess; numbers from a shared machine are only indicative (run it on a quiet
-one, docs/PERFORMANCE.md).
+latency from sending an SSE request (``Accept: text/event-stream``, as EventSource) to its
+first event (p50/p99 of ``--sse`` requests, one at a time); then each relayed path's ratio
+against ``direct`` and issue 14's targets (relay + serve-app >= 0.5x direct req/s, relay +
+bridge -H >= 0.35x, p99 <= 3x direct, first SSE event <= direct + 5 ms). The small GETs are
+made by ``wrk`` where it is installed (a C load generator: the numbers are the servers', as in
+``python -m bench --only http``), else by httpx in this process (``--load httpx``), which then
+is the limit of every path and hides the relay's cost. uvicorn runs on h11 unless
+``--uvicorn-http httptools`` (the direct baseline is ~2.5x faster on it). The CPU time the
+relay and the listener (serve-app, or bridge -H plus its uvicorn) spent during the small-GET
+window is reported per 1,000 requests (``/proc``). Every process is a subprocess; numbers from
+a shared machine are only indicative (run it on a quiet one, docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -58,12 +59,12 @@ MAX_SSE_EXTRA_MS = 5.0
 
 @contextlib.asynccontextmanager
 async def path_under_test(
-    name: str, tmp: Path
+    name: str, tmp: Path, uvicorn_http: str = "h11"
 ) -> AsyncIterator[tuple[str, dict[str, str], dict[str, list[int]]]]:
     """(base URL of the app's routes, headers to send, PIDs by role: ``relay``, ``listener``)
     for one way of serving the app."""
     if name == "direct":
-        async with uvicorn_process() as (app, url):
+        async with uvicorn_process(http=uvicorn_http) as (app, url):
             yield url, {}, {"listener": [app.pid]}
         return
     async with relay_process(tmp, None) as relay:
@@ -73,7 +74,7 @@ async def path_under_test(
             async with serve_app(relay, "--no-access-log") as listener:
                 yield base, headers, {"relay": [relay.process.pid], "listener": [listener.pid]}
         else:
-            async with uvicorn_process(root_path="/" + ENTITY) as (app, upstream):
+            async with uvicorn_process("/" + ENTITY, uvicorn_http) as (app, upstream):
                 async with bridge_h(relay, upstream, "--no-access-log") as bridge:
                     pids = {"relay": [relay.process.pid], "listener": [bridge.pid, app.pid]}
                     yield base, headers, pids
@@ -149,7 +150,9 @@ async def first_sse_event(http: httpx.AsyncClient, base: str, count: int) -> dic
     for _ in range(count):
         started = time.perf_counter()
         params = {"stream": uuid.uuid4().hex, "n": "1"}
-        async with http.stream("GET", f"{base}/sse", params=params) as response:
+        # What a browser's EventSource sends (the listener then opens the rendezvous at once).
+        accept = {"Accept": "text/event-stream"}
+        async with http.stream("GET", f"{base}/sse", params=params, headers=accept) as response:
             async for line in response.aiter_lines():
                 if line.startswith("data: "):
                     latencies.append(time.perf_counter() - started)
@@ -162,11 +165,15 @@ async def first_sse_event(http: httpx.AsyncClient, base: str, count: int) -> dic
 
 async def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        async with path_under_test(name, Path(tmp)) as (base, headers, pids):
+        async with path_under_test(name, Path(tmp), args.uvicorn_http) as (base, headers, pids):
             limits = httpx.Limits(max_connections=args.concurrency)
             async with httpx.AsyncClient(headers=headers, timeout=60, limits=limits) as http:
                 await small_requests(http, base, min(args.requests, 50), args.concurrency)  # warm
-                record: dict[str, Any] = {"path": name, "load": args.load}
+                record: dict[str, Any] = {
+                    "path": name,
+                    "load": args.load,
+                    "uvicorn_http": args.uvicorn_http,
+                }
                 before = {role: cpu_seconds(p) for role, p in pids.items()}
                 if args.load == "wrk":
                     small = await small_requests_wrk(base, headers, args.seconds, args.concurrency)
@@ -232,7 +239,7 @@ def table(records: list[dict[str, Any]]) -> str:
     lines.append(
         f"Small GETs by {load}"
         + (" (in this process: it is the limit)" if load == "httpx" else "")
-        + "."
+        + f"; uvicorn on {records[0]['uvicorn_http']}."
     )
     lines.append("")
     lines.extend(targets(records))
@@ -250,6 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=("wrk", "httpx"),
         default="wrk" if wrk_path() else "httpx",
         help="what makes the small GETs (default wrk where installed)",
+    )
+    parser.add_argument(
+        "--uvicorn-http",
+        choices=("h11", "httptools"),
+        default="h11",
+        help="uvicorn's HTTP implementation, for direct and behind -H (default h11, what the "
+        "test extra installs; httptools makes direct ~2.5x faster here)",
     )
     parser.add_argument("--quick", action="store_true", help="a tiny run (the smoke test)")
     parser.add_argument("--only", action="append", choices=PATHS, help="path(s) besides direct")

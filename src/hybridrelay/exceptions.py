@@ -17,7 +17,9 @@ library we use (aiohttp, OSError, ssl, yaml) leaks out without one of ours wrapp
     │   ├── EndpointNotFoundError   404 (unknown hybrid connection)
     │   ├── QuotaExceededError      429: a limit of the relay was hit (too many listeners, ...)
     │   └── ConnectionRejectedError any other refusal of a connect: the listener's rejection or
-    │                               the relay's own error, which the wire cannot tell apart
+    │       │                       the relay's own error, which Azure's wire cannot tell apart
+    │       └── ListenerRejectedError  the listener refused, as our relay says (any status,
+    │                               401/403 included: not a question of the sender's token)
     └── StreamClosedError           *you* closed the stream (or the listener) and then used it
 """
 
@@ -29,6 +31,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectionRejectedError",
     "EndpointNotFoundError",
+    "ListenerRejectedError",
     "ProtocolError",
     "QuotaExceededError",
     "RelayConnectionError",
@@ -106,12 +109,23 @@ class ConnectionRejectedError(RelayHttpError):
     """
 
 
+class ListenerRejectedError(ConnectionRejectedError):
+    """The listener refused the sender's connect: our relay marks its answer so (PROTOCOL.md
+    5.4, ``X-Hybridrelay-Rejected-By: listener``), whatever the status; a 403 from an
+    application that refused a WebSocket is not the relay refusing the sender's token."""
+
+
 class StreamClosedError(RelayError):
     """The stream or listener was closed by this side and then used again."""
 
 
-def http_error(status: int, description: str, hint: str | None = None) -> RelayHttpError:
-    """Map an HTTP error status from the relay to the most specific exception class."""
+def http_error(
+    status: int, description: str, hint: str | None = None, *, by_listener: bool = False
+) -> RelayHttpError:
+    """Map an HTTP error status from the relay to the most specific exception class;
+    ``by_listener``: the relay said the listener refused (:class:`ListenerRejectedError`)."""
+    if by_listener:
+        return ListenerRejectedError(status, description, LISTENER_REFUSAL_HINT)
     if status in (401, 403):
         return AuthorizationError(status, description, hint)
     if status == 404:
@@ -119,6 +133,13 @@ def http_error(status: int, description: str, hint: str | None = None) -> RelayH
     if status == 429:
         return QuotaExceededError(status, description, hint)
     return RelayHttpError(status, description, hint)
+
+
+#: The hint of a :class:`ListenerRejectedError`.
+LISTENER_REFUSAL_HINT = (
+    "the listener refused the connection (the relay accepted the token): its status and reason "
+    "say why"
+)
 
 
 def refusal_hint(status: int, entity: str, right: str) -> str | None:

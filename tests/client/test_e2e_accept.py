@@ -16,6 +16,7 @@ from hybridrelay.exceptions import (
     AuthorizationError,
     ConnectionRejectedError,
     EndpointNotFoundError,
+    ListenerRejectedError,
     StreamClosedError,
 )
 from tests.client.helpers import accept_one, make_client, open_listener, root_provider
@@ -158,6 +159,38 @@ async def test_auth_errors(relay: Relay) -> None:
         async with make_client(relay, "nope") as client:
             with pytest.raises(EndpointNotFoundError):
                 await client.create_connection()
+
+
+@pytest.mark.parametrize("status", [401, 403, 409])
+async def test_a_listeners_refusal_is_not_an_authorization_error(relay: Relay, status: int) -> None:
+    """An application that refuses a WebSocket answers 403 (ASGI's close before accept): the
+    relay marks it as the listener's (PROTOCOL.md 5.4), so the sender is not told to check its
+    token; the relay's own 403 (a key without Send) still is."""
+
+    def handler(ctx: AcceptContext) -> None:
+        ctx.reject(status, "Forbidden by the application")
+
+    async with asyncio.timeout(20):
+        async with open_listener(relay, accept_handler=handler), make_client(relay) as client:
+            with pytest.raises(ListenerRejectedError) as info:
+                await client.create_connection()
+        assert not isinstance(info.value, AuthorizationError)
+        assert isinstance(info.value, ConnectionRejectedError)  # as before, for old callers
+        assert (info.value.status, info.value.description) == (
+            status,
+            "Forbidden by the application",
+        )
+        assert info.value.hint is not None and "listener refused" in info.value.hint
+        assert "token" not in str(info.value).replace("accepted the token", "")
+
+        async with open_listener(relay, accept_handler=handler):
+            listen_only = SharedAccessKeyTokenProvider(LISTEN_KEY_NAME, LISTEN_KEY)
+            async with HybridConnectionClient(relay.base_url, "hc", listen_only) as client:
+                with pytest.raises(AuthorizationError) as relays:
+                    await client.create_connection()
+        assert relays.value.status == 403
+        assert not isinstance(relays.value, ConnectionRejectedError)
+        assert relays.value.hint is not None and "Send right" in relays.value.hint
 
 
 async def test_anonymous_sender(relay: Relay) -> None:

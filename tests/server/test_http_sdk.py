@@ -14,7 +14,7 @@ import pytest
 
 from hybridrelay.client import HybridConnectionListener
 from hybridrelay.client.http import RelayedHttpContext, RequestHandler
-from tests.conftest import Relay, RelayFactory
+from tests.conftest import Relay, RelayFactory, eventually
 from tests.server.test_http_relay import assert_no_exchanges_left
 
 AUTH = "ServiceBusAuthorization"
@@ -151,6 +151,46 @@ async def test_sdk_streamed_response_with_flush(relay: Relay) -> None:
         response = await http.get("/hc/events")
     assert response.status_code == 200
     assert response.text == "".join(f"data: {i}\n\n" for i in range(1, 6))
+
+
+@pytest.mark.parametrize("answer", ["stream", "small", "fails"])
+async def test_sdk_event_stream_requests_get_their_rendezvous_at_once(
+    relay: Relay, answer: str
+) -> None:
+    """``Accept: text/event-stream`` (what EventSource sends): the listener opens the request's
+    rendezvous as the request arrives, before the handler writes, so the first event does not
+    wait for its connect and upgrade; whatever the handler then answers goes there."""
+    opened_before_write: list[bool] = []
+
+    def rendezvous_open(ctx: RelayedHttpContext) -> bool:
+        exchange = relay.server.http._by_id.get(ctx.id)
+        return exchange is not None and exchange.rendezvous.done()
+
+    async def handler(ctx: RelayedHttpContext) -> None:
+        wanted = ctx.header("accept") == "text/event-stream"
+        if wanted:
+            await eventually(lambda: rendezvous_open(ctx))
+        opened_before_write.append(rendezvous_open(ctx))
+        await ctx.respond(200, headers={"content-type": "text/event-stream"})
+        if answer == "fails":
+            raise RuntimeError("the handler fails before any byte")
+        await ctx.write(b"data: 1\n\n")
+        if answer == "stream":
+            await ctx.flush()
+            await ctx.write(b"data: 2\n\n")
+
+    async with sdk_listener(relay, handler), client(relay) as http:
+        sse = await http.get("/hc/events", headers={"Accept": "text/event-stream"})
+        plain = await http.get("/hc/events")
+    assert opened_before_write == [True, False]
+    for response in (sse, plain):
+        if answer == "fails":
+            assert response.status_code == 500
+        else:
+            assert response.status_code == 200
+            expected = "data: 1\n\n" + ("data: 2\n\n" if answer == "stream" else "")
+            assert response.text == expected
+    await assert_no_exchanges_left(relay)
 
 
 async def test_sdk_200_concurrent_requests_and_keep_alive(relay: Relay) -> None:

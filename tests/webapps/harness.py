@@ -242,9 +242,13 @@ async def bridge_h(relay: RelayProcess, upstream: str, *extra: str) -> AsyncIter
 
 
 @contextlib.asynccontextmanager
-async def uvicorn_process(root_path: str = "") -> AsyncIterator[tuple[Process, str]]:
-    """The app under uvicorn in a process of its own, on port 0: (process, base URL)."""
+async def uvicorn_process(
+    root_path: str = "", http: str | None = None
+) -> AsyncIterator[tuple[Process, str]]:
+    """The app under uvicorn in a process of its own, on port 0: (process, base URL); ``http``
+    picks uvicorn's HTTP implementation (``h11``, ``httptools``; default: uvicorn's choice)."""
     args = ["-m", "uvicorn", APP, "--host", "127.0.0.1", "--port", "0", "--lifespan", "off"]
+    args += ["--http", http] if http else []
     args += ["--no-access-log", "--root-path", root_path] if root_path else ["--no-access-log"]
     async with started(args, "Uvicorn running on", command=[sys.executable]) as process:
         line = next(line for line in process.lines if "Uvicorn running on" in line)

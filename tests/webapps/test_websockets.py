@@ -95,10 +95,19 @@ async def connect(
 
 async def refused_status(relay: RelayProcess, url: str, headers: dict[str, str] | None) -> int:
     """The HTTP status the relay answers the upgrade with (it must not be a 101)."""
+    return (await refusal(relay, url, headers))[0]
+
+
+async def refusal(
+    relay: RelayProcess, url: str, headers: dict[str, str] | None
+) -> tuple[int, str | None]:
+    """The status of the refused upgrade and who refused it, as the relay says
+    (``X-Hybridrelay-Rejected-By``, PROTOCOL.md 5.4: ``listener``, or None for the relay)."""
     with pytest.raises(websockets.InvalidStatus) as refused:
         async with connect(relay, url, headers):
             pass
-    return refused.value.response.status_code
+    response = refused.value.response
+    return response.status_code, response.headers.get("X-Hybridrelay-Rejected-By")
 
 
 async def echo_both_ways(relay: RelayProcess, http: httpx.AsyncClient, endpoint: str) -> None:
@@ -133,8 +142,10 @@ async def echo_both_ways(relay: RelayProcess, http: httpx.AsyncClient, endpoint:
             await receive(ws)
     assert ended.value.rcvd is not None
     assert (ended.value.rcvd.code, ended.value.rcvd.reason) == (4001, "app bye")
-    # An app that closes before accepting refuses the sender, before any 101.
-    assert await refused_status(relay, ws_url(relay, "/ws-refuse", endpoint), auth) == 403
+    # An app that closes before accepting refuses the sender, before any 101; the relay says
+    # the refusal is the listener's (a sender's SDK then does not blame its token).
+    refused = await refusal(relay, ws_url(relay, "/ws-refuse", endpoint), auth)
+    assert refused == (403, "listener")
 
 
 @pytest.mark.timeout(120)
@@ -197,7 +208,7 @@ async def test_websocket_credentials_and_401(tmp_path: Path) -> None:
             expiry=int(time.time()) + 3600,
         )
         for endpoint in ENDPOINTS:
-            assert await refused_status(relay, ws_url(relay, "/ws", endpoint), None) == 401
+            assert await refusal(relay, ws_url(relay, "/ws", endpoint), None) == (401, None)
             assert await refused_status(relay, ws_url(relay, "/ws", endpoint), {AUTH: wrong}) == 401
         bad_cookie = {"Cookie": "sb-hc-token=" + quote(wrong, safe="")}
         assert await refused_status(relay, url, bad_cookie) == 401

@@ -31,19 +31,19 @@ listener closes (which cuts whatever is left).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import aiohttp
-from yarl import URL
 
+from hybridrelay.bridge import upstream_http
 from hybridrelay.bridge.config import BridgeConfig, HttpForward
 from hybridrelay.bridge.listening import EdgeListener, keep_listening
 from hybridrelay.bridge.pipe import RelayStream, close_stream
 from hybridrelay.bridge.specs import validate_http_target
+from hybridrelay.bridge.upstream_http import UpstreamClient, UpstreamError, UpstreamUnreachable
 from hybridrelay.bridge.websocket_forward import WebSocketForwarder
 from hybridrelay.client import AcceptContext, AcceptHandler, RelayedHttpContext, RequestHandler
 from hybridrelay.client.backoff import RECONNECT_DELAYS
@@ -86,15 +86,6 @@ _KEEP_LENGTH = frozenset({"content-length"})
 #: Builds a listener whose relayed HTTP requests go to the given handler and whose WebSocket
 #: senders the given accept handler decides on.
 HttpListenerFactory = Callable[[RequestHandler, AcceptHandler], EdgeListener]
-
-
-def _as_sent(url: str) -> URL:
-    """The URL exactly as the sender encoded it: yarl would otherwise re-normalise the path
-    and query (``%2F`` -> ``/``), which changes what some applications see. A target with
-    characters that cannot go on a request line as they are is normalised instead."""
-    if url.isascii() and not any(ch <= " " or ch == "\x7f" for ch in url):
-        return URL(url, encoded=True)
-    return URL(url)
 
 
 def _via_appended(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -144,11 +135,25 @@ class HttpReverseProxy:
         self._prefix = "/" + self._entity
         self._public = f"{self._proto}://{relay_host}{self._prefix}"
         self._session: aiohttp.ClientSession | None = None
+        self._upstream: UpstreamClient | None = None
 
     @property
     def target(self) -> str:
         """The upstream base URL."""
         return self._target
+
+    def _get_upstream(self) -> UpstreamClient:
+        if self._upstream is None:
+            if upstream_http.AVAILABLE:
+                self._upstream = upstream_http.UpstreamPool(
+                    self._target,
+                    ssl=self._ssl,
+                    connect_timeout=self._connect_timeout,
+                    read_timeout=READ_TIMEOUT,
+                )
+            else:
+                self._upstream = upstream_http.AiohttpUpstream(self._get_session, ssl=self._ssl)
+        return self._upstream
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -211,65 +216,62 @@ class HttpReverseProxy:
         started = loop.time()
         head: float | None = None
         status: int | None = None
-        session = self._get_session()
-        url = _as_sent(self.upstream_url(ctx))
-        uploaded = asyncio.Event()
+        # The exchange runs in this task; when the sender goes away the listener's watch
+        # cancels it (one task and no waits per request, rather than the exchange and a watch
+        # in tasks of their own).
+        task = asyncio.current_task()
+        assert task is not None
+        over = gone = False
+
+        def sender_gone() -> None:
+            nonlocal gone
+            if not over and not gone:
+                gone = True
+                task.cancel()
 
         async def upload() -> AsyncIterator[bytes]:
             async for chunk in ctx.body:
                 yield chunk
-            uploaded.set()
-
-        if not ctx.more_body:
-            uploaded.set()
+            ctx.on_disconnect(sender_gone)  # only now: the watch reads what the body came on
 
         async def exchange() -> None:
             nonlocal status, head
-            async with session.request(
+            upstream = await self._get_upstream().request(
                 ctx.method,
-                url,
-                headers=self.upstream_headers(ctx),
-                # Streamed as it arrives (chunked): bodies of any size, never held whole.
-                data=upload() if ctx.more_body else None,
-                allow_redirects=False,
-                ssl=self._ssl,
-            ) as upstream:
-                headers = self.downstream_headers(list(upstream.headers.items()))
+                self.upstream_url(ctx),
+                self.upstream_headers(ctx),
+                upload() if ctx.more_body else None,
+            )
+            try:
+                headers = self.downstream_headers(upstream.headers)
                 await ctx.respond(upstream.status, upstream.reason or None, headers)
                 status, head = upstream.status, loop.time() - started
                 length = upstream.content_length
                 stream = length is None or length > INLINE_BODY_LIMIT
-                async for chunk in upstream.content.iter_any():
+                async for chunk in upstream.chunks():
                     await ctx.write(chunk)
                     if stream:
                         await ctx.flush()  # this read goes out now (server-sent events)
+            finally:
+                # Leaving early (the sender went away, or we are cancelled) closes the
+                # upstream connection; a response read to its end goes back to the pool.
+                upstream.release()
 
-        async def sender_gone() -> None:
-            # Only once the body was read: the watch reads the rendezvous the body came on.
-            await uploaded.wait()
-            await ctx.wait_disconnected()
-
-        forwarding = asyncio.create_task(exchange())
-        watching = asyncio.create_task(sender_gone())
+        if not ctx.more_body:
+            ctx.on_disconnect(sender_gone)
         try:
-            await asyncio.wait({forwarding, watching}, return_when="FIRST_COMPLETED")
-        finally:
-            if not watching.done():
-                watching.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watching
-            if not forwarding.done():
-                # The sender went away (or we are cancelled): so does the upstream request;
-                # leaving aiohttp's context by cancellation closes its connection.
-                forwarding.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await forwarding
-                ctx.abort()
-        if forwarding.cancelled():
+            try:
+                await exchange()
+            finally:
+                over = True
+            await ctx.finish()
             return ProxyAnswer(status, head, Outcome.ACCEPTED)
-        try:
-            forwarding.result()
-        except (aiohttp.ClientConnectorError, aiohttp.ClientOSError) as exc:
+        except asyncio.CancelledError:
+            if not gone or task.uncancel() > 0:
+                raise
+            ctx.abort()
+            return ProxyAnswer(status, head, Outcome.ACCEPTED)
+        except UpstreamUnreachable as exc:
             text = "Bad Gateway: the upstream is unreachable"
             answered = await self._error(ctx, 502, text, exc)
             outcome = Outcome.DESTINATION_UNREACHABLE
@@ -277,16 +279,13 @@ class HttpReverseProxy:
             text = "Gateway Timeout: the upstream did not answer"
             answered = await self._error(ctx, 504, text, exc)
             outcome = Outcome.DESTINATION_TIMEOUT
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             answered = await self._error(ctx, 502, "Bad Gateway: the upstream failed", exc)
             outcome = Outcome.FAILED
         except RelayError:
             if not ctx.disconnected:
                 raise
             ctx.abort()  # the sender went away while we wrote to it
-            return ProxyAnswer(status, head, Outcome.ACCEPTED)
-        else:
-            await ctx.finish()
             return ProxyAnswer(status, head, Outcome.ACCEPTED)
         if answered is None:  # cut after the head
             return ProxyAnswer(None, head, outcome)
@@ -316,6 +315,9 @@ class HttpReverseProxy:
         )
 
     async def aclose(self) -> None:
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            await upstream.aclose()
         session, self._session = self._session, None
         if session is not None:
             await session.close()

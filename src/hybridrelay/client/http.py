@@ -127,6 +127,7 @@ class RelayedHttpContext:
         self._repeated_headers: tuple[tuple[str, str], ...] = ()
         # The relay closed the rendezvous (the sender went away), or the exchange is over.
         self._disconnected = asyncio.Event()
+        self._on_disconnect: list[Callable[[], None]] = []
         self._watcher: asyncio.Task[None] | None = None
         self._responded = False
         self._buffer = bytearray()
@@ -136,6 +137,8 @@ class RelayedHttpContext:
         self._finished = False
         self._first_write: float | None = None
         self._bytes_sent = 0
+        # A rendezvous opened as the request arrived (an event stream will want one).
+        self._early_rendezvous: asyncio.Task[FrameSocket] | None = None
 
     def __repr__(self) -> str:
         return f"<RelayedHttpContext {self.id} {self.method} {self.path}>"
@@ -188,7 +191,7 @@ class RelayedHttpContext:
                 raise StreamClosedError("the request body stalled") from exc
             if message.kind is MessageKind.CLOSE:
                 self._body_pending = False
-                self._disconnected.set()
+                self._mark_disconnected()
                 raise StreamClosedError("the request body broke off")
             if message.kind is MessageKind.TEXT:
                 raise StreamClosedError("the relay sent text inside the request body")
@@ -223,6 +226,24 @@ class RelayedHttpContext:
         """True once :meth:`wait_disconnected` would return at once."""
         return self._disconnected.is_set()
 
+    def on_disconnect(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (once, from the event loop) when :meth:`wait_disconnected` would
+        return: the sender is gone, or the exchange is over. Like :meth:`wait_disconnected`,
+        call it once the request body was read."""
+        if self._disconnected.is_set():
+            asyncio.get_running_loop().call_soon(callback)
+            return
+        self._on_disconnect.append(callback)
+        self._watch()
+
+    def _mark_disconnected(self) -> None:
+        if self._disconnected.is_set():
+            return
+        self._disconnected.set()
+        callbacks, self._on_disconnect = self._on_disconnect, []
+        for callback in callbacks:
+            callback()
+
     def _watch(self) -> None:
         """Read the rendezvous (after the body) for the relay's close, in a task of its own."""
         socket = self._rendezvous
@@ -237,7 +258,7 @@ class RelayedHttpContext:
                     pass
             except RelayError:
                 pass
-            self._disconnected.set()
+            self._mark_disconnected()
 
         self._watcher = asyncio.create_task(watch())
 
@@ -339,10 +360,9 @@ class RelayedHttpContext:
         body = bytes(self._buffer)
         self._buffer.clear()
         head = self._head(bool(body))
+        await self._adopt_early_rendezvous(required=False)
         if self._rendezvous is not None:
-            await self._send(self._rendezvous, head)
-            if body:
-                await self._send(self._rendezvous, body)
+            await self._send(self._rendezvous, head, *((body,) if body else ()))
             self._head_sent = True
             await self._close_rendezvous()
             return
@@ -351,9 +371,7 @@ class RelayedHttpContext:
             raise StreamClosedError("the control channel this request came on is gone")
         async with self._dispatcher.send_lock:  # JSON and body adjacent (PROTOCOL.md 4.2)
             self._head_sent = True
-            await self._send(control, head)
-            if body:
-                await self._send(control, body)
+            await self._send(control, head, *((body,) if body else ()), later=True)
         self._end()
 
     # -- internals -----------------------------------------------------------------------
@@ -370,17 +388,54 @@ class RelayedHttpContext:
             )
         )
 
-    async def _start_streaming(self) -> None:
-        if self._rendezvous is None:
+    def open_rendezvous_early(self) -> None:
+        """Start opening the request's rendezvous now, while the handler works: a response
+        that streams (server-sent events) then finds it open instead of waiting the connect
+        and upgrade round trips before its first bytes. The response goes there whatever
+        its size (the relay takes it on a rendezvous the listener opened, PROTOCOL.md 6.3)."""
+        if self._rendezvous is None and self._early_rendezvous is None:
+            self._early_rendezvous = asyncio.create_task(
+                self._dispatcher.open_rendezvous(self._address)
+            )
+
+    async def _adopt_early_rendezvous(self, *, required: bool) -> None:
+        """Wait for the rendezvous opened early (if any) and use it; ``required``: open one
+        now if there is none (or it failed), else the response goes on the control channel."""
+        task, self._early_rendezvous = self._early_rendezvous, None
+        if task is not None:
+            try:
+                self._rendezvous = await task
+            except RelayError:
+                if not required:
+                    return
+        if required and self._rendezvous is None:
             self._rendezvous = await self._dispatcher.open_rendezvous(self._address)
+
+    async def _start_streaming(self) -> None:
+        await self._adopt_early_rendezvous(required=True)
+        socket = self._rendezvous
+        assert socket is not None
         self._head_sent = True
-        await self._send(self._rendezvous, self._head(True))
+        head = self._head(True)
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        if data and isinstance(socket, FrameSocket):
+            # The head and the first bytes in one write: one segment, one wake-up of the relay
+            # before the sender gets them (the first server-sent event).
+            try:
+                if socket.send_nowait(head, then_fragment=data):
+                    async with asyncio.timeout(SEND_TIMEOUT):
+                        await socket.drain()
+            except TimeoutError as exc:
+                raise StreamClosedError("the relay did not take the response in time") from exc
+            self._first_fragment = False
+            data = b""
+        else:
+            await self._send(socket, head)
         self._streaming = True
         if not self._body_pending:
             self._watch()  # the relay's close says the sender went away
-        if self._buffer:
-            data = bytes(self._buffer)
-            self._buffer.clear()
+        if data:
             await self._send_fragment(data, last=False)
 
     async def _send_fragment(self, data: bytes, *, last: bool) -> None:
@@ -410,10 +465,19 @@ class RelayedHttpContext:
                 return
 
     @staticmethod
-    async def _send(socket: MessageSocket, data: str | bytes) -> None:
+    async def _send(socket: MessageSocket, *messages: str | bytes, later: bool = False) -> None:
+        """Send whole messages, adjacent; on our own sockets in one write, and without a
+        timeout's set-up unless the transport makes us wait (the common case is no wait);
+        ``later``: together with the other answers of this turn of the event loop."""
         try:
+            if isinstance(socket, FrameSocket):
+                if socket.send_nowait(*messages, later=later):
+                    async with asyncio.timeout(SEND_TIMEOUT):
+                        await socket.drain()
+                return
             async with asyncio.timeout(SEND_TIMEOUT):
-                await socket.send(data)
+                for data in messages:
+                    await socket.send(data)
         except TimeoutError as exc:
             raise StreamClosedError("the relay did not take the response in time") from exc
 
@@ -433,7 +497,11 @@ class RelayedHttpContext:
         self._end()
 
     def _end(self) -> None:
-        self._disconnected.set()
+        early, self._early_rendezvous = self._early_rendezvous, None
+        if early is not None:
+            early.cancel()
+            early.add_done_callback(_abort_opened)
+        self._mark_disconnected()
         watcher, self._watcher = self._watcher, None
         if watcher is not None and not watcher.done():
             watcher.cancel()
@@ -457,6 +525,21 @@ class RelayedHttpContext:
         if socket is not None:
             socket.abort()
         self._end()
+
+
+def _wants_event_stream(request: Request) -> bool:
+    """Whether the sender asks for server-sent events (``Accept: text/event-stream``, what
+    every browser's EventSource sends): that response will stream."""
+    for name, value in (request.request_headers or {}).items():
+        if len(name) == 6 and name.lower() == "accept":
+            return "text/event-stream" in value.lower()
+    return False
+
+
+def _abort_opened(task: asyncio.Task[FrameSocket]) -> None:
+    """Drop a rendezvous that was opened early and is not needed (the response was cut)."""
+    if not task.cancelled() and task.exception() is None:
+        task.result().abort()
 
 
 class HttpRequestDispatcher:
@@ -508,6 +591,8 @@ class HttpRequestDispatcher:
 
     def _start_inline(self, request: Request, body: bytes) -> None:
         ctx = RelayedHttpContext(self, request, body, control=self._get_control(), rendezvous=None)
+        if self._in_flight < MAX_CONCURRENT_REQUESTS and _wants_event_stream(request):
+            ctx.open_rendezvous_early()
         self._start(self._handle(ctx), request, inline=True)
 
     def _start(self, coro: Coroutine[Any, Any, None], request: Request, *, inline: bool) -> None:
@@ -609,10 +694,10 @@ class HttpRequestDispatcher:
     # -- the handler ---------------------------------------------------------------------
 
     async def _handle(self, ctx: RelayedHttpContext) -> None:
-        track = str(uuid.uuid4())
         try:
             handler = self._get_handler()
             if handler is None:
+                track = str(uuid.uuid4())  # made only when needed: one costs ~2 us
                 await ctx._fail(
                     NO_HANDLER_STATUS,
                     f"RequestHandler has not been configured on the listener. TrackingId:{track}",
@@ -621,6 +706,7 @@ class HttpRequestDispatcher:
             try:
                 await handler(ctx)
             except Exception:
+                track = str(uuid.uuid4())
                 logger.exception(
                     "listener %s: request handler failed (request %s, TrackingId:%s)",
                     self._listener_id,

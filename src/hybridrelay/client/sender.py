@@ -22,6 +22,7 @@ from hybridrelay.exceptions import (
     ConfigurationError,
     ConnectionRejectedError,
     EndpointNotFoundError,
+    ListenerRejectedError,
     QuotaExceededError,
     RelayHttpError,
     http_error,
@@ -59,9 +60,13 @@ def _as_rejection(exc: RelayHttpError, entity: str) -> RelayHttpError:
     401/403/404/429 keep their relay meaning, with what to do about them
     (:func:`~hybridrelay.exceptions.refusal_hint`; a 404 for want of a listener gets none: the
     name is right). Any other status is what the listener rejected with (or the relay's own
-    verdict on a sender no listener took: 502/504); it cannot be told apart on the wire, so it
-    is a :class:`ConnectionRejectedError` (a :class:`RelayHttpError`).
+    verdict on a sender no listener took: 502/504); Azure's wire cannot tell them apart, so it
+    is a :class:`ConnectionRejectedError` (a :class:`RelayHttpError`). Our relay marks the
+    listener's refusals (PROTOCOL.md 5.4): those are a :class:`ListenerRejectedError`, whatever
+    the status (an application's 403 is not about the sender's token).
     """
+    if isinstance(exc, ListenerRejectedError):
+        return exc  # the relay says the listener refused: not a question of the token
     if isinstance(exc, EndpointNotFoundError) and "listener" in exc.description.lower():
         return exc
     if isinstance(exc, AuthorizationError | EndpointNotFoundError | QuotaExceededError):
@@ -151,8 +156,10 @@ class HybridConnectionClient:
             query: the application's own query string (without ``?``), raw.
 
         Raises:
-            ConnectionRejectedError: the listener rejected (status and description as sent).
-            AuthorizationError: 401/403.  EndpointNotFoundError: 404.
+            ConnectionRejectedError: the listener rejected (status and description as sent);
+                a :class:`ListenerRejectedError` where the relay says so (ours does), any
+                status, 401 and 403 included.
+            AuthorizationError: 401/403 from the relay.  EndpointNotFoundError: 404.
             RelayHttpError: another refusal of the relay.  RelayTimeoutError: not connected
             within ``connect_timeout``.  RelayConnectionError: the relay was not reachable.
         """

@@ -49,6 +49,11 @@ STATUS_DESCRIPTION_PARAM = "sb-hc-statusDescription"
 #: What the relay tells the sender when a rejecting listener gives no description (the SDK's
 #: listener always gives one).
 UNDESCRIBED_REJECTION = "Rejected by listener"
+#: hybridrelay's extension, beyond Azure (PROTOCOL.md 5.4): on the answer to a sender's
+#: refused upgrade, this header with the value ``listener`` says the listener refused it (its
+#: status and reason as it sent them), not the relay; clients that do not know it ignore it.
+REJECTED_BY_HEADER = "X-Hybridrelay-Rejected-By"
+REJECTED_BY_LISTENER = "listener"
 
 _STATUS_CODE = re.compile(r"[1-9][0-9][0-9]")
 

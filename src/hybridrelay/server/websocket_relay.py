@@ -16,7 +16,12 @@ import time
 from aiohttp import web
 
 from hybridrelay.auth.sas import Rights
-from hybridrelay.protocol.addressing import UNDESCRIBED_REJECTION, parse_accept_params
+from hybridrelay.protocol.addressing import (
+    REJECTED_BY_HEADER,
+    REJECTED_BY_LISTENER,
+    UNDESCRIBED_REJECTION,
+    parse_accept_params,
+)
 from hybridrelay.protocol.websocket import HandshakeError, handshake_headers
 from hybridrelay.server.access import AUTH_HEADER, request_token
 from hybridrelay.server.broker import (
@@ -125,7 +130,9 @@ class WebSocketRelay:
     ) -> web.StreamResponse:
         if isinstance(outcome, Rejection):
             return web.Response(
-                status=outcome.status, reason=reason_phrase(outcome.description) or "Error"
+                status=outcome.status,
+                reason=reason_phrase(outcome.description) or "Error",
+                headers={REJECTED_BY_HEADER: REJECTED_BY_LISTENER},
             )
         response, sender = await take_over(
             request,

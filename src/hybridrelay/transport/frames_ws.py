@@ -63,6 +63,7 @@ from hybridrelay.exceptions import (
     RelayConnectionError,
     http_error,
 )
+from hybridrelay.protocol.addressing import REJECTED_BY_HEADER, REJECTED_BY_LISTENER
 from hybridrelay.protocol.closing import CloseHandshake
 from hybridrelay.protocol.websocket import (
     MAX_RESPONSE_HEAD,
@@ -238,7 +239,8 @@ async def connect(
         raise
     if head.status != 101:
         socket.abort()
-        raise http_error(head.status, head.reason)
+        by_listener = head.headers.get(REJECTED_BY_HEADER.lower()) == REJECTED_BY_LISTENER
+        raise http_error(head.status, head.reason, by_listener=by_listener)
     try:
         subprotocol = check_upgrade_response(head, key, tuple(protocols))
     except ProtocolError as exc:
@@ -297,6 +299,9 @@ class FrameSocket(asyncio.BufferedProtocol):
         # Sending.
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        # Frames of send_nowait(later=True) in this turn of the event loop, written together
+        # at its end (one system call for many small responses; None: nothing waits).
+        self._later: bytearray | None = None
         # Splice mode.
         self._sink: StreamSink | None = None
         # Partial binary messages (stream_binary): the largest text message then.
@@ -412,6 +417,33 @@ class FrameSocket(asyncio.BufferedProtocol):
             self._write(OP_TEXT, data.encode("utf-8"), True)
         else:
             self._write(OP_BINARY, data, True)
+        if self._write_paused:
+            await self._drain()
+
+    def send_nowait(
+        self, *messages: bytes | str, then_fragment: bytes | None = None, later: bool = False
+    ) -> bool:
+        """Send whole messages in one write (a response's head and its body: one system call,
+        one segment, rather than two), and ``then_fragment``, the first fragment of a binary
+        message that :meth:`send_fragment` continues; True when the transport is over its
+        high-water mark and :meth:`drain` should be awaited.
+
+        ``later``: written at the end of this turn of the event loop together with whatever
+        else is sent so (a listener answering many requests in one turn makes one system
+        call, and the relay one read); any other send writes them first, in order."""
+        frames = bytearray()
+        for data in messages:
+            if isinstance(data, str):
+                frames += _client_frame(OP_TEXT, data.encode("utf-8"), True)
+            else:
+                frames += _client_frame(OP_BINARY, data, True)
+        if then_fragment is not None:
+            frames += _client_frame(OP_BINARY, then_fragment, False)
+        self._write_frames(frames, later=later)
+        return self._write_paused
+
+    async def drain(self) -> None:
+        """Return once the transport is below its high-water mark."""
         if self._write_paused:
             await self._drain()
 
@@ -604,12 +636,29 @@ class FrameSocket(asyncio.BufferedProtocol):
     # -- writing --------------------------------------------------------------------------------
 
     def _write(self, opcode: int, data: bytes | bytearray | memoryview, fin: bool) -> None:
+        self._write_frames(_client_frame(opcode, data, fin))
+
+    def _write_frames(self, frames: bytearray, *, later: bool = False) -> None:
         if self._closing.sent:
             raise RelayConnectionError("cannot send after the close frame")
         transport = self._transport
         if transport is None or self._lost or transport.is_closing():
             raise RelayConnectionError("WebSocket send failed: the connection is closed")
-        transport.write(_client_frame(opcode, data, fin))
+        if self._later is not None:
+            self._later += frames
+            if not later:
+                self._write_later()
+        elif later:
+            self._later = frames
+            asyncio.get_running_loop().call_soon(self._write_later)
+        else:
+            transport.write(frames)
+
+    def _write_later(self) -> None:
+        frames, self._later = self._later, None
+        transport = self._transport
+        if frames and transport is not None and not self._lost and not transport.is_closing():
+            transport.write(frames)
 
     async def _drain(self) -> None:
         if self._lost:
