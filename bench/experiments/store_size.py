@@ -27,7 +27,7 @@ from bench.cluster_nodes import start_redis, store_bytes
 from bench.procs import ProcGroup, read_mem_kib
 from hybridrelay.auth.sas import Rights
 from hybridrelay.store.base import StoreUnavailableError
-from hybridrelay.store.redis import RedisStore, open_redis
+from hybridrelay.store.redis import RedisStore, _prefix, open_redis
 
 NAMESPACE = "sizing"
 #: writes of each concurrent writer
@@ -60,7 +60,7 @@ async def run(sites: int, writers: int) -> None:
 
         client = open_redis(url)
         try:
-            fields = await client.hgetall(f"hybridrelay:{NAMESPACE}:store")
+            fields = await client.client.hgetall(_prefix(NAMESPACE) + "store")
         finally:
             await client.aclose()
         loaded_bytes = sum(len(k) + len(v) for k, v in fields.items())
