@@ -35,6 +35,7 @@ upgrade changes them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +53,8 @@ from hybridrelay.transport.base import MessageKind, WsMessage
 __all__ = ["AiohttpMessageSocket", "ClientMaskCheck", "ServerWebSocket"]
 
 _CLOSE_TIMEOUT = 10.0
+#: How long :meth:`AiohttpMessageSocket.aclose` waits for the peer's answering close frame.
+_PEER_CLOSE_WAIT = 2.0
 
 AiohttpWebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
@@ -170,12 +173,16 @@ class AiohttpMessageSocket:
             client: the response's ``close``).
     """
 
-    __slots__ = ("_close_transport", "_closing", "_ws")
+    __slots__ = ("_close_transport", "_closing", "_dropped", "_receiving", "_ws")
 
     def __init__(self, ws: AiohttpWebSocket, close_transport: Callable[[], None]) -> None:
         self._ws = ws
         self._close_transport = close_transport
         self._closing = CloseHandshake()
+        #: Set once the connection is dropped (both close frames, or gone).
+        self._dropped = asyncio.Event()
+        #: A :meth:`receive` is waiting on aiohttp (it will see the peer's close frame).
+        self._receiving = False
 
     @classmethod
     def server(cls, ws: web.WebSocketResponse, request: web.BaseRequest) -> AiohttpMessageSocket:
@@ -210,10 +217,13 @@ class AiohttpMessageSocket:
         if closing.received:
             return WsMessage(MessageKind.CLOSE, code=closing.code or 1006, reason=closing.reason)
         while True:
+            self._receiving = True
             try:
                 msg = await self._ws.receive()
             except RuntimeError:  # aiohttp: "WebSocket connection is closed."
                 msg = aiohttp.WSMessage(aiohttp.WSMsgType.CLOSED, None, None)
+            finally:
+                self._receiving = False
             kind = msg.type
             if kind is aiohttp.WSMsgType.BINARY:
                 return WsMessage(MessageKind.BINARY, msg.data)
@@ -310,9 +320,24 @@ class AiohttpMessageSocket:
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         try:
             await self.send_close(code, reason)
+            if not self._dropped.is_set():
+                await self._await_peer_close()
         finally:
             self._closing.lost()
             self._drop()
+
+    async def _await_peer_close(self) -> None:
+        """Wait (at most :data:`_PEER_CLOSE_WAIT`) for the peer's answering close frame before
+        the connection is dropped (RFC 6455 7.1.1). Dropped at once, the peer's answer meets a
+        closed socket, the kernel answers it with a reset, and a peer that had not read our
+        close frame yet loses it with the reset (hyco-ws reported 1006 instead of 1001)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_PEER_CLOSE_WAIT):
+                if self._receiving:  # the reader sees the close frame and drops
+                    await self._dropped.wait()
+                    return
+                while (await self.receive()).kind is not MessageKind.CLOSE:
+                    pass  # what the peer sent before its close frame: nobody reads it now
 
     def abort(self) -> None:
         self._closing.lost()
@@ -323,3 +348,4 @@ class AiohttpMessageSocket:
         # socket is closed so that it sends no second close frame, then drop the connection.
         self._ws._set_closed()
         self._close_transport()
+        self._dropped.set()
