@@ -31,7 +31,6 @@ from hybridrelay.client._connect import (
     CONTROL_MAX_MESSAGE,
     STREAM_MAX_MESSAGE,
     WebSocketConnector,
-    parse_endpoint,
     resolve_connection_string,
 )
 from hybridrelay.client.backoff import (
@@ -41,6 +40,7 @@ from hybridrelay.client.backoff import (
     needs_a_fix,
     reconnect_delays,
 )
+from hybridrelay.client.endpoints import EndpointRing, worth_another_endpoint
 from hybridrelay.client.http import HttpRequestDispatcher, RequestHandler
 from hybridrelay.client.stream import HybridConnectionStream
 from hybridrelay.client.tls import build_ssl_context
@@ -214,12 +214,7 @@ class HybridConnectionListener:
             raise ConfigurationError("token_ttl must be positive")
         if max_pending < 1:
             raise ConfigurationError("max_pending must be at least 1")
-        self._endpoints = [
-            parse_endpoint(text) for text in ([endpoint] if isinstance(endpoint, str) else endpoint)
-        ]
-        if not self._endpoints:
-            raise ConfigurationError("at least one endpoint is required")
-        self._endpoint = self._endpoints[0]
+        self._endpoints = EndpointRing(endpoint)
         self._entity_path = entity_path.strip("/")
         self._token_provider = token_provider
         self._connector = WebSocketConnector(
@@ -277,7 +272,7 @@ class HybridConnectionListener:
 
     def __repr__(self) -> str:
         return (
-            f"<HybridConnectionListener {self._endpoint.host}/{self._entity_path} "
+            f"<HybridConnectionListener {self._endpoints.current.host}/{self._entity_path} "
             f"id={self._id} {self.status}>"
         )
 
@@ -443,34 +438,27 @@ class HybridConnectionListener:
 
     async def _get_token(self) -> str | None:
         return await fetch_token(
-            self._token_provider, self._endpoint.host, self._entity_path, self._token_ttl
+            self._token_provider, self._endpoints.current.host, self._entity_path, self._token_ttl
         )
 
     async def _connect_first(self) -> MessageSocket:
         """Connect to the first endpoint that answers (the others are tried when one cannot
-        be reached; a refusal, 401/403/404, is the same on every node and raised at once)."""
+        be reached or answers 502/503; a refusal, 401/403/404, is the same on every node and
+        raised at once: ``client/endpoints.py``)."""
         for attempt in range(len(self._endpoints)):
             try:
                 return await self._connect_control()
-            except RelayHttpError:
-                raise
-            except RelayConnectionError as exc:
-                if attempt == len(self._endpoints) - 1:
+            except RelayError as exc:
+                if attempt == len(self._endpoints) - 1 or not worth_another_endpoint(exc):
                     raise
                 logger.info("%s: %s; trying the next relay endpoint", self._name, exc)
-                self._next_endpoint()
+                self._endpoints.advance()
         raise AssertionError("unreachable")
-
-    def _next_endpoint(self) -> None:
-        """Move to the next of several endpoints (a cluster's other node)."""
-        if len(self._endpoints) > 1:
-            index = (self._endpoints.index(self._endpoint) + 1) % len(self._endpoints)
-            self._endpoint = self._endpoints[index]
 
     async def _connect_control(self) -> MessageSocket:
         token = await self._get_token()
         url = build_relay_url(
-            self._endpoint.base_url,
+            self._endpoints.current.base_url,
             self._entity_path,
             action="listen",
             params={"sb-hc-id": self._id},
@@ -522,7 +510,7 @@ class HybridConnectionListener:
         while not await self._wait_closing(delay):
             self._set_status("connecting")
             # With several endpoints, each attempt goes to the next: the one lost may be down.
-            self._next_endpoint()
+            self._endpoints.advance()
             try:
                 socket = await self._connect_control()
             except Exception as exc:
