@@ -25,6 +25,7 @@ from hybridrelay.client.http import RelayedHttpContext
 from hybridrelay.exceptions import RelayError, RelayHttpError
 from hybridrelay.server.cluster_broker import (
     DEFAULT_LEASE,
+    LISTENER_RETURN_WAIT,
     OFFER_ANSWER_TIMEOUT,
     ClusterBroker,
 )
@@ -288,7 +289,8 @@ def test_without_cluster_no_redis_is_imported() -> None:
 async def test_dead_nodes_are_not_routed_to(redis_server: RedisServer) -> None:
     """A node whose lease ran out is removed (with its routes) by the next renewal of a live
     node; a node whose lease is current but that nobody hears (its process is gone) is skipped
-    at once: the sender is answered 404 without waiting for the other node's answer."""
+    at once, without waiting for its answer: the sender waits only for the dead node's
+    listeners to come back elsewhere (LISTENER_RETURN_WAIT), then is answered 404."""
     raw = aioredis.Redis.from_url(redis_server.url)
     prefix = "hybridrelay:hybridrelay:"
     try:
@@ -311,7 +313,9 @@ async def test_dead_nodes_are_not_routed_to(redis_server: RedisServer) -> None:
                 with pytest.raises(RelayHttpError) as refused:
                     await client.create_connection()
             assert refused.value.status == 404
-            assert loop.time() - started < OFFER_ANSWER_TIMEOUT  # not waited out
+            assert broker_of(node)._is_dead("silent")
+            # Not OFFER_ANSWER_TIMEOUT waited out on top of the wait for a listener's return.
+            assert loop.time() - started < LISTENER_RETURN_WAIT + OFFER_ANSWER_TIMEOUT / 2
     finally:
         await raw.aclose()
 
