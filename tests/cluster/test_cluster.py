@@ -381,3 +381,25 @@ async def test_idle_listeners_cost_no_redis_operations(redis_server: RedisServer
 async def sees_count(raw: aioredis.Redis, node: Relay, count: int) -> bool:
     value = await raw.hget("hybridrelay:hybridrelay:routes:hc", broker_of(node).node_id)
     return value is not None and int(value) == count
+
+
+@pytest.mark.timeout(30)
+async def test_a_node_does_not_offer_senders_to_itself_through_redis(
+    redis_server: RedisServer,
+) -> None:
+    """Its own entry in the routes is its local listeners: offered locally, never published."""
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        async with cluster_nodes(redis_server.url, 1, node_options={0: HC}) as (node,):
+            async with listening(node):
+                broker = broker_of(node)
+
+                async def registered() -> bool:
+                    return bool(await raw.hget("hybridrelay:hybridrelay:routes:hc", broker.node_id))
+
+                await until(registered)
+                broker._routes.clear()  # read the routes again, with this node's entry in
+                assert await broker._remote_routes("hc") == []
+                assert await round_trip(node, b"local") == b"local"
+    finally:
+        await raw.aclose()

@@ -392,7 +392,13 @@ class ClusterBroker(LocalBroker):
         return node in self._expired or node in self._unheard
 
     def _routable(self, routes: list[tuple[str, int]]) -> list[tuple[str, int]]:
-        return [(node, n) for node, n in routes if n > 0 and not self._is_dead(node)]
+        """The other nodes (never this one: its listeners are offered locally) that are not
+        known dead, with listeners."""
+        return [
+            (node, n)
+            for node, n in routes
+            if n > 0 and node != self.node_id and not self._is_dead(node)
+        ]
 
     def _cached_remote_count(self, entity: str) -> int:
         cached = self._routes.get(entity_key(entity))
