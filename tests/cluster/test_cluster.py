@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,7 +23,7 @@ import redis.asyncio as aioredis
 from hybridrelay.auth.sas import Rights, create_token
 from hybridrelay.client import HybridConnectionClient, HybridConnectionListener
 from hybridrelay.client.http import RelayedHttpContext
-from hybridrelay.exceptions import RelayError, RelayHttpError
+from hybridrelay.exceptions import QuotaExceededError, RelayError, RelayHttpError
 from hybridrelay.server.cluster_broker import (
     DEFAULT_LEASE,
     LISTENER_RETURN_WAIT,
@@ -403,3 +404,58 @@ async def test_a_node_does_not_offer_senders_to_itself_through_redis(
                 assert await round_trip(node, b"local") == b"local"
     finally:
         await raw.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_listener_counts_and_the_listener_limit_are_cluster_wide(
+    redis_server: RedisServer,
+) -> None:
+    """A listener on node 1: node 2's runtime information, ARM GET and dashboard count it (the
+    dashboard lists node 2's own listeners only), and with
+    ``max_listeners_per_connection: 1`` a second listener is refused on node 2 (429)."""
+    options: dict[int, dict[str, Any]] = {
+        index: {
+            "entities": [{"name": "hc"}],
+            "limits": {"max_listeners_per_connection": 1},
+            "management": index == 1,
+        }
+        for index in (0, 1)
+    }
+    async with cluster_nodes(redis_server.url, 2, node_options=options) as (one, two):
+        async with listening(one):
+            await until(lambda: sees_listener(two, "hc"))
+            token = create_token(
+                f"http://127.0.0.1:{two.server.port}/hc",
+                ROOT_KEY_NAME,
+                ROOT_KEY,
+                expiry=in_an_hour(),
+            )
+            manage = create_token(
+                f"http://127.0.0.1:{two.server.port}/",
+                ROOT_KEY_NAME,
+                ROOT_KEY,
+                expiry=in_an_hour(),
+            )
+            async with httpx.AsyncClient(timeout=10) as http:
+                info = await http.get(
+                    f"{two.http_url}/hc",
+                    params={"api-version": "2016-07"},
+                    headers={"Authorization": token, "X-PROCESS-AT": "ServiceBus"},
+                )
+                assert "<ListenerCount>1</ListenerCount>" in info.text, info.text
+                arm = await http.get(
+                    f"{two.server.management_url}/subscriptions/s/resourceGroups/g/providers/"
+                    "Microsoft.Relay/namespaces/hybridrelay/hybridConnections/hc",
+                    params={"api-version": "2021-11-01"},
+                    headers={"Authorization": manage},
+                )
+                assert arm.json()["properties"]["listenerCount"] == 1, arm.text
+            dashboard = two.server.dashboard
+            assert dashboard is not None
+            totals = await two.server.broker.listener_totals(["hc"])
+            (row,) = dashboard.snapshot(totals)["hybridConnections"]
+            assert row["listenerCount"] == 1 and row["listeners"] == []  # node 1's listener
+            second = HybridConnectionListener(two.base_url, "hc", root_provider())
+            with pytest.raises(QuotaExceededError):
+                await second.open()
+            await second.aclose()

@@ -391,7 +391,7 @@ class RelayServer:
         self.arm = ArmApi(
             store,
             self.store.file,
-            self.broker.listener_count,
+            self.broker.listener_totals,
             public_endpoint=self.public_endpoint,
         )
         runtime = RuntimeApi(self.runtime, self.arm.authorize_request)
@@ -405,6 +405,7 @@ class RelayServer:
             totals=self.observer.totals,
             recent_errors=lambda: self.observer.recent_errors,
             secure=secure is not None,
+            listener_totals=self.broker.listener_totals,
         )
         app = management_application(
             self.arm,
@@ -635,7 +636,7 @@ class RelayServer:
         raw_path, _, raw_query = request.raw_path.partition("?")
         if not raw_path.startswith(HC_PREFIX):
             if is_runtime_info_request(request, raw_query):
-                return runtime_info(
+                return await runtime_info(
                     request,
                     raw_path,
                     self._context,

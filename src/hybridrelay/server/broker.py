@@ -210,7 +210,14 @@ class Broker(Protocol):
         """The channel is gone: offer it nothing more, and tell what waits on it."""
         ...
 
-    def listener_count(self, entity: str) -> int: ...
+    def listener_count(self, entity: str) -> int:
+        """Listeners of ``entity`` connected to this process."""
+        ...
+
+    async def listener_totals(self, entities: Sequence[str]) -> dict[str, int]:
+        """Listeners of each of ``entities`` on every node of the namespace (this process's
+        alone without a cluster), by the names given."""
+        ...
 
     def answers_inline(self, entity: str) -> bool:
         """Whether an HTTP request to ``entity`` may be sent inline (its response then comes on
@@ -321,6 +328,9 @@ class LocalBroker:
 
     def listener_count(self, entity: str) -> int:
         return len(self._by_entity.get(entity.lower(), ()))
+
+    async def listener_totals(self, entities: Sequence[str]) -> dict[str, int]:
+        return {name: self.listener_count(name) for name in entities}
 
     def answers_inline(self, entity: str) -> bool:
         return True

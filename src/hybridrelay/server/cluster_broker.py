@@ -378,6 +378,10 @@ class ClusterBroker(LocalBroker):
             raise_if_cancelled()
             self.outage.report(exc)
             raw = {}
+        return self._keep_routes(key, raw)
+
+    def _keep_routes(self, key: str, raw: dict[Any, Any]) -> list[tuple[str, int]]:
+        """Parse a ``routes:{entity}`` hash as read and cache it."""
         routes = []
         for node, count in raw.items():
             name = node.decode() if isinstance(node, bytes) else str(node)
@@ -387,6 +391,33 @@ class ClusterBroker(LocalBroker):
             self._routes.clear()
         self._routes[key] = (time.monotonic(), routes)
         return routes
+
+    async def listener_totals(self, entities: Sequence[str]) -> dict[str, int]:
+        """This node's listeners plus the other live nodes' (their routes, cached
+        :data:`ROUTE_CACHE_TTL`; those not cached are read in one pipelined round trip)."""
+        now = time.monotonic()
+        stale = sorted(
+            {
+                key
+                for key in map(entity_key, entities)
+                if (cached := self._routes.get(key)) is None or now - cached[0] > ROUTE_CACHE_TTL
+            }
+        )
+        if stale and not self._left:
+            try:
+                async with asyncio.timeout(REDIS_TIMEOUT):
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for key in stale:
+                            pipe.hgetall(self._routes_key(key))
+                        hashes = await pipe.execute()
+                for key, raw in zip(stale, hashes, strict=True):
+                    self._keep_routes(key, raw)
+            except (RedisError, OSError, TimeoutError) as exc:
+                raise_if_cancelled()
+                self.outage.report(exc)  # what is cached (or this node's count) is answered
+        return {
+            name: self.listener_count(name) + self._cached_remote_count(name) for name in entities
+        }
 
     def _is_dead(self, node: str) -> bool:
         return node in self._expired or node in self._unheard
