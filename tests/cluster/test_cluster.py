@@ -107,16 +107,21 @@ async def listening(relay: Relay, entity: str = "hc") -> AsyncIterator[HybridCon
             task.cancel()
 
 
+async def echoed(client: HybridConnectionClient, payload: bytes) -> bytes:
+    """What an echoing listener sends back of ``payload`` through a new connection."""
+    stream = await client.create_connection()
+    await stream.write(payload)
+    await stream.write_eof()
+    parts = []
+    while data := await stream.read():
+        parts.append(data)
+    await stream.aclose()
+    return b"".join(parts)
+
+
 async def round_trip(relay: Relay, payload: bytes, entity: str = "hc") -> bytes:
     async with HybridConnectionClient(relay.base_url, entity, root_provider()) as client:
-        stream = await client.create_connection()
-        await stream.write(payload)
-        await stream.write_eof()
-        parts = []
-        while data := await stream.read():
-            parts.append(data)
-        await stream.aclose()
-    return b"".join(parts)
+        return await echoed(client, payload)
 
 
 def http_client(relay: Relay, entity: str = "hc") -> httpx.AsyncClient:

@@ -20,6 +20,7 @@ from tests.client.helpers import root_provider
 from tests.cluster.conftest import RedisServer, cluster_nodes
 from tests.cluster.test_cluster import (
     echo,
+    echoed,
     listening,
     round_trip,
     sees_listener,
@@ -40,14 +41,7 @@ async def try_round_trip(base_url: str, payload: bytes) -> bool:
     try:
         async with asyncio.timeout(5):
             async with HybridConnectionClient(base_url, "hc", root_provider()) as client:
-                stream = await client.create_connection()
-                await stream.write(payload)
-                await stream.write_eof()
-                parts = []
-                while data := await stream.read():
-                    parts.append(data)
-                await stream.aclose()
-        return b"".join(parts) == payload
+                return await echoed(client, payload) == payload
     except (RelayError, TimeoutError, OSError):
         return False
 

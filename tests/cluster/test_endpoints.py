@@ -20,7 +20,7 @@ from hybridrelay.client import (
 from hybridrelay.exceptions import AuthorizationError, ConfigurationError
 from tests.bridge.helpers import exchange, running
 from tests.client.helpers import root_provider
-from tests.cluster.test_cluster import echo, round_trip
+from tests.cluster.test_cluster import echo, echoed, round_trip
 from tests.conftest import ROOT_KEY_NAME, RelayFactory
 
 
@@ -77,17 +77,6 @@ def test_the_bridge_takes_more_endpoints() -> None:
         ConnectionSettings(endpoint="sb://node1.example.com", more_endpoints=("node2",))
 
 
-async def _echoed(client: HybridConnectionClient, payload: bytes) -> bytes:
-    stream = await client.create_connection()
-    await stream.write(payload)
-    await stream.write_eof()
-    parts = []
-    while data := await stream.read():
-        parts.append(data)
-    await stream.aclose()
-    return b"".join(parts)
-
-
 @pytest.mark.timeout(30)
 async def test_the_sender_skips_an_endpoint_that_cannot_be_reached_and_sticks_to_the_next(
     make_relay: RelayFactory, caplog: pytest.LogCaptureFixture
@@ -101,8 +90,8 @@ async def test_the_sender_skips_an_endpoint_that_cannot_be_reached_and_sticks_to
                 [refused_endpoint(), relay.base_url], "hc", root_provider()
             )
             async with client:
-                assert await _echoed(client, b"first") == b"first"
-                assert await _echoed(client, b"second") == b"second"
+                assert await echoed(client, b"first") == b"first"
+                assert await echoed(client, b"second") == b"second"
                 await client.check_access()
             task.cancel()
     moves = [r for r in caplog.records if "trying the next relay endpoint" in r.getMessage()]
@@ -133,7 +122,7 @@ async def test_a_sender_refused_by_a_draining_relay_uses_the_next(
                 async with asyncio.timeout(10):
                     await online.wait()  # after the 1012, on the second relay
                 assert second.server.broker.listener_count("hc") == 1
-                assert await _echoed(client, b"moved") == b"moved"
+                assert await echoed(client, b"moved") == b"moved"
                 await held.write(b"still")
                 assert await held.read() == b"still"  # the relayed connection was not cut
                 await held.aclose()
