@@ -171,7 +171,13 @@ class RelayServer:
         self._ssl = self._certificate.context if self._certificate else None
         #: What the endpoints use of the relay.
         self._context = RelayContext(
-            self._settings, self.store, self.access, self.broker, self._legs, self.observer
+            self._settings,
+            self.store,
+            self.access,
+            self.broker,
+            self._legs,
+            self.observer,
+            draining=lambda: self._draining,
         )
         self.http = HttpRelay(self._context)
         self.websocket = WebSocketRelay(self._context)
