@@ -51,6 +51,7 @@ __all__ = [
     "NOT_IN_TIME",
     "NO_LISTENER",
     "SENDER_GONE",
+    "SHUTTING_DOWN",
     "TOO_MANY_PENDING",
     "Accepted",
     "Broker",
@@ -97,6 +98,8 @@ NO_LISTENER = Unanswered(404, "There are no listeners connected for the endpoint
 TOO_MANY_PENDING = Unanswered(503, "Too many pending connections; try again later.")
 NOT_IN_TIME = Unanswered(504, "The listener did not accept the connection in time.")
 LISTENERS_BUSY = Unanswered(503, "Every listener is busy; try again later.")
+#: What a draining relay answers a sender its listeners can no longer take (retryable).
+SHUTTING_DOWN = Unanswered(503, "The relay is shutting down.")
 #: The sender's connection closed while it waited (nobody reads this answer).
 SENDER_GONE = Unanswered(499, "The sender went away.")
 ENTITY_DELETED = "The hybrid connection was deleted."

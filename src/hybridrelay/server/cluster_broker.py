@@ -437,15 +437,20 @@ class ClusterBroker(LocalBroker):
             return 0
         return sum(n for _, n in self._routable(cached[1]))
 
+    def _had_listener(self, entity: str) -> bool:
+        """Whether ``entity`` had a listener within :data:`RECENT_LISTENER`. (A draining node's
+        own listeners do not count: it answers its senders 503, to be retried elsewhere.)"""
+        seen = self._seen.get(entity_key(entity))
+        recent = seen is not None and time.monotonic() - seen <= RECENT_LISTENER
+        return recent and self._advertising
+
     async def _listener_back(self, entity: str, gone: asyncio.Future[None] | None) -> None:
         """If ``entity`` has no listener now but had one within :data:`RECENT_LISTENER`, wait
         up to :data:`LISTENER_RETURN_WAIT` (or until the sender goes) for one to be
         registered again, here or on another node (routes re-read every
         :data:`ROUTE_RECHECK`, one read per entity however many senders wait)."""
-        key = entity_key(entity)
-        seen = self._seen.get(key)
         loop = asyncio.get_running_loop()
-        if seen is None or time.monotonic() - seen > RECENT_LISTENER:
+        if not self._had_listener(entity):
             return
         deadline = loop.time() + LISTENER_RETURN_WAIT
         while not LocalBroker._has_listener(self, entity):
@@ -514,8 +519,7 @@ class ClusterBroker(LocalBroker):
             if channel is not None or local_only:
                 return channel
             if deadline is None:
-                seen = self._seen.get(entity_key(pending.entity))
-                recent = seen is not None and time.monotonic() - seen <= RECENT_LISTENER
+                recent = self._had_listener(pending.entity)
                 deadline = loop.time() + (LISTENER_RETURN_WAIT if recent else 0.0)
             elif loop.time() >= deadline:
                 return None
