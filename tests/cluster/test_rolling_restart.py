@@ -60,7 +60,7 @@ ENTITIES = (SDK_A, SDK_B, BRIDGE)
 RECONNECT_BOUND = 1.0
 #: The nodes' ``--shutdown-grace-period``: long-lived connections through a node that
 #: restarts are cut when it runs out (expected; they are not on a node that stayed up).
-GRACE = 1.5
+GRACE = 1.0
 
 
 @dataclass
@@ -451,7 +451,7 @@ async def test_a_rolling_restart_of_three_nodes_under_load(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     await _measured(
-        redis_server, tmp_path, senders=3, http_senders=2, rounds=1, warm_up=1.0, within=90
+        redis_server, tmp_path, senders=3, http_senders=2, rounds=1, warm_up=0.5, within=90
     )
 
 
