@@ -5,7 +5,8 @@ A :class:`LocalBroker` for the listeners of this process, plus:
 * **Registrations.** For each entity with listeners here, the hash ``routes:{entity}`` holds
   ``{node id: local listener count}`` and the set ``node:{id}:entities`` names the entities, so
   a dead node's entries can be removed. Both are written when the count changes (coalesced), not
-  per idle period: an idle listener costs no Redis operation after its registration.
+  per idle period: an idle listener costs no Redis operation after its registration. A
+  draining node's count is 0 ("its listeners are moving") until it leaves.
 * **The lease, per node.** Every ``lease / 3`` seconds a node puts itself in the sorted set
   ``nodes`` with score "now + lease" and reads which nodes are alive (score in the future):
   two commands per node per renewal, whatever its number of listeners. A node whose entry was
@@ -32,6 +33,10 @@ A :class:`LocalBroker` for the listeners of this process, plus:
   entity per second on a node, whatever the number of senders). A listener whose control channel
   holds ``max_queued_per_listener`` messages is passed over on its own node (A answers
   ``none``).
+* **Listeners on the move** (a drain's 1012, a node's death): a routes read that found none,
+  or whose nodes all answered ``none``, is read again after :data:`ROUTE_RECHECK`; a sender
+  whose entity had a listener within :data:`RECENT_LISTENER` waits up to
+  :data:`LISTENER_RETURN_WAIT` for one to be registered again (docs/CLUSTER.md).
 * **Redis outage.** Listeners and senders on this node keep being paired; remote listeners are
   not reachable; the registrations are written again when Redis is back. One log line for the
   outage and one for the recovery (the store's, when the relay has a Redis store: one per node).
@@ -236,8 +241,10 @@ class ClusterBroker(LocalBroker):
         self._seen[key] = time.monotonic()
 
     def stop_advertising(self) -> None:
-        """The relay drains: remove this node's listeners from the routes now (other nodes
-        stop offering senders here at once, not when the listeners are gone)."""
+        """The relay drains: mark this node's routes 0 now ("its listeners are moving"): other
+        nodes stop offering senders here at once, not when the listeners are gone, and hold
+        their senders a moment for the listeners to come back elsewhere. The entries go when
+        this node leaves (:meth:`aclose`)."""
         self._advertising = False
         self._dirty |= set(self._by_entity)
         self._flush_wanted.set()
@@ -362,7 +369,7 @@ class ClusterBroker(LocalBroker):
                 reading.set_result(read)
             finally:
                 del self._reading[key]
-                if not reading.done():  # cancelled: the others read again
+                if not reading.done():  # cancelled: the others find no routes this time
                     reading.set_result([])
         read = await asyncio.shield(reading)
         routes = self._routable(read)
