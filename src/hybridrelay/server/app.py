@@ -174,7 +174,13 @@ class RelayServer:
         self._ssl = self._certificate.context if self._certificate else None
         #: What the endpoints use of the relay.
         self._context = RelayContext(
-            self._settings, self.store, self.access, self.broker, self._legs, self.observer
+            self._settings,
+            self.store,
+            self.access,
+            self.broker,
+            self._legs,
+            self.observer,
+            draining=lambda: self._draining,
         )
         self.http = HttpRelay(self._context)
         self.websocket = WebSocketRelay(self._context)
@@ -394,7 +400,7 @@ class RelayServer:
         self.arm = ArmApi(
             store,
             self.store.file,
-            self.broker.listener_count,
+            self.broker.listener_totals,
             public_endpoint=self.public_endpoint,
         )
         runtime = RuntimeApi(self.runtime, self.arm.authorize_request)
@@ -408,6 +414,7 @@ class RelayServer:
             totals=self.observer.totals,
             recent_errors=lambda: self.observer.recent_errors,
             secure=secure is not None,
+            listener_totals=self.broker.listener_totals,
         )
         app = management_application(
             self.arm,
@@ -638,7 +645,7 @@ class RelayServer:
         raw_path, _, raw_query = request.raw_path.partition("?")
         if not raw_path.startswith(HC_PREFIX):
             if is_runtime_info_request(request, raw_query):
-                return runtime_info(
+                return await runtime_info(
                     request,
                     raw_path,
                     self._context,

@@ -333,6 +333,10 @@ class HttpRelay:
                     ),
                 )
             if channel is None:
+                if self._relay.draining():
+                    # Admitted as the drain began: its listeners take nothing new now. 503 is
+                    # retried elsewhere (a load balancer, a client with several nodes).
+                    return error_response(503, "The relay is shutting down.")
                 return error_response(502, "There are no listeners connected for the endpoint.")
             full = full_request(channel.base_url)
             try:
