@@ -471,11 +471,7 @@ class HybridConnectionListener:
             try:
                 return await self._connect_control()
             except RelayError as exc:
-                if (
-                    attempt == len(order) - 1
-                    or self._closing
-                    or not worth_another_endpoint(exc)
-                ):
+                if attempt == len(order) - 1 or self._closing or not worth_another_endpoint(exc):
                     raise
                 if reconnecting:
                     self._set_status("offline", exc)
