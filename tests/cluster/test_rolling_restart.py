@@ -224,7 +224,7 @@ class RollingRestart:
             await client.aclose()
 
     async def _registered(self, client: aioredis.Redis, entity: str) -> bool:
-        counts = await client.hvals(f"hybridrelay:{self._namespace}:routes:{entity}")
+        counts = await client.hvals(f"hybridrelay:{self._namespace}:routes:{{{entity}}}")
         return any(int(count) > 0 for count in counts)
 
     # -- load -------------------------------------------------------------------------------
