@@ -14,7 +14,8 @@ A :class:`LocalBroker` for the listeners of this process, plus:
   sees it: at most ``lease + lease / 3`` seconds (4 s by default), and at once in practice,
   since a dead node's pub/sub connection is gone and an offer published to it reaches nobody
   (``PUBLISH`` answers 0) and is skipped. The first live node to see an expired entry removes its
-  routes.
+  routes. A node that joined since the last renewal is routed to at once (its routes are
+  there as soon as it has listeners: a restarted worker is reachable without a wait).
 * **Offers to another node.** A sender lands on node B; the listener's control channel is on A.
   B keeps the pending rendezvous in its own table, renders the ``accept`` (or the address-only
   HTTP ``request``) with a rendezvous address naming B (``server.public_base_url``, else B's
@@ -142,6 +143,10 @@ class ClusterBroker(LocalBroker):
         self.outage = OutageLog(url, "cluster")
         #: Nodes whose lease had not run out at the last renewal (this one excluded).
         self._live: set[str] = set()
+        #: Nodes not routed to: their lease had run out at the last renewal, or an offer
+        #: published to them since reached nobody. A node that joined since the last renewal
+        #: is in neither set and is routed to (a restarted worker is reachable at once).
+        self._unroutable: set[str] = set()
         self._renewed = asyncio.Event()
         #: entity key -> (read at, [(node, listener count)]).
         self._routes: dict[str, tuple[float, list[tuple[str, int]]]] = {}
@@ -285,6 +290,7 @@ class ClusterBroker(LocalBroker):
             else:
                 dead.append(node)
         self._live = live
+        self._unroutable = set(dead)
         self._renewed.set()
         for node in dead[:10]:  # a few per renewal: a mass failure is cleaned up over seconds
             logger.info("cluster: node %s missed its lease; its listeners are not routed to", node)
@@ -323,13 +329,16 @@ class ClusterBroker(LocalBroker):
             if len(self._routes) > 10_000:
                 self._routes.clear()
             cached = self._routes[key] = (now, routes)
-        return [(node, n) for node, n in cached[1] if n > 0 and node in self._live]
+        return [(node, n) for node, n in cached[1] if n > 0 and self._routable(node)]
 
     def _cached_remote_count(self, entity: str) -> int:
         cached = self._routes.get(entity_key(entity))
         if cached is None:
             return 0
-        return sum(n for node, n in cached[1] if n > 0 and node in self._live)
+        return sum(n for node, n in cached[1] if n > 0 and self._routable(node))
+
+    def _routable(self, node: str) -> bool:
+        return node != self.node_id and node not in self._unroutable
 
     # -- the broker ---------------------------------------------------------------------------
 
@@ -429,6 +438,7 @@ class ClusterBroker(LocalBroker):
                 receivers = await self._redis.publish(self._channel_of(node), json.dumps(message))
                 if not receivers:  # nobody subscribed: the node is gone
                     self._live.discard(node)
+                    self._unroutable.add(node)
                     raise LookupError(node)
                 told = await answer == "told"
         except (RedisError, OSError) as exc:
