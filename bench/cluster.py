@@ -71,12 +71,14 @@ class ClusterProfile:
     lat_chunks: int
     idle_listeners: int
     idle_seconds: float
+    #: The idle window that measures the nodes' own Redis traffic before each measurement.
+    background_seconds: float = 2.0
 
 
 CLUSTER_PROFILES = {
-    "smoke": ClusterProfile(1, 0.3, 0.1, 1, 10, 10, 10, 1, 2, 1.0),
+    "smoke": ClusterProfile(1, 0.3, 0.1, 1, 10, 10, 10, 1, 2, 1.2, background_seconds=0.3),
     "quick": ClusterProfile(1, 1.0, 0.3, 1, 50, 50, 100, 2, 25, 10.0),
-    "default": ClusterProfile(3, 2.0, 0.5, 2, 50, 50, 100, 3, 50, 20.0),
+    "default": ClusterProfile(3, 2.0, 0.5, 2, 50, 50, 100, 3, 50, 30.0),
     "full": ClusterProfile(5, 3.0, 0.5, 5, 50, 50, 200, 5, 200, 60.0),
 }
 
@@ -401,7 +403,7 @@ def measure_workers(bed: Bed, workers: int, prof: ClusterProfile, run: int) -> d
                 record["tunnel_cpu_relay"] * 10_000 / result["conns_per_s"]
             )
         # HTTP requests: wrk through the shared port (its connections spread over the workers).
-        background = _background(bed.meter, 1.0)
+        background = _background(bed.meter, prof.background_seconds)
         url = f"{node.base_url.replace('ws://', 'http://')}/{HTTP_HC}/x"
         argv = wrk_argv(
             url,
@@ -450,7 +452,7 @@ def measure_nodes(
         started.append(
             start_agent(bed.procs, bed.workdir, "agent-a", a.base_url, bed.key, bed.dest_port, None)
         )
-        background = _background(bed.meter, 1.0)
+        background = _background(bed.meter, prof.background_seconds)
         samples: dict[str, list[dict[str, Any]]] = {"same": [], "cross": []}
         for chunk in range(prof.lat_chunks * 2):
             where = "same" if chunk % 2 == 0 else "cross"
@@ -523,6 +525,10 @@ def measure_idle(bed: Bed, prof: ClusterProfile, a: Node, started: list[Proc]) -
         "redis_in_bytes": (with_listeners.input_bytes - without.input_bytes) / count / minutes,
         "redis_out_bytes": (with_listeners.output_bytes - without.output_bytes) / count / minutes,
         "node_ops_per_min": without.ops / 2 / minutes,
+        # What differs between the two windows, per command (the lease's ZADD/ZRANGE every
+        # second and the version GET every 5 s fall unevenly into short windows).
+        "commands_without": without.calls,
+        "commands_with": with_listeners.calls,
     }
 
 
