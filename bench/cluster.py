@@ -205,7 +205,8 @@ class Node:
 def _relay_config(workdir: Path, name: str, key: str, ingress_port: int) -> Path:
     text = (
         "server:\n  host: 127.0.0.1\n  port: 0\n  plaintext: true\n"
-        "limits:\n  max_pending_rendezvous: 20000\n"
+        # The idle part holds up to 200 listeners of one hybrid connection on one node.
+        "limits:\n  max_pending_rendezvous: 20000\n  max_listeners_per_connection: 1000\n"
         f'ingress:\n  - {{listen: "127.0.0.1:{ingress_port}", hybrid_connection: {HC}, '
         "max_connections: 20000}\n"
         "namespace:\n  authorization_rules:\n"
@@ -289,17 +290,14 @@ def _loadgen(
         if line.startswith("MARK "):
             on_mark(line[5:])
 
-    proc = procs.start(
+    m = procs.result_line(
         f"loadgen-{mode}",
         [sys.executable, "-m", "bench.loadgen", mode, "--port", str(port), *extra],
+        r"^RESULT (.*)$",
+        timeout,
         on_line=on_line,
         env={"PYTHONPATH": str(REPO)},
     )
-    try:
-        m = proc.wait_line(r"^RESULT (.*)$", timeout=timeout)
-    finally:
-        proc.stop()
-        procs.procs.remove(proc)
     result: dict[str, Any] = json.loads(m.group(1))
     return result
 
@@ -402,6 +400,11 @@ def measure_workers(bed: Bed, workers: int, prof: ClusterProfile, run: int) -> d
             record["tunnel_relay_cpu_ms_per_k"] = (
                 record["tunnel_cpu_relay"] * 10_000 / result["conns_per_s"]
             )
+            record["tunnel_core_capacity_per_s"] = (
+                workers * 1e6 / record["tunnel_relay_cpu_ms_per_k"]
+                if record["tunnel_relay_cpu_ms_per_k"]
+                else None
+            )
         # HTTP requests: wrk through the shared port (its connections spread over the workers).
         background = _background(bed.meter, prof.background_seconds)
         url = f"{node.base_url.replace('ws://', 'http://')}/{HTTP_HC}/x"
@@ -429,6 +432,12 @@ def measure_workers(bed: Bed, workers: int, prof: ClusterProfile, run: int) -> d
             record["http_relay_cpu_ms_per_k"] = (
                 _percents(cpu_before, cpu_after)["cpu_relay"] * 10_000 / http["req_per_s"]
             )
+            # What the workers would carry with a core each at the CPU cost measured.
+            record["http_core_capacity_per_s"] = (
+                workers * 1e6 / record["http_relay_cpu_ms_per_k"]
+                if record["http_relay_cpu_ms_per_k"]
+                else None
+            )
         for name, value in _with_agents(_percents(cpu_before, cpu_after)).items():
             record[f"http_{name}"] = value
         for name, value in _per(redis_delta, seconds, background, http.get("requests", 0)).items():
@@ -437,7 +446,7 @@ def measure_workers(bed: Bed, workers: int, prof: ClusterProfile, run: int) -> d
 
 
 def measure_nodes(
-    bed: Bed, prof: ClusterProfile, run: int, *, idle: bool = False
+    bed: Bed, prof: ClusterProfile, run: int, idle: bool = False
 ) -> list[dict[str, Any]]:
     """Two single-worker nodes A and B, a listener (agent) on A: connect latency through A's
     ingress port (same node) against B's (cross-node); with ``idle``, then the idle listeners'
@@ -580,6 +589,18 @@ def run_cluster(
         return _run(procs, workdir, prof, log)
 
 
+def _part(
+    what: str, log: Callable[[str], None], measure: Callable[..., Any], *args: Any
+) -> list[dict[str, Any]]:
+    """``measure(*args)``'s record(s), or one error record (the other parts still run)."""
+    try:
+        result = measure(*args)
+        return result if isinstance(result, list) else [result]
+    except (OSError, TimeoutError, ValueError, KeyError) as exc:
+        log(f"cluster {what}: failed: {type(exc).__name__}: {str(exc)[:500]}")
+        return [{"part": "error", "what": what, "error": f"{type(exc).__name__}: {exc}"}]
+
+
 def _run(
     procs: ProcGroup, workdir: Path, prof: ClusterProfile, log: Callable[[str], None]
 ) -> list[dict[str, Any]]:
@@ -592,7 +613,7 @@ def _run(
         order = (1, 2) if run % 2 == 0 else (2, 1)  # interleaved: no order advantage
         for workers in order:
             log(f"cluster run {run + 1}/{prof.runs}: {workers} worker(s)")
-            records.append(measure_workers(bed, workers, prof, run))
+            records += _part(f"workers {workers}", log, measure_workers, bed, workers, prof, run)
         idle = run == prof.runs - 1
         log(
             f"cluster run {run + 1}/{prof.runs}: cross-node against same-node latency"
@@ -602,7 +623,7 @@ def _run(
                 else ""
             )
         )
-        records += measure_nodes(bed, prof, run, idle=idle)
+        records += _part("nodes", log, measure_nodes, bed, prof, run, idle)
     for record in records:  # the suite's records name a path and a mode
         record["topology"] = "cluster"
         record["mode"] = f"cluster-{record['part']}"
@@ -649,6 +670,16 @@ def render_cluster(records: list[dict[str, Any]]) -> str:
         ("HTTP p50 ms", "http_p50_ms", "{:.2f}"),
         ("relay CPU-ms per 1,000 tunnels", "tunnel_relay_cpu_ms_per_k", "{:,.0f}"),
         ("relay CPU-ms per 1,000 HTTP requests", "http_relay_cpu_ms_per_k", "{:,.0f}"),
+        (
+            "new tunnels/s with a core per worker (workers x 1e6 / CPU-ms per 1,000)",
+            "tunnel_core_capacity_per_s",
+            "{:,.0f}",
+        ),
+        (
+            "HTTP req/s with a core per worker (workers x 1e6 / CPU-ms per 1,000)",
+            "http_core_capacity_per_s",
+            "{:,.0f}",
+        ),
         ("tunnels: CPU % relay (all workers)", "tunnel_cpu_relay", "{:.0f}"),
         ("tunnels: CPU % agents (2)", "tunnel_cpu_agents", "{:.0f}"),
         ("tunnels: CPU % load generator", "tunnel_loadgen_cpu", "{:.0f}"),

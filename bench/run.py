@@ -177,18 +177,15 @@ def run_loadgen(
     timeout: float,
 ) -> dict[str, Any]:
     sampler = Sampler(watched)
-    proc = procs.start(
+    m = procs.result_line(
         f"loadgen-{mode}",
         _loadgen_argv(topo, mode, prof, extra),
+        r"^RESULT (.*)$",
+        timeout,
         cpus=cpus.loadgen,
         on_line=sampler.on_line,
         env={"PYTHONPATH": str(REPO)},
     )
-    try:
-        m = proc.wait_line(r"^RESULT (.*)$", timeout=timeout)
-    finally:
-        proc.stop()
-        procs.procs.remove(proc)
     result: dict[str, Any] = json.loads(m.group(1))
     result.update(sampler.percents())
     return result

@@ -20,12 +20,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from hybridrelay.auth.sas import create_token
-from hybridrelay.client import HybridConnectionClient, HybridConnectionListener
+from hybridrelay.client import HybridConnectionListener
 from tests.client.helpers import root_provider
 from tests.cluster.conftest import RedisServer
 from tests.cluster.test_cluster import echo, reverse_body, until
+from tests.cluster.test_cluster_failures import try_round_trip
 from tests.conftest import ROOT_KEY, ROOT_KEY_NAME
-from tests.serve_process import CLI, ServeProcess, relay_document, write_config
+from tests.serve_process import CLI, Lines, ServeProcess, relay_document, write_config
 
 ROUTES = "hybridrelay:hybridrelay:routes:hc"
 READY = re.compile(r"^worker (\d+) \(pid (\d+)\) ready: rendezvous (\S+)")
@@ -37,30 +38,12 @@ class Workers(ServeProcess):
 
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         super().__init__(process, "")
-        self.out: list[str] = []
-        self._new_out = asyncio.Event()
-        self._out_reader = asyncio.create_task(self._read_stdout())
-
-    async def _read_stdout(self) -> None:
-        assert self.process.stdout is not None
-        while line := await self.process.stdout.readline():
-            self.out.append(line.decode(errors="replace").rstrip("\n"))
-            self._new_out.set()
-        self._new_out.set()
+        assert process.stdout is not None
+        self.stdout = Lines(process.stdout)
+        self.out = self.stdout.lines
 
     async def expect_out(self, pattern: str, *, after: int = 0, within: float = 30.0) -> str:
-        compiled = re.compile(pattern)
-        seen = after
-        async with asyncio.timeout(within):
-            while True:
-                for line in self.out[seen:]:
-                    if compiled.search(line):
-                        return line
-                seen = max(seen, len(self.out))
-                if self._out_reader.done():
-                    raise AssertionError(f"no {pattern!r} in:\n" + "\n".join(self.out))
-                self._new_out.clear()
-                await self._new_out.wait()
+        return await self.stdout.expect(pattern, after=after, within=within)
 
     def pids(self) -> dict[int, int]:
         """Worker index -> pid of its latest ready process."""
@@ -125,18 +108,6 @@ async def metric(management_url: str, name: str) -> float:
     return counter(answer.text, name)
 
 
-async def round_trip(base_url: str, payload: bytes) -> bytes:
-    async with HybridConnectionClient(base_url, "hc", root_provider()) as client:
-        stream = await client.create_connection()
-        await stream.write(payload)
-        await stream.write_eof()
-        parts = []
-        while data := await stream.read():
-            parts.append(data)
-        await stream.aclose()
-    return b"".join(parts)
-
-
 async def http_post(base_url: str, body: bytes) -> httpx.Response:
     url = base_url.replace("ws://", "http://") + "/hc/x"
     token = create_token(url, ROOT_KEY_NAME, ROOT_KEY, expiry=2**31 - 1)
@@ -189,7 +160,7 @@ async def test_two_workers_share_the_port_and_serve_a_listener_on_either(
             # New connections each: the kernel spreads them over both workers.
             for i in range(16):
                 payload = f"hello {i}".encode()
-                assert await round_trip(supervisor.base_url, payload) == payload
+                assert await try_round_trip(supervisor.base_url, payload)
                 answer = await http_post(supervisor.base_url, payload)
                 assert answer.status_code == 200, answer.text
                 assert answer.content == payload[::-1]
@@ -235,19 +206,14 @@ async def test_a_killed_worker_is_restarted_and_its_listener_comes_back(
             )
             await supervisor.expect_out(rf"^worker {victim} \(pid \d+\) ready", after=mark)
             assert supervisor.pids()[victim] != old_pid
+
             # The listener reconnects (to either worker); senders get through again.
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 20
-            while True:
-                try:
-                    assert await round_trip(supervisor.base_url, b"back") == b"back"
-                    break
-                except Exception:
-                    if loop.time() > deadline:
-                        raise
-                    await asyncio.sleep(0.2)  # the listener's reconnect backoff
+            async def back() -> bool:
+                return await try_round_trip(supervisor.base_url, b"back")
+
+            await until(back, 20.0)
             for _ in range(8):  # on both workers
-                assert await round_trip(supervisor.base_url, b"again") == b"again"
+                assert await try_round_trip(supervisor.base_url, b"again")
 
 
 def test_workers_without_cluster_is_a_one_line_error(tmp_path: Path) -> None:
