@@ -200,6 +200,45 @@ async def test_spread_counts(redis_server: RedisServer) -> None:
 
 
 @pytest.mark.timeout(60)
+async def test_http_requests_spread_with_no_connect_before_them(
+    redis_server: RedisServer,
+) -> None:
+    """Node 3 has never read the routes (no WebSocket connect, no test helper reading them):
+    its HTTP requests still reach node 1's listener as well as its own."""
+    async with cluster_nodes(redis_server.url, 3) as (one, _, three):
+        await store_of(one).put_hybrid_connection("hc")
+        await until(lambda: asyncio.sleep(0, three.server.store.get("hc") is not None))
+        counts = {"one": 0, "three": 0}
+
+        def counting(name: str) -> Callable[[RelayedHttpContext], Awaitable[None]]:
+            async def handler(ctx: RelayedHttpContext) -> None:
+                counts[name] += 1
+                await ctx.respond(200, "OK", {})
+                await ctx.finish()
+
+            return handler
+
+        raw = aioredis.from_url(redis_server.url)
+        try:
+            async with (
+                HybridConnectionListener(
+                    one.base_url, "hc", root_provider(), request_handler=counting("one")
+                ),
+                HybridConnectionListener(
+                    three.base_url, "hc", root_provider(), request_handler=counting("three")
+                ),
+            ):
+                await until(lambda: sees_count(raw, one, 1))
+                await until(lambda: sees_count(raw, three, 1))
+                async with http_client(three) as http:
+                    for _ in range(40):
+                        assert (await http.get("/hc/")).status_code == 200
+        finally:
+            await raw.aclose()
+        assert counts["one"] >= 5 and counts["three"] >= 5, counts
+
+
+@pytest.mark.timeout(60)
 async def test_a_deletion_on_node_2_closes_connections_on_nodes_1_and_3(
     redis_server: RedisServer,
 ) -> None:

@@ -151,6 +151,8 @@ class ClusterBroker(LocalBroker):
         #: entity key -> (read at, [(node, listener count)]).
         self._routes: dict[str, tuple[float, list[tuple[str, int]]]] = {}
         self._dirty: set[str] = set()
+        #: Entities whose routes are being read behind an HTTP request (one read each).
+        self._refreshing: set[str] = set()
         self._flush_wanted = asyncio.Event()
         #: Offers this node published, waiting for ``told``/``none``.
         self._answers: dict[str, asyncio.Future[str]] = {}
@@ -331,6 +333,27 @@ class ClusterBroker(LocalBroker):
             cached = self._routes[key] = (now, routes)
         return [(node, n) for node, n in cached[1] if n > 0 and self._routable(node)]
 
+    def _refresh_soon(self, entity: str) -> None:
+        """Read ``entity``'s routes behind the request when the cache has none or stale ones.
+        An HTTP request draws inline (local) or not from the cache without waiting for Redis;
+        without this, a node whose cache was never filled by a connect would keep every
+        request on its own listeners."""
+        key = entity_key(entity)
+        cached = self._routes.get(key)
+        if cached is not None and time.monotonic() - cached[0] <= ROUTE_CACHE_TTL:
+            return
+        if key in self._refreshing or self._left:
+            return
+        self._refreshing.add(key)
+
+        async def refresh() -> None:
+            try:
+                await self._remote_routes(entity)
+            finally:
+                self._refreshing.discard(key)
+
+        self._spawn(refresh())
+
     def _cached_remote_count(self, entity: str) -> int:
         cached = self._routes.get(entity_key(entity))
         if cached is None:
@@ -354,6 +377,7 @@ class ClusterBroker(LocalBroker):
         local = sum(1 for c in self._by_entity.get(entity.lower(), ()) if c.usable)
         if not local:
             return False
+        self._refresh_soon(entity)
         remote = self._cached_remote_count(entity)
         return random.random() * (local + remote) < local
 
