@@ -202,9 +202,12 @@ class Node:
     worker_urls: list[str] = field(default_factory=list)
 
 
-def _relay_config(workdir: Path, name: str, key: str, ingress_port: int) -> Path:
+def _relay_config(
+    workdir: Path, name: str, key: str, ingress_port: int, spread: str = "weighted"
+) -> Path:
     text = (
         "server:\n  host: 127.0.0.1\n  port: 0\n  plaintext: true\n"
+        f"store:\n  spread: {spread}\n"
         # The idle part holds up to 200 listeners of one hybrid connection on one node.
         "limits:\n  max_pending_rendezvous: 20000\n  max_listeners_per_connection: 1000\n"
         f'ingress:\n  - {{listen: "127.0.0.1:{ingress_port}", hybrid_connection: {HC}, '
@@ -221,10 +224,16 @@ def _relay_config(workdir: Path, name: str, key: str, ingress_port: int) -> Path
 
 
 def start_node(
-    procs: ProcGroup, workdir: Path, name: str, key: str, redis_port: int, workers: int
+    procs: ProcGroup,
+    workdir: Path,
+    name: str,
+    key: str,
+    redis_port: int,
+    workers: int,
+    spread: str = "weighted",
 ) -> Node:
     ingress_port = free_port()
-    config = _relay_config(workdir, name, key, ingress_port)
+    config = _relay_config(workdir, name, key, ingress_port, spread)
     argv = [*_hybridrelay_command(), "serve", "--config", str(config)]
     argv += ["--cluster", f"redis://127.0.0.1:{redis_port}/0", "--workers", str(workers)]
     proc = procs.start(name, argv)
@@ -359,12 +368,18 @@ def _processes(bed: Bed, started: list[Proc]) -> Iterator[None]:
         flush_redis(bed.redis_port)
 
 
-def measure_workers(bed: Bed, workers: int, prof: ClusterProfile, run: int) -> dict[str, Any]:
-    """New tunnels/s and HTTP requests/s through ``--workers workers``."""
+#: The relays compared: (label, workers, store.spread).
+VARIANTS = (("1", 1, "weighted"), ("2", 2, "weighted"), ("2 local-first", 2, "local-first"))
+
+
+def measure_workers(
+    bed: Bed, variant: str, workers: int, spread: str, prof: ClusterProfile, run: int
+) -> dict[str, Any]:
+    """New tunnels/s and HTTP requests/s through ``--workers workers`` (``store.spread``)."""
     started: list[Proc] = []
     with _processes(bed, started):
         node = start_node(
-            bed.procs, bed.workdir, f"relay-w{workers}", bed.key, bed.redis_port, workers
+            bed.procs, bed.workdir, f"relay-w{workers}", bed.key, bed.redis_port, workers, spread
         )
         started.append(node.proc)
         agents = {}
@@ -377,7 +392,13 @@ def measure_workers(bed: Bed, workers: int, prof: ClusterProfile, run: int) -> d
             started.append(agent)
             agents[f"agent{i}"] = agent
         watched = {"relay": node.proc, **agents, **bed.destinations}
-        record: dict[str, Any] = {"part": "workers", "workers": workers, "run": run}
+        record: dict[str, Any] = {
+            "part": "workers",
+            "variant": variant,
+            "workers": workers,
+            "spread": spread,
+            "run": run,
+        }
         # New tunnels: connect, 1-byte echo, close, through the shared ingress port.
         marks: dict[str, dict[str, CpuSample]] = {}
         result = _loadgen(
@@ -610,10 +631,13 @@ def _run(
     bed.destinations = {"dest": dest, "httpdest": http}
     records: list[dict[str, Any]] = []
     for run in range(prof.runs):
-        order = (1, 2) if run % 2 == 0 else (2, 1)  # interleaved: no order advantage
-        for workers in order:
-            log(f"cluster run {run + 1}/{prof.runs}: {workers} worker(s)")
-            records += _part(f"workers {workers}", log, measure_workers, bed, workers, prof, run)
+        # Interleaved: no variant has an order advantage.
+        order = VARIANTS if run % 2 == 0 else VARIANTS[::-1]
+        for variant, workers, spread in order:
+            log(f"cluster run {run + 1}/{prof.runs}: {workers} worker(s), spread {spread}")
+            records += _part(
+                f"workers {variant}", log, measure_workers, bed, variant, workers, spread, prof, run
+            )
         idle = run == prof.runs - 1
         log(
             f"cluster run {run + 1}/{prof.runs}: cross-node against same-node latency"
@@ -661,8 +685,9 @@ def render_cluster(records: list[dict[str, Any]]) -> str:
         "",
         "### Cluster (redis-server on loopback)",
         "",
-        "| what | 1 worker | 2 workers | ratio |",
-        "|---|---|---|---|",
+        "| what | 1 worker | 2 workers (spread weighted) | 2 workers (local-first) "
+        "| ratios to 1 worker |",
+        "|---|---|---|---|---|",
     ]
     for label, key, fmt in (
         ("new tunnels/s (ingress port, connect + 1-byte echo + close)", "tunnels_per_s", "{:,.0f}"),
@@ -694,15 +719,20 @@ def render_cluster(records: list[dict[str, Any]]) -> str:
             "{:.0f}",
         ),
     ):
-        one, two = col(workers, key, workers=1), col(workers, key, workers=2)
-        ratio = (
-            f"{statistics.median(two) / statistics.median(one):.2f}x"
-            if one and two and statistics.median(one) and key.endswith(("_per_s",))
+        one, two, local = (col(workers, key, variant=v) for v, _, _ in VARIANTS)
+        ratios = (
+            " / ".join(
+                f"{statistics.median(other) / statistics.median(one):.2f}x"
+                for other in (two, local)
+                if other
+            )
+            if one and statistics.median(one) and key.endswith("_per_s")
             else ""
         )
-        lines.append(f"| {label} | {_spread(one, fmt)} | {_spread(two, fmt)} | {ratio} |")
+        cells = " | ".join(_spread(values, fmt) for values in (one, two, local))
+        lines.append(f"| {label} | {cells} | {ratios} |")
     errors = sum(int(r.get("tunnel_errors", 0)) + int(r.get("http_errors", 0)) for r in workers)
-    lines.append(f"| errors (tunnels + HTTP, all runs) | | | {errors} |")
+    lines.append(f"| errors (tunnels + HTTP, all runs) | | | | {errors} |")
     lines += [
         "",
         "| connect-to-first-byte | same node | cross-node | cross − same |",
@@ -726,16 +756,16 @@ def render_cluster(records: list[dict[str, Any]]) -> str:
     for label, part, key_prefix, match in (
         ("new tunnel, same node", latency, "", {"where": "same"}),
         ("new tunnel, cross-node", latency, "", {"where": "cross"}),
-        ("HTTP request (2 workers)", workers, "http_", {"workers": 2}),
+        ("HTTP request (2 workers, weighted)", workers, "http_", {"variant": "2"}),
         ("idle listener per minute", idle, "", {}),
     ):
-        cells = [
+        redis_cells = [
             _spread(
                 col(part, f"{key_prefix}{k}", **match), "{:.2f}" if k == "redis_ops" else "{:,.0f}"
             )
             for k in ("redis_ops", "redis_in_bytes", "redis_out_bytes")
         ]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(redis_cells) + " |")
     if idle:
         lines.append(
             f"| (a node, idle, per minute) | {_spread(col(idle, 'node_ops_per_min'))} | | |"
@@ -753,16 +783,15 @@ def _goals(
         values = [r[key] for r in part if key in r and all(r.get(k) == v for k, v in match.items())]
         return statistics.median(values) if values else None
 
-    one, two = (
-        median(workers, "http_req_per_s", workers=1),
-        median(workers, "http_req_per_s", workers=2),
-    )
-    if one and two:
-        ok = two >= 1.6 * one
-        out.append(
-            f"- 2 workers >= 1.6x one worker's HTTP req/s: {two / one:.2f}x "
-            f"({'met' if ok else 'NOT met'})"
-        )
+    one = median(workers, "http_req_per_s", variant="1")
+    for variant, _, spread in VARIANTS[1:]:
+        two = median(workers, "http_req_per_s", variant=variant)
+        if one and two:
+            ok = two >= 1.6 * one
+            out.append(
+                f"- 2 workers ({spread}) >= 1.6x one worker's HTTP req/s: {two / one:.2f}x "
+                f"({'met' if ok else 'NOT met'})"
+            )
     same, cross = median(latency, "p50_ms", where="same"), median(latency, "p50_ms", where="cross")
     if same is not None and cross is not None:
         ok = cross - same <= 1.0

@@ -117,6 +117,17 @@ async def round_trip(relay: Relay, payload: bytes, entity: str = "hc") -> bytes:
     return b"".join(parts)
 
 
+def counting(counts: dict[str, int], name: str) -> Callable[[RelayedHttpContext], Awaitable[None]]:
+    """A request handler that answers 200 and counts its requests in ``counts[name]``."""
+
+    async def handler(ctx: RelayedHttpContext) -> None:
+        counts[name] += 1
+        await ctx.respond(200, "OK", {})
+        await ctx.finish()
+
+    return handler
+
+
 def http_client(relay: Relay, entity: str = "hc") -> httpx.AsyncClient:
     token = create_token(
         f"http://127.0.0.1:{relay.server.port}/{entity}",
@@ -177,19 +188,11 @@ async def test_spread_counts(redis_server: RedisServer) -> None:
         await until(lambda: asyncio.sleep(0, three.server.store.get("hc") is not None))
         counts = {"one": 0, "three": 0}
 
-        def counting(name: str) -> Callable[[RelayedHttpContext], Awaitable[None]]:
-            async def handler(ctx: RelayedHttpContext) -> None:
-                counts[name] += 1
-                await ctx.respond(200, "OK", {})
-                await ctx.finish()
-
-            return handler
-
         l1 = HybridConnectionListener(
-            one.base_url, "hc", root_provider(), request_handler=counting("one")
+            one.base_url, "hc", root_provider(), request_handler=counting(counts, "one")
         )
         l3 = HybridConnectionListener(
-            three.base_url, "hc", root_provider(), request_handler=counting("three")
+            three.base_url, "hc", root_provider(), request_handler=counting(counts, "three")
         )
         async with l1, l3:
             await until(lambda: sees_listener(three, "hc"))
@@ -210,22 +213,14 @@ async def test_http_requests_spread_with_no_connect_before_them(
         await until(lambda: asyncio.sleep(0, three.server.store.get("hc") is not None))
         counts = {"one": 0, "three": 0}
 
-        def counting(name: str) -> Callable[[RelayedHttpContext], Awaitable[None]]:
-            async def handler(ctx: RelayedHttpContext) -> None:
-                counts[name] += 1
-                await ctx.respond(200, "OK", {})
-                await ctx.finish()
-
-            return handler
-
         raw = aioredis.from_url(redis_server.url)
         try:
             async with (
                 HybridConnectionListener(
-                    one.base_url, "hc", root_provider(), request_handler=counting("one")
+                    one.base_url, "hc", root_provider(), request_handler=counting(counts, "one")
                 ),
                 HybridConnectionListener(
-                    three.base_url, "hc", root_provider(), request_handler=counting("three")
+                    three.base_url, "hc", root_provider(), request_handler=counting(counts, "three")
                 ),
             ):
                 await until(lambda: sees_count(raw, one, 1))
@@ -235,7 +230,43 @@ async def test_http_requests_spread_with_no_connect_before_them(
                         assert (await http.get("/hc/")).status_code == 200
         finally:
             await raw.aclose()
-        assert counts["one"] >= 5 and counts["three"] >= 5, counts
+        # One draw per request, weighted 1:1 (the first ones, before the routes are read,
+        # stay local): ~20 each; below 8 is about 1 in 10,000.
+        assert counts["one"] >= 8 and counts["three"] >= 8, counts
+
+
+@pytest.mark.timeout(60)
+async def test_local_first_keeps_senders_on_the_node_while_it_has_a_listener(
+    redis_server: RedisServer,
+) -> None:
+    """``store.spread: local-first`` on node 2: its requests go to its own listener while it
+    has one, to node 1's once it has none."""
+    local_first = {"spread": "local-first"}
+    async with cluster_nodes(redis_server.url, 2, node_options={1: local_first}) as (one, two):
+        await store_of(one).put_hybrid_connection("hc")
+        await until(lambda: asyncio.sleep(0, two.server.store.get("hc") is not None))
+        counts = {"one": 0, "two": 0}
+        raw = aioredis.from_url(redis_server.url)
+        try:
+            async with HybridConnectionListener(
+                one.base_url, "hc", root_provider(), request_handler=counting(counts, "one")
+            ):
+                own = HybridConnectionListener(
+                    two.base_url, "hc", root_provider(), request_handler=counting(counts, "two")
+                )
+                async with own:
+                    await until(lambda: sees_count(raw, one, 1))
+                    await until(lambda: sees_listener(two, "hc"))  # the routes are known
+                    async with http_client(two) as http:
+                        for _ in range(20):
+                            assert (await http.get("/hc/")).status_code == 200
+                    assert counts == {"one": 0, "two": 20}, counts
+                async with http_client(two) as http:  # no listener of its own any more
+                    for _ in range(5):
+                        assert (await http.get("/hc/")).status_code == 200
+        finally:
+            await raw.aclose()
+        assert counts == {"one": 5, "two": 20}, counts
 
 
 @pytest.mark.timeout(60)

@@ -143,7 +143,10 @@ class RelayServer:
                 ) from exc
 
             broker = self._cluster = ClusterBroker(
-                config.store.cluster, config.namespace_name, public_base=self._rendezvous_base
+                config.store.cluster,
+                config.namespace_name,
+                public_base=self._rendezvous_base,
+                local_first=config.store.spread == "local-first",
             )
         self.broker: Broker = broker or LocalBroker()
         self.observer = observer or RelayObserver()

@@ -131,8 +131,12 @@ class ClusterBroker(LocalBroker):
         public_base: Callable[[], str],
         lease: float = DEFAULT_LEASE,
         shuffle: Callable[[list[ControlChannel]], None] = random.shuffle,
+        local_first: bool = False,
     ) -> None:
         super().__init__(shuffle=shuffle)
+        #: ``store.spread: local-first``: a sender goes to this node's listeners whenever one
+        #: can take it; other nodes' only when none can (see :meth:`announce`).
+        self._local_first = local_first
         self._url = url
         self._public_base = public_base
         self._lease = lease
@@ -377,6 +381,8 @@ class ClusterBroker(LocalBroker):
         local = sum(1 for c in self._by_entity.get(entity.lower(), ()) if c.usable)
         if not local:
             return False
+        if self._local_first:
+            return True
         self._refresh_soon(entity)
         remote = self._cached_remote_count(entity)
         return random.random() * (local + remote) < local
@@ -420,10 +426,20 @@ class ClusterBroker(LocalBroker):
         order: list[str | None] = []
         weights = [local, *(n for _, n in remote)]
         candidates: list[str | None] = [None, *(node for node, _ in remote)]
+        local_last = False
+        if local and (self._local_first or pending.remote_first):
+            candidates.pop(0)
+            weights.pop(0)
+            if self._local_first:
+                order.append(None)  # this node's listeners first, the rest weighted
+            else:
+                local_last = True  # answers_inline drew another node: they come first
         while candidates and sum(weights) > 0:
             (index,) = random.choices(range(len(candidates)), weights=weights)
             order.append(candidates.pop(index))
             weights.pop(index)
+        if local_last:
+            order.append(None)
         for node in order:
             if node is None:
                 channel = await super().announce(pending, text_for, body, exclude)

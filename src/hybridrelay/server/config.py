@@ -210,6 +210,15 @@ class StoreSettings:
         "reach listeners on every node (docs/CLUSTER.md)",
         flags=("--cluster",),
     )
+    #: How a cluster node shares senders between its listeners and other nodes'.
+    spread: str = setting(
+        "weighted",
+        help="cluster: `weighted` draws each sender over the listeners of every node by their "
+        "counts; `local-first` gives it to this node's listeners whenever one can take it "
+        "(other nodes' only when none can): no Redis hop, for evenly balanced nodes such as "
+        "--workers (docs/CLUSTER.md)",
+        choices=("weighted", "local-first"),
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
