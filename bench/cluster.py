@@ -4,8 +4,9 @@ Measured in one run, each part ``runs`` times (interleaved where two things are 
 
 * **workers**: new tunnels/s (the load generator's ``connrate`` on the relay's own ingress port,
   shared by the workers) and HTTP requests/s (wrk, ``GET /benchhttp/x`` answered by a bridge
-  ``-H``) through ``serve --cluster --workers 1`` and ``--workers 2``, with the CPU each role
-  used (the relay is the supervisor and its workers). The listener side is two bridge agents,
+  ``-H``) through ``serve --cluster --workers 1``, ``--workers 2`` and ``--workers 2`` with
+  ``store.spread: local-first`` (:data:`VARIANTS`), with the CPU each role used (the relay is
+  the supervisor and its workers) and the machine's busy share. The listener side is two bridge agents,
   one dialled to each worker's own port (with 1 worker: both on it), so each worker has a local
   listener and senders are spread over both (half of them across workers).
 * **latency**: connect-to-first-byte p50/p99 through node B's ingress port with the listener on
