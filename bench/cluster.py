@@ -6,9 +6,9 @@ Measured in one run, each part ``runs`` times (interleaved where two things are 
   shared by the workers) and HTTP requests/s (wrk, ``GET /benchhttp/x`` answered by a bridge
   ``-H``) through ``serve --cluster --workers 1``, ``--workers 2`` and ``--workers 2`` with
   ``store.spread: local-first`` (:data:`VARIANTS`), with the CPU each role used (the relay is
-  the supervisor and its workers) and the machine's busy share. The listener side is two bridge agents,
-  one dialled to each worker's own port (with 1 worker: both on it), so each worker has a local
-  listener and senders are spread over both (half of them across workers).
+  the supervisor and its workers) and the machine's busy share. The listener side is two
+  bridge agents, one dialled to each worker's own port (with 1 worker: both on it), so each
+  worker has a local listener (``weighted``: half the senders go to the other worker's).
 * **latency**: connect-to-first-byte p50/p99 through node B's ingress port with the listener on
   node A (cross-node: the offer goes through Redis) against node A's port (same node), two
   single-worker nodes, sequential connects, alternated in chunks.

@@ -282,6 +282,11 @@ def supervise(config: RelayConfig, argv: Sequence[str]) -> int:
     """Run ``config.server.workers`` workers of ``hybridrelay <argv>`` until SIGTERM/SIGINT;
     the exit status."""
     shared = shared_socket(config.server.host, config.server.port)
+    if config.store.spread == "weighted":
+        logger.info(
+            "store.spread is weighted: a sender on one worker is given to another worker's "
+            "listener through Redis half the time; local-first avoids that (docs/CLUSTER.md)"
+        )
     try:
         port = int(shared.getsockname()[1])
         return asyncio.run(Supervisor(config, argv, port).run())
