@@ -93,9 +93,13 @@ async def reverse_body(ctx: RelayedHttpContext) -> None:
 
 
 @asynccontextmanager
-async def listening(relay: Relay, entity: str = "hc") -> AsyncIterator[HybridConnectionListener]:
+async def listening(
+    relay: Relay | str, entity: str = "hc"
+) -> AsyncIterator[HybridConnectionListener]:
+    """An echoing listener (and HTTP ``reverse_body``) on ``relay`` (or a base URL)."""
+    base_url = relay if isinstance(relay, str) else relay.base_url
     listener = HybridConnectionListener(
-        relay.base_url, entity, root_provider(), request_handler=reverse_body
+        base_url, entity, root_provider(), request_handler=reverse_body
     )
     async with listener:
         task = asyncio.get_running_loop().create_task(echo(listener))

@@ -20,10 +20,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from hybridrelay.auth.sas import create_token
-from hybridrelay.client import HybridConnectionListener
-from tests.client.helpers import root_provider
 from tests.cluster.conftest import RedisServer
-from tests.cluster.test_cluster import echo, reverse_body, until
+from tests.cluster.test_cluster import listening, until
 from tests.cluster.test_cluster_failures import try_round_trip
 from tests.conftest import ROOT_KEY, ROOT_KEY_NAME
 from tests.serve_process import CLI, Lines, ServeProcess, relay_document, write_config
@@ -126,19 +124,6 @@ async def registered(redis_url: str) -> None:
         await until(route_written, 15.0)
     finally:
         await raw.aclose()
-
-
-@contextlib.asynccontextmanager
-async def listening(base_url: str) -> AsyncIterator[HybridConnectionListener]:
-    listener = HybridConnectionListener(
-        base_url, "hc", root_provider(), request_handler=reverse_body
-    )
-    async with listener:
-        task = asyncio.get_running_loop().create_task(echo(listener))
-        try:
-            yield listener
-        finally:
-            task.cancel()
 
 
 def config_file(tmp_path: Path) -> Path:
