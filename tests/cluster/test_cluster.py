@@ -95,9 +95,13 @@ async def reverse_body(ctx: RelayedHttpContext) -> None:
 
 
 @asynccontextmanager
-async def listening(relay: Relay, entity: str = "hc") -> AsyncIterator[HybridConnectionListener]:
+async def listening(
+    relay: Relay | str, entity: str = "hc"
+) -> AsyncIterator[HybridConnectionListener]:
+    """An echoing listener (and HTTP ``reverse_body``) on ``relay`` (or a base URL)."""
+    base_url = relay if isinstance(relay, str) else relay.base_url
     listener = HybridConnectionListener(
-        relay.base_url, entity, root_provider(), request_handler=reverse_body
+        base_url, entity, root_provider(), request_handler=reverse_body
     )
     async with listener:
         task = asyncio.get_running_loop().create_task(echo(listener))
@@ -135,6 +139,17 @@ async def echoed(client: HybridConnectionClient, payload: bytes) -> bytes:
 async def round_trip(relay: Relay, payload: bytes, entity: str = "hc") -> bytes:
     async with HybridConnectionClient(relay.base_url, entity, root_provider()) as client:
         return await echoed(client, payload)
+
+
+def counting(counts: dict[str, int], name: str) -> Callable[[RelayedHttpContext], Awaitable[None]]:
+    """A request handler that answers 200 and counts its requests in ``counts[name]``."""
+
+    async def handler(ctx: RelayedHttpContext) -> None:
+        counts[name] += 1
+        await ctx.respond(200, "OK", {})
+        await ctx.finish()
+
+    return handler
 
 
 def http_client(relay: Relay, entity: str = "hc") -> httpx.AsyncClient:
@@ -197,19 +212,11 @@ async def test_spread_counts(redis_server: RedisServer) -> None:
         await until(lambda: asyncio.sleep(0, three.server.store.get("hc") is not None))
         counts = {"one": 0, "three": 0}
 
-        def counting(name: str) -> Callable[[RelayedHttpContext], Awaitable[None]]:
-            async def handler(ctx: RelayedHttpContext) -> None:
-                counts[name] += 1
-                await ctx.respond(200, "OK", {})
-                await ctx.finish()
-
-            return handler
-
         l1 = HybridConnectionListener(
-            one.base_url, "hc", root_provider(), request_handler=counting("one")
+            one.base_url, "hc", root_provider(), request_handler=counting(counts, "one")
         )
         l3 = HybridConnectionListener(
-            three.base_url, "hc", root_provider(), request_handler=counting("three")
+            three.base_url, "hc", root_provider(), request_handler=counting(counts, "three")
         )
         async with l1, l3:
             await until(lambda: sees_listener(three, "hc"))
@@ -217,6 +224,73 @@ async def test_spread_counts(redis_server: RedisServer) -> None:
                 for _ in range(40):
                     assert (await http.get("/hc/")).status_code == 200
         assert counts["one"] >= 5 and counts["three"] >= 5, counts
+
+
+@pytest.mark.timeout(60)
+async def test_http_requests_spread_with_no_connect_before_them(
+    redis_server: RedisServer,
+) -> None:
+    """Node 3 has never read the routes (no WebSocket connect, no test helper reading them):
+    its HTTP requests still reach node 1's listener as well as its own."""
+    async with cluster_nodes(redis_server.url, 3) as (one, _, three):
+        await store_of(one).put_hybrid_connection("hc")
+        await until(lambda: asyncio.sleep(0, three.server.store.get("hc") is not None))
+        counts = {"one": 0, "three": 0}
+
+        raw = aioredis.from_url(redis_server.url)
+        try:
+            async with (
+                HybridConnectionListener(
+                    one.base_url, "hc", root_provider(), request_handler=counting(counts, "one")
+                ),
+                HybridConnectionListener(
+                    three.base_url, "hc", root_provider(), request_handler=counting(counts, "three")
+                ),
+            ):
+                await until(lambda: sees_count(raw, one, 1))
+                await until(lambda: sees_count(raw, three, 1))
+                async with http_client(three) as http:
+                    for _ in range(40):
+                        assert (await http.get("/hc/")).status_code == 200
+        finally:
+            await raw.aclose()
+        # One draw per request, weighted 1:1 (the first ones, before the routes are read,
+        # stay local): ~20 each; below 8 is about 1 in 10,000.
+        assert counts["one"] >= 8 and counts["three"] >= 8, counts
+
+
+@pytest.mark.timeout(60)
+async def test_local_first_keeps_senders_on_the_node_while_it_has_a_listener(
+    redis_server: RedisServer,
+) -> None:
+    """``store.spread: local-first`` on node 2: its requests go to its own listener while it
+    has one, to node 1's once it has none."""
+    local_first = {"spread": "local-first"}
+    async with cluster_nodes(redis_server.url, 2, node_options={1: local_first}) as (one, two):
+        await store_of(one).put_hybrid_connection("hc")
+        await until(lambda: asyncio.sleep(0, two.server.store.get("hc") is not None))
+        counts = {"one": 0, "two": 0}
+        raw = aioredis.from_url(redis_server.url)
+        try:
+            async with HybridConnectionListener(
+                one.base_url, "hc", root_provider(), request_handler=counting(counts, "one")
+            ):
+                own = HybridConnectionListener(
+                    two.base_url, "hc", root_provider(), request_handler=counting(counts, "two")
+                )
+                async with own:
+                    await until(lambda: sees_count(raw, one, 1))
+                    await until(lambda: sees_listener(two, "hc"))  # the routes are known
+                    async with http_client(two) as http:
+                        for _ in range(20):
+                            assert (await http.get("/hc/")).status_code == 200
+                    assert counts == {"one": 0, "two": 20}, counts
+                async with http_client(two) as http:  # no listener of its own any more
+                    for _ in range(5):
+                        assert (await http.get("/hc/")).status_code == 200
+        finally:
+            await raw.aclose()
+        assert counts == {"one": 5, "two": 20}, counts
 
 
 @pytest.mark.timeout(60)

@@ -127,6 +127,9 @@ class Pending:
     #: Answered on the control channel it is told on (an HTTP request sent inline): only a
     #: listener whose control channel this process reads may be told.
     inline: bool = False
+    #: Address-only because :meth:`Broker.answers_inline` drew another node's listener for
+    #: it: offered to other nodes first (a cluster broker), this process's listeners last.
+    remote_first: bool = False
 
     def listener_gone(self) -> None:
         """The control channel of the listener that was told went away."""

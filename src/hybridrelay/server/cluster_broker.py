@@ -15,7 +15,8 @@ A :class:`LocalBroker` for the listeners of this process, plus:
   sees it: at most ``lease + lease / 3`` seconds (4 s by default), and at once in practice,
   since a dead node's pub/sub connection is gone and an offer published to it reaches nobody
   (``PUBLISH`` answers 0) and is skipped. The first live node to see an expired entry removes its
-  routes.
+  routes. A node that joined since the last renewal is routed to at once (its routes are
+  there as soon as it has listeners: a restarted worker is reachable without a wait).
 * **Offers to another node.** A sender lands on node B; the listener's control channel is on A.
   B keeps the pending rendezvous in its own table, renders the ``accept`` (or the address-only
   HTTP ``request``) with a rendezvous address naming B (``server.public_base_url``, else B's
@@ -146,8 +147,12 @@ class ClusterBroker(LocalBroker):
         public_base: Callable[[], str],
         lease: float = DEFAULT_LEASE,
         shuffle: Callable[[list[ControlChannel]], None] = random.shuffle,
+        local_first: bool = False,
     ) -> None:
         super().__init__(shuffle=shuffle)
+        #: ``store.spread: local-first``: a sender goes to this node's listeners whenever one
+        #: can take it; other nodes' only when none can (see :meth:`announce`).
+        self._local_first = local_first
         self._url = url
         self._public_base = public_base
         self._lease = lease
@@ -173,6 +178,8 @@ class ClusterBroker(LocalBroker):
         #: entity key -> (read at, [(node, listener count)]).
         self._routes: dict[str, tuple[float, list[tuple[str, int]]]] = {}
         self._dirty: set[str] = set()
+        #: Entities whose routes are being read behind an HTTP request (one read each).
+        self._refreshing: set[str] = set()
         self._flush_wanted = asyncio.Event()
         #: Offers this node published, waiting for ``told``/``none``.
         self._answers: dict[str, asyncio.Future[str]] = {}
@@ -442,6 +449,27 @@ class ClusterBroker(LocalBroker):
             if n > 0 and node != self.node_id and not self._is_dead(node)
         ]
 
+    def _refresh_soon(self, entity: str) -> None:
+        """Read ``entity``'s routes behind the request when the cache has none or stale ones.
+        An HTTP request draws inline (local) or not from the cache without waiting for Redis;
+        without this, a node whose cache was never filled by a connect would keep every
+        request on its own listeners."""
+        key = entity_key(entity)
+        cached = self._routes.get(key)
+        if cached is not None and time.monotonic() - cached[0] <= ROUTE_CACHE_TTL:
+            return
+        if key in self._refreshing or self._left:
+            return
+        self._refreshing.add(key)
+
+        async def refresh() -> None:
+            try:
+                await self._remote_routes(entity)
+            finally:
+                self._refreshing.discard(key)
+
+        self._spawn(refresh())
+
     def _cached_remote_count(self, entity: str) -> int:
         cached = self._routes.get(entity_key(entity))
         if cached is None:
@@ -485,6 +513,9 @@ class ClusterBroker(LocalBroker):
         local = sum(1 for c in self._by_entity.get(entity.lower(), ()) if c.usable)
         if not local:
             return False
+        if self._local_first:
+            return True
+        self._refresh_soon(entity)
         remote = self._cached_remote_count(entity)
         return random.random() * (local + remote) < local
 
@@ -562,10 +593,20 @@ class ClusterBroker(LocalBroker):
         order: list[str | None] = []
         weights = [local, *(n for _, n in remote)]
         candidates: list[str | None] = [None, *(node for node, _ in remote)]
+        local_last = False
+        if local and (self._local_first or pending.remote_first):
+            candidates.pop(0)
+            weights.pop(0)
+            if self._local_first:
+                order.append(None)  # this node's listeners first, the rest weighted
+            else:
+                local_last = True  # answers_inline drew another node: they come first
         while candidates and sum(weights) > 0:
             (index,) = random.choices(range(len(candidates)), weights=weights)
             order.append(candidates.pop(index))
             weights.pop(index)
+        if local_last:
+            order.append(None)
         for node in order:
             if node is None:
                 channel = await super().announce(pending, text_for, body, exclude)
