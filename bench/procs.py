@@ -262,6 +262,17 @@ class ProcGroup:
         self.procs.append(proc)
         return proc
 
+    def result_line(
+        self, name: str, argv: Sequence[str], pattern: str, timeout: float, **kwargs: object
+    ) -> re.Match[str]:
+        """Run ``argv`` until it prints a line matching ``pattern`` (its match), then stop it."""
+        proc = self.start(name, argv, **kwargs)
+        try:
+            return proc.wait_line(pattern, timeout=timeout)
+        finally:
+            proc.stop()
+            self.procs.remove(proc)
+
     def __enter__(self) -> ProcGroup:
         return self
 

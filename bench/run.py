@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.cluster import CLUSTER_PROFILES, render_cluster, run_cluster
 from bench.common import raise_nofile
 from bench.httpload import WRK_MISSING, parse_wrk, wrk_argv, wrk_path
 from bench.procs import CpuSample, Proc, ProcGroup
@@ -55,6 +56,7 @@ SCENARIOS: dict[str, list[str]] = {
     "idle": ["idle"],  # (4)
     "connrate": ["connrate"],  # (5)
     "http": ["http"],  # (6) wrk: HTTP GETs, direct vs through relay + bridge -H
+    "cluster": [],  # (8) bench/cluster.py: workers, cross-node latency, Redis costs
 }
 
 #: How many file descriptors a tunneled connection costs the relay (sender + rendezvous WS).
@@ -175,18 +177,15 @@ def run_loadgen(
     timeout: float,
 ) -> dict[str, Any]:
     sampler = Sampler(watched)
-    proc = procs.start(
+    m = procs.result_line(
         f"loadgen-{mode}",
         _loadgen_argv(topo, mode, prof, extra),
+        r"^RESULT (.*)$",
+        timeout,
         cpus=cpus.loadgen,
         on_line=sampler.on_line,
         env={"PYTHONPATH": str(REPO)},
     )
-    try:
-        m = proc.wait_line(r"^RESULT (.*)$", timeout=timeout)
-    finally:
-        proc.stop()
-        procs.procs.remove(proc)
     result: dict[str, Any] = json.loads(m.group(1))
     result.update(sampler.percents())
     return result
@@ -479,6 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="results directory")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes (taskset)")
+    parser.add_argument(
+        "--cluster-profile",
+        choices=sorted(CLUSTER_PROFILES),
+        help="scenario cluster's sizes (default: the profile's name; smoke: seconds, for tests)",
+    )
     args = parser.parse_args(argv)
 
     prof = PROFILES["quick" if args.quick else "full" if args.full else "default"]
@@ -486,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         prof = Profile(**{**prof.__dict__, "runs": args.runs})
     scenarios = args.only or list(SCENARIOS)
     skipped: dict[str, str] = {}
+    cluster = "cluster" in scenarios  # its own processes and table (bench/cluster.py)
+    scenarios = [s for s in scenarios if s != "cluster"]
     if "http" in scenarios and wrk_path() is None:
         scenarios = [s for s in scenarios if s != "http"]
         skipped["(6) HTTP relaying"] = WRK_MISSING
@@ -544,6 +550,15 @@ def main(argv: list[str] | None = None) -> int:
                 ) as fresh:
                     if fresh is not None:
                         records += measure_path(fresh, ["idle"], prof, cpus, 0, count)
+        if cluster:
+            name = args.cluster_profile or (
+                "quick" if args.quick else "full" if args.full else "default"
+            )
+            try:
+                records += run_cluster(Path(tmp), CLUSTER_PROFILES[name], _log)
+            except FileNotFoundError as exc:
+                skipped["(8) cluster"] = str(exc)
+                _log(f"skipping scenario cluster: {exc}")
     elapsed = time.monotonic() - started
     meta = {
         "machine": machine_info(),
@@ -556,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "results.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     (out / "partial.json").unlink(missing_ok=True)
-    table = render_table(records, meta)
+    table = render_table(records, meta) + render_cluster(records)
     (out / "table.md").write_text(table)
     print(table)
     if not args.no_plot:

@@ -50,25 +50,22 @@ def write_config(path: Path, document: dict[str, Any]) -> Path:
     return path
 
 
-class ServeProcess:
-    """A running ``hybridrelay serve``; :meth:`expect` waits for a stderr line."""
+class Lines:
+    """The lines of one of a process's streams, read as they come; :meth:`expect` waits."""
 
-    def __init__(self, process: asyncio.subprocess.Process, base_url: str) -> None:
-        self.process = process
-        self.base_url = base_url
+    def __init__(self, stream: asyncio.StreamReader) -> None:
         self.lines: list[str] = []
         self._new_line = asyncio.Event()
-        self._reader = asyncio.create_task(self._read_stderr())
+        self.reader = asyncio.create_task(self._read(stream))
 
-    async def _read_stderr(self) -> None:
-        assert self.process.stderr is not None
-        while line := await self.process.stderr.readline():
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
             self.lines.append(line.decode(errors="replace").rstrip("\n"))
             self._new_line.set()
         self._new_line.set()
 
     async def expect(self, pattern: str, *, after: int = 0, within: float = 15.0) -> str:
-        """The first stderr line from index ``after`` on that matches ``pattern`` (a regex)."""
+        """The first line from index ``after`` on that matches ``pattern`` (a regex)."""
         compiled = re.compile(pattern)
         seen = after
         async with asyncio.timeout(within):
@@ -77,10 +74,28 @@ class ServeProcess:
                     if compiled.search(line):
                         return line
                 seen = max(seen, len(self.lines))
-                if self._reader.done():
-                    raise AssertionError(f"serve ended without {pattern!r}:\n" + self.text)
+                if self.reader.done():
+                    raise AssertionError(
+                        f"the stream ended without {pattern!r}:\n" + "\n".join(self.lines)
+                    )
                 self._new_line.clear()
                 await self._new_line.wait()
+
+
+class ServeProcess:
+    """A running ``hybridrelay serve``; :meth:`expect` waits for a stderr line."""
+
+    def __init__(self, process: asyncio.subprocess.Process, base_url: str) -> None:
+        self.process = process
+        self.base_url = base_url
+        assert process.stderr is not None
+        self.stderr = Lines(process.stderr)
+        self.lines = self.stderr.lines
+        self._reader = self.stderr.reader
+
+    async def expect(self, pattern: str, *, after: int = 0, within: float = 15.0) -> str:
+        """The first stderr line from index ``after`` on that matches ``pattern`` (a regex)."""
+        return await self.stderr.expect(pattern, after=after, within=within)
 
     @property
     def text(self) -> str:

@@ -19,7 +19,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run_bench(
-    tmp_path: Path, scenario: str, topologies: tuple[str, ...] = ("direct", "hybridrelay")
+    tmp_path: Path,
+    scenario: str,
+    topologies: tuple[str, ...] = ("direct", "hybridrelay"),
+    *extra: str,
+    timeout: float = 50,
 ) -> list[dict[str, Any]]:
     """The smallest run of one scenario on ``topologies``; its records."""
     proc = subprocess.run(
@@ -34,11 +38,12 @@ def run_bench(
             "--no-plot",
             "--out",
             str(tmp_path),
+            *extra,
         ],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=50,
+        timeout=timeout,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -73,3 +78,27 @@ def test_bench_http_scenario_runs(tmp_path: Path) -> None:
         assert record["req_per_s"] > 0
         assert record["non_2xx"] == 0
     assert "HTTP GET p50" in (tmp_path / "table.md").read_text()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.skipif(shutil.which("hybridrelay") is None, reason="hybridrelay is not installed")
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_bench_cluster_scenario_runs(tmp_path: Path) -> None:
+    """Scenario (8) at its smallest (``--cluster-profile smoke``): every part measures."""
+    records = run_bench(tmp_path, "cluster", ("direct",), "--cluster-profile", "smoke", timeout=140)
+    workers = {r["variant"]: r for r in records if r.get("part") == "workers"}
+    assert set(workers) == {"1", "2"}  # and "2 local-first" outside the smoke profile
+    for record in workers.values():
+        assert record["tunnels_per_s"] > 0 and record["http_req_per_s"] > 0, record
+        assert record["tunnel_errors"] == 0 and record["http_errors"] == 0, record
+    latency = {r["where"]: r for r in records if r.get("part") == "latency"}
+    assert set(latency) == {"same", "cross"}
+    assert all(r["n"] > 0 and r["errors"] == 0 for r in latency.values()), latency
+    # A cross-node tunnel is an offer and its answer through Redis; a same-node one is none.
+    assert latency["cross"]["redis_ops"] - latency["same"]["redis_ops"] > 1.0, latency
+    assert latency["cross"]["redis_out_bytes"] > 100, latency
+    (idle,) = (r for r in records if r.get("part") == "idle")
+    assert idle["ops_without"] > 0, idle  # the nodes' lease renewals were counted
+    table = (tmp_path / "table.md").read_text()
+    assert "### Cluster" in table and "cross-node adds" in table

@@ -142,6 +142,8 @@ SAMPLES: dict[str, tuple[Any, list[str]]] = {
     "server.host": ("127.0.0.2", ["127.0.0.2"]),
     "server.port": (9401, ["9401"]),
     "server.shutdown_grace_period": (2.5, ["2.5"]),
+    "server.workers": (2, ["2"]),  # with store.cluster, sampled in the same run
+    "server.worker_port": (9410, ["9410"]),
     "management.host": ("127.0.0.3", ["127.0.0.3"]),
     "management.port": (9411, ["9411"]),
     "metrics_port": (9464, ["9464"]),

@@ -137,10 +137,11 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 def cluster_config(url: str, **kwargs: Any) -> Any:
     """A test relay's configuration (tests/conftest.py) joined to the cluster at ``url``; no
-    entity in the file: the cluster's store holds them."""
+    entity in the file: the cluster's store holds them; ``spread``: ``store.spread``."""
     kwargs.setdefault("entities", [])
+    spread = kwargs.pop("spread", "weighted")
     config = relay_config(**kwargs)
-    return replace(config, store=replace(config.store, cluster=url))
+    return replace(config, store=replace(config.store, cluster=url, spread=spread))
 
 
 @asynccontextmanager

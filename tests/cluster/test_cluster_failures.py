@@ -20,11 +20,13 @@ from tests.client.helpers import root_provider
 from tests.cluster.conftest import RedisServer, cluster_nodes
 from tests.cluster.test_cluster import (
     echo,
+    echoed,
     listening_across,
     round_trip,
     sees_listener,
     until,
 )
+from tests.cluster.test_endpoints import refused_endpoint
 from tests.serve_process import ServeProcess, relay_document, serve, write_config
 
 #: What docs/CLUSTER.md states: a new connection through a surviving node succeeds within this
@@ -38,14 +40,7 @@ async def try_round_trip(base_url: str, payload: bytes) -> bool:
     try:
         async with asyncio.timeout(5):
             async with HybridConnectionClient(base_url, "hc", root_provider()) as client:
-                stream = await client.create_connection()
-                await stream.write(payload)
-                await stream.write_eof()
-                parts = []
-                while data := await stream.read():
-                    parts.append(data)
-                await stream.aclose()
-        return b"".join(parts) == payload
+                return await echoed(client, payload) == payload
     except (RelayError, TimeoutError, OSError):
         return False
 
@@ -172,4 +167,33 @@ async def test_a_draining_node_s_listener_moves_and_senders_keep_connecting(
             await one.server.drain(grace=1.0)
             await until(lambda: asyncio.sleep(0, two.server.broker.listener_count("hc") == 1))
             assert await round_trip(two, b"after") == b"after"
+            echoing.cancel()
+
+
+@pytest.mark.timeout(60)
+async def test_a_sender_waits_for_a_listener_that_moves_to_another_node(
+    redis_server: RedisServer,
+) -> None:
+    """Node 1 drains; its listener's next endpoint refuses, so it reaches node 2 only at its
+    second attempt (~1 s later, the backoff). A sender arriving at node 2 meanwhile is held
+    (LISTENER_RETURN_WAIT) until the listener is back, instead of being refused 404."""
+    file_entity = {"entities": [{"name": "hc"}]}
+    options = {0: file_entity, 1: file_entity}
+    async with cluster_nodes(redis_server.url, 2, node_options=options) as (one, two):
+        listener = HybridConnectionListener(
+            [one.base_url, refused_endpoint(), two.base_url], "hc", root_provider()
+        )
+        offline = asyncio.Event()
+        listener.on_status(lambda status, _: offline.set() if status == "offline" else None)
+        async with listener:
+            echoing = asyncio.get_running_loop().create_task(echo(listener))
+            await until(lambda: sees_listener(two, "hc"))
+            assert await round_trip(two, b"before") == b"before"
+            draining = asyncio.get_running_loop().create_task(one.server.drain(grace=1.0))
+            async with asyncio.timeout(10):
+                await offline.wait()  # the 1012: the listener is on no node now
+            assert two.server.broker.listener_count("hc") == 0
+            assert await round_trip(two, b"held") == b"held"
+            assert two.server.broker.listener_count("hc") == 1
+            await draining
             echoing.cancel()

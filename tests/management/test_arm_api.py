@@ -9,7 +9,7 @@ import asyncio
 import gc
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,10 +90,14 @@ async def served(
 ) -> AsyncIterator[Served]:
     store = await SqliteStore.open(tmp_path / "store.db", namespace=NS, initial_rules=[(ROOT, ALL)])
     listeners: dict[str, int] = {}
+
+    async def listener_counts(names: Sequence[str]) -> dict[str, int]:
+        return {name: listeners.get(name.lower(), 0) for name in names}
+
     api = ArmApi(
         store,
         file_layer or FileLayer(),
-        lambda name: listeners.get(name.lower(), 0),
+        listener_counts,
         "sb://127.0.0.1:9400/",
     )
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

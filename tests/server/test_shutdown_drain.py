@@ -192,6 +192,40 @@ async def test_an_http_request_in_flight_is_answered_before_its_listener_is_told
 
 
 @pytest.mark.timeout(60)
+async def test_a_request_whose_body_arrives_as_the_drain_begins_gets_503(
+    make_relay: RelayFactory,
+) -> None:
+    """Admitted before the drain, its body read after it began: no listener takes it now; the
+    answer is the drain's retryable 503, not 502 (no listener)."""
+
+    async def answer(ctx: RelayedHttpContext) -> None:
+        await ctx.respond(200, "OK", {})
+        await ctx.finish()
+
+    async with make_relay() as relay, sdk_listener(relay, request_handler=answer) as listener:
+        offline = asyncio.Event()
+        listener.on_status(lambda status, _: offline.set() if status == "offline" else None)
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
+        try:
+            head = (
+                f"POST /hc HTTP/1.1\r\nHost: 127.0.0.1\r\n{AUTH}: {relay.token('hc')}\r\n"
+                "Content-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+            )
+            writer.write(head.encode())
+            async with asyncio.timeout(10):
+                # The relay says 100 Continue once it takes the body (auth and routing done).
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100")
+                draining = asyncio.create_task(relay.server.drain(grace=5))
+                await offline.wait()  # the 1012: its listener takes nothing more
+                writer.write(b"body")
+                status = await reader.readline()
+            assert status.startswith(b"HTTP/1.1 503"), status
+            await asyncio.wait_for(draining, 10)
+        finally:
+            writer.close()
+
+
+@pytest.mark.timeout(60)
 async def test_an_ingress_tunnel_in_flight_completes_while_new_clients_are_refused(
     make_relay: RelayFactory,
 ) -> None:

@@ -194,7 +194,7 @@ class BridgeAgent:
             hc = forward.spec.hybrid_connection
             if hc not in clients:
                 clients[hc] = HybridConnectionClient(
-                    connection.endpoint,
+                    [connection.endpoint, *connection.more_endpoints],  # tried in turn
                     hc,
                     provider,
                     ca_file=connection.ca_file,

@@ -140,11 +140,12 @@ class ConnectionSettings:
     endpoint: str | None = setting(
         None, help="relay endpoint, sb://host[:port]", flags=("-e", "-E", "--endpoint")
     )
-    #: A cluster's other nodes (docs/CLUSTER.md): listeners move to the next on failure.
+    #: A cluster's other nodes (docs/CLUSTER.md): listeners and -L connects move to the next
+    #: on failure.
     more_endpoints: tuple[str, ...] = setting(
         (),
         help="another relay endpoint of the same cluster, tried in turn when the relay a "
-        "listener (-R, -H) uses cannot be reached (repeatable)",
+        "listener (-R, -H) or a -L connection uses cannot be reached (repeatable)",
         flags=("--also-endpoint",),
         metavar="ENDPOINT",
     )

@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, UvloopMissingError) as exc:
             print(f"hybridrelay: --loop {args.loop}: {exc}", file=sys.stderr)
             return 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a worker runs again
     try:
         result: int = args.func(args)
         return result
@@ -218,12 +219,19 @@ def main(argv: list[str] | None = None) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from hybridrelay.cli.embedded import Endpoints, default_data_dir, open_store, write_endpoints
     from hybridrelay.server import RelayServer
+    from hybridrelay.server.worker import WorkerRole, worker_index
     from hybridrelay.store.base import Store
 
     configure_logging(args.log_level)
     data_dir: Path = args.data_dir or default_data_dir()
     embedded = not args.config
     config = _serve_config(args, data_dir)
+    index = worker_index(config)
+    if config.server.workers > 1 and index is None:
+        from hybridrelay.cli.workers import supervise
+
+        return supervise(config, args.argv)
+    worker = None if index is None else WorkerRole.of(config, index)
     if embedded and config.store.cluster:  # no SQLite file makes it: for the endpoint file
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
@@ -241,7 +249,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             )
         elif embedded:
             store = await open_store(data_dir)
-        server = RelayServer(config, store=store)
+        server = RelayServer(config, store=store, worker=worker)
         try:
             await server.start()
         except OSError as exc:
@@ -272,6 +280,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         try:
             # The handlers are in place before the line that tells a supervisor we are up.
             with stop_on_signals(on_stop_signal, reload=on_reload_signal):
+                if worker is not None:  # the supervisor's "ready" line names it
+                    print(
+                        f"worker {worker.index}: rendezvous addresses name "
+                        f"{server.worker_base_url}",
+                        flush=True,
+                    )
                 print(
                     f"hybridrelay {__version__}: relay listening on {server.base_url}", flush=True
                 )
@@ -287,7 +301,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         f'hybridrelay token -x "$({cs_command})"',
                         flush=True,
                     )
-                if embedded:
+                if embedded and not (worker and worker.index):  # one worker writes it
                     write_endpoints(data_dir, Endpoints(server.base_url, server.management_url))
                     print(
                         "Embedded default: plain ws:// on loopback; hybrid connections are "

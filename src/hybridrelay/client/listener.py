@@ -31,7 +31,6 @@ from hybridrelay.client._connect import (
     CONTROL_MAX_MESSAGE,
     STREAM_MAX_MESSAGE,
     WebSocketConnector,
-    parse_endpoint,
     resolve_connection_string,
 )
 from hybridrelay.client.backoff import (
@@ -42,6 +41,7 @@ from hybridrelay.client.backoff import (
     needs_a_fix,
     reconnect_delays,
 )
+from hybridrelay.client.endpoints import EndpointRing, worth_another_endpoint
 from hybridrelay.client.http import HttpRequestDispatcher, RequestHandler
 from hybridrelay.client.stream import HybridConnectionStream
 from hybridrelay.client.tls import build_ssl_context
@@ -217,12 +217,7 @@ class HybridConnectionListener:
             raise ConfigurationError("token_ttl must be positive")
         if max_pending < 1:
             raise ConfigurationError("max_pending must be at least 1")
-        self._endpoints = [
-            parse_endpoint(text) for text in ([endpoint] if isinstance(endpoint, str) else endpoint)
-        ]
-        if not self._endpoints:
-            raise ConfigurationError("at least one endpoint is required")
-        self._endpoint = self._endpoints[0]
+        self._endpoints = EndpointRing(endpoint)
         self._entity_path = entity_path.strip("/")
         self._token_provider = token_provider
         self._connector = WebSocketConnector(
@@ -280,14 +275,14 @@ class HybridConnectionListener:
 
     def __repr__(self) -> str:
         return (
-            f"<HybridConnectionListener {self._endpoint.host}/{self._entity_path} "
+            f"<HybridConnectionListener {self._endpoints.current.host}/{self._entity_path} "
             f"id={self._id} {self.status}>"
         )
 
     @property
     def relay_endpoint(self) -> str:
         """The base URL of the endpoint the control channel is on, or is being opened to."""
-        return self._endpoint.base_url
+        return self._endpoints.current.base_url
 
     @property
     def listener_id(self) -> str:
@@ -451,28 +446,32 @@ class HybridConnectionListener:
 
     async def _get_token(self) -> str | None:
         return await fetch_token(
-            self._token_provider, self._endpoint.host, self._entity_path, self._token_ttl
+            self._token_provider, self._endpoints.current.host, self._entity_path, self._token_ttl
         )
 
     async def _connect_first(self) -> MessageSocket:
-        """Connect to the first endpoint that answers, in the order given."""
-        return await self._connect_any(range(len(self._endpoints)), reconnecting=False)
+        """Connect to the first endpoint that answers, in the order given (from the one in
+        use)."""
+        count = len(self._endpoints)
+        start = self._endpoints.index
+        return await self._connect_any(
+            [(start + i) % count for i in range(count)], reconnecting=False
+        )
 
     async def _connect_any(self, order: Sequence[int], *, reconnecting: bool) -> MessageSocket:
-        """Try the endpoints at ``order`` in turn until one answers. A refusal (401/403/404,
-        503) is the same on every node and raised at once; when none can be reached, the
-        last one's error. Reconnecting, each try is a ``connecting`` status (relay_endpoint
-        names the node) ended by ``offline`` when it fails."""
+        """Try the endpoints at ``order`` in turn until one answers. An endpoint that cannot
+        be reached, or answers 502/503, makes way for the next; a refusal (401/403/404) is the
+        same on every node and raised at once (``client/endpoints.py``); when none answers,
+        the last one's error. Reconnecting, each try is a ``connecting`` status
+        (relay_endpoint names the node) ended by ``offline`` when it fails."""
         for attempt, index in enumerate(order):
-            self._endpoint = self._endpoints[index]
+            self._endpoints.use(index)
             if reconnecting:
                 self._set_status("connecting")
             try:
                 return await self._connect_control()
-            except RelayHttpError:
-                raise
-            except RelayConnectionError as exc:
-                if attempt == len(order) - 1 or self._closing:
+            except RelayError as exc:
+                if attempt == len(order) - 1 or self._closing or not worth_another_endpoint(exc):
                     raise
                 if reconnecting:
                     self._set_status("offline", exc)
@@ -483,7 +482,7 @@ class HybridConnectionListener:
     async def _connect_control(self) -> MessageSocket:
         token = await self._get_token()
         url = build_relay_url(
-            self._endpoint.base_url,
+            self._endpoints.current.base_url,
             self._entity_path,
             action="listen",
             params={"sb-hc-id": self._id},
@@ -535,8 +534,7 @@ class HybridConnectionListener:
         while not await self._wait_closing(delay):
             # With several endpoints, each attempt tries the others first: the one lost may
             # be down.
-            current = self._endpoints.index(self._endpoint)
-            order = endpoint_round(current, len(self._endpoints), self._rng)
+            order = endpoint_round(self._endpoints.index, len(self._endpoints), self._rng)
             try:
                 socket = await self._connect_any(order, reconnecting=True)
             except Exception as exc:

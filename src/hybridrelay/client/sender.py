@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl as ssl_module
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from hybridrelay.client._connect import (
     STREAM_MAX_MESSAGE,
     WebSocketConnector,
-    parse_endpoint,
     resolve_connection_string,
 )
+from hybridrelay.client.endpoints import EndpointRing, worth_another_endpoint
 from hybridrelay.client.stream import HybridConnectionStream
 from hybridrelay.client.tls import build_ssl_context
 from hybridrelay.client.tokens import TokenProvider, fetch_token
@@ -24,14 +26,20 @@ from hybridrelay.exceptions import (
     EndpointNotFoundError,
     ListenerRejectedError,
     QuotaExceededError,
+    RelayError,
     RelayHttpError,
     http_error,
     refusal_hint,
     with_hint,
 )
-from hybridrelay.protocol.addressing import build_relay_url
+from hybridrelay.protocol.addressing import Endpoint, build_relay_url
+from hybridrelay.transport.frames_ws import FrameSocket
 
 __all__ = ["HybridConnectionClient"]
+
+logger = logging.getLogger("hybridrelay.client")
+
+T = TypeVar("T")
 
 #: Lifetime of the tokens a client asks for (the .NET default).
 TOKEN_TTL = 3600.0
@@ -78,14 +86,17 @@ class HybridConnectionClient:
     """Opens relayed connections to the listeners of a hybrid connection.
 
     Args:
-        endpoint: ``sb://host[:port]`` (= ``wss``), ``wss://...`` or ``ws://...``.
+        endpoint: ``sb://host[:port]`` (= ``wss``), ``wss://...`` or ``ws://...``; or several,
+            the nodes of a cluster (docs/CLUSTER.md): a connect that cannot reach a relay, or
+            that it answers 502/503, is tried on the next one within the same
+            ``connect_timeout``, and the endpoint that worked is tried first from then on.
         entity_path: the hybrid connection's name.
         token_provider: source of the Send token; None connects anonymously (for a hybrid
             connection that does not require client authorization).
         ssl: verify the relay with this context (else ``ca_file``, else the system store).
         ca_file: PEM file of the CAs to trust instead of the system store.
         proxy: ``http://[user:pass@]host:port``; None honours ``HTTPS_PROXY``/``NO_PROXY``.
-        connect_timeout: for the whole connect: relay, listener's decision and rendezvous.
+        connect_timeout: for the whole connect: relay(s), listener's decision and rendezvous.
         keep_alive_interval: find a stream's link to the relay dead when it stays silent: a
             ping after this many seconds in which nothing came, the stream closed (1006) when
             nothing comes in the next interval either (a slow reader is never dropped; see
@@ -97,7 +108,7 @@ class HybridConnectionClient:
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: str | Sequence[str],
         entity_path: str,
         token_provider: TokenProvider | None,
         *,
@@ -114,7 +125,7 @@ class HybridConnectionClient:
         if keep_alive_interval is not None and keep_alive_interval <= 0:
             raise ConfigurationError("keep_alive_interval must be positive")
         self._keep_alive_interval = keep_alive_interval
-        self._endpoint = parse_endpoint(endpoint)
+        self._endpoints = EndpointRing(endpoint)
         self._entity_path = entity_path.strip("/")
         self._token_provider = token_provider
         self._connect_timeout = connect_timeout
@@ -126,17 +137,42 @@ class HybridConnectionClient:
     def from_connection_string(
         cls, connection_string: str, entity_path: str | None = None, **kwargs: Any
     ) -> HybridConnectionClient:
-        """Build a client from ``Endpoint=sb://...;SharedAccessKeyName=..;...``."""
+        """Build a client from ``Endpoint=sb://...;SharedAccessKeyName=..;...``; a cluster's
+        other nodes go in ``endpoints=[...]``."""
         endpoint, entity, provider = resolve_connection_string(connection_string, entity_path)
-        return cls(endpoint, entity, provider, **kwargs)
+        others: Sequence[str] = kwargs.pop("endpoints", ())
+        return cls([endpoint, *others], entity, provider, **kwargs)
 
     def __repr__(self) -> str:
-        return f"<HybridConnectionClient {self._endpoint.host}/{self._entity_path}>"
+        return f"<HybridConnectionClient {self._endpoints.current.host}/{self._entity_path}>"
 
-    async def _get_token(self) -> str | None:
+    async def _get_token(self, host: str | None = None) -> str | None:
         return await fetch_token(
-            self._token_provider, self._endpoint.host, self._entity_path, TOKEN_TTL
+            self._token_provider,
+            host or self._endpoints.current.host,
+            self._entity_path,
+            TOKEN_TTL,
         )
+
+    async def _on_endpoints(self, attempt: Callable[[Endpoint, float], Awaitable[T]]) -> T:
+        """``attempt(endpoint, seconds left)`` on the endpoints in turn, the sticky one first,
+        until one works or fails for a reason another node would share
+        (``client/endpoints.py``); all within ``connect_timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._connect_timeout
+        endpoints = self._endpoints.in_turn()
+        for endpoint in endpoints:
+            try:
+                result = await attempt(endpoint, deadline - loop.time())
+            except RelayError as exc:
+                last = endpoint is endpoints[-1] or deadline - loop.time() <= 0
+                if last or not worth_another_endpoint(exc):
+                    raise
+                logger.info("%s: %s; trying the next relay endpoint", self, exc)
+                continue
+            self._endpoints.stick(endpoint)
+            return result
+        raise AssertionError("unreachable")
 
     async def create_connection(
         self,
@@ -173,27 +209,32 @@ class HybridConnectionClient:
             if name.lower() in _RESERVED_HEADERS:
                 raise ValueError(f"header {name!r} is set by the SDK")
             request_headers[name] = value
-        token = await self._get_token()
-        if token:
-            request_headers["ServiceBusAuthorization"] = token
         connection_id = str(uuid.uuid4())
-        url = build_relay_url(
-            self._endpoint.base_url,
-            self._entity_path,
-            action="connect",
-            suffix=path,
-            app_query=query,
-            params={"sb-hc-id": connection_id},
-        )
-        try:
-            socket = await self._connector.connect(
+
+        async def dial(endpoint: Endpoint, seconds: float) -> FrameSocket:
+            sent = dict(request_headers)
+            token = await self._get_token(endpoint.host)
+            if token:
+                sent["ServiceBusAuthorization"] = token
+            url = build_relay_url(
+                endpoint.base_url,
+                self._entity_path,
+                action="connect",
+                suffix=path,
+                app_query=query,
+                params={"sb-hc-id": connection_id},
+            )
+            return await self._connector.connect(
                 url,
-                connect_timeout=self._connect_timeout,
-                headers=request_headers,
+                connect_timeout=seconds,
+                headers=sent,
                 protocols=subprotocols,
                 max_msg_size=STREAM_MAX_MESSAGE,
                 stream_keepalive=self._keep_alive_interval,
             )
+
+        try:
+            socket = await self._on_endpoints(dial)
         except RelayHttpError as exc:
             raise _as_rejection(exc, self._entity_path) from exc
         return HybridConnectionStream(socket, id=connection_id)
@@ -215,22 +256,27 @@ class HybridConnectionClient:
             RelayConnectionError: (or RelayTimeoutError, CertificateError) the relay could not
                 be reached, the cause named; RelayHttpError: another status.
         """
-        token = await self._get_token()
-        if token is None:
+        if self._token_provider is None:
             return
         path = "/".join(quote(part, safe="") for part in self._entity_path.split("/"))
-        base = self._endpoint.base_url.replace("ws", "http", 1)
-        head, body = await self._connector.get(
-            f"{base}/{path}?api-version={RUNTIME_INFO_API_VERSION}",
-            headers={"Authorization": token, "X-PROCESS-AT": "ServiceBus"},
-            request_timeout=self._connect_timeout,
-        )
         entity = self._entity_path
-        if head.status != 200:
-            error = http_error(head.status, head.reason)
-            raise with_hint(error, entity, "Send")
-        if b"<entry" not in body:  # an empty feed: the entity does not exist
-            raise EndpointNotFoundError(404, UNKNOWN_ENTITY, refusal_hint(404, entity, "Send"))
+
+        async def ask(endpoint: Endpoint, seconds: float) -> None:
+            token = await self._get_token(endpoint.host)
+            assert token is not None
+            base = endpoint.base_url.replace("ws", "http", 1)
+            head, body = await self._connector.get(
+                f"{base}/{path}?api-version={RUNTIME_INFO_API_VERSION}",
+                headers={"Authorization": token, "X-PROCESS-AT": "ServiceBus"},
+                request_timeout=seconds,
+            )
+            if head.status != 200:
+                error = http_error(head.status, head.reason)
+                raise with_hint(error, entity, "Send")
+            if b"<entry" not in body:  # an empty feed: the entity does not exist
+                raise EndpointNotFoundError(404, UNKNOWN_ENTITY, refusal_hint(404, entity, "Send"))
+
+        await self._on_endpoints(ask)
 
     async def aclose(self) -> None:
         """No new connections; the HTTP session goes once its streams are closed. Idempotent."""

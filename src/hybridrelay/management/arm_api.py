@@ -19,7 +19,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,14 +58,15 @@ from hybridrelay.store.base import (
     StoreUnavailableError,
 )
 from hybridrelay.store.layers import FileLayer, layered
-from hybridrelay.store.records import NamespaceState, RuleRecord
+from hybridrelay.store.records import HybridConnectionRecord, NamespaceState, RuleRecord
 
 __all__ = ["ArmApi", "ListenerCount"]
 
 logger = logging.getLogger("hybridrelay.management")
 
-#: The live number of listeners of a hybrid connection (the relay's registry answers it).
-ListenerCount = Callable[[str], int]
+#: The live number of listeners of each hybrid connection named, by name (the relay's broker
+#: answers it: on every node of a cluster).
+ListenerCount = Callable[[Sequence[str]], Awaitable[Mapping[str, int]]]
 #: Largest request body; the client's bodies are a few hundred bytes.
 MAX_BODY = 1024 * 1024
 
@@ -103,7 +104,7 @@ class ArmApi:
     Args:
         store: where changes go.
         file_layer: what the configuration file defines (read-only here).
-        listener_count: live listeners of a hybrid connection.
+        listener_count: live listeners of hybrid connections (:data:`ListenerCount`).
         public_endpoint: ``sb://host[:port]/`` that data-plane clients dial, for connection
             strings and ``serviceBusEndpoint``.
         clock: epoch seconds, for token expiry.
@@ -316,16 +317,20 @@ class ArmApi:
 
     # -- hybrid connections ---------------------------------------------------------------------
 
-    def _hybrid_connection_body(self, scope: Scope, state: NamespaceState, name: str) -> Any:
+    async def _hybrid_connection_body(self, scope: Scope, state: NamespaceState, name: str) -> Any:
         record = state.get(name)
         if record is None:
             raise ArmError(404, "ResourceNotFound", f"No hybrid connection {name!r}.")
+        counts = await self.listener_count([record.name])
+        return self._body_of(scope, record, counts[record.name])
+
+    def _body_of(self, scope: Scope, record: HybridConnectionRecord, listeners: int) -> Any:
         return hybrid_connection_body(
             scope,
             record.name,
             created_at=_when(record.created_at),
             updated_at=_when(record.updated_at),
-            listener_count=self.listener_count(record.name),
+            listener_count=listeners,
             requires_client_authorization=record.requires_client_authorization,
             user_metadata=record.user_metadata,
         )
@@ -334,10 +339,9 @@ class ArmApi:
         self, request: web.Request, route: Route, state: NamespaceState
     ) -> web.Response:
         self._parent(route, state)
-        items = [
-            self._hybrid_connection_body(route.scope, state, record.name)
-            for record in state.sorted_hybrid_connections()
-        ]
+        records = state.sorted_hybrid_connections()
+        counts = await self.listener_count([record.name for record in records])  # one read
+        items = [self._body_of(route.scope, record, counts[record.name]) for record in records]
         return _json(200, page_body(items, request.query.get("$skipToken"), _list_url(request)))
 
     async def _hybrid_connection(
@@ -346,7 +350,7 @@ class ArmApi:
         self._parent(route, state)
         name = route.hybrid_connection
         if request.method == "GET":
-            return _json(200, self._hybrid_connection_body(route.scope, state, name))
+            return _json(200, await self._hybrid_connection_body(route.scope, state, name))
         self._writable(name)
         why = validate_hybrid_connection_name(name)
         if why is not None:
@@ -364,7 +368,7 @@ class ArmApi:
             )
         )
         state = self._state()
-        return _json(200, self._hybrid_connection_body(route.scope, state, name))
+        return _json(200, await self._hybrid_connection_body(route.scope, state, name))
 
     def _writable(self, entity: str, rule: str = "") -> None:
         owned = (

@@ -30,7 +30,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -39,6 +39,7 @@ from aiohttp import web
 
 from hybridrelay.auth.sas import Rights, create_token, parse_token, token_audience
 from hybridrelay.exceptions import TokenError
+from hybridrelay.management.arm_api import ListenerCount
 from hybridrelay.management.runtime_api import RuntimeView
 from hybridrelay.protocol.arm import validate_hybrid_connection_name
 from hybridrelay.store.base import Store, StoreError, StoreUnavailableError
@@ -138,8 +139,12 @@ class Dashboard:
         recent_errors: RecentErrorView,
         secure: bool,
         clock: Callable[[], float] = time.time,
+        listener_totals: ListenerCount | None = None,
     ) -> None:
         self._state = state
+        #: Listeners on every node of a cluster, per hybrid connection (the list of listeners
+        #: shown is this node's).
+        self._listener_totals = listener_totals
         self._runtime = runtime
         self._store = store
         self._token_refusal = token_refusal
@@ -370,8 +375,9 @@ class Dashboard:
 
     # -- data --------------------------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
-        """What the page shows, now."""
+    def snapshot(self, totals: Mapping[str, int] | None = None) -> dict[str, Any]:
+        """What the page shows, now; ``totals``: listeners on every node, by name (else this
+        node's)."""
         now = self._clock()
         self._note_listeners(now)  # between two samples too: a short visit is not missed
         listeners: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
@@ -387,6 +393,9 @@ class Dashboard:
                 "name": record.name,
                 "requiresClientAuthorization": record.requires_client_authorization,
                 "listeners": listeners.get(record.name.lower(), []),
+                "listenerCount": (totals or {}).get(
+                    record.name, len(listeners.get(record.name.lower(), []))
+                ),
                 "offline": offline.get(record.name.lower(), []),
             }
             for record in self._state().sorted_hybrid_connections()
@@ -425,7 +434,11 @@ class Dashboard:
             while not self._closing.is_set():
                 if self._session(request, touch=False) is None:  # signed out or expired
                     break
-                data = json.dumps(self.snapshot(), separators=(",", ":"))
+                totals = None
+                if self._listener_totals is not None:
+                    names = [r.name for r in self._state().sorted_hybrid_connections()]
+                    totals = await self._listener_totals(names)  # a cluster: one Redis read
+                data = json.dumps(self.snapshot(totals), separators=(",", ":"))
                 async with asyncio.timeout(WRITE_TIMEOUT):
                     await response.write(f"data: {data}\n\n".encode())
                 with contextlib.suppress(TimeoutError):

@@ -67,6 +67,7 @@ from hybridrelay.server.runtime_info import is_runtime_info_request, runtime_inf
 from hybridrelay.server.runtime_view import RelayRuntimeView, close_channels
 from hybridrelay.server.store import NamespaceView, file_layer
 from hybridrelay.server.websocket_relay import WebSocketRelay
+from hybridrelay.server.worker import WorkerRole, with_port
 from hybridrelay.socket_errors import bind_failure
 from hybridrelay.store.base import Store, StoreError
 from hybridrelay.store.sqlite import MEMORY, SqliteStore
@@ -100,7 +101,9 @@ class RelayServer:
 
     ``store`` holds the entities and namespace rules (default: those of ``config``);
     ``broker`` pairs senders with listeners (default: a :class:`LocalBroker` for the
-    listeners connected to this process).
+    listeners connected to this process). ``worker``: this process is one of ``serve
+    --workers N`` (``server/worker.py``): the ports are shared (SO_REUSEPORT) and rendezvous
+    addresses name the worker's own port.
     """
 
     def __init__(
@@ -110,10 +113,14 @@ class RelayServer:
         store: Store | None = None,
         broker: Broker | None = None,
         observer: RelayObserver | None = None,
+        worker: WorkerRole | None = None,
     ) -> None:
         #: The configuration of the moment: every limit is read from here when it is used, so
         #: :meth:`replace_config` takes effect for what comes next.
         self.config = config
+        self.worker = worker
+        #: The worker's own port (rendezvous addresses name it), once bound; 0 otherwise.
+        self._worker_port = 0
         #: Reported as CreatedAt/UpdatedAt of configured entities: the file has no dates.
         self._loaded_at = datetime.datetime.now(datetime.UTC)
         #: The management store given, else opened at start (``store.path``, else memory).
@@ -137,7 +144,10 @@ class RelayServer:
 
             try:
                 broker = self._cluster = ClusterBroker(
-                    config.store.cluster, config.namespace_name, public_base=self._rendezvous_base
+                    config.store.cluster,
+                    config.namespace_name,
+                    public_base=self._rendezvous_base,
+                    local_first=config.store.spread == "local-first",
                 )
             except StoreError as exc:  # an address that cannot be used
                 raise ConfigurationError(f"store.cluster: {exc}") from exc
@@ -174,7 +184,13 @@ class RelayServer:
         self._ssl = self._certificate.context if self._certificate else None
         #: What the endpoints use of the relay.
         self._context = RelayContext(
-            self._settings, self.store, self.access, self.broker, self._legs, self.observer
+            self._settings,
+            self.store,
+            self.access,
+            self.broker,
+            self._legs,
+            self.observer,
+            draining=lambda: self._draining,
         )
         self.http = HttpRelay(self._context)
         self.websocket = WebSocketRelay(self._context)
@@ -187,7 +203,8 @@ class RelayServer:
         self._fd_cap = default_max_connections()
         #: The relay's own TCP ports (``ingress:``).
         self.ingress = [
-            RelayIngress(entry, self._context, gate=self.gate) for entry in config.ingress
+            RelayIngress(entry, self._context, gate=self.gate, reuse_port=worker is not None)
+            for entry in config.ingress
         ]
         self.runtime = RelayRuntimeView(self.broker, self._legs)
         self.arm: ArmApi | None = None
@@ -361,11 +378,31 @@ class RelayServer:
         )
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
+        shared = self.worker is not None
         self._port = await _listen(
-            self._runner, self.config.server.host, self.config.server.port, self._ssl
+            self._runner, self.config.server.host, self.config.server.port, self._ssl, shared
         )
         logger.info("relay listening on %s", self.base_url)
         try:
+            if self.worker is not None:
+                try:
+                    self._worker_port = await _listen(
+                        self._runner, self.config.server.host, self.worker.own_port, self._ssl
+                    )
+                except OSError as exc:
+                    raise ConfigurationError(
+                        f"worker {self.worker.index}: "
+                        + bind_failure(
+                            f"{self.config.server.host}:{self.worker.own_port}",
+                            exc,
+                            port_option="--worker-port",
+                        )
+                    ) from exc
+                logger.info(
+                    "worker %d: rendezvous addresses name %s",
+                    self.worker.index,
+                    self.worker_base_url,
+                )
             if self._cluster is not None:  # its rendezvous base is known once bound
                 outage = getattr(store, "outage", None)
                 if outage is not None:
@@ -394,7 +431,7 @@ class RelayServer:
         self.arm = ArmApi(
             store,
             self.store.file,
-            self.broker.listener_count,
+            self.broker.listener_totals,
             public_endpoint=self.public_endpoint,
         )
         runtime = RuntimeApi(self.runtime, self.arm.authorize_request)
@@ -408,6 +445,7 @@ class RelayServer:
             totals=self.observer.totals,
             recent_errors=lambda: self.observer.recent_errors,
             secure=secure is not None,
+            listener_totals=self.broker.listener_totals,
         )
         app = management_application(
             self.arm,
@@ -420,8 +458,9 @@ class RelayServer:
         self._management_runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._management_runner.setup()
         try:
+            port = self.worker.management_port if self.worker else settings.port or 0
             self._management_port = await _listen(
-                self._management_runner, settings.host, settings.port or 0, secure
+                self._management_runner, settings.host, port, secure
             )
         except OSError as exc:
             raise ConfigurationError(
@@ -605,8 +644,16 @@ class RelayServer:
 
     def _rendezvous_base(self) -> str:
         """The base of rendezvous addresses naming this node (cluster offers to other nodes'
-        listeners): ``server.public_base_url``, else this node's own base URL."""
-        return (self.config.server.public_base_url or self.base_url).rstrip("/")
+        listeners): ``server.public_base_url``, else this node's own base URL (a worker's:
+        with the worker's own port)."""
+        base = (self.config.server.public_base_url or self.base_url).rstrip("/")
+        return with_port(base, self._worker_port) if self._worker_port else base
+
+    @property
+    def worker_base_url(self) -> str | None:
+        """A worker's (``serve --workers``) own base URL, which its rendezvous addresses name;
+        None when this process is not a worker."""
+        return self._rendezvous_base() if self._worker_port else None
 
     @property
     def management_port(self) -> int:
@@ -628,9 +675,12 @@ class RelayServer:
         Host the listener used. Never taken from a sender's request: a sender's Host header
         would otherwise send the listener's rendezvous to a host of the sender's choosing."""
         if self.config.server.public_base_url:
-            return self.config.server.public_base_url.rstrip("/")
-        host = request.host or f"{self.config.server.host}:{self.port}"
-        return f"{'wss' if self._ssl else 'ws'}://{host}"
+            base = self.config.server.public_base_url.rstrip("/")
+        else:
+            host = request.host or f"{self.config.server.host}:{self.port}"
+            base = f"{'wss' if self._ssl else 'ws'}://{host}"
+        # A worker's shared port reaches any worker: its own port reaches this one.
+        return with_port(base, self._worker_port) if self._worker_port else base
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -638,7 +688,7 @@ class RelayServer:
         raw_path, _, raw_query = request.raw_path.partition("?")
         if not raw_path.startswith(HC_PREFIX):
             if is_runtime_info_request(request, raw_query):
-                return runtime_info(
+                return await runtime_info(
                     request,
                     raw_path,
                     self._context,
@@ -702,11 +752,22 @@ async def _stop_accepting(runner: web.BaseRunner) -> None:
 
 
 async def _listen(
-    runner: web.BaseRunner, host: str, port: int, ssl_context: ssl.SSLContext | None
+    runner: web.BaseRunner,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    shared: bool = False,
 ) -> int:
-    """Start a site of ``runner``; the port it got (``port`` 0 picks one)."""
+    """Start a site of ``runner``; the port it got (``port`` 0 picks one). ``shared``: with
+    SO_REUSEPORT, the port of every worker of ``serve --workers``."""
     site = web.TCPSite(
-        runner, host, port, ssl_context=ssl_context, backlog=1024, reuse_address=True
+        runner,
+        host,
+        port,
+        ssl_context=ssl_context,
+        backlog=1024,
+        reuse_address=True,
+        reuse_port=shared or None,
     )
     await site.start()
     listening = site._server

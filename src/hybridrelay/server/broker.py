@@ -51,6 +51,7 @@ __all__ = [
     "NOT_IN_TIME",
     "NO_LISTENER",
     "SENDER_GONE",
+    "SHUTTING_DOWN",
     "TOO_MANY_PENDING",
     "Accepted",
     "Broker",
@@ -97,6 +98,8 @@ NO_LISTENER = Unanswered(404, "There are no listeners connected for the endpoint
 TOO_MANY_PENDING = Unanswered(503, "Too many pending connections; try again later.")
 NOT_IN_TIME = Unanswered(504, "The listener did not accept the connection in time.")
 LISTENERS_BUSY = Unanswered(503, "Every listener is busy; try again later.")
+#: What a draining relay answers a sender its listeners can no longer take (retryable).
+SHUTTING_DOWN = Unanswered(503, "The relay is shutting down.")
 #: The sender's connection closed while it waited (nobody reads this answer).
 SENDER_GONE = Unanswered(499, "The sender went away.")
 ENTITY_DELETED = "The hybrid connection was deleted."
@@ -124,6 +127,9 @@ class Pending:
     #: Answered on the control channel it is told on (an HTTP request sent inline): only a
     #: listener whose control channel this process reads may be told.
     inline: bool = False
+    #: Address-only because :meth:`Broker.answers_inline` drew another node's listener for
+    #: it: offered to other nodes first (a cluster broker), this process's listeners last.
+    remote_first: bool = False
 
     def listener_gone(self) -> None:
         """The control channel of the listener that was told went away."""
@@ -210,7 +216,14 @@ class Broker(Protocol):
         """The channel is gone: offer it nothing more, and tell what waits on it."""
         ...
 
-    def listener_count(self, entity: str) -> int: ...
+    def listener_count(self, entity: str) -> int:
+        """Listeners of ``entity`` connected to this process."""
+        ...
+
+    async def listener_totals(self, entities: Sequence[str]) -> dict[str, int]:
+        """Listeners of each of ``entities`` on every node of the namespace (this process's
+        alone without a cluster), by the names given."""
+        ...
 
     def answers_inline(self, entity: str) -> bool:
         """Whether an HTTP request to ``entity`` may be sent inline (its response then comes on
@@ -321,6 +334,9 @@ class LocalBroker:
 
     def listener_count(self, entity: str) -> int:
         return len(self._by_entity.get(entity.lower(), ()))
+
+    async def listener_totals(self, entities: Sequence[str]) -> dict[str, int]:
+        return {name: self.listener_count(name) for name in entities}
 
     def answers_inline(self, entity: str) -> bool:
         return True

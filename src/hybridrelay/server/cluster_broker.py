@@ -5,7 +5,8 @@ A :class:`LocalBroker` for the listeners of this process, plus:
 * **Registrations.** For each entity with listeners here, the hash ``routes:{entity}`` holds
   ``{node id: local listener count}`` and the set ``node:{id}:entities`` names the entities, so
   a dead node's entries can be removed. Both are written when the count changes (coalesced), not
-  per idle period: an idle listener costs no Redis operation after its registration.
+  per idle period: an idle listener costs no Redis operation after its registration. A
+  draining node's count is 0 ("its listeners are moving") until it leaves.
 * **The lease, per node.** Every ``lease / 3`` seconds a node puts itself in the sorted set
   ``nodes`` with score "now + lease" and reads which nodes are alive (score in the future):
   two commands per node per renewal, whatever its number of listeners. A node whose entry was
@@ -14,7 +15,8 @@ A :class:`LocalBroker` for the listeners of this process, plus:
   sees it: at most ``lease + lease / 3`` seconds (4 s by default), and at once in practice,
   since a dead node's pub/sub connection is gone and an offer published to it reaches nobody
   (``PUBLISH`` answers 0) and is skipped. The first live node to see an expired entry removes its
-  routes.
+  routes. A node that joined since the last renewal is routed to at once (its routes are
+  there as soon as it has listeners: a restarted worker is reachable without a wait).
 * **Offers to another node.** A sender lands on node B; the listener's control channel is on A.
   B keeps the pending rendezvous in its own table, renders the ``accept`` (or the address-only
   HTTP ``request``) with a rendezvous address naming B (``server.public_base_url``, else B's
@@ -32,6 +34,10 @@ A :class:`LocalBroker` for the listeners of this process, plus:
   entity per second on a node, whatever the number of senders). A listener whose control channel
   holds ``max_queued_per_listener`` messages is passed over on its own node (A answers
   ``none``).
+* **Listeners on the move** (a drain's 1012, a node's death): a routes read that found none,
+  or whose nodes all answered ``none``, is read again after :data:`ROUTE_RECHECK`; a sender
+  whose entity had a listener within :data:`RECENT_LISTENER` waits up to
+  :data:`LISTENER_RETURN_WAIT` for one to be registered again (docs/CLUSTER.md).
 * **Redis outage.** Listeners and senders on this node keep being paired; remote listeners are
   not reachable; the registrations are written again when Redis is back. One log line for the
   outage and one for the recovery (the store's, when the relay has a Redis store: one per node).
@@ -84,6 +90,14 @@ logger = logging.getLogger("hybridrelay.cluster")
 DEFAULT_LEASE = 3.0
 #: How long a node reuses what it read of an entity's listeners on other nodes.
 ROUTE_CACHE_TTL = 1.0
+#: ... when that read found none, or found listeners that turned out not to take offers: a
+#: listener that moved (a drain's 1012, a node's death) is found again this soon.
+ROUTE_RECHECK = 0.05
+#: A sender whose entity had a listener this recently, and has none now, waits up to
+#: :data:`LISTENER_RETURN_WAIT` for one to come back (a listener moving to another node is
+#: away for its reconnect) instead of being refused 404 at once.
+RECENT_LISTENER = 5.0
+LISTENER_RETURN_WAIT = 2.0
 #: How long B waits for A's ``told``/``none`` before trying elsewhere.
 OFFER_ANSWER_TIMEOUT = 2.0
 #: A node channel message longer than this is dropped (headers are bounded far below it).
@@ -133,8 +147,12 @@ class ClusterBroker(LocalBroker):
         public_base: Callable[[], str],
         lease: float = DEFAULT_LEASE,
         shuffle: Callable[[list[ControlChannel]], None] = random.shuffle,
+        local_first: bool = False,
     ) -> None:
         super().__init__(shuffle=shuffle)
+        #: ``store.spread: local-first``: a sender goes to this node's listeners whenever one
+        #: can take it; other nodes' only when none can (see :meth:`announce`).
+        self._local_first = local_first
         self._url = url
         self._public_base = public_base
         self._lease = lease
@@ -146,10 +164,22 @@ class ClusterBroker(LocalBroker):
         self.outage = OutageLog(url, "cluster")
         #: Nodes whose lease had not run out at the last renewal (this one excluded).
         self._live: set[str] = set()
+        #: Nodes not routed to: their lease ran out (at the last renewal), or an offer
+        #: published to them reached nobody (node -> its lease then: until it renews). A node
+        #: seen in neither is new, and routed to.
+        self._expired: set[str] = set()
+        self._unheard: dict[str, float] = {}
+        self._leases: dict[str, float] = {}
+        #: entity key -> when a listener of it was last seen (here, or in its routes).
+        self._seen: dict[str, float] = {}
+        #: entity key -> the routes read under way (concurrent senders share one read).
+        self._reading: dict[str, asyncio.Future[list[tuple[str, int]]]] = {}
         self._renewed = asyncio.Event()
         #: entity key -> (read at, [(node, listener count)]).
         self._routes: dict[str, tuple[float, list[tuple[str, int]]]] = {}
         self._dirty: set[str] = set()
+        #: Entities whose routes are being read behind an HTTP request (one read each).
+        self._refreshing: set[str] = set()
         self._flush_wanted = asyncio.Event()
         #: Offers this node published, waiting for ``told``/``none``.
         self._answers: dict[str, asyncio.Future[str]] = {}
@@ -213,11 +243,19 @@ class ClusterBroker(LocalBroker):
     def unregister(self, channel: ControlChannel) -> None:
         super().unregister(channel)
         if not isinstance(channel, RemoteChannel):
+            self._saw_listener(entity_key(channel.entity))
             self._changed(channel.entity)
 
+    def _saw_listener(self, key: str) -> None:
+        if len(self._seen) > 10_000:
+            self._seen.clear()
+        self._seen[key] = time.monotonic()
+
     def stop_advertising(self) -> None:
-        """The relay drains: remove this node's listeners from the routes now (other nodes
-        stop offering senders here at once, not when the listeners are gone)."""
+        """The relay drains: mark this node's routes 0 now ("its listeners are moving"): other
+        nodes stop offering senders here at once, not when the listeners are gone, and hold
+        their senders a moment for the listeners to come back elsewhere. The entries go when
+        this node leaves (:meth:`aclose`)."""
         self._advertising = False
         self._dirty |= set(self._by_entity)
         self._flush_wanted.set()
@@ -241,8 +279,13 @@ class ClusterBroker(LocalBroker):
                 async with asyncio.timeout(REDIS_TIMEOUT * 2):
                     async with self._redis.pipeline(transaction=False) as pipe:
                         for key in dirty:
-                            count = self.listener_count(key) if self._advertising else 0
-                            if count:
+                            count = self.listener_count(key)
+                            if not self._advertising:
+                                # 0: "its listeners are moving" (a drain), until this node
+                                # leaves; other nodes hold their senders a moment for them.
+                                pipe.hset(self._routes_key(key), self.node_id, "0")
+                                pipe.sadd(self._entities_key(self.node_id), key)
+                            elif count:
                                 pipe.hset(self._routes_key(key), self.node_id, str(count))
                                 pipe.sadd(self._entities_key(self.node_id), key)
                             else:
@@ -280,15 +323,25 @@ class ClusterBroker(LocalBroker):
             self._flush_wanted.set()
         live: set[str] = set()
         dead: list[str] = []
+        leases: dict[str, float] = {}
         for member, score in members:
             node = member.decode() if isinstance(member, bytes) else str(member)
             if node == self.node_id:
                 continue
+            leases[node] = float(score)
             if float(score) > now:
                 live.add(node)
             else:
                 dead.append(node)
         self._live = live
+        self._expired = set(dead)
+        self._leases = leases
+        # Unheard stays so until the node renews its lease (or leaves the set).
+        self._unheard = {
+            node: lease
+            for node, lease in self._unheard.items()
+            if node in leases and leases[node] <= lease
+        }
         self._renewed.set()
         for node in dead[:10]:  # a few per renewal: a mass failure is cleaned up over seconds
             logger.info("cluster: node %s missed its lease; its listeners are not routed to", node)
@@ -304,36 +357,147 @@ class ClusterBroker(LocalBroker):
             pipe.zrem(self._nodes_key, node)
             await pipe.execute()
 
-    async def _remote_routes(self, entity: str) -> list[tuple[str, int]]:
-        """The other live nodes with listeners of ``entity`` and how many (cached briefly)."""
+    async def _remote_routes(self, entity: str, *, recheck: bool = False) -> list[tuple[str, int]]:
+        """The other nodes with listeners of ``entity`` and how many (cached
+        :data:`ROUTE_CACHE_TTL`; :data:`ROUTE_RECHECK` when that found none, or with
+        ``recheck``: the listeners read turned out not to take offers)."""
         if self._left:
             return []
         key = entity_key(entity)
-        now = time.monotonic()
         cached = self._routes.get(key)
-        if cached is None or now - cached[0] > ROUTE_CACHE_TTL:
+        if cached is not None:
+            age = time.monotonic() - cached[0]
+            routes = self._routable(cached[1])
+            short = recheck or not routes
+            if age <= (ROUTE_RECHECK if short else ROUTE_CACHE_TTL):
+                return routes
+        reading = self._reading.get(key)
+        if reading is None:
+            reading = asyncio.get_running_loop().create_future()
+            self._reading[key] = reading
+            try:
+                read = await self._read_routes(key)
+                reading.set_result(read)
+            finally:
+                del self._reading[key]
+                if not reading.done():  # cancelled: the others find no routes this time
+                    reading.set_result([])
+        read = await asyncio.shield(reading)
+        routes = self._routable(read)
+        if routes or any(n == 0 or self._is_dead(node) for node, n in read):
+            self._saw_listener(key)  # listeners now, or a moment ago (a drain's 0, a death)
+        return routes
+
+    async def _read_routes(self, key: str) -> list[tuple[str, int]]:
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                raw = await self._redis.hgetall(self._routes_key(key))
+        except REDIS_FAILURES as exc:
+            raise_if_cancelled()
+            self.outage.report(exc)
+            raw = {}
+        return self._keep_routes(key, raw)
+
+    def _keep_routes(self, key: str, raw: dict[Any, Any]) -> list[tuple[str, int]]:
+        """Parse a ``routes:{entity}`` hash as read and cache it."""
+        routes = []
+        for node, count in raw.items():
+            name = node.decode() if isinstance(node, bytes) else str(node)
+            with contextlib.suppress(ValueError):
+                routes.append((name, int(count)))
+        if len(self._routes) > 10_000:
+            self._routes.clear()
+        self._routes[key] = (time.monotonic(), routes)
+        return routes
+
+    async def listener_totals(self, entities: Sequence[str]) -> dict[str, int]:
+        """This node's listeners plus the other live nodes' (their routes, cached
+        :data:`ROUTE_CACHE_TTL`; those not cached are read in one pipelined round trip)."""
+        now = time.monotonic()
+        stale = sorted(
+            {
+                key
+                for key in map(entity_key, entities)
+                if (cached := self._routes.get(key)) is None or now - cached[0] > ROUTE_CACHE_TTL
+            }
+        )
+        if stale and not self._left:
             try:
                 async with asyncio.timeout(REDIS_TIMEOUT):
-                    raw = await self._redis.hgetall(self._routes_key(key))
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for key in stale:
+                            pipe.hgetall(self._routes_key(key))
+                        hashes = await pipe.execute()
+                for key, raw in zip(stale, hashes, strict=True):
+                    self._keep_routes(key, raw)
             except REDIS_FAILURES as exc:
                 raise_if_cancelled()
-                self.outage.report(exc)
-                raw = {}
-            routes = []
-            for node, count in raw.items():
-                name = node.decode() if isinstance(node, bytes) else str(node)
-                with contextlib.suppress(ValueError):
-                    routes.append((name, int(count)))
-            if len(self._routes) > 10_000:
-                self._routes.clear()
-            cached = self._routes[key] = (now, routes)
-        return [(node, n) for node, n in cached[1] if n > 0 and node in self._live]
+                self.outage.report(exc)  # what is cached (or this node's count) is answered
+        return {
+            name: self.listener_count(name) + self._cached_remote_count(name) for name in entities
+        }
+
+    def _is_dead(self, node: str) -> bool:
+        return node in self._expired or node in self._unheard
+
+    def _routable(self, routes: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """The other nodes (never this one: its listeners are offered locally) that are not
+        known dead, with listeners."""
+        return [
+            (node, n)
+            for node, n in routes
+            if n > 0 and node != self.node_id and not self._is_dead(node)
+        ]
+
+    def _refresh_soon(self, entity: str) -> None:
+        """Read ``entity``'s routes behind the request when the cache has none or stale ones.
+        An HTTP request draws inline (local) or not from the cache without waiting for Redis;
+        without this, a node whose cache was never filled by a connect would keep every
+        request on its own listeners."""
+        key = entity_key(entity)
+        cached = self._routes.get(key)
+        if cached is not None and time.monotonic() - cached[0] <= ROUTE_CACHE_TTL:
+            return
+        if key in self._refreshing or self._left:
+            return
+        self._refreshing.add(key)
+
+        async def refresh() -> None:
+            try:
+                await self._remote_routes(entity)
+            finally:
+                self._refreshing.discard(key)
+
+        self._spawn(refresh())
 
     def _cached_remote_count(self, entity: str) -> int:
         cached = self._routes.get(entity_key(entity))
         if cached is None:
             return 0
-        return sum(n for node, n in cached[1] if n > 0 and node in self._live)
+        return sum(n for _, n in self._routable(cached[1]))
+
+    def _had_listener(self, entity: str) -> bool:
+        """Whether ``entity`` had a listener within :data:`RECENT_LISTENER`. (A draining node's
+        own listeners do not count: it answers its senders 503, to be retried elsewhere.)"""
+        seen = self._seen.get(entity_key(entity))
+        recent = seen is not None and time.monotonic() - seen <= RECENT_LISTENER
+        return recent and self._advertising
+
+    async def _listener_back(self, entity: str, gone: asyncio.Future[None] | None) -> None:
+        """If ``entity`` has no listener now but had one within :data:`RECENT_LISTENER`, wait
+        up to :data:`LISTENER_RETURN_WAIT` (or until the sender goes) for one to be
+        registered again, here or on another node (routes re-read every
+        :data:`ROUTE_RECHECK`, one read per entity however many senders wait)."""
+        loop = asyncio.get_running_loop()
+        if not self._had_listener(entity):
+            return
+        deadline = loop.time() + LISTENER_RETURN_WAIT
+        while not LocalBroker._has_listener(self, entity):
+            if await self._remote_routes(entity) or loop.time() >= deadline:
+                return
+            if gone is not None and gone.done():
+                return
+            await asyncio.sleep(ROUTE_RECHECK)
 
     # -- the broker ---------------------------------------------------------------------------
 
@@ -349,6 +513,9 @@ class ClusterBroker(LocalBroker):
         local = sum(1 for c in self._by_entity.get(entity.lower(), ()) if c.usable)
         if not local:
             return False
+        if self._local_first:
+            return True
+        self._refresh_soon(entity)
         remote = self._cached_remote_count(entity)
         return random.random() * (local + remote) < local
 
@@ -357,6 +524,8 @@ class ClusterBroker(LocalBroker):
         self, entity: str, connection: Connection, limits: LimitsConfig
     ) -> AsyncIterator[tuple[PendingRendezvous | None, Outcome]]:
         await self._remote_routes(entity)  # fresh enough for _has_listener and announce
+        if not self._has_listener(entity):
+            await self._listener_back(entity, connection.gone)
         async with super().offer(entity, connection, limits) as result:
             yield result
 
@@ -377,6 +546,39 @@ class ClusterBroker(LocalBroker):
         body: bytes | None = None,
         exclude: Collection[ControlChannel] = (),
     ) -> ControlChannel | None:
+        """Local or remote, weighted by listener counts. When nobody took it: the routes are
+        read again (a listener read there may have moved) and the nodes not tried yet are
+        offered it; and if the entity had a listener recently (:meth:`_listener_back`), this
+        goes on for up to :data:`LISTENER_RETURN_WAIT`. An inline request or one with its body
+        (answered on a control channel of this node) is offered to local listeners only."""
+        local_only = pending.inline or body is not None
+        tried = {c.node for c in exclude if isinstance(c, RemoteChannel)}
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        recheck = False
+        while True:
+            channel = await self._announce_once(pending, text_for, body, exclude, tried, recheck)
+            if channel is not None or local_only:
+                return channel
+            if deadline is None:
+                recent = self._had_listener(pending.entity)
+                deadline = loop.time() + (LISTENER_RETURN_WAIT if recent else 0.0)
+            elif loop.time() >= deadline:
+                return None
+            else:
+                await asyncio.sleep(ROUTE_RECHECK)  # a moving listener: no event to wait on
+            recheck = True
+
+    async def _announce_once(
+        self,
+        pending: Pending,
+        text_for: Callable[[str], str],
+        body: bytes | None,
+        exclude: Collection[ControlChannel],
+        tried: set[str],
+        recheck: bool,
+    ) -> ControlChannel | None:
+        """One round of :meth:`announce` over the nodes not in ``tried`` (added to it)."""
         key = pending.entity.lower()
         local = sum(
             1
@@ -385,20 +587,31 @@ class ClusterBroker(LocalBroker):
         )
         remote: list[tuple[str, int]] = []
         if not pending.inline and body is None:
-            tried = {c.node for c in exclude if isinstance(c, RemoteChannel)}
-            remote = [r for r in await self._remote_routes(pending.entity) if r[0] not in tried]
+            routes = await self._remote_routes(pending.entity, recheck=recheck)
+            remote = [r for r in routes if r[0] not in tried]
         # Weighted by listener counts: local first with probability local / all.
         order: list[str | None] = []
         weights = [local, *(n for _, n in remote)]
         candidates: list[str | None] = [None, *(node for node, _ in remote)]
+        local_last = False
+        if local and (self._local_first or pending.remote_first):
+            candidates.pop(0)
+            weights.pop(0)
+            if self._local_first:
+                order.append(None)  # this node's listeners first, the rest weighted
+            else:
+                local_last = True  # answers_inline drew another node: they come first
         while candidates and sum(weights) > 0:
             (index,) = random.choices(range(len(candidates)), weights=weights)
             order.append(candidates.pop(index))
             weights.pop(index)
+        if local_last:
+            order.append(None)
         for node in order:
             if node is None:
                 channel = await super().announce(pending, text_for, body, exclude)
             else:
+                tried.add(node)
                 channel = await self._tell(node, pending, text_for)
             if channel is not None:
                 return channel
@@ -433,6 +646,7 @@ class ClusterBroker(LocalBroker):
                 receivers = await self._link.publish(self._channel_of(node), json.dumps(message))
                 if not receivers:  # nobody subscribed: the node is gone
                     self._live.discard(node)
+                    self._unheard[node] = self._leases.get(node, 0.0)
                     raise LookupError(node)
                 told = await answer == "told"
         except (TimeoutError, LookupError):  # no answer in time, or nobody there
@@ -515,7 +729,10 @@ class ClusterBroker(LocalBroker):
         loop = asyncio.get_running_loop()
 
         def gone() -> None:
-            self._spawn(self._reply(offer, "gone"))
+            # A drain closes control channels (1012) after what they were told went out: the
+            # listener still dials the other node, which must not give its sender up.
+            if self._advertising:
+                self._spawn(self._reply(offer, "gone"))
 
         pending = _RemoteOffer(offer["ref"], entity, gone)
         max_queued = offer.get("max_queued")

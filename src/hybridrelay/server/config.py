@@ -100,6 +100,25 @@ class ServerSettings:
         flags=("--shutdown-grace-period",),
         metavar="SECONDS",
     )
+    #: Worker processes sharing ``port`` (SO_REUSEPORT), each a cluster node (docs/CLUSTER.md).
+    workers: int = setting(
+        1,
+        help="worker processes on this machine sharing the port (SO_REUSEPORT), each a node "
+        "of the cluster; more than 1 needs store.cluster (docs/CLUSTER.md)",
+        low=1,
+        high=256,
+        flags=("--workers",),
+        metavar="N",
+    )
+    worker_port: int = setting(
+        0,
+        help="with workers > 1: worker i also listens on worker_port + i, the port its "
+        "rendezvous addresses name (0 = any free port)",
+        low=0,
+        high=65535,
+        flags=("--worker-port",),
+        metavar="PORT",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -118,6 +137,27 @@ class ServerSettings:
 
 #: The management listener's port in the embedded default and the example files.
 DEFAULT_MANAGEMENT_PORT = 9401
+
+
+def _check_workers(config: RelayConfig) -> None:
+    """What ``server.workers`` > 1 needs: a cluster to share listeners and the store, and
+    fixed ingress ports (a port 0 would be a different port in every worker)."""
+    workers = config.server.workers
+    if not config.store.cluster:
+        raise ConfigurationError(
+            f"server.workers: {workers} workers share listeners and the store through Redis: "
+            "give --cluster redis://HOST:6379/0 (store.cluster), or run 1 worker"
+        )
+    if config.server.worker_port and config.server.worker_port + workers - 1 > 65535:
+        raise ConfigurationError(
+            f"server.worker_port: {config.server.worker_port} + {workers} workers passes 65535"
+        )
+    for i, entry in enumerate(config.ingress):
+        if entry.port == 0:
+            raise ConfigurationError(
+                f"ingress[{i}].listen: port 0 with server.workers {workers} would be a "
+                "different port in each worker: give a fixed port"
+            )
 
 
 @dataclass(frozen=True)
@@ -172,6 +212,15 @@ class StoreSettings:
         "entities, rules and keys live there and senders reach listeners on every node "
         "(docs/CLUSTER.md)",
         flags=("--cluster",),
+    )
+    #: How a cluster node shares senders between its listeners and other nodes'.
+    spread: str = setting(
+        "weighted",
+        help="cluster: `weighted` draws each sender over the listeners of every node by their "
+        "counts; `local-first` gives it to this node's listeners whenever one can take it "
+        "(other nodes' only when none can): no Redis hop, for evenly balanced nodes such as "
+        "--workers (docs/CLUSTER.md)",
+        choices=("weighted", "local-first"),
     )
 
     def __post_init__(self) -> None:
@@ -536,6 +585,8 @@ class RelayConfig:
                 f"management.host: {management.host!r} is not loopback, so the management "
                 "listener needs TLS: set management.tls (or server.tls), or keep it on 127.0.0.1"
             )
+        if self.server.workers > 1:
+            _check_workers(self)
         configured = {c.name.lower() for c in self.hybrid_connections}
         bound: set[tuple[str, int]] = set()
         for i, entry in enumerate(self.ingress):

@@ -25,7 +25,7 @@ __all__ = ["RelayContext"]
 class RelayContext:
     """The relay's configuration of the moment (``settings()``: read at each use, it can be
     replaced while the relay runs), its entities, its authorization check, its broker, the
-    legs of its relayed connections and what it reports (metrics, logs)."""
+    legs of its relayed connections, what it reports (metrics, logs) and whether it drains."""
 
     settings: Callable[[], RelayConfig]
     store: EntityStore
@@ -33,6 +33,8 @@ class RelayContext:
     broker: Broker
     legs: RelayedLegs
     observer: RelayObserver
+    #: Whether the relay drains (its listeners take nothing new).
+    draining: Callable[[], bool] = lambda: False
 
     @property
     def config(self) -> RelayConfig:

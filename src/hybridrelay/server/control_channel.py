@@ -126,7 +126,11 @@ class ListenEndpoint:
             logger.debug("listen on %r refused: %s", entity.name, decision.reason)
             return error_response(decision.status, decision.reason)
         limit = config.limits.max_listeners_per_connection
-        if self._relay.broker.listener_count(entity.name) >= limit:
+        # On every node of a cluster (their counts as cached, at most a second old: a burst of
+        # listeners on several nodes at once may pass it by a few; each node holds its own
+        # count to the limit exactly, in register()).
+        totals = await self._relay.broker.listener_totals([entity.name])
+        if totals[entity.name] >= limit:
             return error_response(429, f"QuotaExceeded: at most {limit} listeners are allowed.")
 
         keep_alive = config.limits.keep_alive_interval

@@ -261,11 +261,12 @@ class HttpRelay:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         remote = remote_endpoint(peer)
         has_body = request.body_exists
-        inline = sends_inline(
+        small = sends_inline(
             chunked="chunked" in request.headers.get("Transfer-Encoding", "").lower(),
             content_length=request.content_length,
             header_bytes=header_json_size(headers),
-        ) and self._relay.broker.answers_inline(entity.name)
+        )
+        inline = small and self._relay.broker.answers_inline(entity.name)
         limits = self._relay.config.limits
         if self._relay.broker.pending_count >= limits.max_pending_rendezvous:
             return error_response(503, _TOO_MANY_PENDING)
@@ -289,7 +290,10 @@ class HttpRelay:
                 logger.debug("sender's request body could not be read: %s", type(exc).__name__)
                 return error_response(400, "The request body could not be read.")
 
-        exchange = _Exchange(id=exchange_id, entity=entity.name, inline=inline)
+        # Small but not inline: the broker drew another node's listener (one draw, not two).
+        exchange = _Exchange(
+            id=exchange_id, entity=entity.name, inline=inline, remote_first=small and not inline
+        )
         built: dict[str, Request] = {}
 
         def full_request(base_url: str) -> Request:
@@ -333,6 +337,10 @@ class HttpRelay:
                     ),
                 )
             if channel is None:
+                if self._relay.draining():
+                    # Admitted as the drain began: its listeners take nothing new now. 503 is
+                    # retried elsewhere (a load balancer, a client with several nodes).
+                    return error_response(503, "The relay is shutting down.")
                 return error_response(502, "There are no listeners connected for the endpoint.")
             full = full_request(channel.base_url)
             try:

@@ -55,10 +55,17 @@ class RelayIngress:
     """
 
     def __init__(
-        self, config: IngressConfig, relay: RelayContext, *, gate: ConnectionGate | None = None
+        self,
+        config: IngressConfig,
+        relay: RelayContext,
+        *,
+        gate: ConnectionGate | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.config = config
         self._relay = relay
+        #: SO_REUSEPORT: the port is shared by the workers of ``serve --workers``.
+        self._reuse_port = reuse_port
         #: The relay's connection caps, shared with its WebSocket/HTTP port (one fd budget).
         self._gate = gate
         self._server: asyncio.Server | None = None
@@ -81,7 +88,12 @@ class RelayIngress:
         loop = asyncio.get_running_loop()
         factory = self._gate.wrap(self._new_leg, read_head=False) if self._gate else self._new_leg
         self._server = await loop.create_server(
-            factory, self.config.host, self.config.port, reuse_address=True, backlog=1024
+            factory,
+            self.config.host,
+            self.config.port,
+            reuse_address=True,
+            reuse_port=self._reuse_port or None,
+            backlog=1024,
         )
         sockname = self._server.sockets[0].getsockname()
         self.address = (str(sockname[0]), int(sockname[1]))

@@ -39,7 +39,7 @@ def is_runtime_info_request(request: web.BaseRequest, raw_query: str) -> bool:
     )
 
 
-def runtime_info(
+async def runtime_info(
     request: web.BaseRequest,
     raw_path: str,
     relay: RelayContext,
@@ -70,7 +70,7 @@ def runtime_info(
         path=entity.name,
         requires_client_authorization=entity.requires_client_authorization,
         user_metadata=entity.user_metadata,
-        listener_count=relay.broker.listener_count(entity.name),
+        listener_count=(await relay.broker.listener_totals([entity.name]))[entity.name],
         created_at=loaded_at,
     )
 

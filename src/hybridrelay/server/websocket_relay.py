@@ -25,6 +25,8 @@ from hybridrelay.protocol.addressing import (
 from hybridrelay.protocol.websocket import HandshakeError, handshake_headers
 from hybridrelay.server.access import AUTH_HEADER, request_token
 from hybridrelay.server.broker import (
+    NO_LISTENER,
+    SHUTTING_DOWN,
     Accepted,
     Connection,
     PendingRendezvous,
@@ -103,6 +105,9 @@ class WebSocketRelay:
             outcome,
         ):
             if isinstance(outcome, Unanswered):
+                if outcome is NO_LISTENER and self._relay.draining():
+                    # Admitted as the drain began (its listeners take nothing new): retryable.
+                    outcome = SHUTTING_DOWN
                 observer.sender_refused(
                     "connect", entity.name, outcome.status, outcome.description, request.remote
                 )

@@ -150,7 +150,8 @@ let lastSnapshot = null;
 
 function render(snapshot) {
   lastSnapshot = snapshot;
-  const online = snapshot.hybridConnections.reduce((n, hc) => n + hc.listeners.length, 0);
+  // listenerCount: on every node of a cluster (the badges are this node's listeners)
+  const online = snapshot.hybridConnections.reduce((n, hc) => n + hc.listenerCount, 0);
   document.getElementById("count-hc").textContent = snapshot.hybridConnections.length;
   document.getElementById("count-listeners").textContent = online;
   document.getElementById("count-connections").textContent = snapshot.connections.length;
