@@ -40,6 +40,7 @@ __all__ = [
     "add_log_level_argument",
     "configure_logging",
     "install_batched_stderr",
+    "say",
 ]
 
 #: The longest a line waits before it is written.
@@ -207,3 +208,12 @@ def configure_logging(level_name: str, *, logger: str = "") -> None:
     the libraries under it keep their warnings-only default)."""
     install_batched_stderr()
     logging.getLogger(logger or None).setLevel(LOG_LEVELS[level_name])
+
+
+def say(line: str) -> None:
+    """Write one line of the program's own output (readiness, the endpoints) to stdout in one
+    write, and flush it. ``print`` writes the text and its newline separately when Python runs
+    unbuffered (``PYTHONUNBUFFERED``), and a log line on stderr sharing the pipe can land in
+    between, cutting the line a supervisor waits for."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

@@ -32,6 +32,7 @@ from hybridrelay.cli.logs import (
     add_log_level_argument,
     configure_logging,
     install_batched_stderr,
+    say,
 )
 from hybridrelay.cli.signals import stop_on_signals
 from hybridrelay.exceptions import ConfigurationError, RelayError
@@ -281,29 +282,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             # The handlers are in place before the line that tells a supervisor we are up.
             with stop_on_signals(on_stop_signal, reload=on_reload_signal):
                 if worker is not None:  # the supervisor's "ready" line names it
-                    print(
-                        f"worker {worker.index}: rendezvous addresses name "
-                        f"{server.worker_base_url}",
-                        flush=True,
+                    say(
+                        f"worker {worker.index}: rendezvous addresses name {server.worker_base_url}"
                     )
-                print(
-                    f"hybridrelay {__version__}: relay listening on {server.base_url}", flush=True
-                )
+                say(f"hybridrelay {__version__}: relay listening on {server.base_url}")
                 # The command that prints the connection string, naming the data directory
                 # when it was given on the command line (the default would be another relay's).
                 cs_command = "hybridrelay connection-string" + (
                     f" --data-dir {shlex.quote(str(args.data_dir))}" if args.data_dir else ""
                 )
                 if server.management_url is not None:
-                    print(
+                    say(
                         f"management (Azure management API, /metrics, /healthz, /dashboard) on "
                         f"{server.management_url}; a Manage token: "
-                        f'hybridrelay token -x "$({cs_command})"',
-                        flush=True,
+                        f'hybridrelay token -x "$({cs_command})"'
                     )
                 if embedded and not (worker and worker.index):  # one worker writes it
                     write_endpoints(data_dir, Endpoints(server.base_url, server.management_url))
-                    print(
+                    say(
                         "Embedded default: plain ws:// on loopback; hybrid connections are "
                         "created on first listen.\n"
                         + (
@@ -312,8 +308,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                             if config.store.cluster
                             else f"Root connection string: run `{cs_command}` "
                             f"(the keys are kept in {config.store.path})."
-                        ),
-                        flush=True,
+                        )
                     )
                 await stop.wait()
                 await server.drain()  # a second signal ends it early (on_stop_signal)
@@ -321,7 +316,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             await server.aclose()
             if store is not None:
                 await store.aclose()
-        print("hybridrelay: relay stopped", flush=True)
+        say("hybridrelay: relay stopped")
         return 0
 
     return asyncio.run(run())

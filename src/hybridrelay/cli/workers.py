@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hybridrelay import __version__
+from hybridrelay.cli.logs import say
 from hybridrelay.cli.signals import stop_on_signals
 from hybridrelay.exceptions import ConfigurationError
 from hybridrelay.server.config import RelayConfig
@@ -137,7 +138,7 @@ class Supervisor:
         if self._failed_start is not None:
             return self._failed_start
         failed = [w for w in self._workers if w.status not in (0, None)]
-        print("hybridrelay: relay stopped" + (" (a worker failed)" if failed else ""), flush=True)
+        say("hybridrelay: relay stopped" + (" (a worker failed)" if failed else ""))
         return 1 if failed else 0
 
     def _on_stop(self) -> None:
@@ -163,10 +164,7 @@ class Supervisor:
             await worker.ready.wait()
         self._all_ready.set()
         base = _base_url(self._config, self._port)
-        print(
-            f"hybridrelay {__version__}: {len(self._workers)} workers ready; {READY_MARK}{base}",
-            flush=True,
-        )
+        say(f"hybridrelay {__version__}: {len(self._workers)} workers ready; {READY_MARK}{base}")
 
     async def _keep(self, worker: _Worker) -> None:
         """Run ``worker``, again after a backoff each time it dies, until the stop."""
@@ -244,13 +242,10 @@ class Supervisor:
                 continue
             if READY_MARK in text and not worker.ready.is_set():
                 pid = worker.process.pid if worker.process else "-"
-                print(
-                    f"worker {worker.index} (pid {pid}) ready: rendezvous {worker.rendezvous}",
-                    flush=True,
-                )
+                say(f"worker {worker.index} (pid {pid}) ready: rendezvous {worker.rendezvous}")
                 worker.ready.set()
                 continue
-            print(f"[worker {worker.index}] {text}", flush=True)
+            say(f"[worker {worker.index}] {text}")
 
     async def _stop_all(self) -> None:
         self._signal_all(signal.SIGTERM)
