@@ -571,11 +571,13 @@ def registered(redis_port: int, count: int, timeout: float = 30.0) -> None:
     """Wait until the routes in Redis count ``count`` listeners of the bench's entity."""
     import redis
 
+    from hybridrelay.server.cluster_broker import routes_key  # imports redis too
+
     client = redis.Redis(port=redis_port, socket_timeout=5)
     deadline = time.monotonic() + timeout
     try:
         while True:
-            counts = client.hgetall(f"hybridrelay:hybridrelay:routes:{HC}")
+            counts = client.hgetall(routes_key("hybridrelay", HC))
             if sum(int(v) for v in counts.values()) >= count:
                 return
             if time.monotonic() > deadline:

@@ -43,6 +43,7 @@ from hybridrelay.client import (
     HybridConnectionStream,
 )
 from hybridrelay.exceptions import RelayError, RelayHttpError
+from hybridrelay.server.cluster_broker import routes_key
 from hybridrelay.server.config import RelayConfig
 from tests.bridge.helpers import FAST_RETRY, tcp_server
 from tests.client.helpers import root_provider
@@ -224,7 +225,7 @@ class RollingRestart:
             await client.aclose()
 
     async def _registered(self, client: aioredis.Redis, entity: str) -> bool:
-        counts = await client.hvals(f"hybridrelay:{self._namespace}:routes:{{{entity}}}")
+        counts = await client.hvals(routes_key(self._namespace, entity))
         return any(int(count) > 0 for count in counts)
 
     # -- load -------------------------------------------------------------------------------

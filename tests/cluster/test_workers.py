@@ -20,13 +20,14 @@ import pytest
 import redis.asyncio as aioredis
 
 from hybridrelay.auth.sas import create_token
+from hybridrelay.server.cluster_broker import routes_key
 from tests.cluster.conftest import RedisServer
 from tests.cluster.test_cluster import listening, until
 from tests.cluster.test_cluster_failures import try_round_trip
 from tests.conftest import ROOT_KEY, ROOT_KEY_NAME
 from tests.serve_process import CLI, Lines, ServeProcess, relay_document, write_config
 
-ROUTES = "hybridrelay:hybridrelay:routes:hc"
+ROUTES = routes_key("hybridrelay", "hc")
 READY = re.compile(r"^worker (\d+) \(pid (\d+)\) ready: rendezvous (\S+)")
 MANAGEMENT = re.compile(r"^\[worker (\d+)\] management .* on (http://\S+);")
 

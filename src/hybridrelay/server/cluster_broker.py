@@ -82,7 +82,7 @@ from hybridrelay.store.redis import (
 )
 from hybridrelay.transport.base import MessageSocket
 
-__all__ = ["DEFAULT_LEASE", "ROUTE_CACHE_TTL", "ClusterBroker", "RemoteChannel"]
+__all__ = ["DEFAULT_LEASE", "ROUTE_CACHE_TTL", "ClusterBroker", "RemoteChannel", "routes_key"]
 
 logger = logging.getLogger("hybridrelay.cluster")
 
@@ -135,6 +135,13 @@ class _RemoteOffer(Pending):
         self._on_gone()
 
 
+def routes_key(namespace: str, entity: str) -> str:
+    """The Redis hash of ``entity``'s listener counts per node (``entity`` as :func:`entity_key`
+    gives it). The entity is the hash tag: on a Redis Cluster, entities spread over the
+    shards."""
+    return f"hybridrelay:{namespace}:routes:{{{entity}}}"
+
+
 class ClusterBroker(LocalBroker):
     """The broker of a cluster node; see the module docstring. :meth:`start` joins, once the
     relay knows its own address; :meth:`aclose` leaves (its routes removed at once)."""
@@ -157,6 +164,7 @@ class ClusterBroker(LocalBroker):
         self._public_base = public_base
         self._lease = lease
         self.node_id = secrets.token_hex(6)
+        self._namespace_name = namespace
         self._prefix = f"hybridrelay:{namespace}:"
         self._nodes_key = self._prefix + "nodes"
         self._link = open_redis(url)
@@ -197,8 +205,7 @@ class ClusterBroker(LocalBroker):
         return f"{self._prefix}node:{{{node}}}"
 
     def _routes_key(self, key: str) -> str:
-        # The entity is the hash tag: on a Redis Cluster, entities spread over the shards.
-        return f"{self._prefix}routes:{{{key}}}"
+        return routes_key(self._namespace_name, key)
 
     def _entities_key(self, node: str) -> str:
         return f"{self._prefix}node:{{{node}}}:entities"
