@@ -336,3 +336,16 @@ def test_text_format_is_loggings_own_with_the_time_made_once_a_second() -> None:
         )
         record.created, record.msecs = created, (created - int(created)) * 1000
         assert ours.format(record) == logging_own.format(record)
+
+
+@pytest.mark.timeout(10)
+def test_a_worker_s_lines_name_it() -> None:
+    """``serve --workers N``: a worker's text lines carry ``[worker I]`` before the logger's
+    name, its json lines a ``worker`` key; a process that is no worker writes neither."""
+    record = logging.LogRecord("hybridrelay.server", logging.INFO, "", 0, "drain over", (), None)
+    assert " INFO [worker 1] hybridrelay.server: drain over" in TextFormatter(worker=1).format(
+        record
+    )
+    assert "[worker" not in TextFormatter().format(record)
+    assert json.loads(JsonFormatter(worker=0).format(record))["worker"] == 0
+    assert "worker" not in json.loads(JsonFormatter().format(record))

@@ -167,6 +167,9 @@ async def test_two_workers_share_the_port_and_serve_a_listener_on_either(
         assert "hybridrelay: relay stopped" in supervisor.out
         drains = [line for line in supervisor.lines[mark:] if "drain over" in line]
         assert len(drains) == 2, supervisor.text
+        # Each worker's log lines name it (they share the supervisor's stderr).
+        named = {m.group(1) for line in drains if (m := re.search(r" \[worker (\d+)\] ", line))}
+        assert named == {"0", "1"}, drains
         told = [line for line in supervisor.lines[mark:] if "1 listener(s) told" in line]
         assert len(told) == 1, supervisor.text
 

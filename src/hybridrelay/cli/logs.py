@@ -40,6 +40,7 @@ __all__ = [
     "add_log_level_argument",
     "configure_logging",
     "install_batched_stderr",
+    "name_worker",
     "say",
 ]
 
@@ -108,8 +109,11 @@ class TextFormatter(logging.Formatter):
     (``time.strftime`` showed in the relay's profile: its access log writes a line per
     relayed request). The same text as :class:`logging.Formatter`'s."""
 
-    def __init__(self) -> None:
-        super().__init__(LOG_FORMAT)
+    def __init__(self, *, worker: int | None = None) -> None:
+        # A worker of ``serve --workers N`` names itself after the level: the workers share
+        # the supervisor's stderr.
+        tag = "" if worker is None else f"[worker {worker}] "
+        super().__init__(LOG_FORMAT.replace("%(name)s", tag + "%(name)s"))
         #: (second, its text): one tuple, so that threads never pair one with another's.
         self._stamp = (-1, "")
 
@@ -129,6 +133,11 @@ class JsonFormatter(logging.Formatter):
     UTC, milliseconds), ``level``, ``logger``, ``message``, the record's structured ``fields``
     (the access and refusal logs') as keys of their own, and ``exc`` for an exception."""
 
+    def __init__(self, *, worker: int | None = None) -> None:
+        super().__init__()
+        #: ``worker``: the index of a worker of ``serve --workers N``, on every record.
+        self._worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
         document: dict[str, Any] = {
@@ -137,6 +146,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._worker is not None:
+            document["worker"] = self._worker
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             document.update({k: v for k, v in fields.items() if k not in document})
@@ -208,6 +219,17 @@ def configure_logging(level_name: str, *, logger: str = "") -> None:
     the libraries under it keep their warnings-only default)."""
     install_batched_stderr()
     logging.getLogger(logger or None).setLevel(LOG_LEVELS[level_name])
+
+
+def name_worker(index: int) -> None:
+    """Make this process's log lines name it as worker ``index`` of ``serve --workers N``
+    (text: ``[worker I]`` before the logger's name; json: a ``worker`` key)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, BatchedStreamHandler):
+            json_lines = isinstance(handler.formatter, JsonFormatter)
+            handler.setFormatter(
+                JsonFormatter(worker=index) if json_lines else TextFormatter(worker=index)
+            )
 
 
 def say(line: str) -> None:

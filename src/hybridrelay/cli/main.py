@@ -32,6 +32,7 @@ from hybridrelay.cli.logs import (
     add_log_level_argument,
     configure_logging,
     install_batched_stderr,
+    name_worker,
     say,
 )
 from hybridrelay.cli.signals import stop_on_signals
@@ -233,6 +234,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         return supervise(config, args.argv)
     worker = None if index is None else WorkerRole.of(config, index)
+    if index is not None:
+        name_worker(index)
     if embedded and config.store.cluster:  # no SQLite file makes it: for the endpoint file
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
