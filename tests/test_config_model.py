@@ -35,6 +35,7 @@ from hybridrelay.server.config import (
     LimitsConfig,
     RelayConfig,
     ServerSettings,
+    StoreSettings,
     TlsConfig,
 )
 from hybridrelay.settings import Setting, apply, given_arguments, walk
@@ -383,3 +384,27 @@ def test_serve_app_options_are_a_checked_model(monkeypatch: pytest.MonkeyPatch) 
     )
     given = ServeAppConfig.from_arguments(parser.parse_args(["pkg:app", "-x", "cs"]))
     assert given.connection_string == "cs"
+
+
+@pytest.mark.parametrize(
+    ("spread", "workers", "local_first"),
+    [
+        ("auto", 1, False),
+        ("auto", 2, True),
+        ("weighted", 2, False),
+        ("local-first", 1, True),
+    ],
+)
+def test_store_spread_auto_is_local_first_for_workers(
+    spread: str, workers: int, local_first: bool
+) -> None:
+    """``store.spread: auto`` (the default): the workers of one machine keep senders on their
+    own listeners (DECISIONS D22); a node per machine draws over every node's."""
+    from hybridrelay.server.app import _local_first
+
+    config = RelayConfig(
+        server=ServerSettings(plaintext=True, workers=workers),
+        store=StoreSettings(cluster="redis://127.0.0.1:6379/0", spread=spread),
+    )
+    assert _local_first(config) is local_first
+    assert StoreSettings().spread == "auto"

@@ -280,7 +280,8 @@ def supervise(config: RelayConfig, argv: Sequence[str]) -> int:
     if config.store.spread == "weighted":
         logger.info(
             "store.spread is weighted: a sender on one worker is given to another worker's "
-            "listener through Redis half the time; local-first avoids that (docs/CLUSTER.md)"
+            "listener through Redis half the time; local-first (auto, the default, with "
+            "--workers) avoids that (docs/CLUSTER.md)"
         )
     try:
         port = int(shared.getsockname()[1])

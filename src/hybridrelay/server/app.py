@@ -147,7 +147,7 @@ class RelayServer:
                     config.store.cluster,
                     config.namespace_name,
                     public_base=self._rendezvous_base,
-                    local_first=config.store.spread == "local-first",
+                    local_first=_local_first(config),
                 )
             except StoreError as exc:  # an address that cannot be used
                 raise ConfigurationError(f"store.cluster: {exc}") from exc
@@ -774,3 +774,11 @@ async def _listen(
     assert listening is not None
     sockets = list(getattr(listening, "sockets", ()))
     return int(sockets[0].getsockname()[1])
+
+
+def _local_first(config: RelayConfig) -> bool:
+    """``store.spread`` as the cluster broker takes it: ``auto`` is local-first for the
+    workers of one machine (the kernel already spreads their senders and listeners evenly, and
+    a sender handed to another worker costs an offer through Redis: DECISIONS D22)."""
+    spread = config.store.spread
+    return spread == "local-first" or (spread == "auto" and config.server.workers > 1)

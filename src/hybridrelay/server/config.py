@@ -215,12 +215,12 @@ class StoreSettings:
     )
     #: How a cluster node shares senders between its listeners and other nodes'.
     spread: str = setting(
-        "weighted",
+        "auto",
         help="cluster: `weighted` draws each sender over the listeners of every node by their "
         "counts; `local-first` gives it to this node's listeners whenever one can take it "
         "(other nodes' only when none can): no Redis hop, for evenly balanced nodes such as "
-        "--workers (docs/CLUSTER.md)",
-        choices=("weighted", "local-first"),
+        "--workers; `auto`: local-first with --workers > 1, else weighted (docs/CLUSTER.md)",
+        choices=("auto", "weighted", "local-first"),
     )
 
     def __post_init__(self) -> None:
