@@ -422,12 +422,7 @@ class RelayedHttpContext:
         if data and isinstance(socket, FrameSocket):
             # The head and the first bytes in one write: one segment, one wake-up of the relay
             # before the sender gets them (the first server-sent event).
-            try:
-                if socket.send_nowait(head, then_fragment=data):
-                    async with asyncio.timeout(SEND_TIMEOUT):
-                        await socket.drain()
-            except TimeoutError as exc:
-                raise StreamClosedError("the relay did not take the response in time") from exc
+            await self._send(socket, head, then_fragment=data)
             self._first_fragment = False
             data = b""
         else:
@@ -465,16 +460,24 @@ class RelayedHttpContext:
                 return
 
     @staticmethod
-    async def _send(socket: MessageSocket, *messages: str | bytes, later: bool = False) -> None:
+    async def _send(
+        socket: MessageSocket,
+        *messages: str | bytes,
+        then_fragment: bytes | None = None,
+        later: bool = False,
+    ) -> None:
         """Send whole messages, adjacent; on our own sockets in one write, and without a
         timeout's set-up unless the transport makes us wait (the common case is no wait);
-        ``later``: together with the other answers of this turn of the event loop."""
+        ``then_fragment``: the first fragment of a binary message, in the same write (our
+        sockets only); ``later``: together with the other answers of this turn of the event
+        loop."""
         try:
             if isinstance(socket, FrameSocket):
-                if socket.send_nowait(*messages, later=later):
+                if socket.send_nowait(*messages, then_fragment=then_fragment, later=later):
                     async with asyncio.timeout(SEND_TIMEOUT):
                         await socket.drain()
                 return
+            assert then_fragment is None, "a first fragment goes with the head on our sockets only"
             async with asyncio.timeout(SEND_TIMEOUT):
                 for data in messages:
                     await socket.send(data)

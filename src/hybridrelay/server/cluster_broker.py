@@ -170,13 +170,12 @@ class ClusterBroker(LocalBroker):
         self._link = open_redis(url)
         self._redis = self._link.client
         self.outage = OutageLog(url, "cluster")
-        #: Nodes whose lease had not run out at the last renewal (this one excluded).
-        self._live: set[str] = set()
         #: Nodes not routed to: their lease ran out (at the last renewal), or an offer
         #: published to them reached nobody (node -> its lease then: until it renews). A node
         #: seen in neither is new, and routed to.
         self._expired: set[str] = set()
         self._unheard: dict[str, float] = {}
+        #: The other nodes in the lease set at the last renewal -> their lease's end.
         self._leases: dict[str, float] = {}
         #: entity key -> when a listener of it was last seen (here, or in its routes).
         self._seen: dict[str, float] = {}
@@ -328,7 +327,6 @@ class ClusterBroker(LocalBroker):
         if added:  # we were not there: Redis lost its data, or took us for dead
             self._dirty |= set(self._by_entity)
             self._flush_wanted.set()
-        live: set[str] = set()
         dead: list[str] = []
         leases: dict[str, float] = {}
         for member, score in members:
@@ -336,11 +334,8 @@ class ClusterBroker(LocalBroker):
             if node == self.node_id:
                 continue
             leases[node] = float(score)
-            if float(score) > now:
-                live.add(node)
-            else:
+            if float(score) <= now:
                 dead.append(node)
-        self._live = live
         self._expired = set(dead)
         self._leases = leases
         # Unheard stays so until the node renews its lease (or leaves the set).
@@ -652,7 +647,6 @@ class ClusterBroker(LocalBroker):
             async with asyncio.timeout(OFFER_ANSWER_TIMEOUT):
                 receivers = await self._link.publish(self._channel_of(node), json.dumps(message))
                 if not receivers:  # nobody subscribed: the node is gone
-                    self._live.discard(node)
                     self._unheard[node] = self._leases.get(node, 0.0)
                     raise LookupError(node)
                 told = await answer == "told"
@@ -763,5 +757,5 @@ class ClusterBroker(LocalBroker):
 
     @property
     def live_nodes(self) -> Sequence[str]:
-        """The other nodes seen alive at the last renewal."""
-        return sorted(self._live)
+        """The other nodes seen alive at the last renewal (and heard since)."""
+        return sorted(node for node in self._leases if not self._is_dead(node))
