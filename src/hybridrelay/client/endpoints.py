@@ -1,6 +1,6 @@
 """Several relay endpoints (the nodes of a cluster, docs/CLUSTER.md) for a listener or a sender.
 
-Pure: no I/O. :class:`EndpointRing` keeps the endpoint in use and the order in which the others
+No I/O of its own. :class:`EndpointRing` keeps the endpoint in use and the order in which the others
 are tried; :func:`worth_another_endpoint` says which failures another node may not share:
 
 * the relay could not be reached (refused, reset, timed out, a TLS or handshake failure): that
@@ -15,12 +15,20 @@ Everything else is the namespace's answer and the same on every node: 401/403 (t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
-from hybridrelay.exceptions import ConfigurationError, RelayConnectionError, RelayHttpError
+from hybridrelay.exceptions import (
+    ConfigurationError,
+    RelayConnectionError,
+    RelayError,
+    RelayHttpError,
+)
 from hybridrelay.protocol.addressing import Endpoint, parse_endpoint
 
-__all__ = ["FAIL_OVER_STATUSES", "EndpointRing", "worth_another_endpoint"]
+__all__ = ["FAIL_OVER_STATUSES", "EndpointRing", "first_that_answers", "worth_another_endpoint"]
+
+T = TypeVar("T")
 
 #: Refusals of one node that another node may not give.
 FAIL_OVER_STATUSES = frozenset({502, 503})
@@ -56,18 +64,38 @@ class EndpointRing:
         """The position of :attr:`current` in the order given."""
         return self._index
 
-    def use(self, index: int) -> None:
-        """Make the endpoint at ``index`` (in the order given) the one in use."""
-        self._index = index
-
-    def advance(self) -> None:
-        """Move to the next endpoint (after the last: the first)."""
-        self._index = (self._index + 1) % len(self._endpoints)
+    @property
+    def given(self) -> Sequence[Endpoint]:
+        """The endpoints in the order given."""
+        return self._endpoints
 
     def in_turn(self) -> list[Endpoint]:
         """Every endpoint once, the current one first."""
         return self._endpoints[self._index :] + self._endpoints[: self._index]
 
     def stick(self, endpoint: Endpoint) -> None:
-        """``endpoint`` worked: use it first from now on."""
+        """Use ``endpoint`` (one of :attr:`given`) from now on, first (it worked, or it is
+        being tried)."""
         self._index = self._endpoints.index(endpoint)
+
+
+async def first_that_answers(
+    endpoints: Sequence[Endpoint],
+    attempt: Callable[[Endpoint], Awaitable[T]],
+    *,
+    give_up: Callable[[], bool],
+    on_failure: Callable[[Endpoint, RelayError], None],
+) -> tuple[Endpoint, T]:
+    """``attempt`` on ``endpoints`` in turn until one works: the endpoint and its result. A
+    failure another node may not share (:func:`worth_another_endpoint`) is reported to
+    ``on_failure`` and the next one tried, unless it was the last or ``give_up()``; any
+    other failure is raised at once."""
+    for index, endpoint in enumerate(endpoints):
+        try:
+            return endpoint, await attempt(endpoint)
+        except RelayError as exc:
+            last = index == len(endpoints) - 1
+            if last or give_up() or not worth_another_endpoint(exc):
+                raise
+            on_failure(endpoint, exc)
+    raise ConfigurationError("at least one endpoint is required")

@@ -41,7 +41,7 @@ from hybridrelay.client.backoff import (
     needs_a_fix,
     reconnect_delays,
 )
-from hybridrelay.client.endpoints import EndpointRing, worth_another_endpoint
+from hybridrelay.client.endpoints import EndpointRing, first_that_answers
 from hybridrelay.client.http import HttpRequestDispatcher, RequestHandler
 from hybridrelay.client.stream import HybridConnectionStream
 from hybridrelay.client.tls import build_ssl_context
@@ -55,7 +55,12 @@ from hybridrelay.exceptions import (
     StreamClosedError,
     with_hint,
 )
-from hybridrelay.protocol.addressing import build_relay_url, reject_url, split_rendezvous_address
+from hybridrelay.protocol.addressing import (
+    Endpoint,
+    build_relay_url,
+    reject_url,
+    split_rendezvous_address,
+)
 from hybridrelay.protocol.messages import (
     Accept,
     RenewToken,
@@ -452,32 +457,36 @@ class HybridConnectionListener:
     async def _connect_first(self) -> MessageSocket:
         """Connect to the first endpoint that answers, in the order given (from the one in
         use)."""
-        count = len(self._endpoints)
-        start = self._endpoints.index
-        return await self._connect_any(
-            [(start + i) % count for i in range(count)], reconnecting=False
-        )
+        return await self._connect_any(self._endpoints.in_turn(), reconnecting=False)
 
-    async def _connect_any(self, order: Sequence[int], *, reconnecting: bool) -> MessageSocket:
-        """Try the endpoints at ``order`` in turn until one answers. An endpoint that cannot
+    async def _connect_any(
+        self, endpoints: Sequence[Endpoint], *, reconnecting: bool
+    ) -> MessageSocket:
+        """Try ``endpoints`` in turn until one answers. An endpoint that cannot
         be reached, or answers 502/503, makes way for the next; a refusal (401/403/404) is the
         same on every node and raised at once (``client/endpoints.py``); when none answers,
         the last one's error. Reconnecting, each try is a ``connecting`` status
         (relay_endpoint names the node) ended by ``offline`` when it fails."""
-        for attempt, index in enumerate(order):
-            self._endpoints.use(index)
+
+        async def attempt(endpoint: Endpoint) -> MessageSocket:
+            self._endpoints.stick(endpoint)  # the one in use (relay_endpoint), tried now
             if reconnecting:
                 self._set_status("connecting")
-            try:
-                return await self._connect_control()
-            except RelayError as exc:
-                if attempt == len(order) - 1 or self._closing or not worth_another_endpoint(exc):
-                    raise
-                if reconnecting:
-                    self._set_status("offline", exc)
-                level = logging.DEBUG if reconnecting else logging.INFO
-                logger.log(level, "%s: %s; trying the next relay endpoint", self._name, exc)
-        raise AssertionError("unreachable")
+            return await self._connect_control()
+
+        def on_failure(_: Endpoint, exc: RelayError) -> None:
+            if reconnecting:
+                self._set_status("offline", exc)
+            level = logging.DEBUG if reconnecting else logging.INFO
+            logger.log(level, "%s: %s; trying the next relay endpoint", self._name, exc)
+
+        _, socket = await first_that_answers(
+            endpoints,
+            attempt,
+            give_up=lambda: self._closing,
+            on_failure=on_failure,
+        )
+        return socket
 
     async def _connect_control(self) -> MessageSocket:
         token = await self._get_token()
@@ -534,9 +543,10 @@ class HybridConnectionListener:
         while not await self._wait_closing(delay):
             # With several endpoints, each attempt tries the others first: the one lost may
             # be down.
-            order = endpoint_round(self._endpoints.index, len(self._endpoints), self._rng)
+            given = self._endpoints.given
+            order = endpoint_round(self._endpoints.index, len(given), self._rng)
             try:
-                socket = await self._connect_any(order, reconnecting=True)
+                socket = await self._connect_any([given[i] for i in order], reconnecting=True)
             except Exception as exc:
                 kind = classify_error(exc)
                 self._set_status("offline", exc)

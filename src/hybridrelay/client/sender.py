@@ -15,7 +15,7 @@ from hybridrelay.client._connect import (
     WebSocketConnector,
     resolve_connection_string,
 )
-from hybridrelay.client.endpoints import EndpointRing, worth_another_endpoint
+from hybridrelay.client.endpoints import EndpointRing, first_that_answers
 from hybridrelay.client.stream import HybridConnectionStream
 from hybridrelay.client.tls import build_ssl_context
 from hybridrelay.client.tokens import TokenProvider, fetch_token
@@ -26,7 +26,6 @@ from hybridrelay.exceptions import (
     EndpointNotFoundError,
     ListenerRejectedError,
     QuotaExceededError,
-    RelayError,
     RelayHttpError,
     http_error,
     refusal_hint,
@@ -160,19 +159,16 @@ class HybridConnectionClient:
         (``client/endpoints.py``); all within ``connect_timeout``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._connect_timeout
-        endpoints = self._endpoints.in_turn()
-        for endpoint in endpoints:
-            try:
-                result = await attempt(endpoint, deadline - loop.time())
-            except RelayError as exc:
-                last = endpoint is endpoints[-1] or deadline - loop.time() <= 0
-                if last or not worth_another_endpoint(exc):
-                    raise
-                logger.info("%s: %s; trying the next relay endpoint", self, exc)
-                continue
-            self._endpoints.stick(endpoint)
-            return result
-        raise AssertionError("unreachable")
+        endpoint, result = await first_that_answers(
+            self._endpoints.in_turn(),
+            lambda endpoint: attempt(endpoint, deadline - loop.time()),
+            give_up=lambda: deadline - loop.time() <= 0,
+            on_failure=lambda _, exc: logger.info(
+                "%s: %s; trying the next relay endpoint", self, exc
+            ),
+        )
+        self._endpoints.stick(endpoint)
+        return result
 
     async def create_connection(
         self,
