@@ -6,6 +6,7 @@ Pure: no I/O. Query strings are handled as raw text so that everything that is n
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -181,12 +182,24 @@ def build_relay_url(
     ``base_url`` is ``scheme://host[:port]`` with no trailing slash. The entity path is
     URL-encoded segment by segment; the suffix and app query are passed as given (raw).
     """
-    path = "/".join(quote(segment, safe="") for segment in entity_path.strip("/").split("/"))
+    path = _quoted_path(entity_path)
     query = [app_query] if app_query else []
     query.append(f"sb-hc-action={action}")
     for name, value in (params or {}).items():
-        query.append(f"{name}={quote(value, safe='')}")
+        # Ids and secrets are hex (and dashes): nothing to quote, the common case.
+        query.append(f"{name}={value if _URL_SAFE.fullmatch(value) else quote(value, safe='')}")
     return f"{base_url.rstrip('/')}{HC_PREFIX}{path}{suffix}?{'&'.join(query)}"
+
+
+#: Characters ``quote(..., safe="")`` leaves as they are.
+_URL_SAFE = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
+@functools.lru_cache(maxsize=1024)
+def _quoted_path(entity_path: str) -> str:
+    """An entity path URL-encoded segment by segment: made once per entity (a rendezvous
+    address is built for every relayed request), a bounded cache."""
+    return "/".join(quote(segment, safe="") for segment in entity_path.strip("/").split("/"))
 
 
 def rendezvous_url(

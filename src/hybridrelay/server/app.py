@@ -24,8 +24,8 @@ import asyncio.selector_events
 import datetime
 import logging
 import ssl
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -65,6 +65,7 @@ from hybridrelay.server.request import RelayRequest
 from hybridrelay.server.responses import error_response, name_the_server
 from hybridrelay.server.runtime_info import is_runtime_info_request, runtime_info
 from hybridrelay.server.runtime_view import RelayRuntimeView, close_channels
+from hybridrelay.server.sender_http import SenderFront
 from hybridrelay.server.store import NamespaceView, file_layer
 from hybridrelay.server.websocket_relay import WebSocketRelay
 from hybridrelay.server.worker import WorkerRole, with_port
@@ -193,6 +194,8 @@ class RelayServer:
             draining=lambda: self._draining,
         )
         self.http = HttpRelay(self._context)
+        #: The HTTP front of the relay's port (made with the server, in start()).
+        self._front: SenderFront | None = None
         self.websocket = WebSocketRelay(self._context)
         self.upgrades = HttpUpgrade(self._context, self.websocket)
         self._listen = ListenEndpoint(self._context, http=self.http, public_base=self.public_base)
@@ -366,9 +369,15 @@ class RelayServer:
         # starts it at connection_made): one that never sends one does not stay for ever.
         name_the_server()
         loop = asyncio.get_running_loop()
+
+        def front(aiohttp_handler: Callable[[], Any]) -> SenderFront:
+            self._front = SenderFront(self._context, self.http, aiohttp_handler)
+            return self._front
+
         server = GatedServer(
             self._dispatch,
             gate=self.gate,
+            front=front,
             request_factory=lambda *parts: RelayRequest(*parts, loop),
             # a malformed request: one short line, never its headers
             logger=http_server_logger(self.observer.refusals),
@@ -597,6 +606,8 @@ class RelayServer:
         if self._runner is not None:
             await _stop_accepting(self._runner)
             self.gate.close_waiting()
+            if self._front is not None:
+                self._front.close_all()
             await self._runner.cleanup()
         if self.dashboard is not None:
             await self.dashboard.aclose()  # its event streams end, then the listener

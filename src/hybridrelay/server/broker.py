@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import random
 import secrets
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
@@ -47,6 +48,7 @@ from hybridrelay.transport.splice import Splice
 
 __all__ = [
     "ENTITY_DELETED",
+    "WOULD_WAIT",
     "LISTENERS_BUSY",
     "NOT_IN_TIME",
     "NO_LISTENER",
@@ -204,6 +206,15 @@ class Connection:
         )
 
 
+class WouldWait(enum.Enum):
+    """:meth:`Broker.announce_nowait`'s answer when only waiting would deliver the message."""
+
+    WOULD_WAIT = "would wait"
+
+
+WOULD_WAIT = WouldWait.WOULD_WAIT
+
+
 class Broker(Protocol):
     """Pairs senders with listeners; see the module docstring."""
 
@@ -277,6 +288,14 @@ class Broker(Protocol):
         ``pending.entity``; the channel that took it, or None if none did."""
         ...
 
+    def announce_nowait(
+        self, pending: Pending, text_for: Callable[[str], str], body: bytes | None = None
+    ) -> ControlChannel | WouldWait | None:
+        """:meth:`announce` to a listener of this process whose control channel takes the
+        message without waiting: the channel; :data:`WOULD_WAIT` if listeners are there but
+        none can take it now (then :meth:`announce`); None if there is no listener."""
+        ...
+
     def forget(self, pending: Pending) -> None:
         """Remove ``pending`` from the table; its address is refused from now on."""
         ...
@@ -344,8 +363,13 @@ class LocalBroker:
     def _all_busy(self, pending: Pending) -> bool:
         """Whether every listener ``pending`` could be told has ``max_queued`` messages queued
         (False when there is none: that is answered later, as no listener)."""
-        channels = [c for c in self._by_entity.get(pending.entity.lower(), ()) if c.usable]
-        return bool(channels) and all(c.queued >= pending.max_queued for c in channels)
+        busy = False
+        for channel in self._by_entity.get(pending.entity.lower(), ()):
+            if channel.usable:
+                if channel.queued < pending.max_queued:
+                    return False
+                busy = True
+        return busy
 
     def _has_listener(self, entity: str) -> bool:
         """Whether a sender to ``entity`` has a listener to be offered to."""
@@ -438,6 +462,31 @@ class LocalBroker:
                 continue
             return channel
         return None
+
+    def announce_nowait(
+        self, pending: Pending, text_for: Callable[[str], str], body: bytes | None = None
+    ) -> ControlChannel | WouldWait | None:
+        candidates = [c for c in self._by_entity.get(pending.entity.lower(), ()) if c.usable]
+        if not candidates:
+            return None
+        self._shuffle(candidates)
+        texts: dict[str, str] = {}
+        for channel in candidates:
+            if channel.queued >= pending.max_queued:
+                continue
+            text = texts.get(channel.base_url)
+            if text is None:
+                text = texts[channel.base_url] = text_for(channel.base_url)
+            self._untell(pending)
+            pending.channel = channel
+            told = self._told.get(channel)
+            if told is None:
+                told = self._told[channel] = set()
+            told.add(pending)
+            if channel.send_nowait(text, body):
+                return channel
+            self._untell(pending)
+        return WOULD_WAIT
 
     def _untell(self, pending: Pending) -> None:
         channel = pending.channel

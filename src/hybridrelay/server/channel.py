@@ -85,5 +85,14 @@ class ControlChannel:
         finally:
             self.queued -= 1
 
+    def send_nowait(self, text: str, body: bytes | None = None) -> bool:
+        """:meth:`send` without waiting, where the socket can write at once: False (nothing
+        written) when it cannot (the channel is closing, another send is under way, or the
+        socket writes only by awaiting)."""
+        if not self.usable or self.queued or self._send_lock.locked():
+            return False
+        write = getattr(self.socket, "send_nowait", None)  # the frame path's sockets have it
+        return bool(write is not None and write(text, body))
+
     def __repr__(self) -> str:
         return f"<ControlChannel {self.entity!r} listener={self.listener_id}>"

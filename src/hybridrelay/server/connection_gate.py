@@ -278,12 +278,23 @@ class _FirstRequest(asyncio.Protocol):
 
 
 class GatedServer(web.Server):
-    """aiohttp's low-level server with ``gate`` in front of each connection it is given."""
+    """aiohttp's low-level server with ``gate`` (and ``front``) in front of each connection it
+    is given."""
 
-    def __init__(self, *args: Any, gate: ConnectionGate, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        gate: ConnectionGate,
+        front: Callable[[Callable[[], Any]], Callable[[], asyncio.BaseProtocol]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._gate = gate
-        self._make_handler = super().__call__
+        # ``front``: made from aiohttp's protocol factory, the protocol a connection gets
+        # after the gate (the relay's own HTTP front, which hands aiohttp what it does not
+        # serve itself).
+        handler = super().__call__
+        self._make_handler = front(handler) if front is not None else handler
 
     def __call__(self) -> Any:  # what loop.create_server calls per accepted connection
         return _FirstRequest(self._gate, self._make_handler)

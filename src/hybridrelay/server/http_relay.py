@@ -41,9 +41,9 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -73,7 +73,7 @@ from hybridrelay.protocol.messages import (
 )
 from hybridrelay.protocol.websocket import HandshakeError, handshake_headers
 from hybridrelay.server.access import AUTH_HEADER, sender_token
-from hybridrelay.server.broker import Pending, remote_endpoint
+from hybridrelay.server.broker import WOULD_WAIT, Pending, remote_endpoint
 from hybridrelay.server.channel import ControlChannel
 from hybridrelay.server.config import HybridConnectionConfig, LimitsConfig
 from hybridrelay.server.context import RelayContext
@@ -102,6 +102,7 @@ _REQUEST_DROPPED_WITH_AUTHORIZATION = _REQUEST_DROPPED | {"authorization"}
 _KEEP_LENGTH = frozenset({"content-length"})
 
 _TOO_MANY_PENDING = "Too many pending requests; try again later."
+_NO_ANSWER = "The listener did not respond in time."
 
 T = TypeVar("T")
 
@@ -120,7 +121,7 @@ class _ListenerResponse:
     stream: MessageLeg | None = None
 
 
-class _BodyBroken(Exception):
+class BodyBroken(Exception):
     """The listener's response body broke off or stalled after the head was sent."""
 
 
@@ -156,6 +157,9 @@ class _Exchange(Pending):
     )
     #: The sender's body streaming to the listener (it may go on while the response streams).
     upload: asyncio.Task[None] | None = None
+    #: A request from the relay's HTTP front (:meth:`HttpRelay.relay_inline`): the task that
+    #: waits for a busy control channel, or streams a response from a rendezvous.
+    task: asyncio.Task[None] | None = None
 
     def listener_gone(self) -> None:
         # Fail the request (502) unless the listener's rendezvous already carries it.
@@ -376,33 +380,37 @@ class HttpRelay:
             if gone is not None and gone.done():
                 # The sender left before the answer: the rendezvous (if any) is closed now.
                 raise _SenderGone()
-            raise _ExchangeFailed(504, "The listener did not respond in time.")
+            raise _ExchangeFailed(504, _NO_ANSWER)
         if exchange.control_response.done():
             answer = exchange.control_response.result()
             if answer is None:
                 raise _ExchangeFailed(502, "The listener disconnected before responding.")
             return answer
         rendezvous = exchange.rendezvous.result()
-        return await self._over_rendezvous(request, exchange, rendezvous, full, has_body, deadline)
+        return await self._over_rendezvous(
+            exchange, rendezvous, full, request if has_body else None, deadline, gone
+        )
 
     async def _over_rendezvous(
         self,
-        request: web.BaseRequest,
         exchange: _Exchange,
         rendezvous: _Rendezvous,
-        full: Request,
-        has_body: bool,
+        full: Request | None,
+        upload_from: web.BaseRequest | None,
         deadline: float,
+        gone: asyncio.Future[None] | None,
     ) -> _ListenerResponse:
+        """The listener's response on the rendezvous it opened; first, for an address-only
+        request, the request itself and (``upload_from``) its body (6.3 case 1)."""
         socket = rendezvous.socket
-        if not exchange.inline:  # address-only: the request itself goes here (6.3 case 1)
+        if not exchange.inline and full is not None:  # address-only: the request goes here (6.3)
             try:
                 async with asyncio.timeout(deadline):
                     await socket.send(encode_message(full))
             except (RelayConnectionError, TimeoutError) as exc:
                 raise _ExchangeFailed(502, "The listener's rendezvous failed.") from exc
-            if has_body:
-                exchange.upload = asyncio.create_task(_upload(request, socket, deadline))
+            if upload_from is not None:
+                exchange.upload = asyncio.create_task(_upload(upload_from, socket, deadline))
         upload = exchange.upload
         receive = asyncio.create_task(socket.receive())
         try:
@@ -412,11 +420,10 @@ class HttpRelay:
                     upload.result()  # raises _SenderGone / _ExchangeFailed
             # The response deadline runs from the end of the upload (or an early answer); an
             # upload still going on continues while the response streams.
-            gone = connection_gone(request)
             while True:
                 message = await _wait_for(receive, deadline, gone)
                 if message is None:
-                    raise _ExchangeFailed(504, "The listener did not respond in time.")
+                    raise _ExchangeFailed(504, _NO_ANSWER)
                 if message.kind is MessageKind.CLOSE:
                     if upload is not None and upload.done():
                         upload.result()  # the sender's side failed first
@@ -442,10 +449,12 @@ class HttpRelay:
             with contextlib.suppress(BaseException):
                 await receive  # also retrieves an exception nobody needs any more
 
-    async def _respond(
-        self, request: web.BaseRequest, result: _ListenerResponse, deadline: float
-    ) -> web.StreamResponse:
-        response = result.response
+    def response_head(
+        self, method: str, host: str, response: Response
+    ) -> ResponseHead | web.Response:
+        """What the sender is told of the listener's ``response`` (6.5), or the 502 to answer
+        instead: the status, a safe reason phrase, the headers without hop-by-hop ones and with
+        this relay's ``Via`` entry added, and the listener's ``Content-Length`` apart."""
         status = response.status_code
         if status < 200:
             return error_response(502, f"The listener answered with status {status}.")
@@ -462,71 +471,44 @@ class HttpRelay:
                 hops.append(value)
             else:
                 headers.append((name, value))
-        hops.append(self._via(request))
+        hops.append(self._via(host))
         headers.append(("Via", ", ".join(hops)))
+        return ResponseHead(
+            status, reason, headers, listener_length, response_has_body(method, status)
+        )
+
+    async def _respond(
+        self, request: web.BaseRequest, result: _ListenerResponse, deadline: float
+    ) -> web.StreamResponse:
+        head = self.response_head(request.method, request.host, result.response)
+        if isinstance(head, web.Response):
+            return head
         stream = result.stream
-        if not response_has_body(request.method, status):
+        if not head.has_body:
             # HEAD keeps the listener's Content-Length (what a GET would send); no body is
             # relayed even if the listener sent one.
-            out = web.StreamResponse(status=status, reason=reason)
-            out.headers.extend(headers)
-            if request.method == "HEAD" and listener_length is not None:
-                out.content_length = listener_length
+            out = web.StreamResponse(status=head.status, reason=head.reason)
+            out.headers.extend(head.headers)
+            if request.method == "HEAD" and head.listener_length is not None:
+                out.content_length = head.listener_length
             return await self._send_head_only(request, out, deadline)
         body, more = result.body, False
         if stream is not None:
             try:
-                part = await _next_part(stream, deadline)
-            except _BodyBroken as exc:
+                body, more = await next_part(stream, deadline)
+            except BodyBroken as exc:
                 return error_response(502, str(exc))
-            body, more = part
         if not more and len(body) <= _WRITE_SLICE:
             # The common small response: aiohttp sends head and body in one write once the
             # handler returns (profiles showed transport.write as the relay's top cost).
-            small = web.Response(status=status, reason=reason, body=body)
-            small.headers.extend(headers)
+            small = web.Response(status=head.status, reason=head.reason, body=body)
+            small.headers.extend(head.headers)
             return small
-        out = web.StreamResponse(status=status, reason=reason)
-        out.headers.extend(headers)
-        if listener_length is not None:
-            out.content_length = listener_length  # streamed under it; checked below
-        elif not more:
-            out.content_length = len(body)
-        # else: chunked (HTTP/1.1), each part of the body as it arrives
-        gone = connection_gone(request)
-
-        def sender_gone(_: object) -> None:
-            if stream is not None:
-                stream.close_nowait(CloseCode.GOING_AWAY, "the HTTP client went away")
-
-        if gone is not None and stream is not None:
-            gone.add_done_callback(sender_gone)
-        sent = 0
-        try:
-            async with asyncio.timeout(deadline):
-                await out.prepare(request)
-            while True:
-                sent += len(body)
-                if listener_length is not None and sent > listener_length:
-                    raise _BodyBroken("the listener sent more than its Content-Length")
-                await _write_slices(out, body, deadline)
-                if not more or stream is None:
-                    break
-                body, more = await _next_part(stream, deadline)
-            if listener_length is not None and sent != listener_length:
-                raise _BodyBroken("the listener sent less than its Content-Length")
-            async with asyncio.timeout(deadline):
-                await out.write_eof()
-        except (ConnectionError, TimeoutError, _BodyBroken) as exc:
-            # The sender sees the response cut (no last chunk, or short of its length).
-            logger.info("response to the sender cut: %s", exc or type(exc).__name__)
-            if stream is not None:
-                stream.close_nowait(CloseCode.GOING_AWAY, "the response was cut")
-            if request.transport is not None:
-                request.transport.close()
-        finally:
-            if gone is not None and stream is not None:
-                gone.remove_done_callback(sender_gone)
+        out = web.StreamResponse(status=head.status, reason=head.reason)
+        out.headers.extend(head.headers)
+        await stream_body(
+            _AiohttpSink(request, out), head, body, more, stream, deadline, connection_gone(request)
+        )
         return out
 
     @staticmethod
@@ -543,16 +525,228 @@ class HttpRelay:
                 request.transport.close()
         return out
 
-    def _via(self, request: web.BaseRequest) -> str:
+    # -- E6 through the relay's own HTTP front (sender_http.py) ------------------------------
+
+    def relay_inline(
+        self,
+        sender: InlineSender,
+        entity: HybridConnectionConfig,
+        headers: dict[str, str],
+        target: str,
+        body: bytes,
+    ) -> None:
+        """Relay a request the front has read whole and found small (inline, 6.2), without a
+        task of its own while the listener's control channel takes it at once and answers on
+        it: the listener's answer, its deadline and the sender's going away each settle the
+        exchange by a callback. A busy control channel, or a response that the listener sends
+        on a rendezvous, gets a task (owned by the exchange)."""
+        started = time.monotonic()
+        exchange = _Exchange(id=tracking_id(), entity=entity.name, inline=True)
+        limits = self._relay.config.limits
+        broker = self._relay.broker
+        if broker.pending_count >= limits.max_pending_rendezvous:
+            self._inline_refused(sender, exchange, started, error_response(503, _TOO_MANY_PENDING))
+            return
+        refused = broker.open(exchange, limits)
+        if refused is not None:
+            answer = error_response(refused.status, refused.description)
+            self._inline_refused(sender, exchange, started, answer)
+            return
+        self._by_id[exchange.id] = exchange
+        remote = remote_endpoint(sender.peer)
+
+        def text_for(base_url: str) -> str:
+            return encode_message(
+                Request(
+                    address=rendezvous_url(
+                        base_url,
+                        entity.name,
+                        action="request",
+                        connection_id=exchange.id,
+                        secret=exchange.secret,
+                    ),
+                    id=exchange.id,
+                    request_target=target,
+                    method=sender.method,
+                    request_headers=headers,
+                    remote_endpoint=remote,
+                    body=bool(body),
+                )
+            )
+
+        deadline = response_deadline(limits, entity)
+        told = broker.announce_nowait(exchange, text_for, body or None)
+        if told is WOULD_WAIT:
+            exchange.task = asyncio.create_task(
+                self._announce_inline(sender, exchange, text_for, body, deadline, started)
+            )
+        elif told is None:
+            self._no_listener(sender, exchange, started)
+        else:
+            self._await_inline(sender, exchange, deadline, started)
+
+    async def _announce_inline(
+        self,
+        sender: InlineSender,
+        exchange: _Exchange,
+        text_for: Callable[[str], str],
+        body: bytes,
+        deadline: float,
+        started: float,
+    ) -> None:
+        channel = await self._relay.broker.announce(exchange, text_for, body or None)
+        if channel is None:
+            self._no_listener(sender, exchange, started)
+        else:
+            self._await_inline(sender, exchange, deadline, started)
+
+    def _no_listener(self, sender: InlineSender, exchange: _Exchange, started: float) -> None:
+        if self._relay.draining():
+            answer = error_response(503, "The relay is shutting down.")
+        else:
+            answer = error_response(502, "There are no listeners connected for the endpoint.")
+        self._inline_refused(sender, exchange, started, answer)
+
+    def _await_inline(
+        self, sender: InlineSender, exchange: _Exchange, deadline: float, started: float
+    ) -> None:
+        """Settle the exchange by whichever comes first: the listener's answer on its control
+        channel, the rendezvous it opened for a large response, the deadline, the sender
+        gone."""
+        loop = asyncio.get_running_loop()
+        settled = False
+
+        def settle() -> bool:
+            nonlocal settled
+            if settled:
+                return False
+            settled = True
+            timer.cancel()
+            exchange.control_response.remove_done_callback(on_answer)
+            exchange.rendezvous.remove_done_callback(on_rendezvous)
+            sender.gone.remove_done_callback(on_gone)
+            return True
+
+        def on_answer(future: asyncio.Future[_ListenerResponse | None]) -> None:
+            if future.cancelled() or not settle():
+                return
+            result = future.result()
+            if result is None:
+                answer = error_response(502, "The listener disconnected before responding.")
+                self._inline_refused(sender, exchange, started, answer)
+                return
+            head = self.response_head(sender.method, sender.host, result.response)
+            if isinstance(head, web.Response):
+                self._inline_refused(sender, exchange, started, head)
+                return
+            sent = sender.answer_head(head, result.body)
+            self._inline_done(sender, exchange, started, head.status, sent)
+
+        def on_rendezvous(future: asyncio.Future[_Rendezvous]) -> None:
+            if future.cancelled() or not settle():
+                return
+            exchange.task = asyncio.create_task(
+                self._inline_over_rendezvous(sender, exchange, future.result(), deadline, started)
+            )
+
+        def on_timeout() -> None:
+            if settle():
+                self._inline_failed(sender, exchange, started, 504, _NO_ANSWER)
+
+        def on_gone(_: object) -> None:
+            if settle():
+                logger.info("request %s on %r: the sender went away", exchange.id, exchange.entity)
+                self._inline_done(sender, exchange, started, 400, 0)
+
+        timer = loop.call_later(deadline, on_timeout)
+        exchange.control_response.add_done_callback(on_answer)
+        exchange.rendezvous.add_done_callback(on_rendezvous)
+        sender.gone.add_done_callback(on_gone)
+
+    async def _inline_over_rendezvous(
+        self,
+        sender: InlineSender,
+        exchange: _Exchange,
+        rendezvous: _Rendezvous,
+        deadline: float,
+        started: float,
+    ) -> None:
+        """A response the listener sends on a rendezvous (6.3 case 2), streamed to the front."""
+        try:
+            result = await self._over_rendezvous(
+                exchange, rendezvous, None, None, deadline, sender.gone
+            )
+            head = self.response_head(sender.method, sender.host, result.response)
+            if isinstance(head, web.Response):
+                self._inline_refused(sender, exchange, started, head)
+                return
+            body, more, stream = b"", False, result.stream
+            if head.has_body and stream is not None:
+                body, more = await next_part(stream, deadline)
+            if not more and len(body) <= _WRITE_SLICE:
+                sent = sender.answer_head(head, body)
+            else:
+                sent = await stream_body(
+                    sender.sink(head), head, body, more, stream, deadline, sender.gone
+                )
+            self._inline_done(sender, exchange, started, head.status, sent)
+        except _ExchangeFailed as exc:
+            self._inline_failed(sender, exchange, started, exc.status, exc.description)
+        except BodyBroken as exc:
+            self._inline_refused(sender, exchange, started, error_response(502, str(exc)))
+        except _SenderGone:
+            logger.info("request %s on %r: the sender went away", exchange.id, exchange.entity)
+            self._inline_done(sender, exchange, started, 400, 0)
+
+    def _inline_failed(
+        self, sender: InlineSender, exchange: _Exchange, started: float, status: int, why: str
+    ) -> None:
+        logger.info("request %s on %r failed: %d %s", exchange.id, exchange.entity, status, why)
+        self._inline_refused(sender, exchange, started, error_response(status, why))
+
+    def _inline_refused(
+        self, sender: InlineSender, exchange: _Exchange, started: float, answer: web.Response
+    ) -> None:
+        self._inline_done(sender, exchange, started, answer.status, sender.answer(answer))
+
+    def _inline_done(
+        self, sender: InlineSender, exchange: _Exchange, started: float, status: int, sent: int
+    ) -> None:
+        self._end(exchange)
+        exchange.task = None
+        self._relay.observer.http_request(
+            exchange.id,
+            exchange.entity,
+            method=sender.method,
+            status=status,
+            seconds=time.monotonic() - started,
+            request_bytes=sender.content_length,
+            response_bytes=sent,
+            remote=sender.remote,
+        )
+        sender.done()
+
+    def _via(self, request_host: str) -> str:
         """This relay's ``Via`` entry (``1.1 host``); the last one is kept, as every response
         of a relay with ``namespace.host`` (or of one client's connection) has the same."""
-        host = self._relay.config.namespace_host or request.host or "hybridrelay"
+        host = self._relay.config.namespace_host or request_host or "hybridrelay"
         if host != self._via_for:
             name = "".join(ch for ch in host if ch.isprintable() and ch not in " ,;\r\n")
             self._via_for, self._via_entry = host, f"1.1 {name[:255]}"
         return self._via_entry
 
     async def _finish(self, exchange: _Exchange) -> None:
+        self._end(exchange)
+        upload, exchange.upload = exchange.upload, None
+        if upload is not None:
+            if not upload.done():
+                upload.cancel()
+            with contextlib.suppress(BaseException):
+                await upload  # also retrieves an exception nobody needs any more
+
+    def _end(self, exchange: _Exchange) -> None:
+        """The exchange is over: out of the tables, its rendezvous closed (an upload still
+        running is ``_finish``'s to end)."""
         self._by_id.pop(exchange.id, None)
         self._exchange_ended.set()
         channel = exchange.channel
@@ -562,12 +756,6 @@ class HttpRelay:
             owner.exchange = None  # its body still arrives on the channel; drop it then
         if not exchange.control_response.done():
             exchange.control_response.cancel()
-        upload, exchange.upload = exchange.upload, None
-        if upload is not None:
-            if not upload.done():
-                upload.cancel()
-            with contextlib.suppress(BaseException):
-                await upload  # also retrieves an exception nobody needs any more
         if exchange.rendezvous.done() and not exchange.rendezvous.cancelled():
             # The close handshake runs on its own (the leg drops the connection once the
             # listener answered, or after its close timeout).
@@ -727,31 +915,159 @@ async def _wait_for(
     return None
 
 
-async def _next_part(stream: MessageLeg, idle: float) -> tuple[bytes, bool]:
+async def next_part(stream: MessageLeg, idle: float) -> tuple[bytes, bool]:
     """The next part of a response body on the rendezvous: (bytes, more parts follow).
 
-    Raises :class:`_BodyBroken` when the rendezvous closes before the body's end or nothing
+    Raises :class:`BodyBroken` when the rendezvous closes before the body's end or nothing
     arrives for ``idle`` seconds (6.8: a stalled body).
     """
     try:
         async with asyncio.timeout(idle):
             message = await stream.receive()
     except TimeoutError:
-        raise _BodyBroken("the listener's response body stalled") from None
+        raise BodyBroken("the listener's response body stalled") from None
     if message.kind is MessageKind.BINARY:
         data = message.data
         assert isinstance(data, bytes)
         return data, message.more
     if message.kind is MessageKind.CLOSE:
-        raise _BodyBroken("the listener closed the rendezvous mid-response")
-    raise _BodyBroken("the listener sent a text message as its response body")
+        raise BodyBroken("the listener closed the rendezvous mid-response")
+    raise BodyBroken("the listener sent a text message as its response body")
 
 
-async def _write_slices(out: web.StreamResponse, body: bytes, idle: float) -> None:
-    view = memoryview(body)
-    for start in range(0, len(body), _WRITE_SLICE):
-        async with asyncio.timeout(idle):  # the sender must keep reading
-            await out.write(view[start : start + _WRITE_SLICE])
+@dataclass(slots=True)
+class ResponseHead:
+    """The head of a relayed response as the sender gets it (:meth:`HttpRelay.response_head`)."""
+
+    status: int
+    reason: str | None
+    #: Without ``Content-Length`` (the sender's connection frames the body), with ``Via``.
+    headers: list[tuple[str, str]]
+    #: The listener's ``Content-Length``, if it gave one: a streamed body is held to it.
+    listener_length: int | None
+    #: False for HEAD, 1xx, 204 and 304 (RFC 9110 6.4.1).
+    has_body: bool
+
+
+class InlineSender(Protocol):
+    """A sender's request as the relay's HTTP front holds it (``sender_http.py``), read whole,
+    and how its answer is written (:meth:`HttpRelay.relay_inline`)."""
+
+    #: The request's method, its ``Host`` (the token audience and ``Via`` are made from it),
+    #: its peer's address (``remoteEndpoint``) and the peer's host alone (logs, metrics).
+    method: str
+    host: str
+    peer: Any
+    remote: str | None
+    #: The request body's length, None when it had none.
+    content_length: int | None
+    #: Resolved when the sender's connection is lost.
+    gone: asyncio.Future[None]
+
+    def answer(self, response: web.Response) -> int:
+        """Write one of the relay's own answers (an error); the body's length."""
+
+    def answer_head(self, head: ResponseHead, body: bytes) -> int:
+        """Write a listener's response with its whole body; the body's length."""
+
+    def sink(self, head: ResponseHead) -> BodySink:
+        """Where a response body with ``head`` goes when it streams."""
+
+    def done(self) -> None:
+        """The exchange is over: the connection may read its next request."""
+
+
+class BodySink(Protocol):
+    """Where a streamed response body goes: the sender's connection, through aiohttp's
+    response (:class:`_AiohttpSink`) or the relay's own HTTP front (``sender_http.py``)."""
+
+    async def start(self, length: int | None) -> None:
+        """Send the head: with ``Content-Length: length``, or chunked when None."""
+
+    async def write(self, data: bytes | memoryview) -> None:
+        """Send a part of the body (the caller bounds the wait)."""
+
+    async def end(self) -> None:
+        """The body is complete (the last chunk, for chunked)."""
+
+    def cut(self) -> None:
+        """Drop the sender's connection: the response is incomplete and cannot be ended."""
+
+
+class _AiohttpSink:
+    def __init__(self, request: web.BaseRequest, out: web.StreamResponse) -> None:
+        self._request = request
+        self._out = out
+
+    async def start(self, length: int | None) -> None:
+        if length is not None:
+            self._out.content_length = length
+        await self._out.prepare(self._request)
+
+    async def write(self, data: bytes | memoryview) -> None:
+        await self._out.write(data)
+
+    async def end(self) -> None:
+        await self._out.write_eof()
+
+    def cut(self) -> None:
+        if self._request.transport is not None:
+            self._request.transport.close()
+
+
+async def stream_body(
+    sink: BodySink,
+    head: ResponseHead,
+    body: bytes,
+    more: bool,
+    stream: MessageLeg | None,
+    deadline: float,
+    gone: asyncio.Future[None] | None,
+) -> int:
+    """Send a response body to the sender: ``body`` (the first part, or all of it), then the
+    parts that follow on the rendezvous ``stream`` while ``more``, each as it arrives.
+
+    It goes under the listener's ``Content-Length`` when it gave one (and is held to it),
+    with the length of ``body`` when that is all of it, else chunked. A sender that goes away
+    gets the rendezvous closed (1001) at once, so the listener learns; a response that breaks
+    off is cut (the sender sees no last chunk, or fewer bytes than announced). The bytes sent.
+    """
+
+    def sender_gone(_: object) -> None:
+        if stream is not None:
+            stream.close_nowait(CloseCode.GOING_AWAY, "the HTTP client went away")
+
+    if gone is not None and stream is not None:
+        gone.add_done_callback(sender_gone)
+    limit = head.listener_length
+    sent = 0
+    try:
+        async with asyncio.timeout(deadline):
+            await sink.start(limit if limit is not None else None if more else len(body))
+        while True:
+            sent += len(body)
+            if limit is not None and sent > limit:
+                raise BodyBroken("the listener sent more than its Content-Length")
+            view = memoryview(body)
+            for start in range(0, len(body), _WRITE_SLICE):
+                async with asyncio.timeout(deadline):  # the sender must keep reading
+                    await sink.write(view[start : start + _WRITE_SLICE])
+            if not more or stream is None:
+                break
+            body, more = await next_part(stream, deadline)
+        if limit is not None and sent != limit:
+            raise BodyBroken("the listener sent less than its Content-Length")
+        async with asyncio.timeout(deadline):
+            await sink.end()
+    except (ConnectionError, TimeoutError, BodyBroken) as exc:
+        logger.info("response to the sender cut: %s", exc or type(exc).__name__)
+        if stream is not None:
+            stream.close_nowait(CloseCode.GOING_AWAY, "the response was cut")
+        sink.cut()
+    finally:
+        if gone is not None and stream is not None:
+            gone.remove_done_callback(sender_gone)
+    return sent
 
 
 async def _upload(request: web.BaseRequest, socket: MessageLeg, idle: float) -> None:

@@ -14,6 +14,7 @@ configuration file are the time the relay loaded it (the file has no such field)
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping
 from urllib.parse import unquote
 from xml.sax.saxutils import escape
 
@@ -25,17 +26,29 @@ from hybridrelay.server.config import HybridConnectionConfig
 from hybridrelay.server.context import RelayContext
 from hybridrelay.server.responses import reason_phrase, tracking_id
 
-__all__ = ["error_xml", "is_runtime_info_request", "runtime_info", "runtime_info_response"]
+__all__ = [
+    "error_xml",
+    "is_runtime_info",
+    "is_runtime_info_request",
+    "runtime_info",
+    "runtime_info_response",
+]
 
 _ATOM = "http://www.w3.org/2005/Atom"
 _SB = "http://schemas.microsoft.com/netservices/2010/10/servicebus/connect"
 
 
 def is_runtime_info_request(request: web.BaseRequest, raw_query: str) -> bool:
+    return is_runtime_info(request.method, raw_query, request.headers)
+
+
+def is_runtime_info(method: str, raw_query: str, headers: Mapping[str, str]) -> bool:
+    """Whether a request (not under ``/$hc/``) asks for an entity's runtime information
+    rather than being relayed (PROTOCOL.md 8.2)."""
     return (
-        request.method == "GET"
+        method == "GET"
         and "api-version=" in raw_query
-        and request.headers.get("X-PROCESS-AT", "").lower() == "servicebus"
+        and headers.get("X-PROCESS-AT", "").lower() == "servicebus"
     )
 
 

@@ -1,0 +1,562 @@
+"""The relay's own HTTP/1.1 front for senders' plain requests (PROTOCOL.md 6; DECISIONS D25).
+
+Every connection that passed the gate (``connection_gate.py``) comes here first. Each request
+head is found by its blank line and parsed by httptools (llhttp, the C parser uvicorn uses),
+then either relayed from here or the connection is handed to aiohttp:
+
+* **relayed here**: a plain request to ``/{hc}/{path}`` that can go inline (6.2): no body or a
+  ``Content-Length`` of at most 64 KiB, no ``Transfer-Encoding``, no ``Expect``, no upgrade,
+  its token accepted and the broker answering it on this process. Its body is read whole and
+  :meth:`HttpRelay.relay_inline` relays it without a task of its own; the answer is written
+  here, head and body in one write. The relay's profile (D17) had aiohttp's request and
+  response objects, its handler task and its writer among the costs of every request.
+* **handed to aiohttp**, with the request's bytes exactly as they came, for everything else:
+  WebSocket upgrades (listeners, senders, rendezvous, HTTP-relayed WebSockets), the runtime
+  information, bodies that stream (chunked, large), ``Expect: 100-continue``, heads llhttp
+  refuses, and the requests answered with an error before anything is relayed (an unknown
+  entity, a refused token, a relay that drains): aiohttp's path answers those exactly as it
+  always has. The connection stays with aiohttp from then on.
+
+One request at a time: a pipelined request waits in the buffer until the one before it is
+answered, and reading pauses while more than a head and an inline body are waiting. A
+connection that sends no complete request within ``limits.idle_timeout`` of its last answer
+is closed, as aiohttp's keep-alive timeout did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any, cast
+
+import httptools
+from aiohttp import web
+from multidict import CIMultiDict
+
+from hybridrelay.auth.sas import Rights
+from hybridrelay.protocol.addressing import HC_PREFIX, filter_query, protocol_params
+from hybridrelay.protocol.http import INLINE_BODY_LIMIT, INLINE_HEADER_LIMIT, header_json_size
+from hybridrelay.server.access import sender_token
+from hybridrelay.server.context import RelayContext
+from hybridrelay.server.http_relay import (
+    BodySink,
+    HttpRelay,
+    ResponseHead,
+    forwarded_request_headers,
+)
+from hybridrelay.server.http_upgrade import cookie_token, sender_entity, strip_token_cookie
+from hybridrelay.server.responses import SERVER_HEADER
+from hybridrelay.server.runtime_info import is_runtime_info
+
+__all__ = ["SenderFront"]
+
+#: What may wait in a connection's buffer while a request is answered: a head and an inline
+#: body (reading pauses above it).
+_BUFFER_LIMIT = 2 * INLINE_BODY_LIMIT
+
+
+class SenderFront:
+    """Makes the protocol of each connection the gate lets in (see the module docstring)."""
+
+    def __init__(
+        self,
+        relay: RelayContext,
+        http: HttpRelay,
+        aiohttp_handler: Callable[[], asyncio.BaseProtocol],
+    ) -> None:
+        self.relay = relay
+        self.http = http
+        self.aiohttp_handler = aiohttp_handler
+        #: The connections the front owns now (not yet handed to aiohttp, not closed).
+        self.connections: set[_SenderConnection] = set()
+
+    def __call__(self) -> asyncio.Protocol:
+        return _SenderConnection(self)
+
+    def close_all(self) -> None:
+        """Close every connection the front owns (the relay's shutdown; aiohttp closes its
+        own): a request still in flight is failed by its exchange."""
+        for connection in list(self.connections):
+            connection.close()
+
+
+class _Head:
+    """httptools' callbacks for one request head: its target, headers, method, version and
+    whether the connection stays open after it (read as the head ends: llhttp resets its
+    state when a message without a body is complete)."""
+
+    __slots__ = ("headers", "keep_alive", "method", "parser", "url", "version")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[str, str]] = []
+        self.parser = httptools.HttpRequestParser(self)
+        self.method = b""
+        self.version = ""
+        self.keep_alive = False
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        self.method = parser.get_method()
+        self.version = parser.get_http_version()
+        self.keep_alive = parser.should_keep_alive()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # As aiohttp reads them: UTF-8, undecodable bytes kept as surrogates.
+        self.headers.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
+
+
+class _Inline:
+    """A request relayed from the front: what :class:`~HttpRelay.relay_inline` needs of it
+    (the ``InlineSender`` protocol) and how its answer reaches the connection."""
+
+    __slots__ = ("connection", "content_length", "gone", "host", "method", "peer", "remote")
+
+    def __init__(
+        self, connection: _SenderConnection, method: str, host: str, length: int | None
+    ) -> None:
+        self.connection = connection
+        self.method = method
+        self.host = host
+        self.content_length = length
+        self.peer = connection.peer
+        self.remote = connection.remote
+        self.gone = connection.gone
+
+    def answer(self, response: web.Response) -> int:
+        body = response.body
+        assert isinstance(body, bytes)
+        self.connection.write_response(
+            response.status,
+            response.reason,
+            list(response.headers.items()),
+            body,
+            self.method,
+            empty_length=len(body),  # a HEAD's: what the GET would have had (as aiohttp does)
+        )
+        return len(body)
+
+    def answer_head(self, head: ResponseHead, body: bytes) -> int:
+        if not head.has_body:
+            length = head.listener_length if self.method == "HEAD" else None
+            self.connection.write_response(
+                head.status, head.reason, head.headers, b"", self.method, empty_length=length
+            )
+            return 0
+        self.connection.write_response(head.status, head.reason, head.headers, body, self.method)
+        return len(body)
+
+    def sink(self, head: ResponseHead) -> BodySink:
+        return _StreamedBody(self.connection, head)
+
+    def done(self) -> None:
+        self.connection.request_done()
+
+
+class _StreamedBody:
+    """A response body written as it arrives: under a length, chunked (HTTP/1.1), or until
+    the connection closes (HTTP/1.0)."""
+
+    def __init__(self, connection: _SenderConnection, head: ResponseHead) -> None:
+        self._connection = connection
+        self._head = head
+        self._chunked = False
+
+    async def start(self, length: int | None) -> None:
+        head = self._head
+        self._chunked = self._connection.write_stream_head(
+            head.status, head.reason, head.headers, length
+        )
+        await self._connection.drain()
+
+    async def write(self, data: bytes | memoryview) -> None:
+        if not data:
+            return
+        if self._chunked:
+            self._connection.write(b"%x\r\n" % len(data) + bytes(data) + b"\r\n")
+        else:
+            self._connection.write(bytes(data))
+        await self._connection.drain()
+
+    async def end(self) -> None:
+        if self._chunked:
+            self._connection.write(b"0\r\n\r\n")
+        await self._connection.drain()
+        if not self._connection.keep_alive:
+            self._connection.close()
+
+    def cut(self) -> None:
+        self._connection.close()
+
+
+class _SenderConnection(asyncio.Protocol):
+    """One sender's connection while the front owns it."""
+
+    def __init__(self, front: SenderFront) -> None:
+        self._front = front
+        self._transport: asyncio.Transport | None = None
+        self._raw = bytearray()
+        #: The head of the request whose body is still arriving: (its length, the request).
+        self._waiting: tuple[int, int, _Prepared] | None = None
+        self._busy = False
+        self._reading_paused = False
+        self._writing_paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._answered_at = 0.0
+        self.keep_alive = True
+        self.version = b"1.1"
+        self.peer: Any = None
+        self.remote: str | None = None
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -- asyncio's side ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._front.connections.add(self)
+        self.peer = transport.get_extra_info("peername")
+        if isinstance(self.peer, tuple) and self.peer:
+            self.remote = str(self.peer[0])
+        loop = asyncio.get_running_loop()
+        self._answered_at = loop.time()
+        self._arm_idle(loop)
+
+    def data_received(self, data: bytes) -> None:
+        self._raw += data
+        if not self._busy:
+            self._advance()
+        elif len(self._raw) > _BUFFER_LIMIT and self._transport is not None:
+            self._transport.pause_reading()
+            self._reading_paused = True
+
+    def eof_received(self) -> bool | None:
+        # The sender is gone, as aiohttp took it (and nginx does): the transport closes, an
+        # exchange in flight ends (the listener learns: its rendezvous, if any, is closed).
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._front.connections.discard(self)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        if not self.gone.done():
+            self.gone.set_result(None)
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_exception(ConnectionResetError("the sender's connection is lost"))
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Take the next request from the buffer, if it is all there."""
+        while not self._busy and self._transport is not None:
+            if self._waiting is None:
+                end = self._raw.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self._raw) > self._front.relay.config.limits.max_header_bytes:
+                        self._hand_over()  # aiohttp answers the oversized head
+                    return
+                prepared = self._prepare(bytes(self._raw[: end + 4]))
+                if prepared is None:
+                    self._hand_over()
+                    return
+                self._waiting = (end + 4, prepared.length, prepared)
+            head_size, length, prepared = self._waiting
+            if len(self._raw) < head_size + length:
+                return
+            body = bytes(self._raw[head_size : head_size + length])
+            del self._raw[: head_size + length]
+            self._waiting = None
+            self._busy = True
+            self.keep_alive = prepared.keep_alive
+            self.version = prepared.version
+            request = _Inline(self, prepared.method, prepared.host, length or None)
+            self._front.http.relay_inline(
+                request, prepared.entity, prepared.headers, prepared.target, body
+            )
+
+    def _prepare(self, head: bytes) -> _Prepared | None:
+        """The request whose head is ``head``, if the front relays it; None: aiohttp's."""
+        reader = _Head()
+        try:
+            reader.parser.feed_data(head)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return None  # aiohttp's to answer (a malformed head) or to upgrade
+        method = reader.method.decode("ascii")
+        if method == "CONNECT" or not reader.url.startswith(b"/") or not reader.url.isascii():
+            return None
+        version = reader.version
+        if version not in ("1.1", "1.0"):
+            return None
+        headers = CIMultiDict(reader.headers)
+        if (
+            "Transfer-Encoding" in headers
+            or "Expect" in headers
+            or "Upgrade" in headers
+            or "Host" not in headers
+        ):
+            return None
+        length = 0
+        lengths = headers.getall("Content-Length", ())
+        if lengths:
+            if len(lengths) > 1 or not lengths[0].isdigit():
+                return None
+            length = int(lengths[0])
+            if length > INLINE_BODY_LIMIT:
+                return None
+        raw_path, _, raw_query = reader.url.decode("ascii").partition("?")
+        relay = self._front.relay
+        if (
+            raw_path.startswith(HC_PREFIX)
+            or is_runtime_info(method, raw_query, headers)
+            or relay.draining()
+        ):
+            return None
+        resolved = sender_entity(raw_path, relay)
+        if isinstance(resolved, web.Response):
+            return None
+        entity, suffix = resolved
+        host = headers["Host"]
+        token, strip_authorization = sender_token(headers, protocol_params(raw_query), entity)
+        if entity.requires_client_authorization:
+            if token is None:
+                token = cookie_token(headers)
+            decision = relay.access.authorize(token, entity, Rights.SEND, suffix=suffix, host=host)
+            if not decision.allowed:
+                return None
+        forwarded = forwarded_request_headers(reader.headers, strip_authorization)
+        strip_token_cookie(headers, forwarded)
+        if header_json_size(forwarded) > INLINE_HEADER_LIMIT:
+            return None
+        if not relay.broker.answers_inline(entity.name):
+            return None
+        target = raw_path + ("?" + filtered if (filtered := filter_query(raw_query)) else "")
+        return _Prepared(
+            method,
+            host,
+            entity,
+            forwarded,
+            target,
+            length,
+            reader.keep_alive,
+            version.encode("ascii"),
+        )
+
+    def request_done(self) -> None:
+        """The answer to the request is written: the next one, if any."""
+        self._busy = False
+        if not self.keep_alive:
+            self.close()
+            return
+        transport = self._transport
+        if transport is None:
+            return
+        self._answered_at = asyncio.get_running_loop().time()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        if self._raw:
+            self._advance()
+
+    def _hand_over(self) -> None:
+        """aiohttp's from now on, from the first byte of the request not answered here."""
+        transport = self._transport
+        assert transport is not None
+        self._transport = None
+        self._front.connections.discard(self)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        data, self._raw = bytes(self._raw), bytearray()
+        protocol = cast(asyncio.Protocol, self._front.aiohttp_handler())
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self._reading_paused:
+            transport.resume_reading()
+        if data and not transport.is_closing():
+            protocol.data_received(data)
+
+    # -- answers -----------------------------------------------------------------------------
+
+    def write_response(
+        self,
+        status: int,
+        reason: str | None,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        method: str,
+        *,
+        empty_length: int | None = None,
+    ) -> None:
+        """A whole response, head and body in one write. A response that has no body (HEAD,
+        1xx, 204, 304) gets ``empty_length`` as its ``Content-Length`` if given (HEAD)."""
+        empty = method == "HEAD" or status < 200 or status in (204, 304)
+        parts, missing = self._head_lines(status, reason, headers)
+        if empty:
+            if empty_length is not None:
+                parts.append(b"Content-Length: %d\r\n" % empty_length)
+        else:
+            parts.append(b"Content-Length: %d\r\n" % len(body))
+            if body and _CONTENT_TYPE in missing:
+                parts.append(_DEFAULT_CONTENT_TYPE)
+        parts.append(self._tail(missing))
+        if not empty:
+            parts.append(body)
+        self.write(b"".join(parts))
+
+    def write_stream_head(
+        self,
+        status: int,
+        reason: str | None,
+        headers: list[tuple[str, str]],
+        length: int | None,
+    ) -> bool:
+        """The head of a response whose body follows in parts; whether it is chunked."""
+        parts, missing = self._head_lines(status, reason, headers)
+        chunked = False
+        if length is not None:
+            parts.append(b"Content-Length: %d\r\n" % length)
+        elif self.version == b"1.1":
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+            chunked = True
+        else:
+            self.keep_alive = False  # HTTP/1.0: the body ends where the connection does
+        if _CONTENT_TYPE in missing:
+            parts.append(_DEFAULT_CONTENT_TYPE)
+        parts.append(self._tail(missing))
+        self.write(b"".join(parts))
+        return chunked
+
+    def _head_lines(
+        self, status: int, reason: str | None, headers: list[tuple[str, str]]
+    ) -> tuple[list[bytes], set[str]]:
+        """The status line and ``headers``, and which of the headers the relay adds when the
+        response has none (``Content-Type``, ``Date``, ``Server``, as aiohttp did) it lacks."""
+        line = b"HTTP/%s %d %s\r\n" % (
+            self.version,
+            status,
+            (reason if reason is not None else _phrase(status)).encode("latin-1", "replace"),
+        )
+        parts = [line]
+        missing = set(_DEFAULTED)
+        for name, value in headers:
+            parts.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+            if missing:
+                missing.discard(name.lower())
+        return parts, missing
+
+    def _tail(self, missing: set[str]) -> bytes:
+        """The headers the relay adds last, and the blank line."""
+        tail = b""
+        if _DATE in missing:
+            tail += _date_line()
+        if _SERVER in missing:
+            tail += _SERVER_LINE
+        if not self.keep_alive:
+            if self.version == b"1.1":
+                tail += b"Connection: close\r\n"
+        elif self.version == b"1.0":
+            tail += b"Connection: keep-alive\r\n"
+        return tail + b"\r\n"
+
+    def write(self, data: bytes) -> None:
+        if self._transport is not None:
+            self._transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is above its high-water mark."""
+        if self._transport is None:
+            raise ConnectionResetError("the sender's connection is lost")
+        if not self._writing_paused:
+            return
+        if self._drained is None or self._drained.done():
+            self._drained = asyncio.get_running_loop().create_future()
+        await self._drained
+
+    def close(self) -> None:
+        transport, self._transport = self._transport, None
+        self._front.connections.discard(self)
+        if transport is not None:
+            transport.close()
+
+    # -- the idle timeout --------------------------------------------------------------------
+
+    def _arm_idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        # One timer per connection, moved lazily: not one per request.
+        idle = self._front.relay.config.limits.idle_timeout
+        self._idle_timer = loop.call_at(self._answered_at + idle, self._idle_check)
+
+    def _idle_check(self) -> None:
+        if self._transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        idle = self._front.relay.config.limits.idle_timeout
+        if self._busy or loop.time() < self._answered_at + idle:
+            self._idle_timer = loop.call_at(
+                max(loop.time(), self._answered_at) + idle, self._idle_check
+            )
+            return
+        self.close()
+
+
+class _Prepared:
+    """A request head the front relays: what the exchange needs of it."""
+
+    __slots__ = ("entity", "headers", "host", "keep_alive", "length", "method", "target", "version")
+
+    def __init__(
+        self,
+        method: str,
+        host: str,
+        entity: Any,
+        headers: dict[str, str],
+        target: str,
+        length: int,
+        keep_alive: bool,
+        version: bytes,
+    ) -> None:
+        self.method = method
+        self.host = host
+        self.entity = entity
+        self.headers = headers
+        self.target = target
+        self.length = length
+        self.keep_alive = keep_alive
+        self.version = version
+
+
+_CONTENT_TYPE, _DATE, _SERVER = "content-type", "date", "server"
+_DEFAULTED = frozenset({_CONTENT_TYPE, _DATE, _SERVER})
+_DEFAULT_CONTENT_TYPE = b"Content-Type: application/octet-stream\r\n"
+_SERVER_LINE = f"Server: {SERVER_HEADER}\r\n".encode("ascii")
+_PHRASES: dict[int, str] = {status.value: status.phrase for status in HTTPStatus}
+
+
+def _phrase(status: int) -> str:
+    return _PHRASES.get(status, "")
+
+
+_date_cache: list[Any] = [0, b""]
+
+
+def _date_line() -> bytes:
+    """``Date:`` for the current second, made once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        text = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
+        _date_cache[0], _date_cache[1] = now, f"Date: {text}\r\n".encode("ascii")
+    return cast(bytes, _date_cache[1])
