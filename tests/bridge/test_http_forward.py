@@ -25,7 +25,6 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from hybridrelay.bridge import upstream_http
 from hybridrelay.bridge.agent import BridgeAgent
 from hybridrelay.bridge.config import (
     BridgeConfig,
@@ -45,17 +44,6 @@ KIB = 1024
 MIB = 1024 * KIB
 SIZES = [0, 100 * KIB, 5 * MIB]
 SIZE_IDS = ["0B", "100KiB", "5MiB"]
-
-
-@pytest.fixture(autouse=True, params=["pool", "aiohttp"])
-def upstream_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here with each client to the upstream: the httptools pool (the bridge
-    extra) and aiohttp's (without it)."""
-    if request.param == "aiohttp":
-        monkeypatch.setattr(upstream_http, "AVAILABLE", False)
-    elif not upstream_http.AVAILABLE:
-        pytest.skip("httptools (the bridge extra) is not installed")
-    return str(request.param)
 
 
 def sha(data: bytes) -> str:

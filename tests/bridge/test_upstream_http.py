@@ -12,16 +12,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from hybridrelay.bridge import upstream_http
 from hybridrelay.bridge.upstream_http import (
+    READ_HIGH_WATER,
     UpstreamError,
     UpstreamPool,
     UpstreamUnreachable,
     request_target,
 )
 from tests.conftest import TlsFiles
-
-pytestmark = pytest.mark.skipif(not upstream_http.AVAILABLE, reason="needs the bridge extra")
 
 
 @dataclass
@@ -271,7 +269,7 @@ async def test_an_unread_body_is_bounded_by_pausing_the_upstream() -> None:
                 for _ in range(50):  # let the upstream write as much as it can
                     await asyncio.sleep(0.01)
                 conn = response._conn
-                assert conn._buffered <= upstream_http.READ_HIGH_WATER + 256 * 1024
+                assert conn._buffered <= READ_HIGH_WATER + 256 * 1024
                 total = sum([len(chunk) async for chunk in response.chunks()])
             finally:
                 response.release()

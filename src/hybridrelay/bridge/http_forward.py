@@ -144,15 +144,12 @@ class HttpReverseProxy:
 
     def _get_upstream(self) -> UpstreamClient:
         if self._upstream is None:
-            if upstream_http.AVAILABLE:
-                self._upstream = upstream_http.UpstreamPool(
-                    self._target,
-                    ssl=self._ssl,
-                    connect_timeout=self._connect_timeout,
-                    read_timeout=READ_TIMEOUT,
-                )
-            else:
-                self._upstream = upstream_http.AiohttpUpstream(self._get_session, ssl=self._ssl)
+            self._upstream = upstream_http.UpstreamPool(
+                self._target,
+                ssl=self._ssl,
+                connect_timeout=self._connect_timeout,
+                read_timeout=READ_TIMEOUT,
+            )
         return self._upstream
 
     def _get_session(self) -> aiohttp.ClientSession:

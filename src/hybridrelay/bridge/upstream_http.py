@@ -15,9 +15,6 @@ pauses beyond it); connecting within ``connect_timeout``, each wait for the upst
 the next body bytes, room to write) within ``read_timeout``. A request without a body that
 fails on a reused connection before any answer came (the upstream closed it while idle) is
 sent again once on a new connection.
-
-Requires the ``bridge`` extra (``pip install hybridrelay[bridge]``); without httptools
-(:data:`AVAILABLE` false) the forward uses aiohttp's client instead.
 """
 
 from __future__ import annotations
@@ -25,30 +22,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl as ssl_module
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
-try:
-    import httptools
-except ImportError:  # pragma: no cover - the bridge extra is not installed
-    httptools = None  # type: ignore[assignment]
-
-import aiohttp
+import httptools
 from yarl import URL
 
 __all__ = [
-    "AVAILABLE",
-    "AiohttpUpstream",
     "UpstreamClient",
     "UpstreamError",
     "UpstreamPool",
     "UpstreamResponse",
     "UpstreamUnreachable",
 ]
-
-#: Whether this client can be used (httptools is installed).
-AVAILABLE = httptools is not None
 
 #: Idle keep-alive connections kept per upstream ...
 MAX_IDLE = 64
@@ -167,7 +154,6 @@ class _Connection(asyncio.Protocol):
 
     def start(self, method: str) -> None:
         """Get ready for the response to a request sent with ``method``."""
-        assert httptools is not None
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = method == "HEAD"
         self.status = 0
@@ -425,8 +411,6 @@ class UpstreamPool:
         connect_timeout: float,
         read_timeout: float,
     ) -> None:
-        if httptools is None:
-            raise RuntimeError("the upstream pool needs httptools (the bridge extra)")
         parts = urlsplit(target)
         self._secure = parts.scheme == "https"
         self._host = parts.hostname or "localhost"
@@ -573,58 +557,3 @@ def _ssl_context(verify: Any) -> ssl_module.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl_module.CERT_NONE
     return context
-
-
-class AiohttpUpstream:
-    """The same interface on aiohttp's client (when httptools is not installed)."""
-
-    def __init__(self, session: Callable[[], aiohttp.ClientSession], *, ssl: Any = True) -> None:
-        self._session = session
-        self._ssl = ssl
-
-    async def request(
-        self,
-        method: str,
-        url: str,
-        headers: list[tuple[str, str]],
-        body: AsyncIterator[bytes] | None,
-    ) -> _AiohttpResponse:
-        try:
-            response = await self._session().request(
-                method,
-                URL(request_url(url), encoded=True),
-                headers=headers,
-                data=body,  # streamed as it arrives (chunked)
-                allow_redirects=False,
-                ssl=self._ssl,
-            )
-        except (aiohttp.ClientConnectorError, aiohttp.ClientOSError) as exc:
-            raise UpstreamUnreachable(str(exc)) from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
-        return _AiohttpResponse(response)
-
-    async def aclose(self) -> None:
-        """The session belongs to the caller."""
-
-
-class _AiohttpResponse:
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-        self.status = response.status
-        self.reason = response.reason or ""
-        self.headers = list(response.headers.items())
-        self.content_length = response.content_length
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
-
-    def release(self) -> None:
-        if self._response.content.at_eof():
-            self._response.release()
-        else:
-            self._response.close()
