@@ -443,15 +443,7 @@ class LocalBroker:
         for channel in candidates:
             if channel in exclude or channel.queued >= pending.max_queued:
                 continue
-            text = texts.get(channel.base_url)
-            if text is None:
-                text = texts[channel.base_url] = text_for(channel.base_url)
-            self._untell(pending)
-            pending.channel = channel
-            told = self._told.get(channel)
-            if told is None:
-                told = self._told[channel] = set()
-            told.add(pending)
+            text = self._told_of(pending, channel, text_for, texts)
             try:
                 await channel.send(text, body)
             except RelayConnectionError:
@@ -474,19 +466,31 @@ class LocalBroker:
         for channel in candidates:
             if channel.queued >= pending.max_queued:
                 continue
-            text = texts.get(channel.base_url)
-            if text is None:
-                text = texts[channel.base_url] = text_for(channel.base_url)
-            self._untell(pending)
-            pending.channel = channel
-            told = self._told.get(channel)
-            if told is None:
-                told = self._told[channel] = set()
-            told.add(pending)
-            if channel.send_nowait(text, body):
+            if channel.send_nowait(self._told_of(pending, channel, text_for, texts), body):
                 return channel
             self._untell(pending)
         return WOULD_WAIT
+
+    def _told_of(
+        self,
+        pending: Pending,
+        channel: ControlChannel,
+        text_for: Callable[[str], str],
+        texts: dict[str, str],
+    ) -> str:
+        """Make ``channel`` the listener told of ``pending`` (before the message goes out: its
+        answer may be read before the send returns); the message for its base (``texts``:
+        rendered once per base)."""
+        text = texts.get(channel.base_url)
+        if text is None:
+            text = texts[channel.base_url] = text_for(channel.base_url)
+        self._untell(pending)
+        pending.channel = channel
+        told = self._told.get(channel)
+        if told is None:
+            told = self._told[channel] = set()
+        told.add(pending)
+        return text
 
     def _untell(self, pending: Pending) -> None:
         channel = pending.channel

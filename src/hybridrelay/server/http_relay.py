@@ -66,6 +66,7 @@ from hybridrelay.protocol.http import (
 )
 from hybridrelay.protocol.messages import (
     ControlMessage,
+    RemoteEndpoint,
     Request,
     Response,
     encode_message,
@@ -307,19 +308,13 @@ class HttpRelay:
             # per request, which profiles showed).
             message = built.get(base_url)
             if message is None:
-                message = built[base_url] = Request(
-                    address=rendezvous_url(
-                        base_url,
-                        entity.name,
-                        action="request",
-                        connection_id=exchange.id,
-                        secret=exchange.secret,
-                    ),
-                    id=exchange.id,
-                    request_target=target,
-                    method=request.method,
-                    request_headers=headers,
-                    remote_endpoint=remote,
+                message = built[base_url] = request_message(
+                    exchange,
+                    base_url,
+                    target,
+                    request.method,
+                    headers,
+                    remote,
                     body=bool(body) if inline else has_body,
                 )
             return message
@@ -557,20 +552,8 @@ class HttpRelay:
 
         def text_for(base_url: str) -> str:
             return encode_message(
-                Request(
-                    address=rendezvous_url(
-                        base_url,
-                        entity.name,
-                        action="request",
-                        connection_id=exchange.id,
-                        secret=exchange.secret,
-                    ),
-                    id=exchange.id,
-                    request_target=target,
-                    method=sender.method,
-                    request_headers=headers,
-                    remote_endpoint=remote,
-                    body=bool(body),
+                request_message(
+                    exchange, base_url, target, sender.method, headers, remote, body=bool(body)
                 )
             )
 
@@ -832,6 +815,36 @@ class HttpRelay:
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def request_message(
+    exchange: _Exchange,
+    base_url: str,
+    target: str,
+    method: str,
+    headers: dict[str, str],
+    remote: RemoteEndpoint | None,
+    *,
+    body: bool,
+) -> Request:
+    """The ``request`` message of ``exchange`` (6.2) for a listener whose rendezvous base is
+    ``base_url``: the address is built from the listener's own base (``ControlChannel``),
+    never from the sender's ``Host``."""
+    return Request(
+        address=rendezvous_url(
+            base_url,
+            exchange.entity,
+            action="request",
+            connection_id=exchange.id,
+            secret=exchange.secret,
+        ),
+        id=exchange.id,
+        request_target=target,
+        method=method,
+        request_headers=headers,
+        remote_endpoint=remote,
+        body=body,
+    )
 
 
 def forwarded_request_headers(
