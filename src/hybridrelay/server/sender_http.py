@@ -55,6 +55,11 @@ __all__ = ["SenderFront"]
 #: What may wait in a connection's buffer while a request is answered: a head and an inline
 #: body (reading pauses above it).
 _BUFFER_LIMIT = 2 * INLINE_BODY_LIMIT
+#: A request head longer than this, or with more headers, is handed to aiohttp: below both,
+#: none of its limits (8190 bytes a line, 32 KiB a field, 128 headers) can be reached, so the
+#: front never takes a head aiohttp would refuse.
+_LARGE_HEAD = 8190
+_MANY_HEADERS = 100
 
 
 class SenderFront:
@@ -271,7 +276,10 @@ class _SenderConnection(asyncio.Protocol):
                     if len(self._raw) > self._front.relay.config.limits.max_header_bytes:
                         self._hand_over()  # aiohttp answers the oversized head
                     return
-                prepared = self._prepare(bytes(self._raw[: end + 4]))
+                # A large head is aiohttp's, whose limits apply to it exactly as before.
+                prepared = (
+                    None if end + 4 > _LARGE_HEAD else self._prepare(bytes(self._raw[: end + 4]))
+                )
                 if prepared is None:
                     self._hand_over()
                     return
@@ -297,6 +305,8 @@ class _SenderConnection(asyncio.Protocol):
             reader.parser.feed_data(head)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             return None  # aiohttp's to answer (a malformed head) or to upgrade
+        if len(reader.headers) > _MANY_HEADERS:
+            return None
         method = reader.method.decode("ascii")
         if method == "CONNECT" or not reader.url.startswith(b"/") or not reader.url.isascii():
             return None
