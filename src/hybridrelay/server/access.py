@@ -26,6 +26,13 @@ class Access:
         self._store = store
         self._settings = settings
         self._cache = AuthCache()
+        #: Decisions that allowed, by everything they were made from but the clock: the same
+        #: sender's token on its next request is allowed again without the work (a relayed
+        #: HTTP request is authorized each time). Used only while the rules and the
+        #: configuration are the very objects it was made with (a change replaces them: the
+        #: store's rules are tuples, the configuration is replaced whole) and the token has
+        #: not expired, so it decides exactly as a fresh check would.
+        self._decided: dict[tuple[object, ...], tuple[object, object, object, AuthDecision]] = {}
 
     def rules_for(self, entity: HybridConnectionConfig) -> Sequence[AuthorizationRule]:
         return (*entity.authorization_rules, *self._store.namespace_rules())
@@ -49,21 +56,43 @@ class Access:
         check off), so a token made for another namespace with the same key is refused.
         """
         settings = self._settings()
+        namespace_rules = self._store.namespace_rules()
+        now = time.time()
+        key = (token, entity.name, suffix, required, grace, host)
+        memo = self._decided.get(key)
+        if (
+            memo is not None
+            and memo[0] is entity.authorization_rules
+            and memo[1] is namespace_rules
+            and memo[2] is settings
+            and memo[3].expiry is not None
+            and memo[3].expiry + grace >= now
+        ):
+            return memo[3]
         hosts: frozenset[str] = frozenset()
         if settings.namespace_host is None and settings.check_audience_host and host:
             hosts = served_hosts(host, settings.server.public_base_url)
-        return authorize(
+        decision = authorize(
             token,
             verify=self._cache.verify,
-            rules=self.rules_for(entity),
+            rules=(*entity.authorization_rules, *namespace_rules),
             entity_path=entity.name,
             suffix=suffix,
             required=required,
-            now=time.time(),
+            now=now,
             namespace_host=settings.namespace_host,
             audience_hosts=hosts,
             grace_seconds=grace,
         )
+        if decision.allowed and decision.expiry is not None:
+            if len(self._decided) >= _DECIDED_LIMIT:
+                self._decided.clear()
+            self._decided[key] = (entity.authorization_rules, namespace_rules, settings, decision)
+        return decision
+
+
+#: At most this many remembered decisions (all forgotten at once beyond it).
+_DECIDED_LIMIT = 4096
 
 
 @functools.lru_cache(maxsize=1024)  # once per relayed request, with the same few hosts
