@@ -1,0 +1,154 @@
+"""The relay's HTTP front (server/sender_http.py) fed arbitrary bytes, in arbitrary pieces:
+it never raises, and every request ends in one of three ways: relayed (an exchange starts),
+handed to aiohttp with every byte from that request's first on, or still waiting for more."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hybridrelay.server import sender_http
+from hybridrelay.server.app import RelayServer
+from hybridrelay.server.sender_http import SenderFront, _SenderConnection
+from tests.conftest import Relay, relay_config
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def running() -> Iterator[tuple[asyncio.AbstractEventLoop, Relay]]:
+    """A relay in a loop of this test's own (hypothesis runs a sync test many times)."""
+    loop = asyncio.new_event_loop()
+    server = RelayServer(relay_config())
+    loop.run_until_complete(server.__aenter__())
+    try:
+        yield loop, Relay(server, None)
+    finally:
+        loop.run_until_complete(server.__aexit__(None, None, None))
+        loop.close()
+
+
+class Transport:
+    """What the front asks of its transport, recorded."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+        self.protocol: Any = None
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+
+class Aiohttp:
+    """Stands for aiohttp's protocol: what it is given."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def connection_made(self, transport: Any) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+
+def head(relay: Relay, target: str, extra: str = "") -> bytes:
+    return (
+        f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"ServiceBusAuthorization: {relay.token('hc')}\r\n{extra}\r\n"
+    ).encode()
+
+
+PIECES = st.sampled_from(
+    [
+        b"GET /hc/a HTTP/1.1\r\n",
+        b"POST /hc/a HTTP/1.1\r\n",
+        b"GET /$hc/hc?sb-hc-action=listen HTTP/1.1\r\n",
+        b"Host: 127.0.0.1\r\n",
+        b"Content-Length: 3\r\n",
+        b"Content-Length: 70000\r\n",
+        b"Content-Length: -1\r\n",
+        b"Transfer-Encoding: chunked\r\n",
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\n",
+        b"Connection: close\r\n",
+        b"X-\x00: \xff\r\n",
+        b"\r\n",
+        b"abc",
+        b"\n",
+        b"GARBAGE",
+    ]
+)
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    pieces=st.lists(st.one_of(PIECES, st.binary(max_size=40)), max_size=12),
+    cuts=st.lists(st.integers(min_value=1, max_value=50), max_size=8),
+)
+def test_any_bytes_in_any_pieces(
+    running: tuple[asyncio.AbstractEventLoop, Relay], pieces: list[bytes], cuts: list[int]
+) -> None:
+    loop, relay = running
+    loop.run_until_complete(_feed(relay, pieces, cuts))
+
+
+async def _feed(relay: Relay, pieces: list[bytes], cuts: list[int]) -> None:
+    stream = head(relay, "/hc/first") + b"".join(pieces)
+    relayed: list[bytes] = []
+
+    def relay_inline(sender: Any, entity: Any, headers: Any, target: str, body: bytes) -> None:
+        relayed.append(body)
+        sender.answer_head(
+            sender_http.ResponseHead(200, "OK", [("X-T", target)], None, True), b"done"
+        )
+        sender.done()
+
+    aiohttp_side = Aiohttp()
+    front = SenderFront(relay.server._context, relay.server.http, lambda: aiohttp_side)
+    front.http = type("Http", (), {"relay_inline": staticmethod(relay_inline)})()  # type: ignore[assignment]
+    connection = _SenderConnection(front)
+    transport = Transport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    at = 0
+    for cut in [*cuts, len(stream)]:
+        if at >= len(stream) or transport.protocol is not None or transport.closed:
+            break
+        connection.data_received(stream[at : at + cut])
+        at += cut
+    # The first request is relayed (it is whole and valid, pipelined ahead of the rest).
+    assert relayed and relayed[0] == b""
+    for written in transport.written:
+        assert written.startswith(b"HTTP/1.1 200 OK\r\n")
+    if transport.protocol is not None:
+        # aiohttp got the rest from the first byte the front did not answer: what it was
+        # given plus what the front answered is the whole stream read so far.
+        assert stream[:at].endswith(bytes(aiohttp_side.data))
+    connection.close()
