@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hybridrelay.server import sender_http
 from hybridrelay.server.app import RelayServer
+from hybridrelay.server.http_relay import HttpRelay, ResponseHead
 from hybridrelay.server.sender_http import SenderFront, _SenderConnection
 from tests.conftest import Relay, relay_config
 
@@ -63,14 +63,11 @@ class Transport:
         self.protocol = protocol
 
 
-class Aiohttp:
+class Aiohttp(asyncio.Protocol):
     """Stands for aiohttp's protocol: what it is given."""
 
     def __init__(self) -> None:
         self.data = bytearray()
-
-    def connection_made(self, transport: Any) -> None:
-        pass
 
     def data_received(self, data: bytes) -> None:
         self.data += data
@@ -126,14 +123,12 @@ async def _feed(relay: Relay, pieces: list[bytes], cuts: list[int]) -> None:
 
     def relay_inline(sender: Any, entity: Any, headers: Any, target: str, body: bytes) -> None:
         relayed.append(body)
-        sender.answer_head(
-            sender_http.ResponseHead(200, "OK", [("X-T", target)], None, True), b"done"
-        )
+        sender.answer_head(ResponseHead(200, "OK", [("X-T", target)], None, True), b"done")
         sender.done()
 
     aiohttp_side = Aiohttp()
     front = SenderFront(relay.server._context, relay.server.http, lambda: aiohttp_side)
-    front.http = type("Http", (), {"relay_inline": staticmethod(relay_inline)})()  # type: ignore[assignment]
+    front.http = cast(HttpRelay, type("Http", (), {"relay_inline": staticmethod(relay_inline)})())
     connection = _SenderConnection(front)
     transport = Transport()
     connection.connection_made(transport)  # type: ignore[arg-type]
