@@ -270,7 +270,8 @@ def header_text(text: str) -> str:
 
 
 def _wire_headers(headers: dict[str, str]) -> dict[str, str]:
-    if all(name.isascii() and value.isascii() for name, value in headers.items()):
+    # Two joins and two checks in C: the common all-ASCII head costs no loop in Python.
+    if "".join(headers).isascii() and "".join(headers.values()).isascii():
         return headers
     return {header_text(name): header_text(value) for name, value in headers.items()}
 
