@@ -19,6 +19,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hybridrelay import HybridConnectionClient, HybridConnectionListener
 from hybridrelay.cli.logs import (
@@ -197,6 +199,22 @@ def record(message: str, *args: object, **attributes: object) -> logging.LogReco
     return made
 
 
+#: Where fromtimestamp's rounding to the microsecond carries into the next millisecond, second
+#: or day, half a microsecond each way (half to even), and before the epoch.
+_STAMP_EDGES = (
+    0.0,
+    1.9999995,
+    1.9999996,
+    1.0000005,
+    1764806399.9999996,
+    1764806399.9995,
+    -0.0000004,
+    -1.5,
+    -86400.9999996,
+)
+_ONE_JSON_FORMATTER = JsonFormatter()
+
+
 def test_a_json_line_has_the_keys_the_docs_name() -> None:
     stamp = datetime.datetime(2026, 12, 2, 19, 57, 8, 921_000, tzinfo=datetime.UTC).timestamp()
     fields = {
@@ -230,6 +248,19 @@ def test_a_json_line_carries_the_exception_and_stays_one_line() -> None:
     assert document["message"] == "line one\nline two \u2028 and \x85 more"
     assert document["exc"].startswith("Traceback") and "RuntimeError: boom" in document["exc"]
     assert document["stack"].endswith("here")
+
+
+@pytest.mark.timeout(30)
+@given(created=st.floats(min_value=-2e9, max_value=5e9) | st.sampled_from(_STAMP_EDGES))
+def test_a_json_line_s_time_is_datetime_s_own(created: float) -> None:
+    """The formatter makes the text to the second once a second: the text is still
+    ``datetime``'s to the millisecond, its rounding included (one formatter for every example,
+    so its remembered second is another example's, older or newer)."""
+    made = logging.LogRecord("hybridrelay.access", logging.INFO, "", 0, "http", (), None)
+    made.created = created
+    expected = datetime.datetime.fromtimestamp(created, datetime.UTC)
+    ts = expected.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert json.loads(_ONE_JSON_FORMATTER.format(made))["ts"] == ts
 
 
 # -- hybridrelay serve --log-format json, as a subprocess --------------------------------------
@@ -336,6 +367,16 @@ def test_text_format_is_loggings_own_with_the_time_made_once_a_second() -> None:
         )
         record.created, record.msecs = created, (created - int(created)) * 1000
         assert ours.format(record) == logging_own.format(record)
+    # With an exception and a stack after the line, and a worker's tag before the name.
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        exc_info = sys.exc_info()
+    failed = logging.LogRecord("hybridrelay.server", logging.ERROR, "", 0, "%d%%", (5,), exc_info)
+    failed.stack_info = "Stack (most recent call last):\n  here"
+    assert ours.format(failed) == logging.Formatter(LOG_FORMAT).format(failed)
+    tagged = LOG_FORMAT.replace("%(name)s", "[worker 3] %(name)s")
+    assert TextFormatter(worker=3).format(failed) == logging.Formatter(tagged).format(failed)
 
 
 @pytest.mark.timeout(10)

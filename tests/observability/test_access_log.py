@@ -24,6 +24,7 @@ from hybridrelay.observability.access_log import (
     AccessLog,
     RefusalLog,
     TokenBucket,
+    _fields_text,
     redact,
 )
 
@@ -330,3 +331,45 @@ def test_no_token_or_key_survives_redaction(
     for secret in secrets:
         assert secret not in cleaned, (text, cleaned)
     assert "***" in cleaned
+
+
+class Shown:
+    """A value of a kind the callers do not pass: written as its ``str``."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class Text(str):
+    """A ``str`` of a subclass: its ``str`` is what is written, as for any other value."""
+
+    def __str__(self) -> str:
+        return "shown\nas " + super().__str__()
+
+
+_VALUES = (
+    st.none()
+    | st.text(max_size=12)
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.booleans()
+    | st.text(max_size=8).map(Shown)
+    | st.text(max_size=8).map(Text)
+)
+
+
+@given(fields=st.dictionaries(st.text(alphabet=string.ascii_lowercase, max_size=8), _VALUES))
+def test_fields_text_is_each_value_s_text_quoted_when_not_printable(
+    fields: dict[str, object],
+) -> None:
+    """The text of the fields (the per-kind shortcuts of ``_fields_text`` included) is each
+    value's ``str``, as a JSON string when it is not printable, None left out."""
+    expected = []
+    for key, value in fields.items():
+        if value is not None:
+            text = str(value)
+            expected.append(f"{key}={text if text.isprintable() else json.dumps(text)}")
+    assert _fields_text(fields) == " ".join(expected)

@@ -61,9 +61,18 @@ def _value_text(value: Any) -> str:
 
 
 def _fields_text(fields: dict[str, Any]) -> str:
-    return " ".join(
-        f"{key}={_value_text(value)}" for key, value in fields.items() if value is not None
-    )
+    # Written once per relayed request: the common kinds skip _value_text's call (a number's
+    # text is always printable; so is most text), the rest take it. The same text either way.
+    parts = []
+    for key, value in fields.items():
+        if value is None:
+            continue
+        kind = type(value)
+        if kind is int or kind is float or (kind is str and value.isprintable()):
+            parts.append(f"{key}={value}")
+        else:
+            parts.append(f"{key}={_value_text(value)}")
+    return " ".join(parts)
 
 
 class AccessLog:

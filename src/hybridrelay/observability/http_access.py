@@ -71,7 +71,9 @@ def access_logged(handler: Handler[C], log: logging.Logger) -> Handler[C]:
             if log.isEnabledFor(logging.INFO):
                 peer = ctx.remote_endpoint
                 client = f"{peer[0]}:{peer[1]}" if peer else "-"
-                target = "".join(ch if ch.isprintable() else "?" for ch in ctx.target)
+                target = ctx.target
+                if not target.isprintable():  # the common case skips the per-character pass
+                    target = "".join(ch if ch.isprintable() else "?" for ch in target)
                 log.info(
                     '%s - "%s %s" %s %dB %.1fms',
                     client,

@@ -8,6 +8,10 @@ thousands. :class:`EntityLabels` gives the first ``max_entities`` names their ow
 (lower-cased, as entity paths compare) and every later one the value ``_other``, so the number
 of series is bounded whatever clients do; ``hybridrelay_metric_entities_overflowed_total``
 counts the names folded into ``_other``. docs/METRICS.md lists every metric.
+
+The HTTP request metrics are written once per relayed request: their labelled series are kept
+at hand per hybrid connection name (:class:`_HttpSeries`, a bounded table) rather than looked
+up through ``labels()`` each time (docs/DECISIONS.md D24).
 """
 
 from __future__ import annotations
@@ -33,6 +37,12 @@ OTHER = "_other"
 
 #: Latency buckets in seconds: sub-millisecond loopback to a slow edge across the world.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+#: Hybrid connection names whose HTTP series are kept at hand; past it the oldest is dropped
+#: (its series stay in the metrics: only the shortcut to them goes).
+HTTP_SERIES_NAMES = 1024
+#: Statuses kept at hand per name (a listener answers with a handful); the rest are looked up.
+HTTP_SERIES_STATUSES = 16
 
 
 class SenderOutcome:
@@ -71,6 +81,19 @@ class EntityLabels:
             self._overflowed.add(name)
             self._overflow_counter.inc()
         return OTHER
+
+
+class _HttpSeries:
+    """One hybrid connection name's HTTP series: its latency histogram and, per status seen,
+    its status class's counter (``prometheus_client``'s ``labels()`` takes a lock and builds
+    a tuple of the label values on each call; this is two dict lookups)."""
+
+    __slots__ = ("by_status", "label", "latency")
+
+    def __init__(self, label: str, latency: Histogram) -> None:
+        self.label = label
+        self.latency = latency
+        self.by_status: dict[int, Counter] = {}
 
 
 def _running_tasks() -> float:
@@ -167,6 +190,7 @@ class RelayMetrics:
             "Rendezvous the listener did not answer in time.",
             registry=registry,
         )
+        self._http_series: dict[str, _HttpSeries] = {}
         if process:
             # With the process' open fds and RSS, what a leak check reads (docs/RELIABILITY.md):
             # a task left without an owner shows here long before it shows in memory.
@@ -204,9 +228,28 @@ class RelayMetrics:
         self.relayed_bytes.labels(label, "to_sender").inc(to_sender)
 
     def http_request(self, entity: str, status: int, seconds: float) -> None:
+        series = self._http_series.get(entity)
+        if series is None:
+            series = self._new_http_series(entity)
+        counter = series.by_status.get(status)
+        if counter is None:
+            counter = self.http_requests.labels(series.label, f"{status // 100}xx")
+            if len(series.by_status) < HTTP_SERIES_STATUSES:
+                series.by_status[status] = counter
+        counter.inc()
+        series.latency.observe(seconds)
+
+    def _new_http_series(self, entity: str) -> _HttpSeries:
+        """``entity``'s entry in the table of HTTP series, made now (the oldest entry dropped
+        when the table is full). The series themselves live in the metrics, which never drop
+        one (not even a deleted hybrid connection's), so an entry made again finds the same
+        series and its values go on from where they were."""
+        table = self._http_series
+        if len(table) >= HTTP_SERIES_NAMES:
+            del table[next(iter(table))]
         label = self.entity_label(entity)
-        self.http_requests.labels(label, f"{status // 100}xx").inc()
-        self.http_request_latency.labels(label).observe(seconds)
+        series = table[entity] = _HttpSeries(label, self.http_request_latency.labels(label))
+        return series
 
     def exposition(self) -> bytes:
         """The text format of every metric, for ``GET /metrics``."""
