@@ -18,6 +18,7 @@ __all__ = [
     "CloseCode",
     "FragmentSocket",
     "MessageKind",
+    "MessageSink",
     "MessageSocket",
     "SpliceSocket",
     "StreamSink",
@@ -99,6 +100,22 @@ class MessageSocket(Protocol):
 
     def abort(self) -> None:
         """Drop the connection at once, without a close frame."""
+        ...
+
+
+class MessageSink(Protocol):
+    """Where a socket that delivers by callback (the relay's control channels,
+    :class:`~hybridrelay.transport.control_leg.ControlLeg`) hands each whole message: in the
+    event loop's read callback, in order, with no task, queue or future in between."""
+
+    def on_text(self, text: str) -> None: ...
+
+    def on_binary(self, data: bytes) -> None: ...
+
+    def on_close(self, code: int, reason: str) -> None:
+        """The peer's close frame (1005 when it had no code), the connection lost (1006), or
+        the connection failed by this end (the code it sent); called once, after the last
+        message."""
         ...
 
 
