@@ -3,9 +3,11 @@
 Everything above this layer (relay server, SDK, bridge) talks to a :class:`MessageSocket`:
 whole messages in and out, a close frame that can be sent while still receiving (the
 WebSocket way to half-close a stream, which is how a TCP ``shutdown(SHUT_WR)`` crosses the
-relay), and an abortive close. The implementations are :mod:`hybridrelay.transport.aiohttp_ws`
-(the relay's side of upgrades it serves with aiohttp) and :mod:`hybridrelay.transport.frames_ws`
-(every client connection of the SDK, D11).
+relay), and an abortive close. The implementations are :mod:`hybridrelay.transport.frames_ws`
+(every client connection of the SDK, D11), :mod:`hybridrelay.transport.http_leg` (the relay's
+side of an HTTP rendezvous) and :mod:`hybridrelay.transport.aiohttp_ws` (the tests' peers).
+The relay's control channels deliver by callback instead, to a :class:`MessageSink`
+(:mod:`hybridrelay.transport.control_leg`).
 """
 
 from __future__ import annotations
