@@ -145,22 +145,26 @@ async def test_a_violation_closes_with_its_code(wire: bytes, code: int) -> None:
 
 
 @pytest.mark.timeout(10)
-async def test_a_text_and_its_body_go_in_one_write() -> None:
+async def test_what_is_written_in_one_turn_goes_in_one_write() -> None:
     leg, transport, _ = started()
     writes: list[bytes] = []
     transport.write = lambda data: writes.append(bytes(data))  # type: ignore[method-assign]
     leg.write_message('{"request":{}}', b"body")
     leg.write_message("alone")
-    assert len(writes) == 2
+    assert writes == []  # at the end of this turn of the event loop
+    await asyncio.sleep(0)
+    assert len(writes) == 1
     assert server_frames(writes[0]) == [
         (True, OP_TEXT, b'{"request":{}}'),
         (True, OP_BINARY, b"body"),
+        (True, OP_TEXT, b"alone"),
     ]
-    assert server_frames(writes[1]) == [(True, OP_TEXT, b"alone")]
-    big = os.urandom(200_000)  # beyond what is joined: still nothing between the two
+    big = os.urandom(200_000)  # past the batch's bound: written at once
     leg.write_message("head", big)
-    assert server_frames(b"".join(writes[2:])) == [(True, OP_TEXT, b"head"), (True, OP_BINARY, big)]
-    leg.close_nowait(1001)
+    assert server_frames(b"".join(writes[1:])) == [(True, OP_TEXT, b"head"), (True, OP_BINARY, big)]
+    leg.write_message("before the close")
+    leg.close_nowait(1001)  # the batch goes first
+    assert [f[1] for f in server_frames(b"".join(writes[2:]))] == [OP_TEXT, OP_CLOSE]
     with pytest.raises(RelayConnectionError):
         leg.write_message("after the close frame")
 
@@ -231,6 +235,7 @@ async def test_send_nowait_writes_now_or_not_at_all() -> None:
     leg.resume_writing()
     async with asyncio.timeout(5):
         await waiting
+    await asyncio.sleep(0)  # the turn's batch is written
     assert channel.queued == 0
     assert [f[2] for f in server_frames(bytes(transport.written))] == [b"one", b"1", b"two", b"2"]
     channel.usable = False
@@ -251,6 +256,7 @@ async def test_a_waiting_send_is_never_overtaken() -> None:
     second = asyncio.create_task(channel.send("second"))
     async with asyncio.timeout(5):
         await asyncio.gather(first, second)
+    await asyncio.sleep(0)  # the turn's batch is written
     assert [f[2] for f in server_frames(bytes(transport.written))] == [b"first", b"second"]
 
 

@@ -21,9 +21,12 @@ framing code, as it does rendezvous (:class:`~hybridrelay.transport.server_leg.S
   only grow it); with ``keep_alive`` the leg does what aiohttp's ``heartbeat=`` did: a ping
   once nothing has come from the peer for ``keep_alive`` seconds, and if nothing comes within
   half of that the connection is dropped without a close frame, reported as 1006;
-* writing: a text message and the binary one that follows it in one write
-  (:meth:`ControlLeg.write_message`, synchronous); :attr:`ControlLeg.write_paused` says when
-  the transport is above its high-water mark and :meth:`ControlLeg.drain` waits for it;
+* writing: a text message and the binary one that follows it, without waiting
+  (:meth:`ControlLeg.write_message`); what is written in one turn of the event loop goes to
+  the transport at the end of that turn, in one write (the requests of the HTTP senders
+  served in one turn cost the relay one system call and the listener one read, not one
+  each), or at once past 64 KiB; :attr:`ControlLeg.write_paused` says when the transport is
+  above its high-water mark and :meth:`ControlLeg.drain` waits for it;
 * closing: our close frame, then the peer's answer awaited for ``PEER_CLOSE_WAIT`` before the
   connection is dropped (dropped at once, the peer's answer meets a closed socket and the
   reset can cost the peer our close frame: hyco-ws reported 1006 instead of 1001).
@@ -34,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from hybridrelay.exceptions import RelayConnectionError
 from hybridrelay.protocol.websocket import (
     OP_BINARY,
     OP_CLOSE,
@@ -53,9 +57,9 @@ logger = logging.getLogger("hybridrelay.server")
 
 #: How long the peer may take to answer our close frame before the connection is dropped.
 PEER_CLOSE_WAIT = 2.0
-#: A binary message up to this size is written joined to the text message before it: one
-#: system call (copying 64 KiB costs less than a second write).
-_JOIN_BODY_UP_TO = 64 * 1024
+#: A batch of messages is written at once when it reaches this size (else at the end of the
+#: event loop's turn): the transport's high-water mark then sees it.
+_BATCH_UP_TO = 64 * 1024
 
 
 class _Discard:
@@ -95,6 +99,9 @@ class ControlLeg(ServerLeg):
         self._heard_at = self._clock()
         self._pinged_at: float | None = None
         self._dropped: asyncio.Future[None] | None = None
+        self._loop = loop
+        #: The messages written in this turn of the event loop, not yet given to the transport.
+        self._batch: bytearray | None = None
 
     def __repr__(self) -> str:
         return f"<ControlLeg sent={self._closing.sent} received={self._closing.received}>"
@@ -123,21 +130,34 @@ class ControlLeg(ServerLeg):
 
     def write_message(self, text: str, body: bytes | None = None) -> None:
         """Write a text message and, right after it, the binary message ``body``, without
-        waiting (one write when the body is small).
+        waiting: into this turn of the event loop's batch, written at its end (see the
+        module's docstring), or at once when the batch reaches ``_BATCH_UP_TO``.
 
         Raises:
             RelayConnectionError: our close frame went out, or the connection is closing.
         """
+        if self._closing.sent:
+            raise RelayConnectionError("cannot send after the close frame")
+        if self._lost or self.transport.is_closing():
+            raise RelayConnectionError("WebSocket send failed: the connection is closed")
         payload = text.encode("utf-8")
-        head = server_frame_header(True, OP_TEXT, len(payload))
-        if body is None:
-            self._write(head, payload)
-            return
-        tail = server_frame_header(True, OP_BINARY, len(body))
-        if len(body) <= _JOIN_BODY_UP_TO:
-            self._write(b"".join((head, payload, tail, body)))
-        else:
-            self._write(head + payload + tail, body)
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = bytearray()
+            self._loop.call_soon(self._flush)
+        batch += server_frame_header(True, OP_TEXT, len(payload))
+        batch += payload
+        if body is not None:
+            batch += server_frame_header(True, OP_BINARY, len(body))
+            batch += body
+        if len(batch) >= _BATCH_UP_TO:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write this turn's batch (before anything else is written, and at the turn's end)."""
+        batch, self._batch = self._batch, None
+        if batch and not self._lost and not self.transport.is_closing():
+            self.transport.write(batch)
 
     async def drain(self) -> None:
         """Return once the transport is below its high-water mark.
@@ -148,6 +168,10 @@ class ControlLeg(ServerLeg):
         await self._drain()
 
     # -- closing ------------------------------------------------------------------------------
+
+    def close_nowait(self, code: int = 1000, reason: str = "") -> None:
+        self._flush()  # what was written before it goes before it
+        super().close_nowait(code, reason)
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         """Send our close frame (once) and return once the connection is dropped: when the
@@ -210,6 +234,7 @@ class ControlLeg(ServerLeg):
         if now < due:  # heard from since: the next ping is due an interval after that
             self._keep_alive_timer = loop.call_at(due, self._keep_alive_tick)
             return
+        self._flush()
         self.transport.write(server_frame(OP_PING, b""))
         self._pinged_at = now
         self._keep_alive_timer = loop.call_at(now + interval / 2, self._keep_alive_tick)
@@ -247,6 +272,7 @@ class ControlLeg(ServerLeg):
         for control in controls:
             if control.opcode == OP_PING:
                 if not self._write_paused:
+                    self._flush()
                     self._answer_ping(control.payload)
             elif control.opcode == OP_CLOSE:
                 step = self._closing.receive(control.code, control.reason)
