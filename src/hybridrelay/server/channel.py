@@ -95,11 +95,12 @@ class ControlChannel:
         self.queued = 0
 
     def send_nowait(self, text: str, body: bytes | None = None) -> bool:
-        """Write a control message (and its binary body right after it) now, if the channel
-        can take it without waiting; False, with nothing written, when it cannot: it is not
-        usable, a :meth:`send` waits, or its transport is above its high-water mark (then
-        :meth:`send` waits for it). A connection found closing is dropped (as :meth:`send`
-        does) and gives False."""
+        """Write a control message (and its binary body right after it) without waiting, if
+        the channel can take it now (the socket writes what one turn of the event loop wrote
+        at the turn's end, ``transport/control_leg.py``); False, with nothing written, when it
+        cannot: it is not usable, a :meth:`send` waits, or its transport is above its
+        high-water mark (then :meth:`send` waits for it). A connection found closing is
+        dropped (as :meth:`send` does) and gives False."""
         if not self.usable or self._waiting or self.socket.write_paused:
             return False
         try:
