@@ -302,23 +302,3 @@ async def test_the_listeners_close_is_answered_with_its_code(relay: Relay) -> No
         assert relay.server.broker.listener_count("hc") == 0
     finally:
         control.abort()
-
-
-@pytest.mark.timeout(30)
-async def test_a_listen_that_is_not_a_get_is_refused(relay: Relay) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
-    try:
-        writer.write(
-            (
-                f"POST {LISTEN} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                f"{AUTH}: {relay.token('hc')}\r\nContent-Length: 0\r\n\r\n"
-            ).encode()
-        )
-        async with asyncio.timeout(10):
-            status = await reader.readline()
-        assert status.startswith(b"HTTP/1.1 405"), status
-        assert relay.server.broker.listener_count("hc") == 0
-    finally:
-        writer.close()

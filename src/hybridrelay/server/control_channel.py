@@ -117,8 +117,6 @@ class ListenEndpoint:
         if totals[entity.name] >= limit:
             return error_response(429, f"QuotaExceeded: at most {limit} listeners are allowed.")
 
-        if request.method != "GET":  # RFC 6455 4.1 (aiohttp's handshake answered 405 too)
-            return error_response(405, "A WebSocket upgrade is a GET request.")
         try:
             headers = handshake_headers(request.headers, None)
         except HandshakeError as exc:
