@@ -1,19 +1,17 @@
 """Unmasked client frames (issue 17, finding 7): RFC 6455 5.1 says a server must fail the
 connection when a client frame arrives without the MASK bit, with close code 1002.
 
-The control channel is served by aiohttp, whose parser does not check the bit
-(``transport/aiohttp_ws.py``, :class:`ClientMaskCheck`); relayed connections go through the
-relay's own frame path (``transport/splice.py``), which does. Both are driven here by a raw
-WebSocket client on a plain socket, so the frames are exactly the ones written.
+Every WebSocket the relay serves is read by its own frame path after the 101, which checks
+the bit (``protocol/websocket.py`` :class:`FrameForwarder`): control channels
+(``transport/control_leg.py``), relayed connections (``transport/splice.py``) and HTTP
+rendezvous (``transport/http_leg.py``). The first two are driven here by a raw WebSocket client
+on a plain socket, so the frames are exactly the ones written.
 """
 
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from hybridrelay.transport.aiohttp_ws import ClientMaskCheck
 from hybridrelay.transport.base import MessageKind
 from hybridrelay.transport.http_leg import MessageLeg
 from tests.conftest import Relay, eventually
@@ -64,8 +62,8 @@ async def test_an_unmasked_frame_fails_the_control_channel_with_1002(
 async def test_an_unmasked_frame_right_behind_the_upgrade_request_is_refused(
     relay: Relay,
 ) -> None:
-    """Bytes sent in the same write as the upgrade reach aiohttp before its frame parser
-    exists (they wait in its request handler): they are checked too."""
+    """Bytes sent in the same write as the upgrade reach aiohttp before the relay takes the
+    connection (they wait in its request handler, and are handed over): they are checked too."""
     control = await _listen(relay, early=client_frame(OP_PING, b"early", masked=False))
     try:
         assert (await control.close_frame())[0] == 1002
@@ -86,68 +84,6 @@ async def test_an_unmasked_frame_on_either_leg_of_a_relayed_connection_fails_it(
         assert (await listener.close_frame())[0] == 1002
         assert (await sender.close_frame())[0] == 1011
         assert await listener.at_eof()
-
-
-class _Parser:
-    """Stands in for aiohttp's parser: records what it is given."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
-        self.data += data
-        return False, b""
-
-    def feed_eof(self) -> None:
-        pass
-
-
-_frames = st.lists(
-    st.tuples(
-        st.sampled_from([OP_TEXT, OP_BINARY, OP_PING]),
-        st.sampled_from([0, 1, 125, 126, 300, 65_535, 65_536, 70_000]),
-    ),
-    max_size=6,
-)
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    frames=_frames,
-    unmasked_at=st.one_of(st.none(), st.integers(0, 5)),
-    cuts=st.lists(st.integers(1, 80_000), max_size=8),
-)
-def test_mask_check_finds_the_first_unmasked_frame_at_any_read_boundary(
-    frames: list[tuple[int, int]], unmasked_at: int | None, cuts: list[int]
-) -> None:
-    """Whatever the reads' sizes (frame headers split anywhere, 7- 16- and 64-bit lengths):
-    every frame before the unmasked one reaches the parser unchanged, none after it, and the
-    failure is reported once."""
-    wire = bytearray()
-    bad_offset: int | None = None
-    for index, (opcode, size) in enumerate(frames):
-        masked = index != unmasked_at
-        if not masked and bad_offset is None:
-            bad_offset = len(wire)
-        wire += client_frame(opcode, b"\x5a" * size, masked=masked)
-    parser = _Parser()
-    failures: list[None] = []
-    check = ClientMaskCheck(parser, lambda: failures.append(None))  # type: ignore[arg-type]
-    stream = bytes(wire)
-    pos = 0
-    for cut in [*sorted(set(cuts)), len(stream)]:
-        if cut > pos:
-            check.feed_data(stream[pos:cut])
-            pos = cut
-    if bad_offset is None:
-        assert failures == []
-        assert parser.data == stream
-    else:
-        assert len(failures) == 1
-        # The unmasked frame's first byte may have gone through (its MASK bit is the second).
-        assert stream[:bad_offset] == parser.data[:bad_offset]
-        assert len(parser.data) <= bad_offset + 1
-        assert check.feed_data(b"more") == (True, b"")
 
 
 @pytest.mark.timeout(10)

@@ -29,7 +29,6 @@ from hybridrelay.server.broker import (
 from hybridrelay.server.channel import ControlChannel
 from hybridrelay.server.config import HybridConnectionConfig, LimitsConfig
 from hybridrelay.server.http_relay import response_deadline
-from hybridrelay.transport.base import MessageKind, WsMessage
 
 LONG = 30.0  # a rendezvous timeout no test waits out
 
@@ -39,7 +38,7 @@ def limits(max_pending: int, rendezvous_timeout: float) -> LimitsConfig:
 
 
 class FakeSocket:
-    """A control channel's socket as the broker uses it: ``send`` records (or fails)."""
+    """A control channel's socket as the broker uses it: writes record (or fail)."""
 
     def __init__(self, *, dead: bool = False) -> None:
         self.dead = dead
@@ -47,28 +46,18 @@ class FakeSocket:
         self._told = asyncio.Event()
 
     @property
-    def subprotocol(self) -> str | None:
-        return None
-
-    @property
-    def close_sent(self) -> bool:
+    def write_paused(self) -> bool:
         return False
 
-    @property
-    def close_received(self) -> bool:
-        return False
-
-    async def receive(self) -> WsMessage:
-        await asyncio.Event().wait()
-        return WsMessage(MessageKind.CLOSE, "")
-
-    async def send(self, data: bytes | str) -> None:
+    def write_message(self, text: str, body: bytes | None = None) -> None:
         if self.dead:
             raise RelayConnectionError("connection reset")
-        self.sent.append(data)
+        self.sent.append(text)
+        if body is not None:
+            self.sent.append(body)
         self._told.set()
 
-    async def send_close(self, code: int = 1000, reason: str = "") -> None:
+    async def drain(self) -> None:
         return None
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
@@ -290,13 +279,17 @@ async def test_one_entity_cannot_take_every_pending_slot() -> None:
 
 
 class StalledSocket(FakeSocket):
-    """A listener that stopped reading: a send never completes."""
+    """A listener that stopped reading: the transport stays over its high-water mark."""
 
     def __init__(self) -> None:
         super().__init__()
         self.aborted = False
 
-    async def send(self, data: bytes | str) -> None:
+    @property
+    def write_paused(self) -> bool:
+        return True
+
+    async def drain(self) -> None:
         await asyncio.Event().wait()
 
     def abort(self) -> None:

@@ -61,7 +61,7 @@ def frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     return bytes(masked_frame(opcode, payload, os.urandom(4), websocket_mask, fin=fin))
 
 
-def feed(leg: MessageLeg | FrameSocket, data: bytes) -> None:
+def feed(leg: asyncio.BufferedProtocol, data: bytes) -> None:
     """``data`` as reads of 7,000 bytes (splitting frames anywhere) into the shared buffer."""
     for start in range(0, len(data), 7000):
         piece = data[start : start + 7000]

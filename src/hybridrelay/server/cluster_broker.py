@@ -69,7 +69,7 @@ from hybridrelay.server.broker import (
     Pending,
     PendingRendezvous,
 )
-from hybridrelay.server.channel import ControlChannel
+from hybridrelay.server.channel import ChannelSocket, ControlChannel
 from hybridrelay.server.config import LimitsConfig
 from hybridrelay.store.records import entity_key
 from hybridrelay.store.redis import (
@@ -80,7 +80,6 @@ from hybridrelay.store.redis import (
     open_redis,
     raise_if_cancelled,
 )
-from hybridrelay.transport.base import MessageSocket
 
 __all__ = ["DEFAULT_LEASE", "ROUTE_CACHE_TTL", "ClusterBroker", "RemoteChannel", "routes_key"]
 
@@ -118,7 +117,7 @@ class RemoteChannel(ControlChannel):
 
     def __init__(self, node: str, ref: str, entity: str, base_url: str) -> None:
         # No socket: a RemoteChannel is only a broker's bookkeeping (never in ``channels()``).
-        super().__init__(entity, f"node:{node}", cast(MessageSocket, None), 0.0, node, base_url)
+        super().__init__(entity, f"node:{node}", cast(ChannelSocket, None), 0.0, node, base_url)
         self.node = node
         self.ref = ref
 

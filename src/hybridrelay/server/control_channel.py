@@ -4,6 +4,12 @@
 keeps for the listener: the broker offers senders on it (``accept``, ``request``), the listener
 renews its token on it and answers relayed HTTP requests on it. The channel lives as long as
 its token (plus the grace period) is renewed and the socket answers pings.
+
+After the 101 the connection is taken from aiohttp (D23): the channel lives on its transport,
+a :class:`~hybridrelay.transport.control_leg.ControlLeg`, with no task of its own. Its messages
+are handled in the leg's read callback, in order (:class:`_ServedChannel`): a ``response``
+and its body go to the HTTP relaying, a ``renewToken`` moves the token's deadline, anything
+malformed closes the channel (1002). The deadline is one timer per channel.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from aiohttp import web
 from hybridrelay.auth.sas import Rights
 from hybridrelay.exceptions import ProtocolError
 from hybridrelay.protocol.messages import RenewToken, parse_message
+from hybridrelay.protocol.websocket import HandshakeError, handshake_headers
 from hybridrelay.server.access import request_token
 from hybridrelay.server.channel import ControlChannel
 from hybridrelay.server.config import HybridConnectionConfig
@@ -26,40 +33,17 @@ from hybridrelay.server.http_relay import CONTROL_MAX_MESSAGE, HttpRelay
 from hybridrelay.server.ratelimit import FailureLimiter
 from hybridrelay.server.responses import error_response, tracking_id
 from hybridrelay.store.base import StoreError, StoreQuotaError
-from hybridrelay.transport.aiohttp_ws import AiohttpMessageSocket, ServerWebSocket
-from hybridrelay.transport.base import CloseCode, MessageKind
+from hybridrelay.transport.base import CloseCode
+from hybridrelay.transport.control_leg import ControlLeg
+from hybridrelay.transport.splice import hand_over
 
-__all__ = ["ListenEndpoint", "upgrade"]
+__all__ = ["ListenEndpoint"]
 
 #: How far the token deadline may drift (the wall clock against the loop's) before the
 #: channel's timer is moved.
 _DEADLINE_SLACK = 0.5
 
 logger = logging.getLogger("hybridrelay.server")
-
-
-def upgrade(
-    request: web.BaseRequest,
-    subprotocol: str | None,
-    *,
-    max_message_size: int,
-    heartbeat: float | None = None,
-) -> web.WebSocketResponse:
-    """The server side of one of our WebSockets, before ``prepare``.
-
-    ``autoclose=False``: a close frame is reported, not answered, so half-close crosses the
-    relay (docs/DECISIONS.md D2); ``compress=False``: no extension is ever negotiated
-    (PROTOCOL.md 5.6); pings only where ``heartbeat`` is given (control channels); an unmasked
-    client frame fails the connection with 1002 (RFC 6455 5.1, which aiohttp does not check).
-    """
-    return ServerWebSocket(
-        protocols=(subprotocol,) if subprotocol else (),
-        autoclose=False,
-        autoping=True,
-        compress=False,
-        heartbeat=heartbeat,
-        max_msg_size=max_message_size,
-    )
 
 
 class ListenEndpoint:
@@ -133,101 +117,172 @@ class ListenEndpoint:
         if totals[entity.name] >= limit:
             return error_response(429, f"QuotaExceeded: at most {limit} listeners are allowed.")
 
+        try:
+            headers = handshake_headers(request.headers, None)
+        except HandshakeError as exc:
+            return error_response(exc.status, str(exc))
+        # Read before the hand-over: from then on the request no longer has a transport.
+        remote, host, base_url = request.remote or "", request.host, self._public_base(request)
         keep_alive = config.limits.keep_alive_interval
-        ws = upgrade(request, None, max_message_size=CONTROL_MAX_MESSAGE, heartbeat=keep_alive)
-        await ws.prepare(request)
-        socket_ = AiohttpMessageSocket.server(ws, request)
+        response, leg = await hand_over(
+            request,
+            headers,
+            lambda transport: ControlLeg(
+                transport, max_message_size=CONTROL_MAX_MESSAGE, keep_alive=keep_alive
+            ),
+        )
+        if leg is None:  # gone during the upgrade
+            return response
         listener_id = params.get("sb-hc-id") or tracking_id()
         channel = ControlChannel(
             entity.name,
             listener_id,
-            socket_,
+            leg,
             float(decision.expiry or 0),
-            request.remote or "",
-            self._public_base(request),
-            request.host,
+            remote,
+            base_url,
+            host,
         )
         if not self._relay.broker.register(channel, limit):  # raced with another listener
-            await socket_.aclose(CloseCode.TRY_AGAIN_LATER, "listener limit reached")
-            return ws
+            leg.start(None)
+            leg.close_nowait(CloseCode.TRY_AGAIN_LATER, "listener limit reached")
+            return response
         logger.info("listener %s online on %r", listener_id, entity.name)
         self._relay.observer.listener_online(entity.name)
-        reason = "closed"
+        _ServedChannel(self._relay, self._http, channel, entity.name, leg).start()
+        # aiohttp's handler returns now: the connection is no longer aiohttp's.
+        return response
+
+
+class _ServedChannel:
+    """One listener's control channel from its 101 to its end: the leg's
+    :class:`~hybridrelay.transport.base.MessageSink` and the token's deadline.
+
+    The token's expiry (plus grace) is the deadline: a channel whose token ran out without a
+    renewal is closed with 1008 (PROTOCOL.md 4.4, 4.6). One timer for the channel, moved when
+    the deadline moves (a renewal, a reload's grace: looked at with each text message and when
+    the timer fires), not one per message. When the channel ends, for whatever reason, it is
+    unregistered (what waits on it is told) and counted once, with why (the metrics'
+    ``reason`` label).
+    """
+
+    __slots__ = ("_channel", "_done", "_entity", "_http", "_leg", "_relay", "_timer", "_when")
+
+    def __init__(
+        self,
+        relay: RelayContext,
+        http: HttpRelay,
+        channel: ControlChannel,
+        entity: str,
+        leg: ControlLeg,
+    ) -> None:
+        self._relay = relay
+        self._http = http
+        self._channel = channel
+        self._entity = entity
+        self._leg = leg
+        self._done = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._when = 0.0
+
+    def start(self) -> None:
+        self._follow_deadline()  # first: what came with the upgrade may already renew
+        self._leg.start(self)
+
+    # -- MessageSink ------------------------------------------------------------------------------
+
+    def on_text(self, text: str) -> None:
+        if self._done:
+            return
+        self._follow_deadline()
         try:
-            reason = await self._serve(channel, entity)
-        finally:
-            self._relay.broker.unregister(channel)
-            self._http.forget_channel(channel)
-            socket_.abort()
-            self._relay.observer.listener_offline(entity.name, reason)
-            logger.info("listener %s offline on %r (%s)", listener_id, entity.name, reason)
-        return ws
+            parsed = parse_message(text)
+        except ProtocolError as exc:
+            self._end(CloseCode.PROTOCOL_ERROR, str(exc)[:100], "protocol_error")
+            return
+        if isinstance(parsed, RenewToken):
+            self._renew(parsed)
+        elif parsed is not None and not self._http.on_control_message(self._channel, parsed):
+            self._end(CloseCode.PROTOCOL_ERROR, "unexpected message", "protocol_error")
 
-    async def _serve(self, channel: ControlChannel, entity: HybridConnectionConfig) -> str:
-        """Serve the channel until it ends; why it ended (the metrics' ``reason`` label).
+    def on_binary(self, data: bytes) -> None:
+        if self._done:
+            return
+        if not self._http.on_control_binary(self._channel, data):
+            self._end(CloseCode.PROTOCOL_ERROR, "unexpected binary message", "protocol_error")
 
-        The token's expiry (plus grace) is the deadline: a channel whose token ran out without
-        a renewal is closed with 1008 (PROTOCOL.md 4.4, 4.6). One timer for the channel, moved
-        when the deadline moves (a renewal, a reload's grace), not one per message: a relayed
-        HTTP request brings two messages, and the timers showed in the relay's profile.
-        """
-        try:
-            async with asyncio.timeout_at(self._token_deadline(channel)) as deadline:
-                return await self._serve_messages(channel, entity, deadline)
-        except TimeoutError:
-            channel.usable = False
-            await channel.socket.aclose(CloseCode.POLICY_VIOLATION, "token expired")
-            return "token_expired"
+    def on_close(self, code: int, reason: str) -> None:
+        if self._done:
+            return
+        self._channel.usable = False
+        # Answer the listener's close frame with ours (RFC 6455 5.5.1), with its code: a
+        # listener closing itself waits for that answer. (Nothing is sent when ours went out
+        # already or the connection is gone.)
+        self._leg.close_nowait(code)
+        self._finish("closed")
 
-    def _token_deadline(self, channel: ControlChannel) -> float:
+    # -- the token ----------------------------------------------------------------------------
+
+    def _renew(self, renewal: RenewToken) -> None:
+        relay = self._relay
+        # The entity as served now: its rules may have been rotated since the listen.
+        current = relay.store.get(self._entity)
+        decision = (
+            relay.access.authorize(
+                renewal.token,
+                current,
+                Rights.LISTEN,
+                relay.config.limits.token_grace_period,
+                host=self._channel.host,
+            )
+            if current is not None
+            else None
+        )
+        if decision is None or not decision.allowed:
+            self._end(CloseCode.POLICY_VIOLATION, "token renewal failed", "renewal_refused")
+            return
+        self._channel.token_expiry = float(decision.expiry or 0)
+        self._follow_deadline()
+
+    def _deadline(self) -> float:
         grace = self._relay.config.limits.token_grace_period
         now = asyncio.get_running_loop().time()
-        return now + max(0.0, channel.token_expiry + grace - time.time())
+        return now + max(0.0, self._channel.token_expiry + grace - time.time())
 
-    async def _serve_messages(
-        self, channel: ControlChannel, entity: HybridConnectionConfig, deadline: asyncio.Timeout
-    ) -> str:
-        while True:
-            when = self._token_deadline(channel)
-            if abs(when - (deadline.when() or 0.0)) > _DEADLINE_SLACK:
-                deadline.reschedule(when)
-            message = await channel.socket.receive()
-            if message.kind is MessageKind.CLOSE:
-                # Answer the listener's close frame with ours (RFC 6455 5.5.1) before the
-                # connection is dropped: a listener closing itself waits for that answer.
-                channel.usable = False
-                await channel.socket.aclose(message.code or CloseCode.NORMAL)
-                return "closed"
-            if message.kind is MessageKind.BINARY:
-                await self._http.on_control_binary(channel, message.data)
-                continue
-            try:
-                parsed = parse_message(message.data)
-            except ProtocolError as exc:
-                channel.usable = False
-                await channel.socket.aclose(CloseCode.PROTOCOL_ERROR, str(exc)[:100])
-                return "protocol_error"
-            if isinstance(parsed, RenewToken):
-                # The entity as served now: its rules may have been rotated since the listen.
-                current = self._relay.store.get(entity.name)
-                decision = (
-                    self._relay.access.authorize(
-                        parsed.token,
-                        current,
-                        Rights.LISTEN,
-                        self._relay.config.limits.token_grace_period,
-                        host=channel.host,
-                    )
-                    if current is not None
-                    else None
-                )
-                if decision is None or not decision.allowed:
-                    channel.usable = False
-                    await channel.socket.aclose(CloseCode.POLICY_VIOLATION, "token renewal failed")
-                    return "renewal_refused"
-                channel.token_expiry = float(decision.expiry or 0)
-            elif parsed is not None:
-                if not await self._http.on_control_message(channel, parsed):
-                    channel.usable = False
-                    await channel.socket.aclose(CloseCode.PROTOCOL_ERROR, "unexpected message")
-                    return "protocol_error"
+    def _follow_deadline(self) -> None:
+        when = self._deadline()
+        if self._timer is not None:
+            if abs(when - self._when) <= _DEADLINE_SLACK:
+                return
+            self._timer.cancel()
+        self._when = when
+        self._timer = asyncio.get_running_loop().call_at(when, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        self._timer = None
+        if self._done:
+            return
+        if self._deadline() - asyncio.get_running_loop().time() > _DEADLINE_SLACK:
+            self._follow_deadline()  # a reload lengthened the grace since the timer was set
+            return
+        self._end(CloseCode.POLICY_VIOLATION, "token expired", "token_expired")
+
+    # -- the end ------------------------------------------------------------------------------
+
+    def _end(self, code: int, reason: str, why: str) -> None:
+        """Close the channel from this end (the listener gets ``code``; its answer is
+        awaited by the leg) and end it now."""
+        self._channel.usable = False
+        self._leg.close_nowait(code, reason)
+        self._finish(why)
+
+    def _finish(self, why: str) -> None:
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        channel = self._channel
+        self._relay.broker.unregister(channel)
+        self._http.forget_channel(channel)
+        self._relay.observer.listener_offline(self._entity, why)
+        logger.info("listener %s offline on %r (%s)", channel.listener_id, self._entity, why)

@@ -775,8 +775,9 @@ class HttpRelay:
 
     # -- the listeners' control channels ----------------------------------------------------
 
-    async def on_control_message(self, channel: ControlChannel, message: ControlMessage) -> bool:
-        """A listener's message other than renewToken; False closes the channel (1002)."""
+    def on_control_message(self, channel: ControlChannel, message: ControlMessage) -> bool:
+        """A listener's message other than renewToken; False closes the channel (1002).
+        Called in the channel's read callback, in the order the messages came."""
         if not isinstance(message, Response):
             return False
         if channel in self._binary_owner:
@@ -794,19 +795,16 @@ class HttpRelay:
             exchange.control_response.set_result(_ListenerResponse(message, b""))
         return True
 
-    async def on_control_binary(self, channel: ControlChannel, data: bytes | str) -> None:
-        """A binary message on a control channel: the body of the last ``response``."""
+    def on_control_binary(self, channel: ControlChannel, data: bytes) -> bool:
+        """A binary message on a control channel: the body of the last ``response``; False
+        (no ``response`` announced one) closes the channel (1002)."""
         owner = self._binary_owner.pop(channel, None)
         if owner is None:
-            if not data:
-                return  # hyco-https' stray empty message after body:false (6.6)
-            channel.usable = False
-            await channel.socket.aclose(CloseCode.PROTOCOL_ERROR, "unexpected binary message")
-            return
+            return not data  # hyco-https' stray empty message after body:false (6.6)
         exchange = owner.exchange
         if exchange is not None and not exchange.control_response.done():
-            body = data.encode("utf-8") if isinstance(data, str) else data
-            exchange.control_response.set_result(_ListenerResponse(owner.head, body))
+            exchange.control_response.set_result(_ListenerResponse(owner.head, data))
+        return True
 
     def forget_channel(self, channel: ControlChannel) -> None:
         """The channel is gone (the requests told to it fail through the broker): drop the

@@ -1,7 +1,8 @@
-"""The :class:`~hybridrelay.transport.base.MessageSocket` implementation on aiohttp: the relay's
-side of the upgrades it serves (control channels, HTTP relaying). The SDK's client connections
-are :mod:`hybridrelay.transport.frames_ws`; :meth:`AiohttpMessageSocket.client` is left for the
-tests' HTTP peer (tests/server/http_peer.py). The close handshake is
+"""The :class:`~hybridrelay.transport.base.MessageSocket` implementation on aiohttp, for sockets
+that aiohttp serves or dials. The relay takes every WebSocket it serves away from aiohttp after
+the 101 (splices, rendezvous, control channels: D9, D23) and the SDK's client connections are
+:mod:`hybridrelay.transport.frames_ws`; this adapter is left for the tests' peers
+(tests/server/http_peer.py, tests/client/ws_peers.py). The close handshake is
 :class:`~hybridrelay.protocol.closing.CloseHandshake`.
 
 aiohttp is used with ``autoclose=False`` so that a close frame from the peer is *reported*, not
@@ -22,14 +23,6 @@ writer's transport; it reads ``ws._writer`` and waits on the writer's protocol
 ``_drain_helper()`` for backpressure, exactly as aiohttp's own ``send_frame`` does.
 ``tests/server/test_http_relay.py`` (server side, uploads) and ``http_peer.py`` (client side,
 masked response fragments) exercise it on every large body.
-
-aiohttp's frame parser accepts client frames without the MASK bit, which RFC 6455 5.1 says a
-server must fail with 1002. :class:`ServerWebSocket` (what the relay's upgrades create) puts a
-:class:`ClientMaskCheck` in front of that parser on the connection's byte stream; it reads the
-frame headers only and passes every byte on unchanged. Installing it touches three private
-attributes of aiohttp's request handler and the response's frame queue, all in
-:meth:`ServerWebSocket._post_start`; ``tests/reliability/test_masking.py`` fails if an aiohttp
-upgrade changes them.
 """
 
 from __future__ import annotations
@@ -38,129 +31,23 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 from aiohttp._websocket.helpers import websocket_mask
-from aiohttp._websocket.reader import WebSocketReader
 
 from hybridrelay.exceptions import RelayConnectionError
 from hybridrelay.protocol.closing import CloseHandshake
 from hybridrelay.protocol.websocket import OP_BINARY, OP_CONTINUATION, frame_header
 from hybridrelay.transport.base import MessageKind, WsMessage
 
-__all__ = ["AiohttpMessageSocket", "ClientMaskCheck", "ServerWebSocket"]
+__all__ = ["AiohttpMessageSocket"]
 
 _CLOSE_TIMEOUT = 10.0
 #: How long :meth:`AiohttpMessageSocket.aclose` waits for the peer's answering close frame.
 _PEER_CLOSE_WAIT = 2.0
 
 AiohttpWebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
-
-
-class ClientMaskCheck:
-    """Passes a server connection's bytes to aiohttp's frame parser, failing at the first frame
-    whose MASK bit is clear (RFC 6455 5.1: every client frame is masked).
-
-    Only frame headers are read (at most 14 bytes a frame); payload bytes are counted, never
-    copied or touched. ``fail`` is called once, at the first unmasked frame; the frames before
-    it have reached the parser, nothing after it does.
-    """
-
-    __slots__ = ("_fail", "_failed", "_header", "_parser", "_payload_left")
-
-    def __init__(self, parser: WebSocketReader, fail: Callable[[], None]) -> None:
-        self._parser = parser
-        self._fail = fail
-        self._failed = False
-        self._header = bytearray()
-        self._payload_left = 0
-
-    def feed_eof(self) -> None:
-        self._parser.feed_eof()
-
-    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
-        """As aiohttp's parser answers: ``(True, b"")`` once the connection has failed."""
-        if self._failed:
-            return True, b""
-        bad = self._first_unmasked(data)
-        if bad < 0:
-            return self._parser.feed_data(data)
-        if bad:
-            self._parser.feed_data(data[:bad])
-        self._failed = True
-        self._fail()
-        return True, b""
-
-    def _first_unmasked(self, data: bytes) -> int:
-        """-1 if no frame header in ``data`` lacks the MASK bit, else where it was seen."""
-        pos, end = 0, len(data)
-        header = self._header
-        while pos < end:
-            left = self._payload_left
-            if left:
-                step = left if left < end - pos else end - pos
-                self._payload_left = left - step
-                pos += step
-                continue
-            if not header and end - pos >= 14:  # a whole header is here: read it at once
-                second = data[pos + 1]
-                if not second & 0x80:
-                    return pos + 1
-                flag = second & 0x7F
-                if flag < 126:
-                    self._payload_left = flag
-                    pos += 6
-                elif flag == 126:
-                    self._payload_left = int.from_bytes(data[pos + 2 : pos + 4], "big")
-                    pos += 8
-                else:
-                    self._payload_left = int.from_bytes(data[pos + 2 : pos + 10], "big")
-                    pos += 14
-                continue
-            # A header split across reads (or at the end of one): byte by byte.
-            header.append(data[pos])
-            pos += 1
-            if len(header) < 2:
-                continue
-            if not header[1] & 0x80:
-                return pos - 1
-            flag = header[1] & 0x7F
-            extended = 2 if flag == 126 else 8 if flag == 127 else 0
-            if len(header) == 2 + extended + 4:  # the masking key is the header's last part
-                self._payload_left = (
-                    int.from_bytes(header[2 : 2 + extended], "big") if extended else flag
-                )
-                header.clear()
-        return -1
-
-
-class ServerWebSocket(web.WebSocketResponse):
-    """aiohttp's server WebSocket, failing the connection with 1002 on an unmasked client
-    frame (see :class:`ClientMaskCheck`), as its own parser fails other protocol errors."""
-
-    def _post_start(self, request: web.BaseRequest, protocol: str | None, writer: Any) -> None:
-        handler = request.protocol
-        # Bytes the client sent right behind its upgrade request wait in the handler until a
-        # parser is set; they are held back here so that they pass the check too.
-        early: bytes = handler._message_tail
-        handler._message_tail = b""
-        super()._post_start(request, protocol, writer)
-        check = ClientMaskCheck(handler._payload_parser, self._fail_unmasked)
-        handler._payload_parser = check
-        if early and check.feed_data(early)[0]:
-            handler.close()
-
-    def _fail_unmasked(self) -> None:
-        # What aiohttp does with its own parse errors: ``receive`` raises it, answers the
-        # peer with a close frame carrying the code, and drops the connection.
-        if self._reader is not None:
-            self._reader.set_exception(
-                aiohttp.WebSocketError(
-                    aiohttp.WSCloseCode.PROTOCOL_ERROR, "client frames must be masked"
-                )
-            )
 
 
 class AiohttpMessageSocket:

@@ -3,9 +3,11 @@
 Everything above this layer (relay server, SDK, bridge) talks to a :class:`MessageSocket`:
 whole messages in and out, a close frame that can be sent while still receiving (the
 WebSocket way to half-close a stream, which is how a TCP ``shutdown(SHUT_WR)`` crosses the
-relay), and an abortive close. The implementations are :mod:`hybridrelay.transport.aiohttp_ws`
-(the relay's side of upgrades it serves with aiohttp) and :mod:`hybridrelay.transport.frames_ws`
-(every client connection of the SDK, D11).
+relay), and an abortive close. The implementations are :mod:`hybridrelay.transport.frames_ws`
+(every client connection of the SDK, D11), :mod:`hybridrelay.transport.http_leg` (the relay's
+side of an HTTP rendezvous) and :mod:`hybridrelay.transport.aiohttp_ws` (the tests' peers).
+The relay's control channels deliver by callback instead, to a :class:`MessageSink`
+(:mod:`hybridrelay.transport.control_leg`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ __all__ = [
     "CloseCode",
     "FragmentSocket",
     "MessageKind",
+    "MessageSink",
     "MessageSocket",
     "SpliceSocket",
     "StreamSink",
@@ -99,6 +102,22 @@ class MessageSocket(Protocol):
 
     def abort(self) -> None:
         """Drop the connection at once, without a close frame."""
+        ...
+
+
+class MessageSink(Protocol):
+    """Where a socket that delivers by callback (the relay's control channels,
+    :class:`~hybridrelay.transport.control_leg.ControlLeg`) hands each whole message: in the
+    event loop's read callback, in order, with no task, queue or future in between."""
+
+    def on_text(self, text: str) -> None: ...
+
+    def on_binary(self, data: bytes) -> None: ...
+
+    def on_close(self, code: int, reason: str) -> None:
+        """The peer's close frame (1005 when it had no code), the connection lost (1006), or
+        the connection failed by this end (the code it sent); called once, after the last
+        message."""
         ...
 
 

@@ -16,6 +16,9 @@ relay takes the rendezvous' transport away from aiohttp, as a splice does
   server frames, waiting while the transport's write buffer is above its high-water mark;
 * pings are answered; the close handshake is :class:`~hybridrelay.protocol.closing.CloseHandshake`;
   a peer that does not answer our close frame within ``CLOSE_TIMEOUT`` is dropped.
+
+What it shares with the control channel's leg (the hand-over's early bytes, writing, the close
+handshake) is :class:`~hybridrelay.transport.server_leg.ServerLeg`.
 """
 
 from __future__ import annotations
@@ -24,24 +27,18 @@ import asyncio
 import collections
 import logging
 
-from aiohttp._websocket.helpers import websocket_mask
-
-from hybridrelay.exceptions import RelayConnectionError
-from hybridrelay.protocol.closing import CloseHandshake
 from hybridrelay.protocol.websocket import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,
     OP_PING,
-    OP_PONG,
     OP_TEXT,
     FrameError,
-    FrameForwarder,
     server_frame,
     server_frame_header,
 )
 from hybridrelay.transport.base import MessageKind, WsMessage
-from hybridrelay.transport.receive_buffer import receive_buffer
+from hybridrelay.transport.server_leg import CLOSE_TIMEOUT, ServerLeg
 
 __all__ = ["CLOSE_TIMEOUT", "RECEIVE_HIGH", "MessageLeg"]
 
@@ -51,30 +48,18 @@ logger = logging.getLogger("hybridrelay.server")
 #: resumes.
 RECEIVE_HIGH = 256 * 1024
 RECEIVE_LOW = 64 * 1024
-#: The transport's write buffer limits (``pause_writing`` above the high mark).
-WRITE_HIGH = 256 * 1024
-WRITE_LOW = 64 * 1024
-#: How long the peer may take to answer our close frame, or a closing transport to flush.
-CLOSE_TIMEOUT = 10.0
 #: No binary message is too big: the body streams (FrameForwarder still needs a bound).
 _UNBOUNDED = 2**62
 
 
-class MessageLeg(asyncio.BufferedProtocol):
+class MessageLeg(ServerLeg):
     """A server WebSocket on a taken-over transport: whole text messages, binary messages in
     parts (see the module's docstring). Created with reading paused; :meth:`start` reads what
     came with the upgrade and resumes it."""
 
     def __init__(self, transport: asyncio.Transport, *, max_text_size: int) -> None:
-        self.transport = transport
+        super().__init__(transport, max_message_size=_UNBOUNDED)
         self._max_text_size = max_text_size
-        self._reader = FrameForwarder(websocket_mask, max_message_size=_UNBOUNDED)
-        self._reader.payload_only = True
-        self._reader.track_messages = True
-        self._closing = CloseHandshake()
-        self._lost = False
-        self._started = False
-        self._early: list[bytes] = []
         self._messages: collections.deque[WsMessage] = collections.deque()
         self._queued = 0
         self._reading_paused = False
@@ -82,35 +67,16 @@ class MessageLeg(asyncio.BufferedProtocol):
         self._text_size = 0
         self._close_message: WsMessage | None = None
         self._receive_waiter: asyncio.Future[None] | None = None
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-        self._close_timer: asyncio.TimerHandle | None = None
-        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
 
     def __repr__(self) -> str:
         return f"<MessageLeg sent={self._closing.sent} received={self._closing.received}>"
 
     def start(self) -> None:
-        self._started = True
-        early, self._early = self._early, []
-        for data in early:
-            self._received(memoryview(data))
+        self._read_early()
         if not self._lost and not self._reading_paused and not self._closing.received:
             self.transport.resume_reading()
 
     # -- MessageSocket ----------------------------------------------------------------------
-
-    @property
-    def subprotocol(self) -> str | None:
-        return None
-
-    @property
-    def close_sent(self) -> bool:
-        return self._closing.sent
-
-    @property
-    def close_received(self) -> bool:
-        return self._closing.received
 
     async def receive(self) -> WsMessage:
         """The next text message, binary part, or the close (again every time after it)."""
@@ -145,118 +111,16 @@ class MessageLeg(asyncio.BufferedProtocol):
     async def send_close(self, code: int = 1000, reason: str = "") -> None:
         self.close_nowait(code, reason)
 
-    def close_nowait(self, code: int = 1000, reason: str = "") -> None:
-        """Send our close frame once; the connection is dropped when both went by, or when
-        the peer does not answer within ``CLOSE_TIMEOUT``."""
-        step = self._closing.send(code, reason)
-        if step.frame is None:
-            return
-        if not self._lost:
-            self.transport.write(server_frame(OP_CLOSE, step.frame))
-            # Read on (even when paused for the queue) so that the peer's answer is seen.
-            if not self._closing.received:
-                self.transport.resume_reading()
-        if step.drop:
-            self._drop()
-        elif step.arm and self._close_timer is None and not self._lost:
-            self._close_timer = asyncio.get_running_loop().call_later(
-                CLOSE_TIMEOUT, self._close_timed_out
-            )
-
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         self.close_nowait(code, reason)
         self._closing.give_up()
         self._drop()
 
-    def abort(self) -> None:
-        self._closing.give_up()
-        if not self._lost:
-            self.transport.abort()
+    # -- the loss -------------------------------------------------------------------------------
 
-    # -- writing ------------------------------------------------------------------------------
-
-    def _write(self, head: bytes, payload: bytes | None = None) -> None:
-        if self._closing.sent:
-            raise RelayConnectionError("cannot send after the close frame")
-        if self._lost or self.transport.is_closing():
-            raise RelayConnectionError("WebSocket send failed: the connection is closed")
-        if payload is None:
-            self.transport.write(head)
-        elif len(payload) <= 4096:
-            self.transport.write(head + payload)
-        else:
-            self.transport.write(head)
-            self.transport.write(payload)
-
-    async def _drain(self) -> None:
-        if not self._write_paused:
-            return
-        if self._lost:
-            raise RelayConnectionError("WebSocket send failed: the connection was lost")
-        if self._drain_waiter is None:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
-        try:
-            await asyncio.shield(self._drain_waiter)
-        except ConnectionError as exc:
-            raise RelayConnectionError(f"WebSocket send failed: {exc}") from exc
-
-    def _close_timed_out(self) -> None:
-        self._close_timer = None
-        if self._closing.give_up().drop:
-            self.abort()
-
-    def _drop(self) -> None:
-        if self._lost:
-            return
-        self.transport.close()
-        if self._close_timer is not None:
-            self._close_timer.cancel()
-        self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.abort)
-
-    # -- asyncio protocol callbacks ----------------------------------------------------------
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return receive_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        data = receive_buffer()[:nbytes]
-        if self._started:
-            self._received(data)
-        else:
-            self._early.append(bytes(data))
-
-    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
-        """aiohttp's parser interface (:func:`hand_over`): bytes read behind the upgrade."""
-        self._early.append(bytes(data))
-        return False, b""
-
-    def feed_eof(self) -> None:
-        """aiohttp's parser interface; the loss is handled in :meth:`connection_lost`."""
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
-        if self._close_timer is not None:
-            self._close_timer.cancel()
-            self._close_timer = None
-        news = self._closing.lost().news
+    def _gone(self, news: bool) -> None:
         if news or self._close_message is None:
             self._report_close(self._closing.code or 1006, "")
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionResetError("the connection was lost"))
-            waiter.exception()  # retrieved: nobody may be waiting on it
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -275,8 +139,7 @@ class MessageLeg(asyncio.BufferedProtocol):
                 return
         for control in controls:
             if control.opcode == OP_PING:
-                if not self._closing.sent and not self._lost:
-                    self.transport.write(server_frame(OP_PONG, control.payload))
+                self._answer_ping(control.payload)
             elif control.opcode == OP_CLOSE:
                 step = self._closing.receive(control.code, control.reason)
                 if step.news:

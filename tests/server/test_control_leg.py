@@ -1,0 +1,304 @@
+"""transport/control_leg.py and ControlChannel's sends on it (D23): a listener's control channel
+on the relay's frame path. Whole messages handed to a sink in order, the limits and framing
+checks with their close codes, keep-alive as aiohttp's ``heartbeat=`` did it, the close
+handshake, and writes that wait (or refuse to) while the transport is full."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+
+import pytest
+
+import hybridrelay.server.channel as channel_module
+from hybridrelay.exceptions import RelayConnectionError
+from hybridrelay.protocol.websocket import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONTINUATION,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    close_payload,
+)
+from hybridrelay.server.channel import ControlChannel
+from hybridrelay.server.http_relay import CONTROL_MAX_MESSAGE
+from hybridrelay.transport.control_leg import ControlLeg
+from tests.conftest import Relay, eventually
+from tests.server.test_http_leg import FakeTransport, feed
+from tests.server.test_relay_websocket import AUTH
+from tests.server.test_splice import RawWebSocket
+from tests.wsframes import client_frame
+
+LISTEN = "/$hc/hc?sb-hc-action=listen"
+
+
+class Sink:
+    """Records what the leg hands over, in order."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, object]] = []
+
+    def on_text(self, text: str) -> None:
+        self.got.append(("text", text))
+
+    def on_binary(self, data: bytes) -> None:
+        assert isinstance(data, bytes)
+        self.got.append(("binary", data))
+
+    def on_close(self, code: int, reason: str) -> None:
+        self.got.append(("close", code))
+
+
+def server_frames(data: bytes) -> list[tuple[bool, int, bytes]]:
+    """The relay's (unmasked) frames in ``data``, decoded here from RFC 6455 5.2."""
+    frames = []
+    pos = 0
+    while pos < len(data):
+        first, second = data[pos], data[pos + 1]
+        assert not second & 0x80, "server frames are not masked"
+        n, pos = second & 0x7F, pos + 2
+        if n == 126:
+            n, pos = int.from_bytes(data[pos : pos + 2], "big"), pos + 2
+        elif n == 127:
+            n, pos = int.from_bytes(data[pos : pos + 8], "big"), pos + 8
+        frames.append((bool(first & 0x80), first & 0x0F, data[pos : pos + n]))
+        pos += n
+    return frames
+
+
+def started(
+    max_message_size: int = 4096, keep_alive: float | None = None
+) -> tuple[ControlLeg, FakeTransport, Sink]:
+    transport = FakeTransport()
+    leg = ControlLeg(transport, max_message_size=max_message_size, keep_alive=keep_alive)
+    sink = Sink()
+    leg.start(sink)
+    return leg, transport, sink
+
+
+@pytest.mark.timeout(10)
+async def test_whole_messages_in_order_pings_answered_and_the_close_reported() -> None:
+    leg, transport, sink = started()
+    assert not transport.paused
+    body = os.urandom(3000)
+    wire = (
+        client_frame(OP_TEXT, b'{"resp', fin=False)
+        + client_frame(OP_PING, b"hi")  # between the fragments of a message
+        + client_frame(OP_CONTINUATION, b'onse":{}}')
+        + client_frame(OP_BINARY, body[:1000], fin=False)
+        + client_frame(OP_CONTINUATION, body[1000:])
+        + client_frame(OP_BINARY, b"")
+        + client_frame(OP_TEXT, "é".encode())
+        + client_frame(OP_CLOSE, close_payload(1000, "bye"))
+    )
+    for start in range(0, len(wire), 7):  # frames split anywhere
+        feed(leg, wire[start : start + 7])
+    assert sink.got == [
+        ("text", '{"response":{}}'),
+        ("binary", body),
+        ("binary", b""),
+        ("text", "é"),
+        ("close", 1000),
+    ]
+    assert server_frames(bytes(transport.written)) == [(True, OP_PONG, b"hi")]
+    assert leg.close_received and not transport.closed  # the channel answers, not the leg
+    leg.close_nowait(1000)  # the answer: both close frames went by, the connection goes
+    assert server_frames(bytes(transport.written))[-1] == (True, OP_CLOSE, close_payload(1000))
+    assert transport.closed
+
+
+@pytest.mark.timeout(10)
+async def test_what_came_with_the_upgrade_is_delivered_at_start() -> None:
+    transport = FakeTransport()
+    leg = ControlLeg(transport, max_message_size=4096, keep_alive=None)
+    leg.feed_data(client_frame(OP_TEXT, b"early"))  # aiohttp hands over what it had read
+    sink = Sink()
+    assert transport.paused
+    leg.start(sink)
+    assert sink.got == [("text", "early")] and not transport.paused
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("wire", "code"),
+    [
+        (client_frame(OP_BINARY, b"x" * 5000), 1009),
+        (
+            client_frame(OP_TEXT, b"x" * 3000, fin=False)
+            + client_frame(OP_CONTINUATION, b"x" * 3000),
+            1009,
+        ),
+        (client_frame(OP_TEXT, b"unmasked", masked=False), 1002),
+        (client_frame(OP_TEXT, b"\xff\xfe"), 1007),
+    ],
+    ids=["binary-too-big", "fragmented-text-too-big", "unmasked", "not-utf8"],
+)
+async def test_a_violation_closes_with_its_code(wire: bytes, code: int) -> None:
+    leg, transport, sink = started(max_message_size=4096)
+    feed(leg, client_frame(OP_TEXT, b"before") + wire + client_frame(OP_TEXT, b"after"))
+    assert sink.got == [("text", "before"), ("close", code)]
+    frames = server_frames(bytes(transport.written))
+    assert frames[-1][1] == OP_CLOSE and int.from_bytes(frames[-1][2][:2], "big") == code
+    assert transport.closed
+
+
+@pytest.mark.timeout(10)
+async def test_what_is_written_in_one_turn_goes_in_one_write() -> None:
+    leg, transport, _ = started()
+    writes: list[bytes] = []
+    transport.write = lambda data: writes.append(bytes(data))  # type: ignore[method-assign]
+    leg.write_message('{"request":{}}', b"body")
+    leg.write_message("alone")
+    assert writes == []  # at the end of this turn of the event loop
+    await asyncio.sleep(0)
+    assert len(writes) == 1
+    assert server_frames(writes[0]) == [
+        (True, OP_TEXT, b'{"request":{}}'),
+        (True, OP_BINARY, b"body"),
+        (True, OP_TEXT, b"alone"),
+    ]
+    big = os.urandom(200_000)  # past the batch's bound: written at once
+    leg.write_message("head", big)
+    assert server_frames(b"".join(writes[1:])) == [(True, OP_TEXT, b"head"), (True, OP_BINARY, big)]
+    leg.write_message("before the close")
+    leg.close_nowait(1001)  # the batch goes first
+    assert [f[1] for f in server_frames(b"".join(writes[2:]))] == [OP_TEXT, OP_CLOSE]
+    with pytest.raises(RelayConnectionError):
+        leg.write_message("after the close frame")
+
+
+@pytest.mark.timeout(10)
+async def test_keep_alive_pings_a_silent_peer_and_drops_it_without_a_pong() -> None:
+    leg, transport, sink = started(keep_alive=0.05)
+    await eventually(lambda: (True, OP_PING, b"") in server_frames(bytes(transport.written)))
+    await eventually(lambda: transport.closed)
+    assert sink.got == [("close", 1006)]
+    assert all(opcode != OP_CLOSE for _, opcode, _ in server_frames(bytes(transport.written)))
+
+
+@pytest.mark.timeout(10)
+async def test_keep_alive_takes_any_bytes_as_the_answer() -> None:
+    leg, transport, sink = started(keep_alive=0.05)
+
+    def pings() -> int:
+        return sum(
+            1 for _, opcode, _ in server_frames(bytes(transport.written)) if opcode == OP_PING
+        )
+
+    def more_pings_than(n: int) -> Callable[[], bool]:
+        return lambda: pings() > n
+
+    for answered in range(3):
+        await eventually(more_pings_than(answered))
+        # A pong, or any message: the peer is alive (aiohttp's heartbeat counted any data).
+        feed(leg, client_frame(OP_PONG if answered % 2 else OP_TEXT, b""))
+    assert not transport.closed
+    assert ("close", 1006) not in sink.got
+
+
+@pytest.mark.timeout(10)
+async def test_aclose_waits_for_the_answer_and_not_longer_than_the_close_wait() -> None:
+    leg, transport, sink = started()
+    closing = asyncio.create_task(leg.aclose(1012, "draining"))
+    await eventually(lambda: leg.close_sent)
+    assert not closing.done() and not transport.closed
+    feed(leg, client_frame(OP_CLOSE, close_payload(1012)))
+    async with asyncio.timeout(5):
+        await closing
+    assert transport.closed and sink.got == [("close", 1012)]
+
+    silent, silent_transport, _ = started()
+    silent.close_wait = 0.05  # the listener never answers
+    async with asyncio.timeout(5):
+        await silent.aclose(1001, "shutting down")
+    assert silent_transport.closed
+
+
+# -- ControlChannel's sends on the leg ------------------------------------------------------------
+
+
+def channel_on(leg: ControlLeg) -> ControlChannel:
+    return ControlChannel("hc", "l1", leg, 0.0, "127.0.0.1", "ws://relay")
+
+
+@pytest.mark.timeout(10)
+async def test_send_nowait_writes_now_or_not_at_all() -> None:
+    leg, transport, _ = started()
+    channel = channel_on(leg)
+    assert channel.send_nowait("one", b"1")
+    leg.pause_writing()
+    assert not channel.send_nowait("two")  # the transport is full: nothing written
+    waiting = asyncio.create_task(channel.send("two", b"2"))
+    await eventually(lambda: channel.queued == 1)
+    leg.resume_writing()
+    async with asyncio.timeout(5):
+        await waiting
+    await asyncio.sleep(0)  # the turn's batch is written
+    assert channel.queued == 0
+    assert [f[2] for f in server_frames(bytes(transport.written))] == [b"one", b"1", b"two", b"2"]
+    channel.usable = False
+    assert not channel.send_nowait("three")
+    with pytest.raises(RelayConnectionError):
+        await channel.send("three")
+
+
+@pytest.mark.timeout(10)
+async def test_a_waiting_send_is_never_overtaken() -> None:
+    leg, transport, _ = started()
+    channel = channel_on(leg)
+    leg.pause_writing()
+    first = asyncio.create_task(channel.send("first"))
+    await eventually(lambda: channel.queued == 1)
+    leg.resume_writing()  # the first is about to be written, but has not run yet
+    assert not channel.send_nowait("second")
+    second = asyncio.create_task(channel.send("second"))
+    async with asyncio.timeout(5):
+        await asyncio.gather(first, second)
+    await asyncio.sleep(0)  # the turn's batch is written
+    assert [f[2] for f in server_frames(bytes(transport.written))] == [b"first", b"second"]
+
+
+@pytest.mark.timeout(10)
+async def test_a_send_that_cannot_go_in_time_drops_the_channel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(channel_module, "_SEND_TIMEOUT", 0.05)
+    leg, transport, _ = started()
+    channel = channel_on(leg)
+    leg.pause_writing()  # the listener stopped reading
+    with pytest.raises(RelayConnectionError):
+        await channel.send("accept")
+    assert not channel.usable and transport.closed
+    assert not channel.send_nowait("more")
+
+
+# -- on a relay ------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+async def test_a_message_over_the_control_limit_closes_the_channel_with_1009(relay: Relay) -> None:
+    control = await RawWebSocket.open(relay, LISTEN, {AUTH: relay.token("hc")})
+    try:
+        await eventually(lambda: relay.server.broker.listener_count("hc") == 1)
+        control.send(OP_BINARY, b"x" * (CONTROL_MAX_MESSAGE + 1))
+        # Refused from the frame's header: the close frame comes before the payload is read
+        # (what was not read makes the relay's close a reset, after the close frame).
+        assert (await control.close_frame())[0] == 1009
+        assert relay.server.broker.listener_count("hc") == 0
+    finally:
+        control.abort()
+
+
+@pytest.mark.timeout(30)
+async def test_the_listeners_close_is_answered_with_its_code(relay: Relay) -> None:
+    control = await RawWebSocket.open(relay, LISTEN, {AUTH: relay.token("hc")})
+    try:
+        await eventually(lambda: relay.server.broker.listener_count("hc") == 1)
+        control.send(OP_CLOSE, close_payload(4000, "done"))
+        assert (await control.close_frame())[0] == 4000
+        assert await control.at_eof()
+        assert relay.server.broker.listener_count("hc") == 0
+    finally:
+        control.abort()
