@@ -7,7 +7,7 @@ listener's ``response`` (+ body) becomes the HTTP response. One *exchange* per r
   control channel, the body as one binary message right after the JSON;
 * everything else (larger, chunked) is announced *address-only*; the listener opens the request
   rendezvous (E5) and the relay sends the full ``request`` and streams the body there as ONE
-  binary message, written in fragments (:meth:`AiohttpMessageSocket.send_fragment`), so an upload
+  binary message, written in fragments (:meth:`MessageLeg.send_fragment`), so an upload
   is never held in memory;
 * the listener answers on the control channel (``response`` + its binary body, tracked per channel
   as "the next binary message belongs to request X") or on a rendezvous. It may also open a
