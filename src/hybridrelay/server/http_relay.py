@@ -168,6 +168,68 @@ class _Exchange(Pending):
             self.control_response.set_result(None)
 
 
+class _InlineWait:
+    """What settles an inline request from the front (:meth:`HttpRelay._await_inline`): the
+    first of the listener's answer, its rendezvous, the deadline and the sender's going away;
+    the others are then ignored. Bound methods as callbacks, not closures made per request."""
+
+    __slots__ = ("_exchange", "_relay", "_sender", "_settled", "_started", "_timer", "deadline")
+
+    def __init__(
+        self,
+        relay: HttpRelay,
+        sender: InlineSender,
+        exchange: _Exchange,
+        deadline: float,
+        started: float,
+    ) -> None:
+        self._relay = relay
+        self._sender = sender
+        self._exchange = exchange
+        self.deadline = deadline
+        self._started = started
+        self._settled = False
+        self._timer = asyncio.get_running_loop().call_later(deadline, self._on_timeout)
+        exchange.control_response.add_done_callback(self._on_answer)
+        exchange.rendezvous.add_done_callback(self._on_rendezvous)
+        sender.gone.add_done_callback(self._on_gone)
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        self._timer.cancel()
+        self._exchange.control_response.remove_done_callback(self._on_answer)
+        self._exchange.rendezvous.remove_done_callback(self._on_rendezvous)
+        self._sender.gone.remove_done_callback(self._on_gone)
+        return True
+
+    def _on_answer(self, future: asyncio.Future[_ListenerResponse | None]) -> None:
+        if not future.cancelled() and self._settle():
+            self._relay._inline_answered(
+                self._sender, self._exchange, self._started, future.result()
+            )
+
+    def _on_rendezvous(self, future: asyncio.Future[_Rendezvous]) -> None:
+        if not future.cancelled() and self._settle():
+            exchange = self._exchange
+            exchange.task = asyncio.create_task(
+                self._relay._inline_over_rendezvous(
+                    self._sender, exchange, future.result(), self.deadline, self._started
+                )
+            )
+
+    def _on_timeout(self) -> None:
+        if self._settle():
+            self._relay._inline_failed(self._sender, self._exchange, self._started, 504, _NO_ANSWER)
+
+    def _on_gone(self, _: object) -> None:
+        if self._settle():
+            exchange = self._exchange
+            logger.info("request %s on %r: the sender went away", exchange.id, exchange.entity)
+            self._relay._inline_done(self._sender, exchange, self._started, 400, 0)
+
+
 @dataclass(slots=True)
 class _BodyOwner:
     """Whom a control channel's next binary message belongs to (after ``body: true``).
@@ -476,7 +538,7 @@ class HttpRelay:
         self, request: web.BaseRequest, result: _ListenerResponse, deadline: float
     ) -> web.StreamResponse:
         head = self.response_head(request.method, request.host, result.response)
-        if isinstance(head, web.Response):
+        if not isinstance(head, ResponseHead):
             return head
         stream = result.stream
         if not head.has_body:
@@ -595,56 +657,26 @@ class HttpRelay:
     ) -> None:
         """Settle the exchange by whichever comes first: the listener's answer on its control
         channel, the rendezvous it opened for a large response, the deadline, the sender
-        gone."""
-        loop = asyncio.get_running_loop()
-        settled = False
+        gone (:class:`_InlineWait`)."""
+        _InlineWait(self, sender, exchange, deadline, started)
 
-        def settle() -> bool:
-            nonlocal settled
-            if settled:
-                return False
-            settled = True
-            timer.cancel()
-            exchange.control_response.remove_done_callback(on_answer)
-            exchange.rendezvous.remove_done_callback(on_rendezvous)
-            sender.gone.remove_done_callback(on_gone)
-            return True
-
-        def on_answer(future: asyncio.Future[_ListenerResponse | None]) -> None:
-            if future.cancelled() or not settle():
-                return
-            result = future.result()
-            if result is None:
-                answer = error_response(502, "The listener disconnected before responding.")
-                self._inline_refused(sender, exchange, started, answer)
-                return
-            head = self.response_head(sender.method, sender.host, result.response)
-            if isinstance(head, web.Response):
-                self._inline_refused(sender, exchange, started, head)
-                return
-            sent = sender.answer_head(head, result.body)
-            self._inline_done(sender, exchange, started, head.status, sent)
-
-        def on_rendezvous(future: asyncio.Future[_Rendezvous]) -> None:
-            if future.cancelled() or not settle():
-                return
-            exchange.task = asyncio.create_task(
-                self._inline_over_rendezvous(sender, exchange, future.result(), deadline, started)
-            )
-
-        def on_timeout() -> None:
-            if settle():
-                self._inline_failed(sender, exchange, started, 504, _NO_ANSWER)
-
-        def on_gone(_: object) -> None:
-            if settle():
-                logger.info("request %s on %r: the sender went away", exchange.id, exchange.entity)
-                self._inline_done(sender, exchange, started, 400, 0)
-
-        timer = loop.call_later(deadline, on_timeout)
-        exchange.control_response.add_done_callback(on_answer)
-        exchange.rendezvous.add_done_callback(on_rendezvous)
-        sender.gone.add_done_callback(on_gone)
+    def _inline_answered(
+        self,
+        sender: InlineSender,
+        exchange: _Exchange,
+        started: float,
+        result: _ListenerResponse | None,
+    ) -> None:
+        if result is None:
+            answer = error_response(502, "The listener disconnected before responding.")
+            self._inline_refused(sender, exchange, started, answer)
+            return
+        head = self.response_head(sender.method, sender.host, result.response)
+        if not isinstance(head, ResponseHead):
+            self._inline_refused(sender, exchange, started, head)
+            return
+        sent = sender.answer_head(head, result.body)
+        self._inline_done(sender, exchange, started, head.status, sent)
 
     async def _inline_over_rendezvous(
         self,
@@ -660,7 +692,7 @@ class HttpRelay:
                 exchange, rendezvous, None, None, deadline, sender.gone
             )
             head = self.response_head(sender.method, sender.host, result.response)
-            if isinstance(head, web.Response):
+            if not isinstance(head, ResponseHead):
                 self._inline_refused(sender, exchange, started, head)
                 return
             body, more, stream = b"", False, result.stream

@@ -338,7 +338,7 @@ class _SenderConnection(asyncio.Protocol):
         ):
             return None
         resolved = sender_entity(raw_path, relay)
-        if isinstance(resolved, web.Response):
+        if not isinstance(resolved, tuple):  # its 404: aiohttp's path answers it
             return None
         entity, suffix = resolved
         host = headers["Host"]
