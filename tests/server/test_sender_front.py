@@ -18,7 +18,7 @@ import h11
 import pytest
 
 from hybridrelay.server.sender_http import _SenderConnection
-from tests.conftest import Relay, eventually
+from tests.conftest import Relay, RelayFactory, eventually
 from tests.server.http_peer import Received, Reply, peer_listener
 from tests.server.test_http_relay import assert_no_exchanges_left
 
@@ -283,3 +283,24 @@ async def test_sender_gone_before_the_answer_ends_the_exchange(relay: Relay) -> 
             ) as response:
                 assert response.status == 200
                 assert await response.read() == b"late"
+
+
+@pytest.mark.parametrize("front", [True, False], ids=["front", "aiohttp"])
+async def test_a_body_that_does_not_arrive_gets_408(
+    make_relay: RelayFactory, monkeypatch: pytest.MonkeyPatch, front: bool
+) -> None:
+    """A head whose body stops short gets 408 once the response deadline has passed, by the
+    front as by aiohttp's path."""
+    if not front:
+        monkeypatch.setattr(_SenderConnection, "_prepare", lambda self, head: None)
+    async with make_relay(limits={"http_response_timeout": 0.5}) as relay:
+        async with peer_listener(relay.base_url, "hc", relay.token("hc"), echo):
+            reader, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
+            try:
+                raw = request(relay, "POST", "/hc/e", body=b"0123456789")
+                writer.write(raw[:-5])  # five bytes of the body short
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                assert head.startswith(b"HTTP/1.1 408 The request body did not arrive in time.")
+            finally:
+                writer.close()
+        await assert_no_exchanges_left(relay)

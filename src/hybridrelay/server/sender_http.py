@@ -45,9 +45,10 @@ from hybridrelay.server.http_relay import (
     HttpRelay,
     ResponseHead,
     forwarded_request_headers,
+    response_deadline,
 )
 from hybridrelay.server.http_upgrade import cookie_token, sender_entity, strip_token_cookie
-from hybridrelay.server.responses import SERVER_HEADER
+from hybridrelay.server.responses import SERVER_HEADER, error_response, tracking_id
 from hybridrelay.server.runtime_info import is_runtime_info
 
 __all__ = ["SenderFront"]
@@ -216,6 +217,8 @@ class _SenderConnection(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._answered_at = 0.0
+        #: When the body of the request in ``_waiting`` must have arrived (408 after that).
+        self._body_due: float | None = None
         self.keep_alive = True
         self.version = b"1.1"
         self.peer: Any = None
@@ -286,7 +289,10 @@ class _SenderConnection(asyncio.Protocol):
                 self._waiting = (end + 4, prepared.length, prepared)
             head_size, length, prepared = self._waiting
             if len(self._raw) < head_size + length:
+                if self._body_due is None:
+                    self._expect_body(prepared)
                 return
+            self._body_due = None
             body = bytes(self._raw[head_size : head_size + length])
             del self._raw[: head_size + length]
             self._waiting = None
@@ -514,12 +520,47 @@ class _SenderConnection(asyncio.Protocol):
         if self._transport is None:
             return
         loop = asyncio.get_running_loop()
-        idle = self._front.relay.config.limits.idle_timeout
-        if self._busy or loop.time() < self._answered_at + idle:
-            self._idle_timer = loop.call_at(
-                max(loop.time(), self._answered_at) + idle, self._idle_check
-            )
+        now = loop.time()
+        if self._body_due is not None and now >= self._body_due:
+            self._body_late()
             return
+        idle = self._front.relay.config.limits.idle_timeout
+        if self._busy or self._body_due is not None or now < self._answered_at + idle:
+            when = max(now, self._answered_at) + idle
+            if self._body_due is not None:
+                when = min(when, self._body_due)
+            self._idle_timer = loop.call_at(when, self._idle_check)
+            return
+        self.close()
+
+    def _expect_body(self, prepared: _Prepared) -> None:
+        """The head is here, the body is not (all of it): it has the listener's response
+        deadline to arrive (as aiohttp's path gave it), then 408."""
+        loop = asyncio.get_running_loop()
+        limits = self._front.relay.config.limits
+        self._body_due = loop.time() + response_deadline(limits, prepared.entity)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_timer = loop.call_at(self._body_due, self._idle_check)
+
+    def _body_late(self) -> None:
+        assert self._waiting is not None
+        _, length, prepared = self._waiting
+        answer = error_response(408, "The request body did not arrive in time.")
+        self.keep_alive = False
+        self.version = prepared.version
+        request = _Inline(self, prepared.method, prepared.host, length)
+        sent = request.answer(answer)
+        self._front.relay.observer.http_request(
+            tracking_id(),
+            prepared.entity.name,
+            method=prepared.method,
+            status=408,
+            seconds=response_deadline(self._front.relay.config.limits, prepared.entity),
+            request_bytes=length,
+            response_bytes=sent,
+            remote=self.remote,
+        )
         self.close()
 
 
