@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import httptools
 from yarl import URL
 
-from hybridrelay.transport.deadline import LazyDeadline
+from hybridrelay.bridge.deadline import LazyDeadline
 
 __all__ = [
     "UpstreamClient",
@@ -138,7 +138,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         # Each wait for the upstream, and the idle time in the pool, on lazily moved timers
-        # (transport/deadline.py): two call_later and two cancel per request were ~5 us.
+        # (bridge/deadline.py): two call_later and two cancel per request were ~5 us.
         self._waiting: asyncio.Future[None] | None = None
         self._read_deadline = LazyDeadline(loop, self._read_timed_out)
         self.idle_deadline = LazyDeadline(loop, self.close)
