@@ -906,7 +906,7 @@ def test_mask_keys_are_successive_slices_of_urandom_batches(
         batches.append(batch)
         return batch
 
-    monkeypatch.setattr(frames_ws.os, "urandom", urandom)
+    monkeypatch.setattr(os, "urandom", urandom)  # what frames_ws draws its batches from
     monkeypatch.setattr(frames_ws, "_mask_keys", frames_ws._EMPTY_KEYS)
     per_batch = frames_ws.MASK_KEY_BATCH // 4
     keys = [frames_ws.mask_key() for _ in range(per_batch + 3)]
