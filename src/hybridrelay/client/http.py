@@ -392,9 +392,19 @@ class RelayedHttpContext:
         control = self._dispatcher.control_for(self._control)
         if control is None:
             raise StreamClosedError("the control channel this request came on is gone")
-        async with self._dispatcher.send_lock:  # JSON and body adjacent (PROTOCOL.md 4.2)
+        messages = (head, body) if body else (head,)
+        lock = self._dispatcher.send_lock
+        if isinstance(control, FrameSocket) and not lock.locked():
+            # JSON and body go out in one write, before anything else can: adjacent without
+            # taking the lock (an acquire and release per request), which nobody holds now;
+            # it is taken only to wait for the transport to drain, as before, so that the
+            # other answers wait too instead of piling up in its buffer.
             self._head_sent = True
-            await self._send(control, head, *((body,) if body else ()), later=True)
+            await self._send(control, *messages, later=True, drain_under=lock)
+        else:
+            async with lock:  # JSON and body adjacent (PROTOCOL.md 4.2)
+                self._head_sent = True
+                await self._send(control, *messages, later=True)
         self._end()
 
     # -- internals -----------------------------------------------------------------------
@@ -486,17 +496,22 @@ class RelayedHttpContext:
         *messages: str | bytes,
         then_fragment: bytes | None = None,
         later: bool = False,
+        drain_under: asyncio.Lock | None = None,
     ) -> None:
         """Send whole messages, adjacent; on our own sockets in one write, and without a
         timeout's set-up unless the transport makes us wait (the common case is no wait);
         ``then_fragment``: the first fragment of a binary message, in the same write (our
         sockets only); ``later``: together with the other answers of this turn of the event
-        loop."""
+        loop; ``drain_under``: a wait for the transport to drain holds this lock."""
         try:
             if isinstance(socket, FrameSocket):
                 if socket.send_nowait(*messages, then_fragment=then_fragment, later=later):
                     async with asyncio.timeout(SEND_TIMEOUT):
-                        await socket.drain()
+                        if drain_under is None:
+                            await socket.drain()
+                        else:
+                            async with drain_under:
+                                await socket.drain()
                 return
             assert then_fragment is None, "a first fragment goes with the head on our sockets only"
             async with asyncio.timeout(SEND_TIMEOUT):
