@@ -16,8 +16,9 @@ made by ``wrk`` where it is installed (a C load generator: the numbers are the s
 is the limit of every path and hides the relay's cost. uvicorn runs on h11 unless
 ``--uvicorn-http httptools`` (the direct baseline is ~2.5x faster on it). The CPU time the
 relay and the listener (serve-app, or bridge -H plus its uvicorn) spent during the small-GET
-window is reported per 1,000 requests (``/proc``). Every process is a subprocess; numbers from
-a shared machine are only indicative (run it on a quiet one, docs/PERFORMANCE.md).
+window is reported per 1,000 requests (``/proc``), and for ``bridge -H`` the bridge's own
+share. Every process is a subprocess; numbers from a shared machine are only indicative (run
+it on a quiet one, docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -175,6 +176,7 @@ async def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
                     "uvicorn_http": args.uvicorn_http,
                 }
                 before = {role: cpu_seconds(p) for role, p in pids.items()}
+                bridge_before = cpu_seconds(pids["listener"][:1])
                 if args.load == "wrk":
                     small = await small_requests_wrk(base, headers, args.seconds, args.concurrency)
                 else:
@@ -182,6 +184,9 @@ async def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 for role, p in pids.items():
                     spent = cpu_seconds(p) - before[role]
                     record[f"{role}_cpu_ms_per_1000"] = spent * 1e6 / small["requests"]
+                if len(pids["listener"]) > 1:  # bridge -H alone, without its uvicorn
+                    spent = cpu_seconds(pids["listener"][:1]) - bridge_before
+                    record["bridge_cpu_ms_per_1000"] = spent * 1e6 / small["requests"]
                 record.update(small)
             # A client of its own: the warm-up's pooled connections may have idled past the
             # server's keep-alive (uvicorn's is 5 s) while wrk ran, and one closed just as it
@@ -225,6 +230,8 @@ def table(records: list[dict[str, Any]]) -> str:
     ]
     for r in records:
         relay = r.get("relay_cpu_ms_per_1000")
+        bridge = r.get("bridge_cpu_ms_per_1000")
+        own = "" if bridge is None else f" (bridge {bridge:.0f})"
         lines.append(
             f"| {r['path']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
             f"| {r['sse_p50_ms']:.2f} / {r['sse_p99_ms']:.2f} "
@@ -232,7 +239,7 @@ def table(records: list[dict[str, Any]]) -> str:
             f"| {r['p99_ms'] / direct['p99_ms']:.2f}x "
             f"| {r['sse_p50_ms'] / direct['sse_p50_ms']:.2f}x "
             f"| {'-' if relay is None else f'{relay:.0f}'} "
-            f"| {r['listener_cpu_ms_per_1000']:.0f} |"
+            f"| {r['listener_cpu_ms_per_1000']:.0f}{own} |"
         )
     load = records[0]["load"]
     lines.append("")

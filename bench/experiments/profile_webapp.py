@@ -3,8 +3,9 @@
 ``python -m bench.experiments.profile_webapp "bridge -H" [--seconds 8] [--url small]`` keeps the
 path up (``direct``, ``serve-app`` or ``bridge -H``), runs wrk (50 keep-alive connections)
 against ``/{url}`` and records each process of the path (relay, listener, its uvicorn) with
-``py-spy record -f raw``; writes ``bench/results/profile-webapp-<path>-<role>.txt`` and prints
-the top self and inclusive frames of each (``profile_path.top``).
+``py-spy record -f raw`` (``--native``: with the C frames, uvloop's and httptools'); writes
+``bench/results/profile-webapp-<path>-<role>.txt`` and prints the top self and inclusive frames
+of each (``profile_path.top``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from bench.httpload import wrk_argv
 from bench.webapp import PATHS, path_under_test
 
 
-async def profile(name: str, seconds: int, url: str, rate: int, http: str) -> None:
+async def profile(
+    name: str, seconds: int, url: str, rate: int, http: str, native: bool = False
+) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         async with path_under_test(name, Path(tmp), http) as (base, headers, pids):
@@ -43,7 +46,8 @@ async def profile(name: str, seconds: int, url: str, rate: int, http: str) -> No
                     spy = await asyncio.create_subprocess_exec(
                         "py-spy",
                         "record",
-                        "--nonblocking",
+                        # --native must pause the process to unwind its C stack.
+                        *(("--native",) if native else ("--nonblocking",)),
                         "-r",
                         str(rate),
                         "-f",
@@ -75,8 +79,13 @@ def main() -> None:
     parser.add_argument("--url", default="small")
     parser.add_argument("--rate", type=int, default=250)
     parser.add_argument("--uvicorn-http", choices=("h11", "httptools"), default="h11")
+    parser.add_argument(
+        "--native", action="store_true", help="C frames too (uvloop, httptools; slower)"
+    )
     args = parser.parse_args()
-    asyncio.run(profile(args.path, args.seconds, args.url, args.rate, args.uvicorn_http))
+    asyncio.run(
+        profile(args.path, args.seconds, args.url, args.rate, args.uvicorn_http, args.native)
+    )
 
 
 if __name__ == "__main__":

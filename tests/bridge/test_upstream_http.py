@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from hybridrelay.bridge import upstream_http
 from hybridrelay.bridge.upstream_http import (
     READ_HIGH_WATER,
     UpstreamError,
@@ -19,7 +20,7 @@ from hybridrelay.bridge.upstream_http import (
     UpstreamUnreachable,
     request_target,
 )
-from tests.conftest import TlsFiles
+from tests.conftest import TlsFiles, eventually
 
 
 @dataclass
@@ -254,6 +255,57 @@ async def test_a_silent_upstream_times_out() -> None:
         try:
             with pytest.raises(TimeoutError):
                 await fetch(client, up.url + "/")
+        finally:
+            await client.aclose()
+
+
+async def test_a_silent_upstream_times_out_on_a_reused_connection() -> None:
+    """The read deadline is moved, not re-armed, per request: after answered waits on the
+    same connection, a silent answer still times out."""
+    async with scripted([_ok(), _ok(), b""]) as up:
+        client = pool(up.url, read_timeout=0.3)
+        try:
+            for _ in range(2):
+                assert (await fetch(client, up.url + "/"))[0] == 200
+                await asyncio.sleep(0.2)  # the first wait's timer fires in between
+            with pytest.raises(TimeoutError):
+                await fetch(client, up.url + "/")
+            assert up.connections == 1
+        finally:
+            await client.aclose()
+
+
+async def test_an_idle_connection_is_closed_after_the_idle_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(upstream_http, "IDLE_TIMEOUT", 0.2)
+    async with scripted([_ok()]) as up:
+        client = pool(up.url)
+        try:
+            assert (await fetch(client, up.url + "/"))[0] == 200
+            idle = client._idle[-1]
+            await eventually(lambda: idle.closed)
+            assert (await fetch(client, up.url + "/"))[0] == 200  # on a new connection
+            assert up.connections == 2
+        finally:
+            await client.aclose()
+
+
+async def test_a_connection_taken_again_is_not_closed_by_its_idle_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(upstream_http, "IDLE_TIMEOUT", 0.1)
+    async with scripted([_ok()]) as up:
+        client = pool(up.url)
+        try:
+            assert (await fetch(client, up.url + "/"))[0] == 200
+            conn = client._take_idle()  # in use again, as a request takes it
+            assert conn is not None
+            await asyncio.sleep(0.3)  # past the idle deadline it had in the pool
+            assert not conn.closed
+            client._idle.append(conn)  # idle again, without a deadline: reused as it is
+            assert (await fetch(client, up.url + "/"))[0] == 200
+            assert up.connections == 1
         finally:
             await client.aclose()
 

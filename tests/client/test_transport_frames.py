@@ -890,3 +890,55 @@ def test_proxy_repr_hides_the_credentials() -> None:
     proxy = frames_ws.Proxy("p", 3128, "Basic c2VjcmV0OnB3")
     assert "c2VjcmV0" not in repr(proxy)
     assert "c2VjcmV0" not in str(proxy)
+
+
+# -- mask keys ---------------------------------------------------------------------------------
+
+
+def test_mask_keys_are_successive_slices_of_urandom_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each key is 4 fresh bytes of os.urandom, used once; a used-up batch is replaced."""
+    batches: list[bytes] = []
+
+    def urandom(size: int) -> bytes:
+        batch = bytes((len(batches) * 7 + i) % 256 for i in range(size))
+        batches.append(batch)
+        return batch
+
+    monkeypatch.setattr(os, "urandom", urandom)  # what frames_ws draws its batches from
+    monkeypatch.setattr(frames_ws, "_mask_keys", frames_ws._EMPTY_KEYS)
+    per_batch = frames_ws.MASK_KEY_BATCH // 4
+    keys = [frames_ws.mask_key() for _ in range(per_batch + 3)]
+    assert [len(batch) for batch in batches] == [frames_ws.MASK_KEY_BATCH] * 2
+    expected = [batch[i : i + 4] for batch in batches for i in range(0, len(batch), 4)]
+    assert keys == expected[: per_batch + 3]
+
+
+def test_a_forked_child_does_not_reuse_the_parents_mask_keys() -> None:
+    frames_ws.mask_key()  # a batch is under way in this process
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next key, then out at once
+        try:
+            os.write(write_end, frames_ws.mask_key())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        child_key = os.read(read_end, 4)
+        os.waitpid(pid, 0)
+    finally:
+        os.close(read_end)
+    # Without the fork hook the child would have taken this very key from the shared batch.
+    assert len(child_key) == 4
+    assert child_key != frames_ws.mask_key()
+
+
+def test_client_frames_use_the_mask_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(frames_ws, "mask_key", lambda: b"\x01\x02\x03\x04")
+    frame = frames_ws._client_frame(OP_TEXT, b"abcd")
+    assert frame[:2] == bytes((0x80 | OP_TEXT, 0x80 | 4))
+    assert frame[2:6] == b"\x01\x02\x03\x04"
+    key = b"\x01\x02\x03\x04"
+    assert bytes(frame[6:]) == bytes(a ^ b for a, b in zip(b"abcd", key, strict=True))

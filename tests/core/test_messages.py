@@ -27,6 +27,7 @@ from hybridrelay.protocol.messages import (
     Request,
     Response,
     encode_message,
+    encode_response,
     header_text,
     parse_message,
 )
@@ -49,6 +50,29 @@ def test_round_trips() -> None:
     ]
     for message in messages:
         assert parse_message(encode_message(message)) == message
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        Response("id2", 201, "Created", {"x": "y"}, True),
+        Response("id3", 200, None, {}, False),
+        Response("id4", 200, None, {"Set-Cookie": "a=1"}, True, (("Set-Cookie", "a=1"),)),
+    ],
+    ids=["reason", "no-reason-no-body", "repeated-headers"],
+)
+def test_encode_response_writes_what_encode_message_writes(response: Response) -> None:
+    """The listener's fast path (no Response object) is the same JSON, byte for byte."""
+    text = encode_response(
+        response.request_id,
+        response.status_code,
+        response.status_description,
+        response.response_headers,
+        body=response.body,
+        repeated_headers=response.repeated_headers,
+    )
+    assert text == encode_message(response)
+    assert parse_message(text) == response
 
 
 def test_address_only_request_omits_method_and_body() -> None:

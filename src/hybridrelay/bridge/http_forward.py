@@ -216,7 +216,7 @@ class HttpReverseProxy:
         # The exchange runs in this task; when the sender goes away the listener's watch
         # cancels it (one task and no waits per request, rather than the exchange and a watch
         # in tasks of their own).
-        task = asyncio.current_task()
+        task = asyncio.current_task(loop)  # with the loop: no second look-up of it
         assert task is not None
         over = gone = False
 

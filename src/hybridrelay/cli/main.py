@@ -52,7 +52,11 @@ from hybridrelay.transport.event_loop import (
     default_loop,
     use_event_loop,
 )
-from hybridrelay.transport.tuning import set_malloc_thresholds, set_tls_read_buffer
+from hybridrelay.transport.tuning import (
+    freeze_startup_objects,
+    set_malloc_thresholds,
+    set_tls_read_buffer,
+)
 
 __all__ = ["main"]
 
@@ -165,12 +169,14 @@ def _add_optional_commands(sub: argparse._SubParsersAction[argparse.ArgumentPars
 def _cmd_bridge(args: argparse.Namespace) -> int:
     from hybridrelay.cli.bridge import run_bridge
 
+    freeze_startup_objects()
     return asyncio.run(run_bridge(args))
 
 
 def _cmd_serve_app(args: argparse.Namespace) -> int:
     from hybridrelay.cli.serve_app import run_serve_app
 
+    freeze_startup_objects()  # the app is imported later: a few thousand objects, not frozen
     return asyncio.run(run_serve_app(args))
 
 

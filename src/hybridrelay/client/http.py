@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any
@@ -45,7 +46,7 @@ from typing import Any
 from hybridrelay.client._connect import STREAM_MAX_MESSAGE, WebSocketConnector
 from hybridrelay.exceptions import ProtocolError, RelayError, StreamClosedError
 from hybridrelay.protocol.http import split_repeated_headers, without_hop_by_hop
-from hybridrelay.protocol.messages import Request, Response, encode_message, parse_message
+from hybridrelay.protocol.messages import Request, encode_response, parse_message
 from hybridrelay.transport.base import FragmentSocket, MessageKind, MessageSocket
 from hybridrelay.transport.frames_ws import FrameSocket
 
@@ -112,7 +113,8 @@ class RelayedHttpContext:
         self.id = request.id
         self.method = request.method or "GET"
         self.target = request.request_target or "/"
-        self.headers: dict[str, str] = dict(request.request_headers or {})
+        # The parsed message's own dict (parse_message makes a new one for each message).
+        self.headers: dict[str, str] = request.request_headers or {}
         endpoint = request.remote_endpoint
         self.remote_endpoint = (endpoint.address, endpoint.port) if endpoint else None
         self._address = request.address
@@ -125,8 +127,10 @@ class RelayedHttpContext:
         self._reason: str | None = None
         self._response_headers: dict[str, str] = {}
         self._repeated_headers: tuple[tuple[str, str], ...] = ()
-        # The relay closed the rendezvous (the sender went away), or the exchange is over.
-        self._disconnected = asyncio.Event()
+        # The relay closed the rendezvous (the sender went away), or the exchange is over; the
+        # event only once someone waits for it (most exchanges end with nobody waiting).
+        self._gone = False
+        self._gone_event: asyncio.Event | None = None
         self._on_disconnect: list[Callable[[], None]] = []
         self._watcher: asyncio.Task[None] | None = None
         self._responded = False
@@ -219,27 +223,36 @@ class RelayedHttpContext:
         Call it once the request body was read (the rest of it is skipped otherwise).
         """
         self._watch()
-        await self._disconnected.wait()
+        await self._wait_gone()
+
+    async def _wait_gone(self) -> None:
+        if self._gone:
+            return
+        if self._gone_event is None:
+            self._gone_event = asyncio.Event()
+        await self._gone_event.wait()
 
     @property
     def disconnected(self) -> bool:
         """True once :meth:`wait_disconnected` would return at once."""
-        return self._disconnected.is_set()
+        return self._gone
 
     def on_disconnect(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (once, from the event loop) when :meth:`wait_disconnected` would
         return: the sender is gone, or the exchange is over. Like :meth:`wait_disconnected`,
         call it once the request body was read."""
-        if self._disconnected.is_set():
+        if self._gone:
             asyncio.get_running_loop().call_soon(callback)
             return
         self._on_disconnect.append(callback)
         self._watch()
 
     def _mark_disconnected(self) -> None:
-        if self._disconnected.is_set():
+        if self._gone:
             return
-        self._disconnected.set()
+        self._gone = True
+        if self._gone_event is not None:
+            self._gone_event.set()
         callbacks, self._on_disconnect = self._on_disconnect, []
         for callback in callbacks:
             callback()
@@ -247,7 +260,7 @@ class RelayedHttpContext:
     def _watch(self) -> None:
         """Read the rendezvous (after the body) for the relay's close, in a task of its own."""
         socket = self._rendezvous
-        if self._watcher is not None or socket is None or self._disconnected.is_set():
+        if self._watcher is not None or socket is None or self._gone:
             return
 
         async def watch() -> None:
@@ -307,7 +320,15 @@ class RelayedHttpContext:
             raise ValueError("the reason phrase must not contain control characters")
         self._status = status
         self._reason = reason
-        pairs = headers.items() if isinstance(headers, Mapping) else (headers or ())
+        pairs: Iterable[tuple[str, str]]
+        if headers is None:
+            pairs = ()
+        elif isinstance(headers, list | tuple):  # (name, value) pairs: no ABC check (~0.4 us)
+            pairs = headers
+        elif isinstance(headers, Mapping):
+            pairs = headers.items()
+        else:
+            pairs = headers
         self._response_headers, self._repeated_headers = split_repeated_headers(
             without_hop_by_hop([(str(k), str(v)) for k, v in pairs], keep=_KEEP_LENGTH)
         )
@@ -325,16 +346,18 @@ class RelayedHttpContext:
         if self._streaming:
             await self._send_fragment(data, last=False)
             return
-        loop = asyncio.get_running_loop()
+        # time.monotonic, not the loop's time: asyncio.get_running_loop() costs a getpid
+        # system call on Python 3.11, and this runs for every response.
+        now = time.monotonic()
         if self._first_write is None:
-            self._first_write = loop.time()
+            self._first_write = now
         if len(self._buffer) + len(data) > INLINE_RESPONSE_LIMIT:
             # Too big to go inline: stream it from here, without copying it into the buffer.
             await self._start_streaming()
             await self._send_fragment(data, last=False)
             return
         self._buffer += data
-        if loop.time() - self._first_write >= STREAM_AFTER:
+        if now - self._first_write >= STREAM_AFTER:
             await self._start_streaming()
 
     async def flush(self) -> None:
@@ -369,23 +392,31 @@ class RelayedHttpContext:
         control = self._dispatcher.control_for(self._control)
         if control is None:
             raise StreamClosedError("the control channel this request came on is gone")
-        async with self._dispatcher.send_lock:  # JSON and body adjacent (PROTOCOL.md 4.2)
+        messages = (head, body) if body else (head,)
+        lock = self._dispatcher.send_lock
+        if isinstance(control, FrameSocket) and not lock.locked():
+            # JSON and body go out in one write, before anything else can: adjacent without
+            # taking the lock (an acquire and release per request), which nobody holds now;
+            # it is taken only to wait for the transport to drain, as before, so that the
+            # other answers wait too instead of piling up in its buffer.
             self._head_sent = True
-            await self._send(control, head, *((body,) if body else ()), later=True)
+            await self._send(control, *messages, later=True, drain_under=lock)
+        else:
+            async with lock:  # JSON and body adjacent (PROTOCOL.md 4.2)
+                self._head_sent = True
+                await self._send(control, *messages, later=True)
         self._end()
 
     # -- internals -----------------------------------------------------------------------
 
     def _head(self, has_body: bool) -> str:
-        return encode_message(
-            Response(
-                request_id=self.id,
-                status_code=self._status,
-                status_description=self._reason,
-                response_headers=self._response_headers,
-                body=has_body,
-                repeated_headers=self._repeated_headers,
-            )
+        return encode_response(
+            self.id,
+            self._status,
+            self._reason,
+            self._response_headers,
+            body=has_body,
+            repeated_headers=self._repeated_headers,
         )
 
     def open_rendezvous_early(self) -> None:
@@ -445,7 +476,7 @@ class RelayedHttpContext:
         view = memoryview(data)
         start = 0
         while True:
-            if self._disconnected.is_set():
+            if self._gone:
                 raise StreamClosedError("the sender went away")
             piece = bytes(view[start : start + FRAGMENT_SIZE])
             start += len(piece)
@@ -465,17 +496,22 @@ class RelayedHttpContext:
         *messages: str | bytes,
         then_fragment: bytes | None = None,
         later: bool = False,
+        drain_under: asyncio.Lock | None = None,
     ) -> None:
         """Send whole messages, adjacent; on our own sockets in one write, and without a
         timeout's set-up unless the transport makes us wait (the common case is no wait);
         ``then_fragment``: the first fragment of a binary message, in the same write (our
         sockets only); ``later``: together with the other answers of this turn of the event
-        loop."""
+        loop; ``drain_under``: a wait for the transport to drain holds this lock."""
         try:
             if isinstance(socket, FrameSocket):
                 if socket.send_nowait(*messages, then_fragment=then_fragment, later=later):
                     async with asyncio.timeout(SEND_TIMEOUT):
-                        await socket.drain()
+                        if drain_under is None:
+                            await socket.drain()
+                        else:
+                            async with drain_under:
+                                await socket.drain()
                 return
             assert then_fragment is None, "a first fragment goes with the head on our sockets only"
             async with asyncio.timeout(SEND_TIMEOUT):
@@ -495,7 +531,7 @@ class RelayedHttpContext:
                     await socket.send_close(1000)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(CLOSE_TIMEOUT):
-                        await self._disconnected.wait()
+                        await self._wait_gone()
                 socket.abort()
         self._end()
 
@@ -596,9 +632,11 @@ class HttpRequestDispatcher:
         ctx = RelayedHttpContext(self, request, body, control=self._get_control(), rendezvous=None)
         if self._in_flight < MAX_CONCURRENT_REQUESTS and _wants_event_stream(request):
             ctx.open_rendezvous_early()
-        self._start(self._handle(ctx), request, inline=True)
+        self._start(self._handle(ctx, counted=True), request, inline=True)
 
     def _start(self, coro: Coroutine[Any, Any, None], request: Request, *, inline: bool) -> None:
+        """Run ``coro`` (which counts itself out of ``_in_flight`` when it ends), or answer 503
+        when too many requests are in progress."""
         if self._in_flight >= MAX_CONCURRENT_REQUESTS:
             coro.close()
             if inline and self._rejects_in_flight < MAX_REJECTS_IN_FLIGHT:
@@ -611,13 +649,7 @@ class HttpRequestDispatcher:
                 logger.warning("listener %s: overloaded, dropping request", self._listener_id)
             return
         self._in_flight += 1
-        self._spawn(self._counted(coro), "http")
-
-    async def _counted(self, coro: Coroutine[Any, Any, None]) -> None:
-        try:
-            await coro
-        finally:
-            self._in_flight -= 1
+        self._spawn(coro, "http")
 
     async def _busy(self, ctx: RelayedHttpContext) -> None:
         try:
@@ -658,6 +690,12 @@ class HttpRequestDispatcher:
     async def _serve_rendezvous(self, announcement: Request) -> None:
         """An address-only request: the full request (+ body) comes over the rendezvous."""
         try:
+            await self._serve_rendezvous_request(announcement)
+        finally:
+            self._in_flight -= 1
+
+    async def _serve_rendezvous_request(self, announcement: Request) -> None:
+        try:
             socket = await self.open_rendezvous(announcement.address)
         except RelayError as exc:
             logger.warning(
@@ -696,7 +734,9 @@ class HttpRequestDispatcher:
 
     # -- the handler ---------------------------------------------------------------------
 
-    async def _handle(self, ctx: RelayedHttpContext) -> None:
+    async def _handle(self, ctx: RelayedHttpContext, *, counted: bool = False) -> None:
+        """Run the handler for ``ctx`` and complete its response; ``counted``: one of the
+        requests in ``_in_flight`` (an inline one: no wrapper coroutine per request)."""
         try:
             handler = self._get_handler()
             if handler is None:
@@ -729,5 +769,7 @@ class HttpRequestDispatcher:
             )
             ctx.abort()
         finally:
+            if counted:
+                self._in_flight -= 1
             if not ctx.finished or ctx._rendezvous is not None:
                 ctx.abort()

@@ -245,6 +245,9 @@ class HybridConnectionListener:
         self._control: MessageSocket | None = None
         self._token_expiry: int | None = None
         self._run_task: asyncio.Task[None] | None = None
+        # The loop open() ran on: asyncio.create_task looks it up with a getpid system call
+        # (Python 3.11), once per relayed HTTP request.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending: deque[HybridConnectionStream] = deque()
         self._reserved = 0  # queued streams + accepts in progress, <= max_pending
@@ -333,6 +336,7 @@ class HybridConnectionListener:
         if self._state != "new":
             raise RuntimeError("open() was already called")
         self._state = "opening"
+        self._loop = asyncio.get_running_loop()
         self._set_status("connecting")
         try:
             socket = await self._connect_first()
@@ -431,7 +435,8 @@ class HybridConnectionListener:
     # -- tasks -------------------------------------------------------------------------------
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro, name=f"hybridrelay-listener-{name}")
+        loop = self._loop or asyncio.get_running_loop()
+        task = loop.create_task(coro, name=f"hybridrelay-listener-{name}")
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task

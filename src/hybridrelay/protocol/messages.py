@@ -40,6 +40,7 @@ __all__ = [
     "Request",
     "Response",
     "encode_message",
+    "encode_response",
     "header_text",
     "parse_message",
 ]
@@ -324,12 +325,34 @@ def encode_message(message: ControlMessage) -> str:
             body["body"] = bool(message.body)
         return _dumps({"request": body})
     if isinstance(message, Response):
-        body = {"requestId": message.request_id, "statusCode": message.status_code}
-        if message.status_description is not None:
-            body["statusDescription"] = message.status_description
-        body["responseHeaders"] = message.response_headers
-        if message.repeated_headers:
-            body["repeatedResponseHeaders"] = [list(pair) for pair in message.repeated_headers]
-        body["body"] = message.body
-        return _dumps({"response": body})
+        return encode_response(
+            message.request_id,
+            message.status_code,
+            message.status_description,
+            message.response_headers,
+            body=message.body,
+            repeated_headers=message.repeated_headers,
+        )
     return _dumps({"renewToken": {"token": message.token}})
+
+
+def encode_response(
+    request_id: str,
+    status_code: int,
+    status_description: str | None,
+    response_headers: dict[str, str],
+    *,
+    body: bool,
+    repeated_headers: tuple[tuple[str, str], ...] = (),
+) -> str:
+    """``encode_message(Response(...))`` without building the :class:`Response`: a listener
+    writes one per relayed request, and a frozen dataclass' ``__init__`` (a
+    ``object.__setattr__`` per field) cost more than the JSON itself (~2.5 against ~0.5 us)."""
+    document: dict[str, Any] = {"requestId": request_id, "statusCode": status_code}
+    if status_description is not None:
+        document["statusDescription"] = status_description
+    document["responseHeaders"] = response_headers
+    if repeated_headers:
+        document["repeatedResponseHeaders"] = [list(pair) for pair in repeated_headers]
+    document["body"] = body
+    return _dumps({"response": document})
