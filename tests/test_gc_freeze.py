@@ -1,6 +1,6 @@
 """``freeze_startup_objects`` (transport/tuning.py): what exists after start-up leaves the
 garbage collector's walks, what comes later is still collected; the bridge and serve-app
-commands call it before they run."""
+commands and the relay call it before they run."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,9 +42,9 @@ def test_startup_objects_are_frozen_and_later_cycles_still_collected() -> None:
     assert collected >= 2
 
 
-@pytest.mark.parametrize("command", ["bridge", "serve-app"])
+@pytest.mark.parametrize("command", ["bridge", "serve-app", "serve"])
 def test_the_long_running_commands_freeze_their_startup_objects(
-    monkeypatch: pytest.MonkeyPatch, command: str
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, command: str
 ) -> None:
     calls: list[str] = []
     monkeypatch.setattr(cli_main, "freeze_startup_objects", lambda: calls.append("freeze"))
@@ -54,6 +55,10 @@ def test_the_long_running_commands_freeze_their_startup_objects(
         return 0
 
     monkeypatch.setattr(asyncio, "run", run)  # what the commands run their coroutine with
-    handler = cli_main._cmd_bridge if command == "bridge" else cli_main._cmd_serve_app
-    assert handler(argparse.Namespace()) == 0
+    if command == "serve":
+        args = cli_main.build_parser().parse_args(["serve", "--data-dir", str(tmp_path)])
+        assert cli_main._cmd_serve(args) == 0
+    else:
+        handler = cli_main._cmd_bridge if command == "bridge" else cli_main._cmd_serve_app
+        assert handler(argparse.Namespace()) == 0
     assert calls == ["freeze", "run"]

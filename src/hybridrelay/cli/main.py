@@ -328,6 +328,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         say("hybridrelay: relay stopped")
         return 0
 
+    freeze_startup_objects()  # the relay's full collections walked its modules' objects too
     return asyncio.run(run())
 
 
