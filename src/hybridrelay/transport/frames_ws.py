@@ -90,7 +90,7 @@ from hybridrelay.transport.connect_failure import connect_failure
 from hybridrelay.transport.receive_buffer import receive_buffer
 from hybridrelay.transport.warm import WarmPool
 
-__all__ = ["FrameSocket", "Proxy", "connect"]
+__all__ = ["MASK_KEY_BATCH", "FrameSocket", "Proxy", "connect", "mask_key"]
 
 logger = logging.getLogger("hybridrelay.client")
 
