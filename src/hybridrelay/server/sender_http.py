@@ -174,26 +174,31 @@ class _StreamedBody:
         self._connection = connection
         self._head = head
         self._chunked = False
+        #: The response head, until it goes out with the first part of the body (one write).
+        self._unsent = b""
 
     async def start(self, length: int | None) -> None:
         head = self._head
-        self._chunked = self._connection.write_stream_head(
+        self._unsent, self._chunked = self._connection.stream_head(
             head.status, head.reason, head.headers, length
         )
-        await self._connection.drain()
 
     async def write(self, data: bytes | memoryview) -> None:
         if not data:
             return
         if self._chunked:
-            self._connection.write(b"%x\r\n" % len(data) + bytes(data) + b"\r\n")
+            part = b"%x\r\n" % len(data) + bytes(data) + b"\r\n"
         else:
-            self._connection.write(bytes(data))
+            part = bytes(data)
+        self._connection.write(self._unsent + part if self._unsent else part)
+        self._unsent = b""
         await self._connection.drain()
 
     async def end(self) -> None:
-        if self._chunked:
-            self._connection.write(b"0\r\n\r\n")
+        last = b"0\r\n\r\n" if self._chunked else b""
+        if self._unsent or last:
+            self._connection.write(self._unsent + last)
+            self._unsent = b""
         await self._connection.drain()
         if not self._connection.keep_alive:
             self._connection.close()
@@ -434,14 +439,14 @@ class _SenderConnection(asyncio.Protocol):
             parts.append(body)
         self.write(b"".join(parts))
 
-    def write_stream_head(
+    def stream_head(
         self,
         status: int,
         reason: str | None,
         headers: list[tuple[str, str]],
         length: int | None,
-    ) -> bool:
-        """The head of a response whose body follows in parts; whether it is chunked."""
+    ) -> tuple[bytes, bool]:
+        """The head of a response whose body follows in parts, and whether it is chunked."""
         parts, missing = self._head_lines(status, reason, headers)
         chunked = False
         if length is not None:
@@ -454,8 +459,7 @@ class _SenderConnection(asyncio.Protocol):
         if _CONTENT_TYPE in missing:
             parts.append(_DEFAULT_CONTENT_TYPE)
         parts.append(self._tail(missing))
-        self.write(b"".join(parts))
-        return chunked
+        return b"".join(parts), chunked
 
     def _head_lines(
         self, status: int, reason: str | None, headers: list[tuple[str, str]]
