@@ -39,6 +39,7 @@ from hybridrelay.auth.sas import Rights
 from hybridrelay.protocol.addressing import HC_PREFIX, filter_query, protocol_params
 from hybridrelay.protocol.http import INLINE_BODY_LIMIT, INLINE_HEADER_LIMIT, header_json_size
 from hybridrelay.server.access import sender_token
+from hybridrelay.server.config import HybridConnectionConfig
 from hybridrelay.server.context import RelayContext
 from hybridrelay.server.http_relay import (
     BodySink,
@@ -214,7 +215,7 @@ class _SenderConnection(asyncio.Protocol):
         self._front = front
         self._transport: asyncio.Transport | None = None
         self._raw = bytearray()
-        #: The head of the request whose body is still arriving: (its length, the request).
+        #: The request whose body is still arriving: (its head's size, its body's, the request).
         self._waiting: tuple[int, int, _Prepared] | None = None
         self._busy = False
         self._reading_paused = False
@@ -577,7 +578,7 @@ class _Prepared:
         self,
         method: str,
         host: str,
-        entity: Any,
+        entity: HybridConnectionConfig,
         headers: dict[str, str],
         target: str,
         length: int,
