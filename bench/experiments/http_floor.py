@@ -352,20 +352,27 @@ def _measure_floor(seconds: int) -> tuple[float, float]:
         assert "floor relay http" in relay.stdout.readline()
         listener = subprocess.Popen([*me, "--role", "listener", str(control_port)], env=env)
         assert "ready" in relay.stdout.readline()
-        _wrk(f"http://127.0.0.1:{http_port}/floor/small", 1, [f"ServiceBusAuthorization: {TOKEN}"])
-        before = _cpu_seconds(relay.pid)
-        result = _wrk(
-            f"http://127.0.0.1:{http_port}/floor/small",
-            seconds,
-            [f"ServiceBusAuthorization: {TOKEN}"],
-        )
-        cpu = _cpu_seconds(relay.pid) - before
-        return result["req_per_s"], 1e6 * cpu / max(1, result["requests"])
+        url = f"http://127.0.0.1:{http_port}/floor/small"
+        return _load(relay.pid, url, seconds, [f"ServiceBusAuthorization: {TOKEN}"])
     finally:
-        for proc in (listener, relay):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(10)
+        _end(listener, relay)
+
+
+def _load(pid: int, url: str, seconds: int, headers: list[str]) -> tuple[float, float]:
+    """wrk against ``url`` (after a second's warm-up): req/s, and process ``pid``'s CPU-ms
+    per 1,000 requests."""
+    _wrk(url, 1, headers)
+    before = _cpu_seconds(pid)
+    result = _wrk(url, seconds, headers)
+    cpu = _cpu_seconds(pid) - before
+    return result["req_per_s"], 1e6 * cpu / max(1, result["requests"])
+
+
+def _end(*procs: subprocess.Popen[Any] | None) -> None:
+    for proc in procs:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
 
 
 def _measure_real_relay(seconds: int) -> tuple[float, float]:
@@ -421,17 +428,9 @@ def _measure_real_relay(seconds: int) -> tuple[float, float]:
             assert listener.stdout is not None
             assert "ready" in listener.stdout.readline()
             url = f"http://127.0.0.1:{port}/floor/small"
-            headers = [f"ServiceBusAuthorization: {token}"]
-            _wrk(url, 1, headers)
-            before = _cpu_seconds(relay.pid)
-            result = _wrk(url, seconds, headers)
-            cpu = _cpu_seconds(relay.pid) - before
-            return result["req_per_s"], 1e6 * cpu / max(1, result["requests"])
+            return _load(relay.pid, url, seconds, [f"ServiceBusAuthorization: {token}"])
         finally:
-            for proc in (listener, relay):
-                if proc is not None:
-                    proc.terminate()
-                    proc.wait(10)
+            _end(listener, relay)
 
 
 def _measure_real(seconds: int) -> tuple[float, float]:
