@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -128,7 +129,9 @@ async def _feed(relay: Relay, pieces: list[bytes], cuts: list[int]) -> None:
 
     aiohttp_side = Aiohttp()
     front = SenderFront(relay.server._context, relay.server.http, lambda: aiohttp_side)
-    front.http = cast(HttpRelay, type("Http", (), {"relay_inline": staticmethod(relay_inline)})())
+    # The real admission, a recording exchange.
+    real = relay.server.http
+    front.http = cast(HttpRelay, SimpleNamespace(admit=real.admit, relay_inline=relay_inline))
     connection = _SenderConnection(front)
     transport = Transport()
     connection.connection_made(transport)  # type: ignore[arg-type]

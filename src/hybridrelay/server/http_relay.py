@@ -41,13 +41,13 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
-from hybridrelay.auth.sas import Rights
+from hybridrelay.auth.sas import AuthDecision, Rights
 from hybridrelay.exceptions import ProtocolError, RelayConnectionError
 from hybridrelay.protocol.addressing import (
     filter_query,
@@ -311,20 +311,18 @@ class HttpRelay:
         raw_query: str,
         exchange_id: str,
     ) -> web.StreamResponse:
-        params = protocol_params(raw_query)
-        token, strip_authorization = sender_token(request.headers, params, entity)
-        if token is None and entity.requires_client_authorization:
-            token = cookie_token(request.headers)  # a browser's (PROTOCOL.md 3.4)
-        if entity.requires_client_authorization:
-            decision = self._relay.access.authorize(
-                token, entity, Rights.SEND, suffix=suffix, host=request.host
-            )
-            if not decision.allowed:
-                return error_response(decision.status, decision.reason)
-
-        headers = forwarded_request_headers(request.headers.items(), strip_authorization)
-        strip_token_cookie(request.headers, headers)
-        target = raw_path + ("?" + filtered if (filtered := filter_query(raw_query)) else "")
+        admitted = self.admit(
+            entity,
+            suffix,
+            request.host,
+            request.headers,
+            request.headers.items(),
+            raw_path,
+            raw_query,
+        )
+        if isinstance(admitted, AuthDecision):
+            return error_response(admitted.status, admitted.reason)
+        headers, target = admitted
         peer = request.transport.get_extra_info("peername") if request.transport else None
         remote = remote_endpoint(peer)
         has_body = request.body_exists
@@ -421,6 +419,33 @@ class HttpRelay:
             return await self._respond(request, result, deadline)
         finally:
             await self._finish(exchange)
+
+    def admit(
+        self,
+        entity: HybridConnectionConfig,
+        suffix: str,
+        host: str,
+        headers: Mapping[str, str],
+        items: Iterable[tuple[str, str]],
+        raw_path: str,
+        raw_query: str,
+    ) -> tuple[dict[str, str], str] | AuthDecision:
+        """A sender's request to ``entity``: the refusal of its token, or the ``requestHeaders``
+        and ``requestTarget`` its listener is told (6.2). ``headers`` are the request's
+        (case-insensitive), ``items`` the same in order, repeats included."""
+        token, strip_authorization = sender_token(headers, protocol_params(raw_query), entity)
+        if entity.requires_client_authorization:
+            if token is None:
+                token = cookie_token(headers)  # a browser's (PROTOCOL.md 3.4)
+            decision = self._relay.access.authorize(
+                token, entity, Rights.SEND, suffix=suffix, host=host
+            )
+            if not decision.allowed:
+                return decision
+        forwarded = forwarded_request_headers(items, strip_authorization)
+        strip_token_cookie(headers, forwarded)
+        target = raw_path + ("?" + filtered if (filtered := filter_query(raw_query)) else "")
+        return forwarded, target
 
     async def _await_response(
         self,

@@ -35,20 +35,17 @@ import httptools
 from aiohttp import web
 from multidict import CIMultiDict
 
-from hybridrelay.auth.sas import Rights
-from hybridrelay.protocol.addressing import HC_PREFIX, filter_query, protocol_params
+from hybridrelay.protocol.addressing import HC_PREFIX
 from hybridrelay.protocol.http import INLINE_BODY_LIMIT, INLINE_HEADER_LIMIT, header_json_size
-from hybridrelay.server.access import sender_token
 from hybridrelay.server.config import HybridConnectionConfig
 from hybridrelay.server.context import RelayContext
 from hybridrelay.server.http_relay import (
     BodySink,
     HttpRelay,
     ResponseHead,
-    forwarded_request_headers,
     response_deadline,
 )
-from hybridrelay.server.http_upgrade import cookie_token, sender_entity, strip_token_cookie
+from hybridrelay.server.http_upgrade import sender_entity
 from hybridrelay.server.responses import SERVER_HEADER, error_response, tracking_id
 from hybridrelay.server.runtime_info import is_runtime_info
 
@@ -354,20 +351,16 @@ class _SenderConnection(asyncio.Protocol):
             return None
         entity, suffix = resolved
         host = headers["Host"]
-        token, strip_authorization = sender_token(headers, protocol_params(raw_query), entity)
-        if entity.requires_client_authorization:
-            if token is None:
-                token = cookie_token(headers)
-            decision = relay.access.authorize(token, entity, Rights.SEND, suffix=suffix, host=host)
-            if not decision.allowed:
-                return None
-        forwarded = forwarded_request_headers(reader.headers, strip_authorization)
-        strip_token_cookie(headers, forwarded)
+        admitted = self._front.http.admit(
+            entity, suffix, host, headers, reader.headers, raw_path, raw_query
+        )
+        if not isinstance(admitted, tuple):  # its refusal: aiohttp's path answers it
+            return None
+        forwarded, target = admitted
         if header_json_size(forwarded) > INLINE_HEADER_LIMIT:
             return None
         if not relay.broker.answers_inline(entity.name):
             return None
-        target = raw_path + ("?" + filtered if (filtered := filter_query(raw_query)) else "")
         return _Prepared(
             method,
             host,
