@@ -38,12 +38,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from hybridrelay.bridge import upstream_http
 from hybridrelay.bridge.config import BridgeConfig, HttpForward
 from hybridrelay.bridge.listening import EdgeListener, keep_listening
 from hybridrelay.bridge.pipe import RelayStream, close_stream
 from hybridrelay.bridge.specs import validate_http_target
-from hybridrelay.bridge.upstream_http import UpstreamClient, UpstreamError, UpstreamUnreachable
+from hybridrelay.bridge.upstream_http import UpstreamError, UpstreamPool, UpstreamUnreachable
 from hybridrelay.bridge.websocket_forward import WebSocketForwarder
 from hybridrelay.client import AcceptContext, AcceptHandler, RelayedHttpContext, RequestHandler
 from hybridrelay.client.backoff import RECONNECT_DELAYS
@@ -135,16 +134,16 @@ class HttpReverseProxy:
         self._prefix = "/" + self._entity
         self._public = f"{self._proto}://{relay_host}{self._prefix}"
         self._session: aiohttp.ClientSession | None = None
-        self._upstream: UpstreamClient | None = None
+        self._upstream: UpstreamPool | None = None
 
     @property
     def target(self) -> str:
         """The upstream base URL."""
         return self._target
 
-    def _get_upstream(self) -> UpstreamClient:
+    def _get_upstream(self) -> UpstreamPool:
         if self._upstream is None:
-            self._upstream = upstream_http.UpstreamPool(
+            self._upstream = UpstreamPool(
                 self._target,
                 ssl=self._ssl,
                 connect_timeout=self._connect_timeout,

@@ -24,7 +24,7 @@ import collections
 import re
 import ssl as ssl_module
 from collections.abc import AsyncIterator
-from typing import Any, Protocol, cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -33,7 +33,6 @@ from yarl import URL
 from hybridrelay.bridge.deadline import LazyDeadline
 
 __all__ = [
-    "UpstreamClient",
     "UpstreamError",
     "UpstreamPool",
     "UpstreamResponse",
@@ -48,36 +47,6 @@ IDLE_TIMEOUT = 15.0
 READ_HIGH_WATER = 256 * 1024
 #: Methods that get no ``Content-Length: 0`` when sent without a body (as aiohttp does).
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "CONNECT", "TRACE"})
-
-
-class UpstreamResponseLike(Protocol):
-    """What :meth:`UpstreamClient.request` returns."""
-
-    status: int
-    reason: str
-    headers: list[tuple[str, str]]
-
-    @property
-    def content_length(self) -> int | None: ...
-
-    def chunks(self) -> AsyncIterator[bytes]: ...
-
-    def release(self) -> None: ...
-
-
-class UpstreamClient(Protocol):
-    """Sends a forward's requests to its upstream (:class:`UpstreamPool`, or
-    :class:`AiohttpUpstream` without httptools)."""
-
-    async def request(
-        self,
-        method: str,
-        url: str,
-        headers: list[tuple[str, str]],
-        body: AsyncIterator[bytes] | None,
-    ) -> UpstreamResponseLike: ...
-
-    async def aclose(self) -> None: ...
 
 
 class UpstreamError(Exception):
