@@ -15,7 +15,8 @@ So every accepted connection passes this gate first:
 * **the first request head** is read here, not by aiohttp: it must be complete (the blank
   line after the headers) within ``header_timeout`` seconds and ``max_header_bytes`` bytes, or
   the connection gets ``408`` / ``431`` and is closed. Only then is the connection handed to
-  the real protocol (aiohttp's), with the bytes read so far, and the gate steps out of the
+  the real protocol (the relay's HTTP front, ``sender_http.py``, which hands aiohttp what it
+  does not serve), with the bytes read so far, and the gate steps out of the
   data path (``transport.set_protocol``): it costs nothing per byte afterwards.
 
 A connection is counted from its accept until its transport closes, whoever owns it then
@@ -23,10 +24,10 @@ A connection is counted from its accept until its transport closes, whoever owns
 forgets closed ones when it needs the room (:meth:`ConnectionGate._prune`), so no protocol
 has to tell it.
 
-Later requests on a kept-alive connection are bounded by aiohttp's per-field limits and the
-relay's idle timeout; the first one is where a client without a token gets its say. The
-relay's own ``ingress:`` ports carry raw TCP, not HTTP: there the gate counts and caps only
-(``read_head=False``).
+Later requests on a kept-alive connection are bounded by aiohttp's per-field limits (the
+front hands aiohttp every head that could reach them) and the relay's idle timeout; the
+first one is where a client without a token gets its say. The relay's own ``ingress:``
+ports carry raw TCP, not HTTP: there the gate counts and caps only (``read_head=False``).
 """
 
 from __future__ import annotations
