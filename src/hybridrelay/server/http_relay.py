@@ -14,9 +14,13 @@ listener's ``response`` (+ body) becomes the HTTP response. One *exchange* per r
   rendezvous only to send a large response to a request that was delivered inline (6.3 case 2);
   the relay then does not resend the request.
 
-The sender's handler task owns the whole exchange, including the rendezvous socket once the
-listener opened it (the rendezvous' own handler just waits until the exchange is over), so that
-every timeout and every cleanup lives in one place.
+Requests come two ways. The relay's own HTTP front (``sender_http.py``) hands over the small
+ones it read whole: :meth:`HttpRelay.relay_inline` relays them without a task of their own,
+the answer, the deadline and the sender's going away settling the exchange by callback
+(:class:`_InlineWait`). Everything else comes through aiohttp (:meth:`handle_sender_request`),
+whose handler task owns the whole exchange, including the rendezvous socket once the listener
+opened it. Either way every timeout and every cleanup of an exchange lives in one place, and
+the two share the admission (:meth:`HttpRelay.admit`), the response head and the streamed body.
 
 Bodies stream both ways, any size, in memory bounded by buffers: the rendezvous is taken away
 from aiohttp after its 101 (:class:`~hybridrelay.transport.http_leg.MessageLeg`, D9's frame
