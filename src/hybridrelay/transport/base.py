@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 __all__ = [
+    "COALESCED_WRITE_LIMIT",
     "CloseCode",
     "FragmentSocket",
     "MessageKind",
@@ -27,6 +28,16 @@ __all__ = [
     "StreamSocket",
     "WsMessage",
 ]
+
+
+#: Messages written in one turn of the event loop go out together at its end (one system call
+#: for many small ones), but never more than this many bytes at once: past it the batch is
+#: written now. The relay and its listener are a pipeline; a batch holding a whole turn's
+#: requests (50 senders' worth, ~30 KiB) let the listener start only once the relay's turn
+#: was over, and answers came back the same way, so the two processes worked in turn rather
+#: than side by side: 4 KiB (about six requests) took `serve-app`'s small GETs from ~6,900 to
+#: ~10,000 req/s and cost the relay no more CPU (docs/DECISIONS.md D27).
+COALESCED_WRITE_LIMIT = 4 * 1024
 
 
 class CloseCode(enum.IntEnum):

@@ -24,9 +24,11 @@ framing code, as it does rendezvous (:class:`~hybridrelay.transport.server_leg.S
 * writing: a text message and the binary one that follows it, without waiting
   (:meth:`ControlLeg.write_message`); what is written in one turn of the event loop goes to
   the transport at the end of that turn, in one write (the requests of the HTTP senders
-  served in one turn cost the relay one system call and the listener one read, not one
-  each), or at once past 64 KiB; :attr:`ControlLeg.write_paused` says when the transport is
-  above its high-water mark and :meth:`ControlLeg.drain` waits for it;
+  served in one turn cost the relay a few system calls and the listener a few reads, not one
+  each), or at once past ``COALESCED_WRITE_LIMIT`` (4 KiB: the listener starts on the first
+  requests while the relay still reads the others, D27); :attr:`ControlLeg.write_paused`
+  says when the transport is above its high-water mark and :meth:`ControlLeg.drain` waits
+  for it;
 * closing: our close frame, then the peer's answer awaited for ``PEER_CLOSE_WAIT`` before the
   connection is dropped (dropped at once, the peer's answer meets a closed socket and the
   reset can cost the peer our close frame: hyco-ws reported 1006 instead of 1001).
@@ -47,7 +49,7 @@ from hybridrelay.protocol.websocket import (
     server_frame,
     server_frame_header,
 )
-from hybridrelay.transport.base import MessageSink
+from hybridrelay.transport.base import COALESCED_WRITE_LIMIT, MessageSink
 from hybridrelay.transport.receive_buffer import receive_buffer
 from hybridrelay.transport.server_leg import ServerLeg
 
@@ -57,9 +59,6 @@ logger = logging.getLogger("hybridrelay.server")
 
 #: How long the peer may take to answer our close frame before the connection is dropped.
 PEER_CLOSE_WAIT = 2.0
-#: A batch of messages is written at once when it reaches this size (else at the end of the
-#: event loop's turn): the transport's high-water mark then sees it.
-_BATCH_UP_TO = 64 * 1024
 
 
 class _Discard:
@@ -131,7 +130,7 @@ class ControlLeg(ServerLeg):
     def write_message(self, text: str, body: bytes | None = None) -> None:
         """Write a text message and, right after it, the binary message ``body``, without
         waiting: into this turn of the event loop's batch, written at its end (see the
-        module's docstring), or at once when the batch reaches ``_BATCH_UP_TO``.
+        module's docstring), or at once when the batch reaches ``COALESCED_WRITE_LIMIT``.
 
         Raises:
             RelayConnectionError: our close frame went out, or the connection is closing.
@@ -150,7 +149,7 @@ class ControlLeg(ServerLeg):
         if body is not None:
             batch += server_frame_header(True, OP_BINARY, len(body))
             batch += body
-        if len(batch) >= _BATCH_UP_TO:
+        if len(batch) >= COALESCED_WRITE_LIMIT:
             self._flush()
 
     def _flush(self) -> None:

@@ -85,7 +85,12 @@ from hybridrelay.protocol.websocket import (
     whole_server_frames,
 )
 from hybridrelay.tcp_keepalive import acks_stalled, send_queued
-from hybridrelay.transport.base import MessageKind, StreamSink, WsMessage
+from hybridrelay.transport.base import (
+    COALESCED_WRITE_LIMIT,
+    MessageKind,
+    StreamSink,
+    WsMessage,
+)
 from hybridrelay.transport.connect_failure import connect_failure
 from hybridrelay.transport.receive_buffer import receive_buffer
 from hybridrelay.transport.warm import WarmPool
@@ -334,7 +339,8 @@ class FrameSocket(asyncio.BufferedProtocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         # Frames of send_nowait(later=True) in this turn of the event loop, written together
-        # at its end (one system call for many small responses; None: nothing waits).
+        # at its end or once they reach COALESCED_WRITE_LIMIT (a few system calls for many
+        # small responses, and the relay starts on the first ones; None: nothing waits).
         self._later: bytearray | None = None
         # Splice mode.
         self._sink: StreamSink | None = None
@@ -463,8 +469,9 @@ class FrameSocket(asyncio.BufferedProtocol):
         high-water mark and :meth:`drain` should be awaited.
 
         ``later``: written at the end of this turn of the event loop together with whatever
-        else is sent so (a listener answering many requests in one turn makes one system
-        call, and the relay one read); any other send writes them first, in order."""
+        else is sent so, or as soon as that reaches ``COALESCED_WRITE_LIMIT`` (a listener
+        answering many requests in one turn makes a few system calls, not one each); any
+        other send writes them first, in order."""
         frames = bytearray()
         for data in messages:
             if isinstance(data, str):
@@ -680,7 +687,7 @@ class FrameSocket(asyncio.BufferedProtocol):
             raise RelayConnectionError("WebSocket send failed: the connection is closed")
         if self._later is not None:
             self._later += frames
-            if not later:
+            if not later or len(self._later) >= COALESCED_WRITE_LIMIT:
                 self._write_later()
         elif later:
             self._later = frames
