@@ -109,18 +109,48 @@ class _Frames:
 # -- the floor relay ----------------------------------------------------------------------
 
 
-async def relay_main(http_port: int, control_port: int) -> None:
+async def relay_main(port: int, keys: dict[str, str], entities: set[str]) -> None:
+    """The floor relay on one port, as a relay serves senders and listeners: a sender's
+    request to ``/{entity}/...``, a listener's WebSocket upgrade to ``/$hc/{entity}``
+    (``keys``: SAS key by name, ``entities``: the hybrid connections)."""
+    import base64
+    import hashlib
+    import hmac
+    from urllib.parse import unquote
+
     import httptools
     import orjson
     from prometheus_client import Counter
 
+    from hybridrelay.auth.sas import parse_token
+    from hybridrelay.exceptions import TokenError
+
     requests_total = Counter("floor_requests", "requests", ["entity"]).labels(entity="floor")
-    tokens: dict[str, tuple[str, float]] = {TOKEN: ("floor", 9999999999.0)}
-    entities = {"floor"}
+    #: Each token's signature checked once (the real relay caches its decisions too).
+    tokens: dict[str, tuple[str, float]] = {}
     pending: dict[str, Sender] = {}
-    control: list[asyncio.Transport] = []
+    control: dict[str, asyncio.Transport] = {}
     log_lines: list[str] = []
     date = [b"", 0]
+
+    def token_entity(token: str | None) -> tuple[str, float] | None:
+        if not token:
+            return None
+        known = tokens.get(token)
+        if known is None:
+            try:
+                parsed = parse_token(token)
+            except TokenError:
+                return None
+            key = keys.get(parsed.key_name)
+            signed = f"{parsed.raw_sr}\n{parsed.raw_se}".encode()
+            if key is None or not hmac.compare_digest(
+                hmac.new(key.encode(), signed, hashlib.sha256).digest(), parsed.signature
+            ):
+                return None
+            entity = unquote(parsed.raw_sr).split("://", 1)[-1].split("/")[1]
+            known = tokens[token] = (entity, float(parsed.expiry))
+        return known
 
     def date_header() -> bytes:
         now = int(time.time())
@@ -148,13 +178,19 @@ async def relay_main(http_port: int, control_port: int) -> None:
             self.transport: asyncio.Transport | None = None
             self.peer: Any = None
             self.started = 0.0
+            self.listen: str | None = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self.transport = transport  # type: ignore[assignment]
             self.peer = transport.get_extra_info("peername")
 
         def data_received(self, data: bytes) -> None:
-            self.parser.feed_data(data)
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                if self.listen is None:
+                    raise
+                self.accept_listener(data[upgrade.args[0] :])
 
         def on_message_begin(self) -> None:
             self.headers = {}
@@ -166,19 +202,45 @@ async def relay_main(http_port: int, control_port: int) -> None:
         def on_header(self, name: bytes, value: bytes) -> None:
             self.headers[name.decode("latin-1")] = value.decode("latin-1")
 
+        def accept_listener(self, rest: bytes) -> None:
+            """A listener's upgrade: 101, and the connection is a control channel."""
+            assert self.transport is not None and self.listen is not None
+            key = self.headers.get("Sec-WebSocket-Key", "")
+            accept = base64.b64encode(
+                hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+            )
+            self.transport.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+            )
+            channel = Control(self.listen)
+            self.transport.set_protocol(channel)
+            channel.connection_made(self.transport)
+            if rest:
+                channel.data_received(rest)
+
         def on_message_complete(self) -> None:
             assert self.transport is not None
             path = self.url.decode("latin-1")
-            target, _, _query = path.partition("?")
-            entity = target.split("/", 2)[1]
+            target, _, query = path.partition("?")
             headers = self.headers
             token = headers.pop("ServiceBusAuthorization", None)
-            known = tokens.get(token or "")
+            if target.startswith("/$hc/"):
+                entity = target[5:].strip("/")
+                known = token_entity(token)
+                if "sb-hc-action=listen" in query and known is not None and known[0] == entity:
+                    self.listen = entity  # the upgrade follows (HttpParserUpgrade)
+                else:
+                    self.transport.write(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n")
+                return
+            entity = target.split("/", 2)[1]
+            known = token_entity(token)
             if (
                 entity not in entities
                 or known is None
                 or known[0] != entity
                 or known[1] < time.time()
+                or entity not in control
             ):
                 self.transport.write(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n")
                 return
@@ -199,7 +261,7 @@ async def relay_main(http_port: int, control_port: int) -> None:
                 }
             }
             pending[rid] = self
-            control[0].write(_frame(0x1, orjson.dumps(message), mask=False))
+            control[entity].write(_frame(0x1, orjson.dumps(message), mask=False))
 
         def answer(self, response: dict[str, Any], body: bytes) -> None:
             assert self.transport is not None
@@ -207,9 +269,14 @@ async def relay_main(http_port: int, control_port: int) -> None:
                 return
             reason = response.get("statusDescription") or "OK"
             head = [f"HTTP/1.1 {response['statusCode']} {reason}".encode()]
+            via = "1.1 floor"
             for name, value in response.get("responseHeaders", {}).items():
-                head.append(f"{name}: {value}".encode("latin-1"))
-            head.append(b"Via: 1.1 floor")
+                lower = name.lower()
+                if lower == "via":
+                    via = f"{value}, {via}"
+                elif lower not in _HOP and lower != "content-length":  # the relay's own
+                    head.append(f"{name}: {value}".encode("latin-1"))
+            head.append(b"Via: " + via.encode("latin-1"))
             head.append(date_header())
             head.append(b"Content-Length: " + str(len(body)).encode())
             self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
@@ -220,18 +287,24 @@ async def relay_main(http_port: int, control_port: int) -> None:
             )
 
     class Control(asyncio.Protocol):
-        def __init__(self) -> None:
+        """A listener's control channel: its responses (and their bodies), its pings."""
+
+        def __init__(self, entity: str) -> None:
+            self.entity = entity
             self.frames = _Frames()
             self.head: tuple[Sender, dict[str, Any]] | None = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            control.append(transport)  # type: ignore[arg-type]
+            self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+            control[self.entity] = self.transport
             print("floor relay ready", flush=True)
 
         def data_received(self, data: bytes) -> None:
             for opcode, payload in self.frames.feed(data):
                 if opcode == 0x1:
-                    response = orjson.loads(payload)["response"]
+                    response = orjson.loads(payload).get("response")
+                    if response is None:  # renewToken: nothing to do on a floor
+                        continue
                     sender = pending.pop(response["requestId"], None)
                     if sender is None:
                         continue
@@ -243,21 +316,30 @@ async def relay_main(http_port: int, control_port: int) -> None:
                     sender, response = self.head
                     self.head = None
                     sender.answer(response, payload)
+                elif opcode == 0x9:
+                    self.transport.write(_frame(0xA, payload, mask=False))
+                elif opcode == 0x8:
+                    self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if control.get(self.entity) is self.transport:
+                del control[self.entity]
 
     loop = asyncio.get_running_loop()
     asyncio.ensure_future(flush_log())
-    await loop.create_server(Control, "127.0.0.1", control_port)
-    await loop.create_server(Sender, "127.0.0.1", http_port, backlog=1024)
-    print(f"floor relay http {http_port}", flush=True)
+    server = await loop.create_server(Sender, "127.0.0.1", port, backlog=1024)
+    bound = server.sockets[0].getsockname()[1]
+    # The line bench's topology waits for (the real relay's, D25's wrapper).
+    print(f"floor relay listening on ws://127.0.0.1:{bound}", flush=True)
     await asyncio.Event().wait()
 
 
 # -- the floor listener -------------------------------------------------------------------
 
 
-async def listener_main(control_port: int, token: str = "") -> None:
-    """The floor listener; with ``token``, on a real relay's control channel (the listen
-    handshake first, then the same frames)."""
+async def listener_main(control_port: int, token: str) -> None:
+    """The floor listener on a relay's control channel (the floor relay's or a real one's):
+    the listen handshake with ``token``, then frames."""
     import orjson
 
     loop = asyncio.get_running_loop()
@@ -267,8 +349,8 @@ async def listener_main(control_port: int, token: str = "") -> None:
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self.transport: asyncio.Transport = transport  # type: ignore[assignment]
             self.frames = _Frames()
-            self.head = bytearray() if token else None
-            if token:
+            self.head: bytearray | None = bytearray()
+            if True:  # the listen handshake
                 self.transport.write(
                     (
                         "GET /$hc/floor?sb-hc-action=listen HTTP/1.1\r\n"
@@ -328,20 +410,32 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wrk(url: str, seconds: int, headers: list[str]) -> dict[str, Any]:
+def _wrk(url: str, seconds: int, headers: list[str], cpus: str | None = None) -> dict[str, Any]:
     from bench.httpload import parse_wrk, wrk_argv
 
     argv = wrk_argv(url, seconds=seconds, connections=50, headers=headers)
+    if cpus is not None:
+        argv = ["taskset", "-c", cpus, *argv]
     text = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30).stdout
     return parse_wrk(text)
 
 
+def _key_and_token(port: int) -> tuple[str, str]:
+    """A SAS key for rule ``k`` and a Listen/Send token made with it for ``floor``."""
+    from hybridrelay.auth.sas import create_token, token_audience
+
+    key = "floor-key-" + "x" * 34
+    audience = token_audience(f"127.0.0.1:{port}", "floor")
+    return key, create_token(audience, "k", key, expiry=int(time.time()) + 3600)
+
+
 def _measure_floor(seconds: int) -> tuple[float, float]:
-    http_port, control_port = _free_port(), _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    port = _free_port()
+    key, token = _key_and_token(port)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")])}
     me = [sys.executable, "-m", "bench.experiments.http_floor"]
     relay = subprocess.Popen(
-        [*me, "--role", "relay", str(http_port), str(control_port)],
+        [*me, "--role", "relay", str(port), "--key", key],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -349,11 +443,13 @@ def _measure_floor(seconds: int) -> tuple[float, float]:
     listener = None
     try:
         assert relay.stdout is not None
-        assert "floor relay http" in relay.stdout.readline()
-        listener = subprocess.Popen([*me, "--role", "listener", str(control_port)], env=env)
+        assert "floor relay listening on" in relay.stdout.readline()
+        listener = subprocess.Popen(
+            [*me, "--role", "listener", str(port), "--token", token], env=env
+        )
         assert "ready" in relay.stdout.readline()
-        url = f"http://127.0.0.1:{http_port}/floor/small"
-        return _load(relay.pid, url, seconds, [f"ServiceBusAuthorization: {TOKEN}"])
+        url = f"http://127.0.0.1:{port}/floor/small"
+        return _load(relay.pid, url, seconds, [f"ServiceBusAuthorization: {token}"])
     finally:
         _end(listener, relay)
 
@@ -380,10 +476,8 @@ def _measure_real_relay(seconds: int) -> tuple[float, float]:
     only Python process of the path that does more than the floor, and the limit."""
     import tempfile
 
-    from hybridrelay.auth.sas import create_token, token_audience
-
     port = _free_port()
-    key = "floor-key-" + "x" * 34
+    key, token = _key_and_token(port)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
@@ -412,12 +506,6 @@ def _measure_real_relay(seconds: int) -> tuple[float, float]:
             while b"relay listening on" not in log.read_bytes():
                 assert time.monotonic() < deadline and relay.poll() is None, log.read_text()
                 time.sleep(0.05)
-            token = create_token(
-                token_audience(f"127.0.0.1:{port}", "floor"),
-                "k",
-                key,
-                expiry=int(time.time()) + 3600,
-            )
             me = [sys.executable, "-m", "bench.experiments.http_floor"]
             listener = subprocess.Popen(
                 [*me, "--role", "listener", str(port), "--token", token],
@@ -433,68 +521,124 @@ def _measure_real_relay(seconds: int) -> tuple[float, float]:
             _end(listener, relay)
 
 
-def _measure_real(seconds: int) -> tuple[float, float]:
-    """bench's HTTP topology, one run: its own report of the relay's CPU per 1,000."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--only",
-            "http",
-            "--topology",
-            "hybridrelay",
-            "--runs",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    ).stdout
-    rate = cpu = float("nan")
-    for line in out.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 2 and cells[0].startswith("(6) HTTP GET, 50"):
-            rate = float(cells[1].replace(",", ""))
-        if len(cells) == 2 and cells[0].startswith("(6) relay CPU-ms"):
-            cpu = float(cells[1].replace(",", ""))
-    return rate, cpu
+def _floor_command(tmp: Path) -> Path:
+    """A stand-in for our console script: ``serve`` starts the floor relay in place of ours
+    (on the configuration written for the relay), anything else (``bridge``) is
+    ``hybridrelay``."""
+    wrapper = tmp / "hybridrelay-floor"
+    path = os.pathsep.join([str(REPO), str(REPO / "src")])
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"export PYTHONPATH={path}\n"
+        'if [ "$1" = serve ]; then shift; '
+        f'exec {sys.executable} -m bench.experiments.http_floor --role serve "$@"; fi\n'
+        f'exec {sys.executable} -m hybridrelay "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def _measure_http_path(seconds: int, command: list[str], tmp: Path) -> tuple[float, float]:
+    """bench's HTTP path (scenario 6): ``command serve`` (the relay) + ``command bridge -H``
+    → ``bench.httpdest``, wrk with 50 connections, each process pinned as bench pins it (its
+    relay configuration, bridge configuration and token too). Only the HTTP forward runs:
+    the floor relay serves no TCP tunnels. req/s, and the relay's CPU-ms per 1,000."""
+    import base64
+
+    from bench.procs import ProcGroup, read_cpu
+    from bench.topologies import (
+        HTTP_HC,
+        KEY_NAME,
+        CpuLayout,
+        _bridge_config,
+        _http_token,
+        _relay_config,
+    )
+
+    cpus = CpuLayout()
+    key = base64.b64encode(os.urandom(32)).decode()
+    with ProcGroup() as procs:
+        dest = procs.start("httpdest", [sys.executable, "-m", "bench.httpdest"], cpus=cpus.dest)
+        dest_port = int(dest.wait_line(r"httpdest listening on 127\.0\.0\.1:(\d+)").group(1))
+        config = _relay_config(tmp, key, None)
+        relay = procs.start("relay", [*command, "serve", "--config", str(config)], cpus=cpus.relay)
+        port = int(relay.wait_line(r"relay listening on ws://127\.0\.0\.1:(\d+)").group(1))
+        cs = f"Endpoint=ws://127.0.0.1:{port}/;SharedAccessKeyName={KEY_NAME};SharedAccessKey={key}"
+        agent_config = _bridge_config(
+            tmp, "agent", cs, None, f'http_forwards: ["{HTTP_HC}:http://127.0.0.1:{dest_port}"]'
+        )
+        agent = procs.start("agent", [*command, "bridge", "-f", str(agent_config)])
+        agent.wait_line(r"all forwards are up")
+        url = f"http://127.0.0.1:{port}/{HTTP_HC}/x"
+        headers = [f"ServiceBusAuthorization: {_http_token(key)}"]
+        _wrk(url, 1, headers, cpus.loadgen)  # the bridge's upstream pool warms up
+        before = read_cpu(relay.pid).seconds
+        result = _wrk(url, seconds, headers, cpus.loadgen)
+        cpu = read_cpu(relay.pid).seconds - before
+        return result["req_per_s"], 1e6 * cpu / max(1, result["requests"])
+
+
+def _serve_as_floor(config_path: str) -> None:
+    """``hybridrelay serve --config PATH`` done by the floor relay: the port, keys and hybrid
+    connections of bench's relay configuration."""
+    import uvloop
+    import yaml
+
+    config = yaml.safe_load(Path(config_path).read_text())
+    namespace = config["namespace"]
+    keys = {rule["name"]: rule["primary_key"] for rule in namespace["authorization_rules"]}
+    entities = {hc["name"] for hc in namespace["hybrid_connections"]}
+    uvloop.run(relay_main(int(config["server"]["port"]), keys, entities))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--role", choices=["relay", "listener"])
+    parser.add_argument("--role", choices=["relay", "listener", "serve"])
     parser.add_argument("ports", nargs="*", type=int)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--token", default="")
+    parser.add_argument("--key", default="")
+    parser.add_argument("--config", default="")
     args = parser.parse_args()
+    if args.role == "serve":
+        _serve_as_floor(args.config)
+        return
     if args.role is not None:
         import uvloop
 
         main_coro = (
-            relay_main(args.ports[0], args.ports[1])
+            relay_main(args.ports[0], {"k": args.key}, {"floor"})
             if args.role == "relay"
             else listener_main(args.ports[0], token=args.token)
         )
         uvloop.run(main_coro)
         return
+    import tempfile
+
     print(
-        "| run | floor relay: req/s, CPU-ms/1000 | hybridrelay serve + floor listener:"
-        " req/s, CPU-ms/1000 | bench's HTTP path (serve + bridge -H): req/s, relay CPU-ms/1000 |"
-        " serve/floor CPU |"
+        "| run | floor relay + floor listener: req/s, CPU-ms/1000 |"
+        " hybridrelay serve + floor listener: req/s, CPU-ms/1000 |"
+        " bench's HTTP path, floor relay: req/s, relay CPU-ms/1000 |"
+        " bench's HTTP path, hybridrelay serve: req/s, relay CPU-ms/1000 |"
     )
     print("|---|---|---|---|---|")
-    for run in range(args.runs):
-        floor_rate, floor_cpu = _measure_floor(args.seconds)
-        serve_rate, serve_cpu = _measure_real_relay(args.seconds)
-        real_rate, real_cpu = _measure_real(args.seconds)
-        print(
-            f"| {run + 1} | {floor_rate:,.0f}, {floor_cpu:.0f} | {serve_rate:,.0f}, "
-            f"{serve_cpu:.0f} | {real_rate:,.0f}, {real_cpu:.0f} | {serve_cpu / floor_cpu:.2f} |",
-            flush=True,
-        )
+    with tempfile.TemporaryDirectory() as tmp:
+        floor_command = _floor_command(Path(tmp))
+        for run in range(args.runs):
+            floor_rate, floor_cpu = _measure_floor(args.seconds)
+            serve_rate, serve_cpu = _measure_real_relay(args.seconds)
+            ours = [sys.executable, "-m", "hybridrelay"]
+            bench_floor_rate, bench_floor_cpu = _measure_http_path(
+                args.seconds, [str(floor_command)], Path(tmp)
+            )
+            bench_rate, bench_cpu = _measure_http_path(args.seconds, ours, Path(tmp))
+            print(
+                f"| {run + 1} | {floor_rate:,.0f}, {floor_cpu:.0f} | {serve_rate:,.0f}, "
+                f"{serve_cpu:.0f} | {bench_floor_rate:,.0f}, {bench_floor_cpu:.0f} | "
+                f"{bench_rate:,.0f}, {bench_cpu:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
