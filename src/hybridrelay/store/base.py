@@ -12,6 +12,7 @@ name the same thing (README, "Operating the relay").
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any, Literal, Protocol
@@ -37,10 +38,14 @@ __all__ = [
     "StoreUnavailableError",
     "Subscriber",
     "find_rule",
+    "notify",
     "put_hybrid_connection_record",
     "put_rule_record",
     "regenerated_rule",
+    "swap_rule",
 ]
+
+logger = logging.getLogger("hybridrelay.store")
 
 KeySlot = Literal["primary", "secondary"]
 Subscriber = Callable[[NamespaceState], None]
@@ -213,3 +218,21 @@ def regenerated_rule(
     if slot == "primary":
         return replace(old, primary_key=fresh, updated_at=now)
     return replace(old, secondary_key=fresh, updated_at=now)
+
+
+def swap_rule(
+    rules: tuple[RuleRecord, ...], name: str, record: RuleRecord | None
+) -> tuple[RuleRecord, ...]:
+    """``rules`` without the rule ``name``, and with ``record`` (last) unless it is None."""
+    kept = tuple(rule for rule in rules if rule.name.lower() != name.lower())
+    return (*kept, record) if record is not None else kept
+
+
+def notify(subscribers: Iterable[Subscriber], state: NamespaceState) -> None:
+    """Call each of ``subscribers`` with the new ``state`` (a copy of the list: one may
+    unsubscribe while being told)."""
+    for subscriber in list(subscribers):
+        try:
+            subscriber(state)
+        except Exception:  # one broken subscriber must not stop the others
+            logger.exception("a store subscriber failed")

@@ -48,9 +48,11 @@ from hybridrelay.store.base import (
     StoreUnavailableError,
     Subscriber,
     find_rule,
+    notify,
     put_hybrid_connection_record,
     put_rule_record,
     regenerated_rule,
+    swap_rule,
 )
 from hybridrelay.store.records import (
     HybridConnectionRecord,
@@ -423,7 +425,7 @@ class RedisStore:
 
         def change(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
             result[:] = [put_rule_record(rules, name, rights, now, scope)]
-            return _swapped(rules, name, result[0][0])
+            return swap_rule(rules, name, result[0][0])
 
         await self._change_rules(entity, change)
         return result[0]
@@ -434,7 +436,7 @@ class RedisStore:
         def change(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
             nonlocal existed
             existed = find_rule(rules, name) is not None
-            return _swapped(rules, name, None)
+            return swap_rule(rules, name, None)
 
         await self._change_rules(entity, change)
         return existed
@@ -448,7 +450,7 @@ class RedisStore:
 
         def change(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
             result[:] = [regenerated_rule(rules, name, slot, fresh, now)]
-            return _swapped(rules, name, result[0])
+            return swap_rule(rules, name, result[0])
 
         await self._change_rules(entity, change)
         return result[0]
@@ -578,11 +580,7 @@ class RedisStore:
 
     def _publish(self, state: NamespaceState) -> None:
         self._state = state
-        for subscriber in list(self._subscribers):
-            try:
-                subscriber(state)
-            except Exception:  # one broken subscriber must not stop the others
-                logger.exception("a store subscriber failed")
+        notify(self._subscribers, state)
 
     async def _reload(self) -> None:
         """Read the whole hash and replace the state if it differs."""
@@ -646,13 +644,6 @@ class RedisStore:
 
 def _bytes(value: bytes | str | None) -> bytes | None:
     return value.encode() if isinstance(value, str) else value
-
-
-def _swapped(
-    rules: tuple[RuleRecord, ...], name: str, record: RuleRecord | None
-) -> tuple[RuleRecord, ...]:
-    kept = tuple(rule for rule in rules if rule.name.lower() != name.lower())
-    return (*kept, record) if record is not None else kept
 
 
 def _prefix(namespace: str) -> str:

@@ -36,9 +36,11 @@ from hybridrelay.store.base import (
     StoreUnavailableError,
     Subscriber,
     find_rule,
+    notify,
     put_hybrid_connection_record,
     put_rule_record,
     regenerated_rule,
+    swap_rule,
 )
 from hybridrelay.store.records import (
     HybridConnectionRecord,
@@ -322,19 +324,15 @@ class SqliteStore:
         removed when ``record`` is None)."""
         if record is not None:
             scope, name = record.entity, record.name
-
-        def swapped(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
-            kept = tuple(rule for rule in rules if rule.name.lower() != name.lower())
-            return (*kept, record) if record is not None else kept
-
         if not scope:
             namespace = self._state.namespace
-            self._publish(namespace=replace(namespace, rules=swapped(namespace.rules)))
+            rules = swap_rule(namespace.rules, name, record)
+            self._publish(namespace=replace(namespace, rules=rules))
             return
         entity = self._state.hybrid_connections[scope]
         entities = {
             **self._state.hybrid_connections,
-            scope: replace(entity, rules=swapped(entity.rules)),
+            scope: replace(entity, rules=swap_rule(entity.rules, name, record)),
         }
         self._publish(entities=entities)
 
@@ -352,11 +350,7 @@ class SqliteStore:
             else old.hybrid_connections,
             version=old.version + 1,
         )
-        for subscriber in list(self._subscribers):
-            try:
-                subscriber(self._state)
-            except Exception:  # one broken subscriber must not stop the others
-                logger.exception("a store subscriber failed")
+        notify(self._subscribers, self._state)
 
     async def _write(self, statements: Callable[[sqlite3.Connection], object]) -> None:
         def transaction(db: sqlite3.Connection) -> None:
