@@ -31,6 +31,7 @@ from typing import Any, Protocol, cast
 
 from hybridrelay.client import SpliceSocket, StreamSink
 from hybridrelay.exceptions import RelayError
+from hybridrelay.observability.bridge_metrics import ForwardMetrics
 
 __all__ = [
     "HIGH_WATER",
@@ -223,10 +224,10 @@ async def close_stream(
 async def pipe(
     leg: SocketLeg,
     stream: RelayStream,
+    metrics: ForwardMetrics,
     *,
     initial: bytes = b"",
     close_timeout: float = CLOSE_TIMEOUT,
-    stats: PipeStats | None = None,
 ) -> PipeStats:
     """Pump both directions until both are done, then close both ends.
 
@@ -234,27 +235,31 @@ async def pipe(
     happens (cancellation included; closing is bounded by ``close_timeout``).
 
     Args:
+        metrics: the forward's, which count the connection opened now and closed with its
+            bytes when the pump ends; also when a drain cancels it (the counts so far).
         initial: bytes already read from the stream (after a preamble) to send first.
-        stats: the counters to add to (the caller's, so that it still has what moved when
-            the pump is cancelled); a new one by default.
 
     Returns:
-        ``stats``: the byte counts; ``error`` says why the connection ended early, if it did.
+        The byte counts (``bytes_up``: what the socket sent to the relay, whichever end the
+        socket is); ``error`` says why the connection ended early, if it did.
     """
-    if stats is None:
-        stats = PipeStats()
-    if initial and leg.transport is not None and not leg.transport.is_closing():
-        # Written at once (it is already in memory), so that it goes out before whatever
-        # attach() delivers; the socket's flow control applies from here on.
-        leg.transport.write(initial)
-        stats.bytes_down += len(initial)
-    pump = CallbackPump(leg, stats)
+    stats = PipeStats()
+    metrics.opened()
     try:
-        socket = stream.attach(pump)
-    except BaseException:
-        await _close_both(leg, stream, False, close_timeout)
-        raise
-    return await pump.run(stream, socket, close_timeout)
+        if initial and leg.transport is not None and not leg.transport.is_closing():
+            # Written at once (it is already in memory), so that it goes out before whatever
+            # attach() delivers; the socket's flow control applies from here on.
+            leg.transport.write(initial)
+            stats.bytes_down += len(initial)
+        pump = CallbackPump(leg, stats)
+        try:
+            socket = stream.attach(pump)
+        except BaseException:
+            await _close_both(leg, stream, False, close_timeout)
+            raise
+        return await pump.run(stream, socket, close_timeout)
+    finally:
+        metrics.closed(stats.bytes_up, stats.bytes_down)
 
 
 async def _close_both(leg: SocketLeg, stream: RelayStream, clean: bool, grace: float) -> None:
