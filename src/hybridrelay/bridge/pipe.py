@@ -85,15 +85,7 @@ class SocketLeg(asyncio.Protocol):
             connection's task).
     """
 
-    def __init__(
-        self,
-        *,
-        high_water: int = HIGH_WATER,
-        low_water: int = LOW_WATER,
-        on_connected: Callable[[SocketLeg], None] | None = None,
-    ) -> None:
-        self._high = high_water
-        self._low = low_water
+    def __init__(self, *, on_connected: Callable[[SocketLeg], None] | None = None) -> None:
         self._on_connected = on_connected
         self.transport: asyncio.Transport | None = None
         self.peername: Any = None
@@ -113,7 +105,7 @@ class SocketLeg(asyncio.Protocol):
         # cast, not isinstance: uvloop's transports do not subclass asyncio.Transport.
         self.transport = cast(asyncio.Transport, transport)
         self.peername = transport.get_extra_info("peername")
-        self.transport.set_write_buffer_limits(high=self._high, low=self._low)
+        self.transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         if self._on_connected is not None:
             self._on_connected(self)
 
@@ -124,7 +116,7 @@ class SocketLeg(asyncio.Protocol):
         # Before the pump: held (bounded by pausing), handed over by forward_to().
         self._buffer.append(data)
         self._buffered += len(data)
-        if self._buffered >= self._high and not self._reading_paused and self.transport:
+        if self._buffered >= HIGH_WATER and not self._reading_paused and self.transport:
             self._reading_paused = True
             self.transport.pause_reading()
 
