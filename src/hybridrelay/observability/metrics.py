@@ -27,10 +27,8 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = [
-    "CONTENT_TYPE",
     "LATENCY_BUCKETS",
     "OTHER",
     "EntityLabels",
@@ -39,7 +37,6 @@ __all__ = [
     "new_registry",
 ]
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 #: The label value of every hybrid connection past the cap.
 OTHER = "_other"
 
