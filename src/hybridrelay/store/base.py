@@ -1,9 +1,12 @@
 """The management store's interface: what the relay and its management API need of it.
 
-The embedded implementation is SQLite (:mod:`hybridrelay.store.sqlite`); the cluster mode will
-add one on Redis. Reads on the data path never touch the backing service: the store keeps the
-current :class:`~hybridrelay.store.records.NamespaceState` in memory (``state``) and tells its
-subscribers when it changes, so the relay swaps one immutable value per change.
+The embedded implementation is SQLite (:mod:`hybridrelay.store.sqlite`); the cluster mode's is
+Redis (:mod:`hybridrelay.store.redis`). Reads on the data path never touch the backing service:
+the store keeps the current :class:`~hybridrelay.store.records.NamespaceState` in memory
+(``state``) and tells its subscribers when it changes (:func:`notify`), so the relay swaps one
+immutable value per change. What a change makes of the records (defaults, quotas, new keys)
+is decided here once for both (:func:`put_hybrid_connection_record` and the rule helpers);
+each store only keeps the result.
 
 The store holds what the management API created. What the configuration file names is not in
 it: the relay lays the file's entities and rules over the store's, and the file wins where both
