@@ -425,13 +425,15 @@ def test_http_forward_cannot_share_a_hybrid_connection(relay: Relay) -> None:
     assert config.http_forwards == (HttpForward("hc", "http://127.0.0.1:8080"),)
 
 
-def test_http_forward_parse() -> None:
-    parsed = HttpForward.parse("a/b:http://127.0.0.1:8080/base/")
+def test_http_forward_from_text() -> None:
+    parsed = HttpForward.from_text("a/b:http://127.0.0.1:8080/base/")
     assert parsed == HttpForward("a/b", "http://127.0.0.1:8080/base")
-    assert HttpForward.parse("/hc/:https://example.com") == HttpForward("hc", "https://example.com")
+    assert HttpForward.from_text("/hc/:https://example.com") == HttpForward(
+        "hc", "https://example.com"
+    )
     for bad in ("hc", "hc:ftp://x", ":http://x:1", "hc:http://", "hc:http://x:1/?q=1"):
         with pytest.raises(ConfigurationError):
-            HttpForward.parse(bad)
+            HttpForward.from_text(bad)
 
 
 def test_http_forwards_in_the_config_file(tmp_path: Path, relay: Relay) -> None:

@@ -11,10 +11,14 @@ import pytest
 import redis.asyncio as aioredis
 
 from hybridrelay.auth.sas import Rights
-from hybridrelay.store.base import NotFoundError, StoreQuotaError, StoreUnavailableError
+from hybridrelay.store.base import (
+    MAX_RULES_PER_SCOPE,
+    NotFoundError,
+    StoreQuotaError,
+    StoreUnavailableError,
+)
 from hybridrelay.store.records import NamespaceState
 from hybridrelay.store.redis import RedisStore, redacted_url
-from hybridrelay.store.sqlite import MAX_RULES_PER_SCOPE
 from tests.cluster.conftest import RedisServer
 from tests.cluster.test_cluster import until
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from hybridrelay.auth.sas import Rights
-from hybridrelay.store.base import NotFoundError, StoreError, StoreQuotaError
+from hybridrelay.store.base import MAX_RULES_PER_SCOPE, NotFoundError, StoreError, StoreQuotaError
 from hybridrelay.store.records import NamespaceState
-from hybridrelay.store.sqlite import MAX_RULES_PER_SCOPE, MIGRATIONS, SqliteStore
+from hybridrelay.store.sqlite import MIGRATIONS, SqliteStore
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -460,18 +460,13 @@ class HttpForward:
         return f"{self.hybrid_connection}:{self.target}"
 
     @classmethod
-    def parse(cls, spec: str) -> HttpForward:
-        """Parse the command-line form.
+    def from_text(cls, text: str) -> HttpForward:
+        """The command-line form (``-H``).
 
         Raises:
             ConfigurationError: malformed.
         """
-        return cls(*parse_http_spec(spec))
-
-    @classmethod
-    def from_text(cls, text: str) -> HttpForward:
-        """The command-line form (``-H``)."""
-        return cls.parse(text)
+        return cls(*parse_http_spec(text))
 
 
 def _log_level(value: Any, where: str) -> str:

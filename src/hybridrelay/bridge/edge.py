@@ -28,7 +28,6 @@ from hybridrelay.bridge.config import BridgeConfig, RemoteForward
 from hybridrelay.bridge.listening import EdgeListener, keep_listening
 from hybridrelay.bridge.pipe import (
     ConnectionGroup,
-    PipeStats,
     RelayStream,
     SocketLeg,
     close_stream,
@@ -246,15 +245,8 @@ class Edge:
             raise
         # One INFO line per connection (at its end) keeps logging off the hot path.
         logger.debug("%s: relay connection %s -> %s", self._name, stream.id, spec.target_text())
-        metrics = self._metrics
-        metrics.opened()
-        stats = PipeStats()
-        try:
-            await pipe(leg, stream, initial=initial, stats=stats)
-        finally:
-            # The socket is the destination's: what it sent went to the relay. Also when the
-            # drain cancels the pump (the counts so far).
-            metrics.closed(stats.bytes_up, stats.bytes_down)
+        # The socket is the destination's: what it sent (bytes_up) went to the relay.
+        stats = await pipe(leg, stream, self._metrics, initial=initial)
         logger.info(
             "%s: relay connection %s -> %s closed%s: %d bytes to the destination, %d back, %.1f s",
             self._name,

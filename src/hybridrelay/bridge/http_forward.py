@@ -72,7 +72,6 @@ CONNECT_TIMEOUT = 10.0
 #: The upstream must send something (headers, or the next body bytes) within this time;
 #: the relay itself gives a listener 60 s for the response headers.
 READ_TIMEOUT = 60.0
-_CHUNK = 64 * 1024
 VIA = "1.1 hybridrelay"
 
 # A reverse proxy also drops the credentials meant for a proxy on the way (RFC 9110 11.7):

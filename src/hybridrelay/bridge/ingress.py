@@ -24,7 +24,6 @@ from typing import Any
 from hybridrelay.bridge.config import BridgeConfig, LocalForward
 from hybridrelay.bridge.pipe import (
     ConnectionGroup,
-    PipeStats,
     RelayStream,
     SocketLeg,
     close_stream,
@@ -206,14 +205,7 @@ class StreamIngress:
             leg.abort()
             await close_stream(stream, 1001, "bridge shutting down")
             raise
-        metrics = self._metrics
-        metrics.opened()
-        stats = PipeStats()
-        try:
-            await pipe(leg, stream, initial=initial, stats=stats)
-        finally:
-            # Also when the drain cancels the pump: the counts are the pump's own, so far.
-            metrics.closed(stats.bytes_up, stats.bytes_down)
+        stats = await pipe(leg, stream, self._metrics, initial=initial)
         logger.info(
             "%s: [%s] %s, relay connection %s closed%s: %d bytes up, %d bytes down, %.1f s",
             self._name,

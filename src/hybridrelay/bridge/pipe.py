@@ -31,6 +31,7 @@ from typing import Any, Protocol, cast
 
 from hybridrelay.client import SpliceSocket, StreamSink
 from hybridrelay.exceptions import RelayError
+from hybridrelay.observability.bridge_metrics import ForwardMetrics
 
 __all__ = [
     "HIGH_WATER",
@@ -84,15 +85,7 @@ class SocketLeg(asyncio.Protocol):
             connection's task).
     """
 
-    def __init__(
-        self,
-        *,
-        high_water: int = HIGH_WATER,
-        low_water: int = LOW_WATER,
-        on_connected: Callable[[SocketLeg], None] | None = None,
-    ) -> None:
-        self._high = high_water
-        self._low = low_water
+    def __init__(self, *, on_connected: Callable[[SocketLeg], None] | None = None) -> None:
         self._on_connected = on_connected
         self.transport: asyncio.Transport | None = None
         self.peername: Any = None
@@ -112,7 +105,7 @@ class SocketLeg(asyncio.Protocol):
         # cast, not isinstance: uvloop's transports do not subclass asyncio.Transport.
         self.transport = cast(asyncio.Transport, transport)
         self.peername = transport.get_extra_info("peername")
-        self.transport.set_write_buffer_limits(high=self._high, low=self._low)
+        self.transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         if self._on_connected is not None:
             self._on_connected(self)
 
@@ -123,7 +116,7 @@ class SocketLeg(asyncio.Protocol):
         # Before the pump: held (bounded by pausing), handed over by forward_to().
         self._buffer.append(data)
         self._buffered += len(data)
-        if self._buffered >= self._high and not self._reading_paused and self.transport:
+        if self._buffered >= HIGH_WATER and not self._reading_paused and self.transport:
             self._reading_paused = True
             self.transport.pause_reading()
 
@@ -223,10 +216,10 @@ async def close_stream(
 async def pipe(
     leg: SocketLeg,
     stream: RelayStream,
+    metrics: ForwardMetrics,
     *,
     initial: bytes = b"",
     close_timeout: float = CLOSE_TIMEOUT,
-    stats: PipeStats | None = None,
 ) -> PipeStats:
     """Pump both directions until both are done, then close both ends.
 
@@ -234,27 +227,31 @@ async def pipe(
     happens (cancellation included; closing is bounded by ``close_timeout``).
 
     Args:
+        metrics: the forward's, which count the connection opened now and closed with its
+            bytes when the pump ends; also when a drain cancels it (the counts so far).
         initial: bytes already read from the stream (after a preamble) to send first.
-        stats: the counters to add to (the caller's, so that it still has what moved when
-            the pump is cancelled); a new one by default.
 
     Returns:
-        ``stats``: the byte counts; ``error`` says why the connection ended early, if it did.
+        The byte counts (``bytes_up``: what the socket sent to the relay, whichever end the
+        socket is); ``error`` says why the connection ended early, if it did.
     """
-    if stats is None:
-        stats = PipeStats()
-    if initial and leg.transport is not None and not leg.transport.is_closing():
-        # Written at once (it is already in memory), so that it goes out before whatever
-        # attach() delivers; the socket's flow control applies from here on.
-        leg.transport.write(initial)
-        stats.bytes_down += len(initial)
-    pump = CallbackPump(leg, stats)
+    stats = PipeStats()
+    metrics.opened()
     try:
-        socket = stream.attach(pump)
-    except BaseException:
-        await _close_both(leg, stream, False, close_timeout)
-        raise
-    return await pump.run(stream, socket, close_timeout)
+        if initial and leg.transport is not None and not leg.transport.is_closing():
+            # Written at once (it is already in memory), so that it goes out before whatever
+            # attach() delivers; the socket's flow control applies from here on.
+            leg.transport.write(initial)
+            stats.bytes_down += len(initial)
+        pump = CallbackPump(leg, stats)
+        try:
+            socket = stream.attach(pump)
+        except BaseException:
+            await _close_both(leg, stream, False, close_timeout)
+            raise
+        return await pump.run(stream, socket, close_timeout)
+    finally:
+        metrics.closed(stats.bytes_up, stats.bytes_down)
 
 
 async def _close_both(leg: SocketLeg, stream: RelayStream, clean: bool, grace: float) -> None:

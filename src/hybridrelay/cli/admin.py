@@ -332,9 +332,9 @@ def add_admin_arguments(parser: argparse.ArgumentParser) -> None:
     command.add_argument("--secondary", action="store_true", help="with the secondary key")
     hc_option(command, of_hc)
 
-    for kind, item, lister, closer in (
-        ("listeners", "ID", _listeners_list, _listeners_close),
-        ("connections", "TRACKING_ID", _connections_list, _connections_close),
+    for kind, item, lister in (
+        ("listeners", "ID", _listeners_list),
+        ("connections", "TRACKING_ID", _connections_list),
     ):
         what = "listeners online" if kind == "listeners" else "relayed connections open now"
         actions = group(kind, what, [kind[:-1]])
@@ -344,7 +344,7 @@ def add_admin_arguments(parser: argparse.ArgumentParser) -> None:
             actions,
             "close",
             f"close one ({item}) or every one of a hybrid connection (--hc NAME), with 1008",
-            closer,
+            _runtime_close,
         )
         command.add_argument("id", nargs="?", metavar=item)
         hc_option(command, f"close every one of this hybrid connection's {kind}")
@@ -981,7 +981,9 @@ def _close_target(collection: str, args: argparse.Namespace) -> tuple[str, dict[
     return f"/runtime/{collection}", {"hybridConnection": args.hc}
 
 
-def _runtime_close(context: Context, collection: str, args: argparse.Namespace) -> None:
+def _runtime_close(context: Context, args: argparse.Namespace) -> None:
+    """``listeners close`` and ``connections close`` (the group names the collection)."""
+    collection = args.admin_group
     path, query = _close_target(collection, args)
     _, body = context.api.call("DELETE", path, query=query)
     closed = _field(body, "closed", int)
@@ -1007,10 +1009,6 @@ def _listeners_list(context: Context, args: argparse.Namespace) -> None:
             ],
         ),
     )
-
-
-def _listeners_close(context: Context, args: argparse.Namespace) -> None:
-    _runtime_close(context, "listeners", args)
 
 
 def _connections_list(context: Context, args: argparse.Namespace) -> None:
@@ -1043,7 +1041,3 @@ def _connections_list(context: Context, args: argparse.Namespace) -> None:
             ],
         ),
     )
-
-
-def _connections_close(context: Context, args: argparse.Namespace) -> None:
-    _runtime_close(context, "connections", args)

@@ -136,6 +136,15 @@ def _rule_routes(prefix: str, parameters: list[dict[str, Any]], tag: str) -> dic
     }
 
 
+_READ_ONLY = {"type": "string", "readOnly": True}
+#: What every ARM resource has: read-only, named by the path.
+_RESOURCE = {"id": _READ_ONLY, "name": _READ_ONLY, "type": _READ_ONLY}
+_TIMES = {
+    "createdAt": {"type": "string", "format": "date-time", "readOnly": True},
+    "updatedAt": {"type": "string", "format": "date-time", "readOnly": True},
+}
+_TAGS = {"type": ["object", "null"], "additionalProperties": {"type": "string"}}
+
 _SCHEMAS: dict[str, Any] = {
     "ErrorResponse": {
         "type": "object",
@@ -152,12 +161,10 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["id", "name", "type"],
         "properties": {
-            "id": {"type": "string", "readOnly": True},
-            "name": {"type": "string", "readOnly": True},
-            "type": {"type": "string", "readOnly": True},
+            **_RESOURCE,
             # In a request, null is the same as absent throughout.
             "location": {"type": ["string", "null"]},
-            "tags": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
+            "tags": _TAGS,
             "sku": {
                 "type": ["object", "null"],
                 "properties": {
@@ -168,33 +175,27 @@ _SCHEMAS: dict[str, Any] = {
             "properties": {
                 "type": ["object", "null"],
                 "properties": {
-                    "provisioningState": {"type": "string", "readOnly": True},
-                    "status": {"type": "string", "readOnly": True},
-                    "createdAt": {"type": "string", "format": "date-time", "readOnly": True},
-                    "updatedAt": {"type": "string", "format": "date-time", "readOnly": True},
-                    "serviceBusEndpoint": {"type": "string", "readOnly": True},
-                    "metricId": {"type": "string", "readOnly": True},
+                    "provisioningState": _READ_ONLY,
+                    "status": _READ_ONLY,
+                    **_TIMES,
+                    "serviceBusEndpoint": _READ_ONLY,
+                    "metricId": _READ_ONLY,
                 },
             },
         },
     },
     "NamespaceUpdate": {
         "type": "object",
-        "properties": {
-            "tags": {"type": ["object", "null"], "additionalProperties": {"type": "string"}}
-        },
+        "properties": {"tags": _TAGS},
     },
     "HybridConnection": {
         "type": "object",
         "properties": {
-            "id": {"type": "string", "readOnly": True},
-            "name": {"type": "string", "readOnly": True},
-            "type": {"type": "string", "readOnly": True},
+            **_RESOURCE,
             "properties": {
                 "type": ["object", "null"],
                 "properties": {
-                    "createdAt": {"type": "string", "format": "date-time", "readOnly": True},
-                    "updatedAt": {"type": "string", "format": "date-time", "readOnly": True},
+                    **_TIMES,
                     "listenerCount": {"type": "integer", "minimum": 0, "readOnly": True},
                     # null: not given (kept on an update, defaulted on a create).
                     "requiresClientAuthorization": {"type": ["boolean", "null"]},
@@ -207,9 +208,7 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["properties"],
         "properties": {
-            "id": {"type": "string", "readOnly": True},
-            "name": {"type": "string", "readOnly": True},
-            "type": {"type": "string", "readOnly": True},
+            **_RESOURCE,
             "properties": {
                 "type": "object",
                 "required": ["rights"],
@@ -288,64 +287,51 @@ def _text(description: str, *codes: int, content_type: str = "text/plain") -> di
 
 #: The routes that need no token (they hold no secret), and the dashboard's, which take its
 #: session cookie instead (docs/DASHBOARD.md).
+def _unsigned(operation_id: str, summary: str, responses: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "get": {
+            "operationId": operation_id,
+            "summary": summary,
+            "security": [],
+            "responses": responses,
+        }
+    }
+
+
 _UNSIGNED_PATHS: dict[str, Any] = {
-    "/metrics": {
-        "get": {
-            "operationId": "Metrics",
-            "summary": "Prometheus text exposition (docs/METRICS.md)",
-            "security": [],
-            "responses": _text("The metrics", 200),
-        }
-    },
-    "/healthz": {
-        "get": {
-            "operationId": "Health",
-            "summary": "200 while the process runs",
-            "security": [],
-            "responses": _text("Alive", 200),
-        }
-    },
-    "/readyz": {
-        "get": {
-            "operationId": "Readiness",
-            "summary": "200 when the store answers and the relay accepts; 503 with the reason",
-            "security": [],
-            "responses": _text("Ready, or why not", 200, 503),
-        }
-    },
-    "/openapi.json": {
-        "get": {
-            "operationId": "OpenApi",
-            "summary": "This document",
-            "security": [],
-            "responses": {
-                "200": {
-                    "description": "OpenAPI 3.1",
-                    "content": {"application/json": {"schema": {"type": "object"}}},
-                }
-            },
-        }
-    },
-    "/dashboard": {
-        "get": {
-            "operationId": "Dashboard",
-            "summary": "The dashboard page, or its sign-in form without a session",
-            "security": [],
-            "responses": _text("HTML", 200, content_type="text/html"),
-        }
-    },
-    "/dashboard/events": {
-        "get": {
-            "operationId": "DashboardEvents",
-            "summary": "Server-sent snapshots, once a second (needs the session cookie)",
-            "security": [],
-            "responses": {
-                **_text("An endless event stream", 200, content_type="text/event-stream"),
-                "401": {"description": "No session"},
-                "503": {"description": "Too many streams"},
-            },
-        }
-    },
+    "/metrics": _unsigned(
+        "Metrics", "Prometheus text exposition (docs/METRICS.md)", _text("The metrics", 200)
+    ),
+    "/healthz": _unsigned("Health", "200 while the process runs", _text("Alive", 200)),
+    "/readyz": _unsigned(
+        "Readiness",
+        "200 when the store answers and the relay accepts; 503 with the reason",
+        _text("Ready, or why not", 200, 503),
+    ),
+    "/openapi.json": _unsigned(
+        "OpenApi",
+        "This document",
+        {
+            "200": {
+                "description": "OpenAPI 3.1",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            }
+        },
+    ),
+    "/dashboard": _unsigned(
+        "Dashboard",
+        "The dashboard page, or its sign-in form without a session",
+        _text("HTML", 200, content_type="text/html"),
+    ),
+    "/dashboard/events": _unsigned(
+        "DashboardEvents",
+        "Server-sent snapshots, once a second (needs the session cookie)",
+        {
+            **_text("An endless event stream", 200, content_type="text/event-stream"),
+            "401": {"description": "No session"},
+            "503": {"description": "Too many streams"},
+        },
+    ),
 }
 
 

@@ -17,18 +17,10 @@ from __future__ import annotations
 
 import enum
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-    generate_latest,
-)
+from prometheus_client import Counter, Gauge, Histogram
 
 from hybridrelay.exceptions import RelayConnectionError, RelayHttpError
-from hybridrelay.observability.metrics import EntityLabels
+from hybridrelay.observability.metrics import LATENCY_BUCKETS, new_registry
 
 __all__ = [
     "BridgeMetrics",
@@ -39,9 +31,6 @@ __all__ = [
     "Outcome",
     "relay_refusal",
 ]
-
-#: Latency buckets in seconds, as the relay's (loopback upstream to a slow one).
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class ForwardKind(enum.StrEnum):
@@ -64,7 +53,6 @@ class Outcome:
     REFUSED_ALLOW_LIST = "refused_allow_list"
     REFUSED_CAPACITY = "refused_capacity"
     REFUSED_DRAINING = "refused_draining"
-    REFUSED_WEBSOCKET = "refused_websocket"
     RELAY_UNREACHABLE = "relay_unreachable"
     RELAY_REFUSED = "relay_refused"
     PORT_REFUSED = "port_refused"
@@ -212,17 +200,8 @@ class BridgeMetrics:
     """
 
     def __init__(self, *, max_entities: int = 1000, process: bool = True) -> None:
-        registry = CollectorRegistry(auto_describe=True)
+        registry, self.entity_label = new_registry(max_entities, process)
         self.registry = registry
-        if process:
-            ProcessCollector(registry=registry)
-            PlatformCollector(registry=registry)
-        overflowed = Counter(
-            "hybridrelay_metric_entities_overflowed",
-            "Hybrid connection names past the label cap, counted under entity='_other'.",
-            registry=registry,
-        )
-        self.entity_label = EntityLabels(max_entities, overflowed)
         by_listener = ("kind", "entity")
         self.listeners_online = Gauge(
             "hybridrelay_bridge_listeners_online",
@@ -283,7 +262,7 @@ class BridgeMetrics:
             "hybridrelay_bridge_http_request_latency_seconds",
             "From a relayed HTTP request's arrival at the bridge to its response's head.",
             ("entity",),
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
 
@@ -294,7 +273,3 @@ class BridgeMetrics:
     def listener(self, kind: ForwardKind, entity: str) -> ListenerMetrics:
         """The control-channel series of one ``-R`` or ``-H`` listener."""
         return ListenerMetrics(self, kind, entity)
-
-    def exposition(self) -> bytes:
-        """The text format of every metric, for ``GET /metrics``."""
-        return generate_latest(self.registry)

@@ -27,16 +27,22 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["CONTENT_TYPE", "OTHER", "EntityLabels", "RelayMetrics", "SenderOutcome"]
+__all__ = [
+    "LATENCY_BUCKETS",
+    "OTHER",
+    "EntityLabels",
+    "RelayMetrics",
+    "SenderOutcome",
+    "new_registry",
+]
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 #: The label value of every hybrid connection past the cap.
 OTHER = "_other"
 
-#: Latency buckets in seconds: sub-millisecond loopback to a slow edge across the world.
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+#: Latency buckets in seconds: sub-millisecond loopback to a slow edge across the world (the
+#: bridge's too: loopback upstream to a slow one).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 #: Hybrid connection names whose HTTP series are kept at hand; past it the oldest is dropped
 #: (its series stay in the metrics: only the shortcut to them goes).
@@ -83,6 +89,21 @@ class EntityLabels:
         return OTHER
 
 
+def new_registry(max_entities: int, process: bool) -> tuple[CollectorRegistry, EntityLabels]:
+    """A registry of the process' own (never the library's global one), with the process and
+    platform collectors when ``process``, and the capped entity labels of its metrics."""
+    registry = CollectorRegistry(auto_describe=True)
+    if process:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+    overflowed = Counter(
+        "hybridrelay_metric_entities_overflowed",
+        "Hybrid connection names past the label cap, counted under entity='_other'.",
+        registry=registry,
+    )
+    return registry, EntityLabels(max_entities, overflowed)
+
+
 class _HttpSeries:
     """One hybrid connection name's HTTP series: its latency histogram and, per status seen,
     its status class's counter (``prometheus_client``'s ``labels()`` takes a lock and builds
@@ -111,17 +132,8 @@ class RelayMetrics:
     """
 
     def __init__(self, *, max_entities: int = 1000, process: bool = True) -> None:
-        registry = CollectorRegistry(auto_describe=True)
+        registry, self.entity_label = new_registry(max_entities, process)
         self.registry = registry
-        if process:
-            ProcessCollector(registry=registry)
-            PlatformCollector(registry=registry)
-        overflowed = Counter(
-            "hybridrelay_metric_entities_overflowed",
-            "Hybrid connection names past the label cap, counted under entity='_other'.",
-            registry=registry,
-        )
-        self.entity_label = EntityLabels(max_entities, overflowed)
         by_entity = ("entity",)
         self.listeners_online = Gauge(
             "hybridrelay_listeners_online",
@@ -164,7 +176,7 @@ class RelayMetrics:
             "hybridrelay_accept_latency_seconds",
             "From a sender's arrival to the listener's rendezvous (or refusal).",
             by_entity,
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.http_requests = Counter(
@@ -177,7 +189,7 @@ class RelayMetrics:
             "hybridrelay_http_request_latency_seconds",
             "From an HTTP request's arrival to its response's head.",
             by_entity,
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.rendezvous_pending = Gauge(

@@ -409,14 +409,13 @@ def namespace_body(
     updated_at: datetime.datetime,
     service_bus_endpoint: str,
     tags: Mapping[str, str],
-    location: str = "self-hosted",
     resource_group: str | None = None,
 ) -> dict[str, Any]:
     return {
         "id": scope.namespace_id(resource_group),
         "name": scope.namespace,
         "type": "Microsoft.Relay/Namespaces",
-        "location": location,
+        "location": "self-hosted",
         "tags": dict(tags),
         "sku": {"name": "Standard", "tier": "Standard"},
         "properties": {

@@ -151,7 +151,6 @@ class ClusterBroker(LocalBroker):
         namespace: str,
         *,
         public_base: Callable[[], str],
-        lease: float = DEFAULT_LEASE,
         shuffle: Callable[[list[ControlChannel]], None] = random.shuffle,
         local_first: bool = False,
     ) -> None:
@@ -161,7 +160,6 @@ class ClusterBroker(LocalBroker):
         self._local_first = local_first
         self._url = url
         self._public_base = public_base
-        self._lease = lease
         self.node_id = secrets.token_hex(6)
         self._namespace_name = namespace
         self._prefix = f"hybridrelay:{namespace}:"
@@ -302,7 +300,7 @@ class ClusterBroker(LocalBroker):
                 raise_if_cancelled()
                 self.outage.report(exc)
                 self._dirty |= dirty
-                await asyncio.sleep(self._lease / 3)
+                await asyncio.sleep(DEFAULT_LEASE / 3)
                 self._flush_wanted.set()
 
     async def _renew_loop(self) -> None:
@@ -314,13 +312,13 @@ class ClusterBroker(LocalBroker):
             except REDIS_FAILURES as exc:
                 raise_if_cancelled()
                 self.outage.report(exc)
-            await asyncio.sleep(self._lease / 3)
+            await asyncio.sleep(DEFAULT_LEASE / 3)
 
     async def _renew(self) -> None:
         now = time.time()
         async with asyncio.timeout(REDIS_TIMEOUT * 2):
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.zadd(self._nodes_key, {self.node_id: now + self._lease})
+                pipe.zadd(self._nodes_key, {self.node_id: now + DEFAULT_LEASE})
                 pipe.zrange(self._nodes_key, 0, -1, withscores=True)
                 added, members = await pipe.execute()
         if added:  # we were not there: Redis lost its data, or took us for dead

@@ -18,6 +18,7 @@ from hybridrelay.auth.sas import AuthorizationRule, Rights
 from hybridrelay.exceptions import ConfigurationError
 from hybridrelay.protocol.allowlist import Network, allows, is_loopback, parse_network
 from hybridrelay.settings import Extra, check_fields, from_document, read_document, setting
+from hybridrelay.store.base import MAX_RULES_PER_SCOPE
 
 __all__ = [
     "DEFAULT_MANAGEMENT_PORT",
@@ -35,8 +36,6 @@ __all__ = [
 
 #: The relay's port unless told otherwise (the embedded default's too).
 DEFAULT_PORT = 9400
-#: As in Azure.
-MAX_RULES_PER_SCOPE = 12
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
 """The management store's interface: what the relay and its management API need of it.
 
-The embedded implementation is SQLite (:mod:`hybridrelay.store.sqlite`); the cluster mode will
-add one on Redis. Reads on the data path never touch the backing service: the store keeps the
-current :class:`~hybridrelay.store.records.NamespaceState` in memory (``state``) and tells its
-subscribers when it changes, so the relay swaps one immutable value per change.
+The embedded implementation is SQLite (:mod:`hybridrelay.store.sqlite`); the cluster mode's is
+Redis (:mod:`hybridrelay.store.redis`). Reads on the data path never touch the backing service:
+the store keeps the current :class:`~hybridrelay.store.records.NamespaceState` in memory
+(``state``) and tells its subscribers when it changes (:func:`notify`), so the relay swaps one
+immutable value per change. What a change makes of the records (defaults, quotas, new keys)
+is decided here once for both (:func:`put_hybrid_connection_record` and the rule helpers);
+each store only keeps the result.
 
 The store holds what the management API created. What the configuration file names is not in
 it: the relay lays the file's entities and rules over the store's, and the file wins where both
@@ -12,11 +15,14 @@ name the same thing (README, "Operating the relay").
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal, Protocol
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from typing import Any, Literal, Protocol
 
 from hybridrelay.auth.sas import Rights
 from hybridrelay.exceptions import RelayError
+from hybridrelay.protocol.arm import new_key
 from hybridrelay.store.records import (
     HybridConnectionRecord,
     NamespaceRecord,
@@ -25,6 +31,8 @@ from hybridrelay.store.records import (
 )
 
 __all__ = [
+    "KEEP",
+    "MAX_RULES_PER_SCOPE",
     "KeySlot",
     "NotFoundError",
     "Store",
@@ -32,12 +40,22 @@ __all__ = [
     "StoreQuotaError",
     "StoreUnavailableError",
     "Subscriber",
+    "find_rule",
+    "notify",
+    "put_hybrid_connection_record",
+    "put_rule_record",
+    "regenerated_rule",
+    "swap_rule",
 ]
+
+logger = logging.getLogger("hybridrelay.store")
 
 KeySlot = Literal["primary", "secondary"]
 Subscriber = Callable[[NamespaceState], None]
 #: Keep the absent value of an optional field on update (``None`` is a value: "unset").
 KEEP: object = object()
+#: Azure's bound: 12 SAS rules on a namespace and 12 on each hybrid connection.
+MAX_RULES_PER_SCOPE = 12
 
 
 class StoreError(RelayError):
@@ -105,3 +123,119 @@ class Store(Protocol):
     async def update_namespace(self, *, tags: dict[str, str]) -> NamespaceRecord: ...
 
     async def aclose(self) -> None: ...
+
+
+# -- what both stores write: the records a change makes, before each store keeps them --------
+
+
+def put_hybrid_connection_record(
+    old: HybridConnectionRecord | None,
+    name: str,
+    now: float,
+    *,
+    count: int,
+    limit: int,
+    requires_client_authorization: bool | None,
+    user_metadata: object,
+    http_response_timeout: object,
+) -> HybridConnectionRecord:
+    """The record :meth:`Store.put_hybrid_connection` keeps: a new one (``count`` of at most
+    ``limit`` hybrid connections exist) with defaults for what is not given, or ``old`` with
+    what is given.
+
+    Raises:
+        StoreQuotaError: a new one past ``limit``.
+    """
+    if old is None:
+        if count >= limit:
+            raise StoreQuotaError(f"at most {limit} hybrid connections are allowed")
+        return HybridConnectionRecord(
+            name=name.strip("/"),
+            requires_client_authorization=(
+                True if requires_client_authorization is None else requires_client_authorization
+            ),
+            created_at=now,
+            updated_at=now,
+            user_metadata=None if user_metadata is KEEP else _optional_str(user_metadata),
+            http_response_timeout=(
+                None if http_response_timeout is KEEP else _optional_float(http_response_timeout)
+            ),
+        )
+    changes: dict[str, Any] = {"updated_at": now}
+    if requires_client_authorization is not None:
+        changes["requires_client_authorization"] = requires_client_authorization
+    if user_metadata is not KEEP:
+        changes["user_metadata"] = _optional_str(user_metadata)
+    if http_response_timeout is not KEEP:
+        changes["http_response_timeout"] = _optional_float(http_response_timeout)
+    return replace(old, **changes)
+
+
+def _optional_str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _optional_float(value: object) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, int | float):
+        raise TypeError("http_response_timeout must be a number or None")
+    return float(value)
+
+
+def find_rule(rules: Iterable[RuleRecord], name: str) -> RuleRecord | None:
+    """The rule named ``name`` (rule names are case-insensitive), or None."""
+    return next((rule for rule in rules if rule.name.lower() == name.lower()), None)
+
+
+def put_rule_record(
+    rules: Sequence[RuleRecord], name: str, rights: Rights, now: float, entity: str
+) -> tuple[RuleRecord, bool]:
+    """The record :meth:`Store.put_rule` keeps, and whether it is new: ``name``'s rule in
+    ``rules`` (the scope ``entity``'s) with ``rights``, or a new one with new random keys.
+
+    Raises:
+        StoreQuotaError: a new one past :data:`MAX_RULES_PER_SCOPE`.
+    """
+    old = find_rule(rules, name)
+    if old is not None:
+        return replace(old, rights=rights, updated_at=now), False
+    if len(rules) >= MAX_RULES_PER_SCOPE:
+        raise StoreQuotaError(f"at most {MAX_RULES_PER_SCOPE} authorization rules are allowed here")
+    return RuleRecord(name, new_key(), new_key(), rights, now, now, entity), True
+
+
+def regenerated_rule(
+    rules: Iterable[RuleRecord], name: str, slot: KeySlot, key: str | None, now: float
+) -> RuleRecord:
+    """The record :meth:`Store.regenerate_key` keeps: ``name``'s rule with its ``slot`` key
+    replaced (by ``key``, or a new random one).
+
+    Raises:
+        NotFoundError: no rule ``name`` in ``rules``.
+    """
+    old = find_rule(rules, name)
+    if old is None:
+        raise NotFoundError(f"no authorization rule {name!r}")
+    fresh = key or new_key()
+    if slot == "primary":
+        return replace(old, primary_key=fresh, updated_at=now)
+    return replace(old, secondary_key=fresh, updated_at=now)
+
+
+def swap_rule(
+    rules: tuple[RuleRecord, ...], name: str, record: RuleRecord | None
+) -> tuple[RuleRecord, ...]:
+    """``rules`` without the rule ``name``, and with ``record`` (last) unless it is None."""
+    kept = tuple(rule for rule in rules if rule.name.lower() != name.lower())
+    return (*kept, record) if record is not None else kept
+
+
+def notify(subscribers: Iterable[Subscriber], state: NamespaceState) -> None:
+    """Call each of ``subscribers`` with the new ``state`` (a copy of the list: one may
+    unsubscribe while being told)."""
+    for subscriber in list(subscribers):
+        try:
+            subscriber(state)
+        except Exception:  # one broken subscriber must not stop the others
+            logger.exception("a store subscriber failed")

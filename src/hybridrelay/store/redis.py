@@ -45,9 +45,14 @@ from hybridrelay.store.base import (
     KEEP,
     KeySlot,
     NotFoundError,
-    StoreQuotaError,
     StoreUnavailableError,
     Subscriber,
+    find_rule,
+    notify,
+    put_hybrid_connection_record,
+    put_rule_record,
+    regenerated_rule,
+    swap_rule,
 )
 from hybridrelay.store.records import (
     HybridConnectionRecord,
@@ -65,7 +70,6 @@ from hybridrelay.store.redis_address import (
     describe,
     redacted_url,
 )
-from hybridrelay.store.sqlite import MAX_RULES_PER_SCOPE, _optional_float, _optional_str
 
 __all__ = [
     "RECONCILE_INTERVAL",
@@ -385,35 +389,16 @@ class RedisStore:
         def change(old: HybridConnectionRecord | None) -> HybridConnectionRecord:
             nonlocal created
             created = old is None
-            if old is None:
-                if len(self._state.hybrid_connections) >= self._max_hybrid_connections:
-                    raise StoreQuotaError(
-                        f"at most {self._max_hybrid_connections} hybrid connections are allowed"
-                    )
-                return HybridConnectionRecord(
-                    name=name.strip("/"),
-                    requires_client_authorization=(
-                        True
-                        if requires_client_authorization is None
-                        else requires_client_authorization
-                    ),
-                    created_at=now,
-                    updated_at=now,
-                    user_metadata=None if user_metadata is KEEP else _optional_str(user_metadata),
-                    http_response_timeout=(
-                        None
-                        if http_response_timeout is KEEP
-                        else _optional_float(http_response_timeout)
-                    ),
-                )
-            changes: dict[str, Any] = {"updated_at": now}
-            if requires_client_authorization is not None:
-                changes["requires_client_authorization"] = requires_client_authorization
-            if user_metadata is not KEEP:
-                changes["user_metadata"] = _optional_str(user_metadata)
-            if http_response_timeout is not KEEP:
-                changes["http_response_timeout"] = _optional_float(http_response_timeout)
-            return replace(old, **changes)
+            return put_hybrid_connection_record(
+                old,
+                name,
+                now,
+                count=len(self._state.hybrid_connections),
+                limit=self._max_hybrid_connections,
+                requires_client_authorization=requires_client_authorization,
+                user_metadata=user_metadata,
+                http_response_timeout=http_response_timeout,
+            )
 
         record = await self._change_entity(key, change)
         assert record is not None
@@ -439,17 +424,8 @@ class RedisStore:
         result: list[tuple[RuleRecord, bool]] = []
 
         def change(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
-            old = next((rule for rule in rules if rule.name.lower() == name.lower()), None)
-            if old is None:
-                if len(rules) >= MAX_RULES_PER_SCOPE:
-                    raise StoreQuotaError(
-                        f"at most {MAX_RULES_PER_SCOPE} authorization rules are allowed here"
-                    )
-                record = RuleRecord(name, new_key(), new_key(), rights, now, now, scope)
-            else:
-                record = replace(old, rights=rights, updated_at=now)
-            result[:] = [(record, old is None)]
-            return _swapped(rules, name, record)
+            result[:] = [put_rule_record(rules, name, rights, now, scope)]
+            return swap_rule(rules, name, result[0][0])
 
         await self._change_rules(entity, change)
         return result[0]
@@ -459,8 +435,8 @@ class RedisStore:
 
         def change(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
             nonlocal existed
-            existed = any(rule.name.lower() == name.lower() for rule in rules)
-            return _swapped(rules, name, None)
+            existed = find_rule(rules, name) is not None
+            return swap_rule(rules, name, None)
 
         await self._change_rules(entity, change)
         return existed
@@ -473,15 +449,8 @@ class RedisStore:
         result: list[RuleRecord] = []
 
         def change(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
-            old = next((rule for rule in rules if rule.name.lower() == name.lower()), None)
-            if old is None:
-                raise NotFoundError(f"no authorization rule {name!r}")
-            if slot == "primary":
-                record = replace(old, primary_key=fresh, updated_at=now)
-            else:
-                record = replace(old, secondary_key=fresh, updated_at=now)
-            result[:] = [record]
-            return _swapped(rules, name, record)
+            result[:] = [regenerated_rule(rules, name, slot, fresh, now)]
+            return swap_rule(rules, name, result[0])
 
         await self._change_rules(entity, change)
         return result[0]
@@ -611,11 +580,7 @@ class RedisStore:
 
     def _publish(self, state: NamespaceState) -> None:
         self._state = state
-        for subscriber in list(self._subscribers):
-            try:
-                subscriber(state)
-            except Exception:  # one broken subscriber must not stop the others
-                logger.exception("a store subscriber failed")
+        notify(self._subscribers, state)
 
     async def _reload(self) -> None:
         """Read the whole hash and replace the state if it differs."""
@@ -679,13 +644,6 @@ class RedisStore:
 
 def _bytes(value: bytes | str | None) -> bytes | None:
     return value.encode() if isinstance(value, str) else value
-
-
-def _swapped(
-    rules: tuple[RuleRecord, ...], name: str, record: RuleRecord | None
-) -> tuple[RuleRecord, ...]:
-    kept = tuple(rule for rule in rules if rule.name.lower() != name.lower())
-    return (*kept, record) if record is not None else kept
 
 
 def _prefix(namespace: str) -> str:

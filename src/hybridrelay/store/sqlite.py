@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from hybridrelay.auth.sas import Rights
 from hybridrelay.protocol.arm import new_key
@@ -33,9 +33,14 @@ from hybridrelay.store.base import (
     KeySlot,
     NotFoundError,
     StoreError,
-    StoreQuotaError,
     StoreUnavailableError,
     Subscriber,
+    find_rule,
+    notify,
+    put_hybrid_connection_record,
+    put_rule_record,
+    regenerated_rule,
+    swap_rule,
 )
 from hybridrelay.store.records import (
     HybridConnectionRecord,
@@ -45,14 +50,12 @@ from hybridrelay.store.records import (
     entity_key,
 )
 
-__all__ = ["MAX_RULES_PER_SCOPE", "MEMORY", "MIGRATIONS", "SqliteStore"]
+__all__ = ["MEMORY", "MIGRATIONS", "SqliteStore"]
 
 logger = logging.getLogger("hybridrelay.store")
 
 #: The path of a store kept in memory only (a relay built in code without ``store.path``).
 MEMORY = ":memory:"
-#: Azure's bound: 12 SAS rules on a namespace and 12 on each hybrid connection.
-MAX_RULES_PER_SCOPE = 12
 #: How long a statement waits for a lock held by another process on the same file.
 _BUSY_TIMEOUT_MS = 5000
 
@@ -209,36 +212,17 @@ class SqliteStore:
         http_response_timeout: float | None | object = KEEP,
     ) -> tuple[HybridConnectionRecord, bool]:
         key = entity_key(name)
-        now = self._clock()
         old = self._state.hybrid_connections.get(key)
-        if old is None:
-            if len(self._state.hybrid_connections) >= self._max_hybrid_connections:
-                raise StoreQuotaError(
-                    f"at most {self._max_hybrid_connections} hybrid connections are allowed"
-                )
-            record = HybridConnectionRecord(
-                name=name.strip("/"),
-                requires_client_authorization=(
-                    True if requires_client_authorization is None else requires_client_authorization
-                ),
-                created_at=now,
-                updated_at=now,
-                user_metadata=None if user_metadata is KEEP else _optional_str(user_metadata),
-                http_response_timeout=(
-                    None
-                    if http_response_timeout is KEEP
-                    else _optional_float(http_response_timeout)
-                ),
-            )
-        else:
-            changes: dict[str, Any] = {"updated_at": now}
-            if requires_client_authorization is not None:
-                changes["requires_client_authorization"] = requires_client_authorization
-            if user_metadata is not KEEP:
-                changes["user_metadata"] = _optional_str(user_metadata)
-            if http_response_timeout is not KEEP:
-                changes["http_response_timeout"] = _optional_float(http_response_timeout)
-            record = replace(old, **changes)
+        record = put_hybrid_connection_record(
+            old,
+            name,
+            self._clock(),
+            count=len(self._state.hybrid_connections),
+            limit=self._max_hybrid_connections,
+            requires_client_authorization=requires_client_authorization,
+            user_metadata=user_metadata,
+            http_response_timeout=http_response_timeout,
+        )
 
         def write(db: sqlite3.Connection) -> None:
             db.execute(
@@ -280,24 +264,15 @@ class SqliteStore:
     async def put_rule(
         self, name: str, rights: Rights, *, entity: str = ""
     ) -> tuple[RuleRecord, bool]:
-        rules = self._rules_of(entity)
-        now = self._clock()
-        old = next((rule for rule in rules if rule.name.lower() == name.lower()), None)
-        if old is None:
-            if len(rules) >= MAX_RULES_PER_SCOPE:
-                raise StoreQuotaError(
-                    f"at most {MAX_RULES_PER_SCOPE} authorization rules are allowed here"
-                )
-            record = RuleRecord(name, new_key(), new_key(), rights, now, now, entity_key(entity))
-        else:
-            record = replace(old, rights=rights, updated_at=now)
+        record, created = put_rule_record(
+            self._rules_of(entity), name, rights, self._clock(), entity_key(entity)
+        )
         await self._write(lambda db: _upsert_rule(db, record))
         self._replace_rule(record)
-        return record, old is None
+        return record, created
 
     async def delete_rule(self, name: str, *, entity: str = "") -> bool:
-        rules = self._rules_of(entity)
-        if not any(rule.name.lower() == name.lower() for rule in rules):
+        if find_rule(self._rules_of(entity), name) is None:
             return False
         scope = entity_key(entity)
         await self._write(
@@ -311,17 +286,7 @@ class SqliteStore:
     async def regenerate_key(
         self, name: str, slot: KeySlot, *, entity: str = "", key: str | None = None
     ) -> RuleRecord:
-        old = next(
-            (rule for rule in self._rules_of(entity) if rule.name.lower() == name.lower()), None
-        )
-        if old is None:
-            raise NotFoundError(f"no authorization rule {name!r}")
-        fresh = key or new_key()
-        now = self._clock()
-        if slot == "primary":
-            record = replace(old, primary_key=fresh, updated_at=now)
-        else:
-            record = replace(old, secondary_key=fresh, updated_at=now)
+        record = regenerated_rule(self._rules_of(entity), name, slot, key, self._clock())
         await self._write(lambda db: _upsert_rule(db, record))
         self._replace_rule(record)
         return record
@@ -359,19 +324,15 @@ class SqliteStore:
         removed when ``record`` is None)."""
         if record is not None:
             scope, name = record.entity, record.name
-
-        def swapped(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
-            kept = tuple(rule for rule in rules if rule.name.lower() != name.lower())
-            return (*kept, record) if record is not None else kept
-
         if not scope:
             namespace = self._state.namespace
-            self._publish(namespace=replace(namespace, rules=swapped(namespace.rules)))
+            rules = swap_rule(namespace.rules, name, record)
+            self._publish(namespace=replace(namespace, rules=rules))
             return
         entity = self._state.hybrid_connections[scope]
         entities = {
             **self._state.hybrid_connections,
-            scope: replace(entity, rules=swapped(entity.rules)),
+            scope: replace(entity, rules=swap_rule(entity.rules, name, record)),
         }
         self._publish(entities=entities)
 
@@ -389,11 +350,7 @@ class SqliteStore:
             else old.hybrid_connections,
             version=old.version + 1,
         )
-        for subscriber in list(self._subscribers):
-            try:
-                subscriber(self._state)
-            except Exception:  # one broken subscriber must not stop the others
-                logger.exception("a store subscriber failed")
+        notify(self._subscribers, self._state)
 
     async def _write(self, statements: Callable[[sqlite3.Connection], object]) -> None:
         def transaction(db: sqlite3.Connection) -> None:
@@ -413,18 +370,6 @@ class SqliteStore:
             return await loop.run_in_executor(self._executor, job, self._db)
         except sqlite3.Error as exc:
             raise StoreUnavailableError(f"the store {self._path} failed: {exc}") from exc
-
-
-def _optional_str(value: object) -> str | None:
-    return None if value is None else str(value)
-
-
-def _optional_float(value: object) -> float | None:
-    if value is None:
-        return None
-    if not isinstance(value, int | float):
-        raise TypeError("http_response_timeout must be a number or None")
-    return float(value)
 
 
 def _migrate(db: sqlite3.Connection, migrations: Sequence[str], file: Path) -> None:
