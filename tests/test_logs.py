@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -390,3 +390,112 @@ def test_a_worker_s_lines_name_it() -> None:
     assert "[worker" not in TextFormatter().format(record)
     assert json.loads(JsonFormatter(worker=0).format(record))["worker"] == 0
     assert "worker" not in json.loads(JsonFormatter().format(record))
+
+
+# -- the access log's lines without a record (BatchedStreamHandler.emit_fields) -------------
+
+_FIELD_FORMATTERS: dict[str, Callable[[], TextFormatter | JsonFormatter]] = {
+    "text": TextFormatter,
+    "text-worker": lambda: TextFormatter(worker=2),
+    "json": JsonFormatter,
+    "json-worker": lambda: JsonFormatter(worker=2),
+}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", sorted(_FIELD_FORMATTERS))
+@given(
+    created=st.floats(min_value=0, max_value=5e9) | st.sampled_from(_STAMP_EDGES),
+    message=st.text(max_size=40),
+    fields=st.dictionaries(
+        st.sampled_from(["hc", "status", "ts", "message", "bytes", "sender"]),
+        st.integers() | st.text(max_size=10) | st.none(),
+        max_size=4,
+    ),
+)
+def test_a_line_from_fields_is_the_record_s_line(
+    kind: str, created: float, message: str, fields: dict[str, object]
+) -> None:
+    """What the access log writes without a record is the line logging writes of one: the
+    same time, level, logger, message and fields (a field named like a key of the line does
+    not replace it)."""
+    formatter = _FIELD_FORMATTERS[kind]()
+    made = logging.LogRecord("hybridrelay.access", logging.INFO, "", 0, message, (), None)
+    made.created = created
+    made.msecs = int((created - int(created)) * 1000) + 0.0
+    made.fields = fields
+    assert formatter.format_fields(
+        created, made.msecs, "INFO", "hybridrelay.access", message, fields
+    ) == formatter.format(made)
+
+
+@pytest.mark.timeout(30)
+def test_the_access_log_writes_past_logging_only_to_a_lone_batched_handler() -> None:
+    """With the process's batched handler alone on the way, the access line is written to
+    it directly; with another handler (a test's, an application's), a filter, or a level
+    above INFO on the handler, the line is a record that every handler gets, as before."""
+    from hybridrelay.observability.access_log import AccessLog
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    stream = io.StringIO()
+    handler = BatchedStreamHandler(stream, interval=3600)
+    handler.setFormatter(JsonFormatter())
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    seen: list[logging.LogRecord] = []
+
+    class Recording(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    other = Recording()
+    access = logging.getLogger("hybridrelay.access")
+    try:
+        log = AccessLog()
+        fields = {"method": "GET", "status": 200, "duration": 0.0, "sender": "127.0.0.1"}
+        kwargs = {**fields, "request_bytes": None, "response_bytes": 2}
+
+        def lines() -> list[dict[str, object]]:
+            handler.flush()
+            text, _ = stream.getvalue(), stream.truncate(0)
+            stream.seek(0)
+            return [json.loads(line) for line in text.splitlines()]
+
+        log.http_request("t1", "hc", **kwargs)  # type: ignore[arg-type]
+        (direct,) = lines()
+        assert direct["message"] == (
+            "http tracking_id=t1 hc=hc method=GET status=200 duration=0.0 response_bytes=2 "
+            "sender=127.0.0.1"
+        )
+        assert direct["event"] == "http" and direct["response_bytes"] == 2
+        assert direct["logger"] == "hybridrelay.access" and direct["level"] == "info"
+
+        access.addHandler(other)  # a second handler on the way: logging's path
+        log.http_request("t2", "hc", **kwargs)  # type: ignore[arg-type]
+        access.removeHandler(other)
+        (through_logging,) = lines()
+        assert [r.getMessage() for r in seen] == [through_logging["message"]]
+        assert {k: v for k, v in through_logging.items() if k != "ts"} == {
+            **{k: v for k, v in direct.items() if k != "ts"},
+            "message": direct["message"].replace("t1", "t2"),
+            "tracking_id": "t2",
+        }
+
+        dropped: list[logging.LogRecord] = []
+
+        def drop(record: logging.LogRecord) -> bool:
+            dropped.append(record)
+            return False
+
+        handler.addFilter(drop)  # the handler's filter sees (and here drops) the record
+        log.http_request("t3", "hc", **kwargs)  # type: ignore[arg-type]
+        handler.removeFilter(drop)
+        assert [r.fields["tracking_id"] for r in dropped] == ["t3"]  # type: ignore[attr-defined]
+        handler.setLevel(logging.WARNING)
+        log.http_request("t4", "hc", **kwargs)  # type: ignore[arg-type]
+        assert lines() == []
+    finally:
+        access.removeHandler(other)
+        root.handlers[:], root.level = saved
+        handler.close()

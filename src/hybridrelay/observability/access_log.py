@@ -24,7 +24,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 __all__ = ["MAX_REFUSAL_KEYS", "AccessLog", "RefusalLog", "TokenBucket", "redact"]
 
@@ -75,6 +75,35 @@ def _fields_text(fields: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+class FieldsSink(Protocol):
+    """A handler that writes a record's line from its parts, without the record
+    (:class:`hybridrelay.cli.logs.BatchedStreamHandler`)."""
+
+    def emit_fields(
+        self, levelno: int, logger: str, message: str, fields: dict[str, Any]
+    ) -> bool: ...
+
+
+def _only_handler(logger: logging.Logger) -> FieldsSink | None:
+    """The one handler a record of ``logger`` would reach, if that is a :class:`FieldsSink`
+    and nothing on the way filters (then writing the line to it is what logging would do);
+    else None. Looked at per line, so a handler added later (a test's, an embedding
+    application's) gets every record as before."""
+    found: Any = None
+    node: logging.Logger | None = logger
+    while node is not None:
+        if node.filters or node.disabled:
+            return None
+        for handler in node.handlers:
+            if found is not None:
+                return None
+            found = handler
+        if not node.propagate:
+            break
+        node = node.parent
+    return found if hasattr(found, "emit_fields") else None
+
+
 class AccessLog:
     """One INFO line per relayed connection and per relayed HTTP request."""
 
@@ -82,9 +111,14 @@ class AccessLog:
         self._logger = logger or logging.getLogger("hybridrelay.access")
 
     def _write(self, event: str, fields: dict[str, Any]) -> None:
-        self._logger.info(
-            "%s %s", event, _fields_text(fields), extra={"fields": {"event": event, **fields}}
-        )
+        text = _fields_text(fields)
+        extra = {"event": event, **fields}
+        sink = _only_handler(self._logger)
+        if sink is not None and sink.emit_fields(
+            logging.INFO, self._logger.name, f"{event} {text}", extra
+        ):
+            return
+        self._logger.info("%s %s", event, text, extra={"fields": extra})
 
     def connection(
         self,
