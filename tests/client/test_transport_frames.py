@@ -49,6 +49,7 @@ from hybridrelay.transport.base import (
     SpliceSocket,
     WsMessage,
 )
+from hybridrelay.transport.entropy import BATCH, EntropyPool
 from tests.client.helpers import accept_one, make_client, open_listener
 from tests.client.ws_peers import (
     KIB,
@@ -906,11 +907,11 @@ def test_mask_keys_are_successive_slices_of_urandom_batches(
         batches.append(batch)
         return batch
 
-    monkeypatch.setattr(os, "urandom", urandom)  # what frames_ws draws its batches from
-    monkeypatch.setattr(frames_ws, "_mask_keys", frames_ws._EMPTY_KEYS)
-    per_batch = frames_ws.MASK_KEY_BATCH // 4
+    monkeypatch.setattr(os, "urandom", urandom)  # what the pool draws its batches from
+    monkeypatch.setattr(frames_ws, "_MASK_KEYS", EntropyPool(4))
+    per_batch = BATCH // 4
     keys = [frames_ws.mask_key() for _ in range(per_batch + 3)]
-    assert [len(batch) for batch in batches] == [frames_ws.MASK_KEY_BATCH] * 2
+    assert [len(batch) for batch in batches] == [BATCH] * 2
     expected = [batch[i : i + 4] for batch in batches for i in range(0, len(batch), 4)]
     assert keys == expected[: per_batch + 3]
 

@@ -166,7 +166,17 @@ class _ServedChannel:
     ``reason`` label).
     """
 
-    __slots__ = ("_channel", "_done", "_entity", "_http", "_leg", "_relay", "_timer", "_when")
+    __slots__ = (
+        "_channel",
+        "_done",
+        "_entity",
+        "_http",
+        "_leg",
+        "_loop",
+        "_relay",
+        "_timer",
+        "_when",
+    )
 
     def __init__(
         self,
@@ -184,6 +194,9 @@ class _ServedChannel:
         self._done = False
         self._timer: asyncio.TimerHandle | None = None
         self._when = 0.0
+        #: Kept: the deadline is looked at per message, and on Python 3.11 each look-up of the
+        #: running loop is a getpid system call.
+        self._loop = asyncio.get_running_loop()
 
     def start(self) -> None:
         self._follow_deadline()  # first: what came with the upgrade may already renew
@@ -246,7 +259,7 @@ class _ServedChannel:
 
     def _deadline(self) -> float:
         grace = self._relay.config.limits.token_grace_period
-        now = asyncio.get_running_loop().time()
+        now = self._loop.time()
         return now + max(0.0, self._channel.token_expiry + grace - time.time())
 
     def _follow_deadline(self) -> None:
@@ -256,13 +269,13 @@ class _ServedChannel:
                 return
             self._timer.cancel()
         self._when = when
-        self._timer = asyncio.get_running_loop().call_at(when, self._deadline_passed)
+        self._timer = self._loop.call_at(when, self._deadline_passed)
 
     def _deadline_passed(self) -> None:
         self._timer = None
         if self._done:
             return
-        if self._deadline() - asyncio.get_running_loop().time() > _DEADLINE_SLACK:
+        if self._deadline() - self._loop.time() > _DEADLINE_SLACK:
             self._follow_deadline()  # a reload lengthened the grace since the timer was set
             return
         self._end(CloseCode.POLICY_VIOLATION, "token expired", "token_expired")

@@ -153,18 +153,20 @@ class _Exchange(Pending):
 
     inline: bool
     #: Set from the control channel: the listener's response, or None if the channel died.
-    control_response: asyncio.Future[_ListenerResponse | None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    control_response: asyncio.Future[_ListenerResponse | None] = field(init=False)
     #: Set when the listener opened this request's rendezvous.
-    rendezvous: asyncio.Future[_Rendezvous] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    rendezvous: asyncio.Future[_Rendezvous] = field(init=False)
     #: The sender's body streaming to the listener (it may go on while the response streams).
     upload: asyncio.Task[None] | None = None
     #: A request from the relay's HTTP front (:meth:`HttpRelay.relay_inline`): the task that
     #: waits for a busy control channel, or streams a response from a rendezvous.
     task: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        # One look-up of the loop for both (on Python 3.11 each one is a getpid system call).
+        loop = asyncio.get_running_loop()
+        self.control_response = loop.create_future()
+        self.rendezvous = loop.create_future()
 
     def listener_gone(self) -> None:
         # Fail the request (502) unless the listener's rendezvous already carries it.
@@ -193,7 +195,7 @@ class _InlineWait:
         self.deadline = deadline
         self._started = started
         self._settled = False
-        self._timer = asyncio.get_running_loop().call_later(deadline, self._on_timeout)
+        self._timer = exchange.control_response.get_loop().call_later(deadline, self._on_timeout)
         exchange.control_response.add_done_callback(self._on_answer)
         exchange.rendezvous.add_done_callback(self._on_rendezvous)
         sender.gone.add_done_callback(self._on_gone)

@@ -9,9 +9,9 @@ through :func:`reason_phrase` before it reaches a status line. Every answer says
 
 from __future__ import annotations
 
-import os
-
 from aiohttp import web, web_response
+
+from hybridrelay.transport.entropy import EntropyPool
 
 __all__ = ["SERVER_HEADER", "error_response", "name_the_server", "reason_phrase", "tracking_id"]
 
@@ -23,11 +23,15 @@ SERVER_HEADER = "hybridrelay"
 _REASON_LIMIT = 512
 
 
+_TRACKING_BYTES = EntropyPool(16)
+
+
 def tracking_id() -> str:
     """A random (version 4) UUID as text, as ``str(uuid.uuid4())`` gives, made from the hex of
     16 random bytes with the version and variant bits set: the relay makes one per relayed
-    HTTP request, and the UUID object in between showed in its profile."""
-    digits = os.urandom(16).hex()
+    HTTP request, and the UUID object in between showed in its profile (the bytes: from a
+    pool, not a system call each)."""
+    digits = _TRACKING_BYTES.take().hex()
     variant = "89ab"[int(digits[16], 16) & 3]
     return f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{variant}{digits[17:20]}-{digits[20:]}"
 

@@ -226,7 +226,9 @@ class _SenderConnection(asyncio.Protocol):
         self.version = b"1.1"
         self.peer: Any = None
         self.remote: str | None = None
-        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        #: The loop, kept: on Python 3.11 each look-up is a getpid system call.
+        self._loop = asyncio.get_running_loop()
+        self.gone: asyncio.Future[None] = self._loop.create_future()
 
     # -- asyncio's side ----------------------------------------------------------------------
 
@@ -381,7 +383,7 @@ class _SenderConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
-        self._answered_at = asyncio.get_running_loop().time()
+        self._answered_at = self._loop.time()
         if self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()
@@ -498,7 +500,7 @@ class _SenderConnection(asyncio.Protocol):
         if not self._writing_paused:
             return
         if self._drained is None or self._drained.done():
-            self._drained = asyncio.get_running_loop().create_future()
+            self._drained = self._loop.create_future()
         await self._drained
 
     def close(self) -> None:

@@ -52,8 +52,6 @@ import collections
 import logging
 import os
 import ssl
-import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
@@ -92,10 +90,11 @@ from hybridrelay.transport.base import (
     WsMessage,
 )
 from hybridrelay.transport.connect_failure import connect_failure
+from hybridrelay.transport.entropy import EntropyPool
 from hybridrelay.transport.receive_buffer import receive_buffer
 from hybridrelay.transport.warm import WarmPool
 
-__all__ = ["MASK_KEY_BATCH", "FrameSocket", "Proxy", "connect", "mask_key"]
+__all__ = ["FrameSocket", "Proxy", "connect", "mask_key"]
 
 logger = logging.getLogger("hybridrelay.client")
 
@@ -262,31 +261,15 @@ async def connect(
 
 
 #: Mask keys are cut from this many bytes of ``os.urandom`` at a time (see :func:`mask_key`).
-MASK_KEY_BATCH = 4096
-_EMPTY_KEYS: Iterator[tuple[bytes]] = struct.iter_unpack("4s", b"")
-_mask_keys = _EMPTY_KEYS
+_MASK_KEYS = EntropyPool(4)
 
 
 def mask_key() -> bytes:
     """A fresh mask key (RFC 6455 5.3: from a strong source of entropy, unpredictable to the
-    peer): the next 4 bytes of a batch of ``os.urandom``, each used once. One system call
-    per 1,024 frames instead of one per frame (getrandom was ~5 % of a listener's CPU per
-    relayed request). ``next`` on the batch's iterator is one step under the GIL, so threads
-    never share a key; a forked child starts a batch of its own (``register_at_fork``)."""
-    global _mask_keys
-    try:
-        return next(_mask_keys)[0]
-    except StopIteration:
-        _mask_keys = struct.iter_unpack("4s", os.urandom(MASK_KEY_BATCH))
-        return next(_mask_keys)[0]
-
-
-def _forget_mask_keys() -> None:
-    global _mask_keys
-    _mask_keys = _EMPTY_KEYS
-
-
-os.register_at_fork(after_in_child=_forget_mask_keys)
+    peer): the next 4 bytes of a pool of ``os.urandom`` batches (``transport/entropy.py``),
+    each used once. One system call per 1,024 frames instead of one per frame (getrandom was
+    ~5 % of a listener's CPU per relayed request)."""
+    return _MASK_KEYS.take()
 
 
 def _client_frame(opcode: int, data: bytes | bytearray | memoryview, fin: bool = True) -> bytearray:
