@@ -12,6 +12,7 @@ from hybridrelay.exceptions import ConfigurationError
 from hybridrelay.protocol.addressing import (
     UNDESCRIBED_REJECTION,
     AcceptParams,
+    build_relay_url,
     parse_accept_params,
     parse_endpoint,
     protocol_params,
@@ -192,3 +193,26 @@ def test_target_suffix_fuzz(entity: str, rest: str) -> None:
     name = entity.strip("/")
     suffix = "/" + rest if rest else ""
     assert target_suffix("/" + name.upper() + suffix, entity) == suffix
+
+
+@pytest.mark.timeout(60)
+@given(
+    base=st.sampled_from(["wss://relay.example", "wss://127.0.0.1:9400/", "ws://[::1]:80"]),
+    entity=st.text(min_size=1, max_size=12),
+    action=st.sampled_from(["request", "accept"]),
+    connection_id=st.text(max_size=40),
+    secret=st.text(max_size=40),
+)
+def test_a_rendezvous_address_from_its_cached_prefix_is_build_relay_url_s(
+    base: str, entity: str, action: str, connection_id: str, secret: str
+) -> None:
+    """The address of an HTTP request (no suffix, no app query) is made from a prefix cached
+    per base, entity and action: the same text as built in full, quoting included."""
+    assert rendezvous_url(
+        base, entity, action=action, connection_id=connection_id, secret=secret
+    ) == build_relay_url(
+        base,
+        entity,
+        action=action,
+        params={"sb-hc-id": connection_id, "sb-hc-rendezvous": secret},
+    )

@@ -186,8 +186,7 @@ def build_relay_url(
     query = [app_query] if app_query else []
     query.append(f"sb-hc-action={action}")
     for name, value in (params or {}).items():
-        # Ids and secrets are hex (and dashes): nothing to quote, the common case.
-        query.append(f"{name}={value if _URL_SAFE.fullmatch(value) else quote(value, safe='')}")
+        query.append(f"{name}={_query_value(value)}")
     return f"{base_url.rstrip('/')}{HC_PREFIX}{path}{suffix}?{'&'.join(query)}"
 
 
@@ -214,6 +213,13 @@ def rendezvous_url(
 ) -> str:
     """The rendezvous address the relay hands a listener (5.2, 6.2): :func:`build_relay_url` with
     the connection's id and the one-time secret. The result is a credential: never log it."""
+    if not suffix and not app_query:
+        # An HTTP request's address (one per relayed request): the same text, from a prefix
+        # made once per listener base, entity and action.
+        return (
+            f"{_rendezvous_prefix(base_url, entity_path, action)}{_query_value(connection_id)}"
+            f"&{RENDEZVOUS_PARAM}={_query_value(secret)}"
+        )
     return build_relay_url(
         base_url,
         entity_path,
@@ -222,6 +228,18 @@ def rendezvous_url(
         app_query=app_query,
         params={ID_PARAM: connection_id, RENDEZVOUS_PARAM: secret},
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _rendezvous_prefix(base_url: str, entity_path: str, action: str) -> str:
+    """:func:`build_relay_url`'s text up to the id's value, for an address without suffix or
+    app query (a bounded cache: a few listener bases and entities)."""
+    return build_relay_url(base_url, entity_path, action=action, params={ID_PARAM: ""})
+
+
+def _query_value(value: str) -> str:
+    """``value`` as :func:`build_relay_url` writes a parameter's value."""
+    return value if _URL_SAFE.fullmatch(value) else quote(value, safe="")
 
 
 def split_rendezvous_address(address: str, entity_path: str) -> tuple[str, str]:
