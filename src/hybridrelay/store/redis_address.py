@@ -386,7 +386,8 @@ def connect(url: str) -> RedisLink:
             "retry": Retry(NoBackoff(), 0),
             **address.sentinel_options,
         }
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        # redis-py 8.2 typed Sentinel's constructor; the versions before it did not.
+        sentinel = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
             list(address.hosts), sentinel_kwargs=sentinel_options
         )
         client = sentinel.master_for(
