@@ -51,10 +51,13 @@ from hybridrelay.observability.bridge_metrics import ForwardMetrics, Outcome
 from hybridrelay.observability.http_access import access_logged
 from hybridrelay.protocol.addressing import parse_endpoint, target_suffix
 from hybridrelay.protocol.http import (
+    HOP_BY_HOP_HEADERS,
     INLINE_BODY_LIMIT,
+    UNJOINABLE_HEADERS,
     forwarded_headers,
     rewrite_cookie_path,
     rewrite_location,
+    split_repeated_headers,
     without_hop_by_hop,
 )
 
@@ -80,6 +83,20 @@ _PROXY_AUTH = frozenset({"proxy-authenticate", "proxy-authorization"})
 _REQUEST_DROPPED = _PROXY_AUTH
 _LOCATIONS = frozenset({"location", "content-location"})
 _KEEP_LENGTH = frozenset({"content-length"})
+
+# The one-pass header rules below (HttpReverseProxy.upstream_headers_for and
+# .downstream_response) look at each name once: these are the names that pass takes out of
+# the plain copy. A Connection header (it may name any header as hop-by-hop) sends the pass
+# to the rules written out one by one, which stay the reference (tests/bridge check the two
+# agree).
+_FORWARDED = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-prefix"}
+)
+_UPSTREAM_SPECIAL = HOP_BY_HOP_HEADERS | _REQUEST_DROPPED | _FORWARDED | {"via"}
+_DOWNSTREAM_DROPPED = (HOP_BY_HOP_HEADERS - _KEEP_LENGTH) | _PROXY_AUTH
+_DOWNSTREAM_SPECIAL = (
+    _DOWNSTREAM_DROPPED | _LOCATIONS | UNJOINABLE_HEADERS | {"via", "content-length"}
+)
 
 #: Builds a listener whose relayed HTTP requests go to the given handler and whose WebSocket
 #: senders the given accept handler decides on.
@@ -132,6 +149,11 @@ class HttpReverseProxy:
         self._rewrite_cookie_path = rewrite_cookie_path
         self._prefix = "/" + self._entity
         self._public = f"{self._proto}://{relay_host}{self._prefix}"
+        self._forwarded_tail = [
+            ("X-Forwarded-Proto", self._proto),
+            ("X-Forwarded-Host", relay_host),
+            ("X-Forwarded-Prefix", self._prefix),
+        ]
         self._session: aiohttp.ClientSession | None = None
         self._upstream: UpstreamPool | None = None
 
@@ -179,7 +201,41 @@ class HttpReverseProxy:
     def upstream_headers_for(
         self, sender_headers: Sequence[tuple[str, str]], client: str | None
     ) -> list[tuple[str, str]]:
-        """A sender's headers as the upstream gets them (see the module)."""
+        """A sender's headers as the upstream gets them (see the module): ``Host`` first,
+        the sender's end-to-end headers in their order, then ``X-Forwarded-*`` and ``Via``."""
+        out = [("Host", self._relay_host)]
+        chain: list[str] | None = None
+        hops: list[str] | None = None
+        for name, value in sender_headers:
+            key = name.lower()
+            if key not in _UPSTREAM_SPECIAL:
+                out.append((name, value))
+            elif key == "connection":
+                return self._upstream_headers_by_rule(sender_headers, client)
+            elif key == "x-forwarded-for":
+                if chain is None:
+                    chain = []
+                chain.extend(part.strip() for part in value.split(",") if part.strip())
+            elif key == "via":
+                if value:
+                    if hops is None:
+                        hops = []
+                    hops.append(value)
+            # anything else special is dropped: hop-by-hop, proxy credentials, X-Forwarded-*
+        if client:
+            if chain is None:
+                chain = []
+            chain.append(client)
+        if chain:
+            out.append(("X-Forwarded-For", ", ".join(chain)))
+        out += self._forwarded_tail
+        out.append(("Via", f"{', '.join(hops)}, {VIA}" if hops else VIA))
+        return out
+
+    def _upstream_headers_by_rule(
+        self, sender_headers: Sequence[tuple[str, str]], client: str | None
+    ) -> list[tuple[str, str]]:
+        """:meth:`upstream_headers_for`, one rule after the other (the reference)."""
         headers = without_hop_by_hop(sender_headers, also=_REQUEST_DROPPED)
         headers = forwarded_headers(
             headers, client=client, proto=self._proto, host=self._relay_host, prefix=self._prefix
@@ -194,13 +250,82 @@ class HttpReverseProxy:
         for name, value in without_hop_by_hop(headers, also=_PROXY_AUTH, keep=_KEEP_LENGTH):
             key = name.lower()
             if key in _LOCATIONS:
-                value = rewrite_location(
-                    value, upstream=self._target, public=self._public, public_path=self._prefix
-                )
+                value = self._location(value)
             elif key == "set-cookie" and self._rewrite_cookie_path:
                 value = rewrite_cookie_path(value, prefix=self._prefix)
             out.append((name, value))
         return _via_appended(out)
+
+    def _location(self, value: str) -> str:
+        return rewrite_location(
+            value, upstream=self._target, public=self._public, public_path=self._prefix
+        )
+
+    def downstream_response(
+        self, headers: Sequence[tuple[str, str]]
+    ) -> tuple[dict[str, str], tuple[tuple[str, str], ...], int | None]:
+        """In one pass over the upstream's response headers: what
+        :meth:`RelayedHttpContext.respond_merged` takes of :meth:`downstream_headers` (the
+        ``responseHeaders`` object and the repeated ``Set-Cookie``/``WWW-Authenticate``
+        values), and the upstream's ``Content-Length`` (its first, None if none or not a
+        number)."""
+        merged: dict[str, str] = {}
+        spelling: dict[str, str] = {}
+        length: int | None = None
+        seen_length = False
+        hops: list[str] | None = None
+        unjoinable: list[tuple[str, str, str]] | None = None
+        for name, value in headers:
+            key = name.lower()
+            if key in _DOWNSTREAM_SPECIAL:
+                if key == "connection":
+                    return self._downstream_response_by_rule(headers)
+                if key in _DOWNSTREAM_DROPPED:
+                    continue
+                if key == "via":
+                    if value:
+                        if hops is None:
+                            hops = []
+                        hops.append(value)
+                    continue
+                if key == "content-length" and not seen_length:
+                    seen_length = True
+                    try:
+                        length = int(value)
+                    except ValueError:
+                        length = None
+                elif key in _LOCATIONS:
+                    value = self._location(value)
+                elif key in UNJOINABLE_HEADERS:
+                    if key == "set-cookie" and self._rewrite_cookie_path:
+                        value = rewrite_cookie_path(value, prefix=self._prefix)
+                    if unjoinable is None:
+                        unjoinable = []
+                    unjoinable.append((key, name, value))
+            first = spelling.get(key)
+            if first is None:
+                spelling[key] = name
+                merged[name] = value
+            elif key != "set-cookie":
+                merged[first] += ", " + value
+        # Every Via was left out above: ours is the one, last (as _via_appended puts it).
+        merged["Via"] = f"{', '.join(hops)}, {VIA}" if hops else VIA
+        repeated: tuple[tuple[str, str], ...] = ()
+        if unjoinable is not None and len(unjoinable) > 1:
+            counts: dict[str, int] = {}
+            for key, _, _ in unjoinable:
+                counts[key] = counts.get(key, 0) + 1
+            repeated = tuple((name, value) for key, name, value in unjoinable if counts[key] > 1)
+        return merged, repeated, length
+
+    def _downstream_response_by_rule(
+        self, headers: Sequence[tuple[str, str]]
+    ) -> tuple[dict[str, str], tuple[tuple[str, str], ...], int | None]:
+        """:meth:`downstream_response`, one rule after the other (the reference)."""
+        merged, repeated = split_repeated_headers(
+            without_hop_by_hop(self.downstream_headers(headers), keep=_KEEP_LENGTH)
+        )
+        return merged, repeated, _content_length(headers)
 
     async def __call__(self, ctx: RelayedHttpContext) -> None:
         await self.forward(ctx)
@@ -224,39 +349,47 @@ class HttpReverseProxy:
                 gone = True
                 task.cancel()
 
-        async def upload() -> AsyncIterator[bytes]:
-            async for chunk in ctx.body:
-                yield chunk
-            ctx.on_disconnect(sender_gone)  # only now: the watch reads what the body came on
+        body: AsyncIterator[bytes] | None = None
+        if ctx.more_body:
 
-        async def exchange() -> None:
-            nonlocal status, head
-            upstream = await self._get_upstream().request(
-                ctx.method,
-                self.upstream_url(ctx),
-                self.upstream_headers(ctx),
-                upload() if ctx.more_body else None,
-            )
-            try:
-                headers = self.downstream_headers(upstream.headers)
-                await ctx.respond(upstream.status, upstream.reason or None, headers)
-                status, head = upstream.status, loop.time() - started
-                length = upstream.content_length
-                stream = length is None or length > INLINE_BODY_LIMIT
-                async for chunk in upstream.chunks():
-                    await ctx.write(chunk)
-                    if stream:
-                        await ctx.flush()  # this read goes out now (server-sent events)
-            finally:
-                # Leaving early (the sender went away, or we are cancelled) closes the
-                # upstream connection; a response read to its end goes back to the pool.
-                upstream.release()
+            async def upload() -> AsyncIterator[bytes]:
+                async for chunk in ctx.body:
+                    yield chunk
+                ctx.on_disconnect(sender_gone)  # only now: the watch reads what the body came on
 
-        if not ctx.more_body:
+            body = upload()
+        else:
             ctx.on_disconnect(sender_gone)
+        # The exchange is written out here rather than in a coroutine of its own: one level
+        # less for every wake-up of this task to pass through.
         try:
             try:
-                await exchange()
+                upstream = await self._get_upstream().request(
+                    ctx.method,
+                    self.upstream_url(ctx),
+                    self.upstream_headers(ctx),
+                    body,
+                )
+                try:
+                    headers, repeated, length = self.downstream_response(upstream.headers)
+                    ctx.respond_merged(upstream.status, upstream.reason or None, headers, repeated)
+                    status, head = upstream.status, loop.time() - started
+                    stream = length is None or length > INLINE_BODY_LIMIT
+                    # A small answer read whole with its head (the common case): written at
+                    # once, without the chunk iterator's coroutines.
+                    whole = None if stream else upstream.complete_body()
+                    if whole is not None:
+                        if whole:
+                            await ctx.write(whole)
+                    else:
+                        async for chunk in upstream.chunks():
+                            await ctx.write(chunk)
+                            if stream:
+                                await ctx.flush()  # this read goes out now (server-sent events)
+                finally:
+                    # Leaving early (the sender went away, or we are cancelled) closes the
+                    # upstream connection; a response read to its end goes back to the pool.
+                    upstream.release()
             finally:
                 over = True
             await ctx.finish()
@@ -454,6 +587,17 @@ class HttpForwarder:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+
+
+def _content_length(headers: Sequence[tuple[str, str]]) -> int | None:
+    """The first ``Content-Length`` of ``headers`` as a number (None: none, or not one)."""
+    for name, value in headers:
+        if name.lower() == "content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 async def _answer(ctx: RelayedHttpContext, status: int, text: str) -> None:

@@ -57,10 +57,6 @@ class UpstreamUnreachable(UpstreamError):
     """The connection to the upstream could not be opened."""
 
 
-class _Retry(Exception):
-    """A reused connection was found closed before it answered: send on a new one."""
-
-
 def _encode_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
     lines = [f"{method} {target} HTTP/1.1"]
     lines.extend(f"{name}: {value}" for name, value in headers)
@@ -73,6 +69,18 @@ def _encode_head(method: str, target: str, headers: list[tuple[str, str]]) -> by
     if "\x00" in head:
         raise UpstreamError("a header contains a NUL character")
     return head.encode("utf-8", "surrogateescape")
+
+
+def _has_length(headers: list[tuple[str, str]]) -> bool:
+    return any(name.lower() == "content-length" for name, _ in headers)
+
+
+def _bodyless(method: str, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The headers of a request sent without a body: ``Content-Length: 0`` added unless it
+    has one, or its method takes no body (as aiohttp does)."""
+    if method in _BODYLESS_METHODS or _has_length(headers):
+        return headers
+    return [*headers, ("Content-Length", "0")]
 
 
 #: What cannot go on a request line as it is: controls, space, DEL, anything not ASCII.
@@ -175,9 +183,35 @@ class _Connection(asyncio.Protocol):
         await self._wait(self._drained)
 
     async def wait_head(self) -> None:
+        # The waits of _wait_data and _wait written out: the common request waits once, here,
+        # and each coroutine level a wake-up passes through costs its own frame's resumption.
         while not self.head_done:
             self._raise_error()
-            await self._wait_data()
+            waiter = self._waiter = self._waiting = self._loop.create_future()
+            self._read_deadline.set(self._loop.time() + self._read_timeout)
+            try:
+                await waiter
+            finally:
+                self._waiter = self._waiting = None
+                self._read_deadline.clear()
+
+    def complete_body(self) -> bytes | None:
+        """The whole body when the response was read to its end and is still all here (a
+        small answer comes in the read that brought its head), else None: read_chunk then."""
+        if not self.done:
+            return None
+        chunks = self._chunks
+        if len(chunks) == 1:
+            body = chunks.popleft()
+        else:
+            body = b"".join(chunks)
+            chunks.clear()
+        self._buffered = 0
+        if self._reading_paused:
+            self._reading_paused = False
+            if self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+        return body
 
     async def read_chunk(self) -> bytes:
         """The next part of the body; b"" at its end."""
@@ -376,6 +410,10 @@ class UpstreamResponse:
                     return None
         return None
 
+    def complete_body(self) -> bytes | None:
+        """The whole body if it was all read with the head (a small answer), else None."""
+        return self._conn.complete_body()
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body's parts as they are read (bounded: reading pauses while they wait)."""
         while chunk := await self._conn.read_chunk():
@@ -426,43 +464,39 @@ class UpstreamPool:
             UpstreamError: the upstream failed (closed early, a malformed response).
         """
         target = request_target(url)
-        try:
-            return await self._exchange(method, target, headers, body, allow_retry=True)
-        except _Retry:
-            return await self._exchange(method, target, headers, body, allow_retry=False)
-
-    async def _exchange(
-        self,
-        method: str,
-        target: str,
-        headers: list[tuple[str, str]],
-        body: AsyncIterator[bytes] | None,
-        *,
-        allow_retry: bool,
-    ) -> UpstreamResponse:
-        conn = self._take_idle()
-        reused = conn is not None
-        if conn is None:
-            conn = await self._connect()
-        try:
-            conn.start(method)
+        # One coroutine for both tries (not one more level per request for the exchange).
+        allow_retry = True
+        while True:
+            conn = self._take_idle()
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect()
             try:
-                await self._send(conn, method, target, headers, body)
-            except UpstreamError:
+                conn.start(method)
+                try:
+                    if body is None:
+                        conn.write(_encode_head(method, target, _bodyless(method, headers)))
+                    else:
+                        await self._send(conn, method, target, headers, body)
+                except UpstreamError:
+                    if not conn.head_done:
+                        raise
+                    # It answered (a 413, say) and closed before taking the whole body: relay
+                    # it.
+                    conn.reusable = False
                 if not conn.head_done:
-                    raise
-                # It answered (a 413, say) and closed before taking the whole body: relay it.
-                conn.reusable = False
-            await conn.wait_head()
-        except UpstreamError:
-            conn.abort()
-            if reused and allow_retry and body is None and not conn.answered:
-                raise _Retry() from None
-            raise
-        except BaseException:
-            conn.abort()
-            raise
-        return UpstreamResponse(self, conn)
+                    await conn.wait_head()
+            except UpstreamError:
+                conn.abort()
+                if reused and allow_retry and body is None and not conn.answered:
+                    # A reused connection found closed before it answered: on a new one.
+                    allow_retry = False
+                    continue
+                raise
+            except BaseException:
+                conn.abort()
+                raise
+            return UpstreamResponse(self, conn)
 
     async def _send(
         self,
@@ -472,13 +506,10 @@ class UpstreamPool:
         headers: list[tuple[str, str]],
         body: AsyncIterator[bytes] | None,
     ) -> None:
-        has_length = any(name.lower() == "content-length" for name, _ in headers)
         if body is None:
-            if not has_length and method not in _BODYLESS_METHODS:
-                headers = [*headers, ("Content-Length", "0")]
-            conn.write(_encode_head(method, target, headers))
+            conn.write(_encode_head(method, target, _bodyless(method, headers)))
             return
-        chunked = not has_length
+        chunked = not _has_length(headers)
         if chunked:
             headers = [*headers, ("Transfer-Encoding", "chunked")]
         conn.write(_encode_head(method, target, headers))

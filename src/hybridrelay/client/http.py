@@ -334,6 +334,36 @@ class RelayedHttpContext:
         )
         self._responded = True
 
+    def respond_merged(
+        self,
+        status: int,
+        reason: str | None,
+        headers: dict[str, str],
+        repeated: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        """:meth:`respond` for a caller that made its header pass itself (a reverse proxy
+        does one over its upstream's headers anyway): ``headers`` and ``repeated`` are what
+        :func:`~hybridrelay.protocol.http.split_repeated_headers` makes of pairs that
+        :func:`~hybridrelay.protocol.http.without_hop_by_hop` (``Content-Length`` kept) let
+        through, taken as they are (the dict is not copied); the status and reason are
+        checked as there.
+
+        Raises:
+            RuntimeError: called twice, or after :meth:`finish`.
+            ValueError: a status outside 200-999 or a reason with control characters.
+        """
+        if self._responded or self._finished:
+            raise RuntimeError("respond() was already called")
+        if not 200 <= status <= 999:
+            raise ValueError("status must be 200..999 (1xx cannot be relayed)")
+        if reason is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in reason):
+            raise ValueError("the reason phrase must not contain control characters")
+        self._status = status
+        self._reason = reason
+        self._response_headers = headers
+        self._repeated_headers = repeated
+        self._responded = True
+
     async def write(self, data: bytes) -> None:
         """Append to the body; beyond 64 KiB the response streams over a rendezvous."""
         if self._finished:
@@ -383,7 +413,8 @@ class RelayedHttpContext:
         body = bytes(self._buffer)
         self._buffer.clear()
         head = self._head(bool(body))
-        await self._adopt_early_rendezvous(required=False)
+        if self._early_rendezvous is not None:  # (no coroutine to await when there is none)
+            await self._adopt_early_rendezvous(required=False)
         if self._rendezvous is not None:
             await self._send(self._rendezvous, head, *((body,) if body else ()))
             self._head_sent = True
@@ -400,7 +431,8 @@ class RelayedHttpContext:
             # it is taken only to wait for the transport to drain, as before, so that the
             # other answers wait too instead of piling up in its buffer.
             self._head_sent = True
-            await self._send(control, *messages, later=True, drain_under=lock)
+            if control.send_nowait(*messages, later=True):  # _send's first step, written out
+                await _drained(control, lock)
         else:
             async with lock:  # JSON and body adjacent (PROTOCOL.md 4.2)
                 self._head_sent = True
@@ -564,6 +596,16 @@ class RelayedHttpContext:
         if socket is not None:
             socket.abort()
         self._end()
+
+
+async def _drained(socket: FrameSocket, lock: asyncio.Lock) -> None:
+    """The rest of :meth:`RelayedHttpContext._send` after an answer on our socket went over
+    its high-water mark: wait for the transport to drain, under ``lock``."""
+    try:
+        async with asyncio.timeout(SEND_TIMEOUT), lock:
+            await socket.drain()
+    except TimeoutError as exc:
+        raise StreamClosedError("the relay did not take the response in time") from exc
 
 
 def _wants_event_stream(request: Request) -> bool:
