@@ -185,8 +185,7 @@ class HttpReverseProxy:
         return self._session
 
     def upstream_url(self, ctx: RelayedHttpContext) -> str:
-        path, _, query = ctx.target.partition("?")  # ctx.path and ctx.query, in one split
-        return self.upstream_url_for(target_suffix(path, self._entity), query)
+        return self.upstream_url_for(target_suffix(ctx.path, self._entity), ctx.query)
 
     def upstream_url_for(self, suffix: str, query: str) -> str:
         """The upstream URL of a sender's path after the entity and its query (raw)."""

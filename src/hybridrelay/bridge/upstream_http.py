@@ -142,11 +142,7 @@ class _Connection(asyncio.Protocol):
 
     def start(self, method: str) -> None:
         """Get ready for the response to a request sent with ``method``."""
-        if self._parser is None or not (self.done and self.reusable):
-            # A parser that ended a keep-alive response is ready for the next one (llhttp
-            # resets itself after each message, as uvicorn's request parser is reused): a
-            # new one only after a HEAD (which dropped it), a first request, or a failure.
-            self._parser = httptools.HttpResponseParser(self)
+        self._parser = httptools.HttpResponseParser(self)
         self._head_only = method == "HEAD"
         self.status = 0
         self._reason.clear()

@@ -80,13 +80,6 @@ __all__ = [
 
 logger = logging.getLogger("hybridrelay.client")
 
-# The names of the listener's tasks, made once rather than formatted for each (one task per
-# relayed HTTP request).
-_TASK_NAMES = {
-    name: f"hybridrelay-listener-{name}"
-    for name in ("http", "http-busy", "control", "renew", "accept", "reject")
-}
-
 ListenerStatus = Literal["offline", "connecting", "online"]
 """What :attr:`HybridConnectionListener.status` reports: its control channel is down, being
 opened (or re-opened), or up."""
@@ -443,7 +436,7 @@ class HybridConnectionListener:
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         loop = self._loop or asyncio.get_running_loop()
-        task = loop.create_task(coro, name=_TASK_NAMES.get(name) or f"hybridrelay-listener-{name}")
+        task = loop.create_task(coro, name=f"hybridrelay-listener-{name}")
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task

@@ -103,7 +103,6 @@ class ForwardMetrics:
         self._dropped = metrics.udp_datagrams_dropped
         self._http = metrics.http_requests
         self._http_classes: dict[str, Counter] = {}
-        self._http_statuses: dict[int | None, Counter] = {}
         self._latency = metrics.http_request_latency.labels(label)
 
     def _outcome(self, outcome: str) -> Counter:
@@ -157,17 +156,11 @@ class ForwardMetrics:
         """A relayed HTTP request given to the upstream: answered with ``status`` (None: cut
         after its head), ``seconds`` to its response's head (None: no head was sent), and
         the ``outcome`` it counts under (``accepted``: the upstream answered)."""
-        (self._accepted if outcome == Outcome.ACCEPTED else self._outcome(outcome)).inc()
-        # By status, not by its class: no string made per request (bounded: the statuses a
-        # response can have, 200-999, and None).
-        series = self._http_statuses.get(status)
+        self._outcome(outcome).inc()
+        status_class = "cut" if status is None else f"{status // 100}xx"
+        series = self._http_classes.get(status_class)
         if series is None:
-            status_class = "cut" if status is None else f"{status // 100}xx"
-            series = self._http_classes.get(status_class)
-            if series is None:
-                series = self._http.labels(self._label, status_class)
-                self._http_classes[status_class] = series
-            self._http_statuses[status] = series
+            series = self._http_classes[status_class] = self._http.labels(self._label, status_class)
         series.inc()
         if seconds is not None:
             self._latency.observe(seconds)
