@@ -504,11 +504,9 @@ class UpstreamPool:
         method: str,
         target: str,
         headers: list[tuple[str, str]],
-        body: AsyncIterator[bytes] | None,
+        body: AsyncIterator[bytes],
     ) -> None:
-        if body is None:
-            conn.write(_encode_head(method, target, _bodyless(method, headers)))
-            return
+        """Send a request with a body (one without is a single write, in :meth:`request`)."""
         chunked = not _has_length(headers)
         if chunked:
             headers = [*headers, ("Transfer-Encoding", "chunked")]
