@@ -156,7 +156,6 @@ class HttpReverseProxy:
         ]
         self._session: aiohttp.ClientSession | None = None
         self._upstream: UpstreamPool | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def target(self) -> str:
@@ -333,22 +332,15 @@ class HttpReverseProxy:
 
     async def forward(self, ctx: RelayedHttpContext) -> ProxyAnswer:
         """Forward one request and answer it; says how (for the metrics)."""
-        # The loop of the last request, checked by this task being current on it: looking
-        # it up (asyncio.get_running_loop) is a getpid system call on Python 3.11, ~2.5 % of
-        # the bridge's busy samples under load. Another loop (a proxy used again after its
-        # loop ended) finds no current task on the old one and is looked up.
-        loop = self._loop
-        task = asyncio.current_task(loop) if loop is not None else None
-        if task is None:
-            loop = self._loop = asyncio.get_running_loop()
-            task = asyncio.current_task(loop)
-        assert loop is not None and task is not None
+        loop = asyncio.get_running_loop()
         started = loop.time()
         head: float | None = None
         status: int | None = None
         # The exchange runs in this task; when the sender goes away the listener's watch
         # cancels it (one task and no waits per request, rather than the exchange and a watch
         # in tasks of their own).
+        task = asyncio.current_task(loop)  # with the loop: no second look-up of it
+        assert task is not None
         over = gone = False
 
         def sender_gone() -> None:
