@@ -82,6 +82,7 @@ from hybridrelay.server.broker import WOULD_WAIT, Pending, remote_endpoint
 from hybridrelay.server.channel import ControlChannel
 from hybridrelay.server.config import HybridConnectionConfig, LimitsConfig
 from hybridrelay.server.context import RelayContext
+from hybridrelay.server.deadlines import Deadlines
 from hybridrelay.server.http_upgrade import cookie_token, sender_entity, strip_token_cookie
 from hybridrelay.server.request import connection_gone
 from hybridrelay.server.responses import error_response, reason_phrase, tracking_id
@@ -177,9 +178,12 @@ class _Exchange(Pending):
 class _InlineWait:
     """What settles an inline request from the front (:meth:`HttpRelay._await_inline`): the
     first of the listener's answer, its rendezvous, the deadline and the sender's going away;
-    the others are then ignored. Bound methods as callbacks, not closures made per request."""
+    the others are then ignored. Bound methods as callbacks, not closures made per request.
+    The deadline is an entry in the relay's :class:`~hybridrelay.server.deadlines.Deadlines`
+    (one timer per deadline value, not one per request): ``settled`` tells it the wait is
+    over, ``expire`` is its callback."""
 
-    __slots__ = ("_exchange", "_relay", "_sender", "_settled", "_started", "_timer", "deadline")
+    __slots__ = ("_deadlines", "_exchange", "_relay", "_sender", "_started", "deadline", "settled")
 
     def __init__(
         self,
@@ -194,17 +198,16 @@ class _InlineWait:
         self._exchange = exchange
         self.deadline = deadline
         self._started = started
-        self._settled = False
-        self._timer = exchange.control_response.get_loop().call_later(deadline, self._on_timeout)
-        exchange.control_response.add_done_callback(self._on_answer)
+        self.settled = False
+        answer = exchange.control_response
+        self._deadlines = relay._deadlines.add(answer.get_loop(), deadline, self)
+        answer.add_done_callback(self._on_answer)
         exchange.rendezvous.add_done_callback(self._on_rendezvous)
         sender.gone.add_done_callback(self._on_gone)
 
     def _settle(self) -> bool:
-        if self._settled:
+        if not self._deadlines.settle(self):
             return False
-        self._settled = True
-        self._timer.cancel()
         self._exchange.control_response.remove_done_callback(self._on_answer)
         self._exchange.rendezvous.remove_done_callback(self._on_rendezvous)
         self._sender.gone.remove_done_callback(self._on_gone)
@@ -225,7 +228,7 @@ class _InlineWait:
                 )
             )
 
-    def _on_timeout(self) -> None:
+    def expire(self) -> None:
         if self._settle():
             self._relay._inline_failed(self._sender, self._exchange, self._started, 504, _NO_ANSWER)
 
@@ -264,6 +267,8 @@ class HttpRelay:
         #: The Host the last ``Via`` entry was made for, and the entry (``_via``).
         self._via_for: str | None = None
         self._via_entry = ""
+        #: The inline requests' response deadlines: one timer per deadline value.
+        self._deadlines = Deadlines()
 
     def live_exchanges(self, channel: ControlChannel | None = None) -> list[str]:
         """Ids of the requests in flight (those told to ``channel``, if given)."""
