@@ -27,6 +27,7 @@ from hybridrelay.protocol.messages import (
     Request,
     Response,
     encode_message,
+    encode_request,
     encode_response,
     header_text,
     parse_message,
@@ -73,6 +74,44 @@ def test_encode_response_writes_what_encode_message_writes(response: Response) -
     )
     assert text == encode_message(response)
     assert parse_message(text) == response
+
+
+def _request_text_as_it_was(message: Request) -> str:
+    """encode_message's text of a full request before encode_request (the reference)."""
+    body: dict[str, object] = {"address": message.address, "id": message.id}
+    body["requestTarget"] = message.request_target or "/"
+    body["method"] = message.method
+    if message.remote_endpoint is not None:
+        body["remoteEndpoint"] = message.remote_endpoint.to_json()
+    body["requestHeaders"] = messages._wire_headers(message.request_headers or {})
+    body["body"] = bool(message.body)
+    return messages._dumps({"request": body})
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(max_size=30),
+    st.text(max_size=30),
+    st.none() | st.text(max_size=30),
+    st.text(min_size=1, max_size=10),
+    st.none() | st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=4),
+    st.none() | st.builds(RemoteEndpoint, st.text(max_size=15), st.integers(0, 65535)),
+    st.booleans(),
+)
+def test_encode_request_writes_what_encode_message_wrote(
+    address: str,
+    request_id: str,
+    target: str | None,
+    method: str,
+    headers: dict[str, str] | None,
+    remote: RemoteEndpoint | None,
+    body: bool,
+) -> None:
+    """The relay's fast path (no Request object) is the same JSON, byte for byte, as
+    encode_message of the Request, and as that wrote before it used encode_request."""
+    text = encode_request(address, request_id, target, method, headers, remote, body=body)
+    request = Request(address, request_id, target, method, headers, remote, body)
+    assert text == encode_message(request) == _request_text_as_it_was(request)
 
 
 def test_address_only_request_omits_method_and_body() -> None:

@@ -46,7 +46,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
@@ -74,6 +74,7 @@ from hybridrelay.protocol.messages import (
     Request,
     Response,
     encode_message,
+    encode_request,
     parse_message,
 )
 from hybridrelay.protocol.websocket import HandshakeError, handshake_headers
@@ -162,17 +163,40 @@ class _Exchange(Pending):
     #: A request from the relay's HTTP front (:meth:`HttpRelay.relay_inline`): the task that
     #: waits for a busy control channel, or streams a response from a rendezvous.
     task: asyncio.Task[None] | None = None
+    #: The front's request waiting for the answer or the rendezvous (:class:`_InlineWait`),
+    #: told by :meth:`answered` and :meth:`opened` (no done callbacks on the futures: three
+    #: added and removed per request, each with a copy of the context, showed in profiles).
+    waiter: _InlineWait | None = field(default=None, init=False)
+    #: The running loop when the caller has it at hand: on Python 3.11 each look-up of it is a
+    #: getpid system call.
+    loop: InitVar[asyncio.AbstractEventLoop | None] = None
 
-    def __post_init__(self) -> None:
-        # One look-up of the loop for both (on Python 3.11 each one is a getpid system call).
-        loop = asyncio.get_running_loop()
+    def __post_init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        # One look-up of the loop for both futures, if the caller had none.
+        if loop is None:
+            loop = asyncio.get_running_loop()
         self.control_response = loop.create_future()
         self.rendezvous = loop.create_future()
+
+    def answered(self, result: _ListenerResponse | None) -> None:
+        """The listener's response (None: the listener went away); ``control_response`` must
+        not be done. A waiter learns in a callback of its own, as a done callback would."""
+        self.control_response.set_result(result)
+        waiter = self.waiter
+        if waiter is not None:
+            self.control_response.get_loop().call_soon(waiter.on_answer)
+
+    def opened(self, rendezvous: _Rendezvous) -> None:
+        """The listener opened this request's rendezvous; ``rendezvous`` must not be done."""
+        self.rendezvous.set_result(rendezvous)
+        waiter = self.waiter
+        if waiter is not None:
+            self.rendezvous.get_loop().call_soon(waiter.on_rendezvous)
 
     def listener_gone(self) -> None:
         # Fail the request (502) unless the listener's rendezvous already carries it.
         if not self.rendezvous.done() and not self.control_response.done():
-            self.control_response.set_result(None)
+            self.answered(None)
 
 
 class _InlineWait:
@@ -200,26 +224,35 @@ class _InlineWait:
         self._started = started
         self.settled = False
         answer = exchange.control_response
-        self._deadlines = relay._deadlines.add(answer.get_loop(), deadline, self)
-        answer.add_done_callback(self._on_answer)
-        exchange.rendezvous.add_done_callback(self._on_rendezvous)
+        loop = answer.get_loop()
+        self._deadlines = relay._deadlines.add(loop, deadline, self)
+        # Came already (while a busy control channel was waited for): learnt in a callback, as
+        # a done callback added to a done future would be.
+        if answer.done():
+            loop.call_soon(self.on_answer)
+        elif exchange.rendezvous.done():
+            loop.call_soon(self.on_rendezvous)
+        exchange.waiter = self  # a cycle, until _settle breaks it
         sender.gone.add_done_callback(self._on_gone)
 
     def _settle(self) -> bool:
         if not self._deadlines.settle(self):
             return False
-        self._exchange.control_response.remove_done_callback(self._on_answer)
-        self._exchange.rendezvous.remove_done_callback(self._on_rendezvous)
+        self._exchange.waiter = None
         self._sender.gone.remove_done_callback(self._on_gone)
         return True
 
-    def _on_answer(self, future: asyncio.Future[_ListenerResponse | None]) -> None:
+    def on_answer(self) -> None:
+        """The exchange's ``control_response`` is set (:meth:`_Exchange.answered`)."""
+        future = self._exchange.control_response
         if not future.cancelled() and self._settle():
             self._relay._inline_answered(
                 self._sender, self._exchange, self._started, future.result()
             )
 
-    def _on_rendezvous(self, future: asyncio.Future[_Rendezvous]) -> None:
+    def on_rendezvous(self) -> None:
+        """The exchange's ``rendezvous`` is set (:meth:`_Exchange.opened`)."""
+        future = self._exchange.rendezvous
         if not future.cancelled() and self._settle():
             exchange = self._exchange
             exchange.task = asyncio.create_task(
@@ -634,7 +667,9 @@ class HttpRelay:
         exchange by a callback. A busy control channel, or a response that the listener sends
         on a rendezvous, gets a task (owned by the exchange)."""
         started = time.monotonic()
-        exchange = _Exchange(id=tracking_id(), entity=entity.name, inline=True)
+        exchange = _Exchange(
+            id=tracking_id(), entity=entity.name, inline=True, loop=sender.gone.get_loop()
+        )
         limits = self._relay.config.limits
         broker = self._relay.broker
         if broker.pending_count >= limits.max_pending_rendezvous:
@@ -649,10 +684,16 @@ class HttpRelay:
         remote = remote_endpoint(sender.peer)
 
         def text_for(base_url: str) -> str:
-            return encode_message(
-                request_message(
-                    exchange, base_url, target, sender.method, headers, remote, body=bool(body)
-                )
+            # request_message's text, without the Request in between (encode_request).
+            address = rendezvous_url(
+                base_url,
+                exchange.entity,
+                action="request",
+                connection_id=exchange.id,
+                secret=exchange.secret,
+            )
+            return encode_request(
+                address, exchange.id, target, sender.method, headers, remote, body=bool(body)
             )
 
         deadline = response_deadline(limits, entity)
@@ -838,7 +879,7 @@ class HttpRelay:
         if exchange.rendezvous.done():  # the sender's handler is over
             leg.close_nowait(CloseCode.GOING_AWAY, "request is over")
         else:
-            exchange.rendezvous.set_result(_Rendezvous(leg))
+            exchange.opened(_Rendezvous(leg))
         return response
 
     # -- the listeners' control channels ----------------------------------------------------
@@ -860,7 +901,7 @@ class HttpRelay:
         if message.body:
             self._binary_owner[channel] = _BodyOwner(exchange if live else None, message)
         elif live and exchange is not None:
-            exchange.control_response.set_result(_ListenerResponse(message, b""))
+            exchange.answered(_ListenerResponse(message, b""))
         return True
 
     def on_control_binary(self, channel: ControlChannel, data: bytes) -> bool:
@@ -871,7 +912,7 @@ class HttpRelay:
             return not data  # hyco-https' stray empty message after body:false (6.6)
         exchange = owner.exchange
         if exchange is not None and not exchange.control_response.done():
-            exchange.control_response.set_result(_ListenerResponse(owner.head, data))
+            exchange.answered(_ListenerResponse(owner.head, data))
         return True
 
     def forget_channel(self, channel: ControlChannel) -> None:
