@@ -402,3 +402,30 @@ def test_orjson_and_the_stdlib_read_the_same_messages(
 )
 def test_what_orjson_refuses_the_stdlib_decides(text: str) -> None:
     assert _outcome(text) == _with_stdlib_json(functools.partial(_outcome, text))
+
+
+def _headers_as_the_loop_made_them(value: dict[str, object]) -> dict[str, str] | str:
+    """messages._headers' loop alone (before its all-strings shortcut): the reference."""
+    headers: dict[str, str] = {}
+    for name, item in value.items():
+        if isinstance(item, list):
+            item = ", ".join(str(v) for v in item)
+        if not isinstance(item, str | int | float):
+            return "ProtocolError"
+        headers[str(name)] = str(item)
+    return headers
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=5)
+    | st.dictionaries(st.text(max_size=8), json_values, max_size=5)
+)
+def test_headers_shortcut_reads_what_the_loop_read(value: dict[str, object]) -> None:
+    try:
+        got: dict[str, str] | str | None = messages._headers({"h": value}, "h")
+    except ProtocolError:
+        got = "ProtocolError"
+    assert got == _headers_as_the_loop_made_them(value)
+    if isinstance(got, dict):
+        assert got is not value  # a dict of its own, as the loop made
