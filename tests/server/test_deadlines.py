@@ -1,7 +1,8 @@
 """The inline requests' deadline queues (server/deadlines.py): an entry expires when its own
 timer would have, never once settled, and the queue holds about twice its live entries at
 most, not a deadline's worth of settled ones. A fake loop (its clock moved by hand) makes the
-structure's behaviour exact; one test on a real loop checks it fires there."""
+structure's behaviour exact; on a real loop, one test checks it fires there and one that the
+relay's inline requests leave no entries behind."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import itertools
 from collections.abc import Callable
 from typing import cast
 
+import httpx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridrelay.server.deadlines import _MIN_COMPACT, DeadlineQueue, Deadlines
+from tests.conftest import Relay
+from tests.server.http_peer import Received, Reply, peer_listener
 
 
 class _Timer:
@@ -198,3 +202,23 @@ async def test_fires_on_a_real_loop() -> None:
     deadlines.add(loop, 0.01, Waiting())
     await asyncio.wait_for(done, 5)
     assert len(deadlines) == 0
+
+
+async def test_answered_inline_requests_leave_no_deadline_entries_behind(relay: Relay) -> None:
+    """On the relay: 200 inline requests answered one after the other hold at most the last
+    one's entry (each add drops the settled ones before it), and one queue for the one
+    deadline value in use."""
+
+    async def handler(received: Received) -> Reply:
+        return Reply(status=200, body=b"ok")
+
+    deadlines = relay.server.http._deadlines
+    async with peer_listener(relay.base_url, "hc", relay.token("hc"), handler):
+        async with httpx.AsyncClient(base_url=relay.http_url, timeout=30) as http:
+            for _ in range(200):
+                response = await http.get(
+                    "/hc/x", headers={"ServiceBusAuthorization": relay.token("hc")}
+                )
+                assert response.status_code == 200
+                assert deadlines.held() <= 1
+    assert len(deadlines) == 1
