@@ -60,6 +60,7 @@ from hybridrelay.protocol.addressing import (
     rendezvous_url,
 )
 from hybridrelay.protocol.http import (
+    HOP_BY_HOP_HEADERS,
     INLINE_BODY_LIMIT,
     expand_repeated_headers,
     header_json_size,
@@ -107,6 +108,8 @@ _WRITE_SLICE = 256 * 1024
 _REQUEST_DROPPED = frozenset({"expect", AUTH_HEADER.lower()})
 _REQUEST_DROPPED_WITH_AUTHORIZATION = _REQUEST_DROPPED | {"authorization"}
 _KEEP_LENGTH = frozenset({"content-length"})
+#: What a listener's response loses besides the names its Connection header lists (6.5).
+_RESPONSE_HOP_BY_HOP = HOP_BY_HOP_HEADERS - _KEEP_LENGTH
 
 _TOO_MANY_PENDING = "Too many pending requests; try again later."
 _NO_ANSWER = "The listener did not respond in time."
@@ -588,8 +591,12 @@ class HttpRelay:
         headers: list[tuple[str, str]] = []
         hops: list[str] = []
         listener_length: int | None = None
-        relayed = expand_repeated_headers(response.response_headers, response.repeated_headers)
-        for name, value in forwarded_response_headers(relayed):
+        relayed = _plain_response_headers(response)
+        if relayed is None:
+            relayed = forwarded_response_headers(
+                expand_repeated_headers(response.response_headers, response.repeated_headers)
+            )
+        for name, value in relayed:
             key = name.lower()
             if key == "content-length":
                 listener_length = int(value) if value.isdigit() else None
@@ -975,6 +982,27 @@ def forwarded_response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple
         for name, value in without_hop_by_hop(headers, keep=_KEEP_LENGTH)
         if _is_token(name)
     ]
+
+
+def _plain_response_headers(response: Response) -> list[tuple[str, str]] | None:
+    """:func:`forwarded_response_headers` of the common response (no repeated headers, no
+    ``Connection`` header naming others) in one pass, or None for the general path: the same
+    pairs in the same order (a hypothesis test compares)."""
+    if response.repeated_headers:
+        return None
+    out: list[tuple[str, str]] = []
+    for name, value in response.response_headers.items():
+        key = name.lower()
+        if key in _RESPONSE_HOP_BY_HOP:
+            if key == "connection":
+                return None  # the names it lists are dropped too: the general path
+            continue
+        if _TOKEN.fullmatch(name) is None:
+            continue
+        if "\r" in value or "\n" in value:
+            value = value.replace("\r", " ").replace("\n", " ")
+        out.append((name, value))
+    return out
 
 
 # RFC 9110 token characters; a compiled regex is ~10x faster than a per-character check.
