@@ -13,8 +13,9 @@ wait in one FIFO per deadline value with one timer, armed for the oldest entry s
   dropped by a compaction once they outnumber the live ones by :data:`_MIN_COMPACT`, so the
   queue holds at most twice its live entries plus that, never a whole deadline's worth of
   answered requests (and the compaction's cost is at most two steps per entry settled).
-* An entry expires when the loop's time reaches ``added + seconds``, as its own timer would
-  have fired: the timer is armed with ``call_at`` for that time (short deadlines fire on time).
+* An entry expires when the loop's time reaches ``added + seconds`` (within :data:`_EARLY`,
+  libuv's millisecond), as its own timer would have fired: the timer is armed with ``call_at``
+  for that time (short deadlines fire on time).
   Each expiry runs as its own callback (``call_soon``), so one that raises is reported by the
   loop like a timer's and does not stop the others, and an entry settled in between is not
   expired (its ``expire`` sees it settled).
