@@ -27,6 +27,7 @@ from hybridrelay.protocol.messages import (
     Request,
     Response,
     encode_message,
+    encode_request,
     encode_response,
     header_text,
     parse_message,
@@ -73,6 +74,44 @@ def test_encode_response_writes_what_encode_message_writes(response: Response) -
     )
     assert text == encode_message(response)
     assert parse_message(text) == response
+
+
+def _request_text_as_it_was(message: Request) -> str:
+    """encode_message's text of a full request before encode_request (the reference)."""
+    body: dict[str, object] = {"address": message.address, "id": message.id}
+    body["requestTarget"] = message.request_target or "/"
+    body["method"] = message.method
+    if message.remote_endpoint is not None:
+        body["remoteEndpoint"] = message.remote_endpoint.to_json()
+    body["requestHeaders"] = messages._wire_headers(message.request_headers or {})
+    body["body"] = bool(message.body)
+    return messages._dumps({"request": body})
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(max_size=30),
+    st.text(max_size=30),
+    st.none() | st.text(max_size=30),
+    st.text(min_size=1, max_size=10),
+    st.none() | st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=4),
+    st.none() | st.builds(RemoteEndpoint, st.text(max_size=15), st.integers(0, 65535)),
+    st.booleans(),
+)
+def test_encode_request_writes_what_encode_message_wrote(
+    address: str,
+    request_id: str,
+    target: str | None,
+    method: str,
+    headers: dict[str, str] | None,
+    remote: RemoteEndpoint | None,
+    body: bool,
+) -> None:
+    """The relay's fast path (no Request object) is the same JSON, byte for byte, as
+    encode_message of the Request, and as that wrote before it used encode_request."""
+    text = encode_request(address, request_id, target, method, headers, remote, body=body)
+    request = Request(address, request_id, target, method, headers, remote, body)
+    assert text == encode_message(request) == _request_text_as_it_was(request)
 
 
 def test_address_only_request_omits_method_and_body() -> None:
@@ -363,3 +402,30 @@ def test_orjson_and_the_stdlib_read_the_same_messages(
 )
 def test_what_orjson_refuses_the_stdlib_decides(text: str) -> None:
     assert _outcome(text) == _with_stdlib_json(functools.partial(_outcome, text))
+
+
+def _headers_as_the_loop_made_them(value: dict[str, object]) -> dict[str, str] | str:
+    """messages._headers' loop alone (before its all-strings shortcut): the reference."""
+    headers: dict[str, str] = {}
+    for name, item in value.items():
+        if isinstance(item, list):
+            item = ", ".join(str(v) for v in item)
+        if not isinstance(item, str | int | float):
+            return "ProtocolError"
+        headers[str(name)] = str(item)
+    return headers
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=5)
+    | st.dictionaries(st.text(max_size=8), json_values, max_size=5)
+)
+def test_headers_shortcut_reads_what_the_loop_read(value: dict[str, object]) -> None:
+    try:
+        got: dict[str, str] | str | None = messages._headers({"h": value}, "h")
+    except ProtocolError:
+        got = "ProtocolError"
+    assert got == _headers_as_the_loop_made_them(value)
+    if isinstance(got, dict):
+        assert got is not value  # a dict of its own, as the loop made

@@ -40,6 +40,7 @@ __all__ = [
     "Request",
     "Response",
     "encode_message",
+    "encode_request",
     "encode_response",
     "header_text",
     "parse_message",
@@ -131,6 +132,15 @@ def _headers(obj: dict[str, Any], key: str) -> dict[str, str] | None:
         return None
     if not isinstance(value, dict):
         raise ProtocolError(f"field {key!r} must be an object")
+    try:
+        # The common message, every value a string (the names of a JSON object always are):
+        # checked by one join in C, the same dict as the loop below makes (one per relayed
+        # request on each side, where the loop showed in the relay's profile).
+        "".join(value.values())
+    except TypeError:
+        pass
+    else:
+        return dict(value)
     headers: dict[str, str] = {}
     for name, item in value.items():
         if isinstance(item, list):  # tolerate array values; HTTP joins repeats with ", "
@@ -314,16 +324,18 @@ def encode_message(message: ControlMessage) -> str:
             body["remoteEndpoint"] = message.remote_endpoint.to_json()
         return _dumps({"accept": body})
     if isinstance(message, Request):
-        body = {"address": message.address, "id": message.id}
         # The address-only form MUST omit method and body (PROTOCOL.md 6.2).
-        if message.method is not None:
-            body["requestTarget"] = message.request_target or "/"
-            body["method"] = message.method
-            if message.remote_endpoint is not None:
-                body["remoteEndpoint"] = message.remote_endpoint.to_json()
-            body["requestHeaders"] = _wire_headers(message.request_headers or {})
-            body["body"] = bool(message.body)
-        return _dumps({"request": body})
+        if message.method is None:
+            return _dumps({"request": {"address": message.address, "id": message.id}})
+        return encode_request(
+            message.address,
+            message.id,
+            message.request_target,
+            message.method,
+            message.request_headers,
+            message.remote_endpoint,
+            body=bool(message.body),
+        )
     if isinstance(message, Response):
         return encode_response(
             message.request_id,
@@ -356,3 +368,30 @@ def encode_response(
         document["repeatedResponseHeaders"] = [list(pair) for pair in repeated_headers]
     document["body"] = body
     return _dumps({"response": document})
+
+
+def encode_request(
+    address: str,
+    request_id: str,
+    request_target: str | None,
+    method: str,
+    request_headers: dict[str, str] | None,
+    remote_endpoint: RemoteEndpoint | None,
+    *,
+    body: bool,
+) -> str:
+    """``encode_message(Request(...))`` of a full request (not address-only) without building
+    the :class:`Request`: the relay writes one per relayed request, and a frozen dataclass'
+    ``__init__`` (an ``object.__setattr__`` per field) showed in its profile as it did in the
+    listener's (:func:`encode_response`)."""
+    document: dict[str, Any] = {
+        "address": address,
+        "id": request_id,
+        "requestTarget": request_target or "/",
+        "method": method,
+    }
+    if remote_endpoint is not None:
+        document["remoteEndpoint"] = remote_endpoint.to_json()
+    document["requestHeaders"] = _wire_headers(request_headers or {})
+    document["body"] = body
+    return _dumps({"request": document})

@@ -468,7 +468,8 @@ class LocalBroker:
         candidates = [c for c in self._by_entity.get(pending.entity.lower(), ()) if c.usable]
         if not candidates:
             return None
-        self._shuffle(candidates)
+        if len(candidates) > 1:  # one listener has one order (random.shuffle draws nothing)
+            self._shuffle(candidates)
         texts: dict[str, str] = {}
         for channel in candidates:
             if channel.queued >= pending.max_queued:

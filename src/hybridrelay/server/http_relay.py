@@ -46,7 +46,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
@@ -60,6 +60,7 @@ from hybridrelay.protocol.addressing import (
     rendezvous_url,
 )
 from hybridrelay.protocol.http import (
+    HOP_BY_HOP_HEADERS,
     INLINE_BODY_LIMIT,
     expand_repeated_headers,
     header_json_size,
@@ -74,6 +75,7 @@ from hybridrelay.protocol.messages import (
     Request,
     Response,
     encode_message,
+    encode_request,
     parse_message,
 )
 from hybridrelay.protocol.websocket import HandshakeError, handshake_headers
@@ -82,6 +84,7 @@ from hybridrelay.server.broker import WOULD_WAIT, Pending, remote_endpoint
 from hybridrelay.server.channel import ControlChannel
 from hybridrelay.server.config import HybridConnectionConfig, LimitsConfig
 from hybridrelay.server.context import RelayContext
+from hybridrelay.server.deadlines import Deadlines
 from hybridrelay.server.http_upgrade import cookie_token, sender_entity, strip_token_cookie
 from hybridrelay.server.request import connection_gone
 from hybridrelay.server.responses import error_response, reason_phrase, tracking_id
@@ -105,6 +108,8 @@ _WRITE_SLICE = 256 * 1024
 _REQUEST_DROPPED = frozenset({"expect", AUTH_HEADER.lower()})
 _REQUEST_DROPPED_WITH_AUTHORIZATION = _REQUEST_DROPPED | {"authorization"}
 _KEEP_LENGTH = frozenset({"content-length"})
+#: What a listener's response loses besides the names its Connection header lists (6.5).
+_RESPONSE_HOP_BY_HOP = HOP_BY_HOP_HEADERS - _KEEP_LENGTH
 
 _TOO_MANY_PENDING = "Too many pending requests; try again later."
 _NO_ANSWER = "The listener did not respond in time."
@@ -161,25 +166,51 @@ class _Exchange(Pending):
     #: A request from the relay's HTTP front (:meth:`HttpRelay.relay_inline`): the task that
     #: waits for a busy control channel, or streams a response from a rendezvous.
     task: asyncio.Task[None] | None = None
+    #: The front's request waiting for the answer or the rendezvous (:class:`_InlineWait`),
+    #: told by :meth:`answered` and :meth:`opened` (no done callbacks on the futures: three
+    #: added and removed per request, each with a copy of the context, showed in profiles).
+    waiter: _InlineWait | None = field(default=None, init=False)
+    #: The running loop when the caller has it at hand: on Python 3.11 each look-up of it is a
+    #: getpid system call.
+    loop: InitVar[asyncio.AbstractEventLoop | None] = None
 
-    def __post_init__(self) -> None:
-        # One look-up of the loop for both (on Python 3.11 each one is a getpid system call).
-        loop = asyncio.get_running_loop()
+    def __post_init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        # One look-up of the loop for both futures, if the caller had none.
+        if loop is None:
+            loop = asyncio.get_running_loop()
         self.control_response = loop.create_future()
         self.rendezvous = loop.create_future()
+
+    def answered(self, result: _ListenerResponse | None) -> None:
+        """The listener's response (None: the listener went away); ``control_response`` must
+        not be done. A waiter learns in a callback of its own, as a done callback would."""
+        self.control_response.set_result(result)
+        waiter = self.waiter
+        if waiter is not None:
+            self.control_response.get_loop().call_soon(waiter.on_answer)
+
+    def opened(self, rendezvous: _Rendezvous) -> None:
+        """The listener opened this request's rendezvous; ``rendezvous`` must not be done."""
+        self.rendezvous.set_result(rendezvous)
+        waiter = self.waiter
+        if waiter is not None:
+            self.rendezvous.get_loop().call_soon(waiter.on_rendezvous)
 
     def listener_gone(self) -> None:
         # Fail the request (502) unless the listener's rendezvous already carries it.
         if not self.rendezvous.done() and not self.control_response.done():
-            self.control_response.set_result(None)
+            self.answered(None)
 
 
 class _InlineWait:
     """What settles an inline request from the front (:meth:`HttpRelay._await_inline`): the
     first of the listener's answer, its rendezvous, the deadline and the sender's going away;
-    the others are then ignored. Bound methods as callbacks, not closures made per request."""
+    the others are then ignored. Bound methods as callbacks, not closures made per request.
+    The deadline is an entry in the relay's :class:`~hybridrelay.server.deadlines.Deadlines`
+    (one timer per deadline value, not one per request): ``settled`` tells it the wait is
+    over, ``expire`` is its callback."""
 
-    __slots__ = ("_exchange", "_relay", "_sender", "_settled", "_started", "_timer", "deadline")
+    __slots__ = ("_deadlines", "_exchange", "_relay", "_sender", "_started", "deadline", "settled")
 
     def __init__(
         self,
@@ -194,29 +225,37 @@ class _InlineWait:
         self._exchange = exchange
         self.deadline = deadline
         self._started = started
-        self._settled = False
-        self._timer = exchange.control_response.get_loop().call_later(deadline, self._on_timeout)
-        exchange.control_response.add_done_callback(self._on_answer)
-        exchange.rendezvous.add_done_callback(self._on_rendezvous)
+        self.settled = False
+        answer = exchange.control_response
+        loop = answer.get_loop()
+        self._deadlines = relay._deadlines.add(loop, deadline, self)
+        # Came already (while a busy control channel was waited for): learnt in a callback, as
+        # a done callback added to a done future would be.
+        if answer.done():
+            loop.call_soon(self.on_answer)
+        elif exchange.rendezvous.done():
+            loop.call_soon(self.on_rendezvous)
+        exchange.waiter = self  # a cycle, until _settle breaks it
         sender.gone.add_done_callback(self._on_gone)
 
     def _settle(self) -> bool:
-        if self._settled:
+        if not self._deadlines.settle(self):
             return False
-        self._settled = True
-        self._timer.cancel()
-        self._exchange.control_response.remove_done_callback(self._on_answer)
-        self._exchange.rendezvous.remove_done_callback(self._on_rendezvous)
+        self._exchange.waiter = None
         self._sender.gone.remove_done_callback(self._on_gone)
         return True
 
-    def _on_answer(self, future: asyncio.Future[_ListenerResponse | None]) -> None:
+    def on_answer(self) -> None:
+        """The exchange's ``control_response`` is set (:meth:`_Exchange.answered`)."""
+        future = self._exchange.control_response
         if not future.cancelled() and self._settle():
             self._relay._inline_answered(
                 self._sender, self._exchange, self._started, future.result()
             )
 
-    def _on_rendezvous(self, future: asyncio.Future[_Rendezvous]) -> None:
+    def on_rendezvous(self) -> None:
+        """The exchange's ``rendezvous`` is set (:meth:`_Exchange.opened`)."""
+        future = self._exchange.rendezvous
         if not future.cancelled() and self._settle():
             exchange = self._exchange
             exchange.task = asyncio.create_task(
@@ -225,7 +264,7 @@ class _InlineWait:
                 )
             )
 
-    def _on_timeout(self) -> None:
+    def expire(self) -> None:
         if self._settle():
             self._relay._inline_failed(self._sender, self._exchange, self._started, 504, _NO_ANSWER)
 
@@ -264,6 +303,8 @@ class HttpRelay:
         #: The Host the last ``Via`` entry was made for, and the entry (``_via``).
         self._via_for: str | None = None
         self._via_entry = ""
+        #: The inline requests' response deadlines: one timer per deadline value.
+        self._deadlines = Deadlines()
 
     def live_exchanges(self, channel: ControlChannel | None = None) -> list[str]:
         """Ids of the requests in flight (those told to ``channel``, if given)."""
@@ -550,8 +591,12 @@ class HttpRelay:
         headers: list[tuple[str, str]] = []
         hops: list[str] = []
         listener_length: int | None = None
-        relayed = expand_repeated_headers(response.response_headers, response.repeated_headers)
-        for name, value in forwarded_response_headers(relayed):
+        relayed = _plain_response_headers(response)
+        if relayed is None:
+            relayed = forwarded_response_headers(
+                expand_repeated_headers(response.response_headers, response.repeated_headers)
+            )
+        for name, value in relayed:
             key = name.lower()
             if key == "content-length":
                 listener_length = int(value) if value.isdigit() else None
@@ -629,7 +674,9 @@ class HttpRelay:
         exchange by a callback. A busy control channel, or a response that the listener sends
         on a rendezvous, gets a task (owned by the exchange)."""
         started = time.monotonic()
-        exchange = _Exchange(id=tracking_id(), entity=entity.name, inline=True)
+        exchange = _Exchange(
+            id=tracking_id(), entity=entity.name, inline=True, loop=sender.gone.get_loop()
+        )
         limits = self._relay.config.limits
         broker = self._relay.broker
         if broker.pending_count >= limits.max_pending_rendezvous:
@@ -644,10 +691,16 @@ class HttpRelay:
         remote = remote_endpoint(sender.peer)
 
         def text_for(base_url: str) -> str:
-            return encode_message(
-                request_message(
-                    exchange, base_url, target, sender.method, headers, remote, body=bool(body)
-                )
+            # request_message's text, without the Request in between (encode_request).
+            address = rendezvous_url(
+                base_url,
+                exchange.entity,
+                action="request",
+                connection_id=exchange.id,
+                secret=exchange.secret,
+            )
+            return encode_request(
+                address, exchange.id, target, sender.method, headers, remote, body=bool(body)
             )
 
         deadline = response_deadline(limits, entity)
@@ -833,7 +886,7 @@ class HttpRelay:
         if exchange.rendezvous.done():  # the sender's handler is over
             leg.close_nowait(CloseCode.GOING_AWAY, "request is over")
         else:
-            exchange.rendezvous.set_result(_Rendezvous(leg))
+            exchange.opened(_Rendezvous(leg))
         return response
 
     # -- the listeners' control channels ----------------------------------------------------
@@ -855,7 +908,7 @@ class HttpRelay:
         if message.body:
             self._binary_owner[channel] = _BodyOwner(exchange if live else None, message)
         elif live and exchange is not None:
-            exchange.control_response.set_result(_ListenerResponse(message, b""))
+            exchange.answered(_ListenerResponse(message, b""))
         return True
 
     def on_control_binary(self, channel: ControlChannel, data: bytes) -> bool:
@@ -866,7 +919,7 @@ class HttpRelay:
             return not data  # hyco-https' stray empty message after body:false (6.6)
         exchange = owner.exchange
         if exchange is not None and not exchange.control_response.done():
-            exchange.control_response.set_result(_ListenerResponse(owner.head, data))
+            exchange.answered(_ListenerResponse(owner.head, data))
         return True
 
     def forget_channel(self, channel: ControlChannel) -> None:
@@ -929,6 +982,27 @@ def forwarded_response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple
         for name, value in without_hop_by_hop(headers, keep=_KEEP_LENGTH)
         if _is_token(name)
     ]
+
+
+def _plain_response_headers(response: Response) -> list[tuple[str, str]] | None:
+    """:func:`forwarded_response_headers` of the common response (no repeated headers, no
+    ``Connection`` header naming others) in one pass, or None for the general path: the same
+    pairs in the same order (a hypothesis test compares)."""
+    if response.repeated_headers:
+        return None
+    out: list[tuple[str, str]] = []
+    for name, value in response.response_headers.items():
+        key = name.lower()
+        if key in _RESPONSE_HOP_BY_HOP:
+            if key == "connection":
+                return None  # the names it lists are dropped too: the general path
+            continue
+        if _TOKEN.fullmatch(name) is None:
+            continue
+        if "\r" in value or "\n" in value:
+            value = value.replace("\r", " ").replace("\n", " ")
+        out.append((name, value))
+    return out
 
 
 # RFC 9110 token characters; a compiled regex is ~10x faster than a per-character check.
