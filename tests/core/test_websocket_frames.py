@@ -29,6 +29,7 @@ from hybridrelay.protocol.websocket import (
     server_frame,
     server_frame_header,
     unmask_python,
+    whole_client_frames,
     whole_server_frames,
 )
 from tests.wsframes import client_frame
@@ -360,3 +361,108 @@ def test_the_fast_path_leaves_anything_unusual_to_the_general_reader() -> None:
         small[:-1],  # not all here
     ):
         assert whole_server_frames(small + other, 100) == ([(OP_TEXT, b"hi")], len(small))
+
+
+# -- the fast path for whole small client frames (whole_client_frames) ------------------------
+
+
+def read_client_messages(wire: bytes, max_size: int, fast: bool) -> list[tuple[int, bytes]] | str:
+    """Messages the relay reads from client frames ``wire``: with the fast path first (as the
+    control channel does between messages) or with the general reader alone; an error's code
+    (the fast path's caller checks UTF-8 and fails with 1007, as the control channel does)."""
+    reader = forwarder(max_size)
+    reader.payload_only = True
+    reader.track_messages = True
+    data = memoryview(wire)
+    messages: list[tuple[int, bytes]] = []
+    if fast and reader.between_messages:
+        frames, used = whole_client_frames(data, max_size, websocket_mask)
+        for opcode, payload in frames:
+            if opcode == OP_TEXT:
+                try:
+                    payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    return "error 1007"
+            messages.append((opcode, bytes(payload)))
+        data = data[used:]
+    try:
+        pieces, _ = reader.feed(data)
+    except FrameError as exc:
+        return f"error {exc.code}"
+    start = 0
+    for count, opcode in reader.message_ends:
+        messages.append((opcode, b"".join(pieces[start:count])))
+        start = count
+    return messages
+
+
+TEXTS = st.one_of(st.text(max_size=50).map(str.encode), st.binary(max_size=50))
+CLIENT_FRAMES = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from([OP_TEXT, OP_BINARY]), TEXTS, st.just(True), st.just(True)),
+        st.tuples(
+            st.sampled_from([OP_TEXT, OP_BINARY]),
+            st.integers(0, 300).map(lambda n: b"x" * n),  # around the limit and 126
+            st.just(True),
+            st.booleans(),
+        ),
+        st.tuples(st.just(OP_BINARY), st.binary(max_size=70_000), st.just(True), st.just(True)),
+        st.tuples(st.just(OP_PING), st.binary(max_size=10), st.just(True), st.just(True)),
+        st.tuples(st.just(OP_TEXT), TEXTS, st.just(False), st.just(True)),
+        st.tuples(st.just(OP_CONTINUATION), TEXTS, st.booleans(), st.just(True)),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    frames=CLIENT_FRAMES,
+    max_size=st.sampled_from([100, 1 << 20]),
+    cut=st.integers(0, 20),
+    mask=st.binary(min_size=4, max_size=4),
+)
+def test_the_client_fast_path_reads_what_the_general_reader_reads(
+    frames: list[tuple[int, bytes, bool, bool]], max_size: int, cut: int, mask: bytes
+) -> None:
+    # Text that is and is not UTF-8, fragments, pings, unmasked frames, lengths over the
+    # limit; a read that may end inside a frame.
+    wire = b"".join(
+        client_frame(op, payload, fin=fin, mask=mask, masked=masked)
+        for op, payload, fin, masked in frames
+    )
+    wire = wire[: max(0, len(wire) - cut)]
+    fast = read_client_messages(wire, max_size, fast=True)
+    assert fast == read_client_messages(wire, max_size, fast=False)
+
+
+def test_the_client_fast_path_leaves_anything_unusual_to_the_general_reader() -> None:
+    small = client_frame(OP_TEXT, b"hi")
+    assert whole_client_frames(small + small, 100, websocket_mask) == (
+        [(OP_TEXT, bytearray(b"hi"))] * 2,
+        2 * len(small),
+    )
+    big = client_frame(OP_BINARY, b"y" * 300)
+    assert whole_client_frames(big, 300, websocket_mask) == (
+        [(OP_BINARY, bytearray(b"y" * 300))],
+        len(big),
+    )
+    empty = whole_client_frames(client_frame(OP_BINARY), 0, websocket_mask)[0]
+    assert empty == [(OP_BINARY, bytearray())]
+    for other in (
+        client_frame(OP_PING, b""),  # a control frame
+        client_frame(OP_CLOSE, close_payload(1000)),
+        client_frame(OP_TEXT, b"hi", fin=False),  # a fragment
+        client_frame(OP_CONTINUATION, b"hi"),
+        client_frame(OP_TEXT, b"hi", rsv=0x40),  # a reserved bit
+        client_frame(OP_TEXT, b"hi", masked=False),  # not masked
+        bytes([0x82, 0x80 | 126, 0, 5]) + b"\0\0\0\0hello",  # a 16-bit length for 5 bytes
+        client_frame(OP_BINARY, b"x" * 70_000),  # a 64-bit length
+        client_frame(OP_BINARY, b"x" * 200),  # over max_size
+        small[:-1],  # not all here
+        small[:5],  # its key not all here
+    ):
+        assert whole_client_frames(small + other, 100, websocket_mask) == (
+            [(OP_TEXT, bytearray(b"hi"))],
+            len(small),
+        )

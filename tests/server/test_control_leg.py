@@ -10,8 +10,11 @@ import os
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import hybridrelay.server.channel as channel_module
+import hybridrelay.transport.control_leg as control_leg_module
 from hybridrelay.exceptions import RelayConnectionError
 from hybridrelay.protocol.websocket import (
     OP_BINARY,
@@ -302,3 +305,56 @@ async def test_the_listeners_close_is_answered_with_its_code(relay: Relay) -> No
         assert relay.server.broker.listener_count("hc") == 0
     finally:
         control.abort()
+
+
+def _read_by_leg(
+    wire: bytes, cuts: list[int], fast: bool
+) -> tuple[list[tuple[str, object]], bytes, bool]:
+    """What a leg hands its sink, writes and whether it closed, for ``wire`` read in pieces
+    cut at ``cuts``: with the fast path for whole frames, or with the general reader alone."""
+
+    async def run() -> tuple[list[tuple[str, object]], bytes, bool]:
+        with pytest.MonkeyPatch.context() as patch:
+            if not fast:
+                patch.setattr(control_leg_module, "whole_client_frames", lambda *args: ([], 0))
+            leg, transport, sink = started(max_message_size=300)
+            start = 0
+            for end in [*sorted({c for c in cuts if 0 < c < len(wire)}), len(wire)]:
+                feed(leg, wire[start:end])
+                start = end
+            leg._flush()
+            return sink.got, bytes(transport.written), transport.closed
+
+    return asyncio.run(run())
+
+
+_PAYLOADS = st.one_of(st.text(max_size=20).map(str.encode), st.binary(max_size=20))
+_WIRE = st.lists(
+    st.one_of(
+        st.builds(client_frame, st.sampled_from([OP_TEXT, OP_BINARY]), _PAYLOADS),
+        st.builds(  # around the limit (300) and the 16-bit length (126)
+            client_frame,
+            st.sampled_from([OP_TEXT, OP_BINARY]),
+            st.integers(100, 400).map(lambda n: b"x" * n),
+        ),
+        st.builds(client_frame, st.just(OP_TEXT), _PAYLOADS, fin=st.just(False)),
+        st.builds(client_frame, st.just(OP_CONTINUATION), _PAYLOADS, fin=st.booleans()),
+        st.builds(client_frame, st.sampled_from([OP_PING, OP_PONG]), st.binary(max_size=5)),
+        st.builds(client_frame, st.just(OP_TEXT), _PAYLOADS, masked=st.just(False)),
+        st.builds(
+            client_frame, st.just(OP_CLOSE), st.sampled_from([b"", close_payload(1000), b"\x03"])
+        ),
+    ),
+    max_size=8,
+).map(b"".join)
+
+
+@settings(max_examples=150, deadline=None)
+@given(wire=_WIRE, cuts=st.lists(st.integers(0, 1000), max_size=4))
+def test_the_fast_path_for_whole_frames_changes_nothing_the_leg_does(
+    wire: bytes, cuts: list[int]
+) -> None:
+    # Messages, their order, invalid UTF-8 (1007), sizes over the limit (1009), unmasked
+    # frames and bad close frames (1002), pings answered, the close: the same either way.
+    fast = _read_by_leg(wire, cuts, True)
+    assert fast == _read_by_leg(wire, cuts, False)

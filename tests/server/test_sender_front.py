@@ -17,6 +17,7 @@ import aiohttp
 import h11
 import pytest
 
+from hybridrelay.server import sender_http
 from hybridrelay.server.sender_http import _SenderConnection
 from tests.conftest import Relay, RelayFactory, eventually
 from tests.server.http_peer import Received, Reply, peer_listener
@@ -304,3 +305,60 @@ async def test_a_body_that_does_not_arrive_gets_408(
             finally:
                 writer.close()
         await assert_no_exchanges_left(relay)
+
+
+async def test_a_repeated_head_is_parsed_once_and_admitted_each_time(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keep-alive client sending the same head again: its bytes are parsed once per
+    connection, while the entity, the token and the relay's state are asked for each request
+    (``_prepare``); a different head is parsed anew. Every answer as without the reuse."""
+    parsed: list[bytes] = []
+    prepared: list[str] = []
+    real_parse, real_prepare = sender_http._parse, _SenderConnection._prepare
+
+    def parse(head: bytes) -> sender_http._Parsed | None:
+        if head.startswith(b"POST"):  # not the listener's upgrade
+            parsed.append(head)
+        return real_parse(head)
+
+    def prepare(self: _SenderConnection, head: sender_http._Parsed) -> sender_http._Inline | None:
+        prepared.append(head.raw_path)
+        return real_prepare(self, head)
+
+    monkeypatch.setattr(sender_http, "_parse", parse)
+    monkeypatch.setattr(_SenderConnection, "_prepare", prepare)
+    same = request(relay, "POST", "/hc/e", body=b"abc")
+    raw = same + same + request(relay, "POST", "/hc/f", body=b"abc") + same
+    async with peer_listener(relay.base_url, "hc", relay.token("hc"), echo):
+        answers = await exchange(relay, raw, ("POST",) * 4)
+    assert [(a[0], a[3]) for a in answers] == [(200, b"cba")] * 4
+    head = same[: same.index(b"\r\n\r\n") + 4]
+    assert parsed == [head, head.replace(b"/hc/e", b"/hc/f"), head]
+    assert prepared == ["/hc/e", "/hc/e", "/hc/f", "/hc/e"]
+    await assert_no_exchanges_left(relay)
+
+
+async def test_a_repeated_head_meets_the_relay_as_it_is_now(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reused parse carries nothing of the last request's admission: the same head,
+    refused by the relay's state the second time (no inline answer there now), goes to
+    aiohttp's path and is answered there, as a first head would be."""
+    broker = relay.server.broker
+    calls: list[str] = []
+    real = broker.answers_inline
+
+    def answers_inline(entity: str) -> bool:
+        calls.append(entity)
+        return real(entity) and len(calls) == 1
+
+    monkeypatch.setattr(broker, "answers_inline", answers_inline)
+    same = request(relay, "POST", "/hc/e", body=b"abc")
+    async with peer_listener(relay.base_url, "hc", relay.token("hc"), echo):
+        answers = await exchange(relay, same + same, ("POST", "POST"))
+    assert [(a[0], a[3]) for a in answers] == [(200, b"cba")] * 2
+    # The front asked for each request; aiohttp's path asked again for the second (and sent
+    # it by rendezvous, as it does when the answer cannot come inline).
+    assert calls == ["hc", "hc", "hc"]
+    await assert_no_exchanges_left(relay)

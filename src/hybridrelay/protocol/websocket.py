@@ -50,6 +50,7 @@ __all__ = [
     "parse_response_head",
     "upgrade_request",
     "server_frame",
+    "whole_client_frames",
     "whole_server_frames",
     "server_frame_header",
     "unmask_python",
@@ -340,6 +341,51 @@ def whole_server_frames(
     return frames, pos
 
 
+def whole_client_frames(
+    data: bytes | bytearray | memoryview, max_size: int, unmask: Unmask
+) -> tuple[list[tuple[int, bytearray]], int]:
+    """The whole, unfragmented, masked text and binary frames at the start of ``data``, as
+    (opcode, unmasked payload), and how many bytes they took.
+
+    The server side's twin of :func:`whole_server_frames`: the fast path of the relay reading
+    a listener's control channel (its ``response`` messages, a few hundred bytes each, arrive
+    several to a read), where a general :class:`FrameForwarder` pass per message costs a
+    frame header built and dropped, an incremental UTF-8 decoder and a state machine's steps.
+    It stops at the first frame that is anything else (a control frame, a fragment, an
+    unmasked frame, reserved bits, a 64-bit or non-minimal 16-bit length, a payload over
+    ``max_size``, a frame not all here), which the general reader then takes, with every check
+    it makes. Text payloads are not checked for UTF-8 here: the caller decodes them (and
+    fails the connection with 1007 where that fails, as the general reader would).
+    """
+    view = memoryview(data)
+    frames: list[tuple[int, bytearray]] = []
+    pos = 0
+    end = len(view)
+    while end - pos >= 6:  # the shortest masked frame: 2 header bytes and the key
+        first, second = view[pos], view[pos + 1]
+        if (first != 0x80 | OP_TEXT and first != 0x80 | OP_BINARY) or not second & 0x80:
+            break
+        length = second & 0x7F
+        start = pos + 6
+        if length == 126:
+            if end - pos < 8:
+                break
+            length = (view[pos + 2] << 8) | view[pos + 3]
+            if length < 126:
+                break
+            start = pos + 8
+        elif length == 127:
+            break
+        if length > max_size or end - start < length:
+            break
+        payload = bytearray(view[start : start + length])
+        if length:
+            unmask(bytes(view[start - 4 : start]), payload)
+        frames.append((first & 0x0F, payload))
+        pos = start + length
+    return frames, pos
+
+
 def server_frame_header(fin: bool, opcode: int, length: int) -> bytes:
     """The header of an unmasked (server to client) frame."""
     return frame_header(fin, opcode, length)
@@ -409,6 +455,7 @@ class FrameForwarder:
         "_remaining",
         "_unmask",
         "_utf8",
+        "_utf8_decoder",
         "message_ends",
         "payload_only",
         "track_messages",
@@ -428,7 +475,10 @@ class FrameForwarder:
         self._control: bytearray | None = None
         self._in_message = False
         self._message_size = 0
+        #: The decoder of the text message being read (None between text messages), and the
+        #: one decoder the reader reuses for every text message.
         self._utf8: codecs.IncrementalDecoder | None = None
+        self._utf8_decoder: codecs.IncrementalDecoder | None = None
         self._closed = False
         #: Produce the data frames' payload bytes only, without frame headers: for a leg whose
         #: partner is a plain byte stream (the relay's own TCP ingress) rather than a WebSocket.
@@ -589,12 +639,21 @@ class FrameForwarder:
             self._message_size = 0
             self._message_opcode = opcode
             if opcode == OP_TEXT:
-                self._utf8 = codecs.getincrementaldecoder("utf-8")()
+                # One decoder per reader, reset for each text message (the previous one ended
+                # with a final decode or failed the reader): not one made per message.
+                decoder = self._utf8_decoder
+                if decoder is None:
+                    decoder = self._utf8_decoder = codecs.getincrementaldecoder("utf-8")()
+                else:
+                    decoder.reset()
+                self._utf8 = decoder
         else:
             raise FrameError(1002, f"reserved data opcode {opcode:#x}")
         self._message_size += length
         if self._message_size > self._max_message_size:
             raise FrameError(1009, "message too big")
+        if self.payload_only:
+            return size, b""  # no header goes out: none is built
         return size, server_frame_header(fin, opcode, length)
 
     def _finish_control(self, payload: bytes) -> ControlFrame:

@@ -118,18 +118,45 @@ class _Head:
 
 
 class _Inline:
-    """A request relayed from the front: what :class:`~HttpRelay.relay_inline` needs of it
-    (the ``InlineSender`` protocol) and how its answer reaches the connection."""
+    """A request the front relays, from its head on: what the exchange needs of it (entity,
+    forwarded headers, target, body length, keep-alive, version), what
+    :class:`~HttpRelay.relay_inline` needs of it (the ``InlineSender`` protocol) and how its
+    answer reaches the connection. One object per request, made when its head is read."""
 
-    __slots__ = ("connection", "content_length", "gone", "host", "method", "peer", "remote")
+    __slots__ = (
+        "connection",
+        "content_length",
+        "entity",
+        "gone",
+        "headers",
+        "host",
+        "keep_alive",
+        "length",
+        "method",
+        "peer",
+        "remote",
+        "target",
+        "version",
+    )
 
     def __init__(
-        self, connection: _SenderConnection, method: str, host: str, length: int | None
+        self,
+        connection: _SenderConnection,
+        parsed: _Parsed,
+        entity: HybridConnectionConfig,
+        headers: dict[str, str],
+        target: str,
     ) -> None:
         self.connection = connection
-        self.method = method
-        self.host = host
-        self.content_length = length
+        self.method = parsed.method
+        self.host = parsed.host
+        self.entity = entity
+        self.headers = headers
+        self.target = target
+        self.length = parsed.length
+        self.content_length = parsed.length or None
+        self.keep_alive = parsed.keep_alive
+        self.version = parsed.version
         self.peer = connection.peer
         self.remote = connection.remote
         self.gone = connection.gone
@@ -213,7 +240,9 @@ class _SenderConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._raw = bytearray()
         #: The request whose body is still arriving: (its head's size, its body's, the request).
-        self._waiting: tuple[int, int, _Prepared] | None = None
+        self._waiting: tuple[int, int, _Inline] | None = None
+        #: The last head parsed on this connection and what it says (see :class:`_Parsed`).
+        self._parsed: _Parsed | None = None
         self._busy = False
         self._reading_paused = False
         self._writing_paused = False
@@ -284,77 +313,69 @@ class _SenderConnection(asyncio.Protocol):
                     if len(self._raw) > self._front.relay.config.limits.max_header_bytes:
                         self._hand_over()  # aiohttp answers the oversized head
                     return
+                size = end + 4
                 # A large head is aiohttp's, whose limits apply to it exactly as before.
-                prepared = (
-                    None if end + 4 > _LARGE_HEAD else self._prepare(bytes(self._raw[: end + 4]))
-                )
+                if size > _LARGE_HEAD:
+                    self._hand_over()
+                    return
+                # The same head as the last one (a keep-alive client's next request): what
+                # its bytes say is known; the rest (entity, token, limits) is asked anew.
+                parsed = self._parsed
+                if (
+                    parsed is None
+                    or len(parsed.head) != size
+                    or not self._raw.startswith(parsed.head)
+                ):
+                    parsed = _parse(bytes(self._raw[:size]))
+                    if parsed is None:
+                        self._hand_over()
+                        return
+                    self._parsed = parsed
+                prepared = self._prepare(parsed)
                 if prepared is None:
                     self._hand_over()
                     return
-                self._waiting = (end + 4, prepared.length, prepared)
+                self._waiting = (size, prepared.length, prepared)
             head_size, length, prepared = self._waiting
             if len(self._raw) < head_size + length:
                 if self._body_due is None:
                     self._expect_body(prepared)
                 return
             self._body_due = None
-            body = bytes(self._raw[head_size : head_size + length])
-            del self._raw[: head_size + length]
+            if length:
+                body = bytes(self._raw[head_size : head_size + length])
+                del self._raw[: head_size + length]
+            else:
+                body = b""
+                if len(self._raw) == head_size:
+                    self._raw.clear()
+                else:
+                    del self._raw[:head_size]
             self._waiting = None
             self._busy = True
             self.keep_alive = prepared.keep_alive
             self.version = prepared.version
-            request = _Inline(self, prepared.method, prepared.host, length or None)
             self._front.http.relay_inline(
-                request, prepared.entity, prepared.headers, prepared.target, body
+                prepared, prepared.entity, prepared.headers, prepared.target, body
             )
 
-    def _prepare(self, head: bytes) -> _Prepared | None:
-        """The request whose head is ``head``, if the front relays it; None: aiohttp's."""
-        reader = _Head()
-        try:
-            reader.parser.feed_data(head)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            return None  # aiohttp's to answer (a malformed head) or to upgrade
-        if len(reader.headers) > _MANY_HEADERS:
-            return None
-        method = reader.method.decode("ascii")
-        if method == "CONNECT" or not reader.url.startswith(b"/") or not reader.url.isascii():
-            return None
-        version = reader.version
-        if version not in ("1.1", "1.0"):
-            return None
-        headers = CIMultiDict(reader.headers)
-        if (
-            "Transfer-Encoding" in headers
-            or "Expect" in headers
-            or "Upgrade" in headers
-            or "Host" not in headers
-        ):
-            return None
-        length = 0
-        lengths = headers.getall("Content-Length", ())
-        if lengths:
-            if len(lengths) > 1 or not lengths[0].isdigit():
-                return None
-            length = int(lengths[0])
-            if length > INLINE_BODY_LIMIT:
-                return None
-        raw_path, _, raw_query = reader.url.decode("ascii").partition("?")
+    def _prepare(self, parsed: _Parsed) -> _Inline | None:
+        """The request whose head says ``parsed``, if the front relays it; None: aiohttp's."""
         relay = self._front.relay
-        if (
-            raw_path.startswith(HC_PREFIX)
-            or is_runtime_info(method, raw_query, headers)
-            or relay.draining()
-        ):
+        if relay.draining():
             return None
-        resolved = sender_entity(raw_path, relay)
+        resolved = sender_entity(parsed.raw_path, relay)
         if not isinstance(resolved, tuple):  # its 404: aiohttp's path answers it
             return None
         entity, suffix = resolved
-        host = headers["Host"]
         admitted = self._front.http.admit(
-            entity, suffix, host, headers, reader.headers, raw_path, raw_query
+            entity,
+            suffix,
+            parsed.host,
+            parsed.headers,
+            parsed.items,
+            parsed.raw_path,
+            parsed.raw_query,
         )
         if not isinstance(admitted, tuple):  # its refusal: aiohttp's path answers it
             return None
@@ -363,16 +384,7 @@ class _SenderConnection(asyncio.Protocol):
             return None
         if not relay.broker.answers_inline(entity.name):
             return None
-        return _Prepared(
-            method,
-            host,
-            entity,
-            forwarded,
-            target,
-            length,
-            reader.keep_alive,
-            version.encode("ascii"),
-        )
+        return _Inline(self, parsed, entity, forwarded, target)
 
     def request_done(self) -> None:
         """The answer to the request is written: the next one, if any."""
@@ -533,7 +545,7 @@ class _SenderConnection(asyncio.Protocol):
             return
         self.close()
 
-    def _expect_body(self, prepared: _Prepared) -> None:
+    def _expect_body(self, prepared: _Inline) -> None:
         """The head is here, the body is not (all of it): it has the listener's response
         deadline to arrive (as aiohttp's path gave it), then 408."""
         loop = asyncio.get_running_loop()
@@ -549,8 +561,7 @@ class _SenderConnection(asyncio.Protocol):
         answer = error_response(408, "The request body did not arrive in time.")
         self.keep_alive = False
         self.version = prepared.version
-        request = _Inline(self, prepared.method, prepared.host, length)
-        sent = request.answer(answer)
+        sent = prepared.answer(answer)
         self._front.relay.observer.http_request(
             tracking_id(),
             prepared.entity.name,
@@ -564,30 +575,85 @@ class _SenderConnection(asyncio.Protocol):
         self.close()
 
 
-class _Prepared:
-    """A request head the front relays: what the exchange needs of it."""
+class _Parsed:
+    """What a request head the front may relay says from its bytes alone: parsed, and past
+    every check that looks at nothing else (the entity, the token, the relay's state are
+    looked at for each request, by :meth:`_SenderConnection._prepare`). The same bytes always
+    parse the same, so a connection keeps its last head's and reuses it while its client
+    sends that head again (a keep-alive client's requests often differ in nothing), which
+    saves the parse, the header checks and the case-insensitive headers per request."""
 
-    __slots__ = ("entity", "headers", "host", "keep_alive", "length", "method", "target", "version")
+    __slots__ = (
+        "head",
+        "headers",
+        "host",
+        "items",
+        "keep_alive",
+        "length",
+        "method",
+        "raw_path",
+        "raw_query",
+        "version",
+    )
 
     def __init__(
         self,
+        head: bytes,
+        reader: _Head,
         method: str,
-        host: str,
-        entity: HybridConnectionConfig,
-        headers: dict[str, str],
-        target: str,
+        headers: CIMultiDict[str],
         length: int,
-        keep_alive: bool,
-        version: bytes,
+        raw_path: str,
+        raw_query: str,
     ) -> None:
+        self.head = head
         self.method = method
-        self.host = host
-        self.entity = entity
+        #: The request's headers case-insensitive, and in order with their repeats (read
+        #: only, by every request that reuses them).
         self.headers = headers
-        self.target = target
+        self.items = reader.headers
+        self.host = headers["Host"]
         self.length = length
-        self.keep_alive = keep_alive
-        self.version = version
+        self.raw_path = raw_path
+        self.raw_query = raw_query
+        self.keep_alive = reader.keep_alive
+        self.version = reader.version.encode("ascii")
+
+
+def _parse(head: bytes) -> _Parsed | None:
+    """What ``head`` says, if the front may relay a request with it; None: aiohttp's."""
+    reader = _Head()
+    try:
+        reader.parser.feed_data(head)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        return None  # aiohttp's to answer (a malformed head) or to upgrade
+    if len(reader.headers) > _MANY_HEADERS:
+        return None
+    method = reader.method.decode("ascii")
+    if method == "CONNECT" or not reader.url.startswith(b"/") or not reader.url.isascii():
+        return None
+    if reader.version not in ("1.1", "1.0"):
+        return None
+    headers = CIMultiDict(reader.headers)
+    if (
+        "Transfer-Encoding" in headers
+        or "Expect" in headers
+        or "Upgrade" in headers
+        or "Host" not in headers
+    ):
+        return None
+    length = 0
+    lengths = headers.getall("Content-Length", ())
+    if lengths:
+        if len(lengths) > 1 or not lengths[0].isdigit():
+            return None
+        length = int(lengths[0])
+        if length > INLINE_BODY_LIMIT:
+            return None
+    raw_path, _, raw_query = reader.url.decode("ascii").partition("?")
+    if raw_path.startswith(HC_PREFIX) or is_runtime_info(method, raw_query, headers):
+        return None
+    return _Parsed(head, reader, method, headers, length, raw_path, raw_query)
 
 
 _CONTENT_TYPE, _DATE, _SERVER = "content-type", "date", "server"

@@ -39,6 +39,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from aiohttp._websocket.helpers import websocket_mask
+
 from hybridrelay.exceptions import RelayConnectionError
 from hybridrelay.protocol.websocket import (
     OP_BINARY,
@@ -48,6 +50,7 @@ from hybridrelay.protocol.websocket import (
     FrameError,
     server_frame,
     server_frame_header,
+    whole_client_frames,
 )
 from hybridrelay.transport.base import COALESCED_WRITE_LIMIT, MessageSink
 from hybridrelay.transport.receive_buffer import receive_buffer
@@ -87,6 +90,7 @@ class ControlLeg(ServerLeg):
         self, transport: asyncio.Transport, *, max_message_size: int, keep_alive: float | None
     ) -> None:
         super().__init__(transport, max_message_size=max_message_size)
+        self._max_message_size = max_message_size
         self._sink: MessageSink = _Discard()
         self._parts: list[bytearray] = []
         self._reported = False
@@ -258,6 +262,26 @@ class ControlLeg(ServerLeg):
         if self._closing.received:
             return
         reader = self._reader
+        if reader.between_messages:
+            # The common read: whole small text messages (the listener's responses), read
+            # without the general reader; it takes whatever follows the first frame that is
+            # anything else, with every check it makes.
+            frames, used = whole_client_frames(data, self._max_message_size, websocket_mask)
+            if frames:
+                sink = self._sink
+                for opcode, payload in frames:
+                    if opcode == OP_TEXT:
+                        try:
+                            text = payload.decode("utf-8")
+                        except UnicodeDecodeError:
+                            self._fail(1007, "text message is not valid UTF-8")  # as the reader
+                            return
+                        sink.on_text(text)
+                    else:
+                        sink.on_binary(bytes(payload))
+                if used == len(data):
+                    return
+                data = data[used:]
         try:
             pieces, controls = reader.feed(data)
         except FrameError as exc:
