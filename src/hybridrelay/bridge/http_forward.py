@@ -42,7 +42,12 @@ from hybridrelay.bridge.config import BridgeConfig, HttpForward
 from hybridrelay.bridge.listening import EdgeListener, keep_listening
 from hybridrelay.bridge.pipe import RelayStream, close_stream
 from hybridrelay.bridge.specs import validate_http_target
-from hybridrelay.bridge.upstream_http import UpstreamError, UpstreamPool, UpstreamUnreachable
+from hybridrelay.bridge.upstream_http import (
+    UpstreamError,
+    UpstreamPool,
+    UpstreamUnreachable,
+    content_length,
+)
 from hybridrelay.bridge.websocket_forward import WebSocketForwarder
 from hybridrelay.client import AcceptContext, AcceptHandler, RelayedHttpContext, RequestHandler
 from hybridrelay.client.backoff import RECONNECT_DELAYS
@@ -325,7 +330,7 @@ class HttpReverseProxy:
         merged, repeated = split_repeated_headers(
             without_hop_by_hop(self.downstream_headers(headers), keep=_KEEP_LENGTH)
         )
-        return merged, repeated, _content_length(headers)
+        return merged, repeated, content_length(headers)
 
     async def __call__(self, ctx: RelayedHttpContext) -> None:
         await self.forward(ctx)
@@ -587,17 +592,6 @@ class HttpForwarder:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
-
-
-def _content_length(headers: Sequence[tuple[str, str]]) -> int | None:
-    """The first ``Content-Length`` of ``headers`` as a number (None: none, or not one)."""
-    for name, value in headers:
-        if name.lower() == "content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
 
 
 async def _answer(ctx: RelayedHttpContext, status: int, text: str) -> None:

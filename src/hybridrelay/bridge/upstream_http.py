@@ -23,7 +23,7 @@ import asyncio
 import collections
 import re
 import ssl as ssl_module
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -37,6 +37,7 @@ __all__ = [
     "UpstreamPool",
     "UpstreamResponse",
     "UpstreamUnreachable",
+    "content_length",
 ]
 
 #: Idle keep-alive connections kept per upstream ...
@@ -384,6 +385,17 @@ def _time_out(future: asyncio.Future[None]) -> None:
         future.set_exception(TimeoutError())
 
 
+def content_length(headers: Sequence[tuple[str, str]]) -> int | None:
+    """The first ``Content-Length`` of ``headers`` as a number (None: none, or not one)."""
+    for name, value in headers:
+        if name.lower() == "content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
 class UpstreamResponse:
     """The upstream's answer: status, reason and headers at once, the body as it comes.
 
@@ -402,13 +414,7 @@ class UpstreamResponse:
 
     @property
     def content_length(self) -> int | None:
-        for name, value in self.headers:
-            if name.lower() == "content-length":
-                try:
-                    return int(value)
-                except ValueError:
-                    return None
-        return None
+        return content_length(self.headers)
 
     def complete_body(self) -> bytes | None:
         """The whole body if it was all read with the head (a small answer), else None."""

@@ -312,14 +312,7 @@ class RelayedHttpContext:
             RuntimeError: called twice, or after :meth:`finish`.
             ValueError: a status outside 200-999 or a reason with control characters.
         """
-        if self._responded or self._finished:
-            raise RuntimeError("respond() was already called")
-        if not 200 <= status <= 999:
-            raise ValueError("status must be 200..999 (1xx cannot be relayed)")
-        if reason is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in reason):
-            raise ValueError("the reason phrase must not contain control characters")
-        self._status = status
-        self._reason = reason
+        self._set_status(status, reason)
         pairs: Iterable[tuple[str, str]]
         if headers is None:
             pairs = ()
@@ -333,6 +326,16 @@ class RelayedHttpContext:
             without_hop_by_hop([(str(k), str(v)) for k, v in pairs], keep=_KEEP_LENGTH)
         )
         self._responded = True
+
+    def _set_status(self, status: int, reason: str | None) -> None:
+        if self._responded or self._finished:
+            raise RuntimeError("respond() was already called")
+        if not 200 <= status <= 999:
+            raise ValueError("status must be 200..999 (1xx cannot be relayed)")
+        if reason is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in reason):
+            raise ValueError("the reason phrase must not contain control characters")
+        self._status = status
+        self._reason = reason
 
     def respond_merged(
         self,
@@ -352,14 +355,7 @@ class RelayedHttpContext:
             RuntimeError: called twice, or after :meth:`finish`.
             ValueError: a status outside 200-999 or a reason with control characters.
         """
-        if self._responded or self._finished:
-            raise RuntimeError("respond() was already called")
-        if not 200 <= status <= 999:
-            raise ValueError("status must be 200..999 (1xx cannot be relayed)")
-        if reason is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in reason):
-            raise ValueError("the reason phrase must not contain control characters")
-        self._status = status
-        self._reason = reason
+        self._set_status(status, reason)
         self._response_headers = headers
         self._repeated_headers = repeated
         self._responded = True
