@@ -427,7 +427,7 @@ class RelayedHttpContext:
             # it is taken only to wait for the transport to drain, as before, so that the
             # other answers wait too instead of piling up in its buffer.
             self._head_sent = True
-            if control.send_nowait(*messages, later=True):  # _send's first step, written out
+            if control.send_nowait(*messages, later=True):  # _send, with the lock for the drain
                 await _drained(control, lock)
         else:
             async with lock:  # JSON and body adjacent (PROTOCOL.md 4.2)
@@ -524,22 +524,16 @@ class RelayedHttpContext:
         *messages: str | bytes,
         then_fragment: bytes | None = None,
         later: bool = False,
-        drain_under: asyncio.Lock | None = None,
     ) -> None:
         """Send whole messages, adjacent; on our own sockets in one write, and without a
         timeout's set-up unless the transport makes us wait (the common case is no wait);
         ``then_fragment``: the first fragment of a binary message, in the same write (our
         sockets only); ``later``: together with the other answers of this turn of the event
-        loop; ``drain_under``: a wait for the transport to drain holds this lock."""
+        loop."""
         try:
             if isinstance(socket, FrameSocket):
                 if socket.send_nowait(*messages, then_fragment=then_fragment, later=later):
-                    async with asyncio.timeout(SEND_TIMEOUT):
-                        if drain_under is None:
-                            await socket.drain()
-                        else:
-                            async with drain_under:
-                                await socket.drain()
+                    await _drained(socket)
                 return
             assert then_fragment is None, "a first fragment goes with the head on our sockets only"
             async with asyncio.timeout(SEND_TIMEOUT):
@@ -594,12 +588,16 @@ class RelayedHttpContext:
         self._end()
 
 
-async def _drained(socket: FrameSocket, lock: asyncio.Lock) -> None:
-    """The rest of :meth:`RelayedHttpContext._send` after an answer on our socket went over
-    its high-water mark: wait for the transport to drain, under ``lock``."""
+async def _drained(socket: FrameSocket, lock: asyncio.Lock | None = None) -> None:
+    """After a send on our socket went over its high-water mark: wait (bounded) for the
+    transport to drain, holding ``lock`` if given (so that the other answers wait too)."""
     try:
-        async with asyncio.timeout(SEND_TIMEOUT), lock:
-            await socket.drain()
+        async with asyncio.timeout(SEND_TIMEOUT):
+            if lock is None:
+                await socket.drain()
+            else:
+                async with lock:
+                    await socket.drain()
     except TimeoutError as exc:
         raise StreamClosedError("the relay did not take the response in time") from exc
 

@@ -22,6 +22,7 @@ import codecs
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from hybridrelay.exceptions import ProtocolError
 
@@ -315,30 +316,7 @@ def whole_server_frames(
     over ``max_size``, a frame not all here), which the general reader then takes, with every
     check it makes. Text payloads are not checked for UTF-8 here: the caller decodes them.
     """
-    view = memoryview(data)
-    frames: list[tuple[int, bytes]] = []
-    pos = 0
-    end = len(view)
-    while end - pos >= 2:
-        first, second = view[pos], view[pos + 1]
-        if first not in (0x80 | OP_TEXT, 0x80 | OP_BINARY) or second & 0x80:
-            break
-        length = second
-        start = pos + 2
-        if length == 126:
-            if end - pos < 4:
-                break
-            length = int.from_bytes(view[pos + 2 : pos + 4], "big")
-            if length < 126:
-                break
-            start = pos + 4
-        elif length == 127:
-            break
-        if length > max_size or end - start < length:
-            break
-        frames.append((first & 0x0F, bytes(view[start : start + length])))
-        pos = start + length
-    return frames, pos
+    return cast("tuple[list[tuple[int, bytes]], int]", _whole_frames(data, max_size, None))
 
 
 def whole_client_frames(
@@ -351,37 +329,48 @@ def whole_client_frames(
     a listener's control channel (its ``response`` messages, a few hundred bytes each, arrive
     several to a read), where a general :class:`FrameForwarder` pass per message costs a
     frame header built and dropped, an incremental UTF-8 decoder and a state machine's steps.
-    It stops at the first frame that is anything else (a control frame, a fragment, an
-    unmasked frame, reserved bits, a 64-bit or non-minimal 16-bit length, a payload over
-    ``max_size``, a frame not all here), which the general reader then takes, with every check
-    it makes. Text payloads are not checked for UTF-8 here: the caller decodes them (and
-    fails the connection with 1007 where that fails, as the general reader would).
+    It stops where :func:`whole_server_frames` does, at an unmasked frame instead of a masked
+    one. Text payloads are not checked for UTF-8 here: the caller decodes them (and fails the
+    connection with 1007 where that fails, as the general reader would).
     """
+    return cast("tuple[list[tuple[int, bytearray]], int]", _whole_frames(data, max_size, unmask))
+
+
+def _whole_frames(
+    data: bytes | bytearray | memoryview, max_size: int, unmask: Unmask | None
+) -> tuple[list[tuple[int, bytes | bytearray]], int]:
+    """Both sides' fast path: masked frames (unmasked with ``unmask``) when it is given, else
+    unmasked ones; any other frame ends the run."""
     view = memoryview(data)
-    frames: list[tuple[int, bytearray]] = []
+    frames: list[tuple[int, bytes | bytearray]] = []
+    key = 4 if unmask is not None else 0
+    mask_bit = 0x80 if unmask is not None else 0
     pos = 0
     end = len(view)
-    while end - pos >= 6:  # the shortest masked frame: 2 header bytes and the key
+    while end - pos >= 2 + key:
         first, second = view[pos], view[pos + 1]
-        if (first != 0x80 | OP_TEXT and first != 0x80 | OP_BINARY) or not second & 0x80:
+        if (first != 0x80 | OP_TEXT and first != 0x80 | OP_BINARY) or second & 0x80 != mask_bit:
             break
         length = second & 0x7F
-        start = pos + 6
+        start = pos + 2 + key
         if length == 126:
-            if end - pos < 8:
+            if end - pos < 4 + key:
                 break
             length = (view[pos + 2] << 8) | view[pos + 3]
             if length < 126:
                 break
-            start = pos + 8
+            start = pos + 4 + key
         elif length == 127:
             break
         if length > max_size or end - start < length:
             break
-        payload = bytearray(view[start : start + length])
-        if length:
-            unmask(bytes(view[start - 4 : start]), payload)
-        frames.append((first & 0x0F, payload))
+        if unmask is None:
+            frames.append((first & 0x0F, bytes(view[start : start + length])))
+        else:
+            payload = bytearray(view[start : start + length])
+            if length:
+                unmask(bytes(view[start - 4 : start]), payload)
+            frames.append((first & 0x0F, payload))
         pos = start + length
     return frames, pos
 

@@ -692,15 +692,14 @@ class HttpRelay:
 
         def text_for(base_url: str) -> str:
             # request_message's text, without the Request in between (encode_request).
-            address = rendezvous_url(
-                base_url,
-                exchange.entity,
-                action="request",
-                connection_id=exchange.id,
-                secret=exchange.secret,
-            )
             return encode_request(
-                address, exchange.id, target, sender.method, headers, remote, body=bool(body)
+                _request_address(exchange, base_url),
+                exchange.id,
+                target,
+                sender.method,
+                headers,
+                remote,
+                body=bool(body),
             )
 
         deadline = response_deadline(limits, entity)
@@ -945,19 +944,25 @@ def request_message(
     ``base_url``: the address is built from the listener's own base (``ControlChannel``),
     never from the sender's ``Host``."""
     return Request(
-        address=rendezvous_url(
-            base_url,
-            exchange.entity,
-            action="request",
-            connection_id=exchange.id,
-            secret=exchange.secret,
-        ),
+        address=_request_address(exchange, base_url),
         id=exchange.id,
         request_target=target,
         method=method,
         request_headers=headers,
         remote_endpoint=remote,
         body=body,
+    )
+
+
+def _request_address(exchange: _Exchange, base_url: str) -> str:
+    """The rendezvous address of ``exchange``'s request for a listener whose base is
+    ``base_url`` (the listener's own, never the sender's ``Host``)."""
+    return rendezvous_url(
+        base_url,
+        exchange.entity,
+        action="request",
+        connection_id=exchange.id,
+        secret=exchange.secret,
     )
 
 
