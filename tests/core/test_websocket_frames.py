@@ -298,23 +298,34 @@ def test_masked_frame_matches_the_reference_encoder(
 # -- the fast path for whole small server frames (whole_server_frames) ------------------------
 
 
-def read_messages(wire: bytes, max_size: int, fast: bool) -> list[tuple[int, bytes]] | str:
-    """Messages a client reads from server frames ``wire``: with the fast path first (as our
-    client socket does between messages) or with the general reader alone; an error's code."""
-    reader = FrameForwarder(websocket_mask, max_message_size=max_size, masked=False)
+def read_messages(
+    wire: bytes, max_size: int, fast: bool, *, client_frames: bool = False
+) -> list[tuple[int, bytes]] | str:
+    """Messages read from ``wire``: server frames as a client reads them, or (``client_frames``)
+    masked client frames as the relay's control channel reads them; with the fast path first
+    (as both do between messages) or with the general reader alone; an error's code (the fast
+    path's caller checks UTF-8 and fails with 1007, as both do)."""
+    if client_frames:
+        reader = forwarder(max_size)
+    else:
+        reader = FrameForwarder(websocket_mask, max_message_size=max_size, masked=False)
     reader.payload_only = True
     reader.track_messages = True
     data = memoryview(wire)
     messages: list[tuple[int, bytes]] = []
     if fast and reader.between_messages:
-        frames, used = whole_server_frames(data, max_size)
+        frames: list[tuple[int, bytes]] | list[tuple[int, bytearray]]
+        if client_frames:
+            frames, used = whole_client_frames(data, max_size, websocket_mask)
+        else:
+            frames, used = whole_server_frames(data, max_size)
         for opcode, payload in frames:
-            if opcode == OP_TEXT:  # the caller checks UTF-8, as the client socket does
+            if opcode == OP_TEXT:
                 try:
                     payload.decode("utf-8")
                 except UnicodeDecodeError:
                     return "error 1007"
-        messages += frames
+            messages.append((opcode, bytes(payload)))
         data = data[used:]
     try:
         pieces, _ = reader.feed(data)
@@ -366,36 +377,6 @@ def test_the_fast_path_leaves_anything_unusual_to_the_general_reader() -> None:
 # -- the fast path for whole small client frames (whole_client_frames) ------------------------
 
 
-def read_client_messages(wire: bytes, max_size: int, fast: bool) -> list[tuple[int, bytes]] | str:
-    """Messages the relay reads from client frames ``wire``: with the fast path first (as the
-    control channel does between messages) or with the general reader alone; an error's code
-    (the fast path's caller checks UTF-8 and fails with 1007, as the control channel does)."""
-    reader = forwarder(max_size)
-    reader.payload_only = True
-    reader.track_messages = True
-    data = memoryview(wire)
-    messages: list[tuple[int, bytes]] = []
-    if fast and reader.between_messages:
-        frames, used = whole_client_frames(data, max_size, websocket_mask)
-        for opcode, payload in frames:
-            if opcode == OP_TEXT:
-                try:
-                    payload.decode("utf-8")
-                except UnicodeDecodeError:
-                    return "error 1007"
-            messages.append((opcode, bytes(payload)))
-        data = data[used:]
-    try:
-        pieces, _ = reader.feed(data)
-    except FrameError as exc:
-        return f"error {exc.code}"
-    start = 0
-    for count, opcode in reader.message_ends:
-        messages.append((opcode, b"".join(pieces[start:count])))
-        start = count
-    return messages
-
-
 TEXTS = st.one_of(st.text(max_size=50).map(str.encode), st.binary(max_size=50))
 CLIENT_FRAMES = st.lists(
     st.one_of(
@@ -432,8 +413,8 @@ def test_the_client_fast_path_reads_what_the_general_reader_reads(
         for op, payload, fin, masked in frames
     )
     wire = wire[: max(0, len(wire) - cut)]
-    fast = read_client_messages(wire, max_size, fast=True)
-    assert fast == read_client_messages(wire, max_size, fast=False)
+    fast = read_messages(wire, max_size, fast=True, client_frames=True)
+    assert fast == read_messages(wire, max_size, fast=False, client_frames=True)
 
 
 def test_the_client_fast_path_leaves_anything_unusual_to_the_general_reader() -> None:
