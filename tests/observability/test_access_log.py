@@ -373,3 +373,59 @@ def test_fields_text_is_each_value_s_text_quoted_when_not_printable(
             text = str(value)
             expected.append(f"{key}={text if text.isprintable() else json.dumps(text)}")
     assert _fields_text(fields) == " ".join(expected)
+
+
+_SIZES = st.none() | st.integers(min_value=0)
+_TEXTS = st.text(max_size=10)
+
+
+@given(
+    tracking_id=_TEXTS,
+    entity=_TEXTS,
+    method=_TEXTS,
+    status=st.integers(min_value=100, max_value=599),
+    duration=st.floats(min_value=0, max_value=1e6),
+    request_bytes=_SIZES,
+    response_bytes=_SIZES,
+    sender=st.none() | _TEXTS,
+)
+def test_an_http_line_is_the_text_of_its_fields(
+    tracking_id: str,
+    entity: str,
+    method: str,
+    status: int,
+    duration: float,
+    request_bytes: int | None,
+    response_bytes: int | None,
+    sender: str | None,
+) -> None:
+    """``http_request`` writes its line without the loop over its fields: the same text as
+    ``_fields_text`` makes of them, any value (non-printable ones quoted, None left out)."""
+    fields = {
+        "tracking_id": tracking_id,
+        "hc": entity,
+        "method": method,
+        "status": status,
+        "duration": round(duration, 3),
+        "request_bytes": request_bytes,
+        "response_bytes": response_bytes,
+        "sender": sender,
+    }
+    logger = logging.getLogger("hybridrelay.access.test-http-line")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    AccessLog(logger).http_request(
+        tracking_id,
+        entity,
+        method=method,
+        status=status,
+        duration=duration,
+        request_bytes=request_bytes,
+        response_bytes=response_bytes,
+        sender=sender,
+    )
+    assert stream.getvalue() == f"http {_fields_text(fields)}\n"

@@ -12,6 +12,8 @@ import asyncio
 import hashlib
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any
 
 import aiohttp
 import h11
@@ -362,3 +364,50 @@ async def test_a_repeated_head_meets_the_relay_as_it_is_now(
     # it by rendezvous, as it does when the answer cannot come inline).
     assert calls == ["hc", "hc", "hc"]
     await assert_no_exchanges_left(relay)
+
+
+async def test_a_repeated_head_meets_the_entity_as_it_is_now(
+    make_relay: RelayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a head says for its entity is kept with the head (``_Parsed.said``), for that
+    entity object only: the same head on the same connection after the entity changed is read
+    for the changed entity. Here it starts to require a token: the ``Authorization`` header,
+    forwarded to the listener while the entity was anonymous, becomes the sender's token and
+    is no longer forwarded. Both requests are the front's to relay (none goes to aiohttp's
+    path, which would read the head anew)."""
+    entities = [{"name": "open", "requires_client_authorization": False}]
+    async with make_relay(entities=entities) as relay:
+        relayed: list[str] = []
+        real = relay.server.http.relay_inline
+
+        def relay_inline(sender: Any, entity: Any, headers: Any, target: str, body: bytes) -> None:
+            relayed.append(target)
+            real(sender, entity, headers, target, body)
+
+        monkeypatch.setattr(relay.server.http, "relay_inline", relay_inline)
+        same = (
+            f"POST /open/x HTTP/1.1\r\nHost: 127.0.0.1:{relay.server.port}\r\n"
+            f"Authorization: {relay.token('open')}\r\nContent-Length: 3\r\n\r\nabc"
+        ).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
+        try:
+
+            async def answer() -> bytes:
+                writer.write(same)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                await asyncio.wait_for(reader.readexactly(length), 10)
+                return head
+
+            async with peer_listener(relay.base_url, "open", relay.token("open"), echo) as peer:
+                assert (await answer()).startswith(b"HTTP/1.1 200 ")
+                config = relay.server.config
+                changed = replace(config.hybrid_connections[0], requires_client_authorization=True)
+                relay.server.replace_config(replace(config, hybrid_connections=(changed,)))
+                assert (await answer()).startswith(b"HTTP/1.1 200 ")
+        finally:
+            writer.close()
+        await assert_no_exchanges_left(relay)
+    told = [{name.lower() for name in r.message["requestHeaders"]} for r in peer.received]
+    assert ["authorization" in names for names in told] == [True, False]
+    assert relayed == ["/open/x", "/open/x"]

@@ -131,7 +131,7 @@ async def _feed(relay: Relay, pieces: list[bytes], cuts: list[int]) -> None:
     front = SenderFront(relay.server._context, relay.server.http, lambda: aiohttp_side)
     # The real admission, a recording exchange.
     real = relay.server.http
-    front.http = cast(HttpRelay, SimpleNamespace(admit=real.admit, relay_inline=relay_inline))
+    front.http = cast(HttpRelay, SimpleNamespace(refusal=real.refusal, relay_inline=relay_inline))
     connection = _SenderConnection(front)
     transport = Transport()
     connection.connection_made(transport)  # type: ignore[arg-type]
@@ -150,3 +150,65 @@ async def _feed(relay: Relay, pieces: list[bytes], cuts: list[int]) -> None:
         # given plus what the front answered is the whole stream read so far.
         assert stream[:at].endswith(bytes(aiohttp_side.data))
     connection.close()
+
+
+# Heads that share one headers list (as a listener's repeated response does, through
+# HttpRelay.response_head) and heads that do not; each with a Date, so that the second a
+# test runs in does not show in the bytes.
+_SHARED = [("Content-Type", "text/plain"), ("Date", "d"), ("Via", "1.1 r")]
+_HEADS = [
+    ResponseHead(200, "OK", _SHARED, None, True),
+    ResponseHead(404, "OK", _SHARED, None, True),
+    ResponseHead(200, None, _SHARED, None, True),
+    ResponseHead(200, "Fine", _SHARED, None, True),
+    ResponseHead(200, "OK", [("Date", "d"), ("Server", "up")], None, True),
+    ResponseHead(200, "OK", [("Date", "d")], None, True),
+    ResponseHead(204, "OK", [("Date", "d")], None, False),
+]
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(_HEADS),
+            st.sampled_from([b"1.0", b"1.1"]),
+            st.booleans(),
+            st.sampled_from(["GET", "HEAD"]),
+            st.sampled_from([b"", b"body"]),
+        ),
+        max_size=10,
+    )
+)
+def test_the_last_head_lines_are_the_lines_made_anew(
+    running: tuple[asyncio.AbstractEventLoop, Relay],
+    answers: list[tuple[ResponseHead, bytes, bool, str, bytes]],
+) -> None:
+    """The front writes the lines of its last response head again only for the very same
+    headers list with the same status, reason and HTTP version (``_head_lines``): any
+    sequence of answers, on connections of either version and either keep-alive, writes the
+    bytes a front that never wrote the others writes."""
+    loop, relay = running
+
+    def written(front: SenderFront, answer: tuple[ResponseHead, bytes, bool, str, bytes]) -> bytes:
+        response, version, keep_alive, method, body = answer
+        connection = _SenderConnection(front)
+        transport = Transport()
+        connection.connection_made(transport)  # type: ignore[arg-type]
+        connection.version, connection.keep_alive = version, keep_alive
+        connection.write_response(response.status, response.reason, response.headers, body, method)
+        connection.close()
+        return b"".join(transport.written)
+
+    async def play() -> None:
+        server = relay.server
+        shared = SenderFront(server._context, server.http, Aiohttp)
+        for answer in answers:
+            fresh = SenderFront(server._context, server.http, Aiohttp)
+            assert written(shared, answer) == written(fresh, answer)
+
+    loop.run_until_complete(play())

@@ -82,7 +82,7 @@ from hybridrelay.protocol.websocket import HandshakeError, handshake_headers
 from hybridrelay.server.access import AUTH_HEADER, sender_token
 from hybridrelay.server.broker import WOULD_WAIT, Pending, remote_endpoint
 from hybridrelay.server.channel import ControlChannel
-from hybridrelay.server.config import HybridConnectionConfig, LimitsConfig
+from hybridrelay.server.config import HybridConnectionConfig, LimitsConfig, RelayConfig
 from hybridrelay.server.context import RelayContext
 from hybridrelay.server.deadlines import Deadlines
 from hybridrelay.server.http_upgrade import cookie_token, sender_entity, strip_token_cookie
@@ -305,6 +305,11 @@ class HttpRelay:
         self._via_entry = ""
         #: The inline requests' response deadlines: one timer per deadline value.
         self._deadlines = Deadlines()
+        #: The last response head made, and what it was made from (``response_head``).
+        self._last_head: (
+            tuple[RelayConfig, int, str, str, str | None, list[tuple[str, str]], ResponseHead]
+            | None
+        ) = None
 
     def live_exchanges(self, channel: ControlChannel | None = None) -> list[str]:
         """Ids of the requests in flight (those told to ``channel``, if given)."""
@@ -480,19 +485,22 @@ class HttpRelay:
         """A sender's request to ``entity``: the refusal of its token, or the ``requestHeaders``
         and ``requestTarget`` its listener is told (6.2). ``headers`` are the request's
         (case-insensitive), ``items`` the same in order, repeats included."""
-        token, strip_authorization = sender_token(headers, protocol_params(raw_query), entity)
-        if entity.requires_client_authorization:
-            if token is None:
-                token = cookie_token(headers)  # a browser's (PROTOCOL.md 3.4)
-            decision = self._relay.access.authorize(
-                token, entity, Rights.SEND, suffix=suffix, host=host
-            )
-            if not decision.allowed:
-                return decision
-        forwarded = forwarded_request_headers(items, strip_authorization)
-        strip_token_cookie(headers, forwarded)
-        target = raw_path + ("?" + filtered if (filtered := filter_query(raw_query)) else "")
-        return forwarded, target
+        token, forwarded, target = sender_request(entity, headers, items, raw_path, raw_query)
+        refusal = self.refusal(token, entity, suffix, host)
+        return refusal if refusal is not None else (forwarded, target)
+
+    def refusal(
+        self, token: str | None, entity: HybridConnectionConfig, suffix: str, host: str
+    ) -> AuthDecision | None:
+        """Why a sender with ``token`` may not send to ``entity`` (``suffix`` below it, on
+        ``host``), or None if it may: checked for every request (a token expires, a rule
+        changes)."""
+        if not entity.requires_client_authorization:
+            return None
+        decision = self._relay.access.authorize(
+            token, entity, Rights.SEND, suffix=suffix, host=host
+        )
+        return None if decision.allowed else decision
 
     async def _await_response(
         self,
@@ -587,6 +595,37 @@ class HttpRelay:
         status = response.status_code
         if status < 200:
             return error_response(502, f"The listener answered with status {status}.")
+        # A listener's responses often differ in nothing but their body: the last head made
+        # is given again while everything it was made from is the same (header order too).
+        config = self._relay.config
+        items = list(response.response_headers.items())
+        last = self._last_head
+        if (
+            last is not None
+            and last[0] is config
+            and last[1] == status
+            and last[2] == method
+            and last[3] == host
+            and last[4] == response.status_description
+            and last[5] == items
+            and not response.repeated_headers
+        ):
+            return last[6]
+        head = self._make_response_head(method, host, response)
+        if not response.repeated_headers:
+            self._last_head = (
+                config,
+                status,
+                method,
+                host,
+                response.status_description,
+                items,
+                head,
+            )
+        return head
+
+    def _make_response_head(self, method: str, host: str, response: Response) -> ResponseHead:
+        status = response.status_code
         reason = reason_phrase(response.status_description or "") or None
         headers: list[tuple[str, str]] = []
         hops: list[str] = []
@@ -928,6 +967,27 @@ class HttpRelay:
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def sender_request(
+    entity: HybridConnectionConfig,
+    headers: Mapping[str, str],
+    items: Iterable[tuple[str, str]],
+    raw_path: str,
+    raw_query: str,
+) -> tuple[str | None, dict[str, str], str]:
+    """What a sender's request to ``entity`` says apart from the relay's state: the token it
+    carries (PROTOCOL.md 3.4; the ``sb-hc-token`` cookie last, a browser's), and the
+    ``requestHeaders`` and ``requestTarget`` its listener is told (6.2). The same head and
+    entity always give the same, so the front keeps them for a keep-alive client's next
+    request with that head (``sender_http._Parsed``)."""
+    token, strip_authorization = sender_token(headers, protocol_params(raw_query), entity)
+    if token is None and entity.requires_client_authorization:
+        token = cookie_token(headers)
+    forwarded = forwarded_request_headers(items, strip_authorization)
+    strip_token_cookie(headers, forwarded)
+    target = raw_path + ("?" + filtered if (filtered := filter_query(raw_query)) else "")
+    return token, forwarded, target
 
 
 def request_message(

@@ -44,6 +44,7 @@ from hybridrelay.server.http_relay import (
     HttpRelay,
     ResponseHead,
     response_deadline,
+    sender_request,
 )
 from hybridrelay.server.http_upgrade import sender_entity
 from hybridrelay.server.responses import SERVER_HEADER, error_response, tracking_id
@@ -75,6 +76,10 @@ class SenderFront:
         self.aiohttp_handler = aiohttp_handler
         #: The connections the front owns now (not yet handed to aiohttp, not closed).
         self.connections: set[_SenderConnection] = set()
+        #: The last response head's lines and what they were made from (``_head_lines``).
+        self.last_head_lines: (
+            tuple[list[tuple[str, str]], int, str | None, bytes, bytes, frozenset[str]] | None
+        ) = None
 
     def __call__(self) -> asyncio.Protocol:
         return _SenderConnection(self)
@@ -368,20 +373,21 @@ class _SenderConnection(asyncio.Protocol):
         if not isinstance(resolved, tuple):  # its 404: aiohttp's path answers it
             return None
         entity, suffix = resolved
-        admitted = self._front.http.admit(
-            entity,
-            suffix,
-            parsed.host,
-            parsed.headers,
-            parsed.items,
-            parsed.raw_path,
-            parsed.raw_query,
-        )
-        if not isinstance(admitted, tuple):  # its refusal: aiohttp's path answers it
+        # What the head says for this entity is kept with the head; the entity found anew is
+        # the very object it was made for unless the entity changed (a change replaces it).
+        said = parsed.said
+        if said is None or said[0] is not entity:
+            token, forwarded, target = sender_request(
+                entity, parsed.headers, parsed.items, parsed.raw_path, parsed.raw_query
+            )
+            fits = header_json_size(forwarded) <= INLINE_HEADER_LIMIT
+            said = parsed.said = (entity, token, forwarded, target, fits)
+        _, token, forwarded, target, fits = said
+        if not fits:
             return None
-        forwarded, target = admitted
-        if header_json_size(forwarded) > INLINE_HEADER_LIMIT:
-            return None
+        http = self._front.http
+        if http.refusal(token, entity, suffix, parsed.host) is not None:
+            return None  # its refusal: aiohttp's path answers it
         if not relay.broker.answers_inline(entity.name):
             return None
         return _Inline(self, parsed, entity, forwarded, target)
@@ -471,9 +477,22 @@ class _SenderConnection(asyncio.Protocol):
 
     def _head_lines(
         self, status: int, reason: str | None, headers: list[tuple[str, str]]
-    ) -> tuple[list[bytes], set[str]]:
+    ) -> tuple[list[bytes], frozenset[str]]:
         """The status line and ``headers``, and which of the headers the relay adds when the
-        response has none (``Content-Type``, ``Date``, ``Server``, as aiohttp did) it lacks."""
+        response has none (``Content-Type``, ``Date``, ``Server``, as aiohttp did) it lacks.
+        The last lines made are given again for the very same ``headers`` list (the relay
+        gives a listener's repeated response head as one object, ``HttpRelay.response_head``)
+        with the same status, reason and HTTP version."""
+        front = self._front
+        last = front.last_head_lines
+        if (
+            last is not None
+            and last[0] is headers
+            and last[1] == status
+            and last[2] == reason
+            and last[3] == self.version
+        ):
+            return [last[4]], last[5]
         line = b"HTTP/%s %d %s\r\n" % (
             self.version,
             status,
@@ -485,9 +504,11 @@ class _SenderConnection(asyncio.Protocol):
             parts.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
             if missing:
                 missing.discard(name.lower())
-        return parts, missing
+        lacking = frozenset(missing)
+        front.last_head_lines = (headers, status, reason, self.version, b"".join(parts), lacking)
+        return parts, lacking
 
-    def _tail(self, missing: set[str]) -> bytes:
+    def _tail(self, missing: frozenset[str]) -> bytes:
         """The headers the relay adds last, and the blank line."""
         tail = b""
         if _DATE in missing:
@@ -593,6 +614,7 @@ class _Parsed:
         "method",
         "raw_path",
         "raw_query",
+        "said",
         "version",
     )
 
@@ -618,6 +640,11 @@ class _Parsed:
         self.raw_query = raw_query
         self.keep_alive = reader.keep_alive
         self.version = reader.version.encode("ascii")
+        #: What this head says for an entity (``_SenderConnection._prepare``): the entity,
+        #: the token, the ``requestHeaders`` (read only), the target, and whether the headers
+        #: fit an inline request.
+        self.said: tuple[HybridConnectionConfig, str | None, dict[str, str], str, bool] | None
+        self.said = None
 
 
 def _parse(head: bytes) -> _Parsed | None:
