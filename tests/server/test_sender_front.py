@@ -369,12 +369,13 @@ async def test_a_repeated_head_meets_the_relay_as_it_is_now(
 async def test_a_repeated_head_meets_the_entity_as_it_is_now(
     make_relay: RelayFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What a head says for its entity is kept with the head (``_Parsed.said``), for that
-    entity object only: the same head on the same connection after the entity changed is read
-    for the changed entity. Here it starts to require a token: the ``Authorization`` header,
-    forwarded to the listener while the entity was anonymous, becomes the sender's token and
-    is no longer forwarded. Both requests are the front's to relay (none goes to aiohttp's
-    path, which would read the head anew)."""
+    """What a head says (its entity, token, forwarded headers) is kept with the head
+    (``_Parsed.said``) while the namespace is the same object: the same head on the same
+    connection after the entity changed is read anew, for the changed entity. Here it starts
+    to require a token: the ``Authorization`` header, forwarded to the listener while the
+    entity was anonymous, becomes the sender's token and is no longer forwarded. Both
+    requests are the front's to relay (none goes to aiohttp's path, which would read the
+    head anew)."""
     entities = [{"name": "open", "requires_client_authorization": False}]
     async with make_relay(entities=entities) as relay:
         relayed: list[str] = []

@@ -49,6 +49,7 @@ from hybridrelay.server.http_relay import (
 from hybridrelay.server.http_upgrade import sender_entity
 from hybridrelay.server.responses import SERVER_HEADER, error_response, tracking_id
 from hybridrelay.server.runtime_info import is_runtime_info
+from hybridrelay.store.records import NamespaceState
 
 __all__ = ["SenderFront"]
 
@@ -369,20 +370,21 @@ class _SenderConnection(asyncio.Protocol):
         relay = self._front.relay
         if relay.draining():
             return None
-        resolved = sender_entity(parsed.raw_path, relay)
-        if not isinstance(resolved, tuple):  # its 404: aiohttp's path answers it
-            return None
-        entity, suffix = resolved
-        # What the head says for this entity is kept with the head; the entity found anew is
-        # the very object it was made for unless the entity changed (a change replaces it).
+        # What the head says (its entity, token, forwarded headers) is kept with the head
+        # while the namespace is the very object it was read in (a change replaces it).
+        namespace = relay.store.state
         said = parsed.said
-        if said is None or said[0] is not entity:
+        if said is None or said[0] is not namespace:
+            resolved = sender_entity(parsed.raw_path, relay)
+            if not isinstance(resolved, tuple):  # its 404: aiohttp's path answers it
+                return None
+            entity, suffix = resolved
             token, forwarded, target = sender_request(
                 entity, parsed.headers, parsed.items, parsed.raw_path, parsed.raw_query
             )
             fits = header_json_size(forwarded) <= INLINE_HEADER_LIMIT
-            said = parsed.said = (entity, token, forwarded, target, fits)
-        _, token, forwarded, target, fits = said
+            said = parsed.said = (namespace, entity, suffix, token, forwarded, target, fits)
+        _, entity, suffix, token, forwarded, target, fits = said
         if not fits:
             return None
         http = self._front.http
@@ -640,11 +642,15 @@ class _Parsed:
         self.raw_query = raw_query
         self.keep_alive = reader.keep_alive
         self.version = reader.version.encode("ascii")
-        #: What this head says for an entity (``_SenderConnection._prepare``): the entity,
-        #: the token, the ``requestHeaders`` (read only), the target, and whether the headers
-        #: fit an inline request.
-        self.said: tuple[HybridConnectionConfig, str | None, dict[str, str], str, bool] | None
-        self.said = None
+        #: What this head says in a namespace (``_SenderConnection._prepare``): the namespace,
+        #: the entity and the path below it, the token, the ``requestHeaders`` (read only),
+        #: the target, and whether the headers fit an inline request.
+        self.said: (
+            tuple[
+                NamespaceState, HybridConnectionConfig, str, str | None, dict[str, str], str, bool
+            ]
+            | None
+        ) = None
 
 
 def _parse(head: bytes) -> _Parsed | None:

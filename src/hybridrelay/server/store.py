@@ -34,6 +34,13 @@ __all__ = ["EntityStore", "NamespaceView", "file_layer"]
 
 
 class EntityStore(Protocol):
+    @property
+    def state(self) -> NamespaceState:
+        """The namespace as served now: a new object after every change, so that what is
+        derived from it (the relay's front keeps a request head's entity) can be kept while
+        it is the same."""
+        ...
+
     def namespace_rules(self) -> Sequence[AuthorizationRule]: ...
 
     def get(self, path: str) -> HybridConnectionConfig | None:
