@@ -515,7 +515,10 @@ async def test_a_connect_is_watched_on_the_listeners_node_only_while_its_sender_
     try:
         confirmed = await pubsub.get_message(timeout=5)
         assert confirmed is not None and confirmed["type"] == "psubscribe", confirmed
-        options = {0: HC, 1: {**HC, "limits": {"rendezvous_timeout": 7.0}}}
+        options: dict[int, dict[str, Any]] = {
+            0: HC,
+            1: {**HC, "limits": {"rendezvous_timeout": 7.0}},
+        }
         async with cluster_nodes(redis_server.url, 2, node_options=options) as (one, two):
             async with listening(one):
                 await until(lambda: sees_listener(two, "hc"))
@@ -524,7 +527,7 @@ async def test_a_connect_is_watched_on_the_listeners_node_only_while_its_sender_
                     response = await http.post("/hc/x", content=b"request")
                     assert response.status_code == 200, response.text
         # Both offers were published before their answers came: they are here, in order.
-        ttls = []
+        ttls: list[float] = []
         while len(ttls) < 2:
             message = await pubsub.get_message(timeout=5)
             assert message is not None, f"offers seen: {ttls}"
