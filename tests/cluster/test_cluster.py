@@ -6,6 +6,7 @@ management API closing connections on nodes 1 and 3; a regenerated key refused e
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import subprocess
@@ -497,6 +498,45 @@ async def test_a_node_does_not_offer_senders_to_itself_through_redis(
                 assert await broker._remote_routes("hc") == []
                 assert await round_trip(node, b"local") == b"local"
     finally:
+        await raw.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_a_connect_is_watched_on_the_listeners_node_only_while_its_sender_may_wait(
+    redis_server: RedisServer,
+) -> None:
+    """The offer of a connect asks the listener's node to watch that listener (and say
+    ``gone``) for the sender's ``rendezvous_timeout`` and the answer's timeout, not the 120 s
+    of an HTTP request: a listener dropped later cost a ``PUBLISH`` for each cross-node tunnel
+    of the last two minutes (PERFORMANCE.md, the cluster scenario's idle row)."""
+    raw = aioredis.Redis.from_url(redis_server.url)
+    pubsub = raw.pubsub()
+    await pubsub.psubscribe("hybridrelay:hybridrelay:node:*")
+    try:
+        confirmed = await pubsub.get_message(timeout=5)
+        assert confirmed is not None and confirmed["type"] == "psubscribe", confirmed
+        options: dict[int, dict[str, Any]] = {
+            0: HC,
+            1: {**HC, "limits": {"rendezvous_timeout": 7.0}},
+        }
+        async with cluster_nodes(redis_server.url, 2, node_options=options) as (one, two):
+            async with listening(one):
+                await until(lambda: sees_listener(two, "hc"))
+                assert await round_trip(two, b"connect") == b"connect"
+                async with http_client(two) as http:  # across nodes: address-only
+                    response = await http.post("/hc/x", content=b"request")
+                    assert response.status_code == 200, response.text
+        # Both offers were published before their answers came: they are here, in order.
+        ttls: list[float] = []
+        while len(ttls) < 2:
+            message = await pubsub.get_message(timeout=5)
+            assert message is not None, f"offers seen: {ttls}"
+            data = json.loads(message["data"])
+            if data["op"] == "offer":
+                ttls.append(data["ttl"])
+        assert ttls == [7.0 + OFFER_ANSWER_TIMEOUT, 120.0]
+    finally:
+        await pubsub.aclose()
         await raw.aclose()
 
 

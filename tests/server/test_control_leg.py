@@ -201,6 +201,85 @@ async def test_keep_alive_takes_any_bytes_as_the_answer() -> None:
     assert ("close", 1006) not in sink.got
 
 
+class _StillClock(asyncio.SelectorEventLoop):
+    """An event loop whose clock moves only when the test moves it (:attr:`now`): a loop's
+    clock may stand still across a turn of the loop (uvloop's is libuv's, cached for each turn
+    in whole milliseconds), so what is read in the turn that sent a ping bears the ping's time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+class _SignallingSink(Sink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = asyncio.Event()
+
+    def on_text(self, text: str) -> None:
+        super().on_text(text)
+        self.text.set()
+
+
+async def _answered_in_the_pings_own_clock_time(clock: _StillClock) -> list[tuple[str, object]]:
+    """A leg (keep-alive 30 s) on a real connection: the peer answers its first ping while the
+    clock still reads the ping's time; a whole interval later the leg must ping again rather
+    than have dropped the connection. What the sink got."""
+    sink = _SignallingSink()
+    legs: list[ControlLeg] = []
+    accepted = asyncio.Event()
+
+    class Accept(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            transport.pause_reading()  # as hand_over() gives it
+            leg = ControlLeg(transport, max_message_size=4096, keep_alive=30.0)
+            transport.set_protocol(leg)
+            leg.start(sink)
+            legs.append(leg)
+            accepted.set()
+
+    server = await asyncio.get_running_loop().create_server(Accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await accepted.wait()
+        clock.now += 30  # silent for an interval: the leg pings
+        assert await reader.readexactly(2) == bytes((0x80 | OP_PING, 0))
+        # The pong, and a message to know it was read (the clock has not moved since the ping).
+        writer.write(client_frame(OP_PONG) + client_frame(OP_TEXT, b"alive"))
+        await sink.text.wait()
+        clock.now += 30  # the pong's deadline (15 s) has passed, and a whole silent interval
+        try:
+            second = await reader.readexactly(2)
+        except asyncio.IncompleteReadError:
+            second = b"(dropped)"
+        assert second == bytes((0x80 | OP_PING, 0)), "the answered channel was dropped"
+        return list(sink.got)  # before the clean-up ends the channel
+    finally:
+        writer.close()
+        for leg in legs:
+            leg.abort()
+        server.close()
+
+
+@pytest.mark.timeout(10)
+def test_keep_alive_takes_an_answer_read_while_the_clock_still_reads_the_pings_time() -> None:
+    """Found by the cluster bench (PERFORMANCE.md): under uvloop the relay dropped the idle
+    ``-R`` agent 15 s after its first ping, its pong (and its own ping) having been read in
+    the same millisecond of the loop's clock as our ping went out. Real sockets on port 0;
+    the loop's clock is the test's (the test's timeout is pytest's: this clock stands still)."""
+    clock = _StillClock()
+    try:
+        got = clock.run_until_complete(_answered_in_the_pings_own_clock_time(clock))
+    finally:
+        clock.close()
+    assert got == [("text", "alive")]
+
+
 @pytest.mark.timeout(10)
 async def test_aclose_waits_for_the_answer_and_not_longer_than_the_close_wait() -> None:
     leg, transport, sink = started()

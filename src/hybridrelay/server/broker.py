@@ -139,6 +139,11 @@ class Pending:
     #: Address-only because :meth:`Broker.answers_inline` drew another node's listener for
     #: it: offered to other nodes first (a cluster broker), this process's listeners last.
     remote_first: bool = False
+    #: How long, at most, it waits for the listener once one was told (a sender's
+    #: ``rendezvous_timeout``), after which the told listener's going away is nothing to it;
+    #: None: no bound known here (an HTTP exchange lasts its response). A cluster node that
+    #: tells another node's listener asks that node to watch the listener no longer.
+    waits_for: float | None = None
 
     def listener_gone(self) -> None:
         """The control channel of the listener that was told went away."""
@@ -519,7 +524,7 @@ class LocalBroker:
         if not self._has_listener(entity):
             yield None, NO_LISTENER
             return
-        pending = PendingRendezvous(connection.id, entity)
+        pending = PendingRendezvous(connection.id, entity, waits_for=limits.rendezvous_timeout)
         refused = self.open(pending, limits)
         if refused is not None:
             yield None, refused

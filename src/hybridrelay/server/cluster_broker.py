@@ -102,10 +102,24 @@ OFFER_ANSWER_TIMEOUT = 2.0
 #: A node channel message longer than this is dropped (headers are bounded far below it).
 MAX_MESSAGE_BYTES = 256 * 1024
 #: How long the node that told a listener watches its control channel for the sender's node
-#: (a sender waits for its rendezvous far less; an HTTP request's listener dials at once).
+#: (the offer's ``ttl``) when the sender's node knows no shorter bound (an HTTP request's
+#: listener dials at once). A connect's is its ``rendezvous_timeout`` plus
+#: :data:`OFFER_ANSWER_TIMEOUT` (:func:`_watch_seconds`): a ``gone`` later than that finds
+#: nothing waiting.
 _WATCH_SECONDS = 120.0
 #: Offers from other nodes being sent on this node's control channels at once; more: ``none``.
 MAX_SERVING_OFFERS = 10_000
+
+
+def _watch_seconds(pending: Pending) -> float:
+    """How long the node that tells a listener of ``pending`` is asked to watch it (see
+    :data:`_WATCH_SECONDS`): ``pending`` waits for the listener at most ``waits_for`` after
+    our ``told`` came back, which came back at most :data:`OFFER_ANSWER_TIMEOUT` after that node
+    started watching. Watched longer, a listener that goes away costs a ``PUBLISH`` of
+    ``gone`` per offer told in that time that nothing here waits on any more."""
+    if pending.waits_for is None:
+        return _WATCH_SECONDS
+    return min(_WATCH_SECONDS, pending.waits_for + OFFER_ANSWER_TIMEOUT)
 
 
 class RemoteChannel(ControlChannel):
@@ -629,7 +643,7 @@ class ClusterBroker(LocalBroker):
             "entity": pending.entity,
             "text": text_for(channel.base_url),
             "max_queued": pending.max_queued,
-            "ttl": _WATCH_SECONDS,
+            "ttl": _watch_seconds(pending),
         }
         answer = asyncio.get_running_loop().create_future()
         self._answers[ref] = answer

@@ -98,9 +98,13 @@ class ControlLeg(ServerLeg):
         self._clock = loop.time
         self._keep_alive = keep_alive
         self._keep_alive_timer: asyncio.TimerHandle | None = None
-        #: When the peer was last heard from (any bytes), and when our unanswered ping went.
+        #: When the peer was last heard from (any bytes), and whether our ping went out with
+        #: nothing heard since. A flag, not the ping's time compared with ``_heard_at``: a
+        #: loop's clock may not move between the two (uvloop's is libuv's, cached for each
+        #: turn of the loop in whole milliseconds), and the peer's answer read in the turn that
+        #: sent the ping then looked as old as the ping: the channel was dropped as silent.
         self._heard_at = self._clock()
-        self._pinged_at: float | None = None
+        self._ping_unanswered = False
         self._dropped: asyncio.Future[None] | None = None
         self._loop = loop
         #: The messages written in this turn of the event loop, not yet given to the transport.
@@ -225,13 +229,10 @@ class ControlLeg(ServerLeg):
         interval = self._keep_alive
         if interval is None or self._lost or self._closing.sent or self._closing.received:
             return  # a closing leg has its close timer
+        if self._ping_unanswered:
+            self._link_dead(f"no pong within {interval / 2:g} s of a keep-alive ping")
+            return
         now = self._clock()
-        pinged = self._pinged_at
-        if pinged is not None:
-            if self._heard_at <= pinged:
-                self._link_dead(f"no pong within {interval / 2:g} s of a keep-alive ping")
-                return
-            self._pinged_at = None
         loop = asyncio.get_running_loop()
         due = self._heard_at + interval
         if now < due:  # heard from since: the next ping is due an interval after that
@@ -239,7 +240,7 @@ class ControlLeg(ServerLeg):
             return
         self._flush()
         self.transport.write(server_frame(OP_PING, b""))
-        self._pinged_at = now
+        self._ping_unanswered = True
         self._keep_alive_timer = loop.call_at(now + interval / 2, self._keep_alive_tick)
 
     def _link_dead(self, reason: str) -> None:
@@ -253,6 +254,7 @@ class ControlLeg(ServerLeg):
     def buffer_updated(self, nbytes: int) -> None:
         data = receive_buffer()[:nbytes]
         self._heard_at = self._clock()
+        self._ping_unanswered = False
         if self._started:
             self._received(data)
         else:
