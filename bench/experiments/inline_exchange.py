@@ -67,7 +67,10 @@ class _Sender:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.method = "GET"
         self.host = "127.0.0.1:8080"
-        self.peer = ("127.0.0.1", 5555)
+        from hybridrelay.protocol.messages import RemoteEndpoint
+
+        self.peer = ("127.0.0.1", 5555)  # what trees before the front's remote_endpoint read
+        self.remote_endpoint: RemoteEndpoint | None = RemoteEndpoint("127.0.0.1", 5555)
         self.remote: str | None = "127.0.0.1"
         self.content_length: int | None = None
         self.gone: asyncio.Future[None] = loop.create_future()

@@ -429,3 +429,47 @@ def test_headers_shortcut_reads_what_the_loop_read(value: dict[str, object]) -> 
     assert got == _headers_as_the_loop_made_them(value)
     if isinstance(got, dict):
         assert got is not value  # a dict of its own, as the loop made
+
+
+_VALID_RESPONSE = {
+    "requestId": st.text(max_size=8),
+    "statusCode": st.integers(100, 999),
+    "statusDescription": st.none() | st.text(max_size=8),
+    "responseHeaders": st.dictionaries(st.text(max_size=6), st.text(max_size=6), max_size=3),
+    "body": st.booleans(),
+}
+_ODD_VALUES = {
+    "requestId": json_values,
+    "statusCode": st.integers(-5, 1200) | st.sampled_from(["200", " 404 ", True, 200.0, None]),
+    "statusDescription": json_values,
+    "responseHeaders": st.dictionaries(st.text(max_size=6), json_values, max_size=3) | json_values,
+    "body": json_values,
+    "repeatedResponseHeaders": st.just([["Set-Cookie", "a=1"]]) | json_values,
+}
+
+
+@st.composite
+def _response_fields(draw: st.DrawFn) -> dict[str, object]:
+    """A valid ``response`` body with none, one or two of its fields made odd or left out."""
+    body = {key: draw(value) for key, value in _VALID_RESPONSE.items()}
+    for key in draw(st.lists(st.sampled_from(sorted(_ODD_VALUES)), max_size=2)):
+        if draw(st.booleans()):
+            body[key] = draw(_ODD_VALUES[key])
+        else:
+            body.pop(key, None)
+    return body
+
+
+@settings(max_examples=300)
+@given(_response_fields())
+def test_the_common_response_is_read_as_the_checked_parse_reads_it(body: dict[str, object]) -> None:
+    """``_parse_response``'s shortcut for the common response gives what the checked parse
+    gives, or the same ProtocolError, for any ``response`` body."""
+
+    def parsed(parse: Callable[[dict[str, object]], object]) -> object:
+        try:
+            return parse(json.loads(json.dumps(body)))
+        except ProtocolError as exc:
+            return ("error", str(exc))
+
+    assert parsed(messages._parse_response) == parsed(messages._parse_response_checked)

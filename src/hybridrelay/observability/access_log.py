@@ -176,9 +176,13 @@ class AccessLog:
         # _fields_text of these fields written out for their types (one line per relayed
         # request: the loop over the fields showed in the relay's profile). The same text;
         # a test compares.
+        # One check for the three texts that are printable but for a caller's surprise.
+        shown = (tracking_id, entity, method)
+        if not "".join(shown).isprintable():
+            shown = (_printable(tracking_id), _printable(entity), _printable(method))
         text = (
-            f"http tracking_id={_printable(tracking_id)} hc={_printable(entity)}"
-            f" method={_printable(method)} status={status} duration={duration}"
+            f"http tracking_id={shown[0]} hc={shown[1]} method={shown[2]} status={status}"
+            f" duration={duration}"
         )
         if request_bytes is not None:
             text += f" request_bytes={request_bytes}"

@@ -470,11 +470,23 @@ class LocalBroker:
     def announce_nowait(
         self, pending: Pending, text_for: Callable[[str], str], body: bytes | None = None
     ) -> ControlChannel | WouldWait | None:
-        candidates = [c for c in self._by_entity.get(pending.entity.lower(), ()) if c.usable]
+        channels = self._by_entity.get(pending.entity.lower())
+        if channels is not None and len(channels) == 1:
+            # The general loop below for one listener, without its lists (one per request).
+            channel = channels[0]
+            if not channel.usable:
+                return None
+            if channel.queued >= pending.max_queued:
+                return WOULD_WAIT
+            self._mark_told(pending, channel)
+            if channel.send_nowait(text_for(channel.base_url), body):
+                return channel
+            self._untell(pending)
+            return WOULD_WAIT
+        candidates = [c for c in channels or () if c.usable]
         if not candidates:
             return None
-        if len(candidates) > 1:  # one listener has one order (random.shuffle draws nothing)
-            self._shuffle(candidates)
+        self._shuffle(candidates)
         texts: dict[str, str] = {}
         for channel in candidates:
             if channel.queued >= pending.max_queued:
@@ -497,13 +509,17 @@ class LocalBroker:
         text = texts.get(channel.base_url)
         if text is None:
             text = texts[channel.base_url] = text_for(channel.base_url)
+        self._mark_told(pending, channel)
+        return text
+
+    def _mark_told(self, pending: Pending, channel: ControlChannel) -> None:
+        """Make ``channel`` the listener told of ``pending``."""
         self._untell(pending)
         pending.channel = channel
         told = self._told.get(channel)
         if told is None:
             told = self._told[channel] = set()
         told.add(pending)
-        return text
 
     def _untell(self, pending: Pending) -> None:
         channel = pending.channel

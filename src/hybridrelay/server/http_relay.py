@@ -727,7 +727,7 @@ class HttpRelay:
             self._inline_refused(sender, exchange, started, answer)
             return
         self._by_id[exchange.id] = exchange
-        remote = remote_endpoint(sender.peer)
+        remote = sender.remote_endpoint
 
         def text_for(base_url: str) -> str:
             # request_message's text, without the Request in between (encode_request).
@@ -1167,10 +1167,11 @@ class InlineSender(Protocol):
     and how its answer is written (:meth:`HttpRelay.relay_inline`)."""
 
     #: The request's method, its ``Host`` (the token audience and ``Via`` are made from it),
-    #: its peer's address (``remoteEndpoint``) and the peer's host alone (logs, metrics).
+    #: its peer's address as the listener is told it (``remoteEndpoint``, made once per
+    #: connection) and the peer's host alone (logs, metrics).
     method: str
     host: str
-    peer: Any
+    remote_endpoint: RemoteEndpoint | None
     remote: str | None
     #: The request body's length, None when it had none.
     content_length: int | None

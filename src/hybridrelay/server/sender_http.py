@@ -37,6 +37,8 @@ from multidict import CIMultiDict
 
 from hybridrelay.protocol.addressing import HC_PREFIX
 from hybridrelay.protocol.http import INLINE_BODY_LIMIT, INLINE_HEADER_LIMIT, header_json_size
+from hybridrelay.protocol.messages import RemoteEndpoint
+from hybridrelay.server.broker import remote_endpoint
 from hybridrelay.server.config import HybridConnectionConfig
 from hybridrelay.server.context import RelayContext
 from hybridrelay.server.http_relay import (
@@ -139,8 +141,8 @@ class _Inline:
         "keep_alive",
         "length",
         "method",
-        "peer",
         "remote",
+        "remote_endpoint",
         "target",
         "version",
     )
@@ -163,7 +165,7 @@ class _Inline:
         self.content_length = parsed.length or None
         self.keep_alive = parsed.keep_alive
         self.version = parsed.version
-        self.peer = connection.peer
+        self.remote_endpoint = connection.remote_endpoint
         self.remote = connection.remote
         self.gone = connection.gone
 
@@ -260,6 +262,7 @@ class _SenderConnection(asyncio.Protocol):
         self.keep_alive = True
         self.version = b"1.1"
         self.peer: Any = None
+        self.remote_endpoint: RemoteEndpoint | None = None
         self.remote: str | None = None
         #: The loop, kept: on Python 3.11 each look-up is a getpid system call.
         self._loop = asyncio.get_running_loop()
@@ -273,6 +276,7 @@ class _SenderConnection(asyncio.Protocol):
         self.peer = transport.get_extra_info("peername")
         if isinstance(self.peer, tuple) and self.peer:
             self.remote = str(self.peer[0])
+        self.remote_endpoint = remote_endpoint(self.peer)
         loop = asyncio.get_running_loop()
         self._answered_at = loop.time()
         self._arm_idle(loop)
