@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["MAX_REFUSAL_KEYS", "AccessLog", "RefusalLog", "TokenBucket", "redact"]
+__all__ = ["MAX_REFUSAL_KEYS", "AccessLog", "RefusalLog", "TokenBucket", "only_handler", "redact"]
 
 # A token is "SharedAccessSignature sr=..&sig=..&se=..&skn=.." in a header, and URL-encoded
 # ("%20", "+", "%3D", "%26") in a query; a connection string carries "SharedAccessKey=...".
@@ -88,7 +88,7 @@ class FieldsSink(Protocol):
     ) -> bool: ...
 
 
-def _only_handler(logger: logging.Logger) -> FieldsSink | None:
+def only_handler(logger: logging.Logger) -> FieldsSink | None:
     """The one handler a record of ``logger`` would reach, if that is a :class:`FieldsSink`
     and nothing on the way filters (then writing the line to it is what logging would do);
     else None. Looked at per line, so a handler added later (a test's, an embedding
@@ -118,7 +118,7 @@ class AccessLog:
         self._emit(f"{event} {_fields_text(fields)}", {"event": event, **fields})
 
     def _emit(self, message: str, extra: dict[str, Any]) -> None:
-        sink = _only_handler(self._logger)
+        sink = only_handler(self._logger)
         if sink is not None and sink.emit_fields(logging.INFO, self._logger.name, message, extra):
             return
         self._logger.info("%s", message, extra={"fields": extra})
