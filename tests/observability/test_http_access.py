@@ -48,6 +48,15 @@ class Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+class Records(logging.Handler):
+    def __init__(self, records: list[logging.LogRecord]) -> None:
+        super().__init__()
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @pytest.fixture
 def access() -> Iterator[tuple[logging.Logger, Lines]]:
     log = logging.getLogger("tests.http_access")
@@ -99,9 +108,7 @@ async def test_the_line_written_past_logging_is_the_record_s_line(kind: str) -> 
         await access_logged(answer, log)(Request("/api/items?page=2"))
         batched.flush()
         (direct,) = stream.getvalue().splitlines()
-        recording = Lines()
-        recording.emit = seen.append  # type: ignore[method-assign]
-        log.handlers[:] = [batched, recording]  # two handlers: logging's own way
+        log.handlers[:] = [batched, Records(seen)]  # two handlers: logging's own way
         await access_logged(answer, log)(Request("/api/items?page=2"))
     finally:
         log.handlers[:] = []
@@ -125,4 +132,4 @@ def direct_time(line: str, kind: str) -> float:
 
 def _took(text: str) -> str:
     """The duration at the end of a line (``12.4ms``), which differs between two requests."""
-    return re.findall(r"\d+\.\dms", text)[-1]
+    return str(re.findall(r"\d+\.\dms", text)[-1])
