@@ -39,9 +39,9 @@ __all__ = [
     "StoreError",
     "StoreQuotaError",
     "StoreUnavailableError",
+    "StateKeeper",
     "Subscriber",
     "find_rule",
-    "notify",
     "put_hybrid_connection_record",
     "put_rule_record",
     "regenerated_rule",
@@ -231,11 +231,28 @@ def swap_rule(
     return (*kept, record) if record is not None else kept
 
 
-def notify(subscribers: Iterable[Subscriber], state: NamespaceState) -> None:
-    """Call each of ``subscribers`` with the new ``state`` (a copy of the list: one may
-    unsubscribe while being told)."""
-    for subscriber in list(subscribers):
-        try:
-            subscriber(state)
-        except Exception:  # one broken subscriber must not stop the others
-            logger.exception("a store subscriber failed")
+class StateKeeper:
+    """What both stores share: the current state in memory, and the subscribers told of each
+    new one (:meth:`Store.state`, :meth:`Store.subscribe`)."""
+
+    def __init__(self, state: NamespaceState) -> None:
+        self._state = state
+        self._subscribers: list[Subscriber] = []
+
+    @property
+    def state(self) -> NamespaceState:
+        return self._state
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        self._subscribers.append(subscriber)
+        return lambda: self._subscribers.remove(subscriber)
+
+    def _publish(self, state: NamespaceState) -> None:
+        """Keep ``state`` and call each subscriber with it (from a copy of the list: one may
+        unsubscribe while being told)."""
+        self._state = state
+        for subscriber in list(self._subscribers):
+            try:
+                subscriber(state)
+            except Exception:  # one broken subscriber must not stop the others
+                logger.exception("a store subscriber failed")

@@ -45,10 +45,9 @@ from hybridrelay.store.base import (
     KEEP,
     KeySlot,
     NotFoundError,
+    StateKeeper,
     StoreUnavailableError,
-    Subscriber,
     find_rule,
-    notify,
     put_hybrid_connection_record,
     put_rule_record,
     regenerated_rule,
@@ -261,7 +260,7 @@ def _field(key: str) -> str:
     return f"hc:{key}"
 
 
-class RedisStore:
+class RedisStore(StateKeeper):
     """The management store in Redis. Open it with :meth:`open`; see the module docstring."""
 
     def __init__(
@@ -276,6 +275,7 @@ class RedisStore:
         max_hybrid_connections: int,
         reconcile_interval: float,
     ) -> None:
+        super().__init__(state)
         self._url = redacted_url(url)
         self._link = link
         self._redis = link.client
@@ -283,14 +283,12 @@ class RedisStore:
         self._hash = self._prefix + "store"
         self._version_key = self._prefix + "version"
         self._channel = self._prefix + "store-changes"
-        self._state = state
         #: The Redis counter this node's state reflects (compared by the reconciliation).
         self._seen_version = version
         self._clock = clock
         self._max_hybrid_connections = max_hybrid_connections
         self._reconcile_interval = reconcile_interval
         self._origin = uuid.uuid4().hex
-        self._subscribers: list[Subscriber] = []
         self._tasks: list[asyncio.Task[None]] = []
         #: One log line per outage (the relay's cluster broker shares it).
         self.outage = OutageLog(url, "cluster")
@@ -357,14 +355,6 @@ class RedisStore:
         ]
 
     # -- reading --------------------------------------------------------------------------------
-
-    @property
-    def state(self) -> NamespaceState:
-        return self._state
-
-    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
-        self._subscribers.append(subscriber)
-        return lambda: self._subscribers.remove(subscriber)
 
     async def check(self) -> None:
         # A read of the store's own key, not a PING: on a Redis Cluster, PING is answered by
@@ -577,10 +567,6 @@ class RedisStore:
                 return
             entities[key] = record
         self._publish(NamespaceState(old.namespace, MappingProxyType(entities), old.version + 1))
-
-    def _publish(self, state: NamespaceState) -> None:
-        self._state = state
-        notify(self._subscribers, state)
 
     async def _reload(self) -> None:
         """Read the whole hash and replace the state if it differs."""

@@ -32,11 +32,10 @@ from hybridrelay.store.base import (
     KEEP,
     KeySlot,
     NotFoundError,
+    StateKeeper,
     StoreError,
     StoreUnavailableError,
-    Subscriber,
     find_rule,
-    notify,
     put_hybrid_connection_record,
     put_rule_record,
     regenerated_rule,
@@ -114,7 +113,7 @@ def _open_private(path: Path) -> None:
         os.close(fd)
 
 
-class SqliteStore:
+class SqliteStore(StateKeeper):
     """The management store in a SQLite file. Open it with :meth:`open`."""
 
     def __init__(
@@ -127,13 +126,12 @@ class SqliteStore:
         clock: Callable[[], float],
         max_hybrid_connections: int,
     ) -> None:
+        super().__init__(state)
         self._path = path
         self._db = connection
         self._executor = executor
-        self._state = state
         self._clock = clock
         self._max_hybrid_connections = max_hybrid_connections
-        self._subscribers: list[Subscriber] = []
 
     def __repr__(self) -> str:
         return f"<SqliteStore {str(self._path)!r} version={self._state.version}>"
@@ -190,14 +188,6 @@ class SqliteStore:
 
     # -- reading --------------------------------------------------------------------------------
 
-    @property
-    def state(self) -> NamespaceState:
-        return self._state
-
-    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
-        self._subscribers.append(subscriber)
-        return lambda: self._subscribers.remove(subscriber)
-
     async def check(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())
 
@@ -243,7 +233,7 @@ class SqliteStore:
             )
 
         await self._write(write)
-        self._publish(entities={**self._state.hybrid_connections, key: record})
+        self._publish_change(entities={**self._state.hybrid_connections, key: record})
         return record, old is None
 
     async def delete_hybrid_connection(self, name: str) -> bool:
@@ -258,7 +248,7 @@ class SqliteStore:
         await self._write(write)
         entities = dict(self._state.hybrid_connections)
         del entities[key]
-        self._publish(entities=entities)
+        self._publish_change(entities=entities)
         return True
 
     async def put_rule(
@@ -301,7 +291,7 @@ class SqliteStore:
                 (json.dumps(dict(namespace.tags)), namespace.updated_at),
             )
         )
-        self._publish(namespace=namespace)
+        self._publish_change(namespace=namespace)
         return namespace
 
     async def aclose(self) -> None:
@@ -327,42 +317,34 @@ class SqliteStore:
         if not scope:
             namespace = self._state.namespace
             rules = swap_rule(namespace.rules, name, record)
-            self._publish(namespace=replace(namespace, rules=rules))
+            self._publish_change(namespace=replace(namespace, rules=rules))
             return
         entity = self._state.hybrid_connections[scope]
         entities = {
             **self._state.hybrid_connections,
             scope: replace(entity, rules=swap_rule(entity.rules, name, record)),
         }
-        self._publish(entities=entities)
+        self._publish_change(entities=entities)
 
-    def _publish(
+    def _publish_change(
         self,
         *,
         namespace: NamespaceRecord | None = None,
         entities: dict[str, HybridConnectionRecord] | None = None,
     ) -> None:
         old = self._state
-        self._state = NamespaceState(
-            namespace=namespace or old.namespace,
-            hybrid_connections=MappingProxyType(entities)
-            if entities is not None
-            else old.hybrid_connections,
-            version=old.version + 1,
+        self._publish(
+            NamespaceState(
+                namespace=namespace or old.namespace,
+                hybrid_connections=MappingProxyType(entities)
+                if entities is not None
+                else old.hybrid_connections,
+                version=old.version + 1,
+            )
         )
-        notify(self._subscribers, self._state)
 
     async def _write(self, statements: Callable[[sqlite3.Connection], object]) -> None:
-        def transaction(db: sqlite3.Connection) -> None:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                statements(db)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-
-        await self._run(transaction)
+        await self._run(lambda db: _transaction(db, statements))
 
     async def _run(self, job: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -381,16 +363,14 @@ def _migrate(db: sqlite3.Connection, migrations: Sequence[str], file: Path) -> N
         )
     if version == len(migrations):
         return
-    db.execute("BEGIN IMMEDIATE")
-    try:
+
+    def migrate(db: sqlite3.Connection) -> None:
         for number in range(version, len(migrations)):
             for statement in _statements(migrations[number]):
                 db.execute(statement)
         db.execute(f"PRAGMA user_version = {len(migrations)}")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
+
+    _transaction(db, migrate)
     logger.info("store %s: schema %d -> %d", file, version, len(migrations))
 
 
@@ -404,11 +384,22 @@ def _ensure_namespace(
 ) -> None:
     if db.execute("SELECT 1 FROM namespace").fetchone() is not None:
         return
-    db.execute("BEGIN IMMEDIATE")
-    try:
+
+    def create(db: sqlite3.Connection) -> None:
         db.execute("INSERT INTO namespace VALUES (1, ?, '{}', ?, ?)", (name, now, now))
         for rule_name, rights in initial_rules:
             _upsert_rule(db, RuleRecord(rule_name, new_key(), new_key(), rights, now, now))
+
+    _transaction(db, create)
+
+
+def _transaction(
+    db: sqlite3.Connection, statements: Callable[[sqlite3.Connection], object]
+) -> None:
+    """Run ``statements(db)`` in one write transaction (rolled back if they raise)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        statements(db)
     except BaseException:
         db.execute("ROLLBACK")
         raise
