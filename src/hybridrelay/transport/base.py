@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from hybridrelay.protocol.closing import CloseHandshake
 
 __all__ = [
     "COALESCED_WRITE_LIMIT",
     "CloseCode",
+    "CloseState",
     "FragmentSocket",
     "MessageKind",
     "MessageSink",
@@ -114,6 +118,22 @@ class MessageSocket(Protocol):
     def abort(self) -> None:
         """Drop the connection at once, without a close frame."""
         ...
+
+
+class CloseState:
+    """:attr:`MessageSocket.close_sent` and :attr:`MessageSocket.close_received` of a socket
+    whose close handshake is its ``_closing``."""
+
+    __slots__ = ()
+    _closing: CloseHandshake
+
+    @property
+    def close_sent(self) -> bool:
+        return self._closing.sent
+
+    @property
+    def close_received(self) -> bool:
+        return self._closing.received
 
 
 class MessageSink(Protocol):

@@ -85,6 +85,7 @@ from hybridrelay.protocol.websocket import (
 from hybridrelay.tcp_keepalive import acks_stalled, send_queued
 from hybridrelay.transport.base import (
     COALESCED_WRITE_LIMIT,
+    CloseState,
     MessageKind,
     StreamSink,
     WsMessage,
@@ -277,7 +278,7 @@ def _client_frame(opcode: int, data: bytes | bytearray | memoryview, fin: bool =
     return masked_frame(opcode, data, mask_key(), websocket_mask, fin=fin)
 
 
-class FrameSocket(asyncio.BufferedProtocol):
+class FrameSocket(CloseState, asyncio.BufferedProtocol):
     """A client WebSocket (see the module's docstring); made by :func:`connect`."""
 
     def __init__(self, max_message_size: int) -> None:
@@ -408,14 +409,6 @@ class FrameSocket(asyncio.BufferedProtocol):
     @property
     def subprotocol(self) -> str | None:
         return self._subprotocol
-
-    @property
-    def close_sent(self) -> bool:
-        return self._closing.sent
-
-    @property
-    def close_received(self) -> bool:
-        return self._closing.received
 
     async def receive(self) -> WsMessage:
         while not self._messages:

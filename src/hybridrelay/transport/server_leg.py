@@ -33,6 +33,7 @@ from aiohttp._websocket.helpers import websocket_mask
 from hybridrelay.exceptions import RelayConnectionError
 from hybridrelay.protocol.closing import CloseHandshake
 from hybridrelay.protocol.websocket import OP_CLOSE, OP_PONG, FrameForwarder, server_frame
+from hybridrelay.transport.base import CloseState
 from hybridrelay.transport.receive_buffer import receive_buffer
 
 __all__ = ["CLOSE_TIMEOUT", "WRITE_HIGH", "WRITE_LOW", "ServerLeg"]
@@ -47,7 +48,7 @@ CLOSE_TIMEOUT = 10.0
 _JOIN_UP_TO = 4096
 
 
-class ServerLeg(asyncio.BufferedProtocol):
+class ServerLeg(CloseState, asyncio.BufferedProtocol):
     """A server WebSocket on a taken-over transport (see the module's docstring)."""
 
     #: How long the peer may take to answer our close frame before the connection is dropped.
@@ -79,14 +80,6 @@ class ServerLeg(asyncio.BufferedProtocol):
     @property
     def subprotocol(self) -> str | None:
         return None
-
-    @property
-    def close_sent(self) -> bool:
-        return self._closing.sent
-
-    @property
-    def close_received(self) -> bool:
-        return self._closing.received
 
     # -- closing ------------------------------------------------------------------------------
 
