@@ -27,10 +27,11 @@ from hybridrelay.client.backoff import (
     RetryKind,
     capped_delay,
     classify_error,
+    failure_cause,
     needs_a_fix,
     reconnect_delays,
 )
-from hybridrelay.exceptions import RelayError, RelayHttpError
+from hybridrelay.exceptions import RelayError
 
 __all__ = ["EdgeListener", "RetryLog", "keep_listening", "wait_or_stop"]
 
@@ -70,11 +71,7 @@ class RetryLog:
     def failed(self, what: str, exc: BaseException, delay: float) -> None:
         if self._failing_since is None:
             self._failing_since = time.monotonic()
-        cause = (
-            f"{type(exc).__name__} {exc.status}"
-            if isinstance(exc, RelayHttpError)  # its reason carries a new TrackingId each time
-            else f"{type(exc).__name__} {exc}"
-        )
+        cause = failure_cause(exc)
         if cause == self._last_cause:
             level = logging.DEBUG
         else:
