@@ -487,9 +487,7 @@ def _signed(audience: str, key_name: str, key: str, source: str) -> Credential:
 
 
 def _embedded_root_key(data_dir: Path) -> tuple[str, str]:
-    import asyncio
-
-    from hybridrelay.cli.embedded import ROOT_RULE, STORE_FILE, open_store, root_rule
+    from hybridrelay.cli.embedded import ROOT_RULE, STORE_FILE, read_key
 
     if not (data_dir / STORE_FILE).exists():
         raise AdminError(
@@ -497,15 +495,7 @@ def _embedded_root_key(data_dir: Path) -> tuple[str, str]:
             f"no credential: {data_dir} has no store; pass --token TOKEN or -x "
             f"CONNECTION_STRING, or set ${MANAGEMENT_TOKEN_ENV} or ${CONNECTION_STRING_ENV}",
         )
-
-    async def read() -> str:
-        store = await open_store(data_dir)
-        try:
-            return root_rule(store, ROOT_RULE).primary_key
-        finally:
-            await store.aclose()
-
-    return ROOT_RULE, asyncio.run(read())
+    return ROOT_RULE, read_key(data_dir)
 
 
 def _ssl_context(ca_file: str | None) -> ssl.SSLContext:

@@ -387,13 +387,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 
 def _cmd_connection_string(args: argparse.Namespace) -> int:
-    from hybridrelay.cli.embedded import (
-        default_data_dir,
-        is_running,
-        open_store,
-        read_endpoints,
-        root_rule,
-    )
+    from hybridrelay.cli.embedded import default_data_dir, is_running, read_endpoints, read_key
 
     data_dir = args.data_dir or default_data_dir()
     endpoints = read_endpoints(data_dir)
@@ -401,16 +395,7 @@ def _cmd_connection_string(args: argparse.Namespace) -> int:
         raise ConfigurationError(
             f"no embedded relay data in {data_dir}: start it once with `hybridrelay serve`"
         )
-
-    async def read() -> str:
-        store = await open_store(data_dir)
-        try:
-            rule = root_rule(store, args.rule)
-        finally:
-            await store.aclose()
-        return rule.secondary_key if args.secondary else rule.primary_key
-
-    key = asyncio.run(read())
+    key = read_key(data_dir, args.rule, secondary=args.secondary)
     if not is_running(endpoints):
         print(
             f"hybridrelay: note: no relay answers at {endpoints.management or endpoints.relay} "
