@@ -38,10 +38,9 @@ from hybridrelay.bridge.config import (
 )
 from hybridrelay.bridge.specs import Protocol
 from hybridrelay.cli.credentials import (
-    FILE_OPTION,
     add_connection_string_file_argument,
+    given_connection_string,
     key_on_command_line_warning,
-    read_connection_string_file,
 )
 from hybridrelay.cli.logs import configure_logging
 from hybridrelay.cli.signals import stop_on_signals
@@ -76,11 +75,8 @@ def build_config(args: argparse.Namespace) -> BridgeConfig:
     config = load_config(args.config) if args.config else BridgeConfig()
     fallback = None
     endpoint = getattr(args, "connection.endpoint", None)
-    path = getattr(args, "connection_string_file", None)
-    if path is not None:
-        if args.connection_string is not None:
-            raise ConfigurationError(f"give -x or {FILE_OPTION}, not both")
-        fallback, warning = read_connection_string_file(path)
+    if getattr(args, "connection_string_file", None) is not None:
+        fallback, warning = given_connection_string(args)
         if warning is not None:
             args.credential_warnings = [warning]
     elif args.connection_string is None and endpoint is None and not config.connection.endpoint:
