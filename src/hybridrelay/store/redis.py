@@ -33,7 +33,6 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import replace
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -41,24 +40,12 @@ from redis.exceptions import WatchError
 
 from hybridrelay.auth.sas import Rights
 from hybridrelay.protocol.arm import new_key
-from hybridrelay.store.base import (
-    KEEP,
-    KeySlot,
-    NotFoundError,
-    StateKeeper,
-    StoreUnavailableError,
-    find_rule,
-    put_hybrid_connection_record,
-    put_rule_record,
-    regenerated_rule,
-    swap_rule,
-)
+from hybridrelay.store.base import Store, StoreUnavailableError
 from hybridrelay.store.records import (
     HybridConnectionRecord,
     NamespaceRecord,
     NamespaceState,
     RuleRecord,
-    entity_key,
 )
 from hybridrelay.store.redis_address import (
     REDIS_FAILURES,
@@ -260,7 +247,7 @@ def _field(key: str) -> str:
     return f"hc:{key}"
 
 
-class RedisStore(StateKeeper):
+class RedisStore(Store):
     """The management store in Redis. Open it with :meth:`open`; see the module docstring."""
 
     def __init__(
@@ -275,7 +262,7 @@ class RedisStore(StateKeeper):
         max_hybrid_connections: int,
         reconcile_interval: float,
     ) -> None:
-        super().__init__(state)
+        super().__init__(state, clock=clock, max_hybrid_connections=max_hybrid_connections)
         self._url = redacted_url(url)
         self._link = link
         self._redis = link.client
@@ -285,8 +272,6 @@ class RedisStore(StateKeeper):
         self._channel = self._prefix + "store-changes"
         #: The Redis counter this node's state reflects (compared by the reconciliation).
         self._seen_version = version
-        self._clock = clock
-        self._max_hybrid_connections = max_hybrid_connections
         self._reconcile_interval = reconcile_interval
         self._origin = uuid.uuid4().hex
         self._tasks: list[asyncio.Task[None]] = []
@@ -362,118 +347,13 @@ class RedisStore(StateKeeper):
         # key commands).
         await self._call(self._redis.get(self._version_key))
 
-    # -- writing --------------------------------------------------------------------------------
-
-    async def put_hybrid_connection(
-        self,
-        name: str,
-        *,
-        requires_client_authorization: bool | None = None,
-        user_metadata: str | None | object = KEEP,
-        http_response_timeout: float | None | object = KEEP,
-    ) -> tuple[HybridConnectionRecord, bool]:
-        key = entity_key(name)
-        now = self._clock()
-        created = False
-
-        def change(old: HybridConnectionRecord | None) -> HybridConnectionRecord:
-            nonlocal created
-            created = old is None
-            return put_hybrid_connection_record(
-                old,
-                name,
-                now,
-                count=len(self._state.hybrid_connections),
-                limit=self._max_hybrid_connections,
-                requires_client_authorization=requires_client_authorization,
-                user_metadata=user_metadata,
-                http_response_timeout=http_response_timeout,
-            )
-
-        record = await self._change_entity(key, change)
-        assert record is not None
-        return record, created
-
-    async def delete_hybrid_connection(self, name: str) -> bool:
-        key = entity_key(name)
-        existed = False
-
-        def change(old: HybridConnectionRecord | None) -> HybridConnectionRecord | None:
-            nonlocal existed
-            existed = old is not None
-            return None
-
-        await self._change_entity(key, change)
-        return existed
-
-    async def put_rule(
-        self, name: str, rights: Rights, *, entity: str = ""
-    ) -> tuple[RuleRecord, bool]:
-        now = self._clock()
-        scope = entity_key(entity)
-        result: list[tuple[RuleRecord, bool]] = []
-
-        def change(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
-            result[:] = [put_rule_record(rules, name, rights, now, scope)]
-            return swap_rule(rules, name, result[0][0])
-
-        await self._change_rules(entity, change)
-        return result[0]
-
-    async def delete_rule(self, name: str, *, entity: str = "") -> bool:
-        existed = False
-
-        def change(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
-            nonlocal existed
-            existed = find_rule(rules, name) is not None
-            return swap_rule(rules, name, None)
-
-        await self._change_rules(entity, change)
-        return existed
-
-    async def regenerate_key(
-        self, name: str, slot: KeySlot, *, entity: str = "", key: str | None = None
-    ) -> RuleRecord:
-        fresh = key or new_key()
-        now = self._clock()
-        result: list[RuleRecord] = []
-
-        def change(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
-            result[:] = [regenerated_rule(rules, name, slot, fresh, now)]
-            return swap_rule(rules, name, result[0])
-
-        await self._change_rules(entity, change)
-        return result[0]
-
-    async def update_namespace(self, *, tags: dict[str, str]) -> NamespaceRecord:
-        now = self._clock()
-        record = await self._change_namespace(
-            lambda old: replace(old, tags=MappingProxyType(dict(tags)), updated_at=now)
-        )
-        return record
-
     async def aclose(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._link.aclose()
 
-    # -- transactions ---------------------------------------------------------------------------
-
-    async def _change_rules(
-        self, entity: str, change: Callable[[tuple[RuleRecord, ...]], tuple[RuleRecord, ...]]
-    ) -> None:
-        scope = entity_key(entity)
-        if not scope:
-            await self._change_namespace(lambda old: replace(old, rules=change(old.rules)))
-            return
-
-        def change_entity(old: HybridConnectionRecord | None) -> HybridConnectionRecord:
-            if old is None:
-                raise NotFoundError(f"no hybrid connection {entity.strip('/')!r}")
-            return replace(old, rules=change(old.rules))
-
-        await self._change_entity(scope, change_entity)
+    # -- the two steps of a change: one optimistic transaction each ----------------------------
 
     async def _change_namespace(
         self, change: Callable[[NamespaceRecord], NamespaceRecord]
