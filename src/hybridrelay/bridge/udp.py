@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybridrelay.bridge.config import BridgeConfig, LocalForward, RemoteForward
-from hybridrelay.bridge.ingress import Connect, format_address
+from hybridrelay.bridge.ingress import Connect, describe_failure, format_address
 from hybridrelay.bridge.pipe import READ_CHUNK, ConnectionGroup, RelayStream, close_stream
 from hybridrelay.bridge.preamble import PreambleRejectedError, send_preamble
 from hybridrelay.exceptions import ConfigurationError, RelayError
@@ -225,8 +225,7 @@ class UdpIngress:
                 flow.dropped,
             )
         except (RelayError, TimeoutError) as exc:
-            why = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-            logger.warning("%s: [%s] UDP flow %s: %s", self._name, cid, peer, why)
+            logger.warning("%s: [%s] UDP flow %s: %s", self._name, cid, peer, describe_failure(exc))
         finally:
             self._flows.pop(flow.address, None)
             if not self._flows:
