@@ -35,7 +35,9 @@ from hybridrelay.store.records import (
 __all__ = [
     "KEEP",
     "MAX_RULES_PER_SCOPE",
+    "EntityChange",
     "KeySlot",
+    "NamespaceChange",
     "NotFoundError",
     "Store",
     "StoreError",
@@ -53,6 +55,9 @@ logger = logging.getLogger("hybridrelay.store")
 
 KeySlot = Literal["primary", "secondary"]
 Subscriber = Callable[[NamespaceState], None]
+#: What a change makes of the namespace's record, and of a hybrid connection's (None: none).
+NamespaceChange = Callable[[NamespaceRecord], NamespaceRecord]
+EntityChange = Callable[[HybridConnectionRecord | None], HybridConnectionRecord | None]
 #: Keep the absent value of an optional field on update (``None`` is a value: "unset").
 KEEP: object = object()
 #: Azure's bound: 12 SAS rules on a namespace and 12 on each hybrid connection.
@@ -218,18 +223,12 @@ class Store:
 
     # -- what each store does its own way ---------------------------------------------------
 
-    async def _change_namespace(
-        self, change: Callable[[NamespaceRecord], NamespaceRecord]
-    ) -> NamespaceRecord:
+    async def _change_namespace(self, change: NamespaceChange) -> NamespaceRecord:
         """Keep ``change(current namespace record)``; returns it. ``change`` may raise a
         :class:`StoreError` (nothing is written)."""
         raise NotImplementedError
 
-    async def _change_entity(
-        self,
-        key: str,
-        change: Callable[[HybridConnectionRecord | None], HybridConnectionRecord | None],
-    ) -> HybridConnectionRecord | None:
+    async def _change_entity(self, key: str, change: EntityChange) -> HybridConnectionRecord | None:
         """Keep ``change(the record of key, or None)`` (None: there is none); returns it.
         ``change`` may raise a :class:`StoreError` (nothing is written)."""
         raise NotImplementedError

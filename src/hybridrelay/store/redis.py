@@ -40,7 +40,7 @@ from redis.exceptions import WatchError
 
 from hybridrelay.auth.sas import Rights
 from hybridrelay.protocol.arm import new_key
-from hybridrelay.store.base import Store, StoreUnavailableError
+from hybridrelay.store.base import EntityChange, NamespaceChange, Store, StoreUnavailableError
 from hybridrelay.store.records import (
     HybridConnectionRecord,
     NamespaceRecord,
@@ -355,9 +355,7 @@ class RedisStore(Store):
 
     # -- the two steps of a change: one optimistic transaction each ----------------------------
 
-    async def _change_namespace(
-        self, change: Callable[[NamespaceRecord], NamespaceRecord]
-    ) -> NamespaceRecord:
+    async def _change_namespace(self, change: NamespaceChange) -> NamespaceRecord:
         def text(raw: bytes | None) -> bytes | None:
             old = _namespace(raw) if raw is not None else self._state.namespace
             return _namespace_text(change(old))
@@ -368,11 +366,7 @@ class RedisStore(Store):
         self._apply(_NS_FIELD, raw)
         return record
 
-    async def _change_entity(
-        self,
-        key: str,
-        change: Callable[[HybridConnectionRecord | None], HybridConnectionRecord | None],
-    ) -> HybridConnectionRecord | None:
+    async def _change_entity(self, key: str, change: EntityChange) -> HybridConnectionRecord | None:
         def text(raw: bytes | None) -> bytes | None:
             record = change(_entity(raw) if raw is not None else None)
             return None if record is None else _entity_text(record)

@@ -29,6 +29,8 @@ from typing import TypeVar
 from hybridrelay.auth.sas import Rights
 from hybridrelay.protocol.arm import new_key
 from hybridrelay.store.base import (
+    EntityChange,
+    NamespaceChange,
     Store,
     StoreError,
     StoreUnavailableError,
@@ -187,9 +189,7 @@ class SqliteStore(Store):
 
     # -- the two steps of a change ----------------------------------------------------------
 
-    async def _change_namespace(
-        self, change: Callable[[NamespaceRecord], NamespaceRecord]
-    ) -> NamespaceRecord:
+    async def _change_namespace(self, change: NamespaceChange) -> NamespaceRecord:
         async with self._changing:
             old = self._state
             namespace = change(old.namespace)
@@ -198,11 +198,7 @@ class SqliteStore(Store):
                 self._publish(NamespaceState(namespace, old.hybrid_connections, old.version + 1))
             return namespace
 
-    async def _change_entity(
-        self,
-        key: str,
-        change: Callable[[HybridConnectionRecord | None], HybridConnectionRecord | None],
-    ) -> HybridConnectionRecord | None:
+    async def _change_entity(self, key: str, change: EntityChange) -> HybridConnectionRecord | None:
         async with self._changing:
             old = self._state
             record = change(old.hybrid_connections.get(key))
