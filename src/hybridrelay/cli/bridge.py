@@ -98,11 +98,8 @@ async def run_bridge(args: argparse.Namespace) -> int:
     """Run the bridge until SIGINT/SIGTERM; returns the exit status."""
     try:
         config = build_config(args)
-    except ConfigurationError as exc:
-        _error(f"hybridrelay bridge: {exc}")
-        return 2
-    try:
         check_before_binding(config)
+        agent = BridgeAgent(config)
     except ConfigurationError as exc:
         _error(f"hybridrelay bridge: {exc}")
         return 2
@@ -118,11 +115,6 @@ async def run_bridge(args: argparse.Namespace) -> int:
                 forward.spec,
                 "" if forward.allow else " with no allow-list",
             )
-    try:
-        agent = BridgeAgent(config)
-    except ConfigurationError as exc:
-        _error(f"hybridrelay bridge: {exc}")
-        return 2
     with stop_on_signals(agent.shutdown):
         try:
             await agent.run()
