@@ -37,8 +37,7 @@ from hybridrelay.bridge.config import BridgeConfig, ConnectionSettings
 from hybridrelay.bridge.edge import Edge, EdgeListener, ListenerFactory
 from hybridrelay.bridge.http_forward import HttpForwarder, HttpListenerFactory
 from hybridrelay.bridge.ingress import Connect, StreamIngress
-from hybridrelay.bridge.listening import RetryLog, wait_or_stop
-from hybridrelay.bridge.pipe import RelayStream
+from hybridrelay.bridge.listening import RetryLog
 from hybridrelay.bridge.specs import Protocol
 from hybridrelay.bridge.udp import UdpIngress
 from hybridrelay.client import (
@@ -53,10 +52,8 @@ from hybridrelay.client import (
 from hybridrelay.client.backoff import (
     RECONNECT_DELAYS,
     RetryKind,
-    capped_delay,
     classify_error,
     needs_a_fix,
-    reconnect_delays,
 )
 from hybridrelay.exceptions import ConfigurationError, RelayError
 from hybridrelay.observability.bridge_metrics import (
@@ -202,7 +199,7 @@ class BridgeAgent:
                     connect_timeout=config.connect_timeout,
                     keep_alive_interval=config.keep_alive_interval,
                 )
-            connect = _connector(clients[hc])
+            connect: Connect = clients[hc].create_connection
             series = metrics.forward(ForwardKind.LOCAL, hc)
             if forward.spec.protocol is Protocol.UDP:
                 self.ingress.append(UdpIngress(forward, config, connect, metrics=series))
@@ -289,18 +286,14 @@ class BridgeAgent:
         Raises:
             RelayError: the relay refused (the message names the forward, the cause, the fix).
         """
-        delays = reconnect_delays(schedule=self._retry_schedule)
-        retries = RetryLog(name)
+        retries = RetryLog(name, self._retry_schedule)
         while not self._stop.is_set():
             try:
                 await client.check_access()
             except RelayError as exc:
                 if needs_a_fix(exc) or classify_error(exc) is RetryKind.FATAL:
                     raise RelayError(f"{name}: {exc}") from exc
-                capped = classify_error(exc) is RetryKind.CAPPED
-                delay = capped_delay(schedule=self._retry_schedule) if capped else next(delays)
-                retries.failed("cannot check the credentials", exc, delay)
-                if await wait_or_stop(self._stop, delay):
+                if await retries.retry("cannot check the credentials", exc, self._stop):
                     return
                 continue
             retries.succeeded()
@@ -355,13 +348,6 @@ def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
     while isinstance(first, BaseExceptionGroup):
         first = first.exceptions[0]
     return first
-
-
-def _connector(client: HybridConnectionClient) -> Connect:
-    async def connect() -> RelayStream:
-        return await client.create_connection()
-
-    return connect
 
 
 def _listener(

@@ -347,6 +347,12 @@ def _check_text(value: Any, where: str) -> str:
     return value
 
 
+def _seconds(default: float, help: str, *flags: str, low: float = 0.001) -> Any:
+    """A global option in seconds, up to :data:`_MAX_SECONDS`."""
+    metavar = "SECONDS" if flags else None
+    return setting(default, help=help, low=low, high=_MAX_SECONDS, flags=flags, metavar=metavar)
+
+
 def _override(name: str, *, low: float, high: float) -> Any:
     """A per-forward option; None inherits the global one."""
     return setting(None, help=f"overrides the global `{name}`", low=low, high=high)
@@ -525,36 +531,24 @@ class BridgeConfig:
         help="default bind address of -L forwards ('*' for all interfaces)",
         flags=("--bind-address",),
     )
-    keep_alive_interval: float = setting(
+    keep_alive_interval: float = _seconds(
         DEFAULT_KEEP_ALIVE_INTERVAL,
-        help="seconds between pings on control channels, and before a ping on a silent stream; "
+        "seconds between pings on control channels, and before a ping on a silent stream; "
         "paces TCP keep-alive on -L ports",
-        low=0.001,
-        high=_MAX_SECONDS,
-        flags=("-a", "--keep-alive-interval"),
-        metavar="SECONDS",
+        "-a",
+        "--keep-alive-interval",
     )
-    connect_timeout: float = setting(
-        DEFAULT_CONNECT_TIMEOUT,
-        help="seconds to reach the relay or a destination",
-        low=0.001,
-        high=_MAX_SECONDS,
-        flags=("--connect-timeout",),
-        metavar="SECONDS",
+    connect_timeout: float = _seconds(
+        DEFAULT_CONNECT_TIMEOUT, "seconds to reach the relay or a destination", "--connect-timeout"
     )
-    handshake_timeout: float = setting(
-        DEFAULT_HANDSHAKE_TIMEOUT,
-        help="seconds for the azbridge preamble exchange",
-        low=0.001,
-        high=_MAX_SECONDS,
+    handshake_timeout: float = _seconds(
+        DEFAULT_HANDSHAKE_TIMEOUT, "seconds for the azbridge preamble exchange"
     )
-    shutdown_grace_period: float = setting(
+    shutdown_grace_period: float = _seconds(
         DEFAULT_SHUTDOWN_GRACE_PERIOD,
-        help="seconds open connections get to finish after SIGINT/SIGTERM",
+        "seconds open connections get to finish after SIGINT/SIGTERM",
+        "--shutdown-grace-period",
         low=0.0,
-        high=_MAX_SECONDS,
-        flags=("--shutdown-grace-period",),
-        metavar="SECONDS",
     )
     log_level: str = setting(
         "info",
@@ -569,11 +563,8 @@ class BridgeConfig:
         low=1,
         high=_MAX_COUNT,
     )
-    udp_idle_timeout: float = setting(
-        DEFAULT_UDP_IDLE_TIMEOUT,
-        help="seconds a UDP flow may stay silent (azbridge: 4 minutes)",
-        low=0.001,
-        high=_MAX_SECONDS,
+    udp_idle_timeout: float = _seconds(
+        DEFAULT_UDP_IDLE_TIMEOUT, "seconds a UDP flow may stay silent (azbridge: 4 minutes)"
     )
     max_udp_flows: int = setting(
         DEFAULT_MAX_UDP_FLOWS, help="concurrent UDP flows per forward", low=1, high=_MAX_COUNT

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hybridrelay.bridge.config import BridgeConfig, RemoteForward
+from hybridrelay.bridge.ingress import describe_failure
 from hybridrelay.bridge.listening import EdgeListener, keep_listening
 from hybridrelay.bridge.pipe import (
     ConnectionGroup,
@@ -36,9 +37,7 @@ from hybridrelay.bridge.pipe import (
 from hybridrelay.bridge.preamble import read_preamble
 from hybridrelay.bridge.specs import Protocol as Transport
 from hybridrelay.bridge.udp import serve_udp_destination
-from hybridrelay.client.backoff import (
-    RECONNECT_DELAYS,
-)
+from hybridrelay.client.backoff import RECONNECT_DELAYS
 from hybridrelay.exceptions import ProtocolError, RelayError
 from hybridrelay.observability.bridge_metrics import ForwardMetrics, Outcome
 from hybridrelay.protocol.azbridge import Mode, Preamble, Reply, encode_reply
@@ -133,9 +132,11 @@ class Edge:
         try:
             route, initial = await self._select_route(stream)
         except (RelayError, TimeoutError) as exc:
-            why = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
             logger.warning(
-                "%s: relay connection %s: handshake failed: %s", self._name, stream.id, why
+                "%s: relay connection %s: handshake failed: %s",
+                self._name,
+                stream.id,
+                describe_failure(exc),
             )
             self._metrics.outcome(Outcome.HANDSHAKE_FAILED)
             await close_stream(stream, 1002 if isinstance(exc, ProtocolError) else 1000)

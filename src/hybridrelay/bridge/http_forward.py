@@ -496,11 +496,6 @@ class HttpForwarder:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    @property
-    def in_flight(self) -> int:
-        """Requests being forwarded now."""
-        return self._in_flight
-
     async def serve(self, started: Callable[[], None], stop: asyncio.Event) -> None:
         """Listen until ``stop`` is set; then answer new requests 503 and drain the rest.
 

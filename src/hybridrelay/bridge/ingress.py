@@ -37,7 +37,7 @@ from hybridrelay.protocol.azbridge import Mode
 from hybridrelay.socket_errors import bind_failure
 from hybridrelay.tcp_keepalive import set_tcp_keepalive
 
-__all__ = ["Connect", "StreamIngress", "format_address", "peer_host"]
+__all__ = ["Connect", "StreamIngress", "describe_failure", "format_address", "peer_host"]
 
 logger = logging.getLogger("hybridrelay.bridge")
 
@@ -172,7 +172,7 @@ class StreamIngress:
                 cid,
                 peer,
                 spec.hybrid_connection,
-                _describe(exc),
+                describe_failure(exc),
             )
             self._metrics.outcome(relay_refusal(exc))
             leg.abort()
@@ -194,7 +194,7 @@ class StreamIngress:
                 cid,
                 stream.id,
                 spec.port_name,
-                _describe(exc),
+                describe_failure(exc),
             )
             refused = isinstance(exc, PreambleRejectedError)
             self._metrics.outcome(Outcome.PORT_REFUSED if refused else Outcome.HANDSHAKE_FAILED)
@@ -219,7 +219,8 @@ class StreamIngress:
         )
 
 
-def _describe(exc: BaseException) -> str:
+def describe_failure(exc: BaseException) -> str:
+    """A failed step's cause, for a log line: ``timed out``, else the error's type and text."""
     if isinstance(exc, TimeoutError):
         return "timed out"
     return f"{type(exc).__name__}: {exc}"

@@ -27,10 +27,11 @@ from hybridrelay.client.backoff import (
     RetryKind,
     capped_delay,
     classify_error,
+    failure_cause,
     needs_a_fix,
     reconnect_delays,
 )
-from hybridrelay.exceptions import RelayError, RelayHttpError
+from hybridrelay.exceptions import RelayError
 
 __all__ = ["EdgeListener", "RetryLog", "keep_listening", "wait_or_stop"]
 
@@ -58,35 +59,41 @@ async def wait_or_stop(event: asyncio.Event, delay: float) -> bool:
 
 
 class RetryLog:
-    """The log lines of one thing retried against the relay: each new cause once (WARNING, or
-    ERROR when it needs a fix), the same cause again at DEBUG, and ``back online after N s``
-    when it works again."""
+    """One thing retried against the relay: its delays (the schedule's, or the capped one when
+    a quick retry cannot help) and its log lines: each new cause once (WARNING, or ERROR when
+    it needs a fix), the same cause again at DEBUG, and ``back online after N s`` when it works
+    again."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, schedule: Sequence[float] = RECONNECT_DELAYS) -> None:
         self._name = name
+        self._schedule = schedule
+        self._delays: Iterator[float] = reconnect_delays(schedule=schedule)
         self._last_cause: str | None = None
         self._failing_since: float | None = None
 
-    def failed(self, what: str, exc: BaseException, delay: float) -> None:
+    async def retry(self, what: str, exc: BaseException, stop: asyncio.Event) -> bool:
+        """Log the failure and wait its delay; True if ``stop`` was set meanwhile."""
+        if classify_error(exc) is RetryKind.CAPPED:
+            delay = capped_delay(schedule=self._schedule)
+        else:
+            delay = next(self._delays)
         if self._failing_since is None:
             self._failing_since = time.monotonic()
-        cause = (
-            f"{type(exc).__name__} {exc.status}"
-            if isinstance(exc, RelayHttpError)  # its reason carries a new TrackingId each time
-            else f"{type(exc).__name__} {exc}"
-        )
+        cause = failure_cause(exc)
         if cause == self._last_cause:
             level = logging.DEBUG
         else:
             level = logging.ERROR if needs_a_fix(exc) else logging.WARNING
         self._last_cause = cause
         logger.log(level, "%s: %s: %s; retrying in %.1f s", self._name, what, exc, delay)
+        return await wait_or_stop(stop, delay)
 
     def succeeded(self) -> None:
         if self._failing_since is not None:
             logger.info(
                 "%s: back online after %.1f s", self._name, time.monotonic() - self._failing_since
             )
+        self._delays = reconnect_delays(schedule=self._schedule)
         self._failing_since = None
         self._last_cause = None
 
@@ -118,25 +125,20 @@ async def keep_listening(
             names the forward, the status and the fix); any time, one that retrying cannot
             fix (``RetryKind.FATAL``).
     """
-    delays: Iterator[float] = reconnect_delays(schedule=schedule)
     announced = False
-    retries = RetryLog(name)
+    retries = RetryLog(name, schedule)
     while not stop.is_set():
         listener = open_listener()
         try:
             await listener.open()
         except RelayError as exc:
-            kind = classify_error(exc)
-            if kind is RetryKind.FATAL:
+            if classify_error(exc) is RetryKind.FATAL:
                 raise
             if not announced and needs_a_fix(exc):
                 raise RelayError(f"{name}: cannot listen: {exc}") from exc
-            delay = capped_delay(schedule=schedule) if kind is RetryKind.CAPPED else next(delays)
-            retries.failed("cannot listen", exc, delay)
-            if await wait_or_stop(stop, delay):
+            if await retries.retry("cannot listen", exc, stop):
                 break
             continue
-        delays = reconnect_delays(schedule=schedule)
         retries.succeeded()
         online()
         if not announced:

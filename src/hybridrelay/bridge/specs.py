@@ -339,6 +339,12 @@ class RemoteForwardSpec:
         return f"{self.hybrid_connection}:{name}{self.target_text()}"
 
 
+def _spec_text(text: object, flag: str) -> str:
+    if not isinstance(text, str):
+        raise ConfigurationError(f"{flag} spec must be text, not {type(text).__name__}")
+    return text.strip()
+
+
 def parse_local_spec(text: str) -> LocalForwardSpec:
     """Parse a ``-L`` spec (see the grammar in the module docstring).
 
@@ -346,10 +352,7 @@ def parse_local_spec(text: str) -> LocalForwardSpec:
         ConfigurationError: the spec is malformed; the message quotes it.
     """
     spec = text
-    if not isinstance(text, str):
-        raise ConfigurationError(f"-L spec must be text, not {type(text).__name__}")
-    text = text.strip()
-    endpoint, sep, hc = text.rpartition(":")
+    endpoint, sep, hc = _spec_text(text, "-L").rpartition(":")
     if not sep or not endpoint:
         raise ConfigurationError(
             f"-L {spec!r}: expected [bind_address:]port[/portname]:hybrid_connection "
@@ -394,10 +397,7 @@ def parse_remote_spec(text: str) -> RemoteForwardSpec:
         ConfigurationError: the spec is malformed; the message quotes it.
     """
     spec = text
-    if not isinstance(text, str):
-        raise ConfigurationError(f"-R spec must be text, not {type(text).__name__}")
-    text = text.strip()
-    hc, sep, target = text.partition(":")
+    hc, sep, target = _spec_text(text, "-R").partition(":")
     if not sep or not target:
         raise ConfigurationError(
             f"-R {spec!r}: expected hybrid_connection:[portname/]host:port "

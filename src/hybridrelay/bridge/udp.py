@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybridrelay.bridge.config import BridgeConfig, LocalForward, RemoteForward
-from hybridrelay.bridge.ingress import Connect, format_address
+from hybridrelay.bridge.ingress import Connect, describe_failure, format_address
 from hybridrelay.bridge.pipe import READ_CHUNK, ConnectionGroup, RelayStream, close_stream
 from hybridrelay.bridge.preamble import PreambleRejectedError, send_preamble
 from hybridrelay.exceptions import ConfigurationError, RelayError
@@ -65,15 +65,19 @@ class _Flow:
             self.dropped += 1
 
 
-class _IngressProtocol(asyncio.DatagramProtocol):
-    def __init__(self, on_datagram: Callable[[bytes, Any], None]) -> None:
+class _Datagrams(asyncio.DatagramProtocol):
+    """Hands each datagram to ``on_datagram``; an error (ICMP port unreachable and the like)
+    is only logged: UDP gives no guarantees, the flow goes on."""
+
+    def __init__(self, on_datagram: Callable[[bytes, Any], None], what: str) -> None:
         self._on_datagram = on_datagram
+        self._what = what
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self._on_datagram(data, addr)
 
     def error_received(self, exc: Exception) -> None:
-        logger.debug("UDP socket error: %s", exc)
+        logger.debug("%s error: %s", self._what, exc)
 
 
 class UdpIngress:
@@ -126,7 +130,7 @@ class UdpIngress:
             self._group = group
             try:
                 transport, _ = await loop.create_datagram_endpoint(
-                    lambda: _IngressProtocol(self._datagram),
+                    lambda: _Datagrams(self._datagram, "UDP socket"),
                     local_addr=(self.config.bind_host(self.forward) or "0.0.0.0", spec.port),
                 )
             except OSError as exc:
@@ -221,8 +225,7 @@ class UdpIngress:
                 flow.dropped,
             )
         except (RelayError, TimeoutError) as exc:
-            why = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-            logger.warning("%s: [%s] UDP flow %s: %s", self._name, cid, peer, why)
+            logger.warning("%s: [%s] UDP flow %s: %s", self._name, cid, peer, describe_failure(exc))
         finally:
             self._flows.pop(flow.address, None)
             if not self._flows:
@@ -297,19 +300,6 @@ async def _run_datagrams(
         raise error
 
 
-class _DestinationProtocol(asyncio.DatagramProtocol):
-    def __init__(self, flow: _Flow) -> None:
-        self._flow = flow
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        if data and len(data) <= MAX_DATAGRAM:
-            self._flow.offer(data)
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable and the like: UDP gives no guarantees; keep the flow.
-        logger.debug("UDP destination error: %s", exc)
-
-
 async def serve_udp_destination(
     stream: RelayStream,
     route: RemoteForward,
@@ -328,10 +318,15 @@ async def serve_udp_destination(
     assert spec.host is not None
     loop = asyncio.get_running_loop()
     flow = _Flow((spec.host, spec.port))
+
+    def received(data: bytes, addr: Any) -> None:
+        if data and len(data) <= MAX_DATAGRAM:
+            flow.offer(data)
+
     try:
         async with asyncio.timeout(config.connect_timeout):
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: _DestinationProtocol(flow), remote_addr=(spec.host, spec.port)
+                lambda: _Datagrams(received, "UDP destination"), remote_addr=(spec.host, spec.port)
             )
     except (OSError, TimeoutError) as exc:
         logger.warning(

@@ -332,13 +332,10 @@ def add_admin_arguments(parser: argparse.ArgumentParser) -> None:
     command.add_argument("--secondary", action="store_true", help="with the secondary key")
     hc_option(command, of_hc)
 
-    for kind, item, lister in (
-        ("listeners", "ID", _listeners_list),
-        ("connections", "TRACKING_ID", _connections_list),
-    ):
+    for kind, item in (("listeners", "ID"), ("connections", "TRACKING_ID")):
         what = "listeners online" if kind == "listeners" else "relayed connections open now"
         actions = group(kind, what, [kind[:-1]])
-        command = action(actions, "list", f"list the {what}", lister, aliases=["ls"])
+        command = action(actions, "list", f"list the {what}", _runtime_list, aliases=["ls"])
         hc_option(command, f"the {kind} of this hybrid connection (default: all)")
         command = action(
             actions,
@@ -490,9 +487,7 @@ def _signed(audience: str, key_name: str, key: str, source: str) -> Credential:
 
 
 def _embedded_root_key(data_dir: Path) -> tuple[str, str]:
-    import asyncio
-
-    from hybridrelay.cli.embedded import ROOT_RULE, STORE_FILE, open_store, root_rule
+    from hybridrelay.cli.embedded import ROOT_RULE, STORE_FILE, read_key
 
     if not (data_dir / STORE_FILE).exists():
         raise AdminError(
@@ -500,15 +495,7 @@ def _embedded_root_key(data_dir: Path) -> tuple[str, str]:
             f"no credential: {data_dir} has no store; pass --token TOKEN or -x "
             f"CONNECTION_STRING, or set ${MANAGEMENT_TOKEN_ENV} or ${CONNECTION_STRING_ENV}",
         )
-
-    async def read() -> str:
-        store = await open_store(data_dir)
-        try:
-            return root_rule(store, ROOT_RULE).primary_key
-        finally:
-            await store.aclose()
-
-    return ROOT_RULE, asyncio.run(read())
+    return ROOT_RULE, read_key(data_dir)
 
 
 def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
@@ -822,10 +809,7 @@ def _hc_create(context: Context, args: argparse.Namespace) -> None:
     properties: dict[str, Any] = {"requiresClientAuthorization": args.client_authorization}
     if args.metadata is not None:
         properties["userMetadata"] = args.metadata
-    _, item = context.api.arm(
-        "PUT", "hybridConnections", args.name, body={"properties": properties}
-    )
-    context.emit(item, lambda: f"created hybrid connection {args.name!r}\n{_hc_text(item)}")
+    _put_hc(context, args, properties, "created")
 
 
 def _hc_changes(args: argparse.Namespace) -> dict[str, Any]:
@@ -846,10 +830,15 @@ def _hc_changes(args: argparse.Namespace) -> dict[str, Any]:
 def _hc_update(context: Context, args: argparse.Namespace) -> None:
     properties = _hc_changes(args)
     context.api.arm("GET", "hybridConnections", args.name)  # a 404 rather than a create
-    _, item = context.api.arm(
-        "PUT", "hybridConnections", args.name, body={"properties": properties}
-    )
-    context.emit(item, lambda: f"updated hybrid connection {args.name!r}\n{_hc_text(item)}")
+    _put_hc(context, args, properties, "updated")
+
+
+def _put_hc(
+    context: Context, args: argparse.Namespace, properties: dict[str, Any], verb: str
+) -> None:
+    body = {"properties": properties}
+    _, item = context.api.arm("PUT", "hybridConnections", args.name, body=body)
+    context.emit(item, lambda: f"{verb} hybrid connection {args.name!r}\n{_hc_text(item)}")
 
 
 def _hc_delete(context: Context, args: argparse.Namespace) -> None:
@@ -961,13 +950,6 @@ def _keys_connection_string(context: Context, args: argparse.Namespace) -> None:
 # -- listeners and connections ------------------------------------------------------------------
 
 
-def _runtime_list(context: Context, collection: str, hc: str | None) -> list[Any]:
-    query = {"hybridConnection": hc} if hc else None
-    _, body = context.api.call("GET", f"/runtime/{collection}", query=query)
-    items: list[Any] = _field(body, "value", list)
-    return items
-
-
 def _close_target(collection: str, args: argparse.Namespace) -> tuple[str, dict[str, str] | None]:
     """The path and query of a close: one by its id, or every one of ``--hc``."""
     if bool(args.id) == bool(args.hc):
@@ -991,53 +973,45 @@ def _runtime_close(context: Context, args: argparse.Namespace) -> None:
     context.emit(body, lambda: f"closed {closed} {noun}")
 
 
-def _listeners_list(context: Context, args: argparse.Namespace) -> None:
-    items = _runtime_list(context, "listeners", args.hc)
+#: The columns of ``listeners list`` and ``connections list``: (header, the item's key);
+#: times are shown as :func:`_time` shows them.
+_RUNTIME_COLUMNS = {
+    "listeners": (
+        ("ID", "id"),
+        ("HYBRID CONNECTION", "hybridConnection"),
+        ("REMOTE ADDRESS", "remoteAddress"),
+        ("CONNECTED", "connectedAt"),
+        ("TOKEN EXPIRES", "tokenExpiresAt"),
+    ),
+    "connections": (
+        ("TRACKING ID", "trackingId"),
+        ("HYBRID CONNECTION", "hybridConnection"),
+        ("KIND", "kind"),
+        ("SENDER", "senderAddress"),
+        ("LISTENER", "listenerAddress"),
+        ("SINCE", "since"),
+        ("TO LISTENER", "bytesToListener"),
+        ("TO SENDER", "bytesToSender"),
+    ),
+}
+_TIMES = frozenset({"connectedAt", "tokenExpiresAt", "since"})
+
+
+def _runtime_list(context: Context, args: argparse.Namespace) -> None:
+    """``listeners list`` and ``connections list`` (the group names the collection)."""
+    collection = args.admin_group
+    query = {"hybridConnection": args.hc} if args.hc else None
+    _, body = context.api.call("GET", f"/runtime/{collection}", query=query)
+    items: list[Any] = _field(body, "value", list)
+    columns = _RUNTIME_COLUMNS[collection]
+
+    def cell(item: Any, key: str) -> Any:
+        return _time(_get(item, key)) if key in _TIMES else _get(item, key)
+
     context.emit(
         items,
         lambda: table(
-            ["ID", "HYBRID CONNECTION", "REMOTE ADDRESS", "CONNECTED", "TOKEN EXPIRES"],
-            [
-                [
-                    _get(item, "id"),
-                    _get(item, "hybridConnection"),
-                    _get(item, "remoteAddress"),
-                    _time(_get(item, "connectedAt")),
-                    _time(_get(item, "tokenExpiresAt")),
-                ]
-                for item in items
-            ],
-        ),
-    )
-
-
-def _connections_list(context: Context, args: argparse.Namespace) -> None:
-    items = _runtime_list(context, "connections", args.hc)
-    context.emit(
-        items,
-        lambda: table(
-            [
-                "TRACKING ID",
-                "HYBRID CONNECTION",
-                "KIND",
-                "SENDER",
-                "LISTENER",
-                "SINCE",
-                "TO LISTENER",
-                "TO SENDER",
-            ],
-            [
-                [
-                    _get(item, "trackingId"),
-                    _get(item, "hybridConnection"),
-                    _get(item, "kind"),
-                    _get(item, "senderAddress"),
-                    _get(item, "listenerAddress"),
-                    _time(_get(item, "since")),
-                    _get(item, "bytesToListener"),
-                    _get(item, "bytesToSender"),
-                ]
-                for item in items
-            ],
+            [header for header, _ in columns],
+            [[cell(item, key) for _, key in columns] for item in items],
         ),
     )

@@ -38,10 +38,9 @@ from hybridrelay.bridge.config import (
 )
 from hybridrelay.bridge.specs import Protocol
 from hybridrelay.cli.credentials import (
-    FILE_OPTION,
     add_connection_string_file_argument,
+    given_connection_string,
     key_on_command_line_warning,
-    read_connection_string_file,
 )
 from hybridrelay.cli.logs import configure_logging
 from hybridrelay.cli.signals import stop_on_signals
@@ -76,11 +75,8 @@ def build_config(args: argparse.Namespace) -> BridgeConfig:
     config = load_config(args.config) if args.config else BridgeConfig()
     fallback = None
     endpoint = getattr(args, "connection.endpoint", None)
-    path = getattr(args, "connection_string_file", None)
-    if path is not None:
-        if args.connection_string is not None:
-            raise ConfigurationError(f"give -x or {FILE_OPTION}, not both")
-        fallback, warning = read_connection_string_file(path)
+    if getattr(args, "connection_string_file", None) is not None:
+        fallback, warning = given_connection_string(args)
         if warning is not None:
             args.credential_warnings = [warning]
     elif args.connection_string is None and endpoint is None and not config.connection.endpoint:
@@ -102,11 +98,8 @@ async def run_bridge(args: argparse.Namespace) -> int:
     """Run the bridge until SIGINT/SIGTERM; returns the exit status."""
     try:
         config = build_config(args)
-    except ConfigurationError as exc:
-        _error(f"hybridrelay bridge: {exc}")
-        return 2
-    try:
         check_before_binding(config)
+        agent = BridgeAgent(config)
     except ConfigurationError as exc:
         _error(f"hybridrelay bridge: {exc}")
         return 2
@@ -122,11 +115,6 @@ async def run_bridge(args: argparse.Namespace) -> int:
                 forward.spec,
                 "" if forward.allow else " with no allow-list",
             )
-    try:
-        agent = BridgeAgent(config)
-    except ConfigurationError as exc:
-        _error(f"hybridrelay bridge: {exc}")
-        return 2
     with stop_on_signals(agent.shutdown):
         try:
             await agent.run()

@@ -18,6 +18,7 @@ from hybridrelay.protocol.connection_string import CONNECTION_STRING_ENV
 __all__ = [
     "FILE_OPTION",
     "add_connection_string_file_argument",
+    "given_connection_string",
     "key_on_command_line_warning",
     "read_connection_string_file",
 ]
@@ -83,3 +84,19 @@ def key_on_command_line_warning(connection_string: str | None) -> str | None:
         f"/proc) and stays in shell history: set ${CONNECTION_STRING_ENV} or use "
         f"{FILE_OPTION} PATH instead"
     )
+
+
+def given_connection_string(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """``(connection string or None, warning or None)`` of ``-x`` or of :data:`FILE_OPTION`:
+    the warning is :func:`key_on_command_line_warning`'s, or the file's.
+
+    Raises:
+        ConfigurationError: both are given, or the file cannot be read.
+    """
+    text: str | None = getattr(args, "connection_string", None)
+    path = getattr(args, "connection_string_file", None)
+    if path is None:
+        return text, key_on_command_line_warning(text)
+    if text is not None:
+        raise ConfigurationError(f"give -x or {FILE_OPTION}, not both")
+    return read_connection_string_file(path)

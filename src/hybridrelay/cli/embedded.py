@@ -16,6 +16,7 @@ connections are moved into the store the first time it is opened.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from hybridrelay.auth.sas import Rights
 from hybridrelay.exceptions import ConfigurationError
+from hybridrelay.store.base import find_rule
 from hybridrelay.store.records import RuleRecord
 from hybridrelay.store.sqlite import SqliteStore
 
@@ -35,6 +37,7 @@ __all__ = [
     "default_data_dir",
     "open_store",
     "read_endpoints",
+    "read_key",
     "write_endpoints",
 ]
 
@@ -107,14 +110,23 @@ async def _import_legacy(store: SqliteStore, legacy: Path) -> None:
     logger.info("moved %s into %s", legacy, STORE_FILE)
 
 
-def root_rule(store: SqliteStore, name: str = ROOT_RULE) -> RuleRecord:
-    rule = next((r for r in store.state.namespace.rules if r.name.lower() == name.lower()), None)
-    if rule is None:
+def read_key(data_dir: Path, rule: str = ROOT_RULE, *, secondary: bool = False) -> str:
+    """A namespace rule's primary (or secondary) key, from the data directory's store."""
+
+    async def read() -> RuleRecord | None:
+        store = await open_store(data_dir)
+        try:
+            return find_rule(store.state.namespace.rules, rule)
+        finally:
+            await store.aclose()
+
+    found = asyncio.run(read())
+    if found is None:
         raise ConfigurationError(
-            f"the store has no namespace rule {name!r}: list them with `hybridrelay admin rules "
+            f"the store has no namespace rule {rule!r}: list them with `hybridrelay admin rules "
             "list`"
         )
-    return rule
+    return found.secondary_key if secondary else found.primary_key
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,7 @@ from hybridrelay.auth.sas import Rights, create_token, token_audience
 from hybridrelay.cli.credentials import (
     FILE_OPTION,
     add_connection_string_file_argument,
-    key_on_command_line_warning,
-    read_connection_string_file,
+    given_connection_string,
 )
 from hybridrelay.cli.embedded import ROOT_RULE, STORE_FILE
 from hybridrelay.cli.logs import (
@@ -357,14 +356,8 @@ def _serve_config(args: argparse.Namespace, data_dir: Path) -> RelayConfig:
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
-    text: str | None = args.connection_string
-    if args.connection_string_file is not None:
-        if text is not None:
-            raise ConfigurationError(f"give -x or {FILE_OPTION}, not both")
-        text, warning = read_connection_string_file(args.connection_string_file)
-    else:
-        warning = key_on_command_line_warning(text)
-        text = text or os.environ.get(CONNECTION_STRING_ENV)
+    text, warning = given_connection_string(args)
+    text = text or os.environ.get(CONNECTION_STRING_ENV)
     if warning is not None:
         print(f"hybridrelay token: warning: {warning}", file=sys.stderr)
     if not text:
@@ -387,13 +380,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 
 def _cmd_connection_string(args: argparse.Namespace) -> int:
-    from hybridrelay.cli.embedded import (
-        default_data_dir,
-        is_running,
-        open_store,
-        read_endpoints,
-        root_rule,
-    )
+    from hybridrelay.cli.embedded import default_data_dir, is_running, read_endpoints, read_key
 
     data_dir = args.data_dir or default_data_dir()
     endpoints = read_endpoints(data_dir)
@@ -401,16 +388,7 @@ def _cmd_connection_string(args: argparse.Namespace) -> int:
         raise ConfigurationError(
             f"no embedded relay data in {data_dir}: start it once with `hybridrelay serve`"
         )
-
-    async def read() -> str:
-        store = await open_store(data_dir)
-        try:
-            rule = root_rule(store, args.rule)
-        finally:
-            await store.aclose()
-        return rule.secondary_key if args.secondary else rule.primary_key
-
-    key = asyncio.run(read())
+    key = read_key(data_dir, args.rule, secondary=args.secondary)
     if not is_running(endpoints):
         print(
             f"hybridrelay: note: no relay answers at {endpoints.management or endpoints.relay} "

@@ -18,12 +18,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from hybridrelay.asgi import load_app, serve
-from hybridrelay.cli.credentials import (
-    FILE_OPTION,
-    add_connection_string_file_argument,
-    key_on_command_line_warning,
-    read_connection_string_file,
-)
+from hybridrelay.cli.credentials import add_connection_string_file_argument, given_connection_string
 from hybridrelay.cli.logs import configure_logging
 from hybridrelay.cli.signals import stop_on_signals
 from hybridrelay.exceptions import ConfigurationError, RelayError
@@ -31,8 +26,6 @@ from hybridrelay.protocol.connection_string import CONNECTION_STRING_ENV, Connec
 from hybridrelay.settings import LOG_LEVEL, add_arguments, check_fields, given_arguments, setting
 
 __all__ = ["CONNECTION_STRING_ENV", "ServeAppConfig", "add_serve_app_arguments", "run_serve_app"]
-
-#: Where ``-x`` comes from when it is not given.
 
 logger = logging.getLogger("hybridrelay.asgi")
 
@@ -118,12 +111,8 @@ class ServeAppConfig:
             ConfigurationError: no connection string, or an option breaks its rules.
         """
         given = given_arguments(args, cls)
-        path = getattr(args, "connection_string_file", None)
-        if path is not None:
-            if "connection_string" in given:
-                raise ConfigurationError(f"give -x or {FILE_OPTION}, not both")
-            given["connection_string"], _ = read_connection_string_file(path)
-        given.setdefault("connection_string", os.environ.get(CONNECTION_STRING_ENV))
+        text, _ = given_connection_string(args)
+        given["connection_string"] = os.environ.get(CONNECTION_STRING_ENV) if text is None else text
         return cls(app=args.app, **given)
 
 
@@ -203,11 +192,7 @@ async def run_serve_app(args: argparse.Namespace) -> int:
 
 
 def _warn_about_credentials(args: argparse.Namespace) -> None:
-    path = getattr(args, "connection_string_file", None)
-    if path is not None:
-        _, warning = read_connection_string_file(path)
-    else:
-        warning = key_on_command_line_warning(getattr(args, "connection_string", None))
+    _, warning = given_connection_string(args)
     if warning is not None:
         logger.warning("%s", warning)
 

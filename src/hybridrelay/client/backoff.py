@@ -24,6 +24,7 @@ from hybridrelay.exceptions import (
     EndpointNotFoundError,
     QuotaExceededError,
     RelayError,
+    RelayHttpError,
     StreamClosedError,
     TokenError,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "capped_delay",
     "classify_error",
     "endpoint_round",
+    "failure_cause",
     "needs_a_fix",
     "reconnect_delays",
 ]
@@ -131,3 +133,11 @@ def needs_a_fix(exc: BaseException) -> bool:
     been online it logs them at ERROR and keeps retrying at the capped interval (a rotated key
     may be put back)."""
     return isinstance(exc, AuthorizationError | EndpointNotFoundError | CertificateError)
+
+
+def failure_cause(exc: BaseException) -> str:
+    """What makes two failures "the same cause" in a retry loop's log: the status of a refusal
+    (its reason phrase carries a new TrackingId every time), else the message."""
+    if isinstance(exc, RelayHttpError):
+        return f"{type(exc).__name__} {exc.status}"
+    return f"{type(exc).__name__} {exc}"

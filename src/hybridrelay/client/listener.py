@@ -38,6 +38,7 @@ from hybridrelay.client.backoff import (
     capped_delay,
     classify_error,
     endpoint_round,
+    failure_cause,
     needs_a_fix,
     reconnect_delays,
 )
@@ -90,7 +91,6 @@ CONNECT_TIMEOUT = 60.0
 #: Accept handler plus rendezvous upgrade; the relay keeps the sender waiting at most ~30 s
 #: and .NET listeners give up on a rendezvous after 20 s (PROTOCOL.md 5.1).
 ACCEPT_TIMEOUT = 20.0
-#: A token provider that takes longer than this is treated as failed.
 #: Sending one control message (renewToken) and closing a WebSocket.
 SEND_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 10.0
@@ -560,7 +560,7 @@ class HybridConnectionListener:
                     self._stop_streams()
                     return None
                 delay = next(delays) if kind is RetryKind.BACKOFF else capped_delay(self._rng)
-                cause = _cause_key(exc)
+                cause = failure_cause(exc)
                 if cause == last_cause:
                     level = logging.DEBUG
                 elif needs_a_fix(exc):
@@ -782,11 +782,3 @@ class HybridConnectionListener:
         # A 101 here means the relay took the rejection for an accept: do not leave it open.
         logger.warning("%s: relay accepted connection %s that was rejected", self._name, accept.id)
         await socket.aclose(1008, "rejected")
-
-
-def _cause_key(exc: BaseException) -> str:
-    """What makes two failures "the same cause": the status of a refusal (its reason phrase
-    carries a new TrackingId every time), else the message."""
-    if isinstance(exc, RelayHttpError):
-        return f"{type(exc).__name__} {exc.status}"
-    return f"{type(exc).__name__} {exc}"

@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from hybridrelay.auth.cache import AuthCache
-from hybridrelay.auth.sas import AuthorizationRule, Rights, authorize
+from hybridrelay.auth.sas import AuthDecision, Rights, authorize
 from hybridrelay.management.openapi import openapi_document
 from hybridrelay.protocol.arm import (
     ArmError,
@@ -184,15 +184,7 @@ class ArmApi:
     def manage_token_refusal(self, token: str) -> str | None:
         """Why ``token`` does not grant Manage on the namespace, or None if it does (the
         dashboard's sign-in)."""
-        state = self._state()
-        decision = authorize(
-            token,
-            rules=[rule.to_rule() for rule in state.namespace.rules],
-            entity_path="",
-            required=Rights.MANAGE,
-            now=self.clock(),
-            verify=self._auth.verify,
-        )
+        decision = self._manage_decision(token, self._state())
         return None if decision.allowed else decision.reason
 
     def _state(self) -> NamespaceState:
@@ -205,19 +197,22 @@ class ArmApi:
             raise ArmError(401, "AuthenticationFailed", "The Authorization header is missing.")
         scheme, _, rest = header.partition(" ")
         token = rest.strip() if scheme.lower() == "bearer" else header
-        rules: Sequence[AuthorizationRule] = [rule.to_rule() for rule in state.namespace.rules]
-        decision = authorize(
+        decision = self._manage_decision(token, state)
+        if decision.status == 401:
+            raise ArmError(401, "InvalidAuthenticationToken", decision.reason)
+        if not decision.allowed:
+            raise ArmError(403, "AuthorizationFailed", decision.reason)
+
+    def _manage_decision(self, token: str, state: NamespaceState) -> AuthDecision:
+        """Whether ``token`` grants Manage on the namespace (its rules in ``state``)."""
+        return authorize(
             token,
-            rules=rules,
+            rules=[rule.to_rule() for rule in state.namespace.rules],
             entity_path="",
             required=Rights.MANAGE,
             now=self.clock(),
             verify=self._auth.verify,
         )
-        if decision.status == 401:
-            raise ArmError(401, "InvalidAuthenticationToken", decision.reason)
-        if not decision.allowed:
-            raise ArmError(403, "AuthorizationFailed", decision.reason)
 
     @functools.cached_property
     def _handlers(
@@ -278,7 +273,7 @@ class ArmApi:
     async def _check_name(
         self, request: web.Request, route: Route, state: NamespaceState
     ) -> web.Response:
-        name = parse_check_name(await _body(request, required=True))
+        name = parse_check_name(await _body(request))
         return _json(200, check_name_body(name, name.lower() == state.namespace.name.lower()))
 
     def _ours(self, route: Route, state: NamespaceState) -> bool:
@@ -309,7 +304,7 @@ class ArmApi:
                 "This relay serves one namespace; it cannot create another.",
             )
         if request.method in ("PUT", "PATCH"):
-            tags = parse_namespace_put(await _body(request, required=True))
+            tags = parse_namespace_put(await _body(request))
             if tags is not None:
                 await self._store_call(self.store.update_namespace(tags=tags))
                 state = self._state()
@@ -358,7 +353,7 @@ class ArmApi:
         if request.method == "DELETE":
             deleted = await self._store_call(self.store.delete_hybrid_connection(name))
             return web.Response(status=200 if deleted else 204)
-        change = parse_hybrid_connection_put(await _body(request, required=True))
+        change = parse_hybrid_connection_put(await _body(request))
         await self._store_call(
             self.store.put_hybrid_connection(
                 name,
@@ -407,9 +402,8 @@ class ArmApi:
         raise ArmError(404, "ResourceNotFound", f"No authorization rule {route.rule!r}.")
 
     def _rule_body(self, route: Route, rule: RuleRecord, state: NamespaceState) -> Any:
-        entity = state.get(route.hybrid_connection) if route.hybrid_connection else None
         return rule_body(
-            route.scope, rule.name, rule.rights, hybrid_connection=entity.name if entity else ""
+            route.scope, rule.name, rule.rights, hybrid_connection=_entity_name(route, state)
         )
 
     async def _rules(
@@ -433,20 +427,19 @@ class ArmApi:
                 self.store.delete_rule(route.rule, entity=route.hybrid_connection)
             )
             return web.Response(status=200 if deleted else 204)
-        rights = parse_rule_put(await _body(request, required=True))
+        rights = parse_rule_put(await _body(request))
         rule, _ = await self._store_call(
             self.store.put_rule(route.rule, rights, entity=route.hybrid_connection)
         )
         return _json(200, self._rule_body(route, rule, self._state()))
 
     def _keys_body(self, route: Route, rule: RuleRecord, state: NamespaceState) -> Any:
-        entity = state.get(route.hybrid_connection) if route.hybrid_connection else None
         return access_keys_body(
             self.public_endpoint,
             rule.name,
             rule.primary_key,
             rule.secondary_key,
-            hybrid_connection=entity.name if entity else "",
+            hybrid_connection=_entity_name(route, state),
         )
 
     async def _list_keys(
@@ -459,7 +452,7 @@ class ArmApi:
     ) -> web.Response:
         self._find_rule(route, state)
         self._writable(route.hybrid_connection, route.rule)
-        which, key = parse_regenerate_keys(await _body(request, required=True))
+        which, key = parse_regenerate_keys(await _body(request))
         slot: KeySlot = "primary" if which is KeyType.PRIMARY else "secondary"
         rule = await self._store_call(
             self.store.regenerate_key(route.rule, slot, entity=route.hybrid_connection, key=key)
@@ -512,7 +505,7 @@ def _json(status: int, body: Any) -> web.Response:
     )
 
 
-async def _body(request: web.Request, *, required: bool) -> Any:
+async def _body(request: web.Request) -> Any:
     try:
         raw = await request.read()  # bounded by the application's client_max_size
     except web.HTTPRequestEntityTooLarge:
@@ -520,13 +513,17 @@ async def _body(request: web.Request, *, required: bool) -> Any:
             413, "RequestEntityTooLarge", f"The body exceeds {MAX_BODY} bytes."
         ) from None
     if not raw.strip():
-        if required:
-            raise ArmError(400, "InvalidRequestContent", "A JSON body is required.")
-        return {}
+        raise ArmError(400, "InvalidRequestContent", "A JSON body is required.")
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, ValueError):
         raise ArmError(400, "InvalidRequestContent", "The body is not valid JSON.") from None
+
+
+def _entity_name(route: Route, state: NamespaceState) -> str:
+    """The route's hybrid connection as the store spells it ("" for the namespace's rules)."""
+    entity = state.get(route.hybrid_connection) if route.hybrid_connection else None
+    return entity.name if entity else ""
 
 
 def _list_url(request: web.Request) -> str:

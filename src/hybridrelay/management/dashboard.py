@@ -261,6 +261,15 @@ class Dashboard:
                 return hashlib.sha256(both).hexdigest()
         return None
 
+    def _refused_change(self, request: web.Request) -> web.Response | None:
+        """The answer to a state-changing request without a session or its CSRF token."""
+        session = self._session(request)
+        if session is None:
+            return _json({"error": "sign in first"}, 401)
+        if not self._csrf_ok(request, session):
+            return _json({"error": "CSRF token missing or wrong"}, 403)
+        return None
+
     def _csrf_ok(self, request: web.Request, session: _Session) -> bool:
         given = request.headers.get("X-CSRF-Token", "")
         return secrets.compare_digest(given.encode(), session.csrf.encode())
@@ -363,11 +372,8 @@ class Dashboard:
         return response
 
     async def logout(self, request: web.Request) -> web.Response:
-        session = self._session(request)
-        if session is None:
-            return _json({"error": "sign in first"}, 401)
-        if not self._csrf_ok(request, session):
-            return _json({"error": "CSRF token missing or wrong"}, 403)
+        if (refusal := self._refused_change(request)) is not None:
+            return refusal
         self._sessions.pop(request.cookies.get(COOKIE, ""), None)
         response = _json({"signedOut": True})
         response.del_cookie(COOKIE, path="/dashboard")
@@ -455,11 +461,8 @@ class Dashboard:
         return response
 
     async def create_hybrid_connection(self, request: web.Request) -> web.Response:
-        session = self._session(request)
-        if session is None:
-            return _json({"error": "sign in first"}, 401)
-        if not self._csrf_ok(request, session):
-            return _json({"error": "CSRF token missing or wrong"}, 403)
+        if (refusal := self._refused_change(request)) is not None:
+            return refusal
         try:
             body = await request.json()
         except ValueError:

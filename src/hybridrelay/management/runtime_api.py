@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -149,33 +149,18 @@ class RuntimeApi:
         name = request.query.get("hybridConnection")
         if name is not None and not 0 < len(name) <= _MAX_NAME:
             raise ArmError(400, "BadRequest", "hybridConnection must be 1 to 260 characters.")
-        handler = self._listeners if collection == "listeners" else self._connections
-        return await handler(request.method, item, name)
-
-    async def _listeners(self, method: str, item: str, name: str | None) -> web.Response:
-        if method == "GET":
-            return _json(200, {"value": [info.body() for info in self.view.listeners(name)]})
-        return await self._close(
-            item,
-            name,
-            lambda: self.view.close_listeners(listener_id=item or None, hybrid_connection=name),
-        )
-
-    async def _connections(self, method: str, item: str, name: str | None) -> web.Response:
-        if method == "GET":
-            return _json(200, {"value": [info.body() for info in self.view.connections(name)]})
-
-        async def close() -> int:
-            return self.view.close_connections(tracking_id=item or None, hybrid_connection=name)
-
-        return await self._close(item, name, close)
-
-    async def _close(
-        self, item: str, name: str | None, close: Callable[[], Awaitable[int]]
-    ) -> web.Response:
+        listeners = collection == "listeners"
+        if request.method == "GET":
+            infos = self.view.listeners(name) if listeners else self.view.connections(name)
+            return _json(200, {"value": [info.body() for info in infos]})
         if not item and name is None:
             raise ArmError(400, "BadRequest", "Name one (…/{id}) or give ?hybridConnection=NAME.")
-        closed = await close()
+        if listeners:
+            closed = await self.view.close_listeners(
+                listener_id=item or None, hybrid_connection=name
+            )
+        else:
+            closed = self.view.close_connections(tracking_id=item or None, hybrid_connection=name)
         if item and not closed:
             raise ArmError(404, "NotFound", "No such listener or connection.")
         return _json(200, {"closed": closed})
@@ -238,46 +223,34 @@ def runtime_paths() -> tuple[dict[str, Any], dict[str, Any]]:
             },
         }
 
-    paths = {
-        f"{PREFIX}/listeners": {
+    paths: dict[str, Any] = {}
+    for collection, title, key, schema, listed, noun in (
+        ("listeners", "Listener", "listenerId", "Listener", "Listeners online", "listener"),
+        (
+            "connections",
+            "Connection",
+            "trackingId",
+            "RelayedConnection",
+            "Relayed connections open now",
+            "relayed connection",
+        ),
+    ):
+        paths[f"{PREFIX}/{collection}"] = {
             "get": _runtime_operation(
-                "Runtime_ListListeners", "Listeners online", [_NAME_FILTER], listing("Listener")
+                f"Runtime_List{title}s", listed, [_NAME_FILTER], listing(schema)
             ),
             "delete": _runtime_operation(
-                "Runtime_CloseListeners",
-                "Close every listener of a hybrid connection",
+                f"Runtime_Close{title}s",
+                f"Close every {noun} of a hybrid connection",
                 [_NAME_REQUIRED],
                 _CLOSED,
             ),
-        },
-        f"{PREFIX}/listeners/{{listenerId}}": {
+        }
+        paths[f"{PREFIX}/{collection}/{{{key}}}"] = {
             "delete": _runtime_operation(
-                "Runtime_CloseListener", "Close a listener", [item("listenerId")], _CLOSED
+                f"Runtime_Close{title}", f"Close a {noun}", [item(key)], _CLOSED
             )
-        },
-        f"{PREFIX}/connections": {
-            "get": _runtime_operation(
-                "Runtime_ListConnections",
-                "Relayed connections open now",
-                [_NAME_FILTER],
-                listing("RelayedConnection"),
-            ),
-            "delete": _runtime_operation(
-                "Runtime_CloseConnections",
-                "Close every relayed connection of a hybrid connection",
-                [_NAME_REQUIRED],
-                _CLOSED,
-            ),
-        },
-        f"{PREFIX}/connections/{{trackingId}}": {
-            "delete": _runtime_operation(
-                "Runtime_CloseConnection",
-                "Close a relayed connection",
-                [item("trackingId")],
-                _CLOSED,
-            )
-        },
-    }
+        }
     schemas = {
         "Listener": {
             "type": "object",

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import enum
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter
 
 from hybridrelay.exceptions import RelayConnectionError, RelayHttpError
-from hybridrelay.observability.metrics import LATENCY_BUCKETS, new_registry
+from hybridrelay.observability.metrics import MetricMaker, new_registry
 
 __all__ = [
     "BridgeMetrics",
@@ -202,68 +202,50 @@ class BridgeMetrics:
     def __init__(self, *, max_entities: int = 1000, process: bool = True) -> None:
         registry, self.entity_label = new_registry(max_entities, process)
         self.registry = registry
-        by_listener = ("kind", "entity")
-        self.listeners_online = Gauge(
+        make = MetricMaker(registry, ("kind", "entity"))
+        self.listeners_online = make.gauge(
             "hybridrelay_bridge_listeners_online",
             "Listeners (-R, -H) whose control channel is connected now.",
-            by_listener,
-            registry=registry,
         )
-        self.control_channel_connects = Counter(
+        self.control_channel_connects = make.counter(
             "hybridrelay_bridge_control_channel_connects",
             "Times a listener's control channel came online (first connect and reconnects).",
-            by_listener,
-            registry=registry,
         )
-        self.control_channel_losses = Counter(
+        self.control_channel_losses = make.counter(
             "hybridrelay_bridge_control_channel_losses",
             "Times a listener's control channel was lost (not closed by the bridge).",
-            by_listener,
-            registry=registry,
         )
-        self.connections = Counter(
+        self.connections = make.counter(
             "hybridrelay_bridge_connections",
             "Connections, UDP flows and HTTP requests the forwards were given, by outcome.",
             ("kind", "entity", "outcome"),
-            registry=registry,
         )
-        self.connections_active = Gauge(
-            "hybridrelay_bridge_connections_active",
-            "TCP and Unix connections being forwarded now.",
-            by_listener,
-            registry=registry,
+        self.connections_active = make.gauge(
+            "hybridrelay_bridge_connections_active", "TCP and Unix connections being forwarded now."
         )
-        self.bytes = Counter(
+        self.bytes = make.counter(
             "hybridrelay_bridge_bytes",
             "Payload bytes forwarded, counted when a connection or UDP flow ends.",
             ("kind", "entity", "direction"),
-            registry=registry,
         )
-        self.udp_flows_active = Gauge(
-            "hybridrelay_bridge_udp_flows_active",
-            "UDP flows being forwarded now.",
-            by_listener,
-            registry=registry,
+        self.udp_flows_active = make.gauge(
+            "hybridrelay_bridge_udp_flows_active", "UDP flows being forwarded now."
         )
-        self.udp_datagrams_dropped = Counter(
+        self.udp_datagrams_dropped = make.counter(
             "hybridrelay_bridge_udp_datagrams_dropped",
             "UDP datagrams not forwarded, by why.",
             ("kind", "entity", "reason"),
-            registry=registry,
         )
-        self.http_requests = Counter(
+        self.http_requests = make.counter(
             "hybridrelay_bridge_http_requests",
             "HTTP requests forwarded (-H), by status class of the answer ('cut': cut after "
             "its head).",
             ("entity", "status_class"),
-            registry=registry,
         )
-        self.http_request_latency = Histogram(
+        self.http_request_latency = make.histogram(
             "hybridrelay_bridge_http_request_latency_seconds",
             "From a relayed HTTP request's arrival at the bridge to its response's head.",
             ("entity",),
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
 
     def forward(self, kind: ForwardKind, entity: str) -> ForwardMetrics:

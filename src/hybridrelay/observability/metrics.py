@@ -32,6 +32,7 @@ __all__ = [
     "LATENCY_BUCKETS",
     "OTHER",
     "EntityLabels",
+    "MetricMaker",
     "RelayMetrics",
     "SenderOutcome",
     "new_registry",
@@ -104,6 +105,32 @@ def new_registry(max_entities: int, process: bool) -> tuple[CollectorRegistry, E
     return registry, EntityLabels(max_entities, overflowed)
 
 
+class MetricMaker:
+    """Makes the metrics of one registry, labelled by ``labels`` unless told otherwise;
+    histograms have :data:`LATENCY_BUCKETS`."""
+
+    def __init__(self, registry: CollectorRegistry, labels: tuple[str, ...]) -> None:
+        self._registry = registry
+        self._labels = labels
+
+    def counter(self, name: str, doc: str, labels: tuple[str, ...] | None = None) -> Counter:
+        return Counter(
+            name, doc, self._labels if labels is None else labels, registry=self._registry
+        )
+
+    def gauge(self, name: str, doc: str, labels: tuple[str, ...] | None = None) -> Gauge:
+        return Gauge(name, doc, self._labels if labels is None else labels, registry=self._registry)
+
+    def histogram(self, name: str, doc: str, labels: tuple[str, ...] | None = None) -> Histogram:
+        return Histogram(
+            name,
+            doc,
+            self._labels if labels is None else labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self._registry,
+        )
+
+
 class _HttpSeries:
     """One hybrid connection name's HTTP series: its latency histogram and, per status seen,
     its status class's counter (``prometheus_client``'s ``labels()`` takes a lock and builds
@@ -134,73 +161,53 @@ class RelayMetrics:
     def __init__(self, *, max_entities: int = 1000, process: bool = True) -> None:
         registry, self.entity_label = new_registry(max_entities, process)
         self.registry = registry
-        by_entity = ("entity",)
-        self.listeners_online = Gauge(
-            "hybridrelay_listeners_online",
-            "Listener control channels connected now.",
-            by_entity,
-            registry=registry,
+        make = MetricMaker(registry, ("entity",))
+        self.listeners_online = make.gauge(
+            "hybridrelay_listeners_online", "Listener control channels connected now."
         )
-        self.control_channels_opened = Counter(
-            "hybridrelay_control_channels_opened",
-            "Listener control channels accepted.",
-            by_entity,
-            registry=registry,
+        self.control_channels_opened = make.counter(
+            "hybridrelay_control_channels_opened", "Listener control channels accepted."
         )
-        self.control_channels_lost = Counter(
+        self.control_channels_lost = make.counter(
             "hybridrelay_control_channels_lost",
             "Listener control channels that ended, by why.",
             ("entity", "reason"),
-            registry=registry,
         )
-        self.sender_connections = Counter(
+        self.sender_connections = make.counter(
             "hybridrelay_sender_connections",
             "Senders (WebSocket connects and relay-ingress connections) by outcome.",
             ("entity", "outcome"),
-            registry=registry,
         )
-        self.relayed_connections_active = Gauge(
+        self.relayed_connections_active = make.gauge(
             "hybridrelay_relayed_connections_active",
             "Relayed connections (sender spliced to a listener's rendezvous) open now.",
-            by_entity,
-            registry=registry,
         )
-        self.relayed_bytes = Counter(
+        self.relayed_bytes = make.counter(
             "hybridrelay_relayed_bytes",
             "Bytes relayed as forwarded (WebSocket frames with their headers; raw bytes on an "
             "ingress leg), counted when a relayed connection ends.",
             ("entity", "direction"),
-            registry=registry,
         )
-        self.accept_latency = Histogram(
+        self.accept_latency = make.histogram(
             "hybridrelay_accept_latency_seconds",
             "From a sender's arrival to the listener's rendezvous (or refusal).",
-            by_entity,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.http_requests = Counter(
+        self.http_requests = make.counter(
             "hybridrelay_http_requests",
             "HTTP requests relayed, by status class of the answer.",
             ("entity", "status_class"),
-            registry=registry,
         )
-        self.http_request_latency = Histogram(
+        self.http_request_latency = make.histogram(
             "hybridrelay_http_request_latency_seconds",
             "From an HTTP request's arrival to its response's head.",
-            by_entity,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.rendezvous_pending = Gauge(
+        self.rendezvous_pending = make.gauge(
             "hybridrelay_rendezvous_pending",
             "Rendezvous offered to a listener and not yet answered.",
-            registry=registry,
+            (),
         )
-        self.rendezvous_expired = Counter(
-            "hybridrelay_rendezvous_expired",
-            "Rendezvous the listener did not answer in time.",
-            registry=registry,
+        self.rendezvous_expired = make.counter(
+            "hybridrelay_rendezvous_expired", "Rendezvous the listener did not answer in time.", ()
         )
         self._http_series: dict[str, _HttpSeries] = {}
         if process:

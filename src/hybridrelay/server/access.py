@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
 from hybridrelay.auth.cache import AuthCache
-from hybridrelay.auth.sas import AuthDecision, AuthorizationRule, Rights, authorize
+from hybridrelay.auth.sas import AuthDecision, Rights, authorize
 from hybridrelay.server.config import HybridConnectionConfig, RelayConfig
 from hybridrelay.server.store import EntityStore
 
@@ -33,9 +33,6 @@ class Access:
         #: store's rules are tuples, the configuration is replaced whole) and the token has
         #: not expired, so it decides exactly as a fresh check would.
         self._decided: dict[tuple[object, ...], tuple[object, object, object, AuthDecision]] = {}
-
-    def rules_for(self, entity: HybridConnectionConfig) -> Sequence[AuthorizationRule]:
-        return (*entity.authorization_rules, *self._store.namespace_rules())
 
     def authorize(
         self,

@@ -3,10 +3,10 @@
 The embedded implementation is SQLite (:mod:`hybridrelay.store.sqlite`); the cluster mode's is
 Redis (:mod:`hybridrelay.store.redis`). Reads on the data path never touch the backing service:
 the store keeps the current :class:`~hybridrelay.store.records.NamespaceState` in memory
-(``state``) and tells its subscribers when it changes (:func:`notify`), so the relay swaps one
-immutable value per change. What a change makes of the records (defaults, quotas, new keys)
-is decided here once for both (:func:`put_hybrid_connection_record` and the rule helpers);
-each store only keeps the result.
+(``state``) and tells its subscribers when it changes, so the relay swaps one immutable value
+per change. Every change, and what it makes of the records (defaults, quotas, new keys), is
+written here once for both (:class:`Store`, :func:`put_hybrid_connection_record` and the rule
+helpers); each store only reads and keeps one record at a time, its own way.
 
 The store holds what the management API created. What the configuration file names is not in
 it: the relay lays the file's entities and rules over the store's, and the file wins where both
@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Any, Literal, Protocol
+from types import MappingProxyType
+from typing import Any, Literal
 
 from hybridrelay.auth.sas import Rights
 from hybridrelay.exceptions import RelayError
@@ -28,12 +29,15 @@ from hybridrelay.store.records import (
     NamespaceRecord,
     NamespaceState,
     RuleRecord,
+    entity_key,
 )
 
 __all__ = [
     "KEEP",
     "MAX_RULES_PER_SCOPE",
+    "EntityChange",
     "KeySlot",
+    "NamespaceChange",
     "NotFoundError",
     "Store",
     "StoreError",
@@ -41,7 +45,6 @@ __all__ = [
     "StoreUnavailableError",
     "Subscriber",
     "find_rule",
-    "notify",
     "put_hybrid_connection_record",
     "put_rule_record",
     "regenerated_rule",
@@ -52,6 +55,9 @@ logger = logging.getLogger("hybridrelay.store")
 
 KeySlot = Literal["primary", "secondary"]
 Subscriber = Callable[[NamespaceState], None]
+#: What a change makes of the namespace's record, and of a hybrid connection's (None: none).
+NamespaceChange = Callable[[NamespaceRecord], NamespaceRecord]
+EntityChange = Callable[[HybridConnectionRecord | None], HybridConnectionRecord | None]
 #: Keep the absent value of an optional field on update (``None`` is a value: "unset").
 KEEP: object = object()
 #: Azure's bound: 12 SAS rules on a namespace and 12 on each hybrid connection.
@@ -74,19 +80,40 @@ class StoreUnavailableError(StoreError):
     """The store's backing service cannot be reached or its file cannot be written."""
 
 
-class Store(Protocol):
+class Store:
+    """The management store: the current state in memory, the subscribers told of each new
+    one, and every change, made by the two steps each backing store writes its own way
+    (:meth:`_change_namespace`, :meth:`_change_entity`: read the record, change it, keep the
+    result and publish the new state) and the record helpers below."""
+
+    def __init__(
+        self,
+        state: NamespaceState,
+        *,
+        clock: Callable[[], float],
+        max_hybrid_connections: int,
+    ) -> None:
+        self._state = state
+        self._subscribers: list[Subscriber] = []
+        self._clock = clock
+        self._max_hybrid_connections = max_hybrid_connections
+
     @property
     def state(self) -> NamespaceState:
         """The current state, from memory."""
-        ...
+        return self._state
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
         """Call ``subscriber(state)`` after every change; returns the way to unsubscribe."""
-        ...
+        self._subscribers.append(subscriber)
+        return lambda: self._subscribers.remove(subscriber)
 
     async def check(self) -> None:
         """Raise :class:`StoreUnavailableError` if the store cannot serve (``/readyz``)."""
-        ...
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
 
     async def put_hybrid_connection(
         self,
@@ -98,11 +125,37 @@ class Store(Protocol):
     ) -> tuple[HybridConnectionRecord, bool]:
         """Create (with defaults for what is not given) or update (keeping what is not given);
         returns the record and whether it was created."""
-        ...
+        now = self._clock()
+        created = False
+
+        def change(old: HybridConnectionRecord | None) -> HybridConnectionRecord:
+            nonlocal created
+            created = old is None
+            return put_hybrid_connection_record(
+                old,
+                name,
+                now,
+                count=len(self._state.hybrid_connections),
+                limit=self._max_hybrid_connections,
+                requires_client_authorization=requires_client_authorization,
+                user_metadata=user_metadata,
+                http_response_timeout=http_response_timeout,
+            )
+
+        record = await self._change_entity(entity_key(name), change)
+        assert record is not None
+        return record, created
 
     async def delete_hybrid_connection(self, name: str) -> bool:
         """Delete it and its rules; False when it did not exist."""
-        ...
+        existed = False
+
+        def change(old: HybridConnectionRecord | None) -> None:
+            nonlocal existed
+            existed = old is not None
+
+        await self._change_entity(entity_key(name), change)
+        return existed
 
     async def put_rule(
         self, name: str, rights: Rights, *, entity: str = ""
@@ -110,19 +163,85 @@ class Store(Protocol):
         """Create a rule with new random keys, or change an existing rule's rights (keys
         kept); ``entity`` empty for the namespace. :class:`NotFoundError` for a missing
         entity."""
-        ...
+        now = self._clock()
+        scope = entity_key(entity)
+        result: list[tuple[RuleRecord, bool]] = []
 
-    async def delete_rule(self, name: str, *, entity: str = "") -> bool: ...
+        def change(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
+            result[:] = [put_rule_record(rules, name, rights, now, scope)]
+            return swap_rule(rules, name, result[0][0])
+
+        await self._change_rules(entity, change)
+        return result[0]
+
+    async def delete_rule(self, name: str, *, entity: str = "") -> bool:
+        existed = False
+
+        def change(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
+            nonlocal existed
+            existed = find_rule(rules, name) is not None
+            return swap_rule(rules, name, None)
+
+        await self._change_rules(entity, change)
+        return existed
 
     async def regenerate_key(
         self, name: str, slot: KeySlot, *, entity: str = "", key: str | None = None
     ) -> RuleRecord:
         """Replace one key (random, or ``key``); the other is kept."""
-        ...
+        fresh = key or new_key()  # the same key if the change is tried again
+        now = self._clock()
+        result: list[RuleRecord] = []
 
-    async def update_namespace(self, *, tags: dict[str, str]) -> NamespaceRecord: ...
+        def change(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
+            result[:] = [regenerated_rule(rules, name, slot, fresh, now)]
+            return swap_rule(rules, name, result[0])
 
-    async def aclose(self) -> None: ...
+        await self._change_rules(entity, change)
+        return result[0]
+
+    async def update_namespace(self, *, tags: dict[str, str]) -> NamespaceRecord:
+        now = self._clock()
+        return await self._change_namespace(
+            lambda old: replace(old, tags=MappingProxyType(dict(tags)), updated_at=now)
+        )
+
+    async def _change_rules(
+        self, entity: str, change: Callable[[tuple[RuleRecord, ...]], tuple[RuleRecord, ...]]
+    ) -> None:
+        scope = entity_key(entity)
+        if not scope:
+            await self._change_namespace(lambda old: replace(old, rules=change(old.rules)))
+            return
+
+        def change_entity(old: HybridConnectionRecord | None) -> HybridConnectionRecord:
+            if old is None:
+                raise NotFoundError(f"no hybrid connection {entity.strip('/')!r}")
+            return replace(old, rules=change(old.rules))
+
+        await self._change_entity(scope, change_entity)
+
+    # -- what each store does its own way ---------------------------------------------------
+
+    async def _change_namespace(self, change: NamespaceChange) -> NamespaceRecord:
+        """Keep ``change(current namespace record)``; returns it. ``change`` may raise a
+        :class:`StoreError` (nothing is written)."""
+        raise NotImplementedError
+
+    async def _change_entity(self, key: str, change: EntityChange) -> HybridConnectionRecord | None:
+        """Keep ``change(the record of key, or None)`` (None: there is none); returns it.
+        ``change`` may raise a :class:`StoreError` (nothing is written)."""
+        raise NotImplementedError
+
+    def _publish(self, state: NamespaceState) -> None:
+        """Keep ``state`` and call each subscriber with it (from a copy of the list: one may
+        unsubscribe while being told)."""
+        self._state = state
+        for subscriber in list(self._subscribers):
+            try:
+                subscriber(state)
+            except Exception:  # one broken subscriber must not stop the others
+                logger.exception("a store subscriber failed")
 
 
 # -- what both stores write: the records a change makes, before each store keeps them --------
@@ -229,13 +348,3 @@ def swap_rule(
     """``rules`` without the rule ``name``, and with ``record`` (last) unless it is None."""
     kept = tuple(rule for rule in rules if rule.name.lower() != name.lower())
     return (*kept, record) if record is not None else kept
-
-
-def notify(subscribers: Iterable[Subscriber], state: NamespaceState) -> None:
-    """Call each of ``subscribers`` with the new ``state`` (a copy of the list: one may
-    unsubscribe while being told)."""
-    for subscriber in list(subscribers):
-        try:
-            subscriber(state)
-        except Exception:  # one broken subscriber must not stop the others
-            logger.exception("a store subscriber failed")

@@ -33,7 +33,6 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import replace
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -41,25 +40,12 @@ from redis.exceptions import WatchError
 
 from hybridrelay.auth.sas import Rights
 from hybridrelay.protocol.arm import new_key
-from hybridrelay.store.base import (
-    KEEP,
-    KeySlot,
-    NotFoundError,
-    StoreUnavailableError,
-    Subscriber,
-    find_rule,
-    notify,
-    put_hybrid_connection_record,
-    put_rule_record,
-    regenerated_rule,
-    swap_rule,
-)
+from hybridrelay.store.base import EntityChange, NamespaceChange, Store, StoreUnavailableError
 from hybridrelay.store.records import (
     HybridConnectionRecord,
     NamespaceRecord,
     NamespaceState,
     RuleRecord,
-    entity_key,
 )
 from hybridrelay.store.redis_address import (
     REDIS_FAILURES,
@@ -261,7 +247,7 @@ def _field(key: str) -> str:
     return f"hc:{key}"
 
 
-class RedisStore:
+class RedisStore(Store):
     """The management store in Redis. Open it with :meth:`open`; see the module docstring."""
 
     def __init__(
@@ -276,6 +262,7 @@ class RedisStore:
         max_hybrid_connections: int,
         reconcile_interval: float,
     ) -> None:
+        super().__init__(state, clock=clock, max_hybrid_connections=max_hybrid_connections)
         self._url = redacted_url(url)
         self._link = link
         self._redis = link.client
@@ -283,14 +270,10 @@ class RedisStore:
         self._hash = self._prefix + "store"
         self._version_key = self._prefix + "version"
         self._channel = self._prefix + "store-changes"
-        self._state = state
         #: The Redis counter this node's state reflects (compared by the reconciliation).
         self._seen_version = version
-        self._clock = clock
-        self._max_hybrid_connections = max_hybrid_connections
         self._reconcile_interval = reconcile_interval
         self._origin = uuid.uuid4().hex
-        self._subscribers: list[Subscriber] = []
         self._tasks: list[asyncio.Task[None]] = []
         #: One log line per outage (the relay's cluster broker shares it).
         self.outage = OutageLog(url, "cluster")
@@ -358,109 +341,11 @@ class RedisStore:
 
     # -- reading --------------------------------------------------------------------------------
 
-    @property
-    def state(self) -> NamespaceState:
-        return self._state
-
-    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
-        self._subscribers.append(subscriber)
-        return lambda: self._subscribers.remove(subscriber)
-
     async def check(self) -> None:
         # A read of the store's own key, not a PING: on a Redis Cluster, PING is answered by
         # any shard, while the store's is the one that matters (and a failed cluster refuses
         # key commands).
         await self._call(self._redis.get(self._version_key))
-
-    # -- writing --------------------------------------------------------------------------------
-
-    async def put_hybrid_connection(
-        self,
-        name: str,
-        *,
-        requires_client_authorization: bool | None = None,
-        user_metadata: str | None | object = KEEP,
-        http_response_timeout: float | None | object = KEEP,
-    ) -> tuple[HybridConnectionRecord, bool]:
-        key = entity_key(name)
-        now = self._clock()
-        created = False
-
-        def change(old: HybridConnectionRecord | None) -> HybridConnectionRecord:
-            nonlocal created
-            created = old is None
-            return put_hybrid_connection_record(
-                old,
-                name,
-                now,
-                count=len(self._state.hybrid_connections),
-                limit=self._max_hybrid_connections,
-                requires_client_authorization=requires_client_authorization,
-                user_metadata=user_metadata,
-                http_response_timeout=http_response_timeout,
-            )
-
-        record = await self._change_entity(key, change)
-        assert record is not None
-        return record, created
-
-    async def delete_hybrid_connection(self, name: str) -> bool:
-        key = entity_key(name)
-        existed = False
-
-        def change(old: HybridConnectionRecord | None) -> HybridConnectionRecord | None:
-            nonlocal existed
-            existed = old is not None
-            return None
-
-        await self._change_entity(key, change)
-        return existed
-
-    async def put_rule(
-        self, name: str, rights: Rights, *, entity: str = ""
-    ) -> tuple[RuleRecord, bool]:
-        now = self._clock()
-        scope = entity_key(entity)
-        result: list[tuple[RuleRecord, bool]] = []
-
-        def change(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
-            result[:] = [put_rule_record(rules, name, rights, now, scope)]
-            return swap_rule(rules, name, result[0][0])
-
-        await self._change_rules(entity, change)
-        return result[0]
-
-    async def delete_rule(self, name: str, *, entity: str = "") -> bool:
-        existed = False
-
-        def change(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
-            nonlocal existed
-            existed = find_rule(rules, name) is not None
-            return swap_rule(rules, name, None)
-
-        await self._change_rules(entity, change)
-        return existed
-
-    async def regenerate_key(
-        self, name: str, slot: KeySlot, *, entity: str = "", key: str | None = None
-    ) -> RuleRecord:
-        fresh = key or new_key()
-        now = self._clock()
-        result: list[RuleRecord] = []
-
-        def change(rules: tuple[RuleRecord, ...]) -> tuple[RuleRecord, ...]:
-            result[:] = [regenerated_rule(rules, name, slot, fresh, now)]
-            return swap_rule(rules, name, result[0])
-
-        await self._change_rules(entity, change)
-        return result[0]
-
-    async def update_namespace(self, *, tags: dict[str, str]) -> NamespaceRecord:
-        now = self._clock()
-        record = await self._change_namespace(
-            lambda old: replace(old, tags=MappingProxyType(dict(tags)), updated_at=now)
-        )
-        return record
 
     async def aclose(self) -> None:
         for task in self._tasks:
@@ -468,26 +353,9 @@ class RedisStore:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._link.aclose()
 
-    # -- transactions ---------------------------------------------------------------------------
+    # -- the two steps of a change: one optimistic transaction each ----------------------------
 
-    async def _change_rules(
-        self, entity: str, change: Callable[[tuple[RuleRecord, ...]], tuple[RuleRecord, ...]]
-    ) -> None:
-        scope = entity_key(entity)
-        if not scope:
-            await self._change_namespace(lambda old: replace(old, rules=change(old.rules)))
-            return
-
-        def change_entity(old: HybridConnectionRecord | None) -> HybridConnectionRecord:
-            if old is None:
-                raise NotFoundError(f"no hybrid connection {entity.strip('/')!r}")
-            return replace(old, rules=change(old.rules))
-
-        await self._change_entity(scope, change_entity)
-
-    async def _change_namespace(
-        self, change: Callable[[NamespaceRecord], NamespaceRecord]
-    ) -> NamespaceRecord:
+    async def _change_namespace(self, change: NamespaceChange) -> NamespaceRecord:
         def text(raw: bytes | None) -> bytes | None:
             old = _namespace(raw) if raw is not None else self._state.namespace
             return _namespace_text(change(old))
@@ -498,11 +366,7 @@ class RedisStore:
         self._apply(_NS_FIELD, raw)
         return record
 
-    async def _change_entity(
-        self,
-        key: str,
-        change: Callable[[HybridConnectionRecord | None], HybridConnectionRecord | None],
-    ) -> HybridConnectionRecord | None:
+    async def _change_entity(self, key: str, change: EntityChange) -> HybridConnectionRecord | None:
         def text(raw: bytes | None) -> bytes | None:
             record = change(_entity(raw) if raw is not None else None)
             return None if record is None else _entity_text(record)
@@ -577,10 +441,6 @@ class RedisStore:
                 return
             entities[key] = record
         self._publish(NamespaceState(old.namespace, MappingProxyType(entities), old.version + 1))
-
-    def _publish(self, state: NamespaceState) -> None:
-        self._state = state
-        notify(self._subscribers, state)
 
     async def _reload(self) -> None:
         """Read the whole hash and replace the state if it differs."""

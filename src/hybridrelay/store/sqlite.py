@@ -6,8 +6,9 @@
   than misread.
 * Every statement runs on one worker thread (sqlite3 objects stay on the thread that made
   them, and the event loop never waits on the disk); writes are serialised by that thread.
-* The state is read once at open and then kept in memory: each committed change replaces the
-  one record it touched in a new :class:`NamespaceState` and tells the subscribers.
+* The state is read once at open and then kept in memory: each committed change (one at a
+  time) replaces the one record it touched, with its rules, in a new :class:`NamespaceState`
+  and tells the subscribers.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import TypeVar
@@ -29,25 +29,17 @@ from typing import TypeVar
 from hybridrelay.auth.sas import Rights
 from hybridrelay.protocol.arm import new_key
 from hybridrelay.store.base import (
-    KEEP,
-    KeySlot,
-    NotFoundError,
+    EntityChange,
+    NamespaceChange,
+    Store,
     StoreError,
     StoreUnavailableError,
-    Subscriber,
-    find_rule,
-    notify,
-    put_hybrid_connection_record,
-    put_rule_record,
-    regenerated_rule,
-    swap_rule,
 )
 from hybridrelay.store.records import (
     HybridConnectionRecord,
     NamespaceRecord,
     NamespaceState,
     RuleRecord,
-    entity_key,
 )
 
 __all__ = ["MEMORY", "MIGRATIONS", "SqliteStore"]
@@ -114,7 +106,7 @@ def _open_private(path: Path) -> None:
         os.close(fd)
 
 
-class SqliteStore:
+class SqliteStore(Store):
     """The management store in a SQLite file. Open it with :meth:`open`."""
 
     def __init__(
@@ -127,13 +119,12 @@ class SqliteStore:
         clock: Callable[[], float],
         max_hybrid_connections: int,
     ) -> None:
+        super().__init__(state, clock=clock, max_hybrid_connections=max_hybrid_connections)
         self._path = path
         self._db = connection
         self._executor = executor
-        self._state = state
-        self._clock = clock
-        self._max_hybrid_connections = max_hybrid_connections
-        self._subscribers: list[Subscriber] = []
+        #: One change at a time: each reads the state the one before left.
+        self._changing = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"<SqliteStore {str(self._path)!r} version={self._state.version}>"
@@ -188,181 +179,44 @@ class SqliteStore:
             max_hybrid_connections=max_hybrid_connections,
         )
 
-    # -- reading --------------------------------------------------------------------------------
-
-    @property
-    def state(self) -> NamespaceState:
-        return self._state
-
-    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
-        self._subscribers.append(subscriber)
-        return lambda: self._subscribers.remove(subscriber)
-
     async def check(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())
-
-    # -- writing --------------------------------------------------------------------------------
-
-    async def put_hybrid_connection(
-        self,
-        name: str,
-        *,
-        requires_client_authorization: bool | None = None,
-        user_metadata: str | None | object = KEEP,
-        http_response_timeout: float | None | object = KEEP,
-    ) -> tuple[HybridConnectionRecord, bool]:
-        key = entity_key(name)
-        old = self._state.hybrid_connections.get(key)
-        record = put_hybrid_connection_record(
-            old,
-            name,
-            self._clock(),
-            count=len(self._state.hybrid_connections),
-            limit=self._max_hybrid_connections,
-            requires_client_authorization=requires_client_authorization,
-            user_metadata=user_metadata,
-            http_response_timeout=http_response_timeout,
-        )
-
-        def write(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT INTO hybrid_connections VALUES (?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET requires_client_authorization = "
-                "excluded.requires_client_authorization, user_metadata = excluded.user_metadata,"
-                " http_response_timeout = excluded.http_response_timeout,"
-                " updated_at = excluded.updated_at",
-                (
-                    key,
-                    record.name,
-                    int(record.requires_client_authorization),
-                    record.user_metadata,
-                    record.http_response_timeout,
-                    record.created_at,
-                    record.updated_at,
-                ),
-            )
-
-        await self._write(write)
-        self._publish(entities={**self._state.hybrid_connections, key: record})
-        return record, old is None
-
-    async def delete_hybrid_connection(self, name: str) -> bool:
-        key = entity_key(name)
-        if key not in self._state.hybrid_connections:
-            return False
-
-        def write(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM rules WHERE entity_key = ?", (key,))
-            db.execute("DELETE FROM hybrid_connections WHERE key = ?", (key,))
-
-        await self._write(write)
-        entities = dict(self._state.hybrid_connections)
-        del entities[key]
-        self._publish(entities=entities)
-        return True
-
-    async def put_rule(
-        self, name: str, rights: Rights, *, entity: str = ""
-    ) -> tuple[RuleRecord, bool]:
-        record, created = put_rule_record(
-            self._rules_of(entity), name, rights, self._clock(), entity_key(entity)
-        )
-        await self._write(lambda db: _upsert_rule(db, record))
-        self._replace_rule(record)
-        return record, created
-
-    async def delete_rule(self, name: str, *, entity: str = "") -> bool:
-        if find_rule(self._rules_of(entity), name) is None:
-            return False
-        scope = entity_key(entity)
-        await self._write(
-            lambda db: db.execute(
-                "DELETE FROM rules WHERE entity_key = ? AND key = ?", (scope, name.lower())
-            )
-        )
-        self._replace_rule(None, scope=scope, name=name)
-        return True
-
-    async def regenerate_key(
-        self, name: str, slot: KeySlot, *, entity: str = "", key: str | None = None
-    ) -> RuleRecord:
-        record = regenerated_rule(self._rules_of(entity), name, slot, key, self._clock())
-        await self._write(lambda db: _upsert_rule(db, record))
-        self._replace_rule(record)
-        return record
-
-    async def update_namespace(self, *, tags: dict[str, str]) -> NamespaceRecord:
-        namespace = replace(
-            self._state.namespace, tags=MappingProxyType(dict(tags)), updated_at=self._clock()
-        )
-        await self._write(
-            lambda db: db.execute(
-                "UPDATE namespace SET tags = ?, updated_at = ? WHERE id = 1",
-                (json.dumps(dict(namespace.tags)), namespace.updated_at),
-            )
-        )
-        self._publish(namespace=namespace)
-        return namespace
 
     async def aclose(self) -> None:
         with contextlib.suppress(sqlite3.Error, RuntimeError):
             await self._run(lambda db: db.close())
         self._executor.shutdown(wait=False)
 
-    # -- internals ------------------------------------------------------------------------------
+    # -- the two steps of a change ----------------------------------------------------------
 
-    def _rules_of(self, entity: str) -> tuple[RuleRecord, ...]:
-        if not entity_key(entity):
-            return self._state.namespace.rules
-        record = self._state.get(entity)
-        if record is None:
-            raise NotFoundError(f"no hybrid connection {entity.strip('/')!r}")
-        return record.rules
+    async def _change_namespace(self, change: NamespaceChange) -> NamespaceRecord:
+        async with self._changing:
+            old = self._state
+            namespace = change(old.namespace)
+            if namespace != old.namespace:
+                await self._write(lambda db: _write_namespace(db, namespace))
+                self._publish(NamespaceState(namespace, old.hybrid_connections, old.version + 1))
+            return namespace
 
-    def _replace_rule(self, record: RuleRecord | None, *, scope: str = "", name: str = "") -> None:
-        """Publish the state with ``record`` in its scope (or the rule ``name`` of ``scope``
-        removed when ``record`` is None)."""
-        if record is not None:
-            scope, name = record.entity, record.name
-        if not scope:
-            namespace = self._state.namespace
-            rules = swap_rule(namespace.rules, name, record)
-            self._publish(namespace=replace(namespace, rules=rules))
-            return
-        entity = self._state.hybrid_connections[scope]
-        entities = {
-            **self._state.hybrid_connections,
-            scope: replace(entity, rules=swap_rule(entity.rules, name, record)),
-        }
-        self._publish(entities=entities)
-
-    def _publish(
-        self,
-        *,
-        namespace: NamespaceRecord | None = None,
-        entities: dict[str, HybridConnectionRecord] | None = None,
-    ) -> None:
-        old = self._state
-        self._state = NamespaceState(
-            namespace=namespace or old.namespace,
-            hybrid_connections=MappingProxyType(entities)
-            if entities is not None
-            else old.hybrid_connections,
-            version=old.version + 1,
-        )
-        notify(self._subscribers, self._state)
+    async def _change_entity(self, key: str, change: EntityChange) -> HybridConnectionRecord | None:
+        async with self._changing:
+            old = self._state
+            record = change(old.hybrid_connections.get(key))
+            if record == old.hybrid_connections.get(key):
+                return record
+            await self._write(lambda db: _write_entity(db, key, record))
+            entities = dict(old.hybrid_connections)
+            if record is None:
+                del entities[key]
+            else:
+                entities[key] = record
+            self._publish(
+                NamespaceState(old.namespace, MappingProxyType(entities), old.version + 1)
+            )
+            return record
 
     async def _write(self, statements: Callable[[sqlite3.Connection], object]) -> None:
-        def transaction(db: sqlite3.Connection) -> None:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                statements(db)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-
-        await self._run(transaction)
+        await self._run(lambda db: _transaction(db, statements))
 
     async def _run(self, job: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -370,6 +224,45 @@ class SqliteStore:
             return await loop.run_in_executor(self._executor, job, self._db)
         except sqlite3.Error as exc:
             raise StoreUnavailableError(f"the store {self._path} failed: {exc}") from exc
+
+
+def _write_namespace(db: sqlite3.Connection, namespace: NamespaceRecord) -> None:
+    db.execute(
+        "UPDATE namespace SET tags = ?, updated_at = ? WHERE id = 1",
+        (json.dumps(dict(namespace.tags)), namespace.updated_at),
+    )
+    _write_rules(db, "", namespace.rules)
+
+
+def _write_entity(db: sqlite3.Connection, key: str, record: HybridConnectionRecord | None) -> None:
+    """Keep ``record`` as the hybrid connection ``key``, with its rules (None: delete both)."""
+    _write_rules(db, key, () if record is None else record.rules)
+    if record is None:
+        db.execute("DELETE FROM hybrid_connections WHERE key = ?", (key,))
+        return
+    db.execute(
+        "INSERT INTO hybrid_connections VALUES (?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET requires_client_authorization = "
+        "excluded.requires_client_authorization, user_metadata = excluded.user_metadata,"
+        " http_response_timeout = excluded.http_response_timeout,"
+        " updated_at = excluded.updated_at",
+        (
+            key,
+            record.name,
+            int(record.requires_client_authorization),
+            record.user_metadata,
+            record.http_response_timeout,
+            record.created_at,
+            record.updated_at,
+        ),
+    )
+
+
+def _write_rules(db: sqlite3.Connection, scope: str, rules: Sequence[RuleRecord]) -> None:
+    """Make ``rules`` the rules of ``scope`` (an entity key; "" for the namespace)."""
+    db.execute("DELETE FROM rules WHERE entity_key = ?", (scope,))
+    for rule in rules:
+        _upsert_rule(db, rule)
 
 
 def _migrate(db: sqlite3.Connection, migrations: Sequence[str], file: Path) -> None:
@@ -381,16 +274,14 @@ def _migrate(db: sqlite3.Connection, migrations: Sequence[str], file: Path) -> N
         )
     if version == len(migrations):
         return
-    db.execute("BEGIN IMMEDIATE")
-    try:
+
+    def migrate(db: sqlite3.Connection) -> None:
         for number in range(version, len(migrations)):
             for statement in _statements(migrations[number]):
                 db.execute(statement)
         db.execute(f"PRAGMA user_version = {len(migrations)}")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
+
+    _transaction(db, migrate)
     logger.info("store %s: schema %d -> %d", file, version, len(migrations))
 
 
@@ -404,11 +295,22 @@ def _ensure_namespace(
 ) -> None:
     if db.execute("SELECT 1 FROM namespace").fetchone() is not None:
         return
-    db.execute("BEGIN IMMEDIATE")
-    try:
+
+    def create(db: sqlite3.Connection) -> None:
         db.execute("INSERT INTO namespace VALUES (1, ?, '{}', ?, ?)", (name, now, now))
         for rule_name, rights in initial_rules:
             _upsert_rule(db, RuleRecord(rule_name, new_key(), new_key(), rights, now, now))
+
+    _transaction(db, create)
+
+
+def _transaction(
+    db: sqlite3.Connection, statements: Callable[[sqlite3.Connection], object]
+) -> None:
+    """Run ``statements(db)`` in one write transaction (rolled back if they raise)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        statements(db)
     except BaseException:
         db.execute("ROLLBACK")
         raise

@@ -39,7 +39,7 @@ from aiohttp._websocket.helpers import websocket_mask
 from hybridrelay.exceptions import RelayConnectionError
 from hybridrelay.protocol.closing import CloseHandshake
 from hybridrelay.protocol.websocket import OP_BINARY, OP_CONTINUATION, frame_header
-from hybridrelay.transport.base import MessageKind, WsMessage
+from hybridrelay.transport.base import CloseState, MessageKind, WsMessage
 
 __all__ = ["AiohttpMessageSocket"]
 
@@ -50,7 +50,7 @@ _PEER_CLOSE_WAIT = 2.0
 AiohttpWebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
-class AiohttpMessageSocket:
+class AiohttpMessageSocket(CloseState):
     """Adapts an aiohttp server or client WebSocket to :class:`MessageSocket`.
 
     Args:
@@ -90,14 +90,6 @@ class AiohttpMessageSocket:
         if isinstance(self._ws, web.WebSocketResponse):
             return self._ws.ws_protocol
         return self._ws.protocol
-
-    @property
-    def close_sent(self) -> bool:
-        return self._closing.sent
-
-    @property
-    def close_received(self) -> bool:
-        return self._closing.received
 
     async def receive(self) -> WsMessage:
         closing = self._closing

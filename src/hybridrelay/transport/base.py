@@ -12,17 +12,25 @@ The relay's control channels deliver by callback instead, to a :class:`MessageSi
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from hybridrelay.exceptions import RelayConnectionError
+
+if TYPE_CHECKING:
+    from hybridrelay.protocol.closing import CloseHandshake
 
 __all__ = [
     "COALESCED_WRITE_LIMIT",
     "CloseCode",
+    "CloseState",
     "FragmentSocket",
     "MessageKind",
     "MessageSink",
     "MessageSocket",
+    "OurSocket",
     "SpliceSocket",
     "StreamSink",
     "StreamSocket",
@@ -114,6 +122,68 @@ class MessageSocket(Protocol):
     def abort(self) -> None:
         """Drop the connection at once, without a close frame."""
         ...
+
+
+class CloseState:
+    """:attr:`MessageSocket.close_sent` and :attr:`MessageSocket.close_received` of a socket
+    whose close handshake is its ``_closing``."""
+
+    __slots__ = ()
+    _closing: CloseHandshake
+
+    @property
+    def close_sent(self) -> bool:
+        return self._closing.sent
+
+    @property
+    def close_received(self) -> bool:
+        return self._closing.received
+
+
+class OurSocket(CloseState):
+    """What our own protocols (``FrameSocket``, ``ServerLeg``) share: ``send_close`` and
+    ``aclose`` over their ``close_nowait`` and ``_drop``, and a send's wait while the transport
+    is above its high-water mark, ended by :meth:`_drained` or failed by :meth:`_drain_lost`."""
+
+    _lost: bool
+    _write_paused: bool
+    _drain_waiter: asyncio.Future[None] | None
+
+    def close_nowait(self, code: int = 1000, reason: str = "") -> None:
+        raise NotImplementedError
+
+    def _drop(self) -> None:
+        raise NotImplementedError
+
+    async def send_close(self, code: int = 1000, reason: str = "") -> None:
+        self.close_nowait(code, reason)
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        self.close_nowait(code, reason)
+        self._closing.give_up()
+        self._drop()
+
+    async def _drain(self) -> None:
+        if self._lost:
+            raise RelayConnectionError("WebSocket send failed: the connection was lost")
+        if self._drain_waiter is None:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.shield(self._drain_waiter)
+        except ConnectionError as exc:
+            raise RelayConnectionError(f"WebSocket send failed: {exc}") from exc
+
+    def _drained(self) -> None:
+        self._write_paused = False
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _drain_lost(self) -> None:
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("the connection was lost"))
+            waiter.exception()  # retrieved: nobody may be waiting on it
 
 
 class MessageSink(Protocol):

@@ -86,6 +86,7 @@ from hybridrelay.tcp_keepalive import acks_stalled, send_queued
 from hybridrelay.transport.base import (
     COALESCED_WRITE_LIMIT,
     MessageKind,
+    OurSocket,
     StreamSink,
     WsMessage,
 )
@@ -277,7 +278,7 @@ def _client_frame(opcode: int, data: bytes | bytearray | memoryview, fin: bool =
     return masked_frame(opcode, data, mask_key(), websocket_mask, fin=fin)
 
 
-class FrameSocket(asyncio.BufferedProtocol):
+class FrameSocket(OurSocket, asyncio.BufferedProtocol):
     """A client WebSocket (see the module's docstring); made by :func:`connect`."""
 
     def __init__(self, max_message_size: int) -> None:
@@ -409,14 +410,6 @@ class FrameSocket(asyncio.BufferedProtocol):
     def subprotocol(self) -> str | None:
         return self._subprotocol
 
-    @property
-    def close_sent(self) -> bool:
-        return self._closing.sent
-
-    @property
-    def close_received(self) -> bool:
-        return self._closing.received
-
     async def receive(self) -> WsMessage:
         while not self._messages:
             if self._close_message is not None:
@@ -475,14 +468,6 @@ class FrameSocket(asyncio.BufferedProtocol):
         self._write(OP_BINARY if first else OP_CONTINUATION, data, last)
         if self._write_paused:
             await self._drain()
-
-    async def send_close(self, code: int = 1000, reason: str = "") -> None:
-        self.close_nowait(code, reason)
-
-    async def aclose(self, code: int = 1000, reason: str = "") -> None:
-        self.close_nowait(code, reason)
-        self._closing.give_up()
-        self._drop()
 
     def abort(self) -> None:
         self._closing.give_up()
@@ -684,16 +669,6 @@ class FrameSocket(asyncio.BufferedProtocol):
         if frames and transport is not None and not self._lost and not transport.is_closing():
             transport.write(frames)
 
-    async def _drain(self) -> None:
-        if self._lost:
-            raise RelayConnectionError("WebSocket send failed: the connection was lost")
-        if self._drain_waiter is None:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
-        try:
-            await asyncio.shield(self._drain_waiter)
-        except ConnectionError as exc:
-            raise RelayConnectionError(f"WebSocket send failed: {exc}") from exc
-
     def _drop(self) -> None:
         """Close the connection (after flushing); abort it if that takes too long."""
         if self._transport is None or self._lost:
@@ -758,9 +733,7 @@ class FrameSocket(asyncio.BufferedProtocol):
         self._closing.lost()  # nothing more can be sent
         if self._close_message is None:  # also after aclose()/abort(): wake a waiting receive()
             self._report_close(1006, "")
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_exception(ConnectionResetError("the connection was lost"))
-            self._drain_waiter.exception()  # retrieved: nobody may be waiting on it
+        self._drain_lost()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -768,10 +741,7 @@ class FrameSocket(asyncio.BufferedProtocol):
             self._sink.on_pause()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._drained()
         if self._sink is not None:
             self._sink.on_resume()
 

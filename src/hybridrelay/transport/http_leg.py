@@ -108,14 +108,6 @@ class MessageLeg(ServerLeg):
         self._write(server_frame_header(last, opcode, len(data)), data)
         await self._drain()
 
-    async def send_close(self, code: int = 1000, reason: str = "") -> None:
-        self.close_nowait(code, reason)
-
-    async def aclose(self, code: int = 1000, reason: str = "") -> None:
-        self.close_nowait(code, reason)
-        self._closing.give_up()
-        self._drop()
-
     # -- the loss -------------------------------------------------------------------------------
 
     def _gone(self, news: bool) -> None:

@@ -33,6 +33,7 @@ from aiohttp._websocket.helpers import websocket_mask
 from hybridrelay.exceptions import RelayConnectionError
 from hybridrelay.protocol.closing import CloseHandshake
 from hybridrelay.protocol.websocket import OP_CLOSE, OP_PONG, FrameForwarder, server_frame
+from hybridrelay.transport.base import OurSocket
 from hybridrelay.transport.receive_buffer import receive_buffer
 
 __all__ = ["CLOSE_TIMEOUT", "WRITE_HIGH", "WRITE_LOW", "ServerLeg"]
@@ -47,7 +48,7 @@ CLOSE_TIMEOUT = 10.0
 _JOIN_UP_TO = 4096
 
 
-class ServerLeg(asyncio.BufferedProtocol):
+class ServerLeg(OurSocket, asyncio.BufferedProtocol):
     """A server WebSocket on a taken-over transport (see the module's docstring)."""
 
     #: How long the peer may take to answer our close frame before the connection is dropped.
@@ -79,14 +80,6 @@ class ServerLeg(asyncio.BufferedProtocol):
     @property
     def subprotocol(self) -> str | None:
         return None
-
-    @property
-    def close_sent(self) -> bool:
-        return self._closing.sent
-
-    @property
-    def close_received(self) -> bool:
-        return self._closing.received
 
     # -- closing ------------------------------------------------------------------------------
 
@@ -148,16 +141,8 @@ class ServerLeg(asyncio.BufferedProtocol):
 
     async def _drain(self) -> None:
         """Return once the transport is below its high-water mark."""
-        if not self._write_paused:
-            return
-        if self._lost:
-            raise RelayConnectionError("WebSocket send failed: the connection was lost")
-        if self._drain_waiter is None:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
-        try:
-            await asyncio.shield(self._drain_waiter)
-        except ConnectionError as exc:
-            raise RelayConnectionError(f"WebSocket send failed: {exc}") from exc
+        if self._write_paused:
+            await super()._drain()
 
     # -- what a subclass does -----------------------------------------------------------------
 
@@ -199,16 +184,10 @@ class ServerLeg(asyncio.BufferedProtocol):
             self._close_timer = None
         news = self._closing.lost().news
         self._gone(news)
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionResetError("the connection was lost"))
-            waiter.exception()  # retrieved: nobody may be waiting on it
+        self._drain_lost()
 
     def pause_writing(self) -> None:
         self._write_paused = True
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._drained()
