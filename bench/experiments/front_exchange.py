@@ -24,13 +24,12 @@ import asyncio
 import logging
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from bench.experiments.inline_exchange import FakeControlSocket, alternate_trees
+
 _CONNECTIONS = 50
 _RESPONSE = (
     '{"response":{"requestId":"%s","statusCode":200,"statusDescription":"OK",'
@@ -65,29 +64,6 @@ class _Transport:
         return None
 
 
-class _Socket:
-    """The listener's control channel socket: keeps the messages written to it."""
-
-    def __init__(self) -> None:
-        self.sent: list[str] = []
-
-    @property
-    def write_paused(self) -> bool:
-        return False
-
-    def write_message(self, text: str, body: bytes | None = None) -> None:
-        self.sent.append(text)
-
-    async def drain(self) -> None:
-        return None
-
-    async def aclose(self, code: int = 1000, reason: str = "") -> None:
-        return None
-
-    def abort(self) -> None:
-        return None
-
-
 async def _measure(rounds: int, requests: int, profile: bool) -> list[float]:
     import orjson
 
@@ -117,7 +93,7 @@ async def _measure(rounds: int, requests: int, profile: bool) -> list[float]:
             f"ServiceBusAuthorization: {token}\r\n\r\n"
         ).encode()
         http = server.http
-        socket = _Socket()
+        socket = FakeControlSocket()
         channel = ControlChannel(
             "hc", "L1", socket, time.time() + 3600, "127.0.0.1", "ws://127.0.0.1:1"
         )
@@ -198,26 +174,12 @@ def main() -> None:
     if args.child or not args.tree:
         _child(args.rounds, args.requests, args.profile)
         return
-    minima: dict[str, list[float]] = {tree: [] for tree in args.tree}
-    for run in range(args.runs):
-        for tree in args.tree if run % 2 == 0 else list(reversed(args.tree)):
-            env = {**os.environ, "PYTHONPATH": f"{Path(tree) / 'src'}{os.pathsep}{REPO}"}
-            out = subprocess.run(
-                [sys.executable, "-m", "bench.experiments.front_exchange", "--child"]
-                + ["--rounds", str(args.rounds), "--requests", str(args.requests)],
-                env=env,
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=600,
-            ).stdout.split()
-            minima[tree].append(float(out[1]))
-            print(f"run {run + 1} {tree}: median {out[0]} min {out[1]} CPU-us per request")
-    for tree, values in minima.items():
-        print(
-            f"{tree}: median of minima {statistics.median(values):.2f} CPU-us per request "
-            f"({', '.join(f'{v:.2f}' for v in values)})"
-        )
+    alternate_trees(
+        "bench.experiments.front_exchange",
+        args.tree,
+        args.runs,
+        ["--rounds", str(args.rounds), "--requests", str(args.requests)],
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ _RESPONSE = (
 )
 
 
-class _Socket:
+class FakeControlSocket:
     """A control channel's socket that keeps what is written."""
 
     def __init__(self) -> None:
@@ -117,7 +117,7 @@ async def _measure(rounds: int, requests: int) -> list[float]:
         resolved = sender_entity("/hc/x", server._context)
         assert isinstance(resolved, tuple)
         entity = resolved[0]
-        socket = _Socket()
+        socket = FakeControlSocket()
         channel = ControlChannel(
             "hc", "L1", socket, time.time() + 3600, "127.0.0.1", "ws://127.0.0.1:1"
         )
@@ -163,21 +163,31 @@ def main() -> None:
     if args.child or not args.tree:
         _child(args.rounds, args.requests)
         return
-    minima: dict[str, list[float]] = {tree: [] for tree in args.tree}
-    for run in range(args.runs):
-        for tree in args.tree if run % 2 == 0 else list(reversed(args.tree)):
+    alternate_trees(
+        "bench.experiments.inline_exchange",
+        args.tree,
+        args.runs,
+        ["--rounds", str(args.rounds), "--requests", str(args.requests)],
+    )
+
+
+def alternate_trees(module: str, trees: list[str], runs: int, options: list[str]) -> None:
+    """Run ``module --child options`` from each tree's ``src``, the trees alternated run by run
+    (ABBA), each child printing its median and minimum; then each tree's median of minima."""
+    minima: dict[str, list[float]] = {tree: [] for tree in trees}
+    for run in range(runs):
+        for tree in trees if run % 2 == 0 else list(reversed(trees)):
             env = {**os.environ, "PYTHONPATH": f"{Path(tree) / 'src'}{os.pathsep}{REPO}"}
             out = subprocess.run(
-                [sys.executable, "-m", "bench.experiments.inline_exchange", "--child"]
-                + ["--rounds", str(args.rounds), "--requests", str(args.requests)],
+                [sys.executable, "-m", module, "--child", *options],
                 env=env,
                 capture_output=True,
                 text=True,
                 check=True,
                 timeout=600,
             ).stdout.split()
-            minima[tree].append(float(out[1]))
-            print(f"run {run + 1} {tree}: median {out[0]} min {out[1]} CPU-us per request")
+            minima[tree].append(float(out[-1]))
+            print(f"run {run + 1} {tree}: median {out[-2]} min {out[-1]} CPU-us per request")
     for tree, values in minima.items():
         print(
             f"{tree}: median of minima {statistics.median(values):.2f} CPU-us per request "
