@@ -292,23 +292,31 @@ class ClusterBroker(LocalBroker):
             dirty, self._dirty = self._dirty, set()
             if not dirty:
                 continue  # an empty pipeline reaches no server: it says nothing of Redis
+            # 0: "its listeners are moving" (a drain), until this node leaves; other nodes
+            # hold their senders a moment for them.
+            counts = {
+                key: "0" if not self._advertising else str(self.listener_count(key))
+                for key in dirty
+            }
+            listed = [key for key, count in counts.items() if count != "0" or not self._advertising]
+            unlisted = [key for key in counts if key not in listed]
             try:
                 async with asyncio.timeout(REDIS_TIMEOUT * 2):
+                    # In three steps, so that a route of this node is always in its entities
+                    # set, whatever part of a flush was done when the node stopped (cancelled
+                    # by aclose, killed, or cut off; on a Redis Cluster one pipeline's commands
+                    # run per shard, some without the others): the set is what _remove_node
+                    # cleans up after it. Added to the set before the route, taken out after.
+                    if listed:
+                        await self._redis.sadd(self._entities_key(self.node_id), *listed)
                     async with self._redis.pipeline(transaction=False) as pipe:
-                        for key in dirty:
-                            count = self.listener_count(key)
-                            if not self._advertising:
-                                # 0: "its listeners are moving" (a drain), until this node
-                                # leaves; other nodes hold their senders a moment for them.
-                                pipe.hset(self._routes_key(key), self.node_id, "0")
-                                pipe.sadd(self._entities_key(self.node_id), key)
-                            elif count:
-                                pipe.hset(self._routes_key(key), self.node_id, str(count))
-                                pipe.sadd(self._entities_key(self.node_id), key)
-                            else:
-                                pipe.hdel(self._routes_key(key), self.node_id)
-                                pipe.srem(self._entities_key(self.node_id), key)
+                        for key in listed:
+                            pipe.hset(self._routes_key(key), self.node_id, counts[key])
+                        for key in unlisted:
+                            pipe.hdel(self._routes_key(key), self.node_id)
                         await pipe.execute()
+                    if unlisted:
+                        await self._redis.srem(self._entities_key(self.node_id), *unlisted)
                 self.outage.report(None)
             except REDIS_FAILURES as exc:
                 raise_if_cancelled()
@@ -361,11 +369,17 @@ class ClusterBroker(LocalBroker):
             await self._remove_node(node)
 
     async def _remove_node(self, node: str) -> None:
+        # Its routes first, its entry in the nodes' set last: a removal cut short (a timeout,
+        # this node stopping; on a Redis Cluster a pipeline runs per shard) leaves the node in
+        # the set, where a live node finds it dead and removes it again.
         entities = await self._redis.smembers(self._entities_key(node))
+        if entities:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for raw in entities:
+                    key = raw.decode() if isinstance(raw, bytes) else str(raw)
+                    pipe.hdel(self._routes_key(key), node)
+                await pipe.execute()
         async with self._redis.pipeline(transaction=False) as pipe:
-            for raw in entities:
-                key = raw.decode() if isinstance(raw, bytes) else str(raw)
-                pipe.hdel(self._routes_key(key), node)
             pipe.delete(self._entities_key(node))
             pipe.zrem(self._nodes_key, node)
             await pipe.execute()
