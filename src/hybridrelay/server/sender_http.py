@@ -51,7 +51,6 @@ from hybridrelay.server.http_relay import (
 from hybridrelay.server.http_upgrade import sender_entity
 from hybridrelay.server.responses import SERVER_HEADER, error_response, tracking_id
 from hybridrelay.server.runtime_info import is_runtime_info
-from hybridrelay.store.records import NamespaceState
 
 __all__ = ["SenderFront"]
 
@@ -375,10 +374,11 @@ class _SenderConnection(asyncio.Protocol):
         if relay.draining():
             return None
         # What the head says (its entity, token, forwarded headers) is kept with the head
-        # while the namespace is the very object it was read in (a change replaces it).
-        namespace = relay.store.state
+        # while the namespace is as it was read in (a number, not the namespace: an idle
+        # connection's head holds no namespace of the past).
+        namespace = relay.store.generation
         said = parsed.said
-        if said is None or said[0] is not namespace:
+        if said is None or said[0] != namespace:
             resolved = sender_entity(parsed.raw_path, relay)
             if not isinstance(resolved, tuple):  # its 404: aiohttp's path answers it
                 return None
@@ -602,6 +602,10 @@ class _SenderConnection(asyncio.Protocol):
         self.close()
 
 
+#: What a head says in a namespace (``_Parsed.said``).
+_Said = tuple[int, HybridConnectionConfig, str, str | None, dict[str, str], str, bool]
+
+
 class _Parsed:
     """What a request head the front may relay says from its bytes alone: parsed, and past
     every check that looks at nothing else (the entity, the token, the relay's state are
@@ -646,15 +650,10 @@ class _Parsed:
         self.raw_query = raw_query
         self.keep_alive = reader.keep_alive
         self.version = reader.version.encode("ascii")
-        #: What this head says in a namespace (``_SenderConnection._prepare``): the namespace,
-        #: the entity and the path below it, the token, the ``requestHeaders`` (read only),
-        #: the target, and whether the headers fit an inline request.
-        self.said: (
-            tuple[
-                NamespaceState, HybridConnectionConfig, str, str | None, dict[str, str], str, bool
-            ]
-            | None
-        ) = None
+        #: What this head says in a namespace (``_SenderConnection._prepare``): the
+        #: namespace's generation, the entity and the path below it, the token, the
+        #: ``requestHeaders`` (read only), the target, and whether the headers fit inline.
+        self.said: _Said | None = None
 
 
 def _parse(head: bytes) -> _Parsed | None:

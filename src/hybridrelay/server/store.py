@@ -35,10 +35,10 @@ __all__ = ["EntityStore", "NamespaceView", "file_layer"]
 
 class EntityStore(Protocol):
     @property
-    def state(self) -> NamespaceState:
-        """The namespace as served now: a new object after every change, so that what is
+    def generation(self) -> int:
+        """A number that grows with every change of the namespace served, so that what is
         derived from it (the relay's front keeps a request head's entity) can be kept while
-        it is the same."""
+        it is the same, without holding the namespace itself."""
         ...
 
     def namespace_rules(self) -> Sequence[AuthorizationRule]: ...
@@ -108,6 +108,7 @@ class NamespaceView:
             NamespaceRecord(namespace, 0.0, 0.0), MappingProxyType({}), 0
         )
         self._state = layered(file, self._store_state)
+        self._generation = 0
         self._rules = self._namespace_rules(self._state)
         #: Entities converted on first use since the last change (a namespace may hold
         #: thousands; most are not used between two changes).
@@ -125,6 +126,10 @@ class NamespaceView:
     def state(self) -> NamespaceState:
         """The file laid over the store, now."""
         return self._state
+
+    @property
+    def generation(self) -> int:
+        return self._generation
 
     @property
     def file(self) -> FileLayer:
@@ -165,6 +170,7 @@ class NamespaceView:
         if self.store is not None:
             self._store_state = self.store.state
         self._state = layered(self._file, self._store_state)
+        self._generation += 1
         self._rules = self._namespace_rules(self._state)
         self._entities = {}
         removed = [before[key].name for key in before if key not in self._state.hybrid_connections]
