@@ -28,13 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.experiments.inline_exchange import FakeControlSocket, alternate_trees
+from bench.experiments.inline_exchange import FakeControlSocket, alternate_trees, answer_all
 
 _CONNECTIONS = 50
-_RESPONSE = (
-    '{"response":{"requestId":"%s","statusCode":200,"statusDescription":"OK",'
-    '"responseHeaders":{"Content-Type":"text/plain"},"body":true}}'
-)
 _KEY = "a" * 44
 
 
@@ -65,10 +61,8 @@ class _Transport:
 
 
 async def _measure(rounds: int, requests: int, profile: bool) -> list[float]:
-    import orjson
 
     from hybridrelay.auth.sas import create_token
-    from hybridrelay.protocol.messages import parse_message
     from hybridrelay.server.app import RelayServer
     from hybridrelay.server.channel import ControlChannel
     from hybridrelay.server.config import RelayConfig
@@ -116,14 +110,7 @@ async def _measure(rounds: int, requests: int, profile: bool) -> list[float]:
             for _ in range(requests // _CONNECTIONS):
                 for connection, _ in senders:
                     connection.data_received(head)
-                sent, socket.sent = socket.sent, []
-                for text in sent:
-                    message = parse_message(_RESPONSE % orjson.loads(text)["request"]["id"])
-                    assert message is not None
-                    http.on_control_message(channel, message)
-                    http.on_control_binary(channel, b"hello world")
-                await asyncio.sleep(0)  # the answers' callbacks
-                await asyncio.sleep(0)
+                await answer_all(http, channel, socket)
             if round_:
                 per_request.append((time.process_time() - started) / requests * 1e6)
         if profiler is not None:

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 REPO = Path(__file__).resolve().parents[2]
 _IN_FLIGHT = 50
 _RESPONSE = (
@@ -92,9 +94,7 @@ class _Sender:
 
 
 async def _measure(rounds: int, requests: int) -> list[float]:
-    import orjson
 
-    from hybridrelay.protocol.messages import parse_message
     from hybridrelay.server.app import RelayServer
     from hybridrelay.server.channel import ControlChannel
     from hybridrelay.server.config import RelayConfig
@@ -130,19 +130,28 @@ async def _measure(rounds: int, requests: int) -> list[float]:
             for _ in range(requests // _IN_FLIGHT):
                 for sender in senders:
                     http.relay_inline(sender, entity, headers, "/hc/x", b"")
-                sent, socket.sent = socket.sent, []
-                for text in sent:
-                    message = parse_message(_RESPONSE % orjson.loads(text)["request"]["id"])
-                    assert message is not None
-                    http.on_control_message(channel, message)
-                    http.on_control_binary(channel, b"hello world")
-                await asyncio.sleep(0)  # the answers' callbacks
-                await asyncio.sleep(0)
+                await answer_all(http, channel, socket)
             if round_:
                 per_request.append((time.process_time() - started) / requests * 1e6)
         answered = sum(sender.answers for sender in senders)
         assert answered == (rounds + 1) * (requests // _IN_FLIGHT) * _IN_FLIGHT, answered
         return per_request
+
+
+async def answer_all(http: Any, channel: Any, socket: FakeControlSocket) -> None:
+    """Answer every ``request`` written to ``socket`` as the listener on ``channel`` would
+    (a ``response`` with one header, then its body), routed as the control channel routes
+    them, and let the answers' callbacks run."""
+    from hybridrelay.protocol.messages import parse_message
+
+    sent, socket.sent = socket.sent, []
+    for text in sent:
+        message = parse_message(_RESPONSE % orjson.loads(text)["request"]["id"])
+        assert message is not None
+        http.on_control_message(channel, message)
+        http.on_control_binary(channel, b"hello world")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
 
 
 def _child(rounds: int, requests: int) -> None:
