@@ -28,7 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.experiments.inline_exchange import FakeControlSocket, alternate_trees, answer_all
+from bench.experiments.inline_exchange import (
+    FakeControlSocket,
+    add_measurement_arguments,
+    alternate_trees,
+    answer_all,
+)
 
 _CONNECTIONS = 50
 _KEY = "a" * 44
@@ -151,12 +156,8 @@ def _child(rounds: int, requests: int, profile: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--requests", type=int, default=10_000, help="per round")
-    parser.add_argument("--runs", type=int, default=6)
-    parser.add_argument("--tree", action="append", help="measure DIR/src (repeatable)")
+    add_measurement_arguments(parser)
     parser.add_argument("--profile", action="store_true", help="cProfile one run")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child or not args.tree:
         _child(args.rounds, args.requests, args.profile)

@@ -163,11 +163,7 @@ def _child(rounds: int, requests: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--requests", type=int, default=10_000, help="per round")
-    parser.add_argument("--runs", type=int, default=6)
-    parser.add_argument("--tree", action="append", help="measure DIR/src (repeatable)")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    add_measurement_arguments(parser)
     args = parser.parse_args()
     if args.child or not args.tree:
         _child(args.rounds, args.requests)
@@ -178,6 +174,15 @@ def main() -> None:
         args.runs,
         ["--rounds", str(args.rounds), "--requests", str(args.requests)],
     )
+
+
+def add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of an in-process measurement that alternates trees (:func:`alternate_trees`)."""
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=10_000, help="per round")
+    parser.add_argument("--runs", type=int, default=6)
+    parser.add_argument("--tree", action="append", help="measure DIR/src (repeatable)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
 
 
 def alternate_trees(module: str, trees: list[str], runs: int, options: list[str]) -> None:

@@ -5,6 +5,7 @@ handed to aiohttp with every byte from that request's first on, or still waiting
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any, cast
@@ -152,9 +153,9 @@ async def _feed(relay: Relay, pieces: list[bytes], cuts: list[int]) -> None:
     connection.close()
 
 
-# Heads that share one headers list (as a listener's repeated response does, through
-# HttpRelay.response_head) and heads that do not; each with a Date, so that the second a
-# test runs in does not show in the bytes.
+# Heads that share one headers list and heads that do not; each with a Date, so that the
+# second a test runs in does not show in the bytes. The heads are module-level: each keeps its
+# lines from one example to the next, as a listener's repeated head does.
 _SHARED = [("Content-Type", "text/plain"), ("Date", "d"), ("Via", "1.1 r")]
 _HEADS = [
     ResponseHead(200, "OK", _SHARED, None, True),
@@ -184,31 +185,34 @@ _HEADS = [
         max_size=10,
     )
 )
-def test_the_last_head_lines_are_the_lines_made_anew(
+def test_a_head_s_kept_lines_are_the_lines_made_anew(
     running: tuple[asyncio.AbstractEventLoop, Relay],
     answers: list[tuple[ResponseHead, bytes, bool, str, bytes]],
 ) -> None:
-    """The front writes the lines of its last response head again only for the very same
-    headers list with the same status, reason and HTTP version (``_head_lines``): any
-    sequence of answers, on connections of either version and either keep-alive, writes the
-    bytes a front that never wrote the others writes."""
+    """A response head keeps the lines the front made of it, per HTTP version
+    (``ResponseHead.lines``): any sequence of answers with heads used again, on connections
+    of either version and either keep-alive, writes the bytes that a copy of the head never
+    written before makes."""
     loop, relay = running
+    server = relay.server
+    front = SenderFront(server._context, server.http, Aiohttp)
 
-    def written(front: SenderFront, answer: tuple[ResponseHead, bytes, bool, str, bytes]) -> bytes:
-        response, version, keep_alive, method, body = answer
+    def written(
+        head: ResponseHead, version: bytes, keep_alive: bool, method: str, body: bytes
+    ) -> bytes:
         connection = _SenderConnection(front)
         transport = Transport()
         connection.connection_made(transport)  # type: ignore[arg-type]
         connection.version, connection.keep_alive = version, keep_alive
-        connection.write_response(response.status, response.reason, response.headers, body, method)
+        connection.write_response(head, body, method)
         connection.close()
         return b"".join(transport.written)
 
     async def play() -> None:
-        server = relay.server
-        shared = SenderFront(server._context, server.http, Aiohttp)
-        for answer in answers:
-            fresh = SenderFront(server._context, server.http, Aiohttp)
-            assert written(shared, answer) == written(fresh, answer)
+        for head, version, keep_alive, method, body in answers:
+            copy = dataclasses.replace(head)
+            assert not copy.lines  # a copy keeps no lines
+            anew = written(copy, version, keep_alive, method, body)
+            assert written(head, version, keep_alive, method, body) == anew
 
     loop.run_until_complete(play())

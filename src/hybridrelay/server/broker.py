@@ -470,23 +470,15 @@ class LocalBroker:
     def announce_nowait(
         self, pending: Pending, text_for: Callable[[str], str], body: bytes | None = None
     ) -> ControlChannel | WouldWait | None:
-        channels = self._by_entity.get(pending.entity.lower())
-        if channels is not None and len(channels) == 1:
-            # The general loop below for one listener, without its lists (one per request).
-            channel = channels[0]
-            if not channel.usable:
-                return None
-            if channel.queued >= pending.max_queued:
-                return WOULD_WAIT
-            self._mark_told(pending, channel)
-            if channel.send_nowait(text_for(channel.base_url), body):
-                return channel
-            self._untell(pending)
-            return WOULD_WAIT
-        candidates = [c for c in channels or () if c.usable]
+        channels = self._by_entity.get(pending.entity.lower(), ())
+        candidates: Sequence[ControlChannel]
+        if len(channels) == 1:  # one listener: no list to make, nothing to shuffle
+            candidates = (channels[0],) if channels[0].usable else ()
+        else:
+            candidates = shuffled = [c for c in channels if c.usable]
+            self._shuffle(shuffled)
         if not candidates:
             return None
-        self._shuffle(candidates)
         texts: dict[str, str] = {}
         for channel in candidates:
             if channel.queued >= pending.max_queued:
@@ -509,17 +501,13 @@ class LocalBroker:
         text = texts.get(channel.base_url)
         if text is None:
             text = texts[channel.base_url] = text_for(channel.base_url)
-        self._mark_told(pending, channel)
-        return text
-
-    def _mark_told(self, pending: Pending, channel: ControlChannel) -> None:
-        """Make ``channel`` the listener told of ``pending``."""
         self._untell(pending)
         pending.channel = channel
         told = self._told.get(channel)
         if told is None:
             told = self._told[channel] = set()
         told.add(pending)
+        return text
 
     def _untell(self, pending: Pending) -> None:
         channel = pending.channel

@@ -292,14 +292,18 @@ class ClusterBroker(LocalBroker):
             dirty, self._dirty = self._dirty, set()
             if not dirty:
                 continue  # an empty pipeline reaches no server: it says nothing of Redis
-            # 0: "its listeners are moving" (a drain), until this node leaves; other nodes
-            # hold their senders a moment for them.
-            counts = {
-                key: "0" if not self._advertising else str(self.listener_count(key))
-                for key in dirty
-            }
-            listed = [key for key, count in counts.items() if count != "0" or not self._advertising]
-            unlisted = [key for key in counts if key not in listed]
+            listed: dict[str, str] = {}  # entity key -> the count its route says
+            unlisted: list[str] = []
+            for key in dirty:
+                count = self.listener_count(key)
+                if not self._advertising:
+                    # 0: "its listeners are moving" (a drain), until this node leaves; other
+                    # nodes hold their senders a moment for them.
+                    listed[key] = "0"
+                elif count:
+                    listed[key] = str(count)
+                else:
+                    unlisted.append(key)
             try:
                 async with asyncio.timeout(REDIS_TIMEOUT * 2):
                     # In three steps, so that a route of this node is always in its entities
@@ -310,8 +314,8 @@ class ClusterBroker(LocalBroker):
                     if listed:
                         await self._redis.sadd(self._entities_key(self.node_id), *listed)
                     async with self._redis.pipeline(transaction=False) as pipe:
-                        for key in listed:
-                            pipe.hset(self._routes_key(key), self.node_id, counts[key])
+                        for key, count_text in listed.items():
+                            pipe.hset(self._routes_key(key), self.node_id, count_text)
                         for key in unlisted:
                             pipe.hdel(self._routes_key(key), self.node_id)
                         await pipe.execute()

@@ -595,33 +595,24 @@ class HttpRelay:
         status = response.status_code
         if status < 200:
             return error_response(502, f"The listener answered with status {status}.")
+        if response.repeated_headers:
+            return self._make_response_head(method, host, response)
         # A listener's responses often differ in nothing but their body: the last head made
         # is given again while everything it was made from is the same (header order too).
         config = self._relay.config
-        items = list(response.response_headers.items())
+        made_from = (
+            config,
+            status,
+            method,
+            host,
+            response.status_description,
+            list(response.response_headers.items()),
+        )
         last = self._last_head
-        if (
-            last is not None
-            and last[0] is config
-            and last[1] == status
-            and last[2] == method
-            and last[3] == host
-            and last[4] == response.status_description
-            and last[5] == items
-            and not response.repeated_headers
-        ):
+        if last is not None and last[0] is config and last[1:6] == made_from[1:]:
             return last[6]
         head = self._make_response_head(method, host, response)
-        if not response.repeated_headers:
-            self._last_head = (
-                config,
-                status,
-                method,
-                host,
-                response.status_description,
-                items,
-                head,
-            )
+        self._last_head = (*made_from, head)
         return head
 
     def _make_response_head(self, method: str, host: str, response: Response) -> ResponseHead:
@@ -1160,6 +1151,12 @@ class ResponseHead:
     listener_length: int | None
     #: False for HEAD, 1xx, 204 and 304 (RFC 9110 6.4.1).
     has_body: bool
+    #: The status line and header lines as the relay's front writes them, and which of the
+    #: headers it adds the head lacks, per HTTP version (``sender_http._head_lines``): made
+    #: once for a head given again (``HttpRelay.response_head``).
+    lines: dict[bytes, tuple[bytes, frozenset[str]]] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
 
 class InlineSender(Protocol):

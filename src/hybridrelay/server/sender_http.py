@@ -78,10 +78,6 @@ class SenderFront:
         self.aiohttp_handler = aiohttp_handler
         #: The connections the front owns now (not yet handed to aiohttp, not closed).
         self.connections: set[_SenderConnection] = set()
-        #: The last response head's lines and what they were made from (``_head_lines``).
-        self.last_head_lines: (
-            tuple[list[tuple[str, str]], int, str | None, bytes, bytes, frozenset[str]] | None
-        ) = None
 
     def __call__(self) -> asyncio.Protocol:
         return _SenderConnection(self)
@@ -171,24 +167,19 @@ class _Inline:
     def answer(self, response: web.Response) -> int:
         body = response.body
         assert isinstance(body, bytes)
-        self.connection.write_response(
-            response.status,
-            response.reason,
-            list(response.headers.items()),
-            body,
-            self.method,
-            empty_length=len(body),  # a HEAD's: what the GET would have had (as aiohttp does)
+        head = ResponseHead(
+            response.status, response.reason, list(response.headers.items()), None, True
         )
+        # A HEAD's length: what the GET would have had (as aiohttp does).
+        self.connection.write_response(head, body, self.method, empty_length=len(body))
         return len(body)
 
     def answer_head(self, head: ResponseHead, body: bytes) -> int:
         if not head.has_body:
             length = head.listener_length if self.method == "HEAD" else None
-            self.connection.write_response(
-                head.status, head.reason, head.headers, b"", self.method, empty_length=length
-            )
+            self.connection.write_response(head, b"", self.method, empty_length=length)
             return 0
-        self.connection.write_response(head.status, head.reason, head.headers, body, self.method)
+        self.connection.write_response(head, body, self.method)
         return len(body)
 
     def sink(self, head: ResponseHead) -> BodySink:
@@ -210,10 +201,7 @@ class _StreamedBody:
         self._unsent = b""
 
     async def start(self, length: int | None) -> None:
-        head = self._head
-        self._unsent, self._chunked = self._connection.stream_head(
-            head.status, head.reason, head.headers, length
-        )
+        self._unsent, self._chunked = self._connection.stream_head(self._head, length)
 
     async def write(self, data: bytes | memoryview) -> None:
         if not data:
@@ -434,19 +422,13 @@ class _SenderConnection(asyncio.Protocol):
     # -- answers -----------------------------------------------------------------------------
 
     def write_response(
-        self,
-        status: int,
-        reason: str | None,
-        headers: list[tuple[str, str]],
-        body: bytes,
-        method: str,
-        *,
-        empty_length: int | None = None,
+        self, head: ResponseHead, body: bytes, method: str, *, empty_length: int | None = None
     ) -> None:
         """A whole response, head and body in one write. A response that has no body (HEAD,
         1xx, 204, 304) gets ``empty_length`` as its ``Content-Length`` if given (HEAD)."""
+        status = head.status
         empty = method == "HEAD" or status < 200 or status in (204, 304)
-        parts, missing = self._head_lines(status, reason, headers)
+        parts, missing = self._head_lines(head)
         if empty:
             if empty_length is not None:
                 parts.append(b"Content-Length: %d\r\n" % empty_length)
@@ -459,15 +441,9 @@ class _SenderConnection(asyncio.Protocol):
             parts.append(body)
         self.write(b"".join(parts))
 
-    def stream_head(
-        self,
-        status: int,
-        reason: str | None,
-        headers: list[tuple[str, str]],
-        length: int | None,
-    ) -> tuple[bytes, bool]:
+    def stream_head(self, head: ResponseHead, length: int | None) -> tuple[bytes, bool]:
         """The head of a response whose body follows in parts, and whether it is chunked."""
-        parts, missing = self._head_lines(status, reason, headers)
+        parts, missing = self._head_lines(head)
         chunked = False
         if length is not None:
             parts.append(b"Content-Length: %d\r\n" % length)
@@ -481,38 +457,26 @@ class _SenderConnection(asyncio.Protocol):
         parts.append(self._tail(missing))
         return b"".join(parts), chunked
 
-    def _head_lines(
-        self, status: int, reason: str | None, headers: list[tuple[str, str]]
-    ) -> tuple[list[bytes], frozenset[str]]:
-        """The status line and ``headers``, and which of the headers the relay adds when the
-        response has none (``Content-Type``, ``Date``, ``Server``, as aiohttp did) it lacks.
-        The last lines made are given again for the very same ``headers`` list (the relay
-        gives a listener's repeated response head as one object, ``HttpRelay.response_head``)
-        with the same status, reason and HTTP version."""
-        front = self._front
-        last = front.last_head_lines
-        if (
-            last is not None
-            and last[0] is headers
-            and last[1] == status
-            and last[2] == reason
-            and last[3] == self.version
-        ):
-            return [last[4]], last[5]
-        line = b"HTTP/%s %d %s\r\n" % (
-            self.version,
-            status,
-            (reason if reason is not None else _phrase(status)).encode("latin-1", "replace"),
-        )
-        parts = [line]
-        missing = set(_DEFAULTED)
-        for name, value in headers:
-            parts.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
-            if missing:
-                missing.discard(name.lower())
-        lacking = frozenset(missing)
-        front.last_head_lines = (headers, status, reason, self.version, b"".join(parts), lacking)
-        return parts, lacking
+    def _head_lines(self, head: ResponseHead) -> tuple[list[bytes], frozenset[str]]:
+        """The status line and headers, and which of the headers the relay adds when the
+        response has none (``Content-Type``, ``Date``, ``Server``, as aiohttp did) it lacks;
+        made once per HTTP version and kept with the head (``ResponseHead.lines``)."""
+        made = head.lines.get(self.version)
+        if made is None:
+            status, reason = head.status, head.reason
+            line = b"HTTP/%s %d %s\r\n" % (
+                self.version,
+                status,
+                (reason if reason is not None else _phrase(status)).encode("latin-1", "replace"),
+            )
+            parts = [line]
+            missing = set(_DEFAULTED)
+            for name, value in head.headers:
+                parts.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+                if missing:
+                    missing.discard(name.lower())
+            made = head.lines[self.version] = (b"".join(parts), frozenset(missing))
+        return [made[0]], made[1]
 
     def _tail(self, missing: frozenset[str]) -> bytes:
         """The headers the relay adds last, and the blank line."""
