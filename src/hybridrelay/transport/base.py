@@ -30,7 +30,7 @@ __all__ = [
     "MessageKind",
     "MessageSink",
     "MessageSocket",
-    "OurSocket",
+    "FramedSocketBase",
     "SpliceSocket",
     "StreamSink",
     "StreamSocket",
@@ -140,8 +140,8 @@ class CloseState:
         return self._closing.received
 
 
-class OurSocket(CloseState):
-    """What our own protocols (``FrameSocket``, ``ServerLeg``) share: ``send_close`` and
+class FramedSocketBase(CloseState):
+    """The base of our own framing protocols (``FrameSocket``, ``ServerLeg``): ``send_close`` and
     ``aclose`` over their ``close_nowait`` and ``_drop``, and a send's wait while the transport
     is above its high-water mark, ended by :meth:`_drained` or failed by :meth:`_drain_lost`."""
 

@@ -85,8 +85,8 @@ from hybridrelay.protocol.websocket import (
 from hybridrelay.tcp_keepalive import acks_stalled, send_queued
 from hybridrelay.transport.base import (
     COALESCED_WRITE_LIMIT,
+    FramedSocketBase,
     MessageKind,
-    OurSocket,
     StreamSink,
     WsMessage,
 )
@@ -278,7 +278,7 @@ def _client_frame(opcode: int, data: bytes | bytearray | memoryview, fin: bool =
     return masked_frame(opcode, data, mask_key(), websocket_mask, fin=fin)
 
 
-class FrameSocket(OurSocket, asyncio.BufferedProtocol):
+class FrameSocket(FramedSocketBase, asyncio.BufferedProtocol):
     """A client WebSocket (see the module's docstring); made by :func:`connect`."""
 
     def __init__(self, max_message_size: int) -> None:

@@ -33,7 +33,7 @@ from aiohttp._websocket.helpers import websocket_mask
 from hybridrelay.exceptions import RelayConnectionError
 from hybridrelay.protocol.closing import CloseHandshake
 from hybridrelay.protocol.websocket import OP_CLOSE, OP_PONG, FrameForwarder, server_frame
-from hybridrelay.transport.base import OurSocket
+from hybridrelay.transport.base import FramedSocketBase
 from hybridrelay.transport.receive_buffer import receive_buffer
 
 __all__ = ["CLOSE_TIMEOUT", "WRITE_HIGH", "WRITE_LOW", "ServerLeg"]
@@ -48,7 +48,7 @@ CLOSE_TIMEOUT = 10.0
 _JOIN_UP_TO = 4096
 
 
-class ServerLeg(OurSocket, asyncio.BufferedProtocol):
+class ServerLeg(FramedSocketBase, asyncio.BufferedProtocol):
     """A server WebSocket on a taken-over transport (see the module's docstring)."""
 
     #: How long the peer may take to answer our close frame before the connection is dropped.
